@@ -1,0 +1,77 @@
+"""User-facing errors and the one CLI error handler every command shares.
+
+Bad input must end in one clear line (what, where, how to fix), exit code 1 and no traceback.
+``PHI3V_DEBUG=1`` re-raises so developers still get the stack.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+__all__ = ["Phi3VError", "ConfigError", "DataError", "raise_all", "cli_errors"]
+
+F = TypeVar("F", bound=Callable[..., int | None])
+
+
+class Phi3VError(Exception):
+    """An error caused by the user's input or environment, printed as one line without a traceback."""
+
+
+class ConfigError(Phi3VError):
+    """Invalid configuration or flag combination."""
+
+
+class DataError(Phi3VError):
+    """Invalid data file, record or image (the message names file:line)."""
+
+
+def raise_all(problems: Iterable[str], error_cls: type[Phi3VError] = ConfigError) -> None:
+    """Raise one error listing every problem at once (no-op when there are none).
+
+    Args:
+        problems: Human-readable problem descriptions.
+        error_cls: Error class to raise.
+    """
+    problems = [p for p in problems if p]
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise error_cls(problems[0])
+    raise error_cls(f"{len(problems)} problems: " + "; ".join(problems))
+
+
+def cli_errors(main: F) -> F:
+    """Decorate a CLI ``main`` so user errors print one line to stderr and exit with code 1.
+
+    Anything else (a real bug) also becomes a one-line message unless ``PHI3V_DEBUG=1`` is set.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        debug = os.environ.get("PHI3V_DEBUG", "") not in ("", "0")
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+        except Phi3VError as exc:
+            if debug:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+            if debug:
+                raise
+            print(f"error: {exc.strerror or exc}: {exc.filename} (check the path)", file=sys.stderr)
+            sys.exit(1)
+        except Exception as exc:  # noqa: BLE001 - last line of defence for a clean CLI
+            if debug:
+                raise
+            print(f"error: {type(exc).__name__}: {exc} (set PHI3V_DEBUG=1 for the traceback)", file=sys.stderr)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]

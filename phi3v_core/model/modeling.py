@@ -1,0 +1,176 @@
+"""Phi-3(.5)-vision on top of transformers' own ``Phi3Model`` and ``CLIPVisionModel`` (no remote code).
+
+Parameter names equal the official checkpoint's 592 tensor names: the decoder is a ``Phi3Model`` at ``model.``, the
+image embedding sits at ``model.vision_embed_tokens``, and ``lm_head`` is separate. The reference keeps a second
+reference to ``embed_tokens`` inside the image module (``wte``), which makes ``save_pretrained`` fail on shared
+tensors; we don't.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model
+
+from phi3v_core.config import Phi3VConfig
+from phi3v_core.model.image_embedding import ImageLayout, Phi3ImageEmbedding
+
+__all__ = ["Phi3VModel", "Phi3VForCausalLM", "STOP_TOKEN_IDS", "dead_parameter_names"]
+
+#: Generation stops on <|endoftext|> (tokenizer eos), <|end|> (turn end) and </s> (config eos); spec §11.2.
+STOP_TOKEN_IDS = (32000, 32007, 2)
+
+
+class Phi3VModel(Phi3Model):
+    """The Phi-3 decoder with the HD image embedding in front of it."""
+
+    config_class = Phi3VConfig
+    _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
+
+    def __init__(self, config: Phi3VConfig) -> None:
+        super().__init__(config)
+        self.vision_embed_tokens = Phi3ImageEmbedding(config)
+        self.post_init()
+
+    def embed(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | ImageLayout | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image features written into the placeholder (negative id) positions."""
+        # Placeholders are negative ids; clamp them to a valid row before the lookup (their rows are overwritten).
+        text_embeds = self.embed_tokens(input_ids.clamp(min=0))
+        if pixel_values is None:
+            return text_embeds
+        if image_sizes is None:
+            raise ValueError("pixel_values were given without image_sizes")
+        return self.vision_embed_tokens(input_ids, text_embeds, pixel_values, image_sizes)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,  # noqa: ANN001 - transformers Cache
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | ImageLayout | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if inputs_embeds is None and input_ids is not None:
+            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.device.type == "meta":
+            # transformers inspects the padding mask's values to pick a fast path; meta tensors have none. Shapes
+            # and compute are the same without it, which is all a meta-device trace measures.
+            attention_mask = None
+        return super().forward(
+            input_ids=None,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+
+class Phi3VForCausalLM(Phi3ForCausalLM):
+    """Phi-3(.5)-vision for causal LM training and generation.
+
+    Inputs follow the reference: ``input_ids`` with negative placeholder ids, ``pixel_values`` of shape
+    (n_img, num_crops + 1, 3, 336, 336) in placeholder order, and ``image_sizes`` — as a tensor or, preferably, as a
+    list of (H, W) ints so that the image layout never has to be read back from the device. Logits are fp32 like the
+    reference (which matters for memory: 4 bytes × vocab per token).
+    """
+
+    config_class = Phi3VConfig
+    _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
+    _tied_weights_keys: dict[str, str] = {}
+
+    def __init__(self, config: Phi3VConfig) -> None:
+        super().__init__(config)
+        self.model = Phi3VModel(config)
+        self.post_init()
+        self.generation_config = GenerationConfig(
+            bos_token_id=1, eos_token_id=list(STOP_TOKEN_IDS), pad_token_id=config.pad_token_id or 32000
+        )
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Phi3ImageEmbedding):
+            # The official init is zeros; a small random init keeps tiny random models sensitive to the separators.
+            std = self.config.initializer_range
+            torch.nn.init.normal_(module.glb_GN, std=std)
+            torch.nn.init.normal_(module.sub_GN, std=std)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,  # noqa: ANN001 - transformers Cache
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | ImageLayout | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:, :]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep, :]
+        logits = self.lm_head(hidden_states).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args, **kwargs) -> dict:
+        """Pass images only on the prefill step; later steps see new (non-negative) tokens only."""
+        image_sizes = kwargs.pop("image_sizes", None)
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if model_inputs.get("pixel_values") is not None:
+            model_inputs["image_sizes"] = image_sizes
+        return model_inputs
+
+    def dead_parameter_names(self) -> set[str]:
+        """Checkpoint parameters that never receive a gradient (unused CLIP layers, ``post_layernorm``)."""
+        return self.model.vision_embed_tokens.dead_parameter_names(prefix="model.vision_embed_tokens.")
+
+
+def dead_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Dead-weight parameter names of a (possibly wrapped, e.g. PEFT) Phi-3-vision model, as ``named_parameters`` gives them."""
+    core = model
+    for attr in ("base_model", "model"):
+        # Unwrap PEFT (PeftModel.base_model.model) until we reach Phi3VForCausalLM.
+        while not isinstance(core, Phi3VForCausalLM) and hasattr(core, attr):
+            core = getattr(core, attr)
+    if not isinstance(core, Phi3VForCausalLM):
+        raise TypeError(f"not a Phi-3-vision model: {type(model).__name__}")
+    names = core.dead_parameter_names()
+    all_names = [n for n, _ in model.named_parameters()]
+    # Map to the wrapper's naming (PEFT prefixes "base_model.model.", LoRA renames "base_layer").
+    return {full for full in all_names if any(full.endswith(n) or full.replace(".base_layer", "").endswith(n) for n in names)}

@@ -1,0 +1,47 @@
+"""Shared fixtures: seeding, paths to the shared checkpoint folders, auto-skip of GPU tests."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PHI3V_SHARED", REPO_ROOT.parent / "shared"))
+CKPT_35 = SHARED / "checkpoints" / "phi-3.5-vision-instruct"
+CKPT_V1 = SHARED / "checkpoints" / "phi-3-vision-128k-instruct"
+
+# Keep the suite fast and deterministic on 2-core machines.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def ckpt35() -> Path:
+    if not (CKPT_35 / "config.json").exists():
+        pytest.skip("../shared/checkpoints/phi-3.5-vision-instruct is not available")
+    return CKPT_35
+
+
+@pytest.fixture
+def ckpt_v1() -> Path:
+    if not (CKPT_V1 / "config.json").exists():
+        pytest.skip("../shared/checkpoints/phi-3-vision-128k-instruct is not available")
+    return CKPT_V1
