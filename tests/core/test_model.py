@@ -151,8 +151,8 @@ def _reference_layout(embed, pixel_values: torch.Tensor, sizes: list[tuple[int, 
     feats = embed.clip_features(pixel_values.flatten(0, 1)).reshape(n_img, n_slots, 24, 24, -1)
     out = []
     for i, (h, w) in enumerate(sizes):
-        def merged(crop: int) -> list[list[torch.Tensor]]:
-            f = feats[i, crop]
+        def merged(crop: int, image: int = i) -> list[list[torch.Tensor]]:
+            f = feats[image, crop]
             return [
                 [torch.cat([f[2 * y, 2 * x], f[2 * y, 2 * x + 1], f[2 * y + 1, 2 * x], f[2 * y + 1, 2 * x + 1]]) for x in range(12)]
                 for y in range(12)

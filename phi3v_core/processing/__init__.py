@@ -1,0 +1,47 @@
+"""Phi-3(.5)-vision processing: image processor, tokenizers, processor (prompt/placeholder layout) and collator.
+
+Re-implemented from the model spec §6-§12 and the recipe §7-§8 with PIL + torch (no torchvision) and ``tokenizers``.
+"""
+
+from phi3v_core.processing.collator import IGNORE_INDEX, Phi3VDataCollator
+from phi3v_core.processing.image_processing import (
+    CLIP_MEAN,
+    CLIP_STD,
+    CROP_SIZE,
+    MAX_NUM_CROPS,
+    Phi3VImageProcessor,
+    hd_padded_size,
+    load_image,
+    num_image_tokens_for_grid,
+)
+from phi3v_core.processing.processor import IMAGE_TAG_PATTERN, Phi3VProcessor, image_tags
+from phi3v_core.processing.tokenizer import (
+    CHAT_TEMPLATE,
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    SPECIAL_TOKENS,
+    build_tiny_tokenizer,
+    load_tokenizer,
+)
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "CROP_SIZE",
+    "IGNORE_INDEX",
+    "IMAGE_TAG_PATTERN",
+    "IMAGE_TOKEN_ID",
+    "MAX_NUM_CROPS",
+    "PAD_TOKEN_ID",
+    "SPECIAL_TOKENS",
+    "Phi3VDataCollator",
+    "Phi3VImageProcessor",
+    "Phi3VProcessor",
+    "build_tiny_tokenizer",
+    "hd_padded_size",
+    "image_tags",
+    "load_image",
+    "load_tokenizer",
+    "num_image_tokens_for_grid",
+]

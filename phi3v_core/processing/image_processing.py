@@ -1,0 +1,381 @@
+"""Phi-3(.5)-vision image processor: HD transform, CLIP normalisation, global image + 336² crops.
+
+Re-implements the reference ``Phi3VImageProcessor`` (model spec §7) with PIL and torch only, because the PyPI
+torchvision wheel is unusable here. Every step mirrors the reference so the pixels match:
+
+1. convert to RGB;
+2. HD transform: make the image landscape (transpose), pick the largest ``scale`` with
+   ``scale * ceil(scale / ratio) <= num_crops``, resize to ``(scale*336, int(scale*336 / ratio))`` with PIL bilinear
+   (antialiased, what torchvision's PIL path calls), pad the height to a multiple of 336 with white (top gets the
+   smaller half), transpose back;
+3. ToTensor + CLIP Normalize (float32, the same operation order as torchvision);
+4. global image: bicubic ``torch.nn.functional.interpolate`` of the normalised padded tensor to 336x336 (no antialias);
+5. row-major 336x336 crops, stacked after the global image and zero-padded to ``num_crops + 1`` entries.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from transformers import BatchFeature
+
+from phi3v_core.errors import ConfigError, DataError
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "CROP_SIZE",
+    "MAX_NUM_CROPS",
+    "ImageInput",
+    "Phi3VImageProcessor",
+    "hd_padded_size",
+    "load_image",
+    "num_image_tokens_for_grid",
+]
+
+#: Side of one CLIP crop in pixels (CLIP ViT-L/14-336).
+CROP_SIZE = 336
+#: Largest ``num_crops`` the recipe allows (the CookBook asserts ``num_crops <= 16``).
+MAX_NUM_CROPS = 16
+#: OpenAI CLIP normalisation constants (preprocessor_config.json of both checkpoints).
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+#: Visual tokens per 336² crop after the 2x2 merge (12 x 12).
+NUM_IMG_TOKENS = 144
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+#: What the processors accept as one image: a PIL image, a path to an image file, or an HxWxC uint8 array.
+ImageInput = Union[Image.Image, str, os.PathLike, np.ndarray]
+
+
+def validate_num_crops(num_crops: Any) -> int:
+    """Check that ``num_crops`` is an integer in 1..16.
+
+    Args:
+        num_crops: The value to check.
+
+    Returns:
+        The value as an ``int``.
+
+    Raises:
+        ConfigError: If it is not an integer in range.
+    """
+    if (
+        isinstance(num_crops, bool)
+        or not isinstance(num_crops, (int, np.integer))
+        or not 1 <= num_crops <= MAX_NUM_CROPS
+    ):
+        raise ConfigError(
+            f"num_crops must be an integer in 1..{MAX_NUM_CROPS} (got {num_crops!r}); "
+            "use 4 for multi-image/video and 16 for single documents"
+        )
+    return int(num_crops)
+
+
+def hd_padded_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
+    """Return the padded HD size ``(H, W)`` the processor produces for an image, without touching pixels.
+
+    Args:
+        width: Original image width in pixels.
+        height: Original image height in pixels.
+        num_crops: Maximum number of 336² crops (1..16).
+
+    Returns:
+        ``(padded_height, padded_width)``, both multiples of 336.
+    """
+    scaled_w, scaled_h, transposed = _hd_scaled_size(width, height, num_crops)
+    padded_h = math.ceil(scaled_h / CROP_SIZE) * CROP_SIZE
+    if transposed:
+        return scaled_w, padded_h
+    return padded_h, scaled_w
+
+
+def num_image_tokens_for_grid(padded_height: int, padded_width: int) -> int:
+    """Number of placeholder tokens of one image with the given padded HD size.
+
+    ``N = 144*hc*wc + 12*hc + 157``: the sub-image grid with one separator per row (``12*hc`` rows), ``glb_GN`` and
+    the 12x13 global image.
+
+    Args:
+        padded_height: Padded height (multiple of 336).
+        padded_width: Padded width (multiple of 336).
+
+    Returns:
+        The token count.
+    """
+    h_crops, w_crops = padded_height // CROP_SIZE, padded_width // CROP_SIZE
+    return (h_crops * w_crops + 1) * NUM_IMG_TOKENS + 1 + (h_crops + 1) * 12
+
+
+def _hd_scaled_size(width: int, height: int, num_crops: int) -> tuple[int, int, bool]:
+    """Resize target of the HD transform in the landscape frame: ``(new_w, new_h, transposed)``."""
+    if width <= 0 or height <= 0:
+        raise DataError(f"image has an empty side ({width}x{height} pixels); remove it from the data")
+    transposed = width < height
+    if transposed:
+        width, height = height, width
+    ratio = width / height
+    # Same float arithmetic as the reference (its loop overshoots by one and steps back).
+    scale = 1
+    while scale * math.ceil(scale / ratio) <= num_crops:
+        scale += 1
+    scale -= 1
+    new_w = scale * CROP_SIZE
+    # The reference truncates with int(); clamp to one pixel so images wider than ~5000:1 do not crash PIL.
+    new_h = max(1, int(new_w / ratio))
+    return new_w, new_h, transposed
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """Open/convert one image input to an RGB PIL image, with one-line errors for bad input.
+
+    Args:
+        image: A PIL image, a path to an image file, or an ``HxWx3``/``HxW`` uint8 array.
+
+    Returns:
+        The image in RGB mode (pixels loaded).
+
+    Raises:
+        DataError: For a missing, non-image or corrupt file, an unsupported type or an empty image.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise DataError(f"image file not found: {path} (check the path)")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                pil = opened.convert("RGB") if opened.mode != "RGB" else opened.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"cannot read image {path}: not an image or corrupt ({type(exc).__name__}: {exc})") from exc
+    elif isinstance(image, Image.Image):
+        try:
+            pil = image.convert("RGB") if image.mode != "RGB" else image
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot convert a {image.mode} image to RGB ({exc})") from exc
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise DataError(
+                f"image arrays must be HxW or HxWxC uint8 (got shape {image.shape}, dtype {image.dtype}); "
+                "pass a PIL image instead"
+            )
+        pil = Image.fromarray(image).convert("RGB")
+    else:
+        raise DataError(f"expected a PIL image, an image path or a uint8 array, got {type(image).__name__}")
+    if pil.width == 0 or pil.height == 0:
+        raise DataError(f"image has an empty side ({pil.width}x{pil.height} pixels); remove it from the data")
+    return pil
+
+
+class Phi3VImageProcessor:
+    """Turns images into Phi-3-vision ``pixel_values`` (global image + HD crops) and ``image_sizes``.
+
+    Args:
+        num_crops: Maximum number of 336² crops per image (1..16); 4 for Phi-3.5-vision's default, 16 for documents.
+        image_mean: Per-channel normalisation mean (CLIP).
+        image_std: Per-channel normalisation std (CLIP).
+        do_convert_rgb: Convert inputs to RGB first (the reference always does; kept for config compatibility).
+
+    Raises:
+        ConfigError: If ``num_crops`` is outside 1..16 or mean/std are not 3 positive numbers.
+    """
+
+    def __init__(
+        self,
+        num_crops: int = 4,
+        image_mean: Sequence[float] = CLIP_MEAN,
+        image_std: Sequence[float] = CLIP_STD,
+        do_convert_rgb: bool = True,
+    ) -> None:
+        self.num_crops = validate_num_crops(num_crops)
+        if len(image_mean) != 3 or len(image_std) != 3 or any(s <= 0 for s in image_std):
+            raise ConfigError(f"image_mean/image_std must be 3 numbers with std > 0 (got {image_mean}, {image_std})")
+        self.image_mean = tuple(float(m) for m in image_mean)
+        self.image_std = tuple(float(s) for s in image_std)
+        self.do_convert_rgb = do_convert_rgb
+        self._mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
+
+    def __repr__(self) -> str:
+        return f"Phi3VImageProcessor(num_crops={self.num_crops})"
+
+    # ------------------------------------------------------------------ sizes without pixels
+    def padded_size(self, width: int, height: int, num_crops: int | None = None) -> tuple[int, int]:
+        """Padded HD size ``(H, W)`` of an image of ``width`` x ``height`` pixels (no pixels touched).
+
+        Args:
+            width: Image width.
+            height: Image height.
+            num_crops: Override of ``self.num_crops``.
+
+        Returns:
+            ``(padded_height, padded_width)``.
+        """
+        crops = self.num_crops if num_crops is None else validate_num_crops(num_crops)
+        return hd_padded_size(width, height, crops)
+
+    def num_image_tokens(self, width: int, height: int, num_crops: int | None = None) -> int:
+        """Number of placeholder tokens an image of ``width`` x ``height`` pixels becomes (no pixels touched).
+
+        Args:
+            width: Image width.
+            height: Image height.
+            num_crops: Override of ``self.num_crops``.
+
+        Returns:
+            ``144*hc*wc + 12*hc + 157`` for the padded grid of ``hc`` x ``wc`` crops.
+        """
+        return num_image_tokens_for_grid(*self.padded_size(width, height, num_crops))
+
+    # ------------------------------------------------------------------ pixels
+    def __call__(self, images: ImageInput | Sequence[ImageInput], num_crops: int | None = None) -> BatchFeature:
+        """Process one image or a list of images.
+
+        Args:
+            images: One image or a sequence of images (PIL, paths or uint8 arrays).
+            num_crops: Override of ``self.num_crops`` for this call.
+
+        Returns:
+            ``BatchFeature`` with ``pixel_values`` float32 ``(n, num_crops+1, 3, 336, 336)``, ``image_sizes``
+            LongTensor ``(n, 2)`` = padded ``[H, W]`` and ``num_img_tokens`` (list of ints).
+
+        Raises:
+            DataError: For unreadable images.
+            ConfigError: For a bad ``num_crops``.
+        """
+        crops = self.num_crops if num_crops is None else validate_num_crops(num_crops)
+        if isinstance(images, (Image.Image, str, os.PathLike, np.ndarray)) or not isinstance(images, Iterable):
+            images = [images]  # one image (anything else that is not iterable fails in load_image with a clear line)
+        images = list(images)
+        if not images:
+            raise DataError("no images given to the image processor")
+        pixel_values = torch.zeros(len(images), crops + 1, 3, CROP_SIZE, CROP_SIZE, dtype=torch.float32)
+        image_sizes = torch.zeros(len(images), 2, dtype=torch.long)
+        num_img_tokens: list[int] = []
+        for index, image in enumerate(images):
+            hd = self._hd_tensor(load_image(image), crops)
+            height, width = hd.shape[-2:]
+            self._fill_crops(hd, pixel_values[index])
+            image_sizes[index, 0], image_sizes[index, 1] = height, width
+            num_img_tokens.append(num_image_tokens_for_grid(height, width))
+        return BatchFeature(
+            data={"pixel_values": pixel_values, "image_sizes": image_sizes, "num_img_tokens": num_img_tokens}
+        )
+
+    preprocess = __call__
+
+    def _hd_tensor(self, image: Image.Image, num_crops: int) -> torch.Tensor:
+        """HD-transform, pad and normalise one RGB image into a ``(3, H, W)`` float32 tensor."""
+        new_w, new_h, transposed = _hd_scaled_size(image.width, image.height, num_crops)
+        if transposed:
+            image = image.transpose(Image.Transpose.TRANSPOSE)
+        # PIL's bilinear filter adapts its support when downscaling (antialias), like torchvision's PIL path.
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        padded_h = math.ceil(new_h / CROP_SIZE) * CROP_SIZE
+        if padded_h != new_h:
+            top = (padded_h - new_h) // 2
+            canvas = Image.new("RGB", (new_w, padded_h), (255, 255, 255))
+            canvas.paste(image, (0, top))
+            image = canvas
+        if transposed:
+            image = image.transpose(Image.Transpose.TRANSPOSE)
+        array = np.asarray(image, dtype=np.uint8)
+        # Same operation order as ToTensor + Normalize so values match bit for bit.
+        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div(255.0)
+        return tensor.sub(self._mean).div(self._std)
+
+    @staticmethod
+    def _fill_crops(hd: torch.Tensor, out: torch.Tensor) -> None:
+        """Write ``[global, crop_1 .. crop_k]`` of one HD tensor into ``out`` (already zero-padded)."""
+        height, width = hd.shape[-2:]
+        out[0] = F.interpolate(hd.unsqueeze(0), size=(CROP_SIZE, CROP_SIZE), mode="bicubic").squeeze(0)
+        h_crops, w_crops = height // CROP_SIZE, width // CROP_SIZE
+        crops = (
+            hd.reshape(3, h_crops, CROP_SIZE, w_crops, CROP_SIZE)
+            .permute(1, 3, 0, 2, 4)
+            .reshape(h_crops * w_crops, 3, CROP_SIZE, CROP_SIZE)
+        )
+        out[1 : 1 + h_crops * w_crops] = crops
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        """The ``preprocessor_config.json`` content (official key names)."""
+        return {
+            "image_processor_type": "Phi3VImageProcessor",
+            "processor_class": "Phi3VProcessor",
+            "num_crops": self.num_crops,
+            "num_img_tokens": NUM_IMG_TOKENS,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "do_convert_rgb": self.do_convert_rgb,
+        }
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, num_crops: int | None = None) -> Phi3VImageProcessor:
+        """Load from a checkpoint folder's ``preprocessor_config.json``.
+
+        Args:
+            folder: Checkpoint or output folder.
+            num_crops: Override of the file's ``num_crops`` (the recipe uses 16 for documents).
+
+        Returns:
+            The image processor.
+
+        Raises:
+            ConfigError: If the file is missing or invalid.
+        """
+        path = Path(folder) / PREPROCESSOR_CONFIG
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: pass a Phi-3-vision checkpoint folder (or use Phi3VProcessor.tiny())")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: invalid JSON ({exc})") from exc
+        if not isinstance(config, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        if config.get("num_img_tokens", NUM_IMG_TOKENS) != NUM_IMG_TOKENS:
+            raise ConfigError(f"{path}: num_img_tokens must be {NUM_IMG_TOKENS} (got {config['num_img_tokens']})")
+        return cls(
+            num_crops=config.get("num_crops", 1) if num_crops is None else num_crops,
+            image_mean=config.get("image_mean", CLIP_MEAN),
+            image_std=config.get("image_std", CLIP_STD),
+            do_convert_rgb=bool(config.get("do_convert_rgb", True)),
+        )
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write ``preprocessor_config.json`` atomically into ``folder`` (created if needed).
+
+        Args:
+            folder: Destination folder.
+
+        Returns:
+            Path of the written file.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / PREPROCESSOR_CONFIG
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

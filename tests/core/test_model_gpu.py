@@ -1,0 +1,39 @@
+"""GPU-only model checks (skipped without CUDA): flash-attention-2 in both towers, bf16 parity with sdpa."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from phi3v_core.config import tiny_config
+from phi3v_core.model import Phi3VForCausalLM
+from tests.core.test_model import make_batch
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
+def test_flash_attention_matches_sdpa_in_bf16() -> None:
+    torch.manual_seed(0)
+    sdpa = Phi3VForCausalLM(tiny_config(attn_implementation="sdpa")).to("cuda", torch.bfloat16).eval()
+    flash = Phi3VForCausalLM(tiny_config(attn_implementation="flash_attention_2")).to("cuda", torch.bfloat16).eval()
+    flash.load_state_dict(sdpa.state_dict())
+    clip_config = flash.model.vision_embed_tokens.img_processor.vision_model.config
+    assert clip_config._attn_implementation == "flash_attention_2"
+    batch = make_batch([[(336, 672)]], num_crops=2)
+    batch = {k: (v.to("cuda") if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        diff = (sdpa(**batch).logits - flash(**batch).logits).abs().max().item()
+    assert diff < 5e-2
+
+
+def test_cuda_training_step_bf16() -> None:
+    model = Phi3VForCausalLM(tiny_config()).to("cuda", torch.bfloat16)
+    batch = make_batch([[(672, 672)], [(336, 336)]], num_crops=4)
+    batch = {k: (v.to("cuda") if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    out = model(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
