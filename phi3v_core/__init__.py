@@ -1,11 +1,15 @@
 """phi3v_core: native Phi-3.5-vision model, processor, data, fine-tuning methods and the training path.
 
-Importing the package registers ``phi3_v`` with transformers' ``AutoConfig`` / ``AutoModelForCausalLM``, so official
-checkpoint folders load with ``from_pretrained(folder)`` and no ``trust_remote_code``.
+Importing the model (``phi3v_core.model``) registers ``phi3_v`` with transformers' ``AutoConfig`` /
+``AutoModelForCausalLM``, so official checkpoint folders load with ``from_pretrained(folder)`` and no
+``trust_remote_code``. The names below are resolved lazily so that light commands (``--help``, data checks,
+result reports) do not pay for importing torch and transformers.
 """
 
-from phi3v_core.config import Phi3VConfig, get_config, phi3_vision_v1_config, phi35_vision_config, tiny_config
-from phi3v_core.model import Phi3VForCausalLM, Phi3VModel
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "Phi3VConfig",
@@ -17,3 +21,21 @@ __all__ = [
     "tiny_config",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Phi3VConfig": "phi3v_core.config",
+    "get_config": "phi3v_core.config",
+    "phi35_vision_config": "phi3v_core.config",
+    "phi3_vision_v1_config": "phi3v_core.config",
+    "tiny_config": "phi3v_core.config",
+    "Phi3VForCausalLM": "phi3v_core.model",
+    "Phi3VModel": "phi3v_core.model",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        # Importing via phi3v_core.model also registers the Auto classes.
+        importlib.import_module("phi3v_core.model")
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'phi3v_core' has no attribute {name!r}")

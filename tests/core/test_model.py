@@ -10,7 +10,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel, Phi3Config, Phi3ForCausalLM
 
-import phi3v_core  # noqa: F401  (registers phi3_v with the Auto classes)
+import phi3v_core.model  # noqa: F401  (registers phi3_v with the Auto classes)
 from phi3v_core.config import get_config, phi35_vision_config, tiny_config
 from phi3v_core.model import Phi3VForCausalLM, dead_parameter_names, image_token_count
 

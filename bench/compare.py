@@ -1,0 +1,248 @@
+"""Compare two sets of benchmark results configuration by configuration (``phi3v-bench compare A B``).
+
+Results are matched on the config identity (:data:`bench.config.IDENTITY_FIELDS`); protocol fields such as steps or
+seed do not split a match. Per match it reports img/s and peak memory changes judged by :mod:`bench.stats`.
+A candidate that fails (oom/error) where the baseline succeeded is a regression; the reverse is a fix.
+
+Exit code contract (used by CI): 0 = no regression, 2 = at least one regression, 1 = user error (bad path, ambiguous
+inputs), as for every phi3v-bench command.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.config import IDENTITY_FIELDS
+from bench.results import MEMORY_FIELDS, BenchResult, json_safe, read_results
+from bench.stats import MemoryComparison, SampleComparison, compare_memory, compare_samples
+from phi3v_core.errors import DataError
+
+__all__ = ["EXIT_REGRESSION", "CompareOptions", "CompareReport", "ConfigComparison", "compare_results", "compare_paths"]
+
+#: Process exit code when ``compare`` finds a regression (user errors exit 1).
+EXIT_REGRESSION = 2
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """Thresholds of the comparison rule (see :mod:`bench.stats`)."""
+
+    threshold_pct: float = 5.0
+    alpha: float = 0.05
+    min_repeats: int = 3
+
+
+@dataclass
+class ConfigComparison:
+    """One matched configuration.
+
+    Attributes:
+        identity: The config identity both sides share.
+        status: ``"<a status>→<b status>"`` when either side failed, else ``"ok"``.
+        verdict: Overall: ``regressed`` if any part regressed, else ``improved`` if any improved, ``inconclusive``
+            if throughput was, else ``same``; ``failed`` when both sides failed.
+        throughput: The img/s comparison (``None`` unless both sides are ok).
+        memory: Comparisons of every memory field both sides measured.
+    """
+
+    identity: dict[str, Any]
+    status: str
+    verdict: str
+    throughput: SampleComparison | None = None
+    memory: list[MemoryComparison] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return {
+            "identity": self.identity,
+            "status": self.status,
+            "verdict": self.verdict,
+            "throughput": self.throughput.to_dict() if self.throughput else None,
+            "memory": [m.to_dict() for m in self.memory],
+        }
+
+
+@dataclass
+class CompareReport:
+    """All matched configurations plus those present on one side only."""
+
+    matches: list[ConfigComparison]
+    only_a: list[dict[str, Any]]
+    only_b: list[dict[str, Any]]
+    options: CompareOptions
+
+    @property
+    def regressions(self) -> int:
+        """Number of matched configurations that regressed."""
+        return sum(1 for m in self.matches if m.verdict == "regressed")
+
+    @property
+    def exit_code(self) -> int:
+        """0 without regressions, :data:`EXIT_REGRESSION` otherwise."""
+        return EXIT_REGRESSION if self.regressions else 0
+
+    def varying_fields(self) -> list[str]:
+        """Identity fields whose value differs between matched configurations (the columns worth showing)."""
+        rows = [m.identity for m in self.matches] + self.only_a + self.only_b
+        return [f for f in IDENTITY_FIELDS if len({repr(r[f]) for r in rows}) > 1] or ["method"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict (non-finite numbers become null)."""
+        return json_safe(
+            {
+                "regressions": self.regressions,
+                "exit_code": self.exit_code,
+                "options": vars(self.options),
+                "matches": [m.to_dict() for m in self.matches],
+                "only_a": self.only_a,
+                "only_b": self.only_b,
+            }
+        )
+
+    def to_json(self) -> str:
+        """Return the report as one line of JSON."""
+        return json.dumps(self.to_dict(), allow_nan=False)
+
+    # ---- rendering ------------------------------------------------------------------------------------------
+    def rows(self) -> tuple[list[str], list[list[str]]]:
+        """Return (header, rows) of the human table, shared by the rich and markdown renderers."""
+        keys = self.varying_fields()
+        header = [*keys, "img/s A", "img/s B", "Δ img/s", "noise", "p", "alloc Δ", "reserved Δ", "verdict"]
+        rows: list[list[str]] = []
+        for m in self.matches:
+            t = m.throughput
+            mem = {c.field: c for c in m.memory}
+            rows.append(
+                [
+                    *(str(m.identity[k]) for k in keys),
+                    f"{t.a:.3f}" if t else "–",
+                    f"{t.b:.3f}" if t else "–",
+                    f"{t.delta_pct:+.1f}%" if t else m.status,
+                    f"{t.noise_pct:.1f}%" if t else "",
+                    f"{t.p_value:.2g}" if t and t.p_value is not None else "",
+                    _mem_cell(mem.get("gpu_allocated_bytes") or mem.get("cpu_tensor_peak_bytes")),
+                    _mem_cell(mem.get("gpu_reserved_bytes") or mem.get("cpu_rss_bytes")),
+                    m.verdict,
+                ]
+            )
+        for side, identities in (("only in A", self.only_a), ("only in B", self.only_b)):
+            for ident in identities:
+                rows.append([*(str(ident[k]) for k in keys), "", "", "", "", "", "", "", side])
+        return header, rows
+
+    def to_markdown(self) -> str:
+        """Return a markdown table plus a one-line verdict."""
+        header, rows = self.rows()
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines += ["", self.headline()]
+        return "\n".join(lines) + "\n"
+
+    def headline(self) -> str:
+        """Return a one-line summary."""
+        o = self.options
+        return (
+            f"{len(self.matches)} matched, {self.regressions} regressed "
+            f"(rule: |Δ| > max({o.threshold_pct:g}%, noise), Mann-Whitney p < {o.alpha:g}, >= {o.min_repeats} repeats)"
+        )
+
+
+def _mem_cell(c: MemoryComparison | None) -> str:
+    if c is None:
+        return ""
+    mark = {"regressed": " ▲", "improved": " ▼"}.get(c.verdict, "")
+    return f"{c.delta_pct:+.1f}%{mark}"
+
+
+def _index(pairs: Iterable[tuple[Path, BenchResult]], side: str) -> dict[tuple, tuple[Path, BenchResult]]:
+    index: dict[tuple, tuple[Path, BenchResult]] = {}
+    for path, result in pairs:
+        key = tuple(result.config.identity().items())
+        if key in index:
+            raise DataError(
+                f"side {side} has two results for {result.config.cell_id()}: {index[key][0]} and {path}; "
+                "pass one release/hardware folder per side"
+            )
+        index[key] = (path, result)
+    return index
+
+
+def compare_results(
+    a: Sequence[tuple[Path, BenchResult]] | Sequence[BenchResult],
+    b: Sequence[tuple[Path, BenchResult]] | Sequence[BenchResult],
+    options: CompareOptions | None = None,
+) -> CompareReport:
+    """Match baseline ``a`` and candidate ``b`` by config identity and compare each match.
+
+    Args:
+        a: Baseline results, bare or as ``(path, result)`` pairs.
+        b: Candidate results, same forms.
+        options: Thresholds (defaults: 5 %, alpha 0.05, 3 repeats).
+
+    Raises:
+        DataError: One side holds two results with the same identity (ambiguous).
+    """
+    options = options or CompareOptions()
+
+    def pairs(items: Sequence[Any]) -> list[tuple[Path, BenchResult]]:
+        return [item if isinstance(item, tuple) else (Path("<memory>"), item) for item in items]
+
+    index_a, index_b = _index(pairs(a), "A"), _index(pairs(b), "B")
+    matches = [_compare_one(index_a[k][1], index_b[k][1], options) for k in index_a if k in index_b]
+    only_a = [dict(k) for k in index_a if k not in index_b]
+    only_b = [dict(k) for k in index_b if k not in index_a]
+    return CompareReport(matches, only_a, only_b, options)
+
+
+def _compare_one(a: BenchResult, b: BenchResult, options: CompareOptions) -> ConfigComparison:
+    identity = a.config.identity()
+    if a.status != "ok" or b.status != "ok":
+        status = f"{a.status}→{b.status}"
+        if a.status == "ok":
+            verdict = "regressed"
+        elif b.status == "ok":
+            verdict = "improved"
+        else:
+            verdict = "failed"
+        return ConfigComparison(identity, status, verdict)
+
+    throughput = compare_samples(
+        a.metrics.step_throughputs(),
+        b.metrics.step_throughputs(),
+        higher_is_better=True,
+        threshold_pct=options.threshold_pct,
+        alpha=options.alpha,
+        min_repeats=options.min_repeats,
+    )
+    memory = []
+    for name in MEMORY_FIELDS:
+        ma, mb = a.metrics.peak_memory(name), b.metrics.peak_memory(name)
+        if ma is not None and mb is not None:
+            memory.append(compare_memory(name, ma, mb))
+    verdicts = [throughput.verdict, *(m.verdict for m in memory)]
+    for candidate in ("regressed", "improved", "inconclusive"):
+        if candidate in verdicts:
+            verdict = candidate
+            break
+    else:
+        verdict = "same"
+    return ConfigComparison(identity, "ok", verdict, throughput, memory)
+
+
+def compare_paths(a: Sequence[str | Path], b: Sequence[str | Path], options: CompareOptions | None = None) -> CompareReport:
+    """Load results under ``a`` and ``b`` (files or folders) and compare them.
+
+    Raises:
+        DataError: A side has no result files, or a file is invalid.
+    """
+    sides = []
+    for name, paths in (("A", a), ("B", b)):
+        loaded = read_results(paths)
+        if not loaded:
+            raise DataError(f"side {name} ({', '.join(map(str, paths))}) holds no result .json files")
+        sides.append(loaded)
+    return compare_results(sides[0], sides[1], options)

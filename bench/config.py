@@ -1,0 +1,342 @@
+"""What one benchmark run measures: the typed ``BenchConfig`` every ``phi3v-bench`` command maps onto.
+
+A config has two kinds of fields:
+
+* **identity fields** (method, attention, precision, model, crops, sequence profile, batch layout, GPUs, nodes,
+  gradient checkpointing) decide *what* is measured. Two results with the same identity are the same experiment,
+  so ``compare`` matches on them and the sweep names result files after them (:meth:`BenchConfig.cell_id`);
+* **protocol fields** (steps, warmup, repeats, seed) and **output fields** (release, out) decide *how long / where*
+  and never split a comparison.
+
+``validate()`` reports every problem at once, before anything touches a GPU or writes a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from phi3v_core.errors import ConfigError, raise_all
+
+__all__ = [
+    "ATTENTIONS",
+    "IDENTITY_FIELDS",
+    "METHODS",
+    "PRECISIONS",
+    "SEQ_PROFILES",
+    "BenchConfig",
+    "SeqProfile",
+    "default_release",
+    "parse_field_value",
+]
+
+Method = Literal["full", "frozen_vision", "lora", "qlora"]
+Attention = Literal["eager", "sdpa", "flash_attention_2"]
+Precision = Literal["bf16", "fp16", "fp32"]
+
+# Kept in step with phi3v_core.methods.METHODS (tests/bench/test_config.py checks it once that registry exists);
+# a literal here keeps `phi3v-bench compare/report` from importing peft and bitsandbytes.
+METHODS: tuple[str, ...] = ("full", "frozen_vision", "lora", "qlora")
+ATTENTIONS: tuple[str, ...] = ("eager", "sdpa", "flash_attention_2")
+PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")
+
+#: The recipe asserts num_crops <= 16 (recipe.md §2); the image processor cannot tile more.
+MAX_NUM_CROPS = 16
+
+_SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class SeqProfile:
+    """Shape of one synthetic training sample, standing in for a real dataset's typical example.
+
+    Attributes:
+        name: Profile name used on the command line.
+        images_per_sample: Images in one conversation.
+        image_width: Source image width in pixels (the processor derives the HD crop grid from it and num_crops).
+        image_height: Source image height in pixels.
+        text_tokens: Non-image tokens per sample (chat tags, prompt and answer).
+        recommended_num_crops: The num_crops the recipe uses for this dataset.
+        source: Where the numbers come from (published vs derived).
+    """
+
+    name: str
+    images_per_sample: int
+    image_width: int
+    image_height: int
+    text_tokens: int
+    recommended_num_crops: int
+    source: str
+
+
+SEQ_PROFILES: dict[str, SeqProfile] = {
+    p.name: p
+    for p in (
+        SeqProfile(
+            "docvqa", 1, 1008, 1680, 66, 16,
+            "derived: a portrait page tiles 3x5 at num_crops=16 -> 2377 image tokens + 66 text = 2443, "
+            "the published DocVQA mean of 2443.23 tokens (recipe.md §11)",
+        ),
+        SeqProfile(
+            "hateful_memes", 1, 800, 600, 48, 16,
+            "assumed: a typical 4:3 meme and a short prompt; the recipe publishes no sequence length",
+        ),
+        SeqProfile(
+            "nlvr2", 2, 640, 480, 40, 16,
+            "assumed: two 4:3 photos and one question (recipe.md §7); no published sequence length",
+        ),
+        SeqProfile(
+            "ucf101", 8, 320, 240, 40, 4,
+            "recipe.md §2/§7: 8 video frames per sample, num_crops 4 'to reduce memory usage'",
+        ),
+    )
+}
+
+#: Fields that decide what is measured; used for matching results and naming result files.
+IDENTITY_FIELDS: tuple[str, ...] = (
+    "method",
+    "attn",
+    "precision",
+    "model",
+    "num_crops",
+    "seq_profile",
+    "batch_size",
+    "micro_batch",
+    "gpus",
+    "nodes",
+    "gradient_checkpointing",
+)
+
+_ATTN_SHORT = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "fa2"}
+
+
+def default_release() -> str:
+    """Return the default release label, ``v<installed phi3v-bench version>``."""
+    try:
+        return "v" + metadata.version("phi3v-bench")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "dev"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark configuration (the flags of ``phi3v-bench run``).
+
+    Attributes:
+        method: Fine-tuning method: ``full``, ``frozen_vision``, ``lora`` or ``qlora``.
+        attn: Attention kernel for the text and vision towers.
+        precision: ``bf16``/``fp16`` mixed precision or plain ``fp32``.
+        model: ``tiny``, ``phi-3.5-vision``, ``phi-3-vision`` or a checkpoint folder holding ``config.json``.
+        num_crops: HD crops per image (1..16); the vision tower always sees ``num_crops + 1`` crops.
+        seq_profile: Synthetic sample shape, a key of :data:`SEQ_PROFILES`.
+        batch_size: Global effective batch per optimizer step (the recipe's ``--batch_size``).
+        micro_batch: Samples per GPU per forward/backward; gradient accumulation fills up to ``batch_size``.
+        gpus: GPUs per node.
+        nodes: Number of nodes.
+        steps: Timed optimizer steps per repeat (after the warmup).
+        warmup: Untimed optimizer steps before the timed ones (compilation, allocator growth, Adam state creation).
+        repeats: Fresh processes per configuration; ``compare`` needs at least 3 on each side to call a change.
+        seed: Random seed for the synthetic data and the weights.
+        gradient_checkpointing: Recompute activations in backward (the recipe always turns it on).
+        release: Release label of the results folder (``results/<release>/<hardware>/``).
+        out: Root folder for result files.
+    """
+
+    method: str = "lora"
+    attn: str = "sdpa"
+    precision: str = "bf16"
+    model: str = "tiny"
+    num_crops: int = 16
+    seq_profile: str = "docvqa"
+    batch_size: int = 8
+    micro_batch: int = 1
+    gpus: int = 1
+    nodes: int = 1
+    steps: int = 10
+    warmup: int = 3
+    repeats: int = 3
+    seed: int = 0
+    gradient_checkpointing: bool = True
+    release: str = field(default_factory=default_release)
+    out: str = "results"
+
+    # ---- derived values -------------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        """Total number of GPUs (ranks)."""
+        return self.gpus * self.nodes
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-steps per optimizer step on each rank."""
+        return self.batch_size // (self.world_size * self.micro_batch)
+
+    @property
+    def profile(self) -> SeqProfile:
+        """The :class:`SeqProfile` named by ``seq_profile``."""
+        return SEQ_PROFILES[self.seq_profile]
+
+    @property
+    def images_per_step(self) -> int:
+        """Images processed per optimizer step, over all ranks."""
+        return self.batch_size * self.profile.images_per_sample
+
+    def identity(self) -> dict[str, Any]:
+        """Return the identity fields (what is measured) as a dict; equal identities are comparable results."""
+        return {name: getattr(self, name) for name in IDENTITY_FIELDS}
+
+    def cell_id(self) -> str:
+        """Return a stable, readable file stem naming this configuration's identity.
+
+        Example: ``lora-sdpa-bf16-tiny-c16-docvqa-b8-mb1-1n1g-gc``. A model given as a path is named after its folder
+        plus a short hash of the full path, so two folders with the same name do not overwrite each other.
+        """
+        model = self.model
+        if "/" in model or "\\" in model or model.startswith("."):
+            digest = hashlib.sha1(model.encode()).hexdigest()[:6]
+            model = f"{Path(model).name or 'model'}-{digest}"
+        model = re.sub(r"[^A-Za-z0-9._-]+", "_", model)
+        return "-".join(
+            [
+                self.method,
+                _ATTN_SHORT.get(self.attn, self.attn),
+                self.precision,
+                model,
+                f"c{self.num_crops}",
+                self.seq_profile,
+                f"b{self.batch_size}",
+                f"mb{self.micro_batch}",
+                f"{self.nodes}n{self.gpus}g",
+                "gc" if self.gradient_checkpointing else "nogc",
+            ]
+        )
+
+    def replace(self, **changes: Any) -> BenchConfig:
+        """Return a copy with ``changes`` applied (no validation)."""
+        return dataclasses.replace(self, **changes)
+
+    # ---- validation -----------------------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Return every problem with this config (empty when valid), each naming the field and the fix."""
+        problems: list[str] = []
+
+        def choice(name: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
+            if value not in allowed:
+                problems.append(f"{name} {value!r} is not one of {', '.join(allowed)}")
+
+        choice("method", self.method, METHODS)
+        choice("attn", self.attn, ATTENTIONS)
+        choice("precision", self.precision, PRECISIONS)
+        choice("seq_profile", self.seq_profile, list(SEQ_PROFILES))
+        if self.attn == "flash_attention_2" and self.precision == "fp32":
+            problems.append("attn flash_attention_2 needs bf16 or fp16 (flash-attn has no fp32 kernels); use --precision bf16")
+        problems.extend(_model_problems(self.model))
+
+        positive = ("num_crops", "batch_size", "micro_batch", "gpus", "nodes", "steps", "repeats")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                problems.append(f"{name} must be an integer >= 0, got {value!r}")
+        if isinstance(self.num_crops, int) and self.num_crops > MAX_NUM_CROPS:
+            problems.append(f"num_crops must be <= {MAX_NUM_CROPS} (the recipe's limit), got {self.num_crops}")
+        if isinstance(self.steps, int) and 1 <= self.steps < 2:
+            problems.append("steps must be >= 2 so that a step-time spread exists; use --steps 10")
+        if not isinstance(self.gradient_checkpointing, bool):
+            problems.append(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+
+        ints_ok = all(
+            isinstance(getattr(self, n), int) and getattr(self, n) >= 1 for n in ("batch_size", "micro_batch", "gpus", "nodes")
+        )
+        if ints_ok and self.batch_size % (self.world_size * self.micro_batch):
+            problems.append(
+                f"batch_size {self.batch_size} is not a multiple of gpus*nodes*micro_batch = "
+                f"{self.gpus}*{self.nodes}*{self.micro_batch} = {self.world_size * self.micro_batch}; "
+                "pick a batch size that divides evenly"
+            )
+        if not isinstance(self.release, str) or not _SLUG_RE.match(self.release):
+            problems.append(f"release {self.release!r} must be letters, digits, '.', '_' or '-' (e.g. v0.2.0)")
+        if not isinstance(self.out, str) or not self.out:
+            problems.append("out must be a folder path (e.g. results)")
+        return problems
+
+    def validate(self) -> BenchConfig:
+        """Raise one :class:`ConfigError` listing every problem; return ``self`` when valid."""
+        raise_all(self.problems())
+        return self
+
+    # ---- (de)serialization ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Return all fields as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BenchConfig:
+        """Build a config from a dict; unknown keys are an error (missing keys take their defaults).
+
+        Raises:
+            ConfigError: A key is not a BenchConfig field.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+def _model_problems(model: str) -> list[str]:
+    if not isinstance(model, str) or not model:
+        return ["model must be a preset name or a checkpoint folder"]
+    # Imported here: the presets live with the model config, which pulls in transformers.
+    from phi3v_core.config import PRESETS
+
+    if model in PRESETS:
+        return []
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        return [f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder with config.json"]
+    return []
+
+
+def parse_field_value(name: str, text: str) -> Any:
+    """Convert the command-line text ``text`` for BenchConfig field ``name`` to the field's type.
+
+    Args:
+        name: A BenchConfig field name.
+        text: The value as typed (``"4"``, ``"true"``, ``"lora"``).
+
+    Returns:
+        The converted value.
+
+    Raises:
+        ConfigError: Unknown field name (with a close match when there is one) or a value of the wrong type.
+    """
+    import difflib
+
+    types = {f.name: f.type for f in dataclasses.fields(BenchConfig)}
+    if name not in types:
+        close = difflib.get_close_matches(name, list(types), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(types)}"
+        raise ConfigError(f"unknown config field {name!r}{hint}")
+    kind = types[name]
+    if kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{name}={text!r}: expected an integer") from None
+    if kind == "bool":
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={text!r}: expected true or false")
+    return text

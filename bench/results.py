@@ -1,0 +1,727 @@
+"""Benchmark results: the self-describing JSON schema, environment capture, atomic storage and a pandas loader.
+
+One file per configuration lives at ``<out>/<release>/<hardware>/<cell_id>.json`` and holds
+
+* ``config``: the :class:`~bench.config.BenchConfig`;
+* ``environment``: package versions, git sha, GPUs (name, compute capability, memory), driver, CPU;
+* ``metrics``: the raw measurements, per repeat: post-warmup step times, warmup step times (kept for inspection,
+  excluded from every statistic) and the peak memory of every rank, plus the workload per optimizer step
+  (images, tokens, model FLOPs) that turns step times into img/s, tokens/s and MFU;
+* ``status``: ``ok``, ``oom`` or ``error`` (with ``message`` and ``failed_at_step``): a failure is a result, not a gap;
+* ``summary``: derived numbers written for humans and for tools that do not use this module. It is recomputed from
+  ``metrics`` on load, so it can never disagree with the raw data.
+
+Semantics that differ from optimum-benchmark on purpose (bench-planner-anchors.md §1.5): throughput is **global**
+(all ranks) and per GPU, never an average of per-rank figures; memory is the **maximum over ranks** (each rank is one
+GPU), never a sum. Bytes are stored as integers; units are applied only for display.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from bench.config import BenchConfig
+from phi3v_core.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "STATUSES",
+    "BenchResult",
+    "Environment",
+    "GpuInfo",
+    "Metrics",
+    "RankMemory",
+    "RepeatSample",
+    "Summary",
+    "capture_environment",
+    "iter_result_files",
+    "json_safe",
+    "load_result",
+    "load_results",
+    "read_results",
+    "result_path",
+    "save_result",
+    "utc_now",
+    "write_bytes_atomic",
+    "write_text_atomic",
+]
+
+SCHEMA = "phi3v-bench/result"
+SCHEMA_VERSION = 1
+Status = Literal["ok", "oom", "error"]
+STATUSES: tuple[str, ...] = ("ok", "oom", "error")
+
+#: Distributions whose versions decide performance; recorded in every result.
+TRACKED_PACKAGES: tuple[str, ...] = (
+    "phi3v-bench",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "deepspeed",
+    "bitsandbytes",
+    "flash-attn",
+    "numpy",
+    "nvidia-ml-py",
+)
+
+MEMORY_FIELDS: tuple[str, ...] = (
+    "gpu_allocated_bytes",
+    "gpu_reserved_bytes",
+    "nvml_process_bytes",
+    "cpu_rss_bytes",
+    "cpu_tensor_peak_bytes",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class RankMemory:
+    """Peak memory of one rank over the timed steps of one repeat (bytes; ``None`` = not measured).
+
+    Attributes:
+        rank: Global rank.
+        device: The device this rank used, e.g. ``"cuda:3"`` (picked by LOCAL_RANK, never by RANK) or ``"cpu"``.
+        gpu_allocated_bytes: ``torch.cuda.max_memory_allocated`` (live tensors; nearly deterministic).
+        gpu_reserved_bytes: ``torch.cuda.max_memory_reserved`` (allocator segments, includes fragmentation).
+        nvml_process_bytes: Peak NVML ``usedGpuMemory`` of the process (adds CUDA context, NCCL, cuBLAS workspaces).
+        cpu_rss_bytes: Peak resident set size of the process.
+        cpu_tensor_peak_bytes: Peak bytes of live CPU tensors (CPU runs).
+    """
+
+    rank: int
+    device: str
+    gpu_allocated_bytes: int | None = None
+    gpu_reserved_bytes: int | None = None
+    nvml_process_bytes: int | None = None
+    cpu_rss_bytes: int | None = None
+    cpu_tensor_peak_bytes: int | None = None
+
+
+@dataclass
+class RepeatSample:
+    """Everything measured in one fresh process.
+
+    Attributes:
+        step_times_s: Wall time of each timed optimizer step, in order (the warmup is not in here).
+        warmup_times_s: Wall time of each warmup step; stored for inspection, excluded from all statistics.
+        memory: One entry per rank.
+        final_loss: Loss of the last step (a sanity check that training did something); ``None`` when unknown.
+    """
+
+    step_times_s: list[float] = field(default_factory=list)
+    warmup_times_s: list[float] = field(default_factory=list)
+    memory: list[RankMemory] = field(default_factory=list)
+    final_loss: float | None = None
+
+
+@dataclass
+class Metrics:
+    """Raw measurements plus the per-step workload that converts step times into rates.
+
+    Attributes:
+        repeats: One :class:`RepeatSample` per fresh process.
+        images_per_step: Images per optimizer step over all ranks (``batch_size * images_per_sample``).
+        tokens_per_step: Non-padding tokens per optimizer step over all ranks, image tokens included.
+        image_tokens_per_step: The image-token part of ``tokens_per_step``.
+        model_flops_per_step: Model FLOPs per optimizer step over all ranks (no recompute), for MFU.
+        peak_flops_per_gpu: Dense peak FLOP/s of one GPU at the run's precision, for MFU.
+        total_params: Parameters of the model as trained (after the method was applied).
+        trainable_params: Parameters that receive gradients.
+    """
+
+    repeats: list[RepeatSample] = field(default_factory=list)
+    images_per_step: int | None = None
+    tokens_per_step: int | None = None
+    image_tokens_per_step: int | None = None
+    model_flops_per_step: float | None = None
+    peak_flops_per_gpu: float | None = None
+    total_params: int | None = None
+    trainable_params: int | None = None
+
+    def step_times(self) -> list[float]:
+        """Return the timed step times of all repeats, pooled."""
+        return [t for rep in self.repeats for t in rep.step_times_s]
+
+    def repeat_throughputs(self) -> list[float]:
+        """Return global img/s per repeat (images per step / the repeat's median step time)."""
+        if not self.images_per_step:
+            return []
+        return [self.images_per_step / statistics.median(r.step_times_s) for r in self.repeats if r.step_times_s]
+
+    def step_throughputs(self) -> list[list[float]]:
+        """Return global img/s of every timed step, grouped by repeat (the samples ``compare`` tests)."""
+        if not self.images_per_step:
+            return []
+        return [[self.images_per_step / t for t in r.step_times_s] for r in self.repeats if r.step_times_s]
+
+    def peak_memory(self, name: str) -> int | None:
+        """Return the maximum of memory field ``name`` over all ranks and repeats (``None`` if never measured)."""
+        values = [getattr(m, name) for r in self.repeats for m in r.memory if getattr(m, name) is not None]
+        return max(values) if values else None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Numbers derived from :class:`Metrics` (never stored as truth; see module docstring).
+
+    Throughput uses the **median** step time, which a single slow step (a GC pause, a checkpoint) does not move.
+    """
+
+    img_per_s: float | None
+    img_per_s_per_gpu: float | None
+    tokens_per_s: float | None
+    step_time_median_s: float | None
+    step_time_p90_s: float | None
+    step_time_stdev_s: float | None
+    mfu: float | None
+    timed_steps: int
+    repeats: int
+    peak_gpu_allocated_bytes: int | None
+    peak_gpu_reserved_bytes: int | None
+    peak_nvml_process_bytes: int | None
+    peak_cpu_rss_bytes: int | None
+    peak_cpu_tensor_peak_bytes: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the summary as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class GpuInfo:
+    """One visible GPU."""
+
+    index: int
+    name: str
+    compute_capability: str
+    total_memory_bytes: int
+
+
+@dataclass
+class Environment:
+    """Where a result was measured.
+
+    Attributes:
+        python: Python version.
+        platform: ``platform.platform()``.
+        packages: Installed versions of :data:`TRACKED_PACKAGES` (``None`` = not installed).
+        git_sha: Commit of the phi3v-bench source tree (``None`` outside git or before the first commit).
+        git_dirty: Whether tracked files differed from that commit.
+        cuda_version: CUDA version torch was built with.
+        driver_version: NVIDIA driver (from NVML).
+        gpus: Visible GPUs of the node that wrote the result.
+        cpu: CPU model name.
+        cpu_count: Logical CPUs.
+        ram_bytes: Physical memory.
+    """
+
+    python: str = ""
+    platform: str = ""
+    packages: dict[str, str | None] = field(default_factory=dict)
+    git_sha: str | None = None
+    git_dirty: bool | None = None
+    cuda_version: str | None = None
+    driver_version: str | None = None
+    gpus: list[GpuInfo] = field(default_factory=list)
+    cpu: str = ""
+    cpu_count: int | None = None
+    ram_bytes: int | None = None
+
+    @property
+    def gpu_name(self) -> str | None:
+        """Name of the first GPU, or ``None`` on a CPU-only machine."""
+        return self.gpus[0].name if self.gpus else None
+
+    @property
+    def hardware(self) -> str:
+        """Folder name for this machine: ``<count>x<gpu>`` (e.g. ``8xA100-SXM4-80GB``) or ``cpu``."""
+        if not self.gpus:
+            return "cpu"
+        name = re.sub(r"^NVIDIA\s+", "", self.gpus[0].name.strip())
+        name = re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-") or "gpu"
+        return f"{len(self.gpus)}x{name}"
+
+
+@dataclass
+class BenchResult:
+    """One benchmark configuration's outcome; see the module docstring for the layout.
+
+    Attributes:
+        config: What was measured.
+        environment: Where it was measured.
+        status: ``ok``, ``oom`` (out of memory) or ``error`` (crash).
+        message: Failure message (empty when ok).
+        failed_at_step: Optimizer step (0-based, warmup included) at which an OOM/crash happened, when known.
+        metrics: Raw measurements (may be partial for failures).
+        started_at: ISO-8601 UTC start time.
+        finished_at: ISO-8601 UTC end time.
+    """
+
+    config: BenchConfig
+    environment: Environment = field(default_factory=Environment)
+    status: str = "ok"
+    message: str = ""
+    failed_at_step: int | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    started_at: str = ""
+    finished_at: str = ""
+
+    @classmethod
+    def failure(
+        cls,
+        config: BenchConfig,
+        status: str,
+        message: str,
+        environment: Environment | None = None,
+        *,
+        failed_at_step: int | None = None,
+        started_at: str = "",
+    ) -> BenchResult:
+        """Build an ``oom``/``error`` row (the sweep records it and goes on)."""
+        return cls(
+            config=config,
+            environment=environment or Environment(),
+            status=status,
+            message=message,
+            failed_at_step=failed_at_step,
+            started_at=started_at,
+            finished_at=utc_now(),
+        )
+
+    @property
+    def summary(self) -> Summary:
+        """Derived throughput, step-time and memory figures (see :class:`Summary`)."""
+        m = self.metrics
+        times = m.step_times()
+        median = statistics.median(times) if times else None
+        p90 = _percentile(times, 90) if times else None
+        stdev = statistics.stdev(times) if len(times) >= 2 else None
+        world = self.config.world_size
+        img_s = m.images_per_step / median if (median and m.images_per_step) else None
+        tok_s = m.tokens_per_step / median if (median and m.tokens_per_step) else None
+        mfu = None
+        if median and m.model_flops_per_step and m.peak_flops_per_gpu:
+            mfu = m.model_flops_per_step / median / (world * m.peak_flops_per_gpu)
+        return Summary(
+            img_per_s=img_s,
+            img_per_s_per_gpu=img_s / world if img_s is not None else None,
+            tokens_per_s=tok_s,
+            step_time_median_s=median,
+            step_time_p90_s=p90,
+            step_time_stdev_s=stdev,
+            mfu=mfu,
+            timed_steps=len(times),
+            repeats=sum(1 for r in m.repeats if r.step_times_s),
+            peak_gpu_allocated_bytes=m.peak_memory("gpu_allocated_bytes"),
+            peak_gpu_reserved_bytes=m.peak_memory("gpu_reserved_bytes"),
+            peak_nvml_process_bytes=m.peak_memory("nvml_process_bytes"),
+            peak_cpu_rss_bytes=m.peak_memory("cpu_rss_bytes"),
+            peak_cpu_tensor_peak_bytes=m.peak_memory("cpu_tensor_peak_bytes"),
+        )
+
+    # ---- (de)serialization ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Return the result as a JSON-ready dict (``summary`` included for readers without this module)."""
+        return json_safe(
+            {
+                "schema": SCHEMA,
+                "schema_version": SCHEMA_VERSION,
+                "status": self.status,
+                "message": self.message,
+                "failed_at_step": self.failed_at_step,
+                "started_at": self.started_at,
+                "finished_at": self.finished_at,
+                "config": self.config.to_dict(),
+                "environment": dataclasses.asdict(self.environment),
+                "metrics": dataclasses.asdict(self.metrics),
+                "summary": self.summary.to_dict(),
+            }
+        )
+
+    def to_json(self) -> str:
+        """Return the result as indented JSON text."""
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> BenchResult:
+        """Rebuild a result from :meth:`to_dict` output.
+
+        Args:
+            data: The parsed JSON object.
+            source: Where it came from, for error messages.
+
+        Raises:
+            DataError: Not a phi3v-bench result, a newer schema, or malformed fields.
+        """
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise DataError(f"{source}: not a phi3v-bench result (missing \"schema\": \"{SCHEMA}\")")
+        version = data.get("schema_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise DataError(f"{source}: schema_version {version!r} is newer than {SCHEMA_VERSION}; upgrade phi3v-bench")
+        try:
+            env = dict(data.get("environment") or {})
+            env["gpus"] = [GpuInfo(**g) for g in env.get("gpus", [])]
+            metrics = dict(data.get("metrics") or {})
+            metrics["repeats"] = [
+                RepeatSample(**{**r, "memory": [RankMemory(**m) for m in r.get("memory", [])]})
+                for r in metrics.get("repeats", [])
+            ]
+            result = cls(
+                config=BenchConfig.from_dict(data["config"]),
+                environment=Environment(**env),
+                status=data.get("status", ""),
+                message=data.get("message", ""),
+                failed_at_step=data.get("failed_at_step"),
+                metrics=Metrics(**metrics),
+                started_at=data.get("started_at", ""),
+                finished_at=data.get("finished_at", ""),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{source}: malformed result ({type(exc).__name__}: {exc}); re-run the benchmark") from None
+        problems = result.problems()
+        if problems:
+            raise DataError(f"{source}: " + "; ".join(problems))
+        return result
+
+    def problems(self) -> list[str]:
+        """Return schema-level inconsistencies (empty when the result is well-formed)."""
+        problems: list[str] = []
+        if self.status not in STATUSES:
+            problems.append(f"status {self.status!r} is not one of {', '.join(STATUSES)}")
+        if self.status == "ok":
+            if not self.metrics.step_times():
+                problems.append("status ok but no timed steps")
+            if not self.metrics.images_per_step:
+                problems.append("status ok but images_per_step is missing")
+        elif not self.message:
+            problems.append(f"status {self.status} needs a message")
+        for i, rep in enumerate(self.metrics.repeats):
+            if any((not isinstance(t, int | float)) or t <= 0 for t in rep.step_times_s):
+                problems.append(f"repeat {i}: step times must be positive seconds")
+            ranks = [m.rank for m in rep.memory]
+            if len(set(ranks)) != len(ranks):
+                problems.append(f"repeat {i}: duplicate rank in memory entries")
+            if len(ranks) > self.config.world_size:
+                problems.append(f"repeat {i}: {len(ranks)} memory entries for world size {self.config.world_size}")
+        return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------------------------------
+def capture_environment() -> Environment:
+    """Describe the current machine and software (cheap; no GPU work beyond reading properties).
+
+    Returns:
+        An :class:`Environment`. Fields that cannot be read here (no GPU, no git) are ``None``/empty.
+    """
+    packages: dict[str, str | None] = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    sha, dirty = _git_state(Path(__file__).resolve().parents[1])
+    env = Environment(
+        python=platform.python_version(),
+        platform=platform.platform(),
+        packages=packages,
+        git_sha=sha,
+        git_dirty=dirty,
+        cpu=_cpu_name(),
+        cpu_count=os.cpu_count(),
+        ram_bytes=_ram_bytes(),
+    )
+    nvml = _nvml_gpus()
+    if nvml is not None:
+        env.gpus, env.driver_version = nvml
+    if packages.get("torch"):
+        import torch
+
+        env.cuda_version = torch.version.cuda
+        if nvml is None and torch.cuda.is_available():
+            # Without NVML only torch can name the GPUs; this initializes CUDA in this process.
+            for i in range(torch.cuda.device_count()):
+                props = torch.cuda.get_device_properties(i)
+                env.gpus.append(GpuInfo(i, props.name, f"{props.major}.{props.minor}", int(props.total_memory)))
+    return env
+
+
+def _nvml_gpus() -> tuple[list[GpuInfo], str | None] | None:
+    """Return the GPUs visible to CUDA and the driver version via NVML, or ``None`` when NVML cannot say.
+
+    NVML is used rather than ``torch.cuda`` because it creates no CUDA context: a sweep's parent process must not hold
+    GPU memory or initialize CUDA before its workers start. NVML lists every GPU of the machine, so
+    ``CUDA_VISIBLE_DEVICES`` (indices or ``GPU-`` UUIDs) is applied here as CUDA applies it.
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no NVML library or no driver: not a GPU machine as far as NVML knows
+        return None
+    try:
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        visible = _visible_handles(handles, os.environ.get("CUDA_VISIBLE_DEVICES"), pynvml.nvmlDeviceGetUUID)
+        if visible is None:
+            return None
+        gpus = []
+        for index, handle in enumerate(visible):
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+            gpus.append(GpuInfo(index, _text(pynvml.nvmlDeviceGetName(handle)), f"{major}.{minor}", int(total)))
+        return gpus, _text(pynvml.nvmlSystemGetDriverVersion())
+    except pynvml.NVMLError:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+def _visible_handles(handles: list[Any], spec: str | None, uuid_of: Any) -> list[Any] | None:
+    """Apply a ``CUDA_VISIBLE_DEVICES`` value to NVML handles (``None`` = a form this cannot map, e.g. MIG)."""
+    if spec is None:
+        return handles
+    visible = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if entry.isdigit():
+            if int(entry) >= len(handles):
+                break  # CUDA stops at the first invalid entry
+            visible.append(handles[int(entry)])
+        elif entry.startswith("GPU-"):
+            match = [h for h in handles if _text(uuid_of(h)).startswith(entry)]
+            if len(match) != 1:
+                break
+            visible.append(match[0])
+        elif entry:
+            return None
+        else:
+            break
+    return visible
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _git_state(root: Path) -> tuple[str | None, bool | None]:
+    # --no-optional-locks: reading the state must never rewrite .git/index under a concurrent git command.
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "--no-optional-locks", "-C", str(root), *args],
+                capture_output=True, text=True, timeout=10, check=True,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    sha = git("rev-parse", "HEAD")
+    if not sha:
+        return None, None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return sha, (bool(status) if status is not None else None)
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _ram_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Storage
+# ---------------------------------------------------------------------------------------------------------------
+def result_path(root: str | Path, release: str, hardware: str, config: BenchConfig) -> Path:
+    """Return where a result is stored: ``<root>/<release>/<hardware>/<cell_id>.json``."""
+    return Path(root) / release / hardware / f"{config.cell_id()}.json"
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+    Readers see either the old file or the complete new one, never a half-written file, even if the process dies.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o644)  # mkstemp creates 0600; results are shared files
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write UTF-8 ``text`` atomically (see :func:`write_bytes_atomic`)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def save_result(result: BenchResult, root: str | Path | None = None) -> Path:
+    """Write ``result`` atomically to its place under ``root`` (default: ``result.config.out``).
+
+    Returns:
+        The path written.
+    """
+    cfg = result.config
+    path = result_path(root if root is not None else cfg.out, cfg.release, result.environment.hardware, cfg)
+    return write_text_atomic(path, result.to_json())
+
+
+def load_result(path: str | Path) -> BenchResult:
+    """Read one result file.
+
+    Raises:
+        DataError: Unreadable JSON (with file:line) or not a valid result.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); delete or re-run this result") from None
+    return BenchResult.from_dict(data, source=str(path))
+
+
+def iter_result_files(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Yield result JSON files from files and folders (recursively; ``reference/`` folders are skipped).
+
+    Raises:
+        DataError: A path does not exist.
+    """
+    seen: set[Path] = set()
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            candidates = [path]
+        elif path.is_dir():
+            candidates = sorted(
+                p for p in path.rglob("*.json")
+                if "reference" not in p.relative_to(path).parts and not p.name.startswith(".")
+            )
+        else:
+            raise DataError(f"{path}: no such file or folder; pass a result .json or a results folder")
+        for candidate in candidates:
+            key = candidate.resolve()
+            if key not in seen:
+                seen.add(key)
+                yield candidate
+
+
+def read_results(paths: Iterable[str | Path]) -> list[tuple[Path, BenchResult]]:
+    """Load every result under ``paths`` as ``(path, result)`` pairs, in a stable order."""
+    return [(p, load_result(p)) for p in iter_result_files(paths)]
+
+
+def load_results(*paths: str | Path) -> pd.DataFrame:
+    """Load results into a pandas DataFrame with one row per result file.
+
+    Columns: ``path``, ``release``, ``hardware``, ``status``, ``message``, ``failed_at_step``, every
+    :class:`BenchConfig` field, every :class:`Summary` field, ``world_size``, ``gpu_name``, ``compute_capability``,
+    ``driver_version``, ``git_sha`` and ``<package>_version`` for the tracked packages.
+
+    Args:
+        *paths: Result files or folders (default: ``results``).
+
+    Example:
+        >>> df = load_results("results/v0.1.0")
+        >>> df[df.status == "ok"].groupby("method").img_per_s.max()
+    """
+    import pandas as pd
+
+    rows = [_row(path, result) for path, result in read_results(paths or ("results",))]
+    return pd.DataFrame(rows)
+
+
+def _row(path: Path, result: BenchResult) -> dict[str, Any]:
+    env = result.environment
+    row: dict[str, Any] = {
+        "path": str(path),
+        "release": result.config.release,
+        "hardware": env.hardware,
+        "status": result.status,
+        "message": result.message,
+        "failed_at_step": result.failed_at_step,
+    }
+    row.update(result.config.to_dict())
+    row["world_size"] = result.config.world_size
+    row.update(result.summary.to_dict())
+    row.update(
+        gpu_name=env.gpu_name,
+        compute_capability=env.gpus[0].compute_capability if env.gpus else None,
+        driver_version=env.driver_version,
+        git_sha=env.git_sha,
+        finished_at=result.finished_at,
+    )
+    for name, version in env.packages.items():
+        row[f"{name.replace('-', '_')}_version"] = version
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------
+def utc_now() -> str:
+    """Return the current UTC time as ISO-8601 with seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), without importing numpy."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def json_safe(value: Any) -> Any:
+    """Return ``value`` with non-finite floats replaced by ``None`` (recursively through dicts and lists).
+
+    JSON has no NaN/Infinity; a diverged loss is stored as null so the file stays valid JSON (nanochat's rule).
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value

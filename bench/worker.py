@@ -1,0 +1,173 @@
+"""One rank of one benchmark repeat: ``python -m bench.worker --config cfg.json --out DIR`` (also under torchrun).
+
+It drives the real fine-tuning core — ``phi3v_core.training.train`` with the real Trainer, method and collator —
+and writes ``rank<R>.json`` with this rank's step times, memory peaks, FLOPs and workload counts. Failures (an OOM
+included) are written there too, so the runner can record them as rows instead of crashing the sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.config import BenchConfig
+from bench.measure import InstrumentedSteps, cpu_rss_peak_bytes, gpu_memory, nvml_process_bytes
+
+__all__ = ["main", "plan_steps", "to_train_config"]
+
+
+def plan_steps(cfg: BenchConfig, cuda: bool) -> dict[str, int | None]:
+    """Lay out the optimizer steps of one repeat: warmup, timed window, then untimed instrumented steps."""
+    first_timed = cfg.warmup + 1
+    last_timed = cfg.warmup + cfg.steps
+    memory_step = None if cuda else last_timed + 1  # CUDA has exact allocator peaks; CPU needs MemTracker
+    flop_step = (memory_step or last_timed) + 1
+    return {"first_timed": first_timed, "last_timed": last_timed, "memory_step": memory_step, "flop_step": flop_step}
+
+
+def to_train_config(cfg: BenchConfig, output_dir: str, total_steps: int) -> Any:
+    """Map a benchmark configuration onto the fine-tuning core's ``TrainConfig``."""
+    from phi3v_core.training import TrainConfig
+
+    return TrainConfig(
+        model=cfg.model,
+        method=cfg.method,
+        precision=cfg.precision,
+        attn=cfg.attn,
+        num_crops=cfg.num_crops,
+        per_device_batch=cfg.micro_batch,
+        global_batch=cfg.batch_size,
+        max_steps=total_steps,
+        warmup_steps=0,
+        learning_rate=1e-5,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        output_dir=output_dir,
+        save_steps=0,
+        save_final=False,
+        seed=cfg.seed,
+        logging_steps=1,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def _processor(cfg: BenchConfig) -> Any:
+    from phi3v_core.processing import Phi3VProcessor
+
+    folder = Path(cfg.model)
+    if folder.is_dir() and (folder / "tokenizer.json").exists():
+        return Phi3VProcessor.from_pretrained(folder, num_crops=cfg.num_crops)
+    # Presets have random weights; the offline tokenizer has the same special tokens and ids.
+    return Phi3VProcessor.tiny(num_crops=cfg.num_crops)
+
+
+def _peak_flops(device: torch.device, precision: str) -> float | None:
+    """Dense peak FLOP/s of this GPU at ``precision`` from the planner's GPU table (``None`` on CPU/unknown)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from planner.hardware import peak_flops_for_name
+
+        return peak_flops_for_name(torch.cuda.get_device_name(device), precision)
+    except Exception:  # noqa: BLE001 - MFU is optional; an unknown GPU just has none
+        return None
+
+
+def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
+    """Train one repeat on this rank and return its measurements."""
+    from bench.workload import build_workload
+    from phi3v_core.training import StepTimer, train
+
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    # Pick the device by LOCAL_RANK (never RANK): rank 9 of a 2×8 job is GPU 1 of its node.
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    layout = plan_steps(cfg, cuda)
+    total_steps = int(layout["flop_step"])
+    per_rank_samples = cfg.batch_size // world * total_steps
+    workload = build_workload(cfg, _processor(cfg), per_rank_samples)
+
+    timer = StepTimer()
+    probes = InstrumentedSteps(
+        memory_step=layout["memory_step"], flop_step=layout["flop_step"], first_timed_step=layout["first_timed"]
+    )
+    payload: dict[str, Any] = {"rank": rank, "world_size": world, "device": str(device), "status": "ok"}
+    with tempfile.TemporaryDirectory(prefix="phi3v-bench-train-") as scratch:
+        train_cfg = to_train_config(cfg, scratch, total_steps)
+        try:
+            result = train(train_cfg, workload.dataset, callbacks=[timer, probes])
+        except torch.cuda.OutOfMemoryError as exc:
+            payload.update(status="oom", message=str(exc).splitlines()[0], failed_at_step=len(timer.records))
+            return payload
+        except Exception as exc:  # noqa: BLE001 - recorded as an error row by the runner
+            payload.update(
+                status="error",
+                message=f"{type(exc).__name__}: {exc}".splitlines()[0],
+                failed_at_step=len(timer.records),
+                traceback=traceback.format_exc(),
+            )
+            return payload
+
+    records = {r.step: r for r in timer.records}
+    timed = [records[s] for s in range(int(layout["first_timed"]), int(layout["last_timed"]) + 1) if s in records]
+    allocated, reserved = gpu_memory(device)
+    payload.update(
+        step_times_s=[r.seconds for r in timed],
+        warmup_times_s=[records[s].seconds for s in range(1, int(layout["first_timed"])) if s in records],
+        final_loss=next((r.loss for r in reversed(timed) if r.loss is not None), None),
+        samples_per_step=timed[0].samples if timed else None,
+        images_per_step=timed[0].images if timed else None,
+        tokens_per_step=timed[0].tokens if timed else None,
+        image_tokens_per_step=(timed[0].samples * workload.image_tokens_per_sample) if timed else None,
+        flops_per_step=probes.flops,
+        peak_flops_per_gpu=_peak_flops(device, cfg.precision),
+        total_params=result.report.total_parameters,
+        trainable_params=result.report.trainable_parameters,
+        memory={
+            "rank": rank,
+            "device": str(device),
+            "gpu_allocated_bytes": allocated,
+            "gpu_reserved_bytes": reserved,
+            "nvml_process_bytes": nvml_process_bytes(device),
+            "cpu_rss_bytes": cpu_rss_peak_bytes(),
+            "cpu_tensor_peak_bytes": probes.tensor_peak_bytes,
+        },
+        notes=probes.notes,
+    )
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of one rank; always writes ``rank<R>.json`` (atomically) before exiting."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="BenchConfig JSON file")
+    parser.add_argument("--out", required=True, help="folder for rank<R>.json")
+    args = parser.parse_args(argv)
+    cfg = BenchConfig.from_dict(json.loads(Path(args.config).read_text()))
+    out_dir = Path(args.out)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        payload = run_rank(cfg, out_dir)
+    except Exception as exc:  # noqa: BLE001 - setup failures are rows too
+        payload = {"rank": rank, "status": "error", "message": f"{type(exc).__name__}: {exc}".splitlines()[0],
+                   "traceback": traceback.format_exc()}
+    target = out_dir / f"rank{rank}.json"
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, target)
+    return 0 if payload.get("status") == "ok" else 3
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""Safe image access: path containment, decompression-bomb cap and corrupt/truncated detection.
+
+Every file image goes through :func:`resolve_image_path` (the path must stay inside the images root, also after
+following symlinks) and :func:`check_image_file` / :func:`open_image` (pixel cap read from the header *before* any
+decoding; a full decode catches truncated files). Problems come back as one-line reasons that callers prefix with
+``file:line``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Literal
+
+from PIL import Image, UnidentifiedImageError
+
+from phi3v_core.errors import DataError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageCheck",
+    "ImageProblem",
+    "PathProblem",
+    "check_image_file",
+    "open_image",
+    "resolve_image_path",
+]
+
+#: Default pixel cap (width × height). Equal to PIL's own warning threshold (~89.5 MP), but here it is a hard error:
+#: a 1700×2200 document page is 3.7 MP, so anything near the cap is a decompression bomb or a mistake.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+#: How thoroughly validation opens images: ``"full"`` decodes (finds truncation), ``"header"`` reads size/format only,
+#: ``"none"`` only checks that the file exists.
+ImageCheck = Literal["full", "header", "none"]
+
+# PIL enforces its own global MAX_IMAGE_PIXELS inside Image.open. When a caller raises our cap above it, the global has
+# to be lifted for that open; the lock keeps concurrent validators from restoring each other's value out of order.
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+class PathProblem(ValueError):
+    """An image path that is unsafe (absolute, ``..``, symlink out of the root); never skippable."""
+
+
+class ImageProblem(ValueError):
+    """An image file that is missing, unreadable, truncated or too large; skippable with ``skip_bad``."""
+
+
+def resolve_image_path(relative: str, images_root: Path) -> Path:
+    """Join ``relative`` onto ``images_root`` after checking that it cannot escape the root.
+
+    Args:
+        relative: Path as written in the jsonl (POSIX separators, relative to the images root).
+        images_root: The images folder.
+
+    Returns:
+        ``images_root / relative`` (not resolved, so messages show the path the user wrote).
+
+    Raises:
+        PathProblem: The path is empty, absolute, contains ``..`` or resolves (through symlinks) outside the root.
+    """
+    if not relative.strip():
+        raise PathProblem("is an empty path; give the image path relative to the images root")
+    if PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).is_absolute() or relative.startswith("\\"):
+        raise PathProblem(f"is an absolute path; give paths relative to the images root {images_root}")
+    if ".." in PurePosixPath(relative.replace("\\", "/")).parts:
+        raise PathProblem(f"contains '..'; image paths must stay inside the images root {images_root}")
+    if "\x00" in relative:
+        raise PathProblem("contains a NUL character; fix the path string")
+    joined = images_root / relative
+    real_root = os.path.realpath(images_root)
+    real = os.path.realpath(joined)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise PathProblem(
+            f"resolves to {real}, outside the images root {real_root} (symlink); copy the file into the images root"
+        )
+    return joined
+
+
+@contextmanager
+def _pil_limit_lifted(needed: bool) -> Iterator[None]:
+    if not needed:
+        yield
+        return
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # our own header check (below) is the cap that counts
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _open_checked(path: Path, max_pixels: int) -> Image.Image:
+    """Open lazily (header only) and enforce ``max_pixels``; the caller decodes and closes."""
+    if not path.exists():
+        raise ImageProblem("file not found; fix the path or add the file")
+    if path.is_dir():
+        raise ImageProblem("is a directory, not an image file; point to the image file")
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    lift = pil_limit is not None and max_pixels > pil_limit
+    try:
+        try:
+            with _pil_limit_lifted(lift):
+                image = Image.open(path)
+        except Image.DecompressionBombError:
+            # Re-read just the header without PIL's check so the message can quote the real size.
+            with _pil_limit_lifted(True):
+                image = Image.open(path)
+    except UnidentifiedImageError:
+        raise ImageProblem(
+            "not a readable image (unknown or corrupt format); replace the file or remove the record"
+        ) from None
+    except PermissionError as exc:
+        raise ImageProblem(f"cannot read the file ({exc.strerror}); fix its permissions") from None
+    except OSError as exc:
+        raise ImageProblem(f"cannot open the image ({exc}); replace the file or remove the record") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageProblem(
+            f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels} "
+            f"(decompression-bomb guard); raise max_pixels if the image is genuine"
+        )
+    return image
+
+
+def _decode(image: Image.Image) -> None:
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # PIL reports truncation as OSError("image file is truncated ...") and broken chunks as SyntaxError.
+        raise ImageProblem(
+            f"corrupt or truncated image data ({exc}); re-export the file or remove the record"
+        ) from None
+
+
+def check_image_file(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, mode: ImageCheck = "full") -> tuple[int, int]:
+    """Validate one image file without keeping it in memory.
+
+    Args:
+        path: Image file.
+        max_pixels: Largest allowed width × height, checked from the header before decoding.
+        mode: ``"full"`` (decode every pixel; catches truncation), ``"header"`` or ``"none"`` (existence only).
+
+    Returns:
+        ``(width, height)``; ``(0, 0)`` with ``mode="none"``.
+
+    Raises:
+        ImageProblem: With a one-line reason (no location; callers add ``file:line``).
+    """
+    if mode == "none":
+        if not path.is_file():
+            raise ImageProblem("file not found; fix the path or add the file")
+        return (0, 0)
+    image = _open_checked(path, max_pixels)
+    try:
+        if mode == "full":
+            _decode(image)
+        return image.size
+    finally:
+        image.close()
+
+
+def open_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file as RGB with the same safety checks as validation.
+
+    Raises:
+        DataError: ``"<path>: <reason>"`` when the file is missing, unreadable, truncated or too large.
+    """
+    try:
+        image = _open_checked(path, max_pixels)
+        try:
+            _decode(image)
+            return image.convert("RGB") if image.mode != "RGB" else image.copy()
+        finally:
+            image.close()
+    except ImageProblem as exc:
+        raise DataError(f"{path}: {exc}") from None

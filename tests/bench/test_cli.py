@@ -1,0 +1,108 @@
+"""phi3v-bench CLI: help, one-line errors with exit 1, and the run/matrix/report commands with a fake runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bench.runner
+from bench.cli import main
+from bench.results import load_result
+from tests.bench.factories import make_result
+
+
+def test_help_has_examples(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "Examples:" in out and "phi3v-bench matrix --preset quick" in out
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "exit codes: 0 no regression, 2 regression, 1 user error" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "the following arguments are required"),
+        (["bogus"], "invalid choice"),
+        (["compare", "a"], "the following arguments are required: b"),
+        (["run", "--steps", "many"], "invalid int value"),
+        (["run", "--method", "sft", "--num-crops", "40"], "2 problems: method 'sft'"),
+        (["matrix"], "pass --preset"),
+        (["matrix", "--preset", "nope"], "unknown preset 'nope'"),
+        (["matrix", "--grid", "method"], "must look like field=v1,v2"),
+        (["report", "/no/such/results"], "/no/such/results: no such file or folder"),
+        (["compare", "a", "b", "--alpha", "2"], "--alpha must be in (0, 1)"),
+    ],
+)
+def test_user_errors_are_one_line_exit_1(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and message in captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
+def test_console_entry_point_error_has_no_traceback(tmp_path) -> None:
+    env = {**os.environ, "PHI3V_DEBUG": ""}
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "report", str(tmp_path / "missing")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_run_writes_a_result_via_the_runner(tmp_path, monkeypatch, capsys) -> None:
+    seen = []
+
+    def fake_run_config(cfg):
+        seen.append(cfg)
+        return make_result(cfg)
+
+    monkeypatch.setattr(bench.runner, "run_config", fake_run_config)
+    argv = ["run", "--method", "qlora", "--attn", "eager", "--gpus", "8", "--batch-size", "64", "--steps", "7",
+            "--no-gradient-checkpointing", "--release", "v9", "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    cfg = seen[0]
+    assert (cfg.method, cfg.attn, cfg.gpus, cfg.steps, cfg.gradient_checkpointing, cfg.release) == \
+        ("qlora", "eager", 8, 7, False, "v9")
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert load_result(data["path"]).config == cfg
+    assert data["path"].startswith(str(tmp_path / "v9" / "8xA100-SXM4-80GB"))
+
+
+def test_run_human_output(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(bench.runner, "run_config", make_result)
+    assert main(["run", "--gpus", "8", "--batch-size", "64", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "img/s" in out and "wrote " in out
+
+
+def test_matrix_then_report_end_to_end(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(bench.runner, "run_config", make_result)
+    results = tmp_path / "results"
+    assert main(["matrix", "--grid", "method=lora,full", "--set", "gpus=8", "batch_size=64", "--release", "v1",
+                 "--out", str(results), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["counts"]["ok"] == 2
+    assert main(["matrix", "--grid", "method=lora,full", "--set", "gpus=8", "batch_size=64", "--release", "v1",
+                 "--out", str(results), "--no-progress"]) == 0
+    assert "skipped 2" in capsys.readouterr().out
+    assert main(["report", str(results), "--out", str(tmp_path / "report"), "--json"]) == 0
+    written = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert written["results"] == 2 and len(written["images"]) == 3
+    assert "| lora |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_matrix_dry_run_lists_cells(tmp_path, capsys) -> None:
+    assert main(["matrix", "--preset", "seed-v100", "--out", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("->") == 5 and "5 cells (dry run" in out
+    assert not any(tmp_path.iterdir())

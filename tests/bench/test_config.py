@@ -1,0 +1,92 @@
+"""BenchConfig: defaults, identity/cell ids, all-at-once validation, typed CLI values, profiles."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.config import METHODS, SEQ_PROFILES, BenchConfig, parse_field_value
+from phi3v_core.errors import ConfigError
+
+
+def test_defaults_are_valid_and_derived_values() -> None:
+    cfg = BenchConfig(batch_size=64, gpus=8, nodes=2, micro_batch=2).validate()
+    assert cfg.world_size == 16
+    assert cfg.grad_accum == 2
+    assert cfg.images_per_step == 64
+    assert BenchConfig(seq_profile="ucf101", batch_size=4).images_per_step == 32
+
+
+def test_cell_id_names_identity_not_protocol() -> None:
+    cfg = BenchConfig(method="qlora", attn="flash_attention_2", model="phi-3.5-vision", gpus=8, batch_size=64)
+    assert cfg.cell_id() == "qlora-fa2-bf16-phi-3.5-vision-c16-docvqa-b64-mb1-1n8g-gc"
+    # steps/repeats/seed/release decide how long and where, not what: same identity, same file name.
+    other = cfg.replace(steps=50, repeats=5, seed=3, release="v9")
+    assert other.identity() == cfg.identity()
+    assert other.cell_id() == cfg.cell_id()
+    assert cfg.replace(nodes=2).cell_id() != cfg.cell_id()
+
+
+def test_model_path_cell_id_is_unique_per_path(tmp_path) -> None:
+    a, b = tmp_path / "x" / "ckpt", tmp_path / "y" / "ckpt"
+    for folder in (a, b):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    ca, cb = BenchConfig(model=str(a)), BenchConfig(model=str(b))
+    assert ca.validate() and cb.validate()
+    assert "ckpt-" in ca.cell_id() and "/" not in ca.cell_id()
+    assert ca.cell_id() != cb.cell_id()
+
+
+def test_validate_reports_every_problem_at_once() -> None:
+    cfg = BenchConfig(
+        method="sft", attn="flash_attention_2", precision="fp32", model="/no/such/folder", num_crops=17,
+        batch_size=10, gpus=4, steps=1, warmup=-1, release="bad release",
+    )
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    text = str(err.value)
+    for fragment in ("method 'sft'", "flash_attention_2 needs bf16", "/no/such/folder", "num_crops must be <= 16",
+                     "not a multiple of gpus*nodes*micro_batch", "steps must be >= 2", "warmup must be",
+                     "release 'bad release'"):
+        assert fragment in text, fragment
+    assert text.startswith("8 problems")
+
+
+def test_from_dict_rejects_unknown_fields() -> None:
+    cfg = BenchConfig(method="full", release="v1")
+    assert BenchConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown config field"):
+        BenchConfig.from_dict({**cfg.to_dict(), "lr": 1e-4})
+
+
+def test_parse_field_value_types_and_hints() -> None:
+    assert parse_field_value("gpus", "8") == 8
+    assert parse_field_value("gradient_checkpointing", "off") is False
+    assert parse_field_value("method", "lora") == "lora"
+    with pytest.raises(ConfigError, match="did you mean 'steps'"):
+        parse_field_value("stepz", "3")
+    with pytest.raises(ConfigError, match="expected an integer"):
+        parse_field_value("gpus", "eight")
+    with pytest.raises(ConfigError, match="expected true or false"):
+        parse_field_value("gradient_checkpointing", "maybe")
+
+
+def test_docvqa_profile_matches_published_mean_sequence_length() -> None:
+    p = SEQ_PROFILES["docvqa"]
+    # A 3x5 crop grid gives 144*15 + 12*5 + 157 image tokens (CONTRACTS token formula), plus the text tokens.
+    assert 144 * 15 + 12 * 5 + 157 + p.text_tokens == 2443  # recipe.md §11: mean 2443.23 at num_crops=16
+
+
+def test_docvqa_profile_tiles_as_derived_with_the_real_processor() -> None:
+    processing = pytest.importorskip("phi3v_core.processing")
+    p = SEQ_PROFILES["docvqa"]
+    processor = processing.Phi3VImageProcessor(num_crops=16)
+    assert processor.num_image_tokens(p.image_width, p.image_height) == 2377
+
+
+def test_method_names_match_the_training_registry() -> None:
+    methods = pytest.importorskip("phi3v_core.methods")
+    registry = getattr(methods, "METHODS", None)
+    if registry is None:
+        pytest.skip("phi3v_core.methods.METHODS not written yet")
+    assert set(registry) == set(METHODS)
