@@ -73,11 +73,15 @@ def _peak_flops(device: torch.device, precision: str) -> float | None:
     if device.type != "cuda":
         return None
     try:
-        from planner.hardware import peak_flops_for_name
+        from planner.hardware import match_spec
 
-        return peak_flops_for_name(torch.cuda.get_device_name(device), precision)
+        props = torch.cuda.get_device_properties(device)
+        spec = match_spec(props.name, props.total_memory, (props.major, props.minor))
     except Exception:  # noqa: BLE001 - MFU is optional; an unknown GPU just has none
         return None
+    # fp32 runs use TF32/fp32 units whose peak the table does not list: no MFU rather than a wrong one.
+    tflops = {"bf16": spec.tflops_bf16, "fp16": spec.tflops_fp16}.get(precision)
+    return tflops * 1e12 if tflops else None
 
 
 def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
