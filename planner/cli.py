@@ -1,0 +1,403 @@
+"""``phi3v-plan``: what fits on this (or a stated) machine, what to run, and how fast it will go.
+
+Keeps its imports light (no torch/transformers unless ``--trace``) so that it answers in well under three seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from phi3v_core.errors import ConfigError, cli_errors
+from planner.estimate import GIB, METHODS
+
+__all__ = ["build_parser", "main"]
+
+_EPILOG = """examples:
+  phi3v-plan                                   # detect GPUs with NVML and plan DocVQA fine-tuning on them
+  phi3v-plan --gpu A100-80GB --count 8 --nodes 2 --dataset-size 39463
+  phi3v-plan --gpu V100-32GB --count 8 --task hateful_memes --json
+  phi3v-plan --gpu H100-80GB --cloud azure --nodes 4          # SKU, VM count and vCPU quota
+  phi3v-plan --cloud azure                                    # compare the Azure ND SKUs
+  phi3v-plan --gpu T4 --num-crops 4 --method lora --method qlora
+  phi3v-plan --gpu A100-80GB --count 8 --trace --method full  # measure activations on the full model (CPU, cached)
+  phi3v-plan --list-gpus
+  phi3v-plan --calibration                                    # predicted vs the recipe's published table
+
+notes:
+  Memory is per GPU in GiB (what nvidia-smi shows: tensors + allocator cache + CUDA context). "needs" is the least the
+  step runs in; "peak" is what the caching allocator will grow to (capped at the card). Speed uses efficiencies
+  calibrated on the recipe's published 8xA100/8xV100 table; other GPUs borrow them (stated in the output).
+"""
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1008x1680") from None
+    return width, height
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used by the docs)."""
+    parser = argparse.ArgumentParser(
+        prog="phi3v-plan",
+        description="Plan Phi-3.5-vision fine-tuning: which methods fit, the recommended setup, speed and the command.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    hw = parser.add_argument_group("hardware")
+    hw.add_argument("--gpu", help="plan for this GPU instead of the detected one (see --list-gpus)")
+    hw.add_argument("--count", type=int, help="GPUs per node (default: detected, 8 on Azure, else 1)")
+    hw.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
+    hw.add_argument("--cloud", choices=["azure"], help="add the Azure SKU, VM count and vCPU quota")
+    hw.add_argument("--inter-node-gbit", type=float, help="network per node in Gbit/s (default: the SKU's, else 200)")
+    work = parser.add_argument_group("workload")
+    work.add_argument("--task", default="docvqa", help="docvqa, hateful_memes, nlvr2 or ucf101 (default: docvqa)")
+    work.add_argument("--num-crops", type=int, help="HD crops per image, 1-16 (default: the task's)")
+    work.add_argument("--image-size", type=_image_size, metavar="WxH", help="typical image size (default: the task's)")
+    work.add_argument("--images", type=int, dest="images_per_sample", help="images per sample (default: the task's)")
+    work.add_argument("--text-tokens", type=int, help="text tokens per sample (default: the task's)")
+    work.add_argument("--seq-len", type=int, help="override the tokens per sample")
+    work.add_argument("--dataset-size", type=int, help="samples per epoch (for time per epoch)")
+    work.add_argument(
+        "--batch-size", type=int, dest="global_batch", help="global batch per optimizer step (default: 64)"
+    )
+    work.add_argument("--max-micro-batch", type=int, default=16, help="largest micro-batch to consider (default: 16)")
+    work.add_argument(
+        "--model", default="phi-3.5-vision", help="model preset or checkpoint folder (default: phi-3.5-vision)"
+    )
+    work.add_argument(
+        "--method", action="append", dest="methods", choices=METHODS, help="only these methods (repeatable)"
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--trace", action="store_true", help="measure activations with MemTracker on the full model (CPU, slow, cached)"
+    )
+    out.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    out.add_argument("--list-gpus", action="store_true", help="print the GPU table and exit")
+    out.add_argument("--calibration", action="store_true", help="print predicted vs published (recipe §11) and exit")
+    out.add_argument(
+        "--reference", dest="reference_dir", help="folder with the published speed.csv (default: results/reference)"
+    )
+    return parser
+
+
+def _request(args: argparse.Namespace) -> Any:
+    from planner.recommend import PlanRequest
+
+    return PlanRequest(
+        gpu=args.gpu,
+        count=args.count,
+        nodes=args.nodes,
+        task=args.task,
+        num_crops=args.num_crops,
+        image_size=args.image_size,
+        images_per_sample=args.images_per_sample,
+        text_tokens=args.text_tokens,
+        seq_len=args.seq_len,
+        dataset_size=args.dataset_size,
+        global_batch=args.global_batch,
+        model=args.model,
+        methods=tuple(args.methods or METHODS),
+        cloud=args.cloud,
+        inter_node_gbit=args.inter_node_gbit,
+        max_micro_batch=args.max_micro_batch,
+        use_trace=args.trace,
+        reference_dir=args.reference_dir,
+    )
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+# -- printers --------------------------------------------------------------------------------------------------------
+def _print_gpus(as_json: bool) -> None:
+    from planner.hardware import gpu_table
+
+    rows = [g.to_dict() for g in gpu_table()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="GPU table (planner/data/gpus.json; dense TFLOP/s, no sparsity)")
+    for col in ("GPU", "arch", "CC", "GiB", "GB/s", "fp16 TF", "bf16 TF", "FA2", "NVLink GB/s"):
+        table.add_column(col, justify="right" if col not in ("GPU", "arch") else "left")
+    for g in rows:
+        table.add_row(
+            g["key"],
+            g["architecture"],
+            g["compute_capability"],
+            f"{g['memory_gib']:g}",
+            f"{g['bandwidth_gbs']:g}",
+            _fmt(g["tflops_fp16"], "g"),
+            _fmt(g["tflops_bf16"], "g"),
+            "yes" if g["flash_attention_2"] else "no",
+            _fmt(g["nvlink_gbs"], "g"),
+        )
+    _console().print(table)
+
+
+def _print_calibration(request: Any, as_json: bool) -> None:
+    from planner.calibration import calibration_report, load_calibration
+    from planner.shapes import load_shape
+
+    calibration = load_calibration(request.reference_dir)
+    rows = calibration_report(calibration, load_shape("phi-3-vision"))
+    if as_json:
+        print(json.dumps({"source": calibration.rows_source, "rows": rows}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Predicted vs published ({calibration.rows_source})")
+    for col in ("row", "published GB", "predicted", "err", "published img/s", "predicted", "err", "note"):
+        table.add_column(col, justify="left" if col in ("row", "note") else "right")
+    for r in rows:
+        note = (
+            "suspect row"
+            if r["suspect"]
+            else ("no-FA: fp32 weights, not modelled" if not r["flash_attention"] and r["memory_error"] < -0.1 else "")
+        )
+        table.add_row(
+            r["row"],
+            f"{r['published_gb']:g}",
+            f"{r['predicted_gb']:.1f}",
+            f"{100 * r['memory_error']:+.0f}%",
+            f"{r['published_img_per_s']:g}",
+            _fmt(r["predicted_img_per_s"], ".2f"),
+            "-" if r["speed_error"] is None else f"{100 * r['speed_error']:+.0f}%",
+            note,
+        )
+    _console().print(table)
+
+
+_SHORT = {"full": "F", "frozen_vision": "Z", "lora": "L", "qlora": "Q"}
+
+
+def _print_plan(p: Any) -> None:
+    from rich.panel import Panel
+    from rich.table import Table
+
+    from planner.speed import format_duration
+
+    console = _console()
+    hw = p.hardware
+    gpu = hw.gpu
+    first = p.methods[0]
+    console.print(
+        f"[bold]Hardware[/]: {hw.gpus_per_node}x {gpu.key} x {hw.nodes} node(s), {gpu.memory_gib:g} GiB each, {gpu.architecture} "
+        f"(CC {gpu.compute_capability[0]}.{gpu.compute_capability[1]}), {'NVLink' if hw.nvlink else 'PCIe'}; {hw.source}"
+    )
+    console.print(f"[bold]Precision / attention[/]: {first.precision} / {first.attention}")
+    w = p.workload
+    req = p.request
+    crops = w.vision_crops // max(w.images, 1)
+    console.print(
+        f"[bold]Workload[/]: {req.task}, {w.images} image(s) x {crops} crops, {w.seq_len} tokens per sample; "
+        f"{p.shape.name} ({p.shape.param_counts().total / 1e9:.2f} B parameters)"
+        + (f"; {req.dataset_size:,} samples per epoch" if req.dataset_size else "")
+    )
+    table = Table(title="Methods (memory per GPU)")
+    for col in ("method", "fits", "micro x accum", "needs GiB", "peak GiB", "samples/s", "epoch"):
+        table.add_column(col, justify="left" if col in ("method", "fits") else "right")
+    for m in p.methods:
+        mark = "[green]yes[/]" if m.fits else ("[red]no[/]" if m.supported else "[red]unsupported[/]")
+        name = f"[bold]{m.method}[/] *" if m.method == p.recommended else m.method
+        table.add_row(
+            name,
+            mark,
+            f"{m.micro_batch} x {m.grad_accum}",
+            _fmt(m.memory.required / GIB if m.memory else None),
+            _fmt(m.peak_gib),
+            _fmt(m.speed.samples_per_s if m.speed else None, ".2f"),
+            format_duration(m.speed.epoch_s) if m.speed else "-",
+        )
+    console.print(table)
+    for m in p.methods:
+        if m.reasons:
+            console.print(f"  [bold]{m.method}[/]: {m.reasons[0]}")
+    best = p.best
+    if best is None:
+        console.print(Panel("\n".join(p.why), title="No method fits", border_style="red"))
+    else:
+        lines = [
+            f"[bold]{best.method}[/], {best.precision}, {best.attention}, micro-batch {best.micro_batch} x "
+            f"{best.grad_accum} accumulation x {hw.world_size} GPU(s) = global batch {best.global_batch}, "
+            f"gradient checkpointing {'on' if best.gradient_checkpointing else 'off'}"
+        ]
+        lines += [f"- {line}" for line in p.why + best.reasons[1:]]
+        hp = best.hyperparameters
+        hps = (
+            f"lr {hp['learning_rate']:g}, {hp['epochs']:g} epoch(s), weight decay {hp['weight_decay']}, warmup "
+            f"{hp['warmup_steps']} steps, AdamW betas ({hp['adam_beta1']}, {hp['adam_beta2']}) eps {hp['adam_epsilon']:g}, "
+            f"clip {hp['max_grad_norm']}"
+        )
+        if "lora_rank" in hp:
+            hps += f", LoRA r={hp['lora_rank']} alpha={hp['lora_alpha']}"
+        lines.append(f"- hyper-parameters: {hps} ({hp['source']})")
+        if best.speed:
+            lines.append(f"- speed: MFU {best.speed.mfu:.0%} from {best.speed.mfu_source}")
+        lines += ["", f"[bold]{best.command}[/]"]
+        console.print(Panel("\n".join(lines), title="Recommendation", border_style="green"))
+        mem = Table(title=f"Memory per GPU, {best.method} (GiB; peak at {best.memory.phase})")
+        mem.add_column("part")
+        mem.add_column("GiB", justify="right")
+        mem.add_column("note")
+        for item in best.memory.items:
+            mem.add_row(item.name, f"{item.gib:.2f}", item.note)
+        mem.add_row("[bold]tensors (allocated)[/]", f"{best.memory.allocated / GIB:.2f}", "max_memory_allocated")
+        mem.add_row(
+            "allocator cache + unmodelled", f"{best.memory.cache / GIB:.2f}", "fitted on the recipe's A100 table"
+        )
+        mem.add_row("CUDA context + NCCL", f"{best.memory.context / GIB:.2f}", "")
+        mem.add_row("[bold]expected peak[/]", f"{best.peak_gib:.2f}", f"of {gpu.memory_gib:g} GiB (nvidia-smi)")
+        console.print(mem)
+    if p.azure:
+        a = p.azure
+        console.print(
+            Panel(
+                f"{a['family']} ({a['vm_size']}) x {a['vms']} VM(s) = {a['gpus']} GPUs\n{a['interconnect']}\n{a['quota_note']}",
+                title="Azure",
+            )
+        )
+    for note in p.notes:
+        console.print(f"[yellow]note[/]: {note}")
+
+
+def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
+    from rich.table import Table
+
+    from planner.speed import format_duration
+
+    table = Table(title=title, caption="fits: F full, Z frozen_vision, L lora, Q qlora")
+    cols = ["GPU", "GiB", "dtype/attn", "fits", "best", "micro x acc", "peak GiB", "samples/s", "epoch"]
+    if azure:
+        cols = ["VM size", "VMs", "vCPUs", *cols]
+    for col in cols:
+        # names must stay readable on narrow terminals: fold them rather than cut them with an ellipsis
+        table.add_column(
+            col,
+            justify="right" if col in ("GiB", "VMs", "vCPUs", "peak GiB", "samples/s", "epoch") else "left",
+            overflow="fold",
+        )
+    for p in plans:
+        best = p.best
+        first = p.methods[0]
+        attn = "FA2" if first.attention == "flash_attention_2" else first.attention
+        row = [
+            p.hardware.gpu.key,
+            f"{p.hardware.gpu.memory_gib:g}",
+            f"{first.precision}/{attn}",
+            "".join(_SHORT[m.method] for m in p.methods if m.fits) or "-",
+            best.method if best else "none",
+            f"{best.micro_batch} x {best.grad_accum}" if best else "-",
+            _fmt(best.peak_gib) if best else "-",
+            _fmt(best.speed.samples_per_s if best and best.speed else None, ".2f"),
+            format_duration(best.speed.epoch_s) if best and best.speed else "-",
+        ]
+        if azure:
+            a = p.azure or {}
+            row = [
+                a.get("vm_size", "-").replace("Standard_", ""),
+                str(a.get("vms", "-")),
+                str(a.get("vcpu_quota") or "?"),
+                *row,
+            ]
+        table.add_row(*row)
+    _console().print(table)
+
+
+def _pick_sku(plans: list[Any]) -> Any | None:
+    """Fastest epoch among the SKUs where the recipe's first choice (full, bf16, FA2) fits; prices are not tabulated."""
+    good = [p for p in plans if p.best and p.best.method == "full" and p.best.speed]
+    return max(good, key=lambda p: p.best.speed.samples_per_s) if good else None
+
+
+@cli_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``phi3v-plan``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_gpus:
+        _print_gpus(args.json)
+        return 0
+    request = _request(args)
+    request.validate()
+    if args.calibration:
+        _print_calibration(request, args.json)
+        return 0
+
+    from planner.hardware import detect
+    from planner.recommend import plan, survey
+
+    if request.gpu:
+        result = plan(request)
+        print(json.dumps(result.to_dict(), indent=2)) if args.json else _print_plan(result)
+        return 0
+    detection = detect()
+    if detection.ok:
+        result = plan(request, detection=detection)
+        if args.json:
+            out = result.to_dict()
+            out["detection"] = detection.to_dict()
+            print(json.dumps(out, indent=2))
+        else:
+            _print_plan(result)
+        return 0
+    # Nothing detected and nothing named: say so plainly, then show the common choices.
+    if request.use_trace:
+        raise ConfigError(f"{detection.error}; --trace needs a target: pass --gpu NAME")
+    azure = request.cloud == "azure"
+    plans = survey(replace(request, count=request.count or 8) if azure else request)
+    reason = f"No GPU detected: {detection.error}."
+    if args.json:
+        pick = _pick_sku(plans) if azure else None
+        print(
+            json.dumps(
+                {
+                    "detection": detection.to_dict(),
+                    "message": reason,
+                    "plans": [p.to_dict() for p in plans],
+                    "recommended_sku": pick.azure["vm_size"] if pick and pick.azure else None,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    console = _console()
+    if azure:
+        console.print(
+            f"[yellow]{reason}[/] Comparing the Azure ND SKUs ({request.nodes} VM(s) each); pass --gpu for one."
+        )
+        _print_survey(plans, f"Azure ND SKUs, {request.task} (8 GPUs per VM)", azure=True)
+        pick = _pick_sku(plans)
+        if pick:
+            console.print(
+                f"Fastest SKU on which the recipe's first choice (full fine-tuning) fits: [bold]{pick.azure['vm_size']}[/] "
+                f"({pick.azure['quota_note']}). Prices are not in the tables; compare them before you choose."
+            )
+            console.print(f"[bold]{pick.best.command}[/]")
+    else:
+        count = request.count or 1
+        console.print(
+            f"[yellow]{reason}[/] Showing {count} GPU(s) per node of common models; pass --gpu NAME to plan for one."
+        )
+        _print_survey(plans, f"What fits, {request.task}, {count} GPU(s) x {request.nodes} node(s)", azure=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

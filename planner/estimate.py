@@ -1,0 +1,586 @@
+"""Closed-form peak-memory model of one Phi-3(.5)-vision training step on one GPU (pure functions, no torch).
+
+The model tallies what autograd keeps alive, tensor by tensor, from the way the forward is written
+(``phi3v_core.model`` on top of transformers' Phi-3 decoder and CLIP encoder), and evaluates a few moments of the
+step where the peak can fall:
+
+* ``loss backward``: all saved activations plus the cross-entropy buffers (3 fp32 copies of the logits);
+* ``LM backward``: the last decoder layer recomputed (gradient checkpointing) plus its gradient buffers;
+* ``vision forward`` / ``vision backward``: one CLIP layer's working set over all crops of the micro-batch;
+* ``optimizer step``: all gradients plus AdamW's temporaries.
+
+Model states follow the recipe: full fine-tuning runs DeepSpeed ZeRO-2 (bf16/fp16 weights, ``2P + 18P/N`` with
+N data-parallel ranks, plus DeepSpeed's ``overlap_comm`` buckets); LoRA and QLoRA run plain DDP over a frozen
+16-bit (or nf4) base with fp32 adapters. What the allocator adds on a GPU (caching/fragmentation, CUDA context, NCCL)
+comes from ``planner/data/calibration.json`` (fitted to the recipe's published A100 table; see
+bench-planner-anchors.md §2.6). The activation terms are checked against ``MemTracker`` measurements of real CPU
+training steps in ``tests/planner/test_memtracker.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from phi3v_core.errors import ConfigError, raise_all
+from planner.shapes import ModelShape, hd_crop_grid, image_token_count
+
+__all__ = [
+    "ATTENTIONS",
+    "DTYPE_BYTES",
+    "GIB",
+    "METHODS",
+    "MemoryEstimate",
+    "MemoryItem",
+    "Overheads",
+    "TrainSetup",
+    "Workload",
+    "activation_terms",
+    "dequant_transient",
+    "estimate_memory",
+    "model_state_bytes",
+]
+
+GIB = 2**30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+METHODS = ("full", "frozen_vision", "lora", "qlora")
+ATTENTIONS = ("flash_attention_2", "sdpa", "eager")
+#: bitsandbytes nf4: two weights per byte plus one fp32 absmax per 64-weight block (no double quantization, as in
+#: the recipe's BitsAndBytesConfig and ``phi3v_core.methods.quantize_linear_layers``).
+NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one sample puts through the model.
+
+    Attributes:
+        seq_len: LM tokens per sample (image placeholders + text), after padding to the batch's longest.
+        vision_crops: 336² crops per sample that go through CLIP.
+        image_tokens: Placeholder tokens per sample (rows the projector produces).
+        images: Images per sample.
+        pixel_slots: Crop slots in ``pixel_values`` per sample (``num_crops + 1`` per image, padding included);
+            None means ``vision_crops``.
+        crop_copy: The model gathers the real crops into a new tensor (ours, ``skip_padded_crops``); the
+            reference reshapes all slots instead.
+        crop_grid: (rows, cols) of each image's HD grid (needed to build a real batch for a trace).
+        num_crops: The processor's ``num_crops`` (``pixel_values`` holds ``num_crops + 1`` slots per image).
+    """
+
+    seq_len: int
+    vision_crops: int
+    image_tokens: int
+    images: int = 1
+    pixel_slots: int | None = None
+    crop_copy: bool = True
+    crop_grid: tuple[int, int] | None = None
+    num_crops: int | None = None
+
+    @property
+    def slots(self) -> int:
+        """Crop slots of the ``pixel_values`` input per sample."""
+        return self.pixel_slots if self.pixel_slots is not None else self.vision_crops
+
+    @classmethod
+    def from_images(
+        cls,
+        shape: ModelShape,
+        num_crops: int,
+        image_size: tuple[int, int] | None = None,
+        images: int = 1,
+        text_tokens: int = 64,
+        all_crops: bool = False,
+    ) -> Workload:
+        """Tokens and crops for ``images`` images of ``image_size`` (W, H) processed with ``num_crops``.
+
+        Args:
+            shape: The model (tokens per crop).
+            num_crops: The processor's ``num_crops`` (HD crop budget).
+            image_size: (width, height) in pixels; None means square, the largest grid ``num_crops`` allows.
+            images: Images per sample.
+            text_tokens: Text tokens per sample (prompt, answer and special tokens).
+            all_crops: Run all ``num_crops + 1`` slots through CLIP, as the reference code does, instead of only
+                the real crops (our model's ``skip_padded_crops``).
+        """
+        if num_crops < 1:
+            raise ConfigError(f"num_crops={num_crops} must be at least 1")
+        width, height = image_size or (1, 1)
+        rows, cols = hd_crop_grid(width, height, num_crops)
+        per_image = image_token_count(rows, cols, shape.num_img_tokens)
+        crops = (num_crops + 1) if all_crops else (rows * cols + 1)
+        return cls(
+            seq_len=images * per_image + text_tokens,
+            vision_crops=images * crops,
+            image_tokens=images * per_image,
+            images=images,
+            pixel_slots=images * (num_crops + 1),
+            crop_copy=not all_crops,
+            crop_grid=(rows, cols),
+            num_crops=num_crops,
+        )
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """How the step runs on each GPU.
+
+    Attributes:
+        method: ``full``, ``frozen_vision``, ``lora`` or ``qlora``.
+        precision: Activation/compute dtype: ``bf16``, ``fp16`` (AMP) or ``fp32``.
+        weight_dtype: dtype the (frozen) weights are stored in; None means ``precision``. The recipe's "no flash
+            attention" path loads fp32 weights and trains with fp16 AMP.
+        attention: ``flash_attention_2``, ``sdpa`` (memory-efficient/flash kernels: no S² buffers) or ``eager``.
+        gradient_checkpointing: Recompute each decoder/CLIP layer in backward (the recipe's default).
+        micro_batch: Samples per GPU per forward.
+        grad_accum: Micro-steps per optimizer step (>1 keeps gradients alive through the forward).
+        world_size: Data-parallel ranks.
+        zero_stage: 2 = DeepSpeed ZeRO-2 (the recipe's full fine-tuning), 0 = plain DDP / single process.
+        reduce_bucket: DeepSpeed ``reduce_bucket_size`` (elements).
+        allgather_bucket: DeepSpeed ``allgather_bucket_size`` (elements).
+        overlap_comm: DeepSpeed ``overlap_comm`` (4.5× bucket footprint per HF's DeepSpeed docs).
+        lora_rank: LoRA ``r``.
+        lora_lm_head: LoRA on ``lm_head``.
+        lora_vision: LoRA on CLIP and the projector (not the recipe's ``--freeze_vision_model``).
+        optimizer_foreach: torch AdamW's multi-tensor path (default on CUDA): one state-sized temporary.
+        logits_retained: The caller keeps the fp32 logits through backward (HF Trainer drops them).
+    """
+
+    method: str = "full"
+    precision: str = "bf16"
+    weight_dtype: str | None = None
+    attention: str = "flash_attention_2"
+    gradient_checkpointing: bool = True
+    micro_batch: int = 1
+    grad_accum: int = 1
+    world_size: int = 1
+    zero_stage: int | None = None
+    reduce_bucket: float = 5e8
+    allgather_bucket: float = 5e8
+    overlap_comm: bool = True
+    lora_rank: int = 64
+    lora_lm_head: bool = True
+    lora_vision: bool = True
+    optimizer_foreach: bool = True
+    logits_retained: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.precision not in DTYPE_BYTES:
+            problems.append(f"precision {self.precision!r} is not one of {', '.join(DTYPE_BYTES)}")
+        if self.weight_dtype is not None and self.weight_dtype not in DTYPE_BYTES:
+            problems.append(f"weight_dtype {self.weight_dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+        if self.attention not in ATTENTIONS:
+            problems.append(f"attention {self.attention!r} is not one of {', '.join(ATTENTIONS)}")
+        if self.micro_batch < 1 or self.grad_accum < 1 or self.world_size < 1:
+            problems.append("micro_batch, grad_accum and world_size must be >= 1")
+        if self.zero_stage not in (None, 0, 2):
+            problems.append(f"zero_stage={self.zero_stage} is not supported (0 or 2)")
+        if self.attention == "flash_attention_2" and self.precision == "fp32":
+            problems.append("flash_attention_2 needs bf16 or fp16")
+        raise_all(problems)
+
+    @property
+    def zero(self) -> int:
+        """Effective ZeRO stage: the recipe uses ZeRO-2 for full/frozen fine-tuning and plain DDP for LoRA/QLoRA."""
+        if self.zero_stage is not None:
+            return self.zero_stage
+        return 2 if self.method in ("full", "frozen_vision") else 0
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes per activation element."""
+        return DTYPE_BYTES[self.precision]
+
+    @property
+    def stored_weight_dtype(self) -> str:
+        """dtype of the stored weights (DeepSpeed casts full fine-tuning weights to the compute dtype)."""
+        if self.zero == 2 and self.method in ("full", "frozen_vision") and self.precision != "fp32":
+            return self.precision
+        return self.weight_dtype or self.precision
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """What a GPU adds on top of the tensors autograd and the optimizer hold (fitted constants; none on CPU).
+
+    Attributes:
+        cache_fraction: Reserved/allocated excess of PyTorch's caching allocator plus unmodelled buffers, as a share
+            of the allocated peak (this is what nvidia-smi shows above the tensors).
+        min_cache_fraction: The smallest excess a run survives with (the allocator frees its cache and retries
+            before it fails): decides "fits".
+        cuda_context_gib: CUDA context, cuBLAS/cuDNN workspaces.
+        nccl_gib: NCCL buffers when more than one rank.
+    """
+
+    cache_fraction: float = 0.0
+    min_cache_fraction: float = 0.0
+    cuda_context_gib: float = 0.0
+    nccl_gib: float = 0.0
+
+    @classmethod
+    def cpu(cls) -> Overheads:
+        """No allocator cache or context: what MemTracker counts."""
+        return cls()
+
+
+@dataclass
+class MemoryItem:
+    """One line of a memory breakdown (bytes)."""
+
+    name: str
+    bytes: float
+    note: str = ""
+
+    @property
+    def gib(self) -> float:
+        """Size in GiB."""
+        return self.bytes / GIB
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak memory of one GPU, as a breakdown.
+
+    Attributes:
+        items: Tensors alive at the peak, by kind (sums to ``allocated``).
+        phase: The moment of the step where the peak falls.
+        allocated: Peak of tensor memory (``torch.cuda.max_memory_allocated``; MemTracker's total).
+        cache: Allocator cache and unmodelled buffers at the expected peak.
+        context: CUDA context and NCCL buffers.
+        phases: Allocated bytes at every moment considered.
+    """
+
+    items: list[MemoryItem]
+    phase: str
+    allocated: float
+    cache: float
+    context: float
+    min_cache: float
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def reserved(self) -> float:
+        """Expected peak as nvidia-smi shows it (before capping at the card's size)."""
+        return self.allocated + self.cache + self.context
+
+    @property
+    def required(self) -> float:
+        """Least memory the step runs in (allocated + minimum cache + context)."""
+        return self.allocated + self.min_cache + self.context
+
+    def expected_peak(self, capacity: float | None = None) -> float:
+        """What nvidia-smi will show: the caching allocator grows up to the card's size but no further."""
+        return self.reserved if capacity is None else min(self.reserved, max(capacity, self.required))
+
+    def fits(self, capacity: float) -> bool:
+        """Whether the step fits in ``capacity`` bytes."""
+        return self.required <= capacity
+
+    def to_dict(self, capacity: float | None = None) -> dict[str, Any]:
+        """JSON-ready form (GiB, rounded)."""
+        return {
+            "phase": self.phase,
+            "items_gib": {item.name: round(item.gib, 3) for item in self.items},
+            "notes": {item.name: item.note for item in self.items if item.note},
+            "allocated_gib": round(self.allocated / GIB, 3),
+            "cache_gib": round(self.cache / GIB, 3),
+            "context_gib": round(self.context / GIB, 3),
+            "required_gib": round(self.required / GIB, 3),
+            "expected_peak_gib": round(self.expected_peak(capacity) / GIB, 3),
+            "phases_gib": {k: round(v / GIB, 3) for k, v in self.phases.items()},
+        }
+
+
+# -- model states ----------------------------------------------------------------------------------------------------
+def model_state_bytes(shape: ModelShape, setup: TrainSetup) -> dict[str, float]:
+    """Weights, gradients, optimizer states and DeepSpeed buckets on one rank (bytes).
+
+    Full fine-tuning under ZeRO-2 follows DeepSpeed's own estimator, ``2P + 18P/N`` (bench-planner-anchors.md
+    §2.2): 16-bit weights on every rank; 16-bit grads, fp32 grads, fp32 master weights and Adam m, v sharded over N.
+    Without ZeRO, torch AdamW keeps its states in the parameters' dtype. LoRA adapters are fp32 (PEFT's
+    ``autocast_adapter_dtype``) whatever the base dtype.
+    """
+    counts = shape.param_counts()
+    total = counts.total
+    lora = (
+        shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision)
+        if setup.method in ("lora", "qlora")
+        else 0
+    )
+    trainable = counts.trainable(setup.method, lora)
+    wbytes = DTYPE_BYTES[setup.stored_weight_dtype]
+    out: dict[str, float] = {}
+    if setup.method == "qlora":
+        quantized = counts.quantizable()
+        out["weights"] = quantized * NF4_BYTES_PER_PARAM + (total - quantized) * wbytes
+    else:
+        out["weights"] = total * wbytes
+    if setup.method in ("lora", "qlora"):
+        out["lora_weights"] = 4 * lora
+        out["gradients"] = 4 * lora
+        out["optimizer_states"] = 8 * lora
+        if setup.world_size > 1:
+            out["ddp_buckets"] = 4 * lora  # DDP's flat gradient buckets (gradient_as_bucket_view=False)
+        return out
+    if setup.zero == 2:
+        n = setup.world_size
+        out["gradients"] = (2 + 4) * trainable / n
+        out["optimizer_states"] = (4 + 8) * trainable / n
+        factor = 4.5 if setup.overlap_comm else 1.0
+        out["deepspeed_buckets"] = factor * (setup.reduce_bucket + setup.allgather_bucket) * 2
+        return out
+    gbytes = wbytes
+    out["gradients"] = gbytes * trainable
+    out["optimizer_states"] = 2 * wbytes * trainable
+    if setup.world_size > 1:
+        out["ddp_buckets"] = gbytes * trainable
+    return out
+
+
+# -- activations -----------------------------------------------------------------------------------------------------
+def _lm_layer_saved(shape: ModelShape, setup: TrainSetup, tokens: int, seq: int, checkpoint_input: bool) -> float:
+    """Bytes one decoder layer keeps for backward (its working set when recomputed)."""
+    a = setup.act_bytes
+    h, inter = shape.hidden_size, shape.intermediate_size
+    lora = setup.method in ("lora", "qlora")
+    norm_trainable = setup.method in ("full", "frozen_vision")
+    # RMSNorm: fp32 copy of its input (the input itself in fp32), the normalized 16-bit tensor when the weight
+    # trains, and its output (the next linear's input).
+    norm = 4 * h + (2 if norm_trainable else 1) * a * h
+    per_token = 2 * norm
+    if checkpoint_input and a == 4:
+        per_token -= 4 * h  # in fp32 the first norm's "copy" is the checkpointed layer input itself
+    qkv_out = shape.q_out + 2 * shape.kv_out
+    # fused qkv output (kept through the value view) + rotated q, k + contiguous attention output (o_proj input)
+    per_token += a * (qkv_out + shape.q_out + shape.kv_out + shape.q_out)
+    if setup.attention == "eager":
+        # fp32 softmax output (+ its 16-bit copy for the value matmul) per head and key
+        per_token += shape.num_heads * seq * (4 + (a if a != 4 else 0))
+    else:
+        per_token += a * shape.q_out + 4 * shape.num_heads  # kernel output in head layout + logsumexp
+    per_token += 4 * a * inter  # gate_up output, silu(gate), silu(gate)·up
+    if lora:
+        modules = 4
+        per_token += modules * a * setup.lora_rank
+        if setup.method == "qlora":
+            # bitsandbytes' 4-bit matmul keeps its input besides LoRA's own (cast) copy
+            per_token += a * (2 * h + shape.q_out + inter)
+    return per_token * tokens
+
+
+def _lm_layer_backward_extra(shape: ModelShape, setup: TrainSetup, tokens: int, seq: int) -> float:
+    """Gradient buffers alive while one decoder layer runs backward (beyond its saved tensors)."""
+    a = setup.act_bytes
+    h, inter = shape.hidden_size, shape.intermediate_size
+    # grad of gate_up output (2I) + grad of its halves (2I) + incoming grad and its fp32 norm path (h, 4h)
+    per_token = a * (4 * inter + 2 * h) + 4 * h
+    if setup.attention == "eager":
+        per_token += shape.num_heads * seq * (4 + a)  # grad of the probabilities and of the scores
+    return per_token * tokens
+
+
+def _clip_layer_saved(shape: ModelShape, setup: TrainSetup, tokens: int, checkpoint_input: bool) -> float:
+    """Bytes one CLIP encoder layer keeps for backward."""
+    a = setup.act_bytes
+    hv, iv = shape.vision_hidden, shape.vision_intermediate
+    # LN1 out, q, k, v, contiguous attention output, residual (LN2 input), LN2 out; fc1 out, sigmoid, product
+    per_token = a * hv * 7 + 3 * a * iv
+    if not checkpoint_input:
+        per_token += a * hv  # LN1 input
+    if setup.attention == "eager":
+        per_token += shape.vision_heads * shape.patches_per_crop * (4 + (a if a != 4 else 0))
+    else:
+        per_token += a * hv + 4 * shape.vision_heads
+    if setup.method in ("lora", "qlora"):
+        per_token += 6 * a * setup.lora_rank
+        if setup.method == "qlora":
+            per_token += a * (hv + hv + iv)
+    return per_token * tokens
+
+
+def _clip_layer_forward_peak(shape: ModelShape, setup: TrainSetup, tokens: int) -> float:
+    """Transient peak of one CLIP layer's forward without autograd (frozen vision)."""
+    a = setup.act_bytes
+    hv, iv = shape.vision_hidden, shape.vision_intermediate
+    per_token = a * (3 * hv + 2 * iv)
+    if setup.attention == "eager":
+        per_token += shape.vision_heads * shape.patches_per_crop * (a + 4 + 4)
+    return per_token * tokens
+
+
+def activation_terms(shape: ModelShape, setup: TrainSetup, workload: Workload) -> dict[str, float]:
+    """Activation terms of one micro-batch (bytes): saved tensors, one layer's working set, logits/loss, batch.
+
+    Used by :func:`estimate_memory` to assemble the phases, and by :mod:`planner.trace` to adjust traces.
+    """
+    a = setup.act_bytes
+    mb = setup.micro_batch
+    seq = workload.seq_len
+    tokens = mb * seq
+    v_tokens = mb * workload.vision_crops * shape.patches_per_crop
+    img_rows = mb * workload.image_tokens
+    h, hv, vocab = shape.hidden_size, shape.vision_hidden, shape.vocab_size
+    gc = setup.gradient_checkpointing
+    vision_trains = setup.method == "full" or (setup.method in ("lora", "qlora") and setup.lora_vision)
+
+    lm_layer = _lm_layer_saved(shape, setup, tokens, seq, checkpoint_input=gc)
+    # fp32 master weights under autocast (single-process full fine-tuning) keep the residual stream in fp32
+    residual = 4 if setup.stored_weight_dtype == "fp32" else a
+    lm_saved = shape.num_layers * (residual * h * tokens if gc else lm_layer)
+    # final norm (fp32 copy + output) and the inputs_embeds the first layer reads (covered by its checkpoint)
+    norm_trainable = setup.method in ("full", "frozen_vision")
+    lm_saved += tokens * (4 * h + (2 if norm_trainable else 1) * a * h)
+    if setup.attention == "eager":
+        lm_saved += mb * seq * seq * a  # the 4-D causal mask, shared by all layers
+
+    if vision_trains:
+        clip_layer = _clip_layer_saved(shape, setup, v_tokens, checkpoint_input=gc)
+        vision_saved = shape.vision_used_layers * (a * hv * v_tokens if gc else clip_layer)
+        if setup.method == "full":
+            vision_saved += 2 * a * hv * v_tokens  # embeddings + pre_layrnorm input/output (no graph when frozen)
+            # The patch conv keeps its input for its weight gradient: the real crops gathered out of the padded
+            # input (an fp32 copy; the reference reshapes instead) and their compute-dtype copy.
+            crop_pixels = mb * workload.vision_crops * 3 * shape.image_size**2
+            vision_saved += crop_pixels * (4 if workload.crop_copy else 0) + (crop_pixels * a if a != 4 else 0)
+        vision_saved += img_rows * (4 * hv + 2 * h) * a  # projector input, GELU input and output
+    else:
+        clip_layer = 0.0
+        vision_saved = 0.0
+
+    logits = tokens * vocab
+    # log_softmax output + its incoming grad + grad of the logits (HF Trainer drops the fp32 logits themselves)
+    ce_peak = 12 * logits + (4 * logits if setup.logits_retained else 0)
+    return {
+        "lm_saved": lm_saved,
+        "vision_saved": vision_saved,
+        "lm_layer_working_set": lm_layer if gc else 0.0,
+        "lm_layer_backward": _lm_layer_backward_extra(shape, setup, tokens, seq),
+        "clip_layer_working_set": clip_layer if (gc and vision_trains) else 0.0,
+        "clip_layer_backward": (a * (2 * hv + 2 * shape.vision_intermediate) * v_tokens) if vision_trains else 0.0,
+        "clip_forward_peak": _clip_layer_forward_peak(shape, setup, v_tokens),
+        "pixels": mb * workload.slots * 3 * shape.image_size**2 * 4,
+        "logits_loss": ce_peak,
+    }
+
+
+def _optimizer_temporaries(shape: ModelShape, setup: TrainSetup, trainable: int) -> float:
+    """AdamW temporaries during ``step()``.
+
+    The multi-tensor (foreach) path, torch's default on CUDA, materialises ``sqrt(v)`` for every tensor at once:
+    one fp32 copy of the local trainable shard (under ZeRO-2 DeepSpeed hands AdamW one flat fp32 partition). The
+    single-tensor loop (CPU default) holds two temporaries of the largest tensor.
+    """
+    lora = setup.method in ("lora", "qlora")
+    state_bytes = 4 if (lora or setup.zero == 2) else DTYPE_BYTES[setup.stored_weight_dtype]
+    if setup.optimizer_foreach:
+        shard = trainable / setup.world_size if setup.zero == 2 else trainable
+        return state_bytes * shard
+    if lora:
+        largest = setup.lora_rank * max(
+            shape.vocab_size + shape.hidden_size, 2 * shape.intermediate_size + shape.hidden_size
+        )
+    else:
+        largest = max(shape.vocab_size * shape.hidden_size, shape.hidden_size * 2 * shape.intermediate_size)
+    return 2 * largest * state_bytes
+
+
+def dequant_transient(shape: ModelShape, setup: TrainSetup) -> float:
+    """QLoRA: bitsandbytes dequantizes one 4-bit weight at a time (the largest is ``gate_up_proj``)."""
+    if setup.method != "qlora":
+        return 0.0
+    return setup.act_bytes * shape.hidden_size * 2 * shape.intermediate_size
+
+
+def estimate_memory(
+    shape: ModelShape, setup: TrainSetup, workload: Workload, overheads: Overheads | None = None
+) -> MemoryEstimate:
+    """Peak memory of one rank for one training step.
+
+    Args:
+        shape: Model dimensions.
+        setup: Method, precision, attention, checkpointing, micro-batch, ranks.
+        workload: Tokens and crops per sample.
+        overheads: GPU-side additions (allocator cache, context); None means none (a CPU step).
+
+    Returns:
+        The breakdown at the moment of the step with the largest allocated memory.
+    """
+    overheads = overheads or Overheads.cpu()
+    states = model_state_bytes(shape, setup)
+    acts = activation_terms(shape, setup, workload)
+    zero2 = setup.zero == 2 and setup.method in ("full", "frozen_vision")
+    grads = states.get("gradients", 0.0) + states.get("ddp_buckets", 0.0)
+    static = {k: v for k, v in states.items() if k not in ("gradients", "ddp_buckets")}
+    if zero2:
+        static["gradients"] = states["gradients"]  # partitions live for the whole run
+        grads = 0.0
+    grads_in_forward = grads if setup.grad_accum > 1 else 0.0
+    saved = acts["lm_saved"] + acts["vision_saved"]
+    static["batch (pixel values)"] = acts["pixels"]
+
+    counts = shape.param_counts()
+    head_grads = 0.0
+    if not zero2 and setup.method in ("full", "frozen_vision"):
+        head_grads = counts.lm_head * DTYPE_BYTES[setup.stored_weight_dtype]
+    phase_items: dict[str, dict[str, float]] = {
+        "loss backward": {
+            "gradients (accumulated)": grads_in_forward,
+            "saved activations": saved,
+            "logits + loss": acts["logits_loss"],
+            "4-bit dequantized weight": dequant_transient(shape, setup),
+        },
+        "LM backward (last layer)": {
+            "gradients (accumulated)": max(grads_in_forward, head_grads),
+            "saved activations": saved,
+            "layer recompute + grads": acts["lm_layer_working_set"] + acts["lm_layer_backward"],
+            "4-bit dequantized weight": dequant_transient(shape, setup),
+        },
+        "vision forward": {
+            "gradients (accumulated)": grads_in_forward,
+            "CLIP layer transient": acts["clip_forward_peak"],
+        },
+        "vision backward": {
+            "gradients (accumulated)": grads,
+            "saved activations": acts["vision_saved"],
+            "layer recompute + grads": acts["clip_layer_working_set"] + acts["clip_layer_backward"],
+        },
+        "optimizer step": {
+            "gradients (accumulated)": grads,
+            "optimizer temporaries": _optimizer_temporaries(
+                shape,
+                setup,
+                counts.trainable(
+                    setup.method, shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision)
+                ),
+            ),
+        },
+    }
+    totals = {name: sum(static.values()) + sum(parts.values()) for name, parts in phase_items.items()}
+    phase = max(totals, key=totals.__getitem__)
+    notes = {
+        "weights": f"{setup.stored_weight_dtype if setup.method != 'qlora' else 'nf4 + 16-bit rest'}, all parameters",
+        "gradients": "ZeRO-2 partitions: 16-bit + fp32 grads / N" if zero2 else "",
+        "optimizer_states": "ZeRO-2 partitions: fp32 master + Adam m, v / N" if zero2 else "AdamW m, v",
+        "deepspeed_buckets": "overlap_comm: 4.5 × (reduce + allgather bucket) × 2 B (HF DeepSpeed docs)",
+        "lora_weights": f"fp32 adapters, r={setup.lora_rank}",
+        "ddp_buckets": "DDP flat gradient buckets",
+        "saved activations": "layer inputs (checkpointing) + vision/projector saves"
+        if setup.gradient_checkpointing
+        else "all layers",
+        "logits + loss": "fp32 log-softmax, its grad and the logits' grad",
+    }
+    items = [MemoryItem(k, v, notes.get(k, "")) for k, v in static.items()]
+    items += [MemoryItem(k, v, notes.get(k, "")) for k, v in phase_items[phase].items() if v]
+    allocated = totals[phase]
+    context = (overheads.cuda_context_gib + (overheads.nccl_gib if setup.world_size > 1 else 0.0)) * GIB
+    return MemoryEstimate(
+        items=items,
+        phase=phase,
+        allocated=allocated,
+        cache=overheads.cache_fraction * allocated,
+        context=context,
+        min_cache=overheads.min_cache_fraction * allocated,
+        phases=totals,
+    )

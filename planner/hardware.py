@@ -1,0 +1,357 @@
+"""GPU and Azure tables (``planner/data/*.json``) and NVML-based detection.
+
+Detection uses ``pynvml`` (nvidia-ml-py) and never touches CUDA through torch, so it is fast and works without a
+CUDA toolkit. The NVML module is a parameter (``nvml=``), so tests pass a fake one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from importlib import resources
+from types import ModuleType
+from typing import Any
+
+from phi3v_core.errors import ConfigError
+
+__all__ = [
+    "AzureSku",
+    "DetectedGpu",
+    "Detection",
+    "GpuSpec",
+    "architecture_of",
+    "azure_skus",
+    "detect",
+    "find_gpu",
+    "gpu_table",
+    "match_spec",
+    "supports_bf16",
+    "supports_flash_attention",
+]
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One GPU model (a row of ``planner/data/gpus.json``, or what NVML says about an unknown card).
+
+    Attributes:
+        key: Table key (``A100-80GB``).
+        name: Marketing name.
+        architecture: Volta, Turing, Ampere, Ada, Hopper, Blackwell (or Pascal/unknown).
+        compute_capability: (major, minor).
+        memory_gib: Memory in GiB.
+        bandwidth_gbs: Memory bandwidth, GB/s (None if unknown).
+        tflops_fp16: Dense fp16 tensor-core TFLOP/s (None if unknown).
+        tflops_bf16: Dense bf16 TFLOP/s (None: no native bf16).
+        bf16_native: Native bf16 tensor cores (compute capability ≥ 8.0).
+        flash_attention_2: FlashAttention-2 supported (Ampere or newer).
+        nvlink_gbs: NVLink bandwidth per GPU, both directions (None: PCIe only).
+        pcie_gbs: PCIe bandwidth per GPU, both directions.
+        source: Provenance of the numbers.
+        detected: Built from NVML rather than the table.
+    """
+
+    key: str
+    name: str
+    architecture: str
+    compute_capability: tuple[int, int]
+    memory_gib: float
+    bandwidth_gbs: float | None = None
+    tflops_fp16: float | None = None
+    tflops_bf16: float | None = None
+    bf16_native: bool = False
+    flash_attention_2: bool = False
+    nvlink_gbs: float | None = None
+    pcie_gbs: float | None = None
+    aliases: tuple[str, ...] = ()
+    nvml_match: str = ""
+    source: str = ""
+    detected: bool = False
+
+    @property
+    def memory_bytes(self) -> float:
+        """Memory in bytes."""
+        return self.memory_gib * 2**30
+
+    def peak_tflops(self, precision: str) -> float | None:
+        """Dense tensor-core peak for ``precision`` (fp32 training uses the fp16/bf16 figure only via AMP)."""
+        if precision == "bf16":
+            return self.tflops_bf16
+        if precision == "fp16":
+            return self.tflops_fp16
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for ``--json``)."""
+        out = asdict(self)
+        out["compute_capability"] = f"{self.compute_capability[0]}.{self.compute_capability[1]}"
+        out.pop("aliases")
+        out.pop("nvml_match")
+        return out
+
+
+def architecture_of(major: int, minor: int) -> str:
+    """Architecture name from an NVIDIA compute capability."""
+    if major >= 10:
+        return "Blackwell"
+    return {
+        (9, 0): "Hopper",
+        (8, 9): "Ada",
+        (8, 0): "Ampere",
+        (8, 6): "Ampere",
+        (8, 7): "Ampere",
+        (7, 5): "Turing",
+        (7, 0): "Volta",
+        (7, 2): "Volta",
+    }.get((major, minor), "Pascal" if major == 6 else f"unknown (sm_{major}{minor})")
+
+
+def supports_bf16(cc: tuple[int, int]) -> bool:
+    """Native bf16 needs compute capability ≥ 8.0.
+
+    ``torch.cuda.is_bf16_supported()`` says True on V100/T4 too (it counts emulation), so the planner never asks it.
+    """
+    return tuple(cc) >= (8, 0)
+
+
+def supports_flash_attention(cc: tuple[int, int]) -> bool:
+    """FlashAttention-2 needs Ampere or newer (and fp16/bf16 tensors)."""
+    return tuple(cc) >= (8, 0)
+
+
+@cache
+def _load(name: str) -> dict[str, Any]:
+    return json.loads(resources.files("planner").joinpath(f"data/{name}").read_text())
+
+
+@cache
+def gpu_table() -> tuple[GpuSpec, ...]:
+    """All GPUs of ``planner/data/gpus.json``."""
+    specs = []
+    for row in _load("gpus.json")["gpus"]:
+        values = dict(row)
+        values["compute_capability"] = tuple(values["compute_capability"])
+        values["aliases"] = tuple(values.get("aliases", ()))
+        specs.append(GpuSpec(**values))
+    return tuple(specs)
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def find_gpu(name: str) -> GpuSpec:
+    """Look a GPU up by key or alias, ignoring case and punctuation (``a100-80gb``, ``H100 80GB``).
+
+    Raises:
+        ConfigError: Unknown or ambiguous name (the message lists candidates).
+    """
+    wanted = _norm(name)
+    table = gpu_table()
+    for spec in table:
+        if wanted in {_norm(spec.key), *(_norm(a) for a in spec.aliases)}:
+            return spec
+    partial = [spec.key for spec in table if _norm(spec.key).startswith(wanted)]
+    if len(partial) == 1:
+        return next(s for s in table if s.key == partial[0])
+    if partial:
+        raise ConfigError(f"--gpu {name!r} is ambiguous: {', '.join(partial)}; name one of them")
+    raise ConfigError(f"unknown GPU {name!r}; known: {', '.join(s.key for s in table)} (see phi3v-plan --list-gpus)")
+
+
+@dataclass(frozen=True)
+class AzureSku:
+    """One Azure ND-series VM size (a row of ``planner/data/azure.json``)."""
+
+    family: str
+    vm_size: str
+    gpu: str
+    gpus_per_vm: int
+    gpu_memory_gib: float
+    intra_node: str
+    inter_node: str
+    inter_node_gbit: float
+    vcpus: int | None
+    host_memory_gib: float | None
+    source: str
+
+    @property
+    def inter_node_gbs(self) -> float:
+        """InfiniBand bandwidth per VM in GB/s."""
+        return self.inter_node_gbit / 8
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for ``--json``)."""
+        return asdict(self)
+
+
+@cache
+def azure_skus() -> tuple[AzureSku, ...]:
+    """All SKUs of ``planner/data/azure.json``."""
+    return tuple(AzureSku(**row) for row in _load("azure.json")["skus"])
+
+
+# -- detection -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DetectedGpu:
+    """What NVML reports about one device."""
+
+    index: int
+    name: str
+    memory_bytes: int
+    compute_capability: tuple[int, int]
+    nvlink_active: int
+    spec: GpuSpec
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The result of :func:`detect`.
+
+    Attributes:
+        gpus: One entry per visible device (empty when NVML is unavailable).
+        driver: Driver version string.
+        cuda_driver: Highest CUDA version the driver supports (``12.4``).
+        error: Why nothing was detected (None on success).
+    """
+
+    gpus: tuple[DetectedGpu, ...] = ()
+    driver: str | None = None
+    cuda_driver: str | None = None
+    error: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        """At least one GPU was found."""
+        return bool(self.gpus)
+
+    @property
+    def count(self) -> int:
+        """Number of visible GPUs."""
+        return len(self.gpus)
+
+    @property
+    def spec(self) -> GpuSpec | None:
+        """The spec of GPU 0 (the planner assumes a homogeneous node)."""
+        return self.gpus[0].spec if self.gpus else None
+
+    @property
+    def homogeneous(self) -> bool:
+        """All GPUs are the same model."""
+        return len({g.spec.key for g in self.gpus}) <= 1
+
+    @property
+    def nvlink(self) -> bool:
+        """Every GPU has at least one active NVLink."""
+        return bool(self.gpus) and all(g.nvlink_active > 0 for g in self.gpus)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for ``--json``)."""
+        return {
+            "gpus": [
+                {
+                    "index": g.index,
+                    "name": g.name,
+                    "memory_gib": round(g.memory_bytes / 2**30, 2),
+                    "compute_capability": f"{g.compute_capability[0]}.{g.compute_capability[1]}",
+                    "architecture": g.spec.architecture,
+                    "nvlink_active_links": g.nvlink_active,
+                    "table_key": None if g.spec.detected else g.spec.key,
+                }
+                for g in self.gpus
+            ],
+            "driver": self.driver,
+            "cuda_driver": self.cuda_driver,
+            "error": self.error,
+            "notes": list(self.notes),
+        }
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def match_spec(name: str, memory_bytes: int, cc: tuple[int, int]) -> GpuSpec:
+    """The table row for an NVML device name, disambiguated by memory; a synthetic spec for unknown cards."""
+    candidates = [s for s in gpu_table() if s.nvml_match and re.search(s.nvml_match, name, re.IGNORECASE)]
+    # "H100 PCIe" and "H100 NVL" also match the generic "H100" pattern: prefer the most specific pattern.
+    if candidates:
+        longest = max(len(s.nvml_match) for s in candidates)
+        specific = [s for s in candidates if len(s.nvml_match) == longest]
+        gib = memory_bytes / 2**30
+        return min(specific, key=lambda s: abs(s.memory_gib - gib))
+    return GpuSpec(
+        key=name,
+        name=name,
+        architecture=architecture_of(*cc),
+        compute_capability=cc,
+        memory_gib=round(memory_bytes / 2**30, 2),
+        bf16_native=supports_bf16(cc),
+        flash_attention_2=supports_flash_attention(cc),
+        source="NVML (not in planner/data/gpus.json: speed cannot be predicted)",
+        detected=True,
+    )
+
+
+def _import_nvml() -> ModuleType | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    return pynvml
+
+
+def detect(nvml: ModuleType | Any | None = None) -> Detection:
+    """Read the GPUs of this machine through NVML.
+
+    Args:
+        nvml: An object with pynvml's API (``nvmlInit``, ``nvmlDeviceGetCount``, …); None imports ``pynvml``.
+
+    Returns:
+        A :class:`Detection`; on any NVML failure it holds no GPUs and says why in ``error``.
+    """
+    nvml = nvml if nvml is not None else _import_nvml()
+    if nvml is None:
+        return Detection(error="pynvml (nvidia-ml-py) is not installed")
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, _DriverNotLoaded, ... all mean "no GPU here"
+        return Detection(error=f"no NVIDIA driver/NVML on this machine ({_text(exc) or type(exc).__name__})")
+    try:
+        driver = _text(nvml.nvmlSystemGetDriverVersion())
+        cuda = None
+        try:
+            version = int(nvml.nvmlSystemGetCudaDriverVersion())
+            cuda = f"{version // 1000}.{(version % 1000) // 10}"
+        except Exception:  # noqa: BLE001 - old drivers lack this call
+            cuda = None
+        gpus = []
+        notes = []
+        max_links = int(getattr(nvml, "NVML_NVLINK_MAX_LINKS", 18))
+        for index in range(int(nvml.nvmlDeviceGetCount())):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            name = _text(nvml.nvmlDeviceGetName(handle))
+            memory = int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
+            major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+            cc = (int(major), int(minor))
+            links = 0
+            for link in range(max_links):
+                try:
+                    links += 1 if nvml.nvmlDeviceGetNvLinkState(handle, link) else 0
+                except Exception:  # noqa: BLE001 - NotSupported on PCIe cards / past the last link
+                    break
+            spec = match_spec(name, memory, cc)
+            if spec.detected:
+                notes.append(f"GPU {index} ({name}) is not in the GPU table; memory plans only")
+            gpus.append(DetectedGpu(index, name, memory, cc, links, spec))
+        return Detection(gpus=tuple(gpus), driver=driver, cuda_driver=cuda, notes=tuple(notes))
+    except Exception as exc:  # noqa: BLE001 - any NVML error mid-way: report, don't crash the planner
+        return Detection(error=f"NVML query failed: {_text(exc) or type(exc).__name__}")
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001 - shutting down a half-initialised NVML is best effort
+            pass

@@ -1,0 +1,680 @@
+"""``plan(request) -> Plan``: what fits on the hardware, what to run and how fast it will go (no printing).
+
+Decision rules (each shows up as a reason in the plan):
+
+* precision: bf16 only on compute capability ≥ 8.0 (``torch.cuda.is_bf16_supported()`` also says True on V100/T4,
+  where bf16 is emulated); otherwise fp16 mixed precision with loss scaling;
+* attention: FlashAttention-2 on ≥ 8.0 with 16-bit tensors, else SDPA (its memory-efficient kernel has no S²
+  buffers on Volta/Turing either); eager is never recommended;
+* QLoRA needs bitsandbytes 4-bit, Turing or newer (recipe.md §1);
+* model states as ``phi3v-finetune`` runs them: full/frozen with DeepSpeed ZeRO-2 (5e7-element buckets, the
+  training default) when more than one GPU, plain AdamW with fp32 master weights on one GPU; LoRA/QLoRA with DDP;
+* micro-batch: the largest power of two that fits and divides the global batch per GPU; gradient checkpointing on
+  (``phi3v-finetune`` always checkpoints; the plan says when it would fit without);
+* recommended method: the recipe's order, full fine-tuning "whenever possible", else LoRA, else QLoRA, else the
+  frozen-vision variant (recipe.md §11; accuracy tables there).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import asdict, dataclass, field, replace
+from functools import cache
+from importlib import resources
+from types import ModuleType
+from typing import Any
+
+from phi3v_core.errors import ConfigError, raise_all
+from planner.calibration import Calibration, load_calibration
+from planner.estimate import GIB, METHODS, MemoryEstimate, TrainSetup, Workload, estimate_memory
+from planner.hardware import (
+    AzureSku,
+    Detection,
+    GpuSpec,
+    azure_skus,
+    detect,
+    find_gpu,
+    supports_bf16,
+    supports_flash_attention,
+)
+from planner.shapes import ModelShape, load_shape
+from planner.speed import Interconnect, SpeedPrediction, format_duration, predict_speed
+
+__all__ = ["COMMON_GPUS", "Hardware", "MethodPlan", "Plan", "PlanRequest", "plan", "survey", "task_profiles"]
+
+#: GPUs shown when nothing is detected and no ``--gpu`` is given.
+COMMON_GPUS = ("T4", "V100-32GB", "A10", "L4", "L40S", "A100-40GB", "A100-80GB", "H100-SXM", "H200")
+#: The recipe's order of preference (quality first; recipe.md §11 accuracy tables).
+PREFERENCE = ("full", "lora", "qlora", "frozen_vision")
+#: Network assumed between nodes when nothing says otherwise (Gbit/s per node).
+DEFAULT_INTER_NODE_GBIT = 200.0
+#: ZeRO-2 bucket size phi3v-finetune uses (phi3v_core.training.TrainConfig.zero_*_bucket_size).
+FINETUNE_ZERO_BUCKET = 5e7
+
+
+@cache
+def task_profiles() -> dict[str, Any]:
+    """``planner/data/recipes.json``: task workloads and published hyper-parameters."""
+    return json.loads(resources.files("planner").joinpath("data/recipes.json").read_text())
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the user asks.
+
+    Attributes:
+        gpu: GPU name (table key or alias); None = detect.
+        count: GPUs per node; None = detected count, 8 on Azure, else 1.
+        nodes: Nodes.
+        task: ``docvqa``, ``hateful_memes``, ``nlvr2`` or ``ucf101`` (workload and hyper-parameters).
+        num_crops: HD crops per image; None = the task's (16; UCF-101 4).
+        image_size: (width, height) of a typical image; None = the task's.
+        images_per_sample: Images per sample; None = the task's.
+        text_tokens: Text tokens per sample; None = the task's.
+        seq_len: Override the LM sequence length (tokens per sample).
+        dataset_size: Samples per epoch (for time per epoch).
+        global_batch: Samples per optimizer step; None = 64 (recipe §11).
+        model: Model preset or checkpoint folder (shapes only).
+        methods: Methods to consider.
+        cloud: ``azure`` adds SKU, VM count and vCPU quota.
+        inter_node_gbit: Network per node in Gbit/s (multi-node); None = SKU's or 200.
+        max_micro_batch: Largest micro-batch to consider.
+        use_trace: Replace the closed-form activations by a MemTracker trace of the full model (slow, cached).
+        reference_dir: Folder with the published ``speed.csv`` (calibration).
+    """
+
+    gpu: str | None = None
+    count: int | None = None
+    nodes: int = 1
+    task: str = "docvqa"
+    num_crops: int | None = None
+    image_size: tuple[int, int] | None = None
+    images_per_sample: int | None = None
+    text_tokens: int | None = None
+    seq_len: int | None = None
+    dataset_size: int | None = None
+    global_batch: int | None = None
+    model: str = "phi-3.5-vision"
+    methods: tuple[str, ...] = METHODS
+    cloud: str | None = None
+    inter_node_gbit: float | None = None
+    max_micro_batch: int = 16
+    use_trace: bool = False
+    reference_dir: str | None = None
+
+    def validate(self) -> None:
+        """Check every field at once.
+
+        Raises:
+            ConfigError: Listing every problem.
+        """
+        problems = []
+        tasks = task_profiles()["tasks"]
+        if self.task not in tasks:
+            problems.append(f"--task {self.task!r} is not one of {', '.join(tasks)}")
+        if self.count is not None and self.count < 1:
+            problems.append(f"--count {self.count} must be >= 1")
+        if self.nodes < 1:
+            problems.append(f"--nodes {self.nodes} must be >= 1")
+        if self.num_crops is not None and not 1 <= self.num_crops <= 16:
+            problems.append(f"--num-crops {self.num_crops} must be between 1 and 16 (the recipe asserts <= 16)")
+        if self.dataset_size is not None and self.dataset_size < 1:
+            problems.append(f"--dataset-size {self.dataset_size} must be >= 1")
+        if self.global_batch is not None and self.global_batch < 1:
+            problems.append(f"--batch-size {self.global_batch} must be >= 1")
+        if self.seq_len is not None and self.seq_len < 1:
+            problems.append(f"--seq-len {self.seq_len} must be >= 1")
+        if self.images_per_sample is not None and self.images_per_sample < 0:
+            problems.append(f"--images {self.images_per_sample} must be >= 0")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            problems.append(f"--method {', '.join(unknown)} unknown; choose from {', '.join(METHODS)}")
+        if self.cloud not in (None, "azure"):
+            problems.append(f"--cloud {self.cloud!r}: only 'azure' is tabulated")
+        if self.inter_node_gbit is not None and self.inter_node_gbit <= 0:
+            problems.append("--inter-node-gbit must be positive")
+        if self.max_micro_batch < 1:
+            problems.append("--max-micro-batch must be >= 1")
+        if self.image_size is not None and min(self.image_size) < 1:
+            problems.append(f"--image-size {self.image_size[0]}x{self.image_size[1]} must be positive")
+        if self.gpu is not None:
+            try:
+                find_gpu(self.gpu)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        raise_all(problems)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The machine planned for."""
+
+    gpu: GpuSpec
+    gpus_per_node: int
+    nodes: int
+    source: str
+    nvlink: bool
+    inter_node_gbs: float
+    inter_node_source: str
+    azure: AzureSku | None = None
+
+    @property
+    def world_size(self) -> int:
+        """Total GPUs."""
+        return self.gpus_per_node * self.nodes
+
+    def interconnect(self) -> Interconnect:
+        """Bandwidths for the speed model."""
+        intra = (self.gpu.nvlink_gbs if self.nvlink else self.gpu.pcie_gbs) or 32.0
+        return Interconnect(
+            self.gpus_per_node, self.nodes, intra, self.nvlink, self.inter_node_gbs, self.inter_node_source
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for ``--json``)."""
+        return {
+            "gpu": self.gpu.to_dict(),
+            "gpus_per_node": self.gpus_per_node,
+            "nodes": self.nodes,
+            "source": self.source,
+            "nvlink": self.nvlink,
+            "inter_node_gbs": self.inter_node_gbs,
+            "inter_node_source": self.inter_node_source,
+            "azure": self.azure.to_dict() if self.azure else None,
+        }
+
+
+@dataclass
+class MethodPlan:
+    """The plan for one method."""
+
+    method: str
+    supported: bool
+    fits: bool
+    precision: str
+    attention: str
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    gradient_checkpointing: bool
+    zero_stage: int
+    memory: MemoryEstimate | None
+    capacity_bytes: float
+    speed: SpeedPrediction | None
+    reasons: list[str] = field(default_factory=list)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    command: str | None = None
+    fits_without_checkpointing: bool = False
+
+    @property
+    def peak_gib(self) -> float | None:
+        """Expected peak (nvidia-smi) in GiB."""
+        return self.memory.expected_peak(self.capacity_bytes) / GIB if self.memory else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for ``--json``)."""
+        return {
+            "method": self.method,
+            "supported": self.supported,
+            "fits": self.fits,
+            "precision": self.precision,
+            "attention": self.attention,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+            "global_batch": self.global_batch,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "fits_without_checkpointing": self.fits_without_checkpointing,
+            "zero_stage": self.zero_stage,
+            "memory": self.memory.to_dict(self.capacity_bytes) if self.memory else None,
+            "capacity_gib": round(self.capacity_bytes / GIB, 2),
+            "speed": self.speed.to_dict() if self.speed else None,
+            "reasons": self.reasons,
+            "hyperparameters": self.hyperparameters,
+            "command": self.command,
+        }
+
+
+@dataclass
+class Plan:
+    """Everything the planner concluded for one piece of hardware."""
+
+    request: PlanRequest
+    hardware: Hardware
+    shape: ModelShape
+    workload: Workload
+    methods: list[MethodPlan]
+    recommended: str | None
+    why: list[str]
+    notes: list[str]
+    azure: dict[str, Any] | None = None
+    trace: dict[str, Any] | None = None
+
+    def method(self, name: str) -> MethodPlan:
+        """The plan of one method."""
+        return next(m for m in self.methods if m.method == name)
+
+    @property
+    def best(self) -> MethodPlan | None:
+        """The recommended method's plan."""
+        return self.method(self.recommended) if self.recommended else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for ``--json``)."""
+        request = asdict(self.request)
+        request["methods"] = list(self.request.methods)
+        return {
+            "request": request,
+            "hardware": self.hardware.to_dict(),
+            "model": self.shape.to_dict(),
+            "parameters": self.shape.param_counts().total,
+            "workload": asdict(self.workload),
+            "recommended": self.recommended,
+            "why": self.why,
+            "notes": self.notes,
+            "methods": [m.to_dict() for m in self.methods],
+            "azure": self.azure,
+            "trace": self.trace,
+        }
+
+
+# -- building blocks -------------------------------------------------------------------------------------------------
+def _workload(request: PlanRequest, shape: ModelShape) -> Workload:
+    task = task_profiles()["tasks"][request.task]
+    images = task["images_per_sample"] if request.images_per_sample is None else request.images_per_sample
+    num_crops = request.num_crops or task["num_crops"]
+    size = request.image_size or (task["image_width"], task["image_height"])
+    text = task["text_tokens"] if request.text_tokens is None else request.text_tokens
+    if images == 0:
+        workload = Workload(seq_len=text, vision_crops=0, image_tokens=0, images=0, pixel_slots=0)
+    else:
+        workload = Workload.from_images(shape, num_crops, size, images=images, text_tokens=text)
+    if request.seq_len:
+        workload = replace(workload, seq_len=request.seq_len, image_tokens=min(workload.image_tokens, request.seq_len))
+    return workload
+
+
+def _hyperparameters(task: str, method: str, global_batch: int) -> dict[str, Any]:
+    data = task_profiles()
+    common = dict(data["common"])
+    source = common.pop("source")
+    values = dict(data["tasks"][task]["methods"][method])
+    method_source = values.pop("source")
+    values.update({k: v for k, v in common.items() if k != "global_batch"})
+    values["global_batch"] = global_batch
+    if "lora_rank" in values:
+        values["lora_alpha_ratio"] = values["lora_alpha"] / values["lora_rank"]
+    values["source"] = f"{method_source}; {source}"
+    return values
+
+
+def _setup_for(method: str, gpu: GpuSpec, world: int, hyper: dict[str, Any]) -> TrainSetup:
+    cc = gpu.compute_capability
+    precision = "bf16" if supports_bf16(cc) else "fp16"
+    attention = "flash_attention_2" if supports_flash_attention(cc) else "sdpa"
+    full = method in ("full", "frozen_vision")
+    zero = 2 if (full and world > 1) else 0
+    return TrainSetup(
+        method=method,
+        precision=precision,
+        # phi3v-finetune: DeepSpeed casts to 16-bit; one process keeps fp32 master weights; LoRA bases are 16-bit
+        weight_dtype="fp32" if (full and zero == 0) else precision,
+        attention=attention,
+        gradient_checkpointing=True,
+        world_size=world,
+        zero_stage=zero,
+        reduce_bucket=FINETUNE_ZERO_BUCKET,
+        allgather_bucket=FINETUNE_ZERO_BUCKET,
+        lora_rank=int(hyper.get("lora_rank", 64)),
+    )
+
+
+def _batch_layouts(global_batch: int, world: int, max_micro: int) -> list[tuple[int, int, int]]:
+    """(micro_batch, grad_accum, effective global batch) candidates, largest micro-batch last."""
+    layouts = []
+    micro = 1
+    while micro <= max_micro:
+        if global_batch % (micro * world) == 0:
+            layouts.append((micro, global_batch // (micro * world), global_batch))
+        micro *= 2
+    if not layouts:  # the global batch does not split evenly: round it up to a multiple of the world size
+        accum = max(1, -(-global_batch // world))
+        layouts.append((1, accum, accum * world))
+    return layouts
+
+
+def _top_items(memory: MemoryEstimate, n: int = 4) -> str:
+    items = sorted(memory.items, key=lambda i: i.bytes, reverse=True)[:n]
+    return ", ".join(f"{i.name} {i.gib:.1f}" for i in items)
+
+
+def _command(hw: Hardware, task: str, mp: MethodPlan) -> str:
+    """The exact launch command for ``phi3v-finetune``."""
+    hp = mp.hyperparameters
+    args = ["--task", task, "--method", mp.method]
+    if mp.precision == "bf16":
+        args.append("--bf16")
+    else:
+        args += ["--precision", mp.precision]
+    if mp.attention == "flash_attention_2":
+        args.append("--use_flash_attention")
+    else:
+        args += ["--attn", mp.attention]
+    args += ["--batch_size", str(mp.global_batch), "--batch_size_per_gpu", str(mp.micro_batch)]
+    args += ["--num_crops", str(hp["num_crops"])]
+    args += ["--learning_rate", f"{hp['learning_rate']:g}", "--num_train_epochs", f"{hp['epochs']:g}"]
+    if mp.method in ("lora", "qlora"):
+        args += ["--lora_rank", str(hp["lora_rank"]), "--lora_alpha_ratio", f"{hp['lora_alpha_ratio']:g}"]
+    args += ["--output_dir", f"./output/{task}-{mp.method}"]
+    if hw.world_size == 1:
+        return shlex.join(["phi3v-finetune", *args])
+    launcher = ["torchrun", f"--nproc_per_node={hw.gpus_per_node}"]
+    if hw.nodes > 1:
+        launcher += [
+            f"--nnodes={hw.nodes}",
+            "--node_rank=$NODE_RANK",
+            "--master_addr=$MASTER_ADDR",
+            "--master_port=29500",
+        ]
+    # $NODE_RANK / $MASTER_ADDR stay unquoted so the shell expands them on each node
+    return " ".join([*launcher, "-m", "phi3v_core.cli.finetune", shlex.join(args)])
+
+
+def _plan_method(
+    method: str,
+    hw: Hardware,
+    shape: ModelShape,
+    workload: Workload,
+    request: PlanRequest,
+    calibration: Calibration,
+    trace: dict[str, Any] | None,
+) -> MethodPlan:
+    gpu = hw.gpu
+    world = hw.world_size
+    global_batch = request.global_batch or task_profiles()["common"]["global_batch"]
+    hyper = _hyperparameters(request.task, method, global_batch)
+    hyper["num_crops"] = request.num_crops or task_profiles()["tasks"][request.task]["num_crops"]
+    base = _setup_for(method, gpu, world, hyper)
+    capacity = gpu.memory_bytes
+    reasons: list[str] = []
+    cc = gpu.compute_capability
+    supported = True
+    if method == "qlora" and tuple(cc) < (7, 5):
+        supported = False
+        reasons.append(
+            f"QLoRA needs bitsandbytes 4-bit kernels: Turing (7.5) or newer; {gpu.architecture} is {cc[0]}.{cc[1]}"
+        )
+    if not supports_bf16(cc):
+        reasons.append(
+            f"{gpu.architecture} has no native bf16 → fp16 mixed precision with loss scaling (~1 point lower accuracy in the recipe)"
+        )
+    if not supports_flash_attention(cc):
+        reasons.append("FlashAttention-2 needs Ampere+ → SDPA (memory-efficient kernel, no S² buffers)")
+
+    layouts = _batch_layouts(global_batch, world, request.max_micro_batch)
+    chosen: tuple[TrainSetup, MemoryEstimate] | None = None
+    first: tuple[TrainSetup, MemoryEstimate] | None = None
+    for micro, accum, _effective in layouts:
+        setup = replace(base, micro_batch=micro, grad_accum=accum)
+        memory = _estimate(shape, setup, workload, calibration, trace)
+        first = first or (setup, memory)
+        if memory.fits(capacity):
+            chosen = (setup, memory)
+    fits = supported and chosen is not None
+    setup, memory = chosen or first  # type: ignore[misc]
+    effective = setup.micro_batch * setup.grad_accum * world
+    no_gc_fits = fits and _estimate(
+        shape, replace(setup, gradient_checkpointing=False), workload, calibration, None
+    ).fits(capacity)
+
+    if supported:
+        need = memory.required / GIB
+        if fits:
+            reasons.insert(
+                0,
+                f"fits: needs {need:.1f} of {gpu.memory_gib:g} GiB at micro-batch {setup.micro_batch} "
+                f"({_top_items(memory)} GiB; peak at {memory.phase})",
+            )
+            if no_gc_fits:
+                reasons.append(
+                    "would also fit without gradient checkpointing (~1.3x faster), which phi3v-finetune does not expose"
+                )
+        else:
+            hint = (
+                "more GPUs (ZeRO-2 shards the optimizer states)"
+                if method in ("full", "frozen_vision")
+                else "fewer crops (--num-crops) or a larger GPU"
+            )
+            reasons.insert(
+                0,
+                f"does not fit: needs {need:.1f} GiB at micro-batch 1 with checkpointing, the card has {gpu.memory_gib:g} "
+                f"({_top_items(memory)} GiB); try {hint}",
+            )
+    if setup.zero == 2:
+        reasons.append(
+            f"DeepSpeed ZeRO-2 over {world} GPUs ({FINETUNE_ZERO_BUCKET:.0e}-element buckets, phi3v-finetune's default)"
+        )
+    elif method in ("full", "frozen_vision"):
+        reasons.append("one GPU: AdamW with fp32 master weights, no DeepSpeed (16 bytes per trained parameter)")
+    if effective != global_batch:
+        reasons.append(f"global batch {global_batch} does not split over {world} GPUs: using {effective}")
+
+    speed = None
+    if fits or supported:
+        found = calibration.mfu_for(shape, gpu, method, setup.attention)
+        if found is None:
+            reasons.append(f"no calibrated efficiency for {gpu.architecture}: speed not predicted")
+        else:
+            speed = predict_speed(
+                shape,
+                workload,
+                setup,
+                gpu,
+                hw.interconnect(),
+                found[0],
+                found[1],
+                request.dataset_size,
+                calibration.nccl_efficiency,
+            )
+    plan = MethodPlan(
+        method=method,
+        supported=supported,
+        fits=fits,
+        precision=setup.precision,
+        attention=setup.attention,
+        micro_batch=setup.micro_batch,
+        grad_accum=setup.grad_accum,
+        global_batch=effective,
+        gradient_checkpointing=setup.gradient_checkpointing,
+        zero_stage=setup.zero,
+        memory=memory,
+        capacity_bytes=capacity,
+        speed=speed,
+        reasons=reasons,
+        hyperparameters=hyper,
+        fits_without_checkpointing=no_gc_fits,
+    )
+    if fits:
+        plan.command = _command(hw, request.task, plan)
+    return plan
+
+
+def _estimate(
+    shape: ModelShape, setup: TrainSetup, workload: Workload, calibration: Calibration, trace: dict[str, Any] | None
+) -> MemoryEstimate:
+    memory = estimate_memory(shape, setup, workload, calibration.overheads)
+    if trace is None or trace.get("gradient_checkpointing") != setup.gradient_checkpointing:
+        return memory
+    from planner.trace import apply_trace
+
+    return apply_trace(memory, shape, setup, workload, calibration.overheads, trace)
+
+
+def _hardware(request: PlanRequest, detection: Detection | None) -> tuple[Hardware, list[str]]:
+    notes: list[str] = []
+    sku = None
+    if request.gpu:
+        gpu = find_gpu(request.gpu)
+        source = "stated (--gpu)"
+        count = request.count
+        nvlink = bool(gpu.nvlink_gbs)
+    elif detection is not None and detection.ok:
+        gpu = detection.spec
+        assert gpu is not None
+        source = f"detected ({detection.count}x {detection.gpus[0].name}, driver {detection.driver}, CUDA {detection.cuda_driver})"
+        count = request.count or detection.count
+        nvlink = detection.nvlink
+        if not detection.homogeneous:
+            notes.append("GPUs differ: planned for GPU 0's model")
+        notes.extend(detection.notes)
+    else:
+        raise ConfigError("no GPU detected and no --gpu given; pass --gpu NAME (see --list-gpus)")
+    if request.cloud == "azure":
+        candidates = [s for s in azure_skus() if s.gpu == gpu.key]
+        if candidates:
+            sku = candidates[0]
+            count = request.count or sku.gpus_per_vm
+            if count != sku.gpus_per_vm:
+                notes.append(f"{sku.vm_size} has {sku.gpus_per_vm} GPUs; planning with {count} per VM")
+        else:
+            notes.append(f"no Azure ND SKU in the table carries {gpu.key}")
+    count = count or 1
+    if request.inter_node_gbit:
+        inter, inter_source = request.inter_node_gbit / 8, f"--inter-node-gbit {request.inter_node_gbit:g}"
+    elif sku is not None:
+        inter, inter_source = sku.inter_node_gbs, f"{sku.family}: {sku.inter_node}"
+    else:
+        inter = DEFAULT_INTER_NODE_GBIT / 8
+        inter_source = f"assumed {DEFAULT_INTER_NODE_GBIT:g} Gb/s per node (pass --inter-node-gbit)"
+        if request.nodes > 1:
+            notes.append(f"inter-node network unknown: {inter_source}")
+    return (
+        Hardware(gpu, count, request.nodes, source, nvlink and count > 1, inter, inter_source, sku),
+        notes,
+    )
+
+
+def _azure_summary(hw: Hardware, best: MethodPlan | None) -> dict[str, Any] | None:
+    sku = hw.azure
+    if sku is None:
+        return None
+    vcpus = sku.vcpus * hw.nodes if sku.vcpus else None
+    return {
+        "family": sku.family,
+        "vm_size": sku.vm_size,
+        "vms": hw.nodes,
+        "gpus": hw.world_size,
+        "vcpus_per_vm": sku.vcpus,
+        "vcpu_quota": vcpus,
+        "quota_note": (
+            f"request {vcpus} vCPUs of the {sku.family} family in your region"
+            if vcpus
+            else f"vCPUs per {sku.family} VM are not in the table: check the SKU page, then request vCPUs x {hw.nodes}"
+        ),
+        "interconnect": f"{sku.intra_node}; {sku.inter_node}",
+        "recommended_method": best.method if best else None,
+        "source": sku.source,
+    }
+
+
+def plan(
+    request: PlanRequest,
+    nvml: ModuleType | Any | None = None,
+    detection: Detection | None = None,
+    calibration: Calibration | None = None,
+) -> Plan:
+    """Plan fine-tuning for the requested or detected hardware.
+
+    Args:
+        request: What to plan for.
+        nvml: NVML module to detect with (tests pass a fake); ignored when ``request.gpu`` is set.
+        detection: A ready detection result (skips NVML).
+        calibration: Calibration to use (default: :func:`planner.calibration.load_calibration`).
+
+    Raises:
+        ConfigError: Invalid request, or no GPU detected and none named.
+    """
+    request.validate()
+    if detection is None and not request.gpu:
+        detection = detect(nvml)
+    calibration = calibration or load_calibration(request.reference_dir)
+    hw, notes = _hardware(request, detection)
+    shape = load_shape(request.model)
+    workload = _workload(request, shape)
+    trace_info: dict[str, Any] | None = {} if request.use_trace else None
+    methods = []
+    global_batch = request.global_batch or task_profiles()["common"]["global_batch"]
+    for method in request.methods:
+        trace = None
+        if request.use_trace:
+            from planner.trace import trace_activations
+
+            hyper = _hyperparameters(request.task, method, global_batch)
+            setup = _setup_for(method, hw.gpu, hw.world_size, hyper)
+            trace = trace_activations(request.model, setup, workload)
+            trace_info[method] = {k: v for k, v in trace.items() if k not in ("peak", "dynamic_snapshot")}
+        methods.append(_plan_method(method, hw, shape, workload, request, calibration, trace))
+    recommended = None
+    why: list[str] = []
+    fitting = [m for m in methods if m.fits]
+    for name in PREFERENCE:
+        match = next((m for m in fitting if m.method == name), None)
+        if match:
+            recommended = name
+            break
+    if recommended:
+        best = next(m for m in methods if m.method == recommended)
+        why.append(
+            {
+                "full": "the recipe's first choice: full fine-tuning (best DocVQA ANLS 83.65 vs LoRA 82.46) fits",
+                "lora": "full fine-tuning does not fit; LoRA is the recipe's next choice (ANLS 82.46 vs 83.65 full)",
+                "qlora": "neither full fine-tuning nor LoRA fits; QLoRA (4-bit base, ANLS 81.85) does",
+                "frozen_vision": "only the frozen-vision variant fits (ANLS 79.19 in the recipe)",
+            }[recommended]
+        )
+        lora = next((m for m in fitting if m.method == "lora"), None)
+        if (
+            recommended == "full"
+            and lora
+            and lora.speed
+            and best.speed
+            and lora.speed.samples_per_s > best.speed.samples_per_s
+        ):
+            ratio = lora.speed.samples_per_s / best.speed.samples_per_s
+            why.append(f"LoRA also fits and is {ratio:.1f}x faster for ~1 point less ANLS")
+        if best.speed and request.dataset_size:
+            why.append(
+                f"expected {best.speed.samples_per_s:.1f} samples/s → {format_duration(best.speed.epoch_s)} per epoch of "
+                f"{request.dataset_size:,} samples"
+            )
+    else:
+        why.append("nothing fits: use more GPUs (ZeRO-2 shards full fine-tuning), fewer crops, or a larger GPU")
+    if hw.gpu.detected:
+        notes.append("GPU not in the table: memory plan only")
+    if request.task == "ucf101":
+        notes.append("ucf101 trains from converted frames: add --data_dir (the output of phi3v-convert) to the command")
+    return Plan(
+        request=request,
+        hardware=hw,
+        shape=shape,
+        workload=workload,
+        methods=methods,
+        recommended=recommended,
+        why=why,
+        notes=notes,
+        azure=_azure_summary(hw, next((m for m in methods if m.method == recommended), None)),
+        trace=trace_info,
+    )
+
+
+def survey(
+    request: PlanRequest, gpus: tuple[str, ...] | None = None, calibration: Calibration | None = None
+) -> list[Plan]:
+    """Plans for several GPUs (what-if table): each GPU key of ``gpus`` (default :data:`COMMON_GPUS`).
+
+    With ``cloud="azure"`` and no GPUs given, one plan per Azure SKU (8 GPUs per VM).
+    """
+    calibration = calibration or load_calibration(request.reference_dir)
+    if gpus is None:
+        gpus = tuple(s.gpu for s in azure_skus()) if request.cloud == "azure" else COMMON_GPUS
+    return [plan(replace(request, gpu=key), calibration=calibration) for key in gpus]

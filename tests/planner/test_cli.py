@@ -1,0 +1,112 @@
+"""phi3v-plan end to end: JSON and tables, errors, the no-GPU path and the 3-second budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from planner.cli import main
+from planner.hardware import Detection, detect
+
+
+def _run(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_json_plan(capsys):
+    data = json.loads(
+        _run(capsys, "--gpu", "A100-80GB", "--count", "8", "--nodes", "2", "--dataset-size", "1000", "--json")
+    )
+    assert data["recommended"] == "full"
+    assert data["hardware"]["gpus_per_node"] == 8 and data["hardware"]["nodes"] == 2
+    best = next(m for m in data["methods"] if m["method"] == "full")
+    assert best["memory"]["expected_peak_gib"] < 80
+    assert best["speed"]["epoch_s"] > 0
+    assert "--nnodes=2" in best["command"]
+
+
+def test_human_output(capsys):
+    out = _run(capsys, "--gpu", "T4", "--method", "lora", "--method", "qlora", "--cloud", "azure")
+    for part in (
+        "Recommendation",
+        "phi3v-finetune --task docvqa --method lora",
+        "fp16 / sdpa",
+        "Memory per GPU",
+        "no Azure ND SKU",
+    ):
+        assert part in " ".join(out.split()), part
+
+
+def test_list_gpus_and_calibration(capsys):
+    gpus = json.loads(_run(capsys, "--list-gpus", "--json"))
+    assert {g["key"] for g in gpus} >= {"V100-32GB", "A100-80GB", "H100-SXM", "B200"}
+    calibration = json.loads(_run(capsys, "--calibration", "--json"))
+    assert len(calibration["rows"]) == 15
+    assert "Predicted vs published" in _run(capsys, "--calibration")
+
+
+def test_bad_input_is_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--gpu", "A100", "--nodes", "0"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: 2 problems:")
+    assert "Traceback" not in err
+
+
+def test_no_gpu_shows_common_gpus(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")
+    monkeypatch.setattr(
+        "planner.hardware.detect", lambda nvml=None: Detection(error="no NVIDIA driver/NVML on this machine (test)")
+    )
+    out = " ".join(_run(capsys, "--method", "lora").split())
+    assert "No GPU detected: no NVIDIA driver/NVML on this machine (test)" in out
+    assert "A100-80GB" in out and "H200" in out
+    data = json.loads(_run(capsys, "--json", "--cloud", "azure"))
+    assert len(data["plans"]) == 5 and data["recommended_sku"].startswith("Standard_ND96")
+
+
+def test_detected_machine(capsys, monkeypatch, fake_nvml):
+    found = detect(fake_nvml("hopper"))
+    monkeypatch.setattr("planner.hardware.detect", lambda nvml=None: found)
+    data = json.loads(_run(capsys, "--json"))
+    assert data["detection"]["gpus"][0]["name"] == "NVIDIA H100 80GB HBM3"
+    assert data["hardware"]["gpus_per_node"] == 8 and data["recommended"] == "full"
+
+
+def test_trace_flag_on_tiny_model(capsys):
+    data = json.loads(_run(capsys, "--gpu", "A100-80GB", "--model", "tiny", "--method", "lora", "--trace", "--json"))
+    lora = data["methods"][0]
+    assert lora["memory"]["phase"].startswith("traced step")
+    assert data["trace"]["lora"]["dynamic"] > 0
+
+
+def test_answers_in_under_3_seconds_without_torch():
+    """The planner must stay light: no torch/transformers import unless --trace."""
+    code = (
+        "import sys, time; t = time.perf_counter(); from planner.cli import main; "
+        "main(['--gpu', 'A100-80GB', '--count', '8', '--nodes', '2', '--json']); "
+        "print('ELAPSED', time.perf_counter() - t, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+    _, elapsed, torch_loaded, transformers_loaded = out.strip().splitlines()[-1].split()
+    assert (torch_loaded, transformers_loaded) == ("False", "False")
+    assert float(elapsed) < 3.0
+    exe = shutil.which("phi3v-plan")
+    if exe:  # the console script, interpreter start-up included
+        start = time.perf_counter()
+        subprocess.run(
+            [exe, "--gpu", "H100-80GB", "--count", "8"],
+            capture_output=True,
+            check=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "120"},
+        )
+        assert time.perf_counter() - start < 3.0

@@ -1,0 +1,110 @@
+"""plan(): which methods fit, the recommendation, the launch command and the Azure quota."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from phi3v_core.errors import ConfigError
+from planner.recommend import PlanRequest, plan, survey
+
+
+def test_eight_a100s_run_the_recipe():
+    result = plan(PlanRequest(gpu="A100-80GB", count=8, dataset_size=39_463))
+    assert result.recommended == "full"
+    best = result.best
+    assert (best.precision, best.attention, best.zero_stage) == ("bf16", "flash_attention_2", 2)
+    assert best.global_batch == 64 and best.micro_batch * best.grad_accum * 8 == 64
+    assert best.gradient_checkpointing
+    assert best.command.startswith("torchrun --nproc_per_node=8 -m phi3v_core.cli.finetune ")
+    assert "--task docvqa --method full --bf16 --use_flash_attention --batch_size 64" in best.command
+    assert "--learning_rate 5e-06 --num_train_epochs 2" in best.command  # recipe §11 DocVQA full
+    assert best.speed.epoch_s == pytest.approx(39_463 / best.speed.samples_per_s)
+    assert all(m.fits for m in result.methods)
+    assert any("LoRA also fits" in w for w in result.why)
+
+
+def test_one_a100_cannot_hold_full_fine_tuning():
+    result = plan(PlanRequest(gpu="A100-80GB", count=1))
+    full = result.method("full")
+    assert not full.fits and "does not fit" in full.reasons[0]
+    assert result.recommended == "lora"
+    assert result.best.command.startswith("phi3v-finetune --task docvqa --method lora --bf16 --use_flash_attention")
+    assert "--lora_rank 32 --lora_alpha_ratio 0.5" in result.best.command
+
+
+def test_t4_gets_fp16_sdpa_and_small_micro_batches():
+    result = plan(PlanRequest(gpu="T4", methods=("lora", "qlora")))
+    lora = result.method("lora")
+    assert (lora.precision, lora.attention) == ("fp16", "sdpa")
+    assert lora.fits and lora.memory.required <= 16 * 2**30
+    assert any("no native bf16" in r for r in lora.reasons)
+    assert "--precision fp16 --attn sdpa" in lora.command
+
+
+def test_multi_node_command_and_azure_quota():
+    result = plan(PlanRequest(gpu="A100-80GB", nodes=2, cloud="azure"))
+    assert result.hardware.world_size == 16  # 8 GPUs per NDm A100 v4 VM
+    azure = result.azure
+    assert azure["vm_size"] == "Standard_ND96amsr_A100_v4"
+    assert (azure["vms"], azure["vcpu_quota"]) == (2, 192)
+    assert result.hardware.inter_node_gbs == 200
+    command = result.best.command
+    assert "--nproc_per_node=8 --nnodes=2 --node_rank=$NODE_RANK" in command
+    assert shlex.split(command.split(" -m ")[1])[0] == "phi3v_core.cli.finetune"
+
+
+def test_h200_sku_without_vcpu_count_says_so():
+    result = plan(PlanRequest(gpu="H200", cloud="azure"))
+    assert result.azure["vcpu_quota"] is None and "not in the table" in result.azure["quota_note"]
+
+
+def test_volta_cannot_run_qlora_and_nothing_else_changes():
+    result = plan(PlanRequest(gpu="V100-32GB", count=8, methods=("qlora",)))
+    qlora = result.method("qlora")
+    assert not qlora.supported and not qlora.fits and "Turing" in qlora.reasons[0]
+    assert result.recommended is None and "nothing fits" in result.why[0]
+
+
+def test_uneven_global_batch_is_rounded_and_said():
+    result = plan(PlanRequest(gpu="A100-80GB", count=6, global_batch=64, methods=("lora",)))
+    lora = result.method("lora")
+    assert lora.global_batch % 6 == 0 and lora.global_batch >= 64
+    assert any("does not split" in r for r in lora.reasons)
+
+
+def test_crops_change_the_plan():
+    many = plan(PlanRequest(gpu="T4", num_crops=16, methods=("lora",))).method("lora")
+    few = plan(PlanRequest(gpu="T4", num_crops=4, methods=("lora",))).method("lora")
+    # fewer crops: shorter sequences, so a larger micro-batch fits, and each sample costs fewer FLOPs
+    assert few.micro_batch > many.micro_batch
+    assert few.speed.samples_per_s > many.speed.samples_per_s
+
+
+def test_plan_is_json_serialisable():
+    result = plan(PlanRequest(gpu="L40S", count=4, nodes=2, task="ucf101", dataset_size=300))
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["workload"]["images"] == 8 and data["request"]["task"] == "ucf101"
+    assert {m["method"] for m in data["methods"]} == {"full", "frozen_vision", "lora", "qlora"}
+
+
+def test_survey_covers_common_gpus():
+    plans = survey(PlanRequest(methods=("lora",)))
+    assert [p.hardware.gpu.key for p in plans][:2] == ["T4", "V100-32GB"]
+    assert all(p.method("lora").fits for p in plans)
+
+
+def test_bad_request_lists_every_problem():
+    with pytest.raises(ConfigError) as info:
+        plan(PlanRequest(gpu="A100", nodes=0, num_crops=32, task="coco"))
+    message = str(info.value)
+    assert "4 problems" in message
+    for part in ("--task 'coco'", "--nodes 0", "--num-crops 32", "ambiguous"):
+        assert part in message
+
+
+def test_no_gpu_and_none_named(fake_nvml):
+    with pytest.raises(ConfigError, match="no GPU detected"):
+        plan(PlanRequest(), nvml=fake_nvml("ampere", fail_init=True))

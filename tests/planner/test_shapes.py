@@ -1,0 +1,86 @@
+"""Model shapes and parameter counts agree with phi3v_core's config and model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from phi3v_core.config import PRESETS, get_config
+from planner.shapes import ModelShape, hd_crop_grid, image_token_count, load_shape
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_table_matches_get_config(preset):
+    from_config = ModelShape.from_config(get_config(preset), name=preset)
+    assert ModelShape.preset(preset) == from_config
+
+
+def test_checkpoint_config_json_is_read_without_transformers(ckpt35):
+    shape = load_shape(str(ckpt35))
+    assert dataclasses.replace(shape, name="x") == dataclasses.replace(ModelShape.preset("phi-3.5-vision"), name="x")
+
+
+def test_official_parameter_count():
+    counts = ModelShape.preset("phi-3.5-vision").param_counts()
+    assert counts.total == 4_146_621_440  # spec/model.md §3 and the checkpoint index (2 B x total_size)
+    assert counts.language_model == 3_821_079_552
+    assert counts.vision == 303_507_456
+    assert counts.vision_dead == 12_598_272
+    assert counts.projector == 22_034_432
+
+
+@pytest.mark.parametrize("preset", ["tiny", "phi-3.5-vision"])
+def test_counts_match_the_model_built_on_meta(preset):
+    from phi3v_core.model import Phi3VForCausalLM
+
+    with torch.device("meta"):
+        model = Phi3VForCausalLM(get_config(preset))
+    shape = ModelShape.preset(preset)
+    counts = shape.param_counts()
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    dead = model.dead_parameter_names()
+    assert counts.vision_dead == sum(p.numel() for n, p in model.named_parameters() if n in dead)
+    skip = {"lm_head", "model.vision_embed_tokens.img_projection.0"}
+    linear = sum(m.weight.numel() for n, m in model.named_modules() if type(m) is torch.nn.Linear and n not in skip)
+    assert counts.quantizable() == linear
+
+
+@pytest.mark.parametrize("freeze_vision", [False, True])
+def test_lora_parameter_count_matches_the_method(freeze_vision):
+    from phi3v_core.methods import MethodOptions, get_method
+    from phi3v_core.model import Phi3VForCausalLM
+
+    model = Phi3VForCausalLM(get_config("tiny"))
+    _, report = get_method("lora").prepare(model, MethodOptions(lora_rank=4, freeze_vision=freeze_vision))
+    shape = ModelShape.preset("tiny")
+    assert report.trainable_parameters == shape.lora_params(4, lm_head=True, vision=not freeze_vision)
+
+
+@pytest.mark.parametrize(
+    ("size", "num_crops"),
+    [
+        ((1024, 768), 16),
+        ((768, 1024), 16),
+        ((2000, 500), 16),
+        ((2000, 500), 4),
+        ((320, 240), 4),
+        ((1008, 1680), 16),
+        ((336, 336), 1),
+        ((640, 480), 9),
+    ],
+)
+def test_token_count_matches_the_image_processor(size, num_crops):
+    from phi3v_core.processing import Phi3VImageProcessor
+
+    rows, cols = hd_crop_grid(*size, num_crops)
+    assert image_token_count(rows, cols) == Phi3VImageProcessor(num_crops=num_crops).num_image_tokens(*size)
+
+
+def test_spec_token_examples():
+    # spec/model.md §6 table
+    assert image_token_count(*hd_crop_grid(1024, 768, 16)) == 1921
+    assert image_token_count(*hd_crop_grid(768, 1024, 16)) == 1933
+    assert image_token_count(*hd_crop_grid(2000, 500, 16)) == 2485
+    assert image_token_count(*hd_crop_grid(1344, 1344, 16)) == 2509
