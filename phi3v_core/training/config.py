@@ -1,0 +1,417 @@
+"""``TrainConfig``: every knob of a fine-tuning run, with up-front validation of the whole combination.
+
+Defaults follow the recipe (spec/recipe.md §2, §6) unless noted: lr 4e-5, weight decay 0.01, AdamW β=(0.9, 0.95),
+ε=1e-7, clip 1.0, linear schedule with 50 warmup steps, global batch 16, LoRA r=64 / α-ratio 2 / dropout 0,
+gradient checkpointing with ``use_reentrant=False``. Deviations are documented on the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phi3v_core.config import PRESETS
+from phi3v_core.errors import ConfigError, raise_all
+from phi3v_core.methods import METHODS, MethodOptions, get_method
+
+__all__ = [
+    "ATTN_IMPLEMENTATIONS",
+    "DTYPES",
+    "Environment",
+    "PRECISIONS",
+    "TrainConfig",
+    "find_resumable_checkpoint",
+]
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_MAX_NUM_CROPS = 16  # the recipe asserts num_crops <= 16
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What the machine offers; :meth:`detect` reads it, tests construct it to simulate other machines.
+
+    Attributes:
+        cuda: A CUDA device is usable.
+        capability: Compute capability of the first CUDA device, e.g. ``(8, 0)``.
+        device_count: Visible CUDA devices.
+        world_size: Processes in the job (``WORLD_SIZE`` from torchrun; 1 otherwise).
+        flash_attn: The ``flash_attn`` package is importable.
+        deepspeed: The ``deepspeed`` package is importable.
+        bitsandbytes: The ``bitsandbytes`` package is importable.
+    """
+
+    cuda: bool = False
+    capability: tuple[int, int] | None = None
+    device_count: int = 0
+    world_size: int = 1
+    flash_attn: bool = False
+    deepspeed: bool = True
+    bitsandbytes: bool = True
+
+    @classmethod
+    def detect(cls) -> Environment:
+        """Probe this machine and process (no CUDA context is created beyond the capability query)."""
+        cuda = torch.cuda.is_available()
+        return cls(
+            cuda=cuda,
+            capability=torch.cuda.get_device_capability(0) if cuda else None,
+            device_count=torch.cuda.device_count() if cuda else 0,
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            flash_attn=importlib.util.find_spec("flash_attn") is not None,
+            deepspeed=importlib.util.find_spec("deepspeed") is not None,
+            bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
+        )
+
+
+@dataclass
+class TrainConfig:
+    """One fine-tuning run.
+
+    Attributes:
+        model: Preset name (``tiny``, ``phi-3.5-vision``, ``phi-3-vision``: random init, for benchmarks and tests) or
+            a local checkpoint folder with weights (loaded with ``from_pretrained``).
+        method: ``full``, ``frozen_vision``, ``lora`` or ``qlora``.
+        precision: ``bf16`` / ``fp16`` (mixed precision: fp32 master weights for everything that trains, autocast,
+            dynamic loss scaling for fp16) or ``fp32``. Frozen LoRA/QLoRA bases are stored in the 16-bit dtype.
+        attn: ``eager``, ``sdpa`` or ``flash_attention_2`` (the recipe uses eager or FA2, never sdpa).
+        num_crops: HD crops per image for the processor (1–16; recipe default 16). Used where the run builds its
+            own data (launch entry point); ``train()`` takes already-encoded datasets.
+        per_device_batch: Micro-batch per process.
+        global_batch: Effective batch per optimizer step = per-device × processes × accumulation (the recipe's
+            ``--batch_size``); must divide evenly.
+        max_steps: Optimizer steps; ``-1`` trains ``num_train_epochs`` epochs instead.
+        num_train_epochs: Epochs when ``max_steps == -1``.
+        learning_rate: Peak learning rate (AdamW).
+        weight_decay: AdamW weight decay (the recipe's ``--wd``).
+        warmup_steps: Linear warmup steps (fixed count, like the recipe).
+        lr_scheduler: transformers scheduler name (recipe: ``linear``).
+        adam_beta1: AdamW β1.
+        adam_beta2: AdamW β2 (recipe: 0.95).
+        adam_epsilon: AdamW ε (recipe: 1e-7).
+        max_grad_norm: Gradient clipping norm (0 disables).
+        lora_rank: LoRA rank (``lora``/``qlora``).
+        lora_alpha_ratio: ``lora_alpha = round(rank * ratio)``.
+        lora_dropout: LoRA dropout.
+        lora_lm_head: Adapt ``lm_head`` too (the recipe does).
+        freeze_vision: ``lora``/``qlora``: no adapters on CLIP and the projector. For full fine-tuning with a
+            frozen image path use ``method="frozen_vision"``.
+        gradient_checkpointing: Non-reentrant activation checkpointing (recipe: on).
+        output_dir: Checkpoints, trainer state and the final model/adapter go here.
+        save_steps: Save a resumable checkpoint every N optimizer steps (0 = only the final save; the recipe
+            cannot checkpoint at all).
+        save_total_limit: Keep at most this many checkpoints (``None`` keeps all).
+        save_final: Write the final model (full) or adapter (LoRA) to ``output_dir``.
+        resume: ``None`` (fresh run), ``"latest"`` (newest complete ``checkpoint-N`` in ``output_dir``, or a fresh
+            start when there is none, so a restarted job just works) or a checkpoint folder.
+        seed: Seed for weights init (presets), data order and dropout.
+        deterministic: Use deterministic algorithms (``torch.use_deterministic_algorithms``); slower on GPU.
+        deepspeed: ZeRO-2 via DeepSpeed: ``None`` = on for full/frozen_vision with more than one process (as the
+            recipe), ``True``/``False`` to force. Not available for lora/qlora (the recipe uses DDP there).
+        zero_reduce_bucket_size: ZeRO-2 ``reduce_bucket_size`` in elements. Default 5e7, not the recipe's 5e8: with
+            ``overlap_comm`` DeepSpeed keeps buffers of about 4.5× both bucket sizes, which at 5e8 is ~9 GB per GPU
+            (5e8 × 2 B × 2 × 4.5) and at 5e7 ~0.9 GB, while 5e7-element (100 MB) buckets still saturate NCCL.
+        zero_allgather_bucket_size: ZeRO-2 ``allgather_bucket_size`` in elements (default 5e7, see above).
+        zero_overlap_comm: Overlap gradient reduction with backward (recipe: on).
+        logging_steps: Log every N steps (1 gives exact per-step losses to callbacks and ``TrainResult``).
+        dataloader_num_workers: DataLoader worker processes (recipe: 4; use 0 for tiny CPU runs).
+        ddp_find_unused_parameters: Let DDP search for parameters without gradient each step. Off, like the recipe
+            (dead CLIP weights are frozen); turn on for data with text-only batches while vision weights train.
+        ddp_timeout: Seconds before a collective times out.
+        disable_tqdm: Hide the progress bar.
+        supervised_logits_only: Compute ``lm_head`` logits only from the first supervised position of each
+            micro-batch on (``logits_to_keep``). Same loss and gradients; skips the fp32 vocabulary projection over
+            the prompt and image placeholders, which dominates compute on small models and costs
+            ~4 B × 32064 per prompt token of memory on the real one. Off by default: the recipe pays that cost.
+    """
+
+    model: str = "tiny"
+    method: str = "lora"
+    precision: str = "bf16"
+    attn: str = "sdpa"
+    num_crops: int = 16
+    per_device_batch: int = 1
+    global_batch: int = 16
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    learning_rate: float = 4e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    lr_scheduler: str = "linear"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-7
+    max_grad_norm: float = 1.0
+    lora_rank: int = 64
+    lora_alpha_ratio: float = 2.0
+    lora_dropout: float = 0.0
+    lora_lm_head: bool = True
+    freeze_vision: bool = False
+    gradient_checkpointing: bool = True
+    output_dir: str = "output"
+    save_steps: int = 0
+    save_total_limit: int | None = None
+    save_final: bool = True
+    resume: str | None = None
+    seed: int = 42
+    deterministic: bool = False
+    deepspeed: bool | None = None
+    zero_reduce_bucket_size: int = 50_000_000
+    zero_allgather_bucket_size: int = 50_000_000
+    zero_overlap_comm: bool = True
+    logging_steps: int = 1
+    dataloader_num_workers: int = 4
+    ddp_find_unused_parameters: bool = False
+    ddp_timeout: int = 1800
+    disable_tqdm: bool = False
+    supervised_logits_only: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata carried into ``train_config.json`` (e.g. the data source); not read by training."""
+
+    # -- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:
+        """Build from a plain dict, rejecting unknown keys (all of them at once).
+
+        Raises:
+            ConfigError: Unknown keys.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown TrainConfig field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainConfig:
+        """Read a JSON object of TrainConfig fields.
+
+        Raises:
+            ConfigError: Unreadable JSON, not an object, or unknown keys.
+        """
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a JSON object of TrainConfig fields")
+        return cls.from_dict(values, where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view (round-trips through :meth:`from_dict`)."""
+        return dataclasses.asdict(self)
+
+    # -- derived values ----------------------------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Autocast / QLoRA matmul dtype."""
+        return DTYPES[self.precision]
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each process: global / (per-device × world size)."""
+        return max(1, self.global_batch // (self.per_device_batch * world_size))
+
+    def uses_deepspeed(self, world_size: int) -> bool:
+        """Resolve ``deepspeed=None`` (auto): on for full/frozen_vision when more than one process trains."""
+        if self.deepspeed is not None:
+            return self.deepspeed
+        return get_method(self.method).supports_deepspeed and world_size > 1
+
+    def method_options(self, device: str | torch.device = "cpu") -> MethodOptions:
+        """The options the method's ``prepare`` reads.
+
+        Frozen LoRA/QLoRA bases are stored in the compute dtype (memory), while full/frozen_vision keep fp32
+        weights as the AMP master copy (DeepSpeed casts its own copy when enabled).
+        """
+        uses_lora = get_method(self.method).uses_lora
+        return MethodOptions(
+            lora_rank=self.lora_rank,
+            lora_alpha_ratio=self.lora_alpha_ratio,
+            lora_dropout=self.lora_dropout,
+            lora_lm_head=self.lora_lm_head,
+            freeze_vision=self.freeze_vision,
+            base_dtype=self.compute_dtype if uses_lora else None,
+            compute_dtype=self.compute_dtype,
+            device=str(device),
+        )
+
+    # -- validation --------------------------------------------------------------------------------------------
+    def problems(self, env: Environment | None = None) -> list[str]:
+        """Every problem with this configuration on this machine (empty when it can run)."""
+        env = env or Environment.detect()
+        out: list[str] = []
+        out += self._model_problems()
+        out += self._choice_problems()
+        out += self._precision_problems(env)
+        out += self._batch_problems(env)
+        out += self._number_problems()
+        out += self._checkpoint_problems()
+        return out
+
+    def validate(self, env: Environment | None = None) -> None:
+        """Raise one :class:`~phi3v_core.errors.ConfigError` listing every problem (no-op when valid)."""
+        raise_all(self.problems(env))
+
+    def _model_problems(self) -> list[str]:
+        if self.model in PRESETS:
+            return []
+        folder = Path(self.model)
+        if not (folder / "config.json").is_file():
+            return [f"model {self.model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder with config.json"]
+        has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+        if not has_weights:
+            return [
+                f"model folder {folder} has no weight files (*.safetensors); use a preset name for a randomly "
+                "initialised model of that shape"
+            ]
+        return []
+
+    def _choice_problems(self) -> list[str]:
+        out = []
+        if self.method not in METHODS:
+            out.append(f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        if self.precision not in PRECISIONS:
+            out.append(f"precision {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+        if self.attn not in ATTN_IMPLEMENTATIONS:
+            out.append(f"attn {self.attn!r} is unknown; choose one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        if self.method == "full" and self.freeze_vision:
+            out.append("freeze_vision with method 'full' is method 'frozen_vision'; pass method='frozen_vision'")
+        if self.method in METHODS and self.deepspeed and not get_method(self.method).supports_deepspeed:
+            out.append(
+                f"deepspeed is for full/frozen_vision; method {self.method!r} trains adapters with DDP "
+                "(as the recipe); drop deepspeed=True"
+            )
+        return out
+
+    def _precision_problems(self, env: Environment) -> list[str]:
+        out = []
+        flash = self.attn == "flash_attention_2"
+        if flash and self.precision == "fp32":
+            out.append("attn flash_attention_2 needs bf16 or fp16 activations; use precision bf16/fp16 or attn sdpa")
+        if flash and not env.cuda:
+            out.append("attn flash_attention_2 needs a CUDA GPU; use attn sdpa or eager on this machine")
+        elif flash and env.capability is not None and env.capability < (8, 0):
+            out.append(
+                f"attn flash_attention_2 needs compute capability >= 8.0 (Ampere); this GPU is "
+                f"{env.capability[0]}.{env.capability[1]}: use attn sdpa"
+            )
+        if flash and not env.flash_attn:
+            out.append("attn flash_attention_2 needs the flash-attn package (pip install flash-attn); or use attn sdpa")
+        if self.precision == "bf16" and env.cuda and env.capability is not None and env.capability < (8, 0):
+            out.append(
+                f"precision bf16 needs compute capability >= 8.0 (Ampere); this GPU is "
+                f"{env.capability[0]}.{env.capability[1]}: use precision fp16"
+            )
+        if self.precision == "fp16" and not env.cuda:
+            # accelerate turns fp16 off on CPU without a word (no autocast, no loss scaling): the run would be fp32.
+            out.append("precision fp16 (AMP with loss scaling) needs a CUDA GPU; on CPU use bf16 or fp32")
+        if self.method == "qlora" and not env.bitsandbytes:
+            out.append("method qlora needs bitsandbytes (pip install bitsandbytes)")
+        if self.method in METHODS and self.uses_deepspeed(env.world_size) and not env.deepspeed:
+            out.append("deepspeed is enabled but not installed (pip install deepspeed); or set deepspeed=False")
+        return out
+
+    def _batch_problems(self, env: Environment) -> list[str]:
+        out = []
+        if self.per_device_batch < 1:
+            out.append(f"per_device_batch must be >= 1 (got {self.per_device_batch})")
+        if self.global_batch < 1:
+            out.append(f"global_batch must be >= 1 (got {self.global_batch})")
+        if self.per_device_batch >= 1 and self.global_batch >= 1:
+            per_step = self.per_device_batch * env.world_size
+            if self.global_batch % per_step:
+                out.append(
+                    f"global_batch {self.global_batch} is not a multiple of per_device_batch {self.per_device_batch} × "
+                    f"{env.world_size} process(es) = {per_step}; pick a global_batch divisible by {per_step}"
+                )
+        if env.world_size == 1 and env.device_count > 1:
+            out.append(
+                f"{env.device_count} GPUs are visible to a single process (the Trainer would fall back to DataParallel); "
+                f"launch with torchrun --nproc_per_node={env.device_count} or set CUDA_VISIBLE_DEVICES=0"
+            )
+        return out
+
+    def _number_problems(self) -> list[str]:
+        checks = [
+            (
+                self.max_steps == -1 or self.max_steps >= 1,
+                f"max_steps must be -1 (epochs) or >= 1 (got {self.max_steps})",
+            ),
+            (
+                self.max_steps != -1 or self.num_train_epochs > 0,
+                f"num_train_epochs must be > 0 when max_steps is -1 (got {self.num_train_epochs})",
+            ),
+            (self.learning_rate > 0, f"learning_rate must be > 0 (got {self.learning_rate})"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {self.warmup_steps})"),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam betas must be in [0, 1)"),
+            (self.adam_epsilon > 0, f"adam_epsilon must be > 0 (got {self.adam_epsilon})"),
+            (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm})"),
+            (self.lora_rank >= 1, f"lora_rank must be >= 1 (got {self.lora_rank})"),
+            (self.lora_alpha_ratio > 0, f"lora_alpha_ratio must be > 0 (got {self.lora_alpha_ratio})"),
+            (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1) (got {self.lora_dropout})"),
+            (1 <= self.num_crops <= _MAX_NUM_CROPS, f"num_crops must be in 1..{_MAX_NUM_CROPS} (got {self.num_crops})"),
+            (self.save_steps >= 0, f"save_steps must be >= 0 (got {self.save_steps})"),
+            (
+                self.save_total_limit is None or self.save_total_limit >= 1,
+                f"save_total_limit must be >= 1 or None (got {self.save_total_limit})",
+            ),
+            (self.logging_steps >= 1, f"logging_steps must be >= 1 (got {self.logging_steps})"),
+            (
+                self.dataloader_num_workers >= 0,
+                f"dataloader_num_workers must be >= 0 (got {self.dataloader_num_workers})",
+            ),
+            (self.zero_reduce_bucket_size >= 1, "zero_reduce_bucket_size must be >= 1"),
+            (self.zero_allgather_bucket_size >= 1, "zero_allgather_bucket_size must be >= 1"),
+            (self.ddp_timeout >= 1, "ddp_timeout must be >= 1 second"),
+            (bool(str(self.output_dir).strip()), "output_dir must not be empty"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+    def _checkpoint_problems(self) -> list[str]:
+        out = []
+        output_dir = Path(self.output_dir)
+        if self.resume not in (None, "latest"):
+            ckpt = Path(self.resume)
+            if not _is_complete_json(ckpt / "trainer_state.json"):
+                out.append(f"resume checkpoint {ckpt} does not exist or is incomplete (no trainer_state.json)")
+        if self.resume is None and output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
+            out.append(
+                f"output_dir {output_dir} already holds checkpoints; pass resume='latest' to continue that run "
+                "or choose an empty output_dir"
+            )
+        return out
+
+
+def find_resumable_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest *complete* ``checkpoint-N`` folder, or ``None``.
+
+    The Trainer writes ``trainer_state.json`` last, so a checkpoint is complete when that file exists and parses. A
+    job killed while saving leaves a newer but partial folder; it is skipped rather than loaded.
+    """
+    candidates = []
+    for folder in Path(output_dir).glob("checkpoint-*"):
+        step = folder.name.removeprefix("checkpoint-")
+        if step.isdigit() and _is_complete_json(folder / "trainer_state.json"):
+            candidates.append((int(step), folder))
+    return max(candidates)[1] if candidates else None
+
+
+def _is_complete_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, or cut off mid-write
+        return False
+    return True

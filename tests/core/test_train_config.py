@@ -1,0 +1,150 @@
+"""TrainConfig validation (every problem at once, on simulated machines) and the generated DeepSpeed config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from phi3v_core.errors import ConfigError
+from phi3v_core.training import (
+    Environment,
+    TrainConfig,
+    build_training_arguments,
+    deepspeed_config,
+    find_resumable_checkpoint,
+    zero2_buffer_bytes,
+)
+
+CPU = Environment(cuda=False)
+A100 = Environment(cuda=True, capability=(8, 0), device_count=1, flash_attn=True)
+V100 = Environment(cuda=True, capability=(7, 0), device_count=1, flash_attn=True)
+
+
+def test_defaults_are_valid_on_cpu_and_follow_the_recipe(tmp_path: Path) -> None:
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"))
+    assert cfg.problems(CPU) == []
+    assert (cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, cfg.global_batch) == (4e-5, 0.01, 50, 16)
+    assert (cfg.lora_rank, cfg.lora_alpha_ratio, cfg.lora_dropout, cfg.lora_lm_head) == (64, 2.0, 0.0, True)
+    assert (cfg.adam_beta2, cfg.adam_epsilon, cfg.max_grad_norm, cfg.gradient_checkpointing) == (0.95, 1e-7, 1.0, True)
+
+
+@pytest.mark.parametrize(
+    ("changes", "env", "fragment"),
+    [
+        ({"attn": "flash_attention_2", "precision": "fp32"}, A100, "flash_attention_2 needs bf16 or fp16"),
+        ({"attn": "flash_attention_2"}, CPU, "flash_attention_2 needs a CUDA GPU"),
+        ({"attn": "flash_attention_2", "precision": "fp16"}, V100, "compute capability >= 8.0 (Ampere); this GPU is 7.0"),
+        ({"attn": "flash_attention_2"}, Environment(cuda=True, capability=(9, 0), device_count=1), "pip install flash-attn"),
+        ({"precision": "bf16"}, V100, "precision bf16 needs compute capability >= 8.0"),
+        ({"precision": "fp16"}, CPU, "fp16 (AMP with loss scaling) needs a CUDA GPU"),
+        ({"method": "qlora"}, Environment(bitsandbytes=False), "needs bitsandbytes"),
+        ({"method": "full"}, Environment(world_size=2, deepspeed=False), "deepspeed is enabled but not installed"),
+        ({"method": "lora", "deepspeed": True}, CPU, "deepspeed is for full/frozen_vision"),
+        ({"method": "full", "freeze_vision": True}, CPU, "pass method='frozen_vision'"),
+        ({"method": "dora"}, CPU, "method 'dora' is unknown"),
+        ({"precision": "fp8"}, CPU, "precision 'fp8' is unknown"),
+        ({"attn": "xformers"}, CPU, "attn 'xformers' is unknown"),
+        ({"global_batch": 6, "per_device_batch": 4}, CPU, "global_batch 6 is not a multiple of per_device_batch 4"),
+        ({"global_batch": 16, "per_device_batch": 3}, Environment(world_size=2), "× 2 process(es) = 6"),
+        ({}, Environment(cuda=True, capability=(9, 0), device_count=4), "torchrun --nproc_per_node=4"),
+        ({"num_crops": 17}, CPU, "num_crops must be in 1..16"),
+        ({"max_steps": 0}, CPU, "max_steps must be -1 (epochs) or >= 1"),
+        ({"lora_dropout": 1.0}, CPU, "lora_dropout must be in [0, 1)"),
+        ({"model": "no-such-preset"}, CPU, "neither a preset"),
+        ({"resume": "/nonexistent/checkpoint-3"}, CPU, "does not exist or is incomplete"),
+    ],
+)
+def test_each_impossible_combination_is_rejected_with_its_reason(
+    changes: dict, env: Environment, fragment: str, tmp_path: Path
+) -> None:
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), **changes)
+    problems = cfg.problems(env)
+    assert any(fragment in p for p in problems), problems
+
+
+def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    cfg = TrainConfig(
+        output_dir=str(tmp_path), attn="flash_attention_2", precision="fp32", global_batch=5, per_device_batch=2, lora_rank=0
+    )
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(CPU)
+    message = str(err.value)
+    assert message.startswith("5 problems:")
+    for fragment in ("needs bf16 or fp16", "needs a CUDA GPU", "pip install flash-attn", "global_batch 5", "lora_rank"):
+        assert fragment in message
+
+
+def test_a_weightless_checkpoint_folder_is_refused(ckpt35: Path, tmp_path: Path) -> None:
+    problems = TrainConfig(model=str(ckpt35), output_dir=str(tmp_path)).problems(CPU)
+    assert any("has no weight files" in p and "preset" in p for p in problems)
+
+
+def test_checkpoints_of_an_earlier_run_need_resume(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint-2").mkdir()
+    assert any("resume='latest'" in p for p in TrainConfig(output_dir=str(tmp_path)).problems(CPU))
+    assert TrainConfig(output_dir=str(tmp_path), resume="latest").problems(CPU) == []
+
+
+def test_latest_checkpoint_skips_incomplete_folders(tmp_path: Path) -> None:
+    assert find_resumable_checkpoint(tmp_path) is None
+    for step, state in ((2, "{}"), (10, '{"global_step": 10}'), (12, '{"global_st'), (14, None)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    # 14 has no state yet and 12's was cut off mid-write: both were killed while saving.
+    assert find_resumable_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+
+
+def test_gradient_accumulation_makes_up_the_global_batch() -> None:
+    cfg = TrainConfig(global_batch=64, per_device_batch=2)
+    assert cfg.gradient_accumulation_steps(world_size=8) == 4
+    assert cfg.gradient_accumulation_steps(world_size=1) == 32
+
+
+def test_deepspeed_is_automatic_for_distributed_full_finetuning_only() -> None:
+    assert TrainConfig(method="full").uses_deepspeed(world_size=2)
+    assert TrainConfig(method="frozen_vision").uses_deepspeed(world_size=4)
+    assert not TrainConfig(method="full").uses_deepspeed(world_size=1)
+    assert not TrainConfig(method="lora").uses_deepspeed(world_size=8)
+    assert TrainConfig(method="full", deepspeed=True).uses_deepspeed(world_size=1)
+
+
+def test_deepspeed_config_is_zero2_with_our_bucket_sizes() -> None:
+    ds = deepspeed_config(TrainConfig(method="full", zero_reduce_bucket_size=123, zero_allgather_bucket_size=456))
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 2 and zero["overlap_comm"] and zero["reduce_scatter"] and zero["contiguous_gradients"]
+    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (123, 456)
+    assert ds["fp16"]["loss_scale"] == 0 and ds["fp16"]["initial_scale_power"] == 16  # dynamic, as the recipe
+    assert ds["bf16"]["enabled"] == "auto" and ds["train_batch_size"] == "auto"
+    assert "optimizer" not in ds and "scheduler" not in ds  # the Trainer's AdamW + linear schedule
+    json.dumps(ds)  # serialisable as-is
+    # The default buckets cost ~0.9 GB instead of the recipe's ~9 GB.
+    assert zero2_buffer_bytes(TrainConfig()) == pytest.approx(0.9e9)
+    assert zero2_buffer_bytes(TrainConfig(zero_reduce_bucket_size=int(5e8), zero_allgather_bucket_size=int(5e8))) == 9e9
+
+
+def test_training_arguments_carry_the_recipe_settings(tmp_path: Path) -> None:
+    cfg = TrainConfig(output_dir=str(tmp_path), global_batch=8, per_device_batch=2, save_steps=5, precision="bf16")
+    args = build_training_arguments(cfg, CPU)
+    assert (args.gradient_accumulation_steps, args.per_device_train_batch_size) == (4, 2)
+    assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.max_grad_norm) == (0.9, 0.95, 1e-7, 1.0)
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.bf16 and not args.fp16 and args.save_strategy == "steps" and args.save_steps == 5
+    assert args.remove_unused_columns is False and args.ddp_find_unused_parameters is False
+    assert args.deepspeed is None and args.logging_nan_inf_filter is False
+
+
+def test_config_round_trips_through_json_and_rejects_unknown_fields(tmp_path: Path) -> None:
+    cfg = TrainConfig(method="qlora", lora_rank=8, extra={"data": "x"})
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert TrainConfig.from_json(path) == cfg
+    path.write_text(json.dumps({"method": "lora", "lora_rnak": 8, "batch": 2}))
+    with pytest.raises(ConfigError, match="unknown TrainConfig field.*batch, lora_rnak"):
+        TrainConfig.from_json(path)
+    path.write_text('{"method": "lora",\n "x": }')
+    with pytest.raises(ConfigError, match=r"cfg.json:2: invalid JSON"):
+        TrainConfig.from_json(path)
