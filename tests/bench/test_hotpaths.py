@@ -15,8 +15,11 @@ def test_collator_throughput(benchmark) -> None:  # noqa: ANN001 - pytest-benchm
     examples = []
     for length in (900, 1200, 2443, 1700):
         ids = torch.randint(3, 30000, (length,))
-        examples.append({"input_ids": ids, "labels": ids.clone(), "pixel_values": torch.zeros(1, 17, 3, 336, 336),
-                         "image_sizes": [(1008, 1680)]})
+        ids[5 : 5 + 313] = -1  # one 336×336 image: 313 placeholder tokens
+        labels = ids.clone()
+        labels[: 5 + 313] = -100
+        examples.append({"input_ids": ids, "labels": labels, "pixel_values": torch.zeros(1, 17, 3, 336, 336),
+                         "image_sizes": [(336, 336)]})
     collate = Phi3VDataCollator(pad_token_id=32000, padding_side="right")
     batch = benchmark(collate, examples)
     assert batch["input_ids"].shape == (4, 2443)
