@@ -639,7 +639,8 @@ class _Resolver:
             match = _FIELD_RE.match(problem)
             if match and match.group(1) in self.reported:
                 continue  # already said in flag terms
-            self.problems.append(_FIELD_RE.sub(lambda m: _FIELD_FLAGS[m.group(1)], problem, count=1))
+            problem = _FIELD_RE.sub(lambda m: _FIELD_FLAGS[m.group(1)], problem, count=1)
+            self.problems.append(problem.replace("resume='latest'", "--resume"))
 
 
 def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
@@ -949,19 +950,20 @@ def _print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    metric = summary["metric"]
-    label = "ANLS" if metric == "anls" else "accuracy"
-    table = Table(title=f"{summary['task']} · {summary['method']} · {summary['train']['global_step']} steps")
-    table.add_column("")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
+    label = "ANLS" if summary["metric"] == "anls" else "accuracy"
     before, after = summary["eval_before"], summary["eval_after"]
+    table = Table(title=f"{summary['task']} · {summary['method']} · {summary['train']['global_step']} steps")
     if before and after:
+        for column in ("", "before", "after", "change"):
+            table.add_column(column, justify="right" if column else "left")
         b, a = 100 * before["score"], 100 * after["score"]
         table.add_row(f"{label} (×100)", f"{b:.2f}", f"{a:.2f}", f"{a - b:+.2f}")
         table.add_row("questions", str(before["num_samples"]), str(after["num_samples"]), "")
-    table.add_row("train loss", "", f"{summary['train']['train_loss']:.4f}", "")
+        table.add_row("train loss", "", f"{summary['train']['train_loss']:.4f}", "")
+    else:
+        table.add_column("")
+        table.add_column("value", justify="right")
+        table.add_row("train loss", f"{summary['train']['train_loss']:.4f}")
     console = Console()
     console.print(table)
     if before and after:
