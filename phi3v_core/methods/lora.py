@@ -36,10 +36,8 @@ __all__ = [
 _CLIP_LAYERS = r"model\.vision_embed_tokens\.img_processor\.vision_model\.encoder\.layers"
 
 #: Linear layers QLoRA leaves un-quantized. ``lm_head``: transformers' bitsandbytes integration skips the output head
-#: too (the recipe relies on that default). ``img_projection.0``: the image embedding casts CLIP features to this
-#: layer's weight dtype, which is packed uint8 once quantized; it stays 16-bit (12.6M parameters on the real model)
-#: until the model reads a float dtype there.
-QLORA_SKIP = ("lm_head", "model.vision_embed_tokens.img_projection.0")
+#: too (the recipe relies on that default). Every other Linear, the projector included, is nf4.
+QLORA_SKIP = ("lm_head",)
 
 #: What QLoRA leaves un-quantized (stored in the compute dtype): everything that is not an ``nn.Linear``, plus
 #: :data:`QLORA_SKIP`.

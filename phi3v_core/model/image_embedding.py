@@ -160,7 +160,9 @@ class Phi3ImageEmbedding(nn.Module):
             pieces.append(self.glb_GN.reshape(1, -1).to(merged.dtype))
             pieces.append(self._grid_with_newlines(merged[start]))
         features = torch.cat(pieces, dim=0)
-        projector_dtype = self.img_projection[0].weight.dtype
+        weight = self.img_projection[0].weight
+        # A 4-bit (QLoRA) projector stores packed uint8 weights; its layer casts inputs itself.
+        projector_dtype = weight.dtype if weight.is_floating_point() else features.dtype
         return self.img_projection(features.to(projector_dtype))
 
     def forward(

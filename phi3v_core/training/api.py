@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,13 @@ from phi3v_core.config import PRESETS, get_config
 from phi3v_core.methods import MethodReport, get_method
 from phi3v_core.model import Phi3VForCausalLM
 from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
+from phi3v_core.processing.image_processing import write_text_atomic
 from phi3v_core.training.callbacks import LossGuard, StepRecord, StepTimer
 from phi3v_core.training.collate import SupervisedLogitsCollator
 from phi3v_core.training.config import DTYPES, Environment, TrainConfig, find_resumable_checkpoint
 from phi3v_core.training.trainer import Phi3VTrainer, build_training_arguments
 
-__all__ = ["TrainResult", "build_model", "prepare_model", "resolve_resume", "train"]
+__all__ = ["TrainResult", "build_model", "prepare_model", "resolve_resume", "train", "write_json_atomic"]
 
 
 @dataclass
@@ -141,10 +143,23 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     return Path(cfg.resume)
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+def _single_process_rendezvous() -> None:
+    """Give DeepSpeed a one-process group when no launcher set one up (it would otherwise try MPI discovery).
+
+    Sets ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` for this process, as the HF guide
+    does for DeepSpeed in a notebook; they stay set, like the process group DeepSpeed creates.
+    """
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write ``payload`` as indented JSON via a temporary file and ``os.replace`` (never half-written)."""
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
 def _save_final(trainer: Phi3VTrainer, output_dir: Path, processor: Any | None) -> Path:
@@ -195,6 +210,8 @@ def train(
     resume_from = resolve_resume(cfg)
 
     model, report = prepare_model(cfg, env)
+    if cfg.uses_deepspeed(env.world_size):
+        _single_process_rendezvous()
     args = build_training_arguments(cfg, env)
     timer = StepTimer()
     collator: Any = Phi3VDataCollator(pad_token_id=PAD_TOKEN_ID, padding_side="right")
@@ -210,7 +227,7 @@ def train(
     )
     if args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(output_dir / "train_config.json", cfg.to_dict())
+        write_json_atomic(output_dir / "train_config.json", cfg.to_dict())
 
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     eval_metrics = trainer.evaluate() if eval_dataset is not None else None

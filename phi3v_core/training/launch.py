@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
 from phi3v_core.errors import ConfigError, cli_errors, raise_all
-from phi3v_core.training.api import TrainResult, _write_json_atomic, train
+from phi3v_core.training.api import TrainResult, train, write_json_atomic
 from phi3v_core.training.config import TrainConfig
 
 __all__ = ["DataSpec", "LaunchSpec", "load_spec", "main", "run"]
@@ -151,7 +151,7 @@ def run(spec: LaunchSpec | str | Path, callbacks: Sequence[TrainerCallback] = ()
         callbacks=callbacks,
     )
     if _is_main_process():
-        _write_json_atomic(result.output_dir / "train_result.json", result.to_dict())
+        write_json_atomic(result.output_dir / "train_result.json", result.to_dict())
     return result
 
 

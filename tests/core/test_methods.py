@@ -146,7 +146,7 @@ def test_qlora_holds_real_bitsandbytes_4bit_layers(tiny: Phi3VForCausalLM, batch
     model, report = get_method("qlora").prepare(tiny, options)
     assert sorted(report.quantized_modules) == sorted(n for n in linear_names if n not in QLORA_SKIP)
     four_bit = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    assert len(four_bit) == len(linear_names) - len(QLORA_SKIP) == 27
+    assert len(four_bit) == len(linear_names) - len(QLORA_SKIP) == 28
     qkv = four_bit["base_model.model.model.layers.0.self_attn.qkv_proj.base_layer"]
     assert qkv.weight.dtype == torch.uint8 and qkv.weight.quant_state.quant_type == "nf4"
     assert qkv.compute_dtype == torch.bfloat16

@@ -35,9 +35,21 @@ def dataset() -> SyntheticDataset:
 
 def config(tmp_path: Path, **overrides: object) -> TrainConfig:
     values: dict = dict(
-        model="tiny", method="full", precision="fp32", num_crops=1, per_device_batch=2, global_batch=2, max_steps=2,
-        warmup_steps=0, learning_rate=1e-3, lora_rank=4, output_dir=str(tmp_path / "run"), dataloader_num_workers=0,
-        disable_tqdm=True, save_final=False, seed=0,
+        model="tiny",
+        method="full",
+        precision="fp32",
+        num_crops=1,
+        per_device_batch=2,
+        global_batch=2,
+        max_steps=2,
+        warmup_steps=0,
+        learning_rate=1e-3,
+        lora_rank=4,
+        output_dir=str(tmp_path / "run"),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_final=False,
+        seed=0,
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -52,18 +64,22 @@ def test_step_timer_counts_what_each_step_consumed(dataset: SyntheticDataset, tm
     # Two steps of four = the whole dataset, each example exactly once.
     examples = [dataset[i] for i in range(len(dataset))]
     assert sum(r.tokens for r in timer.records) == sum(len(e["input_ids"]) for e in examples)
-    assert sum(r.supervised_tokens for r in timer.records) == sum(int((e["labels"][1:] != -100).sum()) for e in examples)
+    assert sum(r.supervised_tokens for r in timer.records) == sum(
+        int((e["labels"][1:] != -100).sum()) for e in examples
+    )
     for record in timer.records:
         assert 0 < record.seconds <= record.wall_seconds
         assert record.loss == result.losses[record.step] and record.learning_rate is not None
     assert [r.step for r in result.steps] == [1, 2]  # train() keeps its own timer too
+    layers = [m for m in result.model.modules() if type(m).__name__ in ("Phi3DecoderLayer", "CLIPEncoderLayer")]
+    assert len(layers) == 5 and all(m.gradient_checkpointing for m in layers)  # on by default, LM and CLIP
 
 
 def test_splitting_the_global_batch_does_not_change_training(dataset: SyntheticDataset, tmp_path: Path) -> None:
-    """Micro-batch 2 vs 2 accumulated micro-batches of 1 vs logits trimmed to the answers: same losses, same weights."""
+    """Micro-batch 2 vs 2 accumulated micro-batches of 1 (no checkpointing) vs logits trimmed to the answers."""
     runs = {
         "micro2": config(tmp_path / "a", per_device_batch=2, global_batch=2),
-        "accum2": config(tmp_path / "b", per_device_batch=1, global_batch=2),
+        "accum2": config(tmp_path / "b", per_device_batch=1, global_batch=2, gradient_checkpointing=False),
         "trimmed": config(tmp_path / "c", per_device_batch=2, global_batch=2, supervised_logits_only=True),
     }
     results = {name: train(cfg, dataset) for name, cfg in runs.items()}

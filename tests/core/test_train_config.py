@@ -35,8 +35,16 @@ def test_defaults_are_valid_on_cpu_and_follow_the_recipe(tmp_path: Path) -> None
     [
         ({"attn": "flash_attention_2", "precision": "fp32"}, A100, "flash_attention_2 needs bf16 or fp16"),
         ({"attn": "flash_attention_2"}, CPU, "flash_attention_2 needs a CUDA GPU"),
-        ({"attn": "flash_attention_2", "precision": "fp16"}, V100, "compute capability >= 8.0 (Ampere); this GPU is 7.0"),
-        ({"attn": "flash_attention_2"}, Environment(cuda=True, capability=(9, 0), device_count=1), "pip install flash-attn"),
+        (
+            {"attn": "flash_attention_2", "precision": "fp16"},
+            V100,
+            "compute capability >= 8.0 (Ampere); this GPU is 7.0",
+        ),
+        (
+            {"attn": "flash_attention_2"},
+            Environment(cuda=True, capability=(9, 0), device_count=1),
+            "pip install flash-attn",
+        ),
         ({"precision": "bf16"}, V100, "precision bf16 needs compute capability >= 8.0"),
         ({"precision": "fp16"}, CPU, "fp16 (AMP with loss scaling) needs a CUDA GPU"),
         ({"method": "qlora"}, Environment(bitsandbytes=False), "needs bitsandbytes"),
@@ -66,7 +74,12 @@ def test_each_impossible_combination_is_rejected_with_its_reason(
 
 def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
     cfg = TrainConfig(
-        output_dir=str(tmp_path), attn="flash_attention_2", precision="fp32", global_batch=5, per_device_batch=2, lora_rank=0
+        output_dir=str(tmp_path),
+        attn="flash_attention_2",
+        precision="fp32",
+        global_batch=5,
+        per_device_batch=2,
+        lora_rank=0,
     )
     with pytest.raises(ConfigError) as err:
         cfg.validate(CPU)
