@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3v_core.errors import ConfigError
+from phi3v_core.hd import hd_crop_grid as shared_hd_crop_grid
 
 __all__ = ["CROP_SIZE", "ModelShape", "ParamCounts", "hd_crop_grid", "image_token_count", "load_shape"]
 
@@ -298,19 +299,7 @@ def hd_crop_grid(width: int, height: int, num_crops: int) -> tuple[int, int]:
     """
     if width <= 0 or height <= 0:
         raise ConfigError(f"image size {width}x{height} must be positive")
-    transposed = width < height
-    if transposed:
-        width, height = height, width
-    ratio = width / height
-    scale = 1
-    while scale * math.ceil(scale / ratio) <= num_crops:
-        scale += 1
-    scale -= 1
-    new_w = scale * CROP_SIZE
-    new_h = int(new_w / ratio)
-    rows = math.ceil(new_h / CROP_SIZE)
-    cols = scale
-    return (cols, rows) if transposed else (rows, cols)
+    return shared_hd_crop_grid(width, height, num_crops)
 
 
 def image_token_count(rows: int, cols: int, tokens_per_crop: int = 144) -> int:

@@ -7,10 +7,10 @@ The processor resizes every image so its long side is ``scale·336`` (the larges
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 from phi3v_core.data.records import Record, image_size
+from phi3v_core.hd import hd_padded_size as shared_hd_padded_size
 
 __all__ = ["CROP", "hd_image_size", "num_image_tokens", "record_image_tokens"]
 
@@ -33,18 +33,7 @@ def hd_image_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     if num_crops < 1:
         raise ValueError(f"num_crops must be >= 1, got {num_crops}")
-    transposed = width < height  # the rule works on landscape images; portrait ones are transposed and back
-    if transposed:
-        width, height = height, width
-    ratio = width / height
-    scale = 1
-    while scale * math.ceil(scale / ratio) <= num_crops:
-        scale += 1
-    scale -= 1
-    new_w = scale * CROP
-    new_h = max(1, int(new_w / ratio))  # the processor clamps extreme panoramas to one pixel too
-    padded_h = math.ceil(new_h / CROP) * CROP
-    return (new_w, padded_h) if transposed else (padded_h, new_w)
+    return shared_hd_padded_size(width, height, num_crops)
 
 
 def num_image_tokens(width: int, height: int, num_crops: int) -> int:

@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature
 
 from phi3v_core.errors import ConfigError, DataError
+from phi3v_core.hd import hd_resize_target
 
 __all__ = [
     "CLIP_MEAN",
@@ -122,19 +123,7 @@ def _hd_scaled_size(width: int, height: int, num_crops: int) -> tuple[int, int, 
     """Resize target of the HD transform in the landscape frame: ``(new_w, new_h, transposed)``."""
     if width <= 0 or height <= 0:
         raise DataError(f"image has an empty side ({width}x{height} pixels); remove it from the data")
-    transposed = width < height
-    if transposed:
-        width, height = height, width
-    ratio = width / height
-    # Same float arithmetic as the reference (its loop overshoots by one and steps back).
-    scale = 1
-    while scale * math.ceil(scale / ratio) <= num_crops:
-        scale += 1
-    scale -= 1
-    new_w = scale * CROP_SIZE
-    # The reference truncates with int(); clamp to one pixel so images wider than ~5000:1 do not crash PIL.
-    new_h = max(1, int(new_w / ratio))
-    return new_w, new_h, transposed
+    return hd_resize_target(width, height, num_crops)
 
 
 def load_image(image: ImageInput) -> Image.Image:
