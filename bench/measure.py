@@ -12,6 +12,7 @@ synchronisation). Instrumented steps come after them and are never timed:
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import weakref
@@ -101,8 +102,6 @@ def nvml_process_bytes(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     try:
-        import os
-
         import pynvml
 
         pynvml.nvmlInit()

@@ -74,8 +74,9 @@ def build_workload(cfg: BenchConfig, processor: Phi3VProcessor, num_samples: int
     probe = _encode(processor, profile, cfg.seed, text_words=4)
     image_tokens = int((probe["input_ids"] < 0).sum())
     probe_text = int(probe["input_ids"].numel()) - image_tokens
-    per_word = max(1.0, (probe_text - _fixed_text_tokens(processor, profile, cfg.seed)) / 4)
-    words = max(1, round((profile.text_tokens - _fixed_text_tokens(processor, profile, cfg.seed)) / per_word))
+    fixed = _fixed_text_tokens(processor, profile, cfg.seed)  # encodes an image: compute once
+    per_word = max(1.0, (probe_text - fixed) / 4)
+    words = max(1, round((profile.text_tokens - fixed) / per_word))
     examples = [_encode(processor, profile, cfg.seed + i, words) for i in range(_DISTINCT_EXAMPLES)]
     tokens = int(examples[0]["input_ids"].numel())
     return Workload(
