@@ -145,7 +145,10 @@ class Metrics:
         images_per_step: Images per optimizer step over all ranks (``batch_size * images_per_sample``).
         tokens_per_step: Non-padding tokens per optimizer step over all ranks, image tokens included.
         image_tokens_per_step: The image-token part of ``tokens_per_step``.
-        model_flops_per_step: Model FLOPs per optimizer step over all ranks (no recompute), for MFU.
+        model_flops_per_step: Model FLOPs per optimizer step over all ranks (no recompute), for MFU. Counted on
+            fake tensors with attention as matrix products, so it is the same for every attention kernel.
+        hardware_flops_per_step: The same plus the forward recompute of gradient checkpointing (for HFU);
+            ``None`` in results written before it existed.
         peak_flops_per_gpu: Dense peak FLOP/s of one GPU at the run's precision, for MFU.
         total_params: Parameters of the model as trained (after the method was applied).
         trainable_params: Parameters that receive gradients.
@@ -156,6 +159,7 @@ class Metrics:
     tokens_per_step: int | None = None
     image_tokens_per_step: int | None = None
     model_flops_per_step: float | None = None
+    hardware_flops_per_step: float | None = None
     peak_flops_per_gpu: float | None = None
     total_params: int | None = None
     trainable_params: int | None = None
@@ -187,6 +191,8 @@ class Summary:
     """Numbers derived from :class:`Metrics` (never stored as truth; see module docstring).
 
     Throughput uses the **median** step time, which a single slow step (a GC pause, a checkpoint) does not move.
+    ``mfu`` divides model FLOPs (no recompute) by the GPUs' dense peak; ``hardware_mfu`` uses hardware FLOPs
+    (recompute included), so it is the larger of the two when gradient checkpointing is on.
     """
 
     img_per_s: float | None
@@ -196,6 +202,7 @@ class Summary:
     step_time_p90_s: float | None
     step_time_stdev_s: float | None
     mfu: float | None
+    hardware_mfu: float | None
     timed_steps: int
     repeats: int
     peak_gpu_allocated_bytes: int | None
@@ -321,9 +328,11 @@ class BenchResult:
         world = self.config.world_size
         img_s = m.images_per_step / median if (median and m.images_per_step) else None
         tok_s = m.tokens_per_step / median if (median and m.tokens_per_step) else None
-        mfu = None
-        if median and m.model_flops_per_step and m.peak_flops_per_gpu:
-            mfu = m.model_flops_per_step / median / (world * m.peak_flops_per_gpu)
+        def utilisation(flops: float | None) -> float | None:
+            if median and flops and m.peak_flops_per_gpu:
+                return flops / median / (world * m.peak_flops_per_gpu)
+            return None
+
         return Summary(
             img_per_s=img_s,
             img_per_s_per_gpu=img_s / world if img_s is not None else None,
@@ -331,7 +340,8 @@ class BenchResult:
             step_time_median_s=median,
             step_time_p90_s=p90,
             step_time_stdev_s=stdev,
-            mfu=mfu,
+            mfu=utilisation(m.model_flops_per_step),
+            hardware_mfu=utilisation(m.hardware_flops_per_step),
             timed_steps=len(times),
             repeats=sum(1 for r in m.repeats if r.step_times_s),
             peak_gpu_allocated_bytes=m.peak_memory("gpu_allocated_bytes"),

@@ -2,7 +2,9 @@
 
 It drives the real fine-tuning core — ``phi3v_core.training.train`` with the real Trainer, method and collator —
 and writes ``rank<R>.json`` with this rank's step times, memory peaks, FLOPs and workload counts. Failures (an OOM
-included) are written there too, so the runner can record them as rows instead of crashing the sweep.
+included) are written there too, so the runner can record them as rows instead of crashing the sweep. The order of
+measurements is :mod:`bench.measure`'s protocol: peaks are read when the timed window closes; the CPU memory probe
+and the FLOP trace (fake tensors, no GPU memory) come after and can only add notes, never change a peak or a status.
 """
 
 from __future__ import annotations
@@ -18,18 +20,22 @@ from typing import Any
 import torch
 
 from bench.config import BenchConfig
-from bench.measure import InstrumentedSteps, cpu_rss_peak_bytes, gpu_memory, nvml_process_bytes
+from bench.measure import InstrumentedSteps, step_micro_batches, trace_step_flops
 
 __all__ = ["main", "plan_steps", "to_train_config"]
 
 
 def plan_steps(cfg: BenchConfig, cuda: bool) -> dict[str, int | None]:
-    """Lay out the optimizer steps of one repeat: warmup, timed window, then untimed instrumented steps."""
+    """Lay out the optimizer steps of one repeat: warmup, timed window, then the untimed CPU memory step.
+
+    FLOPs are not counted on a training step (they are traced on fake tensors after training), so ``total`` is
+    the last step that trains.
+    """
     first_timed = cfg.warmup + 1
     last_timed = cfg.warmup + cfg.steps
-    memory_step = None if cuda else last_timed + 1  # CUDA has exact allocator peaks; CPU needs MemTracker
-    flop_step = (memory_step or last_timed) + 1
-    return {"first_timed": first_timed, "last_timed": last_timed, "memory_step": memory_step, "flop_step": flop_step}
+    memory_step = None if cuda else last_timed + 1  # CUDA has exact allocator peaks; CPU needs a tensor probe
+    total = memory_step or last_timed
+    return {"first_timed": first_timed, "last_timed": last_timed, "memory_step": memory_step, "total": total}
 
 
 def to_train_config(cfg: BenchConfig, output_dir: str, total_steps: int) -> Any:
@@ -98,13 +104,15 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
     if cuda:
         torch.cuda.set_device(device)
     layout = plan_steps(cfg, cuda)
-    total_steps = int(layout["flop_step"])
+    total_steps = int(layout["total"])
     per_rank_samples = cfg.batch_size // world * total_steps
     workload = build_workload(cfg, _processor(cfg), per_rank_samples)
 
     timer = StepTimer()
     probes = InstrumentedSteps(
-        memory_step=layout["memory_step"], flop_step=layout["flop_step"], first_timed_step=layout["first_timed"]
+        first_timed_step=int(layout["first_timed"]),
+        last_timed_step=int(layout["last_timed"]),
+        memory_step=layout["memory_step"],
     )
     payload: dict[str, Any] = {"rank": rank, "world_size": world, "device": str(device), "status": "ok"}
     with tempfile.TemporaryDirectory(prefix="phi3v-bench-train-") as scratch:
@@ -125,7 +133,15 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
 
     records = {r.step: r for r in timer.records}
     timed = [records[s] for s in range(int(layout["first_timed"]), int(layout["last_timed"]) + 1) if s in records]
-    allocated, reserved = gpu_memory(device)
+    # Instrumented work after the window: a failure here is a note, never a failed cell.
+    flops = None
+    try:
+        probes.event("flop_trace_start", total_steps)
+        micro_batches = step_micro_batches(train_cfg, workload.dataset, cfg.micro_batch, cfg.grad_accum)
+        flops = trace_step_flops(train_cfg, micro_batches)
+        probes.event("flop_trace_end", total_steps)
+    except Exception as exc:  # noqa: BLE001 - MFU is optional; the measured numbers stand without it
+        probes.notes.append(f"FLOP trace failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); no MFU")
     payload.update(
         step_times_s=[r.seconds for r in timed],
         warmup_times_s=[records[s].seconds for s in range(1, int(layout["first_timed"])) if s in records],
@@ -134,20 +150,23 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         images_per_step=timed[0].images if timed else None,
         tokens_per_step=timed[0].tokens if timed else None,
         image_tokens_per_step=(timed[0].samples * workload.image_tokens_per_sample) if timed else None,
-        flops_per_step=probes.flops,
+        flops_per_step=flops.model_flops if flops else None,
+        hardware_flops_per_step=flops.hardware_flops if flops else None,
+        flop_trace_attn=flops.traced_attn if flops else None,
         peak_flops_per_gpu=_peak_flops(device, cfg.precision),
         total_params=result.report.total_parameters,
         trainable_params=result.report.trainable_parameters,
         memory={
             "rank": rank,
             "device": str(device),
-            "gpu_allocated_bytes": allocated,
-            "gpu_reserved_bytes": reserved,
-            "nvml_process_bytes": nvml_process_bytes(device),
-            "cpu_rss_bytes": cpu_rss_peak_bytes(),
+            "gpu_allocated_bytes": probes.gpu_allocated_bytes,
+            "gpu_reserved_bytes": probes.gpu_reserved_bytes,
+            "nvml_process_bytes": probes.nvml_peak_bytes,
+            "cpu_rss_bytes": probes.cpu_rss_bytes,
             "cpu_tensor_peak_bytes": probes.tensor_peak_bytes,
         },
         notes=probes.notes,
+        events=probes.events,
     )
     return payload
 

@@ -16,8 +16,8 @@ from bench.worker import plan_steps
 
 def test_step_plan_puts_instrumented_steps_after_the_timed_window() -> None:
     cfg = BenchConfig(warmup=2, steps=3, release="t")
-    assert plan_steps(cfg, cuda=False) == {"first_timed": 3, "last_timed": 5, "memory_step": 6, "flop_step": 7}
-    assert plan_steps(cfg, cuda=True) == {"first_timed": 3, "last_timed": 5, "memory_step": None, "flop_step": 6}
+    assert plan_steps(cfg, cuda=False) == {"first_timed": 3, "last_timed": 5, "memory_step": 6, "total": 6}
+    assert plan_steps(cfg, cuda=True) == {"first_timed": 3, "last_timed": 5, "memory_step": None, "total": 5}
 
 
 def test_launch_uses_torchrun_per_node_with_loopback_rendezvous(tmp_path: Path) -> None:

@@ -1,0 +1,107 @@
+"""The measurement protocol: event order of a real repeat, the NVML sampler, kernel-independent FLOPs."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.config import BenchConfig
+from bench.measure import InstrumentedSteps, PeakSampler, step_micro_batches, trace_step_flops
+from bench.worker import _processor, run_rank, to_train_config
+from bench.workload import build_workload
+
+
+def test_a_real_repeat_reads_its_peaks_before_any_instrumented_work(tmp_path: Path) -> None:
+    # The real worker code path on CPU: Trainer, StepTimer, InstrumentedSteps, memory probe, FLOP trace.
+    cfg = BenchConfig(method="lora", model="tiny", precision="fp32", num_crops=1, batch_size=2, micro_batch=2,
+                      steps=2, warmup=1, repeats=1, release="t")
+    payload = run_rank(cfg, tmp_path)
+    assert payload["status"] == "ok", payload.get("message")
+    events = [tuple(e) for e in payload["events"]]
+    names = [name for name, _ in events]
+    opened, read = names.index("window_open"), names.index("peaks_read")
+    assert events[opened][1] == 2 and events[read][1] == 3  # first and last timed step
+    timed_ends = [i for i, (name, step) in enumerate(events) if name == "step_end" and step in (2, 3)]
+    assert opened < min(timed_ends) and max(timed_ends) < read
+    instrumented = [i for i, (name, _) in enumerate(events) if name.startswith(("memory_probe", "flop_trace"))]
+    assert {"memory_probe_start", "flop_trace_start", "flop_trace_end"} <= set(names)
+    assert min(instrumented) > read  # nothing instrumented before the peaks were read
+    assert payload["flops_per_step"] > 0 and payload["hardware_flops_per_step"] > payload["flops_per_step"]
+    assert payload["memory"]["cpu_tensor_peak_bytes"] > 0
+
+
+def test_instrumented_steps_refuse_a_memory_probe_inside_the_timed_window() -> None:
+    with pytest.raises(ValueError, match="after the timed window"):
+        InstrumentedSteps(first_timed_step=2, last_timed_step=4, memory_step=3)
+
+
+def test_peak_sampler_keeps_the_maximum_seen_during_the_window() -> None:
+    readings = iter([100, 300, 250, None, 200] + [150] * 10_000)
+    seen = threading.Event()
+    count = 0
+
+    def fake_nvml() -> int | None:
+        nonlocal count
+        count += 1
+        if count >= 6:
+            seen.set()
+        return next(readings)
+
+    sampler = PeakSampler(fake_nvml, period_s=0.001)
+    sampler.start()
+    assert seen.wait(timeout=600)  # a hang guard, not a speed requirement
+    peak = sampler.stop()
+    assert peak == 300
+    assert sampler.samples >= 5  # the None reading is skipped
+
+
+def test_peak_sampler_period_is_at_most_100ms() -> None:
+    with pytest.raises(ValueError):
+        PeakSampler(lambda: 1, period_s=0.5)
+
+
+def test_window_uses_the_nvml_reader_and_closes_it() -> None:
+    closed = []
+    values = iter(range(1, 10_000))
+    probe = InstrumentedSteps(
+        first_timed_step=1, last_timed_step=1,
+        nvml_reader=lambda device: ((lambda: next(values) * 1000), (lambda: closed.append(True))),
+    )
+    device = torch.device("cpu")
+    probe._open_window(device)
+    probe._close_window(device, 1)
+    assert probe.nvml_peak_bytes is not None and probe.nvml_peak_bytes >= 2000  # start + stop samples at least
+    assert closed == [True]
+    assert [name for name, _ in probe.events] == ["window_open", "peaks_read"]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_flops_agree_across_attention_kernels(method: str) -> None:
+    counts = {}
+    for attn in ("eager", "sdpa", "flash_attention_2"):
+        cfg = BenchConfig(method=method, attn=attn, precision="bf16", model="tiny", num_crops=1, batch_size=2,
+                          micro_batch=1, release="t")
+        train_cfg = to_train_config(cfg, "unused", 1)
+        workload = build_workload(cfg, _processor(cfg), 4)
+        batches = step_micro_batches(train_cfg, workload.dataset, cfg.micro_batch, cfg.grad_accum)
+        counts[attn] = trace_step_flops(train_cfg, batches)
+    eager = counts["eager"].model_flops
+    for attn, flops in counts.items():
+        assert abs(flops.model_flops - eager) / eager < 0.01, (attn, flops, eager)
+        assert flops.hardware_flops > flops.model_flops  # checkpointing recomputes the forward
+    assert counts["flash_attention_2"].traced_attn == "sdpa"
+
+
+def test_flops_include_attention_and_scale_with_sequence() -> None:
+    # Attention is quadratic in the sequence: twice the crops must add more than twice the attention-free part would.
+    small = BenchConfig(method="full", attn="sdpa", model="tiny", num_crops=1, batch_size=1, micro_batch=1, release="t")
+    counts = []
+    for cfg in (small, small.replace(num_crops=4)):
+        train_cfg = to_train_config(cfg, "unused", 1)
+        workload = build_workload(cfg, _processor(cfg), 1)
+        batches = step_micro_batches(train_cfg, workload.dataset, 1, 1)
+        counts.append(trace_step_flops(train_cfg, batches).model_flops)
+    assert counts[1] > counts[0] > 0
