@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser(
         "compare", help="compare two result sets (exit 2 on regression)", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Match results of A (baseline) and B (candidate) by configuration and report img/s and memory changes. "
-                    "A throughput change is called when both sides have >= --min-repeats repeats, |Δ| > max(--threshold, "
-                    "noise) and Mann-Whitney p < --alpha. Allocated memory must match within max(1%%, 1 MiB); reserved/NVML "
+                    "Throughput is judged on per-repeat medians (one value per fresh process): a change is called when "
+                    "both sides have >= --min-repeats repeats, |Δ| > max(--threshold, noise) and Welch's t-test "
+                    "p < --alpha. Allocated memory must match within max(1%%, 1 MiB); reserved/NVML "
                     "within max(5%%, 256 MiB).",
         epilog="exit codes: 0 no regression, 2 regression, 1 user error\n"
                "example:\n  phi3v-bench compare results/v0.1.0/1xH100 results/v0.2.0/1xH100 --markdown",
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("a", help="baseline: a result .json or a folder of them")
     compare.add_argument("b", help="candidate: a result .json or a folder of them")
     compare.add_argument("--threshold", type=float, default=5.0, help="smallest img/s change in %% to call (default: 5)")
-    compare.add_argument("--alpha", type=float, default=0.05, help="Mann-Whitney significance level (default: 0.05)")
+    compare.add_argument("--alpha", type=float, default=0.05, help="significance level of the test on per-repeat medians (default: 0.05)")
     compare.add_argument("--min-repeats", type=int, default=3, help="repeats per side needed to call a change (default: 3)")
     fmt = compare.add_mutually_exclusive_group()
     fmt.add_argument("--markdown", action="store_true", help="print a markdown table")

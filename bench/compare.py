@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.config import IDENTITY_FIELDS
 from bench.results import MEMORY_FIELDS, BenchResult, json_safe, read_results
-from bench.stats import MemoryComparison, SampleComparison, compare_memory, compare_samples
+from bench.stats import RULE_TEXT, MemoryComparison, SampleComparison, compare_memory, compare_samples
 from phi3v_core.errors import DataError
 
 __all__ = ["EXIT_REGRESSION", "CompareOptions", "CompareReport", "ConfigComparison", "compare_results", "compare_paths"]
@@ -97,6 +97,9 @@ class CompareReport:
                 "regressions": self.regressions,
                 "exit_code": self.exit_code,
                 "options": vars(self.options),
+                "rule": RULE_TEXT.format(
+                    threshold=self.options.threshold_pct, alpha=self.options.alpha, repeats=self.options.min_repeats
+                ),
                 "matches": [m.to_dict() for m in self.matches],
                 "only_a": self.only_a,
                 "only_b": self.only_b,
@@ -111,7 +114,7 @@ class CompareReport:
     def rows(self) -> tuple[list[str], list[list[str]]]:
         """Return (header, rows) of the human table, shared by the rich and markdown renderers."""
         keys = self.varying_fields()
-        header = [*keys, "img/s A", "img/s B", "Δ img/s", "noise", "p", "alloc Δ", "reserved Δ", "verdict"]
+        header = [*keys, "img/s A", "img/s B", "Δ img/s", "noise", "p (repeats)", "alloc Δ", "reserved Δ", "verdict"]
         rows: list[list[str]] = []
         for m in self.matches:
             t = m.throughput
@@ -145,10 +148,8 @@ class CompareReport:
     def headline(self) -> str:
         """Return a one-line summary."""
         o = self.options
-        return (
-            f"{len(self.matches)} matched, {self.regressions} regressed "
-            f"(rule: |Δ| > max({o.threshold_pct:g}%, noise), Mann-Whitney p < {o.alpha:g}, >= {o.min_repeats} repeats)"
-        )
+        rule = RULE_TEXT.format(threshold=o.threshold_pct, alpha=o.alpha, repeats=o.min_repeats)
+        return f"{len(self.matches)} matched, {self.regressions} regressed (rule on {rule})"
 
 
 def _mem_cell(c: MemoryComparison | None) -> str:
