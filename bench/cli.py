@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  phi3v-bench run --method full --attn flash_attention_2 --model phi-3.5-vision --gpus 8 --batch-size 64",
     )
     _add_run_arguments(run)
+    run.add_argument("--force", action="store_true",
+                     help="replace a stored result measured on other hardware or at another commit")
     run.add_argument("--json", action="store_true", help="print the result as one JSON line")
 
     matrix = sub.add_parser(
@@ -181,12 +183,17 @@ def _print_json(obj: Any) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from bench import runner
-    from bench.results import capture_environment, save_result
+    from bench.results import capture_environment, replacement_problem, result_path, save_result
 
     cfg = config_from_args(args).validate()
+    env = capture_environment()
+    # Refuse before measuring, not after: a run can take hours.
+    problem = replacement_problem(result_path(cfg.out, cfg.release, env.hardware, cfg), env)
+    if problem and not args.force:
+        raise ConfigError(f"{problem}; pass --force to replace it, or --release/--out to keep both")
     if args.json:
         result = runner.run_config(cfg)
-        path = save_result(result)
+        path = save_result(result, force=args.force)
         _print_json({"path": str(path), **result.to_dict()})
         return 0 if result.status == "ok" else 1
 
@@ -194,7 +201,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = _console()
-    env = capture_environment()
     hardware = ", ".join(f"{g.name} (cc {g.compute_capability})" for g in env.gpus) or f"CPU: {env.cpu} ({env.cpu_count} threads)"
     card = (
         f"[bold]{cfg.method}[/] · attn {cfg.attn} · {cfg.precision} · model {cfg.model} · {cfg.num_crops} crops · "
@@ -207,7 +213,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     console.print(Panel(card, title=f"phi3v-bench run · {cfg.cell_id()}", expand=False))
     with console.status(f"measuring {cfg.repeats} repeat(s) in fresh processes…"):
         result = runner.run_config(cfg)
-    path = save_result(result)
+    path = save_result(result, force=args.force)
 
     s = result.summary
     table = Table(title=f"{cfg.cell_id()} [{result.status}]")

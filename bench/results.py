@@ -57,6 +57,8 @@ __all__ = [
     "json_safe",
     "load_result",
     "load_results",
+    "replacement_problem",
+    "cpu_hardware_name",
     "read_results",
     "result_path",
     "save_result",
@@ -263,9 +265,14 @@ class Environment:
 
     @property
     def hardware(self) -> str:
-        """Folder name for this machine: ``<count>x<gpu>`` (e.g. ``8xA100-SXM4-80GB``) or ``cpu``."""
+        """Folder name for this machine: ``<count>x<gpu>`` (e.g. ``8xA100-SXM4-80GB``) or ``cpu-<model>-<n>t``.
+
+        CPU machines are named by CPU model and logical CPU count (e.g. ``cpu-Intel-Xeon-Platinum-8375C-2t``), as
+        GPUs are, so results of two different CPU machines never share a folder. Results written before this rule
+        live in ``cpu/`` and still load: the folder name is not read back.
+        """
         if not self.gpus:
-            return "cpu"
+            return cpu_hardware_name(self.cpu, self.cpu_count)
         name = re.sub(r"^NVIDIA\s+", "", self.gpus[0].name.strip())
         name = re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-") or "gpu"
         return f"{len(self.gpus)}x{name}"
@@ -441,6 +448,19 @@ class BenchResult:
 # ---------------------------------------------------------------------------------------------------------------
 # Environment
 # ---------------------------------------------------------------------------------------------------------------
+def cpu_hardware_name(model: str, threads: int | None) -> str:
+    """``cpu-<model slug>-<threads>t``: trademarks, "CPU", clock and "with ... Graphics" suffixes dropped.
+
+    Example: ``"Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"`` with 2 threads -> ``cpu-Intel-Xeon-Platinum-8375C-2t``.
+    """
+    name = re.sub(r"\((R|TM|tm|r)\)", "", model or "")
+    name = re.sub(r"@.*$", "", name)
+    name = re.sub(r"\b(CPU|Processor|\d+-Core)\b", "", name)
+    name = re.sub(r"\bwith\b.*$", "", name)
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-") or "unknown"
+    return f"cpu-{slug}-{threads or 0}t"
+
+
 def capture_environment() -> Environment:
     """Describe the current machine and software (cheap; no GPU work beyond reading properties).
 
@@ -607,14 +627,49 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def save_result(result: BenchResult, root: str | Path | None = None) -> Path:
+def replacement_problem(path: str | Path, environment: Environment) -> str | None:
+    """Why a new result measured in ``environment`` must not replace the file at ``path`` (``None`` = it may).
+
+    A finished (``ok``/``oom``) result measured on other hardware or at another commit is someone's data: replacing
+    it silently is how a clone's run once overwrote the shipped CPU results. ``error`` rows and unreadable files
+    may be replaced (a crash is retried after a fix).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        old = load_result(path)
+    except DataError:
+        return None
+    if old.status == "error":
+        return None
+    old_env = old.environment
+    if old_env.hardware != environment.hardware:
+        return f"{path} was measured on {old_env.hardware}, this machine is {environment.hardware}"
+    if old_env.git_sha and environment.git_sha and old_env.git_sha != environment.git_sha:
+        return f"{path} was measured at commit {old_env.git_sha[:10]}, this tree is {environment.git_sha[:10]}"
+    return None
+
+
+def save_result(result: BenchResult, root: str | Path | None = None, *, force: bool = False) -> Path:
     """Write ``result`` atomically to its place under ``root`` (default: ``result.config.out``).
+
+    Args:
+        result: The result to store.
+        root: Results root folder.
+        force: Replace a result measured on other hardware or at another commit.
 
     Returns:
         The path written.
+
+    Raises:
+        DataError: The file holds another machine's or commit's result and ``force`` is off.
     """
     cfg = result.config
     path = result_path(root if root is not None else cfg.out, cfg.release, result.environment.hardware, cfg)
+    problem = None if force else replacement_problem(path, result.environment)
+    if problem:
+        raise DataError(f"{problem}; pass --force to replace it, or --release/--out to keep both")
     return write_text_atomic(path, result.to_json())
 
 

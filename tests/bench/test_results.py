@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,7 @@ from bench.results import (
     capture_environment,
     load_result,
     load_results,
+    read_results,
     result_path,
     save_result,
     write_text_atomic,
@@ -145,7 +148,7 @@ def test_capture_environment_on_this_machine() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        assert env.hardware == "cpu" and env.gpus == []
+        assert env.hardware.startswith("cpu-") and env.hardware.endswith(f"-{env.cpu_count}t") and env.gpus == []
     else:
         assert env.gpus[0].compute_capability.count(".") == 1
         assert env.hardware.startswith(f"{torch.cuda.device_count()}x")
@@ -156,6 +159,50 @@ def test_hardware_slug() -> None:
 
     assert gpu_env("NVIDIA H100 80GB HBM3", 1).hardware == "1xH100-80GB-HBM3"
     assert gpu_env("Tesla V100-SXM2-32GB", 8).hardware == "8xTesla-V100-SXM2-32GB"
+
+
+@pytest.mark.parametrize(
+    ("model", "threads", "expected"),
+    [
+        ("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", 2, "cpu-Intel-Xeon-Platinum-8375C-2t"),
+        ("AMD EPYC 7763 64-Core Processor", 128, "cpu-AMD-EPYC-7763-128t"),
+        ("Apple M2 Pro", 12, "cpu-Apple-M2-Pro-12t"),
+        ("", None, "cpu-unknown-0t"),
+    ],
+)
+def test_cpu_machines_are_named_by_model_and_threads(model, threads, expected) -> None:
+    assert Environment(cpu=model, cpu_count=threads).hardware == expected
+
+
+def test_results_of_another_machine_or_commit_are_not_replaced(tmp_path) -> None:
+    from bench.results import replacement_problem
+    from tests.bench.factories import gpu_env
+
+    ours = make_result(env=gpu_env(count=8))
+    path = save_result(ours, tmp_path)
+    assert replacement_problem(path, ours.environment) is None  # same machine, same commit: a re-run replaces
+    other_commit = make_result(env=dataclasses.replace(gpu_env(count=8), git_sha="1" * 40))
+    assert "commit" in replacement_problem(path, other_commit.environment)
+    with pytest.raises(DataError, match="--force"):
+        save_result(other_commit, tmp_path)
+    assert load_result(path).environment.git_sha == "0" * 40  # untouched
+    save_result(other_commit, tmp_path, force=True)
+    assert load_result(path).environment.git_sha == "1" * 40
+    # An error row may always be retried.
+    failed = BenchResult.failure(ours.config, "error", "boom", gpu_env(count=8))
+    save_result(failed, tmp_path, force=True)
+    assert replacement_problem(path, ours.environment) is None
+
+
+def test_shipped_cpu_results_still_load_and_compare() -> None:
+    from bench.compare import compare_paths
+
+    shipped = Path(__file__).resolve().parents[2] / "results" / "v0.1.0" / "cpu"
+    pairs = read_results([shipped])
+    assert pairs and all(r.status in ("ok", "oom", "error") for _, r in pairs)
+    assert all(r.environment.hardware.startswith("cpu-") for _, r in pairs)  # named by model now, folder kept
+    report = compare_paths([shipped], [shipped])
+    assert len(report.matches) == len(pairs) and report.regressions == 0
 
 
 class FakeNvml:
@@ -203,7 +250,7 @@ class FakeNvml:
         ("3,0", "2xA10", "8.6"),
         ("GPU-1aaa,GPU-2", "2xH100-80GB-HBM3", "9.0"),
         ("0,7,1", "1xH100-80GB-HBM3", "9.0"),  # CUDA ignores everything from the first invalid entry on
-        ("", "cpu", None),
+        ("", "cpu-", None),
     ],
 )
 def test_gpus_come_from_nvml_with_cuda_visible_devices(monkeypatch, visible, hardware, first_cc) -> None:
@@ -216,7 +263,7 @@ def test_gpus_come_from_nvml_with_cuda_visible_devices(monkeypatch, visible, har
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     env = capture_environment()
-    assert env.hardware == hardware
+    assert env.hardware == hardware or (hardware == "cpu-" and env.hardware.startswith("cpu-"))
     assert env.driver_version == "570.86.15"
     assert (env.gpus[0].compute_capability if env.gpus else None) == first_cc
     assert [g.index for g in env.gpus] == list(range(len(env.gpus)))
