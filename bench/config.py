@@ -45,7 +45,7 @@ METHODS: tuple[str, ...] = ("full", "frozen_vision", "lora", "qlora")
 ATTENTIONS: tuple[str, ...] = ("eager", "sdpa", "flash_attention_2")
 PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")
 
-#: The recipe asserts num_crops <= 16 (recipe.md §2); the image processor cannot tile more.
+#: The recipe asserts num_crops <= 16; the image processor cannot tile more.
 MAX_NUM_CROPS = 16
 
 _SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -80,7 +80,7 @@ SEQ_PROFILES: dict[str, SeqProfile] = {
         SeqProfile(
             "docvqa", 1, 1008, 1680, 66, 16,
             "derived: a portrait page tiles 3x5 at num_crops=16 -> 2377 image tokens + 66 text = 2443, "
-            "the published DocVQA mean of 2443.23 tokens (recipe.md §11)",
+            "the published DocVQA mean of 2443.23 tokens in the seed recipe's speed table",
         ),
         SeqProfile(
             "hateful_memes", 1, 800, 600, 48, 16,
@@ -88,11 +88,11 @@ SEQ_PROFILES: dict[str, SeqProfile] = {
         ),
         SeqProfile(
             "nlvr2", 2, 640, 480, 40, 16,
-            "assumed: two 4:3 photos and one question (recipe.md §7); no published sequence length",
+            "assumed: two 4:3 photos and one question (as in the seed recipe); no published sequence length",
         ),
         SeqProfile(
             "ucf101", 8, 320, 240, 40, 4,
-            "recipe.md §2/§7: 8 video frames per sample, num_crops 4 'to reduce memory usage'",
+            "the seed recipe: 8 video frames per sample, num_crops 4 'to reduce memory usage'",
         ),
     )
 }

@@ -6,6 +6,10 @@ For every (release, hardware) group the report has
   speed-up, peak memory), with the matching published row beside each of ours (``results/reference/speed.csv``);
 * three plots: img/s by method x attention, peak memory by method, and img/s over GPUs (scaling over nodes).
 
+Given several releases (``phi3v-bench report results/``), it adds, per configuration and hardware measured in two or
+more releases, a releases x metrics table (img/s, MFU, peak memory) and one trend plot per hardware in the style of
+asv, with the regressions that ``compare``'s rule finds between consecutive releases marked.
+
 The published tables are reproduced at the end. Everything is rendered in memory first and written only when all of
 it succeeded, each file atomically, so a failed report leaves no half-written files behind.
 """
@@ -28,12 +32,15 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-__all__ = ["Report", "build_report", "write_report"]
+__all__ = ["ReleaseTrend", "Report", "build_report", "release_order", "release_trends", "seed_match", "write_report"]
 
 GIB = 1 << 30
 _ATTN_ORDER = {"eager": 0, "sdpa": 1, "flash_attention_2": 2}
 _METHOD_ORDER = {m: i for i, m in enumerate(METHODS)}
-_FLASH_MARK = {"eager": "", "sdpa": "sdpa", "flash_attention_2": "✔"}
+#: What the "Attention kernel" column shows (the seed's "flash attention ✔" is our flash_attention_2).
+_ATTN_LABEL = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash-attn 2"}
+#: Models with the seed's architecture and size (a checkpoint folder is taken to be a real Phi-3(.5)-vision).
+_FULL_SIZE_PRESETS = ("phi-3.5-vision", "phi-3-vision")
 # Columns the seed layout already shows; every other identity field that varies within a group gets its own column.
 _LAYOUT_FIELDS = ("method", "nodes", "gpus", "attn", "batch_size")
 # Memory shown as "peak": what nvidia-smi would show first (the seed's likely measure), then narrower views.
@@ -109,17 +116,48 @@ def _gib(value: int | None) -> str:
     return f"{value / GIB:.1f}" if value is not None else "–"
 
 
-def _reference_row(ref: pd.DataFrame | None, hardware: str, cfg: BenchConfig) -> dict[str, Any] | None:
-    # The seed only has flash-attention on (FA2) and off (eager); sdpa rows have no published counterpart.
-    if ref is None or cfg.attn not in ("eager", "flash_attention_2"):
-        return None
-    hit = ref[
-        (ref.hardware == hardware)
-        & (ref.method == cfg.method)
-        & (ref.nodes == cfg.nodes)
-        & (ref.flash_attention == (cfg.attn == "flash_attention_2"))
+def seed_match(
+    ref: pd.DataFrame | None, ref_hw: str, result: BenchResult
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The published row measured on the same kind of run as ``result``, or why there is none.
+
+    Same kind means: the full-size model, the seed's GPU (model and memory) with the same GPUs per node, the same
+    sequence profile and crops, the same method, nodes, effective batch and flash-attention setting (the seed has
+    flash-attn 2 on and eager off; sdpa has no published counterpart).
+
+    Returns:
+        ``(row, None)`` on a match, else ``(None, reason)``; ``(None, None)`` when there is no reference at all.
+    """
+    if ref is None:
+        return None, None
+    cfg, env = result.config, result.environment
+    rows = ref[ref.hardware == ref_hw]
+    if rows.empty:
+        return None, None
+    seed = rows.iloc[0]
+    gpu = (env.gpu_name or "").upper()
+    family, memory = str(seed.gpu).upper().split("-", 1)  # "A100-80GB" -> "A100", "80GB"
+    if cfg.model not in _FULL_SIZE_PRESETS and ("/" not in cfg.model and not Path(cfg.model).is_dir()):
+        return None, f"model {cfg.model} is not the full-size model the seed measured"
+    if not env.gpus:
+        return None, "measured on a CPU"
+    if family not in gpu or memory not in gpu.replace(" ", ""):
+        return None, f"{env.gpu_name} is not the seed's {seed.gpu}"
+    if cfg.gpus != int(seed.gpus_per_node) or len(env.gpus) < cfg.gpus:
+        return None, f"{cfg.gpus} GPUs per node, the seed used {int(seed.gpus_per_node)}"
+    if cfg.seq_profile != seed.dataset or cfg.num_crops != int(seed.num_crops):
+        return None, f"profile {cfg.seq_profile} at {cfg.num_crops} crops, the seed measured {seed.dataset} at {int(seed.num_crops)}"
+    if cfg.attn not in ("eager", "flash_attention_2"):
+        return None, f"attention {cfg.attn}: the seed published flash-attn 2 on and eager off only"
+    hit = rows[
+        (rows.method == cfg.method)
+        & (rows.nodes == cfg.nodes)
+        & (rows.effective_batch == cfg.batch_size)
+        & (rows.flash_attention == (cfg.attn == "flash_attention_2"))
     ]
-    return hit.iloc[0].to_dict() if len(hit) else None
+    if hit.empty:
+        return None, f"no published row for {cfg.method}, {cfg.nodes} node(s), batch {cfg.batch_size}, {cfg.attn}"
+    return hit.iloc[0].to_dict(), None
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -158,11 +196,12 @@ def _group_markdown(group: _Group, ref: pd.DataFrame | None, ref_hw: str, images
         base = min(ok, key=lambda r: r.summary.img_per_s)
         base_note = f"the slowest row here ({base.config.cell_id()}), as the seed's 1x row (full, eager) is absent"
 
-    header = ["Method", *(f.replace("_", " ") for f in extra), "# nodes", "GPUs", "flash attention", "Effective batch",
-              "img/s", "img/s/GPU", "Speed-up", f"Peak GiB ({peak_label})", "MFU"]
+    header = ["Method", *(f.replace("_", " ") for f in extra), "# nodes", "GPUs", "Attention kernel",
+              "Effective batch", "img/s", "img/s/GPU", "Speed-up", f"Peak GiB ({peak_label})", "MFU"]
     if ref is not None:
-        header += [f"Seed img/s ({ref_hw})", "Seed peak GB"]
+        header += [f"Seed img/s ({ref_hw}, published)", "Seed peak GB (published)"]
     rows, notes = [], []
+    no_seed: dict[str, list[str]] = {}
     for r in group.results:
         cfg, s = r.config, r.summary
         if r.status == "ok":
@@ -174,10 +213,12 @@ def _group_markdown(group: _Group, ref: pd.DataFrame | None, ref_hw: str, images
             cells = ["OOM" if r.status == "oom" else "error", "–", "–", "–", "–"]
             notes.append(f"- `{cfg.cell_id()}`: {r.status}: {r.message}")
         row = [cfg.method, *(_show(getattr(cfg, f)) for f in extra), str(cfg.nodes), str(cfg.world_size),
-               _FLASH_MARK.get(cfg.attn, cfg.attn), str(cfg.batch_size), *cells]
+               _ATTN_LABEL.get(cfg.attn, cfg.attn), str(cfg.batch_size), *cells]
         if ref is not None:
-            seed = _reference_row(ref, ref_hw, cfg)
+            seed, reason = seed_match(ref, ref_hw, r)
             row += [f"{seed['img_per_s']:.3f}", f"~{seed['peak_gpu_mem_gb']:g}"] if seed else ["–", "–"]
+            if reason:
+                no_seed.setdefault(reason, []).append(cfg.method)
         rows.append(row)
 
     lines = [f"## {group.title}", "", _setup_line(group, extra), ""]
@@ -185,8 +226,12 @@ def _group_markdown(group: _Group, ref: pd.DataFrame | None, ref_hw: str, images
     lines += ["", f"Speed-up is relative to {base_note}. img/s is global over all GPUs; peak memory is the maximum "
                   "over ranks."]
     if ref is not None:
-        lines.append(f"Seed columns: the published {ref_hw} row with the same method, nodes and flash attention "
-                     "(Phi-3-vision v1, DocVQA, num_crops 16, batch 64; see results/reference/README.md).")
+        lines.append(f"Seed columns: the published {ref_hw} row of the same kind of run (full-size model, same GPU "
+                     "model and count, DocVQA profile at 16 crops, same method, nodes, batch and flash-attention "
+                     "setting), measured by the recipe's authors on Phi-3-vision v1; provenance in "
+                     "results/reference/README.md.")
+        for reason, methods in no_seed.items():
+            lines.append(f"A dash in the seed columns ({', '.join(dict.fromkeys(methods))}): {reason}.")
     if notes:
         lines += ["", "Failed cells:", *notes]
     lines += [""] + [f"![{name}]({name})" for name in images] + [""]
@@ -322,6 +367,122 @@ def _reference_overlays(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# across releases
+# ---------------------------------------------------------------------------------------------------------------
+def release_order(release: str) -> tuple:
+    """Sort key for release labels: ``v0.10.0`` after ``v0.9.1`` (PEP 440 when it parses), others by name after."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (0, Version(release.lstrip("vV")), release)
+    except InvalidVersion:
+        return (1, release, release)
+
+
+@dataclass
+class ReleaseTrend:
+    """One configuration on one hardware across releases (oldest first).
+
+    Attributes:
+        hardware: Hardware folder name.
+        config: The configuration of the newest release (identity shared by all).
+        releases: Release labels, oldest first.
+        results: One result per release.
+        verdicts: ``compare``'s verdict of each release against the previous one (``""`` for the first).
+    """
+
+    hardware: str
+    config: BenchConfig
+    releases: list[str]
+    results: list[BenchResult]
+    verdicts: list[str]
+
+
+def release_trends(results: Sequence[BenchResult]) -> list[ReleaseTrend]:
+    """Group results by hardware and configuration identity; keep those measured in two or more releases.
+
+    Consecutive releases are judged with ``compare``'s rule (:func:`bench.compare.compare_results`), so a release
+    marked ``regressed`` here is one that ``phi3v-bench compare`` would fail.
+    """
+    from bench.compare import compare_results
+
+    grouped: dict[tuple, dict[str, BenchResult]] = {}
+    for r in results:
+        key = (r.environment.hardware, tuple(r.config.identity().items()))
+        grouped.setdefault(key, {})[r.config.release] = r
+    trends = []
+    for (hardware, _identity), by_release in grouped.items():
+        if len(by_release) < 2:
+            continue
+        releases = sorted(by_release, key=release_order)
+        ordered = [by_release[rel] for rel in releases]
+        verdicts = [""] + [
+            compare_results([prev], [cur]).matches[0].verdict for prev, cur in zip(ordered, ordered[1:])
+        ]
+        trends.append(ReleaseTrend(hardware, ordered[-1].config, releases, ordered, verdicts))
+    trends.sort(key=lambda t: (t.hardware, _sort_key(t.config)))
+    return trends
+
+
+def _trend_markdown(trends: Sequence[ReleaseTrend], plots: dict[str, str]) -> list[str]:
+    lines = ["## Across releases", "",
+             "Each configuration measured in two or more releases on the same hardware. A release is marked "
+             "regressed when `phi3v-bench compare` finds a regression against the previous release (img/s on "
+             "per-repeat medians, memory within tolerance, or a new failure).", ""]
+    for hardware in dict.fromkeys(t.hardware for t in trends):
+        lines += [f"### {hardware}", ""]
+        for t in (t for t in trends if t.hardware == hardware):
+            peak_attr, peak_label = _peak_source(t.results) or _PEAK_SOURCES[1]
+            lines += [f"`{t.config.cell_id()}`", ""]
+            rows = []
+            for release, r, verdict in zip(t.releases, t.results, t.verdicts):
+                s = r.summary
+                ok = r.status == "ok"
+                rows.append([
+                    release,
+                    f"{s.img_per_s:.3f}" if ok and s.img_per_s else r.status.upper(),
+                    f"{s.mfu:.1%}" if ok and s.mfu is not None else "–",
+                    _gib(getattr(s, peak_attr)) if ok else "–",
+                    {"regressed": "▼ regressed", "improved": "▲ improved"}.get(verdict, verdict or "–"),
+                ])
+            lines += _md_table(["Release", "img/s", "MFU", f"Peak GiB ({peak_label})", "vs previous"], rows)
+            lines.append("")
+        lines += [f"![{plots[hardware]}]({plots[hardware]})", ""]
+    return lines
+
+
+def _trend_plot(hardware: str, trends: Sequence[ReleaseTrend]) -> bytes:
+    """img/s per release, one line per configuration, regressions marked (asv's benchmark-over-commits view)."""
+    releases = sorted({rel for t in trends for rel in t.releases}, key=release_order)
+    x_of = {rel: i for i, rel in enumerate(releases)}
+    fig, ax = _new_figure(f"img/s across releases — {hardware}")
+    marked = False
+    for i, t in enumerate(trends):
+        points = [(x_of[rel], r.summary.img_per_s, v) for rel, r, v in zip(t.releases, t.results, t.verdicts)
+                  if r.status == "ok" and r.summary.img_per_s]
+        if not points:
+            continue
+        xs, ys, verdicts = zip(*points)
+        ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=t.config.cell_id())
+        for x, y, verdict in zip(xs, ys, verdicts):
+            if verdict == "regressed":
+                ax.plot([x], [y], marker="v", markersize=11, color="tab:red", linestyle="")
+                marked = True
+    if marked:
+        from matplotlib.lines import Line2D
+
+        ax.add_artist(ax.legend(fontsize=7, loc="upper left"))
+        ax.legend([Line2D([], [], marker="v", color="tab:red", linestyle="")], ["regression (compare)"],
+                  fontsize=7, loc="lower right")
+    else:
+        ax.legend(fontsize=7)
+    ax.set_xticks(range(len(releases)), releases)
+    ax.set_xlabel("release")
+    ax.set_ylabel("img/s (global)")
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # entry points
 # ---------------------------------------------------------------------------------------------------------------
 def build_report(
@@ -363,6 +524,14 @@ def build_report(
                                      "Peak memory by method", ref_mem)
         images[names[2]] = _scaling_plot(group, ref_scaling)
         lines += _group_markdown(group, speed, ref_hw, names)
+    trends = release_trends(items)
+    if trends:
+        plots = {}
+        for hardware in dict.fromkeys(t.hardware for t in trends):
+            name = f"trend-{re.sub(r'[^A-Za-z0-9._-]+', '_', hardware)}.png"
+            images[name] = _trend_plot(hardware, [t for t in trends if t.hardware == hardware])
+            plots[hardware] = name
+        lines += _trend_markdown(trends, plots)
     if speed is not None and accuracy is not None:
         lines += _reference_markdown(speed, accuracy)
     return Report("\n".join(lines).rstrip() + "\n", images)

@@ -11,7 +11,7 @@ One file per configuration lives at ``<out>/<release>/<hardware>/<cell_id>.json`
 * ``summary``: derived numbers written for humans and for tools that do not use this module. It is recomputed from
   ``metrics`` on load, so it can never disagree with the raw data.
 
-Semantics that differ from optimum-benchmark on purpose (bench-planner-anchors.md §1.5): throughput is **global**
+Semantics that differ from optimum-benchmark on purpose: throughput is **global**
 (all ranks) and per GPU, never an average of per-rank figures; memory is the **maximum over ranks** (each rank is one
 GPU), never a sum. Bytes are stored as integers; units are applied only for display.
 """

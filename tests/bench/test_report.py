@@ -11,7 +11,7 @@ from bench.results import BenchResult
 from phi3v_core.errors import DataError
 from tests.bench.factories import gpu_env, make_result
 
-SEED = dict(model="phi-3.5-vision", gpus=8, batch_size=64, release="v1")
+SEED = dict(model="phi-3.5-vision", gpus=8, batch_size=64, num_crops=16, seq_profile="docvqa", release="v1")
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +34,14 @@ def test_report_markdown_and_pngs(tmp_path, a100_results) -> None:
     md = paths[0].read_text()
     assert paths[0].name == "report.md"
     assert "## v1 · 8xA100-SXM4-80GB" in md
-    assert ("| Method | precision | # nodes | GPUs | flash attention | Effective batch | img/s | img/s/GPU | Speed-up |"
+    assert ("| Method | precision | # nodes | GPUs | Attention kernel | Effective batch | img/s | img/s/GPU | Speed-up |"
             in md)
     # Our full/1 node/eager row is 1.00x and sits beside the published 5.041 img/s, ~42 GB row.
-    full_row = next(line for line in md.splitlines() if line.startswith("| full | fp16 | 1 | 8 |  |"))
+    full_row = next(line for line in md.splitlines() if line.startswith("| full | fp16 | 1 | 8 | eager |"))
     assert "| 1.00x |" in full_row and "| 5.041 | ~42 |" in full_row
     lora_row = next(line for line in md.splitlines() if line.startswith("| lora |"))
-    assert "| 12.127 | ~16 |" in lora_row
+    assert "| 12.127 | ~16 |" in lora_row and "| flash-attn 2 |" in lora_row
+    assert "spec/" not in md and "recipe.md" not in md  # no files users do not have
     assert "| OOM |" in md and "CUDA out of memory" in md
     assert "## Seed reference tables" in md and "33.433" in md and "83.65" in md
 
@@ -70,3 +71,65 @@ def test_cpu_group_without_seed_baseline_and_no_reference(tmp_path) -> None:
 def test_no_results_is_a_user_error() -> None:
     with pytest.raises(DataError, match="no results"):
         build_report([])
+
+
+def _seed_columns(md: str, prefix: str) -> str:
+    row = next(line for line in md.splitlines() if line.startswith(prefix))
+    return "|".join(row.split("|")[-3:-1]).strip()
+
+
+@pytest.mark.parametrize(
+    ("change", "env", "reason"),
+    [
+        ({}, gpu_env(), None),
+        ({"model": "tiny"}, gpu_env(), "not the full-size model"),
+        ({}, gpu_env("NVIDIA H100 80GB HBM3"), "is not the seed's A100-80GB"),
+        ({}, gpu_env("NVIDIA A100-SXM4-40GB"), "is not the seed's A100-80GB"),
+        ({"gpus": 4, "batch_size": 64}, gpu_env(count=4), "4 GPUs per node"),
+        ({"num_crops": 4}, gpu_env(), "at 4 crops"),
+        ({"seq_profile": "nlvr2"}, gpu_env(), "profile nlvr2"),
+        ({"attn": "sdpa"}, gpu_env(), "attention sdpa"),
+        ({"batch_size": 32}, gpu_env(), "batch 32"),
+        ({}, gpu_env(count=0), "CPU"),
+    ],
+)
+def test_seed_row_only_beside_the_same_kind_of_run(change, env, reason) -> None:
+    from bench.reference import load_reference_speed
+    from bench.report import seed_match
+
+    cfg = BenchConfig(method="lora", attn="flash_attention_2", **SEED).replace(**change)
+    row, why = seed_match(load_reference_speed(), "8xA100-80GB", make_result(cfg, env=env))
+    if reason is None:
+        assert row is not None and row["img_per_s"] == pytest.approx(12.127) and why is None
+    else:
+        assert row is None and reason in why
+
+
+def test_tiny_cpu_rows_get_a_dash_and_a_note() -> None:
+    cfg = BenchConfig(method="lora", attn="sdpa", model="tiny", num_crops=1, batch_size=2, micro_batch=2, release="v1")
+    md = build_report([make_result(cfg, env=gpu_env(count=0))]).markdown
+    assert _seed_columns(md, "| lora |") == "– | –"
+    assert "A dash in the seed columns (lora): model tiny is not the full-size model" in md
+
+
+def test_several_releases_get_a_trend_table_and_plot_with_regressions_marked(tmp_path) -> None:
+    cfg = BenchConfig(method="lora", attn="flash_attention_2", **SEED)
+    other = cfg.replace(method="full")
+    times = {"v0.1.0": 5.0, "v0.2.0": 5.05, "v0.10.0": 5.6}  # v0.10.0 is 10 % slower and sorts after v0.2.0
+    results = [make_result(cfg.replace(release=rel), step_time=t, seed=i, jitter=0.005)
+               for i, (rel, t) in enumerate(times.items())]
+    results.append(make_result(other.replace(release="v0.1.0"), step_time=9.0))  # one release only: no trend
+    report = build_report(results)
+    md = report.markdown
+    assert "## Across releases" in md
+    section = md.split("## Across releases", 1)[1].split("## Seed reference tables", 1)[0]
+    assert cfg.cell_id() in section and other.cell_id() not in section
+    rows = [line for line in section.splitlines() if line.startswith("| v0.")]
+    assert [r.split("|")[1].strip() for r in rows] == ["v0.1.0", "v0.2.0", "v0.10.0"]
+    assert "| same |" in rows[1] and "▼ regressed" in rows[2]
+    assert "| Release | img/s | MFU | Peak GiB" in section
+    assert any(name.startswith("trend-") for name in report.images)
+    write_report(report, tmp_path)
+    trend = next(tmp_path.glob("trend-*.png"))
+    with Image.open(trend) as image:
+        assert image.format == "PNG"
