@@ -22,7 +22,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.config import ATTENTIONS, METHODS, PRECISIONS, SEQ_PROFILES, BenchConfig, default_release
+from bench.config import (
+    ATTENTIONS,
+    METHODS,
+    PRECISIONS,
+    SEQ_PROFILES,
+    TINY_DEFAULTS,
+    BenchConfig,
+    DeviceDescription,
+    choose_defaults,
+    default_release,
+)
 from phi3v_core.errors import ConfigError, cli_errors
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -37,37 +47,25 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
 
-#: The tiny model on a 2-core CPU: the DocVQA profile scaled down (1 crop instead of 16: 379 tokens) and a short protocol, so
-#: that `phi3v-bench run --method lora` finishes in well under a minute. Explicit flags always win.
-TINY_DEFAULTS: dict[str, Any] = {"num_crops": 1, "batch_size": 2, "micro_batch": 2, "steps": 3, "warmup": 1, "repeats": 3}
-
-
-def _default_precision() -> str:
-    """bf16 where the GPU computes it natively (compute capability >= 8.0), otherwise fp32."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 8:
-        return "bf16"
-    return "fp32"
-
-
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     d = BenchConfig(release="-")  # defaults shown in --help; release has its own default below
     p.add_argument("--method", default=d.method, metavar="{" + ",".join(METHODS) + "}",
                    help="fine-tuning method (default: %(default)s)")
-    p.add_argument("--attn", default=d.attn, metavar="{" + ",".join(ATTENTIONS) + "}",
-                   help="attention kernel (default: %(default)s)")
+    p.add_argument("--attn", "--attention", dest="attn", default=None, metavar="{" + ",".join(ATTENTIONS) + "}",
+                   help="attention kernel (default: flash_attention_2 on a GPU with compute capability >= 8.0 when "
+                        "flash-attn imports, else sdpa)")
     p.add_argument("--precision", default=None, metavar="{" + ",".join(PRECISIONS) + "}",
                    help="bf16/fp16 mixed precision or fp32 (default: bf16 on GPUs with compute capability >= 8.0, "
-                        "else fp32)")
-    p.add_argument("--model", default=d.model, help="tiny, phi-3.5-vision, phi-3-vision or a checkpoint folder "
-                   "(default: %(default)s)")
+                        "fp16 on older GPUs, fp32 on CPU)")
+    p.add_argument("--model", default=None, help="tiny, phi-3.5-vision, phi-3-vision or a checkpoint folder "
+                   "(default: phi-3.5-vision with random weights on a GPU, tiny on CPU)")
     p.add_argument("--num-crops", type=int, default=None,
                    help=f"HD crops per image, 1..16 (default: {d.num_crops}; tiny model: {TINY_DEFAULTS['num_crops']})")
-    p.add_argument("--seq-profile", default=d.seq_profile, metavar="{" + ",".join(SEQ_PROFILES) + "}",
-                   help="synthetic sample shape (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"global effective batch per optimizer step (default: {d.batch_size}; tiny: {TINY_DEFAULTS['batch_size']})")
+    p.add_argument("--seq-profile", default=None, metavar="{" + ",".join(SEQ_PROFILES) + "}",
+                   help=f"synthetic sample shape (default: {d.seq_profile})")
+    p.add_argument("--global-batch", "--batch-size", dest="global_batch", type=int, default=None,
+                   help=f"global effective batch per optimizer step over all GPUs (default: {d.global_batch}; "
+                        f"tiny: {TINY_DEFAULTS['global_batch']}); --batch-size is its old name")
     p.add_argument("--micro-batch", type=int, default=None,
                    help=f"samples per GPU per forward (default: {d.micro_batch}; tiny: {TINY_DEFAULTS['micro_batch']})")
     p.add_argument("--gpus", type=int, default=d.gpus, help="GPUs per node (default: %(default)s)")
@@ -159,16 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    """Map parsed ``run`` flags onto a :class:`BenchConfig` (the one place flags become a config)."""
+def config_from_args(
+    args: argparse.Namespace, device: DeviceDescription | None = None
+) -> tuple[BenchConfig, list[str]]:
+    """Map parsed ``run`` flags onto a :class:`BenchConfig` (the one place flags become a config).
+
+    Flags the user did not pass take the machine's defaults (:func:`bench.config.choose_defaults`).
+
+    Returns:
+        The config and the reasons for each default chosen (shown on the config card).
+    """
     names = {f.name for f in dataclasses.fields(BenchConfig)}
     values = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    if values.get("model", "tiny") == "tiny":
-        for name, value in TINY_DEFAULTS.items():
-            values.setdefault(name, value)
-    if "precision" not in values:
-        values["precision"] = _default_precision()
-    return BenchConfig(**values)
+    defaults, reasons = choose_defaults(device or DeviceDescription.detect(), values.get("model"))
+    explicit = [name for name in defaults if name in values and name != "model"]
+    for name, value in defaults.items():
+        values.setdefault(name, value)
+    if explicit:
+        reasons.append("given on the command line: " + ", ".join(f"{n} {values[n]}" for n in explicit))
+    return BenchConfig(**values), reasons
 
 
 def _console() -> Any:
@@ -185,8 +192,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bench import runner
     from bench.results import capture_environment, replacement_problem, result_path, save_result
 
-    cfg = config_from_args(args).validate()
     env = capture_environment()
+    cfg, reasons = config_from_args(args, DeviceDescription.detect(env))
+    cfg.validate()
     # Refuse before measuring, not after: a run can take hours.
     problem = replacement_problem(result_path(cfg.out, cfg.release, env.hardware, cfg), env)
     if problem and not args.force:
@@ -194,7 +202,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         result = runner.run_config(cfg)
         path = save_result(result, force=args.force)
-        _print_json({"path": str(path), **result.to_dict()})
+        _print_json({"path": str(path), "defaults": reasons, **result.to_dict()})
         return 0 if result.status == "ok" else 1
 
     from rich.panel import Panel
@@ -205,10 +213,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     card = (
         f"[bold]{cfg.method}[/] · attn {cfg.attn} · {cfg.precision} · model {cfg.model} · {cfg.num_crops} crops · "
         f"profile {cfg.seq_profile}\n"
-        f"batch {cfg.batch_size} = {cfg.micro_batch} micro × {cfg.world_size} ranks ({cfg.nodes} node(s) × {cfg.gpus}) × "
+        f"global batch {cfg.global_batch} = {cfg.micro_batch} micro × {cfg.world_size} ranks ({cfg.nodes} node(s) × {cfg.gpus}) × "
         f"{cfg.grad_accum} accumulation · {cfg.warmup} warmup + {cfg.steps} timed steps × {cfg.repeats} repeats\n"
         f"{hardware} · torch {env.packages.get('torch')} · transformers {env.packages.get('transformers')} · "
-        f"git {(env.git_sha or '?')[:10]}{'+dirty' if env.git_dirty else ''}"
+        f"git {(env.git_sha or '?')[:10]}{'+dirty' if env.git_dirty else ''}\n"
+        + "\n".join(f"[dim]default[/] {reason}" for reason in reasons)
     )
     console.print(Panel(card, title=f"phi3v-bench run · {cfg.cell_id()}", expand=False))
     with console.status(f"measuring {cfg.repeats} repeat(s) in fresh processes…"):
@@ -216,12 +225,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     path = save_result(result, force=args.force)
 
     s = result.summary
-    table = Table(title=f"{cfg.cell_id()} [{result.status}]")
-    columns = ["img/s", "img/s/GPU", "tokens/s", "step median s", "p90 s", "stdev s", "MFU"]
     gpu = s.peak_gpu_allocated_bytes is not None
-    columns += ["alloc GiB", "reserved GiB", "NVML GiB"] if gpu else ["RSS GiB", "tensor peak GiB"]
-    for col in columns:
-        table.add_column(col, justify="right")
 
     def num(v: float | None, spec: str) -> str:
         return format(v, spec) if v is not None else "–"
@@ -229,17 +233,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     def gib(v: int | None) -> str:
         return num(v / GIB if v is not None else None, ".2f")
 
+    columns = ["img/s", "img/s/GPU", "tokens/s", "step median s", "p90 s", "stdev s", "MFU", "HFU (with recompute)"]
     row = [
         num(s.img_per_s, ".3f"), num(s.img_per_s_per_gpu, ".3f"), num(s.tokens_per_s, ".0f"),
         num(s.step_time_median_s, ".4f"), num(s.step_time_p90_s, ".4f"), num(s.step_time_stdev_s, ".4f"),
-        num(s.mfu, ".1%"),
+        num(s.mfu, ".1%"), num(s.hardware_mfu, ".1%"),
     ]
-    row += (
-        [gib(s.peak_gpu_allocated_bytes), gib(s.peak_gpu_reserved_bytes), gib(s.peak_nvml_process_bytes)]
-        if gpu
-        else [gib(s.peak_cpu_rss_bytes), gib(s.peak_cpu_tensor_peak_bytes)]
-    )
-    table.add_row(*row)
+    if gpu:
+        columns += ["peak allocated GiB", "peak reserved GiB", "peak NVML GiB (sampled)"]
+        row += [gib(s.peak_gpu_allocated_bytes), gib(s.peak_gpu_reserved_bytes), gib(s.peak_nvml_process_bytes)]
+    else:
+        columns += ["peak RSS GiB", "peak tensor GiB"]
+        row += [gib(s.peak_cpu_rss_bytes), gib(s.peak_cpu_tensor_peak_bytes)]
+    # One metric per line: wide enough for any terminal.
+    table = Table(title=f"{cfg.cell_id()} [{result.status}]")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in zip(columns, row):
+        table.add_row(name, value)
     console.print(table)
     if result.message:
         console.print(f"[red]{result.status}[/]: {result.message}")

@@ -29,8 +29,10 @@ __all__ = [
     "METHODS",
     "PRECISIONS",
     "SEQ_PROFILES",
+    "FIELD_ALIASES",
     "BenchConfig",
     "SeqProfile",
+    "canonical_field",
     "default_release",
     "parse_field_value",
 ]
@@ -105,12 +107,20 @@ IDENTITY_FIELDS: tuple[str, ...] = (
     "model",
     "num_crops",
     "seq_profile",
-    "batch_size",
+    "global_batch",
     "micro_batch",
     "gpus",
     "nodes",
     "gradient_checkpointing",
 )
+
+#: Field names of older releases (result files, ``--set``/``--grid`` keys) and the names they now have.
+FIELD_ALIASES: dict[str, str] = {"batch_size": "global_batch", "attention": "attn"}
+
+
+def canonical_field(name: str) -> str:
+    """The current name of BenchConfig field ``name`` (old names such as ``batch_size`` map to ``global_batch``)."""
+    return FIELD_ALIASES.get(name, name)
 
 _ATTN_SHORT = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "fa2"}
 
@@ -134,8 +144,9 @@ class BenchConfig:
         model: ``tiny``, ``phi-3.5-vision``, ``phi-3-vision`` or a checkpoint folder holding ``config.json``.
         num_crops: HD crops per image (1..16); the vision tower always sees ``num_crops + 1`` crops.
         seq_profile: Synthetic sample shape, a key of :data:`SEQ_PROFILES`.
-        batch_size: Global effective batch per optimizer step (the recipe's ``--batch_size``).
-        micro_batch: Samples per GPU per forward/backward; gradient accumulation fills up to ``batch_size``.
+        global_batch: Global effective batch per optimizer step, over all GPUs (the recipe's ``--batch_size``;
+            ``batch_size`` in results written before v0.2, still read).
+        micro_batch: Samples per GPU per forward/backward; gradient accumulation fills up to ``global_batch``.
         gpus: GPUs per node.
         nodes: Number of nodes.
         steps: Timed optimizer steps per repeat (after the warmup).
@@ -153,7 +164,7 @@ class BenchConfig:
     model: str = "tiny"
     num_crops: int = 16
     seq_profile: str = "docvqa"
-    batch_size: int = 8
+    global_batch: int = 8
     micro_batch: int = 1
     gpus: int = 1
     nodes: int = 1
@@ -167,6 +178,11 @@ class BenchConfig:
 
     # ---- derived values -------------------------------------------------------------------------------------
     @property
+    def batch_size(self) -> int:
+        """Old name of :attr:`global_batch` (read-only; kept for callers written before the rename)."""
+        return self.global_batch
+
+    @property
     def world_size(self) -> int:
         """Total number of GPUs (ranks)."""
         return self.gpus * self.nodes
@@ -174,7 +190,7 @@ class BenchConfig:
     @property
     def grad_accum(self) -> int:
         """Micro-steps per optimizer step on each rank."""
-        return self.batch_size // (self.world_size * self.micro_batch)
+        return self.global_batch // (self.world_size * self.micro_batch)
 
     @property
     def profile(self) -> SeqProfile:
@@ -184,7 +200,7 @@ class BenchConfig:
     @property
     def images_per_step(self) -> int:
         """Images processed per optimizer step, over all ranks."""
-        return self.batch_size * self.profile.images_per_sample
+        return self.global_batch * self.profile.images_per_sample
 
     def identity(self) -> dict[str, Any]:
         """Return the identity fields (what is measured) as a dict; equal identities are comparable results."""
@@ -209,7 +225,7 @@ class BenchConfig:
                 model,
                 f"c{self.num_crops}",
                 self.seq_profile,
-                f"b{self.batch_size}",
+                f"b{self.global_batch}",
                 f"mb{self.micro_batch}",
                 f"{self.nodes}n{self.gpus}g",
                 "gc" if self.gradient_checkpointing else "nogc",
@@ -237,7 +253,7 @@ class BenchConfig:
             problems.append("attn flash_attention_2 needs bf16 or fp16 (flash-attn has no fp32 kernels); use --precision bf16")
         problems.extend(_model_problems(self.model))
 
-        positive = ("num_crops", "batch_size", "micro_batch", "gpus", "nodes", "steps", "repeats")
+        positive = ("num_crops", "global_batch", "micro_batch", "gpus", "nodes", "steps", "repeats")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -254,11 +270,11 @@ class BenchConfig:
             problems.append(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
 
         ints_ok = all(
-            isinstance(getattr(self, n), int) and getattr(self, n) >= 1 for n in ("batch_size", "micro_batch", "gpus", "nodes")
+            isinstance(getattr(self, n), int) and getattr(self, n) >= 1 for n in ("global_batch", "micro_batch", "gpus", "nodes")
         )
-        if ints_ok and self.batch_size % (self.world_size * self.micro_batch):
+        if ints_ok and self.global_batch % (self.world_size * self.micro_batch):
             problems.append(
-                f"batch_size {self.batch_size} is not a multiple of gpus*nodes*micro_batch = "
+                f"global_batch {self.global_batch} is not a multiple of gpus*nodes*micro_batch = "
                 f"{self.gpus}*{self.nodes}*{self.micro_batch} = {self.world_size * self.micro_batch}; "
                 "pick a batch size that divides evenly"
             )
@@ -282,9 +298,15 @@ class BenchConfig:
     def from_dict(cls, values: dict[str, Any]) -> BenchConfig:
         """Build a config from a dict; unknown keys are an error (missing keys take their defaults).
 
+        Old field names (:data:`FIELD_ALIASES`, e.g. ``batch_size`` in results of v0.1) are read as their new names.
+
         Raises:
-            ConfigError: A key is not a BenchConfig field.
+            ConfigError: A key is not a BenchConfig field, or a field is given under both its old and new name.
         """
+        clashes = [old for old, new in FIELD_ALIASES.items() if old in values and new in values]
+        if clashes:
+            raise ConfigError(f"config gives both {', '.join(clashes)} and its new name; keep only the new one")
+        values = {canonical_field(k): v for k, v in values.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -321,6 +343,7 @@ def parse_field_value(name: str, text: str) -> Any:
     """
     import difflib
 
+    name = canonical_field(name)
     types = {f.name: f.type for f in dataclasses.fields(BenchConfig)}
     if name not in types:
         close = difflib.get_close_matches(name, list(types), n=1)
@@ -340,3 +363,97 @@ def parse_field_value(name: str, text: str) -> Any:
             return False
         raise ConfigError(f"{name}={text!r}: expected true or false")
     return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# defaults that fit the machine
+# ---------------------------------------------------------------------------------------------------------------
+#: The tiny model on a 2-core CPU: the DocVQA profile scaled down (1 crop instead of 16: 379 tokens) and a short
+#: protocol, so that `phi3v-bench run --method lora` finishes in well under a minute. Explicit flags always win.
+TINY_DEFAULTS: dict[str, Any] = {"num_crops": 1, "global_batch": 2, "micro_batch": 2, "steps": 3, "warmup": 1,
+                                 "repeats": 3}
+
+
+@dataclass(frozen=True)
+class DeviceDescription:
+    """What the defaults depend on, read without initialising CUDA in the parent process.
+
+    Attributes:
+        gpu_name: Name of the first GPU, ``None`` on a CPU-only machine.
+        compute_capability: ``(major, minor)`` of that GPU.
+        flash_attn_installed: Whether the flash-attn package can be imported.
+    """
+
+    gpu_name: str | None = None
+    compute_capability: tuple[int, int] | None = None
+    flash_attn_installed: bool = False
+
+    @classmethod
+    def detect(cls, environment: Any = None) -> DeviceDescription:
+        """Describe this machine from :func:`bench.results.capture_environment` (NVML; no CUDA context)."""
+        if environment is None:
+            from bench.results import capture_environment
+
+            environment = capture_environment()
+        if not environment.gpus:
+            return cls()
+        major, minor = (int(x) for x in environment.gpus[0].compute_capability.split("."))
+        return cls(environment.gpus[0].name, (major, minor), _flash_attn_importable())
+
+
+def _flash_attn_importable() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken build (ABI mismatch) is as good as absent
+        return False
+    return True
+
+
+def choose_defaults(device: DeviceDescription, model: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Defaults for the flags a user did not pass, and one reason per choice.
+
+    With a GPU: the full-size ``phi-3.5-vision`` (random weights unless ``model`` is given), the DocVQA profile at
+    16 crops, bf16 on compute capability >= 8.0 else fp16, flash_attention_2 when flash-attn imports on >= 8.0 else
+    sdpa. On a CPU: the tiny model with :data:`TINY_DEFAULTS` and fp32. ``model="tiny"`` always gets the tiny
+    protocol.
+
+    Args:
+        device: The machine.
+        model: The ``--model`` the user passed, if any.
+
+    Returns:
+        ``(values, reasons)``: BenchConfig field values and human-readable reasons, in card order.
+    """
+    values: dict[str, Any] = {}
+    reasons: list[str] = []
+    if device.gpu_name is None:
+        values["model"] = model or "tiny"
+        if model is None:
+            reasons.append("model tiny: no CUDA GPU here, and the full-size model would take hours on a CPU")
+        values["precision"] = "fp32"
+        values["attn"] = "sdpa"
+        reasons.append("precision fp32, attn sdpa: CPU")
+    else:
+        cc = device.compute_capability or (0, 0)
+        modern = cc >= (8, 0)
+        values["model"] = model or "phi-3.5-vision"
+        if model is None:
+            reasons.append(f"model phi-3.5-vision (random weights; --model PATH for real ones): a CUDA GPU "
+                           f"({device.gpu_name}) is here, and only the full-size model tells what it can do")
+        values["seq_profile"] = "docvqa"
+        values["num_crops"] = 16
+        reasons.append("profile docvqa at 16 crops: the seed recipe's benchmark setting")
+        values["precision"] = "bf16" if modern else "fp16"
+        reasons.append(f"precision {values['precision']}: compute capability {cc[0]}.{cc[1]} "
+                       f"{'>= 8.0 has' if modern else '< 8.0 lacks'} bf16 tensor cores")
+        if modern and device.flash_attn_installed:
+            values["attn"] = "flash_attention_2"
+            reasons.append("attn flash_attention_2: flash-attn imports and the GPU is >= 8.0")
+        else:
+            values["attn"] = "sdpa"
+            why = "flash-attn is not installed" if modern else "flash-attn 2 needs compute capability >= 8.0"
+            reasons.append(f"attn sdpa: {why}")
+    if values["model"] == "tiny":
+        values.update(TINY_DEFAULTS)
+        reasons.append("tiny protocol: " + ", ".join(f"{k} {v}" for k, v in TINY_DEFAULTS.items()))
+    return values, reasons

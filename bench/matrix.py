@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.config import IDENTITY_FIELDS, BenchConfig, parse_field_value
+from bench.config import IDENTITY_FIELDS, BenchConfig, canonical_field, parse_field_value
 from bench.results import BenchResult, Environment, load_result, result_path, utc_now, write_text_atomic
 from phi3v_core.errors import ConfigError, DataError, raise_all
 
@@ -46,7 +46,7 @@ FINISHED_STATUSES: tuple[str, ...] = ("ok", "oom")
 
 # The seed's benchmark setup (recipe.md §11): DocVQA, num_crops 16, global batch 64, per-GPU batch 1, 8 GPUs per node.
 _SEED_BASE: dict[str, Any] = dict(
-    model="phi-3.5-vision", num_crops=16, seq_profile="docvqa", batch_size=64, micro_batch=1, gpus=8,
+    model="phi-3.5-vision", num_crops=16, seq_profile="docvqa", global_batch=64, micro_batch=1, gpus=8,
     gradient_checkpointing=True,
 )
 # The seed's "flash attention" rows are bf16; its "no flash attention" rows are eager attention with fp16 AMP
@@ -80,7 +80,7 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
     # A one-GPU smoke sweep on the tiny model: every method with both portable attention kernels.
     "quick": [
         dict(model="tiny", method=method, attn=attn, precision="bf16", num_crops=4, seq_profile="docvqa",
-             batch_size=4, micro_batch=2, gpus=1, nodes=1, steps=5, warmup=2, repeats=1)
+             global_batch=4, micro_batch=2, gpus=1, nodes=1, steps=5, warmup=2, repeats=1)
         for method in ("full", "frozen_vision", "lora", "qlora")
         for attn in ("sdpa", "eager")
     ],
@@ -108,7 +108,7 @@ def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
     problems: list[str] = []
     for item in items:
         key, sep, text = item.partition("=")
-        key = key.strip().replace("-", "_")
+        key = canonical_field(key.strip().replace("-", "_"))
         if not sep or not key or not text.strip():
             problems.append(f"--set {item!r} must look like key=value (e.g. steps=5)")
             continue
@@ -132,7 +132,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     problems: list[str] = []
     for item in items:
         key, sep, text = item.partition("=")
-        key = key.strip().replace("-", "_")
+        key = canonical_field(key.strip().replace("-", "_"))
         values = [v.strip() for v in text.split(",") if v.strip()]
         if not sep or not key or not values:
             problems.append(f"grid axis {item!r} must look like field=v1,v2 (e.g. method=lora,qlora)")

@@ -42,7 +42,7 @@ _ATTN_LABEL = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash-att
 #: Models with the seed's architecture and size (a checkpoint folder is taken to be a real Phi-3(.5)-vision).
 _FULL_SIZE_PRESETS = ("phi-3.5-vision", "phi-3-vision")
 # Columns the seed layout already shows; every other identity field that varies within a group gets its own column.
-_LAYOUT_FIELDS = ("method", "nodes", "gpus", "attn", "batch_size")
+_LAYOUT_FIELDS = ("method", "nodes", "gpus", "attn", "global_batch")
 # Memory shown as "peak": what nvidia-smi would show first (the seed's likely measure), then narrower views.
 _PEAK_SOURCES = (
     ("peak_nvml_process_bytes", "NVML process"),
@@ -82,7 +82,7 @@ class _Group:
 def _sort_key(cfg: BenchConfig) -> tuple:
     return (
         _METHOD_ORDER.get(cfg.method, 99), _ATTN_ORDER.get(cfg.attn, 99), cfg.nodes, cfg.gpus,
-        cfg.precision, cfg.model, cfg.num_crops, cfg.seq_profile, cfg.batch_size, cfg.micro_batch,
+        cfg.precision, cfg.model, cfg.num_crops, cfg.seq_profile, cfg.global_batch, cfg.micro_batch,
     )
 
 
@@ -152,11 +152,11 @@ def seed_match(
     hit = rows[
         (rows.method == cfg.method)
         & (rows.nodes == cfg.nodes)
-        & (rows.effective_batch == cfg.batch_size)
+        & (rows.effective_batch == cfg.global_batch)
         & (rows.flash_attention == (cfg.attn == "flash_attention_2"))
     ]
     if hit.empty:
-        return None, f"no published row for {cfg.method}, {cfg.nodes} node(s), batch {cfg.batch_size}, {cfg.attn}"
+        return None, f"no published row for {cfg.method}, {cfg.nodes} node(s), batch {cfg.global_batch}, {cfg.attn}"
     return hit.iloc[0].to_dict(), None
 
 
@@ -213,7 +213,7 @@ def _group_markdown(group: _Group, ref: pd.DataFrame | None, ref_hw: str, images
             cells = ["OOM" if r.status == "oom" else "error", "–", "–", "–", "–"]
             notes.append(f"- `{cfg.cell_id()}`: {r.status}: {r.message}")
         row = [cfg.method, *(_show(getattr(cfg, f)) for f in extra), str(cfg.nodes), str(cfg.world_size),
-               _ATTN_LABEL.get(cfg.attn, cfg.attn), str(cfg.batch_size), *cells]
+               _ATTN_LABEL.get(cfg.attn, cfg.attn), str(cfg.global_batch), *cells]
         if ref is not None:
             seed, reason = seed_match(ref, ref_hw, r)
             row += [f"{seed['img_per_s']:.3f}", f"~{seed['peak_gpu_mem_gb']:g}"] if seed else ["–", "–"]

@@ -144,7 +144,7 @@ class Metrics:
 
     Attributes:
         repeats: One :class:`RepeatSample` per fresh process.
-        images_per_step: Images per optimizer step over all ranks (``batch_size * images_per_sample``).
+        images_per_step: Images per optimizer step over all ranks (``global_batch * images_per_sample``).
         tokens_per_step: Non-padding tokens per optimizer step over all ranks, image tokens included.
         image_tokens_per_step: The image-token part of ``tokens_per_step``.
         model_flops_per_step: Model FLOPs per optimizer step over all ranks (no recompute), for MFU. Counted on

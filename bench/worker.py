@@ -49,7 +49,7 @@ def to_train_config(cfg: BenchConfig, output_dir: str, total_steps: int) -> Any:
         attn=cfg.attn,
         num_crops=cfg.num_crops,
         per_device_batch=cfg.micro_batch,
-        global_batch=cfg.batch_size,
+        global_batch=cfg.global_batch,
         max_steps=total_steps,
         warmup_steps=0,
         learning_rate=1e-5,

@@ -42,7 +42,7 @@ def make_result(
     env: Environment | None = None,
 ) -> BenchResult:
     """An ``ok`` result whose step times are ``step_time`` with relative Gaussian ``jitter``, on every rank."""
-    cfg = cfg or BenchConfig(method="lora", gpus=8, batch_size=64, release="v-test")
+    cfg = cfg or BenchConfig(method="lora", gpus=8, global_batch=64, release="v-test")
     rng = random.Random(seed)
     samples = []
     for _ in range(repeats):
@@ -56,9 +56,9 @@ def make_result(
     metrics = Metrics(
         repeats=samples,
         images_per_step=cfg.images_per_step,
-        tokens_per_step=cfg.batch_size * 2443,
-        image_tokens_per_step=cfg.batch_size * 2377,
-        model_flops_per_step=cfg.batch_size * 8.1e13,
+        tokens_per_step=cfg.global_batch * 2443,
+        image_tokens_per_step=cfg.global_batch * 2377,
+        model_flops_per_step=cfg.global_batch * 8.1e13,
         peak_flops_per_gpu=312e12,
         total_params=4_150_000_000,
         trainable_params=100_000_000,

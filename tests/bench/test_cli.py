@@ -10,7 +10,8 @@ import sys
 import pytest
 
 import bench.runner
-from bench.cli import main
+from bench.cli import build_parser, config_from_args, main
+from bench.config import DeviceDescription, choose_defaults
 from bench.results import load_result
 from tests.bench.factories import make_result
 
@@ -76,6 +77,38 @@ def test_run_writes_a_result_via_the_runner(tmp_path, monkeypatch, capsys) -> No
     data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert load_result(data["path"]).config == cfg
     assert data["path"].startswith(str(tmp_path / "v9" / "8xA100-SXM4-80GB"))
+    assert cfg.global_batch == 64  # --batch-size is the old name of --global-batch
+    assert data["defaults"]  # the card's reasons for the defaults chosen
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [
+        (DeviceDescription(), {"model": "tiny", "precision": "fp32", "attn": "sdpa", "num_crops": 1}),
+        (DeviceDescription("NVIDIA H100 80GB HBM3", (9, 0), True),
+         {"model": "phi-3.5-vision", "precision": "bf16", "attn": "flash_attention_2", "num_crops": 16,
+          "seq_profile": "docvqa"}),
+        (DeviceDescription("NVIDIA A100-SXM4-80GB", (8, 0), False),
+         {"model": "phi-3.5-vision", "precision": "bf16", "attn": "sdpa", "num_crops": 16}),
+        (DeviceDescription("Tesla V100-SXM2-32GB", (7, 0), True),
+         {"model": "phi-3.5-vision", "precision": "fp16", "attn": "sdpa", "num_crops": 16}),
+    ],
+)
+def test_defaults_fit_the_machine(device, expected) -> None:
+    values, reasons = choose_defaults(device)
+    assert {k: values[k] for k in expected} == expected
+    card = " ".join(reasons)
+    for key in ("model", "precision", "attn"):
+        assert f"{key} {values[key]}" in card  # every choice is explained
+    if device.compute_capability == (7, 0):
+        assert "7.0 < 8.0" in card
+
+
+def test_explicit_flags_beat_machine_defaults() -> None:
+    args = build_parser().parse_args(["run", "--model", "tiny", "--precision", "bf16", "--attention", "eager"])
+    cfg, reasons = config_from_args(args, DeviceDescription("NVIDIA H100 80GB HBM3", (9, 0), True))
+    assert (cfg.model, cfg.precision, cfg.attn, cfg.num_crops, cfg.global_batch) == ("tiny", "bf16", "eager", 1, 2)
+    assert any("given on the command line" in r for r in reasons)
 
 
 def test_run_human_output(tmp_path, monkeypatch, capsys) -> None:
@@ -88,10 +121,11 @@ def test_run_human_output(tmp_path, monkeypatch, capsys) -> None:
 def test_matrix_then_report_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(bench.runner, "run_config", make_result)
     results = tmp_path / "results"
-    assert main(["matrix", "--grid", "method=lora,full", "--set", "gpus=8", "batch_size=64", "--release", "v1",
+    assert main(["matrix", "--grid", "method=lora,full", "--set", "gpus=8", "global_batch=64", "--release", "v1",
                  "--out", str(results), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["counts"]["ok"] == 2
+    # The old field name still works in --set (and resumes the same cells).
     assert main(["matrix", "--grid", "method=lora,full", "--set", "gpus=8", "batch_size=64", "--release", "v1",
                  "--out", str(results), "--no-progress"]) == 0
     assert "skipped 2" in capsys.readouterr().out

@@ -13,8 +13,8 @@ from bench.results import BenchResult, save_result
 from phi3v_core.errors import DataError
 from tests.bench.factories import GIB, gpu_env, make_result
 
-LORA = BenchConfig(method="lora", gpus=8, batch_size=64, release="v1")
-FULL = BenchConfig(method="full", gpus=8, batch_size=64, release="v1")
+LORA = BenchConfig(method="lora", gpus=8, global_batch=64, release="v1")
+FULL = BenchConfig(method="full", gpus=8, global_batch=64, release="v1")
 
 
 def test_matching_ignores_protocol_fields_and_lists_unmatched() -> None:

@@ -9,15 +9,15 @@ from phi3v_core.errors import ConfigError
 
 
 def test_defaults_are_valid_and_derived_values() -> None:
-    cfg = BenchConfig(batch_size=64, gpus=8, nodes=2, micro_batch=2).validate()
+    cfg = BenchConfig(global_batch=64, gpus=8, nodes=2, micro_batch=2).validate()
     assert cfg.world_size == 16
     assert cfg.grad_accum == 2
     assert cfg.images_per_step == 64
-    assert BenchConfig(seq_profile="ucf101", batch_size=4).images_per_step == 32
+    assert BenchConfig(seq_profile="ucf101", global_batch=4).images_per_step == 32
 
 
 def test_cell_id_names_identity_not_protocol() -> None:
-    cfg = BenchConfig(method="qlora", attn="flash_attention_2", model="phi-3.5-vision", gpus=8, batch_size=64)
+    cfg = BenchConfig(method="qlora", attn="flash_attention_2", model="phi-3.5-vision", gpus=8, global_batch=64)
     assert cfg.cell_id() == "qlora-fa2-bf16-phi-3.5-vision-c16-docvqa-b64-mb1-1n8g-gc"
     # steps/repeats/seed/release decide how long and where, not what: same identity, same file name.
     other = cfg.replace(steps=50, repeats=5, seed=3, release="v9")
@@ -40,7 +40,7 @@ def test_model_path_cell_id_is_unique_per_path(tmp_path) -> None:
 def test_validate_reports_every_problem_at_once() -> None:
     cfg = BenchConfig(
         method="sft", attn="flash_attention_2", precision="fp32", model="/no/such/folder", num_crops=17,
-        batch_size=10, gpus=4, steps=1, warmup=-1, release="bad release",
+        global_batch=10, gpus=4, steps=1, warmup=-1, release="bad release",
     )
     with pytest.raises(ConfigError) as err:
         cfg.validate()
@@ -90,3 +90,16 @@ def test_method_names_match_the_training_registry() -> None:
     if registry is None:
         pytest.skip("phi3v_core.methods.METHODS not written yet")
     assert set(registry) == set(METHODS)
+
+
+def test_old_field_names_still_load() -> None:
+    from bench.config import parse_field_value
+
+    old = BenchConfig(global_batch=16).to_dict()
+    old["batch_size"] = old.pop("global_batch")
+    assert BenchConfig.from_dict(old).global_batch == 16
+    assert BenchConfig.from_dict({"attention": "eager"}).attn == "eager"
+    assert BenchConfig(global_batch=16).batch_size == 16  # read-only alias for older callers
+    assert parse_field_value("batch_size", "32") == 32
+    with pytest.raises(ConfigError, match="both batch_size"):
+        BenchConfig.from_dict({"batch_size": 8, "global_batch": 8})

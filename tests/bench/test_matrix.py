@@ -47,7 +47,7 @@ def test_seed_presets_cover_exactly_the_published_rows(preset, hardware) -> None
     published = {(r.method, r.nodes, r.flash_attention, r.gpus) for r in ref[ref.hardware == hardware].itertuples()}
     ours = {(c.method, c.nodes, c.attn == "flash_attention_2", c.world_size) for c in build_cells(preset)}
     assert ours == published
-    assert all(c.batch_size == 64 and c.num_crops == 16 and c.seq_profile == "docvqa" for c in build_cells(preset))
+    assert all(c.global_batch == 64 and c.num_crops == 16 and c.seq_profile == "docvqa" for c in build_cells(preset))
 
 
 def test_grid_expands_a_cartesian_product_over_preset_cells() -> None:

@@ -16,7 +16,7 @@ from bench.workload import build_workload
 
 def test_a_real_repeat_reads_its_peaks_before_any_instrumented_work(tmp_path: Path) -> None:
     # The real worker code path on CPU: Trainer, StepTimer, InstrumentedSteps, memory probe, FLOP trace.
-    cfg = BenchConfig(method="lora", model="tiny", precision="fp32", num_crops=1, batch_size=2, micro_batch=2,
+    cfg = BenchConfig(method="lora", model="tiny", precision="fp32", num_crops=1, global_batch=2, micro_batch=2,
                       steps=2, warmup=1, repeats=1, release="t")
     payload = run_rank(cfg, tmp_path)
     assert payload["status"] == "ok", payload.get("message")
@@ -82,7 +82,7 @@ def test_window_uses_the_nvml_reader_and_closes_it() -> None:
 def test_flops_agree_across_attention_kernels(method: str) -> None:
     counts = {}
     for attn in ("eager", "sdpa", "flash_attention_2"):
-        cfg = BenchConfig(method=method, attn=attn, precision="bf16", model="tiny", num_crops=1, batch_size=2,
+        cfg = BenchConfig(method=method, attn=attn, precision="bf16", model="tiny", num_crops=1, global_batch=2,
                           micro_batch=1, release="t")
         train_cfg = to_train_config(cfg, "unused", 1)
         workload = build_workload(cfg, _processor(cfg), 4)
@@ -97,7 +97,7 @@ def test_flops_agree_across_attention_kernels(method: str) -> None:
 
 def test_flops_include_attention_and_scale_with_sequence() -> None:
     # Attention is quadratic in the sequence: twice the crops must add more than twice the attention-free part would.
-    small = BenchConfig(method="full", attn="sdpa", model="tiny", num_crops=1, batch_size=1, micro_batch=1, release="t")
+    small = BenchConfig(method="full", attn="sdpa", model="tiny", num_crops=1, global_batch=1, micro_batch=1, release="t")
     counts = []
     for cfg in (small, small.replace(num_crops=4)):
         train_cfg = to_train_config(cfg, "unused", 1)

@@ -11,7 +11,7 @@ from bench.results import BenchResult
 from phi3v_core.errors import DataError
 from tests.bench.factories import gpu_env, make_result
 
-SEED = dict(model="phi-3.5-vision", gpus=8, batch_size=64, num_crops=16, seq_profile="docvqa", release="v1")
+SEED = dict(model="phi-3.5-vision", gpus=8, global_batch=64, num_crops=16, seq_profile="docvqa", release="v1")
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +85,11 @@ def _seed_columns(md: str, prefix: str) -> str:
         ({"model": "tiny"}, gpu_env(), "not the full-size model"),
         ({}, gpu_env("NVIDIA H100 80GB HBM3"), "is not the seed's A100-80GB"),
         ({}, gpu_env("NVIDIA A100-SXM4-40GB"), "is not the seed's A100-80GB"),
-        ({"gpus": 4, "batch_size": 64}, gpu_env(count=4), "4 GPUs per node"),
+        ({"gpus": 4, "global_batch": 64}, gpu_env(count=4), "4 GPUs per node"),
         ({"num_crops": 4}, gpu_env(), "at 4 crops"),
         ({"seq_profile": "nlvr2"}, gpu_env(), "profile nlvr2"),
         ({"attn": "sdpa"}, gpu_env(), "attention sdpa"),
-        ({"batch_size": 32}, gpu_env(), "batch 32"),
+        ({"global_batch": 32}, gpu_env(), "batch 32"),
         ({}, gpu_env(count=0), "CPU"),
     ],
 )
@@ -106,7 +106,7 @@ def test_seed_row_only_beside_the_same_kind_of_run(change, env, reason) -> None:
 
 
 def test_tiny_cpu_rows_get_a_dash_and_a_note() -> None:
-    cfg = BenchConfig(method="lora", attn="sdpa", model="tiny", num_crops=1, batch_size=2, micro_batch=2, release="v1")
+    cfg = BenchConfig(method="lora", attn="sdpa", model="tiny", num_crops=1, global_batch=2, micro_batch=2, release="v1")
     md = build_report([make_result(cfg, env=gpu_env(count=0))]).markdown
     assert _seed_columns(md, "| lora |") == "– | –"
     assert "A dash in the seed columns (lora): model tiny is not the full-size model" in md

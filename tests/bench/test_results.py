@@ -55,7 +55,7 @@ def test_non_finite_loss_is_stored_as_null(tmp_path) -> None:
 
 
 def test_summary_is_global_max_over_ranks_and_excludes_warmup() -> None:
-    cfg = BenchConfig(method="lora", gpus=4, nodes=2, batch_size=64, release="v-test")
+    cfg = BenchConfig(method="lora", gpus=4, nodes=2, global_batch=64, release="v-test")
     result = make_result(cfg, step_time=2.0, jitter=0.0, repeats=2, steps=5, allocated=10 * GIB)
     s = result.summary
     # Warmup steps of 30 s and 5 s are stored but must not move any statistic.
@@ -127,8 +127,8 @@ def test_inconsistent_ok_result_is_rejected(tmp_path) -> None:
 
 
 def test_load_results_dataframe(tmp_path) -> None:
-    save_result(make_result(BenchConfig(method="lora", gpus=8, batch_size=64, release="v1")), tmp_path)
-    save_result(make_result(BenchConfig(method="full", gpus=8, batch_size=64, release="v1"), step_time=1.0), tmp_path)
+    save_result(make_result(BenchConfig(method="lora", gpus=8, global_batch=64, release="v1")), tmp_path)
+    save_result(make_result(BenchConfig(method="full", gpus=8, global_batch=64, release="v1"), step_time=1.0), tmp_path)
     ref = tmp_path / "reference"
     ref.mkdir()
     (ref / "speed.json").write_text("{}")  # reference data is not a result and must be skipped

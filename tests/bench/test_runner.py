@@ -21,7 +21,7 @@ def test_step_plan_puts_instrumented_steps_after_the_timed_window() -> None:
 
 
 def test_launch_uses_torchrun_per_node_with_loopback_rendezvous(tmp_path: Path) -> None:
-    cfg = BenchConfig(gpus=2, nodes=2, batch_size=4, release="t")
+    cfg = BenchConfig(gpus=2, nodes=2, global_batch=4, release="t")
     commands = launch_commands(cfg, tmp_path / "c.json", tmp_path)
     assert len(commands) == 2
     for rank, command in enumerate(commands):
@@ -69,7 +69,7 @@ def test_cli_run_lora_end_to_end_on_cpu(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_process_run_reports_max_memory_over_ranks() -> None:
-    cfg = BenchConfig(method="lora", model="tiny", precision="fp32", num_crops=1, batch_size=2, micro_batch=1, gpus=2,
+    cfg = BenchConfig(method="lora", model="tiny", precision="fp32", num_crops=1, global_batch=2, micro_batch=1, gpus=2,
                       steps=2, warmup=1, repeats=1, release="t")
     result = run_config(cfg, timeout_s=900)
     assert result.status == "ok", result.message
