@@ -6,10 +6,11 @@ Examples:
     phi3v-bench matrix --preset seed-a100 --release v0.2.0
     phi3v-bench matrix --grid method=lora,qlora attn=sdpa,eager --set model=tiny steps=5 repeats=3
     phi3v-bench compare results/v0.1.0/1xH100-80GB-HBM3 results/v0.2.0/1xH100-80GB-HBM3 --markdown
-    phi3v-bench report results/v0.2.0 --out report/
+    phi3v-bench report results/ --out report/
+    phi3v-bench selfcheck --json
 
 Exit codes: 0 success; 1 user error (one line on stderr, PHI3V_DEBUG=1 shows the traceback);
-2 ``compare`` found a regression.
+2 ``compare`` found a regression or a ``selfcheck`` check failed.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the ``phi3v-bench`` argument parser."""
     parser = _Parser(prog="phi3v-bench", description=__doc__.split("\n\n")[0],
                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,matrix,compare,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,matrix,compare,report,selfcheck}")
 
     run = sub.add_parser(
         "run", help="measure one configuration", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -154,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--reference", default=None, help="folder with the seed tables (default: results/reference)")
     report.add_argument("--no-reference", action="store_true", help="leave the seed's published rows out")
     report.add_argument("--json", action="store_true", help="print the written paths as one JSON line")
+
+    selfcheck = sub.add_parser(
+        "selfcheck", help="got a GPU? run this first: every method trains, memory and MFU as predicted",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train every method x attention kernel (sdpa, and flash_attention_2 when installed) for a few "
+                    "steps on one fixed batch — on CUDA the full-size phi-3.5-vision in bf16 (fp16 below compute "
+                    "capability 8.0), on CPU the tiny model — and check that the loss is finite and falls, that peak "
+                    "memory matches phi3v-plan's prediction, and report MFU.",
+        epilog="exit codes: 0 every check passed, 2 a check failed, 1 user error\n"
+               "example:\n  phi3v-bench selfcheck --json > selfcheck.json",
+    )
+    selfcheck.add_argument("--steps", type=int, default=3, help="checked steps after one warmup step (default: 3)")
+    selfcheck.add_argument("--json", action="store_true", help="print one JSON object with a checks list")
     return parser
 
 
@@ -357,7 +371,56 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"run": _cmd_run, "matrix": _cmd_matrix, "compare": _cmd_compare, "report": _cmd_report}
+def _cmd_selfcheck(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from bench.selfcheck import run_selfcheck
+
+    if args.steps < 2:
+        raise ConfigError(f"--steps must be >= 2 so that a loss trend exists, got {args.steps}")
+    if args.json:
+        # The Trainer prints its logs; keep stdout for the one JSON object.
+        with contextlib.redirect_stdout(sys.stderr):
+            report = run_selfcheck(steps=args.steps)
+        _print_json(report.to_dict())
+        return 0 if report.ok else 2
+
+    from rich.table import Table
+
+    console = _console()
+    console.print(f"selfcheck: {args.steps} steps after one warmup step per method, one fixed batch")
+
+    def live(check: Any) -> None:
+        console.print(f"  {check.method} · {check.attn}: [{'green' if check.status == 'ok' else 'red'}]"
+                      f"{check.status}[/] ({check.seconds:.0f} s)")
+
+    with contextlib.redirect_stdout(sys.stderr):
+        report = run_selfcheck(steps=args.steps, progress=live)
+    table = Table(title=f"selfcheck · {report.device} · model {report.model} · {report.precision}")
+    for col in ("method", "attn", "status", "loss first → last", "measured peak GiB", "predicted GiB (phi3v-plan)",
+                "error", "MFU"):
+        table.add_column(col)
+    for c in report.checks:
+        losses = [v for v in c.losses if v is not None]
+        table.add_row(
+            c.method, c.attn, c.status,
+            f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "–",
+            f"{c.measured_peak_bytes / GIB:.3f}" if c.measured_peak_bytes else "–",
+            f"{c.predicted_peak_bytes / GIB:.3f}" if c.predicted_peak_bytes else "–",
+            f"{c.memory_error_pct:+.1f}%" if c.memory_error_pct is not None else "–",
+            f"{c.mfu:.1%}" if c.mfu is not None else "–",
+            style=None if c.status == "ok" else "red",
+        )
+    console.print(table)
+    for c in report.checks:
+        for problem in [*c.problems, *([c.message] if c.message else [])]:
+            console.print(f"[red]{c.method} · {c.attn}[/]: {problem}")
+    console.print(f"{'all checks passed' if report.ok else 'FAILED'} in {report.seconds:.0f} s")
+    return 0 if report.ok else 2
+
+
+_COMMANDS = {"run": _cmd_run, "matrix": _cmd_matrix, "compare": _cmd_compare, "report": _cmd_report,
+             "selfcheck": _cmd_selfcheck}
 
 
 @cli_errors
