@@ -350,7 +350,9 @@ def _shape_key(batch: dict[str, Any]) -> tuple:
     )
 
 
-def trace_step_flops(train_cfg: Any, micro_batches: Sequence[dict[str, Any]]) -> StepFlops:
+def trace_step_flops(
+    train_cfg: Any, micro_batches: Sequence[dict[str, Any]], *, with_recompute: bool = True
+) -> StepFlops:
     """Count the FLOPs of one optimizer step by replaying it on fake tensors (no real memory, CPU only).
 
     The model is built from ``train_cfg`` exactly as training builds it (same preset or folder config, same method
@@ -362,6 +364,8 @@ def trace_step_flops(train_cfg: Any, micro_batches: Sequence[dict[str, Any]]) ->
     Args:
         train_cfg: The run's :class:`phi3v_core.training.TrainConfig`.
         micro_batches: Collated micro-batches of one optimizer step on this rank, as the Trainer feeds them.
+        with_recompute: Also trace with checkpointing on for ``hardware_flops`` (otherwise it equals
+            ``model_flops``; halves the cost when only MFU is needed).
 
     Returns:
         A :class:`StepFlops`.
@@ -402,7 +406,8 @@ def trace_step_flops(train_cfg: Any, micro_batches: Sequence[dict[str, Any]]) ->
         return total
 
     model_flops = count(checkpointing=False)
-    hardware_flops = count(checkpointing=True) if train_cfg.gradient_checkpointing else model_flops
+    recompute = train_cfg.gradient_checkpointing and with_recompute
+    hardware_flops = count(checkpointing=True) if recompute else model_flops
     return StepFlops(model_flops, hardware_flops, attn, len(distinct))
 
 

@@ -17,19 +17,32 @@ compute capability 8.0); on CPU it is the tiny model. A failed check exits non-z
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
+import json
 import math
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench.config import TINY_DEFAULTS, BenchConfig, DeviceDescription, choose_defaults
 
-__all__ = ["Check", "SelfCheckReport", "plan_checks", "predicted_peak_bytes", "run_check", "run_selfcheck"]
+__all__ = [
+    "Check",
+    "SelfCheckReport",
+    "plan_checks",
+    "predicted_peak_bytes",
+    "run_check",
+    "run_check_isolated",
+    "run_selfcheck",
+]
 
 #: Memory prediction error (percent) beyond which a check fails. The planner's closed form is exact on the tiny model
 #: on CPU (no allocator); on a GPU kernels' workspaces and the allocator's rounding add a few percent.
@@ -45,7 +58,9 @@ class Check:
     Attributes:
         method: Fine-tuning method.
         attn: Attention implementation.
-        status: ``ok``, ``fail`` (a check did not hold) or ``error`` (it crashed; ``message`` says why).
+        status: ``ok``, ``fail`` (a check did not hold), ``error`` (it crashed; ``message`` says why) or
+            ``skipped`` (phi3v-plan predicts it does not fit this GPU, e.g. full fine-tuning with fp32 master weights
+            on one 80 GB card; ``message`` gives the numbers).
         losses: Training loss of every step.
         measured_peak_bytes: Measured peak (CUDA: max_memory_allocated; CPU: live tensor bytes).
         predicted_peak_bytes: ``phi3v-plan``'s prediction of the same quantity.
@@ -85,8 +100,8 @@ class SelfCheckReport:
 
     @property
     def ok(self) -> bool:
-        """Whether every check passed."""
-        return all(c.status == "ok" for c in self.checks)
+        """Whether every check passed (skipped ones aside) and at least one ran."""
+        return all(c.status in ("ok", "skipped") for c in self.checks) and any(c.status == "ok" for c in self.checks)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (one object, ``checks`` list inside)."""
@@ -158,8 +173,26 @@ def predicted_peak_bytes(cfg: BenchConfig, seq_len: int, cuda: bool) -> int:
     return int(estimate_memory(shape, _train_setup(cfg, cuda), workload).allocated)
 
 
-def run_check(cfg: BenchConfig) -> Check:
-    """Train ``cfg`` for ``warmup + steps`` steps on one fixed batch and check loss, memory and MFU."""
+def _fits(cfg: BenchConfig, seq_len: int) -> str | None:
+    """Why ``cfg`` cannot fit this GPU by phi3v-plan's prediction (``None`` when it fits or on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    predicted = predicted_peak_bytes(cfg, seq_len, cuda=True)
+    # Allocated peak plus the CUDA context and a little allocator slack must fit.
+    if predicted * 1.05 + (1 << 30) > capacity:
+        return (f"phi3v-plan predicts {predicted / 2**30:.1f} GiB allocated, more than this "
+                f"{capacity / 2**30:.0f} GiB GPU holds with context and allocator slack")
+    return None
+
+
+def run_check(cfg: BenchConfig, flop_cache: dict[str, int] | None = None) -> Check:
+    """Train ``cfg`` for ``warmup + steps`` steps on one fixed batch and check loss, memory and MFU.
+
+    Args:
+        cfg: The configuration (see :func:`plan_checks`).
+        flop_cache: Model FLOPs per method, shared between checks (they do not depend on the attention kernel).
+    """
     from bench.measure import InstrumentedSteps, step_micro_batches, trace_step_flops
     from bench.worker import _peak_flops, _processor, to_train_config
     from bench.workload import build_workload
@@ -177,6 +210,11 @@ def run_check(cfg: BenchConfig) -> Check:
         example = workload.dataset[0]
         fixed = [example] * (cfg.global_batch * total)  # one fixed batch, every step
         seq_len = int(example["input_ids"].numel())
+        too_big = _fits(cfg, seq_len)
+        if too_big:
+            check.status, check.message = "skipped", too_big
+            check.predicted_peak_bytes = predicted_peak_bytes(cfg, seq_len, cuda)
+            return check
         timer = StepTimer()
         probes = InstrumentedSteps(first_timed_step=first, last_timed_step=last, memory_step=memory_step)
         with tempfile.TemporaryDirectory(prefix="phi3v-selfcheck-") as scratch:
@@ -192,8 +230,11 @@ def run_check(cfg: BenchConfig) -> Check:
         peak_flops = _peak_flops(device, cfg.precision)
         timed = [r.seconds for r in timer.records if first <= r.step <= last]
         if peak_flops and timed:
-            flops = trace_step_flops(train_cfg, step_micro_batches(train_cfg, fixed, cfg.micro_batch, cfg.grad_accum))
-            check.mfu = flops.model_flops / sorted(timed)[len(timed) // 2] / peak_flops
+            cache = flop_cache if flop_cache is not None else {}
+            if cfg.method not in cache:
+                batches = step_micro_batches(train_cfg, fixed, cfg.micro_batch, cfg.grad_accum)
+                cache[cfg.method] = trace_step_flops(train_cfg, batches, with_recompute=False).model_flops
+            check.mfu = cache[cfg.method] / sorted(timed)[len(timed) // 2] / peak_flops
     except Exception as exc:  # noqa: BLE001 - one failing method must not hide the others
         check.status = "error"
         check.message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -223,20 +264,50 @@ def _problems(check: Check, kind: str) -> list[str]:
     return problems
 
 
-def run_selfcheck(steps: int = 3, device: DeviceDescription | None = None, progress: Any = None) -> SelfCheckReport:
+def run_check_isolated(cfg: BenchConfig, timeout_s: float = 1800.0) -> Check:
+    """:func:`run_check` in a fresh process: one check's GPU memory (and allocator state) cannot leak into the next.
+
+    ``timeout_s`` only guards against a hang; a check that exceeds it is an ``error``.
+    """
+    with tempfile.TemporaryDirectory(prefix="phi3v-selfcheck-") as tmp:
+        config = Path(tmp) / "config.json"
+        out = Path(tmp) / "check.json"
+        config.write_text(json.dumps(cfg.to_dict()))
+        command = [sys.executable, "-m", "bench.selfcheck", "--config", str(config), "--out", str(out)]
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return Check(cfg.method, cfg.attn, status="error", message=f"no result within {timeout_s:.0f} s")
+        if not out.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            return Check(cfg.method, cfg.attn, status="error",
+                         message=f"check process exited {proc.returncode}: {tail[-1] if tail else 'no output'}"[:300])
+        return Check(**json.loads(out.read_text()))
+
+
+def run_selfcheck(
+    steps: int = 3,
+    device: DeviceDescription | None = None,
+    progress: Any = None,
+    isolate: bool | None = None,
+) -> SelfCheckReport:
     """Run every check on this machine.
 
     Args:
         steps: Checked steps per configuration after one warmup step.
         device: The machine (detected when omitted).
         progress: Called with each finished :class:`Check` (for live output).
+        isolate: Run each check in its own process (default: on CUDA, where a full-size model's memory must be
+            returned before the next one; on CPU the tiny model fits easily and process start-ups would dominate).
     """
     start = time.perf_counter()
     device = device or DeviceDescription.detect()
+    isolate = device.gpu_name is not None if isolate is None else isolate
     cells = plan_checks(device, steps)
     checks = []
+    flop_cache: dict[str, int] = {}
     for cfg in cells:
-        check = run_check(cfg)
+        check = run_check_isolated(cfg) if isolate else run_check(cfg, flop_cache)
         checks.append(check)
         if progress is not None:
             progress(check)
@@ -247,3 +318,21 @@ def run_selfcheck(steps: int = 3, device: DeviceDescription | None = None, progr
         checks=checks,
         seconds=time.perf_counter() - start,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One isolated check: ``python -m bench.selfcheck --config cfg.json --out check.json``."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    cfg = BenchConfig.from_dict(json.loads(Path(args.config).read_text()))
+    check = run_check(cfg)
+    from bench.results import json_safe, write_text_atomic
+
+    write_text_atomic(args.out, json.dumps(json_safe(check.to_dict())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -85,3 +85,23 @@ def test_selfcheck_json_on_cuda() -> None:
     assert report["model"] == "phi-3.5-vision"
     for check in report["checks"]:
         assert check["mfu"] is not None and 0 < check["mfu"] < 1
+
+
+def test_skipped_checks_do_not_fail_but_something_must_run() -> None:
+    from bench.selfcheck import SelfCheckReport
+
+    ok, skipped = Check("lora", "sdpa", status="ok"), Check("full", "sdpa", status="skipped", message="too big")
+    assert SelfCheckReport("gpu", "m", "bf16", [ok, skipped], 1.0).ok
+    assert not SelfCheckReport("gpu", "m", "bf16", [skipped], 1.0).ok
+    assert not SelfCheckReport("gpu", "m", "bf16", [ok, Check("qlora", "sdpa", status="error")], 1.0).ok
+
+
+@pytest.mark.slow
+def test_isolated_check_runs_in_its_own_process() -> None:
+    # The path CUDA takes (one process per check), exercised on the tiny model.
+    from bench.selfcheck import run_check_isolated
+
+    cfg = plan_checks(DeviceDescription(), steps=2)[2]
+    check = run_check_isolated(cfg)
+    assert (check.method, check.status) == ("lora", "ok"), check
+    assert check.losses[-1] < check.losses[0] and abs(check.memory_error_pct) <= 10
