@@ -516,7 +516,9 @@ def build_report(
     images: dict[str, bytes] = {}
     for group in _groups(items):
         ref_hw = reference_hardware_for(group.gpu_name)
-        ref_img, ref_mem, ref_scaling = _reference_overlays(speed, ref_hw, group.gpu_name)
+        # Published points go on the plots only where a row of the same kind exists (the table's rule).
+        same_kind = any(seed_match(speed, ref_hw, r)[0] is not None for r in group.results)
+        ref_img, ref_mem, ref_scaling = _reference_overlays(speed if same_kind else None, ref_hw, group.gpu_name)
         names = [f"throughput-{group.slug}.png", f"memory-{group.slug}.png", f"scaling-{group.slug}.png"]
         images[names[0]] = _bar_plot(group, "img_per_s", "img/s (global)", "img/s by method × attention", ref_img)
         peak_attr, peak_label = _peak_source(group.results) or _PEAK_SOURCES[1]
