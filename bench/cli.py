@@ -397,9 +397,8 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         report = run_selfcheck(steps=args.steps, progress=live)
     table = Table(title=f"selfcheck · {report.device} · model {report.model} · {report.precision}")
-    for col in ("method", "attn", "status", "loss first → last", "measured peak GiB", "predicted GiB (phi3v-plan)",
-                "error", "MFU"):
-        table.add_column(col)
+    for col in ("method", "attn", "status", "loss first→last", "peak GiB", "plan GiB", "error", "MFU"):
+        table.add_column(col, no_wrap=col == "loss first→last")
     for c in report.checks:
         losses = [v for v in c.losses if v is not None]
         table.add_row(
@@ -415,6 +414,7 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     for c in report.checks:
         for problem in [*c.problems, *([c.message] if c.message else [])]:
             console.print(f"[red]{c.method} · {c.attn}[/]: {problem}")
+    console.print("peak: measured (CUDA max_memory_allocated, CPU live tensor bytes); plan: phi3v-plan's prediction")
     console.print(f"{'all checks passed' if report.ok else 'FAILED'} in {report.seconds:.0f} s")
     return 0 if report.ok else 2
 
