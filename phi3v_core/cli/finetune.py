@@ -780,15 +780,14 @@ def _eval_kwargs(cfg: FinetuneConfig, env: Any) -> dict[str, Any]:
 def _evaluate_before(cfg: FinetuneConfig, task: Any, processor: Any, env: Any) -> Any:
     import torch
 
-    from phi3v_core.training import build_model
-    from phi3v_core.training.evaluate import EvalResult, evaluate_task
+    from phi3v_core.training.evaluate import EvalResult, baseline_model, evaluate_task
 
     path = Path(cfg.train.output_dir) / "eval_before.json"
     if cfg.train.resume is not None and path.is_file():
         previous = EvalResult.from_json(path)
         if previous.task == task.name and previous.ids == [item.id for item in task.eval_items()]:
             return previous  # a resumed run keeps its baseline instead of regenerating it
-    model = build_model(cfg.train, env).to(_device(env))
+    model = baseline_model(cfg.train, env).to(_device(env))  # QLoRA: the same nf4 base as "after"
     try:
         return evaluate_task(
             model, task, processor, output_file=path, description="eval before", **_eval_kwargs(cfg, env)
