@@ -106,12 +106,15 @@ def nvml_process_bytes(device: torch.device) -> int | None:
 
         pynvml.nvmlInit()
         try:
+            from bench.results import _visible_handles  # the one CUDA_VISIBLE_DEVICES → NVML mapping
+
             index = device.index if device.index is not None else torch.cuda.current_device()
-            # NVML numbers devices physically; map through CUDA_VISIBLE_DEVICES when it is set.
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            if visible:
-                index = int(visible.split(",")[index])
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            # NVML numbers devices physically; CUDA_VISIBLE_DEVICES may hold indices or UUIDs (MIG: not mappable).
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            visible = _visible_handles(handles, os.environ.get("CUDA_VISIBLE_DEVICES"), pynvml.nvmlDeviceGetUUID)
+            if visible is None or index >= len(visible):
+                return None
+            handle = visible[index]
             for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
                     return int(proc.usedGpuMemory)
