@@ -189,11 +189,14 @@ def _measure(args: argparse.Namespace, cfg: BenchConfig) -> tuple[Any, bool]:
     from bench import runner
 
     cluster = runner.ClusterLaunch.from_args(cfg.nodes, args.node_rank, args.master_addr, args.master_port)
-    timeout = runner.DEFAULT_TIMEOUT_S if args.timeout is None else args.timeout
-    if timeout <= 0:
+    if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout {args.timeout:g} must be > 0 seconds")
-    result = runner.run_config(cfg, timeout_s=timeout, cluster=cluster)
-    return result, cluster is None or cluster.is_main
+    options: dict[str, Any] = {}  # only what was given: run_config's defaults stay in one place
+    if args.timeout is not None:
+        options["timeout_s"] = args.timeout
+    if cluster is not None:
+        options["cluster"] = cluster
+    return runner.run_config(cfg, **options), cluster is None or cluster.is_main
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -232,3 +232,41 @@ def test_two_node_cluster_run_writes_one_result_from_node_0(tmp_path: Path) -> N
     assert sorted(m.rank for m in repeat.memory) == [0, 1]  # rank 1 ran on "node 1" and reported to rank 0
     assert result.summary.peak_cpu_rss_bytes == max(m.cpu_rss_bytes for m in repeat.memory)
     assert repeat.step_samples == [2, 2]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--nodes", "2", "--node-rank", "1"], "--master-addr missing"),
+        (["--timeout", "0"], "--timeout 0 must be > 0 seconds"),
+    ],
+)
+def test_cluster_flag_errors_are_one_line(flags: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    from bench.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--batch-size", "4", "--micro-batch", "1", *flags])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_only_node_0_saves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from bench.cli import main
+    from tests.bench.factories import make_result
+
+    calls = []
+
+    def fake_run_config(cfg: BenchConfig, **options: object) -> object:
+        calls.append(options)
+        return make_result(cfg)
+
+    monkeypatch.setattr(bench.runner, "run_config", fake_run_config)
+    base = ["run", "--nodes", "2", "--gpus", "8", "--batch-size", "64", "--master-addr", "gpu01", "--timeout", "99",
+            "--json"]
+    assert main([*base, "--node-rank", "1", "--out", str(tmp_path / "n1")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["path"] is None
+    assert not (tmp_path / "n1").exists()
+    assert main([*base, "--node-rank", "0", "--out", str(tmp_path / "n0")]) == 0
+    assert Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["path"]).is_file()
+    assert calls[0] == {"timeout_s": 99.0, "cluster": ClusterLaunch(2, 1, "gpu01", 29500)}
