@@ -386,9 +386,11 @@ def _killed_by_sigkill(repeat: _Repeat) -> bool:
 
 def _classify(cfg: BenchConfig, repeat: _Repeat, timeout_s: float | None) -> tuple[str, str, int | None] | None:
     """``(status, message, failed_at_step)`` of a failed repeat, ``None`` for a good one."""
-    if repeat.timed_out:
-        return "timeout", f"repeat killed after the {timeout_s:g} s timeout (--timeout); a hung collective?", None
     failure = _failure(repeat.payloads, repeat.log)
+    if repeat.timed_out:
+        if failure is not None:  # a rank failed and the others waited for it in a collective until the timeout
+            return failure[0], f"{failure[1]} (the other ranks then hung until the timeout)", failure[2]
+        return "timeout", f"repeat killed after the {timeout_s:g} s timeout (--timeout); a hung collective?", None
     if failure is None and not repeat.payloads and any(repeat.return_codes):
         failure = ("error", _last_error_line(repeat.log), None)
     if failure is not None and failure[0] == "error" and _killed_by_sigkill(repeat):

@@ -114,7 +114,8 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         memory_step=layout["memory_step"], flop_step=layout["flop_step"], first_timed_step=layout["first_timed"]
     )
     payload: dict[str, Any] = {"rank": rank, "world_size": world, "device": str(device), "status": "ok"}
-    with tempfile.TemporaryDirectory(prefix="phi3v-bench-train-") as scratch:
+    # Inside the runner's folder: a worker killed on timeout leaves nothing behind once the runner removes it.
+    with tempfile.TemporaryDirectory(prefix="train-", dir=out_dir) as scratch:
         train_cfg = to_train_config(cfg, scratch, total_steps)
         try:
             result = train(train_cfg, workload.dataset, callbacks=[timer, probes])
@@ -174,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"rank": rank, "status": "error", "message": f"{type(exc).__name__}: {exc}".splitlines()[0],
                    "traceback": traceback.format_exc()}
     _write_atomic(out_dir / f"rank{rank}.json", payload)
+    if payload.get("status") != "ok":
+        # Exit instead of joining the gather: torchrun then stops the job's other workers, and the runner reads
+        # this rank's file (on a cluster, the failing node's runner reports it).
+        return 3
     gathered = gather_payloads(payload)
     if gathered is not None and rank == 0:
         _write_atomic(out_dir / "gathered.json", gathered)  # the only complete copy on a multi-node run

@@ -156,6 +156,44 @@ def test_timeout_kills_the_whole_process_tree(tmp_path: Path, monkeypatch: pytes
     assert not _running(grandchild)
 
 
+def test_a_terminated_runner_takes_its_workers_and_folders_with_it(tmp_path: Path) -> None:
+    """SIGTERM to the runner (a cancelled job): the workers it started die and its temporary folder is removed."""
+    pid_file = tmp_path / "grandchild.pid"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    hang = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(600)\n"
+    )
+    runner = (
+        "import sys, bench.runner as r\n"
+        "from bench.config import BenchConfig\n"
+        f"r.launch_commands = lambda *a, **k: [[sys.executable, '-c', {hang!r}]]\n"
+        "r._GRACE_S = 2.0\n"
+        "r.run_config(BenchConfig(release='t'), timeout_s=600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", runner], env={**os.environ, "TMPDIR": str(scratch)})
+    try:
+        deadline = time.monotonic() + 300
+        while not pid_file.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert pid_file.exists(), "the fake worker never started"
+        time.sleep(0.5)  # the pid is written; let the write finish
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _running(grandchild):
+        time.sleep(0.2)
+    assert not _running(grandchild)
+    assert not any(scratch.iterdir())  # phi3v-bench-* removed
+
+
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
