@@ -308,3 +308,66 @@ def test_only_node_0_saves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
     assert main([*base, "--node-rank", "0", "--out", str(tmp_path / "n0")]) == 0
     assert Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["path"]).is_file()
     assert calls[0] == {"timeout_s": 99.0, "cluster": ClusterLaunch(2, 1, "gpu01", 29500)}
+
+
+@pytest.mark.gpu
+def test_one_gpu_run_maps_nvml_through_a_uuid_cuda_visible_devices(tmp_path: Path) -> None:
+    """On a GPU: full steps, allocator peaks, and NVML per-process memory found via a UUID in CUDA_VISIBLE_DEVICES."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(0))
+    finally:
+        pynvml.nvmlShutdown()
+    uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": uuid}
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.cli", "run", "--method", "lora", "--gpus", "1", "--batch-size", "2",
+         "--micro-batch", "1", *TINY, "--out", str(tmp_path), "--release", "test", "--json"],
+        capture_output=True, text=True, timeout=1200, env=env,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = load_result(json.loads(out.stdout.strip().splitlines()[-1])["path"])
+    assert result.status == "ok", result.message
+    repeat = result.metrics.repeats[0]
+    assert repeat.step_samples == [2, 2]
+    memory = repeat.memory[0]
+    assert memory.gpu_allocated_bytes and memory.gpu_allocated_bytes > 0
+    assert memory.nvml_process_bytes is None or memory.nvml_process_bytes >= memory.gpu_reserved_bytes
+
+
+@pytest.mark.gpu
+def test_loopback_nodes_are_refused_on_a_real_gpu() -> None:
+    with pytest.raises(ConfigError, match="same GPUs"):
+        run_config(BenchConfig(gpus=1, nodes=2, batch_size=2, release="t"))
+
+
+def test_worker_nvml_reading_maps_uuid_and_index_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's NVML memory uses the CUDA_VISIBLE_DEVICES mapping of ``bench.results`` (UUIDs included)."""
+    import types
+
+    import torch
+
+    from bench.measure import nvml_process_bytes
+
+    class Proc:
+        def __init__(self, pid: int, used: int) -> None:
+            self.pid, self.usedGpuMemory = pid, used
+
+    # Physical GPU 1 (UUID GPU-bbb) runs this process with 123 bytes; GPU 0 runs it with 999 (wrong if chosen).
+    usage = {0: [Proc(os.getpid(), 999)], 1: [Proc(os.getpid(), 123)]}
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetUUID=lambda h: ["GPU-aaa", "GPU-bbb"][h],
+        nvmlDeviceGetComputeRunningProcesses=lambda h: usage[h],
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    for visible in ("GPU-bbb", "1", "1,0", "GPU-bb"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert nvml_process_bytes(torch.device("cuda", 0)) == 123, visible
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-0f3c")  # a form NVML indices cannot express: no guess
+    assert nvml_process_bytes(torch.device("cuda", 0)) is None

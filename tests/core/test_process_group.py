@@ -42,3 +42,23 @@ def test_single_process_creates_no_group(monkeypatch: pytest.MonkeyPatch) -> Non
     assert init_distributed(cuda=False, timeout_s=60) is False
     assert not dist.is_initialized()
 
+
+
+@pytest.mark.gpu
+def test_nccl_group_gets_the_run_timeout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The same on NCCL, whose own default (10 minutes) is what used to replace ``ddp_timeout``."""
+    real_init = dist.init_process_group
+
+    def one_process_init(**kwargs: Any) -> None:
+        real_init(init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1, **kwargs)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(dist, "init_process_group", one_process_init)
+    try:
+        assert init_distributed(cuda=True, timeout_s=4321) is True
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cuda"))
+        assert backend.options._timeout == timedelta(seconds=4321)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
