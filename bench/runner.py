@@ -150,7 +150,7 @@ class ClusterLaunch:
         if "SLURM_PROCID" in environ and int(environ["SLURM_PROCID"]) != node_rank:
             raise ConfigError("SLURM_PROCID differs from SLURM_NODEID; run one phi3v-bench per node (--ntasks-per-node=1)")
         nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or ""
-        host = first_slurm_host(nodelist)
+        host = _scontrol_first_host(nodelist) or first_slurm_host(nodelist)
         if not host:
             raise ConfigError(f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}; pass --master-addr")
         if master_port is None:
@@ -159,8 +159,21 @@ class ClusterLaunch:
         return cls(nnodes, node_rank, host, master_port)
 
 
+def _scontrol_first_host(nodelist: str) -> str:
+    """SLURM's own expansion of the node list (``scontrol show hostnames``), or ``""`` where it cannot run."""
+    if not nodelist or shutil.which("scontrol") is None:
+        return ""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return next((line.strip() for line in out.splitlines() if line.strip()), "")
+
+
 def first_slurm_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: ``gpu[03-05,07],cpu1`` → ``gpu03`` (``scontrol`` when it disagrees)."""
+    """The first host of a SLURM node list: ``gpu[03-05,07],cpu1`` → ``gpu03`` (used where ``scontrol`` is absent)."""
     nodelist = nodelist.strip()
     if not nodelist:
         return ""

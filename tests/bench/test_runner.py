@@ -371,3 +371,12 @@ def test_worker_nvml_reading_maps_uuid_and_index_forms(monkeypatch: pytest.Monke
         assert nvml_process_bytes(torch.device("cuda", 0)) == 123, visible
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-0f3c")  # a form NVML indices cannot express: no guess
     assert nvml_process_bytes(torch.device("cuda", 0)) is None
+
+
+def test_srun_placement_prefers_scontrols_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/bin/sh\necho expanded-by-slurm\necho other\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    slurm = {"SLURM_NNODES": "2", "SLURM_NTASKS": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "odd-syntax{1,2}"}
+    assert ClusterLaunch.from_slurm(slurm).master_addr == "expanded-by-slurm"
