@@ -469,6 +469,14 @@ def run_config(
                     cfg, "error", f"{len(ranks)} of {cfg.world_size} ranks reported", environment, started_at=started
                 )
             _add_repeat(metrics, ranks)
+            partial = [(i, n) for i, n in enumerate(metrics.repeats[-1].step_samples, 1) if n != cfg.batch_size]
+            if partial:
+                # A timed step must be a whole optimizer step; anything else would inflate or deflate img/s.
+                step, samples = partial[0]
+                message = f"timed step {step} carried {samples} of {cfg.batch_size} samples (a partial optimizer step)"
+                result = BenchResult.failure(cfg, "error", message, environment, started_at=started)
+                result.metrics = metrics
+                return result
     if cluster is not None and not cluster.is_main:
         # Nothing to save here: this node's ranks reported to rank 0 (see ``ClusterLaunch.is_main``).
         return BenchResult(

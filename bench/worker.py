@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     gathered = gather_payloads(payload)
     if gathered is not None and rank == 0:
         _write_atomic(out_dir / "gathered.json", gathered)  # the only complete copy on a multi-node run
-    return 0 if payload.get("status") == "ok" else 3
+    return 0
 
 
 def _write_atomic(target: Path, payload: Any) -> None:
@@ -194,9 +194,9 @@ def _write_atomic(target: Path, payload: Any) -> None:
 def gather_payloads(payload: dict[str, Any]) -> list[dict[str, Any]] | None:
     """Every rank's payload, collected on global rank 0 over the training process group (``None`` elsewhere).
 
-    On a cluster each node's runner sees only its own node's files; rank 0 (on node 0) gets them all this way. A
-    rank that failed before the process group existed cannot take part; the others then wait until the runner's
-    timeout, like the training collectives would.
+    On a cluster each node's runner sees only its own node's files; rank 0 (on node 0) gets them all this way. Only
+    ranks that succeeded call it; when one failed, torchrun stops the others (or, across nodes, the collective or
+    the runner's timeout does).
     """
     import torch.distributed as dist
 

@@ -380,3 +380,18 @@ def test_srun_placement_prefers_scontrols_expansion(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     slurm = {"SLURM_NNODES": "2", "SLURM_NTASKS": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "odd-syntax{1,2}"}
     assert ClusterLaunch.from_slurm(slurm).master_addr == "expanded-by-slurm"
+
+
+def test_a_partial_optimizer_step_in_the_timed_window_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def payload(rank: int, samples: list[int]) -> dict:
+        return {"rank": rank, "status": "ok", "step_times_s": [1.0, 1.0], "warmup_times_s": [1.0], "final_loss": 1.0,
+                "step_samples": samples, "images_per_step": 2, "tokens_per_step": 10, "image_tokens_per_step": 4,
+                "memory": {"rank": rank, "device": "cpu", "cpu_rss_bytes": 1}}
+
+    def fake_repeat(*args: object) -> _Repeat:
+        return _Repeat([payload(0, [2, 2]), payload(1, [2, 1])], "", False, [0])
+
+    monkeypatch.setattr(bench.runner, "_run_repeat", fake_repeat)
+    result = run_config(BenchConfig(gpus=2, batch_size=4, micro_batch=1, steps=2, warmup=1, repeats=1, release="t"))
+    assert result.status == "error" and "timed step 2 carried 3 of 4 samples" in result.message
+    assert result.metrics.repeats[0].step_samples == [4, 3]
