@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true",
                      help="replace a stored result measured on other hardware or at another commit")
     run.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    # Multi-node on a real cluster (one phi3v-bench per node; under srun these come from SLURM's variables).
+    run.add_argument("--node-rank", type=int, default=None, help="this node's index 0..nodes-1 (node 0 writes the result)")
+    run.add_argument("--master-addr", default=None, help="host name or address of node 0, reachable from every node")
+    run.add_argument("--master-port", type=int, default=None, help="rendezvous port on node 0 (default: 29500)")
+    run.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                     help="kill a repeat that runs longer and record status timeout (default: 3600)")
 
     matrix = sub.add_parser(
         "matrix", help="sweep many configurations (resumable)", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -202,8 +208,22 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, allow_nan=False))
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _measure(args: argparse.Namespace, cfg: BenchConfig) -> tuple[Any, bool]:
+    """Run ``cfg`` on this machine or as one node of a cluster; return the result and whether to save it here."""
     from bench import runner
+
+    cluster = runner.ClusterLaunch.from_args(cfg.nodes, args.node_rank, args.master_addr, args.master_port)
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError(f"--timeout {args.timeout:g} must be > 0 seconds")
+    options: dict[str, Any] = {}  # only what was given: run_config's defaults stay in one place
+    if args.timeout is not None:
+        options["timeout_s"] = args.timeout
+    if cluster is not None:
+        options["cluster"] = cluster
+    return runner.run_config(cfg, **options), cluster is None or cluster.is_main
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from bench.results import capture_environment, replacement_problem, result_path, save_result
 
     env = capture_environment()
@@ -214,7 +234,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if problem and not args.force:
         raise ConfigError(f"{problem}; pass --force to replace it, or --release/--out to keep both")
     if args.json:
-        result = runner.run_config(cfg)
+        result, main_node = _measure(args, cfg)
+        if not main_node:
+            _print_json({"path": None, **result.to_dict()})
+            return 0 if result.status == "ok" else 1
         path = save_result(result, force=args.force)
         _print_json({"path": str(path), "defaults": reasons, **result.to_dict()})
         return 0 if result.status == "ok" else 1
@@ -235,7 +258,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     console.print(Panel(card, title=f"phi3v-bench run · {cfg.cell_id()}", expand=False))
     with console.status(f"measuring {cfg.repeats} repeat(s) in fresh processes…"):
-        result = runner.run_config(cfg)
+        result, main_node = _measure(args, cfg)
+    if not main_node:
+        console.print(result.message or f"[red]{result.status}[/]")
+        return 0 if result.status == "ok" else 1
     path = save_result(result, force=args.force)
 
     s = result.summary

@@ -21,7 +21,6 @@ The protocol (the order is the contract; :attr:`InstrumentedSteps.events` record
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import resource
@@ -125,45 +124,27 @@ def gpu_memory(device: torch.device) -> tuple[int | None, int | None]:
 
 
 def nvml_process_reader(device: torch.device) -> tuple[Callable[[], int | None], Callable[[], None]] | None:
-    """Open NVML once and return ``(read, close)`` for the GPU memory NVML attributes to this process.
+    """``(read, close)`` for the GPU memory NVML attributes to this process on ``device``; ``None`` off CUDA.
 
-    ``read()`` returns the bytes NVML reports for this process on ``device`` (CUDA context, NCCL and cuBLAS
-    workspaces included) or ``None``; ``close()`` shuts NVML down. ``None`` when NVML is unusable (CPU, no driver,
-    containers that hide per-process numbers). This is the only place bench reads NVML.
+    ``read()`` returns the bytes NVML reports for this process (CUDA context, NCCL and cuBLAS workspaces included)
+    or ``None`` when NVML cannot say (no driver, containers that hide per-process numbers). The device ordinal is
+    mapped to the physical GPU by :mod:`phi3v_core.nvml`, the project's one NVML reader (``CUDA_VISIBLE_DEVICES``
+    indices, UUIDs and MIG instances).
     """
     if device.type != "cuda":
         return None
-    try:
-        import pynvml
+    from phi3v_core.nvml import import_nvml, process_memory_bytes
 
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - NVML is best effort
+    if import_nvml() is None:
         return None
-    try:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        # NVML numbers devices physically; map through CUDA_VISIBLE_DEVICES when it is set.
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible:
-            index = int(visible.split(",")[index])
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-    except Exception:  # noqa: BLE001 - e.g. UUID or MIG entries in CUDA_VISIBLE_DEVICES
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
-        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
     pid = os.getpid()
 
     def read() -> int | None:
-        try:
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == pid and proc.usedGpuMemory is not None:
-                    return int(proc.usedGpuMemory)
-        except Exception:  # noqa: BLE001 - a failed sample is a missing sample
-            return None
-        return None
+        return process_memory_bytes(index, pid)
 
     def close() -> None:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
+        return None
 
     return read, close
 

@@ -69,8 +69,8 @@ __all__ = [
 
 SCHEMA = "phi3v-bench/result"
 SCHEMA_VERSION = 1
-Status = Literal["ok", "oom", "error"]
-STATUSES: tuple[str, ...] = ("ok", "oom", "error")
+Status = Literal["ok", "oom", "error", "timeout"]
+STATUSES: tuple[str, ...] = ("ok", "oom", "error", "timeout")
 
 #: Distributions whose versions decide performance; recorded in every result.
 TRACKED_PACKAGES: tuple[str, ...] = (
@@ -130,12 +130,14 @@ class RepeatSample:
         warmup_times_s: Wall time of each warmup step; stored for inspection, excluded from all statistics.
         memory: One entry per rank.
         final_loss: Loss of the last step (a sanity check that training did something); ``None`` when unknown.
+        step_samples: Samples each timed step consumed over all ranks (the global batch of a full optimizer step).
     """
 
     step_times_s: list[float] = field(default_factory=list)
     warmup_times_s: list[float] = field(default_factory=list)
     memory: list[RankMemory] = field(default_factory=list)
     final_loss: float | None = None
+    step_samples: list[int] = field(default_factory=list)
 
 
 @dataclass

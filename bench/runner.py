@@ -1,29 +1,190 @@
 """Run one :class:`~bench.config.BenchConfig`: every repeat in fresh processes, aggregated into a ``BenchResult``.
 
 One GPU (or CPU process) runs ``python -m bench.worker``; several GPUs run it under ``torchrun`` (on CPU, ``--gpus 2``
-means two gloo processes); several nodes start one torchrun agent per node with a static rendezvous on 127.0.0.1, the
-same way a real cluster launches. Ranks report separately and are combined honestly: memory is the **maximum over
-ranks** (what must fit on each GPU), throughput comes from the **slowest rank's** step time (ranks wait for each
-other at every step), and workload counts are **summed** over ranks.
+means two gloo processes). Several nodes run in one of two ways:
+
+* **cluster** (:class:`ClusterLaunch`): every node runs ``phi3v-bench run ... --nodes N --node-rank R --master-addr
+  HOST``, or one ``phi3v-bench`` per node under SLURM's ``srun`` (read from its variables). Each node starts one
+  torchrun agent for its own GPUs with a static rendezvous at ``HOST``; the ranks gather their measurements to rank 0,
+  and node 0 writes the one result.
+* **loopback**: one command starts every "node" on this machine at 127.0.0.1 — a CPU stand-in for tests. It is
+  refused on CUDA, where two agents would map ``LOCAL_RANK`` 0..g−1 onto the same GPUs.
+
+Ranks report separately and are combined honestly: memory is the **maximum over ranks** (what must fit on each GPU),
+throughput comes from the **slowest rank's** step time (ranks wait for each other at every step), and workload
+counts are **summed** over ranks. Each repeat has a timeout; a timed-out or killed runner takes its workers with it.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.config import BenchConfig
 from bench.results import BenchResult, Metrics, RankMemory, RepeatSample, capture_environment, utc_now
+from phi3v_core.errors import ConfigError
 
-__all__ = ["launch_commands", "run_config"]
+__all__ = [
+    "DEFAULT_MASTER_PORT",
+    "DEFAULT_TIMEOUT_S",
+    "OOM_MARKERS",
+    "ClusterLaunch",
+    "first_slurm_host",
+    "launch_commands",
+    "looks_like_oom",
+    "run_config",
+]
 
-_OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+#: Seconds one repeat may run before its processes are killed and the row is recorded as ``timeout``.
+DEFAULT_TIMEOUT_S = 3600.0
+#: torchrun's own default rendezvous port.
+DEFAULT_MASTER_PORT = 29500
+#: Every way an out-of-memory failure shows up in a worker's message or log.
+OOM_MARKERS = (
+    "OutOfMemoryError",
+    "CUDA out of memory",
+    "CUDA error: out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "cudaErrorMemoryAllocation",
+)
+# torchrun's report of a worker that died from SIGKILL (the kernel's OOM killer sends it).
+_SIGKILL_MARKERS = ("Signal 9 (SIGKILL)", "exitcode  : -9", "exitcode: -9")
+_OOM_KILLER_NOTE = "killed by SIGKILL, most likely the kernel's OOM killer (host RAM); check `dmesg`"
+# Seconds torchrun gets to stop its workers after SIGTERM before everything is SIGKILLed.
+_GRACE_S = 30.0
+
+
+def looks_like_oom(text: str) -> bool:
+    """Whether ``text`` (an exception message or a log) reports running out of GPU memory, in any of its forms."""
+    return any(marker in text for marker in OOM_MARKERS)
+
+
+@dataclass(frozen=True)
+class ClusterLaunch:
+    """Where this node sits in a real multi-node run (one ``phi3v-bench`` per node).
+
+    Attributes:
+        nnodes: Nodes in the job (must equal the configuration's ``nodes``).
+        node_rank: This node's index, 0..nnodes−1; node 0 writes the result.
+        master_addr: Host name or address of node 0, reachable from every node.
+        master_port: TCP port of the rendezvous on node 0 (repeat ``i`` uses ``master_port + i``).
+    """
+
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int = DEFAULT_MASTER_PORT
+
+    def problems(self, cfg: BenchConfig) -> list[str]:
+        """Every inconsistency with ``cfg`` (empty when fine)."""
+        problems = []
+        if self.nnodes != cfg.nodes:
+            problems.append(f"--nodes {cfg.nodes} but the cluster has {self.nnodes} node(s); pass --nodes {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            problems.append(f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1}")
+        if not self.master_addr:
+            problems.append("--master-addr is empty; give node 0's host name or address")
+        if not 1 <= self.master_port <= 65535 - max(0, cfg.repeats - 1):
+            problems.append(f"--master-port {self.master_port} must be 1..{65535 - max(0, cfg.repeats - 1)}")
+        return problems
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this node collects the result (node 0)."""
+        return self.node_rank == 0
+
+    @classmethod
+    def from_args(
+        cls,
+        nodes: int,
+        node_rank: int | None,
+        master_addr: str | None,
+        master_port: int | None,
+        environ: Mapping[str, str] | None = None,
+    ) -> ClusterLaunch | None:
+        """The cluster placement from the command line, else from SLURM (``srun``), else ``None`` (one machine).
+
+        Raises:
+            ConfigError: Half-given flags, or a SLURM step that runs more than one ``phi3v-bench`` per node.
+        """
+        environ = os.environ if environ is None else environ
+        if node_rank is not None or master_addr is not None:
+            missing = [flag for flag, v in (("--node-rank", node_rank), ("--master-addr", master_addr)) if v is None]
+            if missing:
+                raise ConfigError(f"{' and '.join(missing)} missing: a cluster node needs both --node-rank and --master-addr")
+            return cls(nodes, int(node_rank), str(master_addr), master_port or DEFAULT_MASTER_PORT)  # type: ignore[arg-type]
+        if nodes > 1 and "SLURM_NNODES" in environ and "SLURM_NODEID" in environ:
+            return cls.from_slurm(environ, master_port)
+        return None
+
+    @classmethod
+    def from_slurm(cls, environ: Mapping[str, str], master_port: int | None = None) -> ClusterLaunch:
+        """Read the placement of an ``srun`` step: one ``phi3v-bench`` task per node.
+
+        Raises:
+            ConfigError: More tasks than nodes, or an unreadable node list.
+        """
+        nnodes = int(environ["SLURM_NNODES"])
+        tasks = int(environ.get("SLURM_NTASKS", nnodes))
+        if tasks != nnodes:
+            raise ConfigError(
+                f"SLURM step has {tasks} tasks on {nnodes} nodes; run one phi3v-bench per node "
+                "(srun --ntasks-per-node=1), it starts the GPU processes itself"
+            )
+        node_rank = int(environ["SLURM_NODEID"])
+        if "SLURM_PROCID" in environ and int(environ["SLURM_PROCID"]) != node_rank:
+            raise ConfigError("SLURM_PROCID differs from SLURM_NODEID; run one phi3v-bench per node (--ntasks-per-node=1)")
+        nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or ""
+        host = _scontrol_first_host(nodelist) or first_slurm_host(nodelist)
+        if not host:
+            raise ConfigError(f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}; pass --master-addr")
+        if master_port is None:
+            # One port per job, so two jobs sharing a node do not collide; the same on every node of the job.
+            master_port = DEFAULT_MASTER_PORT + int(environ.get("SLURM_JOB_ID", "0")) % 1000 * 10
+        return cls(nnodes, node_rank, host, master_port)
+
+
+def _scontrol_first_host(nodelist: str) -> str:
+    """SLURM's own expansion of the node list (``scontrol show hostnames``), or ``""`` where it cannot run."""
+    if not nodelist or shutil.which("scontrol") is None:
+        return ""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return next((line.strip() for line in out.splitlines() if line.strip()), "")
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[03-05,07],cpu1`` → ``gpu03`` (used where ``scontrol`` is absent)."""
+    nodelist = nodelist.strip()
+    if not nodelist:
+        return ""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not match:
+        return ""
+    prefix, ranges = match.group(1), match.group(2)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]  # keeps zero padding: [03-05] starts at 03
+    return prefix + first
 
 
 def _free_port() -> int:
@@ -32,57 +193,185 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch_commands(cfg: BenchConfig, config_file: Path, out_dir: Path, python: str = sys.executable) -> list[list[str]]:
-    """The command line(s) one repeat runs: one per node (a single command without torchrun for one process)."""
+def launch_commands(
+    cfg: BenchConfig,
+    config_file: Path,
+    out_dir: Path,
+    python: str = sys.executable,
+    cluster: ClusterLaunch | None = None,
+    repeat: int = 0,
+) -> list[list[str]]:
+    """The command line(s) one repeat runs on this machine.
+
+    One process: the worker itself. One node: one torchrun. A cluster node: one torchrun for this node with a static
+    rendezvous at ``cluster.master_addr`` (port ``master_port + repeat``, so a node that finishes a repeat early can
+    never join the previous repeat's rendezvous). Loopback (no cluster, several nodes): one torchrun per node on
+    127.0.0.1.
+    """
     worker = ["-m", "bench.worker", "--config", str(config_file), "--out", str(out_dir)]
     if cfg.world_size == 1:
         return [[python, *worker]]
+
+    def torchrun(node_rank: int, addr: str, port: int) -> list[str]:
+        return [
+            python, "-m", "torch.distributed.run",
+            f"--nnodes={cfg.nodes}",
+            f"--node_rank={node_rank}",
+            f"--nproc_per_node={cfg.gpus}",
+            f"--master_addr={addr}",
+            f"--master_port={port}",
+            *worker,
+        ]
+
+    if cluster is not None:
+        return [torchrun(cluster.node_rank, cluster.master_addr, cluster.master_port + repeat)]
     port = _free_port()
-    commands = []
-    for node_rank in range(cfg.nodes):
-        commands.append(
-            [
-                python, "-m", "torch.distributed.run",
-                f"--nnodes={cfg.nodes}",
-                f"--node_rank={node_rank}",
-                f"--nproc_per_node={cfg.gpus}",
-                "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-                *worker,
-            ]
-        )
-    return commands
+    return [torchrun(node_rank, "127.0.0.1", port) for node_rank in range(cfg.nodes)]
 
 
-def _run_repeat(cfg: BenchConfig, timeout_s: float | None) -> tuple[list[dict[str, Any]], str]:
-    """Launch one repeat; return the rank payloads and the combined stderr tail."""
-    with tempfile.TemporaryDirectory(prefix="phi3v-bench-") as tmp:
-        tmp_dir = Path(tmp)
+# -- process lifetime ---------------------------------------------------------------------------------------------
+
+_LIVE: set[subprocess.Popen] = set()
+
+
+def _kill_tree(proc: subprocess.Popen, grace_s: float = _GRACE_S) -> None:
+    """Stop a launched command and everything it started.
+
+    SIGTERM first (torchrun then stops its workers, which it runs in sessions of their own), then SIGKILL to the
+    process group and to every descendant found before the kill, so that no worker outlives its repeat.
+    """
+    try:
+        import psutil
+
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except Exception:  # noqa: BLE001 - psutil missing or the process already gone: the group kill still runs
+        descendants = []
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None and not any(_alive(p) for p in descendants):
+            break
+        with _suppress_lookup():
+            os.killpg(proc.pid, sig)
+        if sig == signal.SIGKILL:
+            for child in descendants:
+                with _suppress_lookup():
+                    child.kill()
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and (proc.poll() is None or any(_alive(p) for p in descendants)):
+            time.sleep(0.2)
+    with _suppress_lookup():
+        proc.wait(timeout=5)
+
+
+def _alive(process: Any) -> bool:
+    try:
+        return bool(process.is_running()) and process.status() != "zombie"
+    except Exception:  # noqa: BLE001 - gone
+        return False
+
+
+@contextmanager
+def _suppress_lookup() -> Iterator[None]:
+    try:
+        yield
+    except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+        pass
+    except Exception as exc:  # noqa: BLE001 - psutil.NoSuchProcess and friends
+        if type(exc).__name__ not in ("NoSuchProcess", "AccessDenied", "ZombieProcess"):
+            raise
+
+
+def _kill_all_live() -> None:
+    for proc in list(_LIVE):
+        _kill_tree(proc, grace_s=5.0)
+        _LIVE.discard(proc)
+
+
+atexit.register(_kill_all_live)
+
+
+@contextmanager
+def _terminate_on_signals() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into ``SystemExit`` while a repeat runs, so ``finally`` blocks kill the workers and
+    temporary folders are removed (Python's default for SIGTERM is to die without running either)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, _exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# -- one repeat ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Repeat:
+    payloads: list[dict[str, Any]]
+    log: str
+    timed_out: bool
+    return_codes: list[int | None]
+
+
+def _run_repeat(cfg: BenchConfig, timeout_s: float | None, cluster: ClusterLaunch | None, repeat: int) -> _Repeat:
+    """Launch one repeat on this machine; return the rank payloads (all ranks' on node 0 of a cluster)."""
+    tmp_dir = Path(tempfile.mkdtemp(prefix="phi3v-bench-"))
+    procs: list[subprocess.Popen] = []
+    logs = []
+    timed_out = False
+    try:
         config_file = tmp_dir / "config.json"
         config_file.write_text(json.dumps(cfg.to_dict()))
         env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.world_size)))
+        local_processes = cfg.gpus if cluster is not None else cfg.world_size
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_processes)))
         env["PYTHONUNBUFFERED"] = "1"
-        procs = []
-        logs = []
-        for i, command in enumerate(launch_commands(cfg, config_file, tmp_dir)):
-            log = open(tmp_dir / f"node{i}.log", "w")  # noqa: SIM115 - closed below
-            logs.append(log)
-            procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
         try:
+            for i, command in enumerate(launch_commands(cfg, config_file, tmp_dir, cluster=cluster, repeat=repeat)):
+                log = open(tmp_dir / f"node{i}.log", "w")  # noqa: SIM115 - closed in finally
+                logs.append(log)
+                # A session of its own: the whole group can be killed without touching this process.
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                procs.append(proc)
+                _LIVE.add(proc)
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
             for proc in procs:
-                proc.wait(timeout=timeout_s)
+                proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            for proc in procs:
-                proc.kill()
+            timed_out = True
         finally:
+            for proc in procs:
+                if proc.poll() is None or timed_out:
+                    _kill_tree(proc)  # also on SystemExit/KeyboardInterrupt: no worker outlives the runner
+                _LIVE.discard(proc)
             for log in logs:
                 log.close()
-        payloads = [json.loads(p.read_text()) for p in sorted(tmp_dir.glob("rank*.json"))]
-        tail = "\n".join((tmp_dir / f"node{i}.log").read_text()[-4000:] for i in range(len(procs)))
-        if not payloads and any(proc.returncode for proc in procs):
-            payloads = [{"rank": 0, "status": "error", "message": _last_error_line(tail)}]
-        return payloads, tail
+        payloads = _read_payloads(tmp_dir)
+        tail = "\n".join((tmp_dir / f"node{i}.log").read_text(errors="replace")[-4000:] for i in range(len(logs)))
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return _Repeat(payloads, tail, timed_out, [proc.returncode for proc in procs])
+
+
+def _read_payloads(tmp_dir: Path) -> list[dict[str, Any]]:
+    """All ranks' payloads: rank 0's gathered file when present (the only complete one on a cluster), merged with
+    the per-rank files of this machine (which also cover ranks that failed before the gather)."""
+    by_rank: dict[int, dict[str, Any]] = {}
+    gathered = tmp_dir / "gathered.json"
+    if gathered.is_file():
+        for payload in json.loads(gathered.read_text()):
+            by_rank[int(payload["rank"])] = payload
+    for path in sorted(tmp_dir.glob("rank*.json")):
+        payload = json.loads(path.read_text())
+        if payload.get("status") != "ok" or int(payload["rank"]) not in by_rank:
+            by_rank[int(payload["rank"])] = payload
+    return [by_rank[rank] for rank in sorted(by_rank)]
 
 
 def _last_error_line(log: str) -> str:
@@ -99,50 +388,131 @@ def _failure(payloads: list[dict[str, Any]], log: str) -> tuple[str, str, int | 
     first = bad[0]
     status = first.get("status", "error")
     message = first.get("message", "")
-    if status != "oom" and any(marker in message or marker in log for marker in _OOM_MARKERS):
+    if status != "oom" and (looks_like_oom(message) or looks_like_oom(log)):
         status = "oom"
     return status, message or _last_error_line(log), first.get("failed_at_step")
 
 
-def run_config(cfg: BenchConfig, *, timeout_s: float | None = None) -> BenchResult:
+def _killed_by_sigkill(repeat: _Repeat) -> bool:
+    return any(code == -signal.SIGKILL for code in repeat.return_codes) or any(m in repeat.log for m in _SIGKILL_MARKERS)
+
+
+def _classify(cfg: BenchConfig, repeat: _Repeat, timeout_s: float | None) -> tuple[str, str, int | None] | None:
+    """``(status, message, failed_at_step)`` of a failed repeat, ``None`` for a good one."""
+    failure = _failure(repeat.payloads, repeat.log)
+    if repeat.timed_out:
+        if failure is not None:  # a rank failed and the others waited for it in a collective until the timeout
+            return failure[0], f"{failure[1]} (the other ranks then hung until the timeout)", failure[2]
+        return "timeout", f"repeat killed after the {timeout_s:g} s timeout (--timeout); a hung collective?", None
+    if failure is None and not repeat.payloads and any(repeat.return_codes):
+        failure = ("error", _last_error_line(repeat.log), None)
+    if failure is not None and failure[0] == "error" and _killed_by_sigkill(repeat):
+        return "oom", f"{_OOM_KILLER_NOTE} ({failure[1]})", failure[2]
+    if failure is None and _killed_by_sigkill(repeat):
+        return "oom", _OOM_KILLER_NOTE, None
+    return failure
+
+
+def _refuse_loopback_on_cuda(cfg: BenchConfig, cluster: ClusterLaunch | None) -> None:
+    if cluster is not None or cfg.nodes == 1:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        raise ConfigError(
+            f"--nodes {cfg.nodes} on one machine would map every node's ranks onto the same GPUs; on a cluster run "
+            "`phi3v-bench run ... --nodes N --node-rank R --master-addr HOST` on each node, or one task per node "
+            "under srun (see README: Benchmarking on a cluster)"
+        )
+
+
+def run_config(
+    cfg: BenchConfig,
+    *,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    cluster: ClusterLaunch | None = None,
+) -> BenchResult:
     """Measure one configuration (``cfg.repeats`` fresh launches) and return the result; failures become rows.
+
+    On a cluster every node calls this with its own :class:`ClusterLaunch`; only node 0's result holds the
+    measurements (the other nodes return a result whose message says so, and should not save it).
 
     Args:
         cfg: A validated configuration.
-        timeout_s: Kill a repeat that runs longer than this.
+        timeout_s: Kill a repeat (every process it started) that runs longer than this; ``None`` waits forever.
+        cluster: This node's place in a multi-node job; ``None`` runs everything on this machine.
+
+    Raises:
+        ConfigError: The cluster placement does not fit ``cfg``, or loopback nodes were asked for on CUDA.
     """
     cfg.validate()
+    if cluster is not None and (problems := cluster.problems(cfg)):
+        raise ConfigError("; ".join(problems))
+    _refuse_loopback_on_cuda(cfg, cluster)
     started = utc_now()
     environment = capture_environment()
     metrics = Metrics()
-    for _ in range(cfg.repeats):
-        payloads, log = _run_repeat(cfg, timeout_s)
-        failure = _failure(payloads, log)
-        if failure is not None:
-            status, message, step = failure
-            result = BenchResult.failure(cfg, status, message, environment, failed_at_step=step, started_at=started)
-            result.metrics = metrics  # keep the repeats that did finish
-            return result
-        ranks = sorted(payloads, key=lambda p: p["rank"])
-        if len(ranks) != cfg.world_size:
-            return BenchResult.failure(
-                cfg, "error", f"{len(ranks)} of {cfg.world_size} ranks reported", environment, started_at=started
-            )
-        # Ranks synchronise every step, so the step took as long as its slowest rank.
-        step_times = [max(times) for times in zip(*(p["step_times_s"] for p in ranks))]
-        warmup = [max(times) for times in zip(*(p["warmup_times_s"] for p in ranks))]
-        memory = [RankMemory(**p["memory"]) for p in ranks]
-        metrics.repeats.append(
-            RepeatSample(step_times_s=step_times, warmup_times_s=warmup, memory=memory, final_loss=ranks[0]["final_loss"])
+    with _terminate_on_signals():
+        for index in range(cfg.repeats):
+            repeat = _run_repeat(cfg, timeout_s, cluster, index)
+            failure = _classify(cfg, repeat, timeout_s)
+            if failure is not None:
+                status, message, step = failure
+                result = BenchResult.failure(cfg, status, message, environment, failed_at_step=step, started_at=started)
+                result.metrics = metrics  # keep the repeats that did finish
+                return result
+            if cluster is not None and not cluster.is_main:
+                continue  # this node's ranks reported to rank 0, on node 0
+            ranks = sorted(repeat.payloads, key=lambda p: p["rank"])
+            if len(ranks) != cfg.world_size:
+                return BenchResult.failure(
+                    cfg, "error", f"{len(ranks)} of {cfg.world_size} ranks reported", environment, started_at=started
+                )
+            _add_repeat(metrics, ranks)
+            partial = [(i, n) for i, n in enumerate(metrics.repeats[-1].step_samples, 1) if n != cfg.global_batch]
+            if partial:
+                # A timed step must be a whole optimizer step; anything else would inflate or deflate img/s.
+                step, samples = partial[0]
+                message = f"timed step {step} carried {samples} of {cfg.global_batch} samples (a partial optimizer step)"
+                result = BenchResult.failure(cfg, "error", message, environment, started_at=started)
+                result.metrics = metrics
+                return result
+    if cluster is not None and not cluster.is_main:
+        # Nothing to save here: this node's ranks reported to rank 0 (see ``ClusterLaunch.is_main``).
+        return BenchResult(
+            config=cfg,
+            environment=environment,
+            message=f"node {cluster.node_rank} done; node 0 ({cluster.master_addr}) writes the result",
+            started_at=started,
+            finished_at=utc_now(),
         )
-        metrics.images_per_step = sum(p["images_per_step"] or 0 for p in ranks)
-        metrics.tokens_per_step = sum(p["tokens_per_step"] or 0 for p in ranks)
-        metrics.image_tokens_per_step = sum(p["image_tokens_per_step"] or 0 for p in ranks)
-        flops = [p.get("flops_per_step") for p in ranks]
-        metrics.model_flops_per_step = float(sum(flops)) if all(f is not None for f in flops) else None
-        hw_flops = [p.get("hardware_flops_per_step") for p in ranks]
-        metrics.hardware_flops_per_step = float(sum(hw_flops)) if all(f is not None for f in hw_flops) else None
-        metrics.peak_flops_per_gpu = ranks[0].get("peak_flops_per_gpu")
-        metrics.total_params = ranks[0].get("total_params")
-        metrics.trainable_params = ranks[0].get("trainable_params")
     return BenchResult(config=cfg, environment=environment, metrics=metrics, started_at=started, finished_at=utc_now())
+
+
+def _add_repeat(metrics: Metrics, ranks: list[dict[str, Any]]) -> None:
+    """Combine the ranks of one repeat into ``metrics``."""
+    # Ranks synchronise every step, so the step took as long as its slowest rank.
+    step_times = [max(times) for times in zip(*(p["step_times_s"] for p in ranks))]
+    warmup = [max(times) for times in zip(*(p["warmup_times_s"] for p in ranks))]
+    memory = [RankMemory(**p["memory"]) for p in ranks]
+    # Samples each timed optimizer step consumed over all ranks (the global batch when the workload is right).
+    step_samples = [sum(counts) for counts in zip(*(p.get("step_samples") or [] for p in ranks))]
+    metrics.repeats.append(
+        RepeatSample(
+            step_times_s=step_times,
+            warmup_times_s=warmup,
+            memory=memory,
+            final_loss=ranks[0]["final_loss"],
+            step_samples=step_samples,
+        )
+    )
+    metrics.images_per_step = sum(p["images_per_step"] or 0 for p in ranks)
+    metrics.tokens_per_step = sum(p["tokens_per_step"] or 0 for p in ranks)
+    metrics.image_tokens_per_step = sum(p["image_tokens_per_step"] or 0 for p in ranks)
+    flops = [p.get("flops_per_step") for p in ranks]
+    metrics.model_flops_per_step = float(sum(flops)) if all(f is not None for f in flops) else None
+    hw_flops = [p.get("hardware_flops_per_step") for p in ranks]
+    metrics.hardware_flops_per_step = float(sum(hw_flops)) if all(f is not None for f in hw_flops) else None
+    metrics.peak_flops_per_gpu = ranks[0].get("peak_flops_per_gpu")
+    metrics.total_params = ranks[0].get("total_params")
+    metrics.trainable_params = ranks[0].get("trainable_params")

@@ -21,8 +21,9 @@ import torch
 
 from bench.config import BenchConfig
 from bench.measure import InstrumentedSteps, step_micro_batches, trace_step_flops
+from bench.runner import looks_like_oom
 
-__all__ = ["main", "plan_steps", "to_train_config"]
+__all__ = ["gather_payloads", "main", "plan_steps", "to_train_config", "workload_samples"]
 
 
 def plan_steps(cfg: BenchConfig, cuda: bool) -> dict[str, int | None]:
@@ -36,6 +37,11 @@ def plan_steps(cfg: BenchConfig, cuda: bool) -> dict[str, int | None]:
     memory_step = None if cuda else last_timed + 1  # CUDA has exact allocator peaks; CPU needs a tensor probe
     total = memory_step or last_timed
     return {"first_timed": first_timed, "last_timed": last_timed, "memory_step": memory_step, "total": total}
+
+
+def workload_samples(cfg: BenchConfig, total_steps: int) -> int:
+    """Samples the whole job trains on: the global batch for each of ``total_steps`` optimizer steps."""
+    return cfg.global_batch * total_steps
 
 
 def to_train_config(cfg: BenchConfig, output_dir: str, total_steps: int) -> Any:
@@ -105,8 +111,9 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         torch.cuda.set_device(device)
     layout = plan_steps(cfg, cuda)
     total_steps = int(layout["total"])
-    per_rank_samples = cfg.batch_size // world * total_steps
-    workload = build_workload(cfg, _processor(cfg), per_rank_samples)
+    # The global batch × every planned step: the Trainer's sampler shards this over the ranks, so one epoch is
+    # exactly ``total_steps`` full optimizer steps (no partial gradient-accumulation step inside the timed window).
+    workload = build_workload(cfg, _processor(cfg), workload_samples(cfg, total_steps))
 
     timer = StepTimer()
     probes = InstrumentedSteps(
@@ -115,16 +122,16 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         memory_step=layout["memory_step"],
     )
     payload: dict[str, Any] = {"rank": rank, "world_size": world, "device": str(device), "status": "ok"}
-    with tempfile.TemporaryDirectory(prefix="phi3v-bench-train-") as scratch:
+    # Inside the runner's folder: a worker killed on timeout leaves nothing behind once the runner removes it.
+    with tempfile.TemporaryDirectory(prefix="train-", dir=out_dir) as scratch:
         train_cfg = to_train_config(cfg, scratch, total_steps)
         try:
             result = train(train_cfg, workload.dataset, callbacks=[timer, probes])
-        except torch.cuda.OutOfMemoryError as exc:
-            payload.update(status="oom", message=str(exc).splitlines()[0], failed_at_step=len(timer.records))
-            return payload
-        except Exception as exc:  # noqa: BLE001 - recorded as an error row by the runner
+        except Exception as exc:  # noqa: BLE001 - recorded as an error/oom row by the runner
+            # OOM comes as torch.OutOfMemoryError, or as a RuntimeError ("CUDA error: out of memory", cuBLAS ...).
+            oom = isinstance(exc, torch.OutOfMemoryError) or looks_like_oom(f"{type(exc).__name__}: {exc}")
             payload.update(
-                status="error",
+                status="oom" if oom else "error",
                 message=f"{type(exc).__name__}: {exc}".splitlines()[0],
                 failed_at_step=len(timer.records),
                 traceback=traceback.format_exc(),
@@ -146,6 +153,7 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         step_times_s=[r.seconds for r in timed],
         warmup_times_s=[records[s].seconds for s in range(1, int(layout["first_timed"])) if s in records],
         final_loss=next((r.loss for r in reversed(timed) if r.loss is not None), None),
+        step_samples=[r.samples for r in timed],
         samples_per_step=timed[0].samples if timed else None,
         images_per_step=timed[0].images if timed else None,
         tokens_per_step=timed[0].tokens if timed else None,
@@ -185,11 +193,37 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - setup failures are rows too
         payload = {"rank": rank, "status": "error", "message": f"{type(exc).__name__}: {exc}".splitlines()[0],
                    "traceback": traceback.format_exc()}
-    target = out_dir / f"rank{rank}.json"
-    tmp = target.with_suffix(".tmp")
+    _write_atomic(out_dir / f"rank{rank}.json", payload)
+    if payload.get("status") != "ok":
+        # Exit instead of joining the gather: torchrun then stops the job's other workers, and the runner reads
+        # this rank's file (on a cluster, the failing node's runner reports it).
+        return 3
+    gathered = gather_payloads(payload)
+    if gathered is not None and rank == 0:
+        _write_atomic(out_dir / "gathered.json", gathered)  # the only complete copy on a multi-node run
+    return 0
+
+
+def _write_atomic(target: Path, payload: Any) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, target)
-    return 0 if payload.get("status") == "ok" else 3
+
+
+def gather_payloads(payload: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every rank's payload, collected on global rank 0 over the training process group (``None`` elsewhere).
+
+    On a cluster each node's runner sees only its own node's files; rank 0 (on node 0) gets them all this way. Only
+    ranks that succeeded call it; when one failed, torchrun stops the others (or, across nodes, the collective or
+    the runner's timeout does).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    gathered: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else []
+    dist.gather_object(payload, gathered if dist.get_rank() == 0 else None, dst=0)
+    return gathered if dist.get_rank() == 0 else None
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ _DISTINCT_EXAMPLES = 4
 
 @dataclass
 class Workload:
-    """What one rank trains on.
+    """What the job trains on (the Trainer's sampler shards the dataset over the ranks).
 
     Attributes:
-        dataset: Map-style dataset of encoded examples, long enough for every planned step.
+        dataset: Map-style dataset of encoded examples: the global batch for every planned optimizer step.
         tokens_per_sample: Non-padding tokens of one example (image placeholders included).
         image_tokens_per_sample: Image placeholder tokens of one example.
         images_per_sample: Images in one example.

@@ -732,17 +732,6 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _init_distributed(cuda: bool) -> None:
-    """Start the process group under torchrun before the first eval (the Trainer reuses it)."""
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        return
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
-
-
 def _device(env: Any) -> Any:
     import torch
 
@@ -791,15 +780,14 @@ def _eval_kwargs(cfg: FinetuneConfig, env: Any) -> dict[str, Any]:
 def _evaluate_before(cfg: FinetuneConfig, task: Any, processor: Any, env: Any) -> Any:
     import torch
 
-    from phi3v_core.training import build_model
-    from phi3v_core.training.evaluate import EvalResult, evaluate_task
+    from phi3v_core.training.evaluate import EvalResult, baseline_model, evaluate_task
 
     path = Path(cfg.train.output_dir) / "eval_before.json"
     if cfg.train.resume is not None and path.is_file():
         previous = EvalResult.from_json(path)
         if previous.task == task.name and previous.ids == [item.id for item in task.eval_items()]:
             return previous  # a resumed run keeps its baseline instead of regenerating it
-    model = build_model(cfg.train, env).to(_device(env))
+    model = baseline_model(cfg.train, env).to(_device(env))  # QLoRA: the same nf4 base as "after"
     try:
         return evaluate_task(
             model, task, processor, output_file=path, description="eval before", **_eval_kwargs(cfg, env)
@@ -832,10 +820,11 @@ def run(cfg: FinetuneConfig, env: Any = None) -> dict[str, Any]:
         JSON-ready summary: settings, data, training result and the before/after metrics.
     """
     from phi3v_core.training import Environment, train
+    from phi3v_core.training.api import init_distributed
     from phi3v_core.training.evaluate import evaluate_task
 
     env = env or Environment.detect()
-    _init_distributed(env.cuda)
+    init_distributed(env.cuda, cfg.train.ddp_timeout)  # before the first eval; the Trainer reuses it
     task = _load_data(cfg)
     cfg.train.num_crops = task.num_crops  # the task's default when --num_crops was not given (validated 1..16)
     cfg.train.extra["data"] = task.origin

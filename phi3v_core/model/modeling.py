@@ -148,13 +148,35 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
             attentions=outputs.attentions,
         )
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args, **kwargs) -> dict:
-        """Pass images only on the prefill step; later steps see new (non-negative) tokens only."""
-        image_sizes = kwargs.pop("image_sizes", None)
-        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
-        if model_inputs.get("pixel_values") is not None:
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        *args,
+        cache=None,  # noqa: ANN001 - transformers Cache
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | ImageLayout | None = None,
+        **kwargs,
+    ) -> dict:
+        """Pass images whenever the step embeds the prompt: the prefill and the LongRoPE re-prefill.
+
+        Later decoding steps see new (non-negative) tokens only. When the sequence first grows past
+        ``original_max_position_embeddings``, transformers' Phi-3 drops the KV cache and re-embeds the whole sequence
+        with the long rope factors; that step must get the images again, or the placeholders would embed as token 0.
+        """
+        reprefill = self._longrope_reprefill(input_ids, cache)
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, cache=cache, **kwargs)
+        prefill = kwargs.get("is_first_iteration") or not kwargs.get("use_cache", True) or reprefill
+        if pixel_values is not None and prefill:
+            model_inputs["pixel_values"] = pixel_values
             model_inputs["image_sizes"] = image_sizes
         return model_inputs
+
+    def _longrope_reprefill(self, input_ids: torch.LongTensor, cache) -> bool:  # noqa: ANN001 - transformers Cache
+        """Whether Phi-3's ``prepare_inputs_for_generation`` will drop the cache at this step (same condition)."""
+        limit = getattr(self.config, "original_max_position_embeddings", None)
+        if not cache or limit is None or input_ids.shape[1] < limit + 1:
+            return False
+        return cache.get_seq_length() <= limit
 
     def dead_parameter_names(self) -> set[str]:
         """Checkpoint parameters that never receive a gradient (unused CLIP layers, ``post_layernorm``)."""

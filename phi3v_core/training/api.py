@@ -13,6 +13,7 @@ import shutil
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,15 @@ from phi3v_core.training.collate import SupervisedLogitsCollator
 from phi3v_core.training.config import DTYPES, Environment, TrainConfig, find_resumable_checkpoint
 from phi3v_core.training.trainer import Phi3VTrainer, build_training_arguments
 
-__all__ = ["TrainResult", "build_model", "prepare_model", "resolve_resume", "train", "write_json_atomic"]
+__all__ = [
+    "TrainResult",
+    "build_model",
+    "init_distributed",
+    "prepare_model",
+    "resolve_resume",
+    "train",
+    "write_json_atomic",
+]
 
 
 @dataclass
@@ -155,6 +164,27 @@ def _single_process_rendezvous() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def init_distributed(cuda: bool, timeout_s: int) -> bool:
+    """Create the process group of a torchrun job now (e.g. to evaluate before training), with the run's timeout.
+
+    The Trainer reuses a group that already exists, so the timeout given here is the one every collective of the run
+    gets. Without it NCCL's own default (10 minutes) would silently replace ``TrainConfig.ddp_timeout``.
+
+    Args:
+        cuda: Use NCCL on this process's ``LOCAL_RANK`` GPU (gloo on CPU).
+        timeout_s: Seconds before a collective times out (``TrainConfig.ddp_timeout``).
+
+    Returns:
+        Whether this call created the group (``False`` for one process or an existing group).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return False
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    return True
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -42,10 +42,12 @@ from phi3v_core.processing import Phi3VDataCollator
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
     "EvalResult",
+    "baseline_model",
     "distributed_rank_and_size",
     "evaluate",
     "evaluate_task",
     "generate_answers",
+    "keep_training_kernels",
     "shard_indices",
 ]
 
@@ -169,6 +171,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     # Restore the caller's mode: evaluate() runs between training phases too.
     was_training = model.training
     model.eval()
+    keep_training_kernels(model)
     try:
         yield
     finally:
@@ -402,3 +405,43 @@ def evaluate_task(model: nn.Module, task: TaskData, processor: Any, **kwargs: An
         **kwargs: Passed to :func:`evaluate` (``output_file``, ``batch_size``, ``max_new_tokens``, ...).
     """
     return evaluate(model, task.eval_items(), processor, metric=task.metric, task=task.name, **kwargs)
+
+
+def baseline_model(cfg: Any, env: Any = None) -> nn.Module:
+    """The model the "before" evaluation runs: the same base the method will train, in the same numerics.
+
+    QLoRA trains on an nf4 base, so "before" must run that quantised base too; evaluating the bf16 base would mix
+    the quantisation loss into the before/after change. The method is applied exactly as :func:`train` applies it
+    (same seed, so the same weights and the same quantisation); the fresh LoRA ``B`` matrices are zero, so the
+    adapters add nothing and the output is the quantised base's own. Other methods evaluate the plain base
+    (LoRA's 16-bit base is the base; full fine-tuning starts from it).
+
+    Args:
+        cfg: The run's ``TrainConfig``.
+        env: The machine (detected when omitted).
+    """
+    from phi3v_core.methods import get_method
+    from phi3v_core.training.api import build_model, prepare_model
+
+    if get_method(cfg.method).quantized:
+        model, _ = prepare_model(cfg, env)
+    else:
+        model = build_model(cfg, env)
+    return model.eval()
+
+
+
+def keep_training_kernels(model: nn.Module) -> None:
+    """Make bitsandbytes run the 4-bit layers with the kernel training uses, also in eval mode on CPU.
+
+    On CPUs with AVX512-bf16, bitsandbytes repacks an nf4 weight for a bf16 inference kernel on the first eval-mode
+    forward without gradients. Evaluation must see the numerics training saw (and "before" the same as "after");
+    the repacking also fails on layers narrower than one quantisation block (the tiny model's CLIP). No-op on GPU
+    and for models without 4-bit layers.
+    """
+    bnb = sys.modules.get("bitsandbytes")  # no 4-bit layer can exist unless bitsandbytes was imported
+    if bnb is None:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

@@ -1,17 +1,35 @@
-"""The real runner: `phi3v-bench run` end to end on CPU, a 2-process run, failure classification."""
+"""The real runner: `phi3v-bench run` end to end on CPU, multi-process and multi-node runs, failure classification,
+timeouts that take every started process with them."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+import bench.runner
 from bench.config import BenchConfig
-from bench.runner import _failure, launch_commands, run_config
-from bench.worker import plan_steps
+from bench.results import load_result
+from bench.runner import (
+    ClusterLaunch,
+    _classify,
+    _failure,
+    _Repeat,
+    first_slurm_host,
+    launch_commands,
+    looks_like_oom,
+    run_config,
+)
+from bench.worker import plan_steps, workload_samples
+from phi3v_core.errors import ConfigError
+
+TINY = ["--model", "tiny", "--precision", "fp32", "--num-crops", "1", "--steps", "2", "--warmup", "1", "--repeats", "1"]
 
 
 def test_step_plan_puts_instrumented_steps_after_the_timed_window() -> None:
@@ -20,7 +38,13 @@ def test_step_plan_puts_instrumented_steps_after_the_timed_window() -> None:
     assert plan_steps(cfg, cuda=True) == {"first_timed": 3, "last_timed": 5, "memory_step": None, "total": 5}
 
 
-def test_launch_uses_torchrun_per_node_with_loopback_rendezvous(tmp_path: Path) -> None:
+def test_workload_is_the_global_batch_for_every_step() -> None:
+    # The Trainer's sampler shards the dataset over ranks: the job-wide count, not a per-rank one.
+    cfg = BenchConfig(gpus=4, global_batch=8, micro_batch=1, release="t")
+    assert workload_samples(cfg, total_steps=7) == 8 * 7
+
+
+def test_loopback_launch_uses_torchrun_per_node_on_127_0_0_1(tmp_path: Path) -> None:
     cfg = BenchConfig(gpus=2, nodes=2, global_batch=4, release="t")
     commands = launch_commands(cfg, tmp_path / "c.json", tmp_path)
     assert len(commands) == 2
@@ -32,17 +56,151 @@ def test_launch_uses_torchrun_per_node_with_loopback_rendezvous(tmp_path: Path) 
     assert single[0][1:3] == ["-m", "bench.worker"]
 
 
+def test_cluster_launch_starts_only_this_node_with_a_port_per_repeat(tmp_path: Path) -> None:
+    cfg = BenchConfig(gpus=8, nodes=2, global_batch=16, repeats=3, release="t")
+    cluster = ClusterLaunch(nnodes=2, node_rank=1, master_addr="gpu01", master_port=29600)
+    commands = launch_commands(cfg, tmp_path / "c.json", tmp_path, cluster=cluster, repeat=2)
+    assert len(commands) == 1
+    command = commands[0]
+    assert "--node_rank=1" in command and "--nnodes=2" in command and "--nproc_per_node=8" in command
+    assert "--master_addr=gpu01" in command and "--master_port=29602" in command
+    assert not cluster.is_main and cluster.problems(cfg) == []
+    assert "--nodes 2 but the cluster has 3" in ClusterLaunch(3, 0, "h").problems(cfg)[0]
+    assert "outside 0..1" in ClusterLaunch(2, 2, "h").problems(cfg)[0]
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "first"),
+    [("gpu01", "gpu01"), ("gpu[03-05,07]", "gpu03"), ("node[7,9-10],login1", "node7"), ("a-b-1,c", "a-b-1"), ("", "")],
+)
+def test_first_host_of_a_slurm_node_list(nodelist: str, first: str) -> None:
+    assert first_slurm_host(nodelist) == first
+
+
+def test_cluster_placement_from_flags_and_from_srun() -> None:
+    flags = ClusterLaunch.from_args(2, 1, "10.0.0.1", None, environ={})
+    assert flags == ClusterLaunch(2, 1, "10.0.0.1", 29500)
+    with pytest.raises(ConfigError, match="--master-addr missing"):
+        ClusterLaunch.from_args(2, 1, None, None, environ={})
+    slurm = {"SLURM_NNODES": "2", "SLURM_NTASKS": "2", "SLURM_NODEID": "1", "SLURM_PROCID": "1",
+             "SLURM_JOB_NODELIST": "dgx[012-013]", "SLURM_JOB_ID": "4242"}
+    placed = ClusterLaunch.from_args(2, None, None, None, environ=slurm)
+    assert placed is not None
+    assert (placed.nnodes, placed.node_rank, placed.master_addr) == (2, 1, "dgx012")
+    assert placed.master_port == 29500 + 242 * 10  # per job, the same on every node
+    assert ClusterLaunch.from_args(2, None, None, 29501, environ=slurm).master_port == 29501
+    with pytest.raises(ConfigError, match="one phi3v-bench per node"):
+        ClusterLaunch.from_args(2, None, None, None, environ={**slurm, "SLURM_NTASKS": "16"})
+    assert ClusterLaunch.from_args(1, None, None, None, environ=slurm) is None  # one node: nothing to place
+    assert ClusterLaunch.from_args(2, None, None, None, environ={}) is None  # loopback
+
+
+def test_loopback_nodes_are_refused_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.runner, "_run_repeat", lambda *a, **k: pytest.fail("must refuse before launching"))
+    with pytest.raises(ConfigError, match="same GPUs"):
+        run_config(BenchConfig(gpus=1, nodes=2, global_batch=2, release="t"))
+
+
 @pytest.mark.parametrize(
     ("payload", "log", "expected"),
     [
         ({"rank": 0, "status": "oom", "message": "CUDA out of memory", "failed_at_step": 2}, "", "oom"),
         ({"rank": 0, "status": "error", "message": "RuntimeError: boom"}, "", "error"),
         ({"rank": 0, "status": "error", "message": "worker died"}, "torch.OutOfMemoryError: CUDA out of memory", "oom"),
+        ({"rank": 0, "status": "error", "message": "RuntimeError: CUDA error: out of memory"}, "", "oom"),
+        ({"rank": 0, "status": "error", "message": "RuntimeError: CUBLAS_STATUS_ALLOC_FAILED when calling"}, "", "oom"),
     ],
 )
 def test_failures_are_classified(payload: dict, log: str, expected: str) -> None:
     status, message, _ = _failure([payload, {"rank": 1, "status": "ok"}], log)
     assert status == expected and message
+
+
+def test_timeout_and_oom_killer_are_classified() -> None:
+    cfg = BenchConfig(release="t")
+    hung = _Repeat(payloads=[], log="", timed_out=True, return_codes=[-9])
+    assert _classify(cfg, hung, 60)[0] == "timeout"
+    killed = _Repeat(payloads=[], log="", timed_out=False, return_codes=[-signal.SIGKILL])
+    status, message, _ = _classify(cfg, killed, 60)
+    assert status == "oom" and "OOM killer" in message
+    torchrun_log = "  exitcode  : -9 (pid: 123)\n  error_file: <N/A>\n  traceback : Signal 9 (SIGKILL) received by PID 123"
+    via_torchrun = _Repeat(payloads=[], log=torchrun_log, timed_out=False, return_codes=[1])
+    assert _classify(cfg, via_torchrun, 60)[0] == "oom"
+    fine = _Repeat(payloads=[{"rank": 0, "status": "ok"}], log="", timed_out=False, return_codes=[0])
+    assert _classify(cfg, fine, 60) is None
+    assert looks_like_oom("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert not looks_like_oom("RuntimeError: shape mismatch")
+
+
+def test_timeout_kills_the_whole_process_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung repeat becomes a ``timeout`` row; the worker torchrun-style started in its own session dies too."""
+    pid_file = tmp_path / "grandchild.pid"
+    # The launched command starts a grandchild in a new session (as torchrun starts its workers) and hangs.
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(600)\n"
+    )
+    monkeypatch.setattr(bench.runner, "launch_commands", lambda *a, **k: [[sys.executable, "-c", script]])
+    monkeypatch.setattr(bench.runner, "_GRACE_S", 2.0)
+    result = run_config(BenchConfig(release="t"), timeout_s=20)
+    assert result.status == "timeout" and "timeout" in result.message
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _running(grandchild):
+        time.sleep(0.2)
+    assert not _running(grandchild)
+
+
+def test_a_terminated_runner_takes_its_workers_and_folders_with_it(tmp_path: Path) -> None:
+    """SIGTERM to the runner (a cancelled job): the workers it started die and its temporary folder is removed."""
+    pid_file = tmp_path / "grandchild.pid"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    hang = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(600)\n"
+    )
+    runner = (
+        "import sys, bench.runner as r\n"
+        "from bench.config import BenchConfig\n"
+        f"r.launch_commands = lambda *a, **k: [[sys.executable, '-c', {hang!r}]]\n"
+        "r._GRACE_S = 2.0\n"
+        "r.run_config(BenchConfig(release='t'), timeout_s=600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", runner], env={**os.environ, "TMPDIR": str(scratch)})
+    try:
+        deadline = time.monotonic() + 300
+        while not pid_file.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert pid_file.exists(), "the fake worker never started"
+        time.sleep(0.5)  # the pid is written; let the write finish
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _running(grandchild):
+        time.sleep(0.2)
+    assert not _running(grandchild)
+    assert not any(scratch.iterdir())  # phi3v-bench-* removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.exists() and status.read_text().split(")")[-1].split()[0] == "Z")
 
 
 def test_cli_run_lora_end_to_end_on_cpu(tmp_path: Path) -> None:
@@ -58,6 +216,7 @@ def test_cli_run_lora_end_to_end_on_cpu(tmp_path: Path) -> None:
     assert Path(doc["path"]).exists()
     rep = doc["metrics"]["repeats"][0]
     assert len(rep["step_times_s"]) == 2 and all(t > 0 for t in rep["step_times_s"])
+    assert rep["step_samples"] == [2, 2]
     mem = rep["memory"][0]
     assert mem["cpu_rss_bytes"] > 100 * 2**20
     assert 0 < mem["cpu_tensor_peak_bytes"] < mem["cpu_rss_bytes"]
@@ -68,12 +227,171 @@ def test_cli_run_lora_end_to_end_on_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_run_reports_max_memory_over_ranks() -> None:
-    cfg = BenchConfig(method="lora", model="tiny", precision="fp32", num_crops=1, global_batch=2, micro_batch=1, gpus=2,
-                      steps=2, warmup=1, repeats=1, release="t")
-    result = run_config(cfg, timeout_s=900)
+def test_two_gpus_every_timed_step_is_a_full_global_batch(tmp_path: Path) -> None:
+    """`phi3v-bench run --method lora --gpus 2` (two gloo processes) with 2 accumulation steps per optimizer step:
+    every timed step carries the whole global batch, and memory is the maximum over the ranks."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.cli", "run", "--method", "lora", "--gpus", "2", "--batch-size", "4",
+         "--micro-batch", "1", *TINY, "--out", str(tmp_path), "--release", "test", "--json"],
+        capture_output=True, text=True, timeout=1200,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = load_result(json.loads(out.stdout.strip().splitlines()[-1])["path"])
     assert result.status == "ok", result.message
-    memory = result.metrics.repeats[0].memory
-    assert sorted(m.rank for m in memory) == [0, 1]
-    assert result.summary.peak_cpu_rss_bytes == max(m.cpu_rss_bytes for m in memory)
-    assert result.metrics.images_per_step == 2  # one per rank, summed
+    repeat = result.metrics.repeats[0]
+    assert repeat.step_samples == [4, 4]  # 2 ranks × 2 micro-batches of 1, on every timed step
+    assert result.metrics.images_per_step == 4
+    assert sorted(m.rank for m in repeat.memory) == [0, 1]
+    assert result.summary.peak_cpu_rss_bytes == max(m.cpu_rss_bytes for m in repeat.memory)
+
+
+@pytest.mark.slow
+def test_two_node_cluster_run_writes_one_result_from_node_0(tmp_path: Path) -> None:
+    """Two `phi3v-bench run --nodes 2 --node-rank R --master-addr 127.0.0.1` invocations, as two cluster nodes run
+    them: only node 0 writes a result, and it holds both nodes' ranks (memory = max over all of them)."""
+    port = bench.runner._free_port()
+    common = [sys.executable, "-m", "bench.cli", "run", "--method", "lora", "--nodes", "2", "--gpus", "1",
+              "--batch-size", "2", "--micro-batch", "1", *TINY, "--release", "test", "--json",
+              "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    nodes = [
+        subprocess.Popen([*common, "--node-rank", str(rank), "--out", str(tmp_path / f"node{rank}")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=1200) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert not list((tmp_path / "node1").rglob("*.json"))  # node 1 writes nothing
+    written = list((tmp_path / "node0").rglob("*.json"))
+    assert len(written) == 1
+    result = load_result(written[0])
+    assert result.status == "ok", result.message
+    repeat = result.metrics.repeats[0]
+    assert sorted(m.rank for m in repeat.memory) == [0, 1]  # rank 1 ran on "node 1" and reported to rank 0
+    assert result.summary.peak_cpu_rss_bytes == max(m.cpu_rss_bytes for m in repeat.memory)
+    assert repeat.step_samples == [2, 2]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--nodes", "2", "--node-rank", "1"], "--master-addr missing"),
+        (["--timeout", "0"], "--timeout 0 must be > 0 seconds"),
+    ],
+)
+def test_cluster_flag_errors_are_one_line(flags: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    from bench.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--batch-size", "4", "--micro-batch", "1", *flags])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_only_node_0_saves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from bench.cli import main
+    from tests.bench.factories import make_result
+
+    calls = []
+
+    def fake_run_config(cfg: BenchConfig, **options: object) -> object:
+        calls.append(options)
+        return make_result(cfg)
+
+    monkeypatch.setattr(bench.runner, "run_config", fake_run_config)
+    base = ["run", "--nodes", "2", "--gpus", "8", "--batch-size", "64", "--master-addr", "gpu01", "--timeout", "99",
+            "--json"]
+    assert main([*base, "--node-rank", "1", "--out", str(tmp_path / "n1")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["path"] is None
+    assert not (tmp_path / "n1").exists()
+    assert main([*base, "--node-rank", "0", "--out", str(tmp_path / "n0")]) == 0
+    assert Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["path"]).is_file()
+    assert calls[0] == {"timeout_s": 99.0, "cluster": ClusterLaunch(2, 1, "gpu01", 29500)}
+
+
+@pytest.mark.gpu
+def test_one_gpu_run_maps_nvml_through_a_uuid_cuda_visible_devices(tmp_path: Path) -> None:
+    """On a GPU: full steps, allocator peaks, and NVML per-process memory found via a UUID in CUDA_VISIBLE_DEVICES."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(0))
+    finally:
+        pynvml.nvmlShutdown()
+    uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": uuid}
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.cli", "run", "--method", "lora", "--gpus", "1", "--batch-size", "2",
+         "--micro-batch", "1", *TINY, "--out", str(tmp_path), "--release", "test", "--json"],
+        capture_output=True, text=True, timeout=1200, env=env,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = load_result(json.loads(out.stdout.strip().splitlines()[-1])["path"])
+    assert result.status == "ok", result.message
+    repeat = result.metrics.repeats[0]
+    assert repeat.step_samples == [2, 2]
+    memory = repeat.memory[0]
+    assert memory.gpu_allocated_bytes and memory.gpu_allocated_bytes > 0
+    assert memory.nvml_process_bytes is None or memory.nvml_process_bytes >= memory.gpu_reserved_bytes
+
+
+@pytest.mark.gpu
+def test_loopback_nodes_are_refused_on_a_real_gpu() -> None:
+    with pytest.raises(ConfigError, match="same GPUs"):
+        run_config(BenchConfig(gpus=1, nodes=2, global_batch=2, release="t"))
+
+
+def test_worker_nvml_reading_maps_uuid_and_index_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's NVML memory uses the CUDA_VISIBLE_DEVICES mapping of ``bench.results`` (UUIDs included)."""
+    import types
+
+    import torch
+
+    from bench.measure import nvml_process_bytes
+
+    class Proc:
+        def __init__(self, pid: int, used: int) -> None:
+            self.pid, self.usedGpuMemory = pid, used
+
+    # Physical GPU 1 (UUID GPU-bbb) runs this process with 123 bytes; GPU 0 runs it with 999 (wrong if chosen).
+    usage = {0: [Proc(os.getpid(), 999)], 1: [Proc(os.getpid(), 123)]}
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetUUID=lambda h: ["GPU-aaa", "GPU-bbb"][h],
+        nvmlDeviceGetComputeRunningProcesses=lambda h: usage[h],
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    for visible in ("GPU-bbb", "1", "1,0", "GPU-bb"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert nvml_process_bytes(torch.device("cuda", 0)) == 123, visible
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-0f3c")  # a form NVML indices cannot express: no guess
+    assert nvml_process_bytes(torch.device("cuda", 0)) is None
+
+
+def test_srun_placement_prefers_scontrols_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/bin/sh\necho expanded-by-slurm\necho other\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    slurm = {"SLURM_NNODES": "2", "SLURM_NTASKS": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "odd-syntax{1,2}"}
+    assert ClusterLaunch.from_slurm(slurm).master_addr == "expanded-by-slurm"
+
+
+def test_a_partial_optimizer_step_in_the_timed_window_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def payload(rank: int, samples: list[int]) -> dict:
+        return {"rank": rank, "status": "ok", "step_times_s": [1.0, 1.0], "warmup_times_s": [1.0], "final_loss": 1.0,
+                "step_samples": samples, "images_per_step": 2, "tokens_per_step": 10, "image_tokens_per_step": 4,
+                "memory": {"rank": rank, "device": "cpu", "cpu_rss_bytes": 1}}
+
+    def fake_repeat(*args: object) -> _Repeat:
+        return _Repeat([payload(0, [2, 2]), payload(1, [2, 1])], "", False, [0])
+
+    monkeypatch.setattr(bench.runner, "_run_repeat", fake_repeat)
+    result = run_config(BenchConfig(gpus=2, global_batch=4, micro_batch=1, steps=2, warmup=1, repeats=1, release="t"))
+    assert result.status == "error" and "timed step 2 carried 3 of 4 samples" in result.message
+    assert result.metrics.repeats[0].step_samples == [4, 3]
