@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -45,7 +46,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="phi3v-plan",
         description="Plan Phi-3.5-vision fine-tuning: which methods fit, the recommended setup, speed and the command.",
         epilog=_EPILOG,
@@ -113,6 +114,30 @@ def _request(args: argparse.Namespace) -> Any:
     )
 
 
+def _finite(value: Any) -> Any:
+    """Replace NaN/Infinity (not JSON) by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _dump(value: Any) -> None:
+    """Print strict JSON (no NaN/Infinity)."""
+    print(json.dumps(_finite(value), indent=2, allow_nan=False))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line and exits 1 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(1)
+
+
 def _console() -> Any:
     from rich.console import Console
 
@@ -129,7 +154,7 @@ def _print_gpus(as_json: bool) -> None:
 
     rows = [g.to_dict() for g in gpu_table()]
     if as_json:
-        print(json.dumps(rows, indent=2))
+        _dump(rows)
         return
     from rich.table import Table
 
@@ -152,36 +177,47 @@ def _print_gpus(as_json: bool) -> None:
 
 
 def _print_calibration(request: Any, as_json: bool) -> None:
-    from planner.calibration import calibration_report, load_calibration
+    from planner.calibration import calibration_report, calibration_summary, fit_speed_constants, load_calibration
     from planner.shapes import load_shape
 
     calibration = load_calibration(request.reference_dir)
-    rows = calibration_report(calibration, load_shape("phi-3-vision"))
+    shape = load_shape("phi-3-vision")
+    rows = calibration_report(calibration, shape)
+    _constants, fitted = fit_speed_constants(calibration, shape)
+    summary = calibration_summary(rows, fitted)
     if as_json:
-        print(json.dumps({"source": calibration.rows_source, "rows": rows}, indent=2))
+        _dump({"source": calibration.rows_source, "summary": summary, "rows": rows})
         return
     from rich.table import Table
 
-    table = Table(title=f"Predicted vs published ({calibration.rows_source})")
-    for col in ("row", "published GB", "predicted", "err", "published img/s", "predicted", "err", "note"):
-        table.add_column(col, justify="left" if col in ("row", "note") else "right")
+    table = Table(title=f"Predicted vs published ({calibration.rows_source}); role = speed role")
+    for col in ("row", "role", "published img/s", "predicted", "err", "published GB", "predicted", "err", "note"):
+        table.add_column(col, justify="left" if col in ("row", "role", "note") else "right", overflow="fold")
     for r in rows:
-        note = (
-            "suspect row"
-            if r["suspect"]
-            else ("no-FA: fp32 weights, not modelled" if not r["flash_attention"] and r["memory_error"] < -0.1 else "")
-        )
+        note = r["reason"] if r["role"] != "held_out" else ""
+        if r["memory_note"]:
+            note = f"{note}; memory: {r['memory_note']}" if note else f"memory: {r['memory_note']}"
         table.add_row(
             r["row"],
+            r["role"],
+            f"{r['published_img_per_s']:g}",
+            f"{r['predicted_img_per_s']:.2f}",
+            f"{r['speed_error_pct']:+.0f}%",
             f"{r['published_gb']:g}",
             f"{r['predicted_gb']:.1f}",
-            f"{100 * r['memory_error']:+.0f}%",
-            f"{r['published_img_per_s']:g}",
-            _fmt(r["predicted_img_per_s"], ".2f"),
-            "-" if r["speed_error"] is None else f"{100 * r['speed_error']:+.0f}%",
+            f"{r['memory_error_pct']:+.0f}%",
             note,
         )
-    _console().print(table)
+    console = _console()
+    console.print(table)
+    for item in fitted:
+        console.print(f"fitted: {item['constant']} = {item['value']:.4g} on {item['row']}")
+    console.print(
+        f"held-out speed error over {summary['held_out_rows']} rows: median {summary['held_out_speed_error_median_pct']:.1f} %, "
+        f"max {summary['held_out_speed_error_max_pct']:.1f} %"
+    )
+    for miss in summary["memory_misses"]:
+        console.print(f"[yellow]memory not within 10 %[/]: {miss['row']} ({miss['memory_error_pct']:+.0f} %): {miss['why']}")
 
 
 _SHORT = {"full": "F", "frozen_vision": "Z", "lora": "L", "qlora": "Q"}
@@ -249,7 +285,8 @@ def _print_plan(p: Any) -> None:
             hps += f", LoRA r={hp['lora_rank']} alpha={hp['lora_alpha']}"
         lines.append(f"- hyper-parameters: {hps} ({hp['source']})")
         if best.speed:
-            lines.append(f"- speed: MFU {best.speed.mfu:.0%} from {best.speed.mfu_source}")
+            mfu = f"MFU {best.speed.mfu:.0%}, " if best.speed.mfu is not None else ""
+            lines.append(f"- speed (predicted): {mfu}{best.speed.basis}")
         lines += ["", f"[bold]{best.command}[/]"]
         console.print(Panel("\n".join(lines), title="Recommendation", border_style="green"))
         mem = Table(title=f"Memory per GPU, {best.method} (GiB; peak at {best.memory.phase})")
@@ -345,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if request.gpu:
         result = plan(request)
-        print(json.dumps(result.to_dict(), indent=2)) if args.json else _print_plan(result)
+        _dump(result.to_dict()) if args.json else _print_plan(result)
         return 0
     detection = detect()
     if detection.ok:
@@ -353,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             out = result.to_dict()
             out["detection"] = detection.to_dict()
-            print(json.dumps(out, indent=2))
+            _dump(out)
         else:
             _print_plan(result)
         return 0
@@ -365,16 +402,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     reason = f"No GPU detected: {detection.error}."
     if args.json:
         pick = _pick_sku(plans) if azure else None
-        print(
-            json.dumps(
-                {
-                    "detection": detection.to_dict(),
-                    "message": reason,
-                    "plans": [p.to_dict() for p in plans],
-                    "recommended_sku": pick.azure["vm_size"] if pick and pick.azure else None,
-                },
-                indent=2,
-            )
+        _dump(
+            {
+                "detection": detection.to_dict(),
+                "message": reason,
+                "plans": [p.to_dict() for p in plans],
+                "recommended_sku": pick.azure["vm_size"] if pick and pick.azure else None,
+            }
         )
         return 0
     console = _console()

@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from phi3v_core.errors import ConfigError, raise_all
-from planner.calibration import Calibration, load_calibration
+from planner.calibration import Calibration, fit_speed_constants, load_calibration
 from planner.estimate import GIB, METHODS, MemoryEstimate, TrainSetup, Workload, estimate_memory
 from planner.hardware import (
     AzureSku,
@@ -461,21 +461,12 @@ def _plan_method(
 
     speed = None
     if fits or supported:
-        found = calibration.mfu_for(shape, gpu, method, setup.attention)
-        if found is None:
-            reasons.append(f"no calibrated efficiency for {gpu.architecture}: speed not predicted")
-        else:
-            speed = predict_speed(
-                shape,
-                workload,
-                setup,
-                gpu,
-                hw.interconnect(),
-                found[0],
-                found[1],
-                request.dataset_size,
-                calibration.nccl_efficiency,
-            )
+        constants, _fitted = fit_speed_constants(calibration, load_shape("phi-3-vision"))
+        speed = predict_speed(shape, workload, setup, gpu, hw.interconnect(), constants, request.dataset_size)
+        if speed is None:
+            reasons.append(f"{gpu.key}: peak TFLOP/s or bandwidth unknown: speed not predicted")
+        elif gpu.architecture not in constants.matmul_efficiency:
+            reasons.append(f"speed is an architecture-level estimate: {constants.efficiency_for(gpu.architecture)[1]}")
     plan = MethodPlan(
         method=method,
         supported=supported,
