@@ -185,6 +185,7 @@ def load_calibration(reference_dir: str | Path | None = None) -> Calibration:
             min_cache_fraction=mem["min_cache_fraction"],
             cuda_context_gib=mem["cuda_context_gib"],
             nccl_gib=mem["nccl_gib"],
+            headroom_fraction=mem.get("headroom_fraction", 0.05),
         ),
         overheads_source=mem["source"],
         constants=constants,

@@ -246,8 +246,11 @@ def _print_plan(p: Any) -> None:
         f"{p.shape.name} ({p.shape.param_counts().total / 1e9:.2f} B parameters)"
         + (f"; {req.dataset_size:,} samples per epoch" if req.dataset_size else "")
     )
-    table = Table(title="Methods (memory per GPU)")
-    for col in ("method", "fits", "micro x accum", "needs GiB", "peak GiB", "samples/s", "epoch"):
+    table = Table(
+        title="Methods (memory per GPU; fits = predicted reserved peak below "
+        f"{100 * (1 - p.headroom_fraction):.0f} % of the card; speed is a prediction)"
+    )
+    for col in ("method", "fits", "micro x accum", "peak GiB", "margin GiB", "samples/s", "epoch"):
         table.add_column(col, justify="left" if col in ("method", "fits") else "right")
     for m in p.methods:
         mark = "[green]yes[/]" if m.fits else ("[red]no[/]" if m.supported else "[red]unsupported[/]")
@@ -256,8 +259,8 @@ def _print_plan(p: Any) -> None:
             name,
             mark,
             f"{m.micro_batch} x {m.grad_accum}",
-            _fmt(m.memory.required / GIB if m.memory else None),
             _fmt(m.peak_gib),
+            _fmt(m.margin_gib),
             _fmt(m.speed.samples_per_s if m.speed else None, ".2f"),
             format_duration(m.speed.epoch_s) if m.speed else "-",
         )

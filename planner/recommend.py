@@ -209,8 +209,13 @@ class MethodPlan:
 
     @property
     def peak_gib(self) -> float | None:
-        """Expected peak (nvidia-smi) in GiB."""
-        return self.memory.expected_peak(self.capacity_bytes) / GIB if self.memory else None
+        """Predicted reserved peak (what nvidia-smi shows: tensors × allocator overhead + context), GiB, uncapped."""
+        return self.memory.reserved / GIB if self.memory else None
+
+    @property
+    def margin_gib(self) -> float | None:
+        """Usable memory left at the predicted peak, GiB (negative: over the card)."""
+        return (self.capacity_bytes - self.memory.reserved) / GIB if self.memory else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for ``--json``)."""
@@ -228,6 +233,8 @@ class MethodPlan:
             "zero_stage": self.zero_stage,
             "memory": self.memory.to_dict(self.capacity_bytes) if self.memory else None,
             "capacity_gib": round(self.capacity_bytes / GIB, 2),
+            "predicted_reserved_gib": round(self.peak_gib, 3) if self.peak_gib is not None else None,
+            "margin_gib": round(self.margin_gib, 3) if self.margin_gib is not None else None,
             "speed": self.speed.to_dict() if self.speed else None,
             "reasons": self.reasons,
             "hyperparameters": self.hyperparameters,
@@ -249,6 +256,7 @@ class Plan:
     notes: list[str]
     azure: dict[str, Any] | None = None
     trace: dict[str, Any] | None = None
+    headroom_fraction: float = 0.05
 
     def method(self, name: str) -> MethodPlan:
         """The plan of one method."""
@@ -275,6 +283,7 @@ class Plan:
             "methods": [m.to_dict() for m in self.methods],
             "azure": self.azure,
             "trace": self.trace,
+            "headroom_fraction": self.headroom_fraction,
         }
 
 
@@ -418,22 +427,26 @@ def _plan_method(
         setup = replace(base, micro_batch=micro, grad_accum=accum)
         memory = _estimate(shape, setup, workload, calibration, trace)
         first = first or (setup, memory)
-        if memory.fits(capacity):
+        if _fits_with_headroom(memory, capacity, calibration):
             chosen = (setup, memory)
     fits = supported and chosen is not None
     setup, memory = chosen or first  # type: ignore[misc]
     effective = setup.micro_batch * setup.grad_accum * world
-    no_gc_fits = fits and _estimate(
-        shape, replace(setup, gradient_checkpointing=False), workload, calibration, None
-    ).fits(capacity)
+    no_gc_fits = fits and _fits_with_headroom(
+        _estimate(shape, replace(setup, gradient_checkpointing=False), workload, calibration, None),
+        capacity,
+        calibration,
+    )
 
+    limit = _usable_limit(capacity, calibration)
     if supported:
-        need = memory.required / GIB
+        need = memory.reserved / GIB
         if fits:
             reasons.insert(
                 0,
-                f"fits: needs {need:.1f} of {gpu.memory_gib:g} GiB at micro-batch {setup.micro_batch} "
-                f"({_top_items(memory)} GiB; peak at {memory.phase})",
+                f"fits: predicted reserved peak {need:.1f} of {gpu.memory_gib:g} GiB at micro-batch {setup.micro_batch} "
+                f"(limit {limit / GIB:.1f} GiB = {1 - calibration.overheads.headroom_fraction:.0%} of the card, margin "
+                f"{(capacity - memory.reserved) / GIB:.1f} GiB; {_top_items(memory)} GiB; peak at {memory.phase})",
             )
             if no_gc_fits:
                 reasons.append(
@@ -447,7 +460,8 @@ def _plan_method(
             )
             reasons.insert(
                 0,
-                f"does not fit: needs {need:.1f} GiB at micro-batch 1 with checkpointing, the card has {gpu.memory_gib:g} "
+                f"does not fit: predicted reserved peak {need:.1f} GiB at micro-batch 1 with checkpointing, above "
+                f"{limit / GIB:.1f} GiB ({1 - calibration.overheads.headroom_fraction:.0%} of {gpu.memory_gib:g}) "
                 f"({_top_items(memory)} GiB); try {hint}",
             )
     if setup.zero == 2:
@@ -488,6 +502,16 @@ def _plan_method(
     if fits:
         plan.command = _command(hw, request.task, plan)
     return plan
+
+
+def _usable_limit(capacity: float, calibration: Calibration) -> float:
+    """The most a recommended plan may reserve: usable memory minus the stated margin."""
+    return (1 - calibration.overheads.headroom_fraction) * capacity
+
+
+def _fits_with_headroom(memory: MemoryEstimate, capacity: float, calibration: Calibration) -> bool:
+    """Reserved peak (allocated × fitted allocator overhead + context) under the usable memory minus the margin."""
+    return memory.reserved <= _usable_limit(capacity, calibration)
 
 
 def _estimate(
@@ -655,6 +679,7 @@ def plan(
         notes=notes,
         azure=_azure_summary(hw, next((m for m in methods if m.method == recommended), None)),
         trace=trace_info,
+        headroom_fraction=calibration.overheads.headroom_fraction,
     )
 
 

@@ -108,3 +108,22 @@ def test_bad_request_lists_every_problem():
 def test_no_gpu_and_none_named(fake_nvml):
     with pytest.raises(ConfigError, match="no GPU detected"):
         plan(PlanRequest(), nvml=fake_nvml("ampere", fail_init=True))
+
+
+@pytest.mark.parametrize("gpu", ["T4", "L40S", "A100-80GB"])
+def test_nothing_above_95_percent_of_the_card_is_recommended(gpu):
+    """Issue #10: fits = predicted reserved peak (allocated × fitted allocator overhead + context) <= 95 % of the card."""
+    result = plan(PlanRequest(gpu=gpu, count=1))
+    assert result.best is not None
+    for m in result.methods:
+        reserved = m.memory.allocated * (1 + 0.286) + m.memory.context
+        assert m.memory.reserved == pytest.approx(reserved, rel=0.01)
+        if m.fits:
+            assert m.peak_gib <= 0.95 * m.capacity_bytes / 2**30, (gpu, m.method, m.peak_gib)
+            assert m.margin_gib >= 0.05 * m.capacity_bytes / 2**30
+            assert "margin" in m.reasons[0]
+        elif m.supported:
+            assert m.peak_gib > 0.95 * m.capacity_bytes / 2**30 or m.micro_batch == 1
+    data = result.to_dict()
+    assert data["headroom_fraction"] == 0.05
+    assert all("margin_gib" in m for m in data["methods"])
