@@ -97,14 +97,22 @@ def flops_per_sample(shape: ModelShape, workload: Workload, setup: TrainSetup) -
     lora_vision = method in ("lora", "qlora") and setup.lora_vision
     lm_mult = 2 if method in ("lora", "qlora") else 3
     vision_mult = 3 if method == "full" else (2 if lora_vision else 1)
+    lm_adapter = vision_adapter = 0.0
+    if method in ("lora", "qlora"):
+        # the adapters' own matmuls (A then B per target): forward, input and weight gradients → 3×
+        lm_lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, vision=False)
+        lm_adapter = 2 * lm_lora * seq
+        if lora_vision:
+            vision_lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, vision=True) - lm_lora
+            vision_adapter = 2 * vision_lora * v_tokens
     recompute = 0.0
     if setup.gradient_checkpointing:
-        recompute += lm_fwd
+        recompute += lm_fwd + lm_adapter
         if vision_mult > 1:
-            recompute += vision_fwd
+            recompute += vision_fwd + vision_adapter
     return FlopBreakdown(
-        language_model=lm_mult * lm_fwd,
-        vision=vision_mult * vision_fwd,
+        language_model=lm_mult * lm_fwd + 3 * lm_adapter,
+        vision=vision_mult * vision_fwd + 3 * vision_adapter,
         projector=vision_mult * proj_fwd,
         recompute=recompute,
     )
@@ -150,12 +158,15 @@ class Rates:
         matmul_flops: Achievable dense matmul FLOP/s (peak × architecture-level efficiency, or measured).
         bandwidth: Achievable memory bandwidth, bytes/s (peak × efficiency, or measured).
         op_overhead_s: Fixed cost of one kernel/operator launch that the device cannot hide.
+        softmax_elements_per_s: Elements per second through a softmax forward + backward (exp-bound work: softmax,
+            SiLU, GELU, cross-entropy); None where such work is bandwidth-bound (GPUs: counted as bytes).
         source: How the numbers were obtained.
     """
 
     matmul_flops: float
     bandwidth: float
     op_overhead_s: float = 0.0
+    softmax_elements_per_s: float | None = None
     source: str = ""
 
 
@@ -296,6 +307,22 @@ def micro_step_times(
     times["elementwise"] = mb * (elementwise * constants.elementwise_bytes_per_token * act / 2 + logits) / (
         rates.bandwidth
     )
+    if rates.softmax_elements_per_s:
+        # exp-bound element-wise work (a CPU computes exp far slower than it streams bytes): cross-entropy over the
+        # vocabulary, attention softmax (causal: half the keys), SiLU / quick-GELU, per forward+backward unit
+        def unit(trains: bool) -> float:
+            if not trains:
+                return 0.5
+            return 1.0 + (0.5 if setup.gradient_checkpointing else 0.0)
+
+        exp_elements = seq * shape.vocab_size
+        exp_elements += unit(lm_trains) * shape.num_layers * seq * (
+            shape.intermediate_size + shape.num_heads * seq / 2
+        )
+        exp_elements += unit(vision_trains) * shape.vision_used_layers * v_tokens * (
+            shape.vision_intermediate + shape.vision_heads * shape.patches_per_crop
+        )
+        times["exp-bound element-wise"] = mb * exp_elements / rates.softmax_elements_per_s
     if setup.method == "qlora":
         uses = 3.0 if setup.gradient_checkpointing else 2.0  # forward, recompute, backward (input gradient)
         quantized = shape.param_counts().quantizable()
