@@ -28,11 +28,13 @@ _EPILOG = """examples:
   phi3v-plan --gpu A100-80GB --count 8 --trace --method full  # measure activations on the full model (CPU, cached)
   phi3v-plan --list-gpus
   phi3v-plan --calibration                                    # predicted vs the recipe's published table
+  phi3v-plan --validate                                       # the speed model against this CPU (~2 min)
 
 notes:
   Memory is per GPU in GiB (what nvidia-smi shows: tensors + allocator cache + CUDA context). "needs" is the least the
-  step runs in; "peak" is what the caching allocator will grow to (capped at the card). Speed uses efficiencies
-  calibrated on the recipe's published 8xA100/8xV100 table; other GPUs borrow them (stated in the output).
+  step runs in; "peak" is the predicted reserved peak; a plan fits only below 95 % of the card. Speed is a
+  first-principles prediction (FLOPs, bytes, communication) with a few constants fitted on named rows of the
+  recipe's published 8xA100/8xV100 table (see --calibration); other architectures are labelled estimates.
 """
 
 
@@ -83,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print JSON instead of tables")
     out.add_argument("--list-gpus", action="store_true", help="print the GPU table and exit")
     out.add_argument("--calibration", action="store_true", help="print predicted vs published (recipe §11) and exit")
+    out.add_argument(
+        "--validate",
+        action="store_true",
+        help="measure this CPU, predict phi3v-bench step times with the speed model, run them, compare (~2 min)",
+    )
     out.add_argument(
         "--reference", dest="reference_dir", help="folder with the published speed.csv (default: results/reference)"
     )
@@ -217,7 +224,38 @@ def _print_calibration(request: Any, as_json: bool) -> None:
         f"max {summary['held_out_speed_error_max_pct']:.1f} %"
     )
     for miss in summary["memory_misses"]:
-        console.print(f"[yellow]memory not within 10 %[/]: {miss['row']} ({miss['memory_error_pct']:+.0f} %): {miss['why']}")
+        console.print(
+            f"[yellow]memory not within 10 %[/]: {miss['row']} ({miss['memory_error_pct']:+.0f} %): {miss['why']}"
+        )
+
+
+def _print_validation(as_json: bool) -> None:
+    from planner.validate import validate_cpu
+
+    result = validate_cpu()
+    if as_json:
+        _dump(result)
+        return
+    from rich.table import Table
+
+    table = Table(title="Speed model on this CPU: predicted vs measured phi3v-bench step (CPU seconds, 1 thread)")
+    for col in ("config", "tokens", "measured s", "predicted s", "err", "wall s"):
+        table.add_column(col, justify="left" if col == "config" else "right")
+    for r in result["rows"]:
+        table.add_row(
+            r["case"],
+            str(r["seq_len_predicted"]),
+            f"{r['measured_s']:.3f}",
+            f"{r['predicted_s']:.3f}",
+            f"{r['error_pct']:+.0f}%",
+            f"{r['measured_wall_s']:.3f}",
+        )
+    console = _console()
+    console.print(table)
+    console.print(f"rates: {result['rows'][0]['rates']}" if result["rows"] else "")
+    console.print(
+        f"median |error| {result['median_abs_error_pct']:.1f} %, max {result['max_abs_error_pct']:.1f} %; {result['note']}"
+    )
 
 
 _SHORT = {"full": "F", "frozen_vision": "Z", "lora": "L", "qlora": "Q"}
@@ -378,6 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     request.validate()
     if args.calibration:
         _print_calibration(request, args.json)
+        return 0
+    if args.validate:
+        _print_validation(args.json)
         return 0
 
     from planner.hardware import detect

@@ -294,18 +294,22 @@ def micro_step_times(
     # Eager attention writes and re-reads the S×S score matrix (scores, mask add, fp32 softmax, cast) per head.
     if setup.attention == "eager":
         scores = lm_passes * shape.num_layers * shape.num_heads * seq * seq
-        scores += v_passes * shape.vision_used_layers * shape.vision_heads * shape.patches_per_crop**2 * (
-            workload.vision_crops
+        scores += (
+            v_passes
+            * shape.vision_used_layers
+            * shape.vision_heads
+            * shape.patches_per_crop**2
+            * (workload.vision_crops)
         )
         times["eager attention"] = mb * scores * constants.eager_bytes_per_score / rates.bandwidth
     act = setup.act_bytes
     elementwise = lm_passes * shape.num_layers * seq * (shape.hidden_size + shape.intermediate_size / 2)
-    elementwise += v_passes * shape.vision_used_layers * v_tokens * (
-        shape.vision_hidden + shape.vision_intermediate / 2
+    elementwise += (
+        v_passes * shape.vision_used_layers * v_tokens * (shape.vision_hidden + shape.vision_intermediate / 2)
     )
     logits = seq * shape.vocab_size * 4 * 5  # fp32 log-softmax, its grad and the logits' grad: ~5 passes
-    times["elementwise"] = mb * (elementwise * constants.elementwise_bytes_per_token * act / 2 + logits) / (
-        rates.bandwidth
+    times["elementwise"] = (
+        mb * (elementwise * constants.elementwise_bytes_per_token * act / 2 + logits) / (rates.bandwidth)
     )
     if rates.softmax_elements_per_s:
         # exp-bound element-wise work (a CPU computes exp far slower than it streams bytes): cross-entropy over the
@@ -316,11 +320,12 @@ def micro_step_times(
             return 1.0 + (0.5 if setup.gradient_checkpointing else 0.0)
 
         exp_elements = seq * shape.vocab_size
-        exp_elements += unit(lm_trains) * shape.num_layers * seq * (
-            shape.intermediate_size + shape.num_heads * seq / 2
-        )
-        exp_elements += unit(vision_trains) * shape.vision_used_layers * v_tokens * (
-            shape.vision_intermediate + shape.vision_heads * shape.patches_per_crop
+        exp_elements += unit(lm_trains) * shape.num_layers * seq * (shape.intermediate_size + shape.num_heads * seq / 2)
+        exp_elements += (
+            unit(vision_trains)
+            * shape.vision_used_layers
+            * v_tokens
+            * (shape.vision_intermediate + shape.vision_heads * shape.patches_per_crop)
         )
         times["exp-bound element-wise"] = mb * exp_elements / rates.softmax_elements_per_s
     if setup.method == "qlora":
