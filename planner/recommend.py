@@ -479,6 +479,8 @@ def _plan_method(
         speed = predict_speed(shape, workload, setup, gpu, hw.interconnect(), constants, request.dataset_size)
         if speed is None:
             reasons.append(f"{gpu.key}: peak TFLOP/s or bandwidth unknown: speed not predicted")
+        elif gpu.detected:
+            reasons.append(f"speed is an architecture-level estimate: {gpu.source}")
         elif gpu.architecture not in constants.matmul_efficiency:
             reasons.append(f"speed is an architecture-level estimate: {constants.efficiency_for(gpu.architecture)[1]}")
     plan = MethodPlan(
@@ -536,11 +538,15 @@ def _hardware(request: PlanRequest, detection: Detection | None) -> tuple[Hardwa
     elif detection is not None and detection.ok:
         gpu = detection.spec
         assert gpu is not None
-        source = f"detected ({detection.count}x {detection.gpus[0].name}, driver {detection.driver}, CUDA {detection.cuda_driver})"
+        names = sorted({g.name for g in detection.gpus})
+        source = f"detected ({detection.count}x {' + '.join(names)}, driver {detection.driver}, CUDA {detection.cuda_driver})"
         count = request.count or detection.count
         nvlink = detection.nvlink
         if not detection.homogeneous:
-            notes.append("GPUs differ: planned for GPU 0's model")
+            notes.append(
+                f"GPUs differ ({', '.join(names)}): planned for the weakest, {gpu.key} ({gpu.memory_gib:g} GiB); "
+                "a data-parallel job runs at its memory and pace"
+            )
         notes.extend(detection.notes)
     else:
         raise ConfigError("no GPU detected and no --gpu given; pass --gpu NAME (see --list-gpus)")
@@ -665,7 +671,7 @@ def plan(
     else:
         why.append("nothing fits: use more GPUs (ZeRO-2 shards full fine-tuning), fewer crops, or a larger GPU")
     if hw.gpu.detected:
-        notes.append("GPU not in the table: memory plan only")
+        notes.append(f"GPU not in the table: {hw.gpu.source}")
     if request.task == "ucf101":
         notes.append("ucf101 trains from converted frames: add --data_dir (the output of phi3v-convert) to the command")
     return Plan(
