@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="phi-3.5-vision", help="model preset or checkpoint folder (default: phi-3.5-vision)"
     )
     work.add_argument(
+        "--model-path",
+        help="checkpoint folder the launch command trains (--model_name_or_path; default: $PHI3V_MODEL placeholder)",
+    )
+    work.add_argument(
         "--method", action="append", dest="methods", choices=METHODS, help="only these methods (repeatable)"
     )
     out = parser.add_argument_group("output")
@@ -118,6 +122,7 @@ def _request(args: argparse.Namespace) -> Any:
         max_micro_batch=args.max_micro_batch,
         use_trace=args.trace,
         reference_dir=args.reference_dir,
+        model_path=args.model_path,
     )
 
 

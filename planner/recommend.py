@@ -82,6 +82,8 @@ class PlanRequest:
         max_micro_batch: Largest micro-batch to consider.
         use_trace: Replace the closed-form activations by a MemTracker trace of the full model (slow, cached).
         reference_dir: Folder with the published ``speed.csv`` (calibration).
+        model_path: Checkpoint folder the launch command trains (``--model_name_or_path``); None prints a shell
+            placeholder that stops with a clear message unless ``$PHI3V_MODEL`` is set.
     """
 
     gpu: str | None = None
@@ -102,6 +104,7 @@ class PlanRequest:
     max_micro_batch: int = 16
     use_trace: bool = False
     reference_dir: str | None = None
+    model_path: str | None = None
 
     def validate(self) -> None:
         """Check every field at once.
@@ -357,9 +360,14 @@ def _top_items(memory: MemoryEstimate, n: int = 4) -> str:
     return ", ".join(f"{i.name} {i.gib:.1f}" for i in items)
 
 
-def _command(hw: Hardware, task: str, mp: MethodPlan) -> str:
-    """The exact launch command for ``phi3v-finetune``."""
+#: Shell placeholder for the model folder: expands to $PHI3V_MODEL, or stops the command with this message.
+MODEL_PLACEHOLDER = '"${PHI3V_MODEL:?set PHI3V_MODEL or pass --model-path: the Phi-3.5-vision-instruct folder}"'
+
+
+def _command(hw: Hardware, task: str, mp: MethodPlan, model_path: str | None = None) -> str:
+    """The exact launch command for ``phi3v-finetune`` (names the model folder, or a placeholder that fails clearly)."""
     hp = mp.hyperparameters
+    model = shlex.quote(model_path) if model_path else MODEL_PLACEHOLDER
     args = ["--task", task, "--method", mp.method]
     if mp.precision == "bf16":
         args.append("--bf16")
@@ -375,8 +383,10 @@ def _command(hw: Hardware, task: str, mp: MethodPlan) -> str:
     if mp.method in ("lora", "qlora"):
         args += ["--lora_rank", str(hp["lora_rank"]), "--lora_alpha_ratio", f"{hp['lora_alpha_ratio']:g}"]
     args += ["--output_dir", f"./output/{task}-{mp.method}"]
+    # the placeholder stays unquoted by shlex so the shell expands it (or stops with its message)
+    model_arg = f"--model_name_or_path {model}"
     if hw.world_size == 1:
-        return shlex.join(["phi3v-finetune", *args])
+        return " ".join(["phi3v-finetune", model_arg, shlex.join(args)])
     launcher = ["torchrun", f"--nproc_per_node={hw.gpus_per_node}"]
     if hw.nodes > 1:
         launcher += [
@@ -386,7 +396,7 @@ def _command(hw: Hardware, task: str, mp: MethodPlan) -> str:
             "--master_port=29500",
         ]
     # $NODE_RANK / $MASTER_ADDR stay unquoted so the shell expands them on each node
-    return " ".join([*launcher, "-m", "phi3v_core.cli.finetune", shlex.join(args)])
+    return " ".join([*launcher, "-m", "phi3v_core.cli.finetune", model_arg, shlex.join(args)])
 
 
 def _plan_method(
@@ -502,7 +512,7 @@ def _plan_method(
         fits_without_checkpointing=no_gc_fits,
     )
     if fits:
-        plan.command = _command(hw, request.task, plan)
+        plan.command = _command(hw, request.task, plan, request.model_path)
     return plan
 
 

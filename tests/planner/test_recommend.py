@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import subprocess
 
 import pytest
 
@@ -18,7 +20,7 @@ def test_eight_a100s_run_the_recipe():
     assert (best.precision, best.attention, best.zero_stage) == ("bf16", "flash_attention_2", 2)
     assert best.global_batch == 64 and best.micro_batch * best.grad_accum * 8 == 64
     assert best.gradient_checkpointing
-    assert best.command.startswith("torchrun --nproc_per_node=8 -m phi3v_core.cli.finetune ")
+    assert best.command.startswith("torchrun --nproc_per_node=8 -m phi3v_core.cli.finetune --model_name_or_path ")
     assert "--task docvqa --method full --bf16 --use_flash_attention --batch_size 64" in best.command
     assert "--learning_rate 5e-06 --num_train_epochs 2" in best.command  # recipe §11 DocVQA full
     assert best.speed.epoch_s == pytest.approx(39_463 / best.speed.samples_per_s)
@@ -31,7 +33,8 @@ def test_one_a100_cannot_hold_full_fine_tuning():
     full = result.method("full")
     assert not full.fits and "does not fit" in full.reasons[0]
     assert result.recommended == "lora"
-    assert result.best.command.startswith("phi3v-finetune --task docvqa --method lora --bf16 --use_flash_attention")
+    assert result.best.command.startswith("phi3v-finetune --model_name_or_path ")
+    assert "--task docvqa --method lora --bf16 --use_flash_attention" in result.best.command
     assert "--lora_rank 32 --lora_alpha_ratio 0.5" in result.best.command
 
 
@@ -127,3 +130,18 @@ def test_nothing_above_95_percent_of_the_card_is_recommended(gpu):
     data = result.to_dict()
     assert data["headroom_fraction"] == 0.05
     assert all("margin_gib" in m for m in data["methods"])
+
+
+def test_launch_command_names_the_model_folder_or_fails_clearly():
+    given = plan(PlanRequest(gpu="T4", methods=("lora",), model_path="/models/Phi 3.5")).best.command
+    assert "--model_name_or_path '/models/Phi 3.5' --task docvqa" in given
+    placeholder = plan(PlanRequest(gpu="T4", methods=("lora",))).best.command
+    assert '"${PHI3V_MODEL:?set PHI3V_MODEL or pass --model-path' in placeholder
+    result = subprocess.run(
+        ["bash", "-c", placeholder.replace("phi3v-finetune", "true", 1)],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0 and "set PHI3V_MODEL or pass --model-path" in result.stderr
