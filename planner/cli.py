@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--seq-len", type=int, help="override the tokens per sample")
     work.add_argument("--dataset-size", type=int, help="samples per epoch (for time per epoch)")
     work.add_argument(
+        "--data",
+        dest="data_dir",
+        metavar="DIR",
+        help="a jsonl data folder: token lengths from its records and image headers; memory for its longest sample",
+    )
+    work.add_argument(
         "--batch-size", type=int, dest="global_batch", help="global batch per optimizer step (default: 64)"
     )
     work.add_argument("--max-micro-batch", type=int, default=16, help="largest micro-batch to consider (default: 16)")
@@ -123,6 +129,7 @@ def _request(args: argparse.Namespace) -> Any:
         use_trace=args.trace,
         reference_dir=args.reference_dir,
         model_path=args.model_path,
+        data_dir=args.data_dir,
     )
 
 
@@ -356,6 +363,21 @@ def _print_plan(p: Any) -> None:
                 title="Azure",
             )
         )
+    if p.data:
+        d = p.data
+        st = d["seq_len"]
+        console.print(
+            f"[bold]Data[/]: {d['samples']:,} samples in {d['path']} at num_crops {d['num_crops']}: tokens mean "
+            f"{st['mean']:.0f}, p50 {st['p50']:.0f}, p95 {st['p95']:.0f}, max {st['max']:.0f} (text {d['text_tokens']})"
+        )
+        misfit = d["does_not_fit"]
+        if misfit["count"]:
+            console.print(
+                f"[red]{misfit['count']} sample(s) fit no micro-batch[/] under {misfit['method']}; first ones, with the "
+                "num_crops at which they would fit:"
+            )
+            for item in misfit["samples"]:
+                console.print(f"  {item['sample']}: {item['seq_len']} tokens → num_crops {item['fits_at_num_crops']}")
     for note in p.notes:
         console.print(f"[yellow]note[/]: {note}")
 

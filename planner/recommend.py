@@ -82,6 +82,8 @@ class PlanRequest:
         max_micro_batch: Largest micro-batch to consider.
         use_trace: Replace the closed-form activations by a MemTracker trace of the full model (slow, cached).
         reference_dir: Folder with the published ``speed.csv`` (calibration).
+        data_dir: A jsonl data folder: speed for its mean sample, memory for a batch of its longest sample, and
+            its size as the epoch (``--data``).
         model_path: Checkpoint folder the launch command trains (``--model_name_or_path``); None prints a shell
             placeholder that stops with a clear message unless ``$PHI3V_MODEL`` is set.
     """
@@ -105,6 +107,7 @@ class PlanRequest:
     use_trace: bool = False
     reference_dir: str | None = None
     model_path: str | None = None
+    data_dir: str | None = None
 
     def validate(self) -> None:
         """Check every field at once.
@@ -260,6 +263,7 @@ class Plan:
     azure: dict[str, Any] | None = None
     trace: dict[str, Any] | None = None
     headroom_fraction: float = 0.05
+    data: dict[str, Any] | None = None
 
     def method(self, name: str) -> MethodPlan:
         """The plan of one method."""
@@ -287,6 +291,7 @@ class Plan:
             "azure": self.azure,
             "trace": self.trace,
             "headroom_fraction": self.headroom_fraction,
+            "data": self.data,
         }
 
 
@@ -407,8 +412,10 @@ def _plan_method(
     request: PlanRequest,
     calibration: Calibration,
     trace: dict[str, Any] | None,
+    memory_workload: Workload | None = None,
 ) -> MethodPlan:
     gpu = hw.gpu
+    memory_workload = memory_workload or workload
     world = hw.world_size
     global_batch = request.global_batch or task_profiles()["common"]["global_batch"]
     hyper = _hyperparameters(request.task, method, global_batch)
@@ -435,7 +442,7 @@ def _plan_method(
     first: tuple[TrainSetup, MemoryEstimate] | None = None
     for micro, accum, _effective in layouts:
         setup = replace(base, micro_batch=micro, grad_accum=accum)
-        memory = _estimate(shape, setup, workload, calibration, trace)
+        memory = _estimate(shape, setup, memory_workload, calibration, trace)
         first = first or (setup, memory)
         if _fits_with_headroom(memory, capacity, calibration):
             chosen = (setup, memory)
@@ -443,7 +450,7 @@ def _plan_method(
     setup, memory = chosen or first  # type: ignore[misc]
     effective = setup.micro_batch * setup.grad_accum * world
     no_gc_fits = fits and _fits_with_headroom(
-        _estimate(shape, replace(setup, gradient_checkpointing=False), workload, calibration, None),
+        _estimate(shape, replace(setup, gradient_checkpointing=False), memory_workload, calibration, None),
         capacity,
         calibration,
     )
@@ -632,6 +639,21 @@ def plan(
     hw, notes = _hardware(request, detection)
     shape = load_shape(request.model)
     workload = _workload(request, shape)
+    memory_workload = None
+    profile = None
+    if request.data_dir:
+        from planner.dataprofile import profile_data
+
+        num_crops = request.num_crops or task_profiles()["tasks"][request.task]["num_crops"]
+        profile = profile_data(request.data_dir, shape, num_crops)
+        workload = profile.mean_workload
+        memory_workload = profile.samples[profile.longest].workload(shape, num_crops)
+        if request.dataset_size is None:
+            request = replace(request, dataset_size=len(profile.samples))
+        notes.append(
+            f"--data: {len(profile.samples):,} samples; speed for the mean sample ({workload.seq_len} tokens), memory "
+            f"for a micro-batch of the longest ({memory_workload.seq_len} tokens, {profile.samples[profile.longest].where})"
+        )
     trace_info: dict[str, Any] | None = {} if request.use_trace else None
     methods = []
     global_batch = request.global_batch or task_profiles()["common"]["global_batch"]
@@ -644,7 +666,7 @@ def plan(
             setup = _setup_for(method, hw.gpu, hw.world_size, hyper)
             trace = trace_activations(request.model, setup, workload)
             trace_info[method] = {k: v for k, v in trace.items() if k not in ("peak", "dynamic_snapshot")}
-        methods.append(_plan_method(method, hw, shape, workload, request, calibration, trace))
+        methods.append(_plan_method(method, hw, shape, workload, request, calibration, trace, memory_workload))
     recommended = None
     why: list[str] = []
     fitting = [m for m in methods if m.fits]
@@ -684,8 +706,13 @@ def plan(
         notes.append(f"GPU not in the table: {hw.gpu.source}")
     if request.task == "ucf101":
         notes.append("ucf101 trains from converted frames: add --data_dir (the output of phi3v-convert) to the command")
+    data = None
+    if profile is not None:
+        data = profile.to_dict()
+        data["does_not_fit"] = _misfits(profile, shape, hw, methods, recommended, calibration)
     return Plan(
         request=request,
+        data=data,
         hardware=hw,
         shape=shape,
         workload=workload,
@@ -697,6 +724,45 @@ def plan(
         trace=trace_info,
         headroom_fraction=calibration.overheads.headroom_fraction,
     )
+
+
+def _misfits(
+    profile: Any,
+    shape: ModelShape,
+    hw: Hardware,
+    methods: list[MethodPlan],
+    recommended: str | None,
+    calibration: Calibration,
+) -> dict[str, Any]:
+    """Samples that fit no micro-batch (not even 1) under the recommended (or first supported) method's setup.
+
+    Each is listed with the largest ``num_crops`` at which it would fit.
+    """
+    candidates = [m for m in methods if m.method == recommended] or [
+        m for name in PREFERENCE for m in methods if m.method == name and m.supported
+    ]
+    if not candidates or candidates[0].memory is None:
+        return {"method": None, "count": 0, "samples": []}
+    chosen = candidates[0]
+    hw_capacity = chosen.capacity_bytes
+    base = replace(_setup_for(chosen.method, hw.gpu, hw.world_size, chosen.hyperparameters), micro_batch=1)
+    verdicts: dict[tuple[Any, ...], int | None] = {}
+    misfits = []
+    for sample, length in zip(profile.samples, profile.lengths, strict=True):
+        key = (sample.image_sizes, sample.text_tokens)
+        if key not in verdicts:
+            fits_at: int | None = None
+            for crops in range(profile.num_crops, 0, -1):
+                memory = estimate_memory(shape, base, sample.workload(shape, crops), calibration.overheads)
+                if _fits_with_headroom(memory, hw_capacity, calibration):
+                    fits_at = crops
+                    break
+            verdicts[key] = fits_at
+        if verdicts[key] != profile.num_crops:
+            misfits.append({"sample": sample.where, "seq_len": length, "fits_at_num_crops": verdicts[key]})
+    misfits.sort(key=lambda item: -item["seq_len"])  # the longest first
+    count, listed = len(misfits), misfits[:20]
+    return {"method": chosen.method, "count": count, "samples": listed}
 
 
 def survey(
