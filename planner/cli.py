@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--gpu", help="plan for this GPU instead of the detected one (see --list-gpus)")
     hw.add_argument("--count", type=int, help="GPUs per node (default: detected, 8 on Azure, else 1)")
     hw.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
-    hw.add_argument("--cloud", choices=["azure"], help="add the Azure SKU, VM count and vCPU quota")
+    hw.add_argument(
+        "--cloud", choices=["azure"], help="add the Azure SKU, VM count, vCPU quota and cost per run (offline prices)"
+    )
+    hw.add_argument("--deadline", type=float, metavar="HOURS", help="the fewest nodes that finish all epochs in time")
     hw.add_argument("--inter-node-gbit", type=float, help="network per node in Gbit/s (default: the SKU's, else 200)")
     work = parser.add_argument_group("workload")
     work.add_argument("--task", default="docvqa", help="docvqa, hateful_memes, nlvr2 or ucf101 (default: docvqa)")
@@ -130,6 +133,7 @@ def _request(args: argparse.Namespace) -> Any:
         reference_dir=args.reference_dir,
         model_path=args.model_path,
         data_dir=args.data_dir,
+        deadline_hours=args.deadline,
     )
 
 
@@ -300,7 +304,7 @@ def _print_plan(p: Any) -> None:
         title="Methods (memory per GPU; fits = predicted reserved peak below "
         f"{100 * (1 - p.headroom_fraction):.0f} % of the card; speed is a prediction)"
     )
-    for col in ("method", "fits", "micro x accum", "peak GiB", "margin GiB", "samples/s", "epoch"):
+    for col in ("method", "fits", "micro x accum", "peak GiB", "margin GiB", "samples/s", "epoch", "run", "cost $"):
         table.add_column(col, justify="left" if col in ("method", "fits") else "right")
     for m in p.methods:
         mark = "[green]yes[/]" if m.fits else ("[red]no[/]" if m.supported else "[red]unsupported[/]")
@@ -313,6 +317,8 @@ def _print_plan(p: Any) -> None:
             _fmt(m.margin_gib),
             _fmt(m.speed.samples_per_s if m.speed else None, ".2f"),
             format_duration(m.speed.epoch_s) if m.speed else "-",
+            format_duration(m.run_s),
+            _fmt(m.cost_usd, ",.0f"),
         )
     console.print(table)
     for m in p.methods:
@@ -378,6 +384,16 @@ def _print_plan(p: Any) -> None:
             )
             for item in misfit["samples"]:
                 console.print(f"  {item['sample']}: {item['seq_len']} tokens → num_crops {item['fits_at_num_crops']}")
+    if p.deadline:
+        d = p.deadline
+        if d.get("nodes"):
+            cost = f", ${d['cost_usd']:,.0f}" if d.get("cost_usd") else ""
+            console.print(
+                f"[bold]Deadline {d['hours']:g} h[/]: {d['nodes']} node(s) ({d['gpus']} GPUs), {d['method']}, predicted "
+                f"{format_duration(d['run_s'])}{cost}"
+            )
+        else:
+            console.print(f"[red]Deadline {d['hours']:g} h[/]: {d['reason']}")
     for note in p.notes:
         console.print(f"[yellow]note[/]: {note}")
 
@@ -388,14 +404,14 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
     from planner.speed import format_duration
 
     table = Table(title=title, caption="fits: F full, Z frozen_vision, L lora, Q qlora")
-    cols = ["GPU", "GiB", "dtype/attn", "fits", "best", "micro x acc", "peak GiB", "samples/s", "epoch"]
+    cols = ["GPU", "GiB", "dtype/attn", "fits", "best", "micro x acc", "peak GiB", "samples/s", "epoch", "cost $"]
     if azure:
         cols = ["VM size", "VMs", "vCPUs", *cols]
     for col in cols:
         # names must stay readable on narrow terminals: fold them rather than cut them with an ellipsis
         table.add_column(
             col,
-            justify="right" if col in ("GiB", "VMs", "vCPUs", "peak GiB", "samples/s", "epoch") else "left",
+            justify="right" if col in ("GiB", "VMs", "vCPUs", "peak GiB", "samples/s", "epoch", "cost $") else "left",
             overflow="fold",
         )
     for p in plans:
@@ -412,6 +428,7 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
             _fmt(best.peak_gib) if best else "-",
             _fmt(best.speed.samples_per_s if best and best.speed else None, ".2f"),
             format_duration(best.speed.epoch_s) if best and best.speed else "-",
+            _fmt(best.cost_usd if best else None, ",.0f"),
         ]
         if azure:
             a = p.azure or {}
@@ -426,8 +443,11 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
 
 
 def _pick_sku(plans: list[Any]) -> Any | None:
-    """Fastest epoch among the SKUs where the recipe's first choice (full, bf16, FA2) fits; prices are not tabulated."""
-    good = [p for p in plans if p.best and p.best.method == "full" and p.best.speed]
+    """Cheapest run (offline price table) among the SKUs where a plan fits; the fastest where no price is known."""
+    priced = [p for p in plans if p.best and p.best.cost_usd]
+    if priced:
+        return min(priced, key=lambda p: p.best.cost_usd)
+    good = [p for p in plans if p.best and p.best.speed]
     return max(good, key=lambda p: p.best.speed.samples_per_s) if good else None
 
 
@@ -490,9 +510,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_survey(plans, f"Azure ND SKUs, {request.task} (8 GPUs per VM)", azure=True)
         pick = _pick_sku(plans)
         if pick:
+            from planner.hardware import azure_prices
+
+            prices = azure_prices()
+            cost = f"${pick.best.cost_usd:,.0f} per run" if pick.best.cost_usd else "no price tabulated"
             console.print(
-                f"Fastest SKU on which the recipe's first choice (full fine-tuning) fits: [bold]{pick.azure['vm_size']}[/] "
-                f"({pick.azure['quota_note']}). Prices are not in the tables; compare them before you choose."
+                f"Cheapest SKU for a run that fits: [bold]{pick.azure['vm_size']}[/] ({pick.best.method}, {cost}; "
+                f"{pick.azure['quota_note']}). Prices: {prices['kind']}, {prices['region']}, {prices['date']} - "
+                f"{prices['source']}"
             )
             console.print(f"[bold]{pick.best.command}[/]")
     else:

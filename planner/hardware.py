@@ -24,6 +24,7 @@ __all__ = [
     "Detection",
     "GpuSpec",
     "architecture_of",
+    "azure_prices",
     "azure_skus",
     "detect",
     "find_gpu",
@@ -178,6 +179,7 @@ class AzureSku:
     vcpus: int | None
     host_memory_gib: float | None
     source: str
+    price_usd_per_hour: float | None = None
 
     @property
     def inter_node_gbs(self) -> float:
@@ -187,6 +189,12 @@ class AzureSku:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for ``--json``)."""
         return asdict(self)
+
+
+@cache
+def azure_prices() -> dict[str, str]:
+    """Date, region and source of the offline price table in ``planner/data/azure.json``."""
+    return dict(_load("azure.json")["prices"])
 
 
 @cache

@@ -82,6 +82,7 @@ class PlanRequest:
         max_micro_batch: Largest micro-batch to consider.
         use_trace: Replace the closed-form activations by a MemTracker trace of the full model (slow, cached).
         reference_dir: Folder with the published ``speed.csv`` (calibration).
+        deadline_hours: Find the fewest nodes whose predicted run (all epochs) ends within this many hours.
         data_dir: A jsonl data folder: speed for its mean sample, memory for a batch of its longest sample, and
             its size as the epoch (``--data``).
         model_path: Checkpoint folder the launch command trains (``--model_name_or_path``); None prints a shell
@@ -108,6 +109,7 @@ class PlanRequest:
     reference_dir: str | None = None
     model_path: str | None = None
     data_dir: str | None = None
+    deadline_hours: float | None = None
 
     def validate(self) -> None:
         """Check every field at once.
@@ -140,6 +142,8 @@ class PlanRequest:
             problems.append(f"--cloud {self.cloud!r}: only 'azure' is tabulated")
         if self.inter_node_gbit is not None and self.inter_node_gbit <= 0:
             problems.append("--inter-node-gbit must be positive")
+        if self.deadline_hours is not None and self.deadline_hours <= 0:
+            problems.append(f"--deadline {self.deadline_hours:g} must be positive (hours)")
         if self.max_micro_batch < 1:
             problems.append("--max-micro-batch must be >= 1")
         if self.image_size is not None and min(self.image_size) < 1:
@@ -212,6 +216,8 @@ class MethodPlan:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     command: str | None = None
     fits_without_checkpointing: bool = False
+    run_s: float | None = None
+    cost_usd: float | None = None
 
     @property
     def peak_gib(self) -> float | None:
@@ -245,6 +251,8 @@ class MethodPlan:
             "reasons": self.reasons,
             "hyperparameters": self.hyperparameters,
             "command": self.command,
+            "run_s": self.run_s,
+            "cost_usd": self.cost_usd,
         }
 
 
@@ -264,6 +272,7 @@ class Plan:
     trace: dict[str, Any] | None = None
     headroom_fraction: float = 0.05
     data: dict[str, Any] | None = None
+    deadline: dict[str, Any] | None = None
 
     def method(self, name: str) -> MethodPlan:
         """The plan of one method."""
@@ -292,6 +301,7 @@ class Plan:
             "trace": self.trace,
             "headroom_fraction": self.headroom_fraction,
             "data": self.data,
+            "deadline": self.deadline,
         }
 
 
@@ -493,7 +503,7 @@ def _plan_method(
     speed = None
     if fits or supported:
         constants, _fitted = fit_speed_constants(calibration, load_shape("phi-3-vision"))
-        speed = predict_speed(shape, workload, setup, gpu, hw.interconnect(), constants, request.dataset_size)
+        speed = predict_speed(shape, workload, setup, gpu, hw.interconnect(), constants, _dataset_size(request))
         if speed is None:
             reasons.append(f"{gpu.key}: peak TFLOP/s or bandwidth unknown: speed not predicted")
         elif gpu.detected:
@@ -520,7 +530,18 @@ def _plan_method(
     )
     if fits:
         plan.command = _command(hw, request.task, plan, request.model_path)
+    if speed is not None and speed.epoch_s is not None:
+        plan.run_s = speed.epoch_s * float(hyper["epochs"])
+        if hw.azure is not None and hw.azure.price_usd_per_hour:
+            plan.cost_usd = plan.run_s / 3600 * hw.azure.price_usd_per_hour * hw.nodes
     return plan
+
+
+def _dataset_size(request: PlanRequest) -> int:
+    """Samples per epoch: given, from --data, or the task's real training set (planner/data/recipes.json)."""
+    if request.dataset_size:
+        return request.dataset_size
+    return int(task_profiles()["tasks"][request.task]["dataset"]["train_samples"])
 
 
 def _usable_limit(capacity: float, calibration: Calibration) -> float:
@@ -706,6 +727,22 @@ def plan(
         notes.append(f"GPU not in the table: {hw.gpu.source}")
     if request.task == "ucf101":
         notes.append("ucf101 trains from converted frames: add --data_dir (the output of phi3v-convert) to the command")
+    deadline = None
+    best_plan = next((m for m in methods if m.method == recommended), None)
+    if request.deadline_hours is not None:
+        deadline = _meet_deadline(request, detection, calibration)
+    if best_plan is not None and best_plan.run_s is not None:
+        dataset = _dataset_size(request)
+        source = (
+            "given"
+            if request.dataset_size
+            else task_profiles()["tasks"][request.task]["dataset"]["source"].split(";")[0]
+        )
+        cost = f", about ${best_plan.cost_usd:,.0f} on Azure" if best_plan.cost_usd else ""
+        why.append(
+            f"predicted {format_duration(best_plan.run_s)} for {best_plan.hyperparameters['epochs']:g} epoch(s) of "
+            f"{dataset:,} samples ({source}){cost}"
+        )
     data = None
     if profile is not None:
         data = profile.to_dict()
@@ -723,7 +760,30 @@ def plan(
         azure=_azure_summary(hw, next((m for m in methods if m.method == recommended), None)),
         trace=trace_info,
         headroom_fraction=calibration.overheads.headroom_fraction,
+        deadline=deadline,
     )
+
+
+def _meet_deadline(
+    request: PlanRequest, detection: Detection | None, calibration: Calibration, max_nodes: int = 64
+) -> dict[str, Any]:
+    """The fewest nodes (up to ``max_nodes``) whose recommended plan finishes all epochs within the deadline."""
+    assert request.deadline_hours is not None
+    limit = request.deadline_hours * 3600
+    for nodes in range(1, max_nodes + 1):
+        trial = plan(replace(request, nodes=nodes, deadline_hours=None), detection=detection, calibration=calibration)
+        best = trial.best
+        if best is not None and best.run_s is not None and best.run_s <= limit:
+            return {
+                "hours": request.deadline_hours,
+                "nodes": nodes,
+                "gpus": trial.hardware.world_size,
+                "method": best.method,
+                "run_s": best.run_s,
+                "cost_usd": best.cost_usd,
+                "command": best.command,
+            }
+    return {"hours": request.deadline_hours, "nodes": None, "reason": f"not met with up to {max_nodes} nodes"}
 
 
 def _misfits(

@@ -145,3 +145,24 @@ def test_launch_command_names_the_model_folder_or_fails_clearly():
         timeout=600,
     )
     assert result.returncode != 0 and "set PHI3V_MODEL or pass --model-path" in result.stderr
+
+
+def test_time_and_cost_per_run_use_the_tasks_real_dataset_size():
+    result = plan(PlanRequest(gpu="A100-80GB", cloud="azure", task="hateful_memes"))
+    best = result.best
+    assert best.speed.epoch_s == pytest.approx(8000 / best.speed.samples_per_s)  # the_cauldron train[500:]
+    assert best.run_s == pytest.approx(best.speed.epoch_s * best.hyperparameters["epochs"])
+    assert best.cost_usd == pytest.approx(best.run_s / 3600 * 32.77)
+    assert any("8,000 samples" in w and "$" in w for w in result.why)
+
+
+def test_deadline_gives_the_fewest_nodes_that_meet_it():
+    one = plan(PlanRequest(gpu="A100-80GB", cloud="azure", methods=("full",)))
+    hours = one.best.run_s / 3600 * 0.6  # one node is too slow; more nodes are needed
+    result = plan(PlanRequest(gpu="A100-80GB", cloud="azure", methods=("full",), deadline_hours=hours))
+    nodes = result.deadline["nodes"]
+    assert nodes is not None and nodes >= 2 and result.deadline["run_s"] <= hours * 3600
+    fewer = plan(PlanRequest(gpu="A100-80GB", cloud="azure", methods=("full",), nodes=nodes - 1))
+    assert fewer.best.run_s > hours * 3600
+    impossible = plan(PlanRequest(gpu="T4", methods=("lora",), deadline_hours=0.001))
+    assert impossible.deadline["nodes"] is None and "not met" in impossible.deadline["reason"]
