@@ -2,9 +2,10 @@
 
 The rows are read from ``results/reference/speed.csv`` when the source tree has it (the bench helper's typed-in copy
 of recipe.md §11), else from the copy in ``planner/data/calibration.json`` (same numbers; a test checks they agree).
-From the single-node rows we derive MFU per (architecture, method, attention class); multi-node rows validate the
-communication model; the flash-attention rows fix the allocator/cache overhead of the memory model (§2.6 of
-bench-planner-anchors.md). :func:`calibration_report` shows prediction vs published for every row.
+The speed model's few fitted constants (``calibration.json`` → ``speed.fit``) are each fitted on ONE named row; every
+other row is held out and judged, the frozen-vision rows the reference marks as suspect are excluded with the reason
+(:func:`fit_speed_constants`, :func:`calibration_report`, :func:`calibration_summary`). The flash-attention A100 rows
+fix the allocator/cache overhead of the memory model (§2.6 of bench-planner-anchors.md); the other rows judge it.
 """
 
 from __future__ import annotations
