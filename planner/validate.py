@@ -11,7 +11,9 @@ Imports torch and bench lazily: the rest of the planner stays torch-free.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -177,7 +179,8 @@ def _measure(case: ValidationCase, model: str, steps: int) -> dict[str, Any]:
     # presets and the mid-size folder have no tokenizer files: bench uses the offline tiny processor for them too
     workload = build_workload(cfg, Phi3VProcessor.tiny(num_crops=cfg.num_crops), cfg.batch_size * total)
     timer, cpu = StepTimer(), CpuTimer()
-    with tempfile.TemporaryDirectory(prefix="phi3v-plan-validate-") as out:
+    # the Trainer prints its logs to stdout: keep stdout for the report (``--validate --json`` stays valid JSON)
+    with tempfile.TemporaryDirectory(prefix="phi3v-plan-validate-") as out, contextlib.redirect_stdout(sys.stderr):
         train(to_train_config(cfg, out, total), workload.dataset, callbacks=[timer, cpu])
     wall = [r.seconds for r in timer.records][cfg.warmup :]
     return {"wall_s": wall, "cpu_s": cpu.seconds[cfg.warmup :], "tokens_per_sample": workload.tokens_per_sample}
@@ -212,7 +215,7 @@ def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: floa
     constants, _fitted = fit_speed_constants(load_calibration(), load_shape("phi-3-vision"))
     single = Interconnect(1, 1, 32.0, False, 12.5)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="phi3v-plan-mid-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="phi3v-plan-mid-") as scratch, contextlib.redirect_stdout(sys.stderr):
         models = {"tiny": "tiny", "mid": str(mid_size_model(Path(scratch)))}
         for case in cases:
             model = models[case.model]
