@@ -3,10 +3,13 @@
 Modules (all importable without torch except :mod:`planner.trace`):
 
 * :mod:`planner.shapes` — model dimensions and parameter counts (``ModelShape``), the processor's token formula;
-* :mod:`planner.hardware` — GPU / Azure tables (``planner/data``) and NVML detection (``detect(nvml=...)``);
+* :mod:`planner.hardware` — GPU / Azure tables (``planner/data``) and detection (``detect``, via
+  :mod:`phi3v_core.nvml`: ``CUDA_VISIBLE_DEVICES``, MIG, mixed GPUs → the weakest);
 * :mod:`planner.estimate` — closed-form peak memory per method (``estimate_memory``);
-* :mod:`planner.speed` — FLOPs per sample, calibrated MFU, ZeRO-2 communication (``predict_speed``);
-* :mod:`planner.calibration` — the recipe's published table as calibration and check (``calibration_report``);
+* :mod:`planner.speed` — step time from first principles: FLOPs, bytes, communication (``predict_speed``);
+* :mod:`planner.calibration` — constants fitted on named published rows, judged on the others (``calibration_report``);
+* :mod:`planner.validate` — the speed model against real ``phi3v-bench`` steps on this CPU (imports torch);
+* :mod:`planner.dataprofile` — token lengths of a jsonl data folder from image headers (``--data``);
 * :mod:`planner.trace` — MemTracker on the full model with fake tensors (``trace_activations``);
 * :mod:`planner.recommend` — ``plan(PlanRequest(...)) -> Plan`` (no printing);
 * :mod:`planner.cli` — the ``phi3v-plan`` command.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -27,11 +28,13 @@ _EPILOG = """examples:
   phi3v-plan --gpu A100-80GB --count 8 --trace --method full  # measure activations on the full model (CPU, cached)
   phi3v-plan --list-gpus
   phi3v-plan --calibration                                    # predicted vs the recipe's published table
+  phi3v-plan --validate                                       # the speed model against this CPU (~2 min)
 
 notes:
   Memory is per GPU in GiB (what nvidia-smi shows: tensors + allocator cache + CUDA context). "needs" is the least the
-  step runs in; "peak" is what the caching allocator will grow to (capped at the card). Speed uses efficiencies
-  calibrated on the recipe's published 8xA100/8xV100 table; other GPUs borrow them (stated in the output).
+  step runs in; "peak" is the predicted reserved peak; a plan fits only below 95 % of the card. Speed is a
+  first-principles prediction (FLOPs, bytes, communication) with a few constants fitted on named rows of the
+  recipe's published 8xA100/8xV100 table (see --calibration); other architectures are labelled estimates.
 """
 
 
@@ -45,7 +48,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="phi3v-plan",
         description="Plan Phi-3.5-vision fine-tuning: which methods fit, the recommended setup, speed and the command.",
         epilog=_EPILOG,
@@ -55,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--gpu", help="plan for this GPU instead of the detected one (see --list-gpus)")
     hw.add_argument("--count", type=int, help="GPUs per node (default: detected, 8 on Azure, else 1)")
     hw.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
-    hw.add_argument("--cloud", choices=["azure"], help="add the Azure SKU, VM count and vCPU quota")
+    hw.add_argument(
+        "--cloud", choices=["azure"], help="add the Azure SKU, VM count, vCPU quota and cost per run (offline prices)"
+    )
+    hw.add_argument("--deadline", type=float, metavar="HOURS", help="the fewest nodes that finish all epochs in time")
     hw.add_argument("--inter-node-gbit", type=float, help="network per node in Gbit/s (default: the SKU's, else 200)")
     work = parser.add_argument_group("workload")
     work.add_argument("--task", default="docvqa", help="docvqa, hateful_memes, nlvr2 or ucf101 (default: docvqa)")
@@ -66,11 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--seq-len", type=int, help="override the tokens per sample")
     work.add_argument("--dataset-size", type=int, help="samples per epoch (for time per epoch)")
     work.add_argument(
+        "--data",
+        dest="data_dir",
+        metavar="DIR",
+        help="a jsonl data folder: token lengths from its records and image headers; memory for its longest sample",
+    )
+    work.add_argument(
         "--batch-size", type=int, dest="global_batch", help="global batch per optimizer step (default: 64)"
     )
     work.add_argument("--max-micro-batch", type=int, default=16, help="largest micro-batch to consider (default: 16)")
     work.add_argument(
         "--model", default="phi-3.5-vision", help="model preset or checkpoint folder (default: phi-3.5-vision)"
+    )
+    work.add_argument(
+        "--model-path",
+        help="checkpoint folder the launch command trains (--model_name_or_path; default: $PHI3V_MODEL placeholder)",
     )
     work.add_argument(
         "--method", action="append", dest="methods", choices=METHODS, help="only these methods (repeatable)"
@@ -82,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print JSON instead of tables")
     out.add_argument("--list-gpus", action="store_true", help="print the GPU table and exit")
     out.add_argument("--calibration", action="store_true", help="print predicted vs published (recipe §11) and exit")
+    out.add_argument(
+        "--validate",
+        action="store_true",
+        help="measure this CPU, predict phi3v-bench step times with the speed model, run them, compare (~2 min)",
+    )
     out.add_argument(
         "--reference", dest="reference_dir", help="folder with the published speed.csv (default: results/reference)"
     )
@@ -110,7 +131,34 @@ def _request(args: argparse.Namespace) -> Any:
         max_micro_batch=args.max_micro_batch,
         use_trace=args.trace,
         reference_dir=args.reference_dir,
+        model_path=args.model_path,
+        data_dir=args.data_dir,
+        deadline_hours=args.deadline,
     )
+
+
+def _finite(value: Any) -> Any:
+    """Replace NaN/Infinity (not JSON) by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _dump(value: Any) -> None:
+    """Print strict JSON (no NaN/Infinity)."""
+    print(json.dumps(_finite(value), indent=2, allow_nan=False))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line and exits 1 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(1)
 
 
 def _console() -> Any:
@@ -129,7 +177,7 @@ def _print_gpus(as_json: bool) -> None:
 
     rows = [g.to_dict() for g in gpu_table()]
     if as_json:
-        print(json.dumps(rows, indent=2))
+        _dump(rows)
         return
     from rich.table import Table
 
@@ -152,36 +200,78 @@ def _print_gpus(as_json: bool) -> None:
 
 
 def _print_calibration(request: Any, as_json: bool) -> None:
-    from planner.calibration import calibration_report, load_calibration
+    from planner.calibration import calibration_report, calibration_summary, fit_speed_constants, load_calibration
     from planner.shapes import load_shape
 
     calibration = load_calibration(request.reference_dir)
-    rows = calibration_report(calibration, load_shape("phi-3-vision"))
+    shape = load_shape("phi-3-vision")
+    rows = calibration_report(calibration, shape)
+    _constants, fitted = fit_speed_constants(calibration, shape)
+    summary = calibration_summary(rows, fitted)
     if as_json:
-        print(json.dumps({"source": calibration.rows_source, "rows": rows}, indent=2))
+        _dump({"source": calibration.rows_source, "summary": summary, "rows": rows})
         return
     from rich.table import Table
 
-    table = Table(title=f"Predicted vs published ({calibration.rows_source})")
-    for col in ("row", "published GB", "predicted", "err", "published img/s", "predicted", "err", "note"):
-        table.add_column(col, justify="left" if col in ("row", "note") else "right")
+    table = Table(title=f"Predicted vs published ({calibration.rows_source}); role = speed role")
+    for col in ("row", "role", "published img/s", "predicted", "err", "published GB", "predicted", "err", "note"):
+        table.add_column(col, justify="left" if col in ("row", "role", "note") else "right", overflow="fold")
     for r in rows:
-        note = (
-            "suspect row"
-            if r["suspect"]
-            else ("no-FA: fp32 weights, not modelled" if not r["flash_attention"] and r["memory_error"] < -0.1 else "")
-        )
+        note = r["reason"] if r["role"] != "held_out" else ""
+        if r["memory_note"]:
+            note = f"{note}; memory: {r['memory_note']}" if note else f"memory: {r['memory_note']}"
         table.add_row(
             r["row"],
+            r["role"],
+            f"{r['published_img_per_s']:g}",
+            f"{r['predicted_img_per_s']:.2f}",
+            f"{r['speed_error_pct']:+.0f}%",
             f"{r['published_gb']:g}",
             f"{r['predicted_gb']:.1f}",
-            f"{100 * r['memory_error']:+.0f}%",
-            f"{r['published_img_per_s']:g}",
-            _fmt(r["predicted_img_per_s"], ".2f"),
-            "-" if r["speed_error"] is None else f"{100 * r['speed_error']:+.0f}%",
+            f"{r['memory_error_pct']:+.0f}%",
             note,
         )
-    _console().print(table)
+    console = _console()
+    console.print(table)
+    for item in fitted:
+        console.print(f"fitted: {item['constant']} = {item['value']:.4g} on {item['row']}")
+    console.print(
+        f"held-out speed error over {summary['held_out_rows']} rows: median {summary['held_out_speed_error_median_pct']:.1f} %, "
+        f"max {summary['held_out_speed_error_max_pct']:.1f} %"
+    )
+    for miss in summary["memory_misses"]:
+        console.print(
+            f"[yellow]memory not within 10 %[/]: {miss['row']} ({miss['memory_error_pct']:+.0f} %): {miss['why']}"
+        )
+
+
+def _print_validation(as_json: bool) -> None:
+    from planner.validate import validate_cpu
+
+    result = validate_cpu()
+    if as_json:
+        _dump(result)
+        return
+    from rich.table import Table
+
+    table = Table(title="Speed model on this CPU: predicted vs measured phi3v-bench step (CPU seconds, 1 thread)")
+    for col in ("config", "tokens", "measured s", "predicted s", "err", "wall s"):
+        table.add_column(col, justify="left" if col == "config" else "right")
+    for r in result["rows"]:
+        table.add_row(
+            r["case"],
+            str(r["seq_len_predicted"]),
+            f"{r['measured_s']:.3f}",
+            f"{r['predicted_s']:.3f}",
+            f"{r['error_pct']:+.0f}%",
+            f"{r['measured_wall_s']:.3f}",
+        )
+    console = _console()
+    console.print(table)
+    console.print(f"rates: {result['rows'][0]['rates']}" if result["rows"] else "")
+    console.print(
+        f"median |error| {result['median_abs_error_pct']:.1f} %, max {result['max_abs_error_pct']:.1f} %; {result['note']}"
+    )
 
 
 _SHORT = {"full": "F", "frozen_vision": "Z", "lora": "L", "qlora": "Q"}
@@ -210,8 +300,11 @@ def _print_plan(p: Any) -> None:
         f"{p.shape.name} ({p.shape.param_counts().total / 1e9:.2f} B parameters)"
         + (f"; {req.dataset_size:,} samples per epoch" if req.dataset_size else "")
     )
-    table = Table(title="Methods (memory per GPU)")
-    for col in ("method", "fits", "micro x accum", "needs GiB", "peak GiB", "samples/s", "epoch"):
+    table = Table(
+        title="Methods (memory per GPU; fits = predicted reserved peak below "
+        f"{100 * (1 - p.headroom_fraction):.0f} % of the card; speed is a prediction)"
+    )
+    for col in ("method", "fits", "micro x accum", "peak GiB", "margin GiB", "samples/s", "epoch", "run", "cost $"):
         table.add_column(col, justify="left" if col in ("method", "fits") else "right")
     for m in p.methods:
         mark = "[green]yes[/]" if m.fits else ("[red]no[/]" if m.supported else "[red]unsupported[/]")
@@ -220,10 +313,12 @@ def _print_plan(p: Any) -> None:
             name,
             mark,
             f"{m.micro_batch} x {m.grad_accum}",
-            _fmt(m.memory.required / GIB if m.memory else None),
             _fmt(m.peak_gib),
+            _fmt(m.margin_gib),
             _fmt(m.speed.samples_per_s if m.speed else None, ".2f"),
             format_duration(m.speed.epoch_s) if m.speed else "-",
+            format_duration(m.run_s),
+            _fmt(m.cost_usd, ",.0f"),
         )
     console.print(table)
     for m in p.methods:
@@ -249,7 +344,8 @@ def _print_plan(p: Any) -> None:
             hps += f", LoRA r={hp['lora_rank']} alpha={hp['lora_alpha']}"
         lines.append(f"- hyper-parameters: {hps} ({hp['source']})")
         if best.speed:
-            lines.append(f"- speed: MFU {best.speed.mfu:.0%} from {best.speed.mfu_source}")
+            mfu = f"MFU {best.speed.mfu:.0%}, " if best.speed.mfu is not None else ""
+            lines.append(f"- speed (predicted): {mfu}{best.speed.basis}")
         lines += ["", f"[bold]{best.command}[/]"]
         console.print(Panel("\n".join(lines), title="Recommendation", border_style="green"))
         mem = Table(title=f"Memory per GPU, {best.method} (GiB; peak at {best.memory.phase})")
@@ -273,6 +369,31 @@ def _print_plan(p: Any) -> None:
                 title="Azure",
             )
         )
+    if p.data:
+        d = p.data
+        st = d["seq_len"]
+        console.print(
+            f"[bold]Data[/]: {d['samples']:,} samples in {d['path']} at num_crops {d['num_crops']}: tokens mean "
+            f"{st['mean']:.0f}, p50 {st['p50']:.0f}, p95 {st['p95']:.0f}, max {st['max']:.0f} (text {d['text_tokens']})"
+        )
+        misfit = d["does_not_fit"]
+        if misfit["count"]:
+            console.print(
+                f"[red]{misfit['count']} sample(s) fit no micro-batch[/] under {misfit['method']}; first ones, with the "
+                "num_crops at which they would fit:"
+            )
+            for item in misfit["samples"]:
+                console.print(f"  {item['sample']}: {item['seq_len']} tokens → num_crops {item['fits_at_num_crops']}")
+    if p.deadline:
+        d = p.deadline
+        if d.get("nodes"):
+            cost = f", ${d['cost_usd']:,.0f}" if d.get("cost_usd") else ""
+            console.print(
+                f"[bold]Deadline {d['hours']:g} h[/]: {d['nodes']} node(s) ({d['gpus']} GPUs), {d['method']}, predicted "
+                f"{format_duration(d['run_s'])}{cost}"
+            )
+        else:
+            console.print(f"[red]Deadline {d['hours']:g} h[/]: {d['reason']}")
     for note in p.notes:
         console.print(f"[yellow]note[/]: {note}")
 
@@ -283,14 +404,14 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
     from planner.speed import format_duration
 
     table = Table(title=title, caption="fits: F full, Z frozen_vision, L lora, Q qlora")
-    cols = ["GPU", "GiB", "dtype/attn", "fits", "best", "micro x acc", "peak GiB", "samples/s", "epoch"]
+    cols = ["GPU", "GiB", "dtype/attn", "fits", "best", "micro x acc", "peak GiB", "samples/s", "epoch", "cost $"]
     if azure:
         cols = ["VM size", "VMs", "vCPUs", *cols]
     for col in cols:
         # names must stay readable on narrow terminals: fold them rather than cut them with an ellipsis
         table.add_column(
             col,
-            justify="right" if col in ("GiB", "VMs", "vCPUs", "peak GiB", "samples/s", "epoch") else "left",
+            justify="right" if col in ("GiB", "VMs", "vCPUs", "peak GiB", "samples/s", "epoch", "cost $") else "left",
             overflow="fold",
         )
     for p in plans:
@@ -307,6 +428,7 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
             _fmt(best.peak_gib) if best else "-",
             _fmt(best.speed.samples_per_s if best and best.speed else None, ".2f"),
             format_duration(best.speed.epoch_s) if best and best.speed else "-",
+            _fmt(best.cost_usd if best else None, ",.0f"),
         ]
         if azure:
             a = p.azure or {}
@@ -321,8 +443,11 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
 
 
 def _pick_sku(plans: list[Any]) -> Any | None:
-    """Fastest epoch among the SKUs where the recipe's first choice (full, bf16, FA2) fits; prices are not tabulated."""
-    good = [p for p in plans if p.best and p.best.method == "full" and p.best.speed]
+    """Cheapest run (offline price table) among the SKUs where a plan fits; the fastest where no price is known."""
+    priced = [p for p in plans if p.best and p.best.cost_usd]
+    if priced:
+        return min(priced, key=lambda p: p.best.cost_usd)
+    good = [p for p in plans if p.best and p.best.speed]
     return max(good, key=lambda p: p.best.speed.samples_per_s) if good else None
 
 
@@ -339,13 +464,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.calibration:
         _print_calibration(request, args.json)
         return 0
+    if args.validate:
+        _print_validation(args.json)
+        return 0
 
     from planner.hardware import detect
     from planner.recommend import plan, survey
 
     if request.gpu:
         result = plan(request)
-        print(json.dumps(result.to_dict(), indent=2)) if args.json else _print_plan(result)
+        _dump(result.to_dict()) if args.json else _print_plan(result)
         return 0
     detection = detect()
     if detection.ok:
@@ -353,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             out = result.to_dict()
             out["detection"] = detection.to_dict()
-            print(json.dumps(out, indent=2))
+            _dump(out)
         else:
             _print_plan(result)
         return 0
@@ -365,16 +493,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     reason = f"No GPU detected: {detection.error}."
     if args.json:
         pick = _pick_sku(plans) if azure else None
-        print(
-            json.dumps(
-                {
-                    "detection": detection.to_dict(),
-                    "message": reason,
-                    "plans": [p.to_dict() for p in plans],
-                    "recommended_sku": pick.azure["vm_size"] if pick and pick.azure else None,
-                },
-                indent=2,
-            )
+        _dump(
+            {
+                "detection": detection.to_dict(),
+                "message": reason,
+                "plans": [p.to_dict() for p in plans],
+                "recommended_sku": pick.azure["vm_size"] if pick and pick.azure else None,
+            }
         )
         return 0
     console = _console()
@@ -385,9 +510,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_survey(plans, f"Azure ND SKUs, {request.task} (8 GPUs per VM)", azure=True)
         pick = _pick_sku(plans)
         if pick:
+            from planner.hardware import azure_prices
+
+            prices = azure_prices()
+            cost = f"${pick.best.cost_usd:,.0f} per run" if pick.best.cost_usd else "no price tabulated"
             console.print(
-                f"Fastest SKU on which the recipe's first choice (full fine-tuning) fits: [bold]{pick.azure['vm_size']}[/] "
-                f"({pick.azure['quota_note']}). Prices are not in the tables; compare them before you choose."
+                f"Cheapest SKU for a run that fits: [bold]{pick.azure['vm_size']}[/] ({pick.best.method}, {cost}; "
+                f"{pick.azure['quota_note']}). Prices: {prices['kind']}, {prices['region']}, {prices['date']} - "
+                f"{prices['source']}"
             )
             console.print(f"[bold]{pick.best.command}[/]")
     else:

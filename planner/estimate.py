@@ -212,12 +212,14 @@ class Overheads:
             before it fails): decides "fits".
         cuda_context_gib: CUDA context, cuBLAS/cuDNN workspaces.
         nccl_gib: NCCL buffers when more than one rank.
+        headroom_fraction: Share of the usable memory a recommended plan leaves free (the stated margin).
     """
 
     cache_fraction: float = 0.0
     min_cache_fraction: float = 0.0
     cuda_context_gib: float = 0.0
     nccl_gib: float = 0.0
+    headroom_fraction: float = 0.0
 
     @classmethod
     def cpu(cls) -> Overheads:

@@ -1,20 +1,22 @@
 """GPU and Azure tables (``planner/data/*.json``) and NVML-based detection.
 
-Detection uses ``pynvml`` (nvidia-ml-py) and never touches CUDA through torch, so it is fast and works without a
-CUDA toolkit. The NVML module is a parameter (``nvml=``), so tests pass a fake one.
+Detection goes through :mod:`phi3v_core.nvml` (the project's one NVML reader) and never touches CUDA through torch,
+so it is fast and works without a CUDA toolkit. The NVML module is a parameter (``nvml=``), so tests pass a fake one.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from importlib import resources
 from types import ModuleType
 from typing import Any
 
 from phi3v_core.errors import ConfigError
+from phi3v_core.nvml import import_nvml, visible_devices
 
 __all__ = [
     "AzureSku",
@@ -22,6 +24,7 @@ __all__ = [
     "Detection",
     "GpuSpec",
     "architecture_of",
+    "azure_prices",
     "azure_skus",
     "detect",
     "find_gpu",
@@ -176,6 +179,7 @@ class AzureSku:
     vcpus: int | None
     host_memory_gib: float | None
     source: str
+    price_usd_per_hour: float | None = None
 
     @property
     def inter_node_gbs(self) -> float:
@@ -185,6 +189,12 @@ class AzureSku:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for ``--json``)."""
         return asdict(self)
+
+
+@cache
+def azure_prices() -> dict[str, str]:
+    """Date, region and source of the offline price table in ``planner/data/azure.json``."""
+    return dict(_load("azure.json")["prices"])
 
 
 @cache
@@ -204,6 +214,7 @@ class DetectedGpu:
     compute_capability: tuple[int, int]
     nvlink_active: int
     spec: GpuSpec
+    uuid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -235,8 +246,13 @@ class Detection:
 
     @property
     def spec(self) -> GpuSpec | None:
-        """The spec of GPU 0 (the planner assumes a homogeneous node)."""
-        return self.gpus[0].spec if self.gpus else None
+        """The weakest visible GPU (least memory, then lowest peak): a data-parallel job runs at its pace."""
+        if not self.gpus:
+            return None
+        return min(
+            (g.spec for g in self.gpus),
+            key=lambda s: (s.memory_gib, s.tflops_bf16 or s.tflops_fp16 or 0.0),
+        )
 
     @property
     def homogeneous(self) -> bool:
@@ -260,6 +276,7 @@ class Detection:
                     "architecture": g.spec.architecture,
                     "nvlink_active_links": g.nvlink_active,
                     "table_key": None if g.spec.detected else g.spec.key,
+                    "uuid": g.uuid,
                 }
                 for g in self.gpus
             ],
@@ -283,75 +300,80 @@ def match_spec(name: str, memory_bytes: int, cc: tuple[int, int]) -> GpuSpec:
         specific = [s for s in candidates if len(s.nvml_match) == longest]
         gib = memory_bytes / 2**30
         return min(specific, key=lambda s: abs(s.memory_gib - gib))
+    architecture = architecture_of(*cc)
+    # Architecture-level estimate: the slowest tabulated card of the same architecture (a lower bound, labelled).
+    relatives = [s for s in gpu_table() if s.architecture == architecture and (s.tflops_fp16 or 0) > 0]
+    slowest = min(relatives, key=lambda s: s.tflops_fp16 or 0.0) if relatives else None
     return GpuSpec(
         key=name,
         name=name,
-        architecture=architecture_of(*cc),
+        architecture=architecture,
         compute_capability=cc,
         memory_gib=round(memory_bytes / 2**30, 2),
+        bandwidth_gbs=slowest.bandwidth_gbs if slowest else None,
+        tflops_fp16=slowest.tflops_fp16 if slowest else None,
+        tflops_bf16=slowest.tflops_bf16 if slowest and supports_bf16(cc) else None,
         bf16_native=supports_bf16(cc),
         flash_attention_2=supports_flash_attention(cc),
-        source="NVML (not in planner/data/gpus.json: speed cannot be predicted)",
+        pcie_gbs=32,
+        source=(
+            f"NVML (name, memory, compute capability); not in planner/data/gpus.json: speed is an architecture-level "
+            f"estimate with the peak and bandwidth of the slowest tabulated {architecture} card ({slowest.key})"
+            if slowest
+            else f"NVML; not in planner/data/gpus.json and no tabulated {architecture} card: speed cannot be predicted"
+        ),
         detected=True,
     )
 
 
 def _import_nvml() -> ModuleType | None:
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    return pynvml
+    return import_nvml()
 
 
-def detect(nvml: ModuleType | Any | None = None) -> Detection:
-    """Read the GPUs of this machine through NVML.
+def detect(nvml: ModuleType | Any | None = None, environ: Mapping[str, str] | None = None) -> Detection:
+    """The GPUs a job on this machine will see, through :func:`phi3v_core.nvml.visible_devices`.
+
+    ``CUDA_VISIBLE_DEVICES`` (indices and UUIDs) and MIG instances are honoured; a query that fails (permissions)
+    is a note, not a failed detection. Memory always comes from NVML; the GPU table adds peak and bandwidth.
 
     Args:
         nvml: An object with pynvml's API (``nvmlInit``, ``nvmlDeviceGetCount``, …); None imports ``pynvml``.
+        environ: Environment to read ``CUDA_VISIBLE_DEVICES`` from (default ``os.environ``).
 
     Returns:
-        A :class:`Detection`; on any NVML failure it holds no GPUs and says why in ``error``.
+        A :class:`Detection`; without NVML/driver it holds no GPUs and says why in ``error``.
     """
     nvml = nvml if nvml is not None else _import_nvml()
     if nvml is None:
         return Detection(error="pynvml (nvidia-ml-py) is not installed")
-    try:
-        nvml.nvmlInit()
-    except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, _DriverNotLoaded, ... all mean "no GPU here"
-        return Detection(error=f"no NVIDIA driver/NVML on this machine ({_text(exc) or type(exc).__name__})")
-    try:
-        driver = _text(nvml.nvmlSystemGetDriverVersion())
-        cuda = None
-        try:
-            version = int(nvml.nvmlSystemGetCudaDriverVersion())
-            cuda = f"{version // 1000}.{(version % 1000) // 10}"
-        except Exception:  # noqa: BLE001 - old drivers lack this call
-            cuda = None
-        gpus = []
-        notes = []
-        max_links = int(getattr(nvml, "NVML_NVLINK_MAX_LINKS", 18))
-        for index in range(int(nvml.nvmlDeviceGetCount())):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            name = _text(nvml.nvmlDeviceGetName(handle))
-            memory = int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
-            major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
-            cc = (int(major), int(minor))
-            links = 0
-            for link in range(max_links):
-                try:
-                    links += 1 if nvml.nvmlDeviceGetNvLinkState(handle, link) else 0
-                except Exception:  # noqa: BLE001 - NotSupported on PCIe cards / past the last link
-                    break
-            spec = match_spec(name, memory, cc)
-            if spec.detected:
-                notes.append(f"GPU {index} ({name}) is not in the GPU table; memory plans only")
-            gpus.append(DetectedGpu(index, name, memory, cc, links, spec))
-        return Detection(gpus=tuple(gpus), driver=driver, cuda_driver=cuda, notes=tuple(notes))
-    except Exception as exc:  # noqa: BLE001 - any NVML error mid-way: report, don't crash the planner
-        return Detection(error=f"NVML query failed: {_text(exc) or type(exc).__name__}")
-    finally:
-        try:
-            nvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001 - shutting down a half-initialised NVML is best effort
-            pass
+    report = visible_devices(nvml, environ)
+    if report.error:
+        return Detection(error=report.error, driver=report.driver, cuda_driver=report.cuda_driver)
+    gpus = []
+    notes = list(report.warnings)
+    for device in report.devices:
+        cc = device.compute_capability or (0, 0)
+        if device.compute_capability is None:
+            notes.append(f"GPU {device.cuda_index} ({device.name}): compute capability unknown")
+        memory = device.memory_total_bytes or 0
+        spec = match_spec(device.name, memory, cc)
+        if memory and not spec.detected:
+            # what NVML reports is what the job gets (MIG slices, ECC, vGPU): the table keeps peak and bandwidth
+            spec = replace(spec, memory_gib=round(memory / 2**30, 2), source=f"{spec.source}; memory from NVML")
+        if spec.detected:
+            notes.append(
+                f"GPU {device.cuda_index} ({device.name}) is not in the GPU table: memory from NVML, speed an "
+                f"architecture-level estimate from its compute capability"
+            )
+        if device.mig:
+            notes.append(f"GPU {device.cuda_index} is a MIG instance ({device.name}, {memory / 2**30:.1f} GiB)")
+        gpus.append(DetectedGpu(device.cuda_index, device.name, memory, cc, device.nvlink_active, spec, device.uuid))
+    if not gpus:
+        return Detection(
+            driver=report.driver,
+            cuda_driver=report.cuda_driver,
+            error="NVML found no GPU visible to CUDA (check CUDA_VISIBLE_DEVICES)"
+            + (f"; {'; '.join(report.warnings)}" if report.warnings else ""),
+            notes=tuple(notes),
+        )
+    return Detection(gpus=tuple(gpus), driver=report.driver, cuda_driver=report.cuda_driver, notes=tuple(notes))

@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from phi3v_core.errors import ConfigError, raise_all
-from planner.calibration import Calibration, load_calibration
+from planner.calibration import Calibration, fit_speed_constants, load_calibration
 from planner.estimate import GIB, METHODS, MemoryEstimate, TrainSetup, Workload, estimate_memory
 from planner.hardware import (
     AzureSku,
@@ -82,6 +82,11 @@ class PlanRequest:
         max_micro_batch: Largest micro-batch to consider.
         use_trace: Replace the closed-form activations by a MemTracker trace of the full model (slow, cached).
         reference_dir: Folder with the published ``speed.csv`` (calibration).
+        deadline_hours: Find the fewest nodes whose predicted run (all epochs) ends within this many hours.
+        data_dir: A jsonl data folder: speed for its mean sample, memory for a batch of its longest sample, and
+            its size as the epoch (``--data``).
+        model_path: Checkpoint folder the launch command trains (``--model_name_or_path``); None prints a shell
+            placeholder that stops with a clear message unless ``$PHI3V_MODEL`` is set.
     """
 
     gpu: str | None = None
@@ -102,6 +107,9 @@ class PlanRequest:
     max_micro_batch: int = 16
     use_trace: bool = False
     reference_dir: str | None = None
+    model_path: str | None = None
+    data_dir: str | None = None
+    deadline_hours: float | None = None
 
     def validate(self) -> None:
         """Check every field at once.
@@ -134,6 +142,8 @@ class PlanRequest:
             problems.append(f"--cloud {self.cloud!r}: only 'azure' is tabulated")
         if self.inter_node_gbit is not None and self.inter_node_gbit <= 0:
             problems.append("--inter-node-gbit must be positive")
+        if self.deadline_hours is not None and self.deadline_hours <= 0:
+            problems.append(f"--deadline {self.deadline_hours:g} must be positive (hours)")
         if self.max_micro_batch < 1:
             problems.append("--max-micro-batch must be >= 1")
         if self.image_size is not None and min(self.image_size) < 1:
@@ -206,11 +216,18 @@ class MethodPlan:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     command: str | None = None
     fits_without_checkpointing: bool = False
+    run_s: float | None = None
+    cost_usd: float | None = None
 
     @property
     def peak_gib(self) -> float | None:
-        """Expected peak (nvidia-smi) in GiB."""
-        return self.memory.expected_peak(self.capacity_bytes) / GIB if self.memory else None
+        """Predicted reserved peak (what nvidia-smi shows: tensors × allocator overhead + context), GiB, uncapped."""
+        return self.memory.reserved / GIB if self.memory else None
+
+    @property
+    def margin_gib(self) -> float | None:
+        """Usable memory left at the predicted peak, GiB (negative: over the card)."""
+        return (self.capacity_bytes - self.memory.reserved) / GIB if self.memory else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for ``--json``)."""
@@ -228,10 +245,14 @@ class MethodPlan:
             "zero_stage": self.zero_stage,
             "memory": self.memory.to_dict(self.capacity_bytes) if self.memory else None,
             "capacity_gib": round(self.capacity_bytes / GIB, 2),
+            "predicted_reserved_gib": round(self.peak_gib, 3) if self.peak_gib is not None else None,
+            "margin_gib": round(self.margin_gib, 3) if self.margin_gib is not None else None,
             "speed": self.speed.to_dict() if self.speed else None,
             "reasons": self.reasons,
             "hyperparameters": self.hyperparameters,
             "command": self.command,
+            "run_s": self.run_s,
+            "cost_usd": self.cost_usd,
         }
 
 
@@ -249,6 +270,9 @@ class Plan:
     notes: list[str]
     azure: dict[str, Any] | None = None
     trace: dict[str, Any] | None = None
+    headroom_fraction: float = 0.05
+    data: dict[str, Any] | None = None
+    deadline: dict[str, Any] | None = None
 
     def method(self, name: str) -> MethodPlan:
         """The plan of one method."""
@@ -275,6 +299,9 @@ class Plan:
             "methods": [m.to_dict() for m in self.methods],
             "azure": self.azure,
             "trace": self.trace,
+            "headroom_fraction": self.headroom_fraction,
+            "data": self.data,
+            "deadline": self.deadline,
         }
 
 
@@ -348,9 +375,14 @@ def _top_items(memory: MemoryEstimate, n: int = 4) -> str:
     return ", ".join(f"{i.name} {i.gib:.1f}" for i in items)
 
 
-def _command(hw: Hardware, task: str, mp: MethodPlan) -> str:
-    """The exact launch command for ``phi3v-finetune``."""
+#: Shell placeholder for the model folder: expands to $PHI3V_MODEL, or stops the command with this message.
+MODEL_PLACEHOLDER = '"${PHI3V_MODEL:?set PHI3V_MODEL or pass --model-path: the Phi-3.5-vision-instruct folder}"'
+
+
+def _command(hw: Hardware, task: str, mp: MethodPlan, model_path: str | None = None) -> str:
+    """The exact launch command for ``phi3v-finetune`` (names the model folder, or a placeholder that fails clearly)."""
     hp = mp.hyperparameters
+    model = shlex.quote(model_path) if model_path else MODEL_PLACEHOLDER
     args = ["--task", task, "--method", mp.method]
     if mp.precision == "bf16":
         args.append("--bf16")
@@ -366,8 +398,10 @@ def _command(hw: Hardware, task: str, mp: MethodPlan) -> str:
     if mp.method in ("lora", "qlora"):
         args += ["--lora_rank", str(hp["lora_rank"]), "--lora_alpha_ratio", f"{hp['lora_alpha_ratio']:g}"]
     args += ["--output_dir", f"./output/{task}-{mp.method}"]
+    # the placeholder stays unquoted by shlex so the shell expands it (or stops with its message)
+    model_arg = f"--model_name_or_path {model}"
     if hw.world_size == 1:
-        return shlex.join(["phi3v-finetune", *args])
+        return " ".join(["phi3v-finetune", model_arg, shlex.join(args)])
     launcher = ["torchrun", f"--nproc_per_node={hw.gpus_per_node}"]
     if hw.nodes > 1:
         launcher += [
@@ -377,7 +411,7 @@ def _command(hw: Hardware, task: str, mp: MethodPlan) -> str:
             "--master_port=29500",
         ]
     # $NODE_RANK / $MASTER_ADDR stay unquoted so the shell expands them on each node
-    return " ".join([*launcher, "-m", "phi3v_core.cli.finetune", shlex.join(args)])
+    return " ".join([*launcher, "-m", "phi3v_core.cli.finetune", model_arg, shlex.join(args)])
 
 
 def _plan_method(
@@ -388,8 +422,10 @@ def _plan_method(
     request: PlanRequest,
     calibration: Calibration,
     trace: dict[str, Any] | None,
+    memory_workload: Workload | None = None,
 ) -> MethodPlan:
     gpu = hw.gpu
+    memory_workload = memory_workload or workload
     world = hw.world_size
     global_batch = request.global_batch or task_profiles()["common"]["global_batch"]
     hyper = _hyperparameters(request.task, method, global_batch)
@@ -416,24 +452,28 @@ def _plan_method(
     first: tuple[TrainSetup, MemoryEstimate] | None = None
     for micro, accum, _effective in layouts:
         setup = replace(base, micro_batch=micro, grad_accum=accum)
-        memory = _estimate(shape, setup, workload, calibration, trace)
+        memory = _estimate(shape, setup, memory_workload, calibration, trace)
         first = first or (setup, memory)
-        if memory.fits(capacity):
+        if _fits_with_headroom(memory, capacity, calibration):
             chosen = (setup, memory)
     fits = supported and chosen is not None
     setup, memory = chosen or first  # type: ignore[misc]
     effective = setup.micro_batch * setup.grad_accum * world
-    no_gc_fits = fits and _estimate(
-        shape, replace(setup, gradient_checkpointing=False), workload, calibration, None
-    ).fits(capacity)
+    no_gc_fits = fits and _fits_with_headroom(
+        _estimate(shape, replace(setup, gradient_checkpointing=False), memory_workload, calibration, None),
+        capacity,
+        calibration,
+    )
 
+    limit = _usable_limit(capacity, calibration)
     if supported:
-        need = memory.required / GIB
+        need = memory.reserved / GIB
         if fits:
             reasons.insert(
                 0,
-                f"fits: needs {need:.1f} of {gpu.memory_gib:g} GiB at micro-batch {setup.micro_batch} "
-                f"({_top_items(memory)} GiB; peak at {memory.phase})",
+                f"fits: predicted reserved peak {need:.1f} of {gpu.memory_gib:g} GiB at micro-batch {setup.micro_batch} "
+                f"(limit {limit / GIB:.1f} GiB = {1 - calibration.overheads.headroom_fraction:.0%} of the card, margin "
+                f"{(capacity - memory.reserved) / GIB:.1f} GiB; {_top_items(memory)} GiB; peak at {memory.phase})",
             )
             if no_gc_fits:
                 reasons.append(
@@ -447,7 +487,8 @@ def _plan_method(
             )
             reasons.insert(
                 0,
-                f"does not fit: needs {need:.1f} GiB at micro-batch 1 with checkpointing, the card has {gpu.memory_gib:g} "
+                f"does not fit: predicted reserved peak {need:.1f} GiB at micro-batch 1 with checkpointing, above "
+                f"{limit / GIB:.1f} GiB ({1 - calibration.overheads.headroom_fraction:.0%} of {gpu.memory_gib:g}) "
                 f"({_top_items(memory)} GiB); try {hint}",
             )
     if setup.zero == 2:
@@ -461,21 +502,14 @@ def _plan_method(
 
     speed = None
     if fits or supported:
-        found = calibration.mfu_for(shape, gpu, method, setup.attention)
-        if found is None:
-            reasons.append(f"no calibrated efficiency for {gpu.architecture}: speed not predicted")
-        else:
-            speed = predict_speed(
-                shape,
-                workload,
-                setup,
-                gpu,
-                hw.interconnect(),
-                found[0],
-                found[1],
-                request.dataset_size,
-                calibration.nccl_efficiency,
-            )
+        constants, _fitted = fit_speed_constants(calibration, load_shape("phi-3-vision"))
+        speed = predict_speed(shape, workload, setup, gpu, hw.interconnect(), constants, _dataset_size(request))
+        if speed is None:
+            reasons.append(f"{gpu.key}: peak TFLOP/s or bandwidth unknown: speed not predicted")
+        elif gpu.detected:
+            reasons.append(f"speed is an architecture-level estimate: {gpu.source}")
+        elif gpu.architecture not in constants.matmul_efficiency:
+            reasons.append(f"speed is an architecture-level estimate: {constants.efficiency_for(gpu.architecture)[1]}")
     plan = MethodPlan(
         method=method,
         supported=supported,
@@ -495,8 +529,29 @@ def _plan_method(
         fits_without_checkpointing=no_gc_fits,
     )
     if fits:
-        plan.command = _command(hw, request.task, plan)
+        plan.command = _command(hw, request.task, plan, request.model_path)
+    if speed is not None and speed.epoch_s is not None:
+        plan.run_s = speed.epoch_s * float(hyper["epochs"])
+        if hw.azure is not None and hw.azure.price_usd_per_hour:
+            plan.cost_usd = plan.run_s / 3600 * hw.azure.price_usd_per_hour * hw.nodes
     return plan
+
+
+def _dataset_size(request: PlanRequest) -> int:
+    """Samples per epoch: given, from --data, or the task's real training set (planner/data/recipes.json)."""
+    if request.dataset_size:
+        return request.dataset_size
+    return int(task_profiles()["tasks"][request.task]["dataset"]["train_samples"])
+
+
+def _usable_limit(capacity: float, calibration: Calibration) -> float:
+    """The most a recommended plan may reserve: usable memory minus the stated margin."""
+    return (1 - calibration.overheads.headroom_fraction) * capacity
+
+
+def _fits_with_headroom(memory: MemoryEstimate, capacity: float, calibration: Calibration) -> bool:
+    """Reserved peak (allocated × fitted allocator overhead + context) under the usable memory minus the margin."""
+    return memory.reserved <= _usable_limit(capacity, calibration)
 
 
 def _estimate(
@@ -521,11 +576,15 @@ def _hardware(request: PlanRequest, detection: Detection | None) -> tuple[Hardwa
     elif detection is not None and detection.ok:
         gpu = detection.spec
         assert gpu is not None
-        source = f"detected ({detection.count}x {detection.gpus[0].name}, driver {detection.driver}, CUDA {detection.cuda_driver})"
+        names = sorted({g.name for g in detection.gpus})
+        source = f"detected ({detection.count}x {' + '.join(names)}, driver {detection.driver}, CUDA {detection.cuda_driver})"
         count = request.count or detection.count
         nvlink = detection.nvlink
         if not detection.homogeneous:
-            notes.append("GPUs differ: planned for GPU 0's model")
+            notes.append(
+                f"GPUs differ ({', '.join(names)}): planned for the weakest, {gpu.key} ({gpu.memory_gib:g} GiB); "
+                "a data-parallel job runs at its memory and pace"
+            )
         notes.extend(detection.notes)
     else:
         raise ConfigError("no GPU detected and no --gpu given; pass --gpu NAME (see --list-gpus)")
@@ -601,6 +660,21 @@ def plan(
     hw, notes = _hardware(request, detection)
     shape = load_shape(request.model)
     workload = _workload(request, shape)
+    memory_workload = None
+    profile = None
+    if request.data_dir:
+        from planner.dataprofile import profile_data
+
+        num_crops = request.num_crops or task_profiles()["tasks"][request.task]["num_crops"]
+        profile = profile_data(request.data_dir, shape, num_crops)
+        workload = profile.mean_workload
+        memory_workload = profile.samples[profile.longest].workload(shape, num_crops)
+        if request.dataset_size is None:
+            request = replace(request, dataset_size=len(profile.samples))
+        notes.append(
+            f"--data: {len(profile.samples):,} samples; speed for the mean sample ({workload.seq_len} tokens), memory "
+            f"for a micro-batch of the longest ({memory_workload.seq_len} tokens, {profile.samples[profile.longest].where})"
+        )
     trace_info: dict[str, Any] | None = {} if request.use_trace else None
     methods = []
     global_batch = request.global_batch or task_profiles()["common"]["global_batch"]
@@ -613,7 +687,7 @@ def plan(
             setup = _setup_for(method, hw.gpu, hw.world_size, hyper)
             trace = trace_activations(request.model, setup, workload)
             trace_info[method] = {k: v for k, v in trace.items() if k not in ("peak", "dynamic_snapshot")}
-        methods.append(_plan_method(method, hw, shape, workload, request, calibration, trace))
+        methods.append(_plan_method(method, hw, shape, workload, request, calibration, trace, memory_workload))
     recommended = None
     why: list[str] = []
     fitting = [m for m in methods if m.fits]
@@ -650,11 +724,32 @@ def plan(
     else:
         why.append("nothing fits: use more GPUs (ZeRO-2 shards full fine-tuning), fewer crops, or a larger GPU")
     if hw.gpu.detected:
-        notes.append("GPU not in the table: memory plan only")
+        notes.append(f"GPU not in the table: {hw.gpu.source}")
     if request.task == "ucf101":
         notes.append("ucf101 trains from converted frames: add --data_dir (the output of phi3v-convert) to the command")
+    deadline = None
+    best_plan = next((m for m in methods if m.method == recommended), None)
+    if request.deadline_hours is not None:
+        deadline = _meet_deadline(request, detection, calibration)
+    if best_plan is not None and best_plan.run_s is not None:
+        dataset = _dataset_size(request)
+        source = (
+            "given"
+            if request.dataset_size
+            else task_profiles()["tasks"][request.task]["dataset"]["source"].split(";")[0]
+        )
+        cost = f", about ${best_plan.cost_usd:,.0f} on Azure" if best_plan.cost_usd else ""
+        why.append(
+            f"predicted {format_duration(best_plan.run_s)} for {best_plan.hyperparameters['epochs']:g} epoch(s) of "
+            f"{dataset:,} samples ({source}){cost}"
+        )
+    data = None
+    if profile is not None:
+        data = profile.to_dict()
+        data["does_not_fit"] = _misfits(profile, shape, hw, methods, recommended, calibration)
     return Plan(
         request=request,
+        data=data,
         hardware=hw,
         shape=shape,
         workload=workload,
@@ -664,7 +759,70 @@ def plan(
         notes=notes,
         azure=_azure_summary(hw, next((m for m in methods if m.method == recommended), None)),
         trace=trace_info,
+        headroom_fraction=calibration.overheads.headroom_fraction,
+        deadline=deadline,
     )
+
+
+def _meet_deadline(
+    request: PlanRequest, detection: Detection | None, calibration: Calibration, max_nodes: int = 64
+) -> dict[str, Any]:
+    """The fewest nodes (up to ``max_nodes``) whose recommended plan finishes all epochs within the deadline."""
+    assert request.deadline_hours is not None
+    limit = request.deadline_hours * 3600
+    for nodes in range(1, max_nodes + 1):
+        trial = plan(replace(request, nodes=nodes, deadline_hours=None), detection=detection, calibration=calibration)
+        best = trial.best
+        if best is not None and best.run_s is not None and best.run_s <= limit:
+            return {
+                "hours": request.deadline_hours,
+                "nodes": nodes,
+                "gpus": trial.hardware.world_size,
+                "method": best.method,
+                "run_s": best.run_s,
+                "cost_usd": best.cost_usd,
+                "command": best.command,
+            }
+    return {"hours": request.deadline_hours, "nodes": None, "reason": f"not met with up to {max_nodes} nodes"}
+
+
+def _misfits(
+    profile: Any,
+    shape: ModelShape,
+    hw: Hardware,
+    methods: list[MethodPlan],
+    recommended: str | None,
+    calibration: Calibration,
+) -> dict[str, Any]:
+    """Samples that fit no micro-batch (not even 1) under the recommended (or first supported) method's setup.
+
+    Each is listed with the largest ``num_crops`` at which it would fit.
+    """
+    candidates = [m for m in methods if m.method == recommended] or [
+        m for name in PREFERENCE for m in methods if m.method == name and m.supported
+    ]
+    if not candidates or candidates[0].memory is None:
+        return {"method": None, "count": 0, "samples": []}
+    chosen = candidates[0]
+    hw_capacity = chosen.capacity_bytes
+    base = replace(_setup_for(chosen.method, hw.gpu, hw.world_size, chosen.hyperparameters), micro_batch=1)
+    verdicts: dict[tuple[Any, ...], int | None] = {}
+    misfits = []
+    for sample, length in zip(profile.samples, profile.lengths, strict=True):
+        key = (sample.image_sizes, sample.text_tokens)
+        if key not in verdicts:
+            fits_at: int | None = None
+            for crops in range(profile.num_crops, 0, -1):
+                memory = estimate_memory(shape, base, sample.workload(shape, crops), calibration.overheads)
+                if _fits_with_headroom(memory, hw_capacity, calibration):
+                    fits_at = crops
+                    break
+            verdicts[key] = fits_at
+        if verdicts[key] != profile.num_crops:
+            misfits.append({"sample": sample.where, "seq_len": length, "fits_at_num_crops": verdicts[key]})
+    misfits.sort(key=lambda item: -item["seq_len"])  # the longest first
+    count, listed = len(misfits), misfits[:20]
+    return {"method": chosen.method, "count": count, "samples": listed}
 
 
 def survey(

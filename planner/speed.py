@@ -1,16 +1,20 @@
-"""Throughput model: FLOPs per sample, calibrated MFU, ZeRO-2 communication → samples/s and time per epoch.
+"""Speed model from first principles: the time of one optimizer step, component by component.
 
-FLOPs count matmuls (2 FLOPs per multiply-add) the way torchtitan's MFU does (bench-planner-anchors.md §3.1/§4.1):
-``2·P·tokens`` per forward for every linear layer plus ``4·L·h·s²`` for attention, with no discount for causal
-masking and no recompute. Training multiplies the forward by 3 (full), by 2 where only input gradients flow (LoRA: the
-frozen base computes no weight gradients) and by 1 for frozen parts (``frozen_vision``'s CLIP). Our model runs CLIP
-on the real crops only; the reference recipe runs all ``num_crops + 1`` slots and all 24 CLIP layers, which is what
-the calibration rows are converted with.
+Per micro-batch and GPU (bench-planner-anchors.md §3-§4):
 
-MFU (model FLOPs / peak) comes from the recipe's published img/s (``results/reference/speed.csv``, or the copy in
-``planner/data/calibration.json``) per (architecture, method, attention class); see :mod:`planner.calibration`.
-Multi-node runs add the ZeRO-2 gradient all-reduce that DeepSpeed issues after every micro-batch (DeepSpeed #2252)
-plus the parameter all-gather after every optimizer step, over the nodes' InfiniBand.
+* matmuls: the FLOPs of every linear layer and attention product (2 FLOPs per multiply-add, ``2·P·tokens`` per
+  forward plus ``4·L·h·s²``; training multiplies by 3, LoRA by 2, frozen parts by 1; checkpointing adds one
+  forward) at an architecture-level achievable share of the dense tensor peak;
+* memory-bound work at an achievable share of the DRAM bandwidth: norms, residual adds, activation functions, the
+  cross-entropy over the vocabulary, eager attention's S×S score matrices (flash/SDPA kernels keep them on chip),
+  bitsandbytes' nf4 dequantization (QLoRA) and the AdamW update over the trainable parameters;
+* communication: ZeRO-2 reduce-scatter after every micro-batch and all-gather after every step, DDP all-reduce
+  once per step; NVLink/PCIe inside a node, the network between nodes; backward hides part of it;
+* a fixed per-step overhead; on a CPU, the cost of launching each operator.
+
+The constants are few and each has a source in ``planner/data/calibration.json``; the ones fitted to the recipe's
+published table are fitted on named rows and judged on the others (:mod:`planner.calibration`). On a CPU the rates
+come from a micro-benchmark instead (:mod:`planner.validate`).
 """
 
 from __future__ import annotations
@@ -19,14 +23,19 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from planner.estimate import TrainSetup, Workload
+from planner.estimate import DTYPE_BYTES, TrainSetup, Workload
 from planner.hardware import GpuSpec
 from planner.shapes import ModelShape
 
 __all__ = [
+    "ARCH_BORROW",
     "FlopBreakdown",
     "Interconnect",
+    "Rates",
+    "SpeedConstants",
     "SpeedPrediction",
+    "communication_seconds",
+    "micro_step_times",
     "attention_class",
     "flops_per_sample",
     "format_duration",
@@ -88,14 +97,22 @@ def flops_per_sample(shape: ModelShape, workload: Workload, setup: TrainSetup) -
     lora_vision = method in ("lora", "qlora") and setup.lora_vision
     lm_mult = 2 if method in ("lora", "qlora") else 3
     vision_mult = 3 if method == "full" else (2 if lora_vision else 1)
+    lm_adapter = vision_adapter = 0.0
+    if method in ("lora", "qlora"):
+        # the adapters' own matmuls (A then B per target): forward, input and weight gradients → 3×
+        lm_lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, vision=False)
+        lm_adapter = 2 * lm_lora * seq
+        if lora_vision:
+            vision_lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, vision=True) - lm_lora
+            vision_adapter = 2 * vision_lora * v_tokens
     recompute = 0.0
     if setup.gradient_checkpointing:
-        recompute += lm_fwd
+        recompute += lm_fwd + lm_adapter
         if vision_mult > 1:
-            recompute += vision_fwd
+            recompute += vision_fwd + vision_adapter
     return FlopBreakdown(
-        language_model=lm_mult * lm_fwd,
-        vision=vision_mult * vision_fwd,
+        language_model=lm_mult * lm_fwd + 3 * lm_adapter,
+        vision=vision_mult * vision_fwd + 3 * vision_adapter,
         projector=vision_mult * proj_fwd,
         recompute=recompute,
     )
@@ -134,15 +151,96 @@ class Interconnect:
 
 
 @dataclass(frozen=True)
+class Rates:
+    """Achievable rates of one device (what the speed model divides by).
+
+    Attributes:
+        matmul_flops: Achievable dense matmul FLOP/s (peak × architecture-level efficiency, or measured).
+        bandwidth: Achievable memory bandwidth, bytes/s (peak × efficiency, or measured).
+        op_overhead_s: Fixed cost of one kernel/operator launch that the device cannot hide.
+        softmax_elements_per_s: Elements per second through a softmax forward + backward (exp-bound work: softmax,
+            SiLU, GELU, cross-entropy); None where such work is bandwidth-bound (GPUs: counted as bytes).
+        source: How the numbers were obtained.
+    """
+
+    matmul_flops: float
+    bandwidth: float
+    op_overhead_s: float = 0.0
+    softmax_elements_per_s: float | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class SpeedConstants:
+    """The few constants of the speed model (``planner/data/calibration.json`` → ``speed``; some fitted).
+
+    Attributes:
+        matmul_efficiency: Achievable share of the dense tensor peak per architecture.
+        matmul_source: Where each efficiency comes from (fitted row, or the architecture it borrows).
+        bandwidth_efficiency: Achievable share of the DRAM bandwidth for streaming kernels.
+        eager_bytes_per_score: Bytes moved per attention-score element per forward-equivalent pass in eager attention.
+        elementwise_bytes_per_token: Per LM/CLIP layer and forward pass, bytes per token per hidden unit moved by
+            norms, residual adds, rotary, activation functions, casts (multiplies ``h + intermediate/2``).
+        nf4_bytes_per_weight: Bytes moved per 4-bit weight per dequantization (read 0.5625, write 2).
+        ops_per_layer: Operators launched per layer per forward pass (launch overhead).
+        intra_node_efficiency: Achieved share of the intra-node link for collectives.
+        network_efficiency: Achieved share of the inter-node network for collectives.
+        comm_overlap: Share of the backward time that can hide intra-node gradient reduction.
+        step_overhead_s: Fixed time per optimizer step (optimizer launch, loss scaling, logging, data hand-off).
+        sources: Provenance of every constant.
+    """
+
+    matmul_efficiency: dict[str, float]
+    matmul_source: dict[str, str]
+    bandwidth_efficiency: float
+    eager_bytes_per_score: float
+    elementwise_bytes_per_token: float
+    nf4_bytes_per_weight: float
+    ops_per_layer: float
+    intra_node_efficiency: float
+    network_efficiency: float
+    comm_overlap: float
+    step_overhead_s: float
+    sources: dict[str, str]
+
+    def efficiency_for(self, architecture: str) -> tuple[float, str]:
+        """Matmul efficiency of an architecture; unknown ones borrow the closest fitted one (stated)."""
+        if architecture in self.matmul_efficiency:
+            return self.matmul_efficiency[architecture], self.matmul_source.get(architecture, "")
+        borrow = ARCH_BORROW.get(architecture, "Ampere")
+        value = self.matmul_efficiency[borrow]
+        return value, f"architecture-level estimate: {architecture} assumed as efficient as {borrow} ({value:.0%})"
+
+    def rates(self, gpu: GpuSpec, precision: str) -> Rates | None:
+        """Achievable rates of ``gpu`` at ``precision``; None when its peak is unknown."""
+        peak = gpu.peak_tflops(precision)
+        if not peak or not gpu.bandwidth_gbs:
+            return None
+        efficiency, source = self.efficiency_for(gpu.architecture)
+        return Rates(
+            matmul_flops=efficiency * peak * 1e12,
+            bandwidth=self.bandwidth_efficiency * gpu.bandwidth_gbs * 1e9,
+            op_overhead_s=0.0,  # GPU launches are asynchronous: hidden behind kernels of this size
+            source=f"{peak:g} TF × {efficiency:.0%} ({source}); {gpu.bandwidth_gbs:g} GB/s × "
+            f"{self.bandwidth_efficiency:.0%}",
+        )
+
+
+#: Architectures without a fitted efficiency borrow one (stated in the plan).
+ARCH_BORROW = {"Turing": "Volta", "Pascal": "Volta", "Ada": "Ampere", "Hopper": "Ampere", "Blackwell": "Ampere"}
+
+
+@dataclass(frozen=True)
 class SpeedPrediction:
-    """Predicted throughput for one plan.
+    """Predicted throughput for one plan (a prediction, not a measurement).
 
     Attributes:
         samples_per_s: Global samples (images for single-image tasks) per second.
         per_gpu: Samples per second per GPU.
-        mfu: Model-FLOPs utilisation used (before communication).
-        mfu_source: Where that MFU comes from.
+        mfu: Model-FLOPs utilisation this prediction implies (model FLOPs / peak / time).
+        basis: How the rates were obtained (fitted rows, borrowed architectures, measured CPU rates).
         flops: FLOPs per sample.
+        times: Seconds per optimizer step by component (matmul, attention, elementwise, ...).
         compute_s: Compute time of one micro-step.
         comm_s: Exposed communication per micro-step (amortised all-gather included).
         step_s: Time of one optimizer step.
@@ -151,9 +249,10 @@ class SpeedPrediction:
 
     samples_per_s: float
     per_gpu: float
-    mfu: float
-    mfu_source: str
+    mfu: float | None
+    basis: str
     flops: FlopBreakdown
+    times: dict[str, float]
     compute_s: float
     comm_s: float
     step_s: float
@@ -166,68 +265,181 @@ class SpeedPrediction:
         return out
 
 
+def _trains(setup: TrainSetup) -> tuple[bool, bool]:
+    """(LM needs backward, vision needs backward)."""
+    lora_vision = setup.method in ("lora", "qlora") and setup.lora_vision
+    return True, setup.method == "full" or lora_vision
+
+
+def _passes(trains: bool, checkpointing: bool) -> float:
+    """Forward-equivalent passes over a part: forward, recompute, backward (≈ 2 forwards)."""
+    if not trains:
+        return 1.0
+    return 1.0 + 2.0 + (1.0 if checkpointing else 0.0)
+
+
+def micro_step_times(
+    shape: ModelShape, workload: Workload, setup: TrainSetup, rates: Rates, constants: SpeedConstants
+) -> tuple[dict[str, float], FlopBreakdown]:
+    """Seconds of one micro-batch on one device by component (no communication), and the FLOPs per sample."""
+    mb = setup.micro_batch
+    flops = flops_per_sample(shape, workload, setup)
+    lm_trains, vision_trains = _trains(setup)
+    lm_passes = _passes(lm_trains, setup.gradient_checkpointing)
+    v_passes = _passes(vision_trains, setup.gradient_checkpointing)
+    seq = workload.seq_len
+    v_tokens = workload.vision_crops * shape.patches_per_crop
+    times: dict[str, float] = {}
+    times["matmul"] = mb * flops.hardware / rates.matmul_flops
+    # Eager attention writes and re-reads the S×S score matrix (scores, mask add, fp32 softmax, cast) per head.
+    if setup.attention == "eager":
+        scores = lm_passes * shape.num_layers * shape.num_heads * seq * seq
+        scores += (
+            v_passes
+            * shape.vision_used_layers
+            * shape.vision_heads
+            * shape.patches_per_crop**2
+            * (workload.vision_crops)
+        )
+        times["eager attention"] = mb * scores * constants.eager_bytes_per_score / rates.bandwidth
+    act = setup.act_bytes
+    elementwise = lm_passes * shape.num_layers * seq * (shape.hidden_size + shape.intermediate_size / 2)
+    elementwise += (
+        v_passes * shape.vision_used_layers * v_tokens * (shape.vision_hidden + shape.vision_intermediate / 2)
+    )
+    logits = seq * shape.vocab_size * 4 * 5  # fp32 log-softmax, its grad and the logits' grad: ~5 passes
+    times["elementwise"] = (
+        mb * (elementwise * constants.elementwise_bytes_per_token * act / 2 + logits) / (rates.bandwidth)
+    )
+    if rates.softmax_elements_per_s:
+        # exp-bound element-wise work (a CPU computes exp far slower than it streams bytes): cross-entropy over the
+        # vocabulary, attention softmax (causal: half the keys), SiLU / quick-GELU, per forward+backward unit
+        def unit(trains: bool) -> float:
+            if not trains:
+                return 0.5
+            return 1.0 + (0.5 if setup.gradient_checkpointing else 0.0)
+
+        exp_elements = seq * shape.vocab_size
+        exp_elements += unit(lm_trains) * shape.num_layers * seq * (shape.intermediate_size + shape.num_heads * seq / 2)
+        exp_elements += (
+            unit(vision_trains)
+            * shape.vision_used_layers
+            * v_tokens
+            * (shape.vision_intermediate + shape.vision_heads * shape.patches_per_crop)
+        )
+        times["exp-bound element-wise"] = mb * exp_elements / rates.softmax_elements_per_s
+    if setup.method == "qlora":
+        uses = 3.0 if setup.gradient_checkpointing else 2.0  # forward, recompute, backward (input gradient)
+        quantized = shape.param_counts().quantizable()
+        times["nf4 dequantize"] = uses * quantized * constants.nf4_bytes_per_weight / rates.bandwidth
+    if setup.stored_weight_dtype == "fp32" and setup.precision != "fp32":
+        # autocast casts every fp32 weight to 16 bits at each use (read 4 B, write 2 B)
+        uses = 3.0 if setup.gradient_checkpointing else 2.0
+        times["autocast weight casts"] = uses * shape.param_counts().total * 6 / rates.bandwidth
+    if rates.op_overhead_s:
+        ops = lm_passes * shape.num_layers + v_passes * shape.vision_used_layers * (1 if workload.vision_crops else 0)
+        times["operator launches"] = ops * constants.ops_per_layer * rates.op_overhead_s
+    return times, flops
+
+
+def _optimizer_seconds(shape: ModelShape, setup: TrainSetup, rates: Rates) -> float:
+    """AdamW over the local trainable parameters: a streaming pass (fp32 p, m, v read+write, grads read)."""
+    counts = shape.param_counts()
+    lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision)
+    trainable = counts.trainable(setup.method, lora)
+    if setup.zero == 2 and setup.method in ("full", "frozen_vision"):
+        # fp32 master/m/v read+write (24), fp32 grad read (4), 16-bit grad → fp32 (2+4), 16-bit weight write (2)
+        return trainable / setup.world_size * 36 / rates.bandwidth
+    state = 4 if setup.method in ("lora", "qlora") else DTYPE_BYTES[setup.stored_weight_dtype]
+    return trainable * 8 * state / rates.bandwidth  # p, m, v read+write, grad read, norm for clipping
+
+
+def communication_seconds(
+    shape: ModelShape, setup: TrainSetup, interconnect: Interconnect, constants: SpeedConstants
+) -> tuple[float, float]:
+    """(per micro-batch, per optimizer step) seconds of collective traffic before overlap.
+
+    ZeRO-2 reduces 16-bit gradients after every micro-batch (reduce-scatter, DeepSpeed #2252) and all-gathers the
+    updated 16-bit weights once per step; DDP all-reduces (LoRA: fp32 adapters) once per step (``no_sync``).
+    Inside a node the ring runs over NVLink or PCIe; between nodes each node moves its share through its NICs.
+    """
+    counts = shape.param_counts()
+    lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision)
+    trainable = counts.trainable(setup.method, lora)
+    g, n = interconnect.gpus_per_node, interconnect.nodes
+    if g * n == 1:
+        return 0.0, 0.0
+    intra = interconnect.intra_node_gbs / 2 * 1e9 * constants.intra_node_efficiency  # one direction
+    inter = interconnect.inter_node_gbs * 1e9 * constants.network_efficiency
+
+    def ring(bytes_: float, factor: float) -> float:
+        out = factor * (g - 1) / g * bytes_ / intra if g > 1 else 0.0
+        if n > 1:
+            out += factor * (n - 1) / n * bytes_ / inter
+        return out
+
+    if setup.zero == 2 and setup.method in ("full", "frozen_vision"):
+        grad_bytes = DTYPE_BYTES[setup.precision] * trainable
+        return ring(grad_bytes, 1.0), ring(DTYPE_BYTES[setup.stored_weight_dtype] * counts.total, 1.0)
+    return 0.0, ring(4 * trainable, 2.0)
+
+
 def predict_speed(
     shape: ModelShape,
     workload: Workload,
     setup: TrainSetup,
-    gpu: GpuSpec,
+    gpu: GpuSpec | None,
     interconnect: Interconnect,
-    mfu: float,
-    mfu_source: str,
+    constants: SpeedConstants,
     dataset_size: int | None = None,
-    nccl_efficiency: float = 0.7,
+    rates: Rates | None = None,
 ) -> SpeedPrediction | None:
-    """Samples/s and epoch time; None when the GPU's peak is unknown.
+    """Time of one optimizer step from first principles; None when the GPU's peak or bandwidth is unknown.
 
-    The calibrated MFU already contains what a one-node NVLink run spends on communication, gradient checkpointing
-    and the optimizer step at the recipe's settings (micro-batch 1, checkpointing on). This adds what differs: the
-    recompute saved when checkpointing is off, the intra-node all-reduce when GPUs talk over PCIe, and the inter-node
-    traffic of multi-node runs.
+    Args:
+        shape: Model dimensions.
+        workload: Tokens and crops per sample.
+        setup: Method, precision, attention, checkpointing, micro-batch, accumulation, ranks.
+        gpu: The GPU (its peak and bandwidth give the rates); None when ``rates`` is given (a CPU).
+        interconnect: How ranks talk.
+        constants: The speed model's constants.
+        dataset_size: Samples per epoch (for ``epoch_s``).
+        rates: Measured rates (CPU validation) instead of the GPU's.
     """
-    peak = gpu.peak_tflops(setup.precision)
-    if not peak:
-        return None
-    flops = flops_per_sample(shape, workload, setup)
-    with_gc = flops_per_sample(shape, workload, replace(setup, gradient_checkpointing=True))
-    # MFU was measured with checkpointing on: hardware time scales with executed FLOPs.
-    compute = setup.micro_batch * with_gc.total / (mfu * peak * 1e12) * (flops.hardware / with_gc.hardware)
-
-    counts = shape.param_counts()
-    zero2 = setup.zero == 2 and setup.method in ("full", "frozen_vision")
-    lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision)
-    trainable = counts.trainable(setup.method, lora)
+    if rates is None:
+        if gpu is None:
+            return None
+        rates = constants.rates(gpu, setup.precision)
+        if rates is None:
+            return None
+    times, flops = micro_step_times(shape, workload, setup, rates, constants)
+    compute = sum(times.values())
+    per_micro, per_step = communication_seconds(shape, setup, interconnect, constants)
+    # Gradient reduction runs in buckets during backward; what backward cannot hide is exposed.
+    backward = compute * 0.5
+    exposed_micro = max(0.0, per_micro - constants.comm_overlap * backward)
+    step_times = {k: v * setup.grad_accum for k, v in times.items()}
+    step_times["optimizer"] = _optimizer_seconds(shape, setup, rates)
+    step_times["communication"] = exposed_micro * setup.grad_accum + per_step
+    step_times["step overhead"] = constants.step_overhead_s
+    step = sum(step_times.values())
     world = interconnect.gpus_per_node * interconnect.nodes
-    comm = 0.0
-    if world > 1:
-        grad_bytes = 2 * trainable if zero2 else 4 * trainable
-        g, n = interconnect.gpus_per_node, interconnect.nodes
-        per_micro = 0.0
-        if g > 1 and not interconnect.nvlink:
-            per_micro += 2 * (g - 1) / g * grad_bytes / (interconnect.intra_node_gbs / 2 * nccl_efficiency * 1e9)
-        if n > 1:
-            # hierarchical all-reduce: each node moves 2(n-1)/n of the buffer through its NICs
-            per_micro += 2 * (n - 1) / n * grad_bytes / (interconnect.inter_node_gbs * 1e9)
-        if zero2:
-            comm += per_micro  # ZeRO-2 reduces after every micro-batch, even under accumulation
-            if n > 1:
-                gather = (n - 1) / n * 2 * counts.total / (interconnect.inter_node_gbs * 1e9)
-                comm += gather / setup.grad_accum
-        else:
-            comm += per_micro / setup.grad_accum  # DDP skips the all-reduce while accumulating (no_sync)
-    micro = compute + comm
-    per_gpu = setup.micro_batch / micro
+    samples = setup.micro_batch * setup.grad_accum
+    per_gpu = samples / step
     total = per_gpu * world
-    epoch = dataset_size / total if dataset_size else None
+    peak = gpu.peak_tflops(setup.precision) if gpu is not None else None
+    mfu = per_gpu * flops.total / (peak * 1e12) if peak else None
     return SpeedPrediction(
         samples_per_s=total,
         per_gpu=per_gpu,
         mfu=mfu,
-        mfu_source=mfu_source,
+        basis=rates.source,
         flops=flops,
+        times=step_times,
         compute_s=compute,
-        comm_s=comm,
-        step_s=micro * setup.grad_accum,
-        epoch_s=epoch,
+        comm_s=step_times["communication"] / setup.grad_accum,
+        step_s=step,
+        epoch_s=dataset_size / total if dataset_size else None,
     )
 
 

@@ -27,13 +27,27 @@ def report():
         ("8xA100-80GB x4 full FA2", 26),
         ("8xA100-80GB x1 lora FA2", 16),
         ("8xA100-80GB x1 qlora FA2", 10),
-        ("8xV100-32GB x1 full no FA", 32),
     ],
 )
-def test_published_peak_memory_within_10_percent(report, row, published):
-    """recipe.md §11: ~36/~29/~26 GB full FT on 1/2/4 nodes, LoRA ~16, QLoRA ~10 (8xA100, FA2), V100 full ~32."""
-    assert report[row]["published_gb"] == published
-    assert abs(report[row]["memory_error"]) <= 0.10, report[row]
+def test_fitted_memory_rows_within_10_percent(report, row, published):
+    """recipe.md §11: ~36/~29/~26 GB full FT on 1/2/4 nodes, LoRA ~16, QLoRA ~10 (8xA100, FA2): the fit's own rows."""
+    assert report[row]["published_gb"] == published and report[row]["memory_role"] == "fitted"
+    assert abs(report[row]["memory_error_pct"]) <= 10, report[row]
+
+
+def test_held_out_memory_rows_within_10_percent_or_say_what_is_not_modelled(report):
+    """Every row the allocator overhead was not fitted on: within 10 %, saturated at the card, or named."""
+    held = [r for r in report.values() if r["memory_role"] == "held_out"]
+    assert len(held) >= 6
+    for r in held:
+        if r["memory_note"].startswith("saturated"):
+            assert r["memory_ok"], r
+        elif abs(r["memory_error_pct"]) > 10:
+            assert not r["memory_ok"] and r["memory_note"].startswith("not modelled"), r
+        else:
+            assert r["memory_ok"], r
+    # the flash-attention model itself carries over to the V100 rows it was not fitted on
+    assert all(r["memory_ok"] for r in held if r["row"].startswith("8xV100"))
 
 
 def test_v100_full_fits_its_card_but_fills_it(report):

@@ -53,14 +53,35 @@ def test_detected_hardware_gets_the_right_precision_and_attention(fake_nvml, mac
         assert "--precision fp16 --attn sdpa" in best.command
 
 
-def test_unknown_card_gets_a_memory_only_plan(fake_nvml):
-    nvml = fake_nvml([FakeDevice("NVIDIA GeForce RTX 4090", 24 * 2**30, (8, 9))])
+def test_unknown_card_plans_from_nvml_with_an_architecture_level_speed(fake_nvml):
+    nvml = fake_nvml([FakeDevice("NVIDIA Future Card 5000", 30 * 2**30, (8, 9))])
     found = detect(nvml)
     assert found.spec.detected and found.spec.architecture == "Ada"
+    assert found.spec.memory_gib == 30  # memory from NVML, whatever the table says
     result = plan(PlanRequest(methods=("lora", "qlora")), detection=found)
-    assert result.method("lora").precision == "bf16"
-    assert all(m.speed is None for m in result.methods)
+    lora = result.method("lora")
+    assert lora.precision == "bf16" and lora.capacity_bytes == 30 * 2**30
+    assert lora.speed is not None and any("architecture-level estimate" in r for r in lora.reasons)
     assert any("not in the table" in n for n in result.notes)
+
+
+def test_rtx4090_is_in_the_table_and_detected(fake_nvml):
+    result = plan(PlanRequest(gpu="RTX4090", methods=("lora", "qlora")))
+    assert result.hardware.gpu.architecture == "Ada" and result.best is not None and result.best.speed is not None
+    found = detect(fake_nvml([FakeDevice("NVIDIA GeForce RTX 4090", 24564 * 2**20, (8, 9))]))
+    assert found.spec.key == "RTX4090" and found.spec.memory_gib == pytest.approx(23.99, abs=0.01)
+
+
+def test_mixed_gpus_plan_for_the_weakest(fake_nvml):
+    nvml = fake_nvml(
+        [
+            FakeDevice("NVIDIA A100-SXM4-80GB", 80 * 2**30, (8, 0)),
+            FakeDevice("NVIDIA A100-SXM4-40GB", 40 * 2**30, (8, 0)),
+        ]
+    )
+    result = plan(PlanRequest(methods=("lora",)), nvml=nvml)
+    assert result.hardware.gpu.memory_gib == 40
+    assert any("weakest" in n for n in result.notes)
 
 
 def test_no_driver_is_reported_plainly(fake_nvml):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import subprocess
 
 import pytest
 
@@ -18,7 +20,7 @@ def test_eight_a100s_run_the_recipe():
     assert (best.precision, best.attention, best.zero_stage) == ("bf16", "flash_attention_2", 2)
     assert best.global_batch == 64 and best.micro_batch * best.grad_accum * 8 == 64
     assert best.gradient_checkpointing
-    assert best.command.startswith("torchrun --nproc_per_node=8 -m phi3v_core.cli.finetune ")
+    assert best.command.startswith("torchrun --nproc_per_node=8 -m phi3v_core.cli.finetune --model_name_or_path ")
     assert "--task docvqa --method full --bf16 --use_flash_attention --batch_size 64" in best.command
     assert "--learning_rate 5e-06 --num_train_epochs 2" in best.command  # recipe §11 DocVQA full
     assert best.speed.epoch_s == pytest.approx(39_463 / best.speed.samples_per_s)
@@ -31,7 +33,8 @@ def test_one_a100_cannot_hold_full_fine_tuning():
     full = result.method("full")
     assert not full.fits and "does not fit" in full.reasons[0]
     assert result.recommended == "lora"
-    assert result.best.command.startswith("phi3v-finetune --task docvqa --method lora --bf16 --use_flash_attention")
+    assert result.best.command.startswith("phi3v-finetune --model_name_or_path ")
+    assert "--task docvqa --method lora --bf16 --use_flash_attention" in result.best.command
     assert "--lora_rank 32 --lora_alpha_ratio 0.5" in result.best.command
 
 
@@ -108,3 +111,58 @@ def test_bad_request_lists_every_problem():
 def test_no_gpu_and_none_named(fake_nvml):
     with pytest.raises(ConfigError, match="no GPU detected"):
         plan(PlanRequest(), nvml=fake_nvml("ampere", fail_init=True))
+
+
+@pytest.mark.parametrize("gpu", ["T4", "L40S", "A100-80GB"])
+def test_nothing_above_95_percent_of_the_card_is_recommended(gpu):
+    """Issue #10: fits = predicted reserved peak (allocated × fitted allocator overhead + context) <= 95 % of the card."""
+    result = plan(PlanRequest(gpu=gpu, count=1))
+    assert result.best is not None
+    for m in result.methods:
+        reserved = m.memory.allocated * (1 + 0.286) + m.memory.context
+        assert m.memory.reserved == pytest.approx(reserved, rel=0.01)
+        if m.fits:
+            assert m.peak_gib <= 0.95 * m.capacity_bytes / 2**30, (gpu, m.method, m.peak_gib)
+            assert m.margin_gib >= 0.05 * m.capacity_bytes / 2**30
+            assert "margin" in m.reasons[0]
+        elif m.supported:
+            assert m.peak_gib > 0.95 * m.capacity_bytes / 2**30 or m.micro_batch == 1
+    data = result.to_dict()
+    assert data["headroom_fraction"] == 0.05
+    assert all("margin_gib" in m for m in data["methods"])
+
+
+def test_launch_command_names_the_model_folder_or_fails_clearly():
+    given = plan(PlanRequest(gpu="T4", methods=("lora",), model_path="/models/Phi 3.5")).best.command
+    assert "--model_name_or_path '/models/Phi 3.5' --task docvqa" in given
+    placeholder = plan(PlanRequest(gpu="T4", methods=("lora",))).best.command
+    assert '"${PHI3V_MODEL:?set PHI3V_MODEL or pass --model-path' in placeholder
+    result = subprocess.run(
+        ["bash", "-c", placeholder.replace("phi3v-finetune", "true", 1)],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0 and "set PHI3V_MODEL or pass --model-path" in result.stderr
+
+
+def test_time_and_cost_per_run_use_the_tasks_real_dataset_size():
+    result = plan(PlanRequest(gpu="A100-80GB", cloud="azure", task="hateful_memes"))
+    best = result.best
+    assert best.speed.epoch_s == pytest.approx(8000 / best.speed.samples_per_s)  # the_cauldron train[500:]
+    assert best.run_s == pytest.approx(best.speed.epoch_s * best.hyperparameters["epochs"])
+    assert best.cost_usd == pytest.approx(best.run_s / 3600 * 32.77)
+    assert any("8,000 samples" in w and "$" in w for w in result.why)
+
+
+def test_deadline_gives_the_fewest_nodes_that_meet_it():
+    one = plan(PlanRequest(gpu="A100-80GB", cloud="azure", methods=("full",)))
+    hours = one.best.run_s / 3600 * 0.6  # one node is too slow; more nodes are needed
+    result = plan(PlanRequest(gpu="A100-80GB", cloud="azure", methods=("full",), deadline_hours=hours))
+    nodes = result.deadline["nodes"]
+    assert nodes is not None and nodes >= 2 and result.deadline["run_s"] <= hours * 3600
+    fewer = plan(PlanRequest(gpu="A100-80GB", cloud="azure", methods=("full",), nodes=nodes - 1))
+    assert fewer.best.run_s > hours * 3600
+    impossible = plan(PlanRequest(gpu="T4", methods=("lora",), deadline_hours=0.001))
+    assert impossible.deadline["nodes"] is None and "not met" in impossible.deadline["reason"]

@@ -1,0 +1,275 @@
+"""NVML, read in one place: the GPUs a job on this machine will see (torch-free, fast, works without CUDA).
+
+Uses ``pynvml`` from the ``nvidia-ml-py`` package. Every other module asks this one, so ``CUDA_VISIBLE_DEVICES``,
+MIG and permission handling are done once.
+
+API:
+
+* :func:`visible_devices` → :class:`NvmlReport`: the devices CUDA will enumerate, in CUDA's order, after
+  ``CUDA_VISIBLE_DEVICES`` (integer indices, ``GPU-…`` UUIDs or unique UUID prefixes, ``MIG-…`` UUIDs; like CUDA,
+  the list stops at the first entry that matches nothing, and an empty value hides every GPU). A GPU in MIG mode
+  contributes its MIG instances (each with its own memory), not the parent. Each device has its NVML index, CUDA
+  ordinal, UUID, name, memory total, compute capability and active NVLinks. Every query that fails - e.g. with
+  ``NVMLError_NoPermission`` inside a container - becomes a warning on the report and a ``None`` field, never a
+  failed detection; only "no driver / no NVML" gives an empty report with ``error`` set.
+* :func:`process_memory_bytes` ``(device_index, pid)``: the GPU memory NVML attributes to process ``pid`` on
+  CUDA device ``device_index`` (the ordinal a job uses, ``CUDA_VISIBLE_DEVICES`` applied); None when unknown.
+
+Both take ``nvml=`` (an object with pynvml's API; tests pass a fake) and ``environ=`` (default ``os.environ``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "NvmlDevice",
+    "NvmlReport",
+    "import_nvml",
+    "parse_visible_devices",
+    "process_memory_bytes",
+    "visible_devices",
+]
+
+
+@dataclass(frozen=True)
+class NvmlDevice:
+    """One device as a CUDA job will see it.
+
+    Attributes:
+        cuda_index: Its CUDA ordinal inside the job (position after ``CUDA_VISIBLE_DEVICES``).
+        nvml_index: NVML index of the physical GPU (the parent for a MIG instance).
+        uuid: ``GPU-…`` or ``MIG-…`` UUID (None if NVML would not say).
+        name: Product name (a MIG instance's name includes its profile, e.g. ``… MIG 3g.40gb``).
+        memory_total_bytes: Memory this device offers (a MIG instance's own slice); None if unreadable.
+        compute_capability: (major, minor), None if unreadable.
+        mig: Whether this is a MIG instance.
+        nvlink_active: Active NVLink links of the physical GPU (0 on PCIe cards or when unreadable).
+    """
+
+    cuda_index: int
+    nvml_index: int
+    uuid: str | None
+    name: str
+    memory_total_bytes: int | None
+    compute_capability: tuple[int, int] | None
+    mig: bool = False
+    nvlink_active: int = 0
+
+
+@dataclass(frozen=True)
+class NvmlReport:
+    """What :func:`visible_devices` found.
+
+    Attributes:
+        devices: Visible devices in CUDA order.
+        driver: Driver version.
+        cuda_driver: Highest CUDA version the driver supports (``12.4``).
+        error: Why nothing could be read (NVML missing, no driver); None otherwise.
+        warnings: Queries that failed but did not stop detection (permissions, unsupported calls, bad entries).
+    """
+
+    devices: tuple[NvmlDevice, ...] = ()
+    driver: str | None = None
+    cuda_driver: str | None = None
+    error: str | None = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def import_nvml() -> Any | None:
+    """``pynvml`` if nvidia-ml-py is installed, else None."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    return pynvml
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _is_not_supported(exc: Exception) -> bool:
+    return "not supported" in (_text(exc) + type(exc).__name__).lower().replace("_", " ")
+
+
+class _Queries:
+    """Runs NVML queries, turning failures into warnings."""
+
+    def __init__(self, nvml: Any) -> None:
+        self.nvml = nvml
+        self.warnings: list[str] = []
+
+    def ask(self, what: str, fn: Callable[..., Any], *args: Any, quiet_unsupported: bool = True) -> Any | None:
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - NVMLError_NoPermission, _NotSupported, ...: degrade, don't abort
+            if not (quiet_unsupported and _is_not_supported(exc)):
+                self.warnings.append(f"NVML: {what} failed ({_text(exc) or type(exc).__name__}); left unknown")
+            return None
+
+
+def parse_visible_devices(value: str | None) -> list[str] | None:
+    """Entries of ``CUDA_VISIBLE_DEVICES`` (None: unset, all devices visible; []: none visible)."""
+    if value is None:
+        return None
+    return [entry.strip() for entry in value.split(",") if entry.strip()] if value.strip() else []
+
+
+def _physical(q: _Queries, index: int) -> list[NvmlDevice]:
+    """The CUDA-visible device(s) of one physical GPU: itself, or its MIG instances."""
+    nvml = q.nvml
+    handle = q.ask(f"handle of GPU {index}", nvml.nvmlDeviceGetHandleByIndex, index, quiet_unsupported=False)
+    if handle is None:
+        return []
+    name = q.ask(f"name of GPU {index}", nvml.nvmlDeviceGetName, handle)
+    name = _text(name) if name is not None else f"GPU {index}"
+    uuid = q.ask(f"UUID of GPU {index}", nvml.nvmlDeviceGetUUID, handle) if hasattr(nvml, "nvmlDeviceGetUUID") else None
+    cc = q.ask(f"compute capability of GPU {index}", nvml.nvmlDeviceGetCudaComputeCapability, handle)
+    cc = (int(cc[0]), int(cc[1])) if cc is not None else None
+    links = 0
+    for link in range(int(getattr(nvml, "NVML_NVLINK_MAX_LINKS", 18))):
+        try:
+            links += 1 if nvml.nvmlDeviceGetNvLinkState(handle, link) else 0
+        except Exception:  # noqa: BLE001 - NotSupported on PCIe cards / past the last link
+            break
+    mig_mode = None
+    if hasattr(nvml, "nvmlDeviceGetMigMode"):
+        mode = q.ask(f"MIG mode of GPU {index}", nvml.nvmlDeviceGetMigMode, handle)
+        mig_mode = int(mode[0]) if mode is not None else None
+    if mig_mode:
+        instances = []
+        count = q.ask(f"MIG slots of GPU {index}", nvml.nvmlDeviceGetMaxMigDeviceCount, handle) or 0
+        for slot in range(int(count)):
+            try:
+                mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+            except Exception:  # noqa: BLE001 - NotFound: an empty slot
+                continue
+            memory = q.ask(f"memory of MIG {index}/{slot}", nvml.nvmlDeviceGetMemoryInfo, mig)
+            mig_name = q.ask(f"name of MIG {index}/{slot}", nvml.nvmlDeviceGetName, mig)
+            mig_uuid = q.ask(f"UUID of MIG {index}/{slot}", nvml.nvmlDeviceGetUUID, mig)
+            instances.append(
+                NvmlDevice(
+                    cuda_index=-1,
+                    nvml_index=index,
+                    uuid=_text(mig_uuid) if mig_uuid is not None else None,
+                    name=_text(mig_name) if mig_name is not None else f"{name} MIG {slot}",
+                    memory_total_bytes=int(memory.total) if memory is not None else None,
+                    compute_capability=cc,
+                    mig=True,
+                    nvlink_active=0,  # MIG instances do not use NVLink for peer traffic
+                )
+            )
+        return instances
+    memory = q.ask(f"memory of GPU {index}", nvml.nvmlDeviceGetMemoryInfo, handle, quiet_unsupported=False)
+    return [
+        NvmlDevice(
+            cuda_index=-1,
+            nvml_index=index,
+            uuid=_text(uuid) if uuid is not None else None,
+            name=name,
+            memory_total_bytes=int(memory.total) if memory is not None else None,
+            compute_capability=cc,
+            nvlink_active=links,
+        )
+    ]
+
+
+def _select(devices: list[NvmlDevice], entries: list[str] | None, warnings: list[str]) -> list[NvmlDevice]:
+    """Apply ``CUDA_VISIBLE_DEVICES`` the way CUDA does (stop at the first entry that matches nothing)."""
+    if entries is None:
+        return devices
+    chosen: list[NvmlDevice] = []
+    for entry in entries:
+        match: NvmlDevice | None = None
+        if entry.lstrip("-").isdigit():
+            index = int(entry)
+            physical = [d for d in devices if not d.mig]
+            match = physical[index] if 0 <= index < len(physical) else None
+        else:
+            wanted = entry.lower()
+            candidates = [d for d in devices if d.uuid and d.uuid.lower().startswith(wanted)]
+            match = candidates[0] if len(candidates) == 1 else None
+        if match is None:
+            warnings.append(
+                f"CUDA_VISIBLE_DEVICES entry {entry!r} matches no device: CUDA ignores it and every entry after it"
+            )
+            break
+        if match not in chosen:
+            chosen.append(match)
+    return chosen
+
+
+def visible_devices(nvml: Any | None = None, environ: Mapping[str, str] | None = None) -> NvmlReport:
+    """The devices a CUDA job started with ``environ`` will see (see the module docstring)."""
+    nvml = nvml if nvml is not None else import_nvml()
+    if nvml is None:
+        return NvmlReport(error="pynvml (nvidia-ml-py) is not installed")
+    environ = os.environ if environ is None else environ
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, _DriverNotLoaded, ... all mean "no GPU here"
+        return NvmlReport(error=f"no NVIDIA driver/NVML on this machine ({_text(exc) or type(exc).__name__})")
+    q = _Queries(nvml)
+    try:
+        driver = q.ask("driver version", nvml.nvmlSystemGetDriverVersion)
+        version = q.ask("CUDA driver version", nvml.nvmlSystemGetCudaDriverVersion)
+        cuda = f"{int(version) // 1000}.{(int(version) % 1000) // 10}" if version is not None else None
+        count = q.ask("device count", nvml.nvmlDeviceGetCount, quiet_unsupported=False)
+        if count is None:
+            return NvmlReport(driver=_text(driver) if driver else None, cuda_driver=cuda, error=q.warnings[-1])
+        devices = [device for index in range(int(count)) for device in _physical(q, index)]
+        entries = parse_visible_devices(environ.get("CUDA_VISIBLE_DEVICES"))
+        selected = _select(devices, entries, q.warnings)
+        ordered = tuple(NvmlDevice(**{**d.__dict__, "cuda_index": position}) for position, d in enumerate(selected))
+        return NvmlReport(
+            devices=ordered,
+            driver=_text(driver) if driver is not None else None,
+            cuda_driver=cuda,
+            warnings=tuple(q.warnings),
+        )
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001 - shutting down a half-initialised NVML is best effort
+            pass
+
+
+def process_memory_bytes(
+    device_index: int, pid: int | None = None, nvml: Any | None = None, environ: Mapping[str, str] | None = None
+) -> int | None:
+    """GPU memory NVML attributes to ``pid`` (default: this process) on CUDA device ``device_index``.
+
+    Returns None when NVML is missing, the device is not visible, or the driver does not report per-process memory
+    (containers without the host PID namespace, some MIG setups).
+    """
+    nvml = nvml if nvml is not None else import_nvml()
+    if nvml is None:
+        return None
+    report = visible_devices(nvml, environ)
+    if not 0 <= device_index < len(report.devices):
+        return None
+    device = report.devices[device_index]
+    pid = os.getpid() if pid is None else pid
+    try:
+        nvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver
+        return None
+    try:
+        if device.uuid and hasattr(nvml, "nvmlDeviceGetHandleByUUID"):
+            handle = nvml.nvmlDeviceGetHandleByUUID(device.uuid)
+        else:
+            handle = nvml.nvmlDeviceGetHandleByIndex(device.nvml_index)
+        processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        used = [p.usedGpuMemory for p in processes if int(p.pid) == pid and p.usedGpuMemory is not None]
+        return int(sum(used)) if used else None
+    except Exception:  # noqa: BLE001 - NoPermission / NotSupported: unknown, not an error
+        return None
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001 - best effort
+            pass

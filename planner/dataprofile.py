@@ -1,0 +1,175 @@
+"""Token lengths of a user's jsonl data folder (``phi3v-plan --data DIR``), without decoding a pixel or importing torch.
+
+Image sizes come from the file headers (``PIL.Image.open(path).size``, cached per file); image tokens and crops from
+the processor's own HD arithmetic (:func:`planner.shapes.hd_crop_grid`, :func:`planner.shapes.image_token_count`,
+the rule ``phi3v_core.hd`` shares with the image processor). Text tokens are an estimate (about four UTF-8 bytes
+per token plus the chat template's tags) unless a tokenizer is given; the profile says which.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phi3v_core.errors import DataError
+from planner.estimate import Workload
+from planner.shapes import ModelShape, hd_crop_grid, image_token_count
+
+__all__ = ["DataProfile", "Sample", "profile_data"]
+
+#: Bytes of UTF-8 text per token for the estimate (Llama/Phi-3 SentencePiece on English: 3.5-4.5).
+BYTES_PER_TOKEN = 4.0
+#: Chat-template tokens per turn (``<|user|>``, ``<|end|>``, ``<|assistant|>``, newlines) and per sample (BOS, EOS).
+TURN_TOKENS, SAMPLE_TOKENS = 8, 2
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One record: where it is, its images' sizes and its text tokens."""
+
+    where: str
+    image_sizes: tuple[tuple[int, int], ...]
+    text_tokens: int
+
+    def workload(self, shape: ModelShape, num_crops: int) -> Workload:
+        """Tokens and real crops of this sample at ``num_crops`` (the processor's arithmetic)."""
+        tokens = crops = 0
+        for width, height in self.image_sizes:
+            rows, cols = hd_crop_grid(width, height, num_crops)
+            tokens += image_token_count(rows, cols, shape.num_img_tokens)
+            crops += rows * cols + 1
+        return Workload(
+            seq_len=tokens + self.text_tokens,
+            vision_crops=crops,
+            image_tokens=tokens,
+            images=len(self.image_sizes),
+            pixel_slots=len(self.image_sizes) * (num_crops + 1),
+            num_crops=num_crops,
+        )
+
+
+@dataclass
+class DataProfile:
+    """Token-length distribution of a data folder at one ``num_crops``.
+
+    Attributes:
+        path: The jsonl file read.
+        num_crops: The crop budget the lengths are for.
+        samples: Every record.
+        lengths: Sequence length of each sample (same order).
+        text_estimated: True when text tokens are estimated (no tokenizer).
+        mean_workload: The average sample (for speed).
+        longest: Index of the longest sample (memory is planned for a batch of it).
+    """
+
+    path: Path
+    num_crops: int
+    samples: list[Sample]
+    lengths: list[int]
+    text_estimated: bool
+    mean_workload: Workload
+    longest: int
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return {
+            "path": str(self.path),
+            "samples": len(self.samples),
+            "num_crops": self.num_crops,
+            "seq_len": self.stats,
+            "text_tokens": "estimated (~4 bytes per token + chat tags)" if self.text_estimated else "tokenizer",
+            "longest_sample": self.samples[self.longest].where,
+        }
+
+
+def _percentile(sorted_values: list[int], q: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return float(sorted_values[index])
+
+
+def _estimate_tokens(text: str) -> int:
+    return math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN)
+
+
+def profile_data(
+    data_dir: str | Path,
+    shape: ModelShape,
+    num_crops: int,
+    split: str = "train",
+    count_tokens: Callable[[str], int] | None = None,
+) -> DataProfile:
+    """Read ``<data_dir>/*_<split>.jsonl`` and its image headers; lengths at ``num_crops``.
+
+    Raises:
+        DataError: Missing folder/file, a malformed line (``file:line: what``), or an unreadable image.
+    """
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise DataError(f"--data {folder}: not a folder; pass a folder holding <name>_train.jsonl and images/")
+    files = sorted(folder.glob(f"*_{split}.jsonl"))
+    if len(files) != 1:
+        found = ", ".join(f.name for f in files) or "none"
+        raise DataError(f"--data {folder}: expected one *_{split}.jsonl (found {found})")
+    path = files[0]
+    images_root = folder / "images"
+    sizes: dict[str, tuple[int, int]] = {}
+    count = count_tokens or _estimate_tokens
+    samples: list[Sample] = []
+
+    def image_size(rel: str, where: str) -> tuple[int, int]:
+        if rel not in sizes:
+            from PIL import Image
+
+            try:
+                with Image.open(images_root / rel) as image:  # header only: no decoding
+                    sizes[rel] = image.size
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{where}: image {rel!r}: {exc}; fix or remove the record") from None
+        return sizes[rel]
+
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(raw)
+                turns = record["conversations"]
+                images: list[tuple[int, int]] = []
+                text = SAMPLE_TOKENS
+                for turn in turns:
+                    images += [image_size(str(rel), where) for rel in turn.get("images") or ()]
+                    text += TURN_TOKENS + count(str(turn.get("user", ""))) + count(str(turn.get("assistant", "")))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise DataError(
+                    f"{where}: not a record ({type(exc).__name__}: {exc}); see README 'Data' for the format"
+                ) from None
+            samples.append(Sample(where, tuple(images), text))
+    if not samples:
+        raise DataError(f"{path}: no records")
+    workloads = [s.workload(shape, num_crops) for s in samples]
+    lengths = [w.seq_len for w in workloads]
+    ordered = sorted(lengths)
+    n = len(samples)
+    longest = max(range(n), key=lengths.__getitem__)
+    mean = sum(lengths) / n
+    mean_workload = Workload(
+        seq_len=round(mean),
+        vision_crops=round(sum(w.vision_crops for w in workloads) / n),
+        image_tokens=round(sum(w.image_tokens for w in workloads) / n),
+        images=round(sum(w.images for w in workloads) / n),
+        pixel_slots=round(sum(w.slots for w in workloads) / n),
+        num_crops=num_crops,
+    )
+    stats = {
+        "mean": round(mean, 1),
+        "p50": _percentile(ordered, 0.5),
+        "p95": _percentile(ordered, 0.95),
+        "max": float(ordered[-1]),
+    }
+    return DataProfile(path, num_crops, samples, lengths, count_tokens is None, mean_workload, longest, stats)

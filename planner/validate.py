@@ -1,0 +1,266 @@
+"""Validate the speed model where we can measure: this CPU (``phi3v-plan --validate``).
+
+A micro-benchmark of a few seconds measures this machine's matmul rate, memory bandwidth and per-operator overhead;
+those are the only CPU inputs. The same speed model that plans GPUs (:func:`planner.speed.predict_speed`, with the
+constants of ``planner/data/calibration.json`` that are not GPU rates) then predicts the step time of several
+``phi3v-bench`` configurations, which are run for real (``bench.worker.run_rank``, in this process) and compared.
+Nothing is fitted to the step times the model is judged on.
+
+Imports torch and bench lazily: the rest of the planner stays torch-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from planner.calibration import fit_speed_constants, load_calibration
+from planner.estimate import TrainSetup, Workload
+from planner.shapes import ModelShape, load_shape
+from planner.speed import Interconnect, Rates, predict_speed
+
+__all__ = ["DEFAULT_CASES", "ValidationCase", "measure_rates", "mid_size_model", "validate_cpu"]
+
+#: A mid-size model of the same structure (a few layers of real-ish width) for the CPU validation.
+MID_SIZE = {
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 16,  # head_dim 16, as tiny's (its LongRoPE factors are sized for it)
+    "num_key_value_heads": 16,
+    "vision_config": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4},
+    "img_processor": {"image_dim_out": 128},
+}
+
+
+@dataclass(frozen=True)
+class ValidationCase:
+    """One ``phi3v-bench`` configuration to measure and predict."""
+
+    model: str  # "tiny" or "mid"
+    method: str
+    num_crops: int
+    micro_batch: int
+    grad_accum: int = 1
+
+    @property
+    def label(self) -> str:
+        """Short label."""
+        return f"{self.model} {self.method} c{self.num_crops} mb{self.micro_batch}x{self.grad_accum}"
+
+
+DEFAULT_CASES: tuple[ValidationCase, ...] = (
+    ValidationCase("tiny", "full", 1, 1),
+    ValidationCase("tiny", "full", 4, 2),
+    ValidationCase("tiny", "lora", 4, 1),
+    ValidationCase("tiny", "frozen_vision", 2, 2),
+    ValidationCase("mid", "full", 1, 1),
+    ValidationCase("mid", "full", 4, 1),
+    ValidationCase("mid", "lora", 2, 2),
+    ValidationCase("mid", "full", 1, 2, 2),
+)
+
+
+def measure_rates(seconds: float = 1.0) -> Rates:
+    """Measure this CPU: fp32 matmul FLOP/s, streaming bandwidth, softmax elements/s and one operator's cost.
+
+    Each probe takes the median of repeats within about ``seconds``, timed in process CPU seconds: on a shared
+    machine wall-clock time measures the other processes' load; CPU time measures the work (the training steps are
+    timed the same way, single-threaded, see :func:`validate_cpu`).
+    """
+    import torch
+
+    def best_of(fn: Any, budget: float) -> float:
+        fn()
+        times = []
+        end = time.perf_counter() + budget
+        while time.perf_counter() < end or len(times) < 3:
+            start = time.process_time()
+            fn()
+            times.append(time.process_time() - start)
+        return statistics.median(times)
+
+    n = 512
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    matmul = 2 * n**3 / best_of(lambda: torch.mm(a, b), seconds / 4)
+    big = torch.empty(64 * 2**20 // 4).normal_()
+    out = torch.empty_like(big)
+    bandwidth = 3 * big.numel() * 4 / best_of(lambda: torch.add(big, big, out=out), seconds / 4)
+    layer = torch.nn.Linear(8, 8)
+    x = torch.ones(4, 8, requires_grad=True)
+
+    def tiny_step() -> None:
+        # one module forward + backward: what an operator of a training step costs besides its arithmetic
+        layer(x).sum().backward()
+
+    op = best_of(tiny_step, seconds / 4) / 4  # linear forward + sum, and their two backward nodes
+    logits = torch.randn(512, 32768, requires_grad=True)  # 64 MB: out of cache, like a vocabulary-wide loss
+
+    def softmax_unit() -> None:
+        torch.log_softmax(logits, dim=-1).sum().backward()
+
+    softmax = logits.numel() / best_of(softmax_unit, seconds / 4)
+    return Rates(
+        matmul_flops=matmul,
+        bandwidth=bandwidth,
+        op_overhead_s=op,
+        softmax_elements_per_s=softmax,
+        source=f"measured on this CPU: {matmul / 1e9:.1f} GFLOP/s fp32 matmul ({n}³), {bandwidth / 1e9:.1f} GB/s "
+        f"(add, 3×64 MB), {softmax / 1e6:.0f} M softmax elements/s (fwd+bwd), {op * 1e6:.1f} µs per operator "
+        f"({torch.get_num_threads()} thread(s), CPU seconds)",
+    )
+
+
+def mid_size_model(folder: Path) -> Path:
+    """Save a randomly initialised mid-size model (config + weights) into ``folder``."""
+    from phi3v_core.config import tiny_config
+
+    config = tiny_config()
+    values = config.to_dict()
+    for key, value in MID_SIZE.items():
+        values[key] = {**values[key], **value} if isinstance(value, dict) else value
+    config = type(config).from_dict(values)
+    import torch
+
+    from phi3v_core.model import Phi3VForCausalLM
+
+    torch.manual_seed(0)
+    Phi3VForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _shape(model: str) -> ModelShape:
+    return load_shape(model)
+
+
+def _measure(case: ValidationCase, model: str, steps: int) -> dict[str, Any]:
+    """Train ``1 + steps`` optimizer steps the way ``phi3v-bench`` does; per-step wall and CPU seconds."""
+    from transformers import TrainerCallback
+
+    from bench.config import BenchConfig
+    from bench.worker import to_train_config
+    from bench.workload import build_workload
+    from phi3v_core.processing import Phi3VProcessor
+    from phi3v_core.training import StepTimer, train
+
+    class CpuTimer(TrainerCallback):  # type: ignore[misc]
+        """Process CPU seconds per optimizer step (robust to other processes sharing the cores)."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self._begin = 0.0
+
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            self._begin = time.process_time()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            self.seconds.append(time.process_time() - self._begin)
+
+    cfg = BenchConfig(
+        method=case.method,
+        attn="sdpa",
+        precision="fp32",
+        model=model,
+        num_crops=case.num_crops,
+        seq_profile="docvqa",
+        batch_size=case.micro_batch * case.grad_accum,
+        micro_batch=case.micro_batch,
+        steps=steps,
+        warmup=1,
+        repeats=1,
+    )
+    total = cfg.warmup + cfg.steps
+    # presets and the mid-size folder have no tokenizer files: bench uses the offline tiny processor for them too
+    workload = build_workload(cfg, Phi3VProcessor.tiny(num_crops=cfg.num_crops), cfg.batch_size * total)
+    timer, cpu = StepTimer(), CpuTimer()
+    # the Trainer prints its logs to stdout: keep stdout for the report (``--validate --json`` stays valid JSON)
+    with tempfile.TemporaryDirectory(prefix="phi3v-plan-validate-") as out, contextlib.redirect_stdout(sys.stderr):
+        train(to_train_config(cfg, out, total), workload.dataset, callbacks=[timer, cpu])
+    wall = [r.seconds for r in timer.records][cfg.warmup :]
+    return {"wall_s": wall, "cpu_s": cpu.seconds[cfg.warmup :], "tokens_per_sample": workload.tokens_per_sample}
+
+
+def validate_cpu(
+    cases: tuple[ValidationCase, ...] = DEFAULT_CASES, steps: int = 2, bench_seconds: float = 1.5
+) -> dict[str, Any]:
+    """Measure the CPU, predict each case's step time with the speed model, run it, compare.
+
+    Args:
+        cases: Configurations to run (methods × crops × micro-batch, tiny and mid-size models).
+        steps: Timed optimizer steps per case (after one warm-up step).
+        bench_seconds: Time budget of the micro-benchmark.
+
+    Returns:
+        ``{"rates": ..., "rows": [{case, measured_s, predicted_s, error_pct, ...}], "median_abs_error_pct": ...}``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: CPU seconds = the work, whatever else runs on this machine
+    try:
+        return _validate(cases, steps, bench_seconds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: float) -> dict[str, Any]:
+    import torch
+
+    constants, _fitted = fit_speed_constants(load_calibration(), load_shape("phi-3-vision"))
+    single = Interconnect(1, 1, 32.0, False, 12.5)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="phi3v-plan-mid-") as scratch, contextlib.redirect_stdout(sys.stderr):
+        models = {"tiny": "tiny", "mid": str(mid_size_model(Path(scratch)))}
+        for case in cases:
+            model = models[case.model]
+            shape = _shape(model)
+            workload = Workload.from_images(shape, case.num_crops, (1008, 1680), text_tokens=66)
+            setup = TrainSetup(
+                method=case.method,
+                precision="fp32",
+                attention="sdpa",
+                gradient_checkpointing=True,
+                micro_batch=case.micro_batch,
+                grad_accum=case.grad_accum,
+                world_size=1,
+                zero_stage=0,
+                optimizer_foreach=False,
+            )
+            rates = measure_rates(bench_seconds)  # just before the run: the same share of a busy machine
+            prediction = predict_speed(shape, workload, setup, None, single, constants, rates=rates)
+            assert prediction is not None
+            torch.manual_seed(0)
+            payload = _measure(case, model, steps)
+            measured = statistics.median(payload["cpu_s"])
+            rows.append(
+                {
+                    "case": case.label,
+                    "model": case.model,
+                    "method": case.method,
+                    "num_crops": case.num_crops,
+                    "micro_batch": case.micro_batch,
+                    "grad_accum": case.grad_accum,
+                    "seq_len_predicted": workload.seq_len,
+                    "tokens_per_sample_measured": payload.get("tokens_per_sample"),
+                    "measured_s": measured,
+                    "measured_wall_s": statistics.median(payload["wall_s"]),
+                    "predicted_s": prediction.step_s,
+                    "error_pct": 100 * (prediction.step_s / measured - 1),
+                    "predicted_times_s": prediction.times,
+                    "rates": rates.source,
+                }
+            )
+    errors = [abs(r["error_pct"]) for r in rows]
+    return {
+        "note": "predictions from the micro-benchmark's rates and the speed model's constants; nothing is fitted to "
+        "the measured step times",
+        "rows": rows,
+        "median_abs_error_pct": statistics.median(errors) if errors else None,
+        "max_abs_error_pct": max(errors) if errors else None,
+    }

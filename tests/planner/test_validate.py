@@ -1,0 +1,33 @@
+"""The speed model against real phi3v-bench steps on this CPU (issue #10 item 3)."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from planner.validate import DEFAULT_CASES, measure_rates, validate_cpu
+
+
+def test_micro_benchmark_measures_positive_rates():
+    rates = measure_rates(0.3)
+    assert rates.matmul_flops > 1e8 and rates.bandwidth > 1e8 and rates.softmax_elements_per_s > 1e5
+    assert 0 < rates.op_overhead_s < 1e-2 and "measured on this CPU" in rates.source
+
+
+def test_cases_span_methods_lengths_batches_and_two_model_sizes():
+    assert len(DEFAULT_CASES) >= 6
+    assert {c.model for c in DEFAULT_CASES} == {"tiny", "mid"}
+    assert len({c.method for c in DEFAULT_CASES}) >= 3
+    assert len({c.num_crops for c in DEFAULT_CASES}) >= 2 and len({c.micro_batch for c in DEFAULT_CASES}) >= 2
+
+
+@pytest.mark.slow
+def test_speed_model_predicts_cpu_step_times_within_20_percent_median():
+    result = validate_cpu(steps=2)
+    errors = [abs(r["error_pct"]) for r in result["rows"]]
+    assert len(errors) >= 6
+    assert statistics.median(errors) <= 20, result["rows"]
+    for row in result["rows"]:
+        # the model's sequence length is the processor's (the bench encodes real samples)
+        assert abs(row["seq_len_predicted"] - row["tokens_per_sample_measured"]) <= 8
