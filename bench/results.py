@@ -505,53 +505,24 @@ def _nvml_gpus() -> tuple[list[GpuInfo], str | None] | None:
     """Return the GPUs visible to CUDA and the driver version via NVML, or ``None`` when NVML cannot say.
 
     NVML is used rather than ``torch.cuda`` because it creates no CUDA context: a sweep's parent process must not hold
-    GPU memory or initialize CUDA before its workers start. NVML lists every GPU of the machine, so
-    ``CUDA_VISIBLE_DEVICES`` (indices or ``GPU-`` UUIDs) is applied here as CUDA applies it.
+    GPU memory or initialize CUDA before its workers start. :mod:`phi3v_core.nvml` applies ``CUDA_VISIBLE_DEVICES``
+    (indices, UUIDs, MIG instances) as CUDA does.
     """
-    try:
-        import pynvml
+    from phi3v_core.nvml import visible_devices
 
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no NVML library or no driver: not a GPU machine as far as NVML knows
+    report = visible_devices()
+    if report.error is not None:
         return None
-    try:
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        visible = _visible_handles(handles, os.environ.get("CUDA_VISIBLE_DEVICES"), pynvml.nvmlDeviceGetUUID)
-        if visible is None:
-            return None
-        gpus = []
-        for index, handle in enumerate(visible):
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-            total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
-            gpus.append(GpuInfo(index, _text(pynvml.nvmlDeviceGetName(handle)), f"{major}.{minor}", int(total)))
-        return gpus, _text(pynvml.nvmlSystemGetDriverVersion())
-    except pynvml.NVMLError:
-        return None
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
-
-
-def _visible_handles(handles: list[Any], spec: str | None, uuid_of: Any) -> list[Any] | None:
-    """Apply a ``CUDA_VISIBLE_DEVICES`` value to NVML handles (``None`` = a form this cannot map, e.g. MIG)."""
-    if spec is None:
-        return handles
-    visible = []
-    for entry in (e.strip() for e in spec.split(",")):
-        if entry.isdigit():
-            if int(entry) >= len(handles):
-                break  # CUDA stops at the first invalid entry
-            visible.append(handles[int(entry)])
-        elif entry.startswith("GPU-"):
-            match = [h for h in handles if _text(uuid_of(h)).startswith(entry)]
-            if len(match) != 1:
-                break
-            visible.append(match[0])
-        elif entry:
-            return None
-        else:
-            break
-    return visible
+    gpus = [
+        GpuInfo(
+            d.cuda_index,
+            d.name,
+            ".".join(map(str, d.compute_capability)) if d.compute_capability else "?",
+            int(d.memory_total_bytes or 0),
+        )
+        for d in report.devices
+    ]
+    return gpus, report.driver
 
 
 def _text(value: str | bytes) -> str:

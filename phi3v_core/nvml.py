@@ -103,7 +103,15 @@ class _Queries:
         self.nvml = nvml
         self.warnings: list[str] = []
 
-    def ask(self, what: str, fn: Callable[..., Any], *args: Any, quiet_unsupported: bool = True) -> Any | None:
+    def ask(self, what: str, fn: str | Callable[..., Any], *args: Any, quiet_unsupported: bool = True) -> Any | None:
+        """Call ``fn`` (a pynvml function or its name); a failure - or a function this pynvml lacks - is None."""
+        if isinstance(fn, str):
+            found = getattr(self.nvml, fn, None)
+            if found is None:  # an older nvidia-ml-py: the same as "not supported"
+                if not quiet_unsupported:
+                    self.warnings.append(f"NVML: {what} is not available in this pynvml; left unknown")
+                return None
+            fn = found
         try:
             return fn(*args)
         except Exception as exc:  # noqa: BLE001 - NVMLError_NoPermission, _NotSupported, ...: degrade, don't abort
@@ -122,13 +130,13 @@ def parse_visible_devices(value: str | None) -> list[str] | None:
 def _physical(q: _Queries, index: int) -> list[NvmlDevice]:
     """The CUDA-visible device(s) of one physical GPU: itself, or its MIG instances."""
     nvml = q.nvml
-    handle = q.ask(f"handle of GPU {index}", nvml.nvmlDeviceGetHandleByIndex, index, quiet_unsupported=False)
+    handle = q.ask(f"handle of GPU {index}", "nvmlDeviceGetHandleByIndex", index, quiet_unsupported=False)
     if handle is None:
         return []
-    name = q.ask(f"name of GPU {index}", nvml.nvmlDeviceGetName, handle)
+    name = q.ask(f"name of GPU {index}", "nvmlDeviceGetName", handle)
     name = _text(name) if name is not None else f"GPU {index}"
-    uuid = q.ask(f"UUID of GPU {index}", nvml.nvmlDeviceGetUUID, handle) if hasattr(nvml, "nvmlDeviceGetUUID") else None
-    cc = q.ask(f"compute capability of GPU {index}", nvml.nvmlDeviceGetCudaComputeCapability, handle)
+    uuid = q.ask(f"UUID of GPU {index}", "nvmlDeviceGetUUID", handle) if hasattr(nvml, "nvmlDeviceGetUUID") else None
+    cc = q.ask(f"compute capability of GPU {index}", "nvmlDeviceGetCudaComputeCapability", handle)
     cc = (int(cc[0]), int(cc[1])) if cc is not None else None
     links = 0
     for link in range(int(getattr(nvml, "NVML_NVLINK_MAX_LINKS", 18))):
@@ -138,19 +146,19 @@ def _physical(q: _Queries, index: int) -> list[NvmlDevice]:
             break
     mig_mode = None
     if hasattr(nvml, "nvmlDeviceGetMigMode"):
-        mode = q.ask(f"MIG mode of GPU {index}", nvml.nvmlDeviceGetMigMode, handle)
+        mode = q.ask(f"MIG mode of GPU {index}", "nvmlDeviceGetMigMode", handle)
         mig_mode = int(mode[0]) if mode is not None else None
     if mig_mode:
         instances = []
-        count = q.ask(f"MIG slots of GPU {index}", nvml.nvmlDeviceGetMaxMigDeviceCount, handle) or 0
+        count = q.ask(f"MIG slots of GPU {index}", "nvmlDeviceGetMaxMigDeviceCount", handle) or 0
         for slot in range(int(count)):
             try:
                 mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
             except Exception:  # noqa: BLE001 - NotFound: an empty slot
                 continue
-            memory = q.ask(f"memory of MIG {index}/{slot}", nvml.nvmlDeviceGetMemoryInfo, mig)
-            mig_name = q.ask(f"name of MIG {index}/{slot}", nvml.nvmlDeviceGetName, mig)
-            mig_uuid = q.ask(f"UUID of MIG {index}/{slot}", nvml.nvmlDeviceGetUUID, mig)
+            memory = q.ask(f"memory of MIG {index}/{slot}", "nvmlDeviceGetMemoryInfo", mig)
+            mig_name = q.ask(f"name of MIG {index}/{slot}", "nvmlDeviceGetName", mig)
+            mig_uuid = q.ask(f"UUID of MIG {index}/{slot}", "nvmlDeviceGetUUID", mig)
             instances.append(
                 NvmlDevice(
                     cuda_index=-1,
@@ -164,7 +172,7 @@ def _physical(q: _Queries, index: int) -> list[NvmlDevice]:
                 )
             )
         return instances
-    memory = q.ask(f"memory of GPU {index}", nvml.nvmlDeviceGetMemoryInfo, handle, quiet_unsupported=False)
+    memory = q.ask(f"memory of GPU {index}", "nvmlDeviceGetMemoryInfo", handle, quiet_unsupported=False)
     return [
         NvmlDevice(
             cuda_index=-1,
@@ -215,10 +223,10 @@ def visible_devices(nvml: Any | None = None, environ: Mapping[str, str] | None =
         return NvmlReport(error=f"no NVIDIA driver/NVML on this machine ({_text(exc) or type(exc).__name__})")
     q = _Queries(nvml)
     try:
-        driver = q.ask("driver version", nvml.nvmlSystemGetDriverVersion)
-        version = q.ask("CUDA driver version", nvml.nvmlSystemGetCudaDriverVersion)
+        driver = q.ask("driver version", "nvmlSystemGetDriverVersion")
+        version = q.ask("CUDA driver version", "nvmlSystemGetCudaDriverVersion")
         cuda = f"{int(version) // 1000}.{(int(version) % 1000) // 10}" if version is not None else None
-        count = q.ask("device count", nvml.nvmlDeviceGetCount, quiet_unsupported=False)
+        count = q.ask("device count", "nvmlDeviceGetCount", quiet_unsupported=False)
         if count is None:
             return NvmlReport(driver=_text(driver) if driver else None, cuda_driver=cuda, error=q.warnings[-1])
         devices = [device for index in range(int(count)) for device in _physical(q, index)]

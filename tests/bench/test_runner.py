@@ -344,12 +344,12 @@ def test_loopback_nodes_are_refused_on_a_real_gpu() -> None:
 
 
 def test_worker_nvml_reading_maps_uuid_and_index_forms(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The worker's NVML memory uses the CUDA_VISIBLE_DEVICES mapping of ``bench.results`` (UUIDs included)."""
+    """The worker's NVML memory maps CUDA_VISIBLE_DEVICES through ``phi3v_core.nvml`` (UUIDs included)."""
     import types
 
     import torch
 
-    from bench.measure import nvml_process_bytes
+    from bench.measure import nvml_process_reader
 
     class Proc:
         def __init__(self, pid: int, used: int) -> None:
@@ -368,9 +368,12 @@ def test_worker_nvml_reading_maps_uuid_and_index_forms(monkeypatch: pytest.Monke
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     for visible in ("GPU-bbb", "1", "1,0", "GPU-bb"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-        assert nvml_process_bytes(torch.device("cuda", 0)) == 123, visible
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-0f3c")  # a form NVML indices cannot express: no guess
-    assert nvml_process_bytes(torch.device("cuda", 0)) is None
+        read, close = nvml_process_reader(torch.device("cuda", 0))
+        assert read() == 123, visible
+        close()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-0f3c")  # matches no device here: no guess
+    read, _ = nvml_process_reader(torch.device("cuda", 0))
+    assert read() is None
 
 
 def test_srun_placement_prefers_scontrols_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
