@@ -6,13 +6,13 @@ Keeps its imports light (no torch/transformers unless ``--trace``) so that it an
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from phi3v_core.errors import ConfigError, cli_errors
+from phi3v_core.cli.common import CliParser, handle_errors, strict_json
+from phi3v_core.errors import ConfigError
 from planner.estimate import GIB, METHODS
 
 __all__ = ["build_parser", "main"]
@@ -45,7 +45,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs)."""
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="phi3v-plan",
         description="Plan Phi-3.5-vision fine-tuning: which methods fit, the recommended setup, speed and the command.",
         epilog=_EPILOG,
@@ -129,7 +129,7 @@ def _print_gpus(as_json: bool) -> None:
 
     rows = [g.to_dict() for g in gpu_table()]
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(strict_json(rows, indent=2))
         return
     from rich.table import Table
 
@@ -158,7 +158,7 @@ def _print_calibration(request: Any, as_json: bool) -> None:
     calibration = load_calibration(request.reference_dir)
     rows = calibration_report(calibration, load_shape("phi-3-vision"))
     if as_json:
-        print(json.dumps({"source": calibration.rows_source, "rows": rows}, indent=2))
+        print(strict_json({"source": calibration.rows_source, "rows": rows}, indent=2))
         return
     from rich.table import Table
 
@@ -326,7 +326,7 @@ def _pick_sku(plans: list[Any]) -> Any | None:
     return max(good, key=lambda p: p.best.speed.samples_per_s) if good else None
 
 
-@cli_errors
+@handle_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``phi3v-plan``."""
     parser = build_parser()
@@ -345,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if request.gpu:
         result = plan(request)
-        print(json.dumps(result.to_dict(), indent=2)) if args.json else _print_plan(result)
+        print(strict_json(result.to_dict(), indent=2)) if args.json else _print_plan(result)
         return 0
     detection = detect()
     if detection.ok:
@@ -353,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             out = result.to_dict()
             out["detection"] = detection.to_dict()
-            print(json.dumps(out, indent=2))
+            print(strict_json(out, indent=2))
         else:
             _print_plan(result)
         return 0
@@ -366,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         pick = _pick_sku(plans) if azure else None
         print(
-            json.dumps(
+            strict_json(
                 {
                     "detection": detection.to_dict(),
                     "message": reason,
