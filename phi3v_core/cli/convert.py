@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--task", default="jsonl", choices=sorted(TASKS), help="task whose rules apply (default: jsonl)")
     chk.add_argument("--split", default="all", choices=("train", "eval", "all"), help="what to check (default: all)")
     chk.add_argument("--max_pixels", type=bounded_int(1, 10**9), default=DEFAULT_MAX_PIXELS, help="per-image pixel cap")
+    chk.add_argument(
+        "--max_length",
+        type=bounded_int(16, 10**7),
+        default=131072,
+        help="longest training record in tokens, as phi3v-finetune --max_length (default: the context, 131072)",
+    )
     chk.add_argument("--skip_bad", action="store_true", help="count records with bad images instead of failing")
     chk.add_argument("--json", action="store_true", help="print a JSON summary (last stdout line) instead of a table")
     return parser
@@ -186,6 +192,13 @@ def _run_synthetic(args: argparse.Namespace) -> int:
 
 def _run_check(args: argparse.Namespace) -> int:
     task = load_task(args.task, args.split, data_dir=args.data_dir, max_pixels=args.max_pixels, skip_bad=args.skip_bad)
+    if task.train:
+        # The length check training runs (phi3v-finetune --max_length, default the model context), with the
+        # offline tokenizer (the official special tokens and vocabulary size).
+        from phi3v_core.processing import Phi3VProcessor
+        from phi3v_core.training.run import check_sequence_lengths
+
+        check_sequence_lengths(task, Phi3VProcessor.tiny(num_crops=task.num_crops), args.max_length)
     summary = _task_summary(task)
     if args.json:
         print(strict_json(summary))

@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +251,10 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     return checkpoint
 
 
+def _is_non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 def _checkpoint_step(checkpoint: Path | None) -> int:
     if checkpoint is None:
         return 0
@@ -363,6 +368,9 @@ def train(
         TrainingDivergedError: The loss became NaN/inf (or is 0 on the first step).
     """
     env = env or Environment.detect()
+    non_finite = [f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg) if _is_non_finite(getattr(cfg, f.name))]
+    if non_finite:
+        raise ConfigError(f"settings must be finite numbers: {', '.join(non_finite)}; pass finite values")
     cfg.validate(env)
     output_dir = Path(cfg.output_dir)
     resume_from = resolve_resume(cfg)

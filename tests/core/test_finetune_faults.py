@@ -19,6 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from phi3v_core.cli.finetune import main
+from phi3v_core.errors import ConfigError
 from phi3v_core.training import TrainConfig, train
 from phi3v_core.training.callbacks import TrainingDivergedError
 from phi3v_core.training.synthetic import SyntheticDataset
@@ -202,3 +203,11 @@ def test_non_finite_weights_are_never_saved_as_the_final_model(tmp_path):
     with pytest.raises(TrainingDivergedError, match=r"is not finite after step 1; the final model was not saved"):
         train(cfg, SyntheticDataset(4, num_crops=1, seed=0), callbacks=[_PoisonAfterLastStep()])
     assert not (Path(cfg.output_dir) / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("field", ["learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm"])
+def test_the_python_api_refuses_non_finite_settings(field, tmp_path):
+    cfg = _tiny(tmp_path, **{field: float("inf")})
+    with pytest.raises(ConfigError, match=rf"settings must be finite numbers: {field}=inf"):
+        train(cfg, SyntheticDataset(1, num_crops=1, seed=0))
+    assert not Path(cfg.output_dir).exists()

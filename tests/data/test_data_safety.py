@@ -213,3 +213,16 @@ def test_synthetic_overwrite_replaces_its_own_output(tmp_path, capsys):
     lines = (out / "docvqa_train.jsonl").read_text().splitlines()
     assert len(lines) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     capsys.readouterr()
+
+
+def test_check_reports_records_longer_than_max_length_like_training(tmp_path, capsys):
+    out = tmp_path / "twin"
+    assert main(["synthetic", "--task", "docvqa", "--n", "2", "--out_dir", str(out), "--json"]) == 0
+    capsys.readouterr()
+    expect_user_error(
+        main,
+        ["check", str(out), "--task", "docvqa", "--max_length", "32"],
+        "2 training record(s) longer than --max_length 32",
+        tmp_path,
+        capsys,
+    )
