@@ -11,6 +11,9 @@ One line per record::
 writes.
 
 Validation collects every problem (each ``file:line: what; how to fix``) and raises one :class:`DataError`.
+
+(About 650 lines, on purpose: the format's reader, its validation rules and its atomic writer stay in one file so the
+rules a record must meet are read in one place.)
 """
 
 from __future__ import annotations
@@ -459,6 +462,16 @@ def validate_records(records: Sequence[Record], origin: str) -> None:
     raise_problems(problems)
 
 
+def _inside(path: Path, data_dir: Path) -> Path:
+    """``path`` itself, after checking that it resolves (through symlinks) inside ``data_dir``."""
+    real, root = path.resolve(), data_dir.resolve()
+    if root != real and root not in real.parents:
+        raise DataError(
+            f"{path}: resolves to {real}, outside the data folder {data_dir} (symlink); copy the file into the folder"
+        )
+    return path
+
+
 def find_split_file(data_dir: str | Path, split: str, prefer: str | None = None) -> Path:
     """Find ``<data_dir>/*_<split>.jsonl`` (``<prefer>_<split>.jsonl`` wins when several exist).
 
@@ -468,11 +481,11 @@ def find_split_file(data_dir: str | Path, split: str, prefer: str | None = None)
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data folder not found; pass a folder holding <name>_train.jsonl and images/")
-    if prefer and (data_dir / f"{prefer}_{split}.jsonl").is_file():
-        return data_dir / f"{prefer}_{split}.jsonl"
+    if prefer and (data_dir / f"{prefer}_{split}.jsonl").exists():
+        return _inside(data_dir / f"{prefer}_{split}.jsonl", data_dir)
     matches = sorted(data_dir.glob(f"*_{split}.jsonl"))
     if len(matches) == 1:
-        return matches[0]
+        return _inside(matches[0], data_dir)
     example = f"{prefer or 'data'}_{split}.jsonl"
     if not matches:
         raise DataError(f"{data_dir}: no *_{split}.jsonl file; expected e.g. {example} next to images/")

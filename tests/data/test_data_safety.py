@@ -87,9 +87,12 @@ def test_a_device_image_is_rejected(data_dir, capsys):
     expect_user_error(main, _check(data_dir), "outside the images root", data_dir.parent, capsys)
 
 
-def test_a_device_jsonl_is_rejected(data_dir, capsys):
-    (data_dir / "case_train.jsonl").symlink_to("/dev/zero")
-    expect_user_error(main, _check(data_dir), "is a device, not a regular jsonl file", data_dir.parent, capsys)
+def test_a_device_jsonl_is_rejected():
+    from phi3v_core.data.jsonl import read_jsonl
+    from phi3v_core.errors import DataError
+
+    with pytest.raises(DataError, match=r"^/dev/zero: is a device, not a regular jsonl file"):
+        read_jsonl("/dev/zero")  # an endless file: reading it would never finish
 
 
 def test_training_runs_the_same_validation_as_check(data_dir, capsys):
@@ -226,3 +229,10 @@ def test_check_reports_records_longer_than_max_length_like_training(tmp_path, ca
         tmp_path,
         capsys,
     )
+
+
+def test_a_jsonl_symlink_out_of_the_data_folder_is_refused(data_dir, tmp_path, capsys):
+    outside = tmp_path / "elsewhere_train.jsonl"
+    outside.write_text(json.dumps(_record()) + "\n")
+    (data_dir / "case_train.jsonl").symlink_to(outside)
+    expect_user_error(main, _check(data_dir), "outside the data folder", tmp_path, capsys)
