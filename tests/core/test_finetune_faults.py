@@ -211,3 +211,28 @@ def test_the_python_api_refuses_non_finite_settings(field, tmp_path):
     with pytest.raises(ConfigError, match=rf"settings must be finite numbers: {field}=inf"):
         train(cfg, SyntheticDataset(1, num_crops=1, seed=0))
     assert not Path(cfg.output_dir).exists()
+
+
+def _fake_checkpoint(folder: Path, weights: bytes) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": int(folder.name.split("-")[1])}))
+    (folder / "adapter_model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_an_explicit_corrupt_checkpoint_is_named(tmp_path):
+    from phi3v_core.training.api import resolve_resume
+
+    ckpt = _fake_checkpoint(tmp_path / "run" / "checkpoint-3", b"\x10\x00")
+    cfg = _tiny(tmp_path, resume=str(ckpt))
+    with pytest.raises(ConfigError, match=r"corrupt checkpoint \(.*checkpoint-3/adapter_model.safetensors: truncated"):
+        resolve_resume(cfg)
+
+
+def test_when_every_checkpoint_is_corrupt_resume_refuses_with_the_remedy(tmp_path):
+    from phi3v_core.training.api import resolve_resume
+
+    for step in (1, 2):
+        _fake_checkpoint(tmp_path / "run" / f"checkpoint-{step}", b"\x10\x00")
+    with pytest.raises(ConfigError, match=r"every checkpoint in .* is corrupt .* start again with --overwrite_output_dir"):
+        resolve_resume(_tiny(tmp_path, resume="latest"))
