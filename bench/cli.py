@@ -34,18 +34,14 @@ from bench.config import (
     choose_defaults,
     default_release,
 )
-from phi3v_core.errors import ConfigError, cli_errors
+from phi3v_core.cli.common import CliParser, handle_errors
+from phi3v_core.errors import ConfigError
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
 GIB = 1 << 30
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that turns usage errors into one-line :class:`ConfigError`s (exit 1 via ``cli_errors``)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,7 +86,7 @@ def _add_output_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``phi3v-bench`` argument parser."""
-    parser = _Parser(prog="phi3v-bench", description=__doc__.split("\n\n")[0],
+    parser = CliParser(prog="phi3v-bench", description=__doc__.split("\n\n")[0],
                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,matrix,compare,report,selfcheck}")
 
@@ -449,7 +445,7 @@ _COMMANDS = {"run": _cmd_run, "matrix": _cmd_matrix, "compare": _cmd_compare, "r
              "selfcheck": _cmd_selfcheck}
 
 
-@cli_errors
+@handle_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``phi3v-bench`` console script.
 

@@ -6,14 +6,13 @@ Keeps its imports light (no torch/transformers unless ``--trace``) so that it an
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from phi3v_core.errors import ConfigError, cli_errors
+from phi3v_core.cli.common import CliParser, handle_errors, strict_json
+from phi3v_core.errors import ConfigError
 from planner.estimate import GIB, METHODS
 
 __all__ = ["build_parser", "main"]
@@ -48,7 +47,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs)."""
-    parser = _Parser(
+    parser = CliParser(
         prog="phi3v-plan",
         description="Plan Phi-3.5-vision fine-tuning: which methods fit, the recommended setup, speed and the command.",
         epilog=_EPILOG,
@@ -137,28 +136,9 @@ def _request(args: argparse.Namespace) -> Any:
     )
 
 
-def _finite(value: Any) -> Any:
-    """Replace NaN/Infinity (not JSON) by None, recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _dump(value: Any) -> None:
     """Print strict JSON (no NaN/Infinity)."""
-    print(json.dumps(_finite(value), indent=2, allow_nan=False))
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line and exits 1 (no usage dump)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(1)
+    print(strict_json(value, indent=2))
 
 
 def _console() -> Any:
@@ -451,7 +431,7 @@ def _pick_sku(plans: list[Any]) -> Any | None:
     return max(good, key=lambda p: p.best.speed.samples_per_s) if good else None
 
 
-@cli_errors
+@handle_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``phi3v-plan``."""
     parser = build_parser()

@@ -15,7 +15,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,13 +23,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from phi3v_core.cli.common import CliParser, bounded_int, handle_errors, strict_json
 from phi3v_core.data.images import DEFAULT_MAX_PIXELS
 from phi3v_core.data.jsonl import check_output_dir
 from phi3v_core.data.seqlen import record_image_tokens
 from phi3v_core.data.synthetic import SYNTHETIC_TASKS, expected_mean_sequence_length
 from phi3v_core.data.tasks import TASKS, TaskData, load_task
 from phi3v_core.data.ucf101 import convert_ucf101, plan_ucf101
-from phi3v_core.errors import cli_errors
+from phi3v_core.errors import ConfigError
+from phi3v_core.fs import overlap_problem
 
 _EPILOG = """examples:
   phi3v-convert ucf101 --src ~/data/UCF101_subset --out_dir ./ucf101
@@ -41,7 +42,7 @@ _EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for --help tests)."""
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="phi3v-convert",
         description="Build and check data folders in the recipe's jsonl format.",
         epilog=_EPILOG,
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ucf.add_argument("--src", required=True, type=Path, help="folder holding train/, val/, test/ with <Class>/*.avi")
     ucf.add_argument("--out_dir", required=True, type=Path, help="output folder (must be new or empty)")
-    ucf.add_argument("--num_frames", type=int, default=8, help="frames per video (default: 8, as the recipe)")
+    ucf.add_argument("--num_frames", type=bounded_int(1, 64), default=8, help="frames per video (default: 8, as the recipe)")
     ucf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out_dir")
     ucf.add_argument("--json", action="store_true", help="print a JSON summary (last stdout line) instead of a table")
 
@@ -72,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     syn.add_argument("--task", required=True, choices=sorted(SYNTHETIC_TASKS), help="task to imitate")
-    syn.add_argument("--n", type=int, required=True, help="training records")
-    syn.add_argument("--n_eval", type=int, default=None, help="eval records (default: --n)")
-    syn.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    syn.add_argument("--n", type=bounded_int(1, 100_000), required=True, help="training records")
+    syn.add_argument("--n_eval", type=bounded_int(1, 100_000), default=None, help="eval records (default: --n)")
+    syn.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0, help="seed (default: 0)")
     syn.add_argument("--out_dir", required=True, type=Path, help="output folder (must be new or empty)")
     syn.add_argument("--image_format", choices=("png", "jpg"), default="png", help="image encoding (default: png)")
     syn.add_argument("--overwrite", action="store_true", help="replace a non-empty --out_dir")
@@ -91,7 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("data_dir", type=Path, help="folder with *_train.jsonl / *_val.jsonl and images/")
     chk.add_argument("--task", default="jsonl", choices=sorted(TASKS), help="task whose rules apply (default: jsonl)")
     chk.add_argument("--split", default="all", choices=("train", "eval", "all"), help="what to check (default: all)")
-    chk.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="per-image pixel cap")
+    chk.add_argument("--max_pixels", type=bounded_int(1, 10**9), default=DEFAULT_MAX_PIXELS, help="per-image pixel cap")
+    chk.add_argument(
+        "--max_length",
+        type=bounded_int(16, 10**7),
+        default=131072,
+        help="longest training record in tokens, as phi3v-finetune --max_length (default: the context, 131072)",
+    )
     chk.add_argument("--skip_bad", action="store_true", help="count records with bad images instead of failing")
     chk.add_argument("--json", action="store_true", help="print a JSON summary (last stdout line) instead of a table")
     return parser
@@ -130,6 +137,9 @@ def _print_table(title: str, rows: Sequence[Sequence[object]], headers: Sequence
 
 def _run_ucf101(args: argparse.Namespace) -> int:
     # Output folder and source layout are checked before the progress bar starts or anything is written.
+    overlap = overlap_problem(args.src, args.out_dir, "--src", "--out_dir")
+    if overlap:
+        raise ConfigError(overlap)
     check_output_dir(args.out_dir, overwrite=args.overwrite)
     _, jobs = plan_ucf101(args.src)
     console = Console(stderr=True)
@@ -172,7 +182,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
     summary["out_dir"] = str(args.out_dir)
     summary["expected_mean_sequence_length"] = round(expected_mean_sequence_length(args.task, task.num_crops), 1)
     if args.json:
-        print(json.dumps(summary))
+        print(strict_json(summary))
         return 0
     rows = [(label, s["records"], s["images"], s["mean_image_tokens"]) for label, s in summary["splits"].items()]  # type: ignore[union-attr]
     print(f"wrote {args.out_dir}: synthetic {args.task} (seed {args.seed})")
@@ -182,9 +192,16 @@ def _run_synthetic(args: argparse.Namespace) -> int:
 
 def _run_check(args: argparse.Namespace) -> int:
     task = load_task(args.task, args.split, data_dir=args.data_dir, max_pixels=args.max_pixels, skip_bad=args.skip_bad)
+    if task.train:
+        # The length check training runs (phi3v-finetune --max_length, default the model context), with the
+        # offline tokenizer (the official special tokens and vocabulary size).
+        from phi3v_core.processing import Phi3VProcessor
+        from phi3v_core.training.run import check_sequence_lengths
+
+        check_sequence_lengths(task, Phi3VProcessor.tiny(num_crops=task.num_crops), args.max_length)
     summary = _task_summary(task)
     if args.json:
-        print(json.dumps(summary))
+        print(strict_json(summary))
         return 0
     rows = [
         (label, s["records"], s["turns"], s["images"], s["skipped"], s["mean_image_tokens"])
@@ -196,7 +213,7 @@ def _run_check(args: argparse.Namespace) -> int:
     return 0
 
 
-@cli_errors
+@handle_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``phi3v-convert``.
 

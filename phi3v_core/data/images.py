@@ -18,6 +18,7 @@ from typing import Literal
 from PIL import Image, UnidentifiedImageError
 
 from phi3v_core.errors import DataError
+from phi3v_core.fs import check_regular_file
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -101,6 +102,9 @@ def _open_checked(path: Path, max_pixels: int) -> Image.Image:
         raise ImageProblem("file not found; fix the path or add the file")
     if path.is_dir():
         raise ImageProblem("is a directory, not an image file; point to the image file")
+    not_regular = check_regular_file(path, "image file")  # before opening: reading a FIFO would block forever
+    if not_regular:
+        raise ImageProblem(not_regular)
     pil_limit = Image.MAX_IMAGE_PIXELS
     lift = pil_limit is not None and max_pixels > pil_limit
     try:
@@ -154,8 +158,9 @@ def check_image_file(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, mode: 
         ImageProblem: With a one-line reason (no location; callers add ``file:line``).
     """
     if mode == "none":
-        if not path.is_file():
-            raise ImageProblem("file not found; fix the path or add the file")
+        not_regular = check_regular_file(path, "image file")
+        if not_regular:
+            raise ImageProblem(not_regular)
         return (0, 0)
     image = _open_checked(path, max_pixels)
     try:

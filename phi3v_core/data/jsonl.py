@@ -11,6 +11,9 @@ One line per record::
 writes.
 
 Validation collects every problem (each ``file:line: what; how to fix``) and raises one :class:`DataError`.
+
+(About 650 lines, on purpose: the format's reader, its validation rules and its atomic writer stay in one file so the
+rules a record must meet are read in one place.)
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,6 +42,7 @@ from phi3v_core.data.images import (
 )
 from phi3v_core.data.records import LazyImage, Record, Turn, image_tag_problem, load_image, with_image_tags
 from phi3v_core.errors import ConfigError, DataError, raise_all
+from phi3v_core.fs import check_regular_file, writable_problem
 
 __all__ = [
     "MAX_LISTED_PROBLEMS",
@@ -59,6 +64,36 @@ MAX_LISTED_PROBLEMS = 20
 
 _RECORD_KEYS = ("id", "source", "conversations")
 _TURN_KEYS = ("user", "assistant", "images", "answers")
+
+#: Most images one record may hold (the recipe's largest is 8 video frames; each image costs up to ~2.5k tokens).
+MAX_IMAGES_PER_RECORD = 32
+#: Longest text field in characters: a record far beyond any model context is reported before tokenizing it.
+MAX_TEXT_CHARS = 500_000
+#: Chat control tokens of the Phi-3 tokenizer: inside user/assistant text they would become real special tokens (an
+#: answer ending early, a fake turn). Such text is rejected, not escaped: the fix belongs in the data.
+CONTROL_TOKEN_RE = re.compile(r"<\|(?:endoftext|user|assistant|system|end|placeholder\d+)\|>|</?s>|<unk>")
+_IMAGE_TAG_IN_ANSWER_RE = re.compile(r"<\|image_\d+\|>")
+
+
+def _text_problems(where: str, text: str) -> list[str]:
+    """Control tokens, unencodable characters (lone surrogates) and absurd lengths in one text field."""
+    out = []
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        out.append(
+            f"{where} holds an unencodable character {text[exc.start]!r} at position {exc.start} (a lone surrogate "
+            "escape such as \\ud800); fix the escape"
+        )
+    match = CONTROL_TOKEN_RE.search(text)
+    if match:
+        out.append(
+            f"{where} contains the chat control token {match.group(0)!r}, which would act as a real special token; "
+            "remove it from the text"
+        )
+    if len(text) > MAX_TEXT_CHARS:
+        out.append(f"{where} is {len(text)} characters long (limit {MAX_TEXT_CHARS}); shorten or split the record")
+    return out
 
 
 def raise_problems(problems: Sequence[str], limit: int = MAX_LISTED_PROBLEMS) -> None:
@@ -153,6 +188,22 @@ def _check_turn(raw: Any, where: str, loc: str, problems: list[str], prior_image
         )
         ok = False
     if ok:
+        for key in ("user", "assistant"):
+            text_problems = _text_problems(f"{where}.{key}", raw[key])
+            if text_problems:
+                problems.extend(f"{loc}: {p}" for p in text_problems)
+                ok = False
+        tag = _IMAGE_TAG_IN_ANSWER_RE.search(raw["assistant"])
+        if tag:
+            problems.append(
+                f"{loc}: {where}.assistant contains the image tag {tag.group(0)!r}; image tags belong in the user text"
+            )
+            ok = False
+        for a, answer in enumerate(raw.get("answers") or []):
+            for p in _text_problems(f"{where}.answers[{a}]", answer):
+                problems.append(f"{loc}: {p}")
+                ok = False
+    if ok:
         tag_problem = image_tag_problem(raw["user"], len(images), prior_images)
         if tag_problem:
             problems.append(f"{loc}: {where}.user {tag_problem}")
@@ -197,8 +248,11 @@ def read_jsonl(
     """
     path = Path(path)
     root = Path(images_root) if images_root is not None else path.parent / "images"
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: jsonl file not found; check the path (a data folder holds <name>_train.jsonl)")
+    not_regular = check_regular_file(path, "jsonl file")  # checked before opening: a FIFO would block forever
+    if not_regular:
+        raise DataError(f"{path}: {not_regular}")
     source_default = default_source or path.stem.rsplit("_", 1)[0]
 
     problems: list[tuple[int, str]] = []
@@ -226,9 +280,18 @@ def read_jsonl(
                 (number, f"{loc}: invalid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line")
             )
             continue
+        except RecursionError:
+            problems.append((number, f"{loc}: JSON nested too deeply; a record is a flat object with a list of turns"))
+            continue
+        except ValueError as exc:  # e.g. an integer of thousands of digits (Python's int conversion limit)
+            problems.append((number, f"{loc}: unreadable JSON value ({exc}); fix the value"))
+            continue
         if not isinstance(obj, dict):
             problems.append((number, f"{loc}: expected a JSON object per line, got {_json_type(obj)}"))
             continue
+        for key in ("id", "source"):
+            if isinstance(obj.get(key), str):
+                line_problems.extend(f"{loc}: {p}" for p in _text_problems(repr(key), obj[key]))
         for key in obj:
             if key not in _RECORD_KEYS:
                 line_problems.append(f"{loc}: " + _unknown_key_problem("record", key, _RECORD_KEYS))
@@ -262,6 +325,11 @@ def read_jsonl(
                     if turn is not None:
                         turns.append(turn)
                         prior_images += len(turn.get("images", []))
+                if prior_images > MAX_IMAGES_PER_RECORD:
+                    line_problems.append(
+                        f"{loc}: the record has {prior_images} images (limit {MAX_IMAGES_PER_RECORD} per record); "
+                        "split it into several records"
+                    )
         # Image paths are checked for safety even when other fields are broken: an escape must never go unnoticed.
         resolved: dict[tuple[int, int], Path] = {}
         if isinstance(conversations, list):
@@ -394,6 +462,16 @@ def validate_records(records: Sequence[Record], origin: str) -> None:
     raise_problems(problems)
 
 
+def _inside(path: Path, data_dir: Path) -> Path:
+    """``path`` itself, after checking that it resolves (through symlinks) inside ``data_dir``."""
+    real, root = path.resolve(), data_dir.resolve()
+    if root != real and root not in real.parents:
+        raise DataError(
+            f"{path}: resolves to {real}, outside the data folder {data_dir} (symlink); copy the file into the folder"
+        )
+    return path
+
+
 def find_split_file(data_dir: str | Path, split: str, prefer: str | None = None) -> Path:
     """Find ``<data_dir>/*_<split>.jsonl`` (``<prefer>_<split>.jsonl`` wins when several exist).
 
@@ -403,11 +481,11 @@ def find_split_file(data_dir: str | Path, split: str, prefer: str | None = None)
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data folder not found; pass a folder holding <name>_train.jsonl and images/")
-    if prefer and (data_dir / f"{prefer}_{split}.jsonl").is_file():
-        return data_dir / f"{prefer}_{split}.jsonl"
+    if prefer and (data_dir / f"{prefer}_{split}.jsonl").exists():
+        return _inside(data_dir / f"{prefer}_{split}.jsonl", data_dir)
     matches = sorted(data_dir.glob(f"*_{split}.jsonl"))
     if len(matches) == 1:
-        return matches[0]
+        return _inside(matches[0], data_dir)
     example = f"{prefer or 'data'}_{split}.jsonl"
     if not matches:
         raise DataError(f"{data_dir}: no *_{split}.jsonl file; expected e.g. {example} next to images/")
@@ -423,8 +501,24 @@ def _remove_empty_dirs(created: Sequence[Path]) -> None:
             break
 
 
+#: Top-level names a data folder written by phi3v-convert holds (listed in it, for a later ``--overwrite``).
+MANIFEST_NAME = ".phi3v-manifest.json"
+
+
+def _own_data_entries(out_dir: Path) -> set[str] | None:
+    try:
+        manifest = json.loads((out_dir / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    entries = manifest.get("entries") if isinstance(manifest, dict) else None
+    return set(entries) | {MANIFEST_NAME} if isinstance(entries, list) else None
+
+
 def check_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> None:
-    """Refuse an output folder that is a file, or non-empty without ``overwrite`` (call before any work starts).
+    """Refuse an output folder that is a file, unwritable, or non-empty without ``overwrite`` (before any work).
+
+    ``overwrite`` replaces only a folder this command wrote: every entry must be in its manifest (or, for folders
+    from before manifests, be a ``*.jsonl`` file or ``images/``); anything else is named and the folder refused.
 
     Raises:
         ConfigError: With the fix (choose another folder or pass ``--overwrite``).
@@ -432,8 +526,25 @@ def check_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> None:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} exists and is not a folder; choose another output folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    problem = writable_problem(out_dir, "--out_dir")
+    if problem:
+        raise ConfigError(problem)
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
         raise ConfigError(f"{out_dir} is not empty; choose a new or empty folder, or pass --overwrite to replace it")
+    own = _own_data_entries(out_dir)
+    names = sorted(p.name for p in out_dir.iterdir())
+    if own is not None:
+        foreign = [n for n in names if n not in own]
+    else:
+        foreign = [n for n in names if not (n.endswith(".jsonl") or n == "images")]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ConfigError(
+            f"--out_dir {out_dir} holds files phi3v-convert did not write ({shown}); --overwrite replaces only its "
+            "own output: move them away or choose another --out_dir"
+        )
 
 
 @contextmanager
@@ -455,6 +566,8 @@ def atomic_directory(out_dir: str | Path, *, overwrite: bool = False) -> Iterato
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
     try:
         yield tmp
+        entries = sorted(p.name for p in tmp.iterdir())
+        (tmp / MANIFEST_NAME).write_text(json.dumps({"command": "phi3v-convert", "entries": entries}))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty_dirs(created)

@@ -28,6 +28,7 @@ from PIL import Image
 from phi3v_core.data.jsonl import atomic_directory, check_output_dir, raise_problems
 from phi3v_core.data.synthetic import ucf101_prompt
 from phi3v_core.errors import ConfigError, DataError
+from phi3v_core.fs import overlap_problem
 
 __all__ = [
     "SPLITS",
@@ -199,8 +200,9 @@ def convert_ucf101(
     if num_frames < 1:
         raise ConfigError(f"num_frames must be >= 1, got {num_frames}")
     src, out_dir = Path(src), Path(out_dir)
-    if out_dir.resolve() == src.resolve() or src.resolve() in out_dir.resolve().parents:
-        raise ConfigError(f"{out_dir} is inside the source folder {src}; write the output elsewhere")
+    overlap = overlap_problem(src, out_dir, "--src", "--out_dir")  # either direction: --overwrite must never eat --src
+    if overlap:
+        raise ConfigError(overlap)
     check_output_dir(out_dir, overwrite=overwrite)
     classes, jobs = plan_ucf101(src)
     prompt = ucf101_prompt(classes)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import shutil
 import socket
+import sys
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,19 +24,25 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import TrainerCallback, set_seed
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments, set_seed
 
 from phi3v_core.config import PRESETS, get_config
+from phi3v_core.errors import ConfigError
+from phi3v_core.fs import StorageError, describe_storage_error
 from phi3v_core.methods import MethodReport, get_method
 from phi3v_core.model import Phi3VForCausalLM
 from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
 from phi3v_core.processing.image_processing import write_text_atomic
-from phi3v_core.training.callbacks import LossGuard, StepRecord, StepTimer
+from phi3v_core.training.callbacks import LossGuard, StepRecord, StepTimer, TrainingDivergedError
 from phi3v_core.training.collate import SupervisedLogitsCollator
-from phi3v_core.training.config import DTYPES, Environment, TrainConfig, find_resumable_checkpoint
+from phi3v_core.training.config import DTYPES, Environment, TrainConfig
+from phi3v_core.training.run import COMPLETE_MARKER
 from phi3v_core.training.trainer import Phi3VTrainer, build_training_arguments
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "COMPLETE_MARKER",
     "TrainResult",
     "build_model",
     "init_distributed",
@@ -143,13 +153,125 @@ def prepare_model(cfg: TrainConfig, env: Environment | None = None) -> tuple[nn.
     return get_method(cfg.method).prepare(model, cfg.method_options(_device(env)))
 
 
+#: TrainConfig fields that change what a run computes: a resume must not change them.
+RESULT_FIELDS = (
+    "model", "method", "precision", "attn", "num_crops", "global_batch", "max_steps", "num_train_epochs",
+    "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "max_grad_norm", "lora_rank", "lora_alpha_ratio", "lora_dropout", "lora_lm_head", "freeze_vision", "seed",
+    "supervised_logits_only",
+)  # fmt: skip
+#: ``extra`` keys that change the result (the data).
+_RESULT_EXTRA = ("task", "data")
+#: The run's configuration inside each checkpoint.
+CHECKPOINT_CONFIG = "train_config.json"
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (``None`` when its files are complete). Reads headers only."""
+    from phi3v_core.fs import weight_file_problem
+
+    state = folder / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        return f"{state}: missing or cut off (the save was interrupted)"
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+            reason = weight_file_problem(path)
+            if reason:
+                return f"{path}: {reason}"
+    return None
+
+
+def _recorded_config(checkpoint: Path, output_dir: Path) -> dict[str, Any] | None:
+    for path in (checkpoint / CHECKPOINT_CONFIG, output_dir / CHECKPOINT_CONFIG):
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(recorded, dict):
+            return recorded
+    return None
+
+
+def config_diff(cfg: TrainConfig, recorded: dict[str, Any]) -> list[str]:
+    """``name: old → new`` for every result-changing setting that differs from the recorded run."""
+    current = cfg.to_dict()
+    diff = []
+    for name in RESULT_FIELDS:
+        if name in recorded and recorded[name] != current.get(name):
+            diff.append(f"{name} {recorded[name]!r} → {current.get(name)!r}")
+    old_extra, new_extra = recorded.get("extra") or {}, current.get("extra") or {}
+    for name in _RESULT_EXTRA:
+        if name in old_extra and name in new_extra and old_extra[name] != new_extra[name]:
+            diff.append(f"{name} {old_extra[name]!r} → {new_extra[name]!r}")
+    return diff
+
+
 def resolve_resume(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to resume from: ``None``, the newest complete one for ``"latest"``, or the given folder."""
+    """The checkpoint to resume from, checked: ``None``, the newest complete one for ``"latest"``, or the given one.
+
+    With ``"latest"`` a corrupt newest checkpoint (cut-off weights or optimizer state) is named in a warning and the
+    newest complete one before it is used. The checkpoint's recorded configuration must match ``cfg`` in every
+    setting that changes the result.
+
+    Raises:
+        ConfigError: The given checkpoint is corrupt, or the configuration differs (the message lists the diff).
+    """
     if cfg.resume is None:
         return None
+    output_dir = Path(cfg.output_dir)
     if cfg.resume == "latest":
-        return find_resumable_checkpoint(cfg.output_dir)
-    return Path(cfg.resume)
+        candidates = sorted(
+            (int(p.name.removeprefix("checkpoint-")), p)
+            for p in output_dir.glob("checkpoint-*")
+            if p.name.removeprefix("checkpoint-").isdigit()
+        )
+        checkpoint = None
+        for _, folder in reversed(candidates):
+            reason = checkpoint_problem(folder)
+            if reason is None:
+                checkpoint = folder
+                break
+            logger.warning("skipping corrupt checkpoint %s (%s); falling back to an older one", folder, reason)
+            print(f"warning: skipping corrupt checkpoint {folder.name}: {reason}", file=sys.stderr)
+        if checkpoint is None and candidates:
+            raise ConfigError(
+                f"--resume: every checkpoint in {output_dir} is corrupt (newest: {checkpoint_problem(candidates[-1][1])}); "
+                "start again with --overwrite_output_dir"
+            )
+        if checkpoint is None:
+            return None
+    else:
+        checkpoint = Path(cfg.resume)
+        reason = checkpoint_problem(checkpoint)
+        if reason is not None:
+            raise ConfigError(
+                f"--resume {checkpoint}: corrupt checkpoint ({reason}); resume from an older checkpoint-N or drop "
+                "--resume to start again"
+            )
+    recorded = _recorded_config(checkpoint, output_dir)
+    if recorded is not None:
+        diff = config_diff(cfg, recorded)
+        if diff:
+            raise ConfigError(
+                f"--resume {checkpoint}: the run was started with different settings ({'; '.join(diff)}); resume "
+                "with the original values, or start a new run (--overwrite_output_dir or another --output_dir)"
+            )
+    return checkpoint
+
+
+def _is_non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _checkpoint_step(checkpoint: Path | None) -> int:
+    if checkpoint is None:
+        return 0
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _single_process_rendezvous() -> None:
@@ -192,8 +314,50 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
+class _RecordConfig(TrainerCallback):
+    """Copy the run's ``train_config.json`` into every checkpoint (what a resume is compared with)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if args.should_save:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_json_atomic(folder / "train_config.json", self.config)
+
+
+def _non_finite_parameter(model: nn.Module) -> str | None:
+    """The first trainable parameter holding NaN/inf (``None`` when all are finite)."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.numel() and not bool(torch.isfinite(param.detach()).all()):
+            return name
+    return None
+
+
+@contextlib.contextmanager
+def _storage_errors(path: Path) -> Iterator[None]:
+    """Turn full-disk / file-size-limit / read-only errors while writing under ``path`` into one line naming it."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - re-raised unchanged unless it is a storage failure
+        message = describe_storage_error(exc, path)
+        if message is None:
+            raise
+        raise StorageError(f"saving under {message}") from exc
+
+
 def _save_final(trainer: Phi3VTrainer, output_dir: Path, processor: Any | None) -> Path:
-    """Save model/adapter (and processor) into ``output_dir``, each file via a staging folder + ``os.replace``."""
+    """Save model/adapter (and processor) into ``output_dir``, each file via a staging folder + ``os.replace``.
+
+    Refuses to save weights holding NaN/inf (a diverged run is never saved as the final model).
+    """
+    bad = _non_finite_parameter(trainer.model)
+    if bad is not None:
+        raise TrainingDivergedError(
+            f"parameter {bad} is not finite after step {trainer.state.global_step}; the final model was not saved: "
+            "lower the learning rate or use bf16 instead of fp16"
+        )
     staging = output_dir / ".final-staging"
     trainer.save_model(str(staging))  # every rank calls it (DeepSpeed gathers); only the main process writes
     if trainer.args.should_save:
@@ -235,9 +399,13 @@ def train(
         TrainingDivergedError: The loss became NaN/inf (or is 0 on the first step).
     """
     env = env or Environment.detect()
+    non_finite = [f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg) if _is_non_finite(getattr(cfg, f.name))]
+    if non_finite:
+        raise ConfigError(f"settings must be finite numbers: {', '.join(non_finite)}; pass finite values")
     cfg.validate(env)
     output_dir = Path(cfg.output_dir)
     resume_from = resolve_resume(cfg)
+    resumed_step = _checkpoint_step(resume_from)
 
     model, report = prepare_model(cfg, env)
     if cfg.uses_deepspeed(env.world_size):
@@ -253,27 +421,42 @@ def train(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
-        callbacks=[LossGuard(), timer, *callbacks],
+        callbacks=[LossGuard(), timer, _RecordConfig(cfg.to_dict()), *callbacks],
     )
-    if args.should_save:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(output_dir / "train_config.json", cfg.to_dict())
+    with _storage_errors(output_dir):
+        if args.should_save:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(output_dir / "train_config.json", cfg.to_dict())
 
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    eval_metrics = trainer.evaluate() if eval_dataset is not None else None
-    saved_to = _save_final(trainer, output_dir, processor) if cfg.save_final else None
-    if args.should_save:
-        trainer.save_state()  # trainer_state.json with the full per-step log
+        if resume_from is not None and cfg.max_steps > 0 and resumed_step >= cfg.max_steps:
+            # Stopped after its last step (e.g. killed during the final save): finish without another step.
+            trainer._load_from_checkpoint(str(resume_from))
+            trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+            logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+            output = None
+            train_loss = float(sum(logged) / len(logged)) if logged else float("nan")
+        else:
+            output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            train_loss = float(output.training_loss)
+        eval_metrics = trainer.evaluate() if eval_dataset is not None else None
+        saved_to = _save_final(trainer, output_dir, processor) if cfg.save_final else None
+        if args.should_save:
+            trainer.save_state()  # trainer_state.json with the full per-step log
+            if cfg.save_final:
+                write_json_atomic(
+                    output_dir / COMPLETE_MARKER,
+                    {"global_step": trainer.state.global_step, "max_steps": cfg.max_steps, "finished": time.time()},
+                )
 
     losses = {int(entry["step"]): float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry}
     return TrainResult(
         output_dir=output_dir,
         global_step=trainer.state.global_step,
         losses=losses,
-        train_loss=float(output.training_loss),
+        train_loss=train_loss,
         steps=timer.records,
         report=report,
-        metrics=dict(output.metrics),
+        metrics=dict(output.metrics) if output is not None else {},
         eval_metrics=eval_metrics,
         resumed_from=resume_from,
         saved_to=saved_to,

@@ -20,7 +20,7 @@ __all__ = ["LossGuard", "StepMeter", "StepRecord", "StepTimer", "TrainingDiverge
 
 
 class TrainingDivergedError(Phi3VError):
-    """The training loss is not finite, or not positive on the first step (nothing supervised / broken labels)."""
+    """The training loss or gradient norm is not finite, or the first loss is not positive (nothing supervised)."""
 
 
 @dataclass
@@ -170,7 +170,10 @@ class StepTimer(TrainerCallback):
 
 
 class LossGuard(TrainerCallback):
-    """Stop with a clear error when the logged loss is NaN/inf, or zero/negative on the first logged step.
+    """Stop with a clear error when the logged loss or gradient norm is NaN/inf, or the first loss is zero/negative.
+
+    The Trainer logs before it saves a checkpoint, so a diverged step never reaches a checkpoint (with the default
+    ``logging_steps=1`` every step is checked).
 
     A non-finite loss means divergence (try a lower learning rate, bf16 instead of fp16, or gradient clipping). A
     first-step loss of 0 means nothing is supervised (labels all -100). Later zeros are allowed: a model can fit a
@@ -191,6 +194,12 @@ class LossGuard(TrainerCallback):
         if not logs or "loss" not in logs:
             return
         loss = float(logs["loss"])
+        grad_norm = logs.get("grad_norm")
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise TrainingDivergedError(
+                f"gradient norm is {float(grad_norm)} at step {state.global_step}; nothing was saved for this step: "
+                "lower the learning rate, use bf16 instead of fp16, or check the data"
+            )
         if not math.isfinite(loss):
             raise TrainingDivergedError(
                 f"training loss is {loss} at step {state.global_step}; lower the learning rate, use bf16 instead of "

@@ -38,6 +38,7 @@ from transformers import TrainerCallback
 from phi3v_core.errors import ConfigError, cli_errors, raise_all
 from phi3v_core.training.api import TrainResult, train, write_json_atomic
 from phi3v_core.training.config import TrainConfig
+from phi3v_core.training.run import guarded_output_dir
 
 __all__ = ["DataSpec", "LaunchSpec", "load_spec", "main", "run"]
 
@@ -144,14 +145,16 @@ def run(spec: LaunchSpec | str | Path, callbacks: Sequence[TrainerCallback] = ()
         spec = load_spec(spec)
     spec.train.validate()  # before building data: config problems come first and cost nothing
     spec.train.extra.setdefault("data", {"factory": spec.data.factory, "kwargs": spec.data.kwargs})
-    result = train(
-        spec.train,
-        train_dataset=spec.data.build(),
-        eval_dataset=spec.eval_data.build() if spec.eval_data else None,
-        callbacks=callbacks,
-    )
-    if _is_main_process():
-        write_json_atomic(result.output_dir / "train_result.json", result.to_dict())
+    # One writer per output folder (the lock names the holder; a killed run's stale lock is taken over).
+    with guarded_output_dir(spec.train.output_dir, command="phi3v_core.training.launch", resume=spec.train.resume):
+        result = train(
+            spec.train,
+            train_dataset=spec.data.build(),
+            eval_dataset=spec.eval_data.build() if spec.eval_data else None,
+            callbacks=callbacks,
+        )
+        if _is_main_process():
+            write_json_atomic(result.output_dir / "train_result.json", result.to_dict())
     return result
 
 

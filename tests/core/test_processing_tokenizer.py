@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
 
@@ -81,10 +80,8 @@ def test_tiny_chat_template(tiny) -> None:
     assert not prompt.startswith("<s>")
 
 
-def test_tiny_is_fast_and_independent() -> None:
-    start = time.perf_counter()
+def test_tiny_builds_independent_tokenizers() -> None:
     first, second = build_tiny_tokenizer(), build_tiny_tokenizer()
-    assert time.perf_counter() - start < 1.0
     first.padding_side = "left"
     assert second.padding_side == "right"
 

@@ -1,23 +1,25 @@
-"""The tiny model learns from images: LoRA on a synthetic "what colour is the shape?" task, ≤ 2 minutes of CPU."""
+"""The tiny model learns from images: LoRA on a synthetic "what colour is the shape?" task.
+
+A fixed number of steps, never a time budget: the verdict must not depend on how busy the machine is (the time
+belongs in a benchmark).
+"""
 
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
-from transformers import TrainerCallback
 
 from phi3v_core.processing import Phi3VDataCollator, Phi3VProcessor
 from phi3v_core.training import SupervisedLogitsCollator, TrainConfig, prepare_model, train
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
 PROMPT = "What colour is the shape?"
-TIME_BUDGET_S = 110.0  # training stops here at the latest; the 2-minute bound holds on a slow or busy machine too
+STEPS = 400  # reached 1.000 (150 steps: still 0.25); fixed, so the verdict is the same on any machine
 
 
 def render(colour: str, shape: str, rng: random.Random) -> Image.Image:
@@ -47,19 +49,6 @@ class Shapes(Dataset):
     def __getitem__(self, index: int) -> dict:
         turn = {"user": PROMPT, "assistant": self.items[index][0], "images": [self.image(index)]}
         return self.processor.encode_conversation([turn])
-
-
-class TimeBudget(TrainerCallback):
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.start = 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 - Trainer callback signature
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 - Trainer callback signature
-        if time.perf_counter() - self.start > self.seconds:
-            control.should_training_stop = True
 
 
 @torch.no_grad()
@@ -93,7 +82,7 @@ def test_lora_learns_the_colour_of_the_shape(tmp_path: Path) -> None:
         num_crops=1,
         per_device_batch=4,
         global_batch=4,
-        max_steps=400,
+        max_steps=STEPS,
         learning_rate=5e-3,
         lr_scheduler="constant_with_warmup",
         warmup_steps=20,
@@ -110,13 +99,11 @@ def test_lora_learns_the_colour_of_the_shape(tmp_path: Path) -> None:
     )
     untrained, _ = prepare_model(cfg)  # LoRA B starts at zero: this is the random base model
     before = accuracy(untrained, test, processor)
-    start = time.perf_counter()
-    result = train(cfg, Shapes(4 * cfg.max_steps, seed=0, processor=processor), callbacks=[TimeBudget(TIME_BUDGET_S)])
-    seconds = time.perf_counter() - start
+    result = train(cfg, Shapes(4 * cfg.max_steps, seed=0, processor=processor))
     after = accuracy(result.model, test, processor)
     print(
         f"\nshape-colour accuracy: {before:.3f} untrained -> {after:.3f} after {result.global_step} LoRA steps "
-        f"in {seconds:.0f} s (chance 0.25)"
+        "(chance 0.25)"
     )
-    assert seconds < 120
+    assert result.global_step == STEPS
     assert after >= 0.6, (before, after, result.global_step)

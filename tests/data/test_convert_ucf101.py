@@ -58,6 +58,7 @@ def test_convert_writes_the_recipe_layout(ucf_src: Path, tmp_path: Path, capsys:
     assert summary["classes"] == CLASSES and summary["videos"] == {"train": 3, "val": 2, "test": 1}
     assert summary["frames_per_video"] == 8 and summary["recounted"] == []
     assert sorted(p.name for p in out.iterdir()) == [
+        ".phi3v-manifest.json",  # what the command wrote: a later --overwrite replaces only that
         "images",
         "ucf101_test.jsonl",
         "ucf101_train.jsonl",
@@ -135,8 +136,16 @@ def test_non_empty_out_dir_is_refused_unless_overwrite(
         f"error: {out} is not empty; choose a new or empty folder, or pass --overwrite to replace it\n"
     )
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # --overwrite replaces only what phi3v-convert wrote: a file of the user's is never deleted.
+    with pytest.raises(SystemExit):
+        main(["ucf101", "--src", str(ucf_src), "--out_dir", str(out), "--overwrite"])
+    assert "holds files phi3v-convert did not write (keep.txt)" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    (out / "ucf101_train.jsonl").write_text("old")  # an earlier conversion's output
     assert main(["ucf101", "--src", str(ucf_src), "--out_dir", str(out), "--overwrite", "--json"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "ucf101_train.jsonl").is_file()
+    assert (out / "ucf101_train.jsonl").read_text() != "old"
+    assert main(["ucf101", "--src", str(ucf_src), "--out_dir", str(out), "--overwrite", "--json"]) == 0  # manifest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["UCF101_subset", "busy"]  # no temp/old folders left
 
 
@@ -185,7 +194,7 @@ def test_cli_process_exit_code_and_stderr(ucf_src: Path, tmp_path: Path) -> None
         [sys.executable, "-m", "phi3v_core.cli.convert", "ucf101", "--src", str(ucf_src), "--out_dir", str(out)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # a hang guard only
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -34,12 +33,10 @@ def _digest(image: Image.Image) -> str:
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)
-def test_32_samples_generate_and_render_fast_and_validate(task: str) -> None:
-    start = time.perf_counter()
+def test_32_samples_generate_render_and_validate(task: str) -> None:
+    # How fast this is belongs in a benchmark, never in a test's verdict (CI runs on loaded machines).
     records = synthesize(task, 32, seed=0)
     images = [load_image(src) for record in records for src in record.images]
-    elapsed = time.perf_counter() - start
-    assert elapsed < 5.0, f"{task}: 32 records took {elapsed:.2f}s"
     validate_records(records, f"synthetic {task}")
     assert len({r.id for r in records}) == 32
     # Sizes are known without rendering, so length statistics never draw pixels.

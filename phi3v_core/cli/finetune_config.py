@@ -1,0 +1,510 @@
+"""``phi3v-finetune``'s settings: the recipe's defaults, the ``--preset`` table, and flag resolution.
+
+:func:`build_config` maps parsed flags onto one :class:`~phi3v_core.training.run.FinetuneConfig` and validates
+everything (all problems at once) before a model is built, data is read or a file is written: choices, conflicts,
+every number's range (finite floats; LoRA rank within the hidden size; lengths within the model context), the model
+folder (config type and weight headers), the output folder (writable, no other run in it, no overlap with the data
+or the model) and the checkpoint to resume.
+
+Precedence of every setting: recipe default < ``--preset`` < explicit flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from phi3v_core.cli.presets import PRESETS, Preset
+from phi3v_core.errors import raise_all
+
+if TYPE_CHECKING:
+    from phi3v_core.training.run import FinetuneConfig
+
+__all__ = [
+    "ATTN_NAMES",
+    "METHOD_NAMES",
+    "MODEL_ENV",
+    "MODEL_PRESETS",
+    "OUR_DEFAULTS",
+    "PRECISION_NAMES",
+    "PRESETS",
+    "RECIPE_DEFAULTS",
+    "TASK_NAMES",
+    "Preset",
+    "build_config",
+]
+
+TASK_NAMES = ("docvqa", "nlvr2", "hateful_memes", "ucf101", "jsonl")
+MODEL_PRESETS = ("tiny", "phi-3.5-vision", "phi-3-vision")
+METHOD_NAMES = ("full", "frozen_vision", "lora", "qlora")
+PRECISION_NAMES = ("bf16", "fp16", "fp32")
+ATTN_NAMES = ("eager", "sdpa", "flash_attention_2")
+#: Environment variable that sets the default ``--model_name_or_path`` (e.g. a local checkpoint folder).
+MODEL_ENV = "PHI3V_MODEL"
+
+#: The recipe's argparse defaults (spec §2; ``num_crops`` is the task's: 16, UCF-101 4).
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "batch_size": 16,
+    "batch_size_per_gpu": 1,
+    "num_train_epochs": 1.0,
+    "learning_rate": 4.0e-5,
+    "wd": 0.01,
+    "lora_rank": 64,
+    "lora_alpha_ratio": 2.0,
+    "lora_dropout": 0.0,
+    "output_dir": "./output/",
+}
+#: Our flags' defaults (not in the recipe).
+OUR_DEFAULTS: dict[str, Any] = {
+    "max_steps": -1,
+    "warmup_steps": 50,  # the recipe's fixed TrainingArguments value (§6), exposed as a flag
+    "save_steps": 0,
+    "seed": 42,
+    "max_new_tokens": 64,  # the recipe's generation length (§9)
+    "eval_batch_size": 8,
+}
+
+
+
+# TrainConfig field → the flag that sets it (to phrase TrainConfig's own validation messages in flag terms).
+_FIELD_FLAGS = {
+    "model": "--model_name_or_path",
+    "method": "--method",
+    "precision": "--precision",
+    "attn": "--attn",
+    "num_crops": "--num_crops",
+    "per_device_batch": "--batch_size_per_gpu",
+    "global_batch": "--batch_size",
+    "max_steps": "--max_steps",
+    "num_train_epochs": "--num_train_epochs",
+    "learning_rate": "--learning_rate",
+    "weight_decay": "--wd",
+    "warmup_steps": "--warmup_steps",
+    "lora_rank": "--lora_rank",
+    "lora_alpha_ratio": "--lora_alpha_ratio",
+    "lora_dropout": "--lora_dropout",
+    "save_steps": "--save_steps",
+    "dataloader_num_workers": "--num_workers",
+    "output_dir": "--output_dir",
+}
+_FIELD_RE = re.compile(r"^(" + "|".join(sorted(_FIELD_FLAGS, key=len, reverse=True)) + r")\b")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _did_you_mean(value: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(value, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _resolve_model(value: str, problems: list[str], notes: list[str]) -> str:
+    """A preset name, a local folder, or a Hub id found in the local Hugging Face cache (never downloaded)."""
+    if value in MODEL_PRESETS or Path(value).expanduser().is_dir():
+        return str(Path(value).expanduser()) if value not in MODEL_PRESETS else value
+    if _HUB_ID_RE.match(value):
+        try:
+            from huggingface_hub import snapshot_download
+
+            cached = snapshot_download(value, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not in the cache (or hub library unavailable): same advice either way
+            cached = None
+        if cached:
+            notes.append(f"--model_name_or_path {value}: using the local Hugging Face cache {cached}")
+            return str(cached)
+        problems.append(
+            f"--model_name_or_path {value} is a Hugging Face Hub id and phi3v-finetune does not download models; "
+            f"download it first (huggingface-cli download {value} --local-dir DIR) and pass that local folder, "
+            f"or use a preset ({', '.join(MODEL_PRESETS)})"
+        )
+        return value
+    problems.append(
+        f"--model_name_or_path {value}: no such folder; pass a local checkpoint folder (config.json + *.safetensors) "
+        f"or a preset ({', '.join(MODEL_PRESETS)})"
+    )
+    return value
+
+
+def _model_folder_problems(folder: Path) -> list[str]:
+    """A checkpoint folder's type and weight headers, read without loading it."""
+    from phi3v_core.fs import weight_file_problem
+
+    flag = f"--model_name_or_path {folder}"
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return []  # reported by TrainConfig ("neither a preset nor a folder with config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        return [f"{flag}: config.json is not readable JSON ({exc}); restore the checkpoint's config.json"]
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "phi3_v":
+        return [
+            f"{flag}: config.json has model_type {model_type!r}, not 'phi3_v'; pass a Phi-3-vision or "
+            "Phi-3.5-vision checkpoint folder"
+        ]
+    problems = []
+    for weights in sorted([*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]):
+        reason = weight_file_problem(weights)
+        if reason:
+            problems.append(f"{flag}: {weights.name}: {reason}; download the file again")
+    return problems
+
+
+def _model_dims(model: str) -> tuple[int | None, int | None]:
+    """``(hidden_size, context_length)`` of a preset or a checkpoint folder's config.json (``None`` if unknown)."""
+    if model in MODEL_PRESETS:
+        from phi3v_core.config import get_config
+
+        config = get_config(model)
+        return config.hidden_size, config.max_position_embeddings
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None, None
+    hidden, context = config.get("hidden_size"), config.get("max_position_embeddings")
+    return (hidden if isinstance(hidden, int) else None), (context if isinstance(context, int) else None)
+
+
+@dataclass
+class _Resolver:
+    """Resolves one group of settings at a time, collecting problems, notes and where each value came from."""
+
+    args: argparse.Namespace
+    env: Any
+    preset: Preset | None = None
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)
+    reported: set[str] = field(default_factory=set)  # TrainConfig fields already reported in flag terms
+    context: int | None = None  # the model's context length, once known
+
+    def pick(self, name: str, default: Any) -> Any:
+        """Explicit flag > preset > default, recording the source."""
+        value = getattr(self.args, name)
+        if value is not None:
+            self.sources[name] = "flag"
+            return value
+        if self.preset is not None and name in self.preset.values:
+            self.sources[name] = "preset"
+            return self.preset.values[name]
+        self.sources[name] = "recipe" if name in RECIPE_DEFAULTS else "default"
+        return default
+
+    def resolve_preset(self) -> None:
+        name = self.args.preset
+        if name is None:
+            return
+        self.preset = PRESETS.get(name)
+        if self.preset is None:
+            self.problems.append(
+                f"unknown preset {name!r}{_did_you_mean(name, list(PRESETS))}; "
+                f"choose one of {', '.join(PRESETS)} (phi3v-finetune --list-presets)"
+            )
+
+    def resolve_task(self) -> str:
+        args, problems, preset = self.args, self.problems, self.preset
+        task = args.task or (preset.task if preset else "docvqa")
+        self.sources["task"] = "flag" if args.task else ("preset" if preset else "default")
+        if task not in TASK_NAMES:
+            problems.append(
+                f"unknown task {task!r}{_did_you_mean(task, TASK_NAMES)}; choose one of {', '.join(TASK_NAMES)}"
+            )
+        if preset and args.task and args.task != preset.task:
+            others = ", ".join(n for n, p in PRESETS.items() if p.task == args.task) or "none published"
+            problems.append(
+                f"--preset {args.preset} is for --task {preset.task}, not {args.task}; drop --task or pick a preset "
+                f"of {args.task} ({others})"
+            )
+        return task
+
+    def check_data(self, task: str) -> None:
+        args, problems = self.args, self.problems
+        if args.synthetic is not None and args.data_dir is not None:
+            problems.append("pass either --synthetic N or --data_dir, not both")
+        if args.synthetic is not None and args.synthetic < 1:
+            problems.append(f"--synthetic must be >= 1 records (got {args.synthetic})")
+        if args.synthetic is not None and task == "jsonl":
+            problems.append("--task jsonl has no synthetic twin; pass --data_dir, or --synthetic with another task")
+        if args.data_dir is None and args.synthetic is None and task in ("ucf101", "jsonl"):
+            hint = ", e.g. from phi3v-convert ucf101" if task == "ucf101" else ""
+            twin = " or --synthetic N" if task == "ucf101" else ""
+            problems.append(
+                f"--task {task} needs --data_dir (a folder with *_train.jsonl, *_val.jsonl and images/{hint}){twin}"
+            )
+        if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
+            problems.append(f"--data_dir {args.data_dir}: no such folder")
+        if args.full_train and task in TASK_NAMES and task != "docvqa":
+            problems.append(f"--full_train applies to --task docvqa only, not {task}")
+        if args.full_train and args.data_dir is not None:
+            problems.append(
+                "--full_train selects the recipe's Hub train set (the Cauldron DocVQA); drop it with --data_dir"
+            )
+        hub_data = args.data_dir is None and args.synthetic is None and task in ("docvqa", "nlvr2", "hateful_memes")
+        if hub_data and importlib.util.find_spec("datasets") is None:
+            problems.append(
+                f"--task {task} without --data_dir loads the recipe's Hugging Face dataset, which needs the "
+                "'datasets' package (pip install datasets) and a download; or pass --data_dir DIR or --synthetic N"
+            )
+        for name in ("eval_limit", "max_new_tokens", "eval_batch_size"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                problems.append(f"--{name} must be >= 1 (got {value})")
+
+    def resolve_model(self) -> str:
+        explicit, from_env = self.args.model_name_or_path, os.environ.get(MODEL_ENV)
+        self.sources["model"] = "flag" if explicit else ("env" if from_env else "default")
+        before = len(self.problems)
+        model = _resolve_model(explicit or from_env or "tiny", self.problems, self.notes)
+        if len(self.problems) > before:
+            self.reported.add("model")
+        if model in MODEL_PRESETS:
+            self.notes.append(
+                f"model {model!r} is randomly initialised (no weights): the run checks the pipeline; pass "
+                "--model_name_or_path FOLDER for Phi-3.5-vision"
+            )
+        elif len(self.problems) == before:
+            folder_problems = _model_folder_problems(Path(model))
+            if folder_problems:
+                self.problems.extend(folder_problems)
+                self.reported.add("model")
+        return model
+
+    def check_sizes(self, model: str, values: dict[str, Any], method: str) -> None:
+        """LoRA rank within the hidden size; lengths within the model context (before anything loads)."""
+        if "model" in self.reported:
+            return
+        hidden, context = _model_dims(model)
+        self.context = context
+        rank = values["lora_rank"]
+        if method in ("lora", "qlora") and hidden and rank > hidden:
+            self.problems.append(
+                f"--lora_rank {rank} exceeds the model's hidden size {hidden}; pass --lora_rank <= {hidden} "
+                "(the recipe uses 32..128)"
+            )
+        if context:
+            for flag, value in (("--max_length", self.args.max_length), ("--max_new_tokens", values["max_new_tokens"])):
+                if value is not None and value > context:
+                    self.problems.append(
+                        f"{flag} {value} exceeds the model context of {context} tokens; pass at most {context}"
+                    )
+
+    def check_output(self, output_dir: str) -> None:
+        """The output folder: writable, no other run in it, no overlap with data or model (reads only)."""
+        from phi3v_core.training.run import output_dir_problems
+
+        model = self.args.model_name_or_path or os.environ.get(MODEL_ENV)
+        sources = {"--data_dir": self.args.data_dir, "--model_name_or_path": model if model not in MODEL_PRESETS else None}
+        problems = output_dir_problems(
+            output_dir, resume=self.args.resume, overwrite=self.args.overwrite_output_dir, sources=sources
+        )
+        if problems:
+            self.problems.extend(problems)
+            self.reported.add("output_dir")
+
+    def resolve_method(self) -> tuple[str, bool]:
+        """``(method, freeze_vision)`` from --method, the recipe's --use_lora/--use_qlora/--freeze_vision_model."""
+        args, problems = self.args, self.problems
+        recipe_method = "qlora" if args.use_qlora else ("lora" if args.use_lora else None)
+        if args.method is not None and args.method not in METHOD_NAMES:
+            problems.append(
+                f"unknown method {args.method!r}{_did_you_mean(args.method, METHOD_NAMES)}; "
+                f"choose one of {', '.join(METHOD_NAMES)}"
+            )
+            self.reported.add("method")
+        if args.method is not None:
+            if args.use_qlora and args.method != "qlora":
+                problems.append(f"--use_qlora conflicts with --method {args.method}; drop one of them")
+            elif args.use_lora and args.method not in ("lora", "qlora"):
+                problems.append(f"--use_lora conflicts with --method {args.method}; drop one of them")
+            if args.freeze_vision_model and args.method == "full":
+                problems.append(
+                    "--freeze_vision_model conflicts with --method full (full fine-tuning with a frozen image path "
+                    "is --method frozen_vision); drop one of them"
+                )
+        method = args.method or recipe_method or (self.preset.method if self.preset else None) or "full"
+        self.sources["method"] = "flag" if (args.method or recipe_method) else ("preset" if self.preset else "recipe")
+        if args.freeze_vision_model and method == "full":
+            # The recipe's full fine-tuning with --freeze_vision_model is our frozen_vision method.
+            method, self.sources["method"] = "frozen_vision", "flag"
+        return method, bool(args.freeze_vision_model and method in ("lora", "qlora"))
+
+    def resolve_precision(self) -> str:
+        args, env = self.args, self.env
+        if args.precision is not None:
+            if args.precision not in PRECISION_NAMES:
+                self.problems.append(
+                    f"unknown precision {args.precision!r}; choose one of {', '.join(PRECISION_NAMES)}"
+                )
+                self.reported.add("precision")
+            elif args.bf16 and args.precision != "bf16":
+                self.problems.append(f"--bf16 conflicts with --precision {args.precision}; drop one of them")
+            precision, self.sources["precision"] = args.precision, "flag"
+        elif args.bf16:
+            precision, self.sources["precision"] = "bf16", "flag"
+        elif args.use_flash_attention:
+            precision, self.sources["precision"] = "bf16", "implied"
+            self.notes.append("--use_flash_attention implies bf16 (as the recipe's nlvr2/ucf101 scripts force)")
+        elif env.cuda:
+            precision, self.sources["precision"] = "fp16", "recipe"
+        else:
+            precision, self.sources["precision"] = "fp32", "auto"
+            self.notes.append(
+                "precision fp32: the recipe's default without --bf16 is fp16 mixed precision, which needs a GPU"
+            )
+        if precision == "fp16" and not env.cuda:
+            self.problems.append(
+                "--precision fp16 needs a CUDA GPU (fp16 mixed precision with loss scaling does not run on CPU); "
+                "use --precision fp32 or --precision bf16"
+            )
+            self.reported.add("precision")
+        return precision
+
+    def resolve_attn(self) -> str:
+        args = self.args
+        if args.attn is not None:
+            if args.attn not in ATTN_NAMES:
+                self.problems.append(f"unknown attn {args.attn!r}; choose one of {', '.join(ATTN_NAMES)}")
+                self.reported.add("attn")
+            elif args.use_flash_attention and args.attn != "flash_attention_2":
+                self.problems.append(f"--use_flash_attention conflicts with --attn {args.attn}; drop one of them")
+            attn, self.sources["attn"] = args.attn, "flag"
+        elif args.use_flash_attention:
+            attn, self.sources["attn"] = "flash_attention_2", "flag"
+        else:
+            attn, self.sources["attn"] = "sdpa", "default"
+        if attn == "flash_attention_2" and not self.env.cuda:
+            flag = "--attn flash_attention_2" if args.attn else "--use_flash_attention"
+            self.problems.append(
+                f"{flag} needs a CUDA GPU (Ampere or newer) with flash-attn; drop it here (--attn sdpa is the default)"
+            )
+            self.reported.add("attn")
+        return attn
+
+    def resolve_numbers(self) -> dict[str, Any]:
+        values = {name: self.pick(name, default) for name, default in {**RECIPE_DEFAULTS, **OUR_DEFAULTS}.items()}
+        num_crops = values["num_crops"] = self.pick("num_crops", None)
+        if num_crops is None:
+            self.sources["num_crops"] = "task"
+        elif not 1 <= num_crops <= 16:
+            self.problems.append(
+                f"--num_crops {num_crops} is out of range: the recipe asserts num_crops <= 16; pass 1..16 "
+                "(16 for single images, 4 for video frames)"
+            )
+            self.reported.add("num_crops")
+        batch, per_gpu, world = values["batch_size"], values["batch_size_per_gpu"], self.env.world_size
+        if batch < 1 or per_gpu < 1:
+            self.problems.append(f"--batch_size and --batch_size_per_gpu must be >= 1 (got {batch} and {per_gpu})")
+            self.reported.update({"global_batch", "per_device_batch"})
+        elif batch % (per_gpu * world):
+            # The recipe asserts batch_size % (num_gpus * batch_size_per_gpu) == 0: --batch_size is the global batch.
+            self.problems.append(
+                f"--batch_size {batch} is not divisible by --batch_size_per_gpu {per_gpu} × {world} process(es) = "
+                f"{per_gpu * world}; pass a multiple of {per_gpu * world}"
+            )
+            self.reported.update({"global_batch", "per_device_batch"})
+        workers = self.args.num_workers
+        values["num_workers"] = workers if workers is not None else (4 if self.env.cuda else 0)
+        self.sources["num_workers"] = "flag" if workers is not None else "auto"
+        return values
+
+    def add_train_config_problems(self, train_cfg: Any) -> None:
+        """The training helper's own checks (environment, model folder, checkpoints), phrased with our flags."""
+        for problem in train_cfg.problems(self.env):
+            match = _FIELD_RE.match(problem)
+            if match and match.group(1) in self.reported:
+                continue  # already said in flag terms
+            problem = _FIELD_RE.sub(lambda m: _FIELD_FLAGS[m.group(1)], problem, count=1)
+            self.problems.append(problem.replace("resume='latest'", "--resume"))
+
+
+def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
+    """Map parsed flags onto one typed config and validate everything (all problems at once).
+
+    Nothing is built, loaded or written here.
+
+    Args:
+        args: ``build_parser().parse_args(...)``.
+        env: :class:`~phi3v_core.training.Environment` (detected when omitted; tests pass fakes).
+
+    Returns:
+        The resolved :class:`FinetuneConfig`.
+
+    Raises:
+        ConfigError: Every problem with the flags on this machine, in one message.
+    """
+    from phi3v_core.training import Environment, TrainConfig
+
+    resolver = _Resolver(args, env or Environment.detect())
+    resolver.resolve_preset()
+    task = resolver.resolve_task()
+    resolver.check_data(task)
+    model = resolver.resolve_model()
+    method, freeze_vision = resolver.resolve_method()
+    precision = resolver.resolve_precision()
+    attn = resolver.resolve_attn()
+    values = resolver.resolve_numbers()
+    resolver.check_sizes(model, values, method)
+    resolver.check_output(values["output_dir"])
+
+    train_cfg = TrainConfig(
+        model=model,
+        # Unknown names were reported above; placeholders keep TrainConfig's checks about everything else useful.
+        method=method if method in METHOD_NAMES else "full",
+        precision=precision if precision in PRECISION_NAMES else "fp32",
+        attn=attn if attn in ATTN_NAMES else "sdpa",
+        num_crops=values["num_crops"] if values["num_crops"] is not None else (4 if task == "ucf101" else 16),
+        per_device_batch=values["batch_size_per_gpu"],
+        global_batch=values["batch_size"],
+        max_steps=values["max_steps"],
+        num_train_epochs=values["num_train_epochs"],
+        learning_rate=values["learning_rate"],
+        weight_decay=values["wd"],
+        warmup_steps=values["warmup_steps"],
+        lora_rank=values["lora_rank"],
+        lora_alpha_ratio=values["lora_alpha_ratio"],
+        lora_dropout=values["lora_dropout"],
+        freeze_vision=freeze_vision,
+        output_dir=values["output_dir"],
+        save_steps=values["save_steps"],
+        resume=args.resume,
+        seed=values["seed"],
+        dataloader_num_workers=values["num_workers"],
+        disable_tqdm=not args.tqdm,
+        extra={"task": task, "preset": args.preset, "command": "phi3v-finetune"},
+    )
+    resolver.add_train_config_problems(train_cfg)
+    raise_all(dict.fromkeys(resolver.problems))  # dedupe, keep order
+
+    synthetic_eval = None
+    if args.synthetic is not None:
+        synthetic_eval = args.eval_limit or max(1, min(args.synthetic // 4, 16))
+    from phi3v_core.training.run import FinetuneConfig
+
+    return FinetuneConfig(
+        task=task,
+        train=train_cfg,
+        data_dir=args.data_dir,
+        synthetic=args.synthetic,
+        synthetic_eval=synthetic_eval,
+        eval_limit=args.eval_limit,
+        full_train=args.full_train,
+        num_crops=values["num_crops"],
+        skip_bad=args.skip_bad,
+        evaluate=args.evaluate,
+        max_new_tokens=values["max_new_tokens"],
+        eval_batch_size=values["eval_batch_size"],
+        json=args.json,
+        progress=args.tqdm,
+        preset=args.preset,
+        sources=resolver.sources,
+        notes=resolver.notes,
+        overwrite_output_dir=args.overwrite_output_dir,
+        max_length=args.max_length or resolver.context,
+    )

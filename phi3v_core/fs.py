@@ -1,0 +1,306 @@
+"""File-system safety shared by every command: locks, overlap checks, write probes and OS-error messages.
+
+Torch-free (the planner imports it). The rules it serves (issue #11):
+
+* one writer per output folder: :class:`FolderLock` writes ``.phi3v.lock`` naming the holder (pid, host, command)
+  and detects a stale lock left by a process that no longer runs;
+* never destroy what the command did not create: :func:`overlap_problem` refuses a source inside the output (or the
+  reverse), :func:`foreign_entries` lists what a folder holds beyond a command's own outputs;
+* fail first: :func:`writable_problem` probes an output path before any work starts;
+* a full disk or unwritable path is reported as such, naming the path: :func:`describe_os_error` and
+  :func:`describe_storage_error` turn ``OSError`` (ENOSPC, EFBIG, EACCES, EROFS, ...) and torch's serializer errors
+  ("enforce fail at inline_container", "File too large") into one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from phi3v_core.errors import Phi3VError
+
+__all__ = [
+    "LOCK_NAME",
+    "FolderLock",
+    "StorageError",
+    "check_regular_file",
+    "describe_os_error",
+    "describe_storage_error",
+    "foreign_entries",
+    "overlap_problem",
+    "weight_file_problem",
+    "writable_problem",
+]
+
+#: Lock file name inside a locked folder.
+LOCK_NAME = ".phi3v.lock"
+
+_ERRNO_CAUSES = {
+    errno.ENOSPC: ("no space left on the device", "free space or write elsewhere"),
+    errno.EFBIG: ("file too large for the file system or the file-size limit (ulimit -f)", "raise the limit or write elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free space in your quota or write elsewhere"),
+    errno.EACCES: ("permission denied", "fix the permissions or choose another path"),
+    errno.EPERM: ("operation not permitted", "fix the permissions or choose another path"),
+    errno.EROFS: ("read-only file system", "choose a writable path"),
+    errno.ENOENT: ("no such file or folder", "check the path"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "check the path"),
+    errno.EISDIR: ("is a folder, not a file", "check the path"),
+    errno.EEXIST: ("already exists", "choose another path"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter path"),
+    errno.EIO: ("input/output error (failing disk or network file system)", "check the device"),
+}
+
+
+class StorageError(Phi3VError):
+    """A file could not be written or read for a reason of the storage (full, too large, read-only, locked)."""
+
+
+def describe_os_error(exc: OSError, path: str | os.PathLike[str] | None = None) -> str:
+    """One line naming the path, the cause and the fix for an ``OSError``.
+
+    Args:
+        exc: The error.
+        path: The path the caller was working on (used when the error carries none).
+    """
+    where = exc.filename if exc.filename is not None else path
+    cause, fix = _ERRNO_CAUSES.get(exc.errno or -1, (exc.strerror or str(exc) or type(exc).__name__, "check the path"))
+    target = f"{where}: " if where is not None else ""
+    return f"{target}{cause}; {fix}"
+
+
+def describe_storage_error(exc: BaseException, path: str | os.PathLike[str] | None = None) -> str | None:
+    """A one-line message for write failures that hide their cause, or ``None`` when ``exc`` is something else.
+
+    Torch's zip writer raises ``RuntimeError("[enforce fail at inline_container.cc:...] . unexpected pos ...")`` on
+    a full disk and ``RuntimeError("... File too large")`` past ``ulimit -f``; neither names the file.
+    """
+    if isinstance(exc, OSError) and exc.errno in _ERRNO_CAUSES:
+        return describe_os_error(exc, path)
+    text = str(exc)
+    where = f"{path}: " if path is not None else ""
+    if "File too large" in text:
+        return f"{where}{_ERRNO_CAUSES[errno.EFBIG][0]}; {_ERRNO_CAUSES[errno.EFBIG][1]}"
+    if "No space left on device" in text:
+        return f"{where}{_ERRNO_CAUSES[errno.ENOSPC][0]}; {_ERRNO_CAUSES[errno.ENOSPC][1]}"
+    if "inline_container" in text or "unexpected pos" in text:
+        return (
+            f"{where}writing the file failed part-way (the disk is probably full or a file-size limit was hit); "
+            "free space or raise the limit, then rerun"
+        )
+    return None
+
+
+def check_regular_file(path: Path, what: str = "file") -> str | None:
+    """``None`` when ``path`` is a regular file (after symlinks), else the reason. Never opens it (a FIFO would hang).
+
+    Args:
+        path: The file.
+        what: What the file is, for the message.
+    """
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"{what} not found; fix the path or add the file"
+    except OSError as exc:
+        return describe_os_error(exc, path).split(": ", 1)[-1]
+    if stat.S_ISREG(mode):
+        return None
+    kind = (
+        "a folder"
+        if stat.S_ISDIR(mode)
+        else "a FIFO (named pipe)"
+        if stat.S_ISFIFO(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a regular file"
+    )
+    return f"is {kind}, not a regular {what}; point to a regular file"
+
+
+def overlap_problem(source: Path, output: Path, source_flag: str, output_flag: str) -> str | None:
+    """Refuse a source and an output folder that contain each other (either way) or are the same folder."""
+    src, out = Path(source).expanduser().resolve(), Path(output).expanduser().resolve()
+    if src == out:
+        return f"{output_flag} {output} is the source folder {source_flag} {source}; write the output elsewhere"
+    if src in out.parents:
+        return f"{output_flag} {output} is inside the source folder {source_flag} {source}; write the output elsewhere"
+    if out in src.parents:
+        return (
+            f"{output_flag} {output} contains the source folder {source_flag} {source}; replacing it would delete the "
+            "source: write the output elsewhere"
+        )
+    return None
+
+
+def writable_problem(path: Path, flag: str) -> str | None:
+    """Why a folder cannot be created or written at ``path`` (``None`` when it can). Creates nothing.
+
+    Checks that ``path`` is not a file, and that the nearest existing folder on the way is writable.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        return f"{flag} {path} exists and is not a folder; choose a folder path"
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return f"{flag} {path}: {probe} is a file, not a folder; choose another path"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{flag} {path}: {probe} is not writable (permission denied or read-only); choose a writable path"
+    return None
+
+
+def foreign_entries(folder: Path, own: Iterable[str], own_prefixes: Iterable[str] = ()) -> list[str]:
+    """Names in ``folder`` that are neither in ``own`` nor start with one of ``own_prefixes`` (sorted)."""
+    own_set, prefixes = set(own), tuple(own_prefixes)
+    return sorted(p.name for p in Path(folder).iterdir() if p.name not in own_set and not p.name.startswith(prefixes))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+class FolderLock:
+    """One writer per folder: an exclusive ``.phi3v.lock`` naming the holder, removed on exit.
+
+    A lock whose holder process no longer runs on this host is stale and is taken over (with a warning note in
+    :attr:`took_over`). A lock held by a live process, or by another host, is refused naming the holder.
+
+    Args:
+        folder: The folder to lock (created when missing).
+        command: What holds the lock (for the message).
+        flag: The flag naming the folder (for the message).
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], command: str, flag: str = "--output_dir") -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.command = command
+        self.flag = flag
+        self.took_over: dict[str, Any] | None = None
+        self._held = False
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # being written right now, or garbage: treat as held by an unknown process
+
+    def acquire(self) -> FolderLock:
+        """Take the lock.
+
+        Raises:
+            StorageError: Another live process holds it, or the folder cannot be written.
+        """
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"{self.flag} " + describe_os_error(exc, self.folder)) from None
+        payload = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "since": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue  # released between our attempts
+                stale = (
+                    holder.get("host") == socket.gethostname()
+                    and isinstance(holder.get("pid"), int)
+                    and not _process_alive(holder["pid"])
+                )
+                if not stale:
+                    who = (
+                        f"pid {holder.get('pid')} on {holder.get('host')} ({holder.get('command')})"
+                        if holder
+                        else "another process"
+                    )
+                    raise StorageError(
+                        f"{self.flag} {self.folder} is in use by {who}: one writer per folder; wait for it to finish, "
+                        f"choose another folder, or delete {self.path} if that process is gone"
+                    ) from None
+                self.took_over = holder
+                self.path.unlink(missing_ok=True)
+                continue
+            except OSError as exc:
+                raise StorageError(f"{self.flag} " + describe_os_error(exc, self.path)) from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(payload, handle)
+            self._held = True
+            return self
+        raise StorageError(f"{self.flag} {self.folder}: could not take the lock {self.path}; retry")
+
+    def release(self) -> None:
+        """Remove the lock (only ours)."""
+        if self._held:
+            holder = self._holder()
+            if holder and holder.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self._held = False
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def weight_file_problem(path: Path) -> str | None:
+    """Why a weight file cannot be loaded (``None`` when its header and size are consistent). Reads the header only.
+
+    ``*.safetensors``: the 8-byte header length, the JSON header, and the file long enough for every tensor.
+    ``*.bin`` / ``*.pt`` / ``*.pth`` (torch zip format): the zip central directory at the end (a cut-off file has none).
+    """
+    import struct
+    import zipfile
+
+    reason = check_regular_file(path, "weight file")
+    if reason:
+        return reason
+    size = path.stat().st_size
+    if path.suffix == ".safetensors":
+        try:
+            with path.open("rb") as handle:
+                raw = handle.read(8)
+                if len(raw) < 8:
+                    return f"truncated ({size} bytes, no safetensors header)"
+                (length,) = struct.unpack("<Q", raw)
+                if length > min(size - 8, 100_000_000):
+                    return f"truncated or not a safetensors file (header of {length} bytes in a {size}-byte file)"
+                header = json.loads(handle.read(length))
+        except (OSError, ValueError) as exc:
+            return f"unreadable safetensors header ({exc})"
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + length + end > size:
+            return f"truncated: the header describes {8 + length + end} bytes, the file has {size}"
+        return None
+    if path.suffix in (".bin", ".pt", ".pth"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"truncated or not a torch file ({exc})"
+    return None

@@ -1,0 +1,512 @@
+"""One ``phi3v-finetune`` run: distributed set-up, data, eval before, training, eval after — and its output folder.
+
+The CLI (:mod:`phi3v_core.cli.finetune`) parses and resolves flags into a :class:`FinetuneConfig` and prints; this
+module runs it. :mod:`phi3v_core.training.launch` shares the output-folder guard.
+
+Output-folder rules (issue #11):
+
+* one writer per folder: a lock file names the holder (:class:`phi3v_core.fs.FolderLock`), stale locks are taken over;
+* a folder holding a run is refused unless ``resume`` (continue it) or ``overwrite_output_dir`` (replace it): the old
+  run is moved aside, the new one written, and the old one deleted only when the new one finished (restored when the
+  new one fails); files this command did not write are never deleted (the folder is refused instead);
+* a folder holding files the run would overwrite (e.g. a model folder) is refused;
+* a complete run (``run_complete.json``) is never trained further by ``resume``: the run says so and does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phi3v_core.errors import DataError
+from phi3v_core.fs import LOCK_NAME, FolderLock, foreign_entries, overlap_problem, writable_problem
+
+__all__ = [
+    "COMPLETE_MARKER",
+    "MANIFEST_NAME",
+    "FinetuneConfig",
+    "RunFolder",
+    "guarded_output_dir",
+    "inspect_run_folder",
+    "is_main_process",
+    "output_dir_problems",
+    "run",
+]
+
+MODEL_PRESETS = ("tiny", "phi-3.5-vision", "phi-3-vision")
+#: Written by ``train()`` after the final save: the run is complete.
+COMPLETE_MARKER = "run_complete.json"
+#: Top-level names a run wrote (``overwrite_output_dir`` deletes only these).
+MANIFEST_NAME = ".phi3v-manifest.json"
+#: Names a run writes, for folders from before the manifest existed.
+_RUN_NAMES = (
+    "train_config.json", "trainer_state.json", "training_args.bin", "train_result.json", "eval_before.json",
+    "eval_after.json", COMPLETE_MARKER, MANIFEST_NAME, LOCK_NAME, "config.json", "generation_config.json",
+    "model.safetensors", "model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors",
+    "README.md", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
+    "chat_template.jinja", ".final-staging",
+)  # fmt: skip
+_RUN_PREFIXES = ("checkpoint-", "model-0", ".final-staging")
+#: Files whose presence means "this folder holds a model or a run": never silently overwritten.
+_WOULD_OVERWRITE = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                    "adapter_config.json", "train_config.json", "eval_before.json", "eval_after.json")  # fmt: skip
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a run needs, resolved from flags, preset and defaults.
+
+    Attributes:
+        task: Task name.
+        train: The training helper's :class:`~phi3v_core.training.TrainConfig`.
+        data_dir: jsonl folder (``None``: synthetic twin or the recipe's Hub data).
+        synthetic: Records of the offline twin to train on.
+        synthetic_eval: Eval records of the twin.
+        eval_limit: Cap on eval questions.
+        full_train: DocVQA ``--full_train``.
+        num_crops: Explicit/preset num_crops (``None``: the task's default, chosen when the data is loaded).
+        skip_bad: Skip records with unreadable images.
+        evaluate: Run eval before and after.
+        max_new_tokens: Eval generation budget.
+        eval_batch_size: Eval prompts per ``generate``.
+        json: JSON output.
+        progress: Progress bars.
+        preset: ``--preset`` name.
+        sources: Setting → where its value came from (``flag``, ``preset``, ``recipe``, ``default``, ``auto``).
+        notes: Remarks printed before the run (deviations, implied settings).
+        overwrite_output_dir: Replace a run already in the output folder (moved aside, deleted after success).
+        max_length: Longest training sequence in tokens (``None``: the model context); longer records are an
+            error naming them (never truncated, so no record loses its supervised tokens).
+    """
+
+    task: str
+    train: Any  # TrainConfig (imported lazily so --help stays fast)
+    data_dir: str | None = None
+    synthetic: int | None = None
+    synthetic_eval: int | None = None
+    eval_limit: int | None = None
+    full_train: bool = False
+    num_crops: int | None = None
+    skip_bad: bool = False
+    evaluate: bool = True
+    max_new_tokens: int = 64
+    eval_batch_size: int = 8
+    json: bool = False
+    progress: bool = True
+    preset: str | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    overwrite_output_dir: bool = False
+    max_length: int | None = None
+
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Global rank 0 (or no launcher): the process that writes files and prints."""
+    return _rank() == 0
+
+
+# -- the output folder ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunFolder:
+    """What an output folder holds.
+
+    Attributes:
+        path: The folder.
+        exists: It exists (as a folder).
+        has_run: It holds a phi3v run (``train_config.json`` or checkpoints).
+        complete: The run finished (``run_complete.json``): ``{"global_step": N, ...}``.
+        last_checkpoint: Step of the newest checkpoint folder (complete or not), or ``None``.
+        foreign: Top-level names the run did not write (never deleted).
+        would_overwrite: Files present that a new run would write over (a model folder, another run's results).
+    """
+
+    path: Path
+    exists: bool = False
+    has_run: bool = False
+    complete: dict[str, Any] | None = None
+    last_checkpoint: int | None = None
+    foreign: list[str] = field(default_factory=list)
+    would_overwrite: list[str] = field(default_factory=list)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def inspect_run_folder(path: str | Path) -> RunFolder:
+    """Look at an output folder without changing it."""
+    folder = RunFolder(Path(path))
+    if not folder.path.is_dir():
+        return folder
+    folder.exists = True
+    names = [p.name for p in folder.path.iterdir()]
+    steps = [int(n.removeprefix("checkpoint-")) for n in names if n.removeprefix("checkpoint-").isdigit()]
+    folder.last_checkpoint = max(steps) if steps else None
+    folder.has_run = "train_config.json" in names or bool(steps)
+    folder.complete = _read_json(folder.path / COMPLETE_MARKER) if COMPLETE_MARKER in names else None
+    manifest = _read_json(folder.path / MANIFEST_NAME)
+    own = set(manifest.get("entries", [])) if isinstance(manifest, dict) else set()
+    folder.foreign = foreign_entries(folder.path, own | set(_RUN_NAMES), _RUN_PREFIXES)
+    folder.would_overwrite = sorted(n for n in names if n in _WOULD_OVERWRITE)
+    return folder
+
+
+def output_dir_problems(
+    output_dir: str | Path,
+    *,
+    resume: str | None,
+    overwrite: bool,
+    sources: dict[str, str | None] | None = None,
+    flag: str = "--output_dir",
+) -> list[str]:
+    """Why a run may not write ``output_dir`` (empty when it may). Reads only; call before anything loads.
+
+    Args:
+        output_dir: The run folder.
+        resume: ``None``, ``"latest"`` or a checkpoint folder.
+        overwrite: ``--overwrite_output_dir``.
+        sources: Flag → folder the run reads (data, model): they may not overlap the output folder.
+        flag: The flag naming the output folder, for messages.
+    """
+    out = Path(output_dir).expanduser()
+    problem = writable_problem(out, flag)
+    if problem:
+        return [problem]
+    problems = []
+    for source_flag, source in (sources or {}).items():
+        if source and Path(source).expanduser().exists():
+            overlap = overlap_problem(Path(source), out, source_flag, flag)
+            if overlap:
+                problems.append(overlap)
+    folder = inspect_run_folder(out)
+    if not folder.exists:
+        return problems
+    if overwrite and resume is not None:
+        problems.append(f"--resume continues the run in {out} and --overwrite_output_dir replaces it; drop one of them")
+    elif overwrite:
+        if folder.foreign:
+            shown = ", ".join(folder.foreign[:5]) + (", ..." if len(folder.foreign) > 5 else "")
+            problems.append(
+                f"{flag} {out} holds files phi3v-finetune did not write ({shown}); --overwrite_output_dir replaces "
+                "only a run's own folder: move them away or choose another {flag}".replace("{flag}", flag)
+            )
+    elif resume is not None:
+        if folder.complete is not None and resume == "latest":
+            pass  # reported by the run as "complete, nothing to do" (not an error)
+        elif not folder.has_run and any(folder.path.iterdir()) and folder.would_overwrite:
+            problems.append(
+                f"{flag} {out} holds no phi3v run to resume but has {', '.join(folder.would_overwrite)}; "
+                f"choose the run's folder or another {flag}"
+            )
+    elif folder.has_run:
+        state = (
+            f"a complete run (step {folder.complete.get('global_step')})"
+            if isinstance(folder.complete, dict)
+            else "an unfinished run" + (f" (checkpoint {folder.last_checkpoint})" if folder.last_checkpoint else "")
+        )
+        problems.append(
+            f"{flag} {out} already holds {state}; pass --resume to continue it, --overwrite_output_dir to replace "
+            f"it, or choose another {flag}"
+        )
+    elif folder.would_overwrite:
+        problems.append(
+            f"{flag} {out} holds {', '.join(folder.would_overwrite)}, which the run would overwrite (a model "
+            f"folder?); choose an empty or new {flag}"
+        )
+    return problems
+
+
+def _own_entries(folder: Path, before: set[str]) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name not in before and p.name != LOCK_NAME)
+
+
+@contextlib.contextmanager
+def guarded_output_dir(
+    output_dir: str | Path, *, command: str, overwrite: bool = False, resume: str | None = None
+) -> Iterator[Path]:
+    """Hold the output folder for one run (main process; other ranks just yield).
+
+    Takes the lock; with ``overwrite`` moves the old run aside (``.<name>.replaced-<pid>`` beside it) and deletes it
+    only when the block succeeds, restoring it when the block fails. Records what the run wrote in the manifest.
+
+    Raises:
+        StorageError: Another writer holds the folder, or it cannot be written.
+    """
+    out = Path(output_dir).expanduser()
+    if not is_main_process():
+        yield out
+        return
+    aside: Path | None = None
+    if overwrite and out.is_dir() and any(out.iterdir()):
+        aside = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        FolderLock(out, command).acquire().release()  # refuse if another writer works in the old run
+        os.replace(out, aside)
+    created = not out.exists()
+    manifest = _read_json(out / MANIFEST_NAME)
+    previous = set(manifest.get("entries", [])) if isinstance(manifest, dict) else set()
+    lock = FolderLock(out, command)
+    try:
+        lock.acquire()
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, out)
+        raise
+    if lock.took_over:
+        print(
+            f"note: {out}: took over a stale lock of pid {lock.took_over.get('pid')} (that process no longer runs)",
+            file=sys.stderr,
+        )
+    before = {p.name for p in out.iterdir()} - previous
+    try:
+        yield out
+    except BaseException:
+        lock.release()
+        if aside is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(aside, out)
+        elif created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty: a failed run leaves no folder it made for nothing
+        raise
+    else:
+        entries = sorted(previous | set(_own_entries(out, before)) | {MANIFEST_NAME})
+        (out / MANIFEST_NAME).write_text(json.dumps({"command": command, "entries": entries}, indent=2))
+        lock.release()
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+def check_sequence_lengths(task: Any, processor: Any, max_length: int) -> None:
+    """Every training record fits ``max_length`` tokens (text + image placeholders); all offenders listed.
+
+    Records are never truncated: cutting a sequence could leave an answer without a supervised token.
+
+    Raises:
+        DataError: Naming the first records that are too long and the fixes.
+    """
+    from phi3v_core.data.seqlen import record_image_tokens
+
+    tokenizer = processor.tokenizer
+    too_long = []
+    for record in task.train:
+        image_tokens = record_image_tokens(record, task.num_crops)
+        text = "".join(f"<|user|>\n{t.user}<|end|>\n<|assistant|>\n{t.assistant}<|end|>\n" for t in record.conversations)
+        total = image_tokens + len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        if total > max_length:
+            too_long.append(f"record {record.id!r}: {total} tokens ({image_tokens} image)")
+    if too_long:
+        shown = "; ".join(too_long[:3]) + (f"; and {len(too_long) - 3} more" if len(too_long) > 3 else "")
+        raise DataError(
+            f"{task.origin}: {len(too_long)} training record(s) longer than --max_length {max_length} ({shown}); "
+            "records are never truncated: shorten them, lower --num_crops, or raise --max_length (up to the "
+            "model context)"
+        )
+
+
+def _device(env: Any) -> Any:
+    import torch
+
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if env.cuda else torch.device("cpu")
+
+
+def _load_data(cfg: FinetuneConfig) -> Any:
+    from phi3v_core.data import load_task
+
+    return load_task(
+        cfg.task,
+        data_dir=cfg.data_dir,
+        synthetic=cfg.synthetic,
+        synthetic_eval=cfg.synthetic_eval,
+        full_train=cfg.full_train,
+        seed=cfg.train.seed,
+        skip_bad=cfg.skip_bad,
+        num_crops=cfg.num_crops,
+        eval_limit=cfg.eval_limit,
+    )
+
+
+def _build_processor(model: str, num_crops: int) -> Any:
+    from phi3v_core.processing import Phi3VProcessor
+
+    if model in MODEL_PRESETS:
+        # Random-init presets have no tokenizer files; the offline tiny tokenizer has the official special ids.
+        return Phi3VProcessor.tiny(num_crops=num_crops)
+    return Phi3VProcessor.from_pretrained(model, num_crops=num_crops)
+
+
+def _eval_kwargs(cfg: FinetuneConfig, env: Any) -> dict[str, Any]:
+    train = cfg.train
+    # With fp32 master weights (full / frozen_vision) the model generates under autocast like it trained; on CPU the
+    # weights' own dtype is used (CPU autocast is slow and fp16 is unavailable there).
+    autocast = train.compute_dtype if env.cuda and train.precision != "fp32" else None
+    return {
+        "batch_size": cfg.eval_batch_size,
+        "max_new_tokens": cfg.max_new_tokens,
+        "autocast_dtype": autocast,
+        "num_workers": train.dataloader_num_workers,
+        "progress": cfg.progress and not cfg.json,
+    }
+
+
+def _evaluate_before(cfg: FinetuneConfig, task: Any, processor: Any, env: Any) -> Any:
+    import torch
+
+    from phi3v_core.training.evaluate import EvalResult, baseline_model, evaluate_task
+
+    path = Path(cfg.train.output_dir) / "eval_before.json"
+    if cfg.train.resume is not None and path.is_file():
+        previous = EvalResult.from_json(path)
+        if previous.task == task.name and previous.ids == [item.id for item in task.eval_items()]:
+            return previous  # a resumed run keeps its baseline instead of regenerating it
+    model = baseline_model(cfg.train, env).to(_device(env))  # QLoRA: the same nf4 base as "after"
+    try:
+        return evaluate_task(
+            model, task, processor, output_file=path, description="eval before", **_eval_kwargs(cfg, env)
+        )
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def run(cfg: FinetuneConfig, env: Any = None, on_plan: Callable[[FinetuneConfig, Any], None] | None = None) -> dict[str, Any]:
+    """Hold the output folder, load data and processor, evaluate, train, evaluate again; return the summary.
+
+    Args:
+        cfg: A validated :class:`FinetuneConfig` (from :func:`phi3v_core.cli.finetune.build_config`).
+        env: The machine (detected when omitted).
+        on_plan: Called on the main process once the data is loaded (the CLI prints the plan).
+
+    Returns:
+        JSON-ready summary: settings, data, training result and the before/after metrics. For a complete run asked
+        to resume: ``{"status": "complete", ...}`` and nothing is trained or written.
+    """
+    out = Path(cfg.train.output_dir)
+    folder = inspect_run_folder(out)
+    if cfg.train.resume == "latest" and folder.complete is not None:
+        return {
+            "status": "complete",
+            "output_dir": str(out),
+            "global_step": folder.complete.get("global_step") if isinstance(folder.complete, dict) else None,
+            "message": f"{out} holds a complete run; nothing to train (start a new run with another --output_dir "
+            "or --overwrite_output_dir)",
+        }
+    with guarded_output_dir(out, command="phi3v-finetune", overwrite=cfg.overwrite_output_dir, resume=cfg.train.resume):
+        return _run_locked(cfg, env, on_plan)
+
+
+def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig, Any], None] | None) -> dict[str, Any]:
+    from phi3v_core.training import Environment, train
+    from phi3v_core.training.api import init_distributed, resolve_resume
+    from phi3v_core.training.evaluate import evaluate_task
+
+    env = env or Environment.detect()
+    resolve_resume(cfg.train)  # checkpoint compatibility before any data or model loads
+    init_distributed(env.cuda, cfg.train.ddp_timeout)  # before the first eval; the Trainer reuses it
+    task = _load_data(cfg)
+    cfg.train.num_crops = task.num_crops  # the task's default when --num_crops was not given (validated 1..16)
+    cfg.train.extra["data"] = task.origin
+    processor = _build_processor(cfg.train.model, task.num_crops)
+    if cfg.max_length is not None:
+        check_sequence_lengths(task, processor, cfg.max_length)
+
+    from phi3v_core.data import EncodedDataset
+
+    train_dataset = EncodedDataset(task.train, processor)
+    if is_main_process() and on_plan is not None:
+        on_plan(cfg, task)
+
+    before = _evaluate_before(cfg, task, processor, env) if cfg.evaluate else None
+    result = train(cfg.train, train_dataset, processor=processor, env=env)
+    after = None
+    if cfg.evaluate:
+        after = evaluate_task(
+            result.model,
+            task,
+            processor,
+            output_file=Path(cfg.train.output_dir) / "eval_after.json",
+            description="eval after",
+            **_eval_kwargs(cfg, env),
+        )
+    train_summary = result.to_dict()
+    train_summary.pop("steps", None)  # per-step timings are the benchmark's business
+    return {
+        "status": "trained",
+        "task": task.name,
+        "data": task.origin,
+        "train_records": len(task.train),
+        "eval_questions": len(task.eval_items()),
+        "model": cfg.train.model,
+        "method": cfg.train.method,
+        "precision": cfg.train.precision,
+        "attn": cfg.train.attn,
+        "num_crops": task.num_crops,
+        "preset": cfg.preset,
+        "output_dir": str(cfg.train.output_dir),
+        "settings": {name: {"value": _setting_value(cfg, name), "from": src} for name, src in cfg.sources.items()},
+        "train": train_summary,
+        "metric": task.metric,
+        "eval_before": _eval_summary(before, Path(cfg.train.output_dir) / "eval_before.json"),
+        "eval_after": _eval_summary(after, Path(cfg.train.output_dir) / "eval_after.json"),
+    }
+
+
+def _setting_value(cfg: FinetuneConfig, name: str) -> Any:
+    train = cfg.train
+    mapping = {
+        "task": cfg.task,
+        "model": train.model,
+        "method": train.method,
+        "precision": train.precision,
+        "attn": train.attn,
+        "num_crops": train.num_crops,
+        "batch_size": train.global_batch,
+        "batch_size_per_gpu": train.per_device_batch,
+        "num_train_epochs": train.num_train_epochs,
+        "learning_rate": train.learning_rate,
+        "wd": train.weight_decay,
+        "lora_rank": train.lora_rank,
+        "lora_alpha_ratio": train.lora_alpha_ratio,
+        "lora_dropout": train.lora_dropout,
+        "output_dir": train.output_dir,
+        "max_steps": train.max_steps,
+        "warmup_steps": train.warmup_steps,
+        "save_steps": train.save_steps,
+        "seed": train.seed,
+        "max_new_tokens": cfg.max_new_tokens,
+        "eval_batch_size": cfg.eval_batch_size,
+        "num_workers": train.dataloader_num_workers,
+    }
+    return mapping.get(name)
+
+
+def _eval_summary(result: Any, path: Path) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    return {
+        "metric": result.metric,
+        "score": result.score,
+        "num_samples": result.num_samples,
+        "seconds": round(result.seconds, 3),
+        "file": str(path),
+    }
