@@ -18,6 +18,7 @@ from typing import Any
 from transformers import CLIPVisionConfig
 from transformers.models.phi3.configuration_phi3 import Phi3Config
 
+from phi3v_core.constants import CONTEXT_LENGTH, CROP_SIZE, DEFAULT_ATTN, TOKENS_PER_CROP
 from phi3v_core.errors import ConfigError
 
 __all__ = [
@@ -36,7 +37,7 @@ CLIP_VIT_L14_336: dict[str, Any] = {
     "intermediate_size": 4096,
     "num_hidden_layers": 24,
     "num_attention_heads": 16,
-    "image_size": 336,
+    "image_size": CROP_SIZE,
     "patch_size": 14,
     "num_channels": 3,
     "hidden_act": "quick_gelu",
@@ -57,7 +58,7 @@ DEFAULT_IMG_PROCESSOR: dict[str, Any] = {
     "image_dim_out": 1024,
     "model_name": "openai/clip-vit-large-patch14-336",
     "name": "clip_vision_model",
-    "num_img_tokens": 144,
+    "num_img_tokens": TOKENS_PER_CROP,
 }
 
 # LongRoPE factor lists of the two official checkpoints are long (48 floats each). Rather than duplicate them in code,
@@ -129,7 +130,7 @@ class Phi3VConfig(Phi3Config):
     @property
     def num_img_tokens(self) -> int:
         """Tokens per 336² crop after the 2×2 merge (144 = 12×12)."""
-        return int((self.img_processor or DEFAULT_IMG_PROCESSOR).get("num_img_tokens", 144))
+        return int((self.img_processor or DEFAULT_IMG_PROCESSOR).get("num_img_tokens", TOKENS_PER_CROP))
 
     @property
     def crop_grid(self) -> int:
@@ -145,7 +146,7 @@ def _with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> Phi3VCon
     # The official files ask for flash_attention_2, which needs a CUDA GPU and the flash-attn wheel; we default to
     # sdpa (same maths) and let callers pick explicitly.
     values.pop("_attn_implementation", None)
-    attn = values.pop("attn_implementation", None) or "sdpa"
+    attn = values.pop("attn_implementation", None) or DEFAULT_ATTN
     cfg = Phi3VConfig(**values)
     cfg._attn_implementation = attn
     return cfg
@@ -171,7 +172,7 @@ def _official_values(name: str) -> dict[str, Any]:
         "num_attention_heads": 32,
         "num_key_value_heads": 32,
         "hidden_act": "silu",
-        "max_position_embeddings": 131072,
+        "max_position_embeddings": CONTEXT_LENGTH,
         "original_max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
@@ -215,7 +216,7 @@ def tiny_config(**overrides: Any) -> Phi3VConfig:
         "num_attention_heads": 4,
         "num_key_value_heads": 4,
         "hidden_act": "silu",
-        "max_position_embeddings": 131072,
+        "max_position_embeddings": CONTEXT_LENGTH,
         "original_max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,

@@ -46,6 +46,7 @@ __all__ = [
     "image_token_count",
     "load_recipe",
     "num_image_tokens",
+    "pad_to_crops",
     "padded_image_tokens",
     "zero2_buffer_bytes",
 ]
@@ -135,13 +136,18 @@ def hd_resize_target(width: int, height: int, num_crops: int) -> tuple[int, int,
     return new_w, max(1, int(new_w / ratio)), transposed
 
 
+def pad_to_crops(side: int) -> int:
+    """``side`` rounded up to a multiple of 336 (how the HD transform pads the short side)."""
+    return math.ceil(side / CROP_SIZE) * CROP_SIZE
+
+
 def hd_padded_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
     """``(padded_height, padded_width)`` of the HD image (the processor's ``image_sizes``): both multiples of 336.
 
     The resize target of :func:`hd_resize_target` with its short side padded up to a multiple of 336.
     """
     new_w, new_h, transposed = hd_resize_target(width, height, num_crops)
-    padded_h = math.ceil(new_h / CROP_SIZE) * CROP_SIZE
+    padded_h = pad_to_crops(new_h)
     return (new_w, padded_h) if transposed else (padded_h, new_w)
 
 

@@ -6,12 +6,10 @@ Order of work: validate everything (before touching a GPU or writing a file) →
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +20,11 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback, set_seed
 
 from phi3v_core.config import PRESETS, get_config
+from phi3v_core.device import default_dtype, local_device
+from phi3v_core.io import atomic_write_json
 from phi3v_core.methods import MethodReport, get_method
 from phi3v_core.model import Phi3VForCausalLM
 from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
-from phi3v_core.processing.image_processing import write_text_atomic
 from phi3v_core.training.callbacks import LossGuard, StepRecord, StepTimer
 from phi3v_core.training.collate import SupervisedLogitsCollator
 from phi3v_core.training.config import DTYPES, Environment, TrainConfig, find_resumable_checkpoint
@@ -88,20 +87,6 @@ class TrainResult:
         }
 
 
-def _device(env: Environment) -> torch.device:
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if env.cuda else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def build_model(cfg: TrainConfig, env: Environment | None = None) -> Phi3VForCausalLM:
     """The base model of a run, before the method changes it.
 
@@ -118,7 +103,7 @@ def build_model(cfg: TrainConfig, env: Environment | None = None) -> Phi3VForCau
     set_seed(cfg.seed)
     if cfg.model in PRESETS:
         config = get_config(cfg.model, attn_implementation=cfg.attn)
-        with _default_dtype(dtype), torch.device(_device(env)):
+        with default_dtype(dtype), torch.device(local_device(env.cuda)):
             model = Phi3VForCausalLM(config)
     else:
         model = Phi3VForCausalLM.from_pretrained(cfg.model, attn_implementation=cfg.attn, dtype=dtype)
@@ -131,7 +116,7 @@ def prepare_model(cfg: TrainConfig, env: Environment | None = None) -> tuple[nn.
     env = env or Environment.detect()
     model = build_model(cfg, env)
     set_seed(cfg.seed)
-    return get_method(cfg.method).prepare(model, cfg.method_options(_device(env)))
+    return get_method(cfg.method).prepare(model, cfg.method_options(local_device(env.cuda)))
 
 
 def resolve_resume(cfg: TrainConfig) -> Path | None:
@@ -158,8 +143,8 @@ def _single_process_rendezvous() -> None:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write ``payload`` as indented JSON via a temporary file and ``os.replace`` (never half-written)."""
-    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
+    """Write ``payload`` as indented, strict JSON atomically (never half-written); other objects become strings."""
+    atomic_write_json(path, payload, default=str)
 
 
 def _save_final(trainer: Phi3VTrainer, output_dir: Path, processor: Any | None) -> Path:

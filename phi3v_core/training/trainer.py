@@ -78,8 +78,8 @@ def build_training_arguments(cfg: TrainConfig, env: Environment) -> TrainingArgu
     workers = cfg.dataloader_num_workers
     return TrainingArguments(
         output_dir=str(cfg.output_dir),
-        per_device_train_batch_size=cfg.per_device_batch,
-        per_device_eval_batch_size=cfg.per_device_batch,
+        per_device_train_batch_size=cfg.micro_batch,
+        per_device_eval_batch_size=cfg.micro_batch,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps(env.world_size),
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.num_train_epochs,

@@ -54,8 +54,8 @@ def test_defaults_are_valid_on_cpu_and_follow_the_recipe(tmp_path: Path) -> None
         ({"method": "dora"}, CPU, "method 'dora' is unknown"),
         ({"precision": "fp8"}, CPU, "precision 'fp8' is unknown"),
         ({"attn": "xformers"}, CPU, "attn 'xformers' is unknown"),
-        ({"global_batch": 6, "per_device_batch": 4}, CPU, "global_batch 6 is not a multiple of per_device_batch 4"),
-        ({"global_batch": 16, "per_device_batch": 3}, Environment(world_size=2), "× 2 process(es) = 6"),
+        ({"global_batch": 6, "micro_batch": 4}, CPU, "global_batch 6 is not a multiple of micro_batch 4"),
+        ({"global_batch": 16, "micro_batch": 3}, Environment(world_size=2), "× 2 process(es) = 6"),
         ({}, Environment(cuda=True, capability=(9, 0), device_count=4), "torchrun --nproc_per_node=4"),
         ({"num_crops": 17}, CPU, "num_crops must be in 1..16"),
         ({"max_steps": 0}, CPU, "max_steps must be -1 (epochs) or >= 1"),
@@ -78,7 +78,7 @@ def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
         attn="flash_attention_2",
         precision="fp32",
         global_batch=5,
-        per_device_batch=2,
+        micro_batch=2,
         lora_rank=0,
     )
     with pytest.raises(ConfigError) as err:
@@ -112,7 +112,7 @@ def test_latest_checkpoint_skips_incomplete_folders(tmp_path: Path) -> None:
 
 
 def test_gradient_accumulation_makes_up_the_global_batch() -> None:
-    cfg = TrainConfig(global_batch=64, per_device_batch=2)
+    cfg = TrainConfig(global_batch=64, micro_batch=2)
     assert cfg.gradient_accumulation_steps(world_size=8) == 4
     assert cfg.gradient_accumulation_steps(world_size=1) == 32
 
@@ -140,7 +140,7 @@ def test_deepspeed_config_is_zero2_with_our_bucket_sizes() -> None:
 
 
 def test_training_arguments_carry_the_recipe_settings(tmp_path: Path) -> None:
-    cfg = TrainConfig(output_dir=str(tmp_path), global_batch=8, per_device_batch=2, save_steps=5, precision="bf16")
+    cfg = TrainConfig(output_dir=str(tmp_path), global_batch=8, micro_batch=2, save_steps=5, precision="bf16")
     args = build_training_arguments(cfg, CPU)
     assert (args.gradient_accumulation_steps, args.per_device_train_batch_size) == (4, 2)
     assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.max_grad_norm) == (0.9, 0.95, 1e-7, 1.0)
