@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,33 @@ class Phi3VConfig(Phi3Config):
         order = self.embd_layer.get("hd_transform_order", "sub_glb")
         if order != "sub_glb":
             raise ConfigError(f"embd_layer.hd_transform_order={order!r} is not supported; Phi-3.5-vision uses 'sub_glb'")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Phi3VConfig:
+        """Read a config dict; a stored ``flash_attention_2`` that cannot run here becomes sdpa, with one warning.
+
+        The official ``config.json`` files ask for ``flash_attention_2``, which needs the flash-attn package and an
+        Ampere-or-newer GPU; without this a V100, T4 or CPU user could not load them at all. sdpa computes the same
+        attention. An explicit ``attn_implementation=...`` argument is never changed (transformers then reports
+        what is missing).
+        """
+        if "attn_implementation" in kwargs:
+            # transformers would let the file's "_attn_implementation" overwrite the explicit choice; drop it.
+            return super().from_dict({k: v for k, v in config_dict.items() if k != "_attn_implementation"}, **kwargs)
+        stored = config_dict.get("_attn_implementation") or config_dict.get("attn_implementation")
+        if stored == "flash_attention_2":
+            from phi3v_core.device import flash_attention_usable
+
+            if not flash_attention_usable():
+                warnings.warn(
+                    f"config.json asks for flash_attention_2, which needs the flash-attn package and an Ampere or "
+                    f"newer GPU; using {DEFAULT_ATTN} instead (same results). Pass attn_implementation= to choose.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                config_dict = {**config_dict, "_attn_implementation": DEFAULT_ATTN}
+                config_dict.pop("attn_implementation", None)
+        return super().from_dict(config_dict, **kwargs)
 
     # -- derived sizes ---------------------------------------------------------------------------------------------
     def clip_config(self) -> CLIPVisionConfig:

@@ -40,7 +40,7 @@ def test_recipe_defaults_and_our_cpu_fallbacks():
     cfg = resolve("--synthetic", "8")
     train = cfg.train
     assert (cfg.task, train.model, train.method) == ("docvqa", "tiny", "full")  # no --use_lora: full fine-tuning
-    assert (train.global_batch, train.per_device_batch, train.num_train_epochs) == (16, 1, 1.0)
+    assert (train.global_batch, train.micro_batch, train.num_train_epochs) == (16, 1, 1.0)
     assert (train.learning_rate, train.weight_decay, train.warmup_steps) == (4e-5, 0.01, 50)
     assert (train.lora_rank, train.lora_alpha_ratio, train.lora_dropout) == (64, 2.0, 0.0)
     assert train.output_dir == "./output/"
