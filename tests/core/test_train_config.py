@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -161,3 +162,17 @@ def test_config_round_trips_through_json_and_rejects_unknown_fields(tmp_path: Pa
     path.write_text('{"method": "lora",\n "x": }')
     with pytest.raises(ConfigError, match=r"cfg.json:2: invalid JSON"):
         TrainConfig.from_json(path)
+
+
+def test_old_name_per_device_batch_still_loads(tmp_path: Path) -> None:
+    """``micro_batch`` was ``per_device_batch``: old callers and old run.json files keep working."""
+    with pytest.warns(DeprecationWarning, match="per_device_batch"):
+        cfg = TrainConfig(per_device_batch=4, global_batch=8)
+    assert cfg.micro_batch == cfg.per_device_batch == 4
+    assert "per_device_batch" not in cfg.to_dict() and cfg.to_dict()["micro_batch"] == 4
+    assert dataclasses.replace(cfg, micro_batch=2).micro_batch == 2
+    old_file = tmp_path / "run.json"
+    old_file.write_text(json.dumps({"per_device_batch": 2, "global_batch": 4}))
+    assert TrainConfig.from_json(old_file).micro_batch == 2
+    with pytest.raises(ConfigError, match=r"both 'per_device_batch' \(deprecated\) and 'micro_batch'"):
+        TrainConfig.from_dict({"per_device_batch": 1, "micro_batch": 1}, where="run.json")
