@@ -25,6 +25,7 @@ from phi3v_core.errors import ConfigError
 __all__ = [
     "CLIP_VIT_L14_336",
     "Phi3VConfig",
+    "MODEL_PRESETS",
     "PRESETS",
     "get_config",
     "phi35_vision_config",
@@ -270,12 +271,16 @@ def tiny_config(**overrides: Any) -> Phi3VConfig:
     return _with_overrides(base, overrides)
 
 
-PRESETS = {
+#: Model presets by name: random-init configs of the official shapes (not the recipe's hyper-parameter presets, which
+#: live in recipe.json).
+MODEL_PRESETS = {
     "tiny": tiny_config,
     "phi-3.5-vision": phi35_vision_config,
     "phi-3-vision": phi3_vision_v1_config,
 }
 
+#: Deprecated name of :data:`MODEL_PRESETS` (bench and old callers); the word preset also names recipe presets.
+PRESETS = MODEL_PRESETS
 
 def get_config(name_or_path: str | Path, **overrides: Any) -> Phi3VConfig:
     """Return a preset config by name, or read ``config.json`` from a local checkpoint folder.
@@ -288,13 +293,13 @@ def get_config(name_or_path: str | Path, **overrides: Any) -> Phi3VConfig:
         ConfigError: Unknown preset or missing/invalid folder.
     """
     key = str(name_or_path)
-    if key in PRESETS:
-        return PRESETS[key](**overrides)
+    if key in MODEL_PRESETS:
+        return MODEL_PRESETS[key](**overrides)
     path = Path(key)
     cfg_file = path / "config.json" if path.is_dir() else path
     if not cfg_file.is_file():
         raise ConfigError(
-            f"model {key!r} is neither a preset ({', '.join(PRESETS)}) nor a folder with config.json; "
+            f"model {key!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a folder with config.json; "
             "pass a preset name or a local checkpoint folder"
         )
     try:

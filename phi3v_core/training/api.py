@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import TrainerCallback, set_seed
 
-from phi3v_core.config import PRESETS, get_config
+from phi3v_core.config import MODEL_PRESETS, get_config
 from phi3v_core.device import default_dtype, local_device
 from phi3v_core.io import atomic_write_json
 from phi3v_core.methods import MethodReport, get_method
@@ -27,7 +27,7 @@ from phi3v_core.model import Phi3VForCausalLM
 from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
 from phi3v_core.training.callbacks import LossGuard, StepRecord, StepTimer
 from phi3v_core.training.collate import SupervisedLogitsCollator
-from phi3v_core.training.config import DTYPES, Environment, TrainConfig, find_resumable_checkpoint
+from phi3v_core.training.config import DTYPES, Machine, TrainConfig, find_resumable_checkpoint
 from phi3v_core.training.trainer import Phi3VTrainer, build_training_arguments
 
 __all__ = ["TrainResult", "build_model", "prepare_model", "resolve_resume", "train", "write_json_atomic"]
@@ -87,7 +87,7 @@ class TrainResult:
         }
 
 
-def build_model(cfg: TrainConfig, env: Environment | None = None) -> Phi3VForCausalLM:
+def build_model(cfg: TrainConfig, env: Machine | None = None) -> Phi3VForCausalLM:
     """The base model of a run, before the method changes it.
 
     Presets are initialised randomly from ``cfg.seed`` (so the same config rebuilds the same base, e.g. to reload a
@@ -98,10 +98,10 @@ def build_model(cfg: TrainConfig, env: Environment | None = None) -> Phi3VForCau
         cfg: The run configuration (``model``, ``attn``, ``method``, ``precision``, ``seed``).
         env: The machine (detected when omitted).
     """
-    env = env or Environment.detect()
+    env = env or Machine.detect()
     dtype = DTYPES[cfg.precision] if get_method(cfg.method).uses_lora else torch.float32
     set_seed(cfg.seed)
-    if cfg.model in PRESETS:
+    if cfg.model in MODEL_PRESETS:
         config = get_config(cfg.model, attn_implementation=cfg.attn)
         with default_dtype(dtype), torch.device(local_device(env.cuda)):
             model = Phi3VForCausalLM(config)
@@ -111,9 +111,9 @@ def build_model(cfg: TrainConfig, env: Environment | None = None) -> Phi3VForCau
     return model
 
 
-def prepare_model(cfg: TrainConfig, env: Environment | None = None) -> tuple[nn.Module, MethodReport]:
+def prepare_model(cfg: TrainConfig, env: Machine | None = None) -> tuple[nn.Module, MethodReport]:
     """:func:`build_model` followed by the method's ``prepare`` (seeded, so LoRA init is reproducible)."""
-    env = env or Environment.detect()
+    env = env or Machine.detect()
     model = build_model(cfg, env)
     set_seed(cfg.seed)
     return get_method(cfg.method).prepare(model, cfg.method_options(local_device(env.cuda)))
@@ -170,7 +170,7 @@ def train(
     eval_dataset: Dataset | None = None,
     callbacks: Sequence[TrainerCallback] = (),
     processor: Any | None = None,
-    env: Environment | None = None,
+    env: Machine | None = None,
 ) -> TrainResult:
     """Fine-tune Phi-3(.5)-vision with one of the four methods.
 
@@ -189,7 +189,7 @@ def train(
         ConfigError: Invalid configuration for this machine (before anything is loaded or written).
         TrainingDivergedError: The loss became NaN/inf (or is 0 on the first step).
     """
-    env = env or Environment.detect()
+    env = env or Machine.detect()
     cfg.validate(env)
     output_dir = Path(cfg.output_dir)
     resume_from = resolve_resume(cfg)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from phi3v_core.config import PRESETS
+from phi3v_core.config import MODEL_PRESETS
 from phi3v_core.constants import ATTN_NAMES, DEFAULT_ATTN, MAX_NUM_CROPS, PRECISION_NAMES, ZERO_BUCKET_ELEMENTS
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHODS, MethodOptions, get_method
@@ -28,6 +28,7 @@ __all__ = [
     "DEPRECATED_FIELDS",
     "DTYPES",
     "Environment",
+    "Machine",
     "TrainConfig",
     "find_resumable_checkpoint",
 ]
@@ -39,7 +40,7 @@ DEPRECATED_FIELDS: dict[str, str] = {"per_device_batch": "micro_batch"}
 
 
 @dataclass(frozen=True)
-class Environment:
+class Machine:
     """What the machine offers; :meth:`detect` reads it, tests construct it to simulate other machines.
 
     Attributes:
@@ -61,7 +62,7 @@ class Environment:
     bitsandbytes: bool = True
 
     @classmethod
-    def detect(cls) -> Environment:
+    def detect(cls) -> Machine:
         """Probe this machine and process (no CUDA context is created beyond the capability query)."""
         cuda = torch.cuda.is_available()
         return cls(
@@ -74,6 +75,10 @@ class Environment:
             bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
         )
 
+
+
+#: Deprecated name of :class:`Machine` (``bench.results.Environment`` is the captured environment of a result).
+Environment = Machine
 
 @dataclass
 class TrainConfig:
@@ -257,9 +262,9 @@ class TrainConfig:
         )
 
     # -- validation --------------------------------------------------------------------------------------------
-    def problems(self, env: Environment | None = None) -> list[str]:
+    def problems(self, env: Machine | None = None) -> list[str]:
         """Every problem with this configuration on this machine (empty when it can run)."""
-        env = env or Environment.detect()
+        env = env or Machine.detect()
         out: list[str] = []
         out += self._model_problems()
         out += self._choice_problems()
@@ -269,16 +274,16 @@ class TrainConfig:
         out += self._checkpoint_problems()
         return out
 
-    def validate(self, env: Environment | None = None) -> None:
+    def validate(self, env: Machine | None = None) -> None:
         """Raise one :class:`~phi3v_core.errors.ConfigError` listing every problem (no-op when valid)."""
         raise_all(self.problems(env))
 
     def _model_problems(self) -> list[str]:
-        if self.model in PRESETS:
+        if self.model in MODEL_PRESETS:
             return []
         folder = Path(self.model)
         if not (folder / "config.json").is_file():
-            return [f"model {self.model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder with config.json"]
+            return [f"model {self.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a folder with config.json"]
         has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
         if not has_weights:
             return [
@@ -304,7 +309,7 @@ class TrainConfig:
             )
         return out
 
-    def _precision_problems(self, env: Environment) -> list[str]:
+    def _precision_problems(self, env: Machine) -> list[str]:
         out = []
         flash = self.attn == "flash_attention_2"
         if flash and self.precision == "fp32":
@@ -332,7 +337,7 @@ class TrainConfig:
             out.append("deepspeed is enabled but not installed (pip install deepspeed); or set deepspeed=False")
         return out
 
-    def _batch_problems(self, env: Environment) -> list[str]:
+    def _batch_problems(self, env: Machine) -> list[str]:
         out = []
         if self.micro_batch < 1:
             out.append(f"micro_batch must be >= 1 (got {self.micro_batch})")

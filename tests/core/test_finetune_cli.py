@@ -14,13 +14,13 @@ import torch
 
 from phi3v_core.cli.finetune import PRESETS, build_config, build_parser, main
 from phi3v_core.errors import ConfigError
-from phi3v_core.training import Environment
+from phi3v_core.training import Machine
 
-CPU = Environment(cuda=False, world_size=1)
-A100 = Environment(cuda=True, capability=(8, 0), device_count=1, world_size=1, flash_attn=True)
+CPU = Machine(cuda=False, world_size=1)
+A100 = Machine(cuda=True, capability=(8, 0), device_count=1, world_size=1, flash_attn=True)
 
 
-def resolve(*flags: str, env: Environment = CPU) -> Any:
+def resolve(*flags: str, env: Machine = CPU) -> Any:
     return build_config(build_parser().parse_args(list(flags)), env)
 
 

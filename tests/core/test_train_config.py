@@ -10,7 +10,7 @@ import pytest
 
 from phi3v_core.errors import ConfigError
 from phi3v_core.training import (
-    Environment,
+    Machine,
     TrainConfig,
     build_training_arguments,
     deepspeed_config,
@@ -18,9 +18,9 @@ from phi3v_core.training import (
     zero2_buffer_bytes,
 )
 
-CPU = Environment(cuda=False)
-A100 = Environment(cuda=True, capability=(8, 0), device_count=1, flash_attn=True)
-V100 = Environment(cuda=True, capability=(7, 0), device_count=1, flash_attn=True)
+CPU = Machine(cuda=False)
+A100 = Machine(cuda=True, capability=(8, 0), device_count=1, flash_attn=True)
+V100 = Machine(cuda=True, capability=(7, 0), device_count=1, flash_attn=True)
 
 
 def test_defaults_are_valid_on_cpu_and_follow_the_recipe(tmp_path: Path) -> None:
@@ -43,21 +43,21 @@ def test_defaults_are_valid_on_cpu_and_follow_the_recipe(tmp_path: Path) -> None
         ),
         (
             {"attn": "flash_attention_2"},
-            Environment(cuda=True, capability=(9, 0), device_count=1),
+            Machine(cuda=True, capability=(9, 0), device_count=1),
             "pip install flash-attn",
         ),
         ({"precision": "bf16"}, V100, "precision bf16 needs compute capability >= 8.0"),
         ({"precision": "fp16"}, CPU, "fp16 (AMP with loss scaling) needs a CUDA GPU"),
-        ({"method": "qlora"}, Environment(bitsandbytes=False), "needs bitsandbytes"),
-        ({"method": "full"}, Environment(world_size=2, deepspeed=False), "deepspeed is enabled but not installed"),
+        ({"method": "qlora"}, Machine(bitsandbytes=False), "needs bitsandbytes"),
+        ({"method": "full"}, Machine(world_size=2, deepspeed=False), "deepspeed is enabled but not installed"),
         ({"method": "lora", "deepspeed": True}, CPU, "deepspeed is for full/frozen_vision"),
         ({"method": "full", "freeze_vision": True}, CPU, "pass method='frozen_vision'"),
         ({"method": "dora"}, CPU, "method 'dora' is unknown"),
         ({"precision": "fp8"}, CPU, "precision 'fp8' is unknown"),
         ({"attn": "xformers"}, CPU, "attn 'xformers' is unknown"),
         ({"global_batch": 6, "micro_batch": 4}, CPU, "global_batch 6 is not a multiple of micro_batch 4"),
-        ({"global_batch": 16, "micro_batch": 3}, Environment(world_size=2), "× 2 process(es) = 6"),
-        ({}, Environment(cuda=True, capability=(9, 0), device_count=4), "torchrun --nproc_per_node=4"),
+        ({"global_batch": 16, "micro_batch": 3}, Machine(world_size=2), "× 2 process(es) = 6"),
+        ({}, Machine(cuda=True, capability=(9, 0), device_count=4), "torchrun --nproc_per_node=4"),
         ({"num_crops": 17}, CPU, "num_crops must be in 1..16"),
         ({"max_steps": 0}, CPU, "max_steps must be -1 (epochs) or >= 1"),
         ({"lora_dropout": 1.0}, CPU, "lora_dropout must be in [0, 1)"),
@@ -66,7 +66,7 @@ def test_defaults_are_valid_on_cpu_and_follow_the_recipe(tmp_path: Path) -> None
     ],
 )
 def test_each_impossible_combination_is_rejected_with_its_reason(
-    changes: dict, env: Environment, fragment: str, tmp_path: Path
+    changes: dict, env: Machine, fragment: str, tmp_path: Path
 ) -> None:
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), **changes)
     problems = cfg.problems(env)
