@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-#: Old field name → current one. Still accepted (with a DeprecationWarning) by the constructor and by JSON configs,
+#: Old field name → current one. Still accepted by the constructor (PendingDeprecationWarning) and by JSON configs,
 #: so ``train_config.json`` / ``run.json`` files written before the rename keep loading.
 DEPRECATED_FIELDS: dict[str, str] = {"per_device_batch": "micro_batch"}
 
@@ -425,13 +425,15 @@ def _renamed_fields(values: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _accept_deprecated_names(init):  # noqa: ANN001, ANN202 - wraps the dataclass-generated __init__
-    """Let ``TrainConfig(per_device_batch=...)`` keep working: rename old keyword arguments, with a warning."""
+    """Let ``TrainConfig(per_device_batch=...)`` keep working: rename old keyword arguments, with a (pending) warning."""
 
     @functools.wraps(init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807
         if DEPRECATED_FIELDS.keys() & kwargs.keys():
+            # Pending, not Deprecation: Python shows DeprecationWarning in __main__, and `python -m
+            # phi3v_core.cli.finetune` (still on the old name) must print nothing but its own output.
             warnings.warn(
-                f"TrainConfig field names {DEPRECATED_FIELDS} changed; pass the new names", DeprecationWarning, 2
+                f"TrainConfig field names {DEPRECATED_FIELDS} changed; pass the new names", PendingDeprecationWarning, 2
             )
             kwargs = _renamed_fields(kwargs, "TrainConfig")
         init(self, *args, **kwargs)

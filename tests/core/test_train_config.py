@@ -166,7 +166,7 @@ def test_config_round_trips_through_json_and_rejects_unknown_fields(tmp_path: Pa
 
 def test_old_name_per_device_batch_still_loads(tmp_path: Path) -> None:
     """``micro_batch`` was ``per_device_batch``: old callers and old run.json files keep working."""
-    with pytest.warns(DeprecationWarning, match="per_device_batch"):
+    with pytest.warns(PendingDeprecationWarning, match="per_device_batch"):
         cfg = TrainConfig(per_device_batch=4, global_batch=8)
     assert cfg.micro_batch == cfg.per_device_batch == 4
     assert "per_device_batch" not in cfg.to_dict() and cfg.to_dict()["micro_batch"] == 4
