@@ -1,15 +1,18 @@
 """phi3v_core: native Phi-3.5-vision model, processor, data, fine-tuning methods and the training path.
 
-Importing the model (``phi3v_core.model``) registers ``phi3_v`` with transformers' ``AutoConfig`` /
-``AutoModelForCausalLM``, so official checkpoint folders load with ``from_pretrained(folder)`` and no
-``trust_remote_code``. The names below are resolved lazily so that light commands (``--help``, data checks,
-result reports) do not pay for importing torch and transformers.
+``import phi3v_core`` registers ``phi3_v`` with transformers' ``AutoConfig`` / ``AutoModelForCausalLM`` (lazily: the
+moment transformers' Auto modules load, see :mod:`phi3v_core._autoregister`), so official checkpoint folders load with
+``AutoModelForCausalLM.from_pretrained(folder)`` and no ``trust_remote_code``. The names below are resolved lazily
+too, so that light commands (``--help``, data checks, result reports, the planner) do not pay for importing torch and
+transformers.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from phi3v_core import _autoregister
 
 __all__ = [
     "Phi3VConfig",
@@ -39,3 +42,6 @@ def __getattr__(name: str) -> Any:
         importlib.import_module("phi3v_core.model")
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'phi3v_core' has no attribute {name!r}")
+
+
+_autoregister.install()

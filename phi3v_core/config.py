@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,13 @@ from typing import Any
 from transformers import CLIPVisionConfig
 from transformers.models.phi3.configuration_phi3 import Phi3Config
 
+from phi3v_core.constants import CONTEXT_LENGTH, CROP_SIZE, DEFAULT_ATTN, TOKENS_PER_CROP
 from phi3v_core.errors import ConfigError
 
 __all__ = [
     "CLIP_VIT_L14_336",
     "Phi3VConfig",
+    "MODEL_PRESETS",
     "PRESETS",
     "get_config",
     "phi35_vision_config",
@@ -36,7 +39,7 @@ CLIP_VIT_L14_336: dict[str, Any] = {
     "intermediate_size": 4096,
     "num_hidden_layers": 24,
     "num_attention_heads": 16,
-    "image_size": 336,
+    "image_size": CROP_SIZE,
     "patch_size": 14,
     "num_channels": 3,
     "hidden_act": "quick_gelu",
@@ -57,7 +60,7 @@ DEFAULT_IMG_PROCESSOR: dict[str, Any] = {
     "image_dim_out": 1024,
     "model_name": "openai/clip-vit-large-patch14-336",
     "name": "clip_vision_model",
-    "num_img_tokens": 144,
+    "num_img_tokens": TOKENS_PER_CROP,
 }
 
 # LongRoPE factor lists of the two official checkpoints are long (48 floats each). Rather than duplicate them in code,
@@ -111,6 +114,33 @@ class Phi3VConfig(Phi3Config):
         if order != "sub_glb":
             raise ConfigError(f"embd_layer.hd_transform_order={order!r} is not supported; Phi-3.5-vision uses 'sub_glb'")
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Phi3VConfig:
+        """Read a config dict; a stored ``flash_attention_2`` that cannot run here becomes sdpa, with one warning.
+
+        The official ``config.json`` files ask for ``flash_attention_2``, which needs the flash-attn package and an
+        Ampere-or-newer GPU; without this a V100, T4 or CPU user could not load them at all. sdpa computes the same
+        attention. An explicit ``attn_implementation=...`` argument is never changed (transformers then reports
+        what is missing).
+        """
+        if "attn_implementation" in kwargs:
+            # transformers would let the file's "_attn_implementation" overwrite the explicit choice; drop it.
+            return super().from_dict({k: v for k, v in config_dict.items() if k != "_attn_implementation"}, **kwargs)
+        stored = config_dict.get("_attn_implementation") or config_dict.get("attn_implementation")
+        if stored == "flash_attention_2":
+            from phi3v_core.device import flash_attention_usable
+
+            if not flash_attention_usable():
+                warnings.warn(
+                    f"config.json asks for flash_attention_2, which needs the flash-attn package and an Ampere or "
+                    f"newer GPU; using {DEFAULT_ATTN} instead (same results). Pass attn_implementation= to choose.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                config_dict = {**config_dict, "_attn_implementation": DEFAULT_ATTN}
+                config_dict.pop("attn_implementation", None)
+        return super().from_dict(config_dict, **kwargs)
+
     # -- derived sizes ---------------------------------------------------------------------------------------------
     def clip_config(self) -> CLIPVisionConfig:
         """The CLIP vision-tower config (ViT-L/14-336 unless ``vision_config`` overrides it)."""
@@ -129,7 +159,7 @@ class Phi3VConfig(Phi3Config):
     @property
     def num_img_tokens(self) -> int:
         """Tokens per 336² crop after the 2×2 merge (144 = 12×12)."""
-        return int((self.img_processor or DEFAULT_IMG_PROCESSOR).get("num_img_tokens", 144))
+        return int((self.img_processor or DEFAULT_IMG_PROCESSOR).get("num_img_tokens", TOKENS_PER_CROP))
 
     @property
     def crop_grid(self) -> int:
@@ -145,7 +175,7 @@ def _with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> Phi3VCon
     # The official files ask for flash_attention_2, which needs a CUDA GPU and the flash-attn wheel; we default to
     # sdpa (same maths) and let callers pick explicitly.
     values.pop("_attn_implementation", None)
-    attn = values.pop("attn_implementation", None) or "sdpa"
+    attn = values.pop("attn_implementation", None) or DEFAULT_ATTN
     cfg = Phi3VConfig(**values)
     cfg._attn_implementation = attn
     return cfg
@@ -171,7 +201,7 @@ def _official_values(name: str) -> dict[str, Any]:
         "num_attention_heads": 32,
         "num_key_value_heads": 32,
         "hidden_act": "silu",
-        "max_position_embeddings": 131072,
+        "max_position_embeddings": CONTEXT_LENGTH,
         "original_max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
@@ -215,7 +245,7 @@ def tiny_config(**overrides: Any) -> Phi3VConfig:
         "num_attention_heads": 4,
         "num_key_value_heads": 4,
         "hidden_act": "silu",
-        "max_position_embeddings": 131072,
+        "max_position_embeddings": CONTEXT_LENGTH,
         "original_max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
@@ -241,12 +271,16 @@ def tiny_config(**overrides: Any) -> Phi3VConfig:
     return _with_overrides(base, overrides)
 
 
-PRESETS = {
+#: Model presets by name: random-init configs of the official shapes (not the recipe's hyper-parameter presets, which
+#: live in recipe.json).
+MODEL_PRESETS = {
     "tiny": tiny_config,
     "phi-3.5-vision": phi35_vision_config,
     "phi-3-vision": phi3_vision_v1_config,
 }
 
+#: Deprecated name of :data:`MODEL_PRESETS` (bench and old callers); the word preset also names recipe presets.
+PRESETS = MODEL_PRESETS
 
 def get_config(name_or_path: str | Path, **overrides: Any) -> Phi3VConfig:
     """Return a preset config by name, or read ``config.json`` from a local checkpoint folder.
@@ -259,13 +293,13 @@ def get_config(name_or_path: str | Path, **overrides: Any) -> Phi3VConfig:
         ConfigError: Unknown preset or missing/invalid folder.
     """
     key = str(name_or_path)
-    if key in PRESETS:
-        return PRESETS[key](**overrides)
+    if key in MODEL_PRESETS:
+        return MODEL_PRESETS[key](**overrides)
     path = Path(key)
     cfg_file = path / "config.json" if path.is_dir() else path
     if not cfg_file.is_file():
         raise ConfigError(
-            f"model {key!r} is neither a preset ({', '.join(PRESETS)}) nor a folder with config.json; "
+            f"model {key!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a folder with config.json; "
             "pass a preset name or a local checkpoint folder"
         )
     try:

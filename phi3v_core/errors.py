@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-__all__ = ["Phi3VError", "ConfigError", "DataError", "raise_all", "cli_errors"]
+__all__ = ["Phi3VError", "ConfigError", "DataError", "ImageSizeError", "raise_all", "cli_errors"]
 
 F = TypeVar("F", bound=Callable[..., int | None])
 
@@ -27,6 +27,15 @@ class ConfigError(Phi3VError):
 
 class DataError(Phi3VError):
     """Invalid data file, record or image (the message names file:line)."""
+
+
+class ImageSizeError(DataError, ValueError):
+    """An image size the HD transform cannot take (an empty side, or a padded size that is not a multiple of 336).
+
+    One class wherever an image size is checked (processor, data layer, planner, model), so a caller catches one thing.
+    It is a :class:`DataError` (the size usually comes from a data file) and a ``ValueError`` (what callers that
+    predate this class catch).
+    """
 
 
 def raise_all(problems: Iterable[str], error_cls: type[Phi3VError] = ConfigError) -> None:

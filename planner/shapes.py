@@ -17,13 +17,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from phi3v_core.constants import CROP_SIZE, METHOD_NAMES, TOKENS_PER_CROP, hd_crop_grid, image_token_count
 from phi3v_core.errors import ConfigError
-from phi3v_core.hd import hd_crop_grid as shared_hd_crop_grid
 
 __all__ = ["CROP_SIZE", "ModelShape", "ParamCounts", "hd_crop_grid", "image_token_count", "load_shape"]
 
-#: Side of one HD crop in pixels (fixed by CLIP ViT-L/14-336).
-CROP_SIZE = 336
 
 
 @dataclass(frozen=True)
@@ -119,7 +117,7 @@ class ModelShape:
                 vision_feature_layer=int(values.get("vision_feature_layer", -2)),
                 image_size=int(clip.get("image_size", CROP_SIZE)),
                 patch_size=int(clip.get("patch_size", 14)),
-                num_img_tokens=int(img.get("num_img_tokens", 144)),
+                num_img_tokens=int(img.get("num_img_tokens", TOKENS_PER_CROP)),
             )
         except KeyError as exc:
             raise ConfigError(
@@ -272,7 +270,7 @@ class ParamCounts:
             return self.language_model
         if method in ("lora", "qlora"):
             return lora_params
-        raise ConfigError(f"unknown method {method!r}; choose one of full, frozen_vision, lora, qlora")
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
 
     def quantizable(self) -> int:
         """Weights QLoRA stores as nf4: every ``nn.Linear`` weight except ``lm_head`` and ``img_projection.0``."""
@@ -288,24 +286,6 @@ class ParamCounts:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out.update(language_model=self.language_model, vision=self.vision, projector=self.projector, total=self.total)
         return out
-
-
-def hd_crop_grid(width: int, height: int, num_crops: int) -> tuple[int, int]:
-    """(rows, cols) of the HD crop grid the image processor makes for a ``width × height`` image.
-
-    The processor's HD rule (spec/model.md §7): make the image landscape, pick the largest ``scale`` with
-    ``scale · ceil(scale / ratio) ≤ num_crops``, resize to width ``scale·336`` and pad the height up to a multiple
-    of 336; portrait images are transposed back.
-    """
-    if width <= 0 or height <= 0:
-        raise ConfigError(f"image size {width}x{height} must be positive")
-    return shared_hd_crop_grid(width, height, num_crops)
-
-
-def image_token_count(rows: int, cols: int, tokens_per_crop: int = 144) -> int:
-    """LM placeholder tokens for one image: N = 144·r·c + 12·r + 157 (spec/model.md §6)."""
-    side = math.isqrt(tokens_per_crop)
-    return tokens_per_crop * rows * cols + side * rows + 1 + side * (side + 1)
 
 
 @cache

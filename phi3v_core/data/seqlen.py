@@ -2,45 +2,19 @@
 
 The processor resizes every image so its long side is ``scale·336`` (the largest scale whose crop grid fits
 ``num_crops``), pads the short side to a multiple of 336 and emits ``N = 144·hc·wc + 12·hc + 157`` placeholder tokens,
-``hc``/``wc`` being the padded height/width in 336-pixel crops. The count depends only on the aspect ratio.
+``hc``/``wc`` being the padded height/width in 336-pixel crops. The count depends only on the aspect ratio. The rule
+and the formula live in :mod:`phi3v_core.constants`; this module applies them to records.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from phi3v_core.constants import hd_padded_size as hd_image_size
+from phi3v_core.constants import num_image_tokens
 from phi3v_core.data.records import Record, image_size
-from phi3v_core.hd import hd_padded_size as shared_hd_padded_size
 
-__all__ = ["CROP", "hd_image_size", "num_image_tokens", "record_image_tokens"]
-
-#: Crop side of the CLIP tower in pixels.
-CROP = 336
-
-
-def hd_image_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
-    """Padded ``(height, width)`` the HD transform produces (both multiples of 336; the processor's ``image_sizes``).
-
-    Args:
-        width: Original image width in pixels.
-        height: Original image height in pixels.
-        num_crops: Maximum number of 336² crops (``hd_num``; 1..16 in the recipe).
-
-    Returns:
-        ``(padded_height, padded_width)``.
-    """
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    if num_crops < 1:
-        raise ValueError(f"num_crops must be >= 1, got {num_crops}")
-    return shared_hd_padded_size(width, height, num_crops)
-
-
-def num_image_tokens(width: int, height: int, num_crops: int) -> int:
-    """Placeholder tokens for one image: ``144·hc·wc + 12·hc + 157`` on the padded HD size."""
-    padded_h, padded_w = hd_image_size(width, height, num_crops)
-    hc, wc = padded_h // CROP, padded_w // CROP
-    return 144 * hc * wc + 12 * hc + 157
+__all__ = ["hd_image_size", "mean_image_tokens", "num_image_tokens", "record_image_tokens"]
 
 
 def record_image_tokens(record: Record, num_crops: int) -> int:

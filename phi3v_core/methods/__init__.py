@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from phi3v_core.constants import METHOD_NAMES
 from phi3v_core.errors import ConfigError
 from phi3v_core.methods.base import VISION_PREFIX, Method, MethodOptions, MethodReport, freeze_dead_weights
 from phi3v_core.methods.freeze import prepare_frozen_vision, prepare_full
@@ -72,6 +73,10 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
+
+
+if tuple(METHODS) != METHOD_NAMES:  # the light modules read the names from constants; both must list the same four
+    raise RuntimeError(f"phi3v_core.methods registers {tuple(METHODS)}, constants.METHOD_NAMES is {METHOD_NAMES}")
 
 
 def get_method(name: str) -> Method:

@@ -14,10 +14,9 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from phi3v_core.config import Phi3VConfig
+from phi3v_core.constants import CROP_SIZE, crop_grid_of_padded, image_token_count
 
 __all__ = ["Phi3ImageEmbedding", "ImageLayout", "crop_grid_of", "image_token_count"]
-
-CROP_SIZE = 336
 
 #: (H, W) of the padded HD image, both multiples of 336.
 ImageLayout = Sequence[tuple[int, int]]
@@ -28,23 +27,15 @@ def crop_grid_of(image_sizes: torch.Tensor | ImageLayout) -> list[tuple[int, int
 
     Accepts the reference's ``image_sizes`` tensor (converted once on the host) or a list of ``(H, W)`` ints, which is
     what our collator emits so that no device tensor is ever read back.
+
+    Raises:
+        ImageSizeError: A size that is not a positive multiple of 336.
     """
     if isinstance(image_sizes, torch.Tensor):
         sizes = [tuple(int(v) for v in row) for row in image_sizes.detach().cpu().tolist()]
     else:
         sizes = [(int(h), int(w)) for h, w in image_sizes]
-    grids = []
-    for h, w in sizes:
-        if h % CROP_SIZE or w % CROP_SIZE or h <= 0 or w <= 0:
-            raise ValueError(f"image size {(h, w)} is not a positive multiple of {CROP_SIZE} (use Phi3VImageProcessor)")
-        grids.append((h // CROP_SIZE, w // CROP_SIZE))
-    return grids
-
-
-def image_token_count(rows: int, cols: int, tokens_per_crop: int = 144) -> int:
-    """Placeholder tokens for one image with a ``rows × cols`` crop grid: 144·r·c + 12·r + 157 for 144 tokens/crop."""
-    side = int(round(tokens_per_crop**0.5))
-    return tokens_per_crop * rows * cols + side * rows + 1 + side * (side + 1)
+    return [crop_grid_of_padded(h, w) for h, w in sizes]
 
 
 class ClipTower(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model
+from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
 
 from phi3v_core.config import Phi3VConfig
 from phi3v_core.model.image_embedding import ImageLayout, Phi3ImageEmbedding
@@ -22,16 +22,34 @@ __all__ = ["Phi3VModel", "Phi3VForCausalLM", "STOP_TOKEN_IDS", "dead_parameter_n
 STOP_TOKEN_IDS = (32000, 32007, 2)
 
 
-class Phi3VModel(Phi3Model):
+class _SeparatorInit:
+    """``_init_weights`` of both classes: transformers' init plus a small random init of the image separators.
+
+    Each class initialises its own modules in its own ``post_init`` (a module is initialised once, then flagged), so
+    the decoder-with-images needs the rule as much as the causal LM around it.
+    """
+
+    config: Phi3VConfig
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        super()._init_weights(module)  # type: ignore[misc]
+        if isinstance(module, Phi3ImageEmbedding):
+            # The official init is zeros; a small random init keeps tiny random models sensitive to the separators.
+            std = self.config.initializer_range
+            torch.nn.init.normal_(module.glb_GN, std=std)
+            torch.nn.init.normal_(module.sub_GN, std=std)
+
+
+class Phi3VModel(_SeparatorInit, Phi3Model):
     """The Phi-3 decoder with the HD image embedding in front of it."""
 
     config_class = Phi3VConfig
     _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
 
     def __init__(self, config: Phi3VConfig) -> None:
-        super().__init__(config)
+        super().__init__(config)  # builds and initialises the decoder (Phi3Model ends with post_init)
         self.vision_embed_tokens = Phi3ImageEmbedding(config)
-        self.post_init()
+        self.post_init()  # initialises the image embedding; the decoder is already flagged as initialised
 
     def embed(
         self,
@@ -77,7 +95,7 @@ class Phi3VModel(Phi3Model):
         )
 
 
-class Phi3VForCausalLM(Phi3ForCausalLM):
+class Phi3VForCausalLM(_SeparatorInit, Phi3ForCausalLM):
     """Phi-3(.5)-vision for causal LM training and generation.
 
     Inputs follow the reference: ``input_ids`` with negative placeholder ids, ``pixel_values`` of shape
@@ -91,20 +109,16 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
     _tied_weights_keys: dict[str, str] = {}
 
     def __init__(self, config: Phi3VConfig) -> None:
-        super().__init__(config)
+        # Phi3ForCausalLM.__init__ would build and initialise a plain Phi3Model only for us to replace it (twice the
+        # init time, and a transient second decoder on the device); set up the same attributes ourselves instead.
+        Phi3PreTrainedModel.__init__(self, config)
         self.model = Phi3VModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
         self.generation_config = GenerationConfig(
             bos_token_id=1, eos_token_id=list(STOP_TOKEN_IDS), pad_token_id=config.pad_token_id or 32000
         )
-
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, Phi3ImageEmbedding):
-            # The official init is zeros; a small random init keeps tiny random models sensitive to the separators.
-            std = self.config.initializer_range
-            torch.nn.init.normal_(module.glb_GN, std=std)
-            torch.nn.init.normal_(module.sub_GN, std=std)
 
     def forward(
         self,

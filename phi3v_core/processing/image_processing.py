@@ -16,9 +16,7 @@ torchvision wheel is unusable here. Every step mirrors the reference so the pixe
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -29,8 +27,17 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature
 
+from phi3v_core.constants import (
+    CROP_SIZE,
+    MAX_NUM_CROPS,
+    TOKENS_PER_CROP,
+    hd_padded_size,
+    hd_resize_target,
+    pad_to_crops,
+    padded_image_tokens,
+)
 from phi3v_core.errors import ConfigError, DataError
-from phi3v_core.hd import hd_resize_target
+from phi3v_core.io import atomic_write_json
 
 __all__ = [
     "CLIP_MEAN",
@@ -44,15 +51,11 @@ __all__ = [
     "num_image_tokens_for_grid",
 ]
 
-#: Side of one CLIP crop in pixels (CLIP ViT-L/14-336).
-CROP_SIZE = 336
-#: Largest ``num_crops`` the recipe allows (the CookBook asserts ``num_crops <= 16``).
-MAX_NUM_CROPS = 16
 #: OpenAI CLIP normalisation constants (preprocessor_config.json of both checkpoints).
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-#: Visual tokens per 336² crop after the 2x2 merge (12 x 12).
-NUM_IMG_TOKENS = 144
+#: Placeholder tokens of one image from its padded HD size ``(H, W)``: ``144*hc*wc + 12*hc + 157``.
+num_image_tokens_for_grid = padded_image_tokens
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
@@ -82,48 +85,6 @@ def validate_num_crops(num_crops: Any) -> int:
             "use 4 for multi-image/video and 16 for single documents"
         )
     return int(num_crops)
-
-
-def hd_padded_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
-    """Return the padded HD size ``(H, W)`` the processor produces for an image, without touching pixels.
-
-    Args:
-        width: Original image width in pixels.
-        height: Original image height in pixels.
-        num_crops: Maximum number of 336² crops (1..16).
-
-    Returns:
-        ``(padded_height, padded_width)``, both multiples of 336.
-    """
-    scaled_w, scaled_h, transposed = _hd_scaled_size(width, height, num_crops)
-    padded_h = math.ceil(scaled_h / CROP_SIZE) * CROP_SIZE
-    if transposed:
-        return scaled_w, padded_h
-    return padded_h, scaled_w
-
-
-def num_image_tokens_for_grid(padded_height: int, padded_width: int) -> int:
-    """Number of placeholder tokens of one image with the given padded HD size.
-
-    ``N = 144*hc*wc + 12*hc + 157``: the sub-image grid with one separator per row (``12*hc`` rows), ``glb_GN`` and
-    the 12x13 global image.
-
-    Args:
-        padded_height: Padded height (multiple of 336).
-        padded_width: Padded width (multiple of 336).
-
-    Returns:
-        The token count.
-    """
-    h_crops, w_crops = padded_height // CROP_SIZE, padded_width // CROP_SIZE
-    return (h_crops * w_crops + 1) * NUM_IMG_TOKENS + 1 + (h_crops + 1) * 12
-
-
-def _hd_scaled_size(width: int, height: int, num_crops: int) -> tuple[int, int, bool]:
-    """Resize target of the HD transform in the landscape frame: ``(new_w, new_h, transposed)``."""
-    if width <= 0 or height <= 0:
-        raise DataError(f"image has an empty side ({width}x{height} pixels); remove it from the data")
-    return hd_resize_target(width, height, num_crops)
 
 
 def load_image(image: ImageInput) -> Image.Image:
@@ -266,12 +227,12 @@ class Phi3VImageProcessor:
 
     def _hd_tensor(self, image: Image.Image, num_crops: int) -> torch.Tensor:
         """HD-transform, pad and normalise one RGB image into a ``(3, H, W)`` float32 tensor."""
-        new_w, new_h, transposed = _hd_scaled_size(image.width, image.height, num_crops)
+        new_w, new_h, transposed = hd_resize_target(image.width, image.height, num_crops)
         if transposed:
             image = image.transpose(Image.Transpose.TRANSPOSE)
         # PIL's bilinear filter adapts its support when downscaling (antialias), like torchvision's PIL path.
         image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-        padded_h = math.ceil(new_h / CROP_SIZE) * CROP_SIZE
+        padded_h = pad_to_crops(new_h)
         if padded_h != new_h:
             top = (padded_h - new_h) // 2
             canvas = Image.new("RGB", (new_w, padded_h), (255, 255, 255))
@@ -304,7 +265,7 @@ class Phi3VImageProcessor:
             "image_processor_type": "Phi3VImageProcessor",
             "processor_class": "Phi3VProcessor",
             "num_crops": self.num_crops,
-            "num_img_tokens": NUM_IMG_TOKENS,
+            "num_img_tokens": TOKENS_PER_CROP,
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
             "do_convert_rgb": self.do_convert_rgb,
@@ -333,8 +294,8 @@ class Phi3VImageProcessor:
             raise ConfigError(f"{path}: invalid JSON ({exc})") from exc
         if not isinstance(config, dict):
             raise ConfigError(f"{path}: expected a JSON object")
-        if config.get("num_img_tokens", NUM_IMG_TOKENS) != NUM_IMG_TOKENS:
-            raise ConfigError(f"{path}: num_img_tokens must be {NUM_IMG_TOKENS} (got {config['num_img_tokens']})")
+        if config.get("num_img_tokens", TOKENS_PER_CROP) != TOKENS_PER_CROP:
+            raise ConfigError(f"{path}: num_img_tokens must be {TOKENS_PER_CROP} (got {config['num_img_tokens']})")
         return cls(
             num_crops=config.get("num_crops", 1) if num_crops is None else num_crops,
             image_mean=config.get("image_mean", CLIP_MEAN),
@@ -354,17 +315,5 @@ class Phi3VImageProcessor:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / PREPROCESSOR_CONFIG
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_json(path, self.to_dict())
         return path
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

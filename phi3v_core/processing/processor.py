@@ -30,8 +30,9 @@ from PIL import Image
 from transformers import BatchFeature, PreTrainedTokenizerBase
 
 from phi3v_core.errors import ConfigError, DataError, raise_all
+from phi3v_core.io import atomic_write_json
 from phi3v_core.processing.collator import IGNORE_INDEX, Phi3VDataCollator
-from phi3v_core.processing.image_processing import ImageInput, Phi3VImageProcessor, write_text_atomic
+from phi3v_core.processing.image_processing import ImageInput, Phi3VImageProcessor
 from phi3v_core.processing.tokenizer import PAD_TOKEN_ID, build_tiny_tokenizer, load_tokenizer
 
 __all__ = ["IMAGE_TAG_PATTERN", "Phi3VProcessor", "image_tags"]
@@ -155,10 +156,9 @@ class Phi3VProcessor:
         with tempfile.TemporaryDirectory(dir=folder, prefix=".processor-") as staging:
             self.tokenizer.save_pretrained(staging)
             self.image_processor.save_pretrained(staging)
-            write_text_atomic(
+            atomic_write_json(
                 Path(staging) / PROCESSOR_CONFIG,
-                json.dumps({"processor_class": "Phi3VProcessor", "bos_after_image": self.bos_after_image}, indent=2)
-                + "\n",
+                {"processor_class": "Phi3VProcessor", "bos_after_image": self.bos_after_image},
             )
             for item in Path(staging).iterdir():
                 os.replace(item, folder / item.name)

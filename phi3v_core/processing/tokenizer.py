@@ -18,6 +18,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from phi3v_core.constants import CONTEXT_LENGTH
 from phi3v_core.errors import ConfigError
 
 __all__ = [
@@ -78,7 +79,7 @@ _TOKENIZER_KWARGS = {
     "unk_token": "<unk>",
     "padding_side": "right",
     "clean_up_tokenization_spaces": False,
-    "model_max_length": 131072,
+    "model_max_length": CONTEXT_LENGTH,
 }
 
 

@@ -26,16 +26,17 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments, set_seed
 
-from phi3v_core.config import PRESETS, get_config
+from phi3v_core.config import MODEL_PRESETS, get_config
+from phi3v_core.device import default_dtype, local_device
 from phi3v_core.errors import ConfigError
 from phi3v_core.fs import StorageError, describe_storage_error
+from phi3v_core.io import atomic_write_json
 from phi3v_core.methods import MethodReport, get_method
 from phi3v_core.model import Phi3VForCausalLM
 from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
-from phi3v_core.processing.image_processing import write_text_atomic
 from phi3v_core.training.callbacks import LossGuard, StepRecord, StepTimer, TrainingDivergedError
 from phi3v_core.training.collate import SupervisedLogitsCollator
-from phi3v_core.training.config import DTYPES, Environment, TrainConfig
+from phi3v_core.training.config import DTYPES, Machine, TrainConfig
 from phi3v_core.training.run import COMPLETE_MARKER
 from phi3v_core.training.trainer import Phi3VTrainer, build_training_arguments
 
@@ -107,21 +108,7 @@ class TrainResult:
         }
 
 
-def _device(env: Environment) -> torch.device:
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if env.cuda else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def build_model(cfg: TrainConfig, env: Environment | None = None) -> Phi3VForCausalLM:
+def build_model(cfg: TrainConfig, env: Machine | None = None) -> Phi3VForCausalLM:
     """The base model of a run, before the method changes it.
 
     Presets are initialised randomly from ``cfg.seed`` (so the same config rebuilds the same base, e.g. to reload a
@@ -132,12 +119,12 @@ def build_model(cfg: TrainConfig, env: Environment | None = None) -> Phi3VForCau
         cfg: The run configuration (``model``, ``attn``, ``method``, ``precision``, ``seed``).
         env: The machine (detected when omitted).
     """
-    env = env or Environment.detect()
+    env = env or Machine.detect()
     dtype = DTYPES[cfg.precision] if get_method(cfg.method).uses_lora else torch.float32
     set_seed(cfg.seed)
-    if cfg.model in PRESETS:
+    if cfg.model in MODEL_PRESETS:
         config = get_config(cfg.model, attn_implementation=cfg.attn)
-        with _default_dtype(dtype), torch.device(_device(env)):
+        with default_dtype(dtype), torch.device(local_device(env.cuda)):
             model = Phi3VForCausalLM(config)
     else:
         model = Phi3VForCausalLM.from_pretrained(cfg.model, attn_implementation=cfg.attn, dtype=dtype)
@@ -145,12 +132,12 @@ def build_model(cfg: TrainConfig, env: Environment | None = None) -> Phi3VForCau
     return model
 
 
-def prepare_model(cfg: TrainConfig, env: Environment | None = None) -> tuple[nn.Module, MethodReport]:
+def prepare_model(cfg: TrainConfig, env: Machine | None = None) -> tuple[nn.Module, MethodReport]:
     """:func:`build_model` followed by the method's ``prepare`` (seeded, so LoRA init is reproducible)."""
-    env = env or Environment.detect()
+    env = env or Machine.detect()
     model = build_model(cfg, env)
     set_seed(cfg.seed)
-    return get_method(cfg.method).prepare(model, cfg.method_options(_device(env)))
+    return get_method(cfg.method).prepare(model, cfg.method_options(local_device(env.cuda)))
 
 
 #: TrainConfig fields that change what a run computes: a resume must not change them.
@@ -310,8 +297,8 @@ def init_distributed(cuda: bool, timeout_s: int) -> bool:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write ``payload`` as indented JSON via a temporary file and ``os.replace`` (never half-written)."""
-    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
+    """Write ``payload`` as indented, strict JSON atomically (never half-written); other objects become strings."""
+    atomic_write_json(path, payload, default=str)
 
 
 class _RecordConfig(TrainerCallback):
@@ -379,7 +366,7 @@ def train(
     eval_dataset: Dataset | None = None,
     callbacks: Sequence[TrainerCallback] = (),
     processor: Any | None = None,
-    env: Environment | None = None,
+    env: Machine | None = None,
 ) -> TrainResult:
     """Fine-tune Phi-3(.5)-vision with one of the four methods.
 
@@ -398,7 +385,7 @@ def train(
         ConfigError: Invalid configuration for this machine (before anything is loaded or written).
         TrainingDivergedError: The loss became NaN/inf (or is 0 on the first step).
     """
-    env = env or Environment.detect()
+    env = env or Machine.detect()
     non_finite = [f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg) if _is_non_finite(getattr(cfg, f.name))]
     if non_finite:
         raise ConfigError(f"settings must be finite numbers: {', '.join(non_finite)}; pass finite values")

@@ -8,36 +8,39 @@ gradient checkpointing with ``use_reentrant=False``. Deviations are documented o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from phi3v_core.config import PRESETS
+from phi3v_core.config import MODEL_PRESETS
+from phi3v_core.constants import ATTN_NAMES, DEFAULT_ATTN, MAX_NUM_CROPS, PRECISION_NAMES, ZERO_BUCKET_ELEMENTS
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHODS, MethodOptions, get_method
 
 __all__ = [
-    "ATTN_IMPLEMENTATIONS",
+    "DEPRECATED_FIELDS",
     "DTYPES",
     "Environment",
-    "PRECISIONS",
+    "Machine",
     "TrainConfig",
     "find_resumable_checkpoint",
 ]
 
-PRECISIONS = ("bf16", "fp16", "fp32")
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_MAX_NUM_CROPS = 16  # the recipe asserts num_crops <= 16
+#: Old field name → current one. Still accepted by the constructor (PendingDeprecationWarning) and by JSON configs,
+#: so ``train_config.json`` / ``run.json`` files written before the rename keep loading.
+DEPRECATED_FIELDS: dict[str, str] = {"per_device_batch": "micro_batch"}
 
 
 @dataclass(frozen=True)
-class Environment:
+class Machine:
     """What the machine offers; :meth:`detect` reads it, tests construct it to simulate other machines.
 
     Attributes:
@@ -59,7 +62,7 @@ class Environment:
     bitsandbytes: bool = True
 
     @classmethod
-    def detect(cls) -> Environment:
+    def detect(cls) -> Machine:
         """Probe this machine and process (no CUDA context is created beyond the capability query)."""
         cuda = torch.cuda.is_available()
         return cls(
@@ -72,6 +75,10 @@ class Environment:
             bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
         )
 
+
+
+#: Deprecated name of :class:`Machine` (``bench.results.Environment`` is the captured environment of a result).
+Environment = Machine
 
 @dataclass
 class TrainConfig:
@@ -86,8 +93,9 @@ class TrainConfig:
         attn: ``eager``, ``sdpa`` or ``flash_attention_2`` (the recipe uses eager or FA2, never sdpa).
         num_crops: HD crops per image for the processor (1–16; recipe default 16). Used where the run builds its
             own data (launch entry point); ``train()`` takes already-encoded datasets.
-        per_device_batch: Micro-batch per process.
-        global_batch: Effective batch per optimizer step = per-device × processes × accumulation (the recipe's
+        micro_batch: Examples per forward/backward on each process (the recipe's ``--batch_size_per_gpu``;
+            formerly ``per_device_batch``, still accepted).
+        global_batch: Effective batch per optimizer step = micro-batch × processes × accumulation (the recipe's
             ``--batch_size``); must divide evenly.
         max_steps: Optimizer steps; ``-1`` trains ``num_train_epochs`` epochs instead.
         num_train_epochs: Epochs when ``max_steps == -1``.
@@ -117,9 +125,8 @@ class TrainConfig:
         deterministic: Use deterministic algorithms (``torch.use_deterministic_algorithms``); slower on GPU.
         deepspeed: ZeRO-2 via DeepSpeed: ``None`` = on for full/frozen_vision with more than one process (as the
             recipe), ``True``/``False`` to force. Not available for lora/qlora (the recipe uses DDP there).
-        zero_reduce_bucket_size: ZeRO-2 ``reduce_bucket_size`` in elements. Default 5e7, not the recipe's 5e8: with
-            ``overlap_comm`` DeepSpeed keeps buffers of about 4.5× both bucket sizes, which at 5e8 is ~9 GB per GPU
-            (5e8 × 2 B × 2 × 4.5) and at 5e7 ~0.9 GB, while 5e7-element (100 MB) buckets still saturate NCCL.
+        zero_reduce_bucket_size: ZeRO-2 ``reduce_bucket_size`` in elements. Default 5e7, not the recipe's 5e8
+            (:data:`phi3v_core.constants.ZERO_BUCKET_ELEMENTS` says why).
         zero_allgather_bucket_size: ZeRO-2 ``allgather_bucket_size`` in elements (default 5e7, see above).
         zero_overlap_comm: Overlap gradient reduction with backward (recipe: on).
         logging_steps: Log every N steps (1 gives exact per-step losses to callbacks and ``TrainResult``).
@@ -137,9 +144,9 @@ class TrainConfig:
     model: str = "tiny"
     method: str = "lora"
     precision: str = "bf16"
-    attn: str = "sdpa"
-    num_crops: int = 16
-    per_device_batch: int = 1
+    attn: str = DEFAULT_ATTN
+    num_crops: int = MAX_NUM_CROPS
+    micro_batch: int = 1
     global_batch: int = 16
     max_steps: int = -1
     num_train_epochs: float = 1.0
@@ -165,8 +172,8 @@ class TrainConfig:
     seed: int = 42
     deterministic: bool = False
     deepspeed: bool | None = None
-    zero_reduce_bucket_size: int = 50_000_000
-    zero_allgather_bucket_size: int = 50_000_000
+    zero_reduce_bucket_size: int = ZERO_BUCKET_ELEMENTS
+    zero_allgather_bucket_size: int = ZERO_BUCKET_ELEMENTS
     zero_overlap_comm: bool = True
     logging_steps: int = 1
     dataloader_num_workers: int = 4
@@ -182,16 +189,18 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:
         """Build from a plain dict, rejecting unknown keys (all of them at once).
 
+        Deprecated field names (:data:`DEPRECATED_FIELDS`) are accepted, so older JSON configs load.
+
         Raises:
-            ConfigError: Unknown keys.
+            ConfigError: Unknown keys, or an old and a new name for the same field.
         """
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known - set(DEPRECATED_FIELDS))
         if unknown:
             raise ConfigError(
                 f"{where}: unknown TrainConfig field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
-        return cls(**values)
+        return cls(**_renamed_fields(values, where))
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
@@ -220,8 +229,13 @@ class TrainConfig:
         return DTYPES[self.precision]
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
-        """Micro-batches per optimizer step on each process: global / (per-device × world size)."""
-        return max(1, self.global_batch // (self.per_device_batch * world_size))
+        """Micro-batches per optimizer step on each process: global / (micro-batch × world size)."""
+        return max(1, self.global_batch // (self.micro_batch * world_size))
+
+    @property
+    def per_device_batch(self) -> int:
+        """Deprecated name of :attr:`micro_batch` (read-only)."""
+        return self.micro_batch
 
     def uses_deepspeed(self, world_size: int) -> bool:
         """Resolve ``deepspeed=None`` (auto): on for full/frozen_vision when more than one process trains."""
@@ -248,9 +262,9 @@ class TrainConfig:
         )
 
     # -- validation --------------------------------------------------------------------------------------------
-    def problems(self, env: Environment | None = None) -> list[str]:
+    def problems(self, env: Machine | None = None) -> list[str]:
         """Every problem with this configuration on this machine (empty when it can run)."""
-        env = env or Environment.detect()
+        env = env or Machine.detect()
         out: list[str] = []
         out += self._model_problems()
         out += self._choice_problems()
@@ -260,16 +274,16 @@ class TrainConfig:
         out += self._checkpoint_problems()
         return out
 
-    def validate(self, env: Environment | None = None) -> None:
+    def validate(self, env: Machine | None = None) -> None:
         """Raise one :class:`~phi3v_core.errors.ConfigError` listing every problem (no-op when valid)."""
         raise_all(self.problems(env))
 
     def _model_problems(self) -> list[str]:
-        if self.model in PRESETS:
+        if self.model in MODEL_PRESETS:
             return []
         folder = Path(self.model)
         if not (folder / "config.json").is_file():
-            return [f"model {self.model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder with config.json"]
+            return [f"model {self.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a folder with config.json"]
         has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
         if not has_weights:
             return [
@@ -282,10 +296,10 @@ class TrainConfig:
         out = []
         if self.method not in METHODS:
             out.append(f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
-        if self.precision not in PRECISIONS:
-            out.append(f"precision {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
-        if self.attn not in ATTN_IMPLEMENTATIONS:
-            out.append(f"attn {self.attn!r} is unknown; choose one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        if self.precision not in PRECISION_NAMES:
+            out.append(f"precision {self.precision!r} is unknown; choose one of {', '.join(PRECISION_NAMES)}")
+        if self.attn not in ATTN_NAMES:
+            out.append(f"attn {self.attn!r} is unknown; choose one of {', '.join(ATTN_NAMES)}")
         if self.method == "full" and self.freeze_vision:
             out.append("freeze_vision with method 'full' is method 'frozen_vision'; pass method='frozen_vision'")
         if self.method in METHODS and self.deepspeed and not get_method(self.method).supports_deepspeed:
@@ -295,7 +309,7 @@ class TrainConfig:
             )
         return out
 
-    def _precision_problems(self, env: Environment) -> list[str]:
+    def _precision_problems(self, env: Machine) -> list[str]:
         out = []
         flash = self.attn == "flash_attention_2"
         if flash and self.precision == "fp32":
@@ -323,17 +337,17 @@ class TrainConfig:
             out.append("deepspeed is enabled but not installed (pip install deepspeed); or set deepspeed=False")
         return out
 
-    def _batch_problems(self, env: Environment) -> list[str]:
+    def _batch_problems(self, env: Machine) -> list[str]:
         out = []
-        if self.per_device_batch < 1:
-            out.append(f"per_device_batch must be >= 1 (got {self.per_device_batch})")
+        if self.micro_batch < 1:
+            out.append(f"micro_batch must be >= 1 (got {self.micro_batch})")
         if self.global_batch < 1:
             out.append(f"global_batch must be >= 1 (got {self.global_batch})")
-        if self.per_device_batch >= 1 and self.global_batch >= 1:
-            per_step = self.per_device_batch * env.world_size
+        if self.micro_batch >= 1 and self.global_batch >= 1:
+            per_step = self.micro_batch * env.world_size
             if self.global_batch % per_step:
                 out.append(
-                    f"global_batch {self.global_batch} is not a multiple of per_device_batch {self.per_device_batch} × "
+                    f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch} × "
                     f"{env.world_size} process(es) = {per_step}; pick a global_batch divisible by {per_step}"
                 )
         if env.world_size == 1 and env.device_count > 1:
@@ -362,7 +376,7 @@ class TrainConfig:
             (self.lora_rank >= 1, f"lora_rank must be >= 1 (got {self.lora_rank})"),
             (self.lora_alpha_ratio > 0, f"lora_alpha_ratio must be > 0 (got {self.lora_alpha_ratio})"),
             (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1) (got {self.lora_dropout})"),
-            (1 <= self.num_crops <= _MAX_NUM_CROPS, f"num_crops must be in 1..{_MAX_NUM_CROPS} (got {self.num_crops})"),
+            (1 <= self.num_crops <= MAX_NUM_CROPS, f"num_crops must be in 1..{MAX_NUM_CROPS} (got {self.num_crops})"),
             (self.save_steps >= 0, f"save_steps must be >= 0 (got {self.save_steps})"),
             (
                 self.save_total_limit is None or self.save_total_limit >= 1,
@@ -393,6 +407,41 @@ class TrainConfig:
                 "or choose an empty output_dir"
             )
         return out
+
+
+def _renamed_fields(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` with deprecated field names (:data:`DEPRECATED_FIELDS`) replaced by the current ones.
+
+    Raises:
+        ConfigError: Both the old and the new name of one field are given.
+    """
+    values = dict(values)
+    for old, new in DEPRECATED_FIELDS.items():
+        if old in values:
+            if new in values:
+                raise ConfigError(f"{where}: both {old!r} (deprecated) and {new!r} are given; keep only {new!r}")
+            values[new] = values.pop(old)
+    return values
+
+
+def _accept_deprecated_names(init):  # noqa: ANN001, ANN202 - wraps the dataclass-generated __init__
+    """Let ``TrainConfig(per_device_batch=...)`` keep working: rename old keyword arguments, with a (pending) warning."""
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+        if DEPRECATED_FIELDS.keys() & kwargs.keys():
+            # Pending, not Deprecation: Python shows DeprecationWarning in __main__, and `python -m
+            # phi3v_core.cli.finetune` (still on the old name) must print nothing but its own output.
+            warnings.warn(
+                f"TrainConfig field names {DEPRECATED_FIELDS} changed; pass the new names", PendingDeprecationWarning, 2
+            )
+            kwargs = _renamed_fields(kwargs, "TrainConfig")
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+TrainConfig.__init__ = _accept_deprecated_names(TrainConfig.__init__)  # type: ignore[method-assign]
 
 
 def find_resumable_checkpoint(output_dir: str | Path) -> Path | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from phi3v_core.constants import zero2_buffer_bytes as buffer_bytes
 from phi3v_core.training.config import TrainConfig
 
 __all__ = ["deepspeed_config", "zero2_buffer_bytes"]
@@ -49,10 +50,14 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def zero2_buffer_bytes(cfg: TrainConfig, bytes_per_element: int = 2) -> int:
-    """Rough extra GPU memory of the ZeRO-2 communication buffers (the HF DeepSpeed guide's rule of thumb).
+    """Rough extra GPU memory of the run's ZeRO-2 communication buffers (:func:`phi3v_core.constants.zero2_buffer_bytes`).
 
-    With ``overlap_comm`` DeepSpeed holds about 4.5 × (allgather + reduce bucket) elements; without it, about
-    1 × each. The recipe's 5e8/5e8 in 16-bit gives 9 GB; our 5e7 default 0.9 GB.
+    Args:
+        cfg: The run configuration (bucket sizes and ``overlap_comm``).
+        bytes_per_element: Gradient element size.
     """
-    factor = 4.5 if cfg.zero_overlap_comm else 1.0
-    return int(factor * (cfg.zero_allgather_bucket_size + cfg.zero_reduce_bucket_size) * bytes_per_element)
+    return int(
+        buffer_bytes(
+            cfg.zero_reduce_bucket_size, cfg.zero_allgather_bucket_size, cfg.zero_overlap_comm, bytes_per_element
+        )
+    )

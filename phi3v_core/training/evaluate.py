@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -37,6 +36,7 @@ from torch.utils.data import DataLoader, Subset
 
 from phi3v_core.data import DEFAULT_MAX_PIXELS, METRICS, EvalItem, PromptDataset, TaskData, compute_metric
 from phi3v_core.errors import ConfigError, DataError
+from phi3v_core.io import atomic_write_json
 from phi3v_core.processing import Phi3VDataCollator
 
 __all__ = [
@@ -294,13 +294,6 @@ def _gather(local: list[tuple[int, str]], world_size: int) -> list[tuple[int, st
     return [pair for part in gathered for pair in (part or [])]
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def evaluate(
     model: nn.Module,
     items: Sequence[EvalItem],
@@ -391,7 +384,7 @@ def evaluate(
         world_size=world_size,
     )
     if output_file is not None and rank == 0:
-        _write_json_atomic(Path(output_file), result.to_json())
+        atomic_write_json(Path(output_file), result.to_json())
     return result
 
 

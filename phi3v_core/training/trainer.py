@@ -18,7 +18,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from phi3v_core.training.callbacks import StepMeter, StepTimer
-from phi3v_core.training.config import Environment, TrainConfig
+from phi3v_core.training.config import Machine, TrainConfig
 from phi3v_core.training.deepspeed_config import deepspeed_config
 
 __all__ = ["Phi3VTrainer", "build_training_arguments"]
@@ -68,7 +68,7 @@ class Phi3VTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-def build_training_arguments(cfg: TrainConfig, env: Environment) -> TrainingArguments:
+def build_training_arguments(cfg: TrainConfig, env: Machine) -> TrainingArguments:
     """Map a validated :class:`TrainConfig` onto ``TrainingArguments`` (recipe values where it fixes them).
 
     Args:
@@ -78,8 +78,8 @@ def build_training_arguments(cfg: TrainConfig, env: Environment) -> TrainingArgu
     workers = cfg.dataloader_num_workers
     return TrainingArguments(
         output_dir=str(cfg.output_dir),
-        per_device_train_batch_size=cfg.per_device_batch,
-        per_device_eval_batch_size=cfg.per_device_batch,
+        per_device_train_batch_size=cfg.micro_batch,
+        per_device_eval_batch_size=cfg.micro_batch,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps(env.world_size),
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.num_train_epochs,

@@ -14,13 +14,13 @@ import torch
 
 from phi3v_core.cli.finetune import PRESETS, build_config, build_parser, main
 from phi3v_core.errors import ConfigError
-from phi3v_core.training import Environment
+from phi3v_core.training import Machine
 
-CPU = Environment(cuda=False, world_size=1)
-A100 = Environment(cuda=True, capability=(8, 0), device_count=1, world_size=1, flash_attn=True)
+CPU = Machine(cuda=False, world_size=1)
+A100 = Machine(cuda=True, capability=(8, 0), device_count=1, world_size=1, flash_attn=True)
 
 
-def resolve(*flags: str, env: Environment = CPU) -> Any:
+def resolve(*flags: str, env: Machine = CPU) -> Any:
     return build_config(build_parser().parse_args(list(flags)), env)
 
 
@@ -40,7 +40,7 @@ def test_recipe_defaults_and_our_cpu_fallbacks():
     cfg = resolve("--synthetic", "8")
     train = cfg.train
     assert (cfg.task, train.model, train.method) == ("docvqa", "tiny", "full")  # no --use_lora: full fine-tuning
-    assert (train.global_batch, train.per_device_batch, train.num_train_epochs) == (16, 1, 1.0)
+    assert (train.global_batch, train.micro_batch, train.num_train_epochs) == (16, 1, 1.0)
     assert (train.learning_rate, train.weight_decay, train.warmup_steps) == (4e-5, 0.01, 50)
     assert (train.lora_rank, train.lora_alpha_ratio, train.lora_dropout) == (64, 2.0, 0.0)
     assert train.output_dir == "./output/"

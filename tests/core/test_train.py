@@ -39,7 +39,7 @@ def config(tmp_path: Path, **overrides: object) -> TrainConfig:
         method="full",
         precision="fp32",
         num_crops=1,
-        per_device_batch=2,
+        micro_batch=2,
         global_batch=2,
         max_steps=2,
         warmup_steps=0,
@@ -57,7 +57,7 @@ def config(tmp_path: Path, **overrides: object) -> TrainConfig:
 
 def test_step_timer_counts_what_each_step_consumed(dataset: SyntheticDataset, tmp_path: Path) -> None:
     timer = StepTimer()
-    cfg = config(tmp_path, method="lora", per_device_batch=2, global_batch=4, max_steps=2)  # 2 micro-batches/step
+    cfg = config(tmp_path, method="lora", micro_batch=2, global_batch=4, max_steps=2)  # 2 micro-batches/step
     result = train(cfg, dataset, callbacks=[timer])
     assert [r.step for r in timer.records] == [1, 2]
     assert all(r.samples == 4 and r.images == 4 for r in timer.records)
@@ -78,9 +78,9 @@ def test_step_timer_counts_what_each_step_consumed(dataset: SyntheticDataset, tm
 def test_splitting_the_global_batch_does_not_change_training(dataset: SyntheticDataset, tmp_path: Path) -> None:
     """Micro-batch 2 vs 2 accumulated micro-batches of 1 (no checkpointing) vs logits trimmed to the answers."""
     runs = {
-        "micro2": config(tmp_path / "a", per_device_batch=2, global_batch=2),
-        "accum2": config(tmp_path / "b", per_device_batch=1, global_batch=2, gradient_checkpointing=False),
-        "trimmed": config(tmp_path / "c", per_device_batch=2, global_batch=2, supervised_logits_only=True),
+        "micro2": config(tmp_path / "a", micro_batch=2, global_batch=2),
+        "accum2": config(tmp_path / "b", micro_batch=1, global_batch=2, gradient_checkpointing=False),
+        "trimmed": config(tmp_path / "c", micro_batch=2, global_batch=2, supervised_logits_only=True),
     }
     results = {name: train(cfg, dataset) for name, cfg in runs.items()}
     reference = results["micro2"]
@@ -158,7 +158,7 @@ class _Crash(TrainerCallback):
 
 def test_resume_from_the_latest_checkpoint_reproduces_the_run(dataset: SyntheticDataset, tmp_path: Path) -> None:
     """Full fine-tuning (optimizer state for every weight), crash after step 3, resume from checkpoint-2."""
-    common = dict(per_device_batch=1, global_batch=2, max_steps=5, save_steps=2, save_final=True)
+    common = dict(micro_batch=1, global_batch=2, max_steps=5, save_steps=2, save_final=True)
     reference = train(config(tmp_path / "ref", **common), dataset)  # 4 steps per epoch: crosses an epoch
 
     crashed = config(tmp_path / "crash", **common)

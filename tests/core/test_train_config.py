@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from phi3v_core.errors import ConfigError
 from phi3v_core.training import (
-    Environment,
+    Machine,
     TrainConfig,
     build_training_arguments,
     deepspeed_config,
@@ -17,9 +18,9 @@ from phi3v_core.training import (
     zero2_buffer_bytes,
 )
 
-CPU = Environment(cuda=False)
-A100 = Environment(cuda=True, capability=(8, 0), device_count=1, flash_attn=True)
-V100 = Environment(cuda=True, capability=(7, 0), device_count=1, flash_attn=True)
+CPU = Machine(cuda=False)
+A100 = Machine(cuda=True, capability=(8, 0), device_count=1, flash_attn=True)
+V100 = Machine(cuda=True, capability=(7, 0), device_count=1, flash_attn=True)
 
 
 def test_defaults_are_valid_on_cpu_and_follow_the_recipe(tmp_path: Path) -> None:
@@ -42,21 +43,21 @@ def test_defaults_are_valid_on_cpu_and_follow_the_recipe(tmp_path: Path) -> None
         ),
         (
             {"attn": "flash_attention_2"},
-            Environment(cuda=True, capability=(9, 0), device_count=1),
+            Machine(cuda=True, capability=(9, 0), device_count=1),
             "pip install flash-attn",
         ),
         ({"precision": "bf16"}, V100, "precision bf16 needs compute capability >= 8.0"),
         ({"precision": "fp16"}, CPU, "fp16 (AMP with loss scaling) needs a CUDA GPU"),
-        ({"method": "qlora"}, Environment(bitsandbytes=False), "needs bitsandbytes"),
-        ({"method": "full"}, Environment(world_size=2, deepspeed=False), "deepspeed is enabled but not installed"),
+        ({"method": "qlora"}, Machine(bitsandbytes=False), "needs bitsandbytes"),
+        ({"method": "full"}, Machine(world_size=2, deepspeed=False), "deepspeed is enabled but not installed"),
         ({"method": "lora", "deepspeed": True}, CPU, "deepspeed is for full/frozen_vision"),
         ({"method": "full", "freeze_vision": True}, CPU, "pass method='frozen_vision'"),
         ({"method": "dora"}, CPU, "method 'dora' is unknown"),
         ({"precision": "fp8"}, CPU, "precision 'fp8' is unknown"),
         ({"attn": "xformers"}, CPU, "attn 'xformers' is unknown"),
-        ({"global_batch": 6, "per_device_batch": 4}, CPU, "global_batch 6 is not a multiple of per_device_batch 4"),
-        ({"global_batch": 16, "per_device_batch": 3}, Environment(world_size=2), "× 2 process(es) = 6"),
-        ({}, Environment(cuda=True, capability=(9, 0), device_count=4), "torchrun --nproc_per_node=4"),
+        ({"global_batch": 6, "micro_batch": 4}, CPU, "global_batch 6 is not a multiple of micro_batch 4"),
+        ({"global_batch": 16, "micro_batch": 3}, Machine(world_size=2), "× 2 process(es) = 6"),
+        ({}, Machine(cuda=True, capability=(9, 0), device_count=4), "torchrun --nproc_per_node=4"),
         ({"num_crops": 17}, CPU, "num_crops must be in 1..16"),
         ({"max_steps": 0}, CPU, "max_steps must be -1 (epochs) or >= 1"),
         ({"lora_dropout": 1.0}, CPU, "lora_dropout must be in [0, 1)"),
@@ -65,7 +66,7 @@ def test_defaults_are_valid_on_cpu_and_follow_the_recipe(tmp_path: Path) -> None
     ],
 )
 def test_each_impossible_combination_is_rejected_with_its_reason(
-    changes: dict, env: Environment, fragment: str, tmp_path: Path
+    changes: dict, env: Machine, fragment: str, tmp_path: Path
 ) -> None:
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), **changes)
     problems = cfg.problems(env)
@@ -78,7 +79,7 @@ def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
         attn="flash_attention_2",
         precision="fp32",
         global_batch=5,
-        per_device_batch=2,
+        micro_batch=2,
         lora_rank=0,
     )
     with pytest.raises(ConfigError) as err:
@@ -112,7 +113,7 @@ def test_latest_checkpoint_skips_incomplete_folders(tmp_path: Path) -> None:
 
 
 def test_gradient_accumulation_makes_up_the_global_batch() -> None:
-    cfg = TrainConfig(global_batch=64, per_device_batch=2)
+    cfg = TrainConfig(global_batch=64, micro_batch=2)
     assert cfg.gradient_accumulation_steps(world_size=8) == 4
     assert cfg.gradient_accumulation_steps(world_size=1) == 32
 
@@ -140,7 +141,7 @@ def test_deepspeed_config_is_zero2_with_our_bucket_sizes() -> None:
 
 
 def test_training_arguments_carry_the_recipe_settings(tmp_path: Path) -> None:
-    cfg = TrainConfig(output_dir=str(tmp_path), global_batch=8, per_device_batch=2, save_steps=5, precision="bf16")
+    cfg = TrainConfig(output_dir=str(tmp_path), global_batch=8, micro_batch=2, save_steps=5, precision="bf16")
     args = build_training_arguments(cfg, CPU)
     assert (args.gradient_accumulation_steps, args.per_device_train_batch_size) == (4, 2)
     assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.max_grad_norm) == (0.9, 0.95, 1e-7, 1.0)
@@ -161,3 +162,17 @@ def test_config_round_trips_through_json_and_rejects_unknown_fields(tmp_path: Pa
     path.write_text('{"method": "lora",\n "x": }')
     with pytest.raises(ConfigError, match=r"cfg.json:2: invalid JSON"):
         TrainConfig.from_json(path)
+
+
+def test_old_name_per_device_batch_still_loads(tmp_path: Path) -> None:
+    """``micro_batch`` was ``per_device_batch``: old callers and old run.json files keep working."""
+    with pytest.warns(PendingDeprecationWarning, match="per_device_batch"):
+        cfg = TrainConfig(per_device_batch=4, global_batch=8)
+    assert cfg.micro_batch == cfg.per_device_batch == 4
+    assert "per_device_batch" not in cfg.to_dict() and cfg.to_dict()["micro_batch"] == 4
+    assert dataclasses.replace(cfg, micro_batch=2).micro_batch == 2
+    old_file = tmp_path / "run.json"
+    old_file.write_text(json.dumps({"per_device_batch": 2, "global_batch": 4}))
+    assert TrainConfig.from_json(old_file).micro_batch == 2
+    with pytest.raises(ConfigError, match=r"both 'per_device_batch' \(deprecated\) and 'micro_batch'"):
+        TrainConfig.from_dict({"per_device_batch": 1, "micro_batch": 1}, where="run.json")

@@ -80,7 +80,7 @@ def test_lora_learns_the_colour_of_the_shape(tmp_path: Path) -> None:
         method="lora",
         precision="fp32",
         num_crops=1,
-        per_device_batch=4,
+        micro_batch=4,
         global_batch=4,
         max_steps=STEPS,
         learning_rate=5e-3,

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _config(tmp_path: Path, method: str, precision: str = "fp32", **overrides) -> TrainConfig:
     values = dict(
-        model="tiny", method=method, precision=precision, num_crops=1, per_device_batch=1, global_batch=1,
+        model="tiny", method=method, precision=precision, num_crops=1, micro_batch=1, global_batch=1,
         max_steps=3, warmup_steps=0, learning_rate=1e-3, lora_rank=8, output_dir=str(tmp_path / "run"),
         dataloader_num_workers=0, disable_tqdm=True, save_final=False, seed=0,
     )
@@ -94,7 +94,7 @@ def test_full_finetune_saves_a_folder_from_pretrained_loads(dataset: SyntheticDa
 
 def _launch_spec(path: Path, output_dir: Path, **train_overrides) -> Path:
     train_cfg = {
-        "model": "tiny", "method": "lora", "precision": "fp32", "num_crops": 1, "per_device_batch": 1,
+        "model": "tiny", "method": "lora", "precision": "fp32", "num_crops": 1, "micro_batch": 1,
         "global_batch": 2, "max_steps": 4, "warmup_steps": 0, "learning_rate": 1e-3, "lora_rank": 8,
         "output_dir": str(output_dir), "dataloader_num_workers": 0, "disable_tqdm": True, "seed": 0,
         "deterministic": True,

@@ -1,0 +1,76 @@
+"""Atomic file writes: readers see the old file or the complete new one, never a half-written file.
+
+Torch-free, so every package (training, processing, bench, planner) can share it. Each write goes to a temporary
+file in the destination folder (same filesystem, so ``os.replace`` is atomic), is flushed and fsynced, then replaces
+the target; on any failure the temporary file is removed and the target is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> Path:
+    """Write ``data`` to ``path`` atomically (the parent folder is created if needed).
+
+    Args:
+        path: Destination file.
+        data: The complete new content.
+        mode: Permission bits of the new file (``mkstemp`` would leave 0600; results and configs are shared files).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 ``text`` atomically (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(
+    path: str | os.PathLike[str],
+    payload: Any,
+    *,
+    indent: int | None = 2,
+    default: Callable[[Any], Any] | None = None,
+) -> Path:
+    """Write ``payload`` as strict JSON atomically, with a trailing newline.
+
+    Strict means ``allow_nan=False``: a NaN or infinity raises ``ValueError`` before anything is written, because
+    ``NaN`` is not JSON and other readers (``jq``, browsers, pandas with ``orient``) reject it.
+
+    Args:
+        path: Destination file.
+        payload: JSON-serialisable value.
+        indent: ``json.dumps`` indentation (``None`` for one line).
+        default: ``json.dumps`` fallback for other objects (e.g. ``str`` for paths).
+
+    Returns:
+        The path written.
+    """
+    text = json.dumps(payload, indent=indent, ensure_ascii=False, allow_nan=False, default=default)
+    return atomic_write_text(path, text + "\n")
