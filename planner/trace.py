@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 #: Bump when the tracing procedure changes (invalidates cached traces).
-TRACE_VERSION = 1
+TRACE_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -272,7 +272,8 @@ def trace_key(shape: ModelShape, setup: TrainSetup, workload: Workload) -> str:
     payload = {
         "version": TRACE_VERSION,
         "shape": shape.to_dict() | {"name": ""},
-        "method": "lora" if setup.method == "qlora" else setup.method,
+        # QLoRA is traced as LoRA but its stored result includes the 4-bit adjustment: it needs its own key
+        "method": setup.method,
         "precision": setup.precision,
         "weights": setup.stored_weight_dtype,
         "attention": "sdpa" if setup.attention == "flash_attention_2" else setup.attention,

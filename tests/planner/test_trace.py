@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
 
 from planner.estimate import TrainSetup, Workload, activation_terms
 from planner.shapes import load_shape
-from planner.trace import apply_trace, cache_dir, trace_activations
+from planner.trace import apply_trace, cache_dir, trace_activations, trace_key
 
 
 def _closed_form_dynamic(shape, setup, workload) -> float:
@@ -29,6 +33,14 @@ def test_tiny_trace_is_cached_and_agrees(method):
     assert first["dynamic"] == pytest.approx(expected, rel=0.10)
     if method == "qlora":
         assert any("QLoRA traced as LoRA" in n for n in first["notes"])
+
+
+def test_qlora_and_lora_traces_are_cached_apart():
+    # QLoRA is traced as LoRA, but its stored result carries the 4-bit adjustment: one must not answer for the other
+    shape = load_shape("tiny")
+    workload = Workload.from_images(shape, 4, (672, 672), text_tokens=40)
+    lora = TrainSetup(method="lora", precision="bf16", attention="flash_attention_2")
+    assert trace_key(shape, lora, workload) != trace_key(shape, dataclasses.replace(lora, method="qlora"), workload)
 
 
 def test_apply_trace_keeps_sharded_states():
@@ -58,3 +70,24 @@ def test_full_size_trace_completes_on_cpu():
         f"traced {result['dynamic'] / 2**30:.3f} GiB vs closed form {_closed_form_dynamic(shape, setup, workload) / 2**30:.3f} GiB in {result['seconds']} s"
     )
     assert result["dynamic"] == pytest.approx(_closed_form_dynamic(shape, setup, workload), rel=0.10)
+
+
+@pytest.mark.slow
+def test_eager_trace_matches_recorded_evidence(tmp_path):
+    """Re-measure the recorded evidence for the recipe's LoRA no-FA row (fp32 weights, fp16 autocast, eager)."""
+    import planner
+    from planner.calibration import load_calibration
+    from planner.estimate import Overheads, estimate_memory
+
+    shape = load_shape("phi-3-vision")
+    workload = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)
+    label = "8xA100-80GB x1 lora no FA"
+    row = next(r for r in load_calibration().rows if r.label == label)
+    setup = row.setup()
+    assert (setup.weight_dtype, setup.precision, setup.attention) == ("fp32", "fp16", "eager")
+    trace = trace_activations("phi-3-vision", setup, workload, cache=tmp_path)
+    closed = estimate_memory(shape, setup, workload)
+    traced = apply_trace(closed, shape, setup, workload, Overheads.cpu(), trace).allocated / 2**30
+    recorded = json.loads((Path(planner.__file__).parent / "data" / "calibration.json").read_text())
+    assert traced == pytest.approx(recorded["memory_trace_evidence"]["rows"][label]["traced_allocated_gib"], rel=0.02)
+    assert traced == pytest.approx(closed.allocated / 2**30, rel=0.05)
