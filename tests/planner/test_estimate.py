@@ -59,12 +59,14 @@ def test_eager_misses_name_the_unmodelled_term_and_its_size(report):
         "8xA100-80GB x1 qlora no FA",
     }
     for r in misses:
-        assert r["memory_unmodelled_term"] == "allocator retention", r
+        assert r["memory_unmodelled_term"] == "elastic reserve", r
         assert r["memory_unmodelled_gb"] == pytest.approx(r["published_gb"] - r["predicted_gb"], abs=0.06)
         assert f"{r['memory_unmodelled_gb']:+.1f} GB" in r["memory_note"]
         # the tensors are accounted for: the real model traced with the row's settings agrees with the closed form
         assert r["traced_allocated_gib"] == pytest.approx(r["allocated_gib"], rel=0.05), r
     lora = report["8xA100-80GB x1 lora no FA"]
+    # not fragmentation of the step's own allocations either: the eager replay reserves about what the flash one does
+    assert lora["replayed_reserved_ratio"] < 1.5 < lora["published_gb"] / lora["allocated_gib"]
     # the same settings on the 32 GB card are predicted right: same tensors, 20 GB less retained
     assert "8xV100-32GB peak at 30 GB" in lora["memory_note"] and report["8xV100-32GB x1 lora no FA"]["memory_ok"]
     for r in report.values():
