@@ -5,7 +5,9 @@ of recipe.md §11), else from the copy in ``planner/data/calibration.json`` (sam
 The speed model's few fitted constants (``calibration.json`` → ``speed.fit``) are each fitted on ONE named row; every
 other row is held out and judged, the frozen-vision rows the reference marks as suspect are excluded with the reason
 (:func:`fit_speed_constants`, :func:`calibration_report`, :func:`calibration_summary`). The flash-attention A100 rows
-fix the allocator/cache overhead of the memory model (§2.6 of bench-planner-anchors.md); the other rows judge it.
+fix the allocator/cache overhead of the memory model (§2.6 of bench-planner-anchors.md); the other rows judge it. The
+A100 eager rows it misses are named with their unmodelled term and its size, next to the recorded evidence that their
+tensors are accounted for (``calibration.json`` → ``memory_trace_evidence``).
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ Stand-ins (bench-planner-anchors.md §2.3):
 * bitsandbytes 4-bit kernels cannot run on fakes; QLoRA is traced as LoRA over a 16-bit base and the closed-form
   difference (4-bit weights, bitsandbytes' saved inputs, one dequantized weight) is added.
 
+:func:`allocation_replay` records every allocation and free of a few real micro-steps the same way and replays them
+through :class:`CachingAllocatorModel` (PyTorch's CUDA caching-allocator block rules), which shows how much the
+allocator would reserve over the tensors from fragmentation alone.
+
 Traces are cached as JSON under ``$PHI3V_CACHE/traces`` (default ``~/.cache/phi3v-bench/traces``), keyed by
 everything that changes the result (shapes, method, dtypes, attention, workload, micro-batch, checkpointing,
 torch/transformers/peft versions).
