@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
 
 from planner.estimate import TrainSetup, Workload, activation_terms
 from planner.shapes import load_shape
-from planner.trace import apply_trace, cache_dir, trace_activations
+from planner.trace import (
+    CachingAllocatorModel,
+    allocation_replay,
+    apply_trace,
+    cache_dir,
+    trace_activations,
+    trace_key,
+)
+
+MIB = 2**20
 
 
 def _closed_form_dynamic(shape, setup, workload) -> float:
@@ -29,6 +42,52 @@ def test_tiny_trace_is_cached_and_agrees(method):
     assert first["dynamic"] == pytest.approx(expected, rel=0.10)
     if method == "qlora":
         assert any("QLoRA traced as LoRA" in n for n in first["notes"])
+
+
+def test_qlora_and_lora_traces_are_cached_apart():
+    # QLoRA is traced as LoRA, but its stored result carries the 4-bit adjustment: one must not answer for the other
+    shape = load_shape("tiny")
+    workload = Workload.from_images(shape, 4, (672, 672), text_tokens=40)
+    lora = TrainSetup(method="lora", precision="bf16", attention="flash_attention_2")
+    assert trace_key(shape, lora, workload) != trace_key(shape, dataclasses.replace(lora, method="qlora"), workload)
+
+
+def test_allocator_model_reuses_splits_and_merges():
+    alloc = CachingAllocatorModel()
+    alloc.malloc("a", 100 * MIB)
+    alloc.free("a")
+    alloc.malloc("b", 50 * MIB)  # best fit splits the cached 100 MiB block
+    alloc.malloc("c", 50 * MIB)  # ... and serves the remainder
+    assert alloc.reserved == 100 * MIB and alloc.allocated == 100 * MIB
+    alloc.free("b")
+    alloc.free("c")
+    alloc.malloc("d", 100 * MIB)  # the halves merged back
+    assert alloc.reserved == 100 * MIB
+    alloc.malloc("e", 1000)  # small pool: its own 2 MiB segment
+    alloc.malloc("f", 3 * MIB)  # under 10 MiB: a 20 MiB segment ...
+    alloc.malloc("g", 3 * MIB)  # ... shared by the next one
+    assert alloc.reserved == (100 + 2 + 20) * MIB
+    assert alloc.allocated == 100 * MIB + 1024 + 6 * MIB  # 1000 B rounds up to 512-byte multiples
+
+
+def test_allocator_model_long_lived_block_pins_a_freed_large_one():
+    # A small tensor carved out of a freed large block keeps that block from serving the next large request.
+    alloc = CachingAllocatorModel()
+    alloc.malloc("scores", 100 * MIB)
+    alloc.free("scores")
+    alloc.malloc("grad", 4 * MIB)
+    alloc.malloc("scores2", 100 * MIB)
+    assert alloc.reserved == 200 * MIB and alloc.peak_allocated == 104 * MIB
+
+
+def test_allocation_replay_sees_what_memtracker_sees(tmp_path):
+    shape = load_shape("tiny")
+    workload = Workload.from_images(shape, 4, (672, 672), text_tokens=40)
+    setup = TrainSetup(method="lora", precision="fp16", weight_dtype="fp32", attention="eager")
+    replay = allocation_replay("tiny", setup, [workload], grad_accum=1, steps=2)
+    traced = trace_activations("tiny", setup, workload, cache=tmp_path)
+    assert replay["peak_allocated"] == pytest.approx(traced["peak"]["Total"], rel=0.02)  # 512-byte rounding
+    assert replay["peak_reserved"] >= replay["peak_allocated"] and replay["events"] > 1000
 
 
 def test_apply_trace_keeps_sharded_states():
@@ -58,3 +117,48 @@ def test_full_size_trace_completes_on_cpu():
         f"traced {result['dynamic'] / 2**30:.3f} GiB vs closed form {_closed_form_dynamic(shape, setup, workload) / 2**30:.3f} GiB in {result['seconds']} s"
     )
     assert result["dynamic"] == pytest.approx(_closed_form_dynamic(shape, setup, workload), rel=0.10)
+
+
+@pytest.mark.slow
+def test_eager_trace_matches_recorded_evidence(tmp_path):
+    """Re-measure the recorded evidence for the recipe's LoRA no-FA row (fp32 weights, fp16 autocast, eager)."""
+    import planner
+    from planner.calibration import load_calibration
+    from planner.estimate import Overheads, estimate_memory
+
+    shape = load_shape("phi-3-vision")
+    workload = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)
+    label = "8xA100-80GB x1 lora no FA"
+    row = next(r for r in load_calibration().rows if r.label == label)
+    setup = row.setup()
+    assert (setup.weight_dtype, setup.precision, setup.attention) == ("fp32", "fp16", "eager")
+    trace = trace_activations("phi-3-vision", setup, workload, cache=tmp_path)
+    closed = estimate_memory(shape, setup, workload)
+    traced = apply_trace(closed, shape, setup, workload, Overheads.cpu(), trace).allocated / 2**30
+    recorded = json.loads((Path(planner.__file__).parent / "data" / "calibration.json").read_text())
+    assert traced == pytest.approx(recorded["memory_trace_evidence"]["rows"][label]["traced_allocated_gib"], rel=0.02)
+    assert traced == pytest.approx(closed.allocated / 2**30, rel=0.05)
+
+
+@pytest.mark.slow
+def test_eager_allocator_replay_matches_recorded_evidence():
+    """Re-run the recorded allocator replay of the recipe's LoRA no-FA row (two optimizer steps, ~1-2 min)."""
+    import planner
+    from planner.calibration import load_calibration
+
+    shape = load_shape("phi-3-vision")
+    recorded = json.loads((Path(planner.__file__).parent / "data" / "calibration.json").read_text())
+    replay_evidence = recorded["memory_trace_evidence"]["allocator_replay"]
+    label = "8xA100-80GB x1 lora no FA"
+    row = next(r for r in load_calibration().rows if r.label == label)
+    workloads = [
+        Workload.from_images(shape, 16, (336 * cols, 336 * rows), text_tokens=66)
+        for rows, cols in replay_evidence["grids"]
+    ]
+    replay = allocation_replay(
+        "phi-3-vision", row.setup(), workloads, grad_accum=replay_evidence["grad_accum"], steps=replay_evidence["steps"]
+    )
+    assert replay["ratio"] == pytest.approx(replay_evidence["rows"][label]["ratio"], abs=0.02)
+    assert replay["peak_allocated"] / 2**30 == pytest.approx(
+        replay_evidence["rows"][label]["peak_allocated_gib"], rel=0.02
+    )
