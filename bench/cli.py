@@ -329,9 +329,13 @@ def _command_line(args: argparse.Namespace) -> str:
     return " ".join(["phi3v-bench", *(shlex.quote(a) for a in getattr(args, "argv", []) or [args.command])])[:300]
 
 
-def _unsaved_error(result: Any, target: Path, exc: OSError) -> str:
+def _unsaved_error(result: Any, exc: OSError) -> str:
     """The one-line error for a measurement whose result file could not be written; keeps a copy when it can."""
+    from bench.results import result_path
     from phi3v_core.io import atomic_write_text
+
+    cfg = result.config
+    target = result_path(cfg.out, cfg.release, result.environment.hardware, cfg)  # where save_result writes
 
     cause = describe_os_error(OSError(exc.errno, exc.strerror), target)
     message = f"the measurement finished but its result could not be written: {cause}"
@@ -374,18 +378,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         problem = replacement_problem(target, env) if main_node else None
         if problem and not args.force:
             raise ConfigError(f"{problem}; pass --force to replace it, or --release/--out to keep both")
-        return _run_and_save(args, cfg, env, reasons, cluster, target, save_result)
+        return _run_and_save(args, cfg, env, reasons, cluster, save_result)
 
 
 def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons: list[str], cluster: Any,
-                  target: Path, save_result: Any) -> int:
+                  save_result: Any) -> int:
     main_node = cluster is None or cluster.is_main
 
     def save(result: Any) -> tuple[Path | None, str | None]:
         try:
             return save_result(result, force=args.force), None
         except OSError as exc:
-            return None, _unsaved_error(result, target, exc)
+            return None, _unsaved_error(result, exc)
 
     if args.json:
         result = _measure(cfg, cluster, args.timeout)
