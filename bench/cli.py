@@ -365,7 +365,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     env = capture_environment()
     cfg, reasons = config_from_args(args, DeviceDescription.detect(env))
-    problems = cfg.problems()
+    problems = cfg.problems() + _limit_problems([cfg])
     cluster = runner.ClusterLaunch.from_args(cfg.nodes, args.node_rank, args.master_addr, args.master_port)
     main_node = cluster is None or cluster.is_main
     if not problems:
