@@ -9,6 +9,10 @@ Examples:
     phi3v-bench report results/ --out report/
     phi3v-bench selfcheck --json
 
+Safety: ``run`` and ``matrix`` check every flag, the model folder and that ``--out`` is writable before measuring;
+they hold ``<out>/.phi3v.lock`` while they measure (a second sweep into the same ``--out`` is refused, naming the
+holder); when the result cannot be written, the measured numbers are still printed.
+
 Exit codes: 0 success; 1 user error (one line on stderr, PHI3V_DEBUG=1 shows the traceback);
 2 ``compare`` found a regression or a ``selfcheck`` check failed.
 """
@@ -361,7 +365,7 @@ def _measure(cfg: BenchConfig, cluster: Any, timeout: float | None) -> Any:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from bench import runner
-    from bench.results import capture_environment, replacement_problem, result_path, save_result
+    from bench.results import capture_environment, replacement_problem, result_path
 
     env = capture_environment()
     cfg, reasons = config_from_args(args, DeviceDescription.detect(env))
@@ -378,11 +382,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         problem = replacement_problem(target, env) if main_node else None
         if problem and not args.force:
             raise ConfigError(f"{problem}; pass --force to replace it, or --release/--out to keep both")
-        return _run_and_save(args, cfg, env, reasons, cluster, save_result)
+        return _run_and_save(args, cfg, env, reasons, cluster)
 
 
-def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons: list[str], cluster: Any,
-                  save_result: Any) -> int:
+def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons: list[str], cluster: Any) -> int:
+    """Measure, save and print; a failed save still prints every number (and keeps a copy where it can)."""
+    from bench.results import save_result
+
     main_node = cluster is None or cluster.is_main
 
     def save(result: Any) -> tuple[Path | None, str | None]:

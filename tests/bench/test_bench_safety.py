@@ -253,6 +253,7 @@ def test_sigterm_to_a_sweep_kills_its_worker_and_removes_temp_folders(tmp_path) 
     survivors = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert survivors == []
     assert sweep.returncode != 0
-    assert list(tmp.iterdir()) == []  # no temp folder left behind
+    # No temp folder of ours left behind (torch may keep its compile cache, torchinductor_<user>, there: not ours).
+    assert [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []
     assert not (out / LOCK_NAME).exists()  # the lock went with it
     assert not list(out.rglob("*.json"))  # the interrupted cell wrote no result
