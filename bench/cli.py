@@ -275,7 +275,7 @@ def _model_folder_problems(model: str) -> list[str]:
     return problems
 
 
-def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None) -> list[str]:
+def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None, *, writes: bool = True) -> list[str]:
     """Every problem that would stop ``cells`` after their measurement, found before it (empty when none).
 
     Checks the bounds in :data:`LIMITS`, each model folder's type and weight headers, and that every result folder
@@ -284,12 +284,15 @@ def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None
     Args:
         cells: Validated configurations.
         hardware: The hardware folder name results go to on this machine.
+        writes: Whether this process writes results (a cluster node other than node 0 does not).
     """
     from bench.results import result_path
 
     problems = _limit_problems(cells)
     for model in dict.fromkeys(c.model for c in cells):
         problems += _model_folder_problems(model)
+    if not writes:
+        return problems
     folders = dict.fromkeys(
         Path(c.out) if hardware is None else result_path(c.out, c.release, hardware, c).parent for c in cells
     )
@@ -374,7 +377,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     main_node = cluster is None or cluster.is_main
     if not problems:
         # Refuse before measuring, not after: a run can take hours.
-        problems += preflight_problems([cfg], env.hardware if main_node else None)
+        problems += preflight_problems([cfg], env.hardware, writes=main_node)
         problems += cluster.problems(cfg) if cluster is not None else []
     raise_all(problems)
     target = result_path(cfg.out, cfg.release, env.hardware, cfg)
