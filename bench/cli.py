@@ -9,6 +9,10 @@ Examples:
     phi3v-bench report results/ --out report/
     phi3v-bench selfcheck --json
 
+Safety: ``run`` and ``matrix`` check every flag, the model folder and that ``--out`` is writable before measuring;
+they hold ``<out>/.phi3v.lock`` while they measure (a second sweep into the same ``--out`` is refused, naming the
+holder); when the result cannot be written, the measured numbers are still printed.
+
 Exit codes: 0 success; 1 user error (one line on stderr, PHI3V_DEBUG=1 shows the traceback);
 2 ``compare`` found a regression or a ``selfcheck`` check failed.
 """
@@ -16,10 +20,15 @@ Exit codes: 0 success; 1 user error (one line on stderr, PHI3V_DEBUG=1 shows the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
+import os
+import shlex
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +43,28 @@ from bench.config import (
     choose_defaults,
     default_release,
 )
-from phi3v_core.cli.common import CliParser, handle_errors
-from phi3v_core.errors import ConfigError
+from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors, strict_json
+from phi3v_core.errors import ConfigError, raise_all
+from phi3v_core.fs import FolderLock, StorageError, describe_os_error, writable_problem
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["LIMITS", "build_parser", "config_from_args", "main", "preflight_problems"]
 
 GIB = 1 << 30
 
-
-
+#: Upper bounds on the protocol and layout fields, checked before anything runs: a typo such as ``--steps 10**9``
+#: would otherwise start a benchmark that never ends (or a launch of thousands of processes).
+LIMITS: dict[str, int] = {
+    "steps": 100_000,
+    "warmup": 10_000,
+    "repeats": 100,
+    "gpus": 64,
+    "nodes": 1024,
+    "global_batch": 1_000_000,
+    "micro_batch": 4096,
+    "seed": 2**32 - 1,
+}
+#: The longest a repeat may be allowed to run (``--timeout``): a week.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     d = BenchConfig(release="-")  # defaults shown in --help; release has its own default below
@@ -101,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace a stored result measured on other hardware or at another commit")
     run.add_argument("--json", action="store_true", help="print the result as one JSON line")
     # Multi-node on a real cluster (one phi3v-bench per node; under srun these come from SLURM's variables).
-    run.add_argument("--node-rank", type=int, default=None, help="this node's index 0..nodes-1 (node 0 writes the result)")
+    run.add_argument("--node-rank", type=bounded_int(0, LIMITS["nodes"] - 1), default=None, help="this node's index 0..nodes-1 (node 0 writes the result)")
     run.add_argument("--master-addr", default=None, help="host name or address of node 0, reachable from every node")
-    run.add_argument("--master-port", type=int, default=None, help="rendezvous port on node 0 (default: 29500)")
+    run.add_argument("--master-port", type=bounded_int(1, 65535), default=None, help="rendezvous port on node 0 (default: 29500)")
     run.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                      help="kill a repeat that runs longer and record status timeout (default: 3600)")
 
@@ -139,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("a", help="baseline: a result .json or a folder of them")
     compare.add_argument("b", help="candidate: a result .json or a folder of them")
-    compare.add_argument("--threshold", type=float, default=5.0, help="smallest img/s change in %% to call (default: 5)")
-    compare.add_argument("--alpha", type=float, default=0.05, help="significance level of the test on per-repeat medians (default: 0.05)")
+    compare.add_argument("--threshold", type=bounded_float(), default=5.0, help="smallest img/s change in %% to call (default: 5)")
+    compare.add_argument("--alpha", type=bounded_float(), default=0.05, help="significance level of the test on per-repeat medians (default: 0.05)")
     compare.add_argument("--min-repeats", type=int, default=3, help="repeats per side needed to call a change (default: 3)")
     fmt = compare.add_mutually_exclusive_group()
     fmt.add_argument("--markdown", action="store_true", help="print a markdown table")
@@ -201,41 +223,196 @@ def _console() -> Any:
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, allow_nan=False))
+    # Strict JSON: a NaN in a measurement becomes null instead of making the line unparseable.
+    print(strict_json(obj))
 
 
-def _measure(args: argparse.Namespace, cfg: BenchConfig) -> tuple[Any, bool]:
-    """Run ``cfg`` on this machine or as one node of a cluster; return the result and whether to save it here."""
+# -- fail first: everything that can be checked before a measurement starts ---------------------------------------
+
+_LIMIT_WHY = {
+    "steps": "a benchmark needs tens of steps, not millions",
+    "warmup": "a few warmup steps are enough",
+    "repeats": "a handful of fresh processes is enough for compare",
+    "gpus": "no node has that many GPUs",
+    "nodes": "no job spans that many nodes",
+    "global_batch": "no run uses a batch that large",
+    "micro_batch": "no GPU holds a micro-batch that large",
+    "seed": "seeds are 32-bit",
+}
+
+
+def _limit_problems(cells: Sequence[BenchConfig]) -> list[str]:
+    problems = []
+    for name, limit in LIMITS.items():
+        values = [getattr(c, name) for c in cells]
+        too_big = sorted({v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > limit})
+        if too_big:
+            problems.append(f"{name} {too_big[-1]} is above the limit of {limit} ({_LIMIT_WHY[name]}); use a smaller value")
+    return problems
+
+
+def _model_folder_problems(model: str) -> list[str]:
+    """A checkpoint folder's model type and weight headers, read without loading it (presets have nothing to read)."""
+    from phi3v_core.fs import weight_file_problem
+
+    folder = Path(model)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return []  # a preset, or reported by BenchConfig ("neither a preset nor a folder with config.json")
+    flag = f"--model {model}"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        return [f"{flag}: config.json is not readable JSON ({exc}); restore the checkpoint's config.json"]
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "phi3_v":
+        return [f"{flag}: config.json has model_type {model_type!r}, not 'phi3_v'; pass a Phi-3-vision or "
+                "Phi-3.5-vision checkpoint folder"]
+    problems = []
+    for weights in sorted([*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]):
+        reason = weight_file_problem(weights)
+        if reason:
+            problems.append(f"{flag}: {weights.name}: {reason}; download the file again")
+    return problems
+
+
+def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None, *, writes: bool = True) -> list[str]:
+    """Every problem that would stop ``cells`` after their measurement, found before it (empty when none).
+
+    Checks the bounds in :data:`LIMITS`, each model folder's type and weight headers, and that every result folder
+    (``<out>/<release>/<hardware>``; ``<out>`` when ``hardware`` is None) can be created and written. Creates nothing.
+
+    Args:
+        cells: Validated configurations.
+        hardware: The hardware folder name results go to on this machine.
+        writes: Whether this process writes results (a cluster node other than node 0 does not).
+    """
+    from bench.results import result_path
+
+    problems = _limit_problems(cells)
+    for model in dict.fromkeys(c.model for c in cells):
+        problems += _model_folder_problems(model)
+    if not writes:
+        return problems
+    folders = dict.fromkeys(
+        Path(c.out) if hardware is None else result_path(c.out, c.release, hardware, c).parent for c in cells
+    )
+    for out in dict.fromkeys(c.out for c in cells):
+        problem = writable_problem(Path(out), "--out")
+        if problem:
+            problems.append(problem)
+            folders = {}  # the same cause, said once
+    for folder in folders:
+        problem = writable_problem(folder, "--out")
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+@contextlib.contextmanager
+def _one_writer(out: str, command: str, enabled: bool = True) -> Iterator[None]:
+    """Hold ``<out>/.phi3v.lock`` for the whole measurement, and turn SIGTERM/SIGHUP into a clean exit meanwhile.
+
+    Two sweeps into one results folder would time each other's contended runs and keep whichever wrote last; the
+    second refuses at once, naming the holder. A lock left by a process that no longer runs is taken over.
+    """
     from bench import runner
 
-    cluster = runner.ClusterLaunch.from_args(cfg.nodes, args.node_rank, args.master_addr, args.master_port)
-    if args.timeout is not None and args.timeout <= 0:
-        raise ConfigError(f"--timeout {args.timeout:g} must be > 0 seconds")
+    if not enabled:  # a cluster node other than node 0 writes nothing
+        yield
+        return
+    lock = FolderLock(out, command=command, flag="--out")
+    with lock:
+        if lock.took_over is not None:
+            held = lock.took_over
+            print(f"warning: took over a stale lock on --out {out} left by pid {held.get('pid')} on "
+                  f"{held.get('host')} ({held.get('command')}), which no longer runs", file=sys.stderr)
+        # The runner does the same while a repeat runs; here it also covers the gaps between repeats and cells,
+        # so that the lock is released and no temp folder is left when the command is killed.
+        with runner._terminate_on_signals():
+            yield
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    return " ".join(["phi3v-bench", *(shlex.quote(a) for a in getattr(args, "argv", []) or [args.command])])[:300]
+
+
+def _unsaved_error(result: Any, exc: OSError) -> str:
+    """The one-line error for a measurement whose result file could not be written; keeps a copy when it can."""
+    from bench.results import result_path
+    from phi3v_core.io import atomic_write_text
+
+    cfg = result.config
+    target = result_path(cfg.out, cfg.release, result.environment.hardware, cfg)  # where save_result writes
+
+    cause = describe_os_error(OSError(exc.errno, exc.strerror), target)
+    message = f"the measurement finished but its result could not be written: {cause}"
+    copy = Path(tempfile.gettempdir()) / f"phi3v-bench-unsaved-{result.config.cell_id()}-{os.getpid()}.json"
+    try:
+        atomic_write_text(copy, result.to_json())
+    except (OSError, ValueError):
+        return message + " (the numbers are printed above)"
+    return message + f" (the numbers are printed above; a copy of the result is in {copy})"
+
+
+def _measure(cfg: BenchConfig, cluster: Any, timeout: float | None) -> Any:
+    """Run ``cfg`` on this machine or as one node of a cluster."""
+    from bench import runner
+
     options: dict[str, Any] = {}  # only what was given: run_config's defaults stay in one place
-    if args.timeout is not None:
-        options["timeout_s"] = args.timeout
+    if timeout is not None:
+        options["timeout_s"] = timeout
     if cluster is not None:
         options["cluster"] = cluster
-    return runner.run_config(cfg, **options), cluster is None or cluster.is_main
+    return runner.run_config(cfg, **options)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from bench.results import capture_environment, replacement_problem, result_path, save_result
+    from bench import runner
+    from bench.results import capture_environment, replacement_problem, result_path
 
     env = capture_environment()
     cfg, reasons = config_from_args(args, DeviceDescription.detect(env))
-    cfg.validate()
-    # Refuse before measuring, not after: a run can take hours.
-    problem = replacement_problem(result_path(cfg.out, cfg.release, env.hardware, cfg), env)
-    if problem and not args.force:
-        raise ConfigError(f"{problem}; pass --force to replace it, or --release/--out to keep both")
+    problems = cfg.problems() + _limit_problems([cfg])
+    if args.timeout is not None and not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
+        problems.append(f"--timeout {args.timeout:g} must be > 0 seconds, finite and at most {MAX_TIMEOUT_S:g}")
+    cluster = runner.ClusterLaunch.from_args(cfg.nodes, args.node_rank, args.master_addr, args.master_port)
+    main_node = cluster is None or cluster.is_main
+    if not problems:
+        # Refuse before measuring, not after: a run can take hours.
+        problems += preflight_problems([cfg], env.hardware, writes=main_node)
+        problems += cluster.problems(cfg) if cluster is not None else []
+    raise_all(problems)
+    target = result_path(cfg.out, cfg.release, env.hardware, cfg)
+    with _one_writer(cfg.out, _command_line(args), enabled=main_node):
+        problem = replacement_problem(target, env) if main_node else None
+        if problem and not args.force:
+            raise ConfigError(f"{problem}; pass --force to replace it, or --release/--out to keep both")
+        return _run_and_save(args, cfg, env, reasons, cluster)
+
+
+def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons: list[str], cluster: Any) -> int:
+    """Measure, save and print; a failed save still prints every number (and keeps a copy where it can)."""
+    from bench.results import save_result
+
+    main_node = cluster is None or cluster.is_main
+
+    def save(result: Any) -> tuple[Path | None, str | None]:
+        try:
+            return save_result(result, force=args.force), None
+        except OSError as exc:
+            return None, _unsaved_error(result, exc)
+
     if args.json:
-        result, main_node = _measure(args, cfg)
+        result = _measure(cfg, cluster, args.timeout)
         if not main_node:
             _print_json({"path": None, **result.to_dict()})
             return 0 if result.status == "ok" else 1
-        path = save_result(result, force=args.force)
-        _print_json({"path": str(path), "defaults": reasons, **result.to_dict()})
+        path, write_error = save(result)
+        _print_json({"path": str(path) if path else None, "defaults": reasons, **result.to_dict(),
+                     **({"write_error": write_error} if write_error else {})})
+        if write_error:
+            raise StorageError(write_error)
         return 0 if result.status == "ok" else 1
 
     from rich.panel import Panel
@@ -254,11 +431,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     console.print(Panel(card, title=f"phi3v-bench run · {cfg.cell_id()}", expand=False))
     with console.status(f"measuring {cfg.repeats} repeat(s) in fresh processes…"):
-        result, main_node = _measure(args, cfg)
+        result = _measure(cfg, cluster, args.timeout)
     if not main_node:
         console.print(result.message or f"[red]{result.status}[/]")
         return 0 if result.status == "ok" else 1
-    path = save_result(result, force=args.force)
+    path, write_error = save(result)
 
     s = result.summary
     gpu = s.peak_gpu_allocated_bytes is not None
@@ -290,6 +467,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     console.print(table)
     if result.message:
         console.print(f"[red]{result.status}[/]: {result.message}")
+    if write_error:
+        raise StorageError(write_error)
     console.print(f"wrote {path}")
     return 0 if result.status == "ok" else 1
 
@@ -315,6 +494,7 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
         overrides["release"] = args.release
     cells = build_cells(args.preset, grid, overrides)
     env = capture_environment()
+    raise_all(preflight_problems(cells, env.hardware))
 
     if args.dry_run:
         listing = [{"cell": c.cell_id(), "path": str(result_path(c.out, c.release, env.hardware, c))} for c in cells]
@@ -326,24 +506,32 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
             print(f"{len(cells)} cells (dry run; nothing was run)")
         return 0
 
-    summary = run_matrix(cells, environment=env, progress=not args.no_progress and not args.json)
+    with _one_writer(args.out, _command_line(args)):
+        summary = run_matrix(cells, environment=env, progress=not args.no_progress and not args.json)
     if args.json:
         _print_json(summary.to_dict())
-        return 0
+    else:
+        _print_sweep(summary, len(cells))
+    if summary.write_error:
+        raise StorageError(summary.write_error)
+    return 0
+
+
+def _print_sweep(summary: Any, total: int) -> None:
     from rich.table import Table
 
-    table = Table(title=f"sweep: {len(cells)} cells")
+    table = Table(title=f"sweep: {total} cells")
     for col in ("cell", "status", "img/s", "peak GiB", "message"):
         table.add_column(col)
     for o in summary.outcomes:
         s = o.result.summary if o.result else None
         peak = (s.peak_gpu_reserved_bytes or s.peak_cpu_rss_bytes) if s else None
+        message = o.message if o.saved else f"NOT SAVED; {o.message}".rstrip("; ")
         table.add_row(o.config.cell_id(), o.status, f"{s.img_per_s:.3f}" if s and s.img_per_s else "",
-                      f"{peak / GIB:.2f}" if peak else "", o.message[:80])
+                      f"{peak / GIB:.2f}" if peak else "", message[:80])
     console = _console()
     console.print(table)
     console.print(", ".join(f"{k} {v}" for k, v in summary.counts().items() if v))
-    return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -354,8 +542,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         problems.append(f"--threshold must be >= 0, got {args.threshold}")
     if not 0 < args.alpha < 1:
         problems.append(f"--alpha must be in (0, 1), got {args.alpha}")
-    if args.min_repeats < 1:
-        problems.append(f"--min-repeats must be >= 1, got {args.min_repeats}")
+    if not 1 <= args.min_repeats <= LIMITS["repeats"]:
+        problems.append(f"--min-repeats must be in 1..{LIMITS['repeats']}, got {args.min_repeats}")
     if problems:
         raise ConfigError("; ".join(problems))
     report = compare_paths([args.a], [args.b], CompareOptions(args.threshold, args.alpha, args.min_repeats))
@@ -383,6 +571,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from bench.report import build_report, write_report
     from bench.results import read_results
 
+    problem = writable_problem(Path(args.out), "--out")
+    if problem:
+        raise ConfigError(problem)  # before reading and plotting every result
     results = read_results(args.paths)
     rendered = build_report(results, reference_dir=args.reference, with_reference=not args.no_reference)
     paths = write_report(rendered, Path(args.out))
@@ -400,6 +591,8 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
 
     if args.steps < 2:
         raise ConfigError(f"--steps must be >= 2 so that a loss trend exists, got {args.steps}")
+    if args.steps > 1000:
+        raise ConfigError(f"--steps must be <= 1000 (a check needs a few steps, not a training run), got {args.steps}")
     if args.json:
         # The Trainer prints its logs; keep stdout for the one JSON object.
         with contextlib.redirect_stdout(sys.stderr):
@@ -455,7 +648,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The process exit code (see the module docstring).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the lock file names the command that holds it
     return _COMMANDS[args.command](args)
 
 

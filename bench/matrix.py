@@ -9,6 +9,8 @@ or from both: the grid replaces a field across every preset cell. The sweep
 * records an out-of-memory or a crash in one cell as a result row (status ``oom``/``error`` plus the message) and
   goes on;
 * writes each result atomically as soon as its cell ends, so an interrupted sweep loses at most the running cell;
+  when a write fails (disk full, permission) the sweep stops, and the measured result stays in the summary (printed
+  by the CLI) with the write error, rather than being lost;
 * skips cells whose result file already holds a finished (``ok`` or ``oom``) result when re-run; ``error`` cells are
   retried because a crash is usually fixed by a code change, and ``force=True`` re-runs everything.
 """
@@ -24,6 +26,7 @@ from typing import Any
 from bench.config import IDENTITY_FIELDS, BenchConfig, canonical_field, parse_field_value
 from bench.results import BenchResult, Environment, load_result, result_path, utc_now, write_text_atomic
 from phi3v_core.errors import ConfigError, DataError, raise_all
+from phi3v_core.fs import describe_os_error
 
 __all__ = [
     "FINISHED_STATUSES",
@@ -226,6 +229,7 @@ class CellOutcome:
     path: Path
     message: str = ""
     result: BenchResult | None = None
+    saved: bool = True
 
 
 @dataclass
@@ -233,6 +237,8 @@ class MatrixSummary:
     """All cells of a sweep in order."""
 
     outcomes: list[CellOutcome] = field(default_factory=list)
+    #: Why the sweep stopped early because a result could not be written (``None`` when every write succeeded).
+    write_error: str | None = None
 
     def counts(self) -> dict[str, int]:
         """Return how many cells ended in each status."""
@@ -243,13 +249,15 @@ class MatrixSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
-        return {
-            "counts": self.counts(),
-            "cells": [
-                {"cell": o.config.cell_id(), "status": o.status, "path": str(o.path), "message": o.message}
-                for o in self.outcomes
-            ],
-        }
+        cells = []
+        for o in self.outcomes:
+            cell: dict[str, Any] = {"cell": o.config.cell_id(), "status": o.status, "path": str(o.path),
+                                    "message": o.message}
+            if not o.saved:
+                # The file was not written: the numbers travel in the summary instead of being lost.
+                cell.update(saved=False, result=o.result.to_dict() if o.result else None)
+            cells.append(cell)
+        return {"counts": self.counts(), "cells": cells, "write_error": self.write_error}
 
 
 def _finished(path: Path) -> bool:
@@ -318,7 +326,13 @@ def run_matrix(
             if not force and _finished(path):
                 summary.outcomes.append(CellOutcome(cfg, "skipped", path))
             else:
-                summary.outcomes.append(_run_one(cfg, run, env, path))
+                outcome = _run_one(cfg, run, env, path)
+                summary.outcomes.append(outcome)
+                if not outcome.saved:
+                    # A full disk or a read-only folder fails every later cell too: stop instead of measuring for
+                    # nothing, and let the caller print what was measured.
+                    summary.write_error = outcome.message
+                    break
             counts = summary.counts()
             bar.update(task, advance=1, tally=" ".join(f"{k} {v}" for k, v in counts.items() if v))
         bar.update(task, description="sweep done")
@@ -341,5 +355,10 @@ def _run_one(cfg: BenchConfig, run: RunCell, env: Environment, path: Path) -> Ce
     if not result.environment.gpus and not result.environment.python:
         result.environment = env  # failure rows built by the runner may carry no environment
     # Saved where the resume check looks (the sweep's hardware folder), whatever the runner's own environment says.
-    write_text_atomic(path, result.to_json())
+    try:
+        write_text_atomic(path, result.to_json())
+    except OSError as exc:
+        cause = describe_os_error(OSError(exc.errno, exc.strerror), path)
+        message = f"cell {cfg.cell_id()} was measured but its result could not be written: {cause}"
+        return CellOutcome(cfg, result.status, path, message, result, saved=False)
     return CellOutcome(cfg, result.status, path, result.message, result)

@@ -6,12 +6,14 @@ Keeps its imports light (no torch/transformers unless ``--trace``) so that it an
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from phi3v_core.cli.common import CliParser, handle_errors, strict_json
+from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors, strict_json
 from phi3v_core.errors import ConfigError
 from planner.estimate import GIB, METHODS
 
@@ -60,14 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument(
         "--cloud", choices=["azure"], help="add the Azure SKU, VM count, vCPU quota and cost per run (offline prices)"
     )
-    hw.add_argument("--deadline", type=float, metavar="HOURS", help="the fewest nodes that finish all epochs in time")
-    hw.add_argument("--inter-node-gbit", type=float, help="network per node in Gbit/s (default: the SKU's, else 200)")
+    hw.add_argument("--deadline", type=bounded_float(0, 1e6, low_open=True), metavar="HOURS", help="the fewest nodes that finish all epochs in time")
+    hw.add_argument("--inter-node-gbit", type=bounded_float(0, 1e6, low_open=True), help="network per node in Gbit/s (default: the SKU's, else 200)")
     work = parser.add_argument_group("workload")
     work.add_argument("--task", default="docvqa", help="docvqa, hateful_memes, nlvr2 or ucf101 (default: docvqa)")
     work.add_argument("--num-crops", type=int, help="HD crops per image, 1-16 (default: the task's)")
     work.add_argument("--image-size", type=_image_size, metavar="WxH", help="typical image size (default: the task's)")
     work.add_argument("--images", type=int, dest="images_per_sample", help="images per sample (default: the task's)")
-    work.add_argument("--text-tokens", type=int, help="text tokens per sample (default: the task's)")
+    work.add_argument("--text-tokens", type=bounded_int(0, 1_000_000), help="text tokens per sample (default: the task's)")
     work.add_argument("--seq-len", type=int, help="override the tokens per sample")
     work.add_argument("--dataset-size", type=int, help="samples per epoch (for time per epoch)")
     work.add_argument(
@@ -431,6 +433,21 @@ def _pick_sku(plans: list[Any]) -> Any | None:
     return max(good, key=lambda p: p.best.speed.samples_per_s) if good else None
 
 
+def _with_close_gpus(message: str, name: str | None) -> str:
+    """Replace the full GPU list of an "unknown GPU" message by the names closest to what was typed."""
+    if not name or "unknown GPU" not in message:
+        return message
+    from planner.hardware import gpu_table
+
+    def norm(text: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", text.lower())
+
+    names = {norm(alias): spec.key for spec in gpu_table() for alias in (spec.key, *spec.aliases)}
+    close = list(dict.fromkeys(names[n] for n in difflib.get_close_matches(norm(name), list(names), n=6, cutoff=0.5)))
+    hint = f"did you mean {', '.join(close[:3])}?" if close else "no close match"
+    return re.sub(r"; known: [^()]*\(see phi3v-plan --list-gpus\)", f"; {hint} (phi3v-plan --list-gpus lists all)", message)
+
+
 @handle_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``phi3v-plan``."""
@@ -440,7 +457,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_gpus(args.json)
         return 0
     request = _request(args)
-    request.validate()
+    try:
+        request.validate()
+    except ConfigError as exc:
+        raise ConfigError(_with_close_gpus(str(exc), args.gpu)) from None
     if args.calibration:
         _print_calibration(request, args.json)
         return 0

@@ -119,6 +119,28 @@ def test_corrupt_result_file_is_re_measured(tmp_path) -> None:
     assert load_result(path).status == "ok"
 
 
+def test_failed_write_keeps_the_measured_result_and_stops_the_sweep(tmp_path, monkeypatch) -> None:
+    """A full disk fails every later write too: the sweep stops, and the cell it measured stays in the summary."""
+    import errno
+
+    import bench.matrix
+
+    def read_only(path, text):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(bench.matrix, "write_text_atomic", read_only)
+    cells = quick_cells(tmp_path)
+    runner = FakeRunner()
+    summary = run_matrix(cells, environment=gpu_env(count=1), run_cell=runner, progress=False)
+    assert runner.calls == [cells[0].cell_id()]  # stopped after the first cell
+    (outcome,) = summary.outcomes
+    assert outcome.saved is False and outcome.status == "ok" and outcome.result is not None
+    assert "read-only file system" in summary.write_error and str(outcome.path) in summary.write_error
+    cell = summary.to_dict()["cells"][0]
+    assert cell["saved"] is False and cell["result"]["summary"]["img_per_s"] == outcome.result.summary.img_per_s
+    assert not any(tmp_path.rglob("*.json"))
+
+
 def test_runner_must_return_the_config_it_was_given(tmp_path) -> None:
     cells = quick_cells(tmp_path)[:1]
     summary = run_matrix(cells, environment=gpu_env(count=1), progress=False,
