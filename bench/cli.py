@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import shlex
@@ -45,7 +44,7 @@ from bench.config import (
 )
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors, strict_json
 from phi3v_core.errors import ConfigError, raise_all
-from phi3v_core.fs import FolderLock, StorageError, describe_os_error, writable_problem
+from phi3v_core.fs import FolderLock, StorageError, describe_os_error, model_folder_problems, writable_problem
 
 __all__ = ["LIMITS", "build_parser", "config_from_args", "main", "preflight_problems"]
 
@@ -251,31 +250,6 @@ def _limit_problems(cells: Sequence[BenchConfig]) -> list[str]:
     return problems
 
 
-def _model_folder_problems(model: str) -> list[str]:
-    """A checkpoint folder's model type and weight headers, read without loading it (presets have nothing to read)."""
-    from phi3v_core.fs import weight_file_problem
-
-    folder = Path(model)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        return []  # a preset, or reported by BenchConfig ("neither a preset nor a folder with config.json")
-    flag = f"--model {model}"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        return [f"{flag}: config.json is not readable JSON ({exc}); restore the checkpoint's config.json"]
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type != "phi3_v":
-        return [f"{flag}: config.json has model_type {model_type!r}, not 'phi3_v'; pass a Phi-3-vision or "
-                "Phi-3.5-vision checkpoint folder"]
-    problems = []
-    for weights in sorted([*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]):
-        reason = weight_file_problem(weights)
-        if reason:
-            problems.append(f"{flag}: {weights.name}: {reason}; download the file again")
-    return problems
-
-
 def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None, *, writes: bool = True) -> list[str]:
     """Every problem that would stop ``cells`` after their measurement, found before it (empty when none).
 
@@ -291,7 +265,7 @@ def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None
 
     problems = _limit_problems(cells)
     for model in dict.fromkeys(c.model for c in cells):
-        problems += _model_folder_problems(model)
+        problems += model_folder_problems(Path(model), f"--model {model}")
     if not writes:
         return problems
     folders = dict.fromkeys(
@@ -329,7 +303,7 @@ def _one_writer(out: str, command: str, enabled: bool = True) -> Iterator[None]:
                   f"{held.get('host')} ({held.get('command')}), which no longer runs", file=sys.stderr)
         # The runner does the same while a repeat runs; here it also covers the gaps between repeats and cells,
         # so that the lock is released and no temp folder is left when the command is killed.
-        with runner._terminate_on_signals():
+        with runner.terminate_on_signals():
             yield
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "launch_commands",
     "looks_like_oom",
     "run_config",
+    "terminate_on_signals",
 ]
 
 #: Seconds one repeat may run before its processes are killed and the row is recorded as ``timeout``.
@@ -290,7 +291,7 @@ atexit.register(_kill_all_live)
 
 
 @contextmanager
-def _terminate_on_signals() -> Iterator[None]:
+def terminate_on_signals() -> Iterator[None]:
     """Turn SIGTERM/SIGHUP into ``SystemExit`` while a repeat runs, so ``finally`` blocks kill the workers and
     temporary folders are removed (Python's default for SIGTERM is to die without running either)."""
     if threading.current_thread() is not threading.main_thread():
@@ -452,7 +453,7 @@ def run_config(
     started = utc_now()
     environment = capture_environment()
     metrics = Metrics()
-    with _terminate_on_signals():
+    with terminate_on_signals():
         for index in range(cfg.repeats):
             repeat = _run_repeat(cfg, timeout_s, cluster, index)
             failure = _classify(cfg, repeat, timeout_s)

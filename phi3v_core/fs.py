@@ -34,6 +34,7 @@ __all__ = [
     "describe_os_error",
     "describe_storage_error",
     "foreign_entries",
+    "model_folder_problems",
     "overlap_problem",
     "weight_file_problem",
     "writable_problem",
@@ -304,3 +305,35 @@ def weight_file_problem(path: Path) -> str | None:
         except (OSError, zipfile.BadZipFile) as exc:
             return f"truncated or not a torch file ({exc})"
     return None
+
+
+def model_folder_problems(folder: Path, flag: str) -> list[str]:
+    """A checkpoint folder's model type and weight headers, read without loading it; one message per problem.
+
+    Args:
+        folder: The folder given on the command line.
+        flag: How the user gave it (``"--model PATH"``), named at the start of each message.
+
+    Returns:
+        Problems (empty when the folder looks loadable, and for a folder without ``config.json``: callers report a
+        path that is neither a preset nor a checkpoint themselves).
+    """
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return []
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        return [f"{flag}: config.json is not readable JSON ({exc}); restore the checkpoint's config.json"]
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "phi3_v":
+        return [
+            f"{flag}: config.json has model_type {model_type!r}, not 'phi3_v'; pass a Phi-3-vision or "
+            "Phi-3.5-vision checkpoint folder"
+        ]
+    problems = []
+    for weights in sorted([*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]):
+        reason = weight_file_problem(weights)
+        if reason:
+            problems.append(f"{flag}: {weights.name}: {reason}; download the file again")
+    return problems

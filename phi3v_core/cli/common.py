@@ -13,6 +13,7 @@ Torch-free (``phi3v-plan`` imports it and must stay light). One behaviour for al
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -154,6 +155,12 @@ def handle_errors(main: F) -> F:
             sys.exit(130)
         except SystemExit:
             raise
+        except BrokenPipeError:
+            # The reader went away (`phi3v-plan --json | head`): stop quietly, as Unix tools do, and keep Python from
+            # complaining again when it flushes stdout at exit.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a tool killed by the signal
         except Phi3VError as exc:
             if debug_enabled():
                 raise

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from phi3v_core.cli.presets import PRESETS, Preset
 from phi3v_core.errors import raise_all
+from phi3v_core.fs import model_folder_problems
 
 if TYPE_CHECKING:
     from phi3v_core.training.run import FinetuneConfig
@@ -129,32 +130,6 @@ def _resolve_model(value: str, problems: list[str], notes: list[str]) -> str:
         f"or a preset ({', '.join(MODEL_PRESETS)})"
     )
     return value
-
-
-def _model_folder_problems(folder: Path) -> list[str]:
-    """A checkpoint folder's type and weight headers, read without loading it."""
-    from phi3v_core.fs import weight_file_problem
-
-    flag = f"--model_name_or_path {folder}"
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        return []  # reported by TrainConfig ("neither a preset nor a folder with config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        return [f"{flag}: config.json is not readable JSON ({exc}); restore the checkpoint's config.json"]
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type != "phi3_v":
-        return [
-            f"{flag}: config.json has model_type {model_type!r}, not 'phi3_v'; pass a Phi-3-vision or "
-            "Phi-3.5-vision checkpoint folder"
-        ]
-    problems = []
-    for weights in sorted([*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]):
-        reason = weight_file_problem(weights)
-        if reason:
-            problems.append(f"{flag}: {weights.name}: {reason}; download the file again")
-    return problems
 
 
 def _model_dims(model: str) -> tuple[int | None, int | None]:
@@ -270,7 +245,7 @@ class _Resolver:
                 "--model_name_or_path FOLDER for Phi-3.5-vision"
             )
         elif len(self.problems) == before:
-            folder_problems = _model_folder_problems(Path(model))
+            folder_problems = model_folder_problems(Path(model), f"--model_name_or_path {model}")
             if folder_problems:
                 self.problems.extend(folder_problems)
                 self.reported.add("model")
