@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from phi3v_core.constants import ATTN_NAMES, METHOD_NAMES, zero2_buffer_bytes
 from phi3v_core.errors import ConfigError, raise_all
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
 
@@ -43,8 +44,8 @@ __all__ = [
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-METHODS = ("full", "frozen_vision", "lora", "qlora")
-ATTENTIONS = ("flash_attention_2", "sdpa", "eager")
+METHODS = METHOD_NAMES
+ATTENTIONS = ATTN_NAMES
 #: bitsandbytes nf4: two weights per byte plus one fp32 absmax per 64-weight block (no double quantization, as in
 #: the recipe's BitsAndBytesConfig and ``phi3v_core.methods.quantize_linear_layers``).
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
@@ -330,8 +331,7 @@ def model_state_bytes(shape: ModelShape, setup: TrainSetup) -> dict[str, float]:
         n = setup.world_size
         out["gradients"] = (2 + 4) * trainable / n
         out["optimizer_states"] = (4 + 8) * trainable / n
-        factor = 4.5 if setup.overlap_comm else 1.0
-        out["deepspeed_buckets"] = factor * (setup.reduce_bucket + setup.allgather_bucket) * 2
+        out["deepspeed_buckets"] = zero2_buffer_bytes(setup.reduce_bucket, setup.allgather_bucket, setup.overlap_comm)
         return out
     gbytes = wbytes
     out["gradients"] = gbytes * trainable

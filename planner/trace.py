@@ -29,14 +29,14 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 import weakref
-from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from phi3v_core.device import default_dtype
+from phi3v_core.io import atomic_write_json
 from planner.estimate import (
     METHODS,
     MemoryEstimate,
@@ -166,18 +166,6 @@ def build_batch(shape: ModelShape, workload: Workload, micro_batch: int = 1) -> 
     return batch
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: Any) -> Iterator[None]:
-    import torch
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def prepare_model(config: Any, setup: TrainSetup) -> Any:
     """Build ``Phi3VForCausalLM(config)`` in the stored weight dtype and apply the method (on the current device).
 
@@ -190,7 +178,7 @@ def prepare_model(config: Any, setup: TrainSetup) -> Any:
     from phi3v_core.model import Phi3VForCausalLM
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    with _default_dtype(dtypes[setup.stored_weight_dtype]):
+    with default_dtype(dtypes[setup.stored_weight_dtype]):
         model = Phi3VForCausalLM(config)
     if setup.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -294,19 +282,6 @@ def trace_key(shape: ModelShape, setup: TrainSetup, workload: Workload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def trace_activations(
     model: str,
     setup: TrainSetup,
@@ -391,7 +366,7 @@ def trace_activations(
         "notes": notes,
         "cached": False,
     }
-    _write_json_atomic(path, data)
+    atomic_write_json(path, data)
     return data
 
 
