@@ -12,8 +12,9 @@ from dataclasses import replace
 from typing import Any
 
 from phi3v_core.cli.common import CliParser, handle_errors, strict_json
+from phi3v_core.constants import METHOD_NAMES
 from phi3v_core.errors import ConfigError
-from planner.estimate import GIB, METHODS
+from planner.estimate import GIB
 
 __all__ = ["build_parser", "main"]
 
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint folder the launch command trains (--model_name_or_path; default: $PHI3V_MODEL placeholder)",
     )
     work.add_argument(
-        "--method", action="append", dest="methods", choices=METHODS, help="only these methods (repeatable)"
+        "--method", action="append", dest="methods", choices=METHOD_NAMES, help="only these methods (repeatable)"
     )
     out = parser.add_argument_group("output")
     out.add_argument(
@@ -124,7 +125,7 @@ def _request(args: argparse.Namespace) -> Any:
         dataset_size=args.dataset_size,
         global_batch=args.global_batch,
         model=args.model,
-        methods=tuple(args.methods or METHODS),
+        methods=tuple(args.methods or METHOD_NAMES),
         cloud=args.cloud,
         inter_node_gbit=args.inter_node_gbit,
         max_micro_batch=args.max_micro_batch,
