@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from bench.config import BenchConfig
 from phi3v_core.errors import DataError
-from phi3v_core.io import atomic_write_bytes, atomic_write_text
+from phi3v_core.io import atomic_write_bytes, atomic_write_text, json_safe
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -730,17 +730,3 @@ def _percentile(values: list[float], q: float) -> float:
     pos = (len(ordered) - 1) * q / 100
     lo, hi = math.floor(pos), math.ceil(pos)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def json_safe(value: Any) -> Any:
-    """Return ``value`` with non-finite floats replaced by ``None`` (recursively through dicts and lists).
-
-    JSON has no NaN/Infinity; a diverged loss is stored as null so the file stays valid JSON (nanochat's rule).
-    """
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value

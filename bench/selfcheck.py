@@ -34,6 +34,7 @@ import torch
 
 from bench.config import TINY_DEFAULTS, BenchConfig, DeviceDescription, choose_defaults
 from phi3v_core.constants import METHOD_NAMES
+from phi3v_core.io import json_safe
 
 __all__ = [
     "Check",
@@ -106,8 +107,6 @@ class SelfCheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (one object, ``checks`` list inside)."""
-        from bench.results import json_safe
-
         return json_safe({
             "ok": self.ok,
             "device": self.device,
@@ -327,7 +326,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = BenchConfig.from_dict(json.loads(Path(args.config).read_text()))
     check = run_check(cfg)
-    from bench.results import json_safe
     from phi3v_core.io import atomic_write_text
 
     atomic_write_text(args.out, json.dumps(json_safe(check.to_dict())))
