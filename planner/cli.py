@@ -272,7 +272,7 @@ def _print_plan(p: Any) -> None:
         f"[bold]Hardware[/]: {hw.gpus_per_node}x {gpu.key} x {hw.nodes} node(s), {gpu.memory_gib:g} GiB each, {gpu.architecture} "
         f"(CC {gpu.compute_capability[0]}.{gpu.compute_capability[1]}), {'NVLink' if hw.nvlink else 'PCIe'}; {hw.source}"
     )
-    console.print(f"[bold]Precision / attention[/]: {first.precision} / {first.attention}")
+    console.print(f"[bold]Precision / attention[/]: {first.precision} / {first.attn}")
     w = p.workload
     req = p.request
     crops = w.vision_crops // max(w.images, 1)
@@ -310,7 +310,7 @@ def _print_plan(p: Any) -> None:
         console.print(Panel("\n".join(p.why), title="No method fits", border_style="red"))
     else:
         lines = [
-            f"[bold]{best.method}[/], {best.precision}, {best.attention}, micro-batch {best.micro_batch} x "
+            f"[bold]{best.method}[/], {best.precision}, {best.attn}, micro-batch {best.micro_batch} x "
             f"{best.grad_accum} accumulation x {hw.world_size} GPU(s) = global batch {best.global_batch}, "
             f"gradient checkpointing {'on' if best.gradient_checkpointing else 'off'}"
         ]
@@ -398,7 +398,7 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
     for p in plans:
         best = p.best
         first = p.methods[0]
-        attn = "FA2" if first.attention == "flash_attention_2" else first.attention
+        attn = "FA2" if first.attn == "flash_attention_2" else first.attn
         row = [
             p.hardware.gpu.key,
             f"{p.hardware.gpu.memory_gib:g}",

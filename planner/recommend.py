@@ -254,7 +254,7 @@ class MethodPlan:
     supported: bool
     fits: bool
     precision: str
-    attention: str
+    attn: str
     micro_batch: int
     grad_accum: int
     global_batch: int
@@ -287,7 +287,7 @@ class MethodPlan:
             "supported": self.supported,
             "fits": self.fits,
             "precision": self.precision,
-            "attention": self.attention,
+            "attention": self.attn,  # the --json key of earlier releases, kept
             "micro_batch": self.micro_batch,
             "grad_accum": self.grad_accum,
             "global_batch": self.global_batch,
@@ -389,7 +389,7 @@ def _hyperparameters(task: str, method: str, global_batch: int) -> dict[str, Any
 def _setup_for(method: str, gpu: GpuSpec, world: int, hyper: dict[str, Any]) -> TrainSetup:
     cc = gpu.compute_capability
     precision = "bf16" if supports_bf16(cc) else "fp16"
-    attention = "flash_attention_2" if supports_flash_attention(cc) else "sdpa"
+    attn = "flash_attention_2" if supports_flash_attention(cc) else "sdpa"
     full = method in ("full", "frozen_vision")
     zero = 2 if (full and world > 1) else 0
     return TrainSetup(
@@ -397,7 +397,7 @@ def _setup_for(method: str, gpu: GpuSpec, world: int, hyper: dict[str, Any]) -> 
         precision=precision,
         # phi3v-finetune: DeepSpeed casts to 16-bit; one process keeps fp32 master weights; LoRA bases are 16-bit
         weight_dtype="fp32" if (full and zero == 0) else precision,
-        attention=attention,
+        attention=attn,
         gradient_checkpointing=True,
         world_size=world,
         zero_stage=zero,
@@ -439,10 +439,10 @@ def _command(hw: Hardware, task: str, mp: MethodPlan, model_path: str | None = N
         args.append("--bf16")
     else:
         args += ["--precision", mp.precision]
-    if mp.attention == "flash_attention_2":
+    if mp.attn == "flash_attention_2":
         args.append("--use_flash_attention")
     else:
-        args += ["--attn", mp.attention]
+        args += ["--attn", mp.attn]
     args += ["--batch_size", str(mp.global_batch), "--batch_size_per_gpu", str(mp.micro_batch)]
     args += ["--num_crops", str(hp["num_crops"])]
     args += ["--learning_rate", f"{hp['learning_rate']:g}", "--num_train_epochs", f"{hp['epochs']:g}"]
@@ -566,7 +566,7 @@ def _plan_method(
         supported=supported,
         fits=fits,
         precision=setup.precision,
-        attention=setup.attention,
+        attn=setup.attention,
         micro_batch=setup.micro_batch,
         grad_accum=setup.grad_accum,
         global_batch=effective,
