@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from phi3v_core.constants import CROP_SIZE
 from phi3v_core.processing import Phi3VProcessor
 
 __all__ = ["SyntheticDataset", "synthetic_dataset"]
@@ -47,7 +48,7 @@ class SyntheticDataset(Dataset):
         num_examples: int = 64,
         processor: Phi3VProcessor | None = None,
         num_crops: int = 4,
-        image_size: tuple[int, int] = (336, 336),
+        image_size: tuple[int, int] = (CROP_SIZE, CROP_SIZE),
         images_per_example: int = 1,
         prompt_words: int = 8,
         answer_words: int = 4,
