@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import IDENTITY_FIELDS
-from bench.results import MEMORY_FIELDS, BenchResult, json_safe, read_results
+from bench.results import MEMORY_FIELDS, BenchResult, read_results
 from bench.stats import RULE_TEXT, MemoryComparison, SampleComparison, compare_memory, compare_samples
 from phi3v_core.errors import DataError
+from phi3v_core.io import json_safe
 
 __all__ = ["EXIT_REGRESSION", "CompareOptions", "CompareReport", "ConfigComparison", "compare_results", "compare_paths"]
 

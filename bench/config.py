@@ -19,13 +19,24 @@ import re
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from phi3v_core.constants import (
+    ATTN_NAMES,
+    DEFAULT_ATTN,
+    MAX_NUM_CROPS,
+    METHOD_NAMES,
+    MODEL_PRESET_NAMES,
+    PRECISION_NAMES,
+    SeqProfile,
+    load_recipe,
+)
 from phi3v_core.errors import ConfigError, raise_all
 
 __all__ = [
     "ATTENTIONS",
     "IDENTITY_FIELDS",
+    "MAX_NUM_CROPS",
     "METHODS",
     "PRECISIONS",
     "SEQ_PROFILES",
@@ -37,67 +48,16 @@ __all__ = [
     "parse_field_value",
 ]
 
-Method = Literal["full", "frozen_vision", "lora", "qlora"]
-Attention = Literal["eager", "sdpa", "flash_attention_2"]
-Precision = Literal["bf16", "fp16", "fp32"]
-
-# Kept in step with phi3v_core.methods.METHODS (tests/bench/test_config.py checks it once that registry exists);
-# a literal here keeps `phi3v-bench compare/report` from importing peft and bitsandbytes.
-METHODS: tuple[str, ...] = ("full", "frozen_vision", "lora", "qlora")
-ATTENTIONS: tuple[str, ...] = ("eager", "sdpa", "flash_attention_2")
-PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")
-
-#: The recipe asserts num_crops <= 16; the image processor cannot tile more.
-MAX_NUM_CROPS = 16
+# bench/cli.py still imports these three names; they are the constants' tuples, not copies.
+METHODS: tuple[str, ...] = METHOD_NAMES
+ATTENTIONS: tuple[str, ...] = ATTN_NAMES
+PRECISIONS: tuple[str, ...] = PRECISION_NAMES
 
 _SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
-
-@dataclass(frozen=True)
-class SeqProfile:
-    """Shape of one synthetic training sample, standing in for a real dataset's typical example.
-
-    Attributes:
-        name: Profile name used on the command line.
-        images_per_sample: Images in one conversation.
-        image_width: Source image width in pixels (the processor derives the HD crop grid from it and num_crops).
-        image_height: Source image height in pixels.
-        text_tokens: Non-image tokens per sample (chat tags, prompt and answer).
-        recommended_num_crops: The num_crops the recipe uses for this dataset.
-        source: Where the numbers come from (published vs derived).
-    """
-
-    name: str
-    images_per_sample: int
-    image_width: int
-    image_height: int
-    text_tokens: int
-    recommended_num_crops: int
-    source: str
-
-
-SEQ_PROFILES: dict[str, SeqProfile] = {
-    p.name: p
-    for p in (
-        SeqProfile(
-            "docvqa", 1, 1008, 1680, 66, 16,
-            "derived: a portrait page tiles 3x5 at num_crops=16 -> 2377 image tokens + 66 text = 2443, "
-            "the published DocVQA mean of 2443.23 tokens in the seed recipe's speed table",
-        ),
-        SeqProfile(
-            "hateful_memes", 1, 800, 600, 48, 16,
-            "assumed: a typical 4:3 meme and a short prompt; the recipe publishes no sequence length",
-        ),
-        SeqProfile(
-            "nlvr2", 2, 640, 480, 40, 16,
-            "assumed: two 4:3 photos and one question (as in the seed recipe); no published sequence length",
-        ),
-        SeqProfile(
-            "ucf101", 8, 320, 240, 40, 4,
-            "the seed recipe: 8 video frames per sample, num_crops 4 'to reduce memory usage'",
-        ),
-    )
-}
+#: Synthetic sample shapes by task (the recipe data file's sequence profiles; :class:`SeqProfile` says what a field
+#: means and where each number comes from).
+SEQ_PROFILES: dict[str, SeqProfile] = load_recipe().profiles
 
 #: Fields that decide what is measured; used for matching results and naming result files.
 IDENTITY_FIELDS: tuple[str, ...] = (
@@ -159,7 +119,7 @@ class BenchConfig:
     """
 
     method: str = "lora"
-    attn: str = "sdpa"
+    attn: str = DEFAULT_ATTN
     precision: str = "bf16"
     model: str = "tiny"
     num_crops: int = 16
@@ -245,9 +205,9 @@ class BenchConfig:
             if value not in allowed:
                 problems.append(f"{name} {value!r} is not one of {', '.join(allowed)}")
 
-        choice("method", self.method, METHODS)
-        choice("attn", self.attn, ATTENTIONS)
-        choice("precision", self.precision, PRECISIONS)
+        choice("method", self.method, METHOD_NAMES)
+        choice("attn", self.attn, ATTN_NAMES)
+        choice("precision", self.precision, PRECISION_NAMES)
         choice("seq_profile", self.seq_profile, list(SEQ_PROFILES))
         if self.attn == "flash_attention_2" and self.precision == "fp32":
             problems.append("attn flash_attention_2 needs bf16 or fp16 (flash-attn has no fp32 kernels); use --precision bf16")
@@ -317,14 +277,11 @@ class BenchConfig:
 def _model_problems(model: str) -> list[str]:
     if not isinstance(model, str) or not model:
         return ["model must be a preset name or a checkpoint folder"]
-    # Imported here: the presets live with the model config, which pulls in transformers.
-    from phi3v_core.config import PRESETS
-
-    if model in PRESETS:
+    if model in MODEL_PRESET_NAMES:
         return []
     path = Path(model)
     if not (path / "config.json").is_file():
-        return [f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder with config.json"]
+        return [f"model {model!r} is neither a preset ({', '.join(MODEL_PRESET_NAMES)}) nor a folder with config.json"]
     return []
 
 

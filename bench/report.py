@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.config import IDENTITY_FIELDS, METHODS, BenchConfig
+from bench.config import IDENTITY_FIELDS, BenchConfig
 from bench.reference import load_reference_accuracy, load_reference_speed, reference_hardware_for
-from bench.results import BenchResult, write_bytes_atomic, write_text_atomic
+from bench.results import BenchResult
+from phi3v_core.constants import ATTN_NAMES, METHOD_NAMES
 from phi3v_core.errors import DataError
+from phi3v_core.io import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -35,8 +37,8 @@ if TYPE_CHECKING:
 __all__ = ["ReleaseTrend", "Report", "build_report", "release_order", "release_trends", "seed_match", "write_report"]
 
 GIB = 1 << 30
-_ATTN_ORDER = {"eager": 0, "sdpa": 1, "flash_attention_2": 2}
-_METHOD_ORDER = {m: i for i, m in enumerate(METHODS)}
+_ATTN_ORDER = {a: i for i, a in enumerate(ATTN_NAMES)}
+_METHOD_ORDER = {m: i for i, m in enumerate(METHOD_NAMES)}
 #: What the "Attention kernel" column shows (the seed's "flash attention ✔" is our flash_attention_2).
 _ATTN_LABEL = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash-attn 2"}
 #: Models with the seed's architecture and size (a checkpoint folder is taken to be a real Phi-3(.5)-vision).
@@ -280,7 +282,7 @@ def _bar_plot(group: _Group, value: str, ylabel: str, title: str, ref_points: di
     min_nodes = min(r.config.nodes for r in group.results)
     rows = [r for r in group.results if r.config.nodes == min_nodes]
     label_fields = _varying(rows, [f for f in IDENTITY_FIELDS if f not in ("method", "nodes", "gpus")]) or ["attn"]
-    methods = [m for m in METHODS if any(r.config.method == m for r in rows)]
+    methods = [m for m in METHOD_NAMES if any(r.config.method == m for r in rows)]
     series = list(dict.fromkeys(_series_label(r.config, label_fields) for r in rows))
     fig, ax = _new_figure(f"{title} — {group.title} ({min_nodes} node{'s' if min_nodes > 1 else ''})")
     width = 0.8 / max(len(series), 1)
@@ -548,6 +550,6 @@ def write_report(report: Report, out_dir: str | Path, markdown_name: str = "repo
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; pass another --out")
-    paths = [write_text_atomic(out / markdown_name, report.markdown)]
-    paths += [write_bytes_atomic(out / name, data) for name, data in report.images.items()]
+    paths = [atomic_write_text(out / markdown_name, report.markdown)]
+    paths += [atomic_write_bytes(out / name, data) for name, data in report.images.items()]
     return paths

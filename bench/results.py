@@ -27,7 +27,6 @@ import platform
 import re
 import statistics
 import subprocess
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from bench.config import BenchConfig
 from phi3v_core.errors import DataError
+from phi3v_core.io import atomic_write_bytes, atomic_write_text, json_safe
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -47,6 +47,7 @@ __all__ = [
     "STATUSES",
     "BenchResult",
     "Environment",
+    "RunEnvironment",
     "GpuInfo",
     "Metrics",
     "RankMemory",
@@ -231,7 +232,7 @@ class GpuInfo:
 
 
 @dataclass
-class Environment:
+class RunEnvironment:
     """Where a result was measured.
 
     Attributes:
@@ -296,7 +297,7 @@ class BenchResult:
     """
 
     config: BenchConfig
-    environment: Environment = field(default_factory=Environment)
+    environment: RunEnvironment = field(default_factory=RunEnvironment)
     status: str = "ok"
     message: str = ""
     failed_at_step: int | None = None
@@ -310,7 +311,7 @@ class BenchResult:
         config: BenchConfig,
         status: str,
         message: str,
-        environment: Environment | None = None,
+        environment: RunEnvironment | None = None,
         *,
         failed_at_step: int | None = None,
         started_at: str = "",
@@ -318,7 +319,7 @@ class BenchResult:
         """Build an ``oom``/``error`` row (the sweep records it and goes on)."""
         return cls(
             config=config,
-            environment=environment or Environment(),
+            environment=environment or RunEnvironment(),
             status=status,
             message=message,
             failed_at_step=failed_at_step,
@@ -409,7 +410,7 @@ class BenchResult:
             ]
             result = cls(
                 config=BenchConfig.from_dict(data["config"]),
-                environment=Environment(**env),
+                environment=RunEnvironment(**env),
                 status=data.get("status", ""),
                 message=data.get("message", ""),
                 failed_at_step=data.get("failed_at_step"),
@@ -463,11 +464,11 @@ def cpu_hardware_name(model: str, threads: int | None) -> str:
     return f"cpu-{slug}-{threads or 0}t"
 
 
-def capture_environment() -> Environment:
+def capture_environment() -> RunEnvironment:
     """Describe the current machine and software (cheap; no GPU work beyond reading properties).
 
     Returns:
-        An :class:`Environment`. Fields that cannot be read here (no GPU, no git) are ``None``/empty.
+        A :class:`RunEnvironment`. Fields that cannot be read here (no GPU, no git) are ``None``/empty.
     """
     packages: dict[str, str | None] = {}
     for name in TRACKED_PACKAGES:
@@ -476,7 +477,7 @@ def capture_environment() -> Environment:
         except metadata.PackageNotFoundError:
             packages[name] = None
     sha, dirty = _git_state(Path(__file__).resolve().parents[1])
-    env = Environment(
+    env = RunEnvironment(
         python=platform.python_version(),
         platform=platform.platform(),
         packages=packages,
@@ -573,34 +574,14 @@ def result_path(root: str | Path, release: str, hardware: str, config: BenchConf
     return Path(root) / release / hardware / f"{config.cell_id()}.json"
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
-
-    Readers see either the old file or the complete new one, never a half-written file, even if the process dies.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o644)  # mkstemp creates 0600; results are shared files
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+#: Old name of :class:`RunEnvironment` (bench/matrix.py still imports it; training's machine is ``Machine``).
+Environment = RunEnvironment
+#: Old names of :func:`phi3v_core.io.atomic_write_bytes` / ``atomic_write_text`` (bench/matrix.py still imports them).
+write_bytes_atomic = atomic_write_bytes
+write_text_atomic = atomic_write_text
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write UTF-8 ``text`` atomically (see :func:`write_bytes_atomic`)."""
-    return write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def replacement_problem(path: str | Path, environment: Environment) -> str | None:
+def replacement_problem(path: str | Path, environment: RunEnvironment) -> str | None:
     """Why a new result measured in ``environment`` must not replace the file at ``path`` (``None`` = it may).
 
     A finished (``ok``/``oom``) result measured on other hardware or at another commit is someone's data: replacing
@@ -643,7 +624,7 @@ def save_result(result: BenchResult, root: str | Path | None = None, *, force: b
     problem = None if force else replacement_problem(path, result.environment)
     if problem:
         raise DataError(f"{problem}; pass --force to replace it, or --release/--out to keep both")
-    return write_text_atomic(path, result.to_json())
+    return atomic_write_text(path, result.to_json())
 
 
 def load_result(path: str | Path) -> BenchResult:
@@ -749,17 +730,3 @@ def _percentile(values: list[float], q: float) -> float:
     pos = (len(ordered) - 1) * q / 100
     lo, hi = math.floor(pos), math.ceil(pos)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def json_safe(value: Any) -> Any:
-    """Return ``value`` with non-finite floats replaced by ``None`` (recursively through dicts and lists).
-
-    JSON has no NaN/Infinity; a diverged loss is stored as null so the file stays valid JSON (nanochat's rule).
-    """
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 
 from bench.config import TINY_DEFAULTS, BenchConfig, DeviceDescription, choose_defaults
+from phi3v_core.constants import METHOD_NAMES
+from phi3v_core.io import json_safe
 
 __all__ = [
     "Check",
@@ -105,8 +107,6 @@ class SelfCheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (one object, ``checks`` list inside)."""
-        from bench.results import json_safe
-
         return json_safe({
             "ok": self.ok,
             "device": self.device,
@@ -119,8 +119,6 @@ class SelfCheckReport:
 
 def plan_checks(device: DeviceDescription, steps: int = 3) -> list[BenchConfig]:
     """The configurations to check on ``device``: every method x every available attention kernel."""
-    from bench.config import METHODS
-
     values, _reasons = choose_defaults(device)
     attns = ["sdpa"]
     if values["attn"] == "flash_attention_2":
@@ -132,7 +130,7 @@ def plan_checks(device: DeviceDescription, steps: int = 3) -> list[BenchConfig]:
         base.update(num_crops=TINY_DEFAULTS["num_crops"], global_batch=2, micro_batch=2)
     else:
         base.update(global_batch=1, micro_batch=1)
-    return [BenchConfig(method=m, attn=a, **base).validate() for m in METHODS for a in attns]
+    return [BenchConfig(method=m, attn=a, **base).validate() for m in METHOD_NAMES for a in attns]
 
 
 def _train_setup(cfg: BenchConfig, cuda: bool) -> Any:
@@ -328,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = BenchConfig.from_dict(json.loads(Path(args.config).read_text()))
     check = run_check(cfg)
-    from bench.results import json_safe, write_text_atomic
+    from phi3v_core.io import atomic_write_text
 
-    write_text_atomic(args.out, json.dumps(json_safe(check.to_dict())))
+    atomic_write_text(args.out, json.dumps(json_safe(check.to_dict())))
     return 0
 
 

@@ -22,6 +22,8 @@ import torch
 from bench.config import BenchConfig
 from bench.measure import InstrumentedSteps, step_micro_batches, trace_step_flops
 from bench.runner import looks_like_oom
+from phi3v_core.device import local_device
+from phi3v_core.io import atomic_write_text
 
 __all__ = ["gather_payloads", "main", "plan_steps", "to_train_config", "workload_samples"]
 
@@ -54,7 +56,7 @@ def to_train_config(cfg: BenchConfig, output_dir: str, total_steps: int) -> Any:
         precision=cfg.precision,
         attn=cfg.attn,
         num_crops=cfg.num_crops,
-        per_device_batch=cfg.micro_batch,
+        micro_batch=cfg.micro_batch,
         global_batch=cfg.global_batch,
         max_steps=total_steps,
         warmup_steps=0,
@@ -103,10 +105,8 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
 
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
-    # Pick the device by LOCAL_RANK (never RANK): rank 9 of a 2×8 job is GPU 1 of its node.
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = local_device(cuda)  # by LOCAL_RANK, never RANK: rank 9 of a 2×8 job is GPU 1 of its node
     if cuda:
         torch.cuda.set_device(device)
     layout = plan_steps(cfg, cuda)
@@ -205,9 +205,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_atomic(target: Path, payload: Any) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, target)
+    # Not atomic_write_json: a diverged repeat's NaN loss must still reach the runner (json.loads reads NaN back).
+    atomic_write_text(target, json.dumps(payload, indent=1))
 
 
 def gather_payloads(payload: dict[str, Any]) -> list[dict[str, Any]] | None:

@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,13 @@ from typing import Any
 from transformers import CLIPVisionConfig
 from transformers.models.phi3.configuration_phi3 import Phi3Config
 
-from phi3v_core.constants import CONTEXT_LENGTH, CROP_SIZE, DEFAULT_ATTN, TOKENS_PER_CROP
+from phi3v_core.constants import CONTEXT_LENGTH, CROP_SIZE, DEFAULT_ATTN, MODEL_PRESET_NAMES, TOKENS_PER_CROP
 from phi3v_core.errors import ConfigError
 
 __all__ = [
     "CLIP_VIT_L14_336",
     "Phi3VConfig",
     "MODEL_PRESETS",
-    "PRESETS",
     "get_config",
     "phi35_vision_config",
     "phi3_vision_v1_config",
@@ -272,15 +272,11 @@ def tiny_config(**overrides: Any) -> Phi3VConfig:
 
 
 #: Model presets by name: random-init configs of the official shapes (not the recipe's hyper-parameter presets, which
-#: live in recipe.json).
-MODEL_PRESETS = {
-    "tiny": tiny_config,
-    "phi-3.5-vision": phi35_vision_config,
-    "phi-3-vision": phi3_vision_v1_config,
-}
+#: live in recipe.json). The names are :data:`phi3v_core.constants.MODEL_PRESET_NAMES`.
+MODEL_PRESETS: dict[str, Callable[..., Phi3VConfig]] = dict(
+    zip(MODEL_PRESET_NAMES, (tiny_config, phi35_vision_config, phi3_vision_v1_config), strict=True)
+)
 
-#: Deprecated name of :data:`MODEL_PRESETS` (bench and old callers); the word preset also names recipe presets.
-PRESETS = MODEL_PRESETS
 
 def get_config(name_or_path: str | Path, **overrides: Any) -> Phi3VConfig:
     """Return a preset config by name, or read ``config.json`` from a local checkpoint folder.

@@ -6,7 +6,7 @@ profiles and reference rows live in the data file ``recipe.json`` next to it (:f
 
 Contents:
 
-* names: :data:`METHOD_NAMES`, :data:`ATTN_NAMES`, :data:`PRECISION_NAMES`;
+* names: :data:`METHOD_NAMES`, :data:`ATTN_NAMES`, :data:`PRECISION_NAMES`, :data:`MODEL_PRESET_NAMES`;
 * image geometry: :data:`CROP_SIZE`, :data:`MAX_NUM_CROPS`, the HD size rule (:func:`hd_resize_target`,
   :func:`hd_padded_size`, :func:`hd_crop_grid`) and the placeholder-token count (:func:`image_token_count`,
   :func:`padded_image_tokens`, :func:`num_image_tokens`), spec/model.md §6-§7;
@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_ATTN",
     "MAX_NUM_CROPS",
     "METHOD_NAMES",
+    "MODEL_PRESET_NAMES",
     "PRECISION_NAMES",
     "RECIPE_ZERO_BUCKET_ELEMENTS",
     "TOKENS_PER_CROP",
@@ -60,6 +61,9 @@ ATTN_NAMES: tuple[str, ...] = ("eager", "sdpa", "flash_attention_2")
 DEFAULT_ATTN = "sdpa"
 #: Training precisions: bf16/fp16 mixed precision or plain fp32.
 PRECISION_NAMES: tuple[str, ...] = ("bf16", "fp16", "fp32")
+#: Random-init model configs of the official shapes, by name (``phi3v_core.config.MODEL_PRESETS`` builds them, in this
+#: order); light commands check a ``--model`` value against these names without importing transformers.
+MODEL_PRESET_NAMES: tuple[str, ...] = ("tiny", "phi-3.5-vision", "phi-3-vision")
 
 # -- image geometry ---------------------------------------------------------------------------------------------------
 #: Side of one HD crop in pixels (CLIP ViT-L/14-336).

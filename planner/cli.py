@@ -14,8 +14,9 @@ from dataclasses import replace
 from typing import Any
 
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors, strict_json
+from phi3v_core.constants import METHOD_NAMES
 from phi3v_core.errors import ConfigError
-from planner.estimate import GIB, METHODS
+from planner.estimate import GIB
 
 __all__ = ["build_parser", "main"]
 
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint folder the launch command trains (--model_name_or_path; default: $PHI3V_MODEL placeholder)",
     )
     work.add_argument(
-        "--method", action="append", dest="methods", choices=METHODS, help="only these methods (repeatable)"
+        "--method", action="append", dest="methods", choices=METHOD_NAMES, help="only these methods (repeatable)"
     )
     out = parser.add_argument_group("output")
     out.add_argument(
@@ -126,7 +127,7 @@ def _request(args: argparse.Namespace) -> Any:
         dataset_size=args.dataset_size,
         global_batch=args.global_batch,
         model=args.model,
-        methods=tuple(args.methods or METHODS),
+        methods=tuple(args.methods or METHOD_NAMES),
         cloud=args.cloud,
         inter_node_gbit=args.inter_node_gbit,
         max_micro_batch=args.max_micro_batch,
@@ -273,7 +274,7 @@ def _print_plan(p: Any) -> None:
         f"[bold]Hardware[/]: {hw.gpus_per_node}x {gpu.key} x {hw.nodes} node(s), {gpu.memory_gib:g} GiB each, {gpu.architecture} "
         f"(CC {gpu.compute_capability[0]}.{gpu.compute_capability[1]}), {'NVLink' if hw.nvlink else 'PCIe'}; {hw.source}"
     )
-    console.print(f"[bold]Precision / attention[/]: {first.precision} / {first.attention}")
+    console.print(f"[bold]Precision / attention[/]: {first.precision} / {first.attn}")
     w = p.workload
     req = p.request
     crops = w.vision_crops // max(w.images, 1)
@@ -311,7 +312,7 @@ def _print_plan(p: Any) -> None:
         console.print(Panel("\n".join(p.why), title="No method fits", border_style="red"))
     else:
         lines = [
-            f"[bold]{best.method}[/], {best.precision}, {best.attention}, micro-batch {best.micro_batch} x "
+            f"[bold]{best.method}[/], {best.precision}, {best.attn}, micro-batch {best.micro_batch} x "
             f"{best.grad_accum} accumulation x {hw.world_size} GPU(s) = global batch {best.global_batch}, "
             f"gradient checkpointing {'on' if best.gradient_checkpointing else 'off'}"
         ]
@@ -399,7 +400,7 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
     for p in plans:
         best = p.best
         first = p.methods[0]
-        attn = "FA2" if first.attention == "flash_attention_2" else first.attention
+        attn = "FA2" if first.attn == "flash_attention_2" else first.attn
         row = [
             p.hardware.gpu.key,
             f"{p.hardware.gpu.memory_gib:g}",

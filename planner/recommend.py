@@ -17,6 +17,7 @@ Decision rules (each shows up as a reason in the plan):
 
 from __future__ import annotations
 
+import copy
 import json
 import shlex
 from dataclasses import asdict, dataclass, field, replace
@@ -25,9 +26,10 @@ from importlib import resources
 from types import ModuleType
 from typing import Any
 
+from phi3v_core.constants import MAX_NUM_CROPS, METHOD_NAMES, ZERO_BUCKET_ELEMENTS, load_recipe
 from phi3v_core.errors import ConfigError, raise_all
 from planner.calibration import Calibration, fit_speed_constants, load_calibration
-from planner.estimate import GIB, METHODS, MemoryEstimate, TrainSetup, Workload, estimate_memory
+from planner.estimate import GIB, MemoryEstimate, TrainSetup, Workload, estimate_memory
 from planner.hardware import (
     AzureSku,
     Detection,
@@ -49,14 +51,60 @@ COMMON_GPUS = ("T4", "V100-32GB", "A10", "L4", "L40S", "A100-40GB", "A100-80GB",
 PREFERENCE = ("full", "lora", "qlora", "frozen_vision")
 #: Network assumed between nodes when nothing says otherwise (Gbit/s per node).
 DEFAULT_INTER_NODE_GBIT = 200.0
-#: ZeRO-2 bucket size phi3v-finetune uses (phi3v_core.training.TrainConfig.zero_*_bucket_size).
-FINETUNE_ZERO_BUCKET = 5e7
+
+
+def task_profiles() -> dict[str, Any]:
+    """Per task: workload shape, training-set size and hyper-parameters per method; plus the common arguments.
+
+    The recipe's facts come from its data file (:func:`phi3v_core.constants.load_recipe`: sequence profiles,
+    published presets, fixed ``TrainingArguments``); ``planner/data/recipes.json`` adds only what the planner alone
+    needs (training-set sizes). A task × method the recipe publishes no numbers for gets the scripts' defaults.
+
+    Returns:
+        ``{"common": {...}, "tasks": {task: {...}}}`` (a fresh copy; callers may change it).
+    """
+    return copy.deepcopy(_task_profiles())
 
 
 @cache
-def task_profiles() -> dict[str, Any]:
-    """``planner/data/recipes.json``: task workloads and published hyper-parameters."""
-    return json.loads(resources.files("planner").joinpath("data/recipes.json").read_text())
+def _task_profiles() -> dict[str, Any]:
+    recipe = load_recipe()
+    planner_only = json.loads(resources.files("planner").joinpath("data/recipes.json").read_text())
+    common = {**recipe.training_arguments, "source": recipe.sources["training_arguments"]}
+    tasks = {}
+    for name, profile in recipe.profiles.items():
+        tasks[name] = {
+            "dataset": planner_only["datasets"][name],
+            "images_per_sample": profile.images_per_sample,
+            "image_width": profile.image_width,
+            "image_height": profile.image_height,
+            "text_tokens": profile.text_tokens,
+            "num_crops": profile.recommended_num_crops,
+            "workload_source": profile.source,
+            "methods": {method: _method_hyperparameters(name, method) for method in METHOD_NAMES},
+        }
+    return {"common": common, "tasks": tasks}
+
+
+def _method_hyperparameters(task: str, method: str) -> dict[str, Any]:
+    """The recipe's published preset for ``task``/``method``, else the CookBook scripts' defaults (labelled so)."""
+    recipe = load_recipe()
+    preset = recipe.presets.get(f"{task}-{method}")
+    values = preset.values if preset is not None else recipe.recipe_defaults
+    epochs = float(values["num_train_epochs"])
+    out: dict[str, Any] = {
+        "learning_rate": values["learning_rate"],
+        "epochs": int(epochs) if epochs.is_integer() else epochs,
+    }
+    if method in ("lora", "qlora"):
+        out["lora_rank"] = values["lora_rank"]
+        out["lora_alpha"] = round(values["lora_rank"] * values["lora_alpha_ratio"])
+    out["source"] = (
+        f"{preset.source}: {preset.published}"
+        if preset is not None
+        else f"not published for {task}: the scripts' defaults (recipe.md §2)"
+    )
+    return out
 
 
 @dataclass(frozen=True)
@@ -101,7 +149,7 @@ class PlanRequest:
     dataset_size: int | None = None
     global_batch: int | None = None
     model: str = "phi-3.5-vision"
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = METHOD_NAMES
     cloud: str | None = None
     inter_node_gbit: float | None = None
     max_micro_batch: int = 16
@@ -125,8 +173,11 @@ class PlanRequest:
             problems.append(f"--count {self.count} must be >= 1")
         if self.nodes < 1:
             problems.append(f"--nodes {self.nodes} must be >= 1")
-        if self.num_crops is not None and not 1 <= self.num_crops <= 16:
-            problems.append(f"--num-crops {self.num_crops} must be between 1 and 16 (the recipe asserts <= 16)")
+        if self.num_crops is not None and not 1 <= self.num_crops <= MAX_NUM_CROPS:
+            problems.append(
+                f"--num-crops {self.num_crops} must be between 1 and {MAX_NUM_CROPS} "
+                f"(the recipe asserts <= {MAX_NUM_CROPS})"
+            )
         if self.dataset_size is not None and self.dataset_size < 1:
             problems.append(f"--dataset-size {self.dataset_size} must be >= 1")
         if self.global_batch is not None and self.global_batch < 1:
@@ -135,9 +186,9 @@ class PlanRequest:
             problems.append(f"--seq-len {self.seq_len} must be >= 1")
         if self.images_per_sample is not None and self.images_per_sample < 0:
             problems.append(f"--images {self.images_per_sample} must be >= 0")
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in METHOD_NAMES]
         if unknown:
-            problems.append(f"--method {', '.join(unknown)} unknown; choose from {', '.join(METHODS)}")
+            problems.append(f"--method {', '.join(unknown)} unknown; choose from {', '.join(METHOD_NAMES)}")
         if self.cloud not in (None, "azure"):
             problems.append(f"--cloud {self.cloud!r}: only 'azure' is tabulated")
         if self.inter_node_gbit is not None and self.inter_node_gbit <= 0:
@@ -203,7 +254,7 @@ class MethodPlan:
     supported: bool
     fits: bool
     precision: str
-    attention: str
+    attn: str
     micro_batch: int
     grad_accum: int
     global_batch: int
@@ -236,7 +287,7 @@ class MethodPlan:
             "supported": self.supported,
             "fits": self.fits,
             "precision": self.precision,
-            "attention": self.attention,
+            "attention": self.attn,  # the --json key of earlier releases, kept
             "micro_batch": self.micro_batch,
             "grad_accum": self.grad_accum,
             "global_batch": self.global_batch,
@@ -338,7 +389,7 @@ def _hyperparameters(task: str, method: str, global_batch: int) -> dict[str, Any
 def _setup_for(method: str, gpu: GpuSpec, world: int, hyper: dict[str, Any]) -> TrainSetup:
     cc = gpu.compute_capability
     precision = "bf16" if supports_bf16(cc) else "fp16"
-    attention = "flash_attention_2" if supports_flash_attention(cc) else "sdpa"
+    attn = "flash_attention_2" if supports_flash_attention(cc) else "sdpa"
     full = method in ("full", "frozen_vision")
     zero = 2 if (full and world > 1) else 0
     return TrainSetup(
@@ -346,12 +397,12 @@ def _setup_for(method: str, gpu: GpuSpec, world: int, hyper: dict[str, Any]) -> 
         precision=precision,
         # phi3v-finetune: DeepSpeed casts to 16-bit; one process keeps fp32 master weights; LoRA bases are 16-bit
         weight_dtype="fp32" if (full and zero == 0) else precision,
-        attention=attention,
+        attention=attn,
         gradient_checkpointing=True,
         world_size=world,
         zero_stage=zero,
-        reduce_bucket=FINETUNE_ZERO_BUCKET,
-        allgather_bucket=FINETUNE_ZERO_BUCKET,
+        reduce_bucket=ZERO_BUCKET_ELEMENTS,
+        allgather_bucket=ZERO_BUCKET_ELEMENTS,
         lora_rank=int(hyper.get("lora_rank", 64)),
     )
 
@@ -388,10 +439,10 @@ def _command(hw: Hardware, task: str, mp: MethodPlan, model_path: str | None = N
         args.append("--bf16")
     else:
         args += ["--precision", mp.precision]
-    if mp.attention == "flash_attention_2":
+    if mp.attn == "flash_attention_2":
         args.append("--use_flash_attention")
     else:
-        args += ["--attn", mp.attention]
+        args += ["--attn", mp.attn]
     args += ["--batch_size", str(mp.global_batch), "--batch_size_per_gpu", str(mp.micro_batch)]
     args += ["--num_crops", str(hp["num_crops"])]
     args += ["--learning_rate", f"{hp['learning_rate']:g}", "--num_train_epochs", f"{hp['epochs']:g}"]
@@ -493,7 +544,7 @@ def _plan_method(
             )
     if setup.zero == 2:
         reasons.append(
-            f"DeepSpeed ZeRO-2 over {world} GPUs ({FINETUNE_ZERO_BUCKET:.0e}-element buckets, phi3v-finetune's default)"
+            f"DeepSpeed ZeRO-2 over {world} GPUs ({ZERO_BUCKET_ELEMENTS:.0e}-element buckets, phi3v-finetune's default)"
         )
     elif method in ("full", "frozen_vision"):
         reasons.append("one GPU: AdamW with fp32 master weights, no DeepSpeed (16 bytes per trained parameter)")
@@ -515,7 +566,7 @@ def _plan_method(
         supported=supported,
         fits=fits,
         precision=setup.precision,
-        attention=setup.attention,
+        attn=setup.attention,
         micro_batch=setup.micro_batch,
         grad_accum=setup.grad_accum,
         global_batch=effective,

@@ -169,7 +169,7 @@ def _measure(case: ValidationCase, model: str, steps: int) -> dict[str, Any]:
         model=model,
         num_crops=case.num_crops,
         seq_profile="docvqa",
-        batch_size=case.micro_batch * case.grad_accum,
+        global_batch=case.micro_batch * case.grad_accum,
         micro_batch=case.micro_batch,
         steps=steps,
         warmup=1,
@@ -177,7 +177,7 @@ def _measure(case: ValidationCase, model: str, steps: int) -> dict[str, Any]:
     )
     total = cfg.warmup + cfg.steps
     # presets and the mid-size folder have no tokenizer files: bench uses the offline tiny processor for them too
-    workload = build_workload(cfg, Phi3VProcessor.tiny(num_crops=cfg.num_crops), cfg.batch_size * total)
+    workload = build_workload(cfg, Phi3VProcessor.tiny(num_crops=cfg.num_crops), cfg.global_batch * total)
     timer, cpu = StepTimer(), CpuTimer()
     # the Trainer prints its logs to stdout: keep stdout for the report (``--validate --json`` stays valid JSON)
     with tempfile.TemporaryDirectory(prefix="phi3v-plan-validate-") as out, contextlib.redirect_stdout(sys.stderr):

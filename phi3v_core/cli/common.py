@@ -24,6 +24,7 @@ from typing import Any, NoReturn, TypeVar
 
 from phi3v_core.errors import ConfigError, Phi3VError
 from phi3v_core.fs import describe_os_error, describe_storage_error
+from phi3v_core.io import json_safe
 
 __all__ = [
     "CliParser",
@@ -117,20 +118,10 @@ def debug_enabled() -> bool:
     return os.environ.get("PHI3V_DEBUG", "") not in ("", "0")
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
 def strict_json(payload: Any, **kwargs: Any) -> str:
     """``json.dumps`` that never writes ``NaN``/``Infinity`` (they become ``null``); other kwargs as json.dumps."""
     kwargs.setdefault("default", str)
-    return json.dumps(_clean(payload), allow_nan=False, **kwargs)
+    return json.dumps(json_safe(payload), allow_nan=False, **kwargs)
 
 
 def _fail(message: str) -> NoReturn:

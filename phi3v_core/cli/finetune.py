@@ -22,24 +22,19 @@ from typing import Any
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors, strict_json
 from phi3v_core.cli.common import console as make_console
 from phi3v_core.cli.finetune_config import (
-    ATTN_NAMES,
-    METHOD_NAMES,
     MODEL_ENV,
-    MODEL_PRESETS,
     OUR_DEFAULTS,
-    PRECISION_NAMES,
-    PRESETS,
     RECIPE_DEFAULTS,
+    RECIPE_PRESETS,
     TASK_NAMES,
-    Preset,
     build_config,
 )
+from phi3v_core.constants import ATTN_NAMES, METHOD_NAMES, MODEL_PRESET_NAMES, PRECISION_NAMES
 
 __all__ = [
-    "PRESETS",
-    "RECIPE_DEFAULTS",
     "OUR_DEFAULTS",
-    "Preset",
+    "RECIPE_DEFAULTS",
+    "RECIPE_PRESETS",
     "build_config",
     "build_parser",
     "main",
@@ -81,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model_name_or_path",
         default=None,
         metavar="PATH",
-        help=f"local checkpoint folder or a preset ({', '.join(MODEL_PRESETS)}); default ${MODEL_ENV} or tiny",
+        help=f"local checkpoint folder or a preset ({', '.join(MODEL_PRESET_NAMES)}); default ${MODEL_ENV} or tiny",
     )
     recipe.add_argument("--full_train", action="store_true", help="docvqa: train on the Cauldron DocVQA train set")
     recipe.add_argument(
@@ -199,7 +194,7 @@ def _print_plan(cfg: Any, task: Any) -> None:
         f"[bold]phi3v-finetune[/] task {task.name} ({task.origin}: {len(task.train)} train, "
         f"{len(task.eval_items())} eval) · model {train.model} · {train.method}{lora} · {train.precision} · "
         f"attn {train.attn} · num_crops {task.num_crops} · batch {train.global_batch} "
-        f"({train.per_device_batch}/process) · lr {train.learning_rate:g} · "
+        f"({train.micro_batch}/process) · lr {train.learning_rate:g} · "
         + (f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.num_train_epochs:g} epoch(s)")
         + (f" · preset {cfg.preset}" if cfg.preset else "")
     )
@@ -285,7 +280,7 @@ def _print_presets(as_json: bool) -> None:
     if as_json:
         payload = {
             name: {"task": p.task, "method": p.method, **p.values, "source": p.source, "published": p.published}
-            for name, p in PRESETS.items()
+            for name, p in RECIPE_PRESETS.items()
         }
         print(strict_json(payload, indent=2))
         return
@@ -295,11 +290,11 @@ def _print_presets(as_json: bool) -> None:
     table.add_column("preset", no_wrap=True)
     table.add_column("hyper-parameters")
     table.add_column("published")
-    for name, p in PRESETS.items():
+    for name, p in RECIPE_PRESETS.items():
         table.add_row(name, _describe_values(p.values), p.published)
     console = make_console()
     console.print(table)
-    for task, source in {p.task: p.source for p in PRESETS.values()}.items():
+    for task, source in {p.task: p.source for p in RECIPE_PRESETS.values()}.items():
         console.print(f"{task}: {source}")
 
 

@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phi3v_core.cli.presets import PRESETS, Preset
+from phi3v_core.constants import (
+    ATTN_NAMES,
+    DEFAULT_ATTN,
+    MAX_NUM_CROPS,
+    METHOD_NAMES,
+    MODEL_PRESET_NAMES,
+    PRECISION_NAMES,
+    RecipePreset,
+    load_recipe,
+)
 from phi3v_core.errors import raise_all
 from phi3v_core.fs import model_folder_problems
 
@@ -30,39 +39,24 @@ if TYPE_CHECKING:
     from phi3v_core.training.run import FinetuneConfig
 
 __all__ = [
-    "ATTN_NAMES",
-    "METHOD_NAMES",
     "MODEL_ENV",
-    "MODEL_PRESETS",
     "OUR_DEFAULTS",
-    "PRECISION_NAMES",
-    "PRESETS",
     "RECIPE_DEFAULTS",
+    "RECIPE_PRESETS",
     "TASK_NAMES",
-    "Preset",
     "build_config",
 ]
 
 TASK_NAMES = ("docvqa", "nlvr2", "hateful_memes", "ucf101", "jsonl")
-MODEL_PRESETS = ("tiny", "phi-3.5-vision", "phi-3-vision")
-METHOD_NAMES = ("full", "frozen_vision", "lora", "qlora")
-PRECISION_NAMES = ("bf16", "fp16", "fp32")
-ATTN_NAMES = ("eager", "sdpa", "flash_attention_2")
 #: Environment variable that sets the default ``--model_name_or_path`` (e.g. a local checkpoint folder).
 MODEL_ENV = "PHI3V_MODEL"
 
-#: The recipe's argparse defaults (spec §2; ``num_crops`` is the task's: 16, UCF-101 4).
-RECIPE_DEFAULTS: dict[str, Any] = {
-    "batch_size": 16,
-    "batch_size_per_gpu": 1,
-    "num_train_epochs": 1.0,
-    "learning_rate": 4.0e-5,
-    "wd": 0.01,
-    "lora_rank": 64,
-    "lora_alpha_ratio": 2.0,
-    "lora_dropout": 0.0,
-    "output_dir": "./output/",
-}
+#: The recipe's argparse defaults (spec §2; ``num_crops`` is the task's: 16, UCF-101 4), from ``recipe.json``.
+RECIPE_DEFAULTS: dict[str, Any] = load_recipe().recipe_defaults
+#: ``--preset`` table: the CookBook's recommended hyper-parameters per task and method (spec §11), from
+#: ``recipe.json``. LoRA α is given as ``--lora_alpha_ratio`` (α = round(r × ratio)). The DocVQA numbers were measured
+#: with ``--full_train``; presets only set hyper-parameters, pass ``--full_train`` yourself to reproduce them.
+RECIPE_PRESETS: dict[str, RecipePreset] = load_recipe().presets
 #: Our flags' defaults (not in the recipe).
 OUR_DEFAULTS: dict[str, Any] = {
     "max_steps": -1,
@@ -82,7 +76,7 @@ _FIELD_FLAGS = {
     "precision": "--precision",
     "attn": "--attn",
     "num_crops": "--num_crops",
-    "per_device_batch": "--batch_size_per_gpu",
+    "micro_batch": "--batch_size_per_gpu",
     "global_batch": "--batch_size",
     "max_steps": "--max_steps",
     "num_train_epochs": "--num_train_epochs",
@@ -107,8 +101,8 @@ def _did_you_mean(value: str, choices: Sequence[str]) -> str:
 
 def _resolve_model(value: str, problems: list[str], notes: list[str]) -> str:
     """A preset name, a local folder, or a Hub id found in the local Hugging Face cache (never downloaded)."""
-    if value in MODEL_PRESETS or Path(value).expanduser().is_dir():
-        return str(Path(value).expanduser()) if value not in MODEL_PRESETS else value
+    if value in MODEL_PRESET_NAMES or Path(value).expanduser().is_dir():
+        return str(Path(value).expanduser()) if value not in MODEL_PRESET_NAMES else value
     if _HUB_ID_RE.match(value):
         try:
             from huggingface_hub import snapshot_download
@@ -122,19 +116,19 @@ def _resolve_model(value: str, problems: list[str], notes: list[str]) -> str:
         problems.append(
             f"--model_name_or_path {value} is a Hugging Face Hub id and phi3v-finetune does not download models; "
             f"download it first (huggingface-cli download {value} --local-dir DIR) and pass that local folder, "
-            f"or use a preset ({', '.join(MODEL_PRESETS)})"
+            f"or use a preset ({', '.join(MODEL_PRESET_NAMES)})"
         )
         return value
     problems.append(
         f"--model_name_or_path {value}: no such folder; pass a local checkpoint folder (config.json + *.safetensors) "
-        f"or a preset ({', '.join(MODEL_PRESETS)})"
+        f"or a preset ({', '.join(MODEL_PRESET_NAMES)})"
     )
     return value
 
 
 def _model_dims(model: str) -> tuple[int | None, int | None]:
     """``(hidden_size, context_length)`` of a preset or a checkpoint folder's config.json (``None`` if unknown)."""
-    if model in MODEL_PRESETS:
+    if model in MODEL_PRESET_NAMES:
         from phi3v_core.config import get_config
 
         config = get_config(model)
@@ -153,7 +147,7 @@ class _Resolver:
 
     args: argparse.Namespace
     env: Any
-    preset: Preset | None = None
+    preset: RecipePreset | None = None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)
@@ -176,11 +170,11 @@ class _Resolver:
         name = self.args.preset
         if name is None:
             return
-        self.preset = PRESETS.get(name)
+        self.preset = RECIPE_PRESETS.get(name)
         if self.preset is None:
             self.problems.append(
-                f"unknown preset {name!r}{_did_you_mean(name, list(PRESETS))}; "
-                f"choose one of {', '.join(PRESETS)} (phi3v-finetune --list-presets)"
+                f"unknown preset {name!r}{_did_you_mean(name, list(RECIPE_PRESETS))}; "
+                f"choose one of {', '.join(RECIPE_PRESETS)} (phi3v-finetune --list-presets)"
             )
 
     def resolve_task(self) -> str:
@@ -192,7 +186,7 @@ class _Resolver:
                 f"unknown task {task!r}{_did_you_mean(task, TASK_NAMES)}; choose one of {', '.join(TASK_NAMES)}"
             )
         if preset and args.task and args.task != preset.task:
-            others = ", ".join(n for n, p in PRESETS.items() if p.task == args.task) or "none published"
+            others = ", ".join(n for n, p in RECIPE_PRESETS.items() if p.task == args.task) or "none published"
             problems.append(
                 f"--preset {args.preset} is for --task {preset.task}, not {args.task}; drop --task or pick a preset "
                 f"of {args.task} ({others})"
@@ -239,7 +233,7 @@ class _Resolver:
         model = _resolve_model(explicit or from_env or "tiny", self.problems, self.notes)
         if len(self.problems) > before:
             self.reported.add("model")
-        if model in MODEL_PRESETS:
+        if model in MODEL_PRESET_NAMES:
             self.notes.append(
                 f"model {model!r} is randomly initialised (no weights): the run checks the pipeline; pass "
                 "--model_name_or_path FOLDER for Phi-3.5-vision"
@@ -275,7 +269,7 @@ class _Resolver:
         from phi3v_core.training.run import output_dir_problems
 
         model = self.args.model_name_or_path or os.environ.get(MODEL_ENV)
-        sources = {"--data_dir": self.args.data_dir, "--model_name_or_path": model if model not in MODEL_PRESETS else None}
+        sources = {"--data_dir": self.args.data_dir, "--model_name_or_path": model if model not in MODEL_PRESET_NAMES else None}
         problems = output_dir_problems(
             output_dir, resume=self.args.resume, overwrite=self.args.overwrite_output_dir, sources=sources
         )
@@ -353,7 +347,7 @@ class _Resolver:
         elif args.use_flash_attention:
             attn, self.sources["attn"] = "flash_attention_2", "flag"
         else:
-            attn, self.sources["attn"] = "sdpa", "default"
+            attn, self.sources["attn"] = DEFAULT_ATTN, "default"
         if attn == "flash_attention_2" and not self.env.cuda:
             flag = "--attn flash_attention_2" if args.attn else "--use_flash_attention"
             self.problems.append(
@@ -367,23 +361,24 @@ class _Resolver:
         num_crops = values["num_crops"] = self.pick("num_crops", None)
         if num_crops is None:
             self.sources["num_crops"] = "task"
-        elif not 1 <= num_crops <= 16:
+        elif not 1 <= num_crops <= MAX_NUM_CROPS:
             self.problems.append(
-                f"--num_crops {num_crops} is out of range: the recipe asserts num_crops <= 16; pass 1..16 "
+                f"--num_crops {num_crops} is out of range: the recipe asserts num_crops <= {MAX_NUM_CROPS}; "
+                f"pass 1..{MAX_NUM_CROPS} "
                 "(16 for single images, 4 for video frames)"
             )
             self.reported.add("num_crops")
         batch, per_gpu, world = values["batch_size"], values["batch_size_per_gpu"], self.env.world_size
         if batch < 1 or per_gpu < 1:
             self.problems.append(f"--batch_size and --batch_size_per_gpu must be >= 1 (got {batch} and {per_gpu})")
-            self.reported.update({"global_batch", "per_device_batch"})
+            self.reported.update({"global_batch", "micro_batch"})
         elif batch % (per_gpu * world):
             # The recipe asserts batch_size % (num_gpus * batch_size_per_gpu) == 0: --batch_size is the global batch.
             self.problems.append(
                 f"--batch_size {batch} is not divisible by --batch_size_per_gpu {per_gpu} × {world} process(es) = "
                 f"{per_gpu * world}; pass a multiple of {per_gpu * world}"
             )
-            self.reported.update({"global_batch", "per_device_batch"})
+            self.reported.update({"global_batch", "micro_batch"})
         workers = self.args.num_workers
         values["num_workers"] = workers if workers is not None else (4 if self.env.cuda else 0)
         self.sources["num_workers"] = "flag" if workers is not None else "auto"
@@ -406,7 +401,7 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
 
     Args:
         args: ``build_parser().parse_args(...)``.
-        env: :class:`~phi3v_core.training.Environment` (detected when omitted; tests pass fakes).
+        env: :class:`~phi3v_core.training.Machine` (detected when omitted; tests pass fakes).
 
     Returns:
         The resolved :class:`FinetuneConfig`.
@@ -414,9 +409,9 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
     Raises:
         ConfigError: Every problem with the flags on this machine, in one message.
     """
-    from phi3v_core.training import Environment, TrainConfig
+    from phi3v_core.training import Machine, TrainConfig
 
-    resolver = _Resolver(args, env or Environment.detect())
+    resolver = _Resolver(args, env or Machine.detect())
     resolver.resolve_preset()
     task = resolver.resolve_task()
     resolver.check_data(task)
@@ -433,9 +428,9 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
         # Unknown names were reported above; placeholders keep TrainConfig's checks about everything else useful.
         method=method if method in METHOD_NAMES else "full",
         precision=precision if precision in PRECISION_NAMES else "fp32",
-        attn=attn if attn in ATTN_NAMES else "sdpa",
+        attn=attn if attn in ATTN_NAMES else DEFAULT_ATTN,
         num_crops=values["num_crops"] if values["num_crops"] is not None else (4 if task == "ucf101" else 16),
-        per_device_batch=values["batch_size_per_gpu"],
+        micro_batch=values["batch_size_per_gpu"],
         global_batch=values["batch_size"],
         max_steps=values["max_steps"],
         num_train_epochs=values["num_train_epochs"],

@@ -124,7 +124,7 @@ class Phi3ImageEmbedding(nn.Module):
         """
         n_img, n_slots, channels, height, width = pixel_values.shape
         if (channels, height, width) != (3, CROP_SIZE, CROP_SIZE):
-            raise ValueError(f"pixel_values crops must be 3×336×336, got {channels}×{height}×{width}")
+            raise ValueError(f"pixel_values crops must be 3×{CROP_SIZE}×{CROP_SIZE}, got {channels}×{height}×{width}")
         grids = crop_grid_of(image_sizes)
         if len(grids) != n_img:
             raise ValueError(f"{n_img} images in pixel_values but {len(grids)} image_sizes")

@@ -291,7 +291,7 @@ def init_distributed(cuda: bool, timeout_s: int) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
         return False
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_device(cuda=True))
     torch.distributed.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return True
 

@@ -27,7 +27,6 @@ from phi3v_core.methods import METHODS, MethodOptions, get_method
 __all__ = [
     "DEPRECATED_FIELDS",
     "DTYPES",
-    "Environment",
     "Machine",
     "TrainConfig",
     "find_resumable_checkpoint",
@@ -75,10 +74,6 @@ class Machine:
             bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
         )
 
-
-
-#: Deprecated name of :class:`Machine` (``bench.results.Environment`` is the captured environment of a result).
-Environment = Machine
 
 @dataclass
 class TrainConfig:

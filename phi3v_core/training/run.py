@@ -26,8 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phi3v_core.constants import MODEL_PRESET_NAMES
+from phi3v_core.device import local_device
 from phi3v_core.errors import DataError
 from phi3v_core.fs import LOCK_NAME, FolderLock, foreign_entries, overlap_problem, writable_problem
+from phi3v_core.io import atomic_write_json
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -41,7 +44,6 @@ __all__ = [
     "run",
 ]
 
-MODEL_PRESETS = ("tiny", "phi-3.5-vision", "phi-3-vision")
 #: Written by ``train()`` after the final save: the run is complete.
 COMPLETE_MARKER = "run_complete.json"
 #: Top-level names a run wrote (``overwrite_output_dir`` deletes only these).
@@ -289,7 +291,7 @@ def guarded_output_dir(
         raise
     else:
         entries = sorted(previous | set(_own_entries(out, before)) | {MANIFEST_NAME})
-        (out / MANIFEST_NAME).write_text(json.dumps({"command": command, "entries": entries}, indent=2))
+        atomic_write_json(out / MANIFEST_NAME, {"command": command, "entries": entries})
         lock.release()
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
@@ -322,12 +324,6 @@ def check_sequence_lengths(task: Any, processor: Any, max_length: int) -> None:
         )
 
 
-def _device(env: Any) -> Any:
-    import torch
-
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if env.cuda else torch.device("cpu")
-
-
 def _load_data(cfg: FinetuneConfig) -> Any:
     from phi3v_core.data import load_task
 
@@ -347,7 +343,7 @@ def _load_data(cfg: FinetuneConfig) -> Any:
 def _build_processor(model: str, num_crops: int) -> Any:
     from phi3v_core.processing import Phi3VProcessor
 
-    if model in MODEL_PRESETS:
+    if model in MODEL_PRESET_NAMES:
         # Random-init presets have no tokenizer files; the offline tiny tokenizer has the official special ids.
         return Phi3VProcessor.tiny(num_crops=num_crops)
     return Phi3VProcessor.from_pretrained(model, num_crops=num_crops)
@@ -377,7 +373,7 @@ def _evaluate_before(cfg: FinetuneConfig, task: Any, processor: Any, env: Any) -
         previous = EvalResult.from_json(path)
         if previous.task == task.name and previous.ids == [item.id for item in task.eval_items()]:
             return previous  # a resumed run keeps its baseline instead of regenerating it
-    model = baseline_model(cfg.train, env).to(_device(env))  # QLoRA: the same nf4 base as "after"
+    model = baseline_model(cfg.train, env).to(local_device(env.cuda))  # QLoRA: the same nf4 base as "after"
     try:
         return evaluate_task(
             model, task, processor, output_file=path, description="eval before", **_eval_kwargs(cfg, env)
@@ -416,11 +412,11 @@ def run(cfg: FinetuneConfig, env: Any = None, on_plan: Callable[[FinetuneConfig,
 
 
 def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig, Any], None] | None) -> dict[str, Any]:
-    from phi3v_core.training import Environment, train
+    from phi3v_core.training import Machine, train
     from phi3v_core.training.api import init_distributed, resolve_resume
     from phi3v_core.training.evaluate import evaluate_task
 
-    env = env or Environment.detect()
+    env = env or Machine.detect()
     resolve_resume(cfg.train)  # checkpoint compatibility before any data or model loads
     init_distributed(env.cuda, cfg.train.ddp_timeout)  # before the first eval; the Trainer reuses it
     task = _load_data(cfg)
@@ -481,7 +477,7 @@ def _setting_value(cfg: FinetuneConfig, name: str) -> Any:
         "attn": train.attn,
         "num_crops": train.num_crops,
         "batch_size": train.global_batch,
-        "batch_size_per_gpu": train.per_device_batch,
+        "batch_size_per_gpu": train.micro_batch,
         "num_train_epochs": train.num_train_epochs,
         "learning_rate": train.learning_rate,
         "wd": train.weight_decay,

@@ -1,9 +1,9 @@
 """A deterministic synthetic image-text dataset, encoded by the real processor.
 
-Used by the launcher when no real data is configured (smoke runs, multi-process tests, throughput benchmarks):
-every example is one or more noise-block images of a fixed size plus random words, run through
-``Phi3VProcessor.encode_conversation`` exactly like real data, so sequence lengths and image tensors have
-realistic shapes for the chosen ``num_crops``.
+Used by the launcher when no real data is configured (smoke runs, multi-process tests) and by ``phi3v-bench``
+(:mod:`bench.workload` sizes it to a sequence profile): every example is one or more noise-block images of a fixed
+size plus random words, run through ``Phi3VProcessor.encode_conversation`` exactly like real data, so sequence
+lengths and image tensors have realistic shapes for the chosen ``num_crops``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from phi3v_core.constants import CROP_SIZE
 from phi3v_core.processing import Phi3VProcessor
 
 __all__ = ["SyntheticDataset", "synthetic_dataset"]
@@ -37,6 +38,9 @@ class SyntheticDataset(Dataset):
         prompt_words: Random words in the question.
         answer_words: Random words in the supervised answer.
         seed: Base seed.
+        distinct_examples: Encode only this many distinct examples and cycle them (example ``i`` is example
+            ``i % distinct_examples``), each encoded once and kept: a benchmark then does no image processing
+            inside its timed steps. ``None``: every example is distinct and encoded when read.
     """
 
     def __init__(
@@ -44,11 +48,12 @@ class SyntheticDataset(Dataset):
         num_examples: int = 64,
         processor: Phi3VProcessor | None = None,
         num_crops: int = 4,
-        image_size: tuple[int, int] = (336, 336),
+        image_size: tuple[int, int] = (CROP_SIZE, CROP_SIZE),
         images_per_example: int = 1,
         prompt_words: int = 8,
         answer_words: int = 4,
         seed: int = 0,
+        distinct_examples: int | None = None,
     ) -> None:
         self.num_examples = num_examples
         self.processor = processor or Phi3VProcessor.tiny(num_crops=num_crops)
@@ -57,6 +62,8 @@ class SyntheticDataset(Dataset):
         self.prompt_words = prompt_words
         self.answer_words = answer_words
         self.seed = seed
+        self.distinct_examples = distinct_examples
+        self._encoded: dict[int, dict[str, Any]] = {}
 
     def __len__(self) -> int:
         return self.num_examples
@@ -69,6 +76,14 @@ class SyntheticDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.num_examples:
             raise IndexError(index)
+        if self.distinct_examples is None:
+            return self._encode(index)
+        key = index % self.distinct_examples
+        if key not in self._encoded:
+            self._encoded[key] = self._encode(key)
+        return self._encoded[key]
+
+    def _encode(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, index])
         words = random.Random(f"{self.seed}-{index}")
         turn = {

@@ -5,16 +5,16 @@ from __future__ import annotations
 import random
 
 from bench.config import BenchConfig
-from bench.results import BenchResult, Environment, GpuInfo, Metrics, RankMemory, RepeatSample
+from bench.results import BenchResult, GpuInfo, Metrics, RankMemory, RepeatSample, RunEnvironment
 
 GIB = 1 << 30
 
 A100 = "NVIDIA A100-SXM4-80GB"
 
 
-def gpu_env(name: str = A100, count: int = 8) -> Environment:
+def gpu_env(name: str = A100, count: int = 8) -> RunEnvironment:
     """An environment that looks like a node with ``count`` GPUs called ``name``."""
-    return Environment(
+    return RunEnvironment(
         python="3.11.9",
         platform="Linux-test",
         packages={"torch": "2.13.0", "phi3v-bench": "0.1.0"},
@@ -39,7 +39,7 @@ def make_result(
     allocated: int = 20 * GIB,
     reserved: int = 24 * GIB,
     seed: int = 0,
-    env: Environment | None = None,
+    env: RunEnvironment | None = None,
 ) -> BenchResult:
     """An ``ok`` result whose step times are ``step_time`` with relative Gaussian ``jitter``, on every rank."""
     cfg = cfg or BenchConfig(method="lora", gpus=8, global_batch=64, release="v-test")

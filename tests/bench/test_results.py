@@ -14,7 +14,7 @@ import pytest
 from bench.config import BenchConfig
 from bench.results import (
     BenchResult,
-    Environment,
+    RunEnvironment,
     capture_environment,
     load_result,
     load_results,
@@ -40,7 +40,7 @@ def test_round_trip_through_json_is_lossless(tmp_path) -> None:
 
 def test_failure_row_round_trip(tmp_path) -> None:
     cfg = BenchConfig(method="full", release="v-test")
-    row = BenchResult.failure(cfg, "oom", "CUDA out of memory. Tried to allocate 2.00 GiB", Environment(python="3"),
+    row = BenchResult.failure(cfg, "oom", "CUDA out of memory. Tried to allocate 2.00 GiB", RunEnvironment(python="3"),
                               failed_at_step=1)
     loaded = load_result(save_result(row, tmp_path))
     assert (loaded.status, loaded.failed_at_step, loaded.message) == ("oom", 1, row.message)
@@ -171,7 +171,7 @@ def test_hardware_slug() -> None:
     ],
 )
 def test_cpu_machines_are_named_by_model_and_threads(model, threads, expected) -> None:
-    assert Environment(cpu=model, cpu_count=threads).hardware == expected
+    assert RunEnvironment(cpu=model, cpu_count=threads).hardware == expected
 
 
 def test_results_of_another_machine_or_commit_are_not_replaced(tmp_path) -> None:

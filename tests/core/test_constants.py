@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import stat
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +43,20 @@ def test_names_are_the_ones_the_code_implements() -> None:
     assert ATTN_NAMES == ("eager", "sdpa", "flash_attention_2")
 
 
-def test_the_light_copies_in_bench_and_finetune_still_agree() -> None:
-    """Copies the lead swaps for imports at merge time (bench.config, cli/finetune.py); equal until then."""
+def test_consumers_read_the_names_from_constants() -> None:
+    """bench, the finetune CLI and the model presets hold no copies of the name lists."""
     from bench import config as bench_config
-    from phi3v_core.cli import finetune
+    from phi3v_core.cli import finetune_config
+    from phi3v_core.config import MODEL_PRESETS
 
-    assert bench_config.METHODS == finetune.METHOD_NAMES == METHOD_NAMES
-    assert bench_config.ATTENTIONS == finetune.ATTN_NAMES == ATTN_NAMES
-    assert bench_config.PRECISIONS == finetune.PRECISION_NAMES == PRECISION_NAMES
+    assert bench_config.METHODS is METHOD_NAMES
+    assert bench_config.ATTENTIONS is ATTN_NAMES
+    assert bench_config.PRECISIONS is PRECISION_NAMES
     assert bench_config.MAX_NUM_CROPS == constants.MAX_NUM_CROPS
+    assert tuple(MODEL_PRESETS) == constants.MODEL_PRESET_NAMES
+    assert finetune_config.METHOD_NAMES is METHOD_NAMES and finetune_config.ATTN_NAMES is ATTN_NAMES
+    assert finetune_config.PRECISION_NAMES is PRECISION_NAMES
+    assert finetune_config.MODEL_PRESET_NAMES is constants.MODEL_PRESET_NAMES
 
 
 # -- image geometry -----------------------------------------------------------------------------------------------
@@ -111,27 +115,37 @@ def test_zero2_buffer_rule() -> None:
 
 
 # -- recipe.json --------------------------------------------------------------------------------------------------
-def test_recipe_presets_equal_the_finetune_table() -> None:
-    from phi3v_core.cli.finetune import PRESETS, RECIPE_DEFAULTS
+def test_finetune_presets_and_defaults_come_from_recipe_json() -> None:
+    from phi3v_core.cli.finetune import RECIPE_DEFAULTS, RECIPE_PRESETS
 
     recipe = load_recipe()
-    assert {name: asdict(p) for name, p in recipe.presets.items()} == {name: asdict(p) for name, p in PRESETS.items()}
-    assert recipe.recipe_defaults == RECIPE_DEFAULTS
+    assert RECIPE_PRESETS is recipe.presets and RECIPE_DEFAULTS is recipe.recipe_defaults
+    assert len(RECIPE_PRESETS) == 10 and all(name == f"{p.task}-{p.method}" for name, p in RECIPE_PRESETS.items())
 
 
-def test_recipe_profiles_equal_the_bench_profiles() -> None:
+def test_bench_profiles_come_from_recipe_json() -> None:
     from bench.config import SEQ_PROFILES
 
     profiles = load_recipe().profiles
-    assert {name: asdict(p) for name, p in profiles.items()} == {name: asdict(p) for name, p in SEQ_PROFILES.items()}
+    assert SEQ_PROFILES is profiles
     # The DocVQA profile reproduces the published mean of 2443.23 tokens per sample.
     docvqa = profiles["docvqa"]
     assert docvqa.image_tokens() + docvqa.text_tokens == 2443
 
 
-def test_recipe_training_arguments_equal_the_planner_table() -> None:
-    common = json.loads((REPO_ROOT / "planner" / "data" / "recipes.json").read_text())["common"]
-    assert load_recipe().training_arguments == {k: v for k, v in common.items() if k != "source"}
+def test_planner_tasks_come_from_recipe_json() -> None:
+    """The planner merges the recipe's facts with its own training-set sizes; planner/data holds no copies."""
+    from planner.recommend import task_profiles
+
+    recipe = load_recipe()
+    profiles = task_profiles()
+    assert {k: v for k, v in profiles["common"].items() if k != "source"} == recipe.training_arguments
+    assert set(profiles["tasks"]) == set(recipe.profiles)
+    memes_lora = profiles["tasks"]["hateful_memes"]["methods"]["lora"]
+    assert (memes_lora["lora_rank"], memes_lora["lora_alpha"]) == (128, 256)  # r128/α256 (ratio 2)
+    assert "not published" in profiles["tasks"]["ucf101"]["methods"]["full"]["source"]
+    planner_file = json.loads((REPO_ROOT / "planner" / "data" / "recipes.json").read_text())
+    assert set(planner_file) == {"_about", "datasets"}
 
 
 def _typed(value: str) -> Any:

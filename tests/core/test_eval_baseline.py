@@ -9,17 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from phi3v_core.training import Environment, TrainConfig, train
+from phi3v_core.training import Machine, TrainConfig, train
 from phi3v_core.training.api import build_model
 from phi3v_core.training.evaluate import baseline_model, keep_training_kernels
 from phi3v_core.training.synthetic import SyntheticDataset
 
-CPU = Environment(cuda=False, world_size=1)
+CPU = Machine(cuda=False, world_size=1)
 
 
 def _config(tmp_path: Path, method: str) -> TrainConfig:
     return TrainConfig(
-        model="tiny", method=method, precision="fp32", num_crops=1, per_device_batch=1, global_batch=1, max_steps=1,
+        model="tiny", method=method, precision="fp32", num_crops=1, micro_batch=1, global_batch=1, max_steps=1,
         warmup_steps=0, learning_rate=1e-3, lora_rank=8, output_dir=str(tmp_path / "run"), dataloader_num_workers=0,
         disable_tqdm=True, save_final=False, seed=0,
     )

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from phi3v_core.cli.finetune import PRESETS, build_config, build_parser, main
+from phi3v_core.cli.finetune import RECIPE_PRESETS, build_config, build_parser, main
 from phi3v_core.errors import ConfigError
 from phi3v_core.training import Machine
 
@@ -107,15 +107,15 @@ def test_preset_sets_the_recipe_recommendation_and_flags_override_it():
 
 
 def test_preset_table_matches_the_recipe():
-    memes = PRESETS["hateful_memes-lora"].values
+    memes = RECIPE_PRESETS["hateful_memes-lora"].values
     assert (memes["lora_rank"], round(memes["lora_rank"] * memes["lora_alpha_ratio"])) == (128, 256)
-    assert PRESETS["docvqa-full"].values["learning_rate"] == 5e-6
-    assert (PRESETS["nlvr2-full"].values["learning_rate"], PRESETS["nlvr2-full"].values["num_train_epochs"]) == (
+    assert RECIPE_PRESETS["docvqa-full"].values["learning_rate"] == 5e-6
+    assert (RECIPE_PRESETS["nlvr2-full"].values["learning_rate"], RECIPE_PRESETS["nlvr2-full"].values["num_train_epochs"]) == (
         1e-5,
         3.0,
     )
-    assert all(p.values["batch_size"] == 64 and p.source.startswith("recipe §11") for p in PRESETS.values())
-    assert all(name == f"{p.task}-{p.method}" for name, p in PRESETS.items())
+    assert all(p.values["batch_size"] == 64 and p.source.startswith("recipe §11") for p in RECIPE_PRESETS.values())
+    assert all(name == f"{p.task}-{p.method}" for name, p in RECIPE_PRESETS.items())
 
 
 # -- bad flags: one line, exit 1, nothing written ------------------------------------------------------------------

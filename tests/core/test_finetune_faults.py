@@ -174,7 +174,7 @@ def test_a_file_size_limit_is_reported_with_the_path_and_the_cause(tmp_path):
 
 def _tiny(tmp_path: Path, **overrides) -> TrainConfig:
     values = dict(
-        model="tiny", method="lora", precision="fp32", num_crops=1, per_device_batch=1, global_batch=1,
+        model="tiny", method="lora", precision="fp32", num_crops=1, micro_batch=1, global_batch=1,
         max_steps=2, warmup_steps=0, lora_rank=4, gradient_checkpointing=False, output_dir=str(tmp_path / "run"),
         dataloader_num_workers=0, disable_tqdm=True, seed=0,
     )  # fmt: skip

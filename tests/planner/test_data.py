@@ -107,10 +107,10 @@ def test_task_profiles_equal_the_bench_profiles():
 
 
 def test_hyperparameters_equal_the_finetune_presets():
-    from phi3v_core.cli.finetune import PRESETS
+    from phi3v_core.cli.finetune import RECIPE_PRESETS
 
     tasks = task_profiles()["tasks"]
-    for preset in PRESETS.values():
+    for preset in RECIPE_PRESETS.values():
         ours = tasks[preset.task]["methods"][preset.method]
         assert ours["learning_rate"] == preset.values["learning_rate"], preset
         assert ours["epochs"] == preset.values["num_train_epochs"], preset

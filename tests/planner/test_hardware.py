@@ -42,7 +42,7 @@ def test_detection(fake_nvml, machine, key, arch, count, nvlink):
 def test_detected_hardware_gets_the_right_precision_and_attention(fake_nvml, machine, precision, attention, qlora):
     result = plan(PlanRequest(), nvml=fake_nvml(machine))
     assert {m.precision for m in result.methods} == {precision}
-    assert {m.attention for m in result.methods} == {attention}
+    assert {m.attn for m in result.methods} == {attention}
     assert result.method("qlora").supported is qlora
     assert result.hardware.source.startswith("detected")
     best = result.best

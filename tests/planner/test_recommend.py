@@ -17,7 +17,7 @@ def test_eight_a100s_run_the_recipe():
     result = plan(PlanRequest(gpu="A100-80GB", count=8, dataset_size=39_463))
     assert result.recommended == "full"
     best = result.best
-    assert (best.precision, best.attention, best.zero_stage) == ("bf16", "flash_attention_2", 2)
+    assert (best.precision, best.attn, best.zero_stage) == ("bf16", "flash_attention_2", 2)
     assert best.global_batch == 64 and best.micro_batch * best.grad_accum * 8 == 64
     assert best.gradient_checkpointing
     assert best.command.startswith("torchrun --nproc_per_node=8 -m phi3v_core.cli.finetune --model_name_or_path ")
@@ -41,7 +41,7 @@ def test_one_a100_cannot_hold_full_fine_tuning():
 def test_t4_gets_fp16_sdpa_and_small_micro_batches():
     result = plan(PlanRequest(gpu="T4", methods=("lora", "qlora")))
     lora = result.method("lora")
-    assert (lora.precision, lora.attention) == ("fp16", "sdpa")
+    assert (lora.precision, lora.attn) == ("fp16", "sdpa")
     assert lora.fits and lora.memory.required <= 16 * 2**30
     assert any("no native bf16" in r for r in lora.reasons)
     assert "--precision fp16 --attn sdpa" in lora.command

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from phi3v_core.config import PRESETS, get_config
+from phi3v_core.config import MODEL_PRESETS, get_config
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count, load_shape
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
 def test_preset_table_matches_get_config(preset):
     from_config = ModelShape.from_config(get_config(preset), name=preset)
     assert ModelShape.preset(preset) == from_config
