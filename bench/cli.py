@@ -32,9 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import (
-    ATTENTIONS,
-    METHODS,
-    PRECISIONS,
     SEQ_PROFILES,
     TINY_DEFAULTS,
     BenchConfig,
@@ -43,6 +40,7 @@ from bench.config import (
     default_release,
 )
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors, strict_json
+from phi3v_core.constants import ATTN_NAMES, METHOD_NAMES, PRECISION_NAMES
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.fs import FolderLock, StorageError, describe_os_error, model_folder_problems, writable_problem
 
@@ -67,12 +65,12 @@ MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     d = BenchConfig(release="-")  # defaults shown in --help; release has its own default below
-    p.add_argument("--method", default=d.method, metavar="{" + ",".join(METHODS) + "}",
+    p.add_argument("--method", default=d.method, metavar="{" + ",".join(METHOD_NAMES) + "}",
                    help="fine-tuning method (default: %(default)s)")
-    p.add_argument("--attn", "--attention", dest="attn", default=None, metavar="{" + ",".join(ATTENTIONS) + "}",
+    p.add_argument("--attn", "--attention", dest="attn", default=None, metavar="{" + ",".join(ATTN_NAMES) + "}",
                    help="attention kernel (default: flash_attention_2 on a GPU with compute capability >= 8.0 when "
                         "flash-attn imports, else sdpa)")
-    p.add_argument("--precision", default=None, metavar="{" + ",".join(PRECISIONS) + "}",
+    p.add_argument("--precision", default=None, metavar="{" + ",".join(PRECISION_NAMES) + "}",
                    help="bf16/fp16 mixed precision or fp32 (default: bf16 on GPUs with compute capability >= 8.0, "
                         "fp16 on older GPUs, fp32 on CPU)")
     p.add_argument("--model", default=None, help="tiny, phi-3.5-vision, phi-3-vision or a checkpoint folder "

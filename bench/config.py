@@ -34,11 +34,8 @@ from phi3v_core.constants import (
 from phi3v_core.errors import ConfigError, raise_all
 
 __all__ = [
-    "ATTENTIONS",
     "IDENTITY_FIELDS",
     "MAX_NUM_CROPS",
-    "METHODS",
-    "PRECISIONS",
     "SEQ_PROFILES",
     "FIELD_ALIASES",
     "BenchConfig",
@@ -47,11 +44,6 @@ __all__ = [
     "default_release",
     "parse_field_value",
 ]
-
-# bench/cli.py still imports these three names; they are the constants' tuples, not copies.
-METHODS: tuple[str, ...] = METHOD_NAMES
-ATTENTIONS: tuple[str, ...] = ATTN_NAMES
-PRECISIONS: tuple[str, ...] = PRECISION_NAMES
 
 _SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 

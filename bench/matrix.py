@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import IDENTITY_FIELDS, BenchConfig, canonical_field, parse_field_value
-from bench.results import BenchResult, Environment, load_result, result_path, utc_now, write_text_atomic
+from bench.results import BenchResult, RunEnvironment, load_result, result_path, utc_now
 from phi3v_core.errors import ConfigError, DataError, raise_all
 from phi3v_core.fs import describe_os_error
+from phi3v_core.io import atomic_write_text
 
 __all__ = [
     "FINISHED_STATUSES",
@@ -279,7 +280,7 @@ def _default_run_cell(cfg: BenchConfig) -> BenchResult:
 def run_matrix(
     cells: Sequence[BenchConfig],
     *,
-    environment: Environment | None = None,
+    environment: RunEnvironment | None = None,
     run_cell: RunCell | None = None,
     force: bool = False,
     progress: bool = True,
@@ -339,7 +340,7 @@ def run_matrix(
     return summary
 
 
-def _run_one(cfg: BenchConfig, run: RunCell, env: Environment, path: Path) -> CellOutcome:
+def _run_one(cfg: BenchConfig, run: RunCell, env: RunEnvironment, path: Path) -> CellOutcome:
     started = utc_now()
     try:
         result = run(cfg)
@@ -356,7 +357,7 @@ def _run_one(cfg: BenchConfig, run: RunCell, env: Environment, path: Path) -> Ce
         result.environment = env  # failure rows built by the runner may carry no environment
     # Saved where the resume check looks (the sweep's hardware folder), whatever the runner's own environment says.
     try:
-        write_text_atomic(path, result.to_json())
+        atomic_write_text(path, result.to_json())
     except OSError as exc:
         cause = describe_os_error(OSError(exc.errno, exc.strerror), path)
         message = f"cell {cfg.cell_id()} was measured but its result could not be written: {cause}"

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from bench.config import BenchConfig
 from phi3v_core.errors import DataError
-from phi3v_core.io import atomic_write_bytes, atomic_write_text, json_safe
+from phi3v_core.io import atomic_write_text, json_safe
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,7 +46,6 @@ __all__ = [
     "SCHEMA_VERSION",
     "STATUSES",
     "BenchResult",
-    "Environment",
     "RunEnvironment",
     "GpuInfo",
     "Metrics",
@@ -64,8 +63,6 @@ __all__ = [
     "result_path",
     "save_result",
     "utc_now",
-    "write_bytes_atomic",
-    "write_text_atomic",
 ]
 
 SCHEMA = "phi3v-bench/result"
@@ -572,13 +569,6 @@ def _ram_bytes() -> int | None:
 def result_path(root: str | Path, release: str, hardware: str, config: BenchConfig) -> Path:
     """Return where a result is stored: ``<root>/<release>/<hardware>/<cell_id>.json``."""
     return Path(root) / release / hardware / f"{config.cell_id()}.json"
-
-
-#: Old name of :class:`RunEnvironment` (bench/matrix.py still imports it; training's machine is ``Machine``).
-Environment = RunEnvironment
-#: Old names of :func:`phi3v_core.io.atomic_write_bytes` / ``atomic_write_text`` (bench/matrix.py still imports them).
-write_bytes_atomic = atomic_write_bytes
-write_text_atomic = atomic_write_text
 
 
 def replacement_problem(path: str | Path, environment: RunEnvironment) -> str | None:

@@ -145,7 +145,7 @@ def _train_setup(cfg: BenchConfig, cuda: bool) -> Any:
         precision=cfg.precision,
         # phi3v-finetune without DeepSpeed keeps fp32 master weights for full/frozen; LoRA bases are 16-bit.
         weight_dtype="fp32" if full else None,
-        attention=cfg.attn,
+        attn=cfg.attn,
         gradient_checkpointing=cfg.gradient_checkpointing,
         micro_batch=cfg.micro_batch,
         grad_accum=cfg.grad_accum,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -86,7 +86,7 @@ class AnchorRow:
             method=self.method,
             precision=precision,
             weight_dtype=weights,
-            attention=attention,
+            attn=attention,
             gradient_checkpointing=True,
             micro_batch=1,
             grad_accum=max(1, 64 // self.gpus),
@@ -160,6 +160,17 @@ def _read_speed_csv(path: Path) -> tuple[AnchorRow, ...]:
     return tuple(rows)
 
 
+def packaged_reference_rows() -> tuple[AnchorRow, ...]:
+    """The recipe's published speed rows from the packaged ``phi3v_core/recipe.json`` (no ``results/`` needed)."""
+    from phi3v_core.constants import load_recipe
+
+    names = [f.name for f in fields(AnchorRow)]
+    return tuple(
+        AnchorRow(**{**{name: row[name] for name in names if name in row}, "note": row.get("note") or ""})
+        for row in load_recipe().reference_speed
+    )
+
+
 def load_calibration(reference_dir: str | Path | None = None) -> Calibration:
     """Read the calibration constants and the published rows.
 
@@ -177,8 +188,8 @@ def load_calibration(reference_dir: str | Path | None = None) -> Calibration:
     elif reference_dir:
         raise DataError(f"{csv_path}: not found; --reference must point at a folder with speed.csv")
     else:
-        rows = tuple(AnchorRow(**row) for row in constants["reference_rows"])
-        source = "planner/data/calibration.json (copy of recipe.md §11)"
+        rows = packaged_reference_rows()
+        source = "phi3v_core/recipe.json (the recipe's published speed table)"
     mem = constants["memory_overheads"]
     return Calibration(
         rows=rows,

@@ -130,7 +130,7 @@ class TrainSetup:
         precision: Activation/compute dtype: ``bf16``, ``fp16`` (AMP) or ``fp32``.
         weight_dtype: dtype the (frozen) weights are stored in; None means ``precision``. The recipe's "no flash
             attention" path loads fp32 weights and trains with fp16 AMP.
-        attention: ``flash_attention_2``, ``sdpa`` (memory-efficient/flash kernels: no S² buffers) or ``eager``.
+        attn: ``flash_attention_2``, ``sdpa`` (memory-efficient/flash kernels: no S² buffers) or ``eager``.
         gradient_checkpointing: Recompute each decoder/CLIP layer in backward (the recipe's default).
         micro_batch: Samples per GPU per forward.
         grad_accum: Micro-steps per optimizer step (>1 keeps gradients alive through the forward).
@@ -149,7 +149,7 @@ class TrainSetup:
     method: str = "full"
     precision: str = "bf16"
     weight_dtype: str | None = None
-    attention: str = "flash_attention_2"
+    attn: str = "flash_attention_2"
     gradient_checkpointing: bool = True
     micro_batch: int = 1
     grad_accum: int = 1
@@ -172,13 +172,13 @@ class TrainSetup:
             problems.append(f"precision {self.precision!r} is not one of {', '.join(DTYPE_BYTES)}")
         if self.weight_dtype is not None and self.weight_dtype not in DTYPE_BYTES:
             problems.append(f"weight_dtype {self.weight_dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
-        if self.attention not in ATTENTIONS:
-            problems.append(f"attention {self.attention!r} is not one of {', '.join(ATTENTIONS)}")
+        if self.attn not in ATTENTIONS:
+            problems.append(f"attn {self.attn!r} is not one of {', '.join(ATTENTIONS)}")
         if self.micro_batch < 1 or self.grad_accum < 1 or self.world_size < 1:
             problems.append("micro_batch, grad_accum and world_size must be >= 1")
         if self.zero_stage not in (None, 0, 2):
             problems.append(f"zero_stage={self.zero_stage} is not supported (0 or 2)")
-        if self.attention == "flash_attention_2" and self.precision == "fp32":
+        if self.attn == "flash_attention_2" and self.precision == "fp32":
             problems.append("flash_attention_2 needs bf16 or fp16")
         raise_all(problems)
 
@@ -357,7 +357,7 @@ def _lm_layer_saved(shape: ModelShape, setup: TrainSetup, tokens: int, seq: int,
     qkv_out = shape.q_out + 2 * shape.kv_out
     # fused qkv output (kept through the value view) + rotated q, k + contiguous attention output (o_proj input)
     per_token += a * (qkv_out + shape.q_out + shape.kv_out + shape.q_out)
-    if setup.attention == "eager":
+    if setup.attn == "eager":
         # fp32 softmax output (+ its 16-bit copy for the value matmul) per head and key
         per_token += shape.num_heads * seq * (4 + (a if a != 4 else 0))
     else:
@@ -378,7 +378,7 @@ def _lm_layer_backward_extra(shape: ModelShape, setup: TrainSetup, tokens: int, 
     h, inter = shape.hidden_size, shape.intermediate_size
     # grad of gate_up output (2I) + grad of its halves (2I) + incoming grad and its fp32 norm path (h, 4h)
     per_token = a * (4 * inter + 2 * h) + 4 * h
-    if setup.attention == "eager":
+    if setup.attn == "eager":
         per_token += shape.num_heads * seq * (4 + a)  # grad of the probabilities and of the scores
     return per_token * tokens
 
@@ -391,7 +391,7 @@ def _clip_layer_saved(shape: ModelShape, setup: TrainSetup, tokens: int, checkpo
     per_token = a * hv * 7 + 3 * a * iv
     if not checkpoint_input:
         per_token += a * hv  # LN1 input
-    if setup.attention == "eager":
+    if setup.attn == "eager":
         per_token += shape.vision_heads * shape.patches_per_crop * (4 + (a if a != 4 else 0))
     else:
         per_token += a * hv + 4 * shape.vision_heads
@@ -407,7 +407,7 @@ def _clip_layer_forward_peak(shape: ModelShape, setup: TrainSetup, tokens: int) 
     a = setup.act_bytes
     hv, iv = shape.vision_hidden, shape.vision_intermediate
     per_token = a * (3 * hv + 2 * iv)
-    if setup.attention == "eager":
+    if setup.attn == "eager":
         per_token += shape.vision_heads * shape.patches_per_crop * (a + 4 + 4)
     return per_token * tokens
 
@@ -434,7 +434,7 @@ def activation_terms(shape: ModelShape, setup: TrainSetup, workload: Workload) -
     # final norm (fp32 copy + output) and the inputs_embeds the first layer reads (covered by its checkpoint)
     norm_trainable = setup.method in ("full", "frozen_vision")
     lm_saved += tokens * (4 * h + (2 if norm_trainable else 1) * a * h)
-    if setup.attention == "eager":
+    if setup.attn == "eager":
         lm_saved += mb * seq * seq * a  # the 4-D causal mask, shared by all layers
 
     if vision_trains:

@@ -397,7 +397,7 @@ def _setup_for(method: str, gpu: GpuSpec, world: int, hyper: dict[str, Any]) -> 
         precision=precision,
         # phi3v-finetune: DeepSpeed casts to 16-bit; one process keeps fp32 master weights; LoRA bases are 16-bit
         weight_dtype="fp32" if (full and zero == 0) else precision,
-        attention=attn,
+        attn=attn,
         gradient_checkpointing=True,
         world_size=world,
         zero_stage=zero,
@@ -566,7 +566,7 @@ def _plan_method(
         supported=supported,
         fits=fits,
         precision=setup.precision,
-        attn=setup.attention,
+        attn=setup.attn,
         micro_batch=setup.micro_batch,
         grad_accum=setup.grad_accum,
         global_batch=effective,

@@ -292,7 +292,7 @@ def micro_step_times(
     times: dict[str, float] = {}
     times["matmul"] = mb * flops.hardware / rates.matmul_flops
     # Eager attention writes and re-reads the S×S score matrix (scores, mask add, fp32 softmax, cast) per head.
-    if setup.attention == "eager":
+    if setup.attn == "eager":
         scores = lm_passes * shape.num_layers * shape.num_heads * seq * seq
         scores += (
             v_passes

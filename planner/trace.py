@@ -272,7 +272,7 @@ def trace_key(shape: ModelShape, setup: TrainSetup, workload: Workload) -> str:
         "method": setup.method,
         "precision": setup.precision,
         "weights": setup.stored_weight_dtype,
-        "attention": "sdpa" if setup.attention == "flash_attention_2" else setup.attention,
+        "attention": "sdpa" if setup.attn == "flash_attention_2" else setup.attn,
         "gc": setup.gradient_checkpointing,
         "micro_batch": setup.micro_batch,
         "lora": [setup.lora_rank, setup.lora_lm_head, setup.lora_vision],
@@ -320,7 +320,7 @@ def trace_activations(
     from phi3v_core.config import get_config
 
     traced_setup = replace(setup, method="lora" if setup.method == "qlora" else setup.method)
-    attention = "sdpa" if setup.attention == "flash_attention_2" else setup.attention
+    attention = "sdpa" if setup.attn == "flash_attention_2" else setup.attn
     start = time.perf_counter()
     config = get_config(model, attn_implementation=attention)
     # Build and adapt on the meta device, then materialise as fakes (torchtitan's pattern): PEFT moves adapters
@@ -333,7 +333,7 @@ def trace_activations(
         result = measure_step(net, batch, traced_setup)
     del net
     notes = []
-    if setup.attention == "flash_attention_2":
+    if setup.attn == "flash_attention_2":
         notes.append("FlashAttention-2 traced as SDPA (CPU flash kernel: same saved tensors)")
     dynamic = result["dynamic"]
     if setup.method == "qlora":
@@ -350,7 +350,7 @@ def trace_activations(
         "method": setup.method,
         "precision": setup.precision,
         "weights": setup.stored_weight_dtype,
-        "attention": setup.attention,
+        "attention": setup.attn,
         "traced_attention": attention,
         "micro_batch": setup.micro_batch,
         "gradient_checkpointing": setup.gradient_checkpointing,
@@ -570,7 +570,7 @@ def allocation_replay(
             return out
 
     traced_setup = replace(setup, method="lora" if setup.method == "qlora" else setup.method)
-    attention = "sdpa" if setup.attention == "flash_attention_2" else setup.attention
+    attention = "sdpa" if setup.attn == "flash_attention_2" else setup.attn
     config = get_config(model, attn_implementation=attention)
     start = time.perf_counter()
     with torch.device("meta"):

@@ -224,7 +224,7 @@ def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: floa
             setup = TrainSetup(
                 method=case.method,
                 precision="fp32",
-                attention="sdpa",
+                attn="sdpa",
                 gradient_checkpointing=True,
                 micro_batch=case.micro_batch,
                 grad_accum=case.grad_accum,

@@ -144,7 +144,7 @@ def _disk_full(*_args, **_kwargs):
 @pytest.mark.parametrize("as_json", [True, False], ids=["json", "table"])
 def test_run_prints_the_numbers_when_the_result_cannot_be_written(as_json, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(bench.runner, "run_config", lambda cfg: make_result(cfg, step_time=0.25, jitter=0.0))
-    monkeypatch.setattr(bench.results, "write_text_atomic", _disk_full)
+    monkeypatch.setattr(bench.results, "atomic_write_text", _disk_full)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     out = tmp_path / "results"
@@ -170,7 +170,7 @@ def test_run_prints_the_numbers_when_the_result_cannot_be_written(as_json, tmp_p
 
 def test_matrix_keeps_the_measured_cell_and_stops_when_writing_fails(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(bench.runner, "run_config", lambda cfg: make_result(cfg, step_time=0.5, jitter=0.0))
-    monkeypatch.setattr(bench.matrix, "write_text_atomic", _disk_full)
+    monkeypatch.setattr(bench.matrix, "atomic_write_text", _disk_full)
     out = tmp_path / "results"
     with pytest.raises(SystemExit) as exc:
         main(["matrix", "--grid", "method=lora,full", "--set", "gpus=8", "global_batch=64", "--release", "v1",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.config import METHODS, SEQ_PROFILES, BenchConfig, parse_field_value
+from bench.config import SEQ_PROFILES, BenchConfig, parse_field_value
+from phi3v_core.constants import METHOD_NAMES
 from phi3v_core.errors import ConfigError
 
 
@@ -89,7 +90,7 @@ def test_method_names_match_the_training_registry() -> None:
     registry = getattr(methods, "METHODS", None)
     if registry is None:
         pytest.skip("phi3v_core.methods.METHODS not written yet")
-    assert set(registry) == set(METHODS)
+    assert set(registry) == set(METHOD_NAMES)
 
 
 def test_old_field_names_still_load() -> None:

@@ -128,7 +128,7 @@ def test_failed_write_keeps_the_measured_result_and_stops_the_sweep(tmp_path, mo
     def read_only(path, text):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(bench.matrix, "write_text_atomic", read_only)
+    monkeypatch.setattr(bench.matrix, "atomic_write_text", read_only)
     cells = quick_cells(tmp_path)
     runner = FakeRunner()
     summary = run_matrix(cells, environment=gpu_env(count=1), run_cell=runner, progress=False)

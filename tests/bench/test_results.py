@@ -21,9 +21,9 @@ from bench.results import (
     read_results,
     result_path,
     save_result,
-    write_text_atomic,
 )
 from phi3v_core.errors import DataError
+from phi3v_core.io import atomic_write_text
 from tests.bench.factories import GIB, make_result
 
 
@@ -97,7 +97,7 @@ def test_atomic_write_keeps_old_file_when_replace_fails(tmp_path, monkeypatch) -
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        write_text_atomic(target, "new")
+        atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 

@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from phi3v_core.errors import ConfigError
-from planner.calibration import AnchorRow, _constants, default_reference_dir, load_calibration
+from planner.calibration import default_reference_dir, load_calibration, packaged_reference_rows
 from planner.hardware import architecture_of, azure_skus, find_gpu, gpu_table
 from planner.recommend import task_profiles
 
@@ -123,7 +123,7 @@ def test_packaged_reference_rows_equal_results_reference():
     path = default_reference_dir() / "speed.csv"
     if not path.is_file():
         pytest.skip("results/reference/speed.csv not in this tree")
-    packaged = [AnchorRow(**row) for row in _constants()["reference_rows"]]
+    packaged = list(packaged_reference_rows())
     assert load_calibration().rows == tuple(packaged)
     with path.open() as handle:
         assert len(list(csv.DictReader(handle))) == len(packaged)
@@ -132,5 +132,5 @@ def test_packaged_reference_rows_equal_results_reference():
 def test_packaged_copy_is_used_without_results(tmp_path, monkeypatch):
     monkeypatch.setattr("planner.calibration.default_reference_dir", lambda: tmp_path / "absent")
     calibration = load_calibration()
-    assert "calibration.json" in calibration.rows_source
+    assert "recipe.json" in calibration.rows_source
     assert len(calibration.rows) == 15

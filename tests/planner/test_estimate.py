@@ -148,7 +148,7 @@ def test_memory_grows_with_micro_batch_and_without_checkpointing():
 def test_eager_attention_costs_more_than_flash():
     flash = estimate_memory(PHI3V, TrainSetup(method="lora", gradient_checkpointing=False), _docvqa())
     eager = estimate_memory(
-        PHI3V, TrainSetup(method="lora", attention="eager", gradient_checkpointing=False), _docvqa()
+        PHI3V, TrainSetup(method="lora", attn="eager", gradient_checkpointing=False), _docvqa()
     )
     # 32 layers x 32 heads x s^2 x (4 + 2) bytes of softmax output alone
     assert eager.allocated - flash.allocated > 32 * 32 * 2443**2 * 6 * 0.9
@@ -163,6 +163,6 @@ def test_invalid_setup_reports_every_problem():
     from phi3v_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="3 problems"):
-        TrainSetup(method="dora", precision="int8", attention="flex")
+        TrainSetup(method="dora", precision="int8", attn="flex")
     with pytest.raises(ConfigError, match="flash_attention_2 needs bf16 or fp16"):
         TrainSetup(precision="fp32")

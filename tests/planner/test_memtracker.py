@@ -70,7 +70,7 @@ def test_prediction_matches_memtracker(size, method):
     setup = TrainSetup(
         method=method,
         precision="fp32",
-        attention="sdpa",
+        attn="sdpa",
         gradient_checkpointing=checkpointing,
         lora_rank=RANK,
         optimizer_foreach=False,

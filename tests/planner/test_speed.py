@@ -89,7 +89,7 @@ def test_fitted_constants_are_physical(fitted):
 
 def _reference(gpu: str, attention: str = "flash_attention_2", **kw):
     precision = "bf16" if find_gpu(gpu).tflops_bf16 else "fp16"
-    return TrainSetup(method="full", precision=precision, attention=attention, **kw)
+    return TrainSetup(method="full", precision=precision, attn=attention, **kw)
 
 
 def test_bandwidth_matters_not_just_peak(fitted):
@@ -98,7 +98,7 @@ def test_bandwidth_matters_not_just_peak(fitted):
     one = Interconnect(1, 1, 64, False, 25)
 
     def speed(gpu: str, attention: str) -> float:
-        setup = TrainSetup(method="lora", precision="bf16", attention=attention)
+        setup = TrainSetup(method="lora", precision="bf16", attn=attention)
         return predict_speed(PHI3V, work, setup, find_gpu(gpu), one, constants).samples_per_s
 
     # L40S has 1.16x the A100's tensor peak but 0.42x its bandwidth: eager attention (bytes) must not follow the peak

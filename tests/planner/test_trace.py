@@ -32,7 +32,7 @@ def _closed_form_dynamic(shape, setup, workload) -> float:
 def test_tiny_trace_is_cached_and_agrees(method):
     shape = load_shape("tiny")
     workload = Workload.from_images(shape, 4, (672, 672), text_tokens=40)
-    setup = TrainSetup(method=method, precision="bf16", attention="flash_attention_2", world_size=8)
+    setup = TrainSetup(method=method, precision="bf16", attn="flash_attention_2", world_size=8)
     first = trace_activations("tiny", setup, workload)
     assert not first["cached"] and first["traced_attention"] == "sdpa"
     assert (cache_dir() / f"{first['key']}.json").is_file()
@@ -48,7 +48,7 @@ def test_qlora_and_lora_traces_are_cached_apart():
     # QLoRA is traced as LoRA, but its stored result carries the 4-bit adjustment: one must not answer for the other
     shape = load_shape("tiny")
     workload = Workload.from_images(shape, 4, (672, 672), text_tokens=40)
-    lora = TrainSetup(method="lora", precision="bf16", attention="flash_attention_2")
+    lora = TrainSetup(method="lora", precision="bf16", attn="flash_attention_2")
     assert trace_key(shape, lora, workload) != trace_key(shape, dataclasses.replace(lora, method="qlora"), workload)
 
 
@@ -83,7 +83,7 @@ def test_allocator_model_long_lived_block_pins_a_freed_large_one():
 def test_allocation_replay_sees_what_memtracker_sees(tmp_path):
     shape = load_shape("tiny")
     workload = Workload.from_images(shape, 4, (672, 672), text_tokens=40)
-    setup = TrainSetup(method="lora", precision="fp16", weight_dtype="fp32", attention="eager")
+    setup = TrainSetup(method="lora", precision="fp16", weight_dtype="fp32", attn="eager")
     replay = allocation_replay("tiny", setup, [workload], grad_accum=1, steps=2)
     traced = trace_activations("tiny", setup, workload, cache=tmp_path)
     assert replay["peak_allocated"] == pytest.approx(traced["peak"]["Total"], rel=0.02)  # 512-byte rounding
@@ -109,7 +109,7 @@ def test_full_size_trace_completes_on_cpu():
     """The exact 4.1 B model, full fine-tuning step (forward, backward, AdamW) on fake tensors (~20-60 s)."""
     shape = load_shape("phi-3.5-vision")
     workload = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)
-    setup = TrainSetup(method="full", precision="bf16", attention="flash_attention_2", world_size=8)
+    setup = TrainSetup(method="full", precision="bf16", attn="flash_attention_2", world_size=8)
     result = trace_activations("phi-3.5-vision", setup, workload)
     assert result["peak"]["Parameter"] == 2 * shape.param_counts().total  # bf16 weights, every tensor seen
     assert result["dynamic_phase"] in ("forward", "backward")
@@ -131,7 +131,7 @@ def test_eager_trace_matches_recorded_evidence(tmp_path):
     label = "8xA100-80GB x1 lora no FA"
     row = next(r for r in load_calibration().rows if r.label == label)
     setup = row.setup()
-    assert (setup.weight_dtype, setup.precision, setup.attention) == ("fp32", "fp16", "eager")
+    assert (setup.weight_dtype, setup.precision, setup.attn) == ("fp32", "fp16", "eager")
     trace = trace_activations("phi-3-vision", setup, workload, cache=tmp_path)
     closed = estimate_memory(shape, setup, workload)
     traced = apply_trace(closed, shape, setup, workload, Overheads.cpu(), trace).allocated / 2**30
