@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a jsonl data folder: token lengths from its records and image headers; memory for its longest sample",
     )
     work.add_argument(
-        "--batch-size", type=int, dest="global_batch", help="global batch per optimizer step (default: 64)"
+        "--global-batch", "--batch-size", type=int, dest="global_batch", help="global batch per optimizer step (default: 64)"
     )
     work.add_argument("--max-micro-batch", type=int, default=16, help="largest micro-batch to consider (default: 16)")
     work.add_argument(
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     out.add_argument("--json", action="store_true", help="print JSON instead of tables")
     out.add_argument("--list-gpus", action="store_true", help="print the GPU table and exit")
-    out.add_argument("--calibration", action="store_true", help="print predicted vs published (recipe §11) and exit")
+    out.add_argument("--calibration", action="store_true", help="print predicted vs the recipe's published table and exit")
     out.add_argument(
         "--validate",
         action="store_true",

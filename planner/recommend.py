@@ -102,7 +102,7 @@ def _method_hyperparameters(task: str, method: str) -> dict[str, Any]:
     out["source"] = (
         f"{preset.source}: {preset.published}"
         if preset is not None
-        else f"not published for {task}: the scripts' defaults (recipe.md §2)"
+        else f"not published for {task}: the scripts' defaults (the recipe, §2)"
     )
     return out
 
