@@ -6,13 +6,10 @@ Bad input must end in one clear line (what, where, how to fix), exit code 1 and 
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-__all__ = ["Phi3VError", "ConfigError", "DataError", "ImageSizeError", "raise_all", "cli_errors"]
+__all__ = ["Phi3VError", "ConfigError", "DataError", "ImageSizeError", "raise_all"]
 
 F = TypeVar("F", bound=Callable[..., int | None])
 
@@ -45,42 +42,9 @@ def raise_all(problems: Iterable[str], error_cls: type[Phi3VError] = ConfigError
         problems: Human-readable problem descriptions.
         error_cls: Error class to raise.
     """
-    problems = [p for p in problems if p]
+    problems = list(dict.fromkeys(p for p in problems if p))  # the same problem found twice is said once
     if not problems:
         return
     if len(problems) == 1:
         raise error_cls(problems[0])
     raise error_cls(f"{len(problems)} problems: " + "; ".join(problems))
-
-
-def cli_errors(main: F) -> F:
-    """Decorate a CLI ``main`` so user errors print one line to stderr and exit with code 1.
-
-    Anything else (a real bug) also becomes a one-line message unless ``PHI3V_DEBUG=1`` is set.
-    """
-
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
-        debug = os.environ.get("PHI3V_DEBUG", "") not in ("", "0")
-        try:
-            return main(*args, **kwargs)
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            sys.exit(130)
-        except Phi3VError as exc:
-            if debug:
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(1)
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-            if debug:
-                raise
-            print(f"error: {exc.strerror or exc}: {exc.filename} (check the path)", file=sys.stderr)
-            sys.exit(1)
-        except Exception as exc:  # noqa: BLE001 - last line of defence for a clean CLI
-            if debug:
-                raise
-            print(f"error: {type(exc).__name__}: {exc} (set PHI3V_DEBUG=1 for the traceback)", file=sys.stderr)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]

@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        Exit code 0; user errors exit with 1 and one line on stderr (via ``cli_errors``).
+        Exit code 0; user errors exit with 1 and one line on stderr (via ``handle_errors``).
     """
     args = build_parser().parse_args(argv)
     runners = {"ucf101": _run_ucf101, "synthetic": _run_synthetic, "check": _run_check}

@@ -35,7 +35,8 @@ from typing import Any
 from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
-from phi3v_core.errors import ConfigError, cli_errors, raise_all
+from phi3v_core.cli.common import CliParser, handle_errors
+from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.training.api import TrainResult, train, write_json_atomic
 from phi3v_core.training.config import TrainConfig
 from phi3v_core.training.run import guarded_output_dir
@@ -164,10 +165,10 @@ def _is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-@cli_errors
+@handle_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``python -m phi3v_core.training.launch --config run.json [--json]``."""
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m phi3v_core.training.launch",
         description="Train Phi-3(.5)-vision from one JSON run file (works under torchrun, single- or multi-node).",
         epilog=(
