@@ -225,9 +225,12 @@ def output_dir_problems(
             if isinstance(folder.complete, dict)
             else "an unfinished run" + (f" (checkpoint {folder.last_checkpoint})" if folder.last_checkpoint else "")
         )
+        # A complete run cannot be continued (its step count is part of its configuration): only point at --resume
+        # where there is something left to train.
+        remedy = "" if isinstance(folder.complete, dict) else "pass --resume to continue it, "
         problems.append(
-            f"{flag} {out} already holds {state}; pass --resume to continue it, --overwrite_output_dir to replace "
-            f"it, or choose another {flag}"
+            f"{flag} {out} already holds {state}; {remedy}pass --overwrite_output_dir to replace it, or choose "
+            f"another {flag}"
         )
     elif folder.would_overwrite:
         problems.append(

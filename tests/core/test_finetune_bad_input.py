@@ -100,8 +100,8 @@ def test_a_finished_run_is_not_overwritten(tmp_path, capsys):
     expect_user_error(
         main,
         [*BASE, "--output_dir", str(out)],
-        f"--output_dir {out} already holds a complete run (step 3); pass --resume to continue it, "
-        "--overwrite_output_dir to replace it, or choose another --output_dir",
+        f"--output_dir {out} already holds a complete run (step 3); pass --overwrite_output_dir to replace it, "
+        "or choose another --output_dir",
         tmp_path,
         capsys,
     )
