@@ -45,3 +45,16 @@ def ckpt_v1() -> Path:
     if not (CKPT_V1 / "config.json").exists():
         pytest.skip("../shared/checkpoints/phi-3-vision-128k-instruct is not available")
     return CKPT_V1
+
+
+@pytest.fixture
+def finetune_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No torchrun variables, no default model, no debug tracebacks, an empty offline Hub cache.
+
+    The phi3v-finetune tests use it (``pytestmark = pytest.mark.usefixtures("finetune_env")``) so that their results
+    do not depend on the machine or the shell they run in.
+    """
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PHI3V_MODEL", "PHI3V_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,13 +23,7 @@ def resolve(*flags: str, env: Machine = CPU) -> Any:
     return build_config(build_parser().parse_args(list(flags)), env)
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # No torchrun variables, no default model, an empty Hub cache: results must not depend on the machine.
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PHI3V_MODEL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("finetune_env")
 
 
 # -- recipe semantics --------------------------------------------------------------------------------------------

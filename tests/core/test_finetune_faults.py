@@ -30,12 +30,7 @@ LEAN = ["--synthetic", "2", "--use_lora", "--lora_rank", "4", "--num_crops", "1"
         "--max_steps", "2", "--warmup_steps", "0", "--no-eval", "--no-tqdm"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PHI3V_MODEL", "PHI3V_DEBUG"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("finetune_env")
 
 
 def _env() -> dict[str, str]:
