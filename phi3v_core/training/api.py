@@ -24,20 +24,18 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from phi3v_core.config import MODEL_PRESETS, get_config
-from phi3v_core.device import default_dtype, local_device
+from phi3v_core.device import local_device
 from phi3v_core.errors import ConfigError
 from phi3v_core.fs import StorageError, describe_storage_error
 from phi3v_core.io import atomic_write_json
-from phi3v_core.methods import MethodReport, get_method
-from phi3v_core.model import Phi3VForCausalLM
+from phi3v_core.methods import MethodReport
 from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
 from phi3v_core.training.callbacks import LossGuard, StepRecord, StepTimer, TrainingDivergedError
 from phi3v_core.training.collate import SupervisedLogitsCollator
-from phi3v_core.training.config import DTYPES, Machine, TrainConfig
-from phi3v_core.training.run import COMPLETE_MARKER
+from phi3v_core.training.config import COMPLETE_MARKER, Machine, TrainConfig
+from phi3v_core.training.model_setup import build_model, prepare_model
 from phi3v_core.training.trainer import Phi3VTrainer, build_training_arguments
 
 logger = logging.getLogger(__name__)
@@ -106,38 +104,6 @@ class TrainResult:
             "world_size": self.world_size,
             "zero_stage": self.zero_stage,
         }
-
-
-def build_model(cfg: TrainConfig, env: Machine | None = None) -> Phi3VForCausalLM:
-    """The base model of a run, before the method changes it.
-
-    Presets are initialised randomly from ``cfg.seed`` (so the same config rebuilds the same base, e.g. to reload a
-    LoRA adapter), directly on the training device. Folders load with ``from_pretrained``. Weights are fp32 for
-    full/frozen_vision (AMP master weights) and the compute dtype for lora/qlora (frozen base).
-
-    Args:
-        cfg: The run configuration (``model``, ``attn``, ``method``, ``precision``, ``seed``).
-        env: The machine (detected when omitted).
-    """
-    env = env or Machine.detect()
-    dtype = DTYPES[cfg.precision] if get_method(cfg.method).uses_lora else torch.float32
-    set_seed(cfg.seed)
-    if cfg.model in MODEL_PRESETS:
-        config = get_config(cfg.model, attn_implementation=cfg.attn)
-        with default_dtype(dtype), torch.device(local_device(env.cuda)):
-            model = Phi3VForCausalLM(config)
-    else:
-        model = Phi3VForCausalLM.from_pretrained(cfg.model, attn_implementation=cfg.attn, dtype=dtype)
-    model.config.use_cache = False  # no KV cache while training (and required with gradient checkpointing)
-    return model
-
-
-def prepare_model(cfg: TrainConfig, env: Machine | None = None) -> tuple[nn.Module, MethodReport]:
-    """:func:`build_model` followed by the method's ``prepare`` (seeded, so LoRA init is reproducible)."""
-    env = env or Machine.detect()
-    model = build_model(cfg, env)
-    set_seed(cfg.seed)
-    return get_method(cfg.method).prepare(model, cfg.method_options(local_device(env.cuda)))
 
 
 #: TrainConfig fields that change what a run computes: a resume must not change them.

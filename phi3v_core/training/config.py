@@ -32,6 +32,9 @@ __all__ = [
     "find_resumable_checkpoint",
 ]
 
+#: Written into a run folder by the main process once the final model is saved; its presence marks a complete run.
+COMPLETE_MARKER = "run_complete.json"
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: Old field name → current one. Still accepted by the constructor (PendingDeprecationWarning) and by JSON configs,
 #: so ``train_config.json`` / ``run.json`` files written before the rename keep loading.

@@ -414,7 +414,7 @@ def baseline_model(cfg: Any, env: Any = None) -> nn.Module:
         env: The machine (detected when omitted).
     """
     from phi3v_core.methods import get_method
-    from phi3v_core.training.api import build_model, prepare_model
+    from phi3v_core.training.model_setup import build_model, prepare_model
 
     if get_method(cfg.method).quantized:
         model, _ = prepare_model(cfg, env)

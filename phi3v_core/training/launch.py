@@ -35,7 +35,7 @@ from typing import Any
 from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
-from phi3v_core.cli.common import CliParser, handle_errors
+from phi3v_core.entrypoint import CliParser, handle_errors
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.training.api import TrainResult, train, write_json_atomic
 from phi3v_core.training.config import TrainConfig

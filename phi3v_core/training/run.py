@@ -31,6 +31,7 @@ from phi3v_core.device import local_device
 from phi3v_core.errors import DataError
 from phi3v_core.fs import LOCK_NAME, FolderLock, foreign_entries, overlap_problem, writable_problem
 from phi3v_core.io import atomic_write_json
+from phi3v_core.training.config import COMPLETE_MARKER
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -44,8 +45,6 @@ __all__ = [
     "run",
 ]
 
-#: Written by ``train()`` after the final save: the run is complete.
-COMPLETE_MARKER = "run_complete.json"
 #: Top-level names a run wrote (``overwrite_output_dir`` deletes only these).
 MANIFEST_NAME = ".phi3v-manifest.json"
 #: Names a run writes, for folders from before the manifest existed.
@@ -415,8 +414,8 @@ def run(cfg: FinetuneConfig, env: Any = None, on_plan: Callable[[FinetuneConfig,
 
 
 def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig, Any], None] | None) -> dict[str, Any]:
-    from phi3v_core.training import Machine, train
-    from phi3v_core.training.api import init_distributed, resolve_resume
+    from phi3v_core.training.api import init_distributed, resolve_resume, train
+    from phi3v_core.training.config import Machine
     from phi3v_core.training.evaluate import evaluate_task
 
     env = env or Machine.detect()

@@ -1,0 +1,96 @@
+"""The argument parser and error handler every process entry point shares.
+
+Below both the commands (:mod:`phi3v_core.cli`) and the training launcher (:mod:`phi3v_core.training.launch`), so the
+launcher gets the same one-line errors without importing the command layer. Torch-free.
+:mod:`phi3v_core.cli.common` re-exports these names; commands import them from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+from phi3v_core.errors import ConfigError, Phi3VError
+from phi3v_core.fs import describe_os_error, describe_storage_error
+
+__all__ = ["CliParser", "debug_enabled", "handle_errors"]
+
+F = TypeVar("F", bound=Callable[..., int | None])
+
+
+class CliParser(argparse.ArgumentParser):
+    """``argparse`` that reports bad flags as one :class:`ConfigError` line (exit 1) instead of usage + exit 2.
+
+    Abbreviations are off: a typo such as ``--use_lor`` must not silently match a longer flag. Subparsers made with
+    ``add_subparsers().add_parser`` are of this class too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        """Raise instead of printing the usage (the handler prints one line)."""
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+def debug_enabled() -> bool:
+    """``PHI3V_DEBUG`` is set to something other than ``0``: errors keep their traceback."""
+    return os.environ.get("PHI3V_DEBUG", "") not in ("", "0")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def handle_errors(main: F) -> F:
+    """Decorate a CLI ``main``: every error becomes one ``error: ...`` line on stderr and exit code 1.
+
+    User errors keep their message; OS and storage errors are translated to name the path and the cause (full disk,
+    file-size limit, read-only, permission); anything else (a bug) is named with its type and the hint to set
+    ``PHI3V_DEBUG=1``, which re-raises every error with its traceback.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> int | None:
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+        except SystemExit:
+            raise
+        except BrokenPipeError:
+            # The reader went away (`phi3v-plan --json | head`): stop quietly, as Unix tools do, and keep Python from
+            # complaining again when it flushes stdout at exit.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a tool killed by the signal
+        except Phi3VError as exc:
+            if debug_enabled():
+                raise
+            _fail(str(exc))
+        except OSError as exc:
+            if debug_enabled():
+                raise
+            _fail(describe_os_error(exc))
+        except RecursionError:
+            if debug_enabled():
+                raise
+            _fail("input nested too deeply to process; flatten the data (set PHI3V_DEBUG=1 for the traceback)")
+        except Exception as exc:  # noqa: BLE001 - last line of defence for a clean CLI
+            if debug_enabled():
+                raise
+            storage = describe_storage_error(exc)
+            if storage is not None:
+                _fail(storage)
+            _fail(f"{type(exc).__name__}: {exc} (set PHI3V_DEBUG=1 for the traceback)")
+        return None  # unreachable: every branch exits
+
+    return wrapper  # type: ignore[return-value]
