@@ -259,7 +259,7 @@ def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None
         hardware: The hardware folder name results go to on this machine.
         writes: Whether this process writes results (a cluster node other than node 0 does not).
     """
-    from bench.results import result_path
+    from bench.store import result_path
 
     problems = _limit_problems(cells)
     for model in dict.fromkeys(c.model for c in cells):
@@ -311,7 +311,7 @@ def _command_line(args: argparse.Namespace) -> str:
 
 def _unsaved_error(result: Any, exc: OSError) -> str:
     """The one-line error for a measurement whose result file could not be written; keeps a copy when it can."""
-    from bench.results import result_path
+    from bench.store import result_path
     from phi3v_core.io import atomic_write_text
 
     cfg = result.config
@@ -341,7 +341,8 @@ def _measure(cfg: BenchConfig, cluster: Any, timeout: float | None) -> Any:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from bench import runner
-    from bench.results import capture_environment, replacement_problem, result_path
+    from bench.results import capture_environment
+    from bench.store import replacement_problem, result_path
 
     env = capture_environment()
     cfg, reasons = config_from_args(args, DeviceDescription.detect(env))
@@ -365,7 +366,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons: list[str], cluster: Any) -> int:
     """Measure, save and print; a failed save still prints every number (and keeps a copy where it can)."""
-    from bench.results import save_result
+    from bench.store import save_result
 
     main_node = cluster is None or cluster.is_main
 
@@ -447,7 +448,8 @@ def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons:
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
     from bench.matrix import build_cells, parse_assignments, parse_grid, run_matrix
-    from bench.results import capture_environment, result_path
+    from bench.results import capture_environment
+    from bench.store import result_path
 
     if not args.preset and not args.grid:
         raise ConfigError("pass --preset (seed-a100, seed-v100, quick) and/or --grid FIELD=V1,V2")
@@ -541,7 +543,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from bench.report import build_report, write_report
-    from bench.results import read_results
+    from bench.store import read_results
 
     problem = writable_problem(Path(args.out), "--out")
     if problem:

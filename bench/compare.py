@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import IDENTITY_FIELDS
-from bench.results import MEMORY_FIELDS, BenchResult, read_results
+from bench.results import MEMORY_FIELDS, BenchResult
 from bench.stats import RULE_TEXT, MemoryComparison, SampleComparison, compare_memory, compare_samples
+from bench.store import read_results
 from phi3v_core.errors import DataError
 from phi3v_core.io import json_safe
 

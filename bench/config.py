@@ -339,9 +339,9 @@ class DeviceDescription:
 
     @classmethod
     def detect(cls, environment: Any = None) -> DeviceDescription:
-        """Describe this machine from :func:`bench.results.capture_environment` (NVML; no CUDA context)."""
+        """Describe this machine from :func:`bench.environment.capture_environment` (NVML; no CUDA context)."""
         if environment is None:
-            from bench.results import capture_environment
+            from bench.environment import capture_environment
 
             environment = capture_environment()
         if not environment.gpus:

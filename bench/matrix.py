@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import IDENTITY_FIELDS, BenchConfig, canonical_field, parse_field_value
-from bench.results import BenchResult, RunEnvironment, load_result, result_path, utc_now
+from bench.results import BenchResult, RunEnvironment, utc_now
+from bench.store import load_result, result_path
 from phi3v_core.errors import ConfigError, DataError, raise_all
 from phi3v_core.fs import describe_os_error
 from phi3v_core.io import atomic_write_text

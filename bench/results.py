@@ -1,4 +1,4 @@
-"""Benchmark results: the self-describing JSON schema, environment capture, atomic storage and a pandas loader.
+"""Benchmark results: the self-describing JSON schema of one measurement.
 
 One file per configuration lives at ``<out>/<release>/<hardware>/<cell_id>.json`` and holds
 
@@ -14,37 +14,30 @@ One file per configuration lives at ``<out>/<release>/<hardware>/<cell_id>.json`
 Semantics that differ from optimum-benchmark on purpose: throughput is **global**
 (all ranks) and per GPU, never an average of per-rank figures; memory is the **maximum over ranks** (each rank is one
 GPU), never a sum. Bytes are stored as integers; units are applied only for display.
+
+Where a result was measured is :mod:`bench.environment`; reading and writing result files is :mod:`bench.store`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
-import platform
-import re
 import statistics
-import subprocess
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from importlib import metadata
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from bench.config import BenchConfig
+from bench.environment import TRACKED_PACKAGES, GpuInfo, RunEnvironment, capture_environment, cpu_hardware_name, utc_now
 from phi3v_core.errors import DataError
-from phi3v_core.io import atomic_write_text, json_safe
-
-if TYPE_CHECKING:
-    import pandas as pd
+from phi3v_core.io import json_safe
 
 __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "STATUSES",
+    "TRACKED_PACKAGES",
+    "MEMORY_FIELDS",
     "BenchResult",
     "RunEnvironment",
     "GpuInfo",
@@ -53,15 +46,8 @@ __all__ = [
     "RepeatSample",
     "Summary",
     "capture_environment",
-    "iter_result_files",
     "json_safe",
-    "load_result",
-    "load_results",
-    "replacement_problem",
     "cpu_hardware_name",
-    "read_results",
-    "result_path",
-    "save_result",
     "utc_now",
 ]
 
@@ -69,20 +55,6 @@ SCHEMA = "phi3v-bench/result"
 SCHEMA_VERSION = 1
 Status = Literal["ok", "oom", "error", "timeout"]
 STATUSES: tuple[str, ...] = ("ok", "oom", "error", "timeout")
-
-#: Distributions whose versions decide performance; recorded in every result.
-TRACKED_PACKAGES: tuple[str, ...] = (
-    "phi3v-bench",
-    "torch",
-    "transformers",
-    "peft",
-    "accelerate",
-    "deepspeed",
-    "bitsandbytes",
-    "flash-attn",
-    "numpy",
-    "nvidia-ml-py",
-)
 
 MEMORY_FIELDS: tuple[str, ...] = (
     "gpu_allocated_bytes",
@@ -170,12 +142,6 @@ class Metrics:
         """Return the timed step times of all repeats, pooled."""
         return [t for rep in self.repeats for t in rep.step_times_s]
 
-    def repeat_throughputs(self) -> list[float]:
-        """Return global img/s per repeat (images per step / the repeat's median step time)."""
-        if not self.images_per_step:
-            return []
-        return [self.images_per_step / statistics.median(r.step_times_s) for r in self.repeats if r.step_times_s]
-
     def step_throughputs(self) -> list[list[float]]:
         """Return global img/s of every timed step, grouped by repeat (the samples ``compare`` tests)."""
         if not self.images_per_step:
@@ -216,66 +182,6 @@ class Summary:
     def to_dict(self) -> dict[str, Any]:
         """Return the summary as a JSON-ready dict."""
         return dataclasses.asdict(self)
-
-
-@dataclass
-class GpuInfo:
-    """One visible GPU."""
-
-    index: int
-    name: str
-    compute_capability: str
-    total_memory_bytes: int
-
-
-@dataclass
-class RunEnvironment:
-    """Where a result was measured.
-
-    Attributes:
-        python: Python version.
-        platform: ``platform.platform()``.
-        packages: Installed versions of :data:`TRACKED_PACKAGES` (``None`` = not installed).
-        git_sha: Commit of the phi3v-bench source tree (``None`` outside git or before the first commit).
-        git_dirty: Whether tracked files differed from that commit.
-        cuda_version: CUDA version torch was built with.
-        driver_version: NVIDIA driver (from NVML).
-        gpus: Visible GPUs of the node that wrote the result.
-        cpu: CPU model name.
-        cpu_count: Logical CPUs.
-        ram_bytes: Physical memory.
-    """
-
-    python: str = ""
-    platform: str = ""
-    packages: dict[str, str | None] = field(default_factory=dict)
-    git_sha: str | None = None
-    git_dirty: bool | None = None
-    cuda_version: str | None = None
-    driver_version: str | None = None
-    gpus: list[GpuInfo] = field(default_factory=list)
-    cpu: str = ""
-    cpu_count: int | None = None
-    ram_bytes: int | None = None
-
-    @property
-    def gpu_name(self) -> str | None:
-        """Name of the first GPU, or ``None`` on a CPU-only machine."""
-        return self.gpus[0].name if self.gpus else None
-
-    @property
-    def hardware(self) -> str:
-        """Folder name for this machine: ``<count>x<gpu>`` (e.g. ``8xA100-SXM4-80GB``) or ``cpu-<model>-<n>t``.
-
-        CPU machines are named by CPU model and logical CPU count (e.g. ``cpu-Intel-Xeon-Platinum-8375C-2t``), as
-        GPUs are, so results of two different CPU machines never share a folder. Results written before this rule
-        live in ``cpu/`` and still load: the folder name is not read back.
-        """
-        if not self.gpus:
-            return cpu_hardware_name(self.cpu, self.cpu_count)
-        name = re.sub(r"^NVIDIA\s+", "", self.gpus[0].name.strip())
-        name = re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-") or "gpu"
-        return f"{len(self.gpus)}x{name}"
 
 
 @dataclass
@@ -443,275 +349,6 @@ class BenchResult:
             if len(ranks) > self.config.world_size:
                 problems.append(f"repeat {i}: {len(ranks)} memory entries for world size {self.config.world_size}")
         return problems
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Environment
-# ---------------------------------------------------------------------------------------------------------------
-def cpu_hardware_name(model: str, threads: int | None) -> str:
-    """``cpu-<model slug>-<threads>t``: trademarks, "CPU", clock and "with ... Graphics" suffixes dropped.
-
-    Example: ``"Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"`` with 2 threads -> ``cpu-Intel-Xeon-Platinum-8375C-2t``.
-    """
-    name = re.sub(r"\((R|TM|tm|r)\)", "", model or "")
-    name = re.sub(r"@.*$", "", name)
-    name = re.sub(r"\b(CPU|Processor|\d+-Core)\b", "", name)
-    name = re.sub(r"\bwith\b.*$", "", name)
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-") or "unknown"
-    return f"cpu-{slug}-{threads or 0}t"
-
-
-def capture_environment() -> RunEnvironment:
-    """Describe the current machine and software (cheap; no GPU work beyond reading properties).
-
-    Returns:
-        A :class:`RunEnvironment`. Fields that cannot be read here (no GPU, no git) are ``None``/empty.
-    """
-    packages: dict[str, str | None] = {}
-    for name in TRACKED_PACKAGES:
-        try:
-            packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            packages[name] = None
-    sha, dirty = _git_state(Path(__file__).resolve().parents[1])
-    env = RunEnvironment(
-        python=platform.python_version(),
-        platform=platform.platform(),
-        packages=packages,
-        git_sha=sha,
-        git_dirty=dirty,
-        cpu=_cpu_name(),
-        cpu_count=os.cpu_count(),
-        ram_bytes=_ram_bytes(),
-    )
-    nvml = _nvml_gpus()
-    if nvml is not None:
-        env.gpus, env.driver_version = nvml
-    if packages.get("torch"):
-        import torch
-
-        env.cuda_version = torch.version.cuda
-        if nvml is None and torch.cuda.is_available():
-            # Without NVML only torch can name the GPUs; this initializes CUDA in this process.
-            for i in range(torch.cuda.device_count()):
-                props = torch.cuda.get_device_properties(i)
-                env.gpus.append(GpuInfo(i, props.name, f"{props.major}.{props.minor}", int(props.total_memory)))
-    return env
-
-
-def _nvml_gpus() -> tuple[list[GpuInfo], str | None] | None:
-    """Return the GPUs visible to CUDA and the driver version via NVML, or ``None`` when NVML cannot say.
-
-    NVML is used rather than ``torch.cuda`` because it creates no CUDA context: a sweep's parent process must not hold
-    GPU memory or initialize CUDA before its workers start. :mod:`phi3v_core.nvml` applies ``CUDA_VISIBLE_DEVICES``
-    (indices, UUIDs, MIG instances) as CUDA does.
-    """
-    from phi3v_core.nvml import visible_devices
-
-    report = visible_devices()
-    if report.error is not None:
-        return None
-    gpus = [
-        GpuInfo(
-            d.cuda_index,
-            d.name,
-            ".".join(map(str, d.compute_capability)) if d.compute_capability else "?",
-            int(d.memory_total_bytes or 0),
-        )
-        for d in report.devices
-    ]
-    return gpus, report.driver
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _git_state(root: Path) -> tuple[str | None, bool | None]:
-    # --no-optional-locks: reading the state must never rewrite .git/index under a concurrent git command.
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(
-                ["git", "--no-optional-locks", "-C", str(root), *args],
-                capture_output=True, text=True, timeout=10, check=True,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip()
-
-    sha = git("rev-parse", "HEAD")
-    if not sha:
-        return None, None
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return sha, (bool(status) if status is not None else None)
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _ram_bytes() -> int | None:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-    except ImportError:
-        return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Storage
-# ---------------------------------------------------------------------------------------------------------------
-def result_path(root: str | Path, release: str, hardware: str, config: BenchConfig) -> Path:
-    """Return where a result is stored: ``<root>/<release>/<hardware>/<cell_id>.json``."""
-    return Path(root) / release / hardware / f"{config.cell_id()}.json"
-
-
-def replacement_problem(path: str | Path, environment: RunEnvironment) -> str | None:
-    """Why a new result measured in ``environment`` must not replace the file at ``path`` (``None`` = it may).
-
-    A finished (``ok``/``oom``) result measured on other hardware or at another commit is someone's data: replacing
-    it silently is how a clone's run once overwrote the shipped CPU results. ``error`` rows and unreadable files
-    may be replaced (a crash is retried after a fix).
-    """
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        old = load_result(path)
-    except DataError:
-        return None
-    if old.status == "error":
-        return None
-    old_env = old.environment
-    if old_env.hardware != environment.hardware:
-        return f"{path} was measured on {old_env.hardware}, this machine is {environment.hardware}"
-    if old_env.git_sha and environment.git_sha and old_env.git_sha != environment.git_sha:
-        return f"{path} was measured at commit {old_env.git_sha[:10]}, this tree is {environment.git_sha[:10]}"
-    return None
-
-
-def save_result(result: BenchResult, root: str | Path | None = None, *, force: bool = False) -> Path:
-    """Write ``result`` atomically to its place under ``root`` (default: ``result.config.out``).
-
-    Args:
-        result: The result to store.
-        root: Results root folder.
-        force: Replace a result measured on other hardware or at another commit.
-
-    Returns:
-        The path written.
-
-    Raises:
-        DataError: The file holds another machine's or commit's result and ``force`` is off.
-    """
-    cfg = result.config
-    path = result_path(root if root is not None else cfg.out, cfg.release, result.environment.hardware, cfg)
-    problem = None if force else replacement_problem(path, result.environment)
-    if problem:
-        raise DataError(f"{problem}; pass --force to replace it, or --release/--out to keep both")
-    return atomic_write_text(path, result.to_json())
-
-
-def load_result(path: str | Path) -> BenchResult:
-    """Read one result file.
-
-    Raises:
-        DataError: Unreadable JSON (with file:line) or not a valid result.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); delete or re-run this result") from None
-    return BenchResult.from_dict(data, source=str(path))
-
-
-def iter_result_files(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Yield result JSON files from files and folders (recursively; ``reference/`` folders are skipped).
-
-    Raises:
-        DataError: A path does not exist.
-    """
-    seen: set[Path] = set()
-    for raw in paths:
-        path = Path(raw)
-        if path.is_file():
-            candidates = [path]
-        elif path.is_dir():
-            candidates = sorted(
-                p for p in path.rglob("*.json")
-                if "reference" not in p.relative_to(path).parts and not p.name.startswith(".")
-            )
-        else:
-            raise DataError(f"{path}: no such file or folder; pass a result .json or a results folder")
-        for candidate in candidates:
-            key = candidate.resolve()
-            if key not in seen:
-                seen.add(key)
-                yield candidate
-
-
-def read_results(paths: Iterable[str | Path]) -> list[tuple[Path, BenchResult]]:
-    """Load every result under ``paths`` as ``(path, result)`` pairs, in a stable order."""
-    return [(p, load_result(p)) for p in iter_result_files(paths)]
-
-
-def load_results(*paths: str | Path) -> pd.DataFrame:
-    """Load results into a pandas DataFrame with one row per result file.
-
-    Columns: ``path``, ``release``, ``hardware``, ``status``, ``message``, ``failed_at_step``, every
-    :class:`BenchConfig` field, every :class:`Summary` field, ``world_size``, ``gpu_name``, ``compute_capability``,
-    ``driver_version``, ``git_sha`` and ``<package>_version`` for the tracked packages.
-
-    Args:
-        *paths: Result files or folders (default: ``results``).
-
-    Example:
-        >>> df = load_results("results/v0.1.0")
-        >>> df[df.status == "ok"].groupby("method").img_per_s.max()
-    """
-    import pandas as pd
-
-    rows = [_row(path, result) for path, result in read_results(paths or ("results",))]
-    return pd.DataFrame(rows)
-
-
-def _row(path: Path, result: BenchResult) -> dict[str, Any]:
-    env = result.environment
-    row: dict[str, Any] = {
-        "path": str(path),
-        "release": result.config.release,
-        "hardware": env.hardware,
-        "status": result.status,
-        "message": result.message,
-        "failed_at_step": result.failed_at_step,
-    }
-    row.update(result.config.to_dict())
-    row["world_size"] = result.config.world_size
-    row.update(result.summary.to_dict())
-    row.update(
-        gpu_name=env.gpu_name,
-        compute_capability=env.gpus[0].compute_capability if env.gpus else None,
-        driver_version=env.driver_version,
-        git_sha=env.git_sha,
-        finished_at=result.finished_at,
-    )
-    for name, version in env.packages.items():
-        row[f"{name.replace('-', '_')}_version"] = version
-    return row
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------------------------
-def utc_now() -> str:
-    """Return the current UTC time as ISO-8601 with seconds."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _percentile(values: list[float], q: float) -> float:

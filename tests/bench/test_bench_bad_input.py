@@ -12,7 +12,7 @@ import bench.runner
 import bench.selfcheck
 from bench.cli import main
 from bench.config import BenchConfig
-from bench.results import save_result
+from bench.store import save_result
 from tests.bench.factories import make_result
 from tests.bench.test_bench_safety import folder_hash, never_measure
 

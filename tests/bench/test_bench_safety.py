@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import bench.matrix
-import bench.results
 import bench.runner
+import bench.store
 from bench.cli import main
 from bench.config import BenchConfig
 from phi3v_core.fs import LOCK_NAME
@@ -144,7 +144,7 @@ def _disk_full(*_args, **_kwargs):
 @pytest.mark.parametrize("as_json", [True, False], ids=["json", "table"])
 def test_run_prints_the_numbers_when_the_result_cannot_be_written(as_json, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(bench.runner, "run_config", lambda cfg: make_result(cfg, step_time=0.25, jitter=0.0))
-    monkeypatch.setattr(bench.results, "atomic_write_text", _disk_full)
+    monkeypatch.setattr(bench.store, "atomic_write_text", _disk_full)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     out = tmp_path / "results"

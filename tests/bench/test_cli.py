@@ -12,7 +12,7 @@ import pytest
 import bench.runner
 from bench.cli import build_parser, config_from_args, main
 from bench.config import DeviceDescription, choose_defaults
-from bench.results import load_result
+from bench.store import load_result
 from tests.bench.factories import make_result
 
 

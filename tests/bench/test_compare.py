@@ -9,7 +9,8 @@ import pytest
 from bench.cli import main
 from bench.compare import EXIT_REGRESSION, compare_results
 from bench.config import BenchConfig
-from bench.results import BenchResult, save_result
+from bench.results import BenchResult
+from bench.store import save_result
 from phi3v_core.errors import DataError
 from tests.bench.factories import GIB, gpu_env, make_result
 

@@ -10,7 +10,8 @@ import torch
 from bench.config import BenchConfig
 from bench.matrix import PRESETS, build_cells, classify_failure, parse_assignments, parse_grid, run_matrix
 from bench.reference import load_reference_speed
-from bench.results import BenchResult, load_result, result_path
+from bench.results import BenchResult
+from bench.store import load_result, result_path
 from phi3v_core.errors import ConfigError
 from tests.bench.factories import gpu_env, make_result
 

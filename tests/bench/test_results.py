@@ -12,16 +12,9 @@ from pathlib import Path
 import pytest
 
 from bench.config import BenchConfig
-from bench.results import (
-    BenchResult,
-    RunEnvironment,
-    capture_environment,
-    load_result,
-    load_results,
-    read_results,
-    result_path,
-    save_result,
-)
+from bench.environment import RunEnvironment, capture_environment
+from bench.results import BenchResult
+from bench.store import load_result, load_results, read_results, result_path, save_result
 from phi3v_core.errors import DataError
 from phi3v_core.io import atomic_write_text
 from tests.bench.factories import GIB, make_result
@@ -175,7 +168,7 @@ def test_cpu_machines_are_named_by_model_and_threads(model, threads, expected) -
 
 
 def test_results_of_another_machine_or_commit_are_not_replaced(tmp_path) -> None:
-    from bench.results import replacement_problem
+    from bench.store import replacement_problem
     from tests.bench.factories import gpu_env
 
     ours = make_result(env=gpu_env(count=8))

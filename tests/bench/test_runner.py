@@ -15,7 +15,6 @@ import pytest
 
 import bench.runner
 from bench.config import BenchConfig
-from bench.results import load_result
 from bench.runner import (
     ClusterLaunch,
     _classify,
@@ -26,6 +25,7 @@ from bench.runner import (
     looks_like_oom,
     run_config,
 )
+from bench.store import load_result
 from bench.worker import plan_steps, workload_samples
 from phi3v_core.errors import ConfigError
 
