@@ -22,6 +22,7 @@ import torch
 from bench.config import BenchConfig
 from bench.measure import InstrumentedSteps, step_micro_batches, trace_step_flops
 from bench.runner import looks_like_oom
+from bench.workload import to_train_config
 from phi3v_core.device import local_device
 from phi3v_core.io import atomic_write_text
 
@@ -44,32 +45,6 @@ def plan_steps(cfg: BenchConfig, cuda: bool) -> dict[str, int | None]:
 def workload_samples(cfg: BenchConfig, total_steps: int) -> int:
     """Samples the whole job trains on: the global batch for each of ``total_steps`` optimizer steps."""
     return cfg.global_batch * total_steps
-
-
-def to_train_config(cfg: BenchConfig, output_dir: str, total_steps: int) -> Any:
-    """Map a benchmark configuration onto the fine-tuning core's ``TrainConfig``."""
-    from phi3v_core.training import TrainConfig
-
-    return TrainConfig(
-        model=cfg.model,
-        method=cfg.method,
-        precision=cfg.precision,
-        attn=cfg.attn,
-        num_crops=cfg.num_crops,
-        micro_batch=cfg.micro_batch,
-        global_batch=cfg.global_batch,
-        max_steps=total_steps,
-        warmup_steps=0,
-        learning_rate=1e-5,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        output_dir=output_dir,
-        save_steps=0,
-        save_final=False,
-        seed=cfg.seed,
-        logging_steps=1,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
 
 
 def _processor(cfg: BenchConfig) -> Any:

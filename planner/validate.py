@@ -143,11 +143,10 @@ def _measure(case: ValidationCase, model: str, steps: int) -> dict[str, Any]:
     """Train ``1 + steps`` optimizer steps the way ``phi3v-bench`` does; per-step wall and CPU seconds."""
     from transformers import TrainerCallback
 
-    from bench.config import BenchConfig
-    from bench.worker import to_train_config
-    from bench.workload import build_workload
+    from phi3v_core.constants import load_recipe
     from phi3v_core.processing import Phi3VProcessor
     from phi3v_core.training import StepTimer, train
+    from phi3v_core.training.workload import MeasurementSpec, build_workload, to_train_config
 
     class CpuTimer(TrainerCallback):  # type: ignore[misc]
         """Process CPU seconds per optimizer step (robust to other processes sharing the cores)."""
@@ -162,28 +161,26 @@ def _measure(case: ValidationCase, model: str, steps: int) -> dict[str, Any]:
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
             self.seconds.append(time.process_time() - self._begin)
 
-    cfg = BenchConfig(
+    cfg = MeasurementSpec(
+        profile=load_recipe().profiles["docvqa"],
         method=case.method,
         attn="sdpa",
         precision="fp32",
         model=model,
         num_crops=case.num_crops,
-        seq_profile="docvqa",
         global_batch=case.micro_batch * case.grad_accum,
         micro_batch=case.micro_batch,
-        steps=steps,
-        warmup=1,
-        repeats=1,
     )
-    total = cfg.warmup + cfg.steps
+    warmup = 1
+    total = warmup + steps
     # presets and the mid-size folder have no tokenizer files: bench uses the offline tiny processor for them too
     workload = build_workload(cfg, Phi3VProcessor.tiny(num_crops=cfg.num_crops), cfg.global_batch * total)
     timer, cpu = StepTimer(), CpuTimer()
     # the Trainer prints its logs to stdout: keep stdout for the report (``--validate --json`` stays valid JSON)
     with tempfile.TemporaryDirectory(prefix="phi3v-plan-validate-") as out, contextlib.redirect_stdout(sys.stderr):
         train(to_train_config(cfg, out, total), workload.dataset, callbacks=[timer, cpu])
-    wall = [r.seconds for r in timer.records][cfg.warmup :]
-    return {"wall_s": wall, "cpu_s": cpu.seconds[cfg.warmup :], "tokens_per_sample": workload.tokens_per_sample}
+    wall = [r.seconds for r in timer.records][warmup :]
+    return {"wall_s": wall, "cpu_s": cpu.seconds[warmup :], "tokens_per_sample": workload.tokens_per_sample}
 
 
 def validate_cpu(

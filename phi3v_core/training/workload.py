@@ -1,0 +1,154 @@
+"""What a timed measurement trains: the synthetic workload sized to a sequence profile, and its ``TrainConfig``.
+
+Used by ``phi3v-bench`` (which passes its :class:`~bench.config.BenchConfig`) and by ``phi3v-plan --validate`` (which
+passes a :class:`MeasurementSpec`), so both time the same training steps on the same data.
+
+Every example has the profile's images (noise of the profile's size, so the processor derives the same HD crop grid
+as a real page would) and about the profile's number of text tokens. The examples are
+:class:`phi3v_core.training.synthetic.SyntheticDataset`'s (one implementation for training smoke runs and
+benchmarks); a few distinct ones are encoded up front and then cycled, so no image processing happens inside timed
+steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch.utils.data import Dataset
+
+from phi3v_core.constants import CROP_SIZE, SeqProfile
+from phi3v_core.processing import Phi3VProcessor
+from phi3v_core.training.config import TrainConfig
+from phi3v_core.training.synthetic import SyntheticDataset
+
+__all__ = ["MeasurementShape", "MeasurementSpec", "SyntheticWorkload", "build_workload", "to_train_config"]
+
+
+class MeasurementShape(Protocol):
+    """The settings of a measured run (a ``BenchConfig`` has them all)."""
+
+    model: str
+    method: str
+    precision: str
+    attn: str
+    num_crops: int
+    micro_batch: int
+    global_batch: int
+    gradient_checkpointing: bool
+    seed: int
+
+    @property
+    def profile(self) -> SeqProfile:
+        """The synthetic sample shape."""
+        ...
+
+
+@dataclass(frozen=True)
+class MeasurementSpec:
+    """A :class:`MeasurementShape` for callers without a benchmark config (defaults as ``BenchConfig``'s)."""
+
+    profile: SeqProfile
+    model: str = "tiny"
+    method: str = "lora"
+    precision: str = "bf16"
+    attn: str = "sdpa"
+    num_crops: int = 16
+    micro_batch: int = 1
+    global_batch: int = 8
+    gradient_checkpointing: bool = True
+    seed: int = 0
+
+
+def to_train_config(cfg: MeasurementShape, output_dir: str, total_steps: int) -> TrainConfig:
+    """The fine-tuning core's ``TrainConfig`` of a measured run: no warmup schedule, no saving, a log every step."""
+    return TrainConfig(
+        model=cfg.model,
+        method=cfg.method,
+        precision=cfg.precision,
+        attn=cfg.attn,
+        num_crops=cfg.num_crops,
+        micro_batch=cfg.micro_batch,
+        global_batch=cfg.global_batch,
+        max_steps=total_steps,
+        warmup_steps=0,
+        learning_rate=1e-5,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        output_dir=output_dir,
+        save_steps=0,
+        save_final=False,
+        seed=cfg.seed,
+        logging_steps=1,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+_DISTINCT_EXAMPLES = 4
+#: Word counts of the two probes that measure the tokens per word (the answer gets ¼ of the words, the prompt the rest).
+_PROBE_WORDS = (4, 16)
+
+
+@dataclass
+class SyntheticWorkload:
+    """What the job trains on (the Trainer's sampler shards the dataset over the ranks).
+
+    Attributes:
+        dataset: Map-style dataset of encoded examples: the global batch for every planned optimizer step.
+        tokens_per_sample: Non-padding tokens of one example (image placeholders included).
+        image_tokens_per_sample: Image placeholder tokens of one example.
+        images_per_sample: Images in one example.
+    """
+
+    dataset: Dataset
+    tokens_per_sample: int
+    image_tokens_per_sample: int
+    images_per_sample: int
+
+
+def _dataset(
+    processor: Phi3VProcessor, profile: SeqProfile, seed: int, words: int, length: int, probe: bool = False
+) -> SyntheticDataset:
+    # A probe counts text tokens only, which do not depend on the image size: one crop's worth of pixels is enough.
+    return SyntheticDataset(
+        num_examples=length,
+        processor=processor,
+        image_size=(CROP_SIZE, CROP_SIZE) if probe else (profile.image_width, profile.image_height),
+        images_per_example=profile.images_per_sample,
+        prompt_words=max(1, words - words // 4),
+        answer_words=max(1, words // 4),
+        seed=seed,
+        distinct_examples=_DISTINCT_EXAMPLES,
+    )
+
+
+def _mean_text_tokens(processor: Phi3VProcessor, profile: SeqProfile, seed: int, words: int) -> float:
+    """Mean non-image tokens of the distinct examples with ``words`` words."""
+    probe = _dataset(processor, profile, seed, words, _DISTINCT_EXAMPLES, probe=True)
+    counts = [
+        int(ex["input_ids"].numel()) - int((ex["input_ids"] < 0).sum())
+        for ex in map(probe.__getitem__, range(len(probe)))
+    ]
+    return sum(counts) / len(counts)
+
+
+def build_workload(cfg: MeasurementShape, processor: Phi3VProcessor, num_samples: int) -> SyntheticWorkload:
+    """Encode the profile's examples and return a dataset of ``num_samples`` of them.
+
+    The number of words is calibrated once against the processor's tokenizer (two probes give the tokens per word
+    and the fixed chat tags and special tokens), so that the examples carry about ``profile.text_tokens`` non-image
+    tokens on average.
+    """
+    profile = cfg.profile
+    low, high = (_mean_text_tokens(processor, profile, cfg.seed, w) for w in _PROBE_WORDS)
+    per_word = max(1.0, (high - low) / (_PROBE_WORDS[1] - _PROBE_WORDS[0]))
+    words = max(1, round(_PROBE_WORDS[0] + (profile.text_tokens - low) / per_word))
+    dataset = _dataset(processor, profile, cfg.seed, words, num_samples)
+    examples = [dataset[i] for i in range(min(_DISTINCT_EXAMPLES, num_samples))]  # encoded now, not in a timed step
+    ids = examples[0]["input_ids"]
+    return SyntheticWorkload(
+        dataset=dataset,
+        tokens_per_sample=int(ids.numel()),
+        image_tokens_per_sample=int((ids < 0).sum()),
+        images_per_sample=profile.images_per_sample,
+    )
