@@ -23,11 +23,9 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import shlex
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,27 +37,16 @@ from bench.config import (
     choose_defaults,
     default_release,
 )
+from bench.preflight import LIMITS, limit_problems, one_writer, preflight_problems, unsaved_result_error
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors, strict_json
 from phi3v_core.constants import ATTN_NAMES, METHOD_NAMES, PRECISION_NAMES
 from phi3v_core.errors import ConfigError, raise_all
-from phi3v_core.fs import FolderLock, StorageError, describe_os_error, model_folder_problems, writable_problem
+from phi3v_core.fs import StorageError, writable_problem
 
 __all__ = ["LIMITS", "build_parser", "config_from_args", "main", "preflight_problems"]
 
 GIB = 1 << 30
 
-#: Upper bounds on the protocol and layout fields, checked before anything runs: a typo such as ``--steps 10**9``
-#: would otherwise start a benchmark that never ends (or a launch of thousands of processes).
-LIMITS: dict[str, int] = {
-    "steps": 100_000,
-    "warmup": 10_000,
-    "repeats": 100,
-    "gpus": 64,
-    "nodes": 1024,
-    "global_batch": 1_000_000,
-    "micro_batch": 4096,
-    "seed": 2**32 - 1,
-}
 #: The longest a repeat may be allowed to run (``--timeout``): a week.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
@@ -109,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,matrix,compare,report,selfcheck}")
 
+    _add_run_command(sub)
+    _add_matrix_command(sub)
+    _add_compare_command(sub)
+    _add_report_command(sub)
+    _add_selfcheck_command(sub)
+    return parser
+
+
+def _add_run_command(sub: Any) -> None:
+    """``run``: measure one configuration."""
     run = sub.add_parser(
         "run", help="measure one configuration", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Measure one configuration and write results/<release>/<hardware>/<cell>.json.",
@@ -126,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                      help="kill a repeat that runs longer and record status timeout (default: 3600)")
 
+
+def _add_matrix_command(sub: Any) -> None:
+    """``matrix``: sweep many configurations."""
     matrix = sub.add_parser(
         "matrix", help="sweep many configurations (resumable)", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a preset and/or grid of configurations. OOM or crashing cells become result rows and the sweep "
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     matrix.add_argument("--json", action="store_true", help="print the sweep summary as one JSON line")
 
+
+def _add_compare_command(sub: Any) -> None:
+    """``compare``: two result sets, exit 2 on a regression."""
     compare = sub.add_parser(
         "compare", help="compare two result sets (exit 2 on regression)", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Match results of A (baseline) and B (candidate) by configuration and report img/s and memory changes. "
@@ -165,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--markdown", action="store_true", help="print a markdown table")
     fmt.add_argument("--json", action="store_true", help="print the comparison as one JSON line")
 
+
+def _add_report_command(sub: Any) -> None:
+    """``report``: markdown tables and PNG plots."""
     report = sub.add_parser(
         "report", help="markdown tables + PNG plots", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write report.md (tables in the seed's layout, beside its published rows) and PNG plots "
@@ -177,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no-reference", action="store_true", help="leave the seed's published rows out")
     report.add_argument("--json", action="store_true", help="print the written paths as one JSON line")
 
+
+def _add_selfcheck_command(sub: Any) -> None:
+    """``selfcheck``: every method trains, memory and MFU as predicted."""
     selfcheck = sub.add_parser(
         "selfcheck", help="got a GPU? run this first: every method trains, memory and MFU as predicted",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -189,7 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     selfcheck.add_argument("--steps", type=int, default=3, help="checked steps after one warmup step (default: 3)")
     selfcheck.add_argument("--json", action="store_true", help="print one JSON object with a checks list")
-    return parser
 
 
 def config_from_args(
@@ -224,107 +232,8 @@ def _print_json(obj: Any) -> None:
     print(strict_json(obj))
 
 
-# -- fail first: everything that can be checked before a measurement starts ---------------------------------------
-
-_LIMIT_WHY = {
-    "steps": "a benchmark needs tens of steps, not millions",
-    "warmup": "a few warmup steps are enough",
-    "repeats": "a handful of fresh processes is enough for compare",
-    "gpus": "no node has that many GPUs",
-    "nodes": "no job spans that many nodes",
-    "global_batch": "no run uses a batch that large",
-    "micro_batch": "no GPU holds a micro-batch that large",
-    "seed": "seeds are 32-bit",
-}
-
-
-def _limit_problems(cells: Sequence[BenchConfig]) -> list[str]:
-    problems = []
-    for name, limit in LIMITS.items():
-        values = [getattr(c, name) for c in cells]
-        too_big = sorted({v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > limit})
-        if too_big:
-            problems.append(f"{name} {too_big[-1]} is above the limit of {limit} ({_LIMIT_WHY[name]}); use a smaller value")
-    return problems
-
-
-def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None, *, writes: bool = True) -> list[str]:
-    """Every problem that would stop ``cells`` after their measurement, found before it (empty when none).
-
-    Checks the bounds in :data:`LIMITS`, each model folder's type and weight headers, and that every result folder
-    (``<out>/<release>/<hardware>``; ``<out>`` when ``hardware`` is None) can be created and written. Creates nothing.
-
-    Args:
-        cells: Validated configurations.
-        hardware: The hardware folder name results go to on this machine.
-        writes: Whether this process writes results (a cluster node other than node 0 does not).
-    """
-    from bench.store import result_path
-
-    problems = _limit_problems(cells)
-    for model in dict.fromkeys(c.model for c in cells):
-        problems += model_folder_problems(Path(model), f"--model {model}")
-    if not writes:
-        return problems
-    folders = dict.fromkeys(
-        Path(c.out) if hardware is None else result_path(c.out, c.release, hardware, c).parent for c in cells
-    )
-    for out in dict.fromkeys(c.out for c in cells):
-        problem = writable_problem(Path(out), "--out")
-        if problem:
-            problems.append(problem)
-            folders = {}  # the same cause, said once
-    for folder in folders:
-        problem = writable_problem(folder, "--out")
-        if problem:
-            problems.append(problem)
-    return problems
-
-
-@contextlib.contextmanager
-def _one_writer(out: str, command: str, enabled: bool = True) -> Iterator[None]:
-    """Hold ``<out>/.phi3v.lock`` for the whole measurement, and turn SIGTERM/SIGHUP into a clean exit meanwhile.
-
-    Two sweeps into one results folder would time each other's contended runs and keep whichever wrote last; the
-    second refuses at once, naming the holder. A lock left by a process that no longer runs is taken over.
-    """
-    from bench import runner
-
-    if not enabled:  # a cluster node other than node 0 writes nothing
-        yield
-        return
-    lock = FolderLock(out, command=command, flag="--out")
-    with lock:
-        if lock.took_over is not None:
-            held = lock.took_over
-            print(f"warning: took over a stale lock on --out {out} left by pid {held.get('pid')} on "
-                  f"{held.get('host')} ({held.get('command')}), which no longer runs", file=sys.stderr)
-        # The runner does the same while a repeat runs; here it also covers the gaps between repeats and cells,
-        # so that the lock is released and no temp folder is left when the command is killed.
-        with runner.terminate_on_signals():
-            yield
-
-
 def _command_line(args: argparse.Namespace) -> str:
     return " ".join(["phi3v-bench", *(shlex.quote(a) for a in getattr(args, "argv", []) or [args.command])])[:300]
-
-
-def _unsaved_error(result: Any, exc: OSError) -> str:
-    """The one-line error for a measurement whose result file could not be written; keeps a copy when it can."""
-    from bench.store import result_path
-    from phi3v_core.io import atomic_write_text
-
-    cfg = result.config
-    target = result_path(cfg.out, cfg.release, result.environment.hardware, cfg)  # where save_result writes
-
-    cause = describe_os_error(OSError(exc.errno, exc.strerror), target)
-    message = f"the measurement finished but its result could not be written: {cause}"
-    copy = Path(tempfile.gettempdir()) / f"phi3v-bench-unsaved-{result.config.cell_id()}-{os.getpid()}.json"
-    try:
-        atomic_write_text(copy, result.to_json())
-    except (OSError, ValueError):
-        return message + " (the numbers are printed above)"
-    return message + f" (the numbers are printed above; a copy of the result is in {copy})"
 
 
 def _measure(cfg: BenchConfig, cluster: Any, timeout: float | None) -> Any:
@@ -346,7 +255,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     env = capture_environment()
     cfg, reasons = config_from_args(args, DeviceDescription.detect(env))
-    problems = cfg.problems() + _limit_problems([cfg])
+    problems = cfg.problems() + limit_problems([cfg])
     if args.timeout is not None and not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
         problems.append(f"--timeout {args.timeout:g} must be > 0 seconds, finite and at most {MAX_TIMEOUT_S:g}")
     cluster = runner.ClusterLaunch.from_args(cfg.nodes, args.node_rank, args.master_addr, args.master_port)
@@ -357,7 +266,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         problems += cluster.problems(cfg) if cluster is not None else []
     raise_all(problems)
     target = result_path(cfg.out, cfg.release, env.hardware, cfg)
-    with _one_writer(cfg.out, _command_line(args), enabled=main_node):
+    with one_writer(cfg.out, _command_line(args), enabled=main_node):
         problem = replacement_problem(target, env) if main_node else None
         if problem and not args.force:
             raise ConfigError(f"{problem}; pass --force to replace it, or --release/--out to keep both")
@@ -374,7 +283,7 @@ def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons:
         try:
             return save_result(result, force=args.force), None
         except OSError as exc:
-            return None, _unsaved_error(result, exc)
+            return None, unsaved_result_error(result, exc)
 
     if args.json:
         result = _measure(cfg, cluster, args.timeout)
@@ -480,7 +389,7 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
             print(f"{len(cells)} cells (dry run; nothing was run)")
         return 0
 
-    with _one_writer(args.out, _command_line(args)):
+    with one_writer(args.out, _command_line(args)):
         summary = run_matrix(cells, environment=env, progress=not args.no_progress and not args.json)
     if args.json:
         _print_json(summary.to_dict())
@@ -559,7 +468,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_selfcheck(args: argparse.Namespace) -> int:
-    import contextlib
 
     from bench.selfcheck import run_selfcheck
 

@@ -39,17 +39,6 @@ LONG_ALLOWED: frozenset[str] = frozenset({
     "phi3v_core/data/jsonl.py",
     "phi3v_core/data/jsonl.py:read_jsonl",
     "phi3v_core/data/tasks.py:load_task",
-    # not split yet (issue 19, rooms of one purpose):
-    "bench/cli.py",
-    "bench/cli.py:build_parser",
-    "phi3v_core/cli/finetune.py:build_parser",
-    "phi3v_core/cli/finetune_config.py:build_config",
-    "phi3v_core/data/synthetic.py",
-    "phi3v_core/training/api.py:train",
-    "phi3v_core/training/evaluate.py:evaluate",
-    "planner/trace.py",
-    "planner/trace.py:trace_activations",
-    "planner/trace.py:allocation_replay",
 })
 
 # Private names imported across modules that another work item removes (issue 19: bench/selfcheck.py's use of

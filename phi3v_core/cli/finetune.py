@@ -71,7 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    recipe = parser.add_argument_group("recipe flags (as in the CookBook scripts)")
+    _add_recipe_flags(parser.add_argument_group("recipe flags (as in the CookBook scripts)"))
+    ours = parser.add_argument_group("our flags")
+    _add_task_flags(ours)
+    _add_run_flags(ours)
+    return parser
+
+
+def _add_recipe_flags(recipe: argparse._ArgumentGroup) -> None:
+    """The CookBook fine-tuning scripts' flags, with their names and meaning."""
     recipe.add_argument(
         "--model_name_or_path",
         default=None,
@@ -114,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="full: method frozen_vision; LoRA/QLoRA: no adapters on CLIP and the projector",
     )
 
-    ours = parser.add_argument_group("our flags")
+
+def _add_task_flags(ours: argparse._ArgumentGroup) -> None:
+    """Our flags that choose what is trained: task, method, attention, precision, presets, data size."""
     ours.add_argument("--task", default=None, metavar="{" + ",".join(TASK_NAMES) + "}", help="task (default: docvqa)")
     ours.add_argument("--method", default=None, metavar="{" + ",".join(METHOD_NAMES) + "}", help="fine-tuning method")
     ours.add_argument(
@@ -138,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="evaluate at most N questions (default: all; with --synthetic N: min(N//4, 16), at least 1)",
     )
+
+
+def _add_run_flags(ours: argparse._ArgumentGroup) -> None:
+    """Our flags for the schedule, checkpoints, evaluation and output."""
     ours.add_argument("--max_steps", type=bounded_int(1, 10**8, also=(-1,)), default=None, help="optimizer steps; -1 = epochs (default)")
     ours.add_argument("--warmup_steps", type=bounded_int(0, 10**8), default=None, help="linear warmup steps (default: 50, as the recipe)")
     ours.add_argument(
@@ -169,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest training sequence (default: the model context); longer records are an error, never truncated",
     )
     ours.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)")
-    return parser
 
 
 @contextlib.contextmanager

@@ -452,6 +452,13 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
     resolver.add_train_config_problems(train_cfg)
     raise_all(dict.fromkeys(resolver.problems))  # dedupe, keep order
 
+    return _finetune_config(args, task, train_cfg, values, resolver)
+
+
+def _finetune_config(
+    args: argparse.Namespace, task: str, train_cfg: Any, values: dict[str, Any], resolver: _Resolver
+) -> FinetuneConfig:
+    """The run around the validated ``TrainConfig``: data, evaluation, output and where each setting came from."""
     synthetic_eval = None
     if args.synthetic is not None:
         synthetic_eval = args.eval_limit or max(1, min(args.synthetic // 4, 16))

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont
 
 from phi3v_core.data.records import LazyImage, Record, Turn, image_tags
-from phi3v_core.data.seqlen import mean_image_tokens
+from phi3v_core.data.twin_profiles import TWIN_PROFILES, TwinProfile, expected_mean_sequence_length
 
 __all__ = [
     "DOCVQA_ANSWER_SUFFIX",
@@ -77,93 +77,6 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     if size not in cache:
         cache[size] = ImageFont.load_default(size=max(8, size))
     return cache[size]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Sequence-length profiles
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TwinProfile:
-    """Sequence-length profile of one twin.
-
-    Attributes:
-        task: Task name.
-        image_sizes: ``((width, height), weight)`` distribution of each image.
-        images_per_record: Images per record (all in the first turn).
-        text_tokens: Mean non-image tokens per record as the processor encodes it (BOS per text chunk, chat-template
-            tokens, question, answer and end tokens), measured with the Phi-3.5-vision tokenizer over 2000 records.
-        default_num_crops: The recipe's num_crops for the task.
-    """
-
-    task: str
-    image_sizes: tuple[tuple[tuple[int, int], float], ...]
-    images_per_record: int
-    text_tokens: float
-    default_num_crops: int
-
-    def mean_image_tokens(self, num_crops: int | None = None) -> float:
-        """Expected image placeholder tokens per record."""
-        crops = self.default_num_crops if num_crops is None else num_crops
-        return self.images_per_record * mean_image_tokens(self.image_sizes, crops)
-
-    def mean_sequence_length(self, num_crops: int | None = None) -> float:
-        """Expected tokens per encoded record (image + text)."""
-        return self.mean_image_tokens(num_crops) + self.text_tokens
-
-
-# Page formats (width, height, weight). At num_crops=16 a page with aspect ratio (long/short) below 4/3 pads to a 4×4
-# crop grid (2509 tokens) and one between 4/3 and 5/3 to 4×3 (1933 tokens), whatever its resolution. Letter pages
-# (1.29) are the 2509 kind, A4 (1.41) the 1933 kind; the weights put the mean at the recipe's 2443.23 tokens:
-# 0.83·2509 + 0.17·1933 + 32.0 text tokens = 2443.1.
-_DOC_FORMATS: tuple[tuple[tuple[int, int], float], ...] = (
-    ((1700, 2200), 0.47),  # US letter, 200 dpi
-    ((1275, 1650), 0.26),  # US letter, 150 dpi
-    ((2200, 1700), 0.10),  # US letter landscape, 200 dpi
-    ((1654, 2339), 0.11),  # A4, 200 dpi
-    ((1240, 1754), 0.06),  # A4, 150 dpi
-)
-# NLVR2 photos are web images of mixed aspect ratios.
-_NLVR2_SIZES: tuple[tuple[tuple[int, int], float], ...] = (
-    ((640, 480), 0.3),
-    ((500, 375), 0.2),
-    ((800, 533), 0.2),
-    ((1024, 768), 0.1),
-    ((480, 640), 0.1),
-    ((600, 600), 0.1),
-)
-_MEME_SIZES: tuple[tuple[tuple[int, int], float], ...] = (
-    ((600, 600), 0.3),
-    ((800, 600), 0.25),
-    ((500, 700), 0.2),
-    ((750, 500), 0.25),
-)
-_UCF_SIZES: tuple[tuple[tuple[int, int], float], ...] = (((320, 240), 1.0),)
-
-#: Profiles of the twins (text token means measured with the real tokenizer; see tests/data/test_synthetic.py).
-TWIN_PROFILES: dict[str, TwinProfile] = {
-    "docvqa": TwinProfile("docvqa", _DOC_FORMATS, 1, 32.0, 16),
-    "nlvr2": TwinProfile("nlvr2", _NLVR2_SIZES, 2, 84.0, 16),
-    "hateful_memes": TwinProfile("hateful_memes", _MEME_SIZES, 1, 41.4, 16),
-    "ucf101": TwinProfile("ucf101", _UCF_SIZES, 8, 54.2, 4),
-}
-
-
-def expected_mean_sequence_length(task: str, num_crops: int | None = None) -> float:
-    """Expected mean encoded sequence length (tokens) of a twin's records.
-
-    Args:
-        task: ``docvqa``, ``nlvr2``, ``hateful_memes`` or ``ucf101``.
-        num_crops: Processor num_crops (default: the recipe's value for the task).
-
-    Returns:
-        Mean image placeholder tokens (exact expectation over the twin's image-size distribution) plus the mean text
-        tokens. For ``docvqa`` at 16 crops this is ≈2443 tokens, the recipe's measured DocVQA average.
-    """
-    if task not in TWIN_PROFILES:
-        raise ValueError(f"no synthetic twin for {task!r}; choose one of {', '.join(TWIN_PROFILES)}")
-    return TWIN_PROFILES[task].mean_sequence_length(num_crops)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -310,7 +223,7 @@ def synthetic_docvqa(n: int, *, seed: int = 0, split: str = "train") -> list[Rec
     rng = _rng("docvqa", split, seed)
     offset = rng.random()
     return [
-        _docvqa_record(rng, _pick_weighted((offset + i * _GOLDEN) % 1.0, _DOC_FORMATS), i, split, seed)  # type: ignore[arg-type]
+        _docvqa_record(rng, _pick_weighted((offset + i * _GOLDEN) % 1.0, TWIN_PROFILES["docvqa"].image_sizes), i, split, seed)  # type: ignore[arg-type]
         for i in range(n)
     ]
 
@@ -433,7 +346,7 @@ def synthetic_nlvr2(n: int, *, seed: int = 0, split: str = "train") -> list[Reco
         scenes = []
         for side, offset in enumerate(offsets):
             stride = _GOLDEN if side == 0 else math.sqrt(2) - 1
-            width, height = _pick_weighted((offset + i * stride) % 1.0, _NLVR2_SIZES)  # type: ignore[misc]
+            width, height = _pick_weighted((offset + i * stride) % 1.0, TWIN_PROFILES["nlvr2"].image_sizes)  # type: ignore[misc]
             scene = _SceneSpec(width, height, _background(rng), _random_shapes(rng, rng.randint(1, 6)))
             scenes.append(scene)
             images.append(
@@ -473,7 +386,7 @@ def synthetic_hateful_memes(n: int, *, seed: int = 0, split: str = "train") -> l
     offset = rng.random()
     records = []
     for i in range(n):
-        width, height = _pick_weighted((offset + i * _GOLDEN) % 1.0, _MEME_SIZES)  # type: ignore[misc]
+        width, height = _pick_weighted((offset + i * _GOLDEN) % 1.0, TWIN_PROFILES["hateful_memes"].image_sizes)  # type: ignore[misc]
         kind, colour = rng.choice(_KINDS), rng.choice(list(_COLOURS))
         hateful = rng.random() < 0.5
         if hateful:
@@ -543,7 +456,7 @@ def synthetic_ucf101(n: int, *, seed: int = 0, split: str = "train") -> list[Rec
     """UCF-101-like records: 8 frames (320×240) of one moving shape; the class is the motion."""
     rng = _rng("ucf101", split, seed)
     prompt = ucf101_prompt(UCF_TWIN_CLASSES)
-    width, height = _UCF_SIZES[0][0]
+    width, height = TWIN_PROFILES["ucf101"].image_sizes[0][0]
     records = []
     for i in range(n):
         motion = UCF_TWIN_CLASSES[rng.randrange(len(UCF_TWIN_CLASSES))]

@@ -326,6 +326,18 @@ def _save_final(trainer: Phi3VTrainer, output_dir: Path, processor: Any | None) 
     return output_dir
 
 
+def _train_or_finish(trainer: Phi3VTrainer, cfg: TrainConfig, resume_from: Path | None) -> tuple[Any, float]:
+    """Run the Trainer (resuming from ``resume_from``); return its output (``None`` if no step ran) and mean loss."""
+    if resume_from is not None and cfg.max_steps > 0 and _checkpoint_step(resume_from) >= cfg.max_steps:
+        # Stopped after its last step (e.g. killed during the final save): finish without another step.
+        trainer._load_from_checkpoint(str(resume_from))
+        trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+        logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        return None, float(sum(logged) / len(logged)) if logged else float("nan")
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return output, float(output.training_loss)
+
+
 def train(
     cfg: TrainConfig,
     train_dataset: Dataset,
@@ -358,7 +370,6 @@ def train(
     cfg.validate(env)
     output_dir = Path(cfg.output_dir)
     resume_from = resolve_resume(cfg)
-    resumed_step = _checkpoint_step(resume_from)
 
     model, report = prepare_model(cfg, env)
     if cfg.uses_deepspeed(env.world_size):
@@ -380,17 +391,7 @@ def train(
         if args.should_save:
             output_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(output_dir / "train_config.json", cfg.to_dict())
-
-        if resume_from is not None and cfg.max_steps > 0 and resumed_step >= cfg.max_steps:
-            # Stopped after its last step (e.g. killed during the final save): finish without another step.
-            trainer._load_from_checkpoint(str(resume_from))
-            trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
-            logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-            output = None
-            train_loss = float(sum(logged) / len(logged)) if logged else float("nan")
-        else:
-            output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-            train_loss = float(output.training_loss)
+        output, train_loss = _train_or_finish(trainer, cfg, resume_from)
         eval_metrics = trainer.evaluate() if eval_dataset is not None else None
         saved_to = _save_final(trainer, output_dir, processor) if cfg.save_final else None
         if args.should_save:

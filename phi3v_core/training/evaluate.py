@@ -294,6 +294,18 @@ def _gather(local: list[tuple[int, str]], world_size: int) -> list[tuple[int, st
     return [pair for part in gathered for pair in (part or [])]
 
 
+def _answers_in_order(
+    model: nn.Module, dataset: PromptDataset, processor: Any, rank: int, world_size: int, **generate_kwargs: Any
+) -> list[str]:
+    """This rank's shard of answers, gathered from every rank into item order (each rank gets all of them)."""
+    indices = shard_indices(len(dataset), rank, world_size)
+    local_answers = generate_answers(model, Subset(dataset, indices), processor, **generate_kwargs) if indices else []
+    pairs = sorted(_gather(list(zip(indices, local_answers)), world_size))
+    if [index for index, _ in pairs] != list(range(len(dataset))):
+        raise RuntimeError(f"gathered {len(pairs)} answers for {len(dataset)} eval items; the ranks disagree")
+    return [answer for _, answer in pairs]
+
+
 def evaluate(
     model: nn.Module,
     items: Sequence[EvalItem],
@@ -347,27 +359,11 @@ def evaluate(
     rank, world_size = distributed_rank_and_size()
     start = time.perf_counter()
     dataset = PromptDataset(items, processor, max_pixels=max_pixels)
-    indices = shard_indices(len(dataset), rank, world_size)
-    local_answers = (
-        generate_answers(
-            model,
-            Subset(dataset, indices),
-            processor,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            device=device,
-            autocast_dtype=autocast_dtype,
-            num_workers=num_workers,
-            progress=progress and rank == 0,
-            description=description or f"eval {task}".strip(),
-        )
-        if indices
-        else []
+    predictions = _answers_in_order(
+        model, dataset, processor, rank, world_size,
+        batch_size=batch_size, max_new_tokens=max_new_tokens, device=device, autocast_dtype=autocast_dtype,
+        num_workers=num_workers, progress=progress and rank == 0, description=description or f"eval {task}".strip(),
     )
-    pairs = sorted(_gather(list(zip(indices, local_answers)), world_size))
-    if [index for index, _ in pairs] != list(range(len(dataset))):
-        raise RuntimeError(f"gathered {len(pairs)} answers for {len(dataset)} eval items; the ranks disagree")
-    predictions = [answer for _, answer in pairs]
     references = dataset.references
     score = compute_metric(metric, predictions, references, **(metric_kwargs or {}))
     if not math.isfinite(score):
@@ -421,7 +417,6 @@ def baseline_model(cfg: Any, env: Any = None) -> nn.Module:
     else:
         model = build_model(cfg, env)
     return model.eval()
-
 
 
 def keep_training_kernels(model: nn.Module) -> None:

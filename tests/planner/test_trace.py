@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from planner.allocator import CachingAllocatorModel, allocation_replay
 from planner.estimate import TrainSetup, Workload, activation_terms
 from planner.shapes import load_shape
 from planner.trace import (
-    CachingAllocatorModel,
-    allocation_replay,
     apply_trace,
     cache_dir,
     trace_activations,
