@@ -30,6 +30,8 @@ from phi3v_core.constants import (
     PRECISION_NAMES,
     SeqProfile,
     load_recipe,
+    supports_bf16,
+    supports_flash_attention,
 )
 from phi3v_core.errors import ConfigError, raise_all
 
@@ -384,7 +386,8 @@ def choose_defaults(device: DeviceDescription, model: str | None = None) -> tupl
         reasons.append("precision fp32, attn sdpa: CPU")
     else:
         cc = device.compute_capability or (0, 0)
-        modern = cc >= (8, 0)
+        bf16 = supports_bf16(cc)
+        flash_capable = supports_flash_attention(cc)
         values["model"] = model or "phi-3.5-vision"
         if model is None:
             reasons.append(f"model phi-3.5-vision (random weights; --model PATH for real ones): a CUDA GPU "
@@ -392,15 +395,15 @@ def choose_defaults(device: DeviceDescription, model: str | None = None) -> tupl
         values["seq_profile"] = "docvqa"
         values["num_crops"] = 16
         reasons.append("profile docvqa at 16 crops: the seed recipe's benchmark setting")
-        values["precision"] = "bf16" if modern else "fp16"
+        values["precision"] = "bf16" if bf16 else "fp16"
         reasons.append(f"precision {values['precision']}: compute capability {cc[0]}.{cc[1]} "
-                       f"{'>= 8.0 has' if modern else '< 8.0 lacks'} bf16 tensor cores")
-        if modern and device.flash_attn_installed:
+                       f"{'>= 8.0 has' if bf16 else '< 8.0 lacks'} bf16 tensor cores")
+        if flash_capable and device.flash_attn_installed:
             values["attn"] = "flash_attention_2"
             reasons.append("attn flash_attention_2: flash-attn imports and the GPU is >= 8.0")
         else:
             values["attn"] = "sdpa"
-            why = "flash-attn is not installed" if modern else "flash-attn 2 needs compute capability >= 8.0"
+            why = "flash-attn is not installed" if flash_capable else "flash-attn 2 needs compute capability >= 8.0"
             reasons.append(f"attn sdpa: {why}")
     if values["model"] == "tiny":
         values.update(TINY_DEFAULTS)

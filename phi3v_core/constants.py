@@ -8,8 +8,8 @@ Contents:
 
 * names: :data:`METHOD_NAMES`, :data:`ATTN_NAMES`, :data:`PRECISION_NAMES`, :data:`MODEL_PRESET_NAMES`;
 * image geometry: :data:`CROP_SIZE`, :data:`MAX_NUM_CROPS`, the HD size rule (:func:`hd_resize_target`,
-  :func:`hd_padded_size`, :func:`hd_crop_grid`) and the placeholder-token count (:func:`image_token_count`,
-  :func:`padded_image_tokens`, :func:`num_image_tokens`), spec/model.md §6-§7;
+  :func:`hd_padded_height_width`, :func:`hd_crop_grid`) and the placeholder-token count (:func:`image_token_count`,
+  :func:`padded_image_token_count`, :func:`image_token_count_for_size`), spec/model.md §6-§7;
 * :data:`CONTEXT_LENGTH`;
 * the DeepSpeed ZeRO-2 bucket default and buffer rule (:data:`ZERO_BUCKET_ELEMENTS`, :func:`zero2_buffer_bytes`).
 """
@@ -26,6 +26,7 @@ from typing import Any
 from phi3v_core.errors import ConfigError, ImageSizeError
 
 __all__ = [
+    "AMPERE",
     "ATTN_NAMES",
     "CONTEXT_LENGTH",
     "CROP_SIZE",
@@ -41,14 +42,16 @@ __all__ = [
     "RecipePreset",
     "SeqProfile",
     "crop_grid_of_padded",
+    "supports_bf16",
+    "supports_flash_attention",
     "hd_crop_grid",
-    "hd_padded_size",
+    "hd_padded_height_width",
     "hd_resize_target",
     "image_token_count",
     "load_recipe",
-    "num_image_tokens",
+    "image_token_count_for_size",
     "pad_to_crops",
-    "padded_image_tokens",
+    "padded_image_token_count",
     "zero2_buffer_bytes",
 ]
 
@@ -64,6 +67,24 @@ PRECISION_NAMES: tuple[str, ...] = ("bf16", "fp16", "fp32")
 #: Random-init model configs of the official shapes, by name (``phi3v_core.config.MODEL_PRESETS`` builds them, in this
 #: order); light commands check a ``--model`` value against these names without importing transformers.
 MODEL_PRESET_NAMES: tuple[str, ...] = ("tiny", "phi-3.5-vision", "phi-3-vision")
+
+# -- GPU generations --------------------------------------------------------------------------------------------------
+#: The first compute capability with bf16 tensor cores and FlashAttention-2 support (Ampere, e.g. A100).
+AMPERE = (8, 0)
+
+
+def supports_bf16(cc: tuple[int, int]) -> bool:
+    """Native bf16 tensor cores: compute capability >= 8.0 (Ampere; NVIDIA A100 datasheet).
+
+    ``torch.cuda.is_bf16_supported()`` says True on V100/T4 too (it counts emulation), so callers ask this instead.
+    """
+    return tuple(cc) >= AMPERE
+
+
+def supports_flash_attention(cc: tuple[int, int]) -> bool:
+    """FlashAttention-2 runs: compute capability >= 8.0 (the flash-attn README: Ampere, Ada or Hopper GPUs)."""
+    return tuple(cc) >= AMPERE
+
 
 # -- image geometry ---------------------------------------------------------------------------------------------------
 #: Side of one HD crop in pixels (CLIP ViT-L/14-336).
@@ -145,7 +166,7 @@ def pad_to_crops(side: int) -> int:
     return math.ceil(side / CROP_SIZE) * CROP_SIZE
 
 
-def hd_padded_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
+def hd_padded_height_width(width: int, height: int, num_crops: int) -> tuple[int, int]:
     """``(padded_height, padded_width)`` of the HD image (the processor's ``image_sizes``): both multiples of 336.
 
     The resize target of :func:`hd_resize_target` with its short side padded up to a multiple of 336.
@@ -171,7 +192,7 @@ def crop_grid_of_padded(padded_height: int, padded_width: int) -> tuple[int, int
 
 def hd_crop_grid(width: int, height: int, num_crops: int) -> tuple[int, int]:
     """``(rows, cols)`` of 336² crops the processor tiles a ``width × height`` image into."""
-    return crop_grid_of_padded(*hd_padded_size(width, height, num_crops))
+    return crop_grid_of_padded(*hd_padded_height_width(width, height, num_crops))
 
 
 def image_token_count(rows: int, cols: int, tokens_per_crop: int = TOKENS_PER_CROP) -> int:
@@ -184,12 +205,12 @@ def image_token_count(rows: int, cols: int, tokens_per_crop: int = TOKENS_PER_CR
     return tokens_per_crop * rows * cols + side * rows + 1 + side * (side + 1)
 
 
-def padded_image_tokens(padded_height: int, padded_width: int) -> int:
+def padded_image_token_count(padded_height: int, padded_width: int) -> int:
     """Placeholder tokens of one image from its padded HD size ``(H, W)`` (multiples of 336)."""
     return image_token_count(*crop_grid_of_padded(padded_height, padded_width))
 
 
-def num_image_tokens(width: int, height: int, num_crops: int) -> int:
+def image_token_count_for_size(width: int, height: int, num_crops: int) -> int:
     """Placeholder tokens of one ``width × height`` image at ``num_crops`` (no pixels touched)."""
     return image_token_count(*hd_crop_grid(width, height, num_crops))
 
@@ -239,7 +260,7 @@ class SeqProfile:
     def image_tokens(self, num_crops: int | None = None) -> int:
         """Placeholder tokens of all images of one sample (at ``recommended_num_crops`` unless given)."""
         crops = self.recommended_num_crops if num_crops is None else num_crops
-        return self.images_per_sample * num_image_tokens(self.image_width, self.image_height, crops)
+        return self.images_per_sample * image_token_count_for_size(self.image_width, self.image_height, crops)
 
 
 @dataclass(frozen=True)

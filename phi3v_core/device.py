@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from phi3v_core.constants import supports_flash_attention
+
 if TYPE_CHECKING:
     import torch
 
@@ -58,4 +60,4 @@ def flash_attention_usable() -> bool:
         return False
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.get_device_capability(0) >= (8, 0)
+    return torch.cuda.is_available() and supports_flash_attention(torch.cuda.get_device_capability(0))

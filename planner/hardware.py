@@ -15,6 +15,7 @@ from importlib import resources
 from types import ModuleType
 from typing import Any
 
+from phi3v_core.constants import supports_bf16, supports_flash_attention
 from phi3v_core.errors import ConfigError
 from phi3v_core.nvml import import_nvml, visible_devices
 
@@ -109,19 +110,6 @@ def architecture_of(major: int, minor: int) -> str:
         (7, 0): "Volta",
         (7, 2): "Volta",
     }.get((major, minor), "Pascal" if major == 6 else f"unknown (sm_{major}{minor})")
-
-
-def supports_bf16(cc: tuple[int, int]) -> bool:
-    """Native bf16 needs compute capability ≥ 8.0.
-
-    ``torch.cuda.is_bf16_supported()`` says True on V100/T4 too (it counts emulation), so the planner never asks it.
-    """
-    return tuple(cc) >= (8, 0)
-
-
-def supports_flash_attention(cc: tuple[int, int]) -> bool:
-    """FlashAttention-2 needs Ampere or newer (and fp16/bf16 tensors)."""
-    return tuple(cc) >= (8, 0)
 
 
 @cache

@@ -36,7 +36,6 @@ __all__ = [
     "SpeedPrediction",
     "communication_seconds",
     "micro_step_times",
-    "attention_class",
     "flops_per_sample",
     "format_duration",
     "predict_speed",
@@ -116,17 +115,6 @@ def flops_per_sample(shape: ModelShape, workload: Workload, setup: TrainSetup) -
         projector=vision_mult * proj_fwd,
         recompute=recompute,
     )
-
-
-def attention_class(attention: str, compute_capability: tuple[int, int]) -> str:
-    """``flash`` (FlashAttention-2, or SDPA's flash kernel on Ampere+) or ``eager`` (S² kernels)."""
-    if attention == "flash_attention_2":
-        return "flash"
-    if attention == "sdpa":
-        # SDPA picks the flash kernel on sm80+ with 16-bit inputs; on Volta/Turing it takes the memory-efficient
-        # kernel, which is not calibrated: the eager efficiency is the conservative stand-in.
-        return "flash" if tuple(compute_capability) >= (8, 0) else "eager"
-    return "eager"
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from phi3v_core.data.records import (
     load_image,
     with_image_tags,
 )
-from phi3v_core.data.seqlen import hd_image_size, num_image_tokens, record_image_tokens
+from phi3v_core.data.seqlen import hd_padded_height_width, image_token_count_for_size, record_image_tokens
 from phi3v_core.data.synthetic import (
     SYNTHETIC_TASKS,
     TWIN_PROFILES,
@@ -76,13 +76,13 @@ __all__ = [
     "decode_frames",
     "expected_mean_sequence_length",
     "find_split_file",
-    "hd_image_size",
+    "hd_padded_height_width",
     "image_size",
     "image_tag_problem",
     "image_tags",
     "load_image",
     "load_task",
-    "num_image_tokens",
+    "image_token_count_for_size",
     "open_image",
     "read_jsonl",
     "record_image_tokens",

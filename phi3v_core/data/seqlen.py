@@ -10,20 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from phi3v_core.constants import hd_padded_size as hd_image_size
-from phi3v_core.constants import num_image_tokens
+from phi3v_core.constants import hd_padded_height_width, image_token_count_for_size
 from phi3v_core.data.records import Record, image_size
 
-__all__ = ["hd_image_size", "mean_image_tokens", "num_image_tokens", "record_image_tokens"]
+__all__ = ["hd_padded_height_width", "image_token_count_for_size", "mean_image_tokens", "record_image_tokens"]
 
 
 def record_image_tokens(record: Record, num_crops: int) -> int:
     """Total image placeholder tokens of a record (image sizes from headers / lazy metadata, no decoding)."""
-    return sum(num_image_tokens(*image_size(src), num_crops) for src in record.images)
+    return sum(image_token_count_for_size(*image_size(src), num_crops) for src in record.images)
 
 
 def mean_image_tokens(sizes: Iterable[tuple[tuple[int, int], float]], num_crops: int) -> float:
     """Expected image tokens under a weighted distribution of ``((width, height), weight)``."""
     pairs = list(sizes)
     total = sum(w for _, w in pairs)
-    return sum(num_image_tokens(wd, ht, num_crops) * w for (wd, ht), w in pairs) / total
+    return sum(image_token_count_for_size(wd, ht, num_crops) * w for (wd, ht), w in pairs) / total

@@ -10,9 +10,9 @@ from phi3v_core.processing.image_processing import (
     CROP_SIZE,
     MAX_NUM_CROPS,
     Phi3VImageProcessor,
-    hd_padded_size,
+    hd_padded_height_width,
     load_image,
-    num_image_tokens_for_grid,
+    padded_image_token_count,
 )
 from phi3v_core.processing.processor import IMAGE_TAG_PATTERN, Phi3VProcessor, image_tags
 from phi3v_core.processing.tokenizer import (
@@ -39,9 +39,9 @@ __all__ = [
     "Phi3VImageProcessor",
     "Phi3VProcessor",
     "build_tiny_tokenizer",
-    "hd_padded_size",
+    "hd_padded_height_width",
     "image_tags",
     "load_image",
     "load_tokenizer",
-    "num_image_tokens_for_grid",
+    "padded_image_token_count",
 ]

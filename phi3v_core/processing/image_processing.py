@@ -31,10 +31,10 @@ from phi3v_core.constants import (
     CROP_SIZE,
     MAX_NUM_CROPS,
     TOKENS_PER_CROP,
-    hd_padded_size,
+    hd_padded_height_width,
     hd_resize_target,
     pad_to_crops,
-    padded_image_tokens,
+    padded_image_token_count,
 )
 from phi3v_core.errors import ConfigError, DataError
 from phi3v_core.io import atomic_write_json
@@ -46,17 +46,14 @@ __all__ = [
     "MAX_NUM_CROPS",
     "ImageInput",
     "Phi3VImageProcessor",
-    "hd_padded_size",
+    "hd_padded_height_width",
     "load_image",
-    "num_image_tokens_for_grid",
+    "padded_image_token_count",
 ]
 
 #: OpenAI CLIP normalisation constants (preprocessor_config.json of both checkpoints).
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-#: Placeholder tokens of one image from its padded HD size ``(H, W)``: ``144*hc*wc + 12*hc + 157``.
-num_image_tokens_for_grid = padded_image_tokens
-
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 #: What the processors accept as one image: a PIL image, a path to an image file, or an HxWxC uint8 array.
@@ -173,7 +170,7 @@ class Phi3VImageProcessor:
             ``(padded_height, padded_width)``.
         """
         crops = self.num_crops if num_crops is None else validate_num_crops(num_crops)
-        return hd_padded_size(width, height, crops)
+        return hd_padded_height_width(width, height, crops)
 
     def num_image_tokens(self, width: int, height: int, num_crops: int | None = None) -> int:
         """Number of placeholder tokens an image of ``width`` x ``height`` pixels becomes (no pixels touched).
@@ -186,7 +183,7 @@ class Phi3VImageProcessor:
         Returns:
             ``144*hc*wc + 12*hc + 157`` for the padded grid of ``hc`` x ``wc`` crops.
         """
-        return num_image_tokens_for_grid(*self.padded_size(width, height, num_crops))
+        return padded_image_token_count(*self.padded_size(width, height, num_crops))
 
     # ------------------------------------------------------------------ pixels
     def __call__(self, images: ImageInput | Sequence[ImageInput], num_crops: int | None = None) -> BatchFeature:
@@ -218,7 +215,7 @@ class Phi3VImageProcessor:
             height, width = hd.shape[-2:]
             self._fill_crops(hd, pixel_values[index])
             image_sizes[index, 0], image_sizes[index, 1] = height, width
-            num_img_tokens.append(num_image_tokens_for_grid(height, width))
+            num_img_tokens.append(padded_image_token_count(height, width))
         return BatchFeature(
             data={"pixel_values": pixel_values, "image_sizes": image_sizes, "num_img_tokens": num_img_tokens}
         )

@@ -20,7 +20,15 @@ from typing import Any
 import torch
 
 from phi3v_core.config import MODEL_PRESETS
-from phi3v_core.constants import ATTN_NAMES, DEFAULT_ATTN, MAX_NUM_CROPS, PRECISION_NAMES, ZERO_BUCKET_ELEMENTS
+from phi3v_core.constants import (
+    ATTN_NAMES,
+    DEFAULT_ATTN,
+    MAX_NUM_CROPS,
+    PRECISION_NAMES,
+    ZERO_BUCKET_ELEMENTS,
+    supports_bf16,
+    supports_flash_attention,
+)
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHODS, MethodOptions, get_method
 
@@ -314,14 +322,14 @@ class TrainConfig:
             out.append("attn flash_attention_2 needs bf16 or fp16 activations; use precision bf16/fp16 or attn sdpa")
         if flash and not env.cuda:
             out.append("attn flash_attention_2 needs a CUDA GPU; use attn sdpa or eager on this machine")
-        elif flash and env.capability is not None and env.capability < (8, 0):
+        elif flash and env.capability is not None and not supports_flash_attention(env.capability):
             out.append(
                 f"attn flash_attention_2 needs compute capability >= 8.0 (Ampere); this GPU is "
                 f"{env.capability[0]}.{env.capability[1]}: use attn sdpa"
             )
         if flash and not env.flash_attn:
             out.append("attn flash_attention_2 needs the flash-attn package (pip install flash-attn); or use attn sdpa")
-        if self.precision == "bf16" and env.cuda and env.capability is not None and env.capability < (8, 0):
+        if self.precision == "bf16" and env.cuda and env.capability is not None and not supports_bf16(env.capability):
             out.append(
                 f"precision bf16 needs compute capability >= 8.0 (Ampere); this GPU is "
                 f"{env.capability[0]}.{env.capability[1]}: use precision fp16"

@@ -20,11 +20,11 @@ from phi3v_core.constants import (
     PRECISION_NAMES,
     ZERO_BUCKET_ELEMENTS,
     hd_crop_grid,
-    hd_padded_size,
+    hd_padded_height_width,
     image_token_count,
+    image_token_count_for_size,
     load_recipe,
-    num_image_tokens,
-    padded_image_tokens,
+    padded_image_token_count,
     zero2_buffer_bytes,
 )
 from phi3v_core.errors import ConfigError, DataError, ImageSizeError
@@ -71,10 +71,10 @@ def test_consumers_read_the_names_from_constants() -> None:
 )
 def test_hd_rule_and_token_count(size: tuple[int, int, int], num_crops: int, padded: tuple[int, int], tokens: int) -> None:
     width, height, _ = size
-    assert hd_padded_size(width, height, num_crops) == padded
+    assert hd_padded_height_width(width, height, num_crops) == padded
     rows, cols = hd_crop_grid(width, height, num_crops)
     assert (rows * CROP_SIZE, cols * CROP_SIZE) == padded
-    assert num_image_tokens(width, height, num_crops) == padded_image_tokens(*padded) == tokens
+    assert image_token_count_for_size(width, height, num_crops) == padded_image_token_count(*padded) == tokens
     assert image_token_count(rows, cols) == 144 * rows * cols + 12 * rows + 157
 
 
@@ -85,14 +85,14 @@ def test_token_count_follows_tokens_per_crop() -> None:
 
 def test_a_bad_image_size_raises_one_class_everywhere() -> None:
     """Processor, data layer, planner and model all raise ImageSizeError (a DataError and a ValueError)."""
-    from phi3v_core.data import hd_image_size
+    from phi3v_core.data import hd_padded_height_width
     from phi3v_core.model import crop_grid_of
     from phi3v_core.processing import Phi3VImageProcessor
     from planner.shapes import hd_crop_grid as planner_grid
 
     calls = [
         lambda: Phi3VImageProcessor(num_crops=4).num_image_tokens(0, 100),
-        lambda: hd_image_size(100, 0, 16),
+        lambda: hd_padded_height_width(100, 0, 16),
         lambda: planner_grid(-1, 5, 4),
         lambda: crop_grid_of([(300, 336)]),
         lambda: crop_grid_of(torch.tensor([[336, 0]])),
@@ -102,7 +102,7 @@ def test_a_bad_image_size_raises_one_class_everywhere() -> None:
             call()
         assert isinstance(info.value, DataError) and isinstance(info.value, ValueError)
     with pytest.raises(ConfigError, match="num_crops must be >= 1"):
-        hd_padded_size(100, 100, 0)
+        hd_padded_height_width(100, 100, 0)
 
 
 def test_zero2_buffer_rule() -> None:
@@ -202,3 +202,14 @@ def test_failed_write_removes_the_temporary_file(tmp_path: Path, monkeypatch: py
     with pytest.raises(OSError, match="disk gone"):
         atomic_write_text(target, "x")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("cc", "native"), [((6, 1), False), ((7, 0), False), ((7, 5), False), ((8, 0), True),
+                                            ((8, 6), True), ((8, 9), True), ((9, 0), True)])
+def test_bf16_and_flash_attention_start_at_ampere(cc, native) -> None:
+    # V100 (7.0) and T4 (7.5) lack bf16 tensor cores and FlashAttention-2; A100 (8.0), A10/RTX 30 (8.6), L4 (8.9) and
+    # H100 (9.0) have both (NVIDIA datasheets; the flash-attn README).
+    from phi3v_core.constants import supports_bf16, supports_flash_attention
+
+    assert supports_bf16(cc) is native
+    assert supports_flash_attention(cc) is native

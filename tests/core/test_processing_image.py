@@ -17,8 +17,8 @@ from phi3v_core.processing import (
     CLIP_STD,
     Phi3VImageProcessor,
     Phi3VProcessor,
-    hd_padded_size,
-    num_image_tokens_for_grid,
+    hd_padded_height_width,
+    padded_image_token_count,
 )
 
 MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
@@ -71,11 +71,11 @@ def test_spec_section6_table(width: int, height: int, expected: list[int]) -> No
 
 
 def test_spec_section6_padded_sizes() -> None:
-    assert hd_padded_size(1024, 768, 16) == (1008, 1344)
-    assert hd_padded_size(768, 1024, 16) == (1344, 1008)
-    assert hd_padded_size(2000, 500, 4) == (336, 1344)
-    assert hd_padded_size(2000, 500, 16) == (672, 2688)
-    assert hd_padded_size(320, 240, 4) == (672, 672)  # small frames are upscaled (spec §7)
+    assert hd_padded_height_width(1024, 768, 16) == (1008, 1344)
+    assert hd_padded_height_width(768, 1024, 16) == (1344, 1008)
+    assert hd_padded_height_width(2000, 500, 4) == (336, 1344)
+    assert hd_padded_height_width(2000, 500, 16) == (672, 2688)
+    assert hd_padded_height_width(320, 240, 4) == (672, 672)  # small frames are upscaled (spec §7)
 
 
 # ---------------------------------------------------------------- token-count formula over a grid
@@ -108,7 +108,7 @@ def test_placeholders_emitted_match_formula(num_crops: int, size: tuple[int, int
     padded_h, padded_w = out["image_sizes"][0].tolist()
     assert (padded_h, padded_w) == processor.image_processor.padded_size(*size)
     expected = processor.image_processor.num_image_tokens(*size)
-    assert expected == num_image_tokens_for_grid(padded_h, padded_w)
+    assert expected == padded_image_token_count(padded_h, padded_w)
     assert int((out["input_ids"] == -1).sum()) == expected
     assert tuple(out["pixel_values"].shape) == (1, num_crops + 1, 3, 336, 336)
     real = (padded_h // 336) * (padded_w // 336)
