@@ -49,7 +49,7 @@ RunCell = Callable[[BenchConfig], BenchResult]
 #: Statuses that count as done when a sweep is resumed.
 FINISHED_STATUSES: tuple[str, ...] = ("ok", "oom")
 
-# The seed's benchmark setup (recipe.md §11): DocVQA, num_crops 16, global batch 64, per-GPU batch 1, 8 GPUs per node.
+# The seed's benchmark setup (the Phi-3CookBook fine-tuning guide's speed table): DocVQA, num_crops 16, global batch 64, per-GPU batch 1, 8 GPUs per node.
 _SEED_BASE: dict[str, Any] = dict(
     model="phi-3.5-vision", num_crops=16, seq_profile="docvqa", global_batch=64, micro_batch=1, gpus=8,
     gradient_checkpointing=True,

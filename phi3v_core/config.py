@@ -186,7 +186,7 @@ def _official_values(name: str) -> dict[str, Any]:
     here = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / _OFFICIAL_DIRS[name] / "config.json"
     if here.exists():
         return json.loads(here.read_text())
-    # Published facts (spec/model.md §1); factor lists interpolated between their published end points.
+    # Published facts (the official config.json files); factor lists interpolated between their published end points.
     ends = {
         "phi-3.5-vision": ((1.0800000429153442, 64.83999633789062), (1.08, 8.999999999999853), 262144),
         "phi-3-vision": ((1.0299999713897705, 64.81001281738281), (1.05, 3.049999999999997), 131072),

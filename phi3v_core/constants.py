@@ -9,7 +9,7 @@ Contents:
 * names: :data:`METHOD_NAMES`, :data:`ATTN_NAMES`, :data:`PRECISION_NAMES`, :data:`MODEL_PRESET_NAMES`;
 * image geometry: :data:`CROP_SIZE`, :data:`MAX_NUM_CROPS`, the HD size rule (:func:`hd_resize_target`,
   :func:`hd_padded_height_width`, :func:`hd_crop_grid`) and the placeholder-token count (:func:`image_token_count`,
-  :func:`padded_image_token_count`, :func:`image_token_count_for_size`), spec/model.md §6-§7;
+  :func:`padded_image_token_count`, :func:`image_token_count_for_size`), as in the checkpoint's processing_phi3_v.py and modeling_phi3_v.py;
 * :data:`CONTEXT_LENGTH`;
 * the DeepSpeed ZeRO-2 bucket default and buffer rule (:data:`ZERO_BUCKET_ELEMENTS`, :func:`zero2_buffer_bytes`).
 """
@@ -102,7 +102,7 @@ CONTEXT_LENGTH = 131072
 #: ``overlap_comm`` DeepSpeed keeps buffers of about 4.5× both buckets, ~9 GB per GPU at 5e8 in 16-bit and ~0.9 GB at
 #: 5e7, while 5e7-element (100 MB) buckets still saturate NCCL.
 ZERO_BUCKET_ELEMENTS = 50_000_000
-#: The recipe's bucket sizes (``DS_CONFIG_DICT``, spec/recipe.md §5), for reproducing its memory numbers.
+#: The recipe's bucket sizes (``DS_CONFIG_DICT`` in the CookBook vision fine-tuning scripts), for reproducing its memory numbers.
 RECIPE_ZERO_BUCKET_ELEMENTS = 500_000_000
 
 
@@ -127,7 +127,7 @@ def zero2_buffer_bytes(
     return factor * (reduce_bucket + allgather_bucket) * bytes_per_element
 
 
-# -- the HD size rule (spec/model.md §7) ------------------------------------------------------------------------------
+# -- the HD size rule (processing_phi3_v.py) ----------------------------------------------------------------------------
 def hd_resize_target(width: int, height: int, num_crops: int) -> tuple[int, int, bool]:
     """Resize target of the HD transform in the landscape frame: ``(new_w, new_h, transposed)``.
 
@@ -196,7 +196,7 @@ def hd_crop_grid(width: int, height: int, num_crops: int) -> tuple[int, int]:
 
 
 def image_token_count(rows: int, cols: int, tokens_per_crop: int = TOKENS_PER_CROP) -> int:
-    """Placeholder tokens for one image with a ``rows × cols`` crop grid (spec/model.md §6).
+    """Placeholder tokens for one image with a ``rows × cols`` crop grid (modeling_phi3_v.py's image embedding).
 
     The sub-image grid with one separator per merged row, ``glb_GN``, and the global image with its separators:
     ``t·r·c + s·r + 1 + s·(s+1)`` with ``s = √t``, i.e. ``144·r·c + 12·r + 157`` for the real 144 tokens per crop.

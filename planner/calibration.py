@@ -1,11 +1,12 @@
 """Calibration against the recipe's published speed/memory table.
 
-The rows are read from ``results/reference/speed.csv`` when the source tree has it (the bench helper's typed-in copy
-of recipe.md §11), else from the copy in ``planner/data/calibration.json`` (same numbers; a test checks they agree).
+The rows are read from ``results/reference/speed.csv`` when the source tree has it (typed in from the speed
+table of the Phi-3CookBook fine-tuning guide), else from the packaged ``phi3v_core/recipe.json`` (same numbers;
+``tests/planner/test_data.py`` checks they agree).
 The speed model's few fitted constants (``calibration.json`` → ``speed.fit``) are each fitted on ONE named row; every
 other row is held out and judged, the frozen-vision rows the reference marks as suspect are excluded with the reason
 (:func:`fit_speed_constants`, :func:`calibration_report`, :func:`calibration_summary`). The flash-attention A100 rows
-fix the allocator/cache overhead of the memory model (§2.6 of bench-planner-anchors.md); the other rows judge it. The
+fix the allocator/cache overhead of the memory model (:func:`fit_cache_fraction`); the other rows judge it. The
 A100 eager rows it misses are named with their unmodelled term and its size, next to the recorded evidence that their
 tensors are accounted for (``calibration.json`` → ``memory_trace_evidence``).
 """
@@ -249,7 +250,7 @@ def _constants_from(values: dict[str, Any], calibration: Calibration, sources: d
 
 
 def _row_interconnect(row: AnchorRow, gpu: GpuSpec) -> Interconnect:
-    # The recipe ran on Azure: NDv2 (V100) and NDm A100 v4 (A100 80GB), InfiniBand per VM (spec §4.4).
+    # The recipe ran on Azure: NDv2 (V100) and NDm A100 v4 (A100 80GB), InfiniBand per VM (``planner/data/azure.json``).
     sku = next(s for s in azure_skus() if s.gpu == gpu.key)
     return Interconnect(
         row.gpus_per_node, row.nodes, gpu.nvlink_gbs or gpu.pcie_gbs or 32, bool(gpu.nvlink_gbs), sku.inter_node_gbs

@@ -12,8 +12,8 @@ step where the peak can fall:
 Model states follow the recipe: full fine-tuning runs DeepSpeed ZeRO-2 (bf16/fp16 weights, ``2P + 18P/N`` with
 N data-parallel ranks, plus DeepSpeed's ``overlap_comm`` buckets); LoRA and QLoRA run plain DDP over a frozen
 16-bit (or nf4) base with fp32 adapters. What the allocator adds on a GPU (caching/fragmentation, CUDA context, NCCL)
-comes from ``planner/data/calibration.json`` (fitted to the recipe's published A100 table; see
-bench-planner-anchors.md §2.6). The activation terms are checked against ``MemTracker`` measurements of real CPU
+comes from ``planner/data/calibration.json`` (fitted to the recipe's published A100 table by
+``planner.calibration.fit_cache_fraction``). The activation terms are checked against ``MemTracker`` measurements of real CPU
 training steps in ``tests/planner/test_memtracker.py``.
 """
 
@@ -300,8 +300,8 @@ class MemoryEstimate:
 def model_state_bytes(shape: ModelShape, setup: TrainSetup) -> dict[str, float]:
     """Weights, gradients, optimizer states and DeepSpeed buckets on one rank (bytes).
 
-    Full fine-tuning under ZeRO-2 follows DeepSpeed's own estimator, ``2P + 18P/N`` (bench-planner-anchors.md
-    §2.2): 16-bit weights on every rank; 16-bit grads, fp32 grads, fp32 master weights and Adam m, v sharded over N.
+    Full fine-tuning under ZeRO-2 follows DeepSpeed's own estimator, ``2P + 18P/N``
+    (``estimate_zero2_model_states_mem_needs`` in deepspeed/runtime/zero/stage_1_and_2.py): 16-bit weights on every rank; 16-bit grads, fp32 grads, fp32 master weights and Adam m, v sharded over N.
     Without ZeRO, torch AdamW keeps its states in the parameters' dtype. LoRA adapters are fp32 (PEFT's
     ``autocast_adapter_dtype``) whatever the base dtype.
     """

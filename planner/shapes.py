@@ -220,7 +220,7 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class ParamCounts:
-    """Parameter counts of one model, per block (see spec/model.md §3 for the official numbers)."""
+    """Parameter counts of one model, per block (the official total: the checkpoint's model.safetensors.index.json)."""
 
     embed: int
     lm_layers: int

@@ -1,6 +1,6 @@
 """Speed model from first principles: the time of one optimizer step, component by component.
 
-Per micro-batch and GPU (bench-planner-anchors.md §3-§4):
+Per micro-batch and GPU (FLOPs counted as in the Megatron-LM MFU formula; peaks from ``planner/data/gpus.json``):
 
 * matmuls: the FLOPs of every linear layer and attention product (2 FLOPs per multiply-add, ``2·P·tokens`` per
   forward plus ``4·L·h·s²``; training multiplies by 3, LoRA by 2, frozen parts by 1; checkpointing adds one

@@ -6,7 +6,7 @@ backward, AdamW — under :class:`torch.distributed._tools.mem_tracker.MemTracke
 4.1 B-parameter model traces on a laptop. What fakes cannot show is added analytically by :func:`apply_trace`:
 ZeRO-2 sharding and DeepSpeed buckets (:mod:`planner.estimate`), the CUDA context and the allocator cache.
 
-Stand-ins (bench-planner-anchors.md §2.3):
+Stand-ins (what fake tensors cannot run):
 
 * FlashAttention-2 has no CPU kernel; SDPA is traced instead. On the CPU it takes PyTorch's flash kernel, which
   keeps the same tensors for backward (output + logsumexp, no S² buffers).

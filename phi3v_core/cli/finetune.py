@@ -1,4 +1,4 @@
-"""phi3v-finetune: the CookBook's fine-tuning scripts as one command (spec/recipe.md §2, §6, §7, §9, §11).
+"""phi3v-finetune: the CookBook's fine-tuning scripts as one command (microsoft/Phi-3CookBook, code/03.Finetuning/vision_finetuning/).
 
 It takes the recipe's flags, so a CookBook command runs by changing the script name, plus our own (``--task``,
 ``--method``, ``--preset``, ``--synthetic``, ...). The flow is the recipe's: evaluate the fresh model
@@ -48,7 +48,7 @@ _EPILOG = """examples:
   torchrun --nproc_per_node=2 -m phi3v_core.cli.finetune --model_name_or_path ./Phi-3.5-vision-instruct \\
       --data_dir ./docvqa --use_lora --bf16 --use_flash_attention --batch_size 64 --output_dir ./out
 
-  # the recipe's recommended hyper-parameters (spec §11), overriding one of them
+  # the recipe's recommended hyper-parameters (CookBook fine-tuning guide), overriding one of them
   phi3v-finetune --preset hateful_memes-lora --data_dir ./memes --learning_rate 1e-4 --bf16
   phi3v-finetune --list-presets
 

@@ -51,19 +51,19 @@ TASK_NAMES = ("docvqa", "nlvr2", "hateful_memes", "ucf101", "jsonl")
 #: Environment variable that sets the default ``--model_name_or_path`` (e.g. a local checkpoint folder).
 MODEL_ENV = "PHI3V_MODEL"
 
-#: The recipe's argparse defaults (spec §2; ``num_crops`` is the task's: 16, UCF-101 4), from ``recipe.json``.
+#: The recipe's argparse defaults (the CookBook scripts' argparse defaults; ``num_crops`` is the task's: 16, UCF-101 4), from ``recipe.json``.
 RECIPE_DEFAULTS: dict[str, Any] = load_recipe().recipe_defaults
-#: ``--preset`` table: the CookBook's recommended hyper-parameters per task and method (spec §11), from
+#: ``--preset`` table: the CookBook's recommended hyper-parameters per task and method (the CookBook fine-tuning guide), from
 #: ``recipe.json``. LoRA α is given as ``--lora_alpha_ratio`` (α = round(r × ratio)). The DocVQA numbers were measured
 #: with ``--full_train``; presets only set hyper-parameters, pass ``--full_train`` yourself to reproduce them.
 RECIPE_PRESETS: dict[str, RecipePreset] = load_recipe().presets
 #: Our flags' defaults (not in the recipe).
 OUR_DEFAULTS: dict[str, Any] = {
     "max_steps": -1,
-    "warmup_steps": 50,  # the recipe's fixed TrainingArguments value (§6), exposed as a flag
+    "warmup_steps": 50,  # the recipe's fixed TrainingArguments value, exposed as a flag
     "save_steps": 0,
     "seed": 42,
-    "max_new_tokens": 64,  # the recipe's generation length (§9)
+    "max_new_tokens": 64,  # the recipe's generation length (its evaluation loops)
     "eval_batch_size": 8,
 }
 

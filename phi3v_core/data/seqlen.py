@@ -1,4 +1,4 @@
-"""Image-token arithmetic (model.md §6/§7) for sequence-length profiles, without touching pixels.
+"""Image-token arithmetic (the HD rule and token count of the checkpoint's processing_phi3_v.py) for sequence-length profiles, without touching pixels.
 
 The processor resizes every image so its long side is ``scale·336`` (the largest scale whose crop grid fits
 ``num_crops``), pads the short side to a multiple of 336 and emits ``N = 144·hc·wc + 12·hc + 157`` placeholder tokens,

@@ -1,4 +1,4 @@
-"""Convert a local UCF-101 (subset) folder into the recipe's jsonl format (``convert_ucf101``, recipe §10).
+"""Convert a local UCF-101 (subset) folder into the recipe's jsonl format (``convert_ucf101``, the CookBook's convert_ucf101.py).
 
 Input layout: ``<src>/{train,val,test}/<Class>/*.avi``. Output (written atomically)::
 

@@ -1,6 +1,6 @@
 """The HD image embedding of Phi-3(.5)-vision: CLIP features → 2×2 merge → crop grid with separators → MLP projection.
 
-Everything here follows spec/model.md §6. The layout of every image (its crop grid) comes from the caller as plain
+Everything here follows the checkpoint's remote code (huggingface.co/microsoft/Phi-3.5-vision-instruct, modeling_phi3_v.py) (``Phi3ImageEmbedding``). The layout of every image (its crop grid) comes from the caller as plain
 Python integers, so the forward pass has no data-dependent shapes and no host syncs: it runs under ``FakeTensorMode``
 and on the meta device, which the planner relies on.
 """

@@ -18,7 +18,7 @@ from phi3v_core.model.image_embedding import ImageLayout, Phi3ImageEmbedding
 
 __all__ = ["Phi3VModel", "Phi3VForCausalLM", "STOP_TOKEN_IDS", "dead_parameter_names"]
 
-#: Generation stops on <|endoftext|> (tokenizer eos), <|end|> (turn end) and </s> (config eos); spec §11.2.
+#: Generation stops on <|endoftext|> (tokenizer eos), <|end|> (turn end) and </s> (config eos), as the checkpoint's generation_config.json lists them.
 STOP_TOKEN_IDS = (32000, 32007, 2)
 
 

@@ -1,6 +1,6 @@
 """Phi-3(.5)-vision processing: image processor, tokenizers, processor (prompt/placeholder layout) and collator.
 
-Re-implemented from the model spec §6-§12 and the recipe §7-§8 with PIL + torch (no torchvision) and ``tokenizers``.
+Re-implemented from the checkpoint's processing_phi3_v.py (huggingface.co/microsoft/Phi-3.5-vision-instruct) and the collators of the Phi-3CookBook vision fine-tuning scripts (microsoft/Phi-3CookBook, code/03.Finetuning/vision_finetuning/) with PIL + torch (no torchvision) and ``tokenizers``.
 """
 
 from phi3v_core.processing.collator import IGNORE_INDEX, Phi3VDataCollator

@@ -1,6 +1,6 @@
 """Batch collation for Phi-3-vision examples (training: right padding; generation: left padding).
 
-Differences from the CookBook collators (recipe §8), on purpose:
+Differences from the CookBook collators (the CookBook scripts' collators), on purpose:
 
 * ``attention_mask`` comes from each example's real length. The reference uses ``input_ids != pad_token_id``, but
   Phi-3 pads with ``<|endoftext|>`` (32000), which is also the eos every answer ends with, so the reference masks the

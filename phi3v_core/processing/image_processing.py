@@ -1,6 +1,6 @@
 """Phi-3(.5)-vision image processor: HD transform, CLIP normalisation, global image + 336² crops.
 
-Re-implements the reference ``Phi3VImageProcessor`` (model spec §7) with PIL and torch only, because the PyPI
+Re-implements the reference ``Phi3VImageProcessor`` (the checkpoint's processing_phi3_v.py) with PIL and torch only, because the PyPI
 torchvision wheel is unusable here. Every step mirrors the reference so the pixels match:
 
 1. convert to RGB;

@@ -1,6 +1,6 @@
 """Phi-3(.5)-vision processor: text with ``<|image_k|>`` tags + images -> ``input_ids`` with image placeholders.
 
-Reference behaviour kept on purpose (model spec §8, recipe §7-§8):
+Reference behaviour kept on purpose (the checkpoint's processing_phi3_v.py; the CookBook scripts' datasets and collators):
 
 * The text is split on ``<|image_k|>`` tags and every chunk is tokenized on its own **with** the tokenizer's special
   tokens, so a BOS (``<s>``, id 1) starts the prompt *and follows every image*. The official weights were fine-tuned
@@ -40,7 +40,7 @@ __all__ = ["IMAGE_TAG_PATTERN", "Phi3VProcessor", "image_tags"]
 #: An image tag in prompt text: ``<|image_1|>``, ``<|image_2|>``, ...
 IMAGE_TAG_PATTERN = re.compile(r"<\|image_(\d+)\|>")
 PROCESSOR_CONFIG = "processor_config.json"
-#: Appended to every training answer (recipe §7): end of turn, newline, end of text.
+#: Appended to every training answer (the CookBook scripts' datasets): end of turn, newline, end of text.
 ANSWER_SUFFIX = "<|end|>\n<|endoftext|>"
 
 

@@ -1,8 +1,8 @@
 """Tokenizers: the real Phi-3 tokenizer from a local folder, and a tiny offline one with the same special tokens.
 
 The tiny tokenizer lets tests, the tiny model and benchmarks run without any checkpoint. It copies everything of the
-real tokenizer that the pipeline depends on: the special tokens and their ids (model spec §9), their ``rstrip`` flags
-(``<|assistant|>\\n`` swallows the newline, §12), the SentencePiece-style normalizer ("▁" prepended, spaces become
+real tokenizer that the pipeline depends on: the special tokens and their ids (the checkpoint's tokenizer_config.json), their ``rstrip`` flags
+(``<|assistant|>\\n`` swallows the newline, as Microsoft's processor does), the SentencePiece-style normalizer ("▁" prepended, spaces become
 "▁"), BOS added by the post-processor, byte fallback with ``<0x00>``..``<0xFF>`` at ids 3..258 (so ``\\n`` is id 13 in
 both), the decoder and the chat template. Its ordinary vocabulary is just "▁" and printable ASCII (no merges), so
 text becomes roughly one token per character. All ids are < 32064, the model's embedding size.

@@ -1,6 +1,6 @@
 """``TrainConfig``: every knob of a fine-tuning run, with up-front validation of the whole combination.
 
-Defaults follow the recipe (spec/recipe.md §2, §6) unless noted: lr 4e-5, weight decay 0.01, AdamW β=(0.9, 0.95),
+Defaults follow the recipe (the Phi-3CookBook vision fine-tuning scripts (microsoft/Phi-3CookBook, code/03.Finetuning/vision_finetuning/): argparse defaults and TrainingArguments) unless noted: lr 4e-5, weight decay 0.01, AdamW β=(0.9, 0.95),
 ε=1e-7, clip 1.0, linear schedule with 50 warmup steps, global batch 16, LoRA r=64 / α-ratio 2 / dropout 0,
 gradient checkpointing with ``use_reentrant=False``. Deviations are documented on the field.
 """

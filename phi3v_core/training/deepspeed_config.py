@@ -1,6 +1,6 @@
 """The DeepSpeed ZeRO-2 config of full fine-tuning, generated from :class:`~phi3v_core.training.TrainConfig`.
 
-Same shape as the recipe's ``DS_CONFIG_DICT`` (spec/recipe.md §5): stage 2, partitioned all-gather, reduce-scatter,
+Same shape as the recipe's ``DS_CONFIG_DICT`` (in each script of the Phi-3CookBook vision fine-tuning scripts (microsoft/Phi-3CookBook, code/03.Finetuning/vision_finetuning/)): stage 2, partitioned all-gather, reduce-scatter,
 contiguous and round-robin gradients, dynamic fp16 loss scaling, precision and batch sizes left ``"auto"`` so the
 HF Trainer fills them from its own arguments. No optimizer/scheduler section: the Trainer's AdamW and schedule are
 used. The only change is the bucket sizes (see ``TrainConfig.zero_reduce_bucket_size``).

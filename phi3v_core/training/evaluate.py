@@ -1,4 +1,4 @@
-"""Generation-based evaluation, as the recipe runs it before and after fine-tuning (spec/recipe.md §9).
+"""Generation-based evaluation, as the recipe runs it before and after fine-tuning (the evaluation loops of the Phi-3CookBook vision fine-tuning scripts (microsoft/Phi-3CookBook, code/03.Finetuning/vision_finetuning/)).
 
 Greedy decoding (``do_sample=False``, ``max_new_tokens=64``) that stops on ``<|end|>`` / ``<|endoftext|>`` (the
 model's generation config lists eos 32000, 32007 and 2), on prompts from ``processor.encode_prompt`` batched with

@@ -75,7 +75,7 @@ def test_parse_field_value_types_and_hints() -> None:
 def test_docvqa_profile_matches_published_mean_sequence_length() -> None:
     p = SEQ_PROFILES["docvqa"]
     # A 3x5 crop grid gives 144*15 + 12*5 + 157 image tokens (CONTRACTS token formula), plus the text tokens.
-    assert 144 * 15 + 12 * 5 + 157 + p.text_tokens == 2443  # recipe.md §11: mean 2443.23 at num_crops=16
+    assert 144 * 15 + 12 * 5 + 157 + p.text_tokens == 2443  # Phi-3CookBook fine-tuning guide: mean 2443.23 at num_crops=16
 
 
 def test_docvqa_profile_tiles_as_derived_with_the_real_processor() -> None:

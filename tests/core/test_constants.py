@@ -63,7 +63,7 @@ def test_consumers_read_the_names_from_constants() -> None:
 @pytest.mark.parametrize(
     ("size", "num_crops", "padded", "tokens"),
     [
-        ((1024, 768, 16), 16, (1008, 1344), 1921),  # spec/model.md §7 worked examples
+        ((1024, 768, 16), 16, (1008, 1344), 1921),  # hand-derived worked examples
         ((768, 1024, 16), 16, (1344, 1008), 1933),
         ((2000, 500, 16), 16, (672, 2688), 2485),
         ((320, 240, 4), 4, (672, 672), 2 * 2 * 144 + 2 * 12 + 157),

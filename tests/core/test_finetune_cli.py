@@ -107,7 +107,7 @@ def test_preset_table_matches_the_recipe():
         1e-5,
         3.0,
     )
-    assert all(p.values["batch_size"] == 64 and p.source.startswith("recipe §11") for p in RECIPE_PRESETS.values())
+    assert all(p.values["batch_size"] == 64 and p.source.startswith("Phi-3CookBook FineTuning_Vision.md") for p in RECIPE_PRESETS.values())
     assert all(name == f"{p.task}-{p.method}" for name, p in RECIPE_PRESETS.items())
 
 

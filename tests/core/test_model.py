@@ -146,7 +146,7 @@ def test_vision_features_equal_clip_hidden_state_minus_two(tiny_model: Phi3VForC
 
 
 def _reference_layout(embed, pixel_values: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
-    """Loop-by-loop re-statement of spec/model.md §6 steps 2–7 (CLIP on all crops, like the reference)."""
+    """Loop-by-loop re-statement of modeling_phi3_v.py's image embedding (CLIP on all crops, like the reference)."""
     n_img, n_slots = pixel_values.shape[:2]
     feats = embed.clip_features(pixel_values.flatten(0, 1)).reshape(n_img, n_slots, 24, 24, -1)
     out = []

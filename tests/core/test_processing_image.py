@@ -31,7 +31,7 @@ def normalized(rgb: tuple[int, int, int]) -> torch.Tensor:
 
 
 def reference_padded_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
-    """Independent re-derivation of the HD rule (spec §7): brute-force the largest valid scale."""
+    """Independent re-derivation of the HD rule (processing_phi3_v.py): brute-force the largest valid scale."""
     long_side, short_side = max(width, height), min(width, height)
     ratio = long_side / short_side
     scale = max(s for s in range(1, num_crops + 1) if s * math.ceil(s / ratio) <= num_crops)
@@ -75,7 +75,7 @@ def test_spec_section6_padded_sizes() -> None:
     assert hd_padded_height_width(768, 1024, 16) == (1344, 1008)
     assert hd_padded_height_width(2000, 500, 4) == (336, 1344)
     assert hd_padded_height_width(2000, 500, 16) == (672, 2688)
-    assert hd_padded_height_width(320, 240, 4) == (672, 672)  # small frames are upscaled (spec §7)
+    assert hd_padded_height_width(320, 240, 4) == (672, 672)  # small frames are upscaled (processing_phi3_v.py)
 
 
 # ---------------------------------------------------------------- token-count formula over a grid

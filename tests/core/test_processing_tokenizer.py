@@ -62,7 +62,7 @@ def test_tiny_adds_bos_and_round_trips(tiny) -> None:
 
 
 def test_tiny_rstrip_and_newline_like_real(tiny) -> None:
-    # <|assistant|> has rstrip=True: the "\n" the chat template puts after it is swallowed (spec §12).
+    # <|assistant|> has rstrip=True: the "\n" the chat template puts after it is swallowed (as Microsoft's processor does).
     assert tiny("<|assistant|>\n", add_special_tokens=False)["input_ids"] == [32001]
     # "\n" after a special token: "▁" then the byte-fallback <0x0A> = 13, the same id as the real tokenizer.
     ids = tiny("<|end|>\n<|endoftext|>", add_special_tokens=False)["input_ids"]

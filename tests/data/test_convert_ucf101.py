@@ -1,4 +1,4 @@
-"""phi3v-convert: UCF-101 conversion (recipe §10), bad metadata, atomic output, clean CLI errors; synthetic/check."""
+"""phi3v-convert: UCF-101 conversion (the CookBook's convert_ucf101.py), bad metadata, atomic output, clean CLI errors; synthetic/check."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ANLS and accuracy against hand-computed cases (recipe §9)."""
+"""ANLS and accuracy against hand-computed cases (the CookBook scripts' evaluation)."""
 
 from __future__ import annotations
 

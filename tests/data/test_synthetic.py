@@ -135,7 +135,7 @@ def test_ucf101_twin_uses_the_recipe_prompt_and_8_frames() -> None:
 
 
 def test_docvqa_profile_reproduces_the_recipe_average() -> None:
-    # Recipe §11: average sequence length 2443.23 tokens for DocVQA at num_crops=16.
+    # Phi-3CookBook FineTuning_Vision.md: average sequence length 2443.23 tokens for DocVQA at num_crops=16.
     assert expected_mean_sequence_length("docvqa") == pytest.approx(2443.23, rel=0.001)
     assert expected_mean_sequence_length("docvqa", 16) == expected_mean_sequence_length("docvqa")
     assert expected_mean_sequence_length("ucf101") == pytest.approx(8 * 757 + TWIN_PROFILES["ucf101"].text_tokens)

@@ -45,7 +45,7 @@ def test_required_gpus_are_tabulated():
 
 
 def test_dense_peaks_not_sparse():
-    # bench-planner-anchors.md §4.2: dense figures (the datasheets' 1979 / 242 / 733 are sparsity numbers)
+    # NVIDIA datasheets, dense figures (the datasheets' 1979 / 242 / 733 are sparsity numbers)
     assert find_gpu("H100-80GB").tflops_bf16 == 989
     assert find_gpu("L4").tflops_bf16 == 121 and find_gpu("L4").bandwidth_gbs == 300
     assert find_gpu("L40S").tflops_bf16 == 362

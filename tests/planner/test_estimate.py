@@ -30,7 +30,7 @@ def report():
     ],
 )
 def test_fitted_memory_rows_within_10_percent(report, row, published):
-    """recipe.md §11: ~36/~29/~26 GB full FT on 1/2/4 nodes, LoRA ~16, QLoRA ~10 (8xA100, FA2): the fit's own rows."""
+    """Phi-3CookBook fine-tuning guide: ~36/~29/~26 GB full FT on 1/2/4 nodes, LoRA ~16, QLoRA ~10 (8xA100, FA2): the fit's own rows."""
     assert report[row]["published_gb"] == published and report[row]["memory_role"] == "fitted"
     assert abs(report[row]["memory_error_pct"]) <= 10, report[row]
 
@@ -104,7 +104,7 @@ def test_cache_fraction_is_the_documented_fit():
 
 
 def test_zero2_model_states_follow_deepspeed():
-    # bench-planner-anchors.md §2.2: 2P + 18P/N on GPU, buckets 4.5 x (5e8 + 5e8) x 2 B = 9 GB with overlap_comm
+    # DeepSpeed's estimate_zero2_model_states_mem_needs: 2P + 18P/N on GPU, buckets 4.5 x (5e8 + 5e8) x 2 B = 9 GB with overlap_comm
     for n in (8, 16, 32):
         states = model_state_bytes(PHI3V, TrainSetup(method="full", world_size=n))
         trainable = P - PHI3V.param_counts().vision_dead
@@ -124,12 +124,12 @@ def test_single_process_full_keeps_fp32_masters():
 
 def test_lora_and_qlora_states():
     lora = PHI3V.lora_params(64)
-    assert lora == pytest.approx(131e6, rel=0.01)  # ~2 GB of fp32 params, grads and Adam (anchors §2.6)
+    assert lora == pytest.approx(131e6, rel=0.01)  # ~2 GB of fp32 params, grads and Adam (16 B per trainable parameter)
     states = model_state_bytes(PHI3V, TrainSetup(method="lora", world_size=8))
     assert states["weights"] == 2 * P
     assert states["lora_weights"] + states["gradients"] + states["optimizer_states"] == 16 * lora
     qlora = model_state_bytes(PHI3V, TrainSetup(method="qlora"))
-    # nf4 + fp32 absmax per 64 for every Linear except lm_head / img_projection.0: ~2.6 GB (anchors §2.6: ~2.7)
+    # nf4 + fp32 absmax per 64 for every Linear except lm_head / img_projection.0: ~2.6 GB (bitsandbytes nf4 arithmetic: ~2.7)
     assert qlora["weights"] / 1e9 == pytest.approx(2.63, abs=0.05)
 
 
@@ -142,7 +142,7 @@ def test_memory_grows_with_micro_batch_and_without_checkpointing():
     sizes = [estimate_memory(PHI3V, dataclasses.replace(base, micro_batch=mb), _docvqa()).allocated for mb in (1, 2, 4)]
     assert sizes[0] < sizes[1] < sizes[2]
     no_gc = estimate_memory(PHI3V, dataclasses.replace(base, gradient_checkpointing=False), _docvqa())
-    assert no_gc.allocated > sizes[0] + 10 * GIB  # ~20 GB of saved activations at 2.4k tokens (anchors §2.4)
+    assert no_gc.allocated > sizes[0] + 10 * GIB  # ~20 GB of saved activations at 2.4k tokens (EleutherAI's Transformer Math 101 activation formula)
 
 
 def test_eager_attention_costs_more_than_flash():

@@ -24,7 +24,7 @@ def test_checkpoint_config_json_is_read_without_transformers(ckpt35):
 
 def test_official_parameter_count():
     counts = ModelShape.preset("phi-3.5-vision").param_counts()
-    assert counts.total == 4_146_621_440  # spec/model.md §3 and the checkpoint index (2 B x total_size)
+    assert counts.total == 4_146_621_440  # the checkpoint index (2 B x total_size)
     assert counts.language_model == 3_821_079_552
     assert counts.vision == 303_507_456
     assert counts.vision_dead == 12_598_272
@@ -79,7 +79,7 @@ def test_token_count_matches_the_image_processor(size, num_crops):
 
 
 def test_spec_token_examples():
-    # spec/model.md §6 table
+    # hand-derived: 144·hc·wc + 12·hc + 157
     assert image_token_count(*hd_crop_grid(1024, 768, 16)) == 1921
     assert image_token_count(*hd_crop_grid(768, 1024, 16)) == 1933
     assert image_token_count(*hd_crop_grid(2000, 500, 16)) == 2485

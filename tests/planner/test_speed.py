@@ -1,4 +1,4 @@
-"""FLOPs, calibrated MFU and the communication model against the published table (anchors §3.1, §4.4)."""
+"""FLOPs, calibrated MFU and the communication model against the published table (Phi-3CookBook FineTuning_Vision.md speed table; Azure ND-series InfiniBand figures)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ REFERENCE = Workload(seq_len=2443, vision_crops=17, image_tokens=2377, pixel_slo
 
 @pytest.mark.parametrize(("method", "expected"), [("full", 8.1e13), ("lora", 5.4e13), ("frozen_vision", 6.8e13)])
 def test_flops_per_sample_match_the_derivation(method, expected):
-    # anchors §3.1: full 8.1e13, LoRA (4PD-style) 5.4e13, frozen vision 6.8e13 per DocVQA sample
+    # 6·params·tokens counting: full 8.1e13, LoRA (4PD-style) 5.4e13, frozen vision 6.8e13 per DocVQA sample
     # the anchors count the base model only: rank-1 adapters make the adapters' own matmuls negligible
     flops = flops_per_sample(reference_shape(PHI3V, method), REFERENCE, TrainSetup(method=method, lora_rank=1)).total
     assert flops == pytest.approx(expected, rel=0.03)
