@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--count", type=int, help="GPUs per node (default: detected, 8 on Azure, else 1)")
     hw.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
     hw.add_argument(
-        "--cloud", choices=["azure"], help="add the Azure SKU, VM count, vCPU quota and cost per run (offline prices)"
+        "--cloud", choices=["azure"], help="add the Azure SKU, VM count and vCPU quota (costs: --price-per-gpu-hour)"
+    )
+    hw.add_argument(
+        "--price-per-gpu-hour", type=bounded_float(0, 1e6, low_open=True), metavar="USD",
+        help="your price of one GPU-hour: adds the cost per run (no price table is shipped)",
     )
     hw.add_argument("--deadline", type=bounded_float(0, 1e6, low_open=True), metavar="HOURS", help="the fewest nodes that finish all epochs in time")
     hw.add_argument("--inter-node-gbit", type=bounded_float(0, 1e6, low_open=True), help="network per node in Gbit/s (default: the SKU's, else 200)")
@@ -136,6 +140,7 @@ def _request(args: argparse.Namespace) -> Any:
         model_path=args.model_path,
         data_dir=args.data_dir,
         deadline_hours=args.deadline,
+        price_per_gpu_hour=args.price_per_gpu_hour,
     )
 
 
@@ -426,7 +431,7 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
 
 
 def _pick_sku(plans: list[Any]) -> Any | None:
-    """Cheapest run (offline price table) among the SKUs where a plan fits; the fastest where no price is known."""
+    """Cheapest run (at --price-per-gpu-hour) among the SKUs where a plan fits; the fastest where no price is known."""
     priced = [p for p in plans if p.best and p.best.cost_usd]
     if priced:
         return min(priced, key=lambda p: p.best.cost_usd)
@@ -511,14 +516,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_survey(plans, f"Azure ND SKUs, {request.task} (8 GPUs per VM)", azure=True)
         pick = _pick_sku(plans)
         if pick:
-            from planner.hardware import azure_prices
-
-            prices = azure_prices()
-            cost = f"${pick.best.cost_usd:,.0f} per run" if pick.best.cost_usd else "no price tabulated"
+            cost = (
+                f"${pick.best.cost_usd:,.0f} per run at ${request.price_per_gpu_hour:g} per GPU-hour "
+                "(--price-per-gpu-hour)"
+                if pick.best.cost_usd
+                else "no cost: pass --price-per-gpu-hour"
+            )
+            label = "Cheapest" if pick.best.cost_usd else "Fastest"
             console.print(
-                f"Cheapest SKU for a run that fits: [bold]{pick.azure['vm_size']}[/] ({pick.best.method}, {cost}; "
-                f"{pick.azure['quota_note']}). Prices: {prices['kind']}, {prices['region']}, {prices['date']} - "
-                f"{prices['source']}"
+                f"{label} SKU for a run that fits: [bold]{pick.azure['vm_size']}[/] ({pick.best.method}, {cost}; "
+                f"{pick.azure['quota_note']})."
             )
             console.print(f"[bold]{pick.best.command}[/]")
     else:

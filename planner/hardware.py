@@ -25,7 +25,6 @@ __all__ = [
     "Detection",
     "GpuSpec",
     "architecture_of",
-    "azure_prices",
     "azure_skus",
     "detect",
     "find_gpu",
@@ -167,7 +166,6 @@ class AzureSku:
     vcpus: int | None
     host_memory_gib: float | None
     source: str
-    price_usd_per_hour: float | None = None
 
     @property
     def inter_node_gbs(self) -> float:
@@ -177,12 +175,6 @@ class AzureSku:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for ``--json``)."""
         return asdict(self)
-
-
-@cache
-def azure_prices() -> dict[str, str]:
-    """Date, region and source of the offline price table in ``planner/data/azure.json``."""
-    return dict(_load("azure.json")["prices"])
 
 
 @cache

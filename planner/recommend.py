@@ -6,13 +6,13 @@ Decision rules (each shows up as a reason in the plan):
   where bf16 is emulated); otherwise fp16 mixed precision with loss scaling;
 * attention: FlashAttention-2 on ≥ 8.0 with 16-bit tensors, else SDPA (its memory-efficient kernel has no S²
   buffers on Volta/Turing either); eager is never recommended;
-* QLoRA needs bitsandbytes 4-bit, Turing or newer (recipe.md §1);
+* QLoRA needs bitsandbytes 4-bit, Turing or newer (bitsandbytes' documented requirement);
 * model states as ``phi3v-finetune`` runs them: full/frozen with DeepSpeed ZeRO-2 (5e7-element buckets, the
   training default) when more than one GPU, plain AdamW with fp32 master weights on one GPU; LoRA/QLoRA with DDP;
 * micro-batch: the largest power of two that fits and divides the global batch per GPU; gradient checkpointing on
   (``phi3v-finetune`` always checkpoints; the plan says when it would fit without);
 * recommended method: the recipe's order, full fine-tuning "whenever possible", else LoRA, else QLoRA, else the
-  frozen-vision variant (recipe.md §11; accuracy tables there).
+  frozen-vision variant (the Phi-3CookBook fine-tuning guide's accuracy tables).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ __all__ = ["COMMON_GPUS", "Hardware", "MethodPlan", "Plan", "PlanRequest", "plan
 
 #: GPUs shown when nothing is detected and no ``--gpu`` is given.
 COMMON_GPUS = ("T4", "V100-32GB", "A10", "L4", "L40S", "A100-40GB", "A100-80GB", "H100-SXM", "H200")
-#: The recipe's order of preference (quality first; recipe.md §11 accuracy tables).
+#: The recipe's order of preference (quality first; the Phi-3CookBook fine-tuning guide's accuracy tables).
 PREFERENCE = ("full", "lora", "qlora", "frozen_vision")
 #: Network assumed between nodes when nothing says otherwise (Gbit/s per node).
 DEFAULT_INTER_NODE_GBIT = 200.0
@@ -102,7 +102,7 @@ def _method_hyperparameters(task: str, method: str) -> dict[str, Any]:
     out["source"] = (
         f"{preset.source}: {preset.published}"
         if preset is not None
-        else f"not published for {task}: the scripts' defaults (the recipe, §2)"
+        else f"not published for {task}: the scripts' defaults (the CookBook scripts' argparse)"
     )
     return out
 
@@ -122,7 +122,7 @@ class PlanRequest:
         text_tokens: Text tokens per sample; None = the task's.
         seq_len: Override the LM sequence length (tokens per sample).
         dataset_size: Samples per epoch (for time per epoch).
-        global_batch: Samples per optimizer step; None = 64 (recipe §11).
+        global_batch: Samples per optimizer step; None = 64 (Phi-3CookBook FineTuning_Vision.md).
         model: Model preset or checkpoint folder (shapes only).
         methods: Methods to consider.
         cloud: ``azure`` adds SKU, VM count and vCPU quota.
@@ -130,6 +130,8 @@ class PlanRequest:
         max_micro_batch: Largest micro-batch to consider.
         use_trace: Replace the closed-form activations by a MemTracker trace of the full model (slow, cached).
         reference_dir: Folder with the published ``speed.csv`` (calibration).
+        price_per_gpu_hour: The user's price of one GPU-hour in USD: the only source of costs (no price table is
+            shipped; prices differ by region, offer and date).
         deadline_hours: Find the fewest nodes whose predicted run (all epochs) ends within this many hours.
         data_dir: A jsonl data folder: speed for its mean sample, memory for a batch of its longest sample, and
             its size as the epoch (``--data``).
@@ -158,6 +160,7 @@ class PlanRequest:
     model_path: str | None = None
     data_dir: str | None = None
     deadline_hours: float | None = None
+    price_per_gpu_hour: float | None = None
 
     def validate(self) -> None:
         """Check every field at once.
@@ -193,6 +196,8 @@ class PlanRequest:
             problems.append(f"--cloud {self.cloud!r}: only 'azure' is tabulated")
         if self.inter_node_gbit is not None and self.inter_node_gbit <= 0:
             problems.append("--inter-node-gbit must be positive")
+        if self.price_per_gpu_hour is not None and not 0 < self.price_per_gpu_hour < float("inf"):
+            problems.append(f"--price-per-gpu-hour {self.price_per_gpu_hour:g} must be a positive number (USD)")
         if self.deadline_hours is not None and self.deadline_hours <= 0:
             problems.append(f"--deadline {self.deadline_hours:g} must be positive (hours)")
         if self.max_micro_batch < 1:
@@ -583,8 +588,8 @@ def _plan_method(
         plan.command = _command(hw, request.task, plan, request.model_path)
     if speed is not None and speed.epoch_s is not None:
         plan.run_s = speed.epoch_s * float(hyper["epochs"])
-        if hw.azure is not None and hw.azure.price_usd_per_hour:
-            plan.cost_usd = plan.run_s / 3600 * hw.azure.price_usd_per_hour * hw.nodes
+        if request.price_per_gpu_hour is not None:
+            plan.cost_usd = plan.run_s / 3600 * request.price_per_gpu_hour * hw.world_size
     return plan
 
 
@@ -789,7 +794,11 @@ def plan(
             if request.dataset_size
             else task_profiles()["tasks"][request.task]["dataset"]["source"].split(";")[0]
         )
-        cost = f", about ${best_plan.cost_usd:,.0f} on Azure" if best_plan.cost_usd else ""
+        cost = (
+            f", about ${best_plan.cost_usd:,.0f} at ${request.price_per_gpu_hour:g} per GPU-hour (--price-per-gpu-hour)"
+            if best_plan.cost_usd
+            else ""
+        )
         why.append(
             f"predicted {format_duration(best_plan.run_s)} for {best_plan.hyperparameters['epochs']:g} epoch(s) of "
             f"{dataset:,} samples ({source}){cost}"

@@ -22,7 +22,7 @@ def test_eight_a100s_run_the_recipe():
     assert best.gradient_checkpointing
     assert best.command.startswith("torchrun --nproc_per_node=8 -m phi3v_core.cli.finetune --model_name_or_path ")
     assert "--task docvqa --method full --bf16 --use_flash_attention --batch_size 64" in best.command
-    assert "--learning_rate 5e-06 --num_train_epochs 2" in best.command  # recipe §11 DocVQA full
+    assert "--learning_rate 5e-06 --num_train_epochs 2" in best.command  # Phi-3CookBook FineTuning_Vision.md DocVQA full
     assert best.speed.epoch_s == pytest.approx(39_463 / best.speed.samples_per_s)
     assert all(m.fits for m in result.methods)
     assert any("LoRA also fits" in w for w in result.why)
@@ -148,12 +148,17 @@ def test_launch_command_names_the_model_folder_or_fails_clearly():
 
 
 def test_time_and_cost_per_run_use_the_tasks_real_dataset_size():
-    result = plan(PlanRequest(gpu="A100-80GB", cloud="azure", task="hateful_memes"))
+    result = plan(PlanRequest(gpu="A100-80GB", cloud="azure", task="hateful_memes", price_per_gpu_hour=2.5))
     best = result.best
     assert best.speed.epoch_s == pytest.approx(8000 / best.speed.samples_per_s)  # the_cauldron train[500:]
     assert best.run_s == pytest.approx(best.speed.epoch_s * best.hyperparameters["epochs"])
-    assert best.cost_usd == pytest.approx(best.run_s / 3600 * 32.77)
-    assert any("8,000 samples" in w and "$" in w for w in result.why)
+    assert best.cost_usd == pytest.approx(best.run_s / 3600 * 2.5 * 8)  # 8 GPUs of one VM at the user's price
+    assert any("8,000 samples" in w and "--price-per-gpu-hour" in w for w in result.why)
+
+
+def test_no_cost_without_a_user_price():
+    # No price table is shipped: without --price-per-gpu-hour there is no cost, on Azure or elsewhere.
+    assert plan(PlanRequest(gpu="A100-80GB", cloud="azure", task="hateful_memes")).best.cost_usd is None
 
 
 def test_deadline_gives_the_fewest_nodes_that_meet_it():
