@@ -84,7 +84,7 @@ def test_file_images_are_checked_again_when_decoded(tmp_path: Path) -> None:
 
 
 def test_real_tiny_processor_and_collator_round_trip() -> None:
-    processing = pytest.importorskip("phi3v_core.processing")
+    import phi3v_core.processing as processing
     task = load_task("hateful_memes", synthetic=2)
     processor = processing.Phi3VProcessor.tiny(num_crops=1)
     dataset = EncodedDataset(task.train, processor)

@@ -50,6 +50,14 @@ def test_held_out_memory_rows_within_10_percent_or_say_what_is_not_modelled(repo
     assert all(r["memory_ok"] for r in held if r["row"].startswith("8xV100"))
 
 
+#: The CookBook guide's peak memory of the 8xA100 rows without flash attention (GB per GPU).
+PUBLISHED_EAGER_GB = {"8xA100-80GB x1 full no FA": 42.0, "8xA100-80GB x1 lora no FA": 50.0,
+                      "8xA100-80GB x1 qlora no FA": 32.0}
+#: What the memory model leaves unexplained on those rows today (published minus predicted, GB).
+UNMODELLED_EAGER_GB = {"8xA100-80GB x1 full no FA": 4.5, "8xA100-80GB x1 lora no FA": 21.0,
+                       "8xA100-80GB x1 qlora no FA": 18.9}
+
+
 def test_eager_misses_name_the_unmodelled_term_and_its_size(report):
     """issue #10: a missed row says precisely what is not modelled and by how much, with the tensors checked."""
     misses = [r for r in report.values() if r["memory_role"] == "held_out" and not r["memory_ok"]]
@@ -60,7 +68,10 @@ def test_eager_misses_name_the_unmodelled_term_and_its_size(report):
     }
     for r in misses:
         assert r["memory_unmodelled_term"] == "elastic reserve", r
-        assert r["memory_unmodelled_gb"] == pytest.approx(r["published_gb"] - r["predicted_gb"], abs=0.06)
+        # golden sizes (published 42 / 50 / 32 GB in the CookBook guide's table; today's predictions 37.5 / 29.0 /
+        # 13.1 GB): a change of the memory model moves them and fails here
+        assert r["published_gb"] == PUBLISHED_EAGER_GB[r["row"]], r
+        assert r["memory_unmodelled_gb"] == pytest.approx(UNMODELLED_EAGER_GB[r["row"]], abs=0.3), r
         assert f"{r['memory_unmodelled_gb']:+.1f} GB" in r["memory_note"]
         # the tensors are accounted for: the real model traced with the row's settings agrees with the closed form
         assert r["traced_allocated_gib"] == pytest.approx(r["allocated_gib"], rel=0.05), r

@@ -58,24 +58,28 @@ def test_lora_parameter_count_matches_the_method(freeze_vision):
     assert report.trainable_parameters == shape.lora_params(4, lm_head=True, vision=not freeze_vision)
 
 
-@pytest.mark.parametrize(
-    ("size", "num_crops"),
-    [
-        ((1024, 768), 16),
-        ((768, 1024), 16),
-        ((2000, 500), 16),
-        ((2000, 500), 4),
-        ((320, 240), 4),
-        ((1008, 1680), 16),
-        ((336, 336), 1),
-        ((640, 480), 9),
-    ],
-)
-def test_token_count_matches_the_image_processor(size, num_crops):
+# Hand-derived from the HD rule (the width is scaled to s·336 with s·ceil(s·h/w) <= num_crops, the height padded up to
+# a multiple of 336) and 144·hc·wc + 12·hc + 157; e.g. 640×480 at 9 crops: s = 3 (3·ceil(2.25) = 9), height 756 pads
+# to 1008, so a 3×3 grid: 1296 + 36 + 157 = 1489.
+HAND_DERIVED = [
+    ((1024, 768), 16, (3, 4), 1921),
+    ((768, 1024), 16, (4, 3), 1933),
+    ((2000, 500), 16, (2, 8), 2485),
+    ((2000, 500), 4, (1, 4), 745),
+    ((320, 240), 4, (2, 2), 757),
+    ((1008, 1680), 16, (5, 3), 2377),
+    ((336, 336), 1, (1, 1), 313),
+    ((640, 480), 9, (3, 3), 1489),
+]
+
+
+@pytest.mark.parametrize(("size", "num_crops", "grid", "tokens"), HAND_DERIVED)
+def test_planner_and_processor_token_counts_equal_hand_derived_ones(size, num_crops, grid, tokens):
     from phi3v_core.processing import Phi3VImageProcessor
 
-    rows, cols = hd_crop_grid(*size, num_crops)
-    assert image_token_count(rows, cols) == Phi3VImageProcessor(num_crops=num_crops).num_image_tokens(*size)
+    assert hd_crop_grid(*size, num_crops) == grid
+    assert image_token_count(*grid) == tokens
+    assert Phi3VImageProcessor(num_crops=num_crops).num_image_tokens(*size) == tokens
 
 
 def test_spec_token_examples():
