@@ -115,7 +115,9 @@ def test_wheel_in_fresh_venv_builds_identical_presets(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], **run)
     python = venv / "bin" / "python"
-    venv_site = Path(subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"], **run).stdout.strip())
+    venv_site = Path(
+        subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"], **run).stdout.strip()
+    )
     (venv_site / "parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", str(wheels[0])], **run)
     shutil.rmtree(source)  # nothing of the sources is left to import from
