@@ -14,6 +14,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ __all__ = [
     "CLIP_VIT_L14_336",
     "Phi3VConfig",
     "MODEL_PRESETS",
+    "PRESET_FILES",
     "get_config",
+    "official_preset",
     "phi35_vision_config",
     "phi3_vision_v1_config",
     "tiny_config",
@@ -63,13 +66,11 @@ DEFAULT_IMG_PROCESSOR: dict[str, Any] = {
     "num_img_tokens": TOKENS_PER_CROP,
 }
 
-# LongRoPE factor lists of the two official checkpoints are long (48 floats each). Rather than duplicate them in code,
-# the official presets are reconstructed from these anchor values when no checkpoint folder is at hand; tests compare
-# them against ../shared/checkpoints/*/config.json. Only first/last values are published in the spec, so the presets
-# below use the real files when present and fall back to a smooth interpolation otherwise (documented in the README).
-_OFFICIAL_DIRS = {
-    "phi-3.5-vision": "phi-3.5-vision-instruct",
-    "phi-3-vision": "phi-3-vision-128k-instruct",
+#: Package data files holding the two official checkpoints' published configuration (copied from their Hugging Face
+#: repositories, see each file's "provenance"): the presets read these files and nothing else.
+PRESET_FILES = {
+    "phi-3.5-vision": "phi-3.5-vision-instruct.json",
+    "phi-3-vision": "phi-3-vision-128k-instruct.json",
 }
 
 
@@ -181,53 +182,35 @@ def _with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> Phi3VCon
     return cfg
 
 
-def _official_values(name: str) -> dict[str, Any]:
-    """Read an official config.json when ../shared is present, else rebuild it from published facts."""
-    here = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / _OFFICIAL_DIRS[name] / "config.json"
-    if here.exists():
-        return json.loads(here.read_text())
-    # Published facts (the official config.json files); factor lists interpolated between their published end points.
-    ends = {
-        "phi-3.5-vision": ((1.0800000429153442, 64.83999633789062), (1.08, 8.999999999999853), 262144),
-        "phi-3-vision": ((1.0299999713897705, 64.81001281738281), (1.05, 3.049999999999997), 131072),
-    }[name]
-    (l0, l1), (s0, s1), window = ends
-    ramp = [i / 47 for i in range(48)]
-    return {
-        "vocab_size": 32064,
-        "hidden_size": 3072,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "hidden_act": "silu",
-        "max_position_embeddings": CONTEXT_LENGTH,
-        "original_max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "rope_scaling": {
-            "type": "su",
-            "long_factor": [l0 + (l1 - l0) * t for t in ramp],
-            "short_factor": [s0 + (s1 - s0) * t for t in ramp],
-        },
-        "sliding_window": window,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 32000,
-        "tie_word_embeddings": False,
-        "embd_layer": dict(DEFAULT_EMBD_LAYER),
-        "img_processor": dict(DEFAULT_IMG_PROCESSOR),
-    }
+def official_preset(name: str) -> dict[str, Any]:
+    """The shipped record of an official checkpoint: ``config`` (its config.json), ``preprocessor`` (its
+    preprocessor_config.json), ``source`` and ``provenance``.
+
+    Args:
+        name: ``"phi-3.5-vision"`` or ``"phi-3-vision"``.
+
+    Raises:
+        ConfigError: Unknown name, or the package data is missing (a broken install).
+    """
+    if name not in PRESET_FILES:
+        raise ConfigError(f"no official config for {name!r}; choose one of {', '.join(PRESET_FILES)}")
+    resource = resources.files("phi3v_core").joinpath("configs", PRESET_FILES[name])
+    try:
+        return json.loads(resource.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"phi3v_core/configs/{PRESET_FILES[name]} is missing or unreadable ({exc}); reinstall phi3v-bench"
+        ) from exc
 
 
 def phi35_vision_config(**overrides: Any) -> Phi3VConfig:
     """The official Phi-3.5-vision-instruct config (4,146,621,440 parameters)."""
-    return _with_overrides(_official_values("phi-3.5-vision"), overrides)
+    return _with_overrides(official_preset("phi-3.5-vision")["config"], overrides)
 
 
 def phi3_vision_v1_config(**overrides: Any) -> Phi3VConfig:
     """The official Phi-3-vision-128k-instruct (v1) config: same shapes, other rope factors and window."""
-    return _with_overrides(_official_values("phi-3-vision"), overrides)
+    return _with_overrides(official_preset("phi-3-vision")["config"], overrides)
 
 
 def tiny_config(**overrides: Any) -> Phi3VConfig:

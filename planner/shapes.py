@@ -273,11 +273,15 @@ class ParamCounts:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
 
     def quantizable(self) -> int:
-        """Weights QLoRA stores as nf4: every ``nn.Linear`` weight except ``lm_head`` and ``img_projection.0``."""
+        """Weights QLoRA stores as nf4: every ``nn.Linear`` weight except ``lm_head`` (both projector layers included,
+        as transformers' bitsandbytes defaults do for the recipe and ``phi3v_core.methods.QLORA_SKIP`` does)."""
+        projector_bias = self.projector_2 - self.projector_2_weight  # both projector layers have an h-wide bias
         return (
             self.lm_layer_linear
             + self.vision_layer_linear_used
             + self.vision_layer_linear_dead
+            + self.projector_0
+            - projector_bias
             + self.projector_2_weight
         )
 

@@ -19,13 +19,18 @@ from phi3v_core.methods.lora import (
     prepare_lora,
     prepare_qlora,
     quantize_linear_layers,
+    quantized_module_names,
+    replace_with_linear4bit,
 )
+from phi3v_core.methods.quantized_build import build_quantized_model, layer_units
 
 __all__ = [
     "METHODS",
     "QLORA_KEEP_16BIT",
     "QLORA_SKIP",
     "VISION_PREFIX",
+    "build_quantized_model",
+    "layer_units",
     "LoraTarget",
     "Method",
     "MethodOptions",
@@ -34,6 +39,8 @@ __all__ = [
     "get_method",
     "lora_targets",
     "quantize_linear_layers",
+    "quantized_module_names",
+    "replace_with_linear4bit",
 ]
 
 METHODS: dict[str, Method] = {

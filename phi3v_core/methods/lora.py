@@ -31,6 +31,8 @@ __all__ = [
     "prepare_lora",
     "prepare_qlora",
     "quantize_linear_layers",
+    "quantized_module_names",
+    "replace_with_linear4bit",
 ]
 
 _CLIP_LAYERS = r"model\.vision_embed_tokens\.img_processor\.vision_model\.encoder\.layers"
@@ -167,37 +169,54 @@ def quantize_linear_layers(
     Returns:
         Names of the replaced modules.
     """
+    # Names only: holding the modules themselves would keep every replaced 16-bit weight alive until the end.
+    replaced = [name for name, module in model.named_modules() if type(module) is nn.Linear and name not in skip]
+    for name in replaced:
+        replace_with_linear4bit(model, name, compute_dtype, device)
+    return replaced
+
+
+def replace_with_linear4bit(
+    model: nn.Module, name: str, compute_dtype: torch.dtype, device: str | torch.device
+) -> None:
+    """Swap the ``nn.Linear`` called ``name`` for a ``bitsandbytes.nn.Linear4bit`` with its weight quantized to nf4.
+
+    The weight is quantized when it moves to ``device`` (bitsandbytes quantizes on ``.to``); once the old module is
+    replaced nothing refers to its full-precision weight any more, so it is freed.
+    """
     import bitsandbytes as bnb  # imported here: only QLoRA needs it, and it prints backend warnings on import
 
-    replaced: list[str] = []
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or name in skip:
-            continue
-        quantized = bnb.nn.Linear4bit(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            compute_dtype=compute_dtype,
-            compress_statistics=False,
-            quant_type="nf4",
-            quant_storage=torch.uint8,
-            device="meta",
-        )
-        quantized.weight = bnb.nn.Params4bit(
-            module.weight.data.to(compute_dtype),
-            requires_grad=False,
-            compress_statistics=False,
-            quant_type="nf4",
-            quant_storage=torch.uint8,
-            module=quantized,
-        )
-        if module.bias is not None:
-            quantized.bias = nn.Parameter(module.bias.data.to(compute_dtype), requires_grad=False)
-        quantized.to(device)  # quantization happens here
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, quantized)
-        replaced.append(name)
-    return replaced
+    module = model.get_submodule(name)
+    quantized = bnb.nn.Linear4bit(
+        module.in_features,
+        module.out_features,
+        bias=module.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=False,
+        quant_type="nf4",
+        quant_storage=torch.uint8,
+        device="meta",
+    )
+    quantized.weight = bnb.nn.Params4bit(
+        module.weight.data.to(compute_dtype),
+        requires_grad=False,
+        compress_statistics=False,
+        quant_type="nf4",
+        quant_storage=torch.uint8,
+        module=quantized,
+    )
+    if module.bias is not None:
+        quantized.bias = nn.Parameter(module.bias.data.to(compute_dtype), requires_grad=False)
+    quantized.to(device)  # quantization happens here
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, quantized)
+
+
+def quantized_module_names(model: nn.Module) -> list[str]:
+    """Names of the ``bitsandbytes.nn.Linear4bit`` modules of ``model``, in module order."""
+    import bitsandbytes as bnb
+
+    return [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
 
 
 def prepare_qlora(model: nn.Module, options: MethodOptions) -> tuple[nn.Module, MethodReport]:
@@ -207,10 +226,13 @@ def prepare_qlora(model: nn.Module, options: MethodOptions) -> tuple[nn.Module, 
     compute dtype under mixed precision).
     """
     model.requires_grad_(False)
-    if options.base_dtype is not None:
-        model.to(options.base_dtype)
-    quantized = quantize_linear_layers(model, options.compute_dtype, options.device)
-    model.to(options.device)
+    if getattr(model, "is_loaded_in_4bit", False):  # built quantized (build_quantized_model): only report it
+        quantized = quantized_module_names(model)
+    else:
+        if options.base_dtype is not None:
+            model.to(options.base_dtype)
+        quantized = quantize_linear_layers(model, options.compute_dtype, options.device)
+        model.to(options.device)
     # PEFT picks its bitsandbytes LoRA layer only for models flagged like transformers' quantizer flags them.
     model.is_loaded_in_4bit = True
     peft_model, report = _attach_lora(model, options, "qlora")

@@ -12,7 +12,7 @@ from transformers import set_seed
 
 from phi3v_core.config import MODEL_PRESETS, get_config
 from phi3v_core.device import default_dtype, local_device
-from phi3v_core.methods import MethodReport, get_method
+from phi3v_core.methods import MethodReport, build_quantized_model, get_method
 from phi3v_core.model import Phi3VForCausalLM
 from phi3v_core.training.config import DTYPES, Machine, TrainConfig
 
@@ -23,7 +23,9 @@ def build_model(cfg: TrainConfig, env: Machine | None = None) -> Phi3VForCausalL
     """The base model of a run, before the method changes it.
 
     Presets are initialised randomly from ``cfg.seed`` (so the same config rebuilds the same base, e.g. to reload a
-    LoRA adapter), directly on the training device. Folders load with ``from_pretrained``. Weights are fp32 for
+    LoRA adapter), directly on the training device; QLoRA presets are built there already in nf4, one layer at a time
+    (:func:`~phi3v_core.methods.build_quantized_model`). Folders load with ``from_pretrained`` into CPU memory (QLoRA
+    then moves them to the device one quantized layer at a time). Weights are fp32 for
     full/frozen_vision (AMP master weights) and the compute dtype for lora/qlora (frozen base).
 
     Args:
@@ -35,8 +37,11 @@ def build_model(cfg: TrainConfig, env: Machine | None = None) -> Phi3VForCausalL
     set_seed(cfg.seed)
     if cfg.model in MODEL_PRESETS:
         config = get_config(cfg.model, attn_implementation=cfg.attn)
-        with default_dtype(dtype), torch.device(local_device(env.cuda)):
-            model = Phi3VForCausalLM(config)
+        if get_method(cfg.method).quantized:  # layer by layer into nf4: the 16-bit model never sits on the device
+            model, _ = build_quantized_model(lambda: Phi3VForCausalLM(config), dtype, dtype, local_device(env.cuda))
+        else:
+            with default_dtype(dtype), torch.device(local_device(env.cuda)):
+                model = Phi3VForCausalLM(config)
     else:
         model = Phi3VForCausalLM.from_pretrained(cfg.model, attn_implementation=cfg.attn, dtype=dtype)
     model.config.use_cache = False  # no KV cache while training (and required with gradient checkpointing)

@@ -42,7 +42,7 @@ def test_counts_match_the_model_built_on_meta(preset):
     assert counts.total == sum(p.numel() for p in model.parameters())
     dead = model.dead_parameter_names()
     assert counts.vision_dead == sum(p.numel() for n, p in model.named_parameters() if n in dead)
-    skip = {"lm_head", "model.vision_embed_tokens.img_projection.0"}
+    skip = {"lm_head"}  # phi3v_core.methods.QLORA_SKIP
     linear = sum(m.weight.numel() for n, m in model.named_modules() if type(m) is torch.nn.Linear and n not in skip)
     assert counts.quantizable() == linear
 
