@@ -139,6 +139,7 @@ class StepRecord:
         images: Images of this process in the step.
         skipped: The fp16 loss scaler skipped the step's optimizer update (gradients overflowed): the step ran
             forward and backward but did not change the weights.
+        began: ``time.perf_counter()`` when the step's clock started (orders the clock against other callbacks).
     """
 
     step: int
@@ -152,6 +153,7 @@ class StepRecord:
     supervised_tokens: int = 0
     images: int = 0
     skipped: bool = False
+    began: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON)."""
@@ -199,7 +201,9 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._sync(args)
         now = time.perf_counter()
-        record = StepRecord(step=state.global_step, seconds=now - self._begin, wall_seconds=now - self._last_end)
+        record = StepRecord(
+            step=state.global_step, seconds=now - self._begin, wall_seconds=now - self._last_end, began=self._begin
+        )
         record.skipped = optimizer_step_skipped(kwargs.get("optimizer"))
         if self.meter is not None:
             record.samples = self.meter.samples
