@@ -7,7 +7,7 @@ or from both: the grid replaces a field across every preset cell. The sweep
 * validates every cell before running any, and reports all problems at once;
 * runs each cell through an injectable ``run_cell(cfg) -> BenchResult`` (default :func:`bench.runner.run_config`);
 * records an out-of-memory or a crash in one cell as a result row (status ``oom``/``host_oom``/``killed``/
-  ``timeout``/``error`` plus the message, see :mod:`bench.runner`) and goes on;
+  ``timeout``/``error`` plus the message, see :mod:`bench.status`) and goes on;
 * writes each result atomically as soon as its cell ends, so an interrupted sweep loses at most the running cell;
   when a write fails (disk full, permission) the sweep stops, and the measured result stays in the summary (printed
   by the CLI) with the write error, rather than being lost;
@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.config import IDENTITY_FIELDS, BenchConfig, canonical_field, parse_field_value
 from bench.results import BenchResult, RunEnvironment, load_result, result_path, utc_now
-from bench.runner import oom_status
+from bench.status import oom_status
 from phi3v_core.errors import ConfigError, DataError, raise_all
 from phi3v_core.fs import describe_os_error
 from phi3v_core.io import atomic_write_text
@@ -213,7 +213,7 @@ def build_cells(
 def classify_failure(exc: BaseException) -> str:
     """Return ``"oom"`` for a GPU out-of-memory failure (torch, NCCL, CUDA driver, cuBLAS, cuDNN), ``"host_oom"`` when
     the host ran out (``MemoryError``, torch's CPU allocator), else ``"error"``; every spelling, any case
-    (:func:`bench.runner.oom_status`)."""
+    (:func:`bench.status.oom_status`)."""
     names = {cls.__name__ for cls in type(exc).__mro__}
     if "OutOfMemoryError" in names:  # torch.OutOfMemoryError / torch.cuda.OutOfMemoryError
         return "oom"

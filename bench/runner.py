@@ -37,22 +37,18 @@ from typing import Any
 
 from bench.config import BenchConfig
 from bench.results import BenchResult, Metrics, RankMemory, RepeatSample, capture_environment, utc_now
+from bench.status import OOM_MARKERS, RepeatOutcome, classify_repeat, kernel_log_lines, looks_like_oom
 from phi3v_core.errors import ConfigError
 
 __all__ = [
     "DEFAULT_MASTER_PORT",
     "DEFAULT_TIMEOUT_S",
     "FLOP_CACHE_ENV",
-    "HOST_OOM",
-    "HOST_OOM_MARKERS",
-    "KILLED",
-    "OOM",
     "OOM_MARKERS",
     "ClusterLaunch",
     "first_slurm_host",
     "launch_commands",
     "looks_like_oom",
-    "oom_status",
     "run_config",
     "terminate_on_signals",
 ]
@@ -61,60 +57,11 @@ __all__ = [
 DEFAULT_TIMEOUT_S = 3600.0
 #: torchrun's own default rendezvous port.
 DEFAULT_MASTER_PORT = 29500
+# Seconds torchrun gets to stop its workers after SIGTERM before everything is SIGKILLed.
+_GRACE_S = 30.0
 #: Environment variable naming the folder where a configuration's repeats share their FLOP count
 #: (:class:`bench.measure.FlopCache`): the first repeat traces, the others read it.
 FLOP_CACHE_ENV = "PHI3V_BENCH_FLOP_CACHE"
-#: Statuses of a failed repeat besides ``error`` and ``timeout``: ``oom`` is the GPU running out of memory,
-#: ``host_oom`` the host (RAM) running out, ``killed`` a worker that died from a signal with no out-of-memory evidence
-#: (never guessed from the signal alone: the OOM killer, a scheduler and a user all send SIGKILL).
-OOM, HOST_OOM, KILLED = "oom", "host_oom", "killed"
-#: How the host running out of memory shows up (checked before :data:`OOM_MARKERS`: the kernel's "Out of memory:
-#: Killed process" line would otherwise read as a GPU OOM). Regular expressions, matched case-insensitively.
-HOST_OOM_MARKERS = (
-    r"out of memory: kill(ed)? process",  # the kernel's OOM killer (dmesg)
-    r"oom-kill(er)?\b.*\bkilled",
-    r"defaultcpuallocator: (can't allocate|not enough) memory",  # torch's CPU allocator
-    r"\bmemoryerror\b",  # Python's MemoryError (not torch's OutOfMemoryError: no word boundary inside it)
-    r"cannot allocate memory",  # ENOMEM (fork, mmap)
-    r"std::bad_alloc",
-)
-#: How a GPU out-of-memory failure shows up in a worker's message or log (torch, NCCL, the CUDA driver, cuBLAS,
-#: cuDNN), matched case-insensitively; the last one catches older spellings ("RuntimeError: out of memory").
-OOM_MARKERS = (
-    r"outofmemoryerror",
-    r"cuda out of memory",
-    r"cuda error: out of memory",
-    r"cuda failure \d+ 'out of memory'",  # NCCL
-    r"cuda driver error: out of memory",
-    r"cublas_status_alloc_failed",
-    r"cudnn_status_alloc_failed",
-    r"cudaerrormemoryallocation",
-    r"\bout of memory\b",
-)
-_HOST_RE = re.compile("|".join(HOST_OOM_MARKERS), re.IGNORECASE)
-_GPU_RE = re.compile("|".join(OOM_MARKERS), re.IGNORECASE)
-# torchrun's report of a worker that died from a signal: "Signal 9 (SIGKILL) received by PID 123".
-_TORCHRUN_SIGNAL_RE = re.compile(r"Signal (\d+) \((SIG[A-Z0-9]+)\) received", re.IGNORECASE)
-_TORCHRUN_EXIT_RE = re.compile(r"exitcode\s*:\s*-(\d+)")
-# Seconds torchrun gets to stop its workers after SIGTERM before everything is SIGKILLed.
-_GRACE_S = 30.0
-
-
-def oom_status(text: str) -> str | None:
-    """``"host_oom"`` or ``"oom"`` (GPU) when ``text`` (an exception message or a log) reports running out of
-    memory in any of the known forms (case-insensitive), else ``None``."""
-    if _HOST_RE.search(text):
-        return HOST_OOM
-    if _GPU_RE.search(text):
-        return OOM
-    return None
-
-
-def looks_like_oom(text: str) -> bool:
-    """Whether ``text`` reports running out of memory, GPU or host (see :func:`oom_status`)."""
-    return oom_status(text) is not None
-
-
 @dataclass(frozen=True)
 class ClusterLaunch:
     """Where this node sits in a real multi-node run (one ``phi3v-bench`` per node).
@@ -352,19 +299,9 @@ def terminate_on_signals() -> Iterator[None]:
 # -- one repeat ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Repeat:
-    payloads: list[dict[str, Any]]
-    log: str
-    timed_out: bool
-    return_codes: list[int | None]
-    wall_s: float | None = None
-    kernel_log: str = ""
-
-
 def _run_repeat(
     cfg: BenchConfig, timeout_s: float | None, cluster: ClusterLaunch | None, repeat: int, flop_cache: Path | None = None
-) -> _Repeat:
+) -> RepeatOutcome:
     """Launch one repeat on this machine; return the rank payloads (all ranks' on node 0 of a cluster).
 
     ``flop_cache`` is the folder the configuration's repeats share, so the FLOPs are traced by the first only.
@@ -411,7 +348,7 @@ def _run_repeat(
     codes = [proc.returncode for proc in procs]
     signalled = [proc.pid for proc in procs if proc.returncode is not None and proc.returncode < 0]
     pids = [int(p) for p in re.findall(r"received by PID (\d+)", tail, re.IGNORECASE)] + signalled
-    return _Repeat(payloads, tail, timed_out, codes, wall_s, _kernel_log(pids) if not timed_out else "")
+    return RepeatOutcome(payloads, tail, timed_out, codes, wall_s, kernel_log_lines(pids) if not timed_out else "")
 
 
 def _read_payloads(tmp_dir: Path) -> list[dict[str, Any]]:
@@ -427,84 +364,6 @@ def _read_payloads(tmp_dir: Path) -> list[dict[str, Any]]:
         if payload.get("status") != "ok" or int(payload["rank"]) not in by_rank:
             by_rank[int(payload["rank"])] = payload
     return [by_rank[rank] for rank in sorted(by_rank)]
-
-
-def _last_error_line(log: str) -> str:
-    for line in reversed(log.strip().splitlines()):
-        if "Error" in line or "error" in line:
-            return line.strip()[:300]
-    return "worker exited without a result (see the log)"
-
-
-def _failure(payloads: list[dict[str, Any]], log: str) -> tuple[str, str, int | None] | None:
-    bad = [p for p in payloads if p.get("status") != "ok"]
-    if not bad:
-        return None
-    first = bad[0]
-    status = first.get("status", "error")
-    message = first.get("message", "")
-    if status == "error":
-        status = oom_status(message) or oom_status(log) or status
-    return status, message or _last_error_line(log), first.get("failed_at_step")
-
-
-def _killing_signal(repeat: _Repeat) -> str | None:
-    """The name of the signal that killed a worker (its exit code, or torchrun's report of it), else ``None``."""
-    numbers = [-code for code in repeat.return_codes if code is not None and code < 0]
-    numbers += [int(m.group(1)) for m in _TORCHRUN_SIGNAL_RE.finditer(repeat.log)]
-    numbers += [int(m.group(1)) for m in _TORCHRUN_EXIT_RE.finditer(repeat.log)]
-    for number in numbers:
-        try:
-            return signal.Signals(number).name
-        except ValueError:
-            return f"signal {number}"
-    return None
-
-
-def _classify(cfg: BenchConfig, repeat: _Repeat, timeout_s: float | None) -> tuple[str, str, int | None] | None:
-    """``(status, message, failed_at_step)`` of a failed repeat, ``None`` for a good one.
-
-    A worker that died from a signal is ``killed`` with the signal's name, unless the evidence - its log or the
-    kernel's OOM-killer line naming its PID - says it ran out of memory (then ``host_oom``/``oom``).
-    """
-    failure = _failure(repeat.payloads, repeat.log)
-    if repeat.timed_out:
-        if failure is not None:  # a rank failed and the others waited for it in a collective until the timeout
-            return failure[0], f"{failure[1]} (the other ranks then hung until the timeout)", failure[2]
-        return "timeout", f"repeat killed after the {timeout_s:g} s timeout (--timeout); a hung collective?", None
-    if failure is None and not repeat.payloads and any(repeat.return_codes):
-        failure = ("error", _last_error_line(repeat.log), None)
-    signal_name = _killing_signal(repeat)
-    if signal_name is None or (failure is not None and failure[0] != "error"):
-        return failure
-    reported = any(p.get("status") != "ok" for p in repeat.payloads)
-    if reported and signal_name in ("SIGTERM", "SIGINT"):
-        return failure  # torchrun stops the other workers with SIGTERM after one rank failed: the rank's error stands
-    step = failure[2] if failure is not None else None
-    also = f" ({failure[1]})" if reported and failure is not None else ""
-    evidence = oom_status(repeat.kernel_log) or oom_status(repeat.log)
-    if evidence is not None:
-        source = "the kernel's OOM killer named it" if oom_status(repeat.kernel_log) else "its log reports out of memory"
-        return evidence, f"worker killed by {signal_name}; {source}{also}", step
-    return (
-        KILLED,
-        f"worker killed by {signal_name} with no out-of-memory message in its log (the kernel's OOM killer, a "
-        f"scheduler or a user may have sent it; `dmesg` tells which){also}",
-        step,
-    )
-
-
-def _kernel_log(pids: list[int]) -> str:
-    """Kernel log lines that name one of ``pids`` (the OOM killer's "Killed process <pid>"); ``""`` where ``dmesg``
-    cannot be read (most containers, unprivileged users)."""
-    if not pids or shutil.which("dmesg") is None:
-        return ""
-    try:
-        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    wanted = re.compile(r"\b(" + "|".join(str(pid) for pid in pids) + r")\b")
-    return "\n".join(line for line in out.splitlines() if wanted.search(line))
 
 
 def _refuse_loopback_on_cuda(cfg: BenchConfig, cluster: ClusterLaunch | None) -> None:
@@ -569,7 +428,7 @@ def _run_repeats(
     """Every repeat of :func:`run_config`, one after another; the first failure ends the run as a result row."""
     for index in range(cfg.repeats):
         repeat = _run_repeat(cfg, timeout_s, cluster, index, flop_cache)
-        failure = _classify(cfg, repeat, timeout_s)
+        failure = classify_repeat(repeat, timeout_s)
         if failure is not None:
             status, message, step = failure
             result = BenchResult.failure(cfg, status, message, environment, failed_at_step=step, started_at=started)

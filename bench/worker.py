@@ -21,7 +21,8 @@ import torch
 
 from bench.config import BenchConfig
 from bench.measure import FlopCache, InstrumentedSteps, cached_step_flops, step_micro_batches
-from bench.runner import FLOP_CACHE_ENV, HOST_OOM, OOM, oom_status
+from bench.runner import FLOP_CACHE_ENV
+from bench.status import HOST_OOM, OOM, oom_status
 from phi3v_core.device import local_device
 from phi3v_core.io import atomic_write_text
 
@@ -185,7 +186,7 @@ def _failure_status(exc: BaseException) -> str:
     """``oom`` (GPU), ``host_oom`` or ``error`` for an exception raised by training.
 
     A GPU OOM comes as torch.OutOfMemoryError or as a RuntimeError from the driver, NCCL, cuBLAS or cuDNN; a host
-    OOM as MemoryError or torch's CPU allocator failing (:func:`bench.runner.oom_status` knows every spelling).
+    OOM as MemoryError or torch's CPU allocator failing (:func:`bench.status.oom_status` knows every spelling).
     """
     if isinstance(exc, torch.OutOfMemoryError):
         return OOM

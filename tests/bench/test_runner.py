@@ -18,15 +18,11 @@ from bench.config import BenchConfig
 from bench.results import load_result
 from bench.runner import (
     ClusterLaunch,
-    _classify,
-    _failure,
-    _Repeat,
     first_slurm_host,
     launch_commands,
-    looks_like_oom,
-    oom_status,
     run_config,
 )
+from bench.status import RepeatOutcome
 from bench.worker import plan_steps, workload_samples
 from phi3v_core.errors import ConfigError
 
@@ -103,81 +99,6 @@ def test_loopback_nodes_are_refused_on_cuda(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(bench.runner, "_run_repeat", lambda *a, **k: pytest.fail("must refuse before launching"))
     with pytest.raises(ConfigError, match="same GPUs"):
         run_config(BenchConfig(gpus=1, nodes=2, global_batch=2, release="t"))
-
-
-@pytest.mark.parametrize(
-    ("payload", "log", "expected"),
-    [
-        ({"rank": 0, "status": "oom", "message": "CUDA out of memory", "failed_at_step": 2}, "", "oom"),
-        ({"rank": 0, "status": "error", "message": "RuntimeError: boom"}, "", "error"),
-        ({"rank": 0, "status": "error", "message": "worker died"}, "torch.OutOfMemoryError: CUDA out of memory", "oom"),
-        ({"rank": 0, "status": "error", "message": "RuntimeError: CUDA error: out of memory"}, "", "oom"),
-        ({"rank": 0, "status": "error", "message": "RuntimeError: CUBLAS_STATUS_ALLOC_FAILED when calling"}, "", "oom"),
-    ],
-)
-def test_failures_are_classified(payload: dict, log: str, expected: str) -> None:
-    status, message, _ = _failure([payload, {"rank": 1, "status": "ok"}], log)
-    assert status == expected and message
-
-
-@pytest.mark.parametrize(
-    ("text", "status"),
-    [
-        ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "oom"),
-        ("RuntimeError: cuda OUT OF MEMORY. tried to allocate", "oom"),  # any case
-        ("RuntimeError: CUDA error: out of memory", "oom"),
-        ("torch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error "
-         "(run with NCCL_DEBUG=INFO for details), NCCL version 2.21.5\nLast error:\nCuda failure 2 'out of memory'",
-         "oom"),
-        ("RuntimeError: CUDA driver error: out of memory", "oom"),
-        ("RuntimeError: cuDNN error: CUDNN_STATUS_ALLOC_FAILED", "oom"),
-        ("RuntimeError: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", "oom"),
-        ("CUDA runtime error: cudaErrorMemoryAllocation", "oom"),
-        ("RuntimeError: [enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
-         "tried to allocate 274877906944 bytes. Error code 12 (Cannot allocate memory)", "host_oom"),
-        ("RuntimeError: DefaultCPUAllocator: not enough memory: you tried to allocate 1024 bytes.", "host_oom"),
-        ("MemoryError", "host_oom"),
-        ("Traceback ...\nMemoryError: Unable to allocate 8.00 GiB for an array", "host_oom"),
-        ("[12345.678] Out of memory: Killed process 4242 (python) total-vm:99kB", "host_oom"),
-        ("RuntimeError: shape mismatch", None),
-        ("ValueError: memory_format is not supported", None),
-    ],
-)
-def test_every_spelling_of_out_of_memory(text: str, status: str | None) -> None:
-    assert oom_status(text) == status
-    assert looks_like_oom(text) == (status is not None)
-    payload = {"rank": 0, "status": "error", "message": text}
-    assert _failure([payload], "")[0] == (status or "error")
-
-
-def test_timeout_and_signals_are_classified() -> None:
-    cfg = BenchConfig(release="t")
-    hung = _Repeat(payloads=[], log="", timed_out=True, return_codes=[-9])
-    assert _classify(cfg, hung, 60)[0] == "timeout"
-    # SIGKILL alone is not evidence of an OOM: the OOM killer, a scheduler and a user all send it.
-    killed = _Repeat(payloads=[], log="", timed_out=False, return_codes=[-signal.SIGKILL])
-    status, message, _ = _classify(cfg, killed, 60)
-    assert status == "killed" and "SIGKILL" in message
-    torchrun_log = "  exitcode  : -9 (pid: 123)\n  error_file: <N/A>\n  traceback : Signal 9 (SIGKILL) received by PID 123"
-    via_torchrun = _Repeat(payloads=[], log=torchrun_log, timed_out=False, return_codes=[1])
-    status, message, _ = _classify(cfg, via_torchrun, 60)
-    assert status == "killed" and message.startswith("worker killed by SIGKILL with no out-of-memory message")
-    terminated = _Repeat(payloads=[], log="", timed_out=False, return_codes=[-signal.SIGTERM])
-    assert "SIGTERM" in _classify(cfg, terminated, 60)[1]
-    # With evidence it is an OOM: the kernel's OOM-killer line naming the worker, or the worker's own log.
-    kernel = _Repeat(payloads=[], log="", timed_out=False, return_codes=[-9],
-                     kernel_log="[ 99.1] Out of memory: Killed process 123 (python) total-vm:1kB")
-    status, message, _ = _classify(cfg, kernel, 60)
-    assert status == "host_oom" and "OOM killer" in message
-    logged = _Repeat(payloads=[], log="NCCL WARN Cuda failure 2 'out of memory'", timed_out=False, return_codes=[-6])
-    assert _classify(cfg, logged, 60)[0] == "oom"
-    # torchrun stops the other ranks with SIGTERM after one failed: the failed rank's own error stands.
-    rank_error = {"rank": 1, "status": "error", "message": "RuntimeError: boom"}
-    stopped = _Repeat(payloads=[{"rank": 0, "status": "ok"}, rank_error],
-                      log="Signal 15 (SIGTERM) received by PID 77", timed_out=False, return_codes=[1])
-    assert _classify(cfg, stopped, 60) == ("error", "RuntimeError: boom", None)
-    fine = _Repeat(payloads=[{"rank": 0, "status": "ok"}], log="", timed_out=False, return_codes=[0])
-    assert _classify(cfg, fine, 60) is None
 
 
 def test_timeout_kills_the_whole_process_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -436,8 +357,8 @@ def test_a_partial_optimizer_step_in_the_timed_window_is_an_error(monkeypatch: p
                 "step_samples": samples, "images_per_step": 2, "tokens_per_step": 10, "image_tokens_per_step": 4,
                 "memory": {"rank": rank, "device": "cpu", "cpu_rss_bytes": 1}}
 
-    def fake_repeat(*args: object) -> _Repeat:
-        return _Repeat([payload(0, [2, 2]), payload(1, [2, 1])], "", False, [0])
+    def fake_repeat(*args: object) -> RepeatOutcome:
+        return RepeatOutcome([payload(0, [2, 2]), payload(1, [2, 1])], "", False, [0])
 
     monkeypatch.setattr(bench.runner, "_run_repeat", fake_repeat)
     result = run_config(BenchConfig(gpus=2, global_batch=4, micro_batch=1, steps=2, warmup=1, repeats=1, release="t"))
