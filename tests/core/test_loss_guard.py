@@ -26,12 +26,17 @@ from phi3v_core.training.synthetic import SyntheticDataset
 class _OverflowOn(TrainerCallback):
     """Give the optimizer a real GradScaler and make the gradients inf on ``bad_steps`` (1-based)."""
 
-    def __init__(self, bad_steps: set[int] | None) -> None:
+    def __init__(self, bad_steps: set[int] | None, install_scaler: bool = True) -> None:
         self.bad_steps = bad_steps  # None: every step overflows
+        self.install_scaler = install_scaler  # False on CUDA, where accelerate brings its own
         self._overflow = False
         self.scales: list[float] = []
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001, ANN201
+        param = next(p for p in model.parameters() if p.requires_grad)
+        param.register_hook(lambda grad: torch.full_like(grad, math.inf) if self._overflow else grad)
+        if not self.install_scaler:
+            return
         scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=10_000)
         # accelerate's backward scales the loss, which creates the scale tensor; the loss here is unscaled (scale
         # 1, then the grads are divided by the halved scale: harmless for a few steps of a tiny model).
@@ -41,8 +46,6 @@ class _OverflowOn(TrainerCallback):
         optimizer._accelerate_step_called = False
         optimizer._optimizer_original_step_method = optimizer.optimizer.step
         optimizer._optimizer_patched_step_method = patch_optimizer_step(optimizer, optimizer.optimizer.step)
-        param = next(p for p in model.parameters() if p.requires_grad)
-        param.register_hook(lambda grad: torch.full_like(grad, math.inf) if self._overflow else grad)
 
     def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         step = state.global_step + 1
@@ -52,9 +55,9 @@ class _OverflowOn(TrainerCallback):
         self.scales.append(float(optimizer.scaler.get_scale()))
 
 
-def _config(tmp_path: Path, steps: int) -> TrainConfig:
+def _config(tmp_path: Path, steps: int, precision: str = "fp32") -> TrainConfig:
     return TrainConfig(
-        model="tiny", method="lora", precision="fp32", num_crops=1, micro_batch=2, global_batch=2, max_steps=steps,
+        model="tiny", method="lora", precision=precision, num_crops=1, micro_batch=2, global_batch=2, max_steps=steps,
         warmup_steps=0, learning_rate=1e-3, lora_rank=4, output_dir=str(tmp_path / "run"), dataloader_num_workers=0,
         disable_tqdm=True, save_final=False, save_steps=0, seed=0,
     )
@@ -102,3 +105,16 @@ def test_skip_detection_reads_accelerate_and_deepspeed_flags() -> None:
     assert loss_scale(Wrapper()) == 1024.0
     assert not optimizer_step_skipped(None)
     assert not optimizer_step_skipped(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_on_cuda_skips_an_overflow_step_and_trains_on(tmp_path: Path) -> None:
+    """accelerate's own GradScaler on a GPU (the V100/T4 path). The tiny model in fp16 needs well under 1 GiB, so
+    this passes on any card that runs fp16 (H100 80 GB, A100 40 GB, V100 32 GB alike)."""
+    overflow = _OverflowOn({3}, install_scaler=False)
+    result = train(_config(tmp_path, 5, precision="fp16"), _dataset(5), callbacks=[overflow])
+    assert result.global_step == 5
+    assert result.steps[2].skipped  # the injected overflow (earlier steps may skip too while the scale settles)
+    assert overflow.scales[2] < overflow.scales[1]  # the real scaler halved its scale there
+    assert all(math.isfinite(loss) for loss in result.losses.values())
