@@ -188,10 +188,11 @@ def test_results_of_another_machine_or_commit_are_not_replaced(tmp_path) -> None
     assert load_result(path).environment.git_sha == "0" * 40  # untouched
     save_result(other_commit, tmp_path, force=True)
     assert load_result(path).environment.git_sha == "1" * 40
-    # An error row may always be retried.
-    failed = BenchResult.failure(ours.config, "error", "boom", gpu_env(count=8))
-    save_result(failed, tmp_path, force=True)
-    assert replacement_problem(path, ours.environment) is None
+    # An error, killed or timeout row may always be retried (as matrix retries them); a host OOM is a finding.
+    for status, replaceable in (("error", True), ("killed", True), ("timeout", True), ("host_oom", False)):
+        failed = BenchResult.failure(ours.config, status, "boom", gpu_env(count=8))
+        save_result(failed, tmp_path, force=True)
+        assert (replacement_problem(path, other_commit.environment) is None) == replaceable, status
 
 
 def test_shipped_cpu_results_still_load_and_compare() -> None:
