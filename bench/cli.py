@@ -347,6 +347,10 @@ def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons:
     for name, value in zip(columns, row):
         table.add_row(name, value)
     console.print(table)
+    from bench.status import run_notes
+
+    for note in run_notes(result):
+        console.print(note)
     if result.message:
         console.print(f"[red]{result.status}[/]: {result.message}")
     if write_error:

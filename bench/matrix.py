@@ -6,13 +6,15 @@ or from both: the grid replaces a field across every preset cell. The sweep
 
 * validates every cell before running any, and reports all problems at once;
 * runs each cell through an injectable ``run_cell(cfg) -> BenchResult`` (default :func:`bench.runner.run_config`);
-* records an out-of-memory or a crash in one cell as a result row (status ``oom``/``error`` plus the message) and
-  goes on;
+* records an out-of-memory or a crash in one cell as a result row (status ``oom``/``host_oom``/``killed``/
+  ``timeout``/``error`` plus the message, see :mod:`bench.status`) and goes on;
 * writes each result atomically as soon as its cell ends, so an interrupted sweep loses at most the running cell;
   when a write fails (disk full, permission) the sweep stops, and the measured result stays in the summary (printed
   by the CLI) with the write error, rather than being lost;
-* skips cells whose result file already holds a finished (``ok`` or ``oom``) result when re-run; ``error`` cells are
-  retried because a crash is usually fixed by a code change, and ``force=True`` re-runs everything.
+* skips cells whose result file already holds a finished result when re-run (:data:`FINISHED_STATUSES`: ``ok``,
+  ``oom`` and ``host_oom``, which are answers about the configuration on this machine); ``error`` (usually fixed by
+  a code change), ``timeout`` and ``killed`` (a signal from outside: a scheduler, a user, an OOM killer that left no
+  trace) are retried; ``force=True`` re-runs everything.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from bench.config import IDENTITY_FIELDS, BenchConfig, canonical_field, parse_field_value
 from bench.results import BenchResult, RunEnvironment, utc_now
+from bench.status import oom_status
 from bench.store import load_result, result_path
 from phi3v_core.errors import ConfigError, DataError, raise_all
 from phi3v_core.fs import describe_os_error
@@ -46,8 +49,8 @@ __all__ = [
 
 RunCell = Callable[[BenchConfig], BenchResult]
 
-#: Statuses that count as done when a sweep is resumed.
-FINISHED_STATUSES: tuple[str, ...] = ("ok", "oom")
+#: Statuses that count as done when a sweep is resumed (see the module docstring for why the others are retried).
+FINISHED_STATUSES: tuple[str, ...] = ("ok", "oom", "host_oom")
 
 # The seed's benchmark setup (the Phi-3CookBook fine-tuning guide's speed table): DocVQA, num_crops 16, global batch 64, per-GPU batch 1, 8 GPUs per node.
 _SEED_BASE: dict[str, Any] = dict(
@@ -209,22 +212,20 @@ def build_cells(
 
 
 def classify_failure(exc: BaseException) -> str:
-    """Return ``"oom"`` for an out-of-memory failure (CUDA allocator, cuBLAS workspace, host ``MemoryError``), else
-    ``"error"``."""
-    if isinstance(exc, MemoryError):
-        return "oom"
+    """Return ``"oom"`` for a GPU out-of-memory failure (torch, NCCL, CUDA driver, cuBLAS, cuDNN), ``"host_oom"`` when
+    the host ran out (``MemoryError``, torch's CPU allocator), else ``"error"``; every spelling, any case
+    (:func:`bench.status.oom_status`)."""
     names = {cls.__name__ for cls in type(exc).__mro__}
     if "OutOfMemoryError" in names:  # torch.OutOfMemoryError / torch.cuda.OutOfMemoryError
         return "oom"
-    text = str(exc).lower()
-    if "out of memory" in text or "cublas_status_alloc_failed" in text:
-        return "oom"
-    return "error"
+    if isinstance(exc, MemoryError):
+        return "host_oom"
+    return oom_status(f"{type(exc).__name__}: {exc}") or "error"
 
 
 @dataclass
 class CellOutcome:
-    """What happened to one cell in a sweep: ``ok``/``oom``/``error`` (run now) or ``skipped`` (already finished)."""
+    """What happened to one cell in a sweep: a result status (run now) or ``skipped`` (already finished)."""
 
     config: BenchConfig
     status: str

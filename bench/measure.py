@@ -2,8 +2,10 @@
 
 The protocol (the order is the contract; :attr:`InstrumentedSteps.events` records it and tests check it):
 
-1. **Timed window opens** at the start of the first timed step: CUDA peak statistics are reset and a background
-   NVML sampler starts (:class:`PeakSampler`, period <= 100 ms).
+1. **Timed window opens** at the start of the first timed step, *before its clock starts* (the worker lists
+   :class:`InstrumentedSteps` ahead of the :class:`~phi3v_core.training.callbacks.StepTimer`): the device is
+   synchronised, CUDA peak statistics are reset and a background NVML sampler starts (:class:`PeakSampler`, period
+   <= 100 ms, one NVML query per sample: :class:`phi3v_core.nvml.ProcessMemoryReader`).
 2. Timed steps are plain training steps (only :class:`~phi3v_core.training.callbacks.StepTimer` runs, with device
    synchronisation).
 3. **Timed window closes** at the end of the last timed step: the device is synchronised, the CUDA peaks are read and
@@ -16,19 +18,26 @@ The protocol (the order is the contract; :attr:`InstrumentedSteps.events` record
    * the **FLOP trace** (:func:`trace_step_flops`): the identical step (same method, same micro-batch shapes) on fake
      tensors under ``FlopCounterMode``, with attention in plain matrix products (SDPA's math backend) so the count is
      the same whichever kernel the timed steps used. It costs no GPU memory. Traced once with gradient
-     checkpointing off (``model_flops``) and once as configured (``hardware_flops``, recompute included).
+     checkpointing off (``model_flops``) and once as configured (``hardware_flops``, recompute included). The
+     count is the same in every repeat, so it is traced once per configuration, on rank 0, and kept in a
+     :class:`FlopCache` keyed by everything it depends on (:func:`flop_cache_key`).
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import hashlib
+import json
 import os
 import resource
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,11 +48,15 @@ from transformers import TrainerCallback
 
 __all__ = [
     "NVML_PERIOD_S",
+    "FlopCache",
     "InstrumentedSteps",
     "LiveTensorBytes",
+    "NvmlReader",
     "PeakSampler",
     "StepFlops",
+    "cached_step_flops",
     "cpu_rss_peak_bytes",
+    "flop_cache_key",
     "gpu_memory",
     "nvml_process_reader",
     "trace_step_flops",
@@ -123,30 +136,58 @@ def gpu_memory(device: torch.device) -> tuple[int | None, int | None]:
     return int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.max_memory_reserved(device))
 
 
-def nvml_process_reader(device: torch.device) -> tuple[Callable[[], int | None], Callable[[], None]] | None:
-    """``(read, close)`` for the GPU memory NVML attributes to this process on ``device``; ``None`` off CUDA.
+@dataclass(frozen=True)
+class NvmlReader:
+    """What :attr:`InstrumentedSteps.nvml_reader` returns: ``read()`` bytes, ``close()``, and ``source()``.
 
-    ``read()`` returns the bytes NVML reports for this process (CUDA context, NCCL and cuBLAS workspaces included)
-    or ``None`` when NVML cannot say (no driver, containers that hide per-process numbers). The device ordinal is
-    mapped to the physical GPU by :mod:`phi3v_core.nvml`, the project's one NVML reader (``CUDA_VISIBLE_DEVICES``
-    indices, UUIDs and MIG instances).
+    ``source()`` says what the readings are: ``"process"`` (this process's memory) or ``"device_used"`` (NVML
+    listed no process with our PID - a container - so the device's used memory); ``None`` when nothing was read.
+    A plain ``(read, close)`` tuple is accepted too and read as process memory.
+    """
+
+    read: Callable[[], int | None]
+    close: Callable[[], None]
+    source: Callable[[], str | None] = lambda: "process"
+    warning: Callable[[], str | None] = lambda: None
+
+
+# One NVML reader per device and CUDA_VISIBLE_DEVICES for the life of the process: NVML is initialised and the
+# device resolved once, however many windows are opened (selfcheck opens several in one process).
+_NVML_READERS: dict[tuple[int, str | None, int], Any] = {}
+
+
+def _close_nvml_readers() -> None:
+    for reader in _NVML_READERS.values():
+        reader.close()
+    _NVML_READERS.clear()
+
+
+atexit.register(_close_nvml_readers)
+
+
+def nvml_process_reader(device: torch.device) -> NvmlReader | None:
+    """An :class:`NvmlReader` of the GPU memory NVML attributes to this process on ``device``; ``None`` off CUDA.
+
+    ``read()`` returns the bytes NVML reports for this process (CUDA context, NCCL and cuBLAS workspaces included),
+    the device's used memory where NVML lists no process with our PID (containers; ``source()`` says so), or
+    ``None`` when NVML cannot say. The device ordinal is mapped to the physical GPU by :mod:`phi3v_core.nvml`, the
+    project's one NVML reader (``CUDA_VISIBLE_DEVICES`` indices, UUIDs and MIG instances). The reader lives for the
+    whole process (closed at exit), so ``close()`` is a no-op.
     """
     if device.type != "cuda":
         return None
-    from phi3v_core.nvml import import_nvml, process_memory_bytes
+    from phi3v_core.nvml import ProcessMemoryReader, import_nvml
 
-    if import_nvml() is None:
+    nvml = import_nvml()
+    if nvml is None:
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    pid = os.getpid()
-
-    def read() -> int | None:
-        return process_memory_bytes(index, pid)
-
-    def close() -> None:
-        return None
-
-    return read, close
+    key = (index, os.environ.get("CUDA_VISIBLE_DEVICES"), id(nvml))
+    reader = _NVML_READERS.get(key)
+    if reader is None:
+        reader = _NVML_READERS[key] = ProcessMemoryReader(index, os.getpid(), nvml)
+    return NvmlReader(read=reader.read, close=lambda: None, source=lambda: reader.source,
+                      warning=lambda: reader.warning)
 
 
 class PeakSampler:
@@ -211,6 +252,10 @@ class InstrumentedSteps(TrainerCallback):
         gpu_reserved_bytes: ``max_memory_reserved`` over the timed window (CUDA only).
         nvml_peak_bytes: Maximum NVML process memory sampled during the timed window.
         nvml_samples: Number of NVML samples behind ``nvml_peak_bytes``.
+        nvml_source: What ``nvml_peak_bytes`` is: ``"process"``, or ``"device_used"`` where NVML listed no process
+            with our PID (containers); ``None`` without a reading.
+        window_opened_at: ``time.perf_counter()`` once the window was open (sync, reset, first NVML sample done);
+            the first timed step's clock must start after it.
         cpu_rss_bytes: Peak resident set size of the process when the window closed.
         tensor_peak_bytes: Result of the memory probe (CPU).
         events: ``(event, step)`` in the order they happened; the protocol's audit trail.
@@ -219,20 +264,22 @@ class InstrumentedSteps(TrainerCallback):
     first_timed_step: int = 1
     last_timed_step: int = 1
     memory_step: int | None = None
-    nvml_reader: Callable[[torch.device], tuple[Callable[[], int | None], Callable[[], None]] | None] = (
+    nvml_reader: Callable[[torch.device], NvmlReader | tuple[Callable[[], int | None], Callable[[], None]] | None] = (
         nvml_process_reader
     )
     gpu_allocated_bytes: int | None = None
     gpu_reserved_bytes: int | None = None
     nvml_peak_bytes: int | None = None
     nvml_samples: int = 0
+    nvml_source: str | None = None
+    window_opened_at: float | None = None
     cpu_rss_bytes: int | None = None
     tensor_peak_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
     events: list[tuple[str, int]] = field(default_factory=list)
     _mem_tracker: LiveTensorBytes | None = None
     _sampler: PeakSampler | None = None
-    _nvml_close: Callable[[], None] | None = None
+    _nvml: NvmlReader | None = None
 
     def __post_init__(self) -> None:
         if self.memory_step is not None and self.memory_step <= self.last_timed_step:
@@ -275,10 +322,11 @@ class InstrumentedSteps(TrainerCallback):
             torch.cuda.reset_peak_memory_stats(device)
         opened = self.nvml_reader(device)
         if opened is not None:
-            read, self._nvml_close = opened
-            self._sampler = PeakSampler(read)
+            self._nvml = opened if isinstance(opened, NvmlReader) else NvmlReader(*opened)
+            self._sampler = PeakSampler(self._nvml.read)
             self._sampler.start()
         self.event("window_open", self.first_timed_step)
+        self.window_opened_at = time.perf_counter()
 
     def _close_window(self, device: torch.device, step: int) -> None:
         # Read the peaks first: nothing may allocate between the last timed step and this read.
@@ -290,9 +338,13 @@ class InstrumentedSteps(TrainerCallback):
             self.nvml_peak_bytes = self._sampler.stop()
             self.nvml_samples = self._sampler.samples
             self._sampler = None
-        if self._nvml_close is not None:
-            self._nvml_close()
-            self._nvml_close = None
+        if self._nvml is not None:
+            self.nvml_source = self._nvml.source() if self.nvml_peak_bytes is not None else None
+            warning = self._nvml.warning()
+            if warning and warning not in self.notes:
+                self.notes.append(warning)
+            self._nvml.close()
+            self._nvml = None
         self.event("peaks_read", step)
 
 
@@ -390,6 +442,65 @@ def trace_step_flops(
     recompute = train_cfg.gradient_checkpointing and with_recompute
     hardware_flops = count(checkpointing=True) if recompute else model_flops
     return StepFlops(model_flops, hardware_flops, attn, len(distinct))
+
+
+def flop_cache_key(train_cfg: Any, micro_batches: Sequence[dict[str, Any]], *, with_recompute: bool = True) -> str:
+    """Everything :func:`trace_step_flops` depends on, hashed: the model's full config (every shape), the method
+    and its options, the traced attention, gradient checkpointing, and each micro-batch shape (sequence length,
+    micro-batch size, crops) with how many of the step's micro-batches have it."""
+    from phi3v_core.config import get_config
+
+    attn = flop_trace_attn(train_cfg.attn)
+    method = "lora" if train_cfg.method == "qlora" else train_cfg.method
+    traced_cfg = dataclasses.replace(train_cfg, method=method, precision="fp32", attn=attn)
+    shapes: dict[str, int] = {}
+    for batch in micro_batches:
+        shapes[repr(_shape_key(batch))] = shapes.get(repr(_shape_key(batch)), 0) + 1
+    parts = {
+        "model": get_config(train_cfg.model, attn_implementation=attn).to_dict(),
+        "method": method,
+        "options": repr(traced_cfg.method_options("meta")),
+        "attn": attn,
+        "checkpointing": bool(train_cfg.gradient_checkpointing and with_recompute),
+        "micro_batches": shapes,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class FlopCache:
+    """FLOP counts on disk, one JSON file per :func:`flop_cache_key` (the runner gives every repeat of a
+    configuration the same folder, so only the first repeat traces). Unreadable entries count as missing."""
+
+    directory: Path
+
+    def get(self, key: str) -> StepFlops | None:
+        """The stored count, or None."""
+        try:
+            return StepFlops(**json.loads((self.directory / f"{key}.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def put(self, key: str, flops: StepFlops) -> None:
+        """Store ``flops`` (atomically: a half-written entry is never read)."""
+        from phi3v_core.io import atomic_write_text
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.directory / f"{key}.json", json.dumps(dataclasses.asdict(flops)))
+
+
+def cached_step_flops(
+    train_cfg: Any, micro_batches: Sequence[dict[str, Any]], cache: FlopCache | None, *, with_recompute: bool = True
+) -> tuple[StepFlops, bool]:
+    """:func:`trace_step_flops` through ``cache``: ``(flops, True)`` when it was stored, else traced and stored."""
+    key = flop_cache_key(train_cfg, micro_batches, with_recompute=with_recompute)
+    found = cache.get(key) if cache is not None else None
+    if found is not None:
+        return found, True
+    flops = trace_step_flops(train_cfg, micro_batches, with_recompute=with_recompute)
+    if cache is not None:
+        cache.put(key, flops)
+    return flops, False
 
 
 def step_micro_batches(train_cfg: Any, dataset: Any, micro_batch: int, grad_accum: int) -> list[dict[str, Any]]:

@@ -53,8 +53,8 @@ __all__ = [
 
 SCHEMA = "phi3v-bench/result"
 SCHEMA_VERSION = 1
-Status = Literal["ok", "oom", "error", "timeout"]
-STATUSES: tuple[str, ...] = ("ok", "oom", "error", "timeout")
+Status = Literal["ok", "oom", "host_oom", "killed", "error", "timeout"]
+STATUSES: tuple[str, ...] = ("ok", "oom", "host_oom", "killed", "error", "timeout")
 
 MEMORY_FIELDS: tuple[str, ...] = (
     "gpu_allocated_bytes",
@@ -80,6 +80,9 @@ class RankMemory:
         nvml_process_bytes: Peak NVML ``usedGpuMemory`` of the process (adds CUDA context, NCCL, cuBLAS workspaces).
         cpu_rss_bytes: Peak resident set size of the process.
         cpu_tensor_peak_bytes: Peak bytes of live CPU tensors (CPU runs).
+        nvml_source: What ``nvml_process_bytes`` is: ``"process"``, or ``"device_used"`` (NVML listed no process
+            with the worker's PID, e.g. in a container: the device's used memory, other processes included);
+            ``None`` in older results and without a reading.
     """
 
     rank: int
@@ -89,6 +92,7 @@ class RankMemory:
     nvml_process_bytes: int | None = None
     cpu_rss_bytes: int | None = None
     cpu_tensor_peak_bytes: int | None = None
+    nvml_source: str | None = None
 
 
 @dataclass
@@ -101,6 +105,11 @@ class RepeatSample:
         memory: One entry per rank.
         final_loss: Loss of the last step (a sanity check that training did something); ``None`` when unknown.
         step_samples: Samples each timed step consumed over all ranks (the global batch of a full optimizer step).
+        wall_s: Seconds from launching the repeat's processes to their exit (start-up, model build, every step,
+            FLOP count); ``None`` in older results.
+        skipped_steps: Steps (warm-up included) whose update the fp16 loss scaler skipped; ``None`` in older results.
+        skipped_timed_steps: 1-based positions in the timed window of skipped steps (their times are kept: the
+            step ran forward and backward, only the update was skipped).
     """
 
     step_times_s: list[float] = field(default_factory=list)
@@ -108,6 +117,9 @@ class RepeatSample:
     memory: list[RankMemory] = field(default_factory=list)
     final_loss: float | None = None
     step_samples: list[int] = field(default_factory=list)
+    wall_s: float | None = None
+    skipped_steps: int | None = None
+    skipped_timed_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -126,6 +138,8 @@ class Metrics:
         peak_flops_per_gpu: Dense peak FLOP/s of one GPU at the run's precision, for MFU.
         total_params: Parameters of the model as trained (after the method was applied).
         trainable_params: Parameters that receive gradients.
+        wall_s: Seconds the whole run took (every repeat, from the first launch to the result); ``None`` in older
+            results.
     """
 
     repeats: list[RepeatSample] = field(default_factory=list)
@@ -137,6 +151,7 @@ class Metrics:
     peak_flops_per_gpu: float | None = None
     total_params: int | None = None
     trainable_params: int | None = None
+    wall_s: float | None = None
 
     def step_times(self) -> list[float]:
         """Return the timed step times of all repeats, pooled."""
@@ -178,6 +193,9 @@ class Summary:
     peak_nvml_process_bytes: int | None
     peak_cpu_rss_bytes: int | None
     peak_cpu_tensor_peak_bytes: int | None
+    wall_s: float | None = None
+    steps_s: float | None = None
+    skipped_steps: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the summary as a JSON-ready dict."""
@@ -262,6 +280,10 @@ class BenchResult:
             peak_nvml_process_bytes=m.peak_memory("nvml_process_bytes"),
             peak_cpu_rss_bytes=m.peak_memory("cpu_rss_bytes"),
             peak_cpu_tensor_peak_bytes=m.peak_memory("cpu_tensor_peak_bytes"),
+            wall_s=m.wall_s,
+            # Warm-up + timed steps of every repeat: the part of wall_s that trained.
+            steps_s=sum(times) + sum(t for r in m.repeats for t in r.warmup_times_s) if m.repeats else None,
+            skipped_steps=sum(r.skipped_steps or 0 for r in m.repeats) if m.repeats else None,
         )
 
     # ---- (de)serialization ----------------------------------------------------------------------------------

@@ -37,11 +37,13 @@ from typing import Any
 
 from bench.config import BenchConfig
 from bench.results import BenchResult, Metrics, RankMemory, RepeatSample, capture_environment, utc_now
+from bench.status import OOM_MARKERS, RepeatOutcome, classify_repeat, kernel_log_lines, looks_like_oom
 from phi3v_core.errors import ConfigError
 
 __all__ = [
     "DEFAULT_MASTER_PORT",
     "DEFAULT_TIMEOUT_S",
+    "FLOP_CACHE_ENV",
     "OOM_MARKERS",
     "ClusterLaunch",
     "first_slurm_host",
@@ -55,26 +57,11 @@ __all__ = [
 DEFAULT_TIMEOUT_S = 3600.0
 #: torchrun's own default rendezvous port.
 DEFAULT_MASTER_PORT = 29500
-#: Every way an out-of-memory failure shows up in a worker's message or log.
-OOM_MARKERS = (
-    "OutOfMemoryError",
-    "CUDA out of memory",
-    "CUDA error: out of memory",
-    "CUBLAS_STATUS_ALLOC_FAILED",
-    "cudaErrorMemoryAllocation",
-)
-# torchrun's report of a worker that died from SIGKILL (the kernel's OOM killer sends it).
-_SIGKILL_MARKERS = ("Signal 9 (SIGKILL)", "exitcode  : -9", "exitcode: -9")
-_OOM_KILLER_NOTE = "killed by SIGKILL, most likely the kernel's OOM killer (host RAM); check `dmesg`"
 # Seconds torchrun gets to stop its workers after SIGTERM before everything is SIGKILLed.
 _GRACE_S = 30.0
-
-
-def looks_like_oom(text: str) -> bool:
-    """Whether ``text`` (an exception message or a log) reports running out of GPU memory, in any of its forms."""
-    return any(marker in text for marker in OOM_MARKERS)
-
-
+#: Environment variable naming the folder where a configuration's repeats share their FLOP count
+#: (:class:`bench.measure.FlopCache`): the first repeat traces, the others read it.
+FLOP_CACHE_ENV = "PHI3V_BENCH_FLOP_CACHE"
 @dataclass(frozen=True)
 class ClusterLaunch:
     """Where this node sits in a real multi-node run (one ``phi3v-bench`` per node).
@@ -312,20 +299,18 @@ def terminate_on_signals() -> Iterator[None]:
 # -- one repeat ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Repeat:
-    payloads: list[dict[str, Any]]
-    log: str
-    timed_out: bool
-    return_codes: list[int | None]
+def _run_repeat(
+    cfg: BenchConfig, timeout_s: float | None, cluster: ClusterLaunch | None, repeat: int, flop_cache: Path | None = None
+) -> RepeatOutcome:
+    """Launch one repeat on this machine; return the rank payloads (all ranks' on node 0 of a cluster).
 
-
-def _run_repeat(cfg: BenchConfig, timeout_s: float | None, cluster: ClusterLaunch | None, repeat: int) -> _Repeat:
-    """Launch one repeat on this machine; return the rank payloads (all ranks' on node 0 of a cluster)."""
+    ``flop_cache`` is the folder the configuration's repeats share, so the FLOPs are traced by the first only.
+    """
     tmp_dir = Path(tempfile.mkdtemp(prefix="phi3v-bench-"))
     procs: list[subprocess.Popen] = []
     logs = []
     timed_out = False
+    launched = time.monotonic()
     try:
         config_file = tmp_dir / "config.json"
         config_file.write_text(json.dumps(cfg.to_dict()))
@@ -333,6 +318,8 @@ def _run_repeat(cfg: BenchConfig, timeout_s: float | None, cluster: ClusterLaunc
         local_processes = cfg.gpus if cluster is not None else cfg.world_size
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_processes)))
         env["PYTHONUNBUFFERED"] = "1"
+        if flop_cache is not None:
+            env[FLOP_CACHE_ENV] = str(flop_cache)
         try:
             for i, command in enumerate(launch_commands(cfg, config_file, tmp_dir, cluster=cluster, repeat=repeat)):
                 log = open(tmp_dir / f"node{i}.log", "w")  # noqa: SIM115 - closed in finally
@@ -353,11 +340,15 @@ def _run_repeat(cfg: BenchConfig, timeout_s: float | None, cluster: ClusterLaunc
                 _LIVE.discard(proc)
             for log in logs:
                 log.close()
+        wall_s = time.monotonic() - launched
         payloads = _read_payloads(tmp_dir)
         tail = "\n".join((tmp_dir / f"node{i}.log").read_text(errors="replace")[-4000:] for i in range(len(logs)))
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    return _Repeat(payloads, tail, timed_out, [proc.returncode for proc in procs])
+    codes = [proc.returncode for proc in procs]
+    signalled = [proc.pid for proc in procs if proc.returncode is not None and proc.returncode < 0]
+    pids = [int(p) for p in re.findall(r"received by PID (\d+)", tail, re.IGNORECASE)] + signalled
+    return RepeatOutcome(payloads, tail, timed_out, codes, wall_s, kernel_log_lines(pids) if not timed_out else "")
 
 
 def _read_payloads(tmp_dir: Path) -> list[dict[str, Any]]:
@@ -373,45 +364,6 @@ def _read_payloads(tmp_dir: Path) -> list[dict[str, Any]]:
         if payload.get("status") != "ok" or int(payload["rank"]) not in by_rank:
             by_rank[int(payload["rank"])] = payload
     return [by_rank[rank] for rank in sorted(by_rank)]
-
-
-def _last_error_line(log: str) -> str:
-    for line in reversed(log.strip().splitlines()):
-        if "Error" in line or "error" in line:
-            return line.strip()[:300]
-    return "worker exited without a result (see the log)"
-
-
-def _failure(payloads: list[dict[str, Any]], log: str) -> tuple[str, str, int | None] | None:
-    bad = [p for p in payloads if p.get("status") != "ok"]
-    if not bad:
-        return None
-    first = bad[0]
-    status = first.get("status", "error")
-    message = first.get("message", "")
-    if status != "oom" and (looks_like_oom(message) or looks_like_oom(log)):
-        status = "oom"
-    return status, message or _last_error_line(log), first.get("failed_at_step")
-
-
-def _killed_by_sigkill(repeat: _Repeat) -> bool:
-    return any(code == -signal.SIGKILL for code in repeat.return_codes) or any(m in repeat.log for m in _SIGKILL_MARKERS)
-
-
-def _classify(cfg: BenchConfig, repeat: _Repeat, timeout_s: float | None) -> tuple[str, str, int | None] | None:
-    """``(status, message, failed_at_step)`` of a failed repeat, ``None`` for a good one."""
-    failure = _failure(repeat.payloads, repeat.log)
-    if repeat.timed_out:
-        if failure is not None:  # a rank failed and the others waited for it in a collective until the timeout
-            return failure[0], f"{failure[1]} (the other ranks then hung until the timeout)", failure[2]
-        return "timeout", f"repeat killed after the {timeout_s:g} s timeout (--timeout); a hung collective?", None
-    if failure is None and not repeat.payloads and any(repeat.return_codes):
-        failure = ("error", _last_error_line(repeat.log), None)
-    if failure is not None and failure[0] == "error" and _killed_by_sigkill(repeat):
-        return "oom", f"{_OOM_KILLER_NOTE} ({failure[1]})", failure[2]
-    if failure is None and _killed_by_sigkill(repeat):
-        return "oom", _OOM_KILLER_NOTE, None
-    return failure
 
 
 def _refuse_loopback_on_cuda(cfg: BenchConfig, cluster: ClusterLaunch | None) -> None:
@@ -451,33 +403,53 @@ def run_config(
         raise ConfigError("; ".join(problems))
     _refuse_loopback_on_cuda(cfg, cluster)
     started = utc_now()
+    clock = time.monotonic()
     environment = capture_environment()
     metrics = Metrics()
-    with terminate_on_signals():
-        for index in range(cfg.repeats):
-            repeat = _run_repeat(cfg, timeout_s, cluster, index)
-            failure = _classify(cfg, repeat, timeout_s)
-            if failure is not None:
-                status, message, step = failure
-                result = BenchResult.failure(cfg, status, message, environment, failed_at_step=step, started_at=started)
-                result.metrics = metrics  # keep the repeats that did finish
-                return result
-            if cluster is not None and not cluster.is_main:
-                continue  # this node's ranks reported to rank 0, on node 0
-            ranks = sorted(repeat.payloads, key=lambda p: p["rank"])
-            if len(ranks) != cfg.world_size:
-                return BenchResult.failure(
-                    cfg, "error", f"{len(ranks)} of {cfg.world_size} ranks reported", environment, started_at=started
-                )
-            _add_repeat(metrics, ranks)
-            partial = [(i, n) for i, n in enumerate(metrics.repeats[-1].step_samples, 1) if n != cfg.global_batch]
-            if partial:
-                # A timed step must be a whole optimizer step; anything else would inflate or deflate img/s.
-                step, samples = partial[0]
-                message = f"timed step {step} carried {samples} of {cfg.global_batch} samples (a partial optimizer step)"
-                result = BenchResult.failure(cfg, "error", message, environment, started_at=started)
-                result.metrics = metrics
-                return result
+    flop_cache = Path(tempfile.mkdtemp(prefix="phi3v-bench-flops-"))
+    try:
+        with terminate_on_signals():
+            result = _run_repeats(cfg, timeout_s, cluster, environment, metrics, started, flop_cache)
+    finally:
+        shutil.rmtree(flop_cache, ignore_errors=True)
+    result.metrics.wall_s = time.monotonic() - clock
+    return result
+
+
+def _run_repeats(
+    cfg: BenchConfig,
+    timeout_s: float | None,
+    cluster: ClusterLaunch | None,
+    environment: Any,
+    metrics: Metrics,
+    started: str,
+    flop_cache: Path,
+) -> BenchResult:
+    """Every repeat of :func:`run_config`, one after another; the first failure ends the run as a result row."""
+    for index in range(cfg.repeats):
+        repeat = _run_repeat(cfg, timeout_s, cluster, index, flop_cache)
+        failure = classify_repeat(repeat, timeout_s)
+        if failure is not None:
+            status, message, step = failure
+            result = BenchResult.failure(cfg, status, message, environment, failed_at_step=step, started_at=started)
+            result.metrics = metrics  # keep the repeats that did finish
+            return result
+        if cluster is not None and not cluster.is_main:
+            continue  # this node's ranks reported to rank 0, on node 0
+        ranks = sorted(repeat.payloads, key=lambda p: p["rank"])
+        if len(ranks) != cfg.world_size:
+            return BenchResult.failure(
+                cfg, "error", f"{len(ranks)} of {cfg.world_size} ranks reported", environment, started_at=started
+            )
+        _add_repeat(metrics, ranks, repeat.wall_s)
+        partial = [(i, n) for i, n in enumerate(metrics.repeats[-1].step_samples, 1) if n != cfg.global_batch]
+        if partial:
+            # A timed step must be a whole optimizer step; anything else would inflate or deflate img/s.
+            step, samples = partial[0]
+            message = f"timed step {step} carried {samples} of {cfg.global_batch} samples (a partial optimizer step)"
+            result = BenchResult.failure(cfg, "error", message, environment, started_at=started)
+            result.metrics = metrics
+            return result
     if cluster is not None and not cluster.is_main:
         # Nothing to save here: this node's ranks reported to rank 0 (see ``ClusterLaunch.is_main``).
         return BenchResult(
@@ -490,7 +462,7 @@ def run_config(
     return BenchResult(config=cfg, environment=environment, metrics=metrics, started_at=started, finished_at=utc_now())
 
 
-def _add_repeat(metrics: Metrics, ranks: list[dict[str, Any]]) -> None:
+def _add_repeat(metrics: Metrics, ranks: list[dict[str, Any]], wall_s: float | None = None) -> None:
     """Combine the ranks of one repeat into ``metrics``."""
     # Ranks synchronise every step, so the step took as long as its slowest rank.
     step_times = [max(times) for times in zip(*(p["step_times_s"] for p in ranks))]
@@ -505,15 +477,20 @@ def _add_repeat(metrics: Metrics, ranks: list[dict[str, Any]]) -> None:
             memory=memory,
             final_loss=ranks[0]["final_loss"],
             step_samples=step_samples,
+            wall_s=wall_s,
+            # Every rank sees the same overflow (the scaler checks the all-reduced gradients): the maximum is exact.
+            skipped_steps=max((p.get("skipped_steps") or 0) for p in ranks),
+            skipped_timed_steps=sorted({i for p in ranks for i in p.get("skipped_timed_steps") or []}),
         )
     )
     metrics.images_per_step = sum(p["images_per_step"] or 0 for p in ranks)
     metrics.tokens_per_step = sum(p["tokens_per_step"] or 0 for p in ranks)
     metrics.image_tokens_per_step = sum(p["image_tokens_per_step"] or 0 for p in ranks)
-    flops = [p.get("flops_per_step") for p in ranks]
-    metrics.model_flops_per_step = float(sum(flops)) if all(f is not None for f in flops) else None
-    hw_flops = [p.get("hardware_flops_per_step") for p in ranks]
-    metrics.hardware_flops_per_step = float(sum(hw_flops)) if all(f is not None for f in hw_flops) else None
+    # Counted on rank 0 only: every rank runs the same micro-batch shapes (one sequence length per profile), so the
+    # step's FLOPs over all ranks are rank 0's times the world size.
+    flops, hw_flops = ranks[0].get("flops_per_step"), ranks[0].get("hardware_flops_per_step")
+    metrics.model_flops_per_step = float(flops) * len(ranks) if flops is not None else None
+    metrics.hardware_flops_per_step = float(hw_flops) * len(ranks) if hw_flops is not None else None
     metrics.peak_flops_per_gpu = ranks[0].get("peak_flops_per_gpu")
     metrics.total_params = ranks[0].get("total_params")
     metrics.trainable_params = ranks[0].get("trainable_params")

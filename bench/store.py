@@ -39,8 +39,8 @@ def replacement_problem(path: str | Path, environment: RunEnvironment) -> str | 
     """Why a new result measured in ``environment`` must not replace the file at ``path`` (``None`` = it may).
 
     A finished (``ok``/``oom``) result measured on other hardware or at another commit is someone's data: replacing
-    it silently is how a clone's run once overwrote the shipped CPU results. ``error`` rows and unreadable files
-    may be replaced (a crash is retried after a fix).
+    it silently is how a clone's run once overwrote the shipped CPU results. ``error``, ``killed`` and ``timeout`` rows
+    and unreadable files may be replaced (they are retried, as ``phi3v-bench matrix`` retries them).
     """
     path = Path(path)
     if not path.is_file():
@@ -49,7 +49,7 @@ def replacement_problem(path: str | Path, environment: RunEnvironment) -> str | 
         old = load_result(path)
     except DataError:
         return None
-    if old.status == "error":
+    if old.status in ("error", "killed", "timeout"):
         return None
     old_env = old.environment
     if old_env.hardware != environment.hardware:

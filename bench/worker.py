@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from bench.config import BenchConfig
-from bench.measure import InstrumentedSteps, step_micro_batches, trace_step_flops
-from bench.runner import looks_like_oom
+from bench.measure import FlopCache, InstrumentedSteps, cached_step_flops, step_micro_batches
+from bench.runner import FLOP_CACHE_ENV
+from bench.status import HOST_OOM, OOM, oom_status
 from bench.workload import to_train_config
 from phi3v_core.device import local_device
 from phi3v_core.io import atomic_write_text
@@ -101,12 +102,11 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="train-", dir=out_dir) as scratch:
         train_cfg = to_train_config(cfg, scratch, total_steps)
         try:
-            result = train(train_cfg, workload.dataset, callbacks=[timer, probes])
+            # probes first: the window (sync, peak reset, first NVML sample) opens before the timer's clock starts.
+            result = train(train_cfg, workload.dataset, callbacks=[probes, timer])
         except Exception as exc:  # noqa: BLE001 - recorded as an error/oom row by the runner
-            # OOM comes as torch.OutOfMemoryError, or as a RuntimeError ("CUDA error: out of memory", cuBLAS ...).
-            oom = isinstance(exc, torch.OutOfMemoryError) or looks_like_oom(f"{type(exc).__name__}: {exc}")
             payload.update(
-                status="oom" if oom else "error",
+                status=_failure_status(exc),
                 message=f"{type(exc).__name__}: {exc}".splitlines()[0],
                 failed_at_step=len(timer.records),
                 traceback=traceback.format_exc(),
@@ -115,15 +115,12 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
 
     records = {r.step: r for r in timer.records}
     timed = [records[s] for s in range(int(layout["first_timed"]), int(layout["last_timed"]) + 1) if s in records]
-    # Instrumented work after the window: a failure here is a note, never a failed cell.
-    flops = None
-    try:
-        probes.event("flop_trace_start", total_steps)
-        micro_batches = step_micro_batches(train_cfg, workload.dataset, cfg.micro_batch, cfg.grad_accum)
-        flops = trace_step_flops(train_cfg, micro_batches)
-        probes.event("flop_trace_end", total_steps)
-    except Exception as exc:  # noqa: BLE001 - MFU is optional; the measured numbers stand without it
-        probes.notes.append(f"FLOP trace failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); no MFU")
+    flops, flops_cached = _step_flops(cfg, train_cfg, workload.dataset, probes, rank, total_steps)
+    timed_skipped = [i for i, r in enumerate(timed, 1) if r.skipped]
+    if timed_skipped:
+        probes.notes.append(
+            f"timed steps {timed_skipped} were skipped by the fp16 loss scaler (no weight update); their times count"
+        )
     payload.update(
         step_times_s=[r.seconds for r in timed],
         warmup_times_s=[records[s].seconds for s in range(1, int(layout["first_timed"])) if s in records],
@@ -136,6 +133,11 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         flops_per_step=flops.model_flops if flops else None,
         hardware_flops_per_step=flops.hardware_flops if flops else None,
         flop_trace_attn=flops.traced_attn if flops else None,
+        flops_cached=flops_cached,
+        skipped_steps=sum(1 for r in timer.records if r.skipped),
+        skipped_timed_steps=timed_skipped,
+        window_before_clock=probes.window_opened_at is not None and bool(timed)
+        and probes.window_opened_at <= timed[0].began,
         peak_flops_per_gpu=_peak_flops(device, cfg.precision),
         total_params=result.report.total_parameters,
         trainable_params=result.report.trainable_parameters,
@@ -145,6 +147,7 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
             "gpu_allocated_bytes": probes.gpu_allocated_bytes,
             "gpu_reserved_bytes": probes.gpu_reserved_bytes,
             "nvml_process_bytes": probes.nvml_peak_bytes,
+            "nvml_source": probes.nvml_source,
             "cpu_rss_bytes": probes.cpu_rss_bytes,
             "cpu_tensor_peak_bytes": probes.tensor_peak_bytes,
         },
@@ -152,6 +155,41 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         events=probes.events,
     )
     return payload
+
+
+def _failure_status(exc: BaseException) -> str:
+    """``oom`` (GPU), ``host_oom`` or ``error`` for an exception raised by training.
+
+    A GPU OOM comes as torch.OutOfMemoryError or as a RuntimeError from the driver, NCCL, cuBLAS or cuDNN; a host
+    OOM as MemoryError or torch's CPU allocator failing (:func:`bench.status.oom_status` knows every spelling).
+    """
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OOM
+    if isinstance(exc, MemoryError):
+        return HOST_OOM
+    return oom_status(f"{type(exc).__name__}: {exc}") or "error"
+
+
+def _step_flops(
+    cfg: BenchConfig, train_cfg: Any, dataset: Any, probes: InstrumentedSteps, rank: int, step: int
+) -> tuple[Any, bool]:
+    """FLOPs of one step, counted on rank 0 only (every rank runs the same micro-batch shapes) and through the
+    runner's :class:`~bench.measure.FlopCache`, so a configuration is traced once, not once per repeat and rank.
+
+    Instrumented work after the window: a failure here is a note, never a failed cell.
+    """
+    if rank != 0:
+        return None, False
+    cache_dir = os.environ.get(FLOP_CACHE_ENV)
+    try:
+        probes.event("flop_trace_start", step)
+        micro_batches = step_micro_batches(train_cfg, dataset, cfg.micro_batch, cfg.grad_accum)
+        flops, cached = cached_step_flops(train_cfg, micro_batches, FlopCache(Path(cache_dir)) if cache_dir else None)
+        probes.event("flop_trace_end", step)
+        return flops, cached
+    except Exception as exc:  # noqa: BLE001 - MFU is optional; the measured numbers stand without it
+        probes.notes.append(f"FLOP trace failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); no MFU")
+        return None, False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         payload = run_rank(cfg, out_dir)
     except Exception as exc:  # noqa: BLE001 - setup failures are rows too
-        payload = {"rank": rank, "status": "error", "message": f"{type(exc).__name__}: {exc}".splitlines()[0],
+        payload = {"rank": rank, "status": _failure_status(exc), "message": f"{type(exc).__name__}: {exc}".splitlines()[0],
                    "traceback": traceback.format_exc()}
     _write_atomic(out_dir / f"rank{rank}.json", payload)
     if payload.get("status") != "ok":

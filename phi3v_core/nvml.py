@@ -14,20 +14,27 @@ API:
   failed detection; only "no driver / no NVML" gives an empty report with ``error`` set.
 * :func:`process_memory_bytes` ``(device_index, pid)``: the GPU memory NVML attributes to process ``pid`` on
   CUDA device ``device_index`` (the ordinal a job uses, ``CUDA_VISIBLE_DEVICES`` applied); None when unknown.
+* :class:`ProcessMemoryReader`: the same for repeated reads (a sampling loop): NVML is initialised and the device
+  resolved once; each read is one query. Where no process matches (a container without the host PID namespace),
+  it falls back to the device's used memory and says so (``source``).
 
 Both take ``nvml=`` (an object with pynvml's API; tests pass a fake) and ``environ=`` (default ``os.environ``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "DEVICE_USED",
+    "PROCESS",
     "NvmlDevice",
     "NvmlReport",
+    "ProcessMemoryReader",
     "import_nvml",
     "parse_visible_devices",
     "process_memory_bytes",
@@ -221,29 +228,141 @@ def visible_devices(nvml: Any | None = None, environ: Mapping[str, str] | None =
         nvml.nvmlInit()
     except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, _DriverNotLoaded, ... all mean "no GPU here"
         return NvmlReport(error=f"no NVIDIA driver/NVML on this machine ({_text(exc) or type(exc).__name__})")
-    q = _Queries(nvml)
     try:
-        driver = q.ask("driver version", "nvmlSystemGetDriverVersion")
-        version = q.ask("CUDA driver version", "nvmlSystemGetCudaDriverVersion")
-        cuda = f"{int(version) // 1000}.{(int(version) % 1000) // 10}" if version is not None else None
-        count = q.ask("device count", "nvmlDeviceGetCount", quiet_unsupported=False)
-        if count is None:
-            return NvmlReport(driver=_text(driver) if driver else None, cuda_driver=cuda, error=q.warnings[-1])
-        devices = [device for index in range(int(count)) for device in _physical(q, index)]
-        entries = parse_visible_devices(environ.get("CUDA_VISIBLE_DEVICES"))
-        selected = _select(devices, entries, q.warnings)
-        ordered = tuple(NvmlDevice(**{**d.__dict__, "cuda_index": position}) for position, d in enumerate(selected))
-        return NvmlReport(
-            devices=ordered,
-            driver=_text(driver) if driver is not None else None,
-            cuda_driver=cuda,
-            warnings=tuple(q.warnings),
-        )
+        return _report(nvml, environ)
     finally:
         try:
             nvml.nvmlShutdown()
         except Exception:  # noqa: BLE001 - shutting down a half-initialised NVML is best effort
             pass
+
+
+def _report(nvml: Any, environ: Mapping[str, str]) -> NvmlReport:
+    """:func:`visible_devices` on an NVML that is already initialised."""
+    q = _Queries(nvml)
+    driver = q.ask("driver version", "nvmlSystemGetDriverVersion")
+    version = q.ask("CUDA driver version", "nvmlSystemGetCudaDriverVersion")
+    cuda = f"{int(version) // 1000}.{(int(version) % 1000) // 10}" if version is not None else None
+    count = q.ask("device count", "nvmlDeviceGetCount", quiet_unsupported=False)
+    if count is None:
+        return NvmlReport(driver=_text(driver) if driver else None, cuda_driver=cuda, error=q.warnings[-1])
+    devices = [device for index in range(int(count)) for device in _physical(q, index)]
+    entries = parse_visible_devices(environ.get("CUDA_VISIBLE_DEVICES"))
+    selected = _select(devices, entries, q.warnings)
+    ordered = tuple(NvmlDevice(**{**d.__dict__, "cuda_index": position}) for position, d in enumerate(selected))
+    return NvmlReport(
+        devices=ordered,
+        driver=_text(driver) if driver is not None else None,
+        cuda_driver=cuda,
+        warnings=tuple(q.warnings),
+    )
+
+
+#: :attr:`ProcessMemoryReader.source` when the reading is the process's own memory.
+PROCESS = "process"
+#: :attr:`ProcessMemoryReader.source` when NVML listed no process with our PID and the reading is the device's used
+#: memory (every process on it included).
+DEVICE_USED = "device_used"
+
+
+class ProcessMemoryReader:
+    """Read the GPU memory of one process on one device, many times, cheaply (the benchmark's sampling loop).
+
+    NVML is initialised once and the device handle resolved once, here; :meth:`read` makes one NVML query. The
+    first reading decides what is read from then on (:attr:`source`): the process's own memory when NVML lists
+    our PID on the device, else - a container without the host PID namespace sees host PIDs, some MIG setups
+    list no usage - the device's used memory, which includes every other process on the device. That fallback is
+    logged once and labelled (``source == DEVICE_USED``, :attr:`warning`), never silent.
+
+    Args:
+        device_index: CUDA ordinal as the job sees it (``CUDA_VISIBLE_DEVICES`` applied).
+        pid: Process to read (default: this one).
+        nvml: An object with pynvml's API (default: the installed ``pynvml``); tests pass a fake.
+        environ: Environment holding ``CUDA_VISIBLE_DEVICES`` (default ``os.environ``).
+        fallback: Fall back to the device's used memory when no process matches (otherwise read None).
+    """
+
+    def __init__(
+        self,
+        device_index: int,
+        pid: int | None = None,
+        nvml: Any | None = None,
+        environ: Mapping[str, str] | None = None,
+        *,
+        fallback: bool = True,
+    ) -> None:
+        self.nvml = nvml if nvml is not None else import_nvml()
+        self.pid = os.getpid() if pid is None else pid
+        self.device_index = device_index
+        self.fallback = fallback
+        self.source: str | None = None
+        self.warning: str | None = None
+        self._handle: Any | None = None
+        self._initialised = False
+        if self.nvml is None:
+            return
+        try:
+            self.nvml.nvmlInit()
+        except Exception:  # noqa: BLE001 - no driver: nothing to read
+            return
+        self._initialised = True
+        report = _report(self.nvml, os.environ if environ is None else environ)
+        if not 0 <= device_index < len(report.devices):
+            return
+        device = report.devices[device_index]
+        try:
+            if device.uuid and hasattr(self.nvml, "nvmlDeviceGetHandleByUUID"):
+                self._handle = self.nvml.nvmlDeviceGetHandleByUUID(device.uuid)
+            else:
+                self._handle = self.nvml.nvmlDeviceGetHandleByIndex(device.nvml_index)
+        except Exception:  # noqa: BLE001 - NoPermission / NotFound: unknown, not an error
+            self._handle = None
+
+    @property
+    def available(self) -> bool:
+        """Whether the device was found (a reading may still be None)."""
+        return self._handle is not None
+
+    def read(self) -> int | None:
+        """Bytes in use (see :attr:`source`), or None when NVML cannot say."""
+        if self._handle is None:
+            return None
+        try:
+            if self.source == DEVICE_USED:
+                return int(self.nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+            processes = self.nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        except Exception:  # noqa: BLE001 - NoPermission / NotSupported: unknown, not an error
+            return None
+        used = [p.usedGpuMemory for p in processes if int(p.pid) == self.pid and p.usedGpuMemory is not None]
+        if used:
+            self.source = PROCESS
+            return int(sum(used))
+        if self.source == PROCESS or not self.fallback:
+            return None  # keep one meaning for every reading of a peak
+        return self._fall_back()
+
+    def _fall_back(self) -> int | None:
+        try:
+            value = int(self.nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+        except Exception:  # noqa: BLE001 - unknown
+            return None
+        self.source = DEVICE_USED
+        self.warning = (
+            f"NVML lists no process with PID {self.pid} on CUDA device {self.device_index} (a container without the "
+            "host PID namespace?): NVML memory is the device's used memory, every process on it included"
+        )
+        logging.getLogger(__name__).warning(self.warning)
+        return value
+
+    def close(self) -> None:
+        """Release NVML (idempotent)."""
+        if self._initialised:
+            self._initialised = False
+            self._handle = None
+            try:
+                self.nvml.nvmlShutdown()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
 
 
 def process_memory_bytes(
@@ -252,32 +371,11 @@ def process_memory_bytes(
     """GPU memory NVML attributes to ``pid`` (default: this process) on CUDA device ``device_index``.
 
     Returns None when NVML is missing, the device is not visible, or the driver does not report per-process memory
-    (containers without the host PID namespace, some MIG setups).
+    (containers without the host PID namespace, some MIG setups). For repeated reads use
+    :class:`ProcessMemoryReader`.
     """
-    nvml = nvml if nvml is not None else import_nvml()
-    if nvml is None:
-        return None
-    report = visible_devices(nvml, environ)
-    if not 0 <= device_index < len(report.devices):
-        return None
-    device = report.devices[device_index]
-    pid = os.getpid() if pid is None else pid
+    reader = ProcessMemoryReader(device_index, pid, nvml, environ, fallback=False)
     try:
-        nvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no driver
-        return None
-    try:
-        if device.uuid and hasattr(nvml, "nvmlDeviceGetHandleByUUID"):
-            handle = nvml.nvmlDeviceGetHandleByUUID(device.uuid)
-        else:
-            handle = nvml.nvmlDeviceGetHandleByIndex(device.nvml_index)
-        processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-        used = [p.usedGpuMemory for p in processes if int(p.pid) == pid and p.usedGpuMemory is not None]
-        return int(sum(used)) if used else None
-    except Exception:  # noqa: BLE001 - NoPermission / NotSupported: unknown, not an error
-        return None
+        return reader.read()
     finally:
-        try:
-            nvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001 - best effort
-            pass
+        reader.close()

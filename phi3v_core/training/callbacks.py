@@ -6,6 +6,7 @@ CUDA), the step's loss, learning rate and gradient norm, and how many samples, t
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,11 +17,64 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from phi3v_core.errors import Phi3VError
 
-__all__ = ["LossGuard", "StepMeter", "StepRecord", "StepTimer", "TrainingDivergedError"]
+__all__ = [
+    "MAX_SKIPPED_IN_ROW",
+    "LossGuard",
+    "StepMeter",
+    "StepRecord",
+    "StepTimer",
+    "TrainingDivergedError",
+    "loss_scale",
+    "optimizer_step_skipped",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Consecutive loss-scaler-skipped steps after which :class:`LossGuard` stops. Each skip halves the scale: torch's
+#: GradScaler needs 16 skips to go from its initial 2**16 down to 1, DeepSpeed's dynamic scaler (2 skips per halving
+#: by default) 32; past that the gradients overflow even unscaled, which no further halving fixes. 50 leaves room for
+#: both and for larger initial scales, and is still a few seconds of a real run, not hours.
+MAX_SKIPPED_IN_ROW = 50
 
 
 class TrainingDivergedError(Phi3VError):
-    """The training loss or gradient norm is not finite, or the first loss is not positive (nothing supervised)."""
+    """The training loss is not finite, an applied gradient was not, the loss scaler skipped too many steps in a
+    row, or the first loss is not positive (nothing supervised)."""
+
+
+def optimizer_step_skipped(optimizer: Any) -> bool:
+    """Whether the optimizer step that just ran was skipped by an fp16 loss scaler (gradients overflowed).
+
+    ``optimizer`` is what the Trainer hands its callbacks: accelerate's ``AcceleratedOptimizer``
+    (``step_was_skipped`` is set when torch's GradScaler skipped the step) or its DeepSpeed wrapper (the same
+    property reads DeepSpeed's ``overflow`` flag). The same signal the Trainer uses
+    (``accelerator.optimizer_step_was_skipped``) to hold back the learning-rate schedule.
+    """
+    if optimizer is None:
+        return False
+    try:
+        skipped = getattr(optimizer, "step_was_skipped", None)
+        if skipped is None:  # a bare DeepSpeed fp16 optimizer
+            skipped = getattr(getattr(optimizer, "optimizer", None), "overflow", False)
+        return bool(skipped)
+    except Exception:  # noqa: BLE001 - an optimizer without overflow tracking never skips
+        return False
+
+
+def loss_scale(optimizer: Any) -> float | None:
+    """The fp16 loss scale now in use (torch's GradScaler via accelerate, or DeepSpeed's), ``None`` without one."""
+    scaler = getattr(optimizer, "scaler", None)
+    try:
+        if scaler is not None and scaler.is_enabled():
+            return float(scaler.get_scale())
+        inner = getattr(optimizer, "optimizer", None)
+        for owner in (inner, getattr(inner, "loss_scaler", None)):
+            value = getattr(owner, "cur_scale", None)
+            if value is not None:
+                return float(value)
+    except Exception:  # noqa: BLE001 - the scale is only reported, never needed
+        return None
+    return None
 
 
 @dataclass
@@ -83,6 +137,9 @@ class StepRecord:
         tokens: Non-padding tokens of this process in the step.
         supervised_tokens: Loss tokens of this process in the step.
         images: Images of this process in the step.
+        skipped: The fp16 loss scaler skipped the step's optimizer update (gradients overflowed): the step ran
+            forward and backward but did not change the weights.
+        began: ``time.perf_counter()`` when the step's clock started (orders the clock against other callbacks).
     """
 
     step: int
@@ -95,6 +152,8 @@ class StepRecord:
     tokens: int = 0
     supervised_tokens: int = 0
     images: int = 0
+    skipped: bool = False
+    began: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON)."""
@@ -142,7 +201,10 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._sync(args)
         now = time.perf_counter()
-        record = StepRecord(step=state.global_step, seconds=now - self._begin, wall_seconds=now - self._last_end)
+        record = StepRecord(
+            step=state.global_step, seconds=now - self._begin, wall_seconds=now - self._last_end, began=self._begin
+        )
+        record.skipped = optimizer_step_skipped(kwargs.get("optimizer"))
         if self.meter is not None:
             record.samples = self.meter.samples
             record.images = self.meter.images
@@ -170,18 +232,54 @@ class StepTimer(TrainerCallback):
 
 
 class LossGuard(TrainerCallback):
-    """Stop with a clear error when the logged loss or gradient norm is NaN/inf, or the first loss is zero/negative.
+    """Stop with a clear error when training has diverged; let an fp16 loss scaler do its job.
+
+    With fp16 the loss scaler skips the optimizer step whenever the scaled gradients overflow - by design at the
+    start and every time the scale grows - and the logged gradient norm of that step is inf. Such a step is counted
+    and logged (:attr:`skipped_steps`), not treated as divergence. The guard stops on
+
+    * a non-finite loss;
+    * a non-finite gradient norm on a step the optimizer *applied* (no scaler skipped it: the weights are now
+      non-finite too);
+    * :data:`MAX_SKIPPED_IN_ROW` skipped steps in a row (the gradients overflow whatever the scale);
+    * a first loss of 0 or below: nothing is supervised (labels all -100). Later zeros are allowed: a model can fit
+      a tiny dataset to fp32 precision.
 
     The Trainer logs before it saves a checkpoint, so a diverged step never reaches a checkpoint (with the default
     ``logging_steps=1`` every step is checked).
 
-    A non-finite loss means divergence (try a lower learning rate, bf16 instead of fp16, or gradient clipping). A
-    first-step loss of 0 means nothing is supervised (labels all -100). Later zeros are allowed: a model can fit a
-    tiny dataset to fp32 precision.
+    Attributes:
+        max_skipped_in_row: The consecutive-skip limit (default :data:`MAX_SKIPPED_IN_ROW`).
+        skipped_steps: Global steps (1-based) whose update the loss scaler skipped, in order.
+        skipped_in_row: Length of the current run of skipped steps.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_skipped_in_row: int | None = None) -> None:
         self._checked_first = False
+        self.max_skipped_in_row = MAX_SKIPPED_IN_ROW if max_skipped_in_row is None else max_skipped_in_row
+        self.skipped_steps: list[int] = []
+        self.skipped_in_row = 0
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        optimizer = kwargs.get("optimizer")
+        if not optimizer_step_skipped(optimizer):
+            self.skipped_in_row = 0
+            return
+        self.skipped_steps.append(state.global_step)
+        self.skipped_in_row += 1
+        scale = loss_scale(optimizer)
+        scale_text = f"{scale:g}" if scale is not None else "unknown"
+        logger.warning(
+            "step %d: the fp16 loss scaler skipped the update (gradients overflowed; loss scale now %s); "
+            "%d skipped so far, %d in a row",
+            state.global_step, scale_text, len(self.skipped_steps), self.skipped_in_row,
+        )
+        if self.skipped_in_row >= self.max_skipped_in_row:
+            raise TrainingDivergedError(
+                f"the fp16 loss scaler skipped {self.skipped_in_row} steps in a row (up to step {state.global_step}, "
+                f"loss scale now {scale_text}): the gradients overflow at any scale; lower the learning rate, "
+                "use bf16 where the GPU has it (compute capability 8.0+), or check the data"
+            )
 
     def on_log(
         self,
@@ -194,16 +292,18 @@ class LossGuard(TrainerCallback):
         if not logs or "loss" not in logs:
             return
         loss = float(logs["loss"])
-        grad_norm = logs.get("grad_norm")
-        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            raise TrainingDivergedError(
-                f"gradient norm is {float(grad_norm)} at step {state.global_step}; nothing was saved for this step: "
-                "lower the learning rate, use bf16 instead of fp16, or check the data"
-            )
         if not math.isfinite(loss):
             raise TrainingDivergedError(
                 f"training loss is {loss} at step {state.global_step}; lower the learning rate, use bf16 instead of "
                 "fp16, or check the data (a batch without supervised tokens gives 0/0)"
+            )
+        grad_norm = logs.get("grad_norm")
+        skipped = bool(self.skipped_steps) and self.skipped_steps[-1] == state.global_step
+        if grad_norm is not None and not math.isfinite(float(grad_norm)) and not skipped:
+            raise TrainingDivergedError(
+                f"gradient norm is {float(grad_norm)} at step {state.global_step} and the optimizer applied it (no "
+                "loss scaler skipped the step); nothing was saved for this step: lower the learning rate or check "
+                "the data"
             )
         if not self._checked_first:
             self._checked_first = True

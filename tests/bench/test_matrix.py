@@ -174,8 +174,13 @@ def test_progress_bar_draws_the_sweep(tmp_path) -> None:
     ("exc", "status"),
     [
         (torch.OutOfMemoryError("CUDA out of memory"), "oom"),
-        (MemoryError(), "oom"),
+        (MemoryError(), "host_oom"),
         (RuntimeError("CUDA error: out of memory"), "oom"),
+        (RuntimeError("NCCL error: unhandled cuda error, NCCL version 2.21.5; Cuda failure 2 'out of memory'"), "oom"),
+        (RuntimeError("CUDA driver error: out of memory"), "oom"),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), "oom"),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
+                      "to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"), "host_oom"),
         (RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"), "oom"),
         (RuntimeError("shape mismatch"), "error"),
         (ValueError("bad"), "error"),
@@ -183,3 +188,20 @@ def test_progress_bar_draws_the_sweep(tmp_path) -> None:
 )
 def test_classify_failure(exc, status) -> None:
     assert classify_failure(exc) == status
+
+
+def test_resume_keeps_host_oom_and_retries_killed_and_timeout(tmp_path) -> None:
+    status_of = {"qlora": "host_oom", "full": "killed", "frozen_vision": "timeout"}
+
+    def first_run(cfg: BenchConfig) -> BenchResult:
+        if cfg.method in status_of:
+            return BenchResult.failure(cfg, status_of[cfg.method], "it happened", gpu_env(count=cfg.gpus))
+        return make_result(cfg, env=gpu_env(count=cfg.gpus))
+
+    cells = quick_cells(tmp_path)
+    summary = run_matrix(cells, environment=gpu_env(count=1), run_cell=first_run, progress=False)
+    assert summary.counts() == {"ok": 2, "oom": 0, "error": 0, "skipped": 0, "host_oom": 2, "killed": 2, "timeout": 2}
+    again = FakeRunner()
+    run_matrix(cells, environment=gpu_env(count=1), run_cell=again, progress=False)
+    # host_oom is an answer about this machine (kept); a signal from outside or a timeout is retried.
+    assert sorted(again.calls) == sorted(c.cell_id() for c in cells if c.method in ("full", "frozen_vision"))

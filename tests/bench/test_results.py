@@ -181,10 +181,11 @@ def test_results_of_another_machine_or_commit_are_not_replaced(tmp_path) -> None
     assert load_result(path).environment.git_sha == "0" * 40  # untouched
     save_result(other_commit, tmp_path, force=True)
     assert load_result(path).environment.git_sha == "1" * 40
-    # An error row may always be retried.
-    failed = BenchResult.failure(ours.config, "error", "boom", gpu_env(count=8))
-    save_result(failed, tmp_path, force=True)
-    assert replacement_problem(path, ours.environment) is None
+    # An error, killed or timeout row may always be retried (as matrix retries them); a host OOM is a finding.
+    for status, replaceable in (("error", True), ("killed", True), ("timeout", True), ("host_oom", False)):
+        failed = BenchResult.failure(ours.config, status, "boom", gpu_env(count=8))
+        save_result(failed, tmp_path, force=True)
+        assert (replacement_problem(path, other_commit.environment) is None) == replaceable, status
 
 
 def test_shipped_cpu_results_still_load_and_compare() -> None:
@@ -261,3 +262,28 @@ def test_gpus_come_from_nvml_with_cuda_visible_devices(monkeypatch, visible, har
     assert (env.gpus[0].compute_capability if env.gpus else None) == first_cc
     assert [g.index for g in env.gpus] == list(range(len(env.gpus)))
     assert not fake.initialized  # NVML is shut down again
+
+
+def test_shipped_results_without_the_new_fields_still_load() -> None:
+    """Files written before wall time, fp16 skips and the NVML source existed read back with those fields unset."""
+    shipped = sorted((Path(__file__).parents[2] / "results" / "v0.1.0").rglob("*.json"))
+    assert shipped
+    for path in shipped:
+        assert "wall_s" not in path.read_text()
+        result = load_result(path)
+        assert result.metrics.wall_s is None and result.summary.wall_s is None
+        assert all(r.wall_s is None and r.skipped_steps is None for r in result.metrics.repeats)
+        assert all(m.nvml_source is None for r in result.metrics.repeats for m in r.memory)
+        assert result.summary.steps_s > 0 and result.summary.skipped_steps == 0
+
+
+def test_new_fields_round_trip(tmp_path) -> None:
+    result = make_result(repeats=2, steps=3)
+    result.metrics.wall_s = 42.0
+    result.metrics.repeats[0].wall_s = 20.0
+    result.metrics.repeats[0].skipped_steps = 3
+    result.metrics.repeats[0].skipped_timed_steps = [1]
+    result.metrics.repeats[0].memory[0].nvml_source = "device_used"
+    loaded = load_result(save_result(result, tmp_path))
+    assert loaded == result
+    assert loaded.summary.wall_s == 42.0 and loaded.summary.skipped_steps == 3

@@ -17,14 +17,11 @@ import bench.runner
 from bench.config import BenchConfig
 from bench.runner import (
     ClusterLaunch,
-    _classify,
-    _failure,
-    _Repeat,
     first_slurm_host,
     launch_commands,
-    looks_like_oom,
     run_config,
 )
+from bench.status import RepeatOutcome
 from bench.store import load_result
 from bench.worker import plan_steps, workload_samples
 from phi3v_core.errors import ConfigError
@@ -102,37 +99,6 @@ def test_loopback_nodes_are_refused_on_cuda(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(bench.runner, "_run_repeat", lambda *a, **k: pytest.fail("must refuse before launching"))
     with pytest.raises(ConfigError, match="same GPUs"):
         run_config(BenchConfig(gpus=1, nodes=2, global_batch=2, release="t"))
-
-
-@pytest.mark.parametrize(
-    ("payload", "log", "expected"),
-    [
-        ({"rank": 0, "status": "oom", "message": "CUDA out of memory", "failed_at_step": 2}, "", "oom"),
-        ({"rank": 0, "status": "error", "message": "RuntimeError: boom"}, "", "error"),
-        ({"rank": 0, "status": "error", "message": "worker died"}, "torch.OutOfMemoryError: CUDA out of memory", "oom"),
-        ({"rank": 0, "status": "error", "message": "RuntimeError: CUDA error: out of memory"}, "", "oom"),
-        ({"rank": 0, "status": "error", "message": "RuntimeError: CUBLAS_STATUS_ALLOC_FAILED when calling"}, "", "oom"),
-    ],
-)
-def test_failures_are_classified(payload: dict, log: str, expected: str) -> None:
-    status, message, _ = _failure([payload, {"rank": 1, "status": "ok"}], log)
-    assert status == expected and message
-
-
-def test_timeout_and_oom_killer_are_classified() -> None:
-    cfg = BenchConfig(release="t")
-    hung = _Repeat(payloads=[], log="", timed_out=True, return_codes=[-9])
-    assert _classify(cfg, hung, 60)[0] == "timeout"
-    killed = _Repeat(payloads=[], log="", timed_out=False, return_codes=[-signal.SIGKILL])
-    status, message, _ = _classify(cfg, killed, 60)
-    assert status == "oom" and "OOM killer" in message
-    torchrun_log = "  exitcode  : -9 (pid: 123)\n  error_file: <N/A>\n  traceback : Signal 9 (SIGKILL) received by PID 123"
-    via_torchrun = _Repeat(payloads=[], log=torchrun_log, timed_out=False, return_codes=[1])
-    assert _classify(cfg, via_torchrun, 60)[0] == "oom"
-    fine = _Repeat(payloads=[{"rank": 0, "status": "ok"}], log="", timed_out=False, return_codes=[0])
-    assert _classify(cfg, fine, 60) is None
-    assert looks_like_oom("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert not looks_like_oom("RuntimeError: shape mismatch")
 
 
 def test_timeout_kills_the_whole_process_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -368,12 +334,12 @@ def test_worker_nvml_reading_maps_uuid_and_index_forms(monkeypatch: pytest.Monke
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     for visible in ("GPU-bbb", "1", "1,0", "GPU-bb"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-        read, close = nvml_process_reader(torch.device("cuda", 0))
-        assert read() == 123, visible
-        close()
+        reader = nvml_process_reader(torch.device("cuda", 0))
+        assert reader.read() == 123, visible
+        assert reader.source() == "process"
+        reader.close()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-0f3c")  # matches no device here: no guess
-    read, _ = nvml_process_reader(torch.device("cuda", 0))
-    assert read() is None
+    assert nvml_process_reader(torch.device("cuda", 0)).read() is None
 
 
 def test_srun_placement_prefers_scontrols_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -391,8 +357,8 @@ def test_a_partial_optimizer_step_in_the_timed_window_is_an_error(monkeypatch: p
                 "step_samples": samples, "images_per_step": 2, "tokens_per_step": 10, "image_tokens_per_step": 4,
                 "memory": {"rank": rank, "device": "cpu", "cpu_rss_bytes": 1}}
 
-    def fake_repeat(*args: object) -> _Repeat:
-        return _Repeat([payload(0, [2, 2]), payload(1, [2, 1])], "", False, [0])
+    def fake_repeat(*args: object) -> RepeatOutcome:
+        return RepeatOutcome([payload(0, [2, 2]), payload(1, [2, 1])], "", False, [0])
 
     monkeypatch.setattr(bench.runner, "_run_repeat", fake_repeat)
     result = run_config(BenchConfig(gpus=2, global_batch=4, micro_batch=1, steps=2, warmup=1, repeats=1, release="t"))
