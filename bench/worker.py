@@ -25,7 +25,9 @@ from bench.runner import looks_like_oom
 from phi3v_core.device import local_device
 from phi3v_core.io import atomic_write_text
 
-__all__ = ["gather_payloads", "main", "plan_steps", "to_train_config", "workload_samples"]
+__all__ = [
+    "gather_payloads", "main", "peak_flops", "plan_steps", "processor_for", "to_train_config", "workload_samples",
+]
 
 
 def plan_steps(cfg: BenchConfig, cuda: bool) -> dict[str, int | None]:
@@ -72,7 +74,8 @@ def to_train_config(cfg: BenchConfig, output_dir: str, total_steps: int) -> Any:
     )
 
 
-def _processor(cfg: BenchConfig) -> Any:
+def processor_for(cfg: BenchConfig) -> Any:
+    """The processor of ``cfg``'s model: the folder's own, or the offline tokenizer for presets."""
     from phi3v_core.processing import Phi3VProcessor
 
     folder = Path(cfg.model)
@@ -82,7 +85,7 @@ def _processor(cfg: BenchConfig) -> Any:
     return Phi3VProcessor.tiny(num_crops=cfg.num_crops)
 
 
-def _peak_flops(device: torch.device, precision: str) -> float | None:
+def peak_flops(device: torch.device, precision: str) -> float | None:
     """Dense peak FLOP/s of this GPU at ``precision`` from the planner's GPU table (``None`` on CPU/unknown)."""
     if device.type != "cuda":
         return None
@@ -113,7 +116,7 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
     total_steps = int(layout["total"])
     # The global batch × every planned step: the Trainer's sampler shards this over the ranks, so one epoch is
     # exactly ``total_steps`` full optimizer steps (no partial gradient-accumulation step inside the timed window).
-    workload = build_workload(cfg, _processor(cfg), workload_samples(cfg, total_steps))
+    workload = build_workload(cfg, processor_for(cfg), workload_samples(cfg, total_steps))
 
     timer = StepTimer()
     probes = InstrumentedSteps(
@@ -161,7 +164,7 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         flops_per_step=flops.model_flops if flops else None,
         hardware_flops_per_step=flops.hardware_flops if flops else None,
         flop_trace_attn=flops.traced_attn if flops else None,
-        peak_flops_per_gpu=_peak_flops(device, cfg.precision),
+        peak_flops_per_gpu=peak_flops(device, cfg.precision),
         total_params=result.report.total_parameters,
         trainable_params=result.report.trainable_parameters,
         memory={

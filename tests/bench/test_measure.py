@@ -10,7 +10,7 @@ import torch
 
 from bench.config import BenchConfig
 from bench.measure import InstrumentedSteps, PeakSampler, step_micro_batches, trace_step_flops
-from bench.worker import _processor, run_rank, to_train_config
+from bench.worker import processor_for, run_rank, to_train_config
 from bench.workload import build_workload
 
 
@@ -85,7 +85,7 @@ def test_flops_agree_across_attention_kernels(method: str) -> None:
         cfg = BenchConfig(method=method, attn=attn, precision="bf16", model="tiny", num_crops=1, global_batch=2,
                           micro_batch=1, release="t")
         train_cfg = to_train_config(cfg, "unused", 1)
-        workload = build_workload(cfg, _processor(cfg), 4)
+        workload = build_workload(cfg, processor_for(cfg), 4)
         batches = step_micro_batches(train_cfg, workload.dataset, cfg.micro_batch, cfg.grad_accum)
         counts[attn] = trace_step_flops(train_cfg, batches)
     eager = counts["eager"].model_flops
@@ -101,7 +101,7 @@ def test_flops_include_attention_and_scale_with_sequence() -> None:
     counts = []
     for cfg in (small, small.replace(num_crops=4)):
         train_cfg = to_train_config(cfg, "unused", 1)
-        workload = build_workload(cfg, _processor(cfg), 1)
+        workload = build_workload(cfg, processor_for(cfg), 1)
         batches = step_micro_batches(train_cfg, workload.dataset, 1, 1)
         counts.append(trace_step_flops(train_cfg, batches).model_flops)
     assert counts[1] > counts[0] > 0
