@@ -254,3 +254,26 @@ def plan_checks(machine: Machine | DeviceDescription, steps: int = 3) -> list[Pl
         reserved = memory.reserved if memory is not None and form != "skipped" else None
         planned.append(PlannedCheck(cfg, form, layers, reason, reserved, seconds))
     return planned
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the selfcheck plan for GPUs of ``phi3v-plan``'s table: ``python -m bench.selfcheck_plan H100-SXM:8 T4``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("gpus", nargs="+", metavar="GPU[:COUNT]", help="a phi3v-plan GPU key, optionally :count")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args(argv)
+    for item in args.gpus:
+        name, _, count = item.partition(":")
+        machine = Machine.from_table(name, int(count or 1))
+        planned = plan_checks(machine, args.steps)
+        total = sum(p.expected_seconds for p in planned)
+        print(f"{name} x{machine.gpu_count}: {len(planned)} checks, expected ~{total / 60:.1f} min")
+        for p in planned:
+            print(f"  {p.label:<60} {p.form:<9} ~{p.expected_seconds:3.0f} s  {p.reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
