@@ -54,6 +54,7 @@ __all__ = [
     "run_check",
     "run_check_isolated",
     "run_selfcheck",
+    "traced_model_flops",
 ]
 
 #: Memory prediction error (percent) beyond which a check fails. The planner's closed form is exact on the tiny model
@@ -181,7 +182,7 @@ def reduced_preset(model: str, layers: int | None) -> Iterator[str]:
         MODEL_PRESETS.pop(name, None)
 
 
-def _model_flops(train_cfg: Any, fixed: list[Any], cfg: BenchConfig, cache_dir: Path | None) -> int:
+def traced_model_flops(train_cfg: Any, fixed: list[Any], cfg: BenchConfig, cache_dir: Path | None) -> int:
     """Model FLOPs of one step, traced once per method, depth and batch (a file in ``cache_dir`` shares it)."""
     from bench.measure import step_micro_batches, trace_step_flops
 
@@ -240,7 +241,7 @@ def run_check(cfg: BenchConfig, layers: int | None = None, flop_cache_dir: Path 
             peak = peak_flops(device, cfg.precision)
             timed = [r.seconds for r in timer.records if first <= r.step <= last]
             if peak and timed and int(os.environ.get("RANK", "0")) == 0:
-                flops = _model_flops(train_cfg, fixed, cfg, flop_cache_dir)
+                flops = traced_model_flops(train_cfg, fixed, cfg, flop_cache_dir)
                 check.mfu = flops / sorted(timed)[len(timed) // 2] / peak
     except Exception as exc:  # noqa: BLE001 - one failing method must not hide the others
         check.status = "error"

@@ -211,3 +211,22 @@ def test_isolated_check_runs_in_its_own_process() -> None:
     check = run_check_isolated(cfg)
     assert (check.method, check.status) == ("lora", "ok"), check
     assert check.losses[-1] < check.losses[0] and abs(check.memory_error_pct) <= 10
+
+
+def test_flops_of_a_reduced_model_are_traced_once_and_shared(tmp_path) -> None:
+    """MFU's FLOPs: traced on the reduced preset (fewer layers, fewer FLOPs), then read from the shared cache."""
+    from bench.selfcheck import reduced_preset, traced_model_flops
+    from bench.worker import processor_for, to_train_config
+    from bench.workload import build_workload
+
+    cfg = plan_checks(DeviceDescription(), steps=2)[2].config  # lora, tiny model (2 decoder layers)
+    fixed = [build_workload(cfg, processor_for(cfg), cfg.global_batch).dataset[0]] * cfg.global_batch
+    flops = {}
+    for layers in (None, 1):
+        with reduced_preset(cfg.model, layers) as model:
+            train_cfg = dataclasses.replace(to_train_config(cfg, str(tmp_path), 1), model=model)
+            flops[layers] = traced_model_flops(train_cfg, fixed, cfg, tmp_path)
+            cache = tmp_path / f"{model}-lora-{cfg.global_batch}.json"
+            cache.write_text(json.dumps({"model_flops": 7}))  # a second call reads the cache, never re-traces
+            assert traced_model_flops(train_cfg, fixed, cfg, tmp_path) == 7
+    assert 0 < flops[1] < flops[None]
