@@ -365,6 +365,7 @@ def run_selfcheck(
                 else:
                     check = run_check(planned.config, layers, Path(flop_dir))
             check.expected_seconds = planned.expected_seconds
+            check.decoder_layers = check.decoder_layers or planned.decoder_layers  # full-size: the model's own
             if planned.form == "reduced" and not check.message:
                 check.message = planned.reason
             log(f"{prefix}: {check.status} ({check.seconds:.0f} s){': ' + check.message if check.status != 'ok' else ''}")
