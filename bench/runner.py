@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import BenchConfig
+from bench.pinning import single_process_env
 from bench.results import BenchResult, Metrics, RankMemory, RepeatSample, capture_environment, utc_now
 from bench.status import OOM_MARKERS, RepeatOutcome, classify_repeat, kernel_log_lines, looks_like_oom
 from phi3v_core.errors import ConfigError
@@ -314,7 +315,8 @@ def _run_repeat(
     try:
         config_file = tmp_dir / "config.json"
         config_file.write_text(json.dumps(cfg.to_dict()))
-        env = dict(os.environ)
+        # One process, one GPU: a single process that sees several GPUs is refused by TrainConfig.
+        env = single_process_env() if cfg.world_size == 1 else dict(os.environ)
         local_processes = cfg.gpus if cluster is not None else cfg.world_size
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_processes)))
         env["PYTHONUNBUFFERED"] = "1"

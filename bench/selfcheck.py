@@ -1,39 +1,48 @@
-"""``phi3v-bench selfcheck``: the first command to run on a new machine — does every method train, and do the numbers
+"""``phi3v-bench selfcheck``: the first command to run on a new machine - does every method train, and do the numbers
 that the benchmark and the planner report hold here?
 
-For every method and attention kernel (on CUDA: sdpa, plus flash_attention_2 when flash-attn is installed; on CPU:
-sdpa) it trains a few steps on one small fixed batch, in this process, through the real fine-tuning core
-(``phi3v_core.training.train``) and the benchmark's own measurement protocol (:mod:`bench.measure`), and checks:
+The plan (:mod:`bench.selfcheck_plan`) covers every method and attention kernel (on CUDA: sdpa, plus
+flash_attention_2 when flash-attn is installed; on CPU: sdpa), each on the full-size model where ``phi3v-plan``
+says it fits one card, else on a depth-reduced copy of the same architecture, else skipped with the reason; with two
+or more GPUs it adds 2-process checks (DeepSpeed ZeRO-2 for full fine-tuning, DDP for LoRA). Each check trains a
+few steps on one small fixed batch through the real fine-tuning core (``phi3v_core.training.train``) and the
+benchmark's own measurement protocol (:mod:`bench.measure`), and checks:
 
 * the loss is finite on every step and falls from the first step to the last (a fixed batch is memorised);
 * the measured peak memory is close to ``phi3v-plan``'s prediction for the same configuration
   (:func:`planner.estimate.estimate_memory`): on CUDA ``max_memory_allocated`` over the steps after the first
   (optimizer states exist by then), on CPU the peak bytes of live tensors of one step (:class:`LiveTensorBytes`);
-* MFU (CUDA only), from FLOPs traced on fake tensors and the GPU's dense peak.
+* MFU (CUDA only), from FLOPs traced on fake tensors (once per method and depth) and the GPU's dense peak.
 
-On CUDA the model is the full-size phi-3.5-vision (random weights) at the DocVQA shape (16 crops) in bf16 (fp16 below
-compute capability 8.0); on CPU it is the tiny model. A failed check exits non-zero.
+On CUDA the model is phi-3.5-vision (random weights) at the DocVQA shape (16 crops) in bf16 (fp16 below compute
+capability 8.0), each check in its own process pinned to one GPU; on CPU it is the tiny model. The expected duration
+is printed before the first check and one progress line per check (stderr: ``--json`` keeps stdout for the report).
+A failed check exits non-zero.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.config import TINY_DEFAULTS, BenchConfig, DeviceDescription, choose_defaults
-from phi3v_core.constants import METHOD_NAMES
+from bench.config import BenchConfig, DeviceDescription
+from bench.selfcheck_plan import Machine, PlannedCheck, check_setup, check_workload, plan_checks
 from phi3v_core.io import json_safe
 
 __all__ = [
@@ -41,9 +50,11 @@ __all__ = [
     "SelfCheckReport",
     "plan_checks",
     "predicted_peak_bytes",
+    "reduced_preset",
     "run_check",
     "run_check_isolated",
     "run_selfcheck",
+    "traced_model_flops",
 ]
 
 #: Memory prediction error (percent) beyond which a check fails. The planner's closed form is exact on the tiny model
@@ -61,8 +72,13 @@ class Check:
         method: Fine-tuning method.
         attn: Attention implementation.
         status: ``ok``, ``fail`` (a check did not hold), ``error`` (it crashed; ``message`` says why) or
-            ``skipped`` (phi3v-plan predicts it does not fit this GPU, e.g. full fine-tuning with fp32 master weights
-            on one 80 GB card; ``message`` gives the numbers).
+            ``skipped`` (``message`` says why: phi3v-plan predicts not even one decoder layer fits, or the GPU is
+            too old for the method's kernels).
+        form: ``full-size`` (the real depth), ``reduced`` (``decoder_layers`` decoder layers, same widths and
+            vocabulary: the full-size model does not fit one card by phi3v-plan) or ``skipped``.
+        decoder_layers: Decoder layers of the model that trained (None when skipped or on the tiny CPU model).
+        world_size: Processes (2: torchrun with NCCL, ZeRO-2 for full fine-tuning, DDP for LoRA).
+        expected_seconds: The plan's expected duration.
         losses: Training loss of every step.
         measured_peak_bytes: Measured peak (CUDA: max_memory_allocated; CPU: live tensor bytes).
         predicted_peak_bytes: ``phi3v-plan``'s prediction of the same quantity.
@@ -70,12 +86,16 @@ class Check:
         mfu: Model FLOPs utilisation of the steps after the first (CUDA only).
         seconds: Wall time of the check.
         problems: What did not hold.
-        message: Error message of a crash.
+        message: Error message of a crash, or why the check was skipped / reduced.
     """
 
     method: str
     attn: str
     status: str = "ok"
+    form: str = "full-size"
+    decoder_layers: int | None = None
+    world_size: int = 1
+    expected_seconds: float = 0.0
     losses: list[float | None] = field(default_factory=list)
     measured_peak_bytes: int | None = None
     predicted_peak_bytes: int | None = None
@@ -84,6 +104,16 @@ class Check:
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
     message: str = ""
+
+    @property
+    def label(self) -> str:
+        """``full · sdpa · reduced to 9 decoder layers`` (form and processes only when not the default)."""
+        parts = [self.method, self.attn]
+        if self.form == "reduced":
+            parts.append(f"reduced to {self.decoder_layers} decoder layers")
+        if self.world_size > 1:
+            parts.append(f"{self.world_size} processes")
+        return " · ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -99,11 +129,14 @@ class SelfCheckReport:
     precision: str
     checks: list[Check]
     seconds: float
+    expected_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        """Whether every check passed (skipped ones aside) and at least one ran."""
-        return all(c.status in ("ok", "skipped") for c in self.checks) and any(c.status == "ok" for c in self.checks)
+        """Every check passed or was skipped with a reason, and at least one ran."""
+        return all(c.status == "ok" or (c.status == "skipped" and c.message) for c in self.checks) and any(
+            c.status == "ok" for c in self.checks
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (one object, ``checks`` list inside)."""
@@ -113,126 +146,103 @@ class SelfCheckReport:
             "model": self.model,
             "precision": self.precision,
             "seconds": round(self.seconds, 1),
+            "expected_seconds": round(self.expected_seconds),
             "checks": [c.to_dict() for c in self.checks],
         })
 
 
-def plan_checks(device: DeviceDescription, steps: int = 3) -> list[BenchConfig]:
-    """The configurations to check on ``device``: every method x every available attention kernel."""
-    values, _reasons = choose_defaults(device)
-    attns = ["sdpa"]
-    if values["attn"] == "flash_attention_2":
-        attns.append("flash_attention_2")
-    base = dict(model=values["model"], precision=values["precision"], seq_profile="docvqa",
-                num_crops=values.get("num_crops", 16), steps=steps, warmup=1, repeats=1, release="selfcheck",
-                out=tempfile.gettempdir())
-    if values["model"] == "tiny":
-        base.update(num_crops=TINY_DEFAULTS["num_crops"], global_batch=2, micro_batch=2)
-    else:
-        base.update(global_batch=1, micro_batch=1)
-    return [BenchConfig(method=m, attn=a, **base).validate() for m in METHOD_NAMES for a in attns]
-
-
-def _train_setup(cfg: BenchConfig, cuda: bool) -> Any:
-    """The planner's description of the step ``cfg`` trains (single process, as the check runs)."""
-    from phi3v_core.training import TrainConfig
-    from planner.estimate import TrainSetup
-
-    defaults = TrainConfig(model=cfg.model, output_dir="unused")
-    full = cfg.method in ("full", "frozen_vision")
-    return TrainSetup(
-        method=cfg.method,
-        precision=cfg.precision,
-        # phi3v-finetune without DeepSpeed keeps fp32 master weights for full/frozen; LoRA bases are 16-bit.
-        weight_dtype="fp32" if full else None,
-        attn=cfg.attn,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        micro_batch=cfg.micro_batch,
-        grad_accum=cfg.grad_accum,
-        world_size=1,
-        zero_stage=0,
-        lora_rank=defaults.lora_rank,
-        lora_lm_head=defaults.lora_lm_head,
-        lora_vision=not defaults.freeze_vision,
-        optimizer_foreach=cuda,  # torch's AdamW takes the multi-tensor path only for CUDA tensors
-    )
-
-
-def predicted_peak_bytes(cfg: BenchConfig, seq_len: int, cuda: bool) -> int:
-    """``phi3v-plan``'s allocated-peak prediction for ``cfg`` at ``seq_len`` tokens per sample (no allocator cache)."""
-    from planner.estimate import Workload, estimate_memory
+def predicted_peak_bytes(cfg: BenchConfig, seq_len: int, cuda: bool, layers: int | None = None) -> int:
+    """``phi3v-plan``'s allocated-peak prediction for ``cfg`` (``layers`` decoder layers) at ``seq_len`` tokens."""
+    from planner.estimate import estimate_memory
     from planner.shapes import load_shape
 
     shape = load_shape(cfg.model)
-    profile = cfg.profile
-    workload = Workload.from_images(shape, cfg.num_crops, (profile.image_width, profile.image_height),
-                                    images=profile.images_per_sample, text_tokens=0)
-    workload = dataclasses.replace(workload, seq_len=seq_len)
-    return int(estimate_memory(shape, _train_setup(cfg, cuda), workload).allocated)
+    if layers is not None:
+        shape = dataclasses.replace(shape, num_layers=layers)
+    return int(estimate_memory(shape, check_setup(cfg, cuda), check_workload(cfg, shape, seq_len)).allocated)
 
 
-def _fits(cfg: BenchConfig, seq_len: int) -> str | None:
-    """Why ``cfg`` cannot fit this GPU by phi3v-plan's prediction (``None`` when it fits or on CPU)."""
-    if not torch.cuda.is_available():
-        return None
-    capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    predicted = predicted_peak_bytes(cfg, seq_len, cuda=True)
-    # Allocated peak plus the CUDA context and a little allocator slack must fit.
-    if predicted * 1.05 + (1 << 30) > capacity:
-        return (f"phi3v-plan predicts {predicted / 2**30:.1f} GiB allocated, more than this "
-                f"{capacity / 2**30:.0f} GiB GPU holds with context and allocator slack")
-    return None
+@contextlib.contextmanager
+def reduced_preset(model: str, layers: int | None) -> Iterator[str]:
+    """A model preset name for ``model`` with ``layers`` decoder layers (same widths, vocabulary and vision tower).
+
+    Registered in :data:`phi3v_core.config.MODEL_PRESETS` for the duration of the block, so the real training path
+    (``build_model``, the FLOP trace) builds it like any preset; ``layers=None`` yields ``model`` unchanged.
+    """
+    if layers is None:
+        yield model
+        return
+    from phi3v_core.config import MODEL_PRESETS
+
+    name = f"{model}-{layers}-layers"
+    MODEL_PRESETS[name] = functools.partial(MODEL_PRESETS[model], num_hidden_layers=layers)
+    try:
+        yield name
+    finally:
+        MODEL_PRESETS.pop(name, None)
 
 
-def run_check(cfg: BenchConfig, flop_cache: dict[str, int] | None = None) -> Check:
+def traced_model_flops(train_cfg: Any, fixed: list[Any], cfg: BenchConfig, cache_dir: Path | None) -> int:
+    """Model FLOPs of one step, traced once per method, depth and batch (a file in ``cache_dir`` shares it)."""
+    from bench.measure import step_micro_batches, trace_step_flops
+
+    cache = cache_dir / f"{train_cfg.model}-{cfg.method}-{cfg.global_batch}.json" if cache_dir else None
+    if cache is not None and cache.is_file():
+        return int(json.loads(cache.read_text())["model_flops"])
+    batches = step_micro_batches(train_cfg, fixed, cfg.micro_batch, cfg.grad_accum)
+    flops = int(trace_step_flops(train_cfg, batches, with_recompute=False).model_flops)
+    if cache is not None:
+        from phi3v_core.io import atomic_write_text
+
+        atomic_write_text(cache, json.dumps({"model_flops": flops}))
+    return flops
+
+
+def run_check(cfg: BenchConfig, layers: int | None = None, flop_cache_dir: Path | None = None) -> Check:
     """Train ``cfg`` for ``warmup + steps`` steps on one fixed batch and check loss, memory and MFU.
 
     Args:
         cfg: The configuration (see :func:`plan_checks`).
-        flop_cache: Model FLOPs per method, shared between checks (they do not depend on the attention kernel).
+        layers: Decoder layers of a depth-reduced model (None: the model as it is).
+        flop_cache_dir: Folder where the traced FLOPs of a method and depth are shared between checks.
     """
-    from bench.measure import InstrumentedSteps, step_micro_batches, trace_step_flops
-    from bench.worker import _peak_flops, _processor, to_train_config
+    from bench.measure import InstrumentedSteps
+    from bench.worker import peak_flops, processor_for, to_train_config
     from bench.workload import build_workload
+    from phi3v_core.device import local_device
     from phi3v_core.training import StepTimer, train
 
-    check = Check(cfg.method, cfg.attn)
+    check = Check(cfg.method, cfg.attn, form="full-size" if layers is None else "reduced", decoder_layers=layers,
+                  world_size=cfg.world_size)
     start = time.perf_counter()
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    device = local_device(cuda)
     first, last = cfg.warmup + 1, cfg.warmup + cfg.steps
     memory_step = None if cuda else last + 1
     total = memory_step or last
     try:
-        workload = build_workload(cfg, _processor(cfg), cfg.global_batch)
+        workload = build_workload(cfg, processor_for(cfg), cfg.global_batch)
         example = workload.dataset[0]
         fixed = [example] * (cfg.global_batch * total)  # one fixed batch, every step
         seq_len = int(example["input_ids"].numel())
-        too_big = _fits(cfg, seq_len)
-        if too_big:
-            check.status, check.message = "skipped", too_big
-            check.predicted_peak_bytes = predicted_peak_bytes(cfg, seq_len, cuda)
-            return check
         timer = StepTimer()
         probes = InstrumentedSteps(first_timed_step=first, last_timed_step=last, memory_step=memory_step)
-        with tempfile.TemporaryDirectory(prefix="phi3v-selfcheck-") as scratch:
-            train_cfg = dataclasses.replace(to_train_config(cfg, scratch, total), learning_rate=SELFCHECK_LR[cfg.method])
+        with reduced_preset(cfg.model, layers) as model, tempfile.TemporaryDirectory(prefix="phi3v-selfcheck-") as tmp:
+            train_cfg = dataclasses.replace(to_train_config(cfg, tmp, total), model=model,
+                                            learning_rate=SELFCHECK_LR[cfg.method])
             train(train_cfg, fixed, callbacks=[timer, probes])
-        check.losses = [r.loss for r in timer.records]
-        check.measured_peak_bytes = probes.gpu_allocated_bytes if cuda else probes.tensor_peak_bytes
-        check.predicted_peak_bytes = predicted_peak_bytes(cfg, seq_len, cuda)
-        if check.measured_peak_bytes:
-            check.memory_error_pct = (
-                (check.predicted_peak_bytes - check.measured_peak_bytes) / check.measured_peak_bytes * 100.0
-            )
-        peak_flops = _peak_flops(device, cfg.precision)
-        timed = [r.seconds for r in timer.records if first <= r.step <= last]
-        if peak_flops and timed:
-            cache = flop_cache if flop_cache is not None else {}
-            if cfg.method not in cache:
-                batches = step_micro_batches(train_cfg, fixed, cfg.micro_batch, cfg.grad_accum)
-                cache[cfg.method] = trace_step_flops(train_cfg, batches, with_recompute=False).model_flops
-            check.mfu = cache[cfg.method] / sorted(timed)[len(timed) // 2] / peak_flops
+            check.losses = [r.loss for r in timer.records]
+            check.measured_peak_bytes = probes.gpu_allocated_bytes if cuda else probes.tensor_peak_bytes
+            check.predicted_peak_bytes = predicted_peak_bytes(cfg, seq_len, cuda, layers)
+            if check.measured_peak_bytes:
+                check.memory_error_pct = (
+                    (check.predicted_peak_bytes - check.measured_peak_bytes) / check.measured_peak_bytes * 100.0
+                )
+            peak = peak_flops(device, cfg.precision)
+            timed = [r.seconds for r in timer.records if first <= r.step <= last]
+            if peak and timed and int(os.environ.get("RANK", "0")) == 0:
+                flops = traced_model_flops(train_cfg, fixed, cfg, flop_cache_dir)
+                check.mfu = flops / sorted(timed)[len(timed) // 2] / peak
     except Exception as exc:  # noqa: BLE001 - one failing method must not hide the others
         check.status = "error"
         check.message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -262,34 +272,68 @@ def _problems(check: Check, kind: str) -> list[str]:
     return problems
 
 
-def run_check_isolated(cfg: BenchConfig, timeout_s: float = 1800.0) -> Check:
+def _command(planned: PlannedCheck, config: Path, out: Path, flop_cache_dir: Path) -> list[str]:
+    """One check's command: ``python -m bench.selfcheck`` (pinned to one GPU), or torchrun for a 2-process check."""
+    args = ["-m", "bench.selfcheck", "--config", str(config), "--out", str(out), "--flop-cache", str(flop_cache_dir)]
+    if planned.form == "reduced" and planned.decoder_layers is not None:
+        args += ["--layers", str(planned.decoder_layers)]
+    if planned.world_size == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={planned.world_size}", *args]
+
+
+def run_check_isolated(
+    planned: PlannedCheck | BenchConfig, timeout_s: float = 1800.0, flop_cache_dir: Path | None = None
+) -> Check:
     """:func:`run_check` in a fresh process: one check's GPU memory (and allocator state) cannot leak into the next.
 
-    ``timeout_s`` only guards against a hang; a check that exceeds it is an ``error``.
+    A single-process check is pinned to the first visible GPU (:func:`bench.pinning.single_process_env`); a
+    2-process check runs under torchrun on the first two. ``timeout_s`` only guards against a hang; a check that
+    exceeds it is an ``error``.
     """
+    from bench.pinning import single_process_env
+
+    if isinstance(planned, BenchConfig):
+        planned = PlannedCheck(planned, "full-size", None, "")
+    cfg = planned.config
     with tempfile.TemporaryDirectory(prefix="phi3v-selfcheck-") as tmp:
         config = Path(tmp) / "config.json"
         out = Path(tmp) / "check.json"
         config.write_text(json.dumps(cfg.to_dict()))
-        command = [sys.executable, "-m", "bench.selfcheck", "--config", str(config), "--out", str(out)]
+        env = single_process_env() if planned.world_size == 1 else dict(os.environ)
+        command = _command(planned, config, out, flop_cache_dir or Path(tmp))
         try:
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
         except subprocess.TimeoutExpired:
-            return Check(cfg.method, cfg.attn, status="error", message=f"no result within {timeout_s:.0f} s")
+            return Check(cfg.method, cfg.attn, status="error", form=planned.form, decoder_layers=planned.decoder_layers,
+                         world_size=planned.world_size, message=f"no result within {timeout_s:.0f} s")
         if not out.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()
-            return Check(cfg.method, cfg.attn, status="error",
+            return Check(cfg.method, cfg.attn, status="error", form=planned.form,
+                         decoder_layers=planned.decoder_layers, world_size=planned.world_size,
                          message=f"check process exited {proc.returncode}: {tail[-1] if tail else 'no output'}"[:300])
         return Check(**json.loads(out.read_text()))
 
 
+def _skipped(planned: PlannedCheck) -> Check:
+    cfg = planned.config
+    return Check(cfg.method, cfg.attn, status="skipped", form="skipped", world_size=planned.world_size,
+                 message=planned.reason)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def run_selfcheck(
     steps: int = 3,
-    device: DeviceDescription | None = None,
-    progress: Any = None,
+    device: DeviceDescription | Machine | None = None,
+    progress: Callable[[Check], None] | None = None,
     isolate: bool | None = None,
+    log: Callable[[str], None] = _stderr,
 ) -> SelfCheckReport:
-    """Run every check on this machine.
+    """Run every check of :func:`plan_checks` on this machine.
 
     Args:
         steps: Checked steps per configuration after one warmup step.
@@ -297,38 +341,69 @@ def run_selfcheck(
         progress: Called with each finished :class:`Check` (for live output).
         isolate: Run each check in its own process (default: on CUDA, where a full-size model's memory must be
             returned before the next one; on CPU the tiny model fits easily and process start-ups would dominate).
+            2-process checks always run in their own processes.
+        log: Where the expected duration and one line per check go (default: stderr, so ``--json`` stays clean).
     """
     start = time.perf_counter()
-    device = device or DeviceDescription.detect()
-    isolate = device.gpu_name is not None if isolate is None else isolate
-    cells = plan_checks(device, steps)
+    machine = device if isinstance(device, Machine) else Machine.detect() if device is None else plan_machine(device)
+    isolate = machine.device.gpu_name is not None if isolate is None else isolate
+    plan = plan_checks(machine, steps)
+    expected = sum(p.expected_seconds for p in plan)
+    log(f"selfcheck: {len(plan)} checks on {machine.device.gpu_name or 'cpu'}, expected ~{expected / 60:.1f} min "
+        "(phi3v-plan's step times plus fixed allowances; an estimate)")
     checks = []
-    flop_cache: dict[str, int] = {}
-    for cfg in cells:
-        check = run_check_isolated(cfg) if isolate else run_check(cfg, flop_cache)
-        checks.append(check)
-        if progress is not None:
-            progress(check)
-    return SelfCheckReport(
-        device=device.gpu_name or "cpu",
-        model=cells[0].model,
-        precision=cells[0].precision,
-        checks=checks,
-        seconds=time.perf_counter() - start,
-    )
+    with tempfile.TemporaryDirectory(prefix="phi3v-selfcheck-flops-") as flop_dir:
+        for i, planned in enumerate(plan, 1):
+            prefix = f"[{i}/{len(plan)}] {planned.label}"
+            if planned.form == "skipped":
+                check = _skipped(planned)
+            else:
+                log(f"{prefix}: running ({planned.form}, expected ~{planned.expected_seconds:.0f} s)")
+                layers = planned.decoder_layers if planned.form == "reduced" else None
+                if isolate or planned.world_size > 1:
+                    check = run_check_isolated(planned, flop_cache_dir=Path(flop_dir))
+                else:
+                    check = run_check(planned.config, layers, Path(flop_dir))
+            check.expected_seconds = planned.expected_seconds
+            check.decoder_layers = check.decoder_layers or planned.decoder_layers  # full-size: the model's own
+            if planned.form == "reduced" and not check.message:
+                check.message = planned.reason
+            log(f"{prefix}: {check.status} ({check.seconds:.0f} s){': ' + check.message if check.status != 'ok' else ''}")
+            checks.append(check)
+            if progress is not None:
+                progress(check)
+    cfg = plan[0].config
+    return SelfCheckReport(device=machine.device.gpu_name or "cpu", model=cfg.model, precision=cfg.precision,
+                           checks=checks, seconds=time.perf_counter() - start, expected_seconds=expected)
+
+
+def plan_machine(device: DeviceDescription) -> Machine:
+    """A :class:`Machine` for a bare device description: its memory from ``phi3v-plan``'s GPU table, one GPU."""
+    if device.gpu_name is None:
+        return Machine(device)
+    from planner.hardware import match_spec
+
+    spec = match_spec(device.gpu_name, 0, device.compute_capability or (0, 0))
+    return Machine(device, 1, spec.memory_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """One isolated check: ``python -m bench.selfcheck --config cfg.json --out check.json``."""
+    """One isolated check: ``python -m bench.selfcheck --config cfg.json --out check.json [--layers N]``.
+
+    Under torchrun every rank trains; rank 0 writes the result.
+    """
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers of a depth-reduced model")
+    parser.add_argument("--flop-cache", default=None, help="folder sharing traced FLOPs between checks")
     args = parser.parse_args(argv)
     cfg = BenchConfig.from_dict(json.loads(Path(args.config).read_text()))
-    check = run_check(cfg)
-    from phi3v_core.io import atomic_write_text
+    check = run_check(cfg, args.layers, Path(args.flop_cache) if args.flop_cache else None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from phi3v_core.io import atomic_write_text
 
-    atomic_write_text(args.out, json.dumps(json_safe(check.to_dict())))
+        atomic_write_text(args.out, json.dumps(json_safe(check.to_dict())))
     return 0
 
 

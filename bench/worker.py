@@ -27,7 +27,9 @@ from bench.workload import to_train_config
 from phi3v_core.device import local_device
 from phi3v_core.io import atomic_write_text
 
-__all__ = ["gather_payloads", "main", "plan_steps", "to_train_config", "workload_samples"]
+__all__ = [
+    "gather_payloads", "main", "peak_flops", "plan_steps", "processor_for", "to_train_config", "workload_samples",
+]
 
 
 def plan_steps(cfg: BenchConfig, cuda: bool) -> dict[str, int | None]:
@@ -48,7 +50,8 @@ def workload_samples(cfg: BenchConfig, total_steps: int) -> int:
     return cfg.global_batch * total_steps
 
 
-def _processor(cfg: BenchConfig) -> Any:
+def processor_for(cfg: BenchConfig) -> Any:
+    """The processor of ``cfg``'s model: the folder's own, or the offline tokenizer for presets."""
     from phi3v_core.processing import Phi3VProcessor
 
     folder = Path(cfg.model)
@@ -58,7 +61,7 @@ def _processor(cfg: BenchConfig) -> Any:
     return Phi3VProcessor.tiny(num_crops=cfg.num_crops)
 
 
-def _peak_flops(device: torch.device, precision: str) -> float | None:
+def peak_flops(device: torch.device, precision: str) -> float | None:
     """Dense peak FLOP/s of this GPU at ``precision`` from the planner's GPU table (``None`` on CPU/unknown)."""
     if device.type != "cuda":
         return None
@@ -89,7 +92,7 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
     total_steps = int(layout["total"])
     # The global batch × every planned step: the Trainer's sampler shards this over the ranks, so one epoch is
     # exactly ``total_steps`` full optimizer steps (no partial gradient-accumulation step inside the timed window).
-    workload = build_workload(cfg, _processor(cfg), workload_samples(cfg, total_steps))
+    workload = build_workload(cfg, processor_for(cfg), workload_samples(cfg, total_steps))
 
     timer = StepTimer()
     probes = InstrumentedSteps(
@@ -138,7 +141,7 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         skipped_timed_steps=timed_skipped,
         window_before_clock=probes.window_opened_at is not None and bool(timed)
         and probes.window_opened_at <= timed[0].began,
-        peak_flops_per_gpu=_peak_flops(device, cfg.precision),
+        peak_flops_per_gpu=peak_flops(device, cfg.precision),
         total_params=result.report.total_parameters,
         trainable_params=result.report.trainable_parameters,
         memory={

@@ -6,7 +6,7 @@ Decision rules (each shows up as a reason in the plan):
   where bf16 is emulated); otherwise fp16 mixed precision with loss scaling;
 * attention: FlashAttention-2 on ≥ 8.0 with 16-bit tensors, else SDPA (its memory-efficient kernel has no S²
   buffers on Volta/Turing either); eager is never recommended;
-* QLoRA needs bitsandbytes 4-bit, Turing or newer (bitsandbytes' documented requirement);
+* QLoRA needs bitsandbytes NF4 kernels (planner.hardware.qlora_unsupported_reason);
 * model states as ``phi3v-finetune`` runs them: full/frozen with DeepSpeed ZeRO-2 (5e7-element buckets, the
   training default) when more than one GPU, plain AdamW with fp32 master weights on one GPU; LoRA/QLoRA with DDP;
 * micro-batch: the largest power of two that fits and divides the global batch per GPU; gradient checkpointing on
@@ -37,13 +37,17 @@ from planner.hardware import (
     azure_skus,
     detect,
     find_gpu,
+    qlora_unsupported_reason,
     supports_bf16,
     supports_flash_attention,
 )
 from planner.shapes import ModelShape, load_shape
 from planner.speed import Interconnect, SpeedPrediction, format_duration, predict_speed
 
-__all__ = ["COMMON_GPUS", "Hardware", "MethodPlan", "Plan", "PlanRequest", "plan", "survey", "task_profiles"]
+__all__ = [
+    "COMMON_GPUS", "Hardware", "MethodPlan", "Plan", "PlanRequest", "fits_with_headroom", "plan", "survey",
+    "task_profiles", "usable_limit",
+]
 
 #: GPUs shown when nothing is detected and no ``--gpu`` is given.
 COMMON_GPUS = ("T4", "V100-32GB", "A10", "L4", "L40S", "A100-40GB", "A100-80GB", "H100-SXM", "H200")
@@ -491,11 +495,10 @@ def _plan_method(
     reasons: list[str] = []
     cc = gpu.compute_capability
     supported = True
-    if method == "qlora" and tuple(cc) < (7, 5):
+    unsupported = qlora_unsupported_reason(cc) if method == "qlora" else None
+    if unsupported:
         supported = False
-        reasons.append(
-            f"QLoRA needs bitsandbytes 4-bit kernels: Turing (7.5) or newer; {gpu.architecture} is {cc[0]}.{cc[1]}"
-        )
+        reasons.append(unsupported)
     if not supports_bf16(cc):
         reasons.append(
             f"{gpu.architecture} has no native bf16 → fp16 mixed precision with loss scaling (~1 point lower accuracy in the recipe)"
@@ -510,18 +513,18 @@ def _plan_method(
         setup = replace(base, micro_batch=micro, grad_accum=accum)
         memory = _estimate(shape, setup, memory_workload, calibration, trace)
         first = first or (setup, memory)
-        if _fits_with_headroom(memory, capacity, calibration):
+        if fits_with_headroom(memory, capacity, calibration):
             chosen = (setup, memory)
     fits = supported and chosen is not None
     setup, memory = chosen or first  # type: ignore[misc]
     effective = setup.micro_batch * setup.grad_accum * world
-    no_gc_fits = fits and _fits_with_headroom(
+    no_gc_fits = fits and fits_with_headroom(
         _estimate(shape, replace(setup, gradient_checkpointing=False), memory_workload, calibration, None),
         capacity,
         calibration,
     )
 
-    limit = _usable_limit(capacity, calibration)
+    limit = usable_limit(capacity, calibration)
     if supported:
         need = memory.reserved / GIB
         if fits:
@@ -600,14 +603,14 @@ def _dataset_size(request: PlanRequest) -> int:
     return int(task_profiles()["tasks"][request.task]["dataset"]["train_samples"])
 
 
-def _usable_limit(capacity: float, calibration: Calibration) -> float:
+def usable_limit(capacity: float, calibration: Calibration) -> float:
     """The most a recommended plan may reserve: usable memory minus the stated margin."""
     return (1 - calibration.overheads.headroom_fraction) * capacity
 
 
-def _fits_with_headroom(memory: MemoryEstimate, capacity: float, calibration: Calibration) -> bool:
+def fits_with_headroom(memory: MemoryEstimate, capacity: float, calibration: Calibration) -> bool:
     """Reserved peak (allocated × fitted allocator overhead + context) under the usable memory minus the margin."""
-    return memory.reserved <= _usable_limit(capacity, calibration)
+    return memory.reserved <= usable_limit(capacity, calibration)
 
 
 def _estimate(
@@ -874,7 +877,7 @@ def _misfits(
             fits_at: int | None = None
             for crops in range(profile.num_crops, 0, -1):
                 memory = estimate_memory(shape, base, sample.workload(shape, crops), calibration.overheads)
-                if _fits_with_headroom(memory, hw_capacity, calibration):
+                if fits_with_headroom(memory, hw_capacity, calibration):
                     fits_at = crops
                     break
             verdicts[key] = fits_at

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from phi3v_core.errors import ConfigError
+from planner.hardware import qlora_unsupported_reason
 from planner.recommend import PlanRequest, plan, survey
 
 
@@ -64,11 +65,14 @@ def test_h200_sku_without_vcpu_count_says_so():
     assert result.azure["vcpu_quota"] is None and "not in the table" in result.azure["quota_note"]
 
 
-def test_volta_cannot_run_qlora_and_nothing_else_changes():
+def test_qlora_support_follows_bitsandbytes_nf4_minimum():
+    # bitsandbytes documents NF4 at compute capability 6.0+: a V100 (7.0) runs QLoRA, in fp16.
     result = plan(PlanRequest(gpu="V100-32GB", count=8, methods=("qlora",)))
     qlora = result.method("qlora")
-    assert not qlora.supported and not qlora.fits and "Turing" in qlora.reasons[0]
-    assert result.recommended is None and "nothing fits" in result.why[0]
+    assert qlora.supported and qlora.fits and qlora.precision == "fp16"
+    assert qlora_unsupported_reason((7, 0)) is None and qlora_unsupported_reason((6, 0)) is None
+    reason = qlora_unsupported_reason((5, 2))
+    assert reason is not None and "6.0 or newer" in reason and "5.2" in reason
 
 
 def test_uneven_global_batch_is_rounded_and_said():
