@@ -7,6 +7,8 @@ Torch-free (``phi3v-plan`` imports it and must stay light). One behaviour for al
   usage and exit 2);
 * a user error (:class:`~phi3v_core.errors.Phi3VError`), an unwritable or full disk, a missing file: one line,
   exit 1, no traceback; ``PHI3V_DEBUG=1`` re-raises so developers get the stack;
+* SIGTERM, SIGHUP and SIGINT run the same cleanup as an exception (:mod:`phi3v_core.signals`), then exit with
+  ``128 + signal``;
 * ``--json`` output is strict JSON: NaN and infinities become ``null``.
 """
 
@@ -25,6 +27,7 @@ from typing import Any, NoReturn, TypeVar
 from phi3v_core.errors import ConfigError, Phi3VError
 from phi3v_core.fs import describe_os_error, describe_storage_error
 from phi3v_core.io import json_safe
+from phi3v_core.signals import Stopped, stop_on_signals
 
 __all__ = [
     "CliParser",
@@ -140,10 +143,13 @@ def handle_errors(main: F) -> F:
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> int | None:
         try:
-            return main(*args, **kwargs)
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            sys.exit(130)
+            with stop_on_signals():
+                return main(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            # SIGTERM/SIGHUP/SIGINT: every cleanup has run (locks released, transactions finished or rolled back).
+            signum = exc.signum if isinstance(exc, Stopped) else 2
+            print(f"error: {exc or 'interrupted'}; cleaned up, nothing half-written", file=sys.stderr)
+            sys.exit(128 + signum)
         except SystemExit:
             raise
         except BrokenPipeError:

@@ -106,7 +106,7 @@ def test_a_corrupt_newest_checkpoint_is_named_and_skipped(tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:100])  # cut off mid-write
     assert main([*LEAN, "--save_steps", "1", "--output_dir", str(out), "--resume", "--json"]) == 0
     captured = capsys.readouterr()
-    assert "warning: skipping corrupt checkpoint checkpoint-2" in captured.err
+    assert "warning: skipping incomplete checkpoint checkpoint-2" in captured.err
     assert "adapter_model.safetensors" in captured.err
     assert json.loads(captured.out)["train"]["resumed_from"].endswith("checkpoint-1")
     assert _state(out)["global_step"] == 2
