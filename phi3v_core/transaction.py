@@ -260,8 +260,9 @@ def _apply(record: dict[str, Any], target: Path, path: Path) -> str:
 def recover(target: str | os.PathLike[str]) -> list[str]:
     """Finish or roll back every interrupted transaction on folder ``target``; one stderr line per action.
 
-    Cheap when there is nothing to do (two ``stat`` calls). Also names hidden leftovers of older versions
-    (``.<name>.old-*``, ``.<name>.tmp-*``, ``.<name>.replaced-*``), which it does not delete.
+    Cheap when there is nothing to do. Removes (and says so) an incomplete new copy of a dead process
+    (``.<name>.phi3v-new-<pid>``, never visible), and names other hidden leftovers such as those of older versions
+    (``.<name>.old-*``, ``.<name>.tmp-*``, ``.<name>.replaced-*``), which may hold data and are not deleted.
 
     Returns:
         The messages printed.
@@ -273,9 +274,15 @@ def recover(target: str | os.PathLike[str]) -> list[str]:
             message = _recover_one(path, folder)
             if message:
                 messages.append(message)
+    _remove_dead_intent_drafts([*target.parent.glob(f".{target.name}{_SUFFIX}.*.tmp"), *target.glob(f".moves{_SUFFIX}.*.tmp")])
     with contextlib.suppress(OSError):
         for left in sorted(target.parent.glob(f".{target.name}.*")):
-            if _is_leftover(left, target.name):
+            if not _is_leftover(left, target.name):
+                continue
+            if left.name.startswith(f".{target.name}.phi3v-new-"):
+                _remove(left)  # never visible: a copy being built when its process died, before any swap began
+                messages.append(f"{target}: removed {left.name}, an incomplete new copy left by a killed command")
+            else:
                 messages.append(
                     f"{left} is left over from an interrupted run on {target}; it may hold the previous content: "
                     "look inside, then delete it"
@@ -285,8 +292,21 @@ def recover(target: str | os.PathLike[str]) -> list[str]:
     return messages
 
 
+def _remove_dead_intent_drafts(drafts: list[Path]) -> None:
+    """Remove intent files killed before they were complete (``<intent>.<pid>.tmp``; they hold no data)."""
+    from phi3v_core.fs import process_alive
+
+    for draft in drafts:
+        pid = draft.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                draft.unlink()
+
+
 def _is_leftover(path: Path, name: str) -> bool:
     rest = path.name[len(name) + 2 :]
+    if rest.startswith(_SUFFIX.lstrip(".")):
+        return False  # intents and their drafts are handled above
     for prefix in ("old-", "tmp-", "replaced-", "phi3v-old-", "phi3v-replaced-", "phi3v-new-"):
         if rest.startswith(prefix):
             pid = rest.rsplit("-", 1)[-1]

@@ -108,14 +108,15 @@ def test_a_symlinked_target_is_written_through_and_the_link_kept(tmp_path):
     assert _content(real) == {"a": "new"}
 
 
-def test_sigkill_before_the_intent_is_visible_keeps_the_old_folder_and_names_the_staged_copy(tmp_path):
+def test_sigkill_before_the_intent_is_visible_keeps_the_old_folder_and_removes_the_staged_copy(tmp_path):
     _folder(tmp_path / "data", a="old")
     _folder(tmp_path / ".data.phi3v-new-999999", a="new")
     proc = _run_killed("swap", "replace", 1, tmp_path)  # the intent's own rename
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not intent_path(tmp_path / "data").exists() and _content(tmp_path / "data") == {"a": "old"}
     messages = recover(tmp_path / "data")
-    assert len(messages) == 1 and ".data.phi3v-new-999999 is left over" in messages[0]
+    assert len(messages) == 1 and "removed .data.phi3v-new-999999, an incomplete new copy" in messages[0]
+    assert _siblings(tmp_path) == [] and _content(tmp_path / "data") == {"a": "old"}
 
 
 # os.replace calls: 1 the intent, 2 old folder aside, 3 new folder in place; then the old folder is removed
