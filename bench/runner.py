@@ -27,7 +27,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -40,6 +39,7 @@ from bench.pinning import single_process_env
 from bench.results import BenchResult, Metrics, RankMemory, RepeatSample, capture_environment, utc_now
 from bench.status import OOM_MARKERS, RepeatOutcome, classify_repeat, kernel_log_lines, looks_like_oom
 from phi3v_core.errors import ConfigError
+from phi3v_core.fs import held_lock_fds
 
 __all__ = [
     "DEFAULT_MASTER_PORT",
@@ -278,23 +278,12 @@ def _kill_all_live() -> None:
 atexit.register(_kill_all_live)
 
 
-@contextmanager
-def terminate_on_signals() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into ``SystemExit`` while a repeat runs, so ``finally`` blocks kill the workers and
-    temporary folders are removed (Python's default for SIGTERM is to die without running either)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def terminate_on_signals() -> Any:
+    """The one stop policy of every command (:func:`phi3v_core.signals.stop_on_signals`): SIGTERM/SIGHUP/SIGINT
+    raise ``Stopped`` so ``finally`` blocks kill the workers and remove temporary folders."""
+    from phi3v_core.signals import stop_on_signals
 
-    def _exit(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = {sig: signal.signal(sig, _exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return stop_on_signals()
 
 
 # -- one repeat ---------------------------------------------------------------------------------------------------
@@ -327,7 +316,8 @@ def _run_repeat(
                 log = open(tmp_dir / f"node{i}.log", "w")  # noqa: SIM115 - closed in finally
                 logs.append(log)
                 # A session of its own: the whole group can be killed without touching this process.
-                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                        pass_fds=held_lock_fds())
                 procs.append(proc)
                 _LIVE.add(proc)
             deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -17,6 +17,7 @@ from typing import Any, NoReturn, TypeVar
 
 from phi3v_core.errors import ConfigError, Phi3VError
 from phi3v_core.fs import describe_os_error, describe_storage_error
+from phi3v_core.signals import Stopped, stop_on_signals
 
 __all__ = ["CliParser", "debug_enabled", "handle_errors"]
 
@@ -60,10 +61,13 @@ def handle_errors(main: F) -> F:
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> int | None:
         try:
-            return main(*args, **kwargs)
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            sys.exit(130)
+            with stop_on_signals():
+                return main(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            # SIGTERM/SIGHUP/SIGINT: every cleanup has run (locks released, transactions finished or rolled back).
+            signum = exc.signum if isinstance(exc, Stopped) else 2
+            print(f"error: {exc or 'interrupted'}; cleaned up, nothing half-written", file=sys.stderr)
+            sys.exit(128 + signum)
         except SystemExit:
             raise
         except BrokenPipeError:

@@ -2,8 +2,8 @@
 
 Torch-free (the planner imports it). The rules it serves (issue #11):
 
-* one writer per output folder: :class:`FolderLock` writes ``.phi3v.lock`` naming the holder (pid, host, command)
-  and detects a stale lock left by a process that no longer runs;
+* one writer per output folder: :class:`FolderLock` holds a kernel lock on ``.phi3v.lock`` for the holder's lifetime
+  (released by the kernel when the holder dies) and keeps the holder's pid, host and command in it for messages;
 * never destroy what the command did not create: :func:`overlap_problem` refuses a source inside the output (or the
   reverse), :func:`foreign_entries` lists what a folder holds beyond a command's own outputs;
 * fail first: :func:`writable_problem` probes an output path before any work starts;
@@ -14,10 +14,12 @@ Torch-free (the planner imports it). The rules it serves (issue #11):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from phi3v_core.errors import Phi3VError
+from phi3v_core.io import current_umask
 
 __all__ = [
     "LOCK_NAME",
@@ -33,9 +36,11 @@ __all__ = [
     "check_regular_file",
     "describe_os_error",
     "describe_storage_error",
+    "held_lock_fds",
     "foreign_entries",
     "model_folder_problems",
     "overlap_problem",
+    "process_alive",
     "weight_file_problem",
     "writable_problem",
 ]
@@ -170,7 +175,8 @@ def foreign_entries(folder: Path, own: Iterable[str], own_prefixes: Iterable[str
     return sorted(p.name for p in Path(folder).iterdir() if p.name not in own_set and not p.name.startswith(prefixes))
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (a pid owned by another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -180,85 +186,172 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-class FolderLock:
-    """One writer per folder: an exclusive ``.phi3v.lock`` naming the holder, removed on exit.
+#: Size of the holder record: written in place with one ``pwrite`` (never truncated, so never empty).
+_HOLDER_BYTES = 2048
+#: Lock file descriptors this process holds (child processes that must keep a lock alive inherit them).
+_HELD_FDS: set[int] = set()
 
-    A lock whose holder process no longer runs on this host is stale and is taken over (with a warning note in
-    :attr:`took_over`). A lock held by a live process, or by another host, is refused naming the holder.
+
+def held_lock_fds() -> tuple[int, ...]:
+    """File descriptors of the :class:`FolderLock` objects this process holds.
+
+    Pass them to ``subprocess.Popen(pass_fds=...)``: a worker that inherits one keeps the lock held until it exits,
+    so a sweep killed with SIGKILL stays locked while one of its workers still runs.
+    """
+    return tuple(sorted(_HELD_FDS))
+
+
+def _holder_record(payload: dict[str, Any]) -> bytes:
+    raw = json.dumps(payload).encode()
+    if len(raw) > _HOLDER_BYTES - 1:
+        payload = {**payload, "command": str(payload.get("command", ""))[:200]}
+        raw = json.dumps(payload).encode()[: _HOLDER_BYTES - 1]
+    return raw.ljust(_HOLDER_BYTES - 1) + b"\n"  # trailing spaces are valid JSON whitespace
+
+
+class FolderLock:
+    """One writer per folder: a kernel lock (``fcntl.flock``) on ``.phi3v.lock``, held for the holder's lifetime.
+
+    The kernel releases the lock when the holder exits or is killed (even by SIGKILL), so there is no staleness to
+    guess and no take-over race: exactly one of any number of racing processes gets it. The file also holds the
+    holder's pid, host and command, for the message others get. It is born with that text (written to a temporary
+    file and hard-linked into place) and later rewritten in place at a fixed size, so it is never empty.
+
+    On NFS, Linux (>= 2.6.12) emulates ``flock`` with ``fcntl`` byte-range locks, which the NFS lock protocol shares
+    between clients: the lock works across machines as long as the server supports locking (``nolock`` mounts make
+    every lock local to one client).
+
+    A lock file left by a process that ended without releasing (killed) is reused silently apart from
+    :attr:`took_over`, which names the previous holder.
 
     Args:
         folder: The folder to lock (created when missing).
         command: What holds the lock (for the message).
         flag: The flag naming the folder (for the message).
+        beside: Lock ``<parent>/.<name>.phi3v.lock`` instead of a file inside the folder (for a folder that is
+            replaced as a whole, such as a converted data folder).
     """
 
-    def __init__(self, folder: str | os.PathLike[str], command: str, flag: str = "--output_dir") -> None:
+    def __init__(
+        self, folder: str | os.PathLike[str], command: str, flag: str = "--output_dir", *, beside: bool = False
+    ) -> None:
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.beside = beside
+        self.path = self.folder.parent / f".{self.folder.name}{LOCK_NAME}" if beside else self.folder / LOCK_NAME
         self.command = command
         self.flag = flag
         self.took_over: dict[str, Any] | None = None
-        self._held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """This object holds the lock."""
+        return self._fd is not None
 
     def _holder(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.path.read_text())
+            data = json.loads(self.path.read_bytes() or b"{}")
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
-            return {}  # being written right now, or garbage: treat as held by an unknown process
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _open_or_create(self, record: bytes) -> int:
+        """Open the lock file, creating it already holding ``record`` when missing (never an empty file)."""
+        while True:
+            try:
+                return os.open(self.path, os.O_RDWR)
+            except FileNotFoundError:
+                pass
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f"{self.path.name}.", suffix=".tmp")
+            try:
+                os.fchmod(fd, 0o666 & ~current_umask())  # readable as the user's files are: others see the holder
+                os.write(fd, record)
+                os.fsync(fd)
+                os.close(fd)
+                os.link(tmp, self.path)  # atomic, and fails instead of replacing a lock file someone else made
+            except FileExistsError:
+                continue
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
     def acquire(self) -> FolderLock:
-        """Take the lock.
+        """Take the lock (without waiting); first finish or roll back a transaction interrupted in the folder.
 
         Raises:
-            StorageError: Another live process holds it, or the folder cannot be written.
+            StorageError: Another process holds it (named), or the folder cannot be written.
         """
+        import fcntl
+
+        from phi3v_core.transaction import recover
+
+        if not self.beside:
+            recover(self.folder)
+        target = self.path.parent
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            target.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StorageError(f"{self.flag} " + describe_os_error(exc, self.folder)) from None
+            raise StorageError(f"{self.flag} " + describe_os_error(exc, target)) from None
         payload = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "since": time.time()}
-        for _ in range(3):
+        record = _holder_record(payload)
+        for _ in range(20):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is None:
-                    continue  # released between our attempts
-                stale = (
-                    holder.get("host") == socket.gethostname()
-                    and isinstance(holder.get("pid"), int)
-                    and not _process_alive(holder["pid"])
-                )
-                if not stale:
-                    who = (
-                        f"pid {holder.get('pid')} on {holder.get('host')} ({holder.get('command')})"
-                        if holder
-                        else "another process"
-                    )
-                    raise StorageError(
-                        f"{self.flag} {self.folder} is in use by {who}: one writer per folder; wait for it to finish, "
-                        f"choose another folder, or delete {self.path} if that process is gone"
-                    ) from None
-                self.took_over = holder
-                self.path.unlink(missing_ok=True)
-                continue
+                fd = self._open_or_create(record)
             except OSError as exc:
                 raise StorageError(f"{self.flag} " + describe_os_error(exc, self.path)) from None
-            with os.fdopen(fd, "w") as handle:
-                json.dump(payload, handle)
-            self._held = True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise StorageError(self._busy_message()) from None
+            except OSError as exc:
+                os.close(fd)
+                raise StorageError(f"{self.flag} {self.path}: cannot lock ({describe_os_error(exc)})") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder released (and removed) it between our open and lock: lock the new file
+                os.close(fd)
+                continue
+            previous = self._holder()
+            if previous and previous.get("pid") != os.getpid() and previous != payload:
+                self.took_over = previous
+            try:
+                os.pwrite(fd, record, 0)
+            except OSError as exc:
+                os.close(fd)
+                raise StorageError(f"{self.flag} " + describe_os_error(exc, self.path)) from None
+            self._fd = fd
+            _HELD_FDS.add(fd)
             return self
         raise StorageError(f"{self.flag} {self.folder}: could not take the lock {self.path}; retry")
 
+    def _busy_message(self) -> str:
+        holder = self._holder() or {}
+        pid, host = holder.get("pid"), holder.get("host")
+        who = f"pid {pid} on {host} ({holder.get('command')})" if pid else "another process"
+        hint = "wait for it to finish or choose another folder"
+        if isinstance(pid, int) and host == socket.gethostname() and not process_alive(pid):
+            hint = (
+                f"pid {pid} has ended but a process it started still holds the lock (e.g. a worker); "
+                f"wait for it, or find it with `fuser {self.path}`"
+            )
+        return f"{self.flag} {self.folder} is in use by {who}: one writer per folder; {hint}"
+
     def release(self) -> None:
-        """Remove the lock (only ours)."""
-        if self._held:
-            holder = self._holder()
-            if holder and holder.get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
-            self._held = False
+        """Remove the lock file and release the kernel lock (in that order, so no one locks a removed file)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
+                os.unlink(self.path)
+        _HELD_FDS.discard(self._fd)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self._fd = None
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

@@ -16,7 +16,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "json_safe"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "current_umask", "json_safe"]
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting (briefly process-wide) and restoring
+    os.umask(mask)
+    return mask
 
 
 def json_safe(value: Any) -> Any:
@@ -33,13 +47,14 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` atomically (the parent folder is created if needed).
 
     Args:
         path: Destination file.
         data: The complete new content.
-        mode: Permission bits of the new file (``mkstemp`` would leave 0600; results and configs are shared files).
+        mode: Permission bits of the new file (default: ``0666`` less the umask, as ``open()`` creates files;
+            ``mkstemp`` alone would leave 0600).
 
     Returns:
         The path written.
@@ -49,7 +64,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
+            os.fchmod(handle.fileno(), (0o666 & ~current_umask()) if mode is None else mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -7,6 +7,8 @@ Torch-free (``phi3v-plan`` imports it and must stay light). One behaviour for al
   usage and exit 2);
 * a user error (:class:`~phi3v_core.errors.Phi3VError`), an unwritable or full disk, a missing file: one line,
   exit 1, no traceback; ``PHI3V_DEBUG=1`` re-raises so developers get the stack;
+* SIGTERM, SIGHUP and SIGINT run the same cleanup as an exception (:mod:`phi3v_core.signals`), then exit with
+  ``128 + signal``;
 * ``--json`` output is strict JSON: NaN and infinities become ``null``.
 """
 

@@ -32,6 +32,7 @@ from phi3v_core.data.tasks import TASKS, TaskData, load_task
 from phi3v_core.data.ucf101 import convert_ucf101, plan_ucf101
 from phi3v_core.errors import ConfigError
 from phi3v_core.fs import overlap_problem
+from phi3v_core.transaction import recover
 
 _EPILOG = """examples:
   phi3v-convert ucf101 --src ~/data/UCF101_subset --out_dir ./ucf101
@@ -140,6 +141,7 @@ def _run_ucf101(args: argparse.Namespace) -> int:
     overlap = overlap_problem(args.src, args.out_dir, "--src", "--out_dir")
     if overlap:
         raise ConfigError(overlap)
+    recover(args.out_dir)  # a replacement interrupted by a kill is finished or rolled back first (said on stderr)
     check_output_dir(args.out_dir, overwrite=args.overwrite)
     _, jobs = plan_ucf101(args.src)
     console = Console(stderr=True)
@@ -175,6 +177,7 @@ def _run_ucf101(args: argparse.Namespace) -> int:
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
+    recover(args.out_dir)
     check_output_dir(args.out_dir, overwrite=args.overwrite)
     task = load_task(args.task, synthetic=args.n, synthetic_eval=args.n_eval, seed=args.seed)
     task.write(args.out_dir, overwrite=args.overwrite, image_format=args.image_format)
@@ -191,6 +194,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
+    recover(args.data_dir)
     task = load_task(args.task, args.split, data_dir=args.data_dir, max_pixels=args.max_pixels, skip_bad=args.skip_bad)
     if task.train:
         # The length check training runs (phi3v-finetune --max_length, default the model context), with the

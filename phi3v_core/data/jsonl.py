@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -552,33 +551,41 @@ def atomic_directory(out_dir: str | Path, *, overwrite: bool = False) -> Iterato
     """Yield a temporary sibling folder that replaces ``out_dir`` only when the block succeeds.
 
     On any exception the temporary folder (and parent folders this call created) are removed, so nothing is
-    half-written. An existing non-empty ``out_dir`` is refused unless ``overwrite``; then it is swapped out by rename
-    and deleted only after the new folder is in place.
+    half-written. An existing non-empty ``out_dir`` is refused unless ``overwrite``; then it is swapped out by a
+    journaled replacement (:func:`phi3v_core.transaction.replace_folder`: a kill leaves the old or the new folder, and
+    the next command finishes the swap). A second converter into the same folder is refused while one runs.
 
     Raises:
         ConfigError: ``out_dir`` is a file, or a non-empty folder without ``overwrite``.
     """
+    from phi3v_core.fs import FolderLock
+    from phi3v_core.transaction import recover, replace_folder
+
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        out_dir = out_dir.resolve()  # write through the link: the real folder is replaced, the link kept
+    recover(out_dir)  # an interrupted earlier replacement is finished (or rolled back) first
     check_output_dir(out_dir, overwrite=overwrite)
     parent = out_dir.absolute().parent
     created = [p for p in [parent, *parent.parents] if not p.exists()][::-1]
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    # One converter per output folder: a second one is refused, naming the first (the lock sits beside the folder,
+    # which is replaced as a whole).
+    lock = FolderLock(out_dir, "phi3v-convert", "--out_dir", beside=True).acquire()
+    tmp = parent / f".{out_dir.name}.phi3v-new-{os.getpid()}"
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()  # mode from the umask, as the user's other folders
         yield tmp
         entries = sorted(p.name for p in tmp.iterdir())
         (tmp / MANIFEST_NAME).write_text(json.dumps({"command": "phi3v-convert", "entries": entries}))
+        replace_folder(tmp, out_dir, "phi3v-convert")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty_dirs(created)
         raise
-    if out_dir.is_dir():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
-        os.replace(out_dir, trash / "old")
-        os.replace(tmp, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    finally:
+        lock.release()
 
 
 def record_to_json(record: Record, image_paths: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:

@@ -33,10 +33,12 @@ from phi3v_core.io import atomic_write_json
 from phi3v_core.methods import MethodReport
 from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
 from phi3v_core.training.callbacks import LossGuard, StepRecord, StepTimer, TrainingDivergedError
+from phi3v_core.training.checkpoints import CheckpointManifest, checkpoint_problem
 from phi3v_core.training.collate import SupervisedLogitsCollator
 from phi3v_core.training.config import COMPLETE_MARKER, Machine, TrainConfig
 from phi3v_core.training.model_setup import build_model, prepare_model
 from phi3v_core.training.trainer import Phi3VTrainer, build_training_arguments
+from phi3v_core.transaction import move_into
 
 logger = logging.getLogger(__name__)
 
@@ -119,23 +121,6 @@ _RESULT_EXTRA = ("task", "data")
 CHECKPOINT_CONFIG = "train_config.json"
 
 
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why a checkpoint folder cannot be resumed from (``None`` when its files are complete). Reads headers only."""
-    from phi3v_core.fs import weight_file_problem
-
-    state = folder / "trainer_state.json"
-    try:
-        json.loads(state.read_text())
-    except (OSError, ValueError):
-        return f"{state}: missing or cut off (the save was interrupted)"
-    for path in sorted(folder.iterdir()):
-        if path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
-            reason = weight_file_problem(path)
-            if reason:
-                return f"{path}: {reason}"
-    return None
-
-
 def _recorded_config(checkpoint: Path, output_dir: Path) -> dict[str, Any] | None:
     for path in (checkpoint / CHECKPOINT_CONFIG, output_dir / CHECKPOINT_CONFIG):
         try:
@@ -182,22 +167,23 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
         )
         checkpoint = None
         for _, folder in reversed(candidates):
-            reason = checkpoint_problem(folder)
+            reason = checkpoint_problem(folder, cfg.max_steps)
             if reason is None:
                 checkpoint = folder
                 break
-            logger.warning("skipping corrupt checkpoint %s (%s); falling back to an older one", folder, reason)
-            print(f"warning: skipping corrupt checkpoint {folder.name}: {reason}", file=sys.stderr)
+            logger.warning("skipping incomplete checkpoint %s (%s); falling back to an older one", folder, reason)
+            print(f"warning: skipping incomplete checkpoint {folder.name}: {reason}", file=sys.stderr)
         if checkpoint is None and candidates:
             raise ConfigError(
-                f"--resume: every checkpoint in {output_dir} is corrupt (newest: {checkpoint_problem(candidates[-1][1])}); "
+                f"--resume: every checkpoint in {output_dir} is incomplete or inconsistent "
+                f"(newest: {checkpoint_problem(candidates[-1][1], cfg.max_steps)}); "
                 "start again with --overwrite_output_dir"
             )
         if checkpoint is None:
             return None
     else:
         checkpoint = Path(cfg.resume)
-        reason = checkpoint_problem(checkpoint)
+        reason = checkpoint_problem(checkpoint, cfg.max_steps)
         if reason is not None:
             raise ConfigError(
                 f"--resume {checkpoint}: corrupt checkpoint ({reason}); resume from an older checkpoint-N or drop "
@@ -301,7 +287,7 @@ def _storage_errors(path: Path) -> Iterator[None]:
 
 
 def _save_final(trainer: Phi3VTrainer, output_dir: Path, processor: Any | None) -> Path:
-    """Save model/adapter (and processor) into ``output_dir``, each file via a staging folder + ``os.replace``.
+    """Save model/adapter (and processor) into ``output_dir``: a staging folder, then journaled moves into place.
 
     Refuses to save weights holding NaN/inf (a diverged run is never saved as the final model).
     """
@@ -312,16 +298,14 @@ def _save_final(trainer: Phi3VTrainer, output_dir: Path, processor: Any | None) 
             "lower the learning rate or use bf16 instead of fp16"
         )
     staging = output_dir / ".final-staging"
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)  # a save cut off before its moves began: start it again
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))  # every rank calls it (DeepSpeed gathers); only the main process writes
     if trainer.args.should_save:
         if processor is not None:
             processor.save_pretrained(staging)
-        for item in staging.iterdir():
-            target = output_dir / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
-        shutil.rmtree(staging, ignore_errors=True)
+        move_into(staging, output_dir, "phi3v-finetune final save")  # journaled: a kill is finished by the next run
     trainer.accelerator.wait_for_everyone()
     return output_dir
 
@@ -385,7 +369,7 @@ def train(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
-        callbacks=[LossGuard(), timer, _RecordConfig(cfg.to_dict()), *callbacks],
+        callbacks=[LossGuard(), timer, _RecordConfig(cfg.to_dict()), CheckpointManifest(), *callbacks],
     )
     with _storage_errors(output_dir):
         if args.should_save:

@@ -5,10 +5,11 @@ module runs it. :mod:`phi3v_core.training.launch` shares the output-folder guard
 
 Output-folder rules (issue #11):
 
-* one writer per folder: a lock file names the holder (:class:`phi3v_core.fs.FolderLock`), stale locks are taken over;
+* one writer per folder: a kernel lock names the holder (:class:`phi3v_core.fs.FolderLock`), released when it dies;
 * a folder holding a run is refused unless ``resume`` (continue it) or ``overwrite_output_dir`` (replace it): the old
-  run is moved aside, the new one written, and the old one deleted only when the new one finished (restored when the
-  new one fails); files this command did not write are never deleted (the folder is refused instead);
+  run is moved aside in a journaled transaction (:mod:`phi3v_core.transaction`), the new one written, and the old one
+  deleted only when the new one finished (restored when the new one fails or is killed); files this command did not
+  write are never deleted (the folder is refused instead);
 * a folder holding files the run would overwrite (e.g. a model folder) is refused;
 * a complete run (``run_complete.json``) is never trained further by ``resume``: the run says so and does nothing.
 """
@@ -19,7 +20,6 @@ import contextlib
 import gc
 import json
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +32,7 @@ from phi3v_core.errors import DataError
 from phi3v_core.fs import LOCK_NAME, FolderLock, foreign_entries, overlap_problem, writable_problem
 from phi3v_core.io import atomic_write_json
 from phi3v_core.training.config import COMPLETE_MARKER
+from phi3v_core.transaction import SetAside, recover
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -189,6 +190,7 @@ def output_dir_problems(
         flag: The flag naming the output folder, for messages.
     """
     out = Path(output_dir).expanduser()
+    recover(out)  # what the folder holds after an interrupted transaction is finished or rolled back
     problem = writable_problem(out, flag)
     if problem:
         return [problem]
@@ -249,8 +251,11 @@ def guarded_output_dir(
 ) -> Iterator[Path]:
     """Hold the output folder for one run (main process; other ranks just yield).
 
-    Takes the lock; with ``overwrite`` moves the old run aside (``.<name>.replaced-<pid>`` beside it) and deletes it
-    only when the block succeeds, restoring it when the block fails. Records what the run wrote in the manifest.
+    First finishes or rolls back a transaction a killed command left on the folder. Takes the lock; with
+    ``overwrite`` moves the old run aside as a journaled transaction (:class:`phi3v_core.transaction.SetAside`):
+    deleted only when the block succeeds, restored when it fails, and — after a SIGKILL or power loss — restored by
+    the next command unless the new run had finished. A symlinked folder is written through (the link is kept).
+    Records what the run wrote in the manifest.
 
     Raises:
         StorageError: Another writer holds the folder, or it cannot be written.
@@ -259,11 +264,17 @@ def guarded_output_dir(
     if not is_main_process():
         yield out
         return
-    aside: Path | None = None
+    if out.is_symlink():
+        out = out.resolve()  # replace the real folder, never the link with a real folder
+    recover(out)
+    aside: SetAside | None = None
     if overwrite and out.is_dir() and any(out.iterdir()):
-        aside = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-        FolderLock(out, command).acquire().release()  # refuse if another writer works in the old run
-        os.replace(out, aside)
+        old_lock = FolderLock(out, command).acquire()  # refuse if another writer works in the old run
+        try:
+            aside = SetAside(out, command, done_marker=COMPLETE_MARKER)
+            (aside.aside / LOCK_NAME).unlink(missing_ok=True)  # moved aside with the old run: not a lock of it
+        finally:
+            old_lock.release()  # the lock file moved aside with the old run; removed with it
     created = not out.exists()
     manifest = _read_json(out / MANIFEST_NAME)
     previous = set(manifest.get("entries", [])) if isinstance(manifest, dict) else set()
@@ -272,11 +283,12 @@ def guarded_output_dir(
         lock.acquire()
     except BaseException:
         if aside is not None:
-            os.replace(aside, out)
+            aside.rollback()
         raise
     if lock.took_over:
         print(
-            f"note: {out}: took over a stale lock of pid {lock.took_over.get('pid')} (that process no longer runs)",
+            f"note: {out}: the previous holder of the lock (pid {lock.took_over.get('pid')}) ended without releasing "
+            "it; taking it",
             file=sys.stderr,
         )
     before = {p.name for p in out.iterdir()} - previous
@@ -285,8 +297,7 @@ def guarded_output_dir(
     except BaseException:
         lock.release()
         if aside is not None:
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(aside, out)
+            aside.rollback()
         elif created:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only when empty: a failed run leaves no folder it made for nothing
@@ -296,7 +307,7 @@ def guarded_output_dir(
         atomic_write_json(out / MANIFEST_NAME, {"command": command, "entries": entries})
         lock.release()
         if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+            aside.commit()
 
 
 def check_sequence_lengths(task: Any, processor: Any, max_length: int) -> None:
@@ -400,6 +411,8 @@ def run(cfg: FinetuneConfig, env: Any = None, on_plan: Callable[[FinetuneConfig,
         to resume: ``{"status": "complete", ...}`` and nothing is trained or written.
     """
     out = Path(cfg.train.output_dir)
+    if is_main_process():
+        recover(out)
     folder = inspect_run_folder(out)
     if cfg.train.resume == "latest" and folder.complete is not None:
         return {

@@ -106,7 +106,7 @@ def test_a_corrupt_newest_checkpoint_is_named_and_skipped(tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:100])  # cut off mid-write
     assert main([*LEAN, "--save_steps", "1", "--output_dir", str(out), "--resume", "--json"]) == 0
     captured = capsys.readouterr()
-    assert "warning: skipping corrupt checkpoint checkpoint-2" in captured.err
+    assert "warning: skipping incomplete checkpoint checkpoint-2" in captured.err
     assert "adapter_model.safetensors" in captured.err
     assert json.loads(captured.out)["train"]["resumed_from"].endswith("checkpoint-1")
     assert _state(out)["global_step"] == 2
@@ -144,7 +144,7 @@ def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, cap
         holder.wait()
     # The holder died without releasing: its lock is stale, the next run takes it over.
     assert main([*LEAN, "--max_steps", "1", "--output_dir", str(out)]) == 0
-    assert "took over a stale lock" in capsys.readouterr().err
+    assert "ended without releasing it; taking it" in capsys.readouterr().err
     assert (out / "run_complete.json").is_file() and not (out / ".phi3v.lock").exists()
 
 
@@ -212,6 +212,8 @@ def _fake_checkpoint(folder: Path, weights: bytes) -> Path:
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": int(folder.name.split("-")[1])}))
     (folder / "adapter_model.safetensors").write_bytes(weights)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({}, folder / name)
     return folder
 
 
@@ -219,7 +221,7 @@ def test_an_explicit_corrupt_checkpoint_is_named(tmp_path):
     from phi3v_core.training.api import resolve_resume
 
     ckpt = _fake_checkpoint(tmp_path / "run" / "checkpoint-3", b"\x10\x00")
-    cfg = _tiny(tmp_path, resume=str(ckpt))
+    cfg = _tiny(tmp_path, resume=str(ckpt), max_steps=3)
     with pytest.raises(ConfigError, match=r"corrupt checkpoint \(.*checkpoint-3/adapter_model.safetensors: truncated"):
         resolve_resume(cfg)
 
@@ -229,5 +231,5 @@ def test_when_every_checkpoint_is_corrupt_resume_refuses_with_the_remedy(tmp_pat
 
     for step in (1, 2):
         _fake_checkpoint(tmp_path / "run" / f"checkpoint-{step}", b"\x10\x00")
-    with pytest.raises(ConfigError, match=r"every checkpoint in .* is corrupt .* start again with --overwrite_output_dir"):
+    with pytest.raises(ConfigError, match=r"every checkpoint in .* is incomplete or inconsistent .* start again with --overwrite_output_dir"):
         resolve_resume(_tiny(tmp_path, resume="latest"))

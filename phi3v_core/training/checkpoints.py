@@ -1,0 +1,137 @@
+"""Checkpoints that prove they are complete: a manifest written last, and a check before every resume.
+
+The HF Trainer writes a checkpoint as several files (weights, ``optimizer.pt``, ``scheduler.pt``, ``rng_state*.pth``,
+``trainer_state.json``); a kill or full disk can leave any subset. :class:`CheckpointManifest` writes
+``phi3v_checkpoint.json`` (every file's name and size, and the step) atomically after the Trainer's save, so its
+presence means the save finished. :func:`checkpoint_problem` says why a checkpoint cannot be resumed from: a file
+missing, cut off or of another size than the manifest says, a step that disagrees with the folder name or with
+``max_steps``. ``resume="latest"`` skips such checkpoints with a warning naming them and uses the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from phi3v_core.fs import weight_file_problem
+from phi3v_core.io import atomic_write_json
+
+__all__ = ["CHECKPOINT_MANIFEST", "CheckpointManifest", "checkpoint_problem", "checkpoint_step", "write_manifest"]
+
+#: Written last into every checkpoint folder: its files, their sizes and the step.
+CHECKPOINT_MANIFEST = "phi3v_checkpoint.json"
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin",
+            "adapter_model.bin")  # fmt: skip
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step in a ``checkpoint-N`` folder name (``None`` for another name)."""
+    number = Path(folder).name.removeprefix("checkpoint-")
+    return int(number) if number.isdigit() else None
+
+
+def write_manifest(folder: Path, step: int) -> Path:
+    """Record every file of checkpoint ``folder`` (relative name → size) and ``step``, atomically, as the last file."""
+    files = {
+        str(path.relative_to(folder)): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != CHECKPOINT_MANIFEST and not path.name.startswith(".")
+    }
+    return atomic_write_json(folder / CHECKPOINT_MANIFEST, {"step": step, "files": files})
+
+
+def _required_problem(folder: Path) -> str | None:
+    """A checkpoint without a manifest (older versions, or killed just before it): the files the Trainer writes."""
+    names = {p.name for p in folder.iterdir()}
+    if not names & set(_WEIGHTS):
+        return "no model or adapter weights (the save was interrupted)"
+    deepspeed = (folder / "latest").is_file() or any(n.startswith("global_step") for n in names)
+    needed = ["scheduler.pt"] if deepspeed else ["optimizer.pt", "scheduler.pt"]
+    missing = [n for n in needed if n not in names]
+    if not any(n.startswith("rng_state") for n in names):
+        missing.append("rng_state.pth")
+    if missing:
+        return f"missing {', '.join(missing)} (resuming would restart the optimizer or schedule)"
+    return None
+
+
+def _manifest_problem(folder: Path, manifest: Any) -> str | None:
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return f"{CHECKPOINT_MANIFEST} is unreadable"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing (listed in {CHECKPOINT_MANIFEST})"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {CHECKPOINT_MANIFEST} says {size} (changed or cut off)"
+    return None
+
+
+def checkpoint_problem(folder: Path, max_steps: int = -1) -> str | None:
+    """Why checkpoint ``folder`` cannot be resumed from (``None`` when it is complete and consistent). Reads headers.
+
+    Args:
+        folder: A ``checkpoint-N`` folder.
+        max_steps: The run's step budget (``<= 0``: by epochs, not checked).
+    """
+    folder = Path(folder)
+    state_path = folder / "trainer_state.json"
+    try:
+        state = json.loads(state_path.read_text())
+        step = int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{state_path}: missing or cut off (the save was interrupted)"
+    named = checkpoint_step(folder)
+    if named is not None and step != named:
+        return f"{state_path} says step {step} but the folder is {folder.name} (edited or mixed up)"
+    if max_steps > 0 and step > max_steps:
+        return f"step {step} is past max_steps {max_steps} (from another run, or edited)"
+    try:
+        manifest = json.loads((folder / CHECKPOINT_MANIFEST).read_text())
+    except FileNotFoundError:
+        manifest = None
+    except (OSError, ValueError):
+        manifest = {}
+    if manifest is not None:
+        reason = _manifest_problem(folder, manifest)
+        if reason is None and manifest.get("step") != step:
+            reason = f"{CHECKPOINT_MANIFEST} says step {manifest.get('step')}, trainer_state.json says {step}"
+    else:
+        reason = _required_problem(folder)
+    if reason is not None:
+        return f"{folder}: {reason}"
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+            reason = weight_file_problem(path)
+            if reason:
+                return f"{path}: {reason}"
+    return None
+
+
+class CheckpointManifest(TrainerCallback):
+    """Write :data:`CHECKPOINT_MANIFEST` into each checkpoint once the Trainer saved everything (on the main process).
+
+    Ranks meet at a barrier first so every rank's files (``rng_state_<rank>.pth``) are on disk when the manifest lists
+    them.
+    """
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Write the manifest of ``checkpoint-<global_step>``."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        if args.should_save:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_manifest(folder, state.global_step)
+                fd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
