@@ -716,8 +716,8 @@ def plan(
     if request.data_dir:
         from planner.dataprofile import profile_data
 
-        num_crops = request.num_crops or task_profiles()["tasks"][request.task]["num_crops"]
-        profile = profile_data(request.data_dir, shape, num_crops)
+        profile = profile_data(request.data_dir, shape, request.num_crops)  # default: the num_crops finetune uses
+        num_crops = profile.num_crops
         workload = profile.mean_workload
         memory_workload = profile.samples[profile.longest].workload(shape, num_crops)
         if request.dataset_size is None:

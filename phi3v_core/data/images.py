@@ -66,6 +66,8 @@ def _warn_once(name: str, what: str, message: str) -> None:
 
 
 def _orientation(image: Image.Image) -> int:
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1  # PNG's getexif() would decode the pixels to look for a late eXIf chunk; header checks never decode
     try:
         return int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
     except (OSError, ValueError, TypeError, SyntaxError):  # a broken EXIF block is ignored, as image viewers do
