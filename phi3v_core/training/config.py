@@ -68,7 +68,7 @@ class Machine:
             cuda=cuda,
             capability=torch.cuda.get_device_capability(0) if cuda else None,
             device_count=torch.cuda.device_count() if cuda else 0,
-            world_size=env_int("WORLD_SIZE", 1),  # a malformed value is reported by distributed_env_problems
+            world_size=max(env_int("WORLD_SIZE", 1), 1),  # a malformed value is reported by distributed_env_problems
             flash_attn=importlib.util.find_spec("flash_attn") is not None,
             deepspeed=importlib.util.find_spec("deepspeed") is not None,
             bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
