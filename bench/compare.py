@@ -1,7 +1,9 @@
 """Compare two sets of benchmark results configuration by configuration (``phi3v-bench compare A B``).
 
-Results are matched on the config identity (:data:`bench.config.IDENTITY_FIELDS`); protocol fields such as steps or
-seed do not split a match. Per match it reports img/s and peak memory changes judged by :mod:`bench.stats`.
+Results are matched on the config identity (:data:`bench.config.IDENTITY_FIELDS`) and the hardware (GPU model and
+count, or CPU model, from the result's environment); protocol fields such as steps or seed do not split a match.
+Nothing matched is a user error (exit 1) that says why; matched results measured on machines that differ otherwise
+(driver, CUDA, CPU, host platform) are compared with a note saying so. Per match it reports img/s and peak memory changes judged by :mod:`bench.stats`.
 A candidate that fails (oom/error) where the baseline succeeded is a regression; the reverse is a fix.
 
 Exit code contract (used by CI): 0 = no regression, 2 = at least one regression, 1 = user error (bad path, ambiguous
@@ -76,6 +78,7 @@ class CompareReport:
     only_a: list[dict[str, Any]]
     only_b: list[dict[str, Any]]
     options: CompareOptions
+    notes: list[str] = field(default_factory=list)
 
     @property
     def regressions(self) -> int:
@@ -105,6 +108,7 @@ class CompareReport:
                 "matches": [m.to_dict() for m in self.matches],
                 "only_a": self.only_a,
                 "only_b": self.only_b,
+                "notes": self.notes,
             }
         )
 
@@ -151,7 +155,8 @@ class CompareReport:
         """Return a one-line summary."""
         o = self.options
         rule = RULE_TEXT.format(threshold=o.threshold_pct, alpha=o.alpha, repeats=o.min_repeats)
-        return f"{len(self.matches)} matched, {self.regressions} regressed (rule on {rule})"
+        line = f"{len(self.matches)} matched, {self.regressions} regressed (rule on {rule})"
+        return "; ".join([line, *self.notes])
 
 
 def _mem_cell(c: MemoryComparison | None) -> str:
@@ -164,7 +169,7 @@ def _mem_cell(c: MemoryComparison | None) -> str:
 def _index(pairs: Iterable[tuple[Path, BenchResult]], side: str) -> dict[tuple, tuple[Path, BenchResult]]:
     index: dict[tuple, tuple[Path, BenchResult]] = {}
     for path, result in pairs:
-        key = tuple(result.config.identity().items())
+        key = (*result.config.identity().items(), ("hardware", result.environment.hardware))
         if key in index:
             raise DataError(
                 f"side {side} has two results for {result.config.cell_id()}: {index[key][0]} and {path}; "
@@ -195,10 +200,47 @@ def compare_results(
         return [item if isinstance(item, tuple) else (Path("<memory>"), item) for item in items]
 
     index_a, index_b = _index(pairs(a), "A"), _index(pairs(b), "B")
-    matches = [_compare_one(index_a[k][1], index_b[k][1], options) for k in index_a if k in index_b]
+    matched = [k for k in index_a if k in index_b]
+    if not matched:
+        raise DataError(_nothing_matched(index_a, index_b))
+    matches = [_compare_one(index_a[k][1], index_b[k][1], options) for k in matched]
     only_a = [dict(k) for k in index_a if k not in index_b]
     only_b = [dict(k) for k in index_b if k not in index_a]
-    return CompareReport(matches, only_a, only_b, options)
+    notes = _machine_notes([(index_a[k][1], index_b[k][1]) for k in matched])
+    return CompareReport(matches, only_a, only_b, options, notes)
+
+
+def _hardware_of(index: dict[tuple, tuple[Path, BenchResult]]) -> str:
+    return ", ".join(sorted({dict(k)["hardware"] for k in index}))
+
+
+def _nothing_matched(index_a: dict[tuple, Any], index_b: dict[tuple, Any]) -> str:
+    """Why no configuration matched: different hardware, or different configurations."""
+    configs_a = {k[:-1] for k in index_a}
+    configs_b = {k[:-1] for k in index_b}
+    if configs_a & configs_b:
+        return (
+            f"nothing matched: the same configurations were measured on different hardware (A: "
+            f"{_hardware_of(index_a)}; B: {_hardware_of(index_b)}); compare results of one machine type"
+        )
+    return (
+        f"nothing matched: none of the {len(index_a)} configuration(s) of A appears in the {len(index_b)} of B "
+        "(compare matches method, precision, batch, crops, GPUs and hardware); pass result folders of the same sweep"
+    )
+
+
+def _machine_notes(pairs: Sequence[tuple[BenchResult, BenchResult]]) -> list[str]:
+    """One note per machine property that differs between matched results (same GPU model, other machine)."""
+    differing: dict[str, tuple[Any, Any]] = {}
+    for a, b in pairs:
+        for name in ("driver_version", "cuda_version", "cpu", "platform"):
+            va, vb = getattr(a.environment, name), getattr(b.environment, name)
+            if va and vb and va != vb:
+                differing.setdefault(name, (va, vb))
+    if not differing:
+        return []
+    shown = ", ".join(f"{name.replace('_', ' ')} {va} vs {vb}" for name, (va, vb) in differing.items())
+    return [f"A and B were measured on different machines ({shown}): differences may come from the machine"]
 
 
 def _compare_one(a: BenchResult, b: BenchResult, options: CompareOptions) -> ConfigComparison:

@@ -45,6 +45,37 @@ def debug_enabled() -> bool:
     return os.environ.get("PHI3V_DEBUG", "") not in ("", "0")
 
 
+def _flush_stdout() -> None:
+    """Flush stdout, naming it when that fails (``> /dev/full``); a closed pipe stays a quiet BrokenPipeError."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        _silence_stdout()
+        raise Phi3VError(describe_os_error(exc, "writing to standard output (stdout)")) from None
+
+
+def _stdout_broken() -> bool:
+    """Whether stdout itself cannot be written (then an OSError without a file name came from printing).
+
+    Probed with one newline: only on this failure path, where the command's output is incomplete anyway.
+    """
+    try:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except OSError:
+        _silence_stdout()
+        return True
+    return False
+
+
+def _silence_stdout() -> None:
+    # Point stdout at /dev/null so Python's own flush at exit does not print a second, raw error.
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
@@ -62,7 +93,9 @@ def handle_errors(main: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> int | None:
         try:
             with stop_on_signals():
-                return main(*args, **kwargs)
+                result = main(*args, **kwargs)
+            _flush_stdout()  # a full disk or closed stdout shows only here, at the last write
+            return result
         except KeyboardInterrupt as exc:
             # SIGTERM/SIGHUP/SIGINT: every cleanup has run (locks released, transactions finished or rolled back).
             signum = exc.signum if isinstance(exc, Stopped) else 2
@@ -83,6 +116,8 @@ def handle_errors(main: F) -> F:
         except OSError as exc:
             if debug_enabled():
                 raise
+            if exc.filename is None and _stdout_broken():
+                _fail(describe_os_error(exc, "writing to standard output (stdout)"))
             _fail(describe_os_error(exc))
         except RecursionError:
             if debug_enabled():

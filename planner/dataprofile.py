@@ -1,6 +1,9 @@
 """Token lengths of a user's jsonl data folder (``phi3v-plan --data DIR``), without decoding a pixel or importing torch.
 
-Image sizes come from the file headers (``PIL.Image.open(path).size``, cached per file); image tokens and crops from
+The folder is read by the same reader, with the same checks, as finetune and ``phi3v-convert check``
+(:func:`phi3v_core.data.task_registry.read_task_split`: path rules, task rules, image headers only), so the planner
+plans for exactly the data training will see, at the num_crops finetune would use. Image sizes come from the file
+headers (EXIF orientation applied, as training sees them); image tokens and crops from
 the processor's own HD arithmetic (:func:`planner.shapes.hd_crop_grid`, :func:`planner.shapes.image_token_count`,
 the rule ``phi3v_core.hd`` shares with the image processor). Text tokens are an estimate (about four UTF-8 bytes
 per token plus the chat template's tags) unless a tokenizer is given; the profile says which.
@@ -8,13 +11,13 @@ per token plus the chat template's tags) unless a tokenizer is given; the profil
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phi3v_core.data.task_registry import default_num_crops, read_task_split, task_of_folder
 from phi3v_core.errors import DataError
 from planner.estimate import Workload
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
@@ -99,59 +102,44 @@ def _estimate_tokens(text: str) -> int:
 def profile_data(
     data_dir: str | Path,
     shape: ModelShape,
-    num_crops: int,
+    num_crops: int | None = None,
     split: str = "train",
     count_tokens: Callable[[str], int] | None = None,
+    task: str | None = None,
 ) -> DataProfile:
     """Read ``<data_dir>/*_<split>.jsonl`` and its image headers; lengths at ``num_crops``.
 
+    Args:
+        data_dir: The data folder.
+        shape: Model shape (image tokens per crop).
+        num_crops: Crop budget (default: the one finetune uses for this folder, e.g. 4 for a converted UCF-101 folder
+            or any multi-frame custom folder, else 16).
+        split: ``"train"`` or ``"val"``.
+        count_tokens: A tokenizer's counter (default: an estimate).
+        task: The task the folder is for (default: from its file name, ``ucf101_train.jsonl`` -> ``ucf101``, else
+            ``jsonl``, the rules of any custom folder).
+
     Raises:
-        DataError: Missing folder/file, a malformed line (``file:line: what``), or an unreadable image.
+        DataError: Missing folder/file, or every problem ``phi3v-convert check`` would report (``file:line: what``).
     """
     folder = Path(data_dir)
     if not folder.is_dir():
         raise DataError(f"--data {folder}: not a folder; pass a folder holding <name>_train.jsonl and images/")
-    files = sorted(folder.glob(f"*_{split}.jsonl"))
-    if len(files) != 1:
-        found = ", ".join(f.name for f in files) or "none"
-        raise DataError(f"--data {folder}: expected one *_{split}.jsonl (found {found})")
-    path = files[0]
-    images_root = folder / "images"
-    sizes: dict[str, tuple[int, int]] = {}
+    task = task or task_of_folder(folder)
+    result = read_task_split(
+        task, folder, "eval" if split == "val" else "train", check_images="header", raise_errors=True
+    )
+    assert not isinstance(result, DataError)  # raise_errors=True raised it
+    if num_crops is None:
+        num_crops = default_num_crops(task, result.records)
     count = count_tokens or _estimate_tokens
     samples: list[Sample] = []
-
-    def image_size(rel: str, where: str) -> tuple[int, int]:
-        if rel not in sizes:
-            from PIL import Image
-
-            try:
-                with Image.open(images_root / rel) as image:  # header only: no decoding
-                    sizes[rel] = image.size
-            except (OSError, ValueError) as exc:
-                raise DataError(f"{where}: image {rel!r}: {exc}; fix or remove the record") from None
-        return sizes[rel]
-
-    with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(raw)
-                turns = record["conversations"]
-                images: list[tuple[int, int]] = []
-                text = SAMPLE_TOKENS
-                for turn in turns:
-                    images += [image_size(str(rel), where) for rel in turn.get("images") or ()]
-                    text += TURN_TOKENS + count(str(turn.get("user", ""))) + count(str(turn.get("assistant", "")))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-                raise DataError(
-                    f"{where}: not a record ({type(exc).__name__}: {exc}); see README 'Data' for the format"
-                ) from None
-            samples.append(Sample(where, tuple(images), text))
-    if not samples:
-        raise DataError(f"{path}: no records")
+    for record, line in zip(result.records, result.lines, strict=True):
+        images = tuple(result.image_sizes[p] for turn in record.conversations for p in turn.images)  # type: ignore[index]
+        text = SAMPLE_TOKENS + sum(
+            TURN_TOKENS + count(turn.user) + count(turn.assistant) for turn in record.conversations
+        )
+        samples.append(Sample(f"{result.path}:{line}", images, text))
     workloads = [s.workload(shape, num_crops) for s in samples]
     lengths = [w.seq_len for w in workloads]
     ordered = sorted(lengths)
@@ -172,4 +160,4 @@ def profile_data(
         "p95": _percentile(ordered, 0.95),
         "max": float(ordered[-1]),
     }
-    return DataProfile(path, num_crops, samples, lengths, count_tokens is None, mean_workload, longest, stats)
+    return DataProfile(result.path, num_crops, samples, lengths, count_tokens is None, mean_workload, longest, stats)

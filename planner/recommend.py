@@ -111,6 +111,10 @@ def _method_hyperparameters(task: str, method: str) -> dict[str, Any]:
     return out
 
 
+#: Most GPUs one node holds (NVIDIA DGX-2 / HGX-2: 16; Azure ND and DGX/HGX A100/H100: 8).
+MAX_GPUS_PER_NODE = 16
+
+
 @dataclass(frozen=True)
 class PlanRequest:
     """What the user asks.
@@ -166,6 +170,27 @@ class PlanRequest:
     deadline_hours: float | None = None
     price_per_gpu_hour: float | None = None
 
+    def _scale_problems(self) -> list[str]:
+        """GPUs per node within real nodes, and enough samples and batch for every GPU (checked together)."""
+        problems = []
+        if self.count is not None and self.count > MAX_GPUS_PER_NODE:
+            problems.append(
+                f"--count {self.count} GPUs in one node: the largest nodes hold {MAX_GPUS_PER_NODE} (NVIDIA DGX-2 / "
+                f"HGX-2); spread them over nodes, e.g. --count 8 --nodes {-(-self.count // 8)}"
+            )
+        gpus = (self.count or 1) * max(self.nodes, 1)
+        if self.dataset_size is not None and 1 <= self.dataset_size < gpus:
+            problems.append(
+                f"--dataset-size {self.dataset_size} is smaller than the {gpus} GPUs (--count x --nodes): every GPU "
+                "needs at least one sample per step; use fewer GPUs"
+            )
+        if self.global_batch is not None and 1 <= self.global_batch < gpus:
+            problems.append(
+                f"--batch-size {self.global_batch} is smaller than the {gpus} GPUs (--count x --nodes): every GPU "
+                "needs at least one sample per step; raise --batch-size or use fewer GPUs"
+            )
+        return problems
+
     def validate(self) -> None:
         """Check every field at once.
 
@@ -180,6 +205,7 @@ class PlanRequest:
             problems.append(f"--count {self.count} must be >= 1")
         if self.nodes < 1:
             problems.append(f"--nodes {self.nodes} must be >= 1")
+        problems += self._scale_problems()
         if self.num_crops is not None and not 1 <= self.num_crops <= MAX_NUM_CROPS:
             problems.append(
                 f"--num-crops {self.num_crops} must be between 1 and {MAX_NUM_CROPS} "
@@ -724,8 +750,8 @@ def plan(
     if request.data_dir:
         from planner.dataprofile import profile_data
 
-        num_crops = request.num_crops or task_profiles()["tasks"][request.task]["num_crops"]
-        profile = profile_data(request.data_dir, shape, num_crops)
+        profile = profile_data(request.data_dir, shape, request.num_crops)  # default: the num_crops finetune uses
+        num_crops = profile.num_crops
         workload = profile.mean_workload
         memory_workload = profile.samples[profile.longest].workload(shape, num_crops)
         if request.dataset_size is None:

@@ -68,7 +68,6 @@ OUR_DEFAULTS: dict[str, Any] = {
 }
 
 
-
 # TrainConfig field → the flag that sets it (to phrase TrainConfig's own validation messages in flag terms).
 _FIELD_FLAGS = {
     "model": "--model_name_or_path",
@@ -269,7 +268,10 @@ class _Resolver:
         from phi3v_core.training.run import output_dir_problems
 
         model = self.args.model_name_or_path or os.environ.get(MODEL_ENV)
-        sources = {"--data_dir": self.args.data_dir, "--model_name_or_path": model if model not in MODEL_PRESET_NAMES else None}
+        sources = {
+            "--data_dir": self.args.data_dir,
+            "--model_name_or_path": model if model not in MODEL_PRESET_NAMES else None,
+        }
         problems = output_dir_problems(
             output_dir, resume=self.args.resume, overwrite=self.args.overwrite_output_dir, sources=sources
         )
@@ -384,6 +386,41 @@ class _Resolver:
         self.sources["num_workers"] = "flag" if workers is not None else "auto"
         return values
 
+    def check_together(self, method: str, values: dict[str, Any]) -> None:
+        """Settings that are each valid but wrong together, checked after resolution.
+
+        * A preset's learning rate belongs to its method: ``--preset docvqa-lora --method full`` would train full
+          fine-tuning at the LoRA rate (40x too high), so it is refused unless ``--learning_rate`` is given, or the
+          task's preset for that method has the same rate (LoRA and QLoRA do).
+        * Warm-up must end before ``--max_steps``: a default warm-up longer than the run is shortened to a tenth of
+          the steps (with a note); an explicit ``--warmup_steps`` that long is refused.
+        """
+        preset = self.preset
+        if preset is not None and method != preset.method and self.sources.get("learning_rate") == "preset":
+            same_task = RECIPE_PRESETS.get(f"{preset.task}-{method}")
+            if same_task is None or same_task.values.get("learning_rate") != preset.values.get("learning_rate"):
+                suggestion = f"use --preset {preset.task}-{method}" if same_task else "drop --preset"
+                self.problems.append(
+                    f"--preset {self.args.preset} sets the learning rate for --method {preset.method} "
+                    f"({preset.values.get('learning_rate')}), not for --method {method}; {suggestion}, or pass "
+                    "--learning_rate to choose the rate yourself"
+                )
+        max_steps, warmup = values["max_steps"], values["warmup_steps"]
+        if isinstance(max_steps, int) and isinstance(warmup, int) and 0 < max_steps <= warmup:
+            if self.sources.get("warmup_steps") == "flag":
+                self.problems.append(
+                    f"--warmup_steps {warmup} is not below --max_steps {max_steps}: the learning rate would never "
+                    f"leave warm-up; pass --warmup_steps below {max_steps} (e.g. {max_steps // 10})"
+                )
+                self.reported.add("warmup_steps")
+            else:
+                values["warmup_steps"] = max_steps // 10
+                self.sources["warmup_steps"] = "clamped"
+                self.notes.append(
+                    f"warm-up shortened from {warmup} to {max_steps // 10} steps (a tenth of --max_steps {max_steps}) "
+                    "so the learning rate leaves warm-up; pass --warmup_steps to choose"
+                )
+
     def add_train_config_problems(self, train_cfg: Any) -> None:
         """The training helper's own checks (environment, model folder, checkpoints), phrased with our flags."""
         for problem in train_cfg.problems(self.env):
@@ -420,6 +457,7 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
     precision = resolver.resolve_precision()
     attn = resolver.resolve_attn()
     values = resolver.resolve_numbers()
+    resolver.check_together(method, values)
     resolver.check_sizes(model, values, method)
     resolver.check_output(values["output_dir"])
 

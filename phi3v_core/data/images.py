@@ -8,14 +8,16 @@ decoding; a full decode catches truncated files). Problems come back as one-line
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Literal
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from phi3v_core.errors import DataError
 from phi3v_core.fs import check_regular_file
@@ -25,7 +27,9 @@ __all__ = [
     "ImageCheck",
     "ImageProblem",
     "PathProblem",
+    "as_user_sees_it",
     "check_image_file",
+    "missing_file_reason",
     "open_image",
     "resolve_image_path",
 ]
@@ -41,6 +45,94 @@ ImageCheck = Literal["full", "header", "none"]
 # PIL enforces its own global MAX_IMAGE_PIXELS inside Image.open. When a caller raises our cap above it, the global has
 # to be lifted for that open; the lock keeps concurrent validators from restoring each other's value out of order.
 _PIL_LIMIT_LOCK = threading.Lock()
+
+
+logger = logging.getLogger(__name__)
+
+#: EXIF orientations that swap width and height (rotated by 90 or 270 degrees, with or without a mirror).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(name: str, what: str, message: str) -> None:
+    """Log ``message`` once per file and kind of change (a file is read every epoch)."""
+    with _warned_lock:
+        if (name, what) in _warned:
+            return
+        _warned.add((name, what))
+    logger.warning("%s: %s", name, message)
+
+
+def _orientation(image: Image.Image) -> int:
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1  # PNG's getexif() would decode the pixels to look for a late eXIf chunk; header checks never decode
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+    except (OSError, ValueError, TypeError, SyntaxError):  # a broken EXIF block is ignored, as image viewers do
+        return 1
+
+
+def as_user_sees_it(image: Image.Image, name: str = "image") -> Image.Image:
+    """The RGB pixels of a decoded image as a viewer shows them, warning (once per file) when pixels change.
+
+    * EXIF orientation is applied (:func:`PIL.ImageOps.exif_transpose`), as ``transformers.image_utils.load_image``
+      does: a phone photo stored sideways with an orientation tag trains upright.
+    * Transparency is handled exactly as Microsoft's Phi-3-vision image processor does (``image.convert("RGB")``,
+      which drops the alpha channel), so training matches the reference model; the warning says that transparent
+      areas show the colour stored under them (often black) and how to flatten the image instead.
+
+    Args:
+        image: A decoded image.
+        name: The file name for the warning.
+    """
+    orientation = _orientation(image)
+    if orientation != 1:
+        transposed = ImageOps.exif_transpose(image)
+        if transposed is not None:
+            _warn_once(name, "exif", f"rotated/mirrored by its EXIF orientation tag ({orientation}) as viewers show it")
+            image = transposed
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        _warn_once(
+            name,
+            "alpha",
+            "has transparency; like the reference Phi-3-vision processor, the alpha channel is dropped (transparent "
+            "areas show the colour stored under them, often black); flatten it onto a background to choose the colour",
+        )
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def missing_file_reason(path: Path, what: str = "file") -> str:
+    """Why ``path`` cannot be found, named precisely: a broken symlink, a symlink loop, or a name that exists only in
+    the other Unicode normalisation (NFC vs NFD, e.g. a macOS copy); else plain "not found".
+
+    Args:
+        path: The missing path.
+        what: What the file is, for the message.
+    """
+    try:
+        os.lstat(path)
+        is_link = os.path.islink(path)
+    except OSError:
+        is_link = False
+    if is_link:
+        target = os.readlink(path)
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == 40:  # ELOOP
+                return f"{what} is a symlink loop ({path} -> {target}); point the link at a real file"
+        return f"{what} is a broken symlink (points to {target}, which does not exist); fix or replace the link"
+    for form in ("NFC", "NFD"):
+        other = unicodedata.normalize(form, path.name)
+        if other != path.name and (path.parent / other).exists():
+            return (
+                f"{what} not found, but {other!r} exists with the same name in {form} Unicode normalisation "
+                f"(different bytes); rename the file or write the name as {form}"
+            )
+    return f"{what} not found; fix the path or add the file"
 
 
 class PathProblem(ValueError):
@@ -99,7 +191,7 @@ def _pil_limit_lifted(needed: bool) -> Iterator[None]:
 def _open_checked(path: Path, max_pixels: int) -> Image.Image:
     """Open lazily (header only) and enforce ``max_pixels``; the caller decodes and closes."""
     if not path.exists():
-        raise ImageProblem("file not found; fix the path or add the file")
+        raise ImageProblem(missing_file_reason(path))
     if path.is_dir():
         raise ImageProblem("is a directory, not an image file; point to the image file")
     not_regular = check_regular_file(path, "image file")  # before opening: reading a FIFO would block forever
@@ -166,13 +258,16 @@ def check_image_file(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, mode: 
     try:
         if mode == "full":
             _decode(image)
-        return image.size
+        width, height = image.size
+        # The size as a viewer shows it (and as training sees it): a 90-degree EXIF rotation swaps the sides.
+        return (height, width) if _orientation(image) in _SWAPPING_ORIENTATIONS else (width, height)
     finally:
         image.close()
 
 
 def open_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an image file as RGB with the same safety checks as validation.
+    """Decode an image file as RGB with the same safety checks as validation, as a viewer shows it
+    (:func:`as_user_sees_it`: EXIF orientation applied, transparency handled as the reference processor does).
 
     Raises:
         DataError: ``"<path>: <reason>"`` when the file is missing, unreadable, truncated or too large.
@@ -181,7 +276,8 @@ def open_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         image = _open_checked(path, max_pixels)
         try:
             _decode(image)
-            return image.convert("RGB") if image.mode != "RGB" else image.copy()
+            seen = as_user_sees_it(image, str(path))
+            return seen.copy() if seen is image else seen
         finally:
             image.close()
     except ImageProblem as exc:

@@ -32,87 +32,39 @@ from typing import Any, Literal
 from PIL import Image
 
 from phi3v_core.data.images import DEFAULT_MAX_PIXELS, ImageCheck
-from phi3v_core.data.jsonl import find_split_file, raise_problems, read_jsonl, validate_records, write_jsonl_folder
+from phi3v_core.data.jsonl import (
+    JsonlData,
+    raise_problems,
+    validate_records,
+    write_jsonl_folder,
+)
 from phi3v_core.data.metrics import METRICS, compute_metric
 from phi3v_core.data.records import ImageSource, LazyImage, Record, Turn, image_tags
 from phi3v_core.data.synthetic import DOCVQA_ANSWER_SUFFIX, SYNTHETIC_TASKS, synthesize
+from phi3v_core.data.task_registry import (
+    TASKS,
+    HFSource,
+    Split,
+    TaskSpec,
+    default_num_crops,
+    read_task_split,
+    task_of_folder,
+    task_record_problems,
+)
 from phi3v_core.errors import ConfigError, DataError, raise_all
 
-__all__ = ["TASKS", "EvalItem", "HFSource", "Split", "TaskData", "TaskSpec", "load_task"]
-
-Split = Literal["train", "eval", "all"]
-
-
-@dataclass(frozen=True)
-class HFSource:
-    """A Hugging Face dataset split: ``datasets.load_dataset(path, name, split=split)``."""
-
-    path: str
-    name: str | None
-    split: str
-
-    def __str__(self) -> str:
-        config = f" ({self.name})" if self.name else ""
-        return f"{self.path}{config} split {self.split!r}"
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """Static facts about a task.
-
-    Attributes:
-        name: Task name.
-        metric: ``"anls"`` or ``"accuracy"``.
-        num_crops: The recipe's processor num_crops.
-        answer_suffix: Text appended to questions in the eval/inference prompt ("\\nAnswer briefly." for DocVQA).
-        hf_train: Recipe training data on the Hub (``None``: needs ``data_dir``).
-        hf_eval: Recipe eval data on the Hub.
-        hf_train_full: ``--full_train`` training data (DocVQA only).
-        first_turn_images: Images required in the first turn (NLVR2: 2), ``None`` for any.
-    """
-
-    name: str
-    metric: str
-    num_crops: int
-    answer_suffix: str = ""
-    hf_train: HFSource | None = None
-    hf_eval: HFSource | None = None
-    hf_train_full: HFSource | None = None
-    first_turn_images: int | None = None
-
-
-_DOCVQA_MINI = "nielsr/docvqa_1200_examples"
-_CAULDRON = "HuggingFaceM4/the_cauldron"
-
-#: Registered tasks.
-TASKS: dict[str, TaskSpec] = {
-    "docvqa": TaskSpec(
-        "docvqa",
-        "anls",
-        16,
-        DOCVQA_ANSWER_SUFFIX,
-        hf_train=HFSource(_DOCVQA_MINI, None, "train"),
-        hf_eval=HFSource(_DOCVQA_MINI, None, "test"),
-        hf_train_full=HFSource(_CAULDRON, "docvqa", "train"),
-    ),
-    "nlvr2": TaskSpec(
-        "nlvr2",
-        "accuracy",
-        16,
-        hf_train=HFSource(_CAULDRON, "nlvr2", "train[500:]"),
-        hf_eval=HFSource(_CAULDRON, "nlvr2", "train[:500]"),
-        first_turn_images=2,
-    ),
-    "hateful_memes": TaskSpec(
-        "hateful_memes",
-        "accuracy",
-        16,
-        hf_train=HFSource(_CAULDRON, "hateful_memes", "train[500:]"),
-        hf_eval=HFSource(_CAULDRON, "hateful_memes", "train[:500]"),
-    ),
-    "ucf101": TaskSpec("ucf101", "accuracy", 4),
-    "jsonl": TaskSpec("jsonl", "accuracy", 16),
-}
+__all__ = [
+    "TASKS",
+    "EvalItem",
+    "HFSource",
+    "Split",
+    "TaskData",
+    "TaskSpec",
+    "default_num_crops",
+    "load_task",
+    "read_task_split",
+    "task_of_folder",
+]
 
 
 @dataclass
@@ -404,19 +356,6 @@ def _check_arguments(
     raise_all(problems, ConfigError)
 
 
-def _task_record_problems(spec: TaskSpec, records: Sequence[Record], origin: str) -> list[str]:
-    problems = []
-    if spec.first_turn_images is not None:
-        for index, record in enumerate(records):
-            count = len(record.conversations[0].images)
-            if count != spec.first_turn_images:
-                problems.append(
-                    f"{origin}[{index}] (id {record.id!r}): {spec.name} needs {spec.first_turn_images} images in the "
-                    f"first turn, got {count}"
-                )
-    return problems
-
-
 def load_task(
     name: str,
     split: Split = "all",
@@ -470,85 +409,80 @@ def load_task(
     files = {"train_file": train_file, "eval_file": eval_file, "images_root": images_root}
     _check_arguments(name, split, data_dir, synthetic, synthetic_eval, full_train, files, metric, num_crops)
     spec = TASKS[name]
-    want_train, want_eval = split in ("train", "all"), split in ("eval", "all")
-    train: list[Record] = []
-    evaluation: list[Record] = []
+    want = {"train": split in ("train", "all"), "eval": split in ("eval", "all")}
     skipped: dict[str, int] = {}
-
     if synthetic is not None:
-        if want_train:
-            train = synthesize(name, synthetic, seed=seed, split="train")
-            if full_train:
-                for record in train:
-                    for turn in record.conversations:
-                        turn.user = turn.user.removesuffix(spec.answer_suffix)
-        if want_eval:
-            evaluation = synthesize(name, synthetic_eval or synthetic, seed=seed, split="eval")
+        train, evaluation = _load_synthetic(spec, want, synthetic, synthetic_eval, full_train, seed)
         origin = f"synthetic(seed={seed})"
-        for label, records in (("train", train), ("eval", evaluation)):
-            if records:
-                validate_records(records, f"synthetic {name} {label}")
     elif data_dir is not None or train_file is not None or eval_file is not None:
-        root = Path(images_root) if images_root is not None else (Path(data_dir) / "images" if data_dir else None)
-        prefer = None if name == "jsonl" else name
-        problems: list[str] = []
-        loaded: dict[str, list[Record]] = {}
-        for label, wanted, explicit, suffix in (
-            ("train", want_train, train_file, "train"),
-            ("eval", want_eval, eval_file, "val"),
-        ):
-            if not wanted:
-                continue
-            try:
-                path = Path(explicit) if explicit is not None else find_split_file(data_dir, suffix, prefer)  # type: ignore[arg-type]
-                result = read_jsonl(
-                    path,
-                    root,
-                    max_pixels=max_pixels,
-                    check_images=check_images,
-                    skip_bad=skip_bad,
-                    default_source=None if name == "jsonl" else name,
-                )
-            except DataError as exc:
-                problems.append(str(exc))
-                continue
-            loaded[label] = result.records
-            if result.skipped:
-                skipped[label] = len(result.skipped)
-            problems.extend(_task_record_problems(spec, result.records, str(path)))
-        raise_problems(problems)
-        train, evaluation = loaded.get("train", []), loaded.get("eval", [])
+        options = {"max_pixels": max_pixels, "check_images": check_images, "skip_bad": skip_bad}
+        train, evaluation, skipped = _load_jsonl(name, want, data_dir, train_file, eval_file, images_root, options)
         origin = f"jsonl:{data_dir if data_dir is not None else train_file or eval_file}"
     else:
-        train, evaluation, origin = _load_from_hf(spec, split, full_train, seed)
-        for label, records in (("train", train), ("eval", evaluation)):
-            if records:
-                validate_records(records, f"{origin} {label}")
-        problems = _task_record_problems(spec, train, f"{origin} train") + _task_record_problems(
-            spec, evaluation, f"{origin} eval"
-        )
-        raise_problems(problems)
-
+        train, evaluation, origin = _load_hub(spec, split, full_train, seed)
     if limit is not None:
         train = train[:limit]
     if eval_limit is not None:
         evaluation = evaluation[:eval_limit]
-    crops = num_crops if num_crops is not None else _default_num_crops(spec, train or evaluation)
     return TaskData(
         name=name,
         train=train,
         eval=evaluation,
         metric=metric or spec.metric,
-        num_crops=crops,
+        num_crops=num_crops if num_crops is not None else default_num_crops(name, train or evaluation),
         origin=origin,
         answer_suffix=spec.answer_suffix,
         skipped=skipped,
     )
 
 
-def _default_num_crops(spec: TaskSpec, records: Sequence[Record]) -> int:
-    # Custom folders: the model card advises num_crops=4 for multi-frame input (3+ images in one turn, e.g. video
-    # frames) and 16 for single images; NLVR2's two images keep 16 as in the recipe.
-    if spec.name == "jsonl" and any(len(t.images) > 2 for r in records for t in r.conversations):
-        return 4
-    return spec.num_crops
+def _load_synthetic(
+    spec: TaskSpec, want: dict[str, bool], count: int, eval_count: int | None, full_train: bool, seed: int
+) -> tuple[list[Record], list[Record]]:
+    """The offline twin's train/eval records (validated like any other records)."""
+    train = synthesize(spec.name, count, seed=seed, split="train") if want["train"] else []
+    if full_train:
+        for record in train:
+            for turn in record.conversations:
+                turn.user = turn.user.removesuffix(spec.answer_suffix)
+    evaluation = synthesize(spec.name, eval_count or count, seed=seed, split="eval") if want["eval"] else []
+    for label, records in (("train", train), ("eval", evaluation)):
+        if records:
+            validate_records(records, f"synthetic {spec.name} {label}")
+    return train, evaluation
+
+
+def _load_jsonl(
+    name: str,
+    want: dict[str, bool],
+    data_dir: str | Path | None,
+    train_file: str | Path | None,
+    eval_file: str | Path | None,
+    images_root: str | Path | None,
+    options: dict[str, Any],
+) -> tuple[list[Record], list[Record], dict[str, int]]:
+    """Train/eval records of a jsonl folder (or explicit files) and the records skipped per split; every problem of
+    every split is raised at once."""
+    explicit = {"train": train_file, "eval": eval_file}
+    loaded = {
+        label: read_task_split(name, data_dir, label, file=explicit[label], images_root=images_root, **options)
+        for label in ("train", "eval")
+        if want[label]
+    }
+    raise_problems([str(v) for v in loaded.values() if isinstance(v, DataError)])
+    read = {k: v for k, v in loaded.items() if isinstance(v, JsonlData)}  # all of them, once nothing was raised
+    train = read["train"].records if "train" in read else []
+    evaluation = read["eval"].records if "eval" in read else []
+    return train, evaluation, {k: len(v.skipped) for k, v in read.items() if v.skipped}
+
+
+def _load_hub(spec: TaskSpec, split: Split, full_train: bool, seed: int) -> tuple[list[Record], list[Record], str]:
+    """The recipe's Hub records, validated with the jsonl rules and the task's rules."""
+    train, evaluation, origin = _load_from_hf(spec, split, full_train, seed)
+    for label, records in (("train", train), ("eval", evaluation)):
+        if records:
+            validate_records(records, f"{origin} {label}")
+    raise_problems(
+        task_record_problems(spec, train, f"{origin} train") + task_record_problems(spec, evaluation, f"{origin} eval")
+    )
+    return train, evaluation, origin

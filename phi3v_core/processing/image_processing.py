@@ -100,10 +100,14 @@ def load_image(image: ImageInput) -> Image.Image:
         path = Path(image)
         if not path.is_file():
             raise DataError(f"image file not found: {path} (check the path)")
+        # Imported here: phi3v_core.data imports this module (datasets build on the processor).
+        from phi3v_core.data.images import as_user_sees_it
+
         try:
             with Image.open(path) as opened:
                 opened.load()
-                pil = opened.convert("RGB") if opened.mode != "RGB" else opened.copy()
+                seen = as_user_sees_it(opened, str(path))  # EXIF orientation; alpha dropped as the reference does
+                pil = seen.copy() if seen is opened else seen
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"cannot read image {path}: not an image or corrupt ({type(exc).__name__}: {exc})") from exc
     elif isinstance(image, Image.Image):

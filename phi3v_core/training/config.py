@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import importlib.util
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from phi3v_core.constants import (
 )
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHODS, MethodOptions, get_method
+from phi3v_core.training.distributed_env import distributed_env_problems, env_int
 
 __all__ = [
     "DEPRECATED_FIELDS",
@@ -79,7 +79,7 @@ class Machine:
             cuda=cuda,
             capability=torch.cuda.get_device_capability(0) if cuda else None,
             device_count=torch.cuda.device_count() if cuda else 0,
-            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            world_size=max(env_int("WORLD_SIZE", 1), 1),  # a malformed value is reported by distributed_env_problems
             flash_attn=importlib.util.find_spec("flash_attn") is not None,
             deepspeed=importlib.util.find_spec("deepspeed") is not None,
             bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
@@ -278,6 +278,7 @@ class TrainConfig:
         out += self._batch_problems(env)
         out += self._number_problems()
         out += self._checkpoint_problems()
+        out += distributed_env_problems()
         return out
 
     def validate(self, env: Machine | None = None) -> None:

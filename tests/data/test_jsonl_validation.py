@@ -98,7 +98,7 @@ CORPUS = [
     ),
     pytest.param(
         [record(conversations=[turn(images="good.png")])],
-        "{f}:1: conversations[0].images must be an array of path strings (relative to the images root), got string",
+        '{f}:1: conversations[0].images must be an array of path strings, got a string; write ["good.png"]',
         {},
         id="images-not-array",
     ),

@@ -31,7 +31,8 @@ def data_dir(tmp_path_factory):
         turn = {"images": images, "user": "What does the page say? " * (1 + k % 7), "assistant": "Forty-two."}
         lines.append(json.dumps({"id": str(k), "conversations": [turn]}))
     lines.append(
-        json.dumps({"id": "long", "conversations": [{"images": ["img0.png"] * 8, "user": "x", "assistant": "y"}]})
+        # 8 pages in 8 turns (8 images in one turn would be multi-frame input, which finetune plans at num_crops 4)
+        json.dumps({"id": "long", "conversations": [{"images": ["img0.png"], "user": "x", "assistant": "y"}] * 8})
     )
     (root / "mine_train.jsonl").write_text("\n".join(lines) + "\n")
     return root
@@ -78,5 +79,5 @@ def test_cli_json_and_bad_folder(data_dir, capsys, tmp_path):
     with pytest.raises(DataError, match="not a folder"):
         profile_data(tmp_path / "missing", PHI35, 16)
     (tmp_path / "x_train.jsonl").write_text('{"id": 1}\n')
-    with pytest.raises(DataError, match=r"x_train.jsonl:1: not a record"):
+    with pytest.raises(DataError, match=r"x_train.jsonl:1: 'id' must be a non-empty string"):
         profile_data(tmp_path, PHI35, 16)

@@ -24,7 +24,7 @@ CASES = [
     (GPU + ["--num-crops", "0"], "--num-crops 0 must be between 1 and 16"),
     (GPU + ["--data", "{tmp}/missing"], "--data {tmp}/missing: not a folder"),
     (GPU + ["--data", "{tmp}/notes.txt"], "--data {tmp}/notes.txt: not a folder"),
-    (GPU + ["--data", "{tmp}/corrupt"], "{tmp}/corrupt/docs_train.jsonl:2: not a record"),
+    (GPU + ["--data", "{tmp}/corrupt"], "{tmp}/corrupt/docs_train.jsonl:2: invalid JSON"),
     (GPU + ["--deadline", "nan"], "argument --deadline: must be a finite number"),
     (GPU + ["--deadline", "inf"], "argument --deadline: must be a finite number"),
     (GPU + ["--deadline", "-1"], "argument --deadline: must be a finite number in (0,"),
