@@ -158,8 +158,11 @@ def _train_setup(cfg: BenchConfig, cuda: bool) -> Any:
     )
 
 
-def predicted_peak_bytes(cfg: BenchConfig, seq_len: int, cuda: bool) -> int:
-    """``phi3v-plan``'s allocated-peak prediction for ``cfg`` at ``seq_len`` tokens per sample (no allocator cache)."""
+def predicted_peak_bytes(cfg: BenchConfig, seq_len: int, cuda: bool, supervised_tokens: int | None = None) -> int:
+    """``phi3v-plan``'s allocated-peak prediction for ``cfg`` at ``seq_len`` tokens per sample (no allocator cache).
+
+    ``supervised_tokens``: labelled positions per sample, where training computes logits (None: the profile's).
+    """
     from planner.estimate import Workload, estimate_memory
     from planner.shapes import load_shape
 
@@ -167,7 +170,8 @@ def predicted_peak_bytes(cfg: BenchConfig, seq_len: int, cuda: bool) -> int:
     profile = cfg.profile
     workload = Workload.from_images(shape, cfg.num_crops, (profile.image_width, profile.image_height),
                                     images=profile.images_per_sample, text_tokens=0)
-    workload = dataclasses.replace(workload, seq_len=seq_len)
+    answer = profile.answer_tokens if supervised_tokens is None else supervised_tokens
+    workload = dataclasses.replace(workload, seq_len=seq_len, supervised_tokens=answer)
     return int(estimate_memory(shape, _train_setup(cfg, cuda), workload).allocated)
 
 
@@ -176,7 +180,7 @@ def _fits(cfg: BenchConfig, seq_len: int) -> str | None:
     if not torch.cuda.is_available():
         return None
     capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    predicted = predicted_peak_bytes(cfg, seq_len, cuda=True)
+    predicted = predicted_peak_bytes(cfg, seq_len, cuda=True)  # the profile's answer length
     # Allocated peak plus the CUDA context and a little allocator slack must fit.
     if predicted * 1.05 + (1 << 30) > capacity:
         return (f"phi3v-plan predicts {predicted / 2**30:.1f} GiB allocated, more than this "
@@ -208,10 +212,11 @@ def run_check(cfg: BenchConfig, flop_cache: dict[str, int] | None = None) -> Che
         example = workload.dataset[0]
         fixed = [example] * (cfg.global_batch * total)  # one fixed batch, every step
         seq_len = int(example["input_ids"].numel())
+        supervised = int((example["labels"][1:] != -100).sum())
         too_big = _fits(cfg, seq_len)
         if too_big:
             check.status, check.message = "skipped", too_big
-            check.predicted_peak_bytes = predicted_peak_bytes(cfg, seq_len, cuda)
+            check.predicted_peak_bytes = predicted_peak_bytes(cfg, seq_len, cuda, supervised)
             return check
         timer = StepTimer()
         probes = InstrumentedSteps(first_timed_step=first, last_timed_step=last, memory_step=memory_step)
@@ -220,7 +225,7 @@ def run_check(cfg: BenchConfig, flop_cache: dict[str, int] | None = None) -> Che
             train(train_cfg, fixed, callbacks=[timer, probes])
         check.losses = [r.loss for r in timer.records]
         check.measured_peak_bytes = probes.gpu_allocated_bytes if cuda else probes.tensor_peak_bytes
-        check.predicted_peak_bytes = predicted_peak_bytes(cfg, seq_len, cuda)
+        check.predicted_peak_bytes = predicted_peak_bytes(cfg, seq_len, cuda, supervised)
         if check.measured_peak_bytes:
             check.memory_error_pct = (
                 (check.predicted_peak_bytes - check.measured_peak_bytes) / check.measured_peak_bytes * 100.0

@@ -15,15 +15,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
 
 from phi3v_core.config import Phi3VConfig
+from phi3v_core.constants import LOSS_CHUNK_TOKENS
 from phi3v_core.model.image_embedding import ImageLayout, Phi3ImageEmbedding
 
 __all__ = ["LOSS_CHUNK_TOKENS", "Phi3VModel", "Phi3VForCausalLM", "STOP_TOKEN_IDS", "dead_parameter_names"]
 
 #: Generation stops on <|endoftext|> (tokenizer eos), <|end|> (turn end) and </s> (config eos); spec §11.2.
 STOP_TOKEN_IDS = (32000, 32007, 2)
-#: Supervised positions per ``lm_head`` + cross-entropy chunk in training: bounds the fp32 [chunk × vocabulary]
-#: buffers (log-softmax, its gradient, the logits' gradient: 3 × 4 B × 32064 × 1024 ≈ 0.37 GiB on the real model).
-LOSS_CHUNK_TOKENS = 1024
 IGNORE_INDEX = -100
 
 
