@@ -144,6 +144,7 @@ def build_batch(shape: ModelShape, workload: Workload, micro_batch: int = 1) -> 
     text tokens are supervised.
     """
     import torch
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     rows, cols = workload.crop_grid or (1, 1)
     images = workload.images
@@ -155,15 +156,11 @@ def build_batch(shape: ModelShape, workload: Workload, micro_batch: int = 1) -> 
     for k in range(images):
         ids[:, position : position + per_image] = -(k + 1)
         position += per_image + 1
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    # Real labels even inside a fake-tensor trace: the model reads them to find where to compute logits.
-    with unset_fake_temporarily():
+    supervised = min(32 if workload.supervised_tokens is None else workload.supervised_tokens, seq - position)
+    with unset_fake_temporarily():  # real labels inside a fake trace: the model reads where to compute logits
         labels = torch.full((micro_batch, seq), -100, dtype=torch.long)
-    answer = 32 if workload.supervised_tokens is None else workload.supervised_tokens
-    supervised = min(answer, seq - position)
-    if supervised > 0:
-        labels[:, seq - supervised :] = 100
+        if supervised > 0:
+            labels[:, seq - supervised :] = 100
     batch: dict[str, Any] = {"input_ids": ids, "labels": labels}
     if images:
         size = shape.image_size
