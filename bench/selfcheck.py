@@ -151,15 +151,23 @@ class SelfCheckReport:
         })
 
 
-def predicted_peak_bytes(cfg: BenchConfig, seq_len: int, cuda: bool, layers: int | None = None) -> int:
-    """``phi3v-plan``'s allocated-peak prediction for ``cfg`` (``layers`` decoder layers) at ``seq_len`` tokens."""
+def predicted_peak_bytes(
+    cfg: BenchConfig, seq_len: int, cuda: bool, layers: int | None = None, supervised_tokens: int | None = None
+) -> int:
+    """``phi3v-plan``'s allocated-peak prediction for ``cfg`` (``layers`` decoder layers) at ``seq_len`` tokens.
+
+    ``supervised_tokens``: labelled positions per sample, where training computes logits (None: the profile's).
+    """
     from planner.estimate import estimate_memory
     from planner.shapes import load_shape
 
     shape = load_shape(cfg.model)
     if layers is not None:
         shape = dataclasses.replace(shape, num_layers=layers)
-    return int(estimate_memory(shape, check_setup(cfg, cuda), check_workload(cfg, shape, seq_len)).allocated)
+    workload = check_workload(cfg, shape, seq_len)
+    if supervised_tokens is not None:
+        workload = dataclasses.replace(workload, supervised_tokens=supervised_tokens)
+    return int(estimate_memory(shape, check_setup(cfg, cuda), workload).allocated)
 
 
 @contextlib.contextmanager
@@ -207,8 +215,8 @@ def run_check(cfg: BenchConfig, layers: int | None = None, flop_cache_dir: Path 
         flop_cache_dir: Folder where the traced FLOPs of a method and depth are shared between checks.
     """
     from bench.measure import InstrumentedSteps
-    from bench.worker import peak_flops, processor_for, to_train_config
-    from bench.workload import build_workload
+    from bench.worker import peak_flops, processor_for
+    from bench.workload import build_workload, to_train_config
     from phi3v_core.device import local_device
     from phi3v_core.training import StepTimer, train
 
@@ -225,6 +233,7 @@ def run_check(cfg: BenchConfig, layers: int | None = None, flop_cache_dir: Path 
         example = workload.dataset[0]
         fixed = [example] * (cfg.global_batch * total)  # one fixed batch, every step
         seq_len = int(example["input_ids"].numel())
+        supervised = int((example["labels"][1:] != -100).sum())
         timer = StepTimer()
         probes = InstrumentedSteps(first_timed_step=first, last_timed_step=last, memory_step=memory_step)
         with reduced_preset(cfg.model, layers) as model, tempfile.TemporaryDirectory(prefix="phi3v-selfcheck-") as tmp:
@@ -233,7 +242,7 @@ def run_check(cfg: BenchConfig, layers: int | None = None, flop_cache_dir: Path 
             train(train_cfg, fixed, callbacks=[timer, probes])
             check.losses = [r.loss for r in timer.records]
             check.measured_peak_bytes = probes.gpu_allocated_bytes if cuda else probes.tensor_peak_bytes
-            check.predicted_peak_bytes = predicted_peak_bytes(cfg, seq_len, cuda, layers)
+            check.predicted_peak_bytes = predicted_peak_bytes(cfg, seq_len, cuda, layers, supervised)
             if check.measured_peak_bytes:
                 check.memory_error_pct = (
                     (check.predicted_peak_bytes - check.measured_peak_bytes) / check.measured_peak_bytes * 100.0

@@ -156,7 +156,8 @@ def check_workload(cfg: BenchConfig, shape: Any, seq_len: int | None = None) -> 
 
     profile = cfg.profile
     workload = Workload.from_images(shape, cfg.num_crops, (profile.image_width, profile.image_height),
-                                    images=profile.images_per_sample, text_tokens=profile.text_tokens)
+                                    images=profile.images_per_sample, text_tokens=profile.text_tokens,
+                                    answer_tokens=profile.answer_tokens or None)
     return workload if seq_len is None else dataclasses.replace(workload, seq_len=seq_len)
 
 

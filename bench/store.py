@@ -96,7 +96,7 @@ def load_result(path: str | Path) -> BenchResult:
 
 
 def iter_result_files(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Yield result JSON files from files and folders (recursively; ``reference/`` folders are skipped).
+    """Yield result JSON files from files and folders (recursively; ``reference/`` and ``validation/`` are skipped).
 
     Raises:
         DataError: A path does not exist.
@@ -109,7 +109,7 @@ def iter_result_files(paths: Iterable[str | Path]) -> Iterator[Path]:
         elif path.is_dir():
             candidates = sorted(
                 p for p in path.rglob("*.json")
-                if "reference" not in p.relative_to(path).parts and not p.name.startswith(".")
+                if not {"reference", "validation"} & set(p.relative_to(path).parts) and not p.name.startswith(".")
             )
         else:
             raise DataError(f"{path}: no such file or folder; pass a result .json or a results folder")

@@ -104,6 +104,9 @@ CONTEXT_LENGTH = 131072
 ZERO_BUCKET_ELEMENTS = 50_000_000
 #: The recipe's bucket sizes (``DS_CONFIG_DICT`` in the CookBook vision fine-tuning scripts), for reproducing its memory numbers.
 RECIPE_ZERO_BUCKET_ELEMENTS = 500_000_000
+#: Supervised positions per ``lm_head`` + cross-entropy chunk in training (``phi3v_core.model``): bounds the fp32
+#: [chunk × vocabulary] buffers (log-softmax, its gradient, the logits' gradient: 3 × 4 B × 32064 × 1024 ≈ 0.37 GiB).
+LOSS_CHUNK_TOKENS = 1024
 
 
 def zero2_buffer_bytes(
@@ -247,6 +250,8 @@ class SeqProfile:
         text_tokens: Non-image tokens per sample (chat tags, prompt and answer).
         recommended_num_crops: The ``num_crops`` the recipe uses for this dataset.
         source: Where the numbers come from (published vs derived vs assumed).
+        answer_tokens: Supervised (labelled) tokens per sample: the answer plus ``<|end|>\n<|endoftext|>``; the
+            positions training computes logits at.
     """
 
     name: str
@@ -256,6 +261,7 @@ class SeqProfile:
     text_tokens: int
     recommended_num_crops: int
     source: str
+    answer_tokens: int = 0
 
     def image_tokens(self, num_crops: int | None = None) -> int:
         """Placeholder tokens of all images of one sample (at ``recommended_num_crops`` unless given)."""

@@ -92,6 +92,7 @@ class AnchorRow:
             micro_batch=1,
             grad_accum=max(1, 64 // self.gpus),
             world_size=self.gpus,
+            logits="full",  # the recipe's code computes logits at every position
         )
 
     def workload(self, shape: ModelShape) -> Workload:

@@ -4,7 +4,7 @@ The model tallies what autograd keeps alive, tensor by tensor, from the way the 
 (``phi3v_core.model`` on top of transformers' Phi-3 decoder and CLIP encoder), and evaluates a few moments of the
 step where the peak can fall:
 
-* ``loss backward``: all saved activations plus the cross-entropy buffers (3 fp32 copies of the logits);
+* ``loss backward``: all saved activations plus the cross-entropy buffers (3 fp32 logit copies; ``TrainSetup.logits``);
 * ``LM backward``: the last decoder layer recomputed (gradient checkpointing) plus its gradient buffers;
 * ``vision forward`` / ``vision backward``: one CLIP layer's working set over all crops of the micro-batch;
 * ``optimizer step``: all gradients plus AdamW's temporaries.
@@ -24,6 +24,7 @@ from typing import Any
 
 from phi3v_core.constants import ATTN_NAMES, METHOD_NAMES, zero2_buffer_bytes
 from phi3v_core.errors import ConfigError, raise_all
+from planner.logits import LOGITS_MODES, logits_loss_bytes
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
 
 __all__ = [
@@ -66,6 +67,7 @@ class Workload:
             reference reshapes all slots instead.
         crop_grid: (rows, cols) of each image's HD grid (needed to build a real batch for a trace).
         num_crops: The processor's ``num_crops`` (``pixel_values`` holds ``num_crops + 1`` slots per image).
+        supervised_tokens: Labelled positions per sample (the answer); None means unknown (logits everywhere).
     """
 
     seq_len: int
@@ -76,6 +78,7 @@ class Workload:
     crop_copy: bool = True
     crop_grid: tuple[int, int] | None = None
     num_crops: int | None = None
+    supervised_tokens: int | None = None
 
     @property
     def slots(self) -> int:
@@ -91,6 +94,7 @@ class Workload:
         images: int = 1,
         text_tokens: int = 64,
         all_crops: bool = False,
+        answer_tokens: int | None = None,
     ) -> Workload:
         """Tokens and crops for ``images`` images of ``image_size`` (W, H) processed with ``num_crops``.
 
@@ -102,6 +106,7 @@ class Workload:
             text_tokens: Text tokens per sample (prompt, answer and special tokens).
             all_crops: Run all ``num_crops + 1`` slots through CLIP, as the reference code does, instead of only
                 the real crops (our model's ``skip_padded_crops``).
+            answer_tokens: Supervised tokens per sample (part of ``text_tokens``); None = unknown.
         """
         if num_crops < 1:
             raise ConfigError(f"num_crops={num_crops} must be at least 1")
@@ -118,6 +123,7 @@ class Workload:
             crop_copy=not all_crops,
             crop_grid=(rows, cols),
             num_crops=num_crops,
+            supervised_tokens=answer_tokens,
         )
 
 
@@ -144,6 +150,7 @@ class TrainSetup:
         lora_vision: LoRA on CLIP and the projector (not the recipe's ``--freeze_vision_model``).
         optimizer_foreach: torch AdamW's multi-tensor path (default on CUDA): one state-sized temporary.
         logits_retained: The caller keeps the fp32 logits through backward (HF Trainer drops them).
+        logits: ``supervised``: ``lm_head`` and loss at labelled positions only; ``full``: everywhere (the recipe).
     """
 
     method: str = "full"
@@ -163,6 +170,7 @@ class TrainSetup:
     lora_vision: bool = True
     optimizer_foreach: bool = True
     logits_retained: bool = False
+    logits: str = "supervised"
 
     def __post_init__(self) -> None:
         problems = []
@@ -178,6 +186,8 @@ class TrainSetup:
             problems.append("micro_batch, grad_accum and world_size must be >= 1")
         if self.zero_stage not in (None, 0, 2):
             problems.append(f"zero_stage={self.zero_stage} is not supported (0 or 2)")
+        if self.logits not in LOGITS_MODES:
+            problems.append(f"logits {self.logits!r} is not one of {', '.join(LOGITS_MODES)}")
         if self.attn == "flash_attention_2" and self.precision == "fp32":
             problems.append("flash_attention_2 needs bf16 or fp16")
         raise_all(problems)
@@ -423,7 +433,7 @@ def activation_terms(shape: ModelShape, setup: TrainSetup, workload: Workload) -
     tokens = mb * seq
     v_tokens = mb * workload.vision_crops * shape.patches_per_crop
     img_rows = mb * workload.image_tokens
-    h, hv, vocab = shape.hidden_size, shape.vision_hidden, shape.vocab_size
+    h, hv = shape.hidden_size, shape.vision_hidden
     gc = setup.gradient_checkpointing
     vision_trains = setup.method == "full" or (setup.method in ("lora", "qlora") and setup.lora_vision)
 
@@ -451,9 +461,7 @@ def activation_terms(shape: ModelShape, setup: TrainSetup, workload: Workload) -
         clip_layer = 0.0
         vision_saved = 0.0
 
-    logits = tokens * vocab
-    # log_softmax output + its incoming grad + grad of the logits (HF Trainer drops the fp32 logits themselves)
-    ce_peak = 12 * logits + (4 * logits if setup.logits_retained else 0)
+    ce_peak = logits_loss_bytes(shape, setup, workload)
     return {
         "lm_saved": lm_saved,
         "vision_saved": vision_saved,
@@ -571,7 +579,7 @@ def estimate_memory(
         "saved activations": "layer inputs (checkpointing) + vision/projector saves"
         if setup.gradient_checkpointing
         else "all layers",
-        "logits + loss": "fp32 log-softmax, its grad and the logits' grad",
+        "logits + loss": f"fp32 log-softmax, its grad and the logits' grad ({setup.logits} positions)",
     }
     items = [MemoryItem(k, v, notes.get(k, "")) for k, v in static.items()]
     items += [MemoryItem(k, v, notes.get(k, "")) for k, v in phase_items[phase].items() if v]

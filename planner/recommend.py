@@ -83,6 +83,7 @@ def _task_profiles() -> dict[str, Any]:
             "image_width": profile.image_width,
             "image_height": profile.image_height,
             "text_tokens": profile.text_tokens,
+            "answer_tokens": profile.answer_tokens,
             "num_crops": profile.recommended_num_crops,
             "workload_source": profile.source,
             "methods": {method: _method_hyperparameters(name, method) for method in METHOD_NAMES},
@@ -401,7 +402,9 @@ def _workload(request: PlanRequest, shape: ModelShape) -> Workload:
     if images == 0:
         workload = Workload(seq_len=text, vision_crops=0, image_tokens=0, images=0, pixel_slots=0)
     else:
-        workload = Workload.from_images(shape, num_crops, size, images=images, text_tokens=text)
+        workload = Workload.from_images(
+            shape, num_crops, size, images=images, text_tokens=text, answer_tokens=task["answer_tokens"]
+        )
     if request.seq_len:
         workload = replace(workload, seq_len=request.seq_len, image_tokens=min(workload.image_tokens, request.seq_len))
     return workload

@@ -25,6 +25,7 @@ from typing import Any
 
 from planner.estimate import DTYPE_BYTES, TrainSetup, Workload
 from planner.hardware import GpuSpec
+from planner.logits import head_recomputed, logit_positions
 from planner.shapes import ModelShape
 
 __all__ = [
@@ -80,8 +81,9 @@ def flops_per_sample(shape: ModelShape, workload: Workload, setup: TrainSetup) -
     """Model FLOPs of one sample under ``setup`` (method and checkpointing matter, micro-batch does not)."""
     counts = shape.param_counts()
     seq = workload.seq_len
-    lm_linear = counts.lm_layer_linear + counts.lm_head
-    lm_fwd = 2 * lm_linear * seq + 4 * shape.num_layers * shape.hidden_size * seq * seq
+    head_tokens = logit_positions(workload, setup.logits)  # lm_head runs where the loss needs logits
+    head_fwd = 2 * counts.lm_head * head_tokens
+    lm_fwd = 2 * counts.lm_layer_linear * seq + 4 * shape.num_layers * shape.hidden_size * seq * seq + head_fwd
     patches = shape.patches_per_crop
     v_tokens = workload.vision_crops * patches
     conv = shape.vision_hidden * 3 * shape.patch_size**2
@@ -96,17 +98,23 @@ def flops_per_sample(shape: ModelShape, workload: Workload, setup: TrainSetup) -
     lora_vision = method in ("lora", "qlora") and setup.lora_vision
     lm_mult = 2 if method in ("lora", "qlora") else 3
     vision_mult = 3 if method == "full" else (2 if lora_vision else 1)
-    lm_adapter = vision_adapter = 0.0
+    lm_adapter = vision_adapter = head_adapter = 0.0
     if method in ("lora", "qlora"):
         # the adapters' own matmuls (A then B per target): forward, input and weight gradients → 3×
         lm_lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, vision=False)
-        lm_adapter = 2 * lm_lora * seq
+        head_lora = shape.lora_params(setup.lora_rank, True, vision=False) - shape.lora_params(
+            setup.lora_rank, False, vision=False
+        )
+        head_adapter = 2 * head_lora * head_tokens if setup.lora_lm_head else 0.0
+        lm_adapter = 2 * (lm_lora - (head_lora if setup.lora_lm_head else 0)) * seq + head_adapter
         if lora_vision:
             vision_lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, vision=True) - lm_lora
             vision_adapter = 2 * vision_lora * v_tokens
     recompute = 0.0
     if setup.gradient_checkpointing:
         recompute += lm_fwd + lm_adapter
+        if not head_recomputed(setup.logits):
+            recompute -= head_fwd + head_adapter  # checkpointing recomputes the decoder layers, not lm_head
         if vision_mult > 1:
             recompute += vision_fwd + vision_adapter
     return FlopBreakdown(
@@ -295,7 +303,8 @@ def micro_step_times(
     elementwise += (
         v_passes * shape.vision_used_layers * v_tokens * (shape.vision_hidden + shape.vision_intermediate / 2)
     )
-    logits = seq * shape.vocab_size * 4 * 5  # fp32 log-softmax, its grad and the logits' grad: ~5 passes
+    head_tokens = logit_positions(workload, setup.logits)
+    logits = head_tokens * shape.vocab_size * 4 * 5  # fp32 log-softmax, its grad and the logits' grad: ~5 passes
     times["elementwise"] = (
         mb * (elementwise * constants.elementwise_bytes_per_token * act / 2 + logits) / (rates.bandwidth)
     )
@@ -307,7 +316,7 @@ def micro_step_times(
                 return 0.5
             return 1.0 + (0.5 if setup.gradient_checkpointing else 0.0)
 
-        exp_elements = seq * shape.vocab_size
+        exp_elements = head_tokens * shape.vocab_size
         exp_elements += unit(lm_trains) * shape.num_layers * seq * (shape.intermediate_size + shape.num_heads * seq / 2)
         exp_elements += (
             unit(vision_trains)

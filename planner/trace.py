@@ -139,9 +139,11 @@ def build_batch(shape: ModelShape, workload: Workload, micro_batch: int = 1) -> 
     """A training batch shaped like ``workload``: placeholder runs of negative ids, pixel slots and labels.
 
     Works in any tensor mode (real, fake, meta): only factory functions are used. Each sample holds
-    ``workload.images`` images of grid ``workload.crop_grid``; the last 32 text tokens are supervised.
+    ``workload.images`` images of grid ``workload.crop_grid``; the last ``workload.supervised_tokens`` (else 32)
+    text tokens are supervised.
     """
     import torch
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     rows, cols = workload.crop_grid or (1, 1)
     images = workload.images
@@ -153,10 +155,11 @@ def build_batch(shape: ModelShape, workload: Workload, micro_batch: int = 1) -> 
     for k in range(images):
         ids[:, position : position + per_image] = -(k + 1)
         position += per_image + 1
-    labels = torch.full((micro_batch, seq), -100, dtype=torch.long)
-    supervised = min(32, seq - position)
-    if supervised > 0:
-        labels[:, seq - supervised :] = 100
+    supervised = min(32 if workload.supervised_tokens is None else workload.supervised_tokens, seq - position)
+    with unset_fake_temporarily():  # real labels inside a fake trace: the model reads where to compute logits
+        labels = torch.full((micro_batch, seq), -100, dtype=torch.long)
+        if supervised > 0:
+            labels[:, seq - supervised :] = 100
     batch: dict[str, Any] = {"input_ids": ids, "labels": labels}
     if images:
         size = shape.image_size
@@ -179,6 +182,7 @@ def prepare_model(config: Any, setup: TrainSetup) -> Any:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     with default_dtype(dtypes[setup.stored_weight_dtype]):
         model = Phi3VForCausalLM(config)
+    model.supervised_logits = setup.logits == "supervised"
     if setup.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     method = "lora" if setup.method == "qlora" else setup.method
@@ -274,6 +278,7 @@ def trace_key(shape: ModelShape, setup: TrainSetup, workload: Workload) -> str:
         "attention": "sdpa" if setup.attn == "flash_attention_2" else setup.attn,
         "gc": setup.gradient_checkpointing,
         "micro_batch": setup.micro_batch,
+        "logits": setup.logits,
         "lora": [setup.lora_rank, setup.lora_lm_head, setup.lora_vision],
         "workload": asdict(workload),
         "libs": _versions(),

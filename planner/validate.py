@@ -16,7 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,12 @@ def _measure(case: ValidationCase, model: str, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="phi3v-plan-validate-") as out, contextlib.redirect_stdout(sys.stderr):
         train(to_train_config(cfg, out, total), workload.dataset, callbacks=[timer, cpu])
     wall = [r.seconds for r in timer.records][warmup :]
-    return {"wall_s": wall, "cpu_s": cpu.seconds[warmup :], "tokens_per_sample": workload.tokens_per_sample}
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu.seconds[warmup :],
+        "tokens_per_sample": workload.tokens_per_sample,
+        "supervised_tokens": workload.supervised_tokens_per_sample,
+    }
 
 
 def validate_cpu(
@@ -230,10 +235,12 @@ def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: floa
                 optimizer_foreach=False,
             )
             rates = measure_rates(bench_seconds)  # just before the run: the same share of a busy machine
-            prediction = predict_speed(shape, workload, setup, None, single, constants, rates=rates)
-            assert prediction is not None
             torch.manual_seed(0)
             payload = _measure(case, model, steps)
+            # logits at the bench examples' supervised positions (read from the encoded data, not from timings)
+            workload = replace(workload, supervised_tokens=payload["supervised_tokens"])
+            prediction = predict_speed(shape, workload, setup, None, single, constants, rates=rates)
+            assert prediction is not None
             measured = statistics.median(payload["cpu_s"])
             rows.append(
                 {

@@ -9,17 +9,20 @@ tensors; we don't.
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
 
 from phi3v_core.config import Phi3VConfig
+from phi3v_core.constants import LOSS_CHUNK_TOKENS
 from phi3v_core.model.image_embedding import ImageLayout, Phi3ImageEmbedding
 
-__all__ = ["Phi3VModel", "Phi3VForCausalLM", "STOP_TOKEN_IDS", "dead_parameter_names"]
+__all__ = ["LOSS_CHUNK_TOKENS", "Phi3VModel", "Phi3VForCausalLM", "STOP_TOKEN_IDS", "dead_parameter_names"]
 
 #: Generation stops on <|endoftext|> (tokenizer eos), <|end|> (turn end) and </s> (config eos), as the checkpoint's generation_config.json lists them.
 STOP_TOKEN_IDS = (32000, 32007, 2)
+IGNORE_INDEX = -100
 
 
 class _SeparatorInit:
@@ -102,7 +105,17 @@ class Phi3VForCausalLM(_SeparatorInit, Phi3ForCausalLM):
     (n_img, num_crops + 1, 3, 336, 336) in placeholder order, and ``image_sizes`` — as a tensor or, preferably, as a
     list of (H, W) ints so that the image layout never has to be read back from the device. Logits are fp32 like the
     reference (which matters for memory: 4 bytes × vocab per token).
+
+    In training (``model.train()`` and ``labels`` given) ``lm_head`` and the cross-entropy run only at the positions
+    that predict a label, in chunks of :data:`LOSS_CHUNK_TOKENS`, and the output carries the loss without logits:
+    the same loss and gradients as the full computation without a [sequence × vocabulary] fp32 tensor. Set
+    ``supervised_logits = False`` on the model for the full computation (the recipe's, e.g. to measure the
+    difference). Evaluation (``model.eval()``), calls without labels and ``generate()`` return logits for all
+    positions as before.
     """
+
+    #: Training computes logits only at supervised positions (see the class docstring).
+    supervised_logits: bool = True
 
     config_class = Phi3VConfig
     _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
@@ -150,10 +163,15 @@ class Phi3VForCausalLM(_SeparatorInit, Phi3ForCausalLM):
             hidden_states = hidden_states[:, -logits_to_keep:, :]
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden_states = hidden_states[:, logits_to_keep, :]
-        logits = self.lm_head(hidden_states).float()
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if labels is not None and self.training and self.supervised_logits and _has_values(labels):
+            # Training: logits only where a label is (HF Trainer uses the loss alone; ``logits`` is None).
+            logits = None
+            loss = self.supervised_loss(hidden_states, labels, **kwargs)
+        else:
+            logits = self.lm_head(hidden_states).float()
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -161,6 +179,50 @@ class Phi3VForCausalLM(_SeparatorInit, Phi3ForCausalLM):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def supervised_loss(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.LongTensor,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        shift_labels: torch.LongTensor | None = None,
+        **_unused,
+    ) -> torch.Tensor:
+        """Causal-LM cross-entropy computed from the hidden states at supervised positions only.
+
+        Equals transformers' ``ForCausalLMLoss`` on the full logits: labels shift by one (or ``shift_labels`` as
+        given), the sum over supervised positions is divided by ``num_items_in_batch`` when the Trainer passes it
+        (gradient accumulation) and by the number of supervised positions otherwise (NaN when there are none, as
+        the full mean). ``lm_head`` is called as a module, so a PEFT LoRA-wrapped head trains through it. Several
+        chunks are each recomputed in backward (``torch.utils.checkpoint``), so one chunk's fp32 buffers are alive
+        at a time; a single chunk (the usual case: answers are short) runs without recompute.
+        """
+        positions = _supervised_positions(labels, shift_labels, ignore_index)
+        flat_hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+        flat_targets = _shifted(labels, shift_labels, ignore_index).reshape(-1)
+        positions = positions.to(flat_hidden.device)
+        hidden = flat_hidden.index_select(0, positions)
+        targets = flat_targets.to(flat_hidden.device).index_select(0, positions)
+        # At least one (possibly empty) chunk, so that the loss stays connected to the graph with no labels.
+        chunks = range(0, max(hidden.shape[0], 1), LOSS_CHUNK_TOKENS)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in chunks:
+            part = (hidden[start : start + LOSS_CHUNK_TOKENS], targets[start : start + LOSS_CHUNK_TOKENS])
+            if len(chunks) > 1 and torch.is_grad_enabled():
+                total = total + checkpoint(self._chunk_loss_sum, *part, use_reentrant=False)
+            else:
+                total = total + self._chunk_loss_sum(*part)
+        if num_items_in_batch is None:
+            return total / hidden.shape[0]
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+
+    def _chunk_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed fp32 cross-entropy of one chunk of supervised positions."""
+        logits = self.lm_head(hidden).float()
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
 
     def prepare_inputs_for_generation(
         self,
@@ -210,3 +272,30 @@ def dead_parameter_names(model: torch.nn.Module) -> set[str]:
     all_names = [n for n, _ in model.named_parameters()]
     # Map to the wrapper's naming (PEFT prefixes "base_model.model.", LoRA renames "base_layer").
     return {full for full in all_names if any(full.endswith(n) or full.replace(".base_layer", "").endswith(n) for n in names)}
+
+
+def _shifted(labels: torch.Tensor, shift_labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """Labels aligned with the positions that predict them (position t predicts label t + 1)."""
+    if shift_labels is not None:
+        return shift_labels
+    return torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def _has_values(labels: torch.Tensor) -> bool:
+    """Whether the labels can be read (not on the meta device, not a fake tensor): the positions depend on them."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return labels.device.type != "meta" and not is_fake(labels)
+
+
+def _supervised_positions(labels: torch.Tensor, shift_labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """Flat indices of the positions that predict a label (a device sync on a GPU, like any data-dependent size).
+
+    The FLOP replay runs the model under a fake-tensor mode with real host labels; the indices are read from
+    those real labels outside it (a fake tensor has no values to count).
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        shifted = _shifted(labels, shift_labels, ignore_index)
+        return (shifted.reshape(-1) != ignore_index).nonzero().squeeze(1)

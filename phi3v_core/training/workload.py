@@ -98,12 +98,14 @@ class SyntheticWorkload:
         tokens_per_sample: Non-padding tokens of one example (image placeholders included).
         image_tokens_per_sample: Image placeholder tokens of one example.
         images_per_sample: Images in one example.
+        supervised_tokens_per_sample: Positions of one example that predict a label (where training computes logits).
     """
 
     dataset: Dataset
     tokens_per_sample: int
     image_tokens_per_sample: int
     images_per_sample: int
+    supervised_tokens_per_sample: int = 0
 
 
 def _dataset(
@@ -151,4 +153,5 @@ def build_workload(cfg: MeasurementShape, processor: Phi3VProcessor, num_samples
         tokens_per_sample=int(ids.numel()),
         image_tokens_per_sample=int((ids < 0).sum()),
         images_per_sample=profile.images_per_sample,
+        supervised_tokens_per_sample=int((examples[0]["labels"][1:] != -100).sum()),
     )

@@ -46,15 +46,17 @@ def _lora(model: torch.nn.Module, clip_layers: int) -> torch.nn.Module:
     return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=target))
 
 
+@pytest.mark.parametrize("logits", ["supervised", "full"])
 @pytest.mark.parametrize("method", ["full", "lora"])
 @pytest.mark.parametrize("size", sorted(CASES))
-def test_prediction_matches_memtracker(size, method):
+def test_prediction_matches_memtracker(size, method, logits):
     from phi3v_core.model import Phi3VForCausalLM
 
     overrides, checkpointing, num_crops, image_size = CASES[size]
     config = get_config("tiny", **overrides)
     shape = ModelShape.from_config(config, size)
     model = Phi3VForCausalLM(config)
+    model.supervised_logits = logits == "supervised"
     if method == "full":
         dead = model.dead_parameter_names()
         for name, param in model.named_parameters():
@@ -66,8 +68,9 @@ def test_prediction_matches_memtracker(size, method):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
-    workload = Workload.from_images(shape, num_crops=num_crops, image_size=image_size, text_tokens=40)
+    workload = Workload.from_images(shape, num_crops=num_crops, image_size=image_size, text_tokens=40, answer_tokens=32)
     setup = TrainSetup(
+        logits=logits,
         method=method,
         precision="fp32",
         attn="sdpa",
@@ -79,5 +82,5 @@ def test_prediction_matches_memtracker(size, method):
     measured = measure_step(model, build_batch(shape, workload), setup)["peak"]["Total"]
     predicted = estimate_memory(shape, setup, workload).allocated
     error = predicted / measured - 1
-    print(f"{size} {method}: measured {measured / 2**20:.1f} MiB, predicted {predicted / 2**20:.1f} MiB ({error:+.1%})")
+    print(f"{size} {method} {logits}: measured {measured / 2**20:.1f} MiB, predicted {predicted / 2**20:.1f} MiB ({error:+.1%})")
     assert abs(error) <= 0.10

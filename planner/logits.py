@@ -1,0 +1,48 @@
+"""Where training computes ``lm_head`` and the loss, and what that costs (``TrainSetup.logits``).
+
+``supervised`` (phi3v_core.model in training): only at the positions that predict a label, in chunks of
+``LOSS_CHUNK_TOKENS`` (several chunks are each recomputed in backward); ``full``: at every position, as the recipe's
+code does (the published rows the planner is calibrated on are planned so).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from phi3v_core.constants import LOSS_CHUNK_TOKENS
+from planner.shapes import ModelShape
+
+if TYPE_CHECKING:  # annotations only: planner.estimate imports this module
+    from planner.estimate import TrainSetup, Workload
+
+__all__ = ["LOGITS_MODES", "head_recomputed", "logit_positions", "logits_loss_bytes"]
+
+LOGITS_MODES = ("supervised", "full")
+
+
+def logit_positions(workload: Workload, logits: str) -> int:
+    """Positions per sample where training computes ``lm_head`` and the loss (all when the answer length is unknown)."""
+    if logits == "supervised" and workload.supervised_tokens is not None:
+        return min(workload.supervised_tokens, workload.seq_len)
+    return workload.seq_len
+
+
+def head_recomputed(logits: str) -> bool:
+    """Whether the speed model books ``lm_head`` in the checkpointing recompute.
+
+    Gradient checkpointing recomputes the decoder layers, not ``lm_head``; the calibrated ``full`` formula books the
+    head there anyway (the published rows were fitted so), ``supervised`` counts what runs.
+    """
+    return logits == "full"
+
+
+def logits_loss_bytes(shape: ModelShape, setup: TrainSetup, workload: Workload) -> float:
+    """fp32 log-softmax output, its incoming grad and the logits' grad, alive in the loss backward (bytes).
+
+    ``full``: every position of the micro-batch (plus the fp32 logits when the caller keeps them); ``supervised``: the
+    labelled positions, at most one chunk at a time.
+    """
+    positions = setup.micro_batch * logit_positions(workload, setup.logits)
+    if setup.logits == "supervised":
+        return 12 * min(positions, LOSS_CHUNK_TOKENS) * shape.vocab_size
+    return (12 + (4 if setup.logits_retained else 0)) * positions * shape.vocab_size
