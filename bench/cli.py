@@ -375,6 +375,10 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
             target.update(parse(items))
         except ConfigError as exc:
             problems.append(str(exc))
+    # A field set two ways would silently lose one of them: say which.
+    problems += [f"--set {k} conflicts with the --grid axis {k}; sweep it or fix it, not both" for k in overrides if k in grid]
+    if args.release is not None and "release" in overrides:
+        problems.append("--set release conflicts with --release; give the release once")
     if problems:
         raise ConfigError("; ".join(problems))
     overrides["out"] = args.out

@@ -120,6 +120,9 @@ def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not key or not text.strip():
             problems.append(f"--set {item!r} must look like key=value (e.g. steps=5)")
             continue
+        if key in values:
+            problems.append(f"--set {key} is given twice; give each field once")
+            continue
         try:
             values[key] = parse_field_value(key, text.strip())
         except ConfigError as exc:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import time
 from dataclasses import asdict, replace
@@ -48,13 +47,13 @@ from planner.estimate import (
     model_state_bytes,
 )
 from planner.shapes import ModelShape, image_token_count
+from planner.trace_cache import read_cached_trace
 
 __all__ = [
     "TRACE_VERSION",
     "apply_trace",
     "build_batch",
     "cache_dir",
-    "read_cached_trace",
     "measure_step",
     "prepare_model",
     "trace_activations",
@@ -380,34 +379,6 @@ def trace_activations(
         notes.append("QLoRA traced as LoRA; bitsandbytes' saved inputs and one dequantized weight added in closed form")
     data = _trace_record(key, model, setup, workload, attention, result, dynamic, notes, start)
     atomic_write_json(path, data)
-    return data
-
-
-def read_cached_trace(path: Path, key: str) -> dict[str, Any] | None:
-    """A cached trace, or ``None`` when there is none or it is unusable (then it is traced again and overwritten).
-
-    A corrupt file (a crash mid-write before atomic writes, a full disk, an edit) is named in a warning instead of
-    failing every later plan with a bare ``JSONDecodeError``, and a file that parses but lacks the numbers a trace holds
-    is never reported as ``cached: true``.
-    """
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        usable = (
-            isinstance(data, dict)
-            and data.get("key") == key
-            and all(isinstance(data.get(name), (int, float)) for name in ("dynamic", "micro_batch", "seq_len"))
-            and isinstance(data.get("dynamic_snapshot"), dict)
-            and isinstance(data.get("peak"), dict)
-        )
-        reason = "it is not a trace of this configuration"
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        usable, reason = False, f"it cannot be read ({type(exc).__name__}: {exc})"
-    if not usable:
-        logging.getLogger(__name__).warning("trace cache %s ignored and rebuilt: %s", path, reason)
-        return None
-    data["cached"] = True
     return data
 
 

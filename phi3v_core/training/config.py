@@ -281,6 +281,16 @@ class TrainConfig:
         out += distributed_env_problems()
         return out
 
+    def dataset_problems(self, records: int, env: Machine) -> list[str]:
+        """Problems of this configuration with a training set of ``records`` samples (known once the data is read):
+        every process needs at least one sample per step."""
+        if 0 < records < env.world_size:
+            return [
+                f"the training set has {records} record(s), fewer than the {env.world_size} processes (WORLD_SIZE): "
+                "every process needs at least one; use fewer processes or more data"
+            ]
+        return []
+
     def validate(self, env: Machine | None = None) -> None:
         """Raise one :class:`~phi3v_core.errors.ConfigError` listing every problem (no-op when valid)."""
         raise_all(self.problems(env))

@@ -28,7 +28,7 @@ from typing import Any
 
 from phi3v_core.constants import MODEL_PRESET_NAMES
 from phi3v_core.device import local_device
-from phi3v_core.errors import DataError
+from phi3v_core.errors import DataError, raise_all
 from phi3v_core.fs import LOCK_NAME, FolderLock, foreign_entries, overlap_problem, writable_problem
 from phi3v_core.io import atomic_write_json
 from phi3v_core.training.config import COMPLETE_MARKER
@@ -435,6 +435,7 @@ def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig
     resolve_resume(cfg.train)  # checkpoint compatibility before any data or model loads
     init_distributed(env.cuda, cfg.train.ddp_timeout)  # before the first eval; the Trainer reuses it
     task = _load_data(cfg)
+    raise_all(cfg.train.dataset_problems(len(task.train), env))
     cfg.train.num_crops = task.num_crops  # the task's default when --num_crops was not given (validated 1..16)
     cfg.train.extra["data"] = task.origin
     processor = _build_processor(cfg.train.model, task.num_crops)

@@ -62,7 +62,7 @@ CASES = [
     (["matrix", "--preset", "quick", "--set", "gpu=2"], "unknown config field 'gpu'; did you mean 'gpus'?"),
     (MATRIX + ["--out", "{file}"], "exists and is not a folder"),
     (MATRIX + ["--release", "../x"], "release '../x' must be letters"),
-    (MATRIX + ["--set", "model={llama}"], "model_type 'llama'"),
+    (["matrix", "--grid", "method=lora", "--set", "steps=2", "--no-progress", "--set", "model={llama}"], "model_type 'llama'"),
     # compare
     (["compare", "{tmp}/missing-a", "{tmp}/missing-b"], "missing-a: no such file or folder"),
     (["compare", "{corrupt}", "{out}"], "broken.json:1: invalid JSON"),

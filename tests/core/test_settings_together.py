@@ -132,3 +132,14 @@ def test_every_problem_is_reported_at_once(tmp_path, capsys, monkeypatch):
         capsys,
     )
     assert "--preset docvqa-lora" in err and "--warmup_steps 9" in err and "RANK=1" in err
+
+
+def test_fewer_training_records_than_processes_is_refused():
+    from phi3v_core.training import TrainConfig
+
+    cfg = TrainConfig(model="tiny")
+    assert cfg.dataset_problems(1, Machine(world_size=2)) == [
+        "the training set has 1 record(s), fewer than the 2 processes (WORLD_SIZE): every process needs at least "
+        "one; use fewer processes or more data"
+    ]
+    assert cfg.dataset_problems(2, Machine(world_size=2)) == []

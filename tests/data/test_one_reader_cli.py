@@ -137,6 +137,25 @@ def _make_duplicate_id(root: Path) -> str:
     return "data_train.jsonl:2: duplicate id 'a' (first on line 1)"
 
 
+def _make_zip(root: Path) -> str:
+    _folder(root, b"PK\x03\x04" + b"\x00" * 40)
+    return "is a zip archive, not a jsonl text file; extract it first"
+
+
+def _make_jsonl_broken_link(root: Path) -> str:
+    _folder(root)
+    (root / "data_train.jsonl").unlink()
+    (root / "data_train.jsonl").symlink_to(root / "moved_train.jsonl.bak")
+    return "data_train.jsonl: jsonl file is a broken symlink (points to"
+
+
+def _make_jsonl_fifo(root: Path) -> str:
+    _folder(root)
+    (root / "data_train.jsonl").unlink()
+    os.mkfifo(root / "data_train.jsonl")
+    return "data_train.jsonl: is a FIFO (named pipe), not a regular jsonl file"
+
+
 CASES = {
     "gzip": _make_gzip,
     "json-array": _make_array,
@@ -152,6 +171,9 @@ CASES = {
     "bad-json-line": _make_bad_json,
     "missing-image": _make_missing_image,
     "duplicate-id": _make_duplicate_id,
+    "zip": _make_zip,
+    "jsonl-broken-symlink": _make_jsonl_broken_link,
+    "jsonl-fifo": _make_jsonl_fifo,
 }
 
 
@@ -256,3 +278,11 @@ def test_an_opaque_rgb_image_changes_nothing_and_warns_nothing(tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="phi3v_core.data.images"):
         image = open_image(path)
     assert image.getpixel((0, 0)) == (1, 2, 3) and not caplog.records
+
+
+@pytest.mark.parametrize("cli", CLIS, ids=CLI_IDS)
+def test_a_utf8_byte_order_mark_from_a_windows_editor_is_accepted(cli, tmp_path, capsys):
+    folder = _folder(tmp_path / "data", b"\xef\xbb\xbf" + (_good() + "\r\n").encode())
+    _, main, argv = cli
+    assert main(argv(folder)) in (0, None)
+    assert "error" not in capsys.readouterr().err

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from planner.cli import main
-from planner.trace import read_cached_trace
+from planner.trace_cache import read_cached_trace
 from tests.safety_helpers import expect_user_error
 
 GPU = ["--gpu", "A100-80GB", "--method", "lora"]
@@ -65,7 +65,7 @@ def _trace_file(tmp_path: Path, text: str) -> Path:
 )
 def test_an_unusable_trace_cache_is_rebuilt_with_a_warning(text, tmp_path, caplog):
     path = _trace_file(tmp_path, text)
-    with caplog.at_level(logging.WARNING, logger="planner.trace"):
+    with caplog.at_level(logging.WARNING, logger="planner.trace_cache"):
         assert read_cached_trace(path, "k") is None
     assert any(f"trace cache {path} ignored and rebuilt" in r.getMessage() for r in caplog.records)
 
