@@ -62,6 +62,8 @@ def to_train_config(cfg: BenchConfig, output_dir: str, total_steps: int) -> Any:
         warmup_steps=0,
         learning_rate=1e-5,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        optim=cfg.optim,
+        offload=cfg.offload,
         output_dir=output_dir,
         save_steps=0,
         save_final=False,
