@@ -129,10 +129,15 @@ def fits_with_headroom(memory: MemoryEstimate, capacity: float, calibration: Cal
 
 
 def estimate(
-    shape: ModelShape, setup: TrainSetup, workload: Workload, calibration: Calibration, trace: dict[str, Any] | None
+    shape: ModelShape,
+    setup: TrainSetup,
+    workload: Workload,
+    calibration: Calibration,
+    traces: dict[bool, dict[str, Any]] | None,
 ) -> MemoryEstimate:
-    """The closed-form estimate, or the trace of the full model when one was taken with the same checkpointing."""
+    """The closed-form estimate, or the trace of the full model taken with the same checkpointing (``--trace``)."""
     memory = estimate_memory(shape, setup, workload, calibration.overheads)
+    trace = (traces or {}).get(setup.gradient_checkpointing)
     if trace is None or trace.get("gradient_checkpointing") != setup.gradient_checkpointing:
         return memory
     from planner.trace import apply_trace
@@ -171,7 +176,7 @@ def search(
     memory_workload: Workload,
     request: PlanRequest,
     calibration: Calibration,
-    trace: dict[str, Any] | None,
+    traces: dict[bool, dict[str, Any]] | None,
 ) -> list[Candidate]:
     """Every layout of ``base``'s method with predicted memory (on ``memory_workload``) and speed (on ``workload``)."""
     global_batch = request.global_batch or task_profiles()["common"]["global_batch"]
@@ -189,7 +194,7 @@ def search(
                         grad_accum=accum,
                         gradient_checkpointing=checkpointing,
                     )
-                    memory = estimate(shape, setup, memory_workload, calibration, trace)
+                    memory = estimate(shape, setup, memory_workload, calibration, traces)
                     host_need = host_memory_bytes(shape, setup) * hw.gpus_per_node
                     fits = fits_with_headroom(memory, capacity, calibration) and (host is None or host_need <= host)
                     speed = predict_speed(

@@ -222,7 +222,7 @@ def _plan_method(
     workload: Workload,
     request: PlanRequest,
     calibration: Calibration,
-    trace: dict[str, Any] | None,
+    traces: dict[bool, dict[str, Any]] | None,
     memory_workload: Workload | None = None,
 ) -> MethodPlan:
     from planner.layouts import host_ram_bytes
@@ -233,7 +233,7 @@ def _plan_method(
     hyper["num_crops"] = request.num_crops or task_profiles()["tasks"][request.task]["num_crops"]
     base = setup_for(method, hw.gpu, world, hyper)
     supported, reasons = _support_reasons(method, hw)
-    candidates = search(base, hw, shape, workload, memory_workload or workload, request, calibration, trace)
+    candidates = search(base, hw, shape, workload, memory_workload or workload, request, calibration, traces)
     chosen = choose(candidates) if supported else None
     fits = chosen is not None
     pick = chosen or candidates[0]  # nothing fits: the plain, checkpointed micro-batch 1 layout
@@ -338,12 +338,13 @@ def _why(methods: list[MethodPlan], request: PlanRequest) -> tuple[str | None, l
     return recommended, why
 
 
-def _trace_for(request: PlanRequest, method: str, hw: Hardware, workload: Workload) -> dict[str, Any]:
+def _traces_for(request: PlanRequest, method: str, hw: Hardware, workload: Workload) -> dict[bool, dict[str, Any]]:
+    """MemTracker traces of the method's step with checkpointing on and off (``--trace``)."""
     from planner.trace import trace_activations
 
     global_batch = request.global_batch or task_profiles()["common"]["global_batch"]
     setup = setup_for(method, hw.gpu, hw.world_size, hyperparameters(request.task, method, global_batch))
-    return trace_activations(request.model, setup, workload)
+    return {gc: trace_activations(request.model, replace(setup, gradient_checkpointing=gc), workload) for gc in (True, False)}
 
 
 def plan(
@@ -376,11 +377,14 @@ def plan(
     trace_info: dict[str, Any] | None = {} if request.use_trace else None
     methods = []
     for method in request.methods:
-        trace = None
+        traces = None
         if trace_info is not None:
-            trace = _trace_for(request, method, hw, workload)
-            trace_info[method] = {k: v for k, v in trace.items() if k not in ("peak", "dynamic_snapshot")}
-        methods.append(_plan_method(method, hw, shape, workload, request, calibration, trace, memory_workload))
+            traces = _traces_for(request, method, hw, workload)
+            trace_info[method] = {k: v for k, v in traces[True].items() if k not in ("peak", "dynamic_snapshot")}
+            trace_info[f"{method} (no checkpointing)"] = {
+                k: v for k, v in traces[False].items() if k not in ("peak", "dynamic_snapshot")
+            }
+        methods.append(_plan_method(method, hw, shape, workload, request, calibration, traces, memory_workload))
     recommended, why = _why(methods, request)
     if hw.gpu.detected:
         notes.append(f"GPU not in the table: {hw.gpu.source}")
