@@ -16,7 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +240,10 @@ def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: floa
             )
             rates = measure_rates(bench_seconds)  # just before the run: the same share of a busy machine
             prediction = predict_speed(shape, workload, setup, None, single, constants, rates=rates)
+            # the other checkpointing setting under the same rates: the predicted on/off ratio must not carry the
+            # drift of two separate rate measurements on a busy machine
+            twin = replace(setup, gradient_checkpointing=not setup.gradient_checkpointing)
+            twin_prediction = predict_speed(shape, workload, twin, None, single, constants, rates=rates)
             assert prediction is not None
             torch.manual_seed(0)
             payload = _measure(case, model, steps)
@@ -258,6 +262,7 @@ def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: floa
                     "measured_s": measured,
                     "measured_wall_s": statistics.median(payload["wall_s"]),
                     "predicted_s": prediction.step_s,
+                    "predicted_other_checkpointing_s": twin_prediction.step_s if twin_prediction else None,
                     "error_pct": 100 * (prediction.step_s / measured - 1),
                     "predicted_times_s": prediction.times,
                     "rates": rates.source,
@@ -283,7 +288,8 @@ def checkpoint_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         twin = off.get(tuple(on[k] for k in key))
         if not on.get("gradient_checkpointing", True) or twin is None:
             continue
-        predicted = on["predicted_s"] / twin["predicted_s"]
+        # predicted with the rates measured before the checkpointed case, for both settings
+        predicted = on["predicted_s"] / on["predicted_other_checkpointing_s"]
         measured = on["measured_s"] / twin["measured_s"]
         out.append(
             {
