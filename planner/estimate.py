@@ -264,9 +264,11 @@ def model_state_bytes(shape: ModelShape, setup: TrainSetup) -> dict[str, float]:
         return out
     gbytes = wbytes
     out["gradients"] = gbytes * trainable
-    out["optimizer_states"] = (
-        ADAM_8BIT_BYTES_PER_PARAM if setup.optim == "adamw_8bit" else 2 * wbytes
-    ) * trainable
+    if setup.optim == "adamw_8bit":
+        # the HF Trainer keeps the token embedding's states in 32 bits (bitsandbytes' module override, for stability)
+        out["optimizer_states"] = ADAM_8BIT_BYTES_PER_PARAM * (trainable - counts.embed) + 8 * counts.embed
+    else:
+        out["optimizer_states"] = 2 * wbytes * trainable
     if setup.world_size > 1:
         out["ddp_buckets"] = gbytes * trainable
     return out

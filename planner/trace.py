@@ -214,6 +214,9 @@ def measure_step(model: Any, batch: dict[str, Any], setup: TrainSetup) -> dict[s
     if setup.optim == "adamw_8bit":
         import bitsandbytes as bnb
 
+        for module in model.modules():  # as the HF Trainer does: 32-bit states for embeddings
+            if isinstance(module, torch.nn.Embedding):
+                bnb.optim.GlobalOptimManager.get_instance().register_module_override(module, "weight", {"optim_bits": 32})
         optimizer = bnb.optim.AdamW8bit(params, lr=1e-5)
     else:
         optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=setup.optimizer_foreach)

@@ -96,12 +96,12 @@ def test_8bit_adamw_trains_full_fine_tuning_in_bf16(tmp_path: Path) -> None:
     assert str(meter.weights_dtype) == "torch.bfloat16"
     shape = load_shape("tiny")
     predicted = model_state_bytes(shape, TrainSetup(method="full", optim="adamw_8bit", zero_stage=0))
-    # bitsandbytes keeps 32-bit states for tensors under 4096 elements: the tiny model has many, so the measured
-    # states sit between the 8-bit prediction and plain AdamW's 8 B per parameter
     trainable = shape.param_counts().trainable("full", 0)
     print(f"8-bit AdamW states: measured {meter.states / 2**20:.2f} MiB, predicted "
           f"{predicted['optimizer_states'] / 2**20:.2f} MiB, plain AdamW {8 * trainable / 2**20:.2f} MiB")  # fmt: skip
-    assert predicted["optimizer_states"] * 0.9 <= meter.states < 8 * trainable
+    # bitsandbytes also keeps 32-bit states for tensors under 4096 elements (a few on the tiny model)
+    assert meter.states == pytest.approx(predicted["optimizer_states"], rel=0.10)
+    assert meter.states < 8 * trainable
 
 
 def test_offloaded_optimizer_trains_with_deepspeed_cpu_adam(tmp_path: Path, cpu_adam: Any) -> None:
