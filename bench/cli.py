@@ -39,7 +39,7 @@ from bench.config import (
 )
 from bench.preflight import LIMITS, limit_problems, one_writer, preflight_problems, unsaved_result_error
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors, strict_json
-from phi3v_core.constants import ATTN_NAMES, METHOD_NAMES, PRECISION_NAMES
+from phi3v_core.constants import ATTN_NAMES, METHOD_NAMES, OFFLOAD_NAMES, OPTIM_NAMES, PRECISION_NAMES
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.fs import StorageError, writable_problem
 
@@ -82,6 +82,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=d.gradient_checkpointing,
                    help="recompute activations in backward (default: on, as the recipe)")
+    p.add_argument("--optim", choices=OPTIM_NAMES, default=d.optim, help="optimizer (default: %(default)s)")
+    p.add_argument("--offload", choices=OFFLOAD_NAMES, default=d.offload, help="DeepSpeed offload (default: %(default)s)")
     _add_output_arguments(p)
 
 

@@ -27,6 +27,8 @@ from phi3v_core.constants import (
     MAX_NUM_CROPS,
     METHOD_NAMES,
     MODEL_PRESET_NAMES,
+    OFFLOAD_NAMES,
+    OPTIM_NAMES,
     PRECISION_NAMES,
     SeqProfile,
     load_recipe,
@@ -66,6 +68,8 @@ IDENTITY_FIELDS: tuple[str, ...] = (
     "gpus",
     "nodes",
     "gradient_checkpointing",
+    "optim",
+    "offload",
 )
 
 #: Field names of older releases (result files, ``--set``/``--grid`` keys) and the names they now have.
@@ -127,6 +131,8 @@ class BenchConfig:
     repeats: int = 3
     seed: int = 0
     gradient_checkpointing: bool = True
+    optim: str = "adamw"
+    offload: str = "none"
     release: str = field(default_factory=default_release)
     out: str = "results"
 
@@ -183,6 +189,9 @@ class BenchConfig:
                 f"mb{self.micro_batch}",
                 f"{self.nodes}n{self.gpus}g",
                 "gc" if self.gradient_checkpointing else "nogc",
+                # only when not the defaults, so the names of earlier results stay
+                *([self.optim] if self.optim != "adamw" else []),
+                *([f"offload-{self.offload}"] if self.offload != "none" else []),
             ]
         )
 
@@ -203,6 +212,8 @@ class BenchConfig:
         choice("attn", self.attn, ATTN_NAMES)
         choice("precision", self.precision, PRECISION_NAMES)
         choice("seq_profile", self.seq_profile, list(SEQ_PROFILES))
+        choice("optim", self.optim, OPTIM_NAMES)
+        choice("offload", self.offload, OFFLOAD_NAMES)
         if self.attn == "flash_attention_2" and self.precision == "fp32":
             problems.append("attn flash_attention_2 needs bf16 or fp16 (flash-attn has no fp32 kernels); use --precision bf16")
         problems.extend(_model_problems(self.model))

@@ -2,7 +2,7 @@
 
 Every method is checked on every card. For each method x attention kernel the planner predicts the reserved peak of
 the check's step (one process, AdamW with fp32 master weights for full/frozen_vision, a 16-bit base for LoRA, an NF4
-base for QLoRA) and applies its one fit rule (:func:`planner.recommend.fits_with_headroom`: reserved peak within
+base for QLoRA) and applies its one fit rule (:func:`planner.layouts.fits_with_headroom`: reserved peak within
 95 % of the card):
 
 * it fits: the check runs the full-size model (``form="full-size"``);
@@ -174,7 +174,7 @@ def _form(cfg: BenchConfig, machine: Machine) -> tuple[str, int | None, str, Any
     """(form, decoder layers, reason, planner memory estimate) of one check on a GPU."""
     from planner.estimate import estimate_memory
     from planner.hardware import qlora_unsupported_reason
-    from planner.recommend import fits_with_headroom, usable_limit
+    from planner.layouts import fits_with_headroom, usable_limit
     from planner.shapes import load_shape
 
     calibration, _constants = _planner()

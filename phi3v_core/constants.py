@@ -34,6 +34,8 @@ __all__ = [
     "MAX_NUM_CROPS",
     "METHOD_NAMES",
     "MODEL_PRESET_NAMES",
+    "OFFLOAD_NAMES",
+    "OPTIM_NAMES",
     "PRECISION_NAMES",
     "RECIPE_ZERO_BUCKET_ELEMENTS",
     "TOKENS_PER_CROP",
@@ -64,6 +66,10 @@ ATTN_NAMES: tuple[str, ...] = ("eager", "sdpa", "flash_attention_2")
 DEFAULT_ATTN = "sdpa"
 #: Training precisions: bf16/fp16 mixed precision or plain fp32.
 PRECISION_NAMES: tuple[str, ...] = ("bf16", "fp16", "fp32")
+#: Optimizers a run can use: torch AdamW (the recipe's), bitsandbytes 8-bit AdamW and its paged (CUDA) variant.
+OPTIM_NAMES: tuple[str, ...] = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+#: What DeepSpeed ZeRO-2 may move to host memory: nothing, or the optimizer (fp32 master weights and AdamW states).
+OFFLOAD_NAMES: tuple[str, ...] = ("none", "optimizer")
 #: Random-init model configs of the official shapes, by name (``phi3v_core.config.MODEL_PRESETS`` builds them, in this
 #: order); light commands check a ``--model`` value against these names without importing transformers.
 MODEL_PRESET_NAMES: tuple[str, ...] = ("tiny", "phi-3.5-vision", "phi-3-vision")

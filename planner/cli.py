@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="your price of one GPU-hour: adds the cost per run (no price table is shipped)",
     )
     hw.add_argument("--deadline", type=bounded_float(0, 1e6, low_open=True), metavar="HOURS", help="the fewest nodes that finish all epochs in time")
+    hw.add_argument("--host-ram-gib", type=bounded_float(0, 1e6, low_open=True), default=None, metavar="GIB", help="host RAM per node (checks an offloaded optimizer fits; default: this machine's for a detected GPU)")
     hw.add_argument("--inter-node-gbit", type=bounded_float(0, 1e6, low_open=True), help="network per node in Gbit/s (default: the SKU's, else 200)")
     work = parser.add_argument_group("workload")
     work.add_argument("--task", default="docvqa", help="docvqa, hateful_memes, nlvr2 or ucf101 (default: docvqa)")
@@ -141,6 +142,7 @@ def _request(args: argparse.Namespace) -> Any:
         data_dir=args.data_dir,
         deadline_hours=args.deadline,
         price_per_gpu_hour=args.price_per_gpu_hour,
+        host_ram_gib=args.host_ram_gib,
     )
 
 
@@ -266,12 +268,23 @@ _SHORT = {"full": "F", "frozen_vision": "Z", "lora": "L", "qlora": "Q"}
 
 
 def _print_plan(p: Any) -> None:
-    from rich.panel import Panel
-    from rich.table import Table
-
-    from planner.speed import format_duration
-
     console = _console()
+    _print_header(console, p)
+    _print_methods(console, p)
+    _print_layouts(console, p)
+    best = p.best
+    if best is None:
+        from rich.panel import Panel
+
+        console.print(Panel("\n".join(p.why), title="No method fits", border_style="red"))
+    else:
+        _print_recommendation(console, p, best)
+    _print_extras(console, p)
+    for note in p.notes:
+        console.print(f"[yellow]note[/]: {note}")
+
+
+def _print_header(console: Any, p: Any) -> None:
     hw = p.hardware
     gpu = hw.gpu
     first = p.methods[0]
@@ -288,19 +301,35 @@ def _print_plan(p: Any) -> None:
         f"{p.shape.name} ({p.shape.param_counts().total / 1e9:.2f} B parameters)"
         + (f"; {req.dataset_size:,} samples per epoch" if req.dataset_size else "")
     )
+
+
+def _layout_label(m: Any) -> str:
+    parts = [f"{m.micro_batch} x {m.grad_accum}", "gc" if m.gradient_checkpointing else "no gc"]
+    if m.optim != "adamw":
+        parts.append(m.optim)
+    if m.offload != "none":
+        parts.append(f"offload {m.offload}")
+    return ", ".join(parts)
+
+
+def _print_methods(console: Any, p: Any) -> None:
+    from rich.table import Table
+
+    from planner.speed import format_duration
+
     table = Table(
         title="Methods (memory per GPU; fits = predicted reserved peak below "
         f"{100 * (1 - p.headroom_fraction):.0f} % of the card; speed is a prediction)"
     )
-    for col in ("method", "fits", "micro x accum", "peak GiB", "margin GiB", "samples/s", "epoch", "run", "cost $"):
-        table.add_column(col, justify="left" if col in ("method", "fits") else "right")
+    for col in ("method", "fits", "layout", "peak GiB", "margin GiB", "samples/s", "epoch", "run", "cost $"):
+        table.add_column(col, justify="left" if col in ("method", "fits", "layout") else "right")
     for m in p.methods:
         mark = "[green]yes[/]" if m.fits else ("[red]no[/]" if m.supported else "[red]unsupported[/]")
         name = f"[bold]{m.method}[/] *" if m.method == p.recommended else m.method
         table.add_row(
             name,
             mark,
-            f"{m.micro_batch} x {m.grad_accum}",
+            _layout_label(m),
             _fmt(m.peak_gib),
             _fmt(m.margin_gib),
             _fmt(m.speed.samples_per_s if m.speed else None, ".2f"),
@@ -312,43 +341,80 @@ def _print_plan(p: Any) -> None:
     for m in p.methods:
         if m.reasons:
             console.print(f"  [bold]{m.method}[/]: {m.reasons[0]}")
-    best = p.best
-    if best is None:
-        console.print(Panel("\n".join(p.why), title="No method fits", border_style="red"))
-    else:
-        lines = [
-            f"[bold]{best.method}[/], {best.precision}, {best.attn}, micro-batch {best.micro_batch} x "
-            f"{best.grad_accum} accumulation x {hw.world_size} GPU(s) = global batch {best.global_batch}, "
-            f"gradient checkpointing {'on' if best.gradient_checkpointing else 'off'}"
-        ]
-        lines += [f"- {line}" for line in p.why + best.reasons[1:]]
-        hp = best.hyperparameters
-        hps = (
-            f"lr {hp['learning_rate']:g}, {hp['epochs']:g} epoch(s), weight decay {hp['weight_decay']}, warmup "
-            f"{hp['warmup_steps']} steps, AdamW betas ({hp['adam_beta1']}, {hp['adam_beta2']}) eps {hp['adam_epsilon']:g}, "
-            f"clip {hp['max_grad_norm']}"
-        )
-        if "lora_rank" in hp:
-            hps += f", LoRA r={hp['lora_rank']} alpha={hp['lora_alpha']}"
-        lines.append(f"- hyper-parameters: {hps} ({hp['source']})")
-        if best.speed:
-            mfu = f"MFU {best.speed.mfu:.0%}, " if best.speed.mfu is not None else ""
-            lines.append(f"- speed (predicted): {mfu}{best.speed.basis}")
-        lines += ["", f"[bold]{best.command}[/]"]
-        console.print(Panel("\n".join(lines), title="Recommendation", border_style="green"))
-        mem = Table(title=f"Memory per GPU, {best.method} (GiB; peak at {best.memory.phase})")
-        mem.add_column("part")
-        mem.add_column("GiB", justify="right")
-        mem.add_column("note")
-        for item in best.memory.items:
-            mem.add_row(item.name, f"{item.gib:.2f}", item.note)
-        mem.add_row("[bold]tensors (allocated)[/]", f"{best.memory.allocated / GIB:.2f}", "max_memory_allocated")
-        mem.add_row(
-            "allocator cache + unmodelled", f"{best.memory.cache / GIB:.2f}", "fitted on the recipe's A100 table"
-        )
-        mem.add_row("CUDA context + NCCL", f"{best.memory.context / GIB:.2f}", "")
-        mem.add_row("[bold]expected peak[/]", f"{best.peak_gib:.2f}", f"of {gpu.memory_gib:g} GiB (nvidia-smi)")
-        console.print(mem)
+
+
+def _print_layouts(console: Any, p: Any) -> None:
+    """Per method and (checkpointing, optimizer, offload): the fastest fitting micro-batch (all are in --json)."""
+    from rich.table import Table
+
+    table = Table(title="Layouts considered (per option the fastest that fits, else micro-batch 1; * = chosen)")
+    for col in ("method", "checkpointing", "optimizer", "offload", "micro x accum", "peak GiB", "fits", "samples/s"):
+        table.add_column(col, justify="right" if col in ("peak GiB", "samples/s", "micro x accum") else "left")
+    for m in p.methods:
+        groups: dict[tuple[bool, str, str], list[Any]] = {}
+        for layout in m.layouts:
+            groups.setdefault((layout.gradient_checkpointing, layout.optim, layout.offload), []).append(layout)
+        for (checkpointing, optim, offload), layouts in groups.items():
+            fitting = [lay for lay in layouts if lay.fits]
+            shown = max(fitting, key=lambda lay: lay.samples_per_s or 0.0) if fitting else layouts[0]
+            shown = next((lay for lay in layouts if lay.chosen), shown)
+            table.add_row(
+                f"{m.method}{' *' if shown.chosen else ''}",
+                "on" if checkpointing else "off",
+                optim,
+                offload + (f" ({shown.host_bytes / GIB:.0f} GiB host)" if offload != "none" else ""),
+                f"{shown.micro_batch} x {shown.grad_accum}",
+                f"{shown.reserved_bytes / GIB:.1f}",
+                "yes" if shown.fits else "no",
+                _fmt(shown.samples_per_s, ".2f"),
+            )
+    console.print(table)
+
+
+def _print_recommendation(console: Any, p: Any, best: Any) -> None:
+    from rich.panel import Panel
+    from rich.table import Table
+
+    hw = p.hardware
+    lines = [
+        f"[bold]{best.method}[/], {best.precision}, {best.attn}, micro-batch {best.micro_batch} x "
+        f"{best.grad_accum} accumulation x {hw.world_size} GPU(s) = global batch {best.global_batch}, "
+        f"gradient checkpointing {'on' if best.gradient_checkpointing else 'off'}, optimizer {best.optim}"
+        + (f", offload {best.offload}" if best.offload != "none" else "")
+    ]
+    lines += [f"- {line}" for line in p.why + best.reasons[1:]]
+    hp = best.hyperparameters
+    hps = (
+        f"lr {hp['learning_rate']:g}, {hp['epochs']:g} epoch(s), weight decay {hp['weight_decay']}, warmup "
+        f"{hp['warmup_steps']} steps, AdamW betas ({hp['adam_beta1']}, {hp['adam_beta2']}) eps {hp['adam_epsilon']:g}, "
+        f"clip {hp['max_grad_norm']}"
+    )
+    if "lora_rank" in hp:
+        hps += f", LoRA r={hp['lora_rank']} alpha={hp['lora_alpha']}"
+    lines.append(f"- hyper-parameters: {hps} ({hp['source']})")
+    if best.speed:
+        mfu = f"MFU {best.speed.mfu:.0%}, " if best.speed.mfu is not None else ""
+        lines.append(f"- speed (predicted): {mfu}{best.speed.basis}")
+    lines += ["", f"[bold]{best.command}[/]"]
+    console.print(Panel("\n".join(lines), title="Recommendation", border_style="green"))
+    mem = Table(title=f"Memory per GPU, {best.method} (GiB; peak at {best.memory.phase})")
+    mem.add_column("part")
+    mem.add_column("GiB", justify="right")
+    mem.add_column("note")
+    for item in best.memory.items:
+        mem.add_row(item.name, f"{item.gib:.2f}", item.note)
+    mem.add_row("[bold]tensors (allocated)[/]", f"{best.memory.allocated / GIB:.2f}", "max_memory_allocated")
+    mem.add_row("allocator cache + unmodelled", f"{best.memory.cache / GIB:.2f}", "fitted on the recipe's A100 table")
+    mem.add_row("CUDA context + NCCL", f"{best.memory.context / GIB:.2f}", "")
+    mem.add_row("[bold]expected peak[/]", f"{best.peak_gib:.2f}", f"of {hw.gpu.memory_gib:g} GiB (nvidia-smi)")
+    console.print(mem)
+
+
+def _print_extras(console: Any, p: Any) -> None:
+    from rich.panel import Panel
+
+    from planner.speed import format_duration
+
     if p.azure:
         a = p.azure
         console.print(
@@ -382,8 +448,6 @@ def _print_plan(p: Any) -> None:
             )
         else:
             console.print(f"[red]Deadline {d['hours']:g} h[/]: {d['reason']}")
-    for note in p.notes:
-        console.print(f"[yellow]note[/]: {note}")
 
 
 def _print_survey(plans: list[Any], title: str, azure: bool) -> None:

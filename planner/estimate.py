@@ -19,12 +19,12 @@ training steps in ``tests/planner/test_memtracker.py``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from phi3v_core.constants import ATTN_NAMES, METHOD_NAMES, zero2_buffer_bytes
 from phi3v_core.errors import ConfigError, raise_all
 from planner.logits import LOGITS_MODES, logits_loss_bytes
+from planner.memory_types import GIB, MemoryEstimate, MemoryItem, Overheads
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
 
 __all__ = [
@@ -40,16 +40,19 @@ __all__ = [
     "activation_terms",
     "dequant_transient",
     "estimate_memory",
+    "host_memory_bytes",
     "model_state_bytes",
 ]
 
-GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = METHOD_NAMES
 ATTENTIONS = ATTN_NAMES
 #: bitsandbytes nf4: two weights per byte plus one fp32 absmax per 64-weight block (no double quantization, as in
 #: the recipe's BitsAndBytesConfig and ``phi3v_core.methods.quantize_linear_layers``).
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
+#: bitsandbytes 8-bit AdamW: m and v one byte each plus one fp32 absmax per 256-element block for each
+#: (blockwise dynamic quantisation, Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization").
+ADAM_8BIT_BYTES_PER_PARAM = 2 * (1 + 4 / 256)
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,10 @@ class TrainSetup:
         optimizer_foreach: torch AdamW's multi-tensor path (default on CUDA): one state-sized temporary.
         logits_retained: The caller keeps the fp32 logits through backward (HF Trainer drops them).
         logits: ``supervised``: ``lm_head`` and loss at labelled positions only; ``full``: everywhere (the recipe).
+        optim: ``adamw`` or ``adamw_8bit`` (bitsandbytes: m and v in one byte each plus an fp32 absmax per
+            256-element block; the paged variant holds the same bytes).
+        offload_optimizer: DeepSpeed ZeRO-Offload: fp32 master weights, fp32 gradients and Adam states in host
+            memory (full/frozen_vision under ZeRO-2); the GPU keeps the 16-bit weights and gradients.
     """
 
     method: str = "full"
@@ -171,6 +178,8 @@ class TrainSetup:
     optimizer_foreach: bool = True
     logits_retained: bool = False
     logits: str = "supervised"
+    optim: str = "adamw"
+    offload_optimizer: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -190,11 +199,17 @@ class TrainSetup:
             problems.append(f"logits {self.logits!r} is not one of {', '.join(LOGITS_MODES)}")
         if self.attn == "flash_attention_2" and self.precision == "fp32":
             problems.append("flash_attention_2 needs bf16 or fp16")
+        if self.optim not in ("adamw", "adamw_8bit"):
+            problems.append(f"optim {self.optim!r} is not one of adamw, adamw_8bit")
+        if self.offload_optimizer and (self.optim != "adamw" or self.method not in ("full", "frozen_vision")):
+            problems.append("offload_optimizer is ZeRO-Offload of AdamW for full/frozen_vision")
         raise_all(problems)
 
     @property
     def zero(self) -> int:
         """Effective ZeRO stage: the recipe uses ZeRO-2 for full/frozen fine-tuning and plain DDP for LoRA/QLoRA."""
+        if self.offload_optimizer:
+            return 2  # the offload is DeepSpeed ZeRO-2's
         if self.zero_stage is not None:
             return self.zero_stage
         return 2 if self.method in ("full", "frozen_vision") else 0
@@ -210,100 +225,6 @@ class TrainSetup:
         if self.zero == 2 and self.method in ("full", "frozen_vision") and self.precision != "fp32":
             return self.precision
         return self.weight_dtype or self.precision
-
-
-@dataclass(frozen=True)
-class Overheads:
-    """What a GPU adds on top of the tensors autograd and the optimizer hold (fitted constants; none on CPU).
-
-    Attributes:
-        cache_fraction: Reserved/allocated excess of PyTorch's caching allocator plus unmodelled buffers, as a share
-            of the allocated peak (this is what nvidia-smi shows above the tensors).
-        min_cache_fraction: The smallest excess a run survives with (the allocator frees its cache and retries
-            before it fails): decides "fits".
-        cuda_context_gib: CUDA context, cuBLAS/cuDNN workspaces.
-        nccl_gib: NCCL buffers when more than one rank.
-        headroom_fraction: Share of the usable memory a recommended plan leaves free (the stated margin).
-    """
-
-    cache_fraction: float = 0.0
-    min_cache_fraction: float = 0.0
-    cuda_context_gib: float = 0.0
-    nccl_gib: float = 0.0
-    headroom_fraction: float = 0.0
-
-    @classmethod
-    def cpu(cls) -> Overheads:
-        """No allocator cache or context: what MemTracker counts."""
-        return cls()
-
-
-@dataclass
-class MemoryItem:
-    """One line of a memory breakdown (bytes)."""
-
-    name: str
-    bytes: float
-    note: str = ""
-
-    @property
-    def gib(self) -> float:
-        """Size in GiB."""
-        return self.bytes / GIB
-
-
-@dataclass
-class MemoryEstimate:
-    """Peak memory of one GPU, as a breakdown.
-
-    Attributes:
-        items: Tensors alive at the peak, by kind (sums to ``allocated``).
-        phase: The moment of the step where the peak falls.
-        allocated: Peak of tensor memory (``torch.cuda.max_memory_allocated``; MemTracker's total).
-        cache: Allocator cache and unmodelled buffers at the expected peak.
-        context: CUDA context and NCCL buffers.
-        phases: Allocated bytes at every moment considered.
-    """
-
-    items: list[MemoryItem]
-    phase: str
-    allocated: float
-    cache: float
-    context: float
-    min_cache: float
-    phases: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def reserved(self) -> float:
-        """Expected peak as nvidia-smi shows it (before capping at the card's size)."""
-        return self.allocated + self.cache + self.context
-
-    @property
-    def required(self) -> float:
-        """Least memory the step runs in (allocated + minimum cache + context)."""
-        return self.allocated + self.min_cache + self.context
-
-    def expected_peak(self, capacity: float | None = None) -> float:
-        """What nvidia-smi will show: the caching allocator grows up to the card's size but no further."""
-        return self.reserved if capacity is None else min(self.reserved, max(capacity, self.required))
-
-    def fits(self, capacity: float) -> bool:
-        """Whether the step fits in ``capacity`` bytes."""
-        return self.required <= capacity
-
-    def to_dict(self, capacity: float | None = None) -> dict[str, Any]:
-        """JSON-ready form (GiB, rounded)."""
-        return {
-            "phase": self.phase,
-            "items_gib": {item.name: round(item.gib, 3) for item in self.items},
-            "notes": {item.name: item.note for item in self.items if item.note},
-            "allocated_gib": round(self.allocated / GIB, 3),
-            "cache_gib": round(self.cache / GIB, 3),
-            "context_gib": round(self.context / GIB, 3),
-            "required_gib": round(self.required / GIB, 3),
-            "expected_peak_gib": round(self.expected_peak(capacity) / GIB, 3),
-            "phases_gib": {k: round(v / GIB, 3) for k, v in self.phases.items()},
-        }
 
 
 # -- model states ----------------------------------------------------------------------------------------------------
@@ -333,9 +254,17 @@ def model_state_bytes(shape: ModelShape, setup: TrainSetup) -> dict[str, float]:
     if setup.method in ("lora", "qlora"):
         out["lora_weights"] = 4 * lora
         out["gradients"] = 4 * lora
-        out["optimizer_states"] = 8 * lora
+        out["optimizer_states"] = (ADAM_8BIT_BYTES_PER_PARAM if setup.optim == "adamw_8bit" else 8) * lora
         if setup.world_size > 1:
             out["ddp_buckets"] = 4 * lora  # DDP's flat gradient buckets (gradient_as_bucket_view=False)
+        return out
+    if setup.offload_optimizer:
+        # ZeRO-Offload: each 16-bit gradient goes into the reduce bucket as backward produces it and the bucket is
+        # copied to the host's fp32 gradients (DeepSpeed's stage-2 CPU offload path), so the GPU holds the buckets
+        # plus the largest gradient not yet bucketed (lm_head); fp32 master, gradients and Adam m, v are host memory
+        # (:func:`host_memory_bytes`)
+        out["gradients"] = 2 * counts.lm_head
+        out["deepspeed_buckets"] = zero2_buffer_bytes(setup.reduce_bucket, setup.allgather_bucket, setup.overlap_comm)
         return out
     if setup.zero == 2:
         n = setup.world_size
@@ -345,10 +274,26 @@ def model_state_bytes(shape: ModelShape, setup: TrainSetup) -> dict[str, float]:
         return out
     gbytes = wbytes
     out["gradients"] = gbytes * trainable
-    out["optimizer_states"] = 2 * wbytes * trainable
+    if setup.optim == "adamw_8bit":
+        # the HF Trainer keeps the token embedding's states in 32 bits (bitsandbytes' module override, for stability)
+        out["optimizer_states"] = ADAM_8BIT_BYTES_PER_PARAM * (trainable - counts.embed) + 8 * counts.embed
+    else:
+        out["optimizer_states"] = 2 * wbytes * trainable
     if setup.world_size > 1:
         out["ddp_buckets"] = gbytes * trainable
     return out
+
+
+def host_memory_bytes(shape: ModelShape, setup: TrainSetup) -> float:
+    """Host (CPU) memory one rank's ZeRO-Offload optimizer holds: fp32 master weights, fp32 gradients, Adam m and v.
+
+    16 bytes per trained parameter of the rank's partition, pinned (ZeRO-Offload, Ren et al. 2021); 0 without
+    offload. The model loading and the data loader come on top.
+    """
+    if not setup.offload_optimizer:
+        return 0.0
+    trainable = shape.param_counts().trainable(setup.method, 0)
+    return (4 + 4 + 8) * trainable / setup.world_size
 
 
 # -- activations -----------------------------------------------------------------------------------------------------
@@ -482,6 +427,8 @@ def _optimizer_temporaries(shape: ModelShape, setup: TrainSetup, trainable: int)
     one fp32 copy of the local trainable shard (under ZeRO-2 DeepSpeed hands AdamW one flat fp32 partition). The
     single-tensor loop (CPU default) holds two temporaries of the largest tensor.
     """
+    if setup.offload_optimizer or setup.optim == "adamw_8bit":
+        return 0.0  # CPU Adam steps in host memory; bitsandbytes' 8-bit kernel updates each tensor in place
     lora = setup.method in ("lora", "qlora")
     state_bytes = 4 if (lora or setup.zero == 2) else DTYPE_BYTES[setup.stored_weight_dtype]
     if setup.optimizer_foreach:
@@ -503,38 +450,36 @@ def dequant_transient(shape: ModelShape, setup: TrainSetup) -> float:
     return setup.act_bytes * shape.hidden_size * 2 * shape.intermediate_size
 
 
-def estimate_memory(
-    shape: ModelShape, setup: TrainSetup, workload: Workload, overheads: Overheads | None = None
-) -> MemoryEstimate:
-    """Peak memory of one rank for one training step.
+def _item_notes(setup: TrainSetup, zero2: bool) -> dict[str, str]:
+    """What each line of the breakdown holds (shown next to it)."""
+    adam = "8-bit AdamW m, v + absmax per 256" if setup.optim == "adamw_8bit" else "AdamW m, v"
+    return {
+        "weights": f"{setup.stored_weight_dtype if setup.method != 'qlora' else 'nf4 + 16-bit rest'}, all parameters",
+        "gradients": (
+            "largest 16-bit grad in flight; fp32 grads on the host (offload)"
+            if setup.offload_optimizer
+            else ("ZeRO-2 partitions: 16-bit + fp32 grads / N" if zero2 else "")
+        ),
+        "optimizer_states": "ZeRO-2 partitions: fp32 master + Adam m, v / N" if zero2 else adam,
+        "deepspeed_buckets": "overlap_comm: 4.5 × (reduce + allgather bucket) × 2 B (HF DeepSpeed docs)",
+        "lora_weights": f"fp32 adapters, r={setup.lora_rank}",
+        "ddp_buckets": "DDP flat gradient buckets",
+        "saved activations": "layer inputs (checkpointing) + vision/projector saves"
+        if setup.gradient_checkpointing
+        else "all layers",
+        "logits + loss": f"fp32 log-softmax, its grad and the logits' grad ({setup.logits} positions)",
+    }
 
-    Args:
-        shape: Model dimensions.
-        setup: Method, precision, attention, checkpointing, micro-batch, ranks.
-        workload: Tokens and crops per sample.
-        overheads: GPU-side additions (allocator cache, context); None means none (a CPU step).
 
-    Returns:
-        The breakdown at the moment of the step with the largest allocated memory.
-    """
-    overheads = overheads or Overheads.cpu()
-    states = model_state_bytes(shape, setup)
-    acts = activation_terms(shape, setup, workload)
-    zero2 = setup.zero == 2 and setup.method in ("full", "frozen_vision")
-    grads = states.get("gradients", 0.0) + states.get("ddp_buckets", 0.0)
-    static = {k: v for k, v in states.items() if k not in ("gradients", "ddp_buckets")}
-    if zero2:
-        static["gradients"] = states["gradients"]  # partitions live for the whole run
-        grads = 0.0
+def _phase_items(
+    shape: ModelShape, setup: TrainSetup, acts: dict[str, float], grads: float, head_grads: float
+) -> dict[str, dict[str, float]]:
+    """The transient tensors of each moment of the step where the peak can fall."""
     grads_in_forward = grads if setup.grad_accum > 1 else 0.0
     saved = acts["lm_saved"] + acts["vision_saved"]
-    static["batch (pixel values)"] = acts["pixels"]
-
     counts = shape.param_counts()
-    head_grads = 0.0
-    if not zero2 and setup.method in ("full", "frozen_vision"):
-        head_grads = counts.lm_head * DTYPE_BYTES[setup.stored_weight_dtype]
-    phase_items: dict[str, dict[str, float]] = {
+    trainable = counts.trainable(setup.method, shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision))
+    return {
         "loss backward": {
             "gradients (accumulated)": grads_in_forward,
             "saved activations": saved,
@@ -558,29 +503,42 @@ def estimate_memory(
         },
         "optimizer step": {
             "gradients (accumulated)": grads,
-            "optimizer temporaries": _optimizer_temporaries(
-                shape,
-                setup,
-                counts.trainable(
-                    setup.method, shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision)
-                ),
-            ),
+            "optimizer temporaries": _optimizer_temporaries(shape, setup, trainable),
         },
     }
+
+
+def estimate_memory(
+    shape: ModelShape, setup: TrainSetup, workload: Workload, overheads: Overheads | None = None
+) -> MemoryEstimate:
+    """Peak memory of one rank for one training step.
+
+    Args:
+        shape: Model dimensions.
+        setup: Method, precision, attention, checkpointing, micro-batch, ranks, optimizer, offload.
+        workload: Tokens and crops per sample.
+        overheads: GPU-side additions (allocator cache, context); None means none (a CPU step).
+
+    Returns:
+        The breakdown at the moment of the step with the largest allocated memory.
+    """
+    overheads = overheads or Overheads.cpu()
+    states = model_state_bytes(shape, setup)
+    acts = activation_terms(shape, setup, workload)
+    zero2 = setup.zero == 2 and setup.method in ("full", "frozen_vision")
+    grads = states.get("gradients", 0.0) + states.get("ddp_buckets", 0.0)
+    static = {k: v for k, v in states.items() if k not in ("gradients", "ddp_buckets")}
+    if zero2:
+        static["gradients"] = states["gradients"]  # partitions live for the whole run
+        grads = 0.0
+    static["batch (pixel values)"] = acts["pixels"]
+    head_grads = 0.0
+    if not zero2 and setup.method in ("full", "frozen_vision"):
+        head_grads = shape.param_counts().lm_head * DTYPE_BYTES[setup.stored_weight_dtype]
+    phase_items = _phase_items(shape, setup, acts, grads, head_grads)
     totals = {name: sum(static.values()) + sum(parts.values()) for name, parts in phase_items.items()}
     phase = max(totals, key=totals.__getitem__)
-    notes = {
-        "weights": f"{setup.stored_weight_dtype if setup.method != 'qlora' else 'nf4 + 16-bit rest'}, all parameters",
-        "gradients": "ZeRO-2 partitions: 16-bit + fp32 grads / N" if zero2 else "",
-        "optimizer_states": "ZeRO-2 partitions: fp32 master + Adam m, v / N" if zero2 else "AdamW m, v",
-        "deepspeed_buckets": "overlap_comm: 4.5 × (reduce + allgather bucket) × 2 B (HF DeepSpeed docs)",
-        "lora_weights": f"fp32 adapters, r={setup.lora_rank}",
-        "ddp_buckets": "DDP flat gradient buckets",
-        "saved activations": "layer inputs (checkpointing) + vision/projector saves"
-        if setup.gradient_checkpointing
-        else "all layers",
-        "logits + loss": f"fp32 log-softmax, its grad and the logits' grad ({setup.logits} positions)",
-    }
+    notes = _item_notes(setup, zero2)
     items = [MemoryItem(k, v, notes.get(k, "")) for k, v in static.items()]
     items += [MemoryItem(k, v, notes.get(k, "")) for k, v in phase_items[phase].items() if v]
     allocated = totals[phase]

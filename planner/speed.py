@@ -39,6 +39,7 @@ __all__ = [
     "micro_step_times",
     "flops_per_sample",
     "format_duration",
+    "offload_seconds",
     "predict_speed",
     "reference_shape",
 ]
@@ -339,11 +340,48 @@ def micro_step_times(
     return times, flops
 
 
+#: Achievable host-memory bandwidth of a GPU server for DeepSpeed's CPU Adam (bytes/s). CPU Adam is a streaming
+#: AVX kernel, bound by DRAM bandwidth: a two-socket server with 8 DDR4-3200 channels per socket peaks at
+#: 2 × 204.8 GB/s; we assume a quarter of that is achieved by one rank's optimizer (stated in the plan).
+HOST_ADAM_BANDWIDTH = 100e9
+#: Bytes CPU Adam moves per parameter: fp32 master, m, v read + write (24), fp32 gradient read (4), the updated
+#: 16-bit weight written for the copy back to the GPU (2).
+HOST_ADAM_BYTES_PER_PARAM = 30
+#: Achieved share of a PCIe link's one-way bandwidth for large pinned copies.
+PCIE_EFFICIENCY = 0.8
+
+
+def offload_seconds(shape: ModelShape, setup: TrainSetup, pcie_gbs: float, host_bandwidth: float) -> dict[str, float]:
+    """ZeRO-Offload's per-step extra time: CPU Adam over the rank's partition and the PCIe copies.
+
+    Gradients (16-bit) go to the host after every micro-batch; the updated 16-bit weights come back once per step.
+    Neither is assumed to overlap with compute (DeepSpeed overlaps part of it: this is the conservative side).
+
+    Args:
+        shape: Model dimensions.
+        setup: The setup (``offload_optimizer`` true).
+        pcie_gbs: The GPU's PCIe bandwidth, both directions (GB/s).
+        host_bandwidth: Achievable host memory bandwidth for CPU Adam (bytes/s).
+    """
+    trainable = shape.param_counts().trainable(setup.method, 0) / setup.world_size
+    one_way = pcie_gbs / 2 * 1e9 * PCIE_EFFICIENCY
+    return {
+        "CPU Adam (host)": trainable * HOST_ADAM_BYTES_PER_PARAM / host_bandwidth,
+        "PCIe gradients + weights": (2 * trainable * setup.grad_accum + 2 * trainable) / one_way,
+    }
+
+
 def _optimizer_seconds(shape: ModelShape, setup: TrainSetup, rates: Rates) -> float:
     """AdamW over the local trainable parameters: a streaming pass (fp32 p, m, v read+write, grads read)."""
     counts = shape.param_counts()
     lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision)
     trainable = counts.trainable(setup.method, lora)
+    if setup.offload_optimizer:
+        return 0.0  # on the host: :func:`offload_seconds`
+    if setup.optim == "adamw_8bit":
+        # bitsandbytes: weight read + write, gradient read, 8-bit m, v read + write (+ absmax)
+        weight = 4 if setup.method in ("lora", "qlora") else DTYPE_BYTES[setup.stored_weight_dtype]
+        return trainable * (2 * weight + weight + 4) / rates.bandwidth
     if setup.zero == 2 and setup.method in ("full", "frozen_vision"):
         # fp32 master/m/v read+write (24), fp32 grad read (4), 16-bit grad → fp32 (2+4), 16-bit weight write (2)
         return trainable / setup.world_size * 36 / rates.bandwidth
@@ -417,6 +455,8 @@ def predict_speed(
     exposed_micro = max(0.0, per_micro - constants.comm_overlap * backward)
     step_times = {k: v * setup.grad_accum for k, v in times.items()}
     step_times["optimizer"] = _optimizer_seconds(shape, setup, rates)
+    if setup.offload_optimizer:
+        step_times.update(offload_seconds(shape, setup, (gpu.pcie_gbs if gpu else None) or 32.0, HOST_ADAM_BANDWIDTH))
     step_times["communication"] = exposed_micro * setup.grad_accum + per_step
     step_times["step overhead"] = constants.step_overhead_s
     step = sum(step_times.values())

@@ -213,7 +213,15 @@ def measure_step(model: Any, batch: dict[str, Any], setup: TrainSetup) -> dict[s
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=setup.optimizer_foreach)
+    if setup.optim == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        for module in model.modules():  # as the HF Trainer does: 32-bit states for embeddings
+            if isinstance(module, torch.nn.Embedding):
+                bnb.optim.GlobalOptimManager.get_instance().register_module_override(module, "weight", {"optim_bits": 32})
+        optimizer = bnb.optim.AdamW8bit(params, lr=1e-5)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=setup.optimizer_foreach)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     autocast = (
         torch.autocast("cpu", dtype=dtypes[setup.precision]) if uses_autocast(setup) else contextlib.nullcontext()

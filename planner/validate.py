@@ -25,7 +25,7 @@ from planner.estimate import TrainSetup, Workload
 from planner.shapes import ModelShape, load_shape
 from planner.speed import Interconnect, Rates, predict_speed
 
-__all__ = ["DEFAULT_CASES", "ValidationCase", "measure_rates", "mid_size_model", "validate_cpu"]
+__all__ = ["DEFAULT_CASES", "ValidationCase", "checkpoint_ratios", "measure_rates", "mid_size_model", "validate_cpu"]
 
 #: A mid-size model of the same structure (a few layers of real-ish width) for the CPU validation.
 MID_SIZE = {
@@ -48,11 +48,13 @@ class ValidationCase:
     num_crops: int
     micro_batch: int
     grad_accum: int = 1
+    gradient_checkpointing: bool = True
 
     @property
     def label(self) -> str:
         """Short label."""
-        return f"{self.model} {self.method} c{self.num_crops} mb{self.micro_batch}x{self.grad_accum}"
+        gc = "" if self.gradient_checkpointing else " nogc"
+        return f"{self.model} {self.method} c{self.num_crops} mb{self.micro_batch}x{self.grad_accum}{gc}"
 
 
 DEFAULT_CASES: tuple[ValidationCase, ...] = (
@@ -64,6 +66,9 @@ DEFAULT_CASES: tuple[ValidationCase, ...] = (
     ValidationCase("mid", "full", 4, 1),
     ValidationCase("mid", "lora", 2, 2),
     ValidationCase("mid", "full", 1, 2, 2),
+    # the same LoRA step with and without recompute: the predicted on/off ratio is checked too (checkpoint_ratio)
+    ValidationCase("mid", "lora", 4, 1, 1, True),
+    ValidationCase("mid", "lora", 4, 1, 1, False),
 )
 
 
@@ -170,6 +175,7 @@ def _measure(case: ValidationCase, model: str, steps: int) -> dict[str, Any]:
         num_crops=case.num_crops,
         global_batch=case.micro_batch * case.grad_accum,
         micro_batch=case.micro_batch,
+        gradient_checkpointing=case.gradient_checkpointing,
     )
     warmup = 1
     total = warmup + steps
@@ -227,7 +233,7 @@ def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: floa
                 method=case.method,
                 precision="fp32",
                 attn="sdpa",
-                gradient_checkpointing=True,
+                gradient_checkpointing=case.gradient_checkpointing,
                 micro_batch=case.micro_batch,
                 grad_accum=case.grad_accum,
                 world_size=1,
@@ -240,6 +246,10 @@ def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: floa
             # logits at the bench examples' supervised positions (read from the encoded data, not from timings)
             workload = replace(workload, supervised_tokens=payload["supervised_tokens"])
             prediction = predict_speed(shape, workload, setup, None, single, constants, rates=rates)
+            # the other checkpointing setting under the same rates: the predicted on/off ratio must not carry the
+            # drift of two separate rate measurements on a busy machine
+            twin = replace(setup, gradient_checkpointing=not setup.gradient_checkpointing)
+            twin_prediction = predict_speed(shape, workload, twin, None, single, constants, rates=rates)
             assert prediction is not None
             measured = statistics.median(payload["cpu_s"])
             rows.append(
@@ -250,11 +260,13 @@ def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: floa
                     "num_crops": case.num_crops,
                     "micro_batch": case.micro_batch,
                     "grad_accum": case.grad_accum,
+                    "gradient_checkpointing": case.gradient_checkpointing,
                     "seq_len_predicted": workload.seq_len,
                     "tokens_per_sample_measured": payload.get("tokens_per_sample"),
                     "measured_s": measured,
                     "measured_wall_s": statistics.median(payload["wall_s"]),
                     "predicted_s": prediction.step_s,
+                    "predicted_other_checkpointing_s": twin_prediction.step_s if twin_prediction else None,
                     "error_pct": 100 * (prediction.step_s / measured - 1),
                     "predicted_times_s": prediction.times,
                     "rates": rates.source,
@@ -267,4 +279,28 @@ def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: floa
         "rows": rows,
         "median_abs_error_pct": statistics.median(errors) if errors else None,
         "max_abs_error_pct": max(errors) if errors else None,
+        "checkpoint_ratios": checkpoint_ratios(rows),
     }
+
+
+def checkpoint_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Step time with / without checkpointing for every case measured both ways: predicted, measured, error."""
+    out = []
+    key = ("model", "method", "num_crops", "micro_batch", "grad_accum")
+    off = {tuple(r[k] for k in key): r for r in rows if not r.get("gradient_checkpointing", True)}
+    for on in rows:
+        twin = off.get(tuple(on[k] for k in key))
+        if not on.get("gradient_checkpointing", True) or twin is None:
+            continue
+        # predicted with the rates measured before the checkpointed case, for both settings
+        predicted = on["predicted_s"] / on["predicted_other_checkpointing_s"]
+        measured = on["measured_s"] / twin["measured_s"]
+        out.append(
+            {
+                "case": on["case"],
+                "predicted_ratio": predicted,
+                "measured_ratio": measured,
+                "error_pct": 100 * (predicted / measured - 1),
+            }
+        )
+    return out

@@ -29,7 +29,14 @@ from phi3v_core.cli.finetune_config import (
     TASK_NAMES,
     build_config,
 )
-from phi3v_core.constants import ATTN_NAMES, METHOD_NAMES, MODEL_PRESET_NAMES, PRECISION_NAMES
+from phi3v_core.constants import (
+    ATTN_NAMES,
+    METHOD_NAMES,
+    MODEL_PRESET_NAMES,
+    OFFLOAD_NAMES,
+    OPTIM_NAMES,
+    PRECISION_NAMES,
+)
 
 __all__ = [
     "OUR_DEFAULTS",
@@ -75,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     ours = parser.add_argument_group("our flags")
     _add_task_flags(ours)
     _add_run_flags(ours)
+    _add_memory_flags(parser)
     return parser
 
 
@@ -183,6 +191,29 @@ def _add_run_flags(ours: argparse._ArgumentGroup) -> None:
         help="longest training sequence (default: the model context); longer records are an error, never truncated",
     )
     ours.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)")
+
+
+def _add_memory_flags(parser: argparse.ArgumentParser) -> None:
+    """Checkpointing, optimizer and offload: what phi3v-plan chooses by memory (its command carries them)."""
+    group = parser.add_argument_group("memory layout (phi3v-plan chooses these)")
+    group.add_argument(
+        "--gradient_checkpointing",
+        choices=("on", "off"),
+        default="on",
+        help="recompute activations in backward (default on, as the recipe); off is faster where memory allows",
+    )
+    group.add_argument(
+        "--optim",
+        choices=OPTIM_NAMES,
+        default="adamw",
+        help="adamw (default); adamw_8bit: bitsandbytes 8-bit AdamW, bf16 weights for full/frozen_vision",
+    )
+    group.add_argument(
+        "--offload",
+        choices=OFFLOAD_NAMES,
+        default="none",
+        help="optimizer: DeepSpeed ZeRO-2 keeps fp32 master weights and Adam states in host RAM (CPU Adam)",
+    )
 
 
 @contextlib.contextmanager

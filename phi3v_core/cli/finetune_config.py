@@ -88,6 +88,8 @@ _FIELD_FLAGS = {
     "save_steps": "--save_steps",
     "dataloader_num_workers": "--num_workers",
     "output_dir": "--output_dir",
+    "optim": "--optim",
+    "offload": "--offload",
 }
 _FIELD_RE = re.compile(r"^(" + "|".join(sorted(_FIELD_FLAGS, key=len, reverse=True)) + r")\b")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -485,6 +487,9 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
         seed=values["seed"],
         dataloader_num_workers=values["num_workers"],
         disable_tqdm=not args.tqdm,
+        gradient_checkpointing=getattr(args, "gradient_checkpointing", "on") != "off",
+        optim=getattr(args, "optim", "adamw"),
+        offload=getattr(args, "offload", "none"),
         extra={"task": task, "preset": args.preset, "command": "phi3v-finetune"},
     )
     resolver.add_train_config_problems(train_cfg)

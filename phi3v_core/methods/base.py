@@ -39,7 +39,8 @@ class MethodOptions:
         lora_dropout: Dropout on the LoRA input.
         lora_lm_head: Also put LoRA on ``lm_head`` (the recipe always does).
         freeze_vision: For ``lora``/``qlora``: keep CLIP and the projector without adapters.
-        base_dtype: dtype of the frozen (non-adapter) weights for ``lora``/``qlora``; ``None`` keeps the model's.
+        base_dtype: dtype of the frozen (non-adapter) weights for ``lora``/``qlora``, and of all weights for
+            ``full``/``frozen_vision`` with an 8-bit optimizer; ``None`` keeps the model's.
         compute_dtype: QLoRA matmul dtype of the 4-bit layers.
         device: Where QLoRA quantizes (bitsandbytes quantizes when the weight is moved to a device).
     """

@@ -14,9 +14,10 @@ def prepare_full(model: nn.Module, options: MethodOptions) -> tuple[nn.Module, M
 
     Args:
         model: A freshly built or loaded ``Phi3VForCausalLM``.
-        options: Unused by this method (kept for the common signature).
+        options: ``base_dtype`` casts every weight (16-bit weights with an 8-bit optimizer); None keeps fp32.
     """
-    del options
+    if options.base_dtype is not None:
+        model.to(options.base_dtype)
     model.requires_grad_(True)
     dead = freeze_dead_weights(model)
     return model, make_report(model, "full", frozen_dead=dead)
@@ -29,7 +30,8 @@ def prepare_frozen_vision(model: nn.Module, options: MethodOptions) -> tuple[nn.
     which in the remote code also holds the token embedding (``wte``), so the LM input embedding gets frozen by
     accident. Our image module does not hold the embedding, so ``model.embed_tokens`` keeps training here.
     """
-    del options
+    if options.base_dtype is not None:
+        model.to(options.base_dtype)  # 16-bit weights with an 8-bit optimizer
     model.requires_grad_(True)
     for name, param in model.named_parameters():
         if name.startswith(VISION_PREFIX):

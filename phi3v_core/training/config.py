@@ -23,6 +23,8 @@ from phi3v_core.constants import (
     ATTN_NAMES,
     DEFAULT_ATTN,
     MAX_NUM_CROPS,
+    OFFLOAD_NAMES,
+    OPTIM_NAMES,
     PRECISION_NAMES,
     ZERO_BUCKET_ELEMENTS,
     supports_bf16,
@@ -145,6 +147,13 @@ class TrainConfig:
             micro-batch on (``logits_to_keep``). Same loss and gradients; skips the fp32 vocabulary projection over
             the prompt and image placeholders, which dominates compute on small models and costs
             ~4 B × 32064 per prompt token of memory on the real one. Off by default: the recipe pays that cost.
+        optim: ``adamw`` (torch AdamW, the recipe's), ``adamw_8bit`` (bitsandbytes 8-bit AdamW: m and v in one byte
+            each, blockwise-quantised; full/frozen_vision then store the weights in the 16-bit ``precision`` when it
+            is bf16, with no fp32 master copy) or ``paged_adamw_8bit`` (the same with states in CUDA unified memory
+            that pages to the host under memory pressure; CUDA only).
+        offload: ``none`` or ``optimizer``: DeepSpeed ZeRO-2 keeps the fp32 master weights and AdamW states in host
+            memory and steps them with DeepSpeed's CPU Adam (full/frozen_vision; DeepSpeed turns on even for one
+            process). The GPU keeps the 16-bit weights and gradients; every step moves gradients and weights over PCIe.
     """
 
     model: str = "tiny"
@@ -187,6 +196,8 @@ class TrainConfig:
     ddp_timeout: int = 1800
     disable_tqdm: bool = False
     supervised_logits_only: bool = False
+    optim: str = "adamw"
+    offload: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form metadata carried into ``train_config.json`` (e.g. the data source); not read by training."""
 
@@ -247,6 +258,8 @@ class TrainConfig:
         """Resolve ``deepspeed=None`` (auto): on for full/frozen_vision when more than one process trains."""
         if self.deepspeed is not None:
             return self.deepspeed
+        if self.offload == "optimizer":
+            return True  # the offload is DeepSpeed's
         return get_method(self.method).supports_deepspeed and world_size > 1
 
     def method_options(self, device: str | torch.device = "cpu") -> MethodOptions:
@@ -262,9 +275,29 @@ class TrainConfig:
             lora_dropout=self.lora_dropout,
             lora_lm_head=self.lora_lm_head,
             freeze_vision=self.freeze_vision,
-            base_dtype=self.compute_dtype if uses_lora else None,
+            base_dtype=self.compute_dtype if (uses_lora or self.sixteen_bit_weights) else None,
             compute_dtype=self.compute_dtype,
             device=str(device),
+        )
+
+    @property
+    def hf_optim(self) -> str:
+        """The ``TrainingArguments.optim`` name of :attr:`optim`."""
+        return {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}.get(
+            self.optim, "adamw_torch"
+        )
+
+    @property
+    def sixteen_bit_weights(self) -> bool:
+        """Full/frozen_vision with an 8-bit optimizer store all weights in bf16 (no fp32 master copy).
+
+        fp16 keeps fp32 weights: the Trainer's loss scaler cannot unscale fp16 gradients.
+        """
+        return (
+            self.optim != "adamw"
+            and self.precision == "bf16"
+            and self.method in METHODS
+            and not get_method(self.method).uses_lora
         )
 
     # -- validation --------------------------------------------------------------------------------------------
@@ -279,6 +312,7 @@ class TrainConfig:
         out += self._number_problems()
         out += self._checkpoint_problems()
         out += distributed_env_problems()
+        out += self._optimizer_problems(env)
         return out
 
     def dataset_problems(self, records: int, env: Machine) -> list[str]:
@@ -410,6 +444,27 @@ class TrainConfig:
             (bool(str(self.output_dir).strip()), "output_dir must not be empty"),
         ]
         return [message for ok, message in checks if not ok]
+
+    def _optimizer_problems(self, env: Machine) -> list[str]:
+        out = []
+        if self.optim not in OPTIM_NAMES:
+            out.append(f"optim {self.optim!r} is unknown; choose one of {', '.join(OPTIM_NAMES)}")
+        if self.offload not in OFFLOAD_NAMES:
+            out.append(f"offload {self.offload!r} is unknown; choose one of {', '.join(OFFLOAD_NAMES)}")
+        if self.optim in ("adamw_8bit", "paged_adamw_8bit") and not env.bitsandbytes:
+            out.append(f"optim {self.optim} needs bitsandbytes (pip install bitsandbytes); or use optim adamw")
+        if self.optim == "paged_adamw_8bit" and not env.cuda:
+            out.append("optim paged_adamw_8bit pages to CUDA unified memory and needs a GPU; use optim adamw_8bit")
+        if self.offload == "optimizer":
+            if self.method in METHODS and not get_method(self.method).supports_deepspeed:
+                out.append(f"offload optimizer is DeepSpeed ZeRO-2's, for full/frozen_vision, not {self.method}")
+            if self.deepspeed is False:
+                out.append("offload optimizer runs through DeepSpeed; drop deepspeed=False")
+            if self.optim != "adamw":
+                out.append(f"offload optimizer steps with DeepSpeed's CPU Adam; drop optim {self.optim} (use adamw)")
+            if not env.deepspeed:
+                out.append("offload optimizer needs deepspeed (pip install deepspeed)")
+        return out
 
     def _checkpoint_problems(self) -> list[str]:
         out = []

@@ -3,7 +3,9 @@
 Same shape as the recipe's ``DS_CONFIG_DICT`` (in each script of the Phi-3CookBook vision fine-tuning scripts (microsoft/Phi-3CookBook, code/03.Finetuning/vision_finetuning/)): stage 2, partitioned all-gather, reduce-scatter,
 contiguous and round-robin gradients, dynamic fp16 loss scaling, precision and batch sizes left ``"auto"`` so the
 HF Trainer fills them from its own arguments. No optimizer/scheduler section: the Trainer's AdamW and schedule are
-used. The only change is the bucket sizes (see ``TrainConfig.zero_reduce_bucket_size``).
+used. The only change is the bucket sizes (see ``TrainConfig.zero_reduce_bucket_size``). With
+``TrainConfig.offload == "optimizer"`` the optimizer moves to the CPU (ZeRO-Offload, Ren et al. 2021): an
+``offload_optimizer`` section and an AdamW ``optimizer`` section, which DeepSpeed runs as ``DeepSpeedCPUAdam``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     Args:
         cfg: The run configuration (bucket sizes and ``overlap_comm`` come from it).
     """
-    return {
+    config: dict[str, Any] = {
         "zero_optimization": {
             "stage": 2,
             "allgather_partitions": True,
@@ -47,6 +49,17 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
     }
+    if cfg.offload == "optimizer":
+        # ZeRO-Offload: fp32 master weights and Adam states live in host memory and DeepSpeed's CPU Adam steps them
+        # (an "optimizer" section makes DeepSpeed build DeepSpeedCPUAdam; the Trainer fills the "auto" values).
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        }
+    elif cfg.optim != "adamw":
+        config["zero_allow_untested_optimizer"] = True  # bitsandbytes' 8-bit AdamW as the client optimizer
+    return config
 
 
 def zero2_buffer_bytes(cfg: TrainConfig, bytes_per_element: int = 2) -> int:

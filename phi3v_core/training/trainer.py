@@ -87,7 +87,7 @@ def build_training_arguments(cfg: TrainConfig, env: Machine) -> TrainingArgument
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps,
         lr_scheduler_type=cfg.lr_scheduler,
-        optim="adamw_torch",
+        optim=cfg.hf_optim,
         adam_beta1=cfg.adam_beta1,
         adam_beta2=cfg.adam_beta2,
         adam_epsilon=cfg.adam_epsilon,

@@ -36,6 +36,8 @@ class MeasurementShape(Protocol):
     micro_batch: int
     global_batch: int
     gradient_checkpointing: bool
+    optim: str
+    offload: str
     seed: int
 
     @property
@@ -57,6 +59,8 @@ class MeasurementSpec:
     micro_batch: int = 1
     global_batch: int = 8
     gradient_checkpointing: bool = True
+    optim: str = "adamw"
+    offload: str = "none"
     seed: int = 0
 
 
@@ -74,6 +78,8 @@ def to_train_config(cfg: MeasurementShape, output_dir: str, total_steps: int) ->
         warmup_steps=0,
         learning_rate=1e-5,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        optim=cfg.optim,
+        offload=cfg.offload,
         output_dir=output_dir,
         save_steps=0,
         save_final=False,

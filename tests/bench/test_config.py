@@ -104,3 +104,16 @@ def test_old_field_names_still_load() -> None:
     assert parse_field_value("batch_size", "32") == 32
     with pytest.raises(ConfigError, match="both batch_size"):
         BenchConfig.from_dict({"batch_size": 8, "global_batch": 8})
+
+
+def test_optimizer_and_offload_are_identity_and_named_only_when_not_default() -> None:
+    from bench.matrix import parse_grid
+
+    base = BenchConfig(release="r")
+    assert base.cell_id().endswith("-gc")  # earlier results keep their names
+    assert BenchConfig(release="r", optim="adamw_8bit", gradient_checkpointing=False).cell_id().endswith("-nogc-adamw_8bit")
+    assert BenchConfig(release="r", method="full", offload="optimizer").cell_id().endswith("-offload-optimizer")
+    assert {"optim", "offload"} <= set(base.identity())
+    assert any("optim 'sgd'" in p for p in BenchConfig(release="r", optim="sgd").problems())
+    grid = parse_grid(["gradient_checkpointing=on,off", "optim=adamw,adamw_8bit"])
+    assert grid == {"gradient_checkpointing": [True, False], "optim": ["adamw", "adamw_8bit"]}

@@ -47,7 +47,7 @@ EXPECTED_FORMS = {
 def test_every_method_runs_full_size_reduced_or_is_skipped_with_a_reason(gpu: str) -> None:
     from planner.calibration import load_calibration
     from planner.estimate import estimate_memory
-    from planner.recommend import fits_with_headroom
+    from planner.layouts import fits_with_headroom
     from planner.shapes import load_shape
 
     machine = Machine.from_table(gpu)

@@ -254,3 +254,10 @@ def test_console_script_prints_exactly_one_stderr_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [BAD_FLAGS[0][1]]
     assert proc.stdout == "" and not (tmp_path / "run").exists()
+
+
+def test_memory_layout_flags_reach_the_train_config():
+    cfg = resolve("--method", "full", "--gradient_checkpointing", "off", "--optim", "adamw_8bit").train
+    assert (cfg.gradient_checkpointing, cfg.optim, cfg.offload) == (False, "adamw_8bit", "none")
+    cfg = resolve("--method", "full", "--offload", "optimizer").train
+    assert (cfg.gradient_checkpointing, cfg.optim, cfg.offload) == (True, "adamw", "optimizer")

@@ -177,3 +177,26 @@ def test_invalid_setup_reports_every_problem():
         TrainSetup(method="dora", precision="int8", attn="flex")
     with pytest.raises(ConfigError, match="flash_attention_2 needs bf16 or fp16"):
         TrainSetup(precision="fp32")
+
+
+def test_8bit_adamw_and_offloaded_optimizer_states_from_first_principles():
+    from planner.estimate import ADAM_8BIT_BYTES_PER_PARAM, host_memory_bytes, model_state_bytes
+    from planner.shapes import load_shape
+
+    shape = load_shape("phi-3.5-vision")
+    trainable = shape.param_counts().trainable("full", 0)
+    total = shape.param_counts().total
+    eight = model_state_bytes(shape, TrainSetup(method="full", weight_dtype="bf16", zero_stage=0, optim="adamw_8bit"))
+    assert ADAM_8BIT_BYTES_PER_PARAM == pytest.approx(2 + 8 / 256)
+    embed = shape.param_counts().embed  # the HF Trainer keeps the embedding's states in 32 bits
+    assert eight["optimizer_states"] == pytest.approx(ADAM_8BIT_BYTES_PER_PARAM * (trainable - embed) + 8 * embed)
+    assert eight["weights"] == 2 * total and eight["gradients"] == 2 * trainable
+    offload = TrainSetup(method="full", offload_optimizer=True)
+    states = model_state_bytes(shape, offload)
+    assert "optimizer_states" not in states and states["weights"] == 2 * total
+    assert states["gradients"] == 2 * shape.param_counts().lm_head  # the largest gradient before its bucket
+    assert host_memory_bytes(shape, offload) == 16 * trainable
+    assert host_memory_bytes(shape, TrainSetup(method="full", offload_optimizer=True, world_size=4)) == 4 * trainable
+    assert host_memory_bytes(shape, TrainSetup(method="full")) == 0
+    with pytest.raises(Exception, match="offload_optimizer"):
+        TrainSetup(method="lora", offload_optimizer=True)

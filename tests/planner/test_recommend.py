@@ -20,7 +20,9 @@ def test_eight_a100s_run_the_recipe():
     best = result.best
     assert (best.precision, best.attn, best.zero_stage) == ("bf16", "flash_attention_2", 2)
     assert best.global_batch == 64 and best.micro_batch * best.grad_accum * 8 == 64
-    assert best.gradient_checkpointing
+    # checkpointing is chosen by memory: an 80 GB card holds ZeRO-2 full fine-tuning without recompute
+    assert not best.gradient_checkpointing and best.fits_without_checkpointing
+    assert "--gradient_checkpointing off" in best.command and best.speedup_vs_checkpointing > 1.2
     assert best.command.startswith("torchrun --nproc_per_node=8 -m phi3v_core.cli.finetune --model_name_or_path ")
     assert "--task docvqa --method full --bf16 --use_flash_attention --batch_size 64" in best.command
     assert "--learning_rate 5e-06 --num_train_epochs 2" in best.command  # Phi-3CookBook FineTuning_Vision.md DocVQA full
@@ -29,14 +31,18 @@ def test_eight_a100s_run_the_recipe():
     assert any("LoRA also fits" in w for w in result.why)
 
 
-def test_one_a100_cannot_hold_full_fine_tuning():
+def test_one_a100_holds_full_fine_tuning_only_with_8bit_adamw():
     result = plan(PlanRequest(gpu="A100-80GB", count=1))
     full = result.method("full")
-    assert not full.fits and "does not fit" in full.reasons[0]
-    assert result.recommended == "lora"
-    assert result.best.command.startswith("phi3v-finetune --model_name_or_path ")
-    assert "--task docvqa --method lora --bf16 --use_flash_attention" in result.best.command
-    assert "--lora_rank 32 --lora_alpha_ratio 0.5" in result.best.command
+    plain = [lay for lay in full.layouts if lay.optim == "adamw" and lay.offload == "none"]
+    assert plain and not any(lay.fits for lay in plain)  # fp32 master + AdamW: 16 B per parameter
+    assert full.fits and full.optim == "adamw_8bit" and full.offload == "none"
+    assert any("8-bit AdamW" in r and "trade-off" in r for r in full.reasons)
+    assert "--optim adamw_8bit" in full.command
+    lora = result.method("lora")
+    assert lora.command.startswith("phi3v-finetune --model_name_or_path ")
+    assert "--task docvqa --method lora --bf16 --use_flash_attention" in lora.command
+    assert "--lora_rank 32 --lora_alpha_ratio 0.5" in lora.command
 
 
 def test_t4_gets_fp16_sdpa_and_small_micro_batches():
@@ -175,3 +181,46 @@ def test_deadline_gives_the_fewest_nodes_that_meet_it():
     assert fewer.best.run_s > hours * 3600
     impossible = plan(PlanRequest(gpu="T4", methods=("lora",), deadline_hours=0.001))
     assert impossible.deadline["nodes"] is None and "not met" in impossible.deadline["reason"]
+
+
+@pytest.mark.parametrize("gpu", ["H100-SXM", "A100-80GB"])
+def test_lora_on_an_80gb_card_runs_without_recompute(gpu):
+    lora = plan(PlanRequest(gpu=gpu, methods=("lora",))).method("lora")
+    assert lora.fits and not lora.gradient_checkpointing
+    assert "--gradient_checkpointing off" in lora.command
+    # the speed model's recompute: checkpointing adds one forward, ~1.46x the hardware FLOPs for LoRA on a page
+    assert 1.3 < lora.speedup_vs_checkpointing < 1.6
+    assert any("gradient checkpointing off" in r and "x the speed" in r for r in lora.reasons)
+    chosen = [lay for lay in lora.layouts if lay.chosen]
+    assert len(chosen) == 1 and not chosen[0].gradient_checkpointing
+
+
+@pytest.mark.parametrize("gpu", ["RTX 4090", "RTX 6000 Ada", "L40S"])
+def test_full_fine_tuning_fits_one_24_to_48_gb_card(gpu):
+    result = plan(PlanRequest(gpu=gpu, count=1, methods=("full",)))
+    full = result.method("full")
+    assert full.fits and result.recommended == "full"
+    assert (full.optim, full.offload) != ("adamw", "none")  # plain AdamW (99.6 GiB) never fits these
+    if full.offload == "optimizer":
+        # 16 B per parameter of host RAM: fp32 master, fp32 grads, Adam m and v (4.15 B parameters)
+        assert full.host_bytes == pytest.approx(16 * result.shape.param_counts().trainable("full", 0), rel=1e-6)
+        assert any("host RAM" in r and "CPU Adam" in r for r in full.reasons)
+        assert "--offload optimizer" in full.command
+    else:
+        assert "--optim adamw_8bit" in full.command
+
+
+def test_offload_is_refused_when_the_host_lacks_the_ram():
+    full = plan(PlanRequest(gpu="RTX 4090", count=1, methods=("full",), host_ram_gib=32)).method("full")
+    assert not full.fits
+    assert all(not lay.fits for lay in full.layouts if lay.offload == "optimizer")
+
+
+def test_layouts_are_in_the_json():
+    data = json.loads(json.dumps(plan(PlanRequest(gpu="L40S", methods=("full", "lora"))).to_dict()))
+    full = data["methods"][0]
+    options = {(lay["gradient_checkpointing"], lay["optim"], lay["offload"]) for lay in full["layouts"]}
+    assert options == {(gc, o, off) for gc in (True, False) for o, off in (("adamw", "none"), ("adamw_8bit", "none"), ("adamw", "optimizer"))}
+    assert sum(lay["chosen"] for lay in full["layouts"]) == 1
+    lora = data["methods"][1]
+    assert {lay["optim"] for lay in lora["layouts"]} == {"adamw"}

@@ -151,3 +151,48 @@ def test_unfitted_architectures_are_labelled_estimates(fitted):
     constants, _ = fitted
     value, source = constants.efficiency_for("Hopper")
     assert value == constants.matmul_efficiency["Ampere"] and "architecture-level estimate" in source
+
+
+def test_recompute_costs_what_the_flop_replay_measured_for_lora_on_a_page():
+    """Checkpointing adds one forward: hardware / model FLOPs = 8.56e13 / 5.87e13 = 1.46 in the bench's FLOP replay."""
+    from planner.estimate import TrainSetup, Workload
+    from planner.shapes import load_shape
+    from planner.speed import flops_per_sample
+
+    shape = load_shape("phi-3.5-vision")
+    page = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)
+    on = flops_per_sample(shape, page, TrainSetup(method="lora", lora_rank=32))
+    off = flops_per_sample(shape, page, TrainSetup(method="lora", lora_rank=32, gradient_checkpointing=False))
+    assert on.hardware / on.total == pytest.approx(8.56e13 / 5.87e13, rel=0.03)
+    assert off.hardware == off.total and off.total == on.total
+
+
+def test_offload_and_8bit_adamw_change_the_optimizer_time_as_modelled():
+    from planner.estimate import TrainSetup, Workload
+    from planner.hardware import find_gpu
+    from planner.shapes import load_shape
+    from planner.speed import HOST_ADAM_BANDWIDTH, Interconnect, offload_seconds, predict_speed
+
+    shape = load_shape("phi-3.5-vision")
+    page = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)
+    gpu = find_gpu("RTX 4090")
+    one = Interconnect(1, 1, 32.0, False, 25.0)
+    constants = _constants()
+    base = TrainSetup(method="full", weight_dtype="fp32", zero_stage=0, grad_accum=16, micro_batch=4)
+    offload = TrainSetup(method="full", offload_optimizer=True, grad_accum=16, micro_batch=4)
+    eight = TrainSetup(method="full", optim="adamw_8bit", zero_stage=0, grad_accum=16, micro_batch=4)
+    extra = offload_seconds(shape, offload, gpu.pcie_gbs, HOST_ADAM_BANDWIDTH)
+    trainable = shape.param_counts().trainable("full", 0)
+    assert extra["CPU Adam (host)"] == pytest.approx(trainable * 30 / HOST_ADAM_BANDWIDTH)
+    # 16 micro-batches of 16-bit gradients out, one set of 16-bit weights back, at 80 % of one PCIe direction
+    assert extra["PCIe gradients + weights"] == pytest.approx(2 * trainable * 17 / (gpu.pcie_gbs / 2 * 1e9 * 0.8))
+    slow = predict_speed(shape, page, offload, gpu, one, constants)
+    assert slow.times["optimizer"] == 0 and slow.times["CPU Adam (host)"] > 0
+    plain = predict_speed(shape, page, base, gpu, one, constants).times["optimizer"]
+    assert 0 < predict_speed(shape, page, eight, gpu, one, constants).times["optimizer"] < plain
+
+
+def _constants():
+    from planner.shapes import load_shape
+
+    return fit_speed_constants(load_calibration(), load_shape("phi-3-vision"))[0]

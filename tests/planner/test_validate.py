@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from planner.validate import DEFAULT_CASES, measure_rates, validate_cpu
+from planner.validate import DEFAULT_CASES, checkpoint_ratios, measure_rates, validate_cpu
 
 
 def test_micro_benchmark_measures_positive_rates():
@@ -22,12 +22,30 @@ def test_cases_span_methods_lengths_batches_and_two_model_sizes():
     assert len({c.num_crops for c in DEFAULT_CASES}) >= 2 and len({c.micro_batch for c in DEFAULT_CASES}) >= 2
 
 
+def test_checkpointing_is_validated_both_ways_and_paired():
+    pairs = {(c.model, c.method, c.num_crops, c.micro_batch) for c in DEFAULT_CASES if not c.gradient_checkpointing}
+    assert pairs and all(
+        any(c.gradient_checkpointing and (c.model, c.method, c.num_crops, c.micro_batch) == p for c in DEFAULT_CASES)
+        for p in pairs
+    )
+    row = dict(model="mid", method="lora", num_crops=4, micro_batch=1, grad_accum=1, case="x")
+    rows = [
+        {**row, "gradient_checkpointing": True, "measured_s": 6.0, "predicted_s": 7.0, "predicted_other_checkpointing_s": 5.0},
+        {**row, "gradient_checkpointing": False, "measured_s": 5.0, "predicted_s": 4.0, "predicted_other_checkpointing_s": 5.6},
+    ]
+    (ratio,) = checkpoint_ratios(rows)
+    assert ratio["predicted_ratio"] == pytest.approx(1.4) and ratio["measured_ratio"] == pytest.approx(1.2)
+    assert ratio["error_pct"] == pytest.approx(100 * (1.4 / 1.2 - 1))
+
+
 @pytest.mark.slow
 def test_speed_model_predicts_cpu_step_times_within_20_percent_median():
     result = validate_cpu(steps=2)
     errors = [abs(r["error_pct"]) for r in result["rows"]]
     assert len(errors) >= 6
     assert statistics.median(errors) <= 20, result["rows"]
+    for ratio in result["checkpoint_ratios"]:
+        assert abs(ratio["error_pct"]) <= 15, ratio  # checkpointing on / off, predicted vs measured
     for row in result["rows"]:
         # the model's sequence length is the processor's (the bench encodes real samples)
         assert abs(row["seq_len_predicted"] - row["tokens_per_sample_measured"]) <= 8

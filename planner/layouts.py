@@ -1,0 +1,220 @@
+"""Layout search for one method: every way ``phi3v-finetune`` can run it, predicted, and the fastest that fits.
+
+A layout is (micro-batch, accumulation, gradient checkpointing, optimizer, offload). For each the memory model
+predicts the reserved peak and the speed model the throughput; the plan takes, in this order of tiers,
+
+1. plain AdamW (fp32 master weights on one GPU; ZeRO-2 over several), checkpointing on or off;
+2. full/frozen_vision only: bitsandbytes 8-bit AdamW with bf16 weights (6 bytes per parameter instead of 16);
+3. full/frozen_vision only: DeepSpeed ZeRO-Offload of the optimizer to host memory (4 bytes per parameter on the
+   GPU, 16 in host RAM; CPU Adam and PCIe copies every step),
+
+the fastest layout that fits within the headroom rule in the first tier where any fits: 8-bit and offload are
+recommended only where plain AdamW does not fit, because they cost precision (no fp32 master copy) or time.
+Checkpointing is off wherever the memory allows (it recomputes every layer's forward: ~1.3-1.5x the FLOPs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+from phi3v_core.constants import ZERO_BUCKET_ELEMENTS
+from planner.calibration import Calibration, fit_speed_constants
+from planner.estimate import GIB, MemoryEstimate, TrainSetup, Workload, estimate_memory, host_memory_bytes
+from planner.hardware import GpuSpec, supports_bf16, supports_flash_attention
+from planner.request import Hardware, Layout, PlanRequest, task_profiles
+from planner.shapes import ModelShape, load_shape
+from planner.speed import SpeedPrediction, predict_speed
+
+__all__ = [
+    "Candidate",
+    "batch_layouts",
+    "dataset_size",
+    "estimate",
+    "fits_with_headroom",
+    "hyperparameters",
+    "option_tiers",
+    "search",
+    "setup_for",
+    "usable_limit",
+]
+
+
+def hyperparameters(task: str, method: str, global_batch: int) -> dict[str, Any]:
+    """The recipe's hyper-parameters for ``task``/``method`` with the common ``TrainingArguments`` and sources."""
+    data = task_profiles()
+    common = dict(data["common"])
+    source = common.pop("source")
+    values = dict(data["tasks"][task]["methods"][method])
+    method_source = values.pop("source")
+    values.update({k: v for k, v in common.items() if k != "global_batch"})
+    values["global_batch"] = global_batch
+    if "lora_rank" in values:
+        values["lora_alpha_ratio"] = values["lora_alpha"] / values["lora_rank"]
+    values["source"] = f"{method_source}; {source}"
+    return values
+
+
+def setup_for(method: str, gpu: GpuSpec, world: int, hyper: dict[str, Any]) -> TrainSetup:
+    """How ``phi3v-finetune`` runs ``method`` on ``world`` GPUs of ``gpu`` by default (checkpointing on, AdamW)."""
+    cc = gpu.compute_capability
+    precision = "bf16" if supports_bf16(cc) else "fp16"
+    attn = "flash_attention_2" if supports_flash_attention(cc) else "sdpa"
+    full = method in ("full", "frozen_vision")
+    zero = 2 if (full and world > 1) else 0
+    return TrainSetup(
+        method=method,
+        precision=precision,
+        # phi3v-finetune: DeepSpeed casts to 16-bit; one process keeps fp32 master weights; LoRA bases are 16-bit
+        weight_dtype="fp32" if (full and zero == 0) else precision,
+        attn=attn,
+        gradient_checkpointing=True,
+        world_size=world,
+        zero_stage=zero,
+        reduce_bucket=ZERO_BUCKET_ELEMENTS,
+        allgather_bucket=ZERO_BUCKET_ELEMENTS,
+        lora_rank=int(hyper.get("lora_rank", 64)),
+    )
+
+
+def option_tiers(base: TrainSetup) -> list[list[tuple[str, str]]]:
+    """(optim, offload) options by tier; 8-bit and offload only for full/frozen_vision (LoRA states are small)."""
+    tiers: list[list[tuple[str, str]]] = [[("adamw", "none")]]
+    if base.method in ("full", "frozen_vision"):
+        tiers += [[("adamw_8bit", "none")], [("adamw", "optimizer")]]
+    return tiers
+
+
+def _with_option(base: TrainSetup, optim: str, offload: str) -> TrainSetup:
+    """``base`` with an optimizer/offload option (and the weight storage phi3v-finetune uses with it)."""
+    if offload == "optimizer":
+        return replace(base, offload_optimizer=True, zero_stage=2, weight_dtype=base.precision)
+    if optim == "adamw_8bit" and base.method in ("full", "frozen_vision"):
+        # bf16 weights with no fp32 master (TrainConfig.sixteen_bit_weights); fp16 keeps fp32 weights
+        weights = base.precision if base.precision == "bf16" else "fp32"
+        return replace(base, optim=optim, weight_dtype=weights, zero_stage=base.zero_stage)
+    return replace(base, optim=optim)
+
+
+def batch_layouts(global_batch: int, world: int, max_micro: int) -> list[tuple[int, int, int]]:
+    """(micro_batch, grad_accum, effective global batch) candidates, largest micro-batch last."""
+    layouts = []
+    micro = 1
+    while micro <= max_micro:
+        if global_batch % (micro * world) == 0:
+            layouts.append((micro, global_batch // (micro * world), global_batch))
+        micro *= 2
+    if not layouts:  # the global batch does not split evenly: round it up to a multiple of the world size
+        accum = max(1, -(-global_batch // world))
+        layouts.append((1, accum, accum * world))
+    return layouts
+
+
+def dataset_size(request: PlanRequest) -> int:
+    """Samples per epoch: given, from --data, or the task's real training set (planner/data/recipes.json)."""
+    if request.dataset_size:
+        return request.dataset_size
+    return int(task_profiles()["tasks"][request.task]["dataset"]["train_samples"])
+
+
+def usable_limit(capacity: float, calibration: Calibration) -> float:
+    """The most a recommended plan may reserve: usable memory minus the stated margin."""
+    return (1 - calibration.overheads.headroom_fraction) * capacity
+
+
+def fits_with_headroom(memory: MemoryEstimate, capacity: float, calibration: Calibration) -> bool:
+    """Reserved peak (allocated × fitted allocator overhead + context) under the usable memory minus the margin."""
+    return memory.reserved <= usable_limit(capacity, calibration)
+
+
+def estimate(
+    shape: ModelShape,
+    setup: TrainSetup,
+    workload: Workload,
+    calibration: Calibration,
+    traces: dict[bool, dict[str, Any]] | None,
+) -> MemoryEstimate:
+    """The closed-form estimate, or the trace of the full model taken with the same checkpointing (``--trace``)."""
+    memory = estimate_memory(shape, setup, workload, calibration.overheads)
+    trace = (traces or {}).get(setup.gradient_checkpointing)
+    if trace is None or trace.get("gradient_checkpointing") != setup.gradient_checkpointing:
+        return memory
+    from planner.trace import apply_trace
+
+    return apply_trace(memory, shape, setup, workload, calibration.overheads, trace)
+
+
+def host_ram_bytes(request: PlanRequest, hw: Hardware) -> tuple[float | None, str]:
+    """Host memory per node and where the number comes from (None: unknown)."""
+    if request.host_ram_gib:
+        return request.host_ram_gib * GIB, "--host-ram-gib"
+    if hw.gpu.detected or (hw.source.startswith("detected")):
+        try:
+            return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "this machine"
+        except (ValueError, OSError, AttributeError):
+            return None, "unknown"
+    return None, "unknown"
+
+
+@dataclass
+class Candidate:
+    """A layout with its full setup, memory breakdown and speed (what :func:`search` returns)."""
+
+    layout: Layout
+    setup: TrainSetup
+    memory: MemoryEstimate
+    speed: SpeedPrediction | None
+    tier: int
+
+
+def search(
+    base: TrainSetup,
+    hw: Hardware,
+    shape: ModelShape,
+    workload: Workload,
+    memory_workload: Workload,
+    request: PlanRequest,
+    calibration: Calibration,
+    traces: dict[bool, dict[str, Any]] | None,
+) -> list[Candidate]:
+    """Every layout of ``base``'s method with predicted memory (on ``memory_workload``) and speed (on ``workload``)."""
+    global_batch = request.global_batch or task_profiles()["common"]["global_batch"]
+    constants, _fitted = fit_speed_constants(calibration, load_shape("phi-3-vision"))
+    host, _host_source = host_ram_bytes(request, hw)
+    capacity = hw.gpu.memory_bytes
+    out = []
+    for tier, options in enumerate(option_tiers(base)):
+        for optim, offload in options:
+            for checkpointing in (True, False):
+                for micro, accum, _effective in batch_layouts(global_batch, hw.world_size, request.max_micro_batch):
+                    setup = replace(
+                        _with_option(base, optim, offload),
+                        micro_batch=micro,
+                        grad_accum=accum,
+                        gradient_checkpointing=checkpointing,
+                    )
+                    memory = estimate(shape, setup, memory_workload, calibration, traces)
+                    host_need = host_memory_bytes(shape, setup) * hw.gpus_per_node
+                    fits = fits_with_headroom(memory, capacity, calibration) and (host is None or host_need <= host)
+                    speed = predict_speed(
+                        shape, workload, setup, hw.gpu, hw.interconnect(), constants, dataset_size(request)
+                    )
+                    layout = Layout(
+                        micro, accum, checkpointing, optim, offload, memory.reserved, fits,
+                        speed.samples_per_s if speed else None, host_need,
+                    )  # fmt: skip
+                    out.append(Candidate(layout, setup, memory, speed, tier))
+    return out
+
+
+def choose(candidates: list[Candidate]) -> Candidate | None:
+    """The fastest fitting layout of the first tier where any fits (largest micro-batch when speed is unknown)."""
+    for tier in sorted({c.tier for c in candidates}):
+        fitting = [c for c in candidates if c.tier == tier and c.layout.fits]
+        if fitting:
+            return max(
+                fitting,
+                key=lambda c: (c.layout.samples_per_s or 0.0, c.layout.gradient_checkpointing is False, c.layout.micro_batch),
+            )
+    return None
