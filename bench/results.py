@@ -175,7 +175,9 @@ class Summary:
 
     Throughput uses the **median** step time, which a single slow step (a GC pause, a checkpoint) does not move.
     ``mfu`` divides model FLOPs (no recompute) by the GPUs' dense peak; ``hardware_mfu`` uses hardware FLOPs
-    (recompute included), so it is the larger of the two when gradient checkpointing is on.
+    (recompute included), so it is the larger of the two when gradient checkpointing is on. ``wall_s`` is the whole
+    run, ``steps_s`` its warm-up + timed steps, ``skipped_steps`` the fp16 loss-scaler skips (``None`` where the
+    result predates them).
     """
 
     img_per_s: float | None
@@ -283,7 +285,10 @@ class BenchResult:
             wall_s=m.wall_s,
             # Warm-up + timed steps of every repeat: the part of wall_s that trained.
             steps_s=sum(times) + sum(t for r in m.repeats for t in r.warmup_times_s) if m.repeats else None,
-            skipped_steps=sum(r.skipped_steps or 0 for r in m.repeats) if m.repeats else None,
+            skipped_steps=(
+                sum(r.skipped_steps or 0 for r in m.repeats) if any(r.skipped_steps is not None for r in m.repeats)
+                else None  # results written before skips were counted
+            ),
         )
 
     # ---- (de)serialization ----------------------------------------------------------------------------------

@@ -119,11 +119,7 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
     records = {r.step: r for r in timer.records}
     timed = [records[s] for s in range(int(layout["first_timed"]), int(layout["last_timed"]) + 1) if s in records]
     flops, flops_cached = _step_flops(cfg, train_cfg, workload.dataset, probes, rank, total_steps)
-    timed_skipped = [i for i, r in enumerate(timed, 1) if r.skipped]
-    if timed_skipped:
-        probes.notes.append(
-            f"timed steps {timed_skipped} were skipped by the fp16 loss scaler (no weight update); their times count"
-        )
+    timed_skipped = [i for i, r in enumerate(timed, 1) if r.skipped]  # fp16 loss-scaler skips; their times count
     payload.update(
         step_times_s=[r.seconds for r in timed],
         warmup_times_s=[records[s].seconds for s in range(1, int(layout["first_timed"])) if s in records],
