@@ -9,7 +9,7 @@ replaced by nf4 ``Linear4bit`` at once (:func:`~phi3v_core.methods.lora.replace_
 16-bit weights before the next piece is allocated.
 
 Build-time peak = the final quantized model + the 16-bit linear weights of the largest piece (one decoder layer for
-Phi-3.5-vision: ``4·h² + 3·h·i`` weights) + bitsandbytes' quantization temporaries; ``planner.estimate.build_peak_bytes``
+Phi-3.5-vision: ``4·h² + 3·h·i`` weights) + bitsandbytes' quantization temporaries; ``planner.loading.build_peak_bytes``
 predicts it.
 """
 
