@@ -2,7 +2,8 @@
 
 A sweep is a list of :class:`~bench.config.BenchConfig` cells. They come from a preset (the seed recipe's speed tables
 ``seed-a100``/``seed-v100``, or the tiny ``quick`` smoke grid), from a custom grid (``method=lora,qlora attn=sdpa,eager``)
-or from both: the grid replaces a field across every preset cell. The sweep
+or from both: the grid replaces a field across every preset cell. The memory-layout axes the planner chooses between
+sweep the same way (``--grid gradient_checkpointing=on,off optim=adamw,adamw_8bit offload=none,optimizer``). The sweep
 
 * validates every cell before running any, and reports all problems at once;
 * runs each cell through an injectable ``run_cell(cfg) -> BenchResult`` (default :func:`bench.runner.run_config`);

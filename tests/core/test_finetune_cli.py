@@ -257,7 +257,7 @@ def test_console_script_prints_exactly_one_stderr_line(tmp_path):
 
 
 def test_memory_layout_flags_reach_the_train_config():
-    cfg = resolve("--method", "full", "--gradient_checkpointing", "off", "--optim", "adamw_8bit").train
+    cfg = resolve("--synthetic", "4", "--method", "full", "--gradient_checkpointing", "off", "--optim", "adamw_8bit").train
     assert (cfg.gradient_checkpointing, cfg.optim, cfg.offload) == (False, "adamw_8bit", "none")
-    cfg = resolve("--method", "full", "--offload", "optimizer").train
+    cfg = resolve("--synthetic", "4", "--method", "full", "--offload", "optimizer").train
     assert (cfg.gradient_checkpointing, cfg.optim, cfg.offload) == (True, "adamw", "optimizer")
