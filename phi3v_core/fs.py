@@ -28,6 +28,7 @@ from typing import Any
 
 from phi3v_core.errors import Phi3VError
 from phi3v_core.io import current_umask
+from phi3v_core.transaction import process_alive, recover
 
 __all__ = [
     "LOCK_NAME",
@@ -175,17 +176,6 @@ def foreign_entries(folder: Path, own: Iterable[str], own_prefixes: Iterable[str
     return sorted(p.name for p in Path(folder).iterdir() if p.name not in own_set and not p.name.startswith(prefixes))
 
 
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid runs on this host (a pid owned by another user counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
 #: Size of the holder record: written in place with one ``pwrite`` (never truncated, so never empty).
 _HOLDER_BYTES = 2048
 #: Lock file descriptors this process holds (child processes that must keep a lock alive inherit them).
@@ -284,8 +274,6 @@ class FolderLock:
             StorageError: Another process holds it (named), or the folder cannot be written.
         """
         import fcntl
-
-        from phi3v_core.transaction import recover
 
         if not self.beside:
             recover(self.folder)

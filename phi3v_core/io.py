@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "current_umask", "json_safe"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "current_umask", "json_safe", "modes_from_umask"]
 
 
 def current_umask() -> int:
@@ -45,6 +45,22 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     return value
+
+
+def modes_from_umask(folder: str | os.PathLike[str]) -> None:
+    """Give every file under ``folder`` mode ``0666`` and every folder ``0777``, less the umask (as ``open`` would).
+
+    For folders written by libraries that create files ``0600`` (safetensors' writer does): the user's umask decides
+    who may read the weights, as for every other file.
+    """
+    mask = current_umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:

@@ -33,9 +33,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SetAside", "intent_path", "move_into", "recover", "replace_folder"]
+__all__ = ["SetAside", "intent_path", "move_into", "process_alive", "recover", "replace_folder"]
 
 _SUFFIX = ".phi3v-txn.json"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (a pid owned by another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def intent_path(target: str | os.PathLike[str]) -> Path:
@@ -294,8 +305,6 @@ def recover(target: str | os.PathLike[str]) -> list[str]:
 
 def _remove_dead_intent_drafts(drafts: list[Path]) -> None:
     """Remove intent files killed before they were complete (``<intent>.<pid>.tmp``; they hold no data)."""
-    from phi3v_core.fs import process_alive
-
     for draft in drafts:
         pid = draft.name.rsplit(".", 2)[-2]
         if pid.isdigit() and not process_alive(int(pid)):
@@ -312,8 +321,6 @@ def _is_leftover(path: Path, name: str) -> bool:
             pid = rest.rsplit("-", 1)[-1]
             # ours (phi3v-*-<pid>) while that process runs are not leftovers
             if prefix.startswith("phi3v-") and pid.isdigit():
-                from phi3v_core.fs import process_alive
-
                 return not process_alive(int(pid))
             return True
     return False

@@ -277,9 +277,10 @@ class _Resolver:
         problems = output_dir_problems(
             output_dir, resume=self.args.resume, overwrite=self.args.overwrite_output_dir, sources=sources
         )
-        if problems:
-            self.problems.extend(problems)
-            self.reported.add("output_dir")
+        self.problems.extend(problems)
+        # output_dir_problems judges the folder (a run in it, --resume, --overwrite_output_dir): the training
+        # helper's narrower "already holds checkpoints" must not refuse an --overwrite_output_dir it allowed.
+        self.reported.add("output_dir")
 
     def resolve_method(self) -> tuple[str, bool]:
         """``(method, freeze_vision)`` from --method, the recipe's --use_lora/--use_qlora/--freeze_vision_model."""

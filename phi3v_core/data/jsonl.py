@@ -146,10 +146,10 @@ def atomic_directory(out_dir: str | Path, *, overwrite: bool = False) -> Iterato
         replace_folder(tmp, out_dir, "phi3v-convert")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        lock.release()  # before the empty parents it sits in are removed
         _remove_empty_dirs(created)
         raise
-    finally:
-        lock.release()
+    lock.release()
 
 
 def record_to_json(record: Record, image_paths: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:

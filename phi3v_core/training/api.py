@@ -29,7 +29,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from phi3v_core.device import local_device
 from phi3v_core.errors import ConfigError
 from phi3v_core.fs import StorageError, describe_storage_error
-from phi3v_core.io import atomic_write_json
+from phi3v_core.io import atomic_write_json, modes_from_umask
 from phi3v_core.methods import MethodReport
 from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
 from phi3v_core.training.callbacks import LossGuard, StepRecord, StepTimer, TrainingDivergedError
@@ -305,6 +305,7 @@ def _save_final(trainer: Phi3VTrainer, output_dir: Path, processor: Any | None) 
     if trainer.args.should_save:
         if processor is not None:
             processor.save_pretrained(staging)
+        modes_from_umask(staging)  # safetensors writes 0600; the user's umask decides
         move_into(staging, output_dir, "phi3v-finetune final save")  # journaled: a kill is finished by the next run
     trainer.accelerator.wait_for_everyone()
     return output_dir

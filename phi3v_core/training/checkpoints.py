@@ -18,7 +18,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from phi3v_core.fs import weight_file_problem
-from phi3v_core.io import atomic_write_json
+from phi3v_core.io import atomic_write_json, modes_from_umask
 
 __all__ = ["CHECKPOINT_MANIFEST", "CheckpointManifest", "checkpoint_problem", "checkpoint_step", "write_manifest"]
 
@@ -129,6 +129,7 @@ class CheckpointManifest(TrainerCallback):
         if args.should_save:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
+                modes_from_umask(folder)  # safetensors writes 0600; the user's umask decides
                 write_manifest(folder, state.global_step)
                 fd = os.open(folder, os.O_RDONLY)
                 try:
