@@ -197,9 +197,12 @@ def test_token_count_formula(rows: int, cols: int, expected: int) -> None:
 def test_tiny_forward_backward_batch_two_with_two_images_each() -> None:
     model = Phi3VForCausalLM(tiny_config())
     batch = make_batch([[(672, 672), (336, 1008)], [(336, 336), (1008, 672)]])
-    out = model(**batch)
-    assert out.logits.shape == (*batch["input_ids"].shape, 32064)
-    assert out.logits.dtype == torch.float32
+    with torch.no_grad():
+        logits = model.eval()(**batch).logits
+    assert logits.shape == (*batch["input_ids"].shape, 32064)
+    assert logits.dtype == torch.float32
+    out = model.train()(**batch)
+    assert out.logits is None  # training computes logits inside the loss, at supervised positions only
     assert torch.isfinite(out.loss)
     out.loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
