@@ -236,9 +236,16 @@ def _print_calibration(request: Any, as_json: bool) -> None:
         )
 
 
-def _print_validation(as_json: bool, repeats: int, save: str | None, command: str) -> None:
+def _print_validation(as_json: bool, repeats: int, save: str | None, argv: Sequence[str] | None) -> None:
     from planner.validate import save_validation, validate_cpu
 
+    if save:
+        from phi3v_core.fs import writable_problem
+
+        problem = writable_problem(Path(save).resolve().parent, "--save")
+        if problem:
+            raise ConfigError(problem)  # before minutes of measuring
+    command = " ".join(["phi3v-plan", *(sys.argv[1:] if argv is None else argv)])
     result = validate_cpu(repeats=repeats)
     if save:
         save_validation(result, save, command)
@@ -481,14 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_calibration(request, args.json)
         return 0
     if args.validate:
-        if args.save:
-            from phi3v_core.fs import writable_problem
-
-            problem = writable_problem(Path(args.save).resolve().parent, "--save")
-            if problem:
-                raise ConfigError(problem)  # before minutes of measuring
-        command = " ".join(["phi3v-plan", *(sys.argv[1:] if argv is None else argv)])
-        _print_validation(args.json, args.repeats, args.save, command)
+        _print_validation(args.json, args.repeats, args.save, argv)
         return 0
 
     from planner.hardware import detect
