@@ -11,6 +11,7 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors, strict_json
@@ -108,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--validate",
         action="store_true",
-        help="measure this CPU, predict phi3v-bench step times with the speed model, run them, compare (~2 min)",
+        help="measure this CPU, predict phi3v-bench step times with the speed model, run them, compare (~2 min a repeat)",
     )
+    out.add_argument("--repeats", type=bounded_int(1, 100), default=3, help="--validate: runs of every case (default: 3)")
+    out.add_argument("--save", metavar="FILE", help="--validate: also write the raw result with machine, commit and date")
     out.add_argument(
         "--reference", dest="reference_dir", help="folder with the published speed.csv (default: results/reference)"
     )
@@ -235,17 +238,26 @@ def _print_calibration(request: Any, as_json: bool) -> None:
         )
 
 
-def _print_validation(as_json: bool) -> None:
-    from planner.validate import validate_cpu
+def _print_validation(as_json: bool, repeats: int, save: str | None, argv: Sequence[str] | None) -> None:
+    from planner.validate import save_validation, validate_cpu
 
-    result = validate_cpu()
+    if save:
+        from phi3v_core.fs import writable_problem
+
+        problem = writable_problem(Path(save).resolve().parent, "--save")
+        if problem:
+            raise ConfigError(problem)  # before minutes of measuring
+    command = " ".join(["phi3v-plan", *(sys.argv[1:] if argv is None else argv)])
+    result = validate_cpu(repeats=repeats)
+    if save:
+        save_validation(result, save, command)
     if as_json:
         _dump(result)
         return
     from rich.table import Table
 
     table = Table(title="Speed model on this CPU: predicted vs measured phi3v-bench step (CPU seconds, 1 thread)")
-    for col in ("config", "tokens", "measured s", "predicted s", "err", "wall s"):
+    for col in ("config", "tokens", "measured s", "predicted s", "err", "err min..max", "wall s"):
         table.add_column(col, justify="left" if col == "config" else "right")
     for r in result["rows"]:
         table.add_row(
@@ -254,14 +266,19 @@ def _print_validation(as_json: bool) -> None:
             f"{r['measured_s']:.3f}",
             f"{r['predicted_s']:.3f}",
             f"{r['error_pct']:+.0f}%",
+            f"{r['error_pct_min']:+.0f}..{r['error_pct_max']:+.0f}%",
             f"{r['measured_wall_s']:.3f}",
         )
     console = _console()
     console.print(table)
     console.print(f"rates: {result['rows'][0]['rates']}" if result["rows"] else "")
     console.print(
-        f"median |error| {result['median_abs_error_pct']:.1f} %, max {result['max_abs_error_pct']:.1f} %; {result['note']}"
+        f"median |error| {result['median_abs_error_pct']:.1f} %, max {result['max_abs_error_pct']:.1f} % (medians of "
+        f"{result['repeats']} repeat(s); the widest spread of one case {result['max_error_spread_pct']:.1f} points); "
+        f"{result['note']}"
     )
+    if save:
+        console.print(f"raw result written to {save}")
 
 
 _SHORT = {"full": "F", "frozen_vision": "Z", "lora": "L", "qlora": "Q"}
@@ -535,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_calibration(request, args.json)
         return 0
     if args.validate:
-        _print_validation(args.json)
+        _print_validation(args.json, args.repeats, args.save, argv)
         return 0
 
     from planner.hardware import detect

@@ -25,7 +25,10 @@ from planner.estimate import TrainSetup, Workload
 from planner.shapes import ModelShape, load_shape
 from planner.speed import Interconnect, Rates, predict_speed
 
-__all__ = ["DEFAULT_CASES", "ValidationCase", "checkpoint_ratios", "measure_rates", "mid_size_model", "validate_cpu"]
+__all__ = [
+    "DEFAULT_CASES", "ValidationCase", "checkpoint_ratios", "measure_rates", "mid_size_model", "save_validation",
+    "validate_cpu",
+]
 
 #: A mid-size model of the same structure (a few layers of real-ish width) for the CPU validation.
 MID_SIZE = {
@@ -195,7 +198,7 @@ def _measure(case: ValidationCase, model: str, steps: int) -> dict[str, Any]:
 
 
 def validate_cpu(
-    cases: tuple[ValidationCase, ...] = DEFAULT_CASES, steps: int = 2, bench_seconds: float = 1.5
+    cases: tuple[ValidationCase, ...] = DEFAULT_CASES, steps: int = 2, bench_seconds: float = 1.5, repeats: int = 1
 ) -> dict[str, Any]:
     """Measure the CPU, predict each case's step time with the speed model, run it, compare.
 
@@ -203,6 +206,8 @@ def validate_cpu(
         cases: Configurations to run (methods × crops × micro-batch, tiny and mid-size models).
         steps: Timed optimizer steps per case (after one warm-up step).
         bench_seconds: Time budget of the micro-benchmark.
+        repeats: Runs of every case (micro-benchmark, prediction and measurement each time); a row reports the
+            median and the spread (min..max) of its errors, so a reader sees how much of the error is noise.
 
     Returns:
         ``{"rates": ..., "rows": [{case, measured_s, predicted_s, error_pct, ...}], "median_abs_error_pct": ...}``.
@@ -212,14 +217,12 @@ def validate_cpu(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: CPU seconds = the work, whatever else runs on this machine
     try:
-        return _validate(cases, steps, bench_seconds)
+        return _validate(cases, steps, bench_seconds, repeats)
     finally:
         torch.set_num_threads(threads)
 
 
-def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: float) -> dict[str, Any]:
-    import torch
-
+def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: float, repeats: int) -> dict[str, Any]:
     constants, _fitted = fit_speed_constants(load_calibration(), load_shape("phi-3-vision"))
     single = Interconnect(1, 1, 32.0, False, 12.5)
     rows = []
@@ -240,18 +243,11 @@ def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: floa
                 zero_stage=0,
                 optimizer_foreach=False,
             )
-            rates = measure_rates(bench_seconds)  # just before the run: the same share of a busy machine
-            torch.manual_seed(0)
-            payload = _measure(case, model, steps)
-            # logits at the bench examples' supervised positions (read from the encoded data, not from timings)
-            workload = replace(workload, supervised_tokens=payload["supervised_tokens"])
-            prediction = predict_speed(shape, workload, setup, None, single, constants, rates=rates)
-            # the other checkpointing setting under the same rates: the predicted on/off ratio must not carry the
-            # drift of two separate rate measurements on a busy machine
-            twin = replace(setup, gradient_checkpointing=not setup.gradient_checkpointing)
-            twin_prediction = predict_speed(shape, workload, twin, None, single, constants, rates=rates)
-            assert prediction is not None
-            measured = statistics.median(payload["cpu_s"])
+            runs = [_run_case(case, model, shape, workload, setup, constants, single, steps, bench_seconds)
+                    for _ in range(repeats)]
+            measured = statistics.median(r["measured_s"] for r in runs)
+            predicted = statistics.median(r["predicted_s"] for r in runs)
+            errors = [r["error_pct"] for r in runs]
             rows.append(
                 {
                     "case": case.label,
@@ -262,14 +258,17 @@ def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: floa
                     "grad_accum": case.grad_accum,
                     "gradient_checkpointing": case.gradient_checkpointing,
                     "seq_len_predicted": workload.seq_len,
-                    "tokens_per_sample_measured": payload.get("tokens_per_sample"),
+                    "tokens_per_sample_measured": runs[0]["tokens_per_sample"],
                     "measured_s": measured,
-                    "measured_wall_s": statistics.median(payload["wall_s"]),
-                    "predicted_s": prediction.step_s,
-                    "predicted_other_checkpointing_s": twin_prediction.step_s if twin_prediction else None,
-                    "error_pct": 100 * (prediction.step_s / measured - 1),
-                    "predicted_times_s": prediction.times,
-                    "rates": rates.source,
+                    "measured_wall_s": statistics.median(r["measured_wall_s"] for r in runs),
+                    "predicted_s": predicted,
+                    "predicted_other_checkpointing_s": statistics.median(r["predicted_other_checkpointing_s"] for r in runs),
+                    "error_pct": 100 * (predicted / measured - 1),
+                    "error_pct_min": min(errors),
+                    "error_pct_max": max(errors),
+                    "predicted_times_s": runs[0]["predicted_times_s"],
+                    "rates": runs[0]["rates"],
+                    "repeats": runs,
                 }
             )
     errors = [abs(r["error_pct"]) for r in rows]
@@ -279,6 +278,8 @@ def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: floa
         "rows": rows,
         "median_abs_error_pct": statistics.median(errors) if errors else None,
         "max_abs_error_pct": max(errors) if errors else None,
+        "repeats": repeats,
+        "max_error_spread_pct": max((r["error_pct_max"] - r["error_pct_min"] for r in rows), default=None),
         "checkpoint_ratios": checkpoint_ratios(rows),
     }
 
@@ -304,3 +305,47 @@ def checkpoint_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _run_case(
+    case: ValidationCase, model: str, shape: ModelShape, workload: Workload, setup: TrainSetup, constants: Any,
+    interconnect: Interconnect, steps: int, bench_seconds: float,
+) -> dict[str, Any]:
+    """One repeat of one case: measure the CPU's rates, predict the step, run it."""
+    import torch
+
+    rates = measure_rates(bench_seconds)  # just before the run: the same share of a busy machine
+    torch.manual_seed(0)
+    payload = _measure(case, model, steps)
+    # logits at the bench examples' supervised positions (read from the encoded data, not from timings)
+    workload = replace(workload, supervised_tokens=payload["supervised_tokens"])
+    prediction = predict_speed(shape, workload, setup, None, interconnect, constants, rates=rates)
+    # the other checkpointing setting under the same rates: the predicted on/off ratio must not carry the
+    # drift of two separate rate measurements on a busy machine
+    twin = replace(setup, gradient_checkpointing=not setup.gradient_checkpointing)
+    twin_prediction = predict_speed(shape, workload, twin, None, interconnect, constants, rates=rates)
+    assert prediction is not None and twin_prediction is not None
+    measured = statistics.median(payload["cpu_s"])
+    return {
+        "measured_s": measured,
+        "measured_wall_s": statistics.median(payload["wall_s"]),
+        "predicted_s": prediction.step_s,
+        "predicted_other_checkpointing_s": twin_prediction.step_s,
+        "error_pct": 100 * (prediction.step_s / measured - 1),
+        "predicted_times_s": prediction.times,
+        "tokens_per_sample": payload.get("tokens_per_sample"),
+        "rates": rates.source,
+    }
+
+
+def save_validation(result: dict[str, Any], path: str | Path, command: str) -> Path:
+    """Write ``result`` with the machine, commit, date and command that produced it (the README cites such files)."""
+    from dataclasses import asdict
+
+    from phi3v_core.environment import capture_environment, utc_now
+    from phi3v_core.io import atomic_write_json
+
+    env = capture_environment()
+    record = {"command": command, "date": utc_now(), "machine": env.hardware, "git_sha": env.git_sha,
+              "git_dirty": env.git_dirty, "environment": asdict(env), "result": result}
+    return atomic_write_json(Path(path), record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
@@ -49,3 +50,14 @@ def test_speed_model_predicts_cpu_step_times_within_20_percent_median():
     for row in result["rows"]:
         # the model's sequence length is the processor's (the bench encodes real samples)
         assert abs(row["seq_len_predicted"] - row["tokens_per_sample_measured"]) <= 8
+
+
+def test_saved_validation_names_machine_commit_date_and_command(tmp_path):
+    from planner.validate import save_validation
+
+    result = {"rows": [], "median_abs_error_pct": None, "repeats": 3}
+    path = save_validation(result, tmp_path / "v.json", "phi3v-plan --validate --repeats 3")
+    record = json.loads(path.read_text())
+    assert record["result"] == result and record["command"] == "phi3v-plan --validate --repeats 3"
+    assert record["machine"].startswith(("cpu-", "1x", "2x", "4x", "8x")) and record["date"][:2] == "20"
+    assert "git_sha" in record and record["environment"]["cpu_count"] >= 1
