@@ -276,51 +276,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _run_and_save(args, cfg, env, reasons, cluster)
 
 
-def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons: list[str], cluster: Any) -> int:
-    """Measure, save and print; a failed save still prints every number (and keeps a copy where it can)."""
-    from bench.store import save_result
-
-    main_node = cluster is None or cluster.is_main
-
-    def save(result: Any) -> tuple[Path | None, str | None]:
-        try:
-            return save_result(result, force=args.force), None
-        except OSError as exc:
-            return None, unsaved_result_error(result, exc)
-
-    if args.json:
-        result = _measure(cfg, cluster, args.timeout)
-        if not main_node:
-            _print_json({"path": None, **result.to_dict()})
-            return 0 if result.status == "ok" else 1
-        path, write_error = save(result)
-        _print_json({"path": str(path) if path else None, "defaults": reasons, **result.to_dict(),
-                     **({"write_error": write_error} if write_error else {})})
-        if write_error:
-            raise StorageError(write_error)
-        return 0 if result.status == "ok" else 1
-
-    from rich.panel import Panel
+def _print_summary(console: Any, cfg: BenchConfig, result: Any) -> None:
+    """The measured numbers of one result, one metric per line (wide enough for any terminal)."""
     from rich.table import Table
-
-    console = _console()
-    hardware = ", ".join(f"{g.name} (cc {g.compute_capability})" for g in env.gpus) or f"CPU: {env.cpu} ({env.cpu_count} threads)"
-    card = (
-        f"[bold]{cfg.method}[/] · attn {cfg.attn} · {cfg.precision} · model {cfg.model} · {cfg.num_crops} crops · "
-        f"profile {cfg.seq_profile}\n"
-        f"global batch {cfg.global_batch} = {cfg.micro_batch} micro × {cfg.world_size} ranks ({cfg.nodes} node(s) × {cfg.gpus}) × "
-        f"{cfg.grad_accum} accumulation · {cfg.warmup} warmup + {cfg.steps} timed steps × {cfg.repeats} repeats\n"
-        f"{hardware} · torch {env.packages.get('torch')} · transformers {env.packages.get('transformers')} · "
-        f"git {(env.git_sha or '?')[:10]}{'+dirty' if env.git_dirty else ''}\n"
-        + "\n".join(f"[dim]default[/] {reason}" for reason in reasons)
-    )
-    console.print(Panel(card, title=f"phi3v-bench run · {cfg.cell_id()}", expand=False))
-    with console.status(f"measuring {cfg.repeats} repeat(s) in fresh processes…"):
-        result = _measure(cfg, cluster, args.timeout)
-    if not main_node:
-        console.print(result.message or f"[red]{result.status}[/]")
-        return 0 if result.status == "ok" else 1
-    path, write_error = save(result)
 
     s = result.summary
     gpu = s.peak_gpu_allocated_bytes is not None
@@ -350,6 +308,54 @@ def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons:
     for name, value in zip(columns, row):
         table.add_row(name, value)
     console.print(table)
+
+
+def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons: list[str], cluster: Any) -> int:
+    """Measure, save and print; a failed save still prints every number (and keeps a copy where it can)."""
+    from bench.store import save_result
+
+    main_node = cluster is None or cluster.is_main
+
+    def save(result: Any) -> tuple[Path | None, str | None]:
+        try:
+            return save_result(result, force=args.force), None
+        except OSError as exc:
+            return None, unsaved_result_error(result, exc)
+
+    if args.json:
+        result = _measure(cfg, cluster, args.timeout)
+        if not main_node:
+            _print_json({"path": None, **result.to_dict()})
+            return 0 if result.status == "ok" else 1
+        path, write_error = save(result)
+        _print_json({"path": str(path) if path else None, "defaults": reasons, **result.to_dict(),
+                     **({"write_error": write_error} if write_error else {})})
+        if write_error:
+            raise StorageError(write_error)
+        return 0 if result.status == "ok" else 1
+
+    from rich.panel import Panel
+
+    console = _console()
+    hardware = ", ".join(f"{g.name} (cc {g.compute_capability})" for g in env.gpus) or f"CPU: {env.cpu} ({env.cpu_count} threads)"
+    card = (
+        f"[bold]{cfg.method}[/] · attn {cfg.attn} · {cfg.precision} · model {cfg.model} · {cfg.num_crops} crops · "
+        f"profile {cfg.seq_profile}\n"
+        f"global batch {cfg.global_batch} = {cfg.micro_batch} micro × {cfg.world_size} ranks ({cfg.nodes} node(s) × {cfg.gpus}) × "
+        f"{cfg.grad_accum} accumulation · {cfg.warmup} warmup + {cfg.steps} timed steps × {cfg.repeats} repeats\n"
+        f"{hardware} · torch {env.packages.get('torch')} · transformers {env.packages.get('transformers')} · "
+        f"git {(env.git_sha or '?')[:10]}{'+dirty' if env.git_dirty else ''}\n"
+        + "\n".join(f"[dim]default[/] {reason}" for reason in reasons)
+    )
+    console.print(Panel(card, title=f"phi3v-bench run · {cfg.cell_id()}", expand=False))
+    with console.status(f"measuring {cfg.repeats} repeat(s) in fresh processes…"):
+        result = _measure(cfg, cluster, args.timeout)
+    if not main_node:
+        console.print(result.message or f"[red]{result.status}[/]")
+        return 0 if result.status == "ok" else 1
+    path, write_error = save(result)
+
+    _print_summary(console, cfg, result)
     from bench.status import run_notes
 
     for note in run_notes(result):

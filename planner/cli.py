@@ -11,13 +11,13 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors, strict_json
+from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors
 from phi3v_core.constants import METHOD_NAMES
 from phi3v_core.errors import ConfigError
 from planner.estimate import GIB
+from planner.reports import dump, fmt, make_console, print_calibration, print_gpus, print_validation
 
 __all__ = ["build_parser", "main"]
 
@@ -149,143 +149,11 @@ def _request(args: argparse.Namespace) -> Any:
     )
 
 
-def _dump(value: Any) -> None:
-    """Print strict JSON (no NaN/Infinity)."""
-    print(strict_json(value, indent=2))
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console(highlight=False)
-
-
-def _fmt(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-# -- printers --------------------------------------------------------------------------------------------------------
-def _print_gpus(as_json: bool) -> None:
-    from planner.hardware import gpu_table
-
-    rows = [g.to_dict() for g in gpu_table()]
-    if as_json:
-        _dump(rows)
-        return
-    from rich.table import Table
-
-    table = Table(title="GPU table (planner/data/gpus.json; dense TFLOP/s, no sparsity)")
-    for col in ("GPU", "arch", "CC", "GiB", "GB/s", "fp16 TF", "bf16 TF", "FA2", "NVLink GB/s"):
-        table.add_column(col, justify="right" if col not in ("GPU", "arch") else "left")
-    for g in rows:
-        table.add_row(
-            g["key"],
-            g["architecture"],
-            g["compute_capability"],
-            f"{g['memory_gib']:g}",
-            f"{g['bandwidth_gbs']:g}",
-            _fmt(g["tflops_fp16"], "g"),
-            _fmt(g["tflops_bf16"], "g"),
-            "yes" if g["flash_attention_2"] else "no",
-            _fmt(g["nvlink_gbs"], "g"),
-        )
-    _console().print(table)
-
-
-def _print_calibration(request: Any, as_json: bool) -> None:
-    from planner.calibration import calibration_report, calibration_summary, fit_speed_constants, load_calibration
-    from planner.shapes import load_shape
-
-    calibration = load_calibration(request.reference_dir)
-    shape = load_shape("phi-3-vision")
-    rows = calibration_report(calibration, shape)
-    _constants, fitted = fit_speed_constants(calibration, shape)
-    summary = calibration_summary(rows, fitted)
-    if as_json:
-        _dump({"source": calibration.rows_source, "summary": summary, "rows": rows})
-        return
-    from rich.table import Table
-
-    table = Table(title=f"Predicted vs published ({calibration.rows_source}); role = speed role")
-    for col in ("row", "role", "published img/s", "predicted", "err", "published GB", "predicted", "err", "note"):
-        table.add_column(col, justify="left" if col in ("row", "role", "note") else "right", overflow="fold")
-    for r in rows:
-        note = r["reason"] if r["role"] != "held_out" else ""
-        if r["memory_note"]:
-            note = f"{note}; memory: {r['memory_note']}" if note else f"memory: {r['memory_note']}"
-        table.add_row(
-            r["row"],
-            r["role"],
-            f"{r['published_img_per_s']:g}",
-            f"{r['predicted_img_per_s']:.2f}",
-            f"{r['speed_error_pct']:+.0f}%",
-            f"{r['published_gb']:g}",
-            f"{r['predicted_gb']:.1f}",
-            f"{r['memory_error_pct']:+.0f}%",
-            note,
-        )
-    console = _console()
-    console.print(table)
-    for item in fitted:
-        console.print(f"fitted: {item['constant']} = {item['value']:.4g} on {item['row']}")
-    console.print(
-        f"held-out speed error over {summary['held_out_rows']} rows: median {summary['held_out_speed_error_median_pct']:.1f} %, "
-        f"max {summary['held_out_speed_error_max_pct']:.1f} %"
-    )
-    for miss in summary["memory_misses"]:
-        console.print(
-            f"[yellow]memory not within 10 %[/]: {miss['row']} ({miss['memory_error_pct']:+.0f} %): {miss['why']}"
-        )
-
-
-def _print_validation(as_json: bool, repeats: int, save: str | None, argv: Sequence[str] | None) -> None:
-    from planner.validate import save_validation, validate_cpu
-
-    if save:
-        from phi3v_core.fs import writable_problem
-
-        problem = writable_problem(Path(save).resolve().parent, "--save")
-        if problem:
-            raise ConfigError(problem)  # before minutes of measuring
-    command = " ".join(["phi3v-plan", *(sys.argv[1:] if argv is None else argv)])
-    result = validate_cpu(repeats=repeats)
-    if save:
-        save_validation(result, save, command)
-    if as_json:
-        _dump(result)
-        return
-    from rich.table import Table
-
-    table = Table(title="Speed model on this CPU: predicted vs measured phi3v-bench step (CPU seconds, 1 thread)")
-    for col in ("config", "tokens", "measured s", "predicted s", "err", "err min..max", "wall s"):
-        table.add_column(col, justify="left" if col == "config" else "right")
-    for r in result["rows"]:
-        table.add_row(
-            r["case"],
-            str(r["seq_len_predicted"]),
-            f"{r['measured_s']:.3f}",
-            f"{r['predicted_s']:.3f}",
-            f"{r['error_pct']:+.0f}%",
-            f"{r['error_pct_min']:+.0f}..{r['error_pct_max']:+.0f}%",
-            f"{r['measured_wall_s']:.3f}",
-        )
-    console = _console()
-    console.print(table)
-    console.print(f"rates: {result['rows'][0]['rates']}" if result["rows"] else "")
-    console.print(
-        f"median |error| {result['median_abs_error_pct']:.1f} %, max {result['max_abs_error_pct']:.1f} % (medians of "
-        f"{result['repeats']} repeat(s); the widest spread of one case {result['max_error_spread_pct']:.1f} points); "
-        f"{result['note']}"
-    )
-    if save:
-        console.print(f"raw result written to {save}")
-
-
 _SHORT = {"full": "F", "frozen_vision": "Z", "lora": "L", "qlora": "Q"}
 
 
 def _print_plan(p: Any) -> None:
-    console = _console()
+    console = make_console()
     _print_header(console, p)
     _print_methods(console, p)
     _print_layouts(console, p)
@@ -347,12 +215,12 @@ def _print_methods(console: Any, p: Any) -> None:
             name,
             mark,
             _layout_label(m),
-            _fmt(m.peak_gib),
-            _fmt(m.margin_gib),
-            _fmt(m.speed.samples_per_s if m.speed else None, ".2f"),
+            fmt(m.peak_gib),
+            fmt(m.margin_gib),
+            fmt(m.speed.samples_per_s if m.speed else None, ".2f"),
             format_duration(m.speed.epoch_s) if m.speed else "-",
             format_duration(m.run_s),
-            _fmt(m.cost_usd, ",.0f"),
+            fmt(m.cost_usd, ",.0f"),
         )
     console.print(table)
     for m in p.methods:
@@ -383,7 +251,7 @@ def _print_layouts(console: Any, p: Any) -> None:
                 f"{shown.micro_batch} x {shown.grad_accum}",
                 f"{shown.reserved_bytes / GIB:.1f}",
                 "yes" if shown.fits else "no",
-                _fmt(shown.samples_per_s, ".2f"),
+                fmt(shown.samples_per_s, ".2f"),
             )
     console.print(table)
 
@@ -494,10 +362,10 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
             "".join(_SHORT[m.method] for m in p.methods if m.fits) or "-",
             best.method if best else "none",
             f"{best.micro_batch} x {best.grad_accum}" if best else "-",
-            _fmt(best.peak_gib) if best else "-",
-            _fmt(best.speed.samples_per_s if best and best.speed else None, ".2f"),
+            fmt(best.peak_gib) if best else "-",
+            fmt(best.speed.samples_per_s if best and best.speed else None, ".2f"),
             format_duration(best.speed.epoch_s) if best and best.speed else "-",
-            _fmt(best.cost_usd if best else None, ",.0f"),
+            fmt(best.cost_usd if best else None, ",.0f"),
         ]
         if azure:
             a = p.azure or {}
@@ -508,7 +376,7 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
                 *row,
             ]
         table.add_row(*row)
-    _console().print(table)
+    make_console().print(table)
 
 
 def _pick_sku(plans: list[Any]) -> Any | None:
@@ -541,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_gpus:
-        _print_gpus(args.json)
+        print_gpus(args.json)
         return 0
     request = _request(args)
     try:
@@ -549,10 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         raise ConfigError(_with_close_gpus(str(exc), args.gpu)) from None
     if args.calibration:
-        _print_calibration(request, args.json)
+        print_calibration(request, args.json)
         return 0
     if args.validate:
-        _print_validation(args.json, args.repeats, args.save, argv)
+        print_validation(args.json, args.repeats, args.save, argv)
         return 0
 
     from planner.hardware import detect
@@ -560,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if request.gpu:
         result = plan(request)
-        _dump(result.to_dict()) if args.json else _print_plan(result)
+        dump(result.to_dict()) if args.json else _print_plan(result)
         return 0
     detection = detect()
     if detection.ok:
@@ -568,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             out = result.to_dict()
             out["detection"] = detection.to_dict()
-            _dump(out)
+            dump(out)
         else:
             _print_plan(result)
         return 0
@@ -580,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reason = f"No GPU detected: {detection.error}."
     if args.json:
         pick = _pick_sku(plans) if azure else None
-        _dump(
+        dump(
             {
                 "detection": detection.to_dict(),
                 "message": reason,
@@ -589,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
         )
         return 0
-    console = _console()
+    console = make_console()
     if azure:
         console.print(
             f"[yellow]{reason}[/] Comparing the Azure ND SKUs ({request.nodes} VM(s) each); pass --gpu for one."

@@ -7,20 +7,32 @@ code does (the published rows the planner is calibrated on are planned so).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from phi3v_core.constants import LOSS_CHUNK_TOKENS
 from planner.shapes import ModelShape
 
-if TYPE_CHECKING:  # annotations only: planner.estimate imports this module
-    from planner.estimate import TrainSetup, Workload
-
-__all__ = ["LOGITS_MODES", "head_recomputed", "logit_positions", "logits_loss_bytes"]
+__all__ = ["LOGITS_MODES", "LogitsSetup", "TokenCounts", "head_recomputed", "logit_positions", "logits_loss_bytes"]
 
 LOGITS_MODES = ("supervised", "full")
 
 
-def logit_positions(workload: Workload, logits: str) -> int:
+class TokenCounts(Protocol):
+    """What this module reads of a :class:`planner.estimate.Workload` (which imports this module)."""
+
+    seq_len: int
+    supervised_tokens: int | None
+
+
+class LogitsSetup(Protocol):
+    """What this module reads of a :class:`planner.estimate.TrainSetup`."""
+
+    micro_batch: int
+    logits: str
+    logits_retained: bool
+
+
+def logit_positions(workload: TokenCounts, logits: str) -> int:
     """Positions per sample where training computes ``lm_head`` and the loss (all when the answer length is unknown)."""
     if logits == "supervised" and workload.supervised_tokens is not None:
         return min(workload.supervised_tokens, workload.seq_len)
@@ -36,7 +48,7 @@ def head_recomputed(logits: str) -> bool:
     return logits == "full"
 
 
-def logits_loss_bytes(shape: ModelShape, setup: TrainSetup, workload: Workload) -> float:
+def logits_loss_bytes(shape: ModelShape, setup: LogitsSetup, workload: TokenCounts) -> float:
     """fp32 log-softmax output, its incoming grad and the logits' grad, alive in the loss backward (bytes).
 
     ``full``: every position of the micro-batch (plus the fp32 logits when the caller keeps them); ``supervised``: the
