@@ -8,7 +8,7 @@ import json
 
 from bench.cli import main
 from bench.config import BenchConfig
-from bench.results import save_result
+from bench.store import save_result
 from tests.bench.factories import gpu_env, make_result
 from tests.safety_helpers import expect_user_error
 

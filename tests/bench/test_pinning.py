@@ -116,7 +116,7 @@ def test_a_single_process_run_works_on_a_multi_gpu_node(tmp_path: Path) -> None:
 
     import torch
 
-    from bench.results import load_result
+    from bench.store import load_result
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs a node with at least two visible GPUs")
