@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _seed() -> None:
     random.seed(0)
     torch.manual_seed(0)
+
+
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_process_group() -> Iterator[None]:
+    """A test that trains in this process (DeepSpeed makes a one-process group and sets the launcher variables for
+    it) must not hand that group or those variables to the tests after it."""
+    saved = {name: os.environ.get(name) for name in _LAUNCHER_VARS}
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    yield
+    if not had_group and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

@@ -9,6 +9,15 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_env() -> dict[str, str]:
+    """This environment with the repository first on ``PYTHONPATH``: a subprocess runs this checkout's code."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
 
 def snapshot(root: Path) -> dict[str, str]:
     """Path → content hash (or kind) of everything under ``root``; symlinks and special files by their target/kind."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Mapping
 
 __all__ = ["LAUNCHER_VARS", "distributed_env_problems", "env_int"]
@@ -35,6 +36,15 @@ def _port_busy(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
+
+
+def _group_exists() -> bool:
+    """Whether this process already runs a process group (then MASTER_PORT is held by it, not by another job).
+
+    Read without importing torch: if ``torch.distributed`` was never imported, no group exists.
+    """
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
 def distributed_env_problems(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -70,7 +80,7 @@ def distributed_env_problems(environ: Mapping[str, str] | None = None) -> list[s
         problems.append(f"RANK={rank} is not below WORLD_SIZE={world}; fix the launcher settings")
     # Under torchrun the agent itself holds MASTER_PORT (TORCHELASTIC_RUN_ID is set); a hand-made rank-0 environment
     # must find it free, or the process group fails with a bare "address already in use".
-    if "MASTER_PORT" in env and rank == 0 and "TORCHELASTIC_RUN_ID" not in env:
+    if "MASTER_PORT" in env and rank == 0 and "TORCHELASTIC_RUN_ID" not in env and not _group_exists():
         host = env.get("MASTER_ADDR", "127.0.0.1")
         if host in ("127.0.0.1", "localhost", "0.0.0.0", socket.gethostname()) and _port_busy(host, int(env["MASTER_PORT"])):
             problems.append(

@@ -64,7 +64,7 @@ def test_runner_pins_a_single_process_run_and_not_a_torchrun_job(
     class Done:
         returncode = 0
 
-        def __init__(self, command, stdout=None, stderr=None, env=None, start_new_session=False) -> None:
+        def __init__(self, command, stdout=None, stderr=None, env=None, start_new_session=False, **_kw) -> None:
             seen.append(env)
 
         def wait(self, timeout=None) -> int:

@@ -136,9 +136,10 @@ def test_a_terminated_runner_takes_its_workers_and_folders_with_it(tmp_path: Pat
     runner = (
         "import sys, bench.runner as r\n"
         "from bench.config import BenchConfig\n"
+        "from phi3v_core.entrypoint import handle_errors\n"
         f"r.launch_commands = lambda *a, **k: [[sys.executable, '-c', {hang!r}]]\n"
         "r._GRACE_S = 2.0\n"
-        "r.run_config(BenchConfig(release='t'), timeout_s=600)\n"
+        "handle_errors(lambda: r.run_config(BenchConfig(release='t'), timeout_s=600))()\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", runner], env={**os.environ, "TMPDIR": str(scratch)})
     try:

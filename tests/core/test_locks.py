@@ -14,21 +14,15 @@ from pathlib import Path
 import pytest
 
 from phi3v_core.fs import LOCK_NAME, FolderLock, StorageError, held_lock_fds
+from tests.safety_helpers import repo_env
 
-REPO = Path(__file__).resolve().parents[2]
 HANG_GUARD_S = 600
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _python(script: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(script), *args],
-        env=_env(),
+        env=repo_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -15,15 +15,9 @@ from pathlib import Path
 import pytest
 
 from phi3v_core.transaction import SetAside, intent_path, move_into, recover, replace_folder
+from tests.safety_helpers import repo_env
 
-REPO = Path(__file__).resolve().parents[2]
 HANG_GUARD_S = 600
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _folder(path: Path, **files: str) -> Path:
@@ -77,7 +71,7 @@ else:
 def _run_killed(kind: str, where: str, count: int, root: Path) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-c", _KILL_AT, kind, where, str(count), str(root)],
-        env=_env(),
+        env=repo_env(),
         capture_output=True,
         text=True,
         timeout=HANG_GUARD_S,
@@ -176,7 +170,7 @@ def test_a_live_transaction_is_left_alone_and_recovered_once_its_owner_dies(tmp_
         (root / "ready").write_text("")
         time.sleep(3600)
     """
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(tmp_path)], env=_env())
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(tmp_path)], env=repo_env())
     deadline = time.monotonic() + HANG_GUARD_S
     while not ready.exists():
         assert proc.poll() is None and time.monotonic() < deadline

@@ -97,7 +97,7 @@ def test_8bit_adamw_prediction_matches_memtracker():
     for name, param in model.named_parameters():
         param.requires_grad_(name not in dead)
     model.train()
-    workload = Workload.from_images(shape, num_crops=2, image_size=(672, 336), text_tokens=40)
+    workload = Workload.from_images(shape, num_crops=2, image_size=(672, 336), text_tokens=40, answer_tokens=32)
     setup = TrainSetup(
         method="full", precision="fp32", attn="sdpa", gradient_checkpointing=False, optimizer_foreach=False,
         zero_stage=0, optim="adamw_8bit",
