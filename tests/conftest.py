@@ -34,23 +34,21 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 @pytest.fixture(autouse=True)
-def _no_leaked_process_group() -> Iterator[None]:
-    """A test that trains in this process (DeepSpeed makes a one-process group and sets the launcher variables for
-    it) must not hand that group or those variables to the tests after it."""
-    saved = {name: os.environ.get(name) for name in _LAUNCHER_VARS}
+def _no_leaked_process_state() -> Iterator[None]:
+    """A test that trains in this process must not hand its process group or environment to the tests after it.
+
+    DeepSpeed makes a one-process group and sets the launcher variables (``RANK``, ``MASTER_PORT``, ...) for it, and
+    ``TrainingArguments`` sets ``ACCELERATE_USE_DEEPSPEED`` process-wide; subprocesses inherit the environment too.
+    """
+    saved = dict(os.environ)
     had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     yield
     if not had_group and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture

@@ -76,6 +76,10 @@ def build_training_arguments(cfg: TrainConfig, env: Machine) -> TrainingArgument
         env: The machine (CPU runs use gloo for multi-process and ``use_cpu``).
     """
     workers = cfg.dataloader_num_workers
+    if not cfg.uses_deepspeed(env.world_size):
+        # TrainingArguments with a DeepSpeed config sets this process-wide and nothing unsets it: an earlier DeepSpeed
+        # run in this process would turn this run into a DeepSpeed run too.
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     return TrainingArguments(
         output_dir=str(cfg.output_dir),
         per_device_train_batch_size=cfg.micro_batch,
