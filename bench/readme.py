@@ -42,7 +42,8 @@ def _load(root: Path, relative: Path | str) -> dict[str, Any]:
 def _state(sha: str | None, dirty: bool | None) -> str:
     if not sha:
         return "commit not recorded"
-    return f"commit {sha[:7]}" + (" with uncommitted changes (git_dirty)" if dirty else "")
+    state = {True: " with uncommitted changes (git_dirty)", False: "", None: " (clean or not: not recorded)"}[dirty]
+    return f"commit {sha[:7]}{state}"
 
 
 def _source(path: Path | str, command: str, sha: str | None, dirty: bool | None, date: str, machine: str) -> str:
@@ -145,8 +146,11 @@ def render_calibration(root: Path) -> str:
 
 def render_gpu_tests(root: Path) -> str:
     """How many tests ``python -m pytest -m gpu`` runs (collected at render time)."""
+    # only the files that mention the marker are collected: importing every test module would take minutes
+    files = sorted(str(p.relative_to(root)) for p in (root / "tests").rglob("test_*.py")
+                   if "mark.gpu" in p.read_text(encoding="utf-8"))  # fmt: skip
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+        [sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
         cwd=root, capture_output=True, text=True, check=False,
     )  # fmt: skip
     found = re.search(r"(\d+)/\d+ tests collected", done.stdout) or re.search(r"^(\d+) tests? collected", done.stdout,
@@ -197,8 +201,8 @@ def render_supervised_logits(root: Path) -> str:
 
     def row(label: str, p: dict[str, Any]) -> list[str]:
         return [label, f"{p['measured_tensor_peak_bytes'] / MIB:.1f} MiB", f"{p['allocated_bytes'] / MIB:.1f} MiB",
-                f"{p['measured_step_s']:.2f} s", f"{p['step_s']:.2f} s", f"{p['model_flops_per_step'] / 1e9:.3g} G",
-                f"{p['predicted_model_flops_per_step'] / 1e9:.3g} G"]
+                f"{p['measured_step_s']:.2f} s", f"{p['step_s']:.2f} s", f"{p['model_flops_per_step'] / 1e9:#.3g} G",
+                f"{p['predicted_model_flops_per_step'] / 1e9:#.3g} G"]
 
     measured_mib = (sup["measured_tensor_peak_bytes"] - full["measured_tensor_peak_bytes"]) / MIB
     predicted_mib = (sup["allocated_bytes"] - full["allocated_bytes"]) / MIB
@@ -215,25 +219,30 @@ def render_supervised_logits(root: Path) -> str:
         env = record[side]["environment"]
         command = record["commands"][label]
         lines.append(_source(path, command, env["git_sha"], env["git_dirty"], record[side]["started_at"],
-                             f"{env['cpu']}, {env['cpu_count']} threads") + f" ({label})")
+                             f"{env['cpu']}, {env['cpu_count']} threads").replace("<sub>Source:", f"<sub>{label}:"))
     return "\n".join(lines)
 
 
 def render_checkpointing(root: Path) -> str:
-    """The stored checkpointing on/off measurement (the two ``mid lora c4`` cases of ``--validate``)."""
-    path = VALIDATION / "checkpointing-on-off-cpu.json"
-    record = _load(root, path)
-    on, off = record["result"]["rows"]
-    ratio = record["result"]["checkpoint_ratios"][0]
-    text = (
-        f"Checkpointing on vs off (the two `mid lora c4 mb1` cases `--validate` adds): on {on['measured_s']:.3f} s "
-        f"measured / {on['predicted_s']:.3f} s predicted ({_signed(on['error_pct'])} %), off {off['measured_s']:.3f} s"
-        f" / {off['predicted_s']:.3f} s ({_signed(off['error_pct'])} %); the on/off ratio "
-        f"{ratio['measured_ratio']:.3f} measured vs {ratio['predicted_ratio']:.3f} predicted "
-        f"({_signed(ratio['error_pct'])} %, both predictions under one rate measurement)."
-    )
-    return text + "\n\n" + _source(path, record["command"], record["git_sha"], record["git_dirty"], record["date"],
-                                   record["machine"])
+    """Every stored checkpointing on/off measurement (the two ``mid lora c4`` cases of ``--validate``), one per line."""
+    lines = []
+    for file in sorted((root / VALIDATION).glob("checkpointing-on-off-cpu*.json")):
+        path = file.relative_to(root)
+        record = _load(root, path)
+        result = record.get("result", record)  # files written before save_validation keep the result at the top
+        on, off = result["rows"]
+        ratio = result["checkpoint_ratios"][0]
+        lines.append(
+            f"- {record['machine']}: on {on['measured_s']:.3f} s measured / {on['predicted_s']:.3f} s predicted "
+            f"({_signed(on['error_pct'])} %), off {off['measured_s']:.3f} s / {off['predicted_s']:.3f} s "
+            f"({_signed(off['error_pct'])} %); the on/off ratio {ratio['measured_ratio']:.3f} measured vs "
+            f"{ratio['predicted_ratio']:.3f} predicted ({_signed(ratio['error_pct'])} %). "
+            + _source(path, record["command"], record.get("git_sha", record.get("commit")), record.get("git_dirty"),
+                      record["date"], record["machine"])
+        )
+        if record.get("provenance_note"):
+            lines[-1] = lines[-1].replace(".</sub>", f". {record['provenance_note']}</sub>")
+    return "\n".join(lines)
 
 
 def render_optimizer_memory(root: Path) -> str:
@@ -243,7 +252,7 @@ def render_optimizer_memory(root: Path) -> str:
     r = record["result"]
     error = r["predicted_peak_bytes"] / r["measured_peak_bytes"] - 1
     text = (
-        f"8-bit AdamW, {r['case']} (`planner.validate.eight_bit_adamw_memory`, also run by "
+        f"{r['case']} (`planner.validate.eight_bit_adamw_memory`, also run by "
         f"`tests/planner/test_memtracker.py`): MemTracker peak {r['measured_peak_bytes'] / MIB:.1f} MiB, predicted "
         f"{r['predicted_peak_bytes'] / MIB:.1f} MiB ({_signed(100 * error)} %; plain AdamW predicted "
         f"{r['predicted_plain_adamw_bytes'] / MIB:.1f} MiB)."
