@@ -181,7 +181,7 @@ def _add_report_command(sub: Any) -> None:
     )
     report.add_argument("paths", nargs="+", help="result .json files or folders")
     report.add_argument("--out", default="report", help="output folder (default: %(default)s)")
-    report.add_argument("--reference", default=None, help="folder with the seed tables (default: results/reference)")
+    report.add_argument("--reference", default=None, help="folder with the seed tables as CSV (default: the packaged copy of results/reference)")
     report.add_argument("--no-reference", action="store_true", help="leave the seed's published rows out")
     report.add_argument("--json", action="store_true", help="print the written paths as one JSON line")
 

@@ -1,8 +1,8 @@
 """Calibration against the recipe's published speed/memory table.
 
-The rows are read from ``results/reference/speed.csv`` when the source tree has it (typed in from the speed
-table of the Phi-3CookBook fine-tuning guide), else from the packaged ``phi3v_core/recipe.json`` (same numbers;
-``tests/planner/test_data.py`` checks they agree).
+The rows come from the one reader of the published tables, :func:`phi3v_core.reference.reference_rows` (the
+packaged ``phi3v_core/recipe.json`` copy of ``results/reference/speed.csv``, typed in from the speed table of the
+Phi-3CookBook fine-tuning guide; ``--reference DIR`` reads a folder's ``speed.csv`` instead).
 The speed model's few fitted constants (``calibration.json`` → ``speed.fit``) are each fitted on ONE named row; every
 other row is held out and judged, the frozen-vision rows the reference marks as suspect are excluded with the reason
 (:func:`fit_speed_constants`, :func:`calibration_report`, :func:`calibration_summary`). The flash-attention A100 rows
@@ -13,7 +13,6 @@ tensors are accounted for (``calibration.json`` → ``memory_trace_evidence``).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass, fields, replace
@@ -24,6 +23,7 @@ from typing import Any
 
 from phi3v_core.constants import load_recipe
 from phi3v_core.errors import DataError
+from phi3v_core.reference import reference_rows, reference_source
 from planner.estimate import GIB, Overheads, TrainSetup, Workload, estimate_memory
 from planner.hardware import GpuSpec, azure_skus, find_gpu
 from planner.shapes import ModelShape
@@ -36,7 +36,7 @@ __all__ = [
     "fit_speed_constants",
     "predict_row",
     "calibration_report",
-    "default_reference_dir",
+    "reference_anchor_rows",
     "fit_cache_fraction",
     "load_calibration",
 ]
@@ -127,70 +127,28 @@ class Calibration:
     constants: dict[str, Any]
 
 
-def default_reference_dir() -> Path:
-    """``results/reference`` of the source tree the planner runs from."""
-    return Path(__file__).resolve().parents[1] / "results" / "reference"
-
-
 @cache
 def _constants() -> dict[str, Any]:
     return json.loads(resources.files("planner").joinpath("data/calibration.json").read_text())
 
 
-def _read_speed_csv(path: Path) -> tuple[AnchorRow, ...]:
-    rows = []
-    with path.open(newline="", encoding="utf-8") as handle:
-        for line_no, raw in enumerate(csv.DictReader(handle), start=2):
-            try:
-                rows.append(
-                    AnchorRow(
-                        gpu=raw["gpu"],
-                        gpus_per_node=int(raw["gpus_per_node"]),
-                        nodes=int(raw["nodes"]),
-                        method=raw["method"],
-                        flash_attention=raw["flash_attention"].strip().lower() == "true",
-                        img_per_s=float(raw["img_per_s"]),
-                        peak_gpu_mem_gb=float(raw["peak_gpu_mem_gb"]),
-                        avg_seq_tokens=float(raw["avg_seq_tokens"]),
-                        num_crops=int(raw["num_crops"]),
-                        note=raw.get("note") or "",
-                    )
-                )
-            except (KeyError, ValueError) as exc:
-                raise DataError(
-                    f"{path}:{line_no}: bad reference row ({exc}); fix the row or pass --reference"
-                ) from None
-    return tuple(rows)
-
-
-def packaged_reference_rows() -> tuple[AnchorRow, ...]:
-    """The recipe's published speed rows from the packaged ``phi3v_core/recipe.json`` (no ``results/`` needed)."""
+def reference_anchor_rows(reference_dir: str | Path | None = None) -> tuple[AnchorRow, ...]:
+    """The published speed rows (:func:`phi3v_core.reference.reference_rows`) as :class:`AnchorRow` values."""
     names = [f.name for f in fields(AnchorRow)]
-    return tuple(
-        AnchorRow(**{**{name: row[name] for name in names if name in row}, "note": row.get("note") or ""})
-        for row in load_recipe().reference_speed
-    )
+    return tuple(AnchorRow(**{name: row[name] for name in names}) for row in reference_rows("speed", reference_dir))
 
 
 def load_calibration(reference_dir: str | Path | None = None) -> Calibration:
     """Read the calibration constants and the published rows.
 
     Args:
-        reference_dir: Folder with ``speed.csv``; None uses ``results/reference`` when present, else the packaged copy.
+        reference_dir: Folder with ``speed.csv``; None uses the packaged copy (``recipe.json``, = results/reference).
 
     Raises:
         DataError: An explicit ``reference_dir`` lacks ``speed.csv`` or a row is malformed.
     """
     constants = _constants()
-    folder = Path(reference_dir) if reference_dir else default_reference_dir()
-    csv_path = folder / "speed.csv"
-    if csv_path.is_file():
-        rows, source = _read_speed_csv(csv_path), str(csv_path)
-    elif reference_dir:
-        raise DataError(f"{csv_path}: not found; --reference must point at a folder with speed.csv")
-    else:
-        rows = packaged_reference_rows()
-        source = "phi3v_core/recipe.json (the recipe's published speed table)"
+    rows, source = reference_anchor_rows(reference_dir), reference_source("speed", reference_dir)
     mem = constants["memory_overheads"]
     return Calibration(
         rows=rows,
