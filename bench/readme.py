@@ -166,6 +166,38 @@ def render_gpu_tests(root: Path) -> str:
     )
 
 
+def _form(planned: list[Any], method: str) -> str:
+    check = next(p for p in planned if p.config.method == method and p.config.attn == "sdpa" and p.world_size == 1)
+    if check.form == "reduced":
+        return f"reduced, {check.decoder_layers}"
+    if check.form == "skipped":
+        return "skipped: not one layer fits" if "not even one" in check.reason else f"skipped: {check.reason}"
+    return check.form
+
+
+def render_selfcheck_plan(root: Path) -> str:
+    """``python -m bench.selfcheck_plan``'s plan per card: forms per method and the expected duration."""
+    from bench.selfcheck_plan import Machine, plan_checks
+
+    rows = []
+    for gpu, count in (("H100-SXM", 1), ("A100-40GB", 1), ("V100-32GB", 1), ("T4", 1), ("H100-SXM", 8)):
+        planned = plan_checks(Machine.from_table(gpu, count))
+        minutes = sum(p.expected_seconds for p in planned) / 60
+        two = sum(p.world_size > 1 for p in planned)
+        flash = any(p.config.attn == "flash_attention_2" for p in planned)
+        checks = f"{len(planned)}" + (" (+ ZeRO-2, DDP)" if two else "") + ("" if flash else " (no flash-attn)")
+        if count > 1:
+            rows.append([f"{count} × {gpu}", checks, "", "", "", f"~{minutes:.1f} min"])
+            continue
+        lora = _form(planned, "lora")
+        both = lora if lora == _form(planned, "qlora") else f"{lora}; qlora {_form(planned, 'qlora')}"
+        rows.append([gpu, checks, _form(planned, "full"), _form(planned, "frozen_vision"), both, f"~{minutes:.1f} min"])
+    lines = _table(["card", "checks", "full (decoder layers)", "frozen_vision", "lora, qlora", "expected"], rows)
+    lines += ["", "<sub>Computed: `python -m bench.selfcheck_plan H100-SXM A100-40GB V100-32GB T4 H100-SXM:8` at render "
+              "time (an estimate, not measured).</sub>"]
+    return "\n".join(lines)
+
+
 # -- measured: stored results ------------------------------------------------------------------------------------
 def _case_label(case: str) -> str:
     """``mid full c4 mb1x2`` → ``mid full, 4 crops, micro-batch 1 × 2 accumulation``."""
@@ -313,6 +345,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "checkpointing": render_checkpointing,
     "optimizer-memory": render_optimizer_memory,
     "gpu-tests": render_gpu_tests,
+    "selfcheck-plan": render_selfcheck_plan,
     "selfcheck-run": render_selfcheck_run,
     "cpu-bench-table": render_cpu_bench_table,
 }
