@@ -181,7 +181,7 @@ def _add_report_command(sub: Any) -> None:
     )
     report.add_argument("paths", nargs="+", help="result .json files or folders")
     report.add_argument("--out", default="report", help="output folder (default: %(default)s)")
-    report.add_argument("--reference", default=None, help="folder with the seed tables (default: results/reference)")
+    report.add_argument("--reference", default=None, help="folder with the seed tables as CSV (default: the packaged copy of results/reference)")
     report.add_argument("--no-reference", action="store_true", help="leave the seed's published rows out")
     report.add_argument("--json", action="store_true", help="print the written paths as one JSON line")
 
@@ -495,7 +495,7 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     if args.json:
         # The Trainer prints its logs; keep stdout for the one JSON object.
         with contextlib.redirect_stdout(sys.stderr):
-            report = run_selfcheck(steps=args.steps)
+            report = run_selfcheck(steps=args.steps, command=" ".join(["phi3v-bench", *sys.argv[1:]]))
         _print_json(report.to_dict())
         return 0 if report.ok else 2
 
@@ -504,7 +504,7 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     console = _console()
     console.print(f"selfcheck: {args.steps} steps after one warmup step per method, one fixed batch")
     with contextlib.redirect_stdout(sys.stderr):  # the expected duration and one line per check go to stderr
-        report = run_selfcheck(steps=args.steps)
+        report = run_selfcheck(steps=args.steps, command=" ".join(["phi3v-bench", *sys.argv[1:]]))
     table = Table(title=f"selfcheck · {report.device} · model {report.model} · {report.precision}")
     for col in ("method", "attn", "form", "status", "loss first→last", "peak GiB", "plan GiB", "error", "MFU"):
         table.add_column(col, no_wrap=col == "loss first→last")

@@ -497,7 +497,7 @@ def build_report(
 
     Args:
         results: Results, bare or as ``(path, result)`` pairs.
-        reference_dir: Folder with the seed tables (default ``results/reference`` of this source tree).
+        reference_dir: Folder with the seed tables as CSV (default: the packaged copy, ``phi3v_core.reference``).
         with_reference: Put the seed's published rows beside ours and reproduce its tables.
 
     Returns:

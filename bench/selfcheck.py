@@ -130,6 +130,7 @@ class SelfCheckReport:
     checks: list[Check]
     seconds: float
     expected_seconds: float = 0.0
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -148,6 +149,7 @@ class SelfCheckReport:
             "seconds": round(self.seconds, 1),
             "expected_seconds": round(self.expected_seconds),
             "checks": [c.to_dict() for c in self.checks],
+            "provenance": self.provenance,
         })
 
 
@@ -341,6 +343,7 @@ def run_selfcheck(
     progress: Callable[[Check], None] | None = None,
     isolate: bool | None = None,
     log: Callable[[str], None] = _stderr,
+    command: str = "bench.selfcheck.run_selfcheck()",
 ) -> SelfCheckReport:
     """Run every check of :func:`plan_checks` on this machine.
 
@@ -352,8 +355,12 @@ def run_selfcheck(
             returned before the next one; on CPU the tiny model fits easily and process start-ups would dominate).
             2-process checks always run in their own processes.
         log: Where the expected duration and one line per check go (default: stderr, so ``--json`` stays clean).
+        command: The command line recorded in the report's ``provenance`` (with commit, date and machine).
     """
+    from phi3v_core.environment import capture_environment, utc_now
+
     start = time.perf_counter()
+    started = utc_now()
     machine = device if isinstance(device, Machine) else Machine.detect() if device is None else plan_machine(device)
     isolate = machine.device.gpu_name is not None if isolate is None else isolate
     plan = plan_checks(machine, steps)
@@ -382,8 +389,12 @@ def run_selfcheck(
             if progress is not None:
                 progress(check)
     cfg = plan[0].config
+    env = capture_environment()
+    provenance = {"command": command, "git_sha": env.git_sha, "git_dirty": env.git_dirty, "date": started,
+                  "machine": env.hardware}
     return SelfCheckReport(device=machine.device.gpu_name or "cpu", model=cfg.model, precision=cfg.precision,
-                           checks=checks, seconds=time.perf_counter() - start, expected_seconds=expected)
+                           checks=checks, seconds=time.perf_counter() - start, expected_seconds=expected,
+                           provenance=provenance)
 
 
 def plan_machine(device: DeviceDescription) -> Machine:

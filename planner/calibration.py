@@ -1,8 +1,8 @@
 """Calibration against the recipe's published speed/memory table.
 
-The rows are read from ``results/reference/speed.csv`` when the source tree has it (typed in from the speed
-table of the Phi-3CookBook fine-tuning guide), else from the packaged ``phi3v_core/recipe.json`` (same numbers;
-``tests/planner/test_data.py`` checks they agree).
+The rows come from the one reader of the published tables, :func:`phi3v_core.reference.reference_rows` (the
+packaged ``phi3v_core/recipe.json`` copy of ``results/reference/speed.csv``, typed in from the speed table of the
+Phi-3CookBook fine-tuning guide; ``--reference DIR`` reads a folder's ``speed.csv`` instead).
 The speed model's few fitted constants (``calibration.json`` → ``speed.fit``) are each fitted on ONE named row; every
 other row is held out and judged, the frozen-vision rows the reference marks as suspect are excluded with the reason
 (:func:`fit_speed_constants`, :func:`calibration_report`, :func:`calibration_summary`). The flash-attention A100 rows
@@ -13,16 +13,17 @@ tensors are accounted for (``calibration.json`` → ``memory_trace_evidence``).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from phi3v_core.constants import load_recipe
 from phi3v_core.errors import DataError
+from phi3v_core.reference import reference_rows, reference_source
 from planner.estimate import GIB, Overheads, TrainSetup, Workload, estimate_memory
 from planner.hardware import GpuSpec, azure_skus, find_gpu
 from planner.shapes import ModelShape
@@ -35,7 +36,7 @@ __all__ = [
     "fit_speed_constants",
     "predict_row",
     "calibration_report",
-    "default_reference_dir",
+    "reference_anchor_rows",
     "fit_cache_fraction",
     "load_calibration",
 ]
@@ -101,7 +102,7 @@ class AnchorRow:
         return Workload(
             seq_len=seq,
             vision_crops=self.num_crops + 1,
-            image_tokens=seq - 66,
+            image_tokens=seq - load_recipe().profiles["docvqa"].text_tokens,
             pixel_slots=self.num_crops + 1,
             crop_copy=False,
         )
@@ -126,72 +127,28 @@ class Calibration:
     constants: dict[str, Any]
 
 
-def default_reference_dir() -> Path:
-    """``results/reference`` of the source tree the planner runs from."""
-    return Path(__file__).resolve().parents[1] / "results" / "reference"
-
-
 @cache
 def _constants() -> dict[str, Any]:
     return json.loads(resources.files("planner").joinpath("data/calibration.json").read_text())
 
 
-def _read_speed_csv(path: Path) -> tuple[AnchorRow, ...]:
-    rows = []
-    with path.open(newline="", encoding="utf-8") as handle:
-        for line_no, raw in enumerate(csv.DictReader(handle), start=2):
-            try:
-                rows.append(
-                    AnchorRow(
-                        gpu=raw["gpu"],
-                        gpus_per_node=int(raw["gpus_per_node"]),
-                        nodes=int(raw["nodes"]),
-                        method=raw["method"],
-                        flash_attention=raw["flash_attention"].strip().lower() == "true",
-                        img_per_s=float(raw["img_per_s"]),
-                        peak_gpu_mem_gb=float(raw["peak_gpu_mem_gb"]),
-                        avg_seq_tokens=float(raw["avg_seq_tokens"]),
-                        num_crops=int(raw["num_crops"]),
-                        note=raw.get("note") or "",
-                    )
-                )
-            except (KeyError, ValueError) as exc:
-                raise DataError(
-                    f"{path}:{line_no}: bad reference row ({exc}); fix the row or pass --reference"
-                ) from None
-    return tuple(rows)
-
-
-def packaged_reference_rows() -> tuple[AnchorRow, ...]:
-    """The recipe's published speed rows from the packaged ``phi3v_core/recipe.json`` (no ``results/`` needed)."""
-    from phi3v_core.constants import load_recipe
-
+def reference_anchor_rows(reference_dir: str | Path | None = None) -> tuple[AnchorRow, ...]:
+    """The published speed rows (:func:`phi3v_core.reference.reference_rows`) as :class:`AnchorRow` values."""
     names = [f.name for f in fields(AnchorRow)]
-    return tuple(
-        AnchorRow(**{**{name: row[name] for name in names if name in row}, "note": row.get("note") or ""})
-        for row in load_recipe().reference_speed
-    )
+    return tuple(AnchorRow(**{name: row[name] for name in names}) for row in reference_rows("speed", reference_dir))
 
 
 def load_calibration(reference_dir: str | Path | None = None) -> Calibration:
     """Read the calibration constants and the published rows.
 
     Args:
-        reference_dir: Folder with ``speed.csv``; None uses ``results/reference`` when present, else the packaged copy.
+        reference_dir: Folder with ``speed.csv``; None uses the packaged copy (``recipe.json``, = results/reference).
 
     Raises:
         DataError: An explicit ``reference_dir`` lacks ``speed.csv`` or a row is malformed.
     """
     constants = _constants()
-    folder = Path(reference_dir) if reference_dir else default_reference_dir()
-    csv_path = folder / "speed.csv"
-    if csv_path.is_file():
-        rows, source = _read_speed_csv(csv_path), str(csv_path)
-    elif reference_dir:
-        raise DataError(f"{csv_path}: not found; --reference must point at a folder with speed.csv")
-    else:
-        rows = packaged_reference_rows()
-        source = "phi3v_core/recipe.json (the recipe's published speed table)"
+    rows, source = reference_anchor_rows(reference_dir), reference_source("speed", reference_dir)
     mem = constants["memory_overheads"]
     return Calibration(
         rows=rows,
@@ -208,15 +165,16 @@ def load_calibration(reference_dir: str | Path | None = None) -> Calibration:
     )
 
 
-def fit_cache_fraction(calibration: Calibration, shape: ModelShape) -> float:
+def fit_cache_fraction(calibration: Calibration, shape: ModelShape, leave_out: str | None = None) -> float:
     """Least-squares (relative error) fit of the allocator overhead on the flash-attention rows.
 
     Model: published ≈ allocated·(1 + f) + context. The no-flash rows are left out: the recipe's no-FA path also
     loads fp32 weights and its published peaks exceed anything the tensors explain (see :func:`calibration_report`).
+    ``leave_out`` names one row (its label) to fit without, so that row can be judged as held out.
     """
     num = den = 0.0
     for row in calibration.rows:
-        if not row.flash_attention or row.suspect:
+        if not row.flash_attention or row.suspect or row.label == leave_out:
             continue
         setup = row.setup()
         est = estimate_memory(reference_shape(shape, row.method), setup, row.workload(shape))
@@ -225,6 +183,13 @@ def fit_cache_fraction(calibration: Calibration, shape: ModelShape) -> float:
         num += (published - context - est.allocated) * est.allocated / published**2
         den += est.allocated**2 / published**2
     return num / den
+
+
+def _leave_one_out_error_pct(row: AnchorRow, calibration: Calibration, shape: ModelShape) -> float:
+    """Memory error of a flash row predicted with the allocator overhead fitted on the other flash rows."""
+    overheads = replace(calibration.overheads, cache_fraction=fit_cache_fraction(calibration, shape, row.label))
+    est = estimate_memory(reference_shape(shape, row.method), row.setup(), row.workload(shape), overheads)
+    return round(100 * (est.reserved / GIB / row.peak_gpu_mem_gb - 1), 1)
 
 
 def _speed_values(calibration: Calibration) -> dict[str, Any]:
@@ -419,8 +384,11 @@ def calibration_report(calibration: Calibration, shape: ModelShape) -> list[dict
     """Predicted vs published memory and speed for every reference row, with each row's role.
 
     ``role`` is the row's role for speed: ``fitted`` (a constant was fitted on it), ``held_out`` (judged only) or
-    ``excluded`` (the frozen-vision rows the reference marks as implausible; ``reason`` says why). ``memory_role``
-    says the same for the allocator overhead, which is fitted on the flash-attention rows. A held-out row whose
+    ``excluded`` (the frozen-vision rows, set aside after they disagreed; ``reason`` says why). ``memory_role``
+    says the same for the allocator overhead, which is fitted on the flash-attention rows;
+    ``memory_held_out_error_pct`` is each row's memory error as a prediction: a fitted row's with the overhead fitted
+    on the other flash rows (leave-one-out), a held-out row's as is, None where the published peak is the card
+    (``memory_saturated``) or the row is excluded. A held-out row whose
     memory misses by more than 10 % names what is not modelled and by how much (``memory_unmodelled_term``,
     ``memory_unmodelled_gb``: published minus predicted) and, where recorded, what the real model traced with the
     row's settings allocates (``traced_allocated_gib``) and what a replay of its allocations through the caching
@@ -439,12 +407,19 @@ def calibration_report(calibration: Calibration, shape: ModelShape) -> list[dict
         required = est.required / GIB
         memory_ok, memory_note = _memory_check(row, reserved, required, gpu.memory_gib)
         if row.suspect:
-            role, reason = "excluded", f"frozen-vision row marked suspect by the reference ({row.note})"
+            # honest about the order: these rows were set aside after the model disagreed with them, not before
+            role, reason = "excluded", f"frozen-vision row, excluded after it disagreed with the model ({row.note})"
         elif row.label in fitted_rows:
             role, reason = "fitted", f"{fitted_rows[row.label]} fitted on this row"
         else:
             role, reason = "held_out", ""
         memory_role = "excluded" if row.suspect else ("fitted" if row.flash_attention else "held_out")
+        memory_error_pct = round(100 * (reserved / row.peak_gpu_mem_gb - 1), 1)
+        saturated = row.peak_gpu_mem_gb >= SATURATED * gpu.memory_gib
+        if memory_role == "fitted":  # judged as held out: the overhead fitted on the other flash rows
+            held_out_error: float | None = _leave_one_out_error_pct(row, calibration, shape)
+        else:  # a published peak equal to the card says the allocator filled it, not what the step needs
+            held_out_error = memory_error_pct if memory_role == "held_out" and not saturated else None
         out.append(
             {
                 "_anchor": row,
@@ -455,7 +430,9 @@ def calibration_report(calibration: Calibration, shape: ModelShape) -> list[dict
                 "published_gb": row.peak_gpu_mem_gb,
                 "predicted_gb": round(reserved, 2),
                 "required_gb": round(required, 2),
-                "memory_error_pct": round(100 * (reserved / row.peak_gpu_mem_gb - 1), 1),
+                "memory_error_pct": memory_error_pct,
+                "memory_held_out_error_pct": held_out_error,
+                "memory_saturated": saturated,
                 "memory_ok": memory_ok,
                 "memory_note": memory_note,
                 "allocated_gib": round(est.allocated / GIB, 2),
@@ -478,15 +455,38 @@ def calibration_report(calibration: Calibration, shape: ModelShape) -> list[dict
     return out
 
 
+def _median(values: list[float]) -> float | None:
+    ordered = sorted(values)
+    return (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2 if ordered else None
+
+
 def calibration_summary(rows: list[dict[str, Any]], fitted: list[dict[str, Any]]) -> dict[str, Any]:
-    """Held-out speed errors (median, max) and memory misses: what the tests and ``--calibration`` judge."""
-    held = sorted(abs(r["speed_error_pct"]) for r in rows if r["role"] == "held_out")
-    median = (held[(len(held) - 1) // 2] + held[len(held) // 2]) / 2 if held else None
+    """Held-out speed and memory errors (median, max) and memory misses: what the tests and ``--calibration`` judge.
+
+    Memory is judged on predictions only: the flash rows leave-one-out, the rows never fitted as they are; rows whose
+    published peak is the card (saturated) are counted apart, with how many agree with a full card.
+    """
+    held = [abs(r["speed_error_pct"]) for r in rows if r["role"] == "held_out"]
+    memory = [abs(r["memory_held_out_error_pct"]) for r in rows if r["memory_held_out_error_pct"] is not None]
+    never_fitted = [
+        abs(r["memory_held_out_error_pct"])
+        for r in rows
+        if r["memory_role"] == "held_out" and r["memory_held_out_error_pct"] is not None
+    ]
+    saturated = [r for r in rows if r["memory_role"] == "held_out" and r["memory_saturated"]]
     return {
         "fitted_constants": fitted,
         "held_out_rows": len(held),
-        "held_out_speed_error_median_pct": median,
+        "held_out_speed_error_median_pct": _median(held),
         "held_out_speed_error_max_pct": max(held) if held else None,
+        "held_out_memory_rows": len(memory),
+        "held_out_memory_error_median_pct": _median(memory),
+        "held_out_memory_error_max_pct": max(memory) if memory else None,
+        "never_fitted_memory_rows": len(never_fitted),
+        "never_fitted_memory_error_median_pct": _median(never_fitted),
+        "saturated_memory_rows": len(saturated),
+        "saturated_memory_rows_consistent": sum(r["memory_ok"] for r in saturated),
+        "excluded_rows": [r["row"] for r in rows if r["role"] == "excluded"],
         "memory_misses": [
             {
                 "row": r["row"],

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--repeats", type=bounded_int(1, 100), default=3, help="--validate: runs of every case (default: 3)")
     out.add_argument("--save", metavar="FILE", help="--validate: also write the raw result with machine, commit and date")
     out.add_argument(
-        "--reference", dest="reference_dir", help="folder with the published speed.csv (default: results/reference)"
+        "--reference", dest="reference_dir", help="folder with the published speed.csv (default: the packaged copy of results/reference)"
     )
     return parser
 

@@ -12,7 +12,7 @@ from typing import Protocol
 from phi3v_core.constants import LOSS_CHUNK_TOKENS
 from planner.shapes import ModelShape
 
-__all__ = ["LOGITS_MODES", "LogitsSetup", "TokenCounts", "head_recomputed", "logit_positions", "logits_loss_bytes"]
+__all__ = ["LOGITS_MODES", "LogitsSetup", "TokenCounts", "logit_positions", "logits_loss_bytes"]
 
 LOGITS_MODES = ("supervised", "full")
 
@@ -37,15 +37,6 @@ def logit_positions(workload: TokenCounts, logits: str) -> int:
     if logits == "supervised" and workload.supervised_tokens is not None:
         return min(workload.supervised_tokens, workload.seq_len)
     return workload.seq_len
-
-
-def head_recomputed(logits: str) -> bool:
-    """Whether the speed model books ``lm_head`` in the checkpointing recompute.
-
-    Gradient checkpointing recomputes the decoder layers, not ``lm_head``; the calibrated ``full`` formula books the
-    head there anyway (the published rows were fitted so), ``supervised`` counts what runs.
-    """
-    return logits == "full"
 
 
 def logits_loss_bytes(shape: ModelShape, setup: LogitsSetup, workload: TokenCounts) -> float:

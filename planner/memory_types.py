@@ -88,10 +88,6 @@ class MemoryEstimate:
         """What nvidia-smi will show: the caching allocator grows up to the card's size but no further."""
         return self.reserved if capacity is None else min(self.reserved, max(capacity, self.required))
 
-    def fits(self, capacity: float) -> bool:
-        """Whether the step fits in ``capacity`` bytes."""
-        return self.required <= capacity
-
     def to_dict(self, capacity: float | None = None) -> dict[str, Any]:
         """JSON-ready form (GiB, rounded)."""
         return {

@@ -12,7 +12,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from phi3v_core.constants import load_recipe
+from phi3v_core.reference import reference_rows
 from planner.memory_types import MemoryEstimate
 from planner.request import Hardware, MethodPlan
 
@@ -31,7 +31,7 @@ def method_preference() -> tuple[str, ...]:
 
 def published_anls(method: str) -> float | None:
     """The recipe's bf16 DocVQA ANLS of ``method`` (its accuracy table in ``recipe.json``)."""
-    for row in load_recipe().reference_accuracy:
+    for row in reference_rows("accuracy"):
         if (row["benchmark"], row["method"], row["precision"]) == ("docvqa", method, "bf16"):
             return float(row["value"])
     return None

@@ -13,7 +13,7 @@ from typing import Any
 from phi3v_core.cli.common import strict_json
 from phi3v_core.errors import ConfigError
 
-__all__ = ["dump", "fmt", "make_console", "print_calibration", "print_gpus", "print_validation"]
+__all__ = ["calibration_lines", "dump", "fmt", "make_console", "print_calibration", "print_gpus", "print_validation"]
 
 
 def dump(value: Any) -> None:
@@ -98,14 +98,27 @@ def print_calibration(request: Any, as_json: bool) -> None:
     console.print(table)
     for item in fitted:
         console.print(f"fitted: {item['constant']} = {item['value']:.4g} on {item['row']}")
-    console.print(
-        f"held-out speed error over {summary['held_out_rows']} rows: median {summary['held_out_speed_error_median_pct']:.1f} %, "
-        f"max {summary['held_out_speed_error_max_pct']:.1f} %"
-    )
+    for line in calibration_lines(summary):
+        console.print(line)
     for miss in summary["memory_misses"]:
         console.print(
             f"[yellow]memory not within 10 %[/]: {miss['row']} ({miss['memory_error_pct']:+.0f} %): {miss['why']}"
         )
+
+
+def calibration_lines(summary: dict[str, Any]) -> list[str]:
+    """The held-out speed and memory lines of ``--calibration`` (also rendered into the README)."""
+    return [
+        f"held-out speed error over {summary['held_out_rows']} rows: median "
+        f"{summary['held_out_speed_error_median_pct']:.1f} %, max {summary['held_out_speed_error_max_pct']:.1f} %",
+        f"held-out memory error over {summary['held_out_memory_rows']} rows (flash rows leave-one-out, the others "
+        f"never fitted): median {summary['held_out_memory_error_median_pct']:.1f} %, max "
+        f"{summary['held_out_memory_error_max_pct']:.1f} %; the {summary['never_fitted_memory_rows']} never fitted "
+        f"alone: median {summary['never_fitted_memory_error_median_pct']:.1f} %; "
+        f"{summary['saturated_memory_rows_consistent']} of {summary['saturated_memory_rows']} rows published at the "
+        "card's size agree with a full card",
+        f"excluded after they disagreed: {', '.join(summary['excluded_rows'])}",
+    ]
 
 
 def print_validation(as_json: bool, repeats: int, save: str | None, argv: Sequence[str] | None) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from planner.estimate import DTYPE_BYTES, TrainSetup, Workload
 from planner.hardware import GpuSpec
-from planner.logits import head_recomputed, logit_positions
+from planner.logits import logit_positions
 from planner.shapes import ModelShape
 
 __all__ = [
@@ -113,9 +113,8 @@ def flops_per_sample(shape: ModelShape, workload: Workload, setup: TrainSetup) -
             vision_adapter = 2 * vision_lora * v_tokens
     recompute = 0.0
     if setup.gradient_checkpointing:
-        recompute += lm_fwd + lm_adapter
-        if not head_recomputed(setup.logits):
-            recompute -= head_fwd + head_adapter  # checkpointing recomputes the decoder layers, not lm_head
+        # checkpointing recomputes the decoder (and trained CLIP) layers' forward, never lm_head
+        recompute += lm_fwd + lm_adapter - head_fwd - head_adapter
         if vision_mult > 1:
             recompute += vision_fwd + vision_adapter
     return FlopBreakdown(

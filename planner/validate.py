@@ -26,8 +26,8 @@ from planner.shapes import ModelShape, load_shape
 from planner.speed import Interconnect, Rates, predict_speed
 
 __all__ = [
-    "DEFAULT_CASES", "ValidationCase", "checkpoint_ratios", "measure_rates", "mid_size_model", "save_validation",
-    "validate_cpu",
+    "DEFAULT_CASES", "SMALL_SIZE", "ValidationCase", "checkpoint_ratios", "eight_bit_adamw_memory", "measure_rates",
+    "mid_size_model", "save_validation", "validate_cpu",
 ]
 
 #: A mid-size model of the same structure (a few layers of real-ish width) for the CPU validation.
@@ -39,6 +39,21 @@ MID_SIZE = {
     "num_key_value_heads": 16,
     "vision_config": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4},
     "img_processor": {"image_dim_out": 128},
+}
+
+
+#: A small model (4 layers, no checkpointing) where optimizer states, not logits, weigh in the peak.
+SMALL_SIZE = {
+    "vocab_size": 8192,
+    "pad_token_id": 0,
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "rope_scaling": {"type": "su", "long_factor": [1.0] * 16, "short_factor": [1.0] * 16},
+    "vision_config": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4},
+    "img_processor": {"image_dim_out": 128, "num_img_tokens": 144, "model_name": "small", "name": "clip_vision_model"},
 }
 
 
@@ -349,3 +364,33 @@ def save_validation(result: dict[str, Any], path: str | Path, command: str) -> P
     record = {"command": command, "date": utc_now(), "machine": env.hardware, "git_sha": env.git_sha,
               "git_dirty": env.git_dirty, "environment": asdict(env), "result": result}
     return atomic_write_json(Path(path), record)
+
+
+def eight_bit_adamw_memory() -> dict[str, Any]:
+    """Full fine-tuning of :data:`SMALL_SIZE` with bitsandbytes' 8-bit AdamW: MemTracker's peak vs the closed form.
+
+    One warm-up and one tracked step on CPU (fp32, sdpa, no checkpointing, 2 crops of 672x336); bytes.
+    """
+    from phi3v_core.config import get_config
+    from phi3v_core.model import Phi3VForCausalLM
+    from planner.estimate import estimate_memory
+    from planner.trace import build_batch, measure_step
+
+    config = get_config("tiny", **SMALL_SIZE)
+    shape = ModelShape.from_config(config, "small")
+    model = Phi3VForCausalLM(config)
+    dead = model.dead_parameter_names()
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in dead)
+    model.train()
+    workload = Workload.from_images(shape, num_crops=2, image_size=(672, 336), text_tokens=40, answer_tokens=32)
+    setup = TrainSetup(method="full", precision="fp32", attn="sdpa", gradient_checkpointing=False,
+                       optimizer_foreach=False, zero_stage=0, optim="adamw_8bit")
+    measured = measure_step(model, build_batch(shape, workload), setup)["peak"]["Total"]
+    plain = replace(setup, optim="adamw")
+    return {
+        "case": "small (h 256, 4 layers) full, 8-bit AdamW, fp32, no checkpointing, 2 crops",
+        "measured_peak_bytes": int(measured),
+        "predicted_peak_bytes": int(estimate_memory(shape, setup, workload).allocated),
+        "predicted_plain_adamw_bytes": int(estimate_memory(shape, plain, workload).allocated),
+    }

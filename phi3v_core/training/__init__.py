@@ -9,8 +9,9 @@ Multi-process: ``torchrun --nproc_per_node=N -m phi3v_core.training.launch --con
 
 from phi3v_core.training.api import TrainResult, build_model, prepare_model, resolve_resume, train
 from phi3v_core.training.callbacks import LossGuard, StepMeter, StepRecord, StepTimer, TrainingDivergedError
+from phi3v_core.training.checkpoints import find_resumable_checkpoint
 from phi3v_core.training.collate import SupervisedLogitsCollator
-from phi3v_core.training.config import Machine, TrainConfig, find_resumable_checkpoint
+from phi3v_core.training.config import Machine, TrainConfig
 from phi3v_core.training.deepspeed_config import deepspeed_config, zero2_buffer_bytes
 from phi3v_core.training.trainer import Phi3VTrainer, build_training_arguments
 

@@ -33,7 +33,7 @@ from phi3v_core.io import atomic_write_json, modes_from_umask
 from phi3v_core.methods import MethodReport
 from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
 from phi3v_core.training.callbacks import LossGuard, StepRecord, StepTimer, TrainingDivergedError
-from phi3v_core.training.checkpoints import CheckpointManifest, checkpoint_problem
+from phi3v_core.training.checkpoints import CheckpointManifest, checkpoint_problem, find_resumable_checkpoint
 from phi3v_core.training.collate import SupervisedLogitsCollator
 from phi3v_core.training.config import COMPLETE_MARKER, Machine, TrainConfig
 from phi3v_core.training.model_setup import build_model, prepare_model
@@ -160,24 +160,18 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
         return None
     output_dir = Path(cfg.output_dir)
     if cfg.resume == "latest":
-        candidates = sorted(
-            (int(p.name.removeprefix("checkpoint-")), p)
-            for p in output_dir.glob("checkpoint-*")
-            if p.name.removeprefix("checkpoint-").isdigit()
-        )
-        checkpoint = None
-        for _, folder in reversed(candidates):
-            reason = checkpoint_problem(folder, cfg.max_steps)
-            if reason is None:
-                checkpoint = folder
-                break
+        newest: list[str] = []
+
+        def skipped(folder: Path, reason: str) -> None:
+            newest.append(reason)
             logger.warning("skipping incomplete checkpoint %s (%s); falling back to an older one", folder, reason)
             print(f"warning: skipping incomplete checkpoint {folder.name}: {reason}", file=sys.stderr)
-        if checkpoint is None and candidates:
+
+        checkpoint = find_resumable_checkpoint(output_dir, cfg.max_steps, on_skip=skipped)
+        if checkpoint is None and newest:
             raise ConfigError(
                 f"--resume: every checkpoint in {output_dir} is incomplete or inconsistent "
-                f"(newest: {checkpoint_problem(candidates[-1][1], cfg.max_steps)}); "
-                "start again with --overwrite_output_dir"
+                f"(newest: {newest[0]}); start again with --overwrite_output_dir"
             )
         if checkpoint is None:
             return None

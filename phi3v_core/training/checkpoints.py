@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,10 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from phi3v_core.fs import weight_file_problem
 from phi3v_core.io import atomic_write_json, modes_from_umask
 
-__all__ = ["CHECKPOINT_MANIFEST", "CheckpointManifest", "checkpoint_problem", "checkpoint_step", "write_manifest"]
+__all__ = [
+    "CHECKPOINT_MANIFEST", "CheckpointManifest", "checkpoint_problem", "checkpoint_step", "find_resumable_checkpoint",
+    "write_manifest",
+]
 
 #: Written last into every checkpoint folder: its files, their sizes and the step.
 CHECKPOINT_MANIFEST = "phi3v_checkpoint.json"
@@ -110,6 +114,24 @@ def checkpoint_problem(folder: Path, max_steps: int = -1) -> str | None:
             reason = weight_file_problem(path)
             if reason:
                 return f"{path}: {reason}"
+    return None
+
+
+def find_resumable_checkpoint(
+    output_dir: str | Path, max_steps: int = -1, on_skip: Callable[[Path, str], None] | None = None
+) -> Path | None:
+    """The newest ``checkpoint-N`` of ``output_dir`` that :func:`checkpoint_problem` accepts, or ``None``.
+
+    The one completeness rule of resuming: each newer folder it passes over is reported to ``on_skip(folder, why)``.
+    """
+    folders = sorted((step, path) for path in Path(output_dir).glob("checkpoint-*")
+                     if (step := checkpoint_step(path)) is not None)  # fmt: skip
+    for _step, folder in reversed(folders):
+        reason = checkpoint_problem(folder, max_steps)
+        if reason is None:
+            return folder
+        if on_skip is not None:
+            on_skip(folder, reason)
     return None
 
 

@@ -39,7 +39,6 @@ __all__ = [
     "DTYPES",
     "Machine",
     "TrainConfig",
-    "find_resumable_checkpoint",
 ]
 
 #: Written into a run folder by the main process once the final model is saved; its presence marks a complete run.
@@ -470,9 +469,12 @@ class TrainConfig:
         out = []
         output_dir = Path(self.output_dir)
         if self.resume not in (None, "latest"):
+            from phi3v_core.training.checkpoints import checkpoint_problem  # the one completeness rule of resuming
+
             ckpt = Path(self.resume)
-            if not _is_complete_json(ckpt / "trainer_state.json"):
-                out.append(f"resume checkpoint {ckpt} does not exist or is incomplete (no trainer_state.json)")
+            reason = checkpoint_problem(ckpt, self.max_steps)
+            if reason is not None:
+                out.append(f"resume checkpoint {ckpt} does not exist or is incomplete ({reason})")
         if self.resume is None and output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
             out.append(
                 f"output_dir {output_dir} already holds checkpoints; pass resume='latest' to continue that run "
@@ -514,25 +516,3 @@ def _accept_deprecated_names(init):  # noqa: ANN001, ANN202 - wraps the dataclas
 
 
 TrainConfig.__init__ = _accept_deprecated_names(TrainConfig.__init__)  # type: ignore[method-assign]
-
-
-def find_resumable_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest *complete* ``checkpoint-N`` folder, or ``None``.
-
-    The Trainer writes ``trainer_state.json`` last, so a checkpoint is complete when that file exists and parses. A
-    job killed while saving leaves a newer but partial folder; it is skipped rather than loaded.
-    """
-    candidates = []
-    for folder in Path(output_dir).glob("checkpoint-*"):
-        step = folder.name.removeprefix("checkpoint-")
-        if step.isdigit() and _is_complete_json(folder / "trainer_state.json"):
-            candidates.append((int(step), folder))
-    return max(candidates)[1] if candidates else None
-
-
-def _is_complete_json(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-    except (OSError, ValueError):  # missing, or cut off mid-write
-        return False
-    return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.config import SEQ_PROFILES, BenchConfig, parse_field_value
-from phi3v_core.constants import METHOD_NAMES
+from phi3v_core.constants import METHOD_NAMES, hd_crop_grid, image_token_count, load_recipe
 from phi3v_core.errors import ConfigError
 
 
@@ -73,9 +73,17 @@ def test_parse_field_value_types_and_hints() -> None:
 
 
 def test_docvqa_profile_matches_published_mean_sequence_length() -> None:
+    """The profile's page, through the HD rule and the token formula, plus its text = the published mean length."""
     p = SEQ_PROFILES["docvqa"]
-    # A 3x5 crop grid gives 144*15 + 12*5 + 157 image tokens (CONTRACTS token formula), plus the text tokens.
-    assert 144 * 15 + 12 * 5 + 157 + p.text_tokens == 2443  # Phi-3CookBook fine-tuning guide: mean 2443.23 at num_crops=16
+    rows, cols = hd_crop_grid(p.image_width, p.image_height, p.recommended_num_crops)
+    assert rows * cols <= p.recommended_num_crops
+    image_tokens = p.image_tokens()  # the product's path: image_token_count_for_size
+    assert image_tokens == image_token_count(rows, cols) == 144 * rows * cols + 12 * rows + 157  # spec: 144·hc·wc + 12·hc + 157
+    published = {row["avg_seq_tokens"] for row in load_recipe().reference_speed if row["dataset"] == "docvqa"}
+    assert len(published) == 1  # Phi-3CookBook fine-tuning guide: mean 2443.23 tokens at num_crops=16
+    assert image_tokens + p.text_tokens == round(published.pop())
+    # the text share is a plausible DocVQA prompt + answer, not a number chosen to close the sum
+    assert 30 <= p.text_tokens <= 120 and p.answer_tokens < p.text_tokens
 
 
 def test_docvqa_profile_tiles_as_derived_with_the_real_processor() -> None:

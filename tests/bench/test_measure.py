@@ -65,7 +65,9 @@ def test_peak_sampler_period_is_at_most_100ms() -> None:
 
 def test_window_uses_the_nvml_reader_and_closes_it() -> None:
     closed = []
-    values = iter(range(1, 10_000))
+    # the first reading (taken when the window opens) is the highest, every later one lower: the stored value is the
+    # maximum only if it equals the first reading; the last reading would give 1000
+    values = iter([9, *([1] * 100_000)])
     probe = InstrumentedSteps(
         first_timed_step=1, last_timed_step=1,
         nvml_reader=lambda device: ((lambda: next(values) * 1000), (lambda: closed.append(True))),
@@ -73,7 +75,8 @@ def test_window_uses_the_nvml_reader_and_closes_it() -> None:
     device = torch.device("cpu")
     probe._open_window(device)
     probe._close_window(device, 1)
-    assert probe.nvml_peak_bytes is not None and probe.nvml_peak_bytes >= 2000  # start + stop samples at least
+    assert probe.nvml_peak_bytes == 9000
+    assert probe.nvml_samples >= 2  # start + stop samples at least
     assert closed == [True]
     assert [name for name, _ in probe.events] == ["window_open", "peaks_read"]
 

@@ -6,8 +6,9 @@ import shutil
 
 import pytest
 
-from bench.reference import default_reference_dir, load_reference_accuracy, load_reference_speed
+from bench.reference import load_reference_accuracy, load_reference_speed
 from phi3v_core.errors import DataError
+from phi3v_core.reference import default_reference_dir, reference_rows
 
 
 def test_speed_table_matches_the_published_numbers() -> None:
@@ -53,3 +54,11 @@ def test_malformed_row_names_file_and_line(tmp_path) -> None:
         load_reference_speed(tmp_path)
     with pytest.raises(DataError, match="reference table not found"):
         load_reference_accuracy(tmp_path)
+
+
+@pytest.mark.parametrize("table", ["speed", "accuracy"])
+def test_one_reader_gives_the_same_rows_from_the_package_and_from_results(table: str) -> None:
+    """The packaged copy (the default of every reader) and results/reference/*.csv hold the same typed rows."""
+    assert reference_rows(table) == reference_rows(table, default_reference_dir())
+    frame = load_reference_speed() if table == "speed" else load_reference_accuracy()
+    assert len(frame) == len(reference_rows(table))

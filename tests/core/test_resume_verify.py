@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from phi3v_core.cli.finetune import main
-from phi3v_core.training.checkpoints import CHECKPOINT_MANIFEST, checkpoint_problem, write_manifest
+from phi3v_core.training.checkpoints import (
+    CHECKPOINT_MANIFEST,
+    checkpoint_problem,
+    find_resumable_checkpoint,
+    write_manifest,
+)
 
 LEAN = ["--synthetic", "2", "--use_lora", "--lora_rank", "4", "--num_crops", "1", "--batch_size", "1",
         "--max_steps", "2", "--warmup_steps", "0", "--no-eval", "--no-tqdm"]  # fmt: skip
@@ -38,6 +43,28 @@ def _checkpoint(root: Path, step: int, *, manifest: bool = False, skip: tuple[st
     if manifest:
         write_manifest(folder, step)
     return folder
+
+
+def test_latest_checkpoint_is_the_newest_that_checkpoint_problem_accepts(tmp_path):
+    """One completeness rule: the public finder, ``--resume`` and TrainConfig all judge by ``checkpoint_problem``."""
+    assert find_resumable_checkpoint(tmp_path) is None
+    _checkpoint(tmp_path, 2)
+    _checkpoint(tmp_path, 10, manifest=True)
+    _checkpoint(tmp_path, 12, skip=("optimizer.pt",))  # killed while saving: a file missing
+    cut = _checkpoint(tmp_path, 14)
+    (cut / "trainer_state.json").write_text('{"global_st')  # cut off mid-write
+    skipped = []
+    found = find_resumable_checkpoint(tmp_path, max_steps=20, on_skip=lambda folder, why: skipped.append(folder.name))
+    assert found == tmp_path / "checkpoint-10" and skipped == ["checkpoint-14", "checkpoint-12"]
+    assert find_resumable_checkpoint(tmp_path, max_steps=5) == tmp_path / "checkpoint-2"  # 10 is past max_steps
+
+
+def test_an_explicit_resume_checkpoint_is_judged_by_the_same_rule(tmp_path):
+    from phi3v_core.training import TrainConfig
+
+    folder = _checkpoint(tmp_path / "run", 2, skip=("scheduler.pt",))
+    problems = TrainConfig(output_dir=str(tmp_path / "run"), resume=str(folder), max_steps=5)._checkpoint_problems()
+    assert len(problems) == 1 and checkpoint_problem(folder, 5) in problems[0]
 
 
 @pytest.mark.parametrize("manifest", [False, True])

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import csv
-
 import pytest
 
 from phi3v_core.errors import ConfigError
-from planner.calibration import default_reference_dir, load_calibration, packaged_reference_rows
+from phi3v_core.reference import default_reference_dir, reference_rows
+from planner.calibration import load_calibration, reference_anchor_rows
 from planner.hardware import architecture_of, azure_skus, find_gpu, gpu_table
 from planner.recommend import task_profiles
 
@@ -119,18 +118,11 @@ def test_hyperparameters_equal_the_finetune_presets():
             assert ours["lora_alpha"] / ours["lora_rank"] == preset.values["lora_alpha_ratio"]
 
 
-def test_packaged_reference_rows_equal_results_reference():
-    path = default_reference_dir() / "speed.csv"
-    if not path.is_file():
-        pytest.skip("results/reference/speed.csv not in this tree")
-    packaged = list(packaged_reference_rows())
-    assert load_calibration().rows == tuple(packaged)
-    with path.open() as handle:
-        assert len(list(csv.DictReader(handle))) == len(packaged)
-
-
-def test_packaged_copy_is_used_without_results(tmp_path, monkeypatch):
-    monkeypatch.setattr("planner.calibration.default_reference_dir", lambda: tmp_path / "absent")
+def test_the_calibration_reads_the_one_reader_of_the_published_tables():
+    """Packaged rows by default, a folder's speed.csv with --reference: the same rows either way."""
     calibration = load_calibration()
-    assert "recipe.json" in calibration.rows_source
-    assert len(calibration.rows) == 15
+    assert "recipe.json" in calibration.rows_source and len(calibration.rows) == 15
+    assert calibration.rows == reference_anchor_rows()
+    if (default_reference_dir() / "speed.csv").is_file():
+        assert load_calibration(default_reference_dir()).rows == calibration.rows
+    assert [row.img_per_s for row in calibration.rows] == [r["img_per_s"] for r in reference_rows("speed")]

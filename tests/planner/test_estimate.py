@@ -6,9 +6,11 @@ import dataclasses
 
 import pytest
 
-from planner.calibration import calibration_report, fit_cache_fraction, load_calibration
+from planner.calibration import calibration_report, calibration_summary, fit_cache_fraction, load_calibration
 from planner.estimate import GIB, TrainSetup, Workload, estimate_memory, model_state_bytes
+from planner.layouts import fits_with_headroom
 from planner.shapes import ModelShape
+from planner.speed import reference_shape
 
 PHI3V = ModelShape.preset("phi-3-vision")  # the published table was measured on Phi-3-vision v1 (same shapes)
 P = PHI3V.param_counts().total
@@ -29,10 +31,36 @@ def report():
         ("8xA100-80GB x1 qlora FA2", 10),
     ],
 )
-def test_fitted_memory_rows_within_10_percent(report, row, published):
-    """Phi-3CookBook fine-tuning guide: ~36/~29/~26 GB full FT on 1/2/4 nodes, LoRA ~16, QLoRA ~10 (8xA100, FA2): the fit's own rows."""
+def test_flash_memory_rows_within_10_percent_when_held_out(report, row, published):
+    """Phi-3CookBook fine-tuning guide: ~36/~29/~26 GB full FT on 1/2/4 nodes, LoRA ~16, QLoRA ~10 (8xA100, FA2).
+
+    Each row is judged as a prediction: the allocator overhead fitted on the OTHER four flash rows (leave-one-out),
+    so the row's own number never sets the constant it is judged with.
+    """
+    calibration = load_calibration()
+    loo = fit_cache_fraction(calibration, PHI3V, leave_out=row)
+    assert loo != pytest.approx(fit_cache_fraction(calibration, PHI3V), abs=1e-6)  # the row did weigh in the fit
     assert report[row]["published_gb"] == published and report[row]["memory_role"] == "fitted"
-    assert abs(report[row]["memory_error_pct"]) <= 10, report[row]
+    anchor = next(r for r in calibration.rows if r.label == row)
+    overheads = dataclasses.replace(calibration.overheads, cache_fraction=loo)
+    est = estimate_memory(reference_shape(PHI3V, anchor.method), anchor.setup(), anchor.workload(PHI3V), overheads)
+    error = 100 * (est.reserved / GIB / published - 1)
+    assert report[row]["memory_held_out_error_pct"] == pytest.approx(error, abs=0.06)
+    assert abs(error) <= 10, report[row]
+
+
+def test_held_out_memory_line_counts_only_predictions(report):
+    """``--calibration``'s memory line: flash rows leave-one-out, no-flash rows as they are, card-sized peaks apart."""
+    rows = list(report.values())
+    summary = calibration_summary(rows, [])
+    judged = [r for r in rows if r["memory_held_out_error_pct"] is not None]
+    assert summary["held_out_memory_rows"] == len(judged) == 9
+    assert not any(r["suspect"] or r["memory_saturated"] for r in judged)
+    errors = sorted(abs(r["memory_held_out_error_pct"]) for r in judged)
+    assert summary["held_out_memory_error_median_pct"] == errors[4]
+    assert summary["held_out_memory_error_max_pct"] == errors[-1]
+    assert summary["saturated_memory_rows"] == 3 and summary["saturated_memory_rows_consistent"] == 3
+    assert len(summary["excluded_rows"]) == 3 and all("frozen_vision" in r for r in summary["excluded_rows"])
 
 
 def test_held_out_memory_rows_within_10_percent_or_say_what_is_not_modelled(report):
@@ -105,8 +133,10 @@ def test_v100_full_fits_its_card_but_fills_it(report):
     calibration = load_calibration()
     row = next(r for r in calibration.rows if r.label == "8xV100-32GB x1 full no FA")
     est = estimate_memory(shape, row.setup(), row.workload(shape), calibration.overheads)
-    assert est.fits(32 * GIB)
+    assert est.required <= 32 * GIB  # tensors + context fit the card: the recipe ran it
     assert est.expected_peak(32 * GIB) == pytest.approx(32 * GIB)
+    # the planner's one fit rule (reserved peak within 95 % of the card) does not recommend it, as the README says
+    assert not fits_with_headroom(est, 32 * GIB, calibration)
 
 
 def test_cache_fraction_is_the_documented_fit():

@@ -13,19 +13,9 @@ from phi3v_core.config import get_config
 from planner.estimate import TrainSetup, Workload, estimate_memory
 from planner.shapes import ModelShape
 from planner.trace import build_batch, measure_step
+from planner.validate import SMALL_SIZE
 
-SMALL = dict(
-    vocab_size=8192,
-    pad_token_id=0,
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    rope_scaling={"type": "su", "long_factor": [1.0] * 16, "short_factor": [1.0] * 16},
-    vision_config={"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4},
-    img_processor={"image_dim_out": 128, "num_img_tokens": 144, "model_name": "small", "name": "clip_vision_model"},
-)
+SMALL = SMALL_SIZE
 #: (config overrides, gradient checkpointing, num_crops, image size): tiny with the recipe's checkpointing, small
 #: without it so that saved activations, not the logits, dominate the peak.
 CASES = {"tiny": ({}, True, 1, (336, 336)), "small": (SMALL, False, 2, (672, 336))}
@@ -88,23 +78,11 @@ def test_prediction_matches_memtracker(size, method, logits):
 
 def test_8bit_adamw_prediction_matches_memtracker():
     """bitsandbytes' 8-bit AdamW states (1 B each for m and v + an fp32 absmax per 256) against the closed form."""
-    from phi3v_core.model import Phi3VForCausalLM
+    from planner.validate import eight_bit_adamw_memory
 
-    config = get_config("tiny", **SMALL)
-    shape = ModelShape.from_config(config, "small")
-    model = Phi3VForCausalLM(config)
-    dead = model.dead_parameter_names()
-    for name, param in model.named_parameters():
-        param.requires_grad_(name not in dead)
-    model.train()
-    workload = Workload.from_images(shape, num_crops=2, image_size=(672, 336), text_tokens=40, answer_tokens=32)
-    setup = TrainSetup(
-        method="full", precision="fp32", attn="sdpa", gradient_checkpointing=False, optimizer_foreach=False,
-        zero_stage=0, optim="adamw_8bit",
-    )  # fmt: skip
-    measured = measure_step(model, build_batch(shape, workload), setup)["peak"]["Total"]
-    predicted = estimate_memory(shape, setup, workload).allocated
-    plain = estimate_memory(shape, TrainSetup(**{**setup.__dict__, "optim": "adamw"}), workload).allocated
+    result = eight_bit_adamw_memory()  # the README's stored figure (results/validation/) comes from the same function
+    measured, predicted = result["measured_peak_bytes"], result["predicted_peak_bytes"]
+    plain = result["predicted_plain_adamw_bytes"]
     error = predicted / measured - 1
     print(f"small full 8-bit AdamW: measured {measured / 2**20:.1f} MiB, predicted {predicted / 2**20:.1f} MiB "
           f"({error:+.1%}); plain AdamW predicted {plain / 2**20:.1f} MiB")  # fmt: skip

@@ -34,8 +34,15 @@ def test_scale_refusals(argv, expected, tmp_path, capsys):
 
 
 def test_sixteen_gpus_in_one_node_is_a_real_node(capsys):
+    """16 GPUs in one node is planned as such: one node of 16, the global batch split over 16 ranks, a fitting plan."""
     assert main([*GPU, "--count", "16", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)
+    out = json.loads(capsys.readouterr().out)
+    hardware = out["hardware"]
+    assert (hardware["gpus_per_node"], hardware["nodes"]) == (16, 1)
+    (lora,) = out["methods"]
+    assert lora["method"] == "lora" and lora["fits"]
+    assert lora["micro_batch"] * lora["grad_accum"] * 16 == lora["global_batch"] == 64
+    assert lora["command"].startswith("torchrun --nproc_per_node=16 ")
 
 
 def test_scale_problems_are_reported_together(tmp_path, capsys):

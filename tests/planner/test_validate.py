@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -60,4 +63,11 @@ def test_saved_validation_names_machine_commit_date_and_command(tmp_path):
     record = json.loads(path.read_text())
     assert record["result"] == result and record["command"] == "phi3v-plan --validate --repeats 3"
     assert record["machine"].startswith(("cpu-", "1x", "2x", "4x", "8x")) and record["date"][:2] == "20"
-    assert "git_sha" in record and record["environment"]["cpu_count"] >= 1
+    assert record["environment"]["cpu_count"] >= 1
+    # the commit is the source tree's own, not merely a key that may hold None
+    head = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[2]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout: no commit to record")
+    assert record["git_sha"] == head and re.fullmatch(r"[0-9a-f]{40}", record["git_sha"])
+    assert isinstance(record["git_dirty"], bool)
