@@ -8,9 +8,9 @@ Each piece is allocated on the device in the 16-bit dtype, initialised by transf
 replaced by nf4 ``Linear4bit`` at once (:func:`~phi3v_core.methods.lora.replace_with_linear4bit`), which frees their
 16-bit weights before the next piece is allocated.
 
-Build-time peak = the final quantized model + the 16-bit linear weights of the largest piece (one decoder layer for
-Phi-3.5-vision: ``4·h² + 3·h·i`` weights) + bitsandbytes' quantization temporaries; ``planner.loading.build_peak_bytes``
-predicts it.
+Build-time peak: at each piece, the pieces built so far + that piece's 16-bit linear weights + bitsandbytes'
+quantization temporaries; the pieces come in module order (the decoder layers before the CLIP layers), and
+``planner.loading.build_peak_bytes`` predicts the largest.
 """
 
 from __future__ import annotations
