@@ -8,9 +8,9 @@ Each piece is allocated on the device in the 16-bit dtype, initialised by transf
 replaced by nf4 ``Linear4bit`` at once (:func:`~phi3v_core.methods.lora.replace_with_linear4bit`), which frees their
 16-bit weights before the next piece is allocated.
 
-Build-time peak = the final quantized model + the 16-bit linear weights of the largest piece (one decoder layer for
-Phi-3.5-vision: ``4·h² + 3·h·i`` weights) + bitsandbytes' quantization temporaries; ``planner.loading.build_peak_bytes``
-predicts it.
+Build-time peak: at each piece, the pieces built so far + that piece's 16-bit linear weights + bitsandbytes'
+quantization temporaries; the pieces come in module order (the decoder layers before the CLIP layers), and
+``planner.loading.build_peak_bytes`` predicts the largest.
 """
 
 from __future__ import annotations
@@ -38,6 +38,12 @@ def _materialise(modules: list[nn.Module], device: torch.device) -> None:
     for module in modules:
         module.to_empty(device=device, recurse=False)
         module._is_hf_initialized = False  # let initialize_weights run on it
+
+
+def _flag_pieces(model: nn.Module, unit_of: dict[str, str]) -> None:
+    """Flag the modules of the layer units as initialised, so that they wait for their turn."""
+    for name, module in model.named_modules():
+        module._is_hf_initialized = name in unit_of
 
 
 def _quantize_linears(model: nn.Module, names: list[str], compute_dtype: torch.dtype, device: torch.device) -> None:
@@ -70,6 +76,11 @@ def build_quantized_model(
         The model (flagged ``is_loaded_in_4bit``, as PEFT expects) and the names of the quantized modules.
     """
     device = torch.device(device)
+    # Imported before anything is allocated: bitsandbytes may log a warning carrying an exception on import (0.50's CPU
+    # backend does when its optional kernel does not load), and a handler that keeps log records (pytest's capture)
+    # keeps that traceback's frames, and with them whatever piece of the model the importing frames held, alive.
+    import bitsandbytes  # noqa: F401
+
     with torch.device("meta"), default_dtype(dtype):
         model = build()
     units = layer_units(model)
@@ -78,13 +89,12 @@ def build_quantized_model(
         for name, _ in model.get_submodule(unit).named_modules(prefix=unit):
             unit_of[name] = unit
     linears = [name for name, module in model.named_modules() if type(module) is nn.Linear and name not in skip]
-    for name, module in model.named_modules():  # pieces wait, flagged as done, until their turn
-        module._is_hf_initialized = name in unit_of
+    _flag_pieces(model, unit_of)
     # Each sub-model initialises its own modules, innermost first, as their post_init calls do in a normal build (a
     # sub-model's rules, e.g. CLIP's init scales, apply only when it, not the outer model, runs initialize_weights).
     owners = [name for name, module in model.named_modules() if isinstance(module, PreTrainedModel)][::-1]
-    rest = [module for name, module in model.named_modules() if name not in unit_of]
-    _materialise(rest, device)
+    # No list of modules outlives this call: it would keep the replaced 16-bit linears (the projector's) alive.
+    _materialise([module for name, module in model.named_modules() if name not in unit_of], device)
     for owner in owners:
         model.get_submodule(owner).initialize_weights()
     _quantize_linears(model, [name for name in linears if name not in unit_of], compute_dtype, device)

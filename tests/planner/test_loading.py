@@ -8,9 +8,10 @@ import torch
 from bench.measure import LiveTensorBytes
 from phi3v_core.config import Phi3VConfig, tiny_config
 from phi3v_core.methods import build_quantized_model
+from phi3v_core.methods.quantized_build import layer_units
 from phi3v_core.model import Phi3VForCausalLM
 from planner.estimate import TrainSetup, model_state_bytes
-from planner.loading import build_peak_bytes, largest_quantized_piece
+from planner.loading import build_peak_bytes, largest_quantized_piece, quantized_pieces
 from planner.shapes import ModelShape
 from planner.validate import MID_SIZE
 
@@ -40,7 +41,22 @@ def test_layer_by_layer_build_peak_matches_the_prediction(mid: Phi3VConfig) -> N
     predicted = build_peak_bytes(shape, QLORA)
     # bitsandbytes' CPU quantizer adds ~0.1 MB of temporaries; the CUDA kernel writes straight into its outputs
     assert tracker.peak == pytest.approx(predicted, rel=0.01)
-    assert tracker.peak - weights > 0.8 * largest_quantized_piece(shape) * (2 - 0.5625)  # the transient is real
+    # the transient is real: the last decoder layer's 16-bit linears, less the CLIP layers not built yet
+    assert tracker.peak - weights > 0.8 * (predicted - weights) > 0.5 * largest_quantized_piece(shape) * (2 - 0.5625)
+
+
+def test_the_build_order_the_prediction_assumes(mid: Phi3VConfig) -> None:
+    """Decoder layers are built before the CLIP layers, and the pieces add up to the model."""
+    with torch.device("meta"):
+        model = Phi3VForCausalLM(mid)
+    units = layer_units(model)
+    decoder = [i for i, unit in enumerate(units) if unit.startswith("model.layers.")]
+    assert decoder == list(range(mid.num_hidden_layers)) and len(units) > len(decoder)
+    shape = ModelShape.from_config(mid, "mid")
+    counts = shape.param_counts()
+    pieces = quantized_pieces(shape)
+    assert sum(count * params for count, params, _ in pieces) == sum(p.numel() for p in model.parameters())
+    assert sum(count * linear for count, _, linear in pieces) == counts.quantizable()
 
 
 def test_a_qlora_run_builds_layer_by_layer_within_the_prediction(
@@ -66,12 +82,15 @@ def test_a_qlora_run_builds_layer_by_layer_within_the_prediction(
 
 
 def test_full_size_build_peak() -> None:
-    """Phi-3.5-vision in bf16: ~2.6 GiB at build (one decoder layer in 16-bit over the 2.44 GiB of weights)."""
+    """Phi-3.5-vision in bf16: ~2.46 GiB at build (the last CLIP layer in 16-bit over the 2.44 GiB of weights).
+
+    The last decoder layer's larger transient (0.15 GiB) comes while the 24 CLIP layers (0.16 GiB in nf4) are not built.
+    """
     shape = ModelShape.preset("phi-3.5-vision")
     counts = shape.param_counts()
     assert largest_quantized_piece(shape) == counts.lm_layer_linear // 32  # a decoder layer: 4·h² + 3·h·i
     peak = build_peak_bytes(shape, QLORA) / 2**30
-    assert peak == pytest.approx(2.59, abs=0.01)
+    assert peak == pytest.approx(2.455, abs=0.005)
     assert peak < counts.total * 2 / 2**30 / 2.5  # the old path needed the whole 7.7 GiB 16-bit model
     assert (
         build_peak_bytes(shape, TrainSetup(method="lora"))
@@ -81,9 +100,9 @@ def test_full_size_build_peak() -> None:
 
 @pytest.mark.gpu
 def test_full_size_qlora_build_peak_on_the_gpu_matches_the_prediction() -> None:
-    """Build the Phi-3.5-vision QLoRA preset on GPU 0 and compare the allocator's peak with the prediction (2.59 GiB).
+    """Build the Phi-3.5-vision QLoRA preset on GPU 0 and compare the allocator's peak with the prediction (2.46 GiB).
 
-    Fits every card the GPU tests target with room to spare (H100 80 GB, A100 40 GB, V100 32 GB: 2.6 GiB at most).
+    Fits every card the GPU tests target with room to spare (H100 80 GB, A100 40 GB, V100 32 GB: 2.5 GiB at most).
     bitsandbytes' CUDA quantizer writes straight into the nf4 output and absmax, so only the 512-byte rounding of the
     caching allocator and a few small buffers separate the two (3 % allowed). Below compute capability 7.5 the planner
     does not offer QLoRA, so the test skips there.
