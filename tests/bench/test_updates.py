@@ -62,6 +62,7 @@ def test_the_planner_offers_fp32_master_weights_and_passes_over_bf16_at_5e_6() -
     assert _recommendable("docvqa", "lora") == {"adamw"}
 
 
+@pytest.mark.slow  # six real runs (~1 CPU-minute each on 2 cores); the bf16 test below runs two in the default set
 @pytest.mark.parametrize(
     ("method", "optim"),
     [(m, o) for m in ("full", "frozen_vision", "lora") for o in sorted(_recommendable("docvqa", m))],
