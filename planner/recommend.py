@@ -230,13 +230,20 @@ def _layout_reasons(
     return reasons, speedup
 
 
-def _retention_reasons(candidates: list[Candidate], learning_rate: float) -> list[str]:
-    """Why fitting layouts that lose their updates were passed over (their retention at the recipe's rate)."""
+def _retention_reasons(candidates: list[Candidate], chosen: Candidate | None, learning_rate: float) -> list[str]:
+    """Why fitting layouts that lose their updates were passed over (their retention at the recipe's rate): those
+    the plan would otherwise have taken (an earlier tier) or that are faster than the chosen one; any when nothing
+    was chosen."""
     from planner.layouts import keeps_updates
+
+    def tempting(c: Candidate) -> bool:
+        if chosen is None or c.tier < chosen.tier:
+            return True
+        return (c.layout.samples_per_s or 0.0) > (chosen.layout.samples_per_s or 0.0)
 
     lossy: dict[str, Candidate] = {}
     for c in candidates:
-        if c.layout.fits and not keeps_updates(c):
+        if c.layout.fits and not keeps_updates(c) and tempting(c):
             lossy.setdefault(c.layout.optim, c)
     if not lossy:
         return []
@@ -280,7 +287,7 @@ def _plan_method(
         if fits:
             extra, speedup = _layout_reasons(pick, candidates, hw, host_ram_bytes(request, hw)[1])
             reasons.extend(extra)
-        reasons.extend(_retention_reasons(candidates, float(hyper["learning_rate"])))
+        reasons.extend(_retention_reasons(candidates, chosen, float(hyper["learning_rate"])))
     setup = pick.setup
     effective = setup.micro_batch * setup.grad_accum * world
     if setup.zero == 2 and not setup.offload_optimizer:

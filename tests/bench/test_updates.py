@@ -101,3 +101,20 @@ def test_mid_size_model_full_fine_tuning_at_5e_6(tmp_path: Path, mid_model: str,
     change = _changed(tmp_path, mid_model, "full", optim)["weight_change"]
     print(f"mid-size full {optim} lr 5e-6: {change['changed_fraction']:.1%} of {change['counted']} changed")
     assert (change["changed_fraction"] >= RETENTION_FLOOR) is keeps
+
+
+def test_bench_trains_at_the_recipe_rate_unless_told() -> None:
+    from bench.cli import build_parser, config_from_args
+    from bench.config import DeviceDescription, parse_field_value
+    from bench.worker import to_train_config
+
+    assert to_train_config(BenchConfig(method="full", release="t"), "out", 3).learning_rate == 5e-6  # docvqa full
+    assert to_train_config(BenchConfig(method="lora", release="t"), "out", 3).learning_rate == 2e-4
+    assert to_train_config(BenchConfig(method="full", seq_profile="ucf101", release="t"), "out", 3).learning_rate == 4e-5
+    assert to_train_config(BenchConfig(method="full", learning_rate=1e-4, release="t"), "out", 3).learning_rate == 1e-4
+    assert parse_field_value("learning_rate", "2e-5") == 2e-5
+    assert any("learning_rate must be" in p for p in BenchConfig(learning_rate=0.0, release="t").problems())
+    args = build_parser().parse_args(["run", "--learning-rate", "2e-5"])
+    assert config_from_args(args, DeviceDescription())[0].learning_rate == 2e-5
+    # a protocol field: results at another rate compare with the same cell
+    assert BenchConfig(learning_rate=2e-5, release="t").cell_id() == BenchConfig(release="t").cell_id()
