@@ -118,3 +118,12 @@ def test_bench_trains_at_the_recipe_rate_unless_told() -> None:
     assert config_from_args(args, DeviceDescription())[0].learning_rate == 2e-5
     # a protocol field: results at another rate compare with the same cell
     assert BenchConfig(learning_rate=2e-5, release="t").cell_id() == BenchConfig(release="t").cell_id()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("optim", "keeps"), [("adamw_8bit_fp32_master", True), ("adamw_8bit", False)])
+def test_bitsandbytes_cuda_kernels_keep_or_lose_the_steps_as_predicted(tmp_path: Path, optim: str, keeps: bool) -> None:
+    # Only a GPU can tell: bitsandbytes' CUDA 8-bit AdamW is another kernel than its CPU one (rounding included).
+    change = _changed(tmp_path, "tiny", "full", optim)["weight_change"]
+    print(f"CUDA tiny full {optim} lr 5e-6: {change['changed_fraction']:.1%} of {change['counted']} changed")
+    assert (change["changed_fraction"] >= RETENTION_FLOOR) is keeps
