@@ -84,6 +84,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="recompute activations in backward (default: on, as the recipe)")
     p.add_argument("--optim", choices=OPTIM_NAMES, default=d.optim, help="optimizer (default: %(default)s)")
     p.add_argument("--offload", choices=OFFLOAD_NAMES, default=d.offload, help="DeepSpeed offload (default: %(default)s)")
+    p.add_argument("--learning-rate", type=bounded_float(0, 1, low_open=True), default=None,
+                   help="peak learning rate (default: the recipe's for the profile's task and the method); decides "
+                        "how many weights a step changes, which the run reports")
     _add_output_arguments(p)
 
 
@@ -295,6 +298,13 @@ def _print_summary(console: Any, cfg: BenchConfig, result: Any) -> None:
         num(s.step_time_median_s, ".4f"), num(s.step_time_p90_s, ".4f"), num(s.step_time_stdev_s, ".4f"),
         num(s.mfu, ".1%"), num(s.hardware_mfu, ".1%"),
     ]
+    first = next((r for r in result.metrics.repeats if r.weight_change), None)
+    if first is not None:
+        lr = f", lr {first.learning_rate:g}" if first.learning_rate else ""
+        columns.append(f"weights changed ({first.weight_change['steps']} steps{lr})")
+    else:
+        columns.append("weights changed")
+    row.append(num(s.changed_weights_fraction, ".1%"))
     if gpu:
         columns += ["peak allocated GiB", "peak reserved GiB", "peak NVML GiB (sampled)"]
         row += [gib(s.peak_gpu_allocated_bytes), gib(s.peak_gpu_reserved_bytes), gib(s.peak_nvml_process_bytes)]

@@ -112,6 +112,10 @@ class BenchConfig:
         repeats: Fresh processes per configuration; ``compare`` needs at least 3 on each side to call a change.
         seed: Random seed for the synthetic data and the weights.
         gradient_checkpointing: Recompute activations in backward (the recipe always turns it on).
+        optim: ``phi3v-finetune --optim`` name (``adamw``, ``adamw_8bit``, ``adamw_8bit_fp32_master``, ...).
+        offload: ``none`` or ``optimizer`` (DeepSpeed ZeRO-Offload).
+        learning_rate: Peak learning rate; ``None`` = the recipe's for the profile's task and the method. A protocol
+            field: it does not change the step time, but decides how many weights a step changes (reported).
         release: Release label of the results folder (``results/<release>/<hardware>/``).
         out: Root folder for result files.
     """
@@ -133,6 +137,7 @@ class BenchConfig:
     gradient_checkpointing: bool = True
     optim: str = "adamw"
     offload: str = "none"
+    learning_rate: float | None = None
     release: str = field(default_factory=default_release)
     out: str = "results"
 
@@ -231,6 +236,9 @@ class BenchConfig:
             problems.append(f"num_crops must be <= {MAX_NUM_CROPS} (the recipe's limit), got {self.num_crops}")
         if isinstance(self.steps, int) and 1 <= self.steps < 2:
             problems.append("steps must be >= 2 so that a step-time spread exists; use --steps 10")
+        lr = self.learning_rate
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < 1):
+            problems.append(f"learning_rate must be a number in (0, 1) (e.g. 5e-6), got {lr!r}")
         if not isinstance(self.gradient_checkpointing, bool):
             problems.append(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
 
@@ -317,6 +325,11 @@ def parse_field_value(name: str, text: str) -> Any:
             return int(text)
         except ValueError:
             raise ConfigError(f"{name}={text!r}: expected an integer") from None
+    if kind == "float | None":
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{name}={text!r}: expected a number such as 5e-6") from None
     if kind == "bool":
         lowered = text.strip().lower()
         if lowered in ("1", "true", "yes", "on"):

@@ -110,6 +110,9 @@ class RepeatSample:
         skipped_steps: Steps (warm-up included) whose update the fp16 loss scaler skipped; ``None`` in older results.
         skipped_timed_steps: 1-based positions in the timed window of skipped steps (their times are kept: the
             step ran forward and backward, only the update was skipped).
+        weight_change: Rank 0's :class:`bench.updates.WeightChange` as a dict: the share of trained weights whose
+            stored value the whole run (warm-up included) changed; ``None`` in older results.
+        learning_rate: Peak learning rate the repeat trained with; ``None`` in older results.
     """
 
     step_times_s: list[float] = field(default_factory=list)
@@ -120,6 +123,8 @@ class RepeatSample:
     wall_s: float | None = None
     skipped_steps: int | None = None
     skipped_timed_steps: list[int] = field(default_factory=list)
+    weight_change: dict[str, Any] | None = None
+    learning_rate: float | None = None
 
 
 @dataclass
@@ -177,7 +182,8 @@ class Summary:
     ``mfu`` divides model FLOPs (no recompute) by the GPUs' dense peak; ``hardware_mfu`` uses hardware FLOPs
     (recompute included), so it is the larger of the two when gradient checkpointing is on. ``wall_s`` is the whole
     run, ``steps_s`` its warm-up + timed steps, ``skipped_steps`` the fp16 loss-scaler skips (``None`` where the
-    result predates them).
+    result predates them). ``changed_weights_fraction`` is the smallest share of trained weights a repeat's steps
+    changed (``None`` where not measured): under 50 % the layout does not apply the updates it computes.
     """
 
     img_per_s: float | None
@@ -198,6 +204,7 @@ class Summary:
     wall_s: float | None = None
     steps_s: float | None = None
     skipped_steps: int | None = None
+    changed_weights_fraction: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the summary as a JSON-ready dict."""
@@ -261,6 +268,8 @@ class BenchResult:
         world = self.config.world_size
         img_s = m.images_per_step / median if (median and m.images_per_step) else None
         tok_s = m.tokens_per_step / median if (median and m.tokens_per_step) else None
+        changed = [r.weight_change["changed_fraction"] for r in m.repeats if r.weight_change]
+
         def utilisation(flops: float | None) -> float | None:
             if median and flops and m.peak_flops_per_gpu:
                 return flops / median / (world * m.peak_flops_per_gpu)
@@ -289,6 +298,7 @@ class BenchResult:
                 sum(r.skipped_steps or 0 for r in m.repeats) if any(r.skipped_steps is not None for r in m.repeats)
                 else None  # results written before skips were counted
             ),
+            changed_weights_fraction=min(changed) if changed else None,
         )
 
     # ---- (de)serialization ----------------------------------------------------------------------------------

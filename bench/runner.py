@@ -473,6 +473,9 @@ def _add_repeat(metrics: Metrics, ranks: list[dict[str, Any]], wall_s: float | N
             # Every rank sees the same overflow (the scaler checks the all-reduced gradients): the maximum is exact.
             skipped_steps=max((p.get("skipped_steps") or 0) for p in ranks),
             skipped_timed_steps=sorted({i for p in ranks for i in p.get("skipped_timed_steps") or []}),
+            # every rank holds the same weights after a step (DDP, ZeRO-2 all-gathers): rank 0's sample stands
+            weight_change=ranks[0].get("weight_change"),
+            learning_rate=ranks[0].get("learning_rate"),
         )
     )
     metrics.images_per_step = sum(p["images_per_step"] or 0 for p in ranks)

@@ -23,6 +23,7 @@ from bench.config import BenchConfig
 from bench.measure import FlopCache, InstrumentedSteps, cached_step_flops, step_micro_batches
 from bench.runner import FLOP_CACHE_ENV
 from bench.status import HOST_OOM, OOM, oom_status
+from bench.updates import ChangedWeights
 from bench.workload import to_train_config
 from phi3v_core.device import local_device
 from phi3v_core.io import atomic_write_text
@@ -100,13 +101,14 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         last_timed_step=int(layout["last_timed"]),
         memory_step=layout["memory_step"],
     )
+    changes = ChangedWeights()  # after the timer: its sampling is not inside any timed step
     payload: dict[str, Any] = {"rank": rank, "world_size": world, "device": str(device), "status": "ok"}
     # Inside the runner's folder: a worker killed on timeout leaves nothing behind once the runner removes it.
     with tempfile.TemporaryDirectory(prefix="train-", dir=out_dir) as scratch:
         train_cfg = to_train_config(cfg, scratch, total_steps)
         try:
             # probes first: the window (sync, peak reset, first NVML sample) opens before the timer's clock starts.
-            result = train(train_cfg, workload.dataset, callbacks=[probes, timer])
+            result = train(train_cfg, workload.dataset, callbacks=[probes, timer, changes])
         except Exception as exc:  # noqa: BLE001 - recorded as an error/oom row by the runner
             payload.update(
                 status=_failure_status(exc),
@@ -152,6 +154,8 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         },
         notes=probes.notes,
         events=probes.events,
+        learning_rate=train_cfg.learning_rate,
+        weight_change=changes.result.to_dict() if changes.result else None,
     )
     return payload
 

@@ -31,6 +31,7 @@ __all__ = [
     "CONTEXT_LENGTH",
     "CROP_SIZE",
     "DEFAULT_ATTN",
+    "EIGHT_BIT_OPTIMS",
     "MAX_NUM_CROPS",
     "METHOD_NAMES",
     "MODEL_PRESET_NAMES",
@@ -66,8 +67,12 @@ ATTN_NAMES: tuple[str, ...] = ("eager", "sdpa", "flash_attention_2")
 DEFAULT_ATTN = "sdpa"
 #: Training precisions: bf16/fp16 mixed precision or plain fp32.
 PRECISION_NAMES: tuple[str, ...] = ("bf16", "fp16", "fp32")
-#: Optimizers a run can use: torch AdamW (the recipe's), bitsandbytes 8-bit AdamW and its paged (CUDA) variant.
-OPTIM_NAMES: tuple[str, ...] = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+#: Optimizers a run can use: torch AdamW (the recipe's), bitsandbytes 8-bit AdamW (bf16 weights for full fine-tuning),
+#: its paged (CUDA) variant, and bitsandbytes 8-bit AdamW on fp32 master weights (keeps small updates: see
+#: :mod:`phi3v_core.retention`).
+OPTIM_NAMES: tuple[str, ...] = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adamw_8bit_fp32_master")
+#: The 8-bit (bitsandbytes) optimizers among :data:`OPTIM_NAMES`.
+EIGHT_BIT_OPTIMS: tuple[str, ...] = ("adamw_8bit", "paged_adamw_8bit", "adamw_8bit_fp32_master")
 #: What DeepSpeed ZeRO-2 may move to host memory: nothing, or the optimizer (fp32 master weights and AdamW states).
 OFFLOAD_NAMES: tuple[str, ...] = ("none", "optimizer")
 #: Random-init model configs of the official shapes, by name (``phi3v_core.config.MODEL_PRESETS`` builds them, in this

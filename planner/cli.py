@@ -16,6 +16,7 @@ from typing import Any
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors
 from phi3v_core.constants import METHOD_NAMES
 from phi3v_core.errors import ConfigError
+from phi3v_core.retention import RETENTION_FLOOR
 from planner.estimate import GIB
 from planner.reports import dump, fmt, make_console, print_calibration, print_gpus, print_validation
 
@@ -233,8 +234,9 @@ def _print_layouts(console: Any, p: Any) -> None:
     from rich.table import Table
 
     table = Table(title="Layouts considered (per option the fastest that fits, else micro-batch 1; * = chosen)")
-    for col in ("method", "checkpointing", "optimizer", "offload", "micro x accum", "peak GiB", "fits", "samples/s"):
-        table.add_column(col, justify="right" if col in ("peak GiB", "samples/s", "micro x accum") else "left")
+    right = ("peak GiB", "samples/s", "micro x accum", "retention")
+    for col in ("method", "checkpointing", "optimizer", "offload", "micro x accum", "peak GiB", "fits", "samples/s", "retention"):
+        table.add_column(col, justify="right" if col in right else "left")
     for m in p.methods:
         groups: dict[tuple[bool, str, str], list[Any]] = {}
         for layout in m.layouts:
@@ -252,8 +254,19 @@ def _print_layouts(console: Any, p: Any) -> None:
                 f"{shown.reserved_bytes / GIB:.1f}",
                 "yes" if shown.fits else "no",
                 fmt(shown.samples_per_s, ".2f"),
+                f"{shown.update_retention:.0%}" + ("" if shown.update_retention >= RETENTION_FLOOR else " (lost)"),
             )
     console.print(table)
+    console.print(
+        "retention: share of trained weights one step at the recipe's learning rate changes once stored "
+        "(under 50 %: never recommended)"
+    )
+
+
+def _retention_text(best: Any) -> str:
+    """``, update retention N %`` of the chosen layout (empty when there is none)."""
+    chosen = next((lay for lay in best.layouts if lay.chosen), None)
+    return f", update retention {chosen.update_retention:.0%}" if chosen else ""
 
 
 def _print_recommendation(console: Any, p: Any, best: Any) -> None:
@@ -266,6 +279,7 @@ def _print_recommendation(console: Any, p: Any, best: Any) -> None:
         f"{best.grad_accum} accumulation x {hw.world_size} GPU(s) = global batch {best.global_batch}, "
         f"gradient checkpointing {'on' if best.gradient_checkpointing else 'off'}, optimizer {best.optim}"
         + (f", offload {best.offload}" if best.offload != "none" else "")
+        + _retention_text(best)
     ]
     lines += [f"- {line}" for line in p.why + best.reasons[1:]]
     hp = best.hyperparameters

@@ -4,13 +4,18 @@ A layout is (micro-batch, accumulation, gradient checkpointing, optimizer, offlo
 predicts the reserved peak and the speed model the throughput; the plan takes, in this order of tiers,
 
 1. plain AdamW (fp32 master weights on one GPU; ZeRO-2 over several), checkpointing on or off;
-2. full/frozen_vision only: bitsandbytes 8-bit AdamW with bf16 weights (6 bytes per parameter instead of 16);
-3. full/frozen_vision only: DeepSpeed ZeRO-Offload of the optimizer to host memory (4 bytes per parameter on the
+2. full/frozen_vision on one process only: bitsandbytes 8-bit AdamW on fp32 master weights (10 bytes per
+   parameter: fp32 weight and gradient, 8-bit m and v);
+3. full/frozen_vision only: bitsandbytes 8-bit AdamW with bf16 weights (6 bytes per parameter instead of 16);
+4. full/frozen_vision only: DeepSpeed ZeRO-Offload of the optimizer to host memory (4 bytes per parameter on the
    GPU, 16 in host RAM; CPU Adam and PCIe copies every step),
 
 the fastest layout that fits within the headroom rule in the first tier where any fits: 8-bit and offload are
-recommended only where plain AdamW does not fit, because they cost precision (no fp32 master copy) or time.
-Checkpointing is off wherever the memory allows (it recomputes every layer's forward: ~1.3-1.5x the FLOPs).
+recommended only where plain AdamW does not fit, because they cost precision or time. A layout must also keep its
+updates: its **update retention** (:func:`layout_retention`, the share of weights a step at the recipe's learning
+rate changes once stored) must be at least 50 %, which bf16 weights without a master copy miss at full
+fine-tuning rates (8 % at 5e-6). Checkpointing is off wherever the memory allows (it recomputes every layer's
+forward: ~1.3-1.5x the FLOPs).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from phi3v_core.constants import ZERO_BUCKET_ELEMENTS
+from phi3v_core.retention import RETENTION_FLOOR, update_retention
 from planner.calibration import Calibration, fit_speed_constants
 from planner.estimate import GIB, MemoryEstimate, TrainSetup, Workload, estimate_memory, host_memory_bytes
 from planner.hardware import GpuSpec, supports_bf16, supports_flash_attention
@@ -34,6 +40,8 @@ __all__ = [
     "estimate",
     "fits_with_headroom",
     "hyperparameters",
+    "keeps_updates",
+    "layout_retention",
     "option_tiers",
     "search",
     "setup_for",
@@ -82,19 +90,43 @@ def option_tiers(base: TrainSetup) -> list[list[tuple[str, str]]]:
     """(optim, offload) options by tier; 8-bit and offload only for full/frozen_vision (LoRA states are small)."""
     tiers: list[list[tuple[str, str]]] = [[("adamw", "none")]]
     if base.method in ("full", "frozen_vision"):
+        if base.zero == 0 and base.precision == "bf16":
+            # under ZeRO-2 DeepSpeed keeps fp32 partitions anyway, and with fp16 adamw_8bit keeps fp32 weights
+            tiers.append([("adamw_8bit_fp32_master", "none")])
         tiers += [[("adamw_8bit", "none")], [("adamw", "optimizer")]]
     return tiers
 
 
 def _with_option(base: TrainSetup, optim: str, offload: str) -> TrainSetup:
-    """``base`` with an optimizer/offload option (and the weight storage phi3v-finetune uses with it)."""
+    """``base`` with an optimizer/offload option (and the weight storage phi3v-finetune uses with it).
+
+    ``optim`` is phi3v-finetune's name; the memory model knows ``adamw`` and ``adamw_8bit`` plus a weight dtype.
+    """
     if offload == "optimizer":
         return replace(base, offload_optimizer=True, zero_stage=2, weight_dtype=base.precision)
+    if optim == "adamw_8bit_fp32_master":
+        return replace(base, optim="adamw_8bit", weight_dtype="fp32")  # fp32 weights and gradients, 8-bit m, v
     if optim == "adamw_8bit" and base.method in ("full", "frozen_vision"):
         # bf16 weights with no fp32 master (TrainConfig.sixteen_bit_weights); fp16 keeps fp32 weights
         weights = base.precision if base.precision == "bf16" else "fp32"
         return replace(base, optim=optim, weight_dtype=weights, zero_stage=base.zero_stage)
     return replace(base, optim=optim)
+
+
+def layout_retention(setup: TrainSetup, learning_rate: float) -> float:
+    """Share of trained weights a step of ``learning_rate`` changes once the optimizer stores it.
+
+    The optimizer writes fp32 for LoRA/QLoRA (fp32 adapters) and under ZeRO-2 (DeepSpeed's fp32 partitions, also
+    when offloaded); otherwise into the stored weights (fp32 master copy, or bf16 with 8-bit AdamW).
+    """
+    lora = setup.method in ("lora", "qlora")
+    dtype = "fp32" if (lora or setup.zero == 2) else setup.stored_weight_dtype
+    return update_retention(learning_rate, dtype)
+
+
+def keeps_updates(candidate: Candidate) -> bool:
+    """The layout applies at least :data:`~phi3v_core.retention.RETENTION_FLOOR` of its updates."""
+    return candidate.layout.update_retention >= RETENTION_FLOOR
 
 
 def batch_layouts(global_batch: int, world: int, max_micro: int) -> list[tuple[int, int, int]]:
@@ -180,6 +212,7 @@ def search(
 ) -> list[Candidate]:
     """Every layout of ``base``'s method with predicted memory (on ``memory_workload``) and speed (on ``workload``)."""
     global_batch = request.global_batch or task_profiles()["common"]["global_batch"]
+    learning_rate = float(hyperparameters(request.task, base.method, global_batch)["learning_rate"])
     constants, _fitted = fit_speed_constants(calibration, load_shape("phi-3-vision"))
     host, _host_source = host_ram_bytes(request, hw)
     capacity = hw.gpu.memory_bytes
@@ -203,15 +236,17 @@ def search(
                     layout = Layout(
                         micro, accum, checkpointing, optim, offload, memory.reserved, fits,
                         speed.samples_per_s if speed else None, host_need,
+                        update_retention=layout_retention(setup, learning_rate),
                     )  # fmt: skip
                     out.append(Candidate(layout, setup, memory, speed, tier))
     return out
 
 
 def choose(candidates: list[Candidate]) -> Candidate | None:
-    """The fastest fitting layout of the first tier where any fits (largest micro-batch when speed is unknown)."""
+    """The fastest fitting layout that keeps its updates, of the first tier where any does (largest micro-batch when
+    speed is unknown)."""
     for tier in sorted({c.tier for c in candidates}):
-        fitting = [c for c in candidates if c.tier == tier and c.layout.fits]
+        fitting = [c for c in candidates if c.tier == tier and c.layout.fits and keeps_updates(c)]
         if fitting:
             return max(
                 fitting,

@@ -209,8 +209,14 @@ def _layout_reasons(
     if chosen.optim == "adamw_8bit":
         reasons.append(
             f"8-bit AdamW (bitsandbytes) with {pick.setup.stored_weight_dtype} weights: plain AdamW needs at least "
-            f"{plain_need:.1f} GiB; trade-off: no fp32 master copy (small updates round away in bf16), optimizer "
-            "states quantised blockwise"
+            f"{plain_need:.1f} GiB; trade-off: no fp32 master copy (update retention {chosen.update_retention:.0%}: "
+            "steps under half a bf16 ulp round away), optimizer states quantised blockwise"
+        )
+    if chosen.optim == "adamw_8bit_fp32_master":
+        reasons.append(
+            f"8-bit AdamW (bitsandbytes) on fp32 master weights (10 bytes per parameter): plain AdamW needs at least "
+            f"{plain_need:.1f} GiB; update retention {chosen.update_retention:.0%}; trade-off: optimizer states "
+            "quantised blockwise"
         )
     if chosen.offload == "optimizer":
         extra = sum(v for k, v in (pick.speed.times if pick.speed else {}).items() if "CPU Adam" in k or "PCIe" in k)
@@ -222,6 +228,34 @@ def _layout_reasons(
             f"PCIe copies"
         )
     return reasons, speedup
+
+
+def _retention_reasons(candidates: list[Candidate], chosen: Candidate | None, learning_rate: float) -> list[str]:
+    """Why fitting layouts that lose their updates were passed over (their retention at the recipe's rate): those
+    the plan would otherwise have taken (an earlier tier) or that are faster than the chosen one; any when nothing
+    was chosen."""
+    from planner.layouts import keeps_updates
+
+    def tempting(c: Candidate) -> bool:
+        if chosen is None or c.tier < chosen.tier:
+            return True
+        return (c.layout.samples_per_s or 0.0) > (chosen.layout.samples_per_s or 0.0)
+
+    lossy: dict[str, Candidate] = {}
+    for c in candidates:
+        if c.layout.fits and not keeps_updates(c) and tempting(c):
+            lossy.setdefault(c.layout.optim, c)
+    if not lossy:
+        return []
+    named = ", ".join(
+        f"{optim} ({c.setup.stored_weight_dtype} weights, update retention {c.layout.update_retention:.0%})"
+        for optim, c in lossy.items()
+    )
+    return [
+        f"not recommended although {'it fits' if len(lossy) == 1 else 'they fit'}: {named}: at lr "
+        f"{learning_rate:g} a step changes under 50 % of the weights (the rest round away), so the run would "
+        "barely learn (use fp32 master weights: adamw_8bit_fp32_master, adamw, or the offloaded optimizer)"
+    ]
 
 
 def _plan_method(
@@ -253,6 +287,7 @@ def _plan_method(
         if fits:
             extra, speedup = _layout_reasons(pick, candidates, hw, host_ram_bytes(request, hw)[1])
             reasons.extend(extra)
+        reasons.extend(_retention_reasons(candidates, chosen, float(hyper["learning_rate"])))
     setup = pick.setup
     effective = setup.micro_batch * setup.grad_accum * world
     if setup.zero == 2 and not setup.offload_optimizer:

@@ -270,13 +270,15 @@ class Layout:
         micro_batch: Samples per GPU per forward.
         grad_accum: Micro-batches per optimizer step.
         gradient_checkpointing: Recompute each layer in backward.
-        optim: ``adamw`` or ``adamw_8bit``.
+        optim: ``phi3v-finetune --optim``: ``adamw``, ``adamw_8bit`` (bf16 weights) or ``adamw_8bit_fp32_master``.
         offload: ``none`` or ``optimizer`` (DeepSpeed ZeRO-Offload).
         reserved_bytes: Predicted reserved peak per GPU.
         fits: Under the headroom rule (and, with offload, within the known host memory).
         samples_per_s: Predicted global throughput (None when the GPU's peak is unknown).
         host_bytes: Host memory per node the offloaded optimizer holds (0 without offload).
         chosen: The layout the plan recommends for this method.
+        update_retention: Predicted share of trained weights one step at the recipe's learning rate changes
+            (:mod:`phi3v_core.retention`); a layout under 50 % is never recommended.
     """
 
     micro_batch: int
@@ -289,6 +291,7 @@ class Layout:
     samples_per_s: float | None
     host_bytes: float = 0.0
     chosen: bool = False
+    update_retention: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for ``--json``)."""
@@ -302,6 +305,7 @@ class Layout:
             "fits": self.fits,
             "samples_per_s": self.samples_per_s,
             "host_gib": round(self.host_bytes / GIB, 2),
+            "update_retention": round(self.update_retention, 4),
             "chosen": self.chosen,
         }
 
@@ -372,6 +376,9 @@ class MethodPlan:
             "optim": self.optim,
             "offload": self.offload,
             "host_gib": round(self.host_bytes / GIB, 2),
+            "update_retention": next(
+                (round(lay.update_retention, 4) for lay in self.layouts if lay.chosen), None
+            ),
             "speedup_vs_checkpointing": self.speedup_vs_checkpointing,
             "layouts": [layout.to_dict() for layout in self.layouts],
         }

@@ -206,7 +206,13 @@ def _add_memory_flags(parser: argparse.ArgumentParser) -> None:
         "--optim",
         choices=OPTIM_NAMES,
         default="adamw",
-        help="adamw (default); adamw_8bit: bitsandbytes 8-bit AdamW, bf16 weights for full/frozen_vision",
+        help="adamw (default); adamw_8bit: bitsandbytes 8-bit AdamW, bf16 weights for full/frozen_vision; "
+        "adamw_8bit_fp32_master: the same on fp32 weights (keeps small updates)",
+    )
+    group.add_argument(
+        "--allow_low_retention",
+        action="store_true",
+        help="train even where a step changes under 50%% of the weights (bf16 weights at a small learning rate)",
     )
     group.add_argument(
         "--offload",

@@ -424,6 +424,29 @@ class _Resolver:
                     "so the learning rate leaves warm-up; pass --warmup_steps to choose"
                 )
 
+    def check_retention(self, train_cfg: Any) -> None:
+        """Refuse a layout that cannot apply its updates (predicted retention below 50 %) unless
+        ``--allow_low_retention``, which turns the refusal into a note: bf16 weights without an fp32 master copy
+        lose every step shorter than half their last bit (:mod:`phi3v_core.retention`)."""
+        from phi3v_core.retention import RETENTION_FLOOR
+
+        if train_cfg.method not in METHOD_NAMES or not train_cfg.learning_rate > 0:
+            return  # reported elsewhere
+        retention = train_cfg.update_retention(self.env.world_size)
+        if retention >= RETENTION_FLOOR:
+            return
+        what = (
+            f"--optim {train_cfg.optim} stores the {train_cfg.method} weights in bf16: at --learning_rate "
+            f"{train_cfg.learning_rate:g} a step changes only {retention:.0%} of them (smaller steps round away)"
+        )
+        if getattr(self.args, "allow_low_retention", False):
+            self.notes.append(f"{what}; training anyway (--allow_low_retention)")
+            return
+        self.problems.append(
+            f"{what}; use --optim adamw_8bit_fp32_master (fp32 weights, 10 bytes per parameter) or adamw, or pass "
+            "--allow_low_retention to train anyway"
+        )
+
     def add_train_config_problems(self, train_cfg: Any) -> None:
         """The training helper's own checks (environment, model folder, checkpoints), phrased with our flags."""
         for problem in train_cfg.problems(self.env):
@@ -494,6 +517,7 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
         extra={"task": task, "preset": args.preset, "command": "phi3v-finetune"},
     )
     resolver.add_train_config_problems(train_cfg)
+    resolver.check_retention(train_cfg)
     raise_all(dict.fromkeys(resolver.problems))  # dedupe, keep order
 
     return _finetune_config(args, task, train_cfg, values, resolver)

@@ -22,6 +22,7 @@ from phi3v_core.config import MODEL_PRESETS
 from phi3v_core.constants import (
     ATTN_NAMES,
     DEFAULT_ATTN,
+    EIGHT_BIT_OPTIMS,
     MAX_NUM_CROPS,
     OFFLOAD_NAMES,
     OPTIM_NAMES,
@@ -148,8 +149,10 @@ class TrainConfig:
             ~4 B × 32064 per prompt token of memory on the real one. Off by default: the recipe pays that cost.
         optim: ``adamw`` (torch AdamW, the recipe's), ``adamw_8bit`` (bitsandbytes 8-bit AdamW: m and v in one byte
             each, blockwise-quantised; full/frozen_vision then store the weights in the 16-bit ``precision`` when it
-            is bf16, with no fp32 master copy) or ``paged_adamw_8bit`` (the same with states in CUDA unified memory
-            that pages to the host under memory pressure; CUDA only).
+            is bf16, with no fp32 master copy), ``paged_adamw_8bit`` (the same with states in CUDA unified memory
+            that pages to the host under memory pressure; CUDA only) or ``adamw_8bit_fp32_master`` (bitsandbytes
+            8-bit AdamW on fp32 weights: 10 bytes per parameter instead of 16, and small steps are kept — bf16
+            weights lose most steps at full fine-tuning rates, see :attr:`update_retention`).
         offload: ``none`` or ``optimizer``: DeepSpeed ZeRO-2 keeps the fp32 master weights and AdamW states in host
             memory and steps them with DeepSpeed's CPU Adam (full/frozen_vision; DeepSpeed turns on even for one
             process). The GPU keeps the 16-bit weights and gradients; every step moves gradients and weights over PCIe.
@@ -282,22 +285,39 @@ class TrainConfig:
     @property
     def hf_optim(self) -> str:
         """The ``TrainingArguments.optim`` name of :attr:`optim`."""
-        return {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}.get(
-            self.optim, "adamw_torch"
-        )
+        names = {
+            "adamw": "adamw_torch",
+            "adamw_8bit": "adamw_bnb_8bit",
+            "paged_adamw_8bit": "paged_adamw_8bit",
+            "adamw_8bit_fp32_master": "adamw_bnb_8bit",  # the same optimizer; the weights stay fp32
+        }
+        return names.get(self.optim, "adamw_torch")
 
     @property
     def sixteen_bit_weights(self) -> bool:
-        """Full/frozen_vision with an 8-bit optimizer store all weights in bf16 (no fp32 master copy).
+        """Full/frozen_vision with ``adamw_8bit``/``paged_adamw_8bit`` store all weights in bf16 (no fp32 master copy;
+        ``adamw_8bit_fp32_master`` keeps them fp32).
 
         fp16 keeps fp32 weights: the Trainer's loss scaler cannot unscale fp16 gradients.
         """
         return (
-            self.optim != "adamw"
+            self.optim in ("adamw_8bit", "paged_adamw_8bit")
             and self.precision == "bf16"
             and self.method in METHODS
             and not get_method(self.method).uses_lora
         )
+
+    def update_retention(self, world_size: int = 1) -> float:
+        """Predicted share of trained weights one step changes (:func:`phi3v_core.retention.update_retention`).
+
+        The optimizer writes fp32 wherever there is an fp32 copy: the AMP master weights, DeepSpeed's fp32
+        partitions (multi-process full fine-tuning, offload) and LoRA's fp32 adapters; only
+        :attr:`sixteen_bit_weights` without DeepSpeed stores each step straight into bf16.
+        """
+        from phi3v_core.retention import update_retention
+
+        bf16 = self.sixteen_bit_weights and not self.uses_deepspeed(world_size)
+        return update_retention(self.learning_rate, "bf16" if bf16 else "fp32")
 
     # -- validation --------------------------------------------------------------------------------------------
     def problems(self, env: Machine | None = None) -> list[str]:
@@ -450,7 +470,7 @@ class TrainConfig:
             out.append(f"optim {self.optim!r} is unknown; choose one of {', '.join(OPTIM_NAMES)}")
         if self.offload not in OFFLOAD_NAMES:
             out.append(f"offload {self.offload!r} is unknown; choose one of {', '.join(OFFLOAD_NAMES)}")
-        if self.optim in ("adamw_8bit", "paged_adamw_8bit") and not env.bitsandbytes:
+        if self.optim in EIGHT_BIT_OPTIMS and not env.bitsandbytes:
             out.append(f"optim {self.optim} needs bitsandbytes (pip install bitsandbytes); or use optim adamw")
         if self.optim == "paged_adamw_8bit" and not env.cuda:
             out.append("optim paged_adamw_8bit pages to CUDA unified memory and needs a GPU; use optim adamw_8bit")

@@ -17,12 +17,14 @@ from typing import Protocol
 
 from torch.utils.data import Dataset
 
-from phi3v_core.constants import CROP_SIZE, SeqProfile
+from phi3v_core.constants import CROP_SIZE, SeqProfile, load_recipe
 from phi3v_core.processing import Phi3VProcessor
 from phi3v_core.training.config import TrainConfig
 from phi3v_core.training.synthetic import SyntheticDataset
 
-__all__ = ["MeasurementShape", "MeasurementSpec", "SyntheticWorkload", "build_workload", "to_train_config"]
+__all__ = [
+    "MeasurementShape", "MeasurementSpec", "SyntheticWorkload", "build_workload", "recipe_learning_rate", "to_train_config",
+]
 
 
 class MeasurementShape(Protocol):
@@ -39,6 +41,7 @@ class MeasurementShape(Protocol):
     optim: str
     offload: str
     seed: int
+    learning_rate: float | None
 
     @property
     def profile(self) -> SeqProfile:
@@ -62,10 +65,24 @@ class MeasurementSpec:
     optim: str = "adamw"
     offload: str = "none"
     seed: int = 0
+    learning_rate: float | None = None
+
+
+def recipe_learning_rate(task: str, method: str) -> float:
+    """The recipe's learning rate for ``task``/``method`` (its preset), else the recipe scripts' default (4e-5)."""
+    recipe = load_recipe()
+    preset = recipe.presets.get(f"{task}-{method}")
+    if preset is not None and "learning_rate" in preset.values:
+        return float(preset.values["learning_rate"])
+    return float(recipe.recipe_defaults["learning_rate"])
 
 
 def to_train_config(cfg: MeasurementShape, output_dir: str, total_steps: int) -> TrainConfig:
-    """The fine-tuning core's ``TrainConfig`` of a measured run: no warmup schedule, no saving, a log every step."""
+    """The fine-tuning core's ``TrainConfig`` of a measured run: no warmup schedule, no saving, a log every step.
+
+    The learning rate is the config's, else the recipe's for the profile's task and the method: it does not change
+    the step time, but it decides how many weights a step changes (the run reports it, :mod:`bench.updates`).
+    """
     return TrainConfig(
         model=cfg.model,
         method=cfg.method,
@@ -76,7 +93,7 @@ def to_train_config(cfg: MeasurementShape, output_dir: str, total_steps: int) ->
         global_batch=cfg.global_batch,
         max_steps=total_steps,
         warmup_steps=0,
-        learning_rate=1e-5,
+        learning_rate=cfg.learning_rate or recipe_learning_rate(cfg.profile.name, cfg.method),
         gradient_checkpointing=cfg.gradient_checkpointing,
         optim=cfg.optim,
         offload=cfg.offload,

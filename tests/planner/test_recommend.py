@@ -31,14 +31,17 @@ def test_eight_a100s_run_the_recipe():
     assert any("LoRA also fits" in w for w in result.why)
 
 
-def test_one_a100_holds_full_fine_tuning_only_with_8bit_adamw():
+def test_one_a100_holds_full_fine_tuning_only_with_8bit_adamw_on_fp32_master_weights():
     result = plan(PlanRequest(gpu="A100-80GB", count=1))
     full = result.method("full")
     plain = [lay for lay in full.layouts if lay.optim == "adamw" and lay.offload == "none"]
     assert plain and not any(lay.fits for lay in plain)  # fp32 master + AdamW: 16 B per parameter
-    assert full.fits and full.optim == "adamw_8bit" and full.offload == "none"
-    assert any("8-bit AdamW" in r and "trade-off" in r for r in full.reasons)
-    assert "--optim adamw_8bit" in full.command
+    # bf16 weights fit in less, but keep only 8 % of the steps at lr 5e-6: 8-bit states on fp32 weights instead
+    assert full.fits and full.optim == "adamw_8bit_fp32_master" and full.offload == "none"
+    assert any("8-bit AdamW" in r and "fp32 master" in r and "trade-off" in r for r in full.reasons)
+    assert any("not recommended" in r and "adamw_8bit (bf16 weights, update retention 8%)" in r for r in full.reasons)
+    assert any(lay.optim == "adamw_8bit" and lay.fits and lay.update_retention < 0.5 for lay in full.layouts)
+    assert "--optim adamw_8bit_fp32_master" in full.command
     lora = result.method("lora")
     assert lora.command.startswith("phi3v-finetune --model_name_or_path ")
     assert "--task docvqa --method lora --bf16 --use_flash_attention" in lora.command
@@ -220,7 +223,15 @@ def test_layouts_are_in_the_json():
     data = json.loads(json.dumps(plan(PlanRequest(gpu="L40S", methods=("full", "lora"))).to_dict()))
     full = data["methods"][0]
     options = {(lay["gradient_checkpointing"], lay["optim"], lay["offload"]) for lay in full["layouts"]}
-    assert options == {(gc, o, off) for gc in (True, False) for o, off in (("adamw", "none"), ("adamw_8bit", "none"), ("adamw", "optimizer"))}
+    assert options == {
+        (gc, o, off) for gc in (True, False)
+        for o, off in (("adamw", "none"), ("adamw_8bit_fp32_master", "none"), ("adamw_8bit", "none"), ("adamw", "optimizer"))
+    }  # fmt: skip
     assert sum(lay["chosen"] for lay in full["layouts"]) == 1
+    # every layout carries its update retention at the recipe's lr (5e-6): only bf16 weights lose the steps
+    retention = {lay["optim"]: lay["update_retention"] for lay in full["layouts"]}
+    assert retention == {"adamw": 1.0, "adamw_8bit_fp32_master": 1.0, "adamw_8bit": pytest.approx(0.078, abs=0.001)}
+    chosen = next(lay for lay in full["layouts"] if lay["chosen"])
+    assert chosen["update_retention"] >= 0.5 and full["update_retention"] == chosen["update_retention"]
     lora = data["methods"][1]
     assert {lay["optim"] for lay in lora["layouts"]} == {"adamw"}
