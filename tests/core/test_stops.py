@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.safety_helpers import HANG_GUARD_S
+
 REPO = Path(__file__).resolve().parents[2]
-HANG_GUARD_S = 900
 LEAN = ["--synthetic", "2", "--use_lora", "--lora_rank", "4", "--num_crops", "1", "--batch_size", "1",
         "--max_steps", "2", "--warmup_steps", "0", "--no-eval", "--no-tqdm"]  # fmt: skip
 
