@@ -8,6 +8,7 @@ results folder (:func:`one_writer`); and the error for a finished measurement wh
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from typing import Any
 from bench.config import BenchConfig
 from phi3v_core.fs import FolderLock, describe_os_error, model_folder_problems, writable_problem
 
-__all__ = ["LIMITS", "limit_problems", "one_writer", "preflight_problems", "unsaved_result_error"]
+__all__ = ["LIMITS", "limit_problems", "one_writer", "package_problems", "preflight_problems", "unsaved_result_error"]
 
 #: Upper bounds on the protocol and layout fields, checked before anything runs: a typo such as ``--steps 10**9``
 #: would otherwise start a benchmark that never ends (or a launch of thousands of processes).
@@ -56,11 +57,40 @@ def limit_problems(cells: Sequence[BenchConfig]) -> list[str]:
     return problems
 
 
+def package_problems(cells: Sequence[BenchConfig]) -> list[str]:
+    """One line per optional package that a cell needs and this Python cannot import, with the pip command.
+
+    bitsandbytes for QLoRA and the 8-bit optimizers, DeepSpeed for ``--offload optimizer`` and for full/frozen_vision
+    over several processes (ZeRO-2). Found before any worker starts; a run that needs neither never imports them.
+    """
+    missing = [name for name in ("bitsandbytes", "deepspeed") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return []
+    from phi3v_core.methods import get_method  # only when a package is missing: the registry imports torch
+
+    needs: dict[str, str] = {}
+    for c in cells:
+        if c.method == "qlora":
+            needs.setdefault("bitsandbytes", "--method qlora")
+        if c.optim != "adamw":
+            needs.setdefault("bitsandbytes", f"--optim {c.optim}")
+        if c.offload == "optimizer":
+            needs.setdefault("deepspeed", "--offload optimizer")
+        elif get_method(c.method).supports_deepspeed and c.gpus * c.nodes > 1:
+            needs.setdefault("deepspeed", f"--method {c.method} on {c.gpus * c.nodes} processes (DeepSpeed ZeRO-2)")
+    return [
+        f"{why} needs {name}, which is not installed: pip install {name}"
+        for name, why in needs.items()
+        if name in missing
+    ]
+
+
 def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None, *, writes: bool = True) -> list[str]:
     """Every problem that would stop ``cells`` after their measurement, found before it (empty when none).
 
-    Checks the bounds in :data:`LIMITS`, each model folder's type and weight headers, and that every result folder
-    (``<out>/<release>/<hardware>``; ``<out>`` when ``hardware`` is None) can be created and written. Creates nothing.
+    Checks the bounds in :data:`LIMITS`, the optional packages the cells need (:func:`package_problems`), each model
+    folder's type and weight headers, and that every result folder (``<out>/<release>/<hardware>``; ``<out>`` when
+    ``hardware`` is None) can be created and written. Creates nothing.
 
     Args:
         cells: Validated configurations.
@@ -69,7 +99,7 @@ def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None
     """
     from bench.store import result_path
 
-    problems = limit_problems(cells)
+    problems = limit_problems(cells) + package_problems(cells)
     for model in dict.fromkeys(c.model for c in cells):
         problems += model_folder_problems(Path(model), f"--model {model}")
     if not writes:

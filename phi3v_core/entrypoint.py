@@ -19,9 +19,20 @@ from phi3v_core.errors import ConfigError, Phi3VError
 from phi3v_core.fs import describe_os_error, describe_storage_error
 from phi3v_core.signals import Stopped, stop_on_signals
 
-__all__ = ["CliParser", "debug_enabled", "handle_errors"]
+__all__ = ["OPTIONAL_PACKAGES", "CliParser", "debug_enabled", "handle_errors"]
 
 F = TypeVar("F", bound=Callable[..., int | None])
+
+#: Optional packages a command imports only when it needs them (import name → pip name). A command that finds one
+#: missing says so in one line with the pip command; the others run without it.
+OPTIONAL_PACKAGES: dict[str, str] = {
+    "av": "av",
+    "bitsandbytes": "bitsandbytes",
+    "datasets": "datasets",
+    "deepspeed": "deepspeed",
+    "flash_attn": "flash-attn",
+    "Levenshtein": "Levenshtein",
+}
 
 
 class CliParser(argparse.ArgumentParser):
@@ -81,6 +92,16 @@ def _fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
+def _missing_optional_package(exc: BaseException) -> str | None:
+    """The one line for an optional package this command needs and cannot import; ``None`` for any other error."""
+    if not isinstance(exc, ModuleNotFoundError):
+        return None
+    package = OPTIONAL_PACKAGES.get((exc.name or "").partition(".")[0])
+    if package is None:
+        return None
+    return f"this command needs the optional package {package}, which is not installed: pip install {package}"
+
+
 def handle_errors(main: F) -> F:
     """Decorate a CLI ``main``: every error becomes one ``error: ...`` line on stderr and exit code 1.
 
@@ -129,6 +150,9 @@ def handle_errors(main: F) -> F:
             storage = describe_storage_error(exc)
             if storage is not None:
                 _fail(storage)
+            missing = _missing_optional_package(exc)
+            if missing is not None:
+                _fail(missing)
             _fail(f"{type(exc).__name__}: {exc} (set PHI3V_DEBUG=1 for the traceback)")
         return None  # unreachable: every branch exits
 

@@ -11,6 +11,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: The one limit a test puts on a subprocess: a hang guard, never a speed requirement. A loaded 2-core machine runs
+#: the multi-process tests several times slower than an idle one; only a process that never ends should hit it.
+HANG_GUARD_S = 3600
+
 
 def repo_env() -> dict[str, str]:
     """This environment with the repository first on ``PYTHONPATH``: a subprocess runs this checkout's code."""

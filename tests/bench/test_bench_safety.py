@@ -23,9 +23,8 @@ from bench.cli import main
 from bench.config import BenchConfig
 from phi3v_core.fs import LOCK_NAME
 from tests.bench.factories import make_result
+from tests.safety_helpers import HANG_GUARD_S
 
-# Hang guard only: verdicts never depend on how fast the machine is.
-HANG_GUARD_S = 600
 TINY = ["model=tiny", "num_crops=1", "global_batch=2", "micro_batch=2", "precision=fp32", "warmup=0", "repeats=1"]
 
 

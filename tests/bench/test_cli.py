@@ -14,6 +14,7 @@ from bench.cli import build_parser, config_from_args, main
 from bench.config import DeviceDescription, choose_defaults
 from bench.store import load_result
 from tests.bench.factories import make_result
+from tests.safety_helpers import HANG_GUARD_S
 
 
 def test_help_has_examples(capsys) -> None:
@@ -54,7 +55,7 @@ def test_user_errors_are_one_line_exit_1(argv, message, capsys) -> None:
 def test_console_entry_point_error_has_no_traceback(tmp_path) -> None:
     env = {**os.environ, "PHI3V_DEBUG": ""}
     proc = subprocess.run([sys.executable, "-m", "bench.cli", "report", str(tmp_path / "missing")],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stdout == ""

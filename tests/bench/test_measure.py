@@ -12,6 +12,7 @@ from bench.config import BenchConfig
 from bench.measure import InstrumentedSteps, PeakSampler, step_micro_batches, trace_step_flops
 from bench.worker import processor_for, run_rank, to_train_config
 from bench.workload import build_workload
+from tests.safety_helpers import HANG_GUARD_S
 
 
 def test_a_real_repeat_reads_its_peaks_before_any_instrumented_work(tmp_path: Path) -> None:
@@ -52,7 +53,7 @@ def test_peak_sampler_keeps_the_maximum_seen_during_the_window() -> None:
 
     sampler = PeakSampler(fake_nvml, period_s=0.001)
     sampler.start()
-    assert seen.wait(timeout=600)  # a hang guard, not a speed requirement
+    assert seen.wait(timeout=HANG_GUARD_S)
     peak = sampler.stop()
     assert peak == 300
     assert sampler.samples >= 5  # the None reading is skipped

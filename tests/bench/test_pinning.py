@@ -14,6 +14,7 @@ from bench.config import BenchConfig
 from bench.pinning import first_visible_device, single_process_env
 from tests.planner.conftest import FakeDevice
 from tests.planner.test_nvml import FullNVML
+from tests.safety_helpers import HANG_GUARD_S
 
 GIB = 2**30
 
@@ -126,7 +127,7 @@ def test_a_single_process_run_works_on_a_multi_gpu_node(tmp_path: Path) -> None:
         [sys.executable, "-m", "bench.cli", "run", "--method", "lora", "--gpus", "1", "--batch-size", "2",
          "--micro-batch", "1", "--model", "tiny", "--precision", "fp32", "--num-crops", "1", "--steps", "2",
          "--warmup", "1", "--repeats", "1", "--out", str(tmp_path), "--release", "test", "--json"],
-        capture_output=True, text=True, timeout=1200, env=env,  # a hang guard only
+        capture_output=True, text=True, timeout=HANG_GUARD_S, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = load_result(json.loads(proc.stdout.strip().splitlines()[-1])["path"])

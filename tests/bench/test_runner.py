@@ -25,6 +25,7 @@ from bench.status import RepeatOutcome
 from bench.store import load_result
 from bench.worker import plan_steps, workload_samples
 from phi3v_core.errors import ConfigError
+from tests.safety_helpers import HANG_GUARD_S
 
 TINY = ["--model", "tiny", "--precision", "fp32", "--num-crops", "1", "--steps", "2", "--warmup", "1", "--repeats", "1"]
 
@@ -149,7 +150,7 @@ def test_a_terminated_runner_takes_its_workers_and_folders_with_it(tmp_path: Pat
         assert pid_file.exists(), "the fake worker never started"
         time.sleep(0.5)  # the pid is written; let the write finish
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+        assert proc.wait(timeout=HANG_GUARD_S) == 128 + signal.SIGTERM
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -175,7 +176,7 @@ def test_cli_run_lora_end_to_end_on_cpu(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "bench.cli", "run", "--method", "lora", "--steps", "2", "--warmup", "1", "--repeats", "1",
          "--out", str(tmp_path), "--release", "test", "--json"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     doc = json.loads(out.stdout.strip().splitlines()[-1])
@@ -200,7 +201,7 @@ def test_two_gpus_every_timed_step_is_a_full_global_batch(tmp_path: Path) -> Non
     out = subprocess.run(
         [sys.executable, "-m", "bench.cli", "run", "--method", "lora", "--gpus", "2", "--batch-size", "4",
          "--micro-batch", "1", *TINY, "--out", str(tmp_path), "--release", "test", "--json"],
-        capture_output=True, text=True, timeout=1200,
+        capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     result = load_result(json.loads(out.stdout.strip().splitlines()[-1])["path"])
@@ -225,7 +226,7 @@ def test_two_node_cluster_run_writes_one_result_from_node_0(tmp_path: Path) -> N
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for rank in (0, 1)
     ]
-    outputs = [node.communicate(timeout=1200) for node in nodes]
+    outputs = [node.communicate(timeout=HANG_GUARD_S) for node in nodes]
     for node, (stdout, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, stdout[-2000:] + stderr[-2000:]
     assert not list((tmp_path / "node1").rglob("*.json"))  # node 1 writes nothing
@@ -295,7 +296,7 @@ def test_one_gpu_run_maps_nvml_through_a_uuid_cuda_visible_devices(tmp_path: Pat
     out = subprocess.run(
         [sys.executable, "-m", "bench.cli", "run", "--method", "lora", "--gpus", "1", "--batch-size", "2",
          "--micro-batch", "1", *TINY, "--out", str(tmp_path), "--release", "test", "--json"],
-        capture_output=True, text=True, timeout=1200, env=env,
+        capture_output=True, text=True, timeout=HANG_GUARD_S, env=env,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     result = load_result(json.loads(out.stdout.strip().splitlines()[-1])["path"])

@@ -15,6 +15,7 @@ from bench.config import DeviceDescription
 from bench.selfcheck import Check, _problems
 from bench.selfcheck_plan import Machine, check_setup, check_workload, plan_checks
 from planner.hardware import qlora_unsupported_reason
+from tests.safety_helpers import HANG_GUARD_S
 
 METHODS = ("full", "frozen_vision", "lora", "qlora")
 
@@ -123,7 +124,7 @@ def test_failure_rules(losses, error, expected) -> None:
 def _run_selfcheck_json() -> tuple[int, dict]:
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-m", "bench.cli", "selfcheck", "--json"], capture_output=True, text=True,
-                          timeout=3600, env=env)  # a hang guard only
+                          timeout=HANG_GUARD_S, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]  # exactly one JSON object on stdout
     return proc.returncode, json.loads(lines[0])

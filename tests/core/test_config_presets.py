@@ -20,6 +20,7 @@ import pytest
 
 from phi3v_core.config import PRESET_FILES, get_config, official_preset
 from tests.conftest import REPO_ROOT
+from tests.safety_helpers import HANG_GUARD_S
 
 #: What the shipped records leave out of the official files: the pointer to the repositories' remote code.
 DROPPED = {"auto_map"}
@@ -104,7 +105,7 @@ def test_wheel_in_fresh_venv_builds_identical_presets(tmp_path: Path) -> None:
         shutil.copytree(REPO_ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PHI3V_SHARED")}
     env.update(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    run = dict(cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800, check=True)
+    run = dict(cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, check=True)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
          str(source)],

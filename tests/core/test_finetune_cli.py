@@ -14,6 +14,7 @@ import torch
 from phi3v_core.cli.finetune import RECIPE_PRESETS, build_config, build_parser, main
 from phi3v_core.errors import ConfigError
 from phi3v_core.training import Machine
+from tests.safety_helpers import HANG_GUARD_S
 
 CPU = Machine(cuda=False, world_size=1)
 A100 = Machine(cuda=True, capability=(8, 0), device_count=1, world_size=1, flash_attn=True)
@@ -248,7 +249,7 @@ def test_console_script_prints_exactly_one_stderr_line(tmp_path):
         [sys.executable, "-m", "phi3v_core.cli.finetune", "--task", "docvq", "--output_dir", str(tmp_path / "run")],
         capture_output=True,
         text=True,
-        timeout=600,  # a hang guard only
+        timeout=HANG_GUARD_S,
         env={k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "PHI3V_DEBUG")},
     )
     assert proc.returncode == 1

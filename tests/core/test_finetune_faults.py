@@ -23,7 +23,7 @@ from phi3v_core.errors import ConfigError
 from phi3v_core.training import TrainConfig, train
 from phi3v_core.training.callbacks import TrainingDivergedError
 from phi3v_core.training.synthetic import SyntheticDataset
-from tests.safety_helpers import expect_user_error, snapshot
+from tests.safety_helpers import HANG_GUARD_S, expect_user_error, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 LEAN = ["--synthetic", "2", "--use_lora", "--lora_rank", "4", "--num_crops", "1", "--batch_size", "1",
@@ -66,7 +66,7 @@ def test_kill_during_the_final_save_then_resume_adds_no_step(tmp_path, capsys):
         sys.exit(main({[*LEAN, "--save_steps", "1", "--output_dir", str(out)]!r}))
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (out / "checkpoint-2" / "trainer_state.json").is_file() and not (out / "run_complete.json").exists()
     assert (out / ".phi3v.lock").is_file()  # left by the killed process
@@ -158,7 +158,7 @@ def test_a_file_size_limit_is_reported_with_the_path_and_the_cause(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "phi3v_core.cli.finetune", "--synthetic", "2", "--num_crops", "1", "--batch_size", "1",
          "--max_steps", "1", "--no-eval", "--no-tqdm", "--method", "full", "--output_dir", str(out)],
-        env=_env(), capture_output=True, text=True, timeout=900, preexec_fn=limit,
+        env=_env(), capture_output=True, text=True, timeout=HANG_GUARD_S, preexec_fn=limit,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]

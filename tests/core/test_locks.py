@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 
 from phi3v_core.fs import LOCK_NAME, FolderLock, StorageError, held_lock_fds
-from tests.safety_helpers import repo_env
-
-HANG_GUARD_S = 600
+from tests.safety_helpers import HANG_GUARD_S, repo_env
 
 
 def _python(script: str, *args: str) -> subprocess.Popen:

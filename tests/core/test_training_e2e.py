@@ -18,6 +18,7 @@ from phi3v_core.config import tiny_config
 from phi3v_core.model import Phi3VForCausalLM
 from phi3v_core.training import TrainConfig, train
 from phi3v_core.training.synthetic import SyntheticDataset
+from tests.safety_helpers import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,7 +124,7 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> 
     launch = [sys.executable, "-m", "phi3v_core.training.launch", "--config"]
     reference_dir = tmp_path / "reference"
     spec = _launch_spec(tmp_path / "ref.json", reference_dir, save_steps=1)
-    subprocess.run([*launch, str(spec)], check=True, env=_env(), capture_output=True, timeout=900)
+    subprocess.run([*launch, str(spec)], check=True, env=_env(), capture_output=True, timeout=HANG_GUARD_S)
 
     killed_dir = tmp_path / "killed"
     spec = _launch_spec(tmp_path / "kill.json", killed_dir, save_steps=1)
@@ -139,7 +140,7 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> 
     assert not (killed_dir / "checkpoint-4").exists()
 
     spec = _launch_spec(tmp_path / "resume.json", killed_dir, save_steps=1, resume="latest")
-    subprocess.run([*launch, str(spec)], check=True, env=_env(), capture_output=True, timeout=900)
+    subprocess.run([*launch, str(spec)], check=True, env=_env(), capture_output=True, timeout=HANG_GUARD_S)
     reference, resumed = _losses(reference_dir), _losses(killed_dir)
     assert sorted(reference) == sorted(resumed) == [1, 2, 3, 4]
     for step in reference:
@@ -171,7 +172,7 @@ def test_torchrun_two_processes(method: str, tmp_path: Path) -> None:
     """full → DeepSpeed ZeRO-2 over gloo; lora → DDP."""
     out = tmp_path / "run"
     spec = _launch_spec(tmp_path / "spec.json", out, method=method, max_steps=2, deterministic=False)
-    done = subprocess.run(_torchrun(1, 0, 2, _free_port(), spec), env=_env(), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(_torchrun(1, 0, 2, _free_port(), spec), env=_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "train_result.json").read_text())
     assert result["world_size"] == 2 and result["global_step"] == 2
@@ -185,7 +186,7 @@ def test_two_nodes_on_loopback(tmp_path: Path) -> None:
     port = _free_port()
     agents = [subprocess.Popen(_torchrun(2, rank, 1, port, spec), env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    outputs = [agent.communicate(timeout=900)[0] for agent in agents]
+    outputs = [agent.communicate(timeout=HANG_GUARD_S)[0] for agent in agents]
     assert all(agent.returncode == 0 for agent in agents), "\n".join(o[-2000:] for o in outputs)
     result = json.loads((out / "train_result.json").read_text())
     assert result["world_size"] == 2 and result["global_step"] == 2

@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 
 from phi3v_core.transaction import SetAside, intent_path, move_into, recover, replace_folder
-from tests.safety_helpers import repo_env
-
-HANG_GUARD_S = 600
+from tests.safety_helpers import HANG_GUARD_S, repo_env
 
 
 def _folder(path: Path, **files: str) -> Path:

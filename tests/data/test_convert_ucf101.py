@@ -13,6 +13,7 @@ from PIL import Image
 
 from phi3v_core.cli.convert import main
 from phi3v_core.data import decode_frames, load_task, sample_frame_indices
+from tests.safety_helpers import HANG_GUARD_S
 
 from .conftest import set_avi_frame_count, write_video
 
@@ -194,7 +195,7 @@ def test_cli_process_exit_code_and_stderr(ucf_src: Path, tmp_path: Path) -> None
         [sys.executable, "-m", "phi3v_core.cli.convert", "ucf101", "--src", str(ucf_src), "--out_dir", str(out)],
         capture_output=True,
         text=True,
-        timeout=600,  # a hang guard only
+        timeout=HANG_GUARD_S,
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr

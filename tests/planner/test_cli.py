@@ -10,6 +10,7 @@ import pytest
 
 from planner.cli import main
 from planner.hardware import Detection, detect
+from tests.safety_helpers import HANG_GUARD_S
 
 
 def _run(capsys, *argv: str) -> str:
@@ -98,7 +99,7 @@ def test_answers_without_importing_torch():
         "main(['--gpu', 'RTX4090', '--calibration', '--json']); "
         "print('ELAPSED', time.perf_counter() - t, 'torch' in sys.modules, 'transformers' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=HANG_GUARD_S).stdout
     _, elapsed, torch_loaded, transformers_loaded = out.strip().splitlines()[-1].split()
     assert (torch_loaded, transformers_loaded) == ("False", "False")
     print(f"phi3v-plan answered in {float(elapsed):.2f} s (information only)")

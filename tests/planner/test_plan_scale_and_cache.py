@@ -14,7 +14,7 @@ import pytest
 
 from planner.cli import main
 from planner.trace_cache import read_cached_trace
-from tests.safety_helpers import expect_user_error
+from tests.safety_helpers import HANG_GUARD_S, expect_user_error
 
 GPU = ["--gpu", "A100-80GB", "--method", "lora"]
 
@@ -92,7 +92,7 @@ def test_a_full_stdout_is_named(fmt):
             stdout=full,
             stderr=subprocess.PIPE,
             text=True,
-            timeout=900,
+            timeout=HANG_GUARD_S,
             env={**os.environ, "PHI3V_DEBUG": ""},
         )
     assert done.returncode == 1, done.stderr

@@ -12,6 +12,7 @@ import pytest
 from phi3v_core.errors import ConfigError
 from planner.hardware import qlora_unsupported_reason
 from planner.recommend import PlanRequest, plan, survey
+from tests.safety_helpers import HANG_GUARD_S
 
 
 def test_eight_a100s_run_the_recipe():
@@ -155,7 +156,7 @@ def test_launch_command_names_the_model_folder_or_fails_clearly():
         env={"PATH": os.environ["PATH"]},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode != 0 and "set PHI3V_MODEL or pass --model-path" in result.stderr
 
