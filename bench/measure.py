@@ -54,6 +54,7 @@ __all__ = [
     "NvmlReader",
     "PeakSampler",
     "StepFlops",
+    "TimedWindow",
     "cached_step_flops",
     "cpu_rss_peak_bytes",
     "flop_cache_key",
@@ -346,6 +347,52 @@ class InstrumentedSteps(TrainerCallback):
             self._nvml.close()
             self._nvml = None
         self.event("peaks_read", step)
+
+
+@dataclass
+class TimedWindow:
+    """The callbacks of one measured run, in the protocol's order: the one way the worker and selfcheck time steps.
+
+    :class:`InstrumentedSteps` comes *before* the :class:`~phi3v_core.training.StepTimer` in :attr:`callbacks`, so
+    the window (device sync, peak reset, first NVML sample) opens before the first timed step's clock starts, and
+    its cost is never inside a timed step (the Trainer calls callbacks in list order).
+
+    Attributes:
+        probes: The timed window and memory probe.
+        timer: The per-step clock (its records carry the loss and the fp16 skip flag).
+    """
+
+    probes: InstrumentedSteps
+    timer: Any
+
+    @classmethod
+    def for_layout(cls, layout: dict[str, int | None]) -> TimedWindow:
+        """A window over ``layout`` (:func:`bench.worker.plan_steps`: ``first_timed``, ``last_timed``, ``memory_step``)."""
+        from phi3v_core.training import StepTimer
+
+        probes = InstrumentedSteps(
+            first_timed_step=int(layout["first_timed"] or 1),
+            last_timed_step=int(layout["last_timed"] or 1),
+            memory_step=layout["memory_step"],
+        )
+        return cls(probes, StepTimer())
+
+    @property
+    def callbacks(self) -> list[TrainerCallback]:
+        """``[probes, timer]``: pass to ``phi3v_core.training.train(..., callbacks=...)`` as they are."""
+        return [self.probes, self.timer]
+
+    def timed_records(self) -> list[Any]:
+        """The timer's records of the timed steps (``first_timed_step`` .. ``last_timed_step``), in order."""
+        first, last = self.probes.first_timed_step, self.probes.last_timed_step
+        return [r for r in self.timer.records if first <= r.step <= last]
+
+    @property
+    def window_before_clock(self) -> bool:
+        """Whether the window was open before the first timed step's clock started (the protocol's rule)."""
+        timed = self.timed_records()
+        opened = self.probes.window_opened_at
+        return opened is not None and bool(timed) and opened <= timed[0].began
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ or more GPUs it adds 2-process checks (DeepSpeed ZeRO-2 for full fine-tuning, DD
 few steps on one small fixed batch through the real fine-tuning core (``phi3v_core.training.train``) and the
 benchmark's own measurement protocol (:mod:`bench.measure`), and checks:
 
-* the loss is finite on every step and falls from the first step to the last (a fixed batch is memorised);
+* the loss is finite and falls from the first step to the last (a fixed batch is memorised), judged over the steps
+  whose update was applied: an fp16 loss scaler skips the first steps by design, and a skipped step changes nothing;
 * the measured peak memory is close to ``phi3v-plan``'s prediction for the same configuration
   (:func:`planner.estimate.estimate_memory`): on CUDA ``max_memory_allocated`` over the steps after the first
   (optimizer states exist by then), on CPU the peak bytes of live tensors of one step (:class:`LiveTensorBytes`);
@@ -80,6 +81,8 @@ class Check:
         world_size: Processes (2: torchrun with NCCL, ZeRO-2 for full fine-tuning, DDP for LoRA).
         expected_seconds: The plan's expected duration.
         losses: Training loss of every step.
+        skipped_steps: 1-based steps whose optimizer update the fp16 loss scaler skipped (excluded from the
+            loss rule: they changed no weight).
         measured_peak_bytes: Measured peak (CUDA: max_memory_allocated; CPU: live tensor bytes).
         predicted_peak_bytes: ``phi3v-plan``'s prediction of the same quantity.
         memory_error_pct: ``(predicted - measured) / measured * 100``.
@@ -97,6 +100,7 @@ class Check:
     world_size: int = 1
     expected_seconds: float = 0.0
     losses: list[float | None] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
     measured_peak_bytes: int | None = None
     predicted_peak_bytes: int | None = None
     memory_error_pct: float | None = None
@@ -214,33 +218,34 @@ def run_check(cfg: BenchConfig, layers: int | None = None, flop_cache_dir: Path 
         layers: Decoder layers of a depth-reduced model (None: the model as it is).
         flop_cache_dir: Folder where the traced FLOPs of a method and depth are shared between checks.
     """
-    from bench.measure import InstrumentedSteps
-    from bench.worker import peak_flops, processor_for
+    from bench.measure import TimedWindow
+    from bench.worker import peak_flops, plan_steps, processor_for
     from bench.workload import build_workload, to_train_config
     from phi3v_core.device import local_device
-    from phi3v_core.training import StepTimer, train
+    from phi3v_core.training import train
 
     check = Check(cfg.method, cfg.attn, form="full-size" if layers is None else "reduced", decoder_layers=layers,
                   world_size=cfg.world_size)
     start = time.perf_counter()
     cuda = torch.cuda.is_available()
     device = local_device(cuda)
-    first, last = cfg.warmup + 1, cfg.warmup + cfg.steps
-    memory_step = None if cuda else last + 1
-    total = memory_step or last
+    layout = plan_steps(cfg, cuda)  # the worker's layout: warmup, timed window, then the CPU memory step
+    total = int(layout["total"] or 1)
     try:
         workload = build_workload(cfg, processor_for(cfg), cfg.global_batch)
         example = workload.dataset[0]
         fixed = [example] * (cfg.global_batch * total)  # one fixed batch, every step
         seq_len = int(example["input_ids"].numel())
         supervised = int((example["labels"][1:] != -100).sum())
-        timer = StepTimer()
-        probes = InstrumentedSteps(first_timed_step=first, last_timed_step=last, memory_step=memory_step)
+        # The worker's callbacks in the worker's order: the window opens before the first timed step's clock.
+        window = TimedWindow.for_layout(layout)
+        timer, probes = window.timer, window.probes
         with reduced_preset(cfg.model, layers) as model, tempfile.TemporaryDirectory(prefix="phi3v-selfcheck-") as tmp:
             train_cfg = dataclasses.replace(to_train_config(cfg, tmp, total), model=model,
                                             learning_rate=SELFCHECK_LR[cfg.method])
-            train(train_cfg, fixed, callbacks=[timer, probes])
+            train(train_cfg, fixed, callbacks=window.callbacks)
             check.losses = [r.loss for r in timer.records]
+            check.skipped_steps = [r.step for r in timer.records if r.skipped]
             check.measured_peak_bytes = probes.gpu_allocated_bytes if cuda else probes.tensor_peak_bytes
             check.predicted_peak_bytes = predicted_peak_bytes(cfg, seq_len, cuda, layers, supervised)
             if check.measured_peak_bytes:
@@ -248,7 +253,7 @@ def run_check(cfg: BenchConfig, layers: int | None = None, flop_cache_dir: Path 
                     (check.predicted_peak_bytes - check.measured_peak_bytes) / check.measured_peak_bytes * 100.0
                 )
             peak = peak_flops(device, cfg.precision)
-            timed = [r.seconds for r in timer.records if first <= r.step <= last]
+            timed = [r.seconds for r in window.timed_records()]
             if peak and timed and int(os.environ.get("RANK", "0")) == 0:
                 flops = traced_model_flops(train_cfg, fixed, cfg, flop_cache_dir)
                 check.mfu = flops / sorted(timed)[len(timed) // 2] / peak
@@ -267,18 +272,33 @@ def run_check(cfg: BenchConfig, layers: int | None = None, flop_cache_dir: Path 
 
 
 def _problems(check: Check, kind: str) -> list[str]:
-    problems = []
-    losses = check.losses
-    if not losses or any(v is None or not math.isfinite(v) for v in losses):
-        problems.append(f"loss not finite on every step: {losses}")
-    elif not losses[-1] < losses[0]:
-        problems.append(f"loss did not fall on a fixed batch: {losses[0]:.4f} -> {losses[-1]:.4f}")
+    problems = list(_loss_problems(check.losses, check.skipped_steps))
     limit = MAX_MEMORY_ERROR_PCT[kind]
     if check.memory_error_pct is None:
         problems.append("no peak memory measured")
     elif abs(check.memory_error_pct) > limit:
         problems.append(f"memory prediction off by {check.memory_error_pct:+.1f}% (limit ±{limit:g}%)")
     return problems
+
+
+def _loss_problems(losses: list[float | None], skipped_steps: list[int]) -> list[str]:
+    """The loss rule over the *applied* steps (1-based ``skipped_steps`` excluded).
+
+    A step's loss is computed before its own update, so the loss of the last applied step shows every applied
+    update before it; it must be below the loss of the first applied step. A skipped step changed no weight (the
+    fp16 scaler halves its scale and retries), so it can neither fail nor pass the rule.
+    """
+    skipped = set(skipped_steps)
+    applied = [loss for step, loss in enumerate(losses, 1) if step not in skipped]
+    if not losses or any(v is None or not math.isfinite(v) for v in applied):
+        return [f"loss not finite on every applied step: {losses}"]
+    if len(applied) < 2:
+        return [f"only {len(applied)} of {len(losses)} steps applied an update (the fp16 loss scaler skipped steps "
+                f"{sorted(skipped)}): too few to tell whether the loss falls; run more steps (--steps)"]
+    if not applied[-1] < applied[0]:
+        note = f" (applied steps only; skipped {sorted(skipped)})" if skipped else ""
+        return [f"loss did not fall on a fixed batch: {applied[0]:.4f} -> {applied[-1]:.4f}{note}"]
+    return []
 
 
 def _command(planned: PlannedCheck, config: Path, out: Path, flop_cache_dir: Path) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from bench.config import BenchConfig
-from bench.measure import FlopCache, InstrumentedSteps, cached_step_flops, step_micro_batches
+from bench.measure import FlopCache, InstrumentedSteps, TimedWindow, cached_step_flops, step_micro_batches
 from bench.runner import FLOP_CACHE_ENV
 from bench.status import HOST_OOM, OOM, oom_status
 from bench.workload import to_train_config
@@ -80,7 +80,7 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
     """Train one repeat on this rank and return its measurements."""
     from bench.workload import build_workload
-    from phi3v_core.training import StepTimer, train
+    from phi3v_core.training import train
 
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -94,19 +94,15 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
     # exactly ``total_steps`` full optimizer steps (no partial gradient-accumulation step inside the timed window).
     workload = build_workload(cfg, processor_for(cfg), workload_samples(cfg, total_steps))
 
-    timer = StepTimer()
-    probes = InstrumentedSteps(
-        first_timed_step=int(layout["first_timed"]),
-        last_timed_step=int(layout["last_timed"]),
-        memory_step=layout["memory_step"],
-    )
+    window = TimedWindow.for_layout(layout)
+    timer, probes = window.timer, window.probes
     payload: dict[str, Any] = {"rank": rank, "world_size": world, "device": str(device), "status": "ok"}
     # Inside the runner's folder: a worker killed on timeout leaves nothing behind once the runner removes it.
     with tempfile.TemporaryDirectory(prefix="train-", dir=out_dir) as scratch:
         train_cfg = to_train_config(cfg, scratch, total_steps)
         try:
-            # probes first: the window (sync, peak reset, first NVML sample) opens before the timer's clock starts.
-            result = train(train_cfg, workload.dataset, callbacks=[probes, timer])
+            # The window (sync, peak reset, first NVML sample) opens before the timer's clock starts.
+            result = train(train_cfg, workload.dataset, callbacks=window.callbacks)
         except Exception as exc:  # noqa: BLE001 - recorded as an error/oom row by the runner
             payload.update(
                 status=_failure_status(exc),
@@ -117,7 +113,7 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
             return payload
 
     records = {r.step: r for r in timer.records}
-    timed = [records[s] for s in range(int(layout["first_timed"]), int(layout["last_timed"]) + 1) if s in records]
+    timed = window.timed_records()
     flops, flops_cached = _step_flops(cfg, train_cfg, workload.dataset, probes, rank, total_steps)
     timed_skipped = [i for i, r in enumerate(timed, 1) if r.skipped]  # fp16 loss-scaler skips; their times count
     payload.update(
@@ -135,8 +131,7 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         flops_cached=flops_cached,
         skipped_steps=sum(1 for r in timer.records if r.skipped),
         skipped_timed_steps=timed_skipped,
-        window_before_clock=probes.window_opened_at is not None and bool(timed)
-        and probes.window_opened_at <= timed[0].began,
+        window_before_clock=window.window_before_clock,
         peak_flops_per_gpu=peak_flops(device, cfg.precision),
         total_params=result.report.total_parameters,
         trainable_params=result.report.trainable_parameters,

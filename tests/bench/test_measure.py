@@ -107,7 +107,7 @@ def test_flops_include_attention_and_scale_with_sequence() -> None:
     assert counts[1] > counts[0] > 0
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(seconds=15)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_repeat_reads_window_peaks_and_samples_nvml(tmp_path: Path) -> None:
     """One tiny LoRA repeat on the GPU: allocator peaks read when the window closes, FLOPs and the GPU's peak.
@@ -128,7 +128,7 @@ def test_cuda_repeat_reads_window_peaks_and_samples_nvml(tmp_path: Path) -> None
     assert payload["flops_per_step"] > 0 and payload["peak_flops_per_gpu"]
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(seconds=2)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_nvml_reader_sees_this_process() -> None:
     """NVML's per-process memory covers a 256 MiB tensor (any card; skipped where NVML hides per-process use)."""
