@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import (
+    FLOPS_MODES,
     SEQ_PROFILES,
     TINY_DEFAULTS,
     BenchConfig,
@@ -84,6 +85,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="recompute activations in backward (default: on, as the recipe)")
     p.add_argument("--optim", choices=OPTIM_NAMES, default=d.optim, help="optimizer (default: %(default)s)")
     p.add_argument("--offload", choices=OFFLOAD_NAMES, default=d.offload, help="DeepSpeed offload (default: %(default)s)")
+    p.add_argument("--flops", choices=FLOPS_MODES, default=d.flops,
+                   help="how MFU's FLOPs are counted: analytic (from the shapes) or trace (fake-tensor replay, "
+                        "minutes for the full-size model; a check of the analytic count) (default: %(default)s)")
     _add_output_arguments(p)
 
 

@@ -15,12 +15,15 @@ The protocol (the order is the contract; :attr:`InstrumentedSteps.events` record
    * a **memory step** (CPU only) under :class:`LiveTensorBytes`: peak bytes of live tensor storage, the CPU
      counterpart of ``torch.cuda.max_memory_allocated`` (torch's ``MemTracker`` cannot attach to models whose frozen
      parameters do not require gradients, which is every LoRA/QLoRA model);
-   * the **FLOP trace** (:func:`trace_step_flops`): the identical step (same method, same micro-batch shapes) on fake
-     tensors under ``FlopCounterMode``, with attention in plain matrix products (SDPA's math backend) so the count is
-     the same whichever kernel the timed steps used. It costs no GPU memory. Traced once with gradient
-     checkpointing off (``model_flops``) and once as configured (``hardware_flops``, recompute included). The
-     count is the same in every repeat, so it is traced once per configuration, on rank 0, and kept in a
-     :class:`FlopCache` keyed by everything it depends on (:func:`flop_cache_key`).
+   * the **FLOP count** of one step, on rank 0: by default analytic (:func:`analytic_step_flops`: from the model's
+     config, the method and the micro-batch shapes through :mod:`phi3v_core.flops`, in milliseconds), or with
+     ``--flops trace`` the **FLOP trace** (:func:`trace_step_flops`): the identical step (same method, same
+     micro-batch shapes) on fake tensors under ``FlopCounterMode``, with attention in plain matrix products (SDPA's
+     math backend) so the count is the same whichever kernel the timed steps used. It costs no GPU memory but
+     1.5-3 CPU-minutes for the full-size model. Traced once with gradient checkpointing off (``model_flops``) and
+     once as configured (``hardware_flops``, recompute included). The count is the same in every repeat, so it is
+     traced once per configuration and kept in a :class:`FlopCache` keyed by everything it depends on
+     (:func:`flop_cache_key`). A test pins the two counts to each other.
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ __all__ = [
     "PeakSampler",
     "StepFlops",
     "TimedWindow",
+    "analytic_step_flops",
     "cached_step_flops",
+    "count_step_flops",
     "cpu_rss_peak_bytes",
     "flop_cache_key",
     "gpu_memory",
@@ -405,14 +410,17 @@ class StepFlops:
     Attributes:
         model_flops: Without recompute (gradient checkpointing off): the work the model needs.
         hardware_flops: What the hardware runs: ``model_flops`` plus the forward recompute of checkpointing.
-        traced_attn: Attention implementation used for the trace (``eager`` or ``sdpa`` with its math backend).
-        traced_shapes: Distinct micro-batch shapes traced (``input_ids`` shape, crops).
+        traced_attn: Attention implementation used for the trace (``eager`` or ``sdpa`` with its math backend);
+            None when counted analytically (the count does not depend on the kernel).
+        traced_shapes: Distinct micro-batch shapes counted (``input_ids`` shape, crops).
+        source: ``trace`` (:func:`trace_step_flops`) or ``analytic`` (:func:`analytic_step_flops`).
     """
 
     model_flops: int
     hardware_flops: int
-    traced_attn: str
+    traced_attn: str | None
     traced_shapes: int
+    source: str = "trace"
 
 
 def flop_trace_attn(attn: str) -> str:
@@ -489,6 +497,38 @@ def trace_step_flops(
     recompute = train_cfg.gradient_checkpointing and with_recompute
     hardware_flops = count(checkpointing=True) if recompute else model_flops
     return StepFlops(model_flops, hardware_flops, attn, len(distinct))
+
+
+def analytic_step_flops(train_cfg: Any, micro_batches: Sequence[dict[str, Any]]) -> StepFlops:
+    """The FLOPs :func:`trace_step_flops` measures, counted from the shapes (:mod:`phi3v_core.flops`; no model).
+
+    Same inputs, same numbers (pinned by a test for every method, checkpointing setting and logits mode): the
+    model's config, what the method trains, gradient checkpointing, and each micro-batch's shapes. Logits are
+    counted where the model computes them in training: at supervised positions, unless
+    ``Phi3VForCausalLM.supervised_logits`` is off.
+    """
+    from phi3v_core.config import get_config
+    from phi3v_core.flops import ModelDims, TrainableParts, micro_batch_shape, step_flops
+    from phi3v_core.model import Phi3VForCausalLM
+
+    dims = ModelDims.from_config(get_config(train_cfg.model))
+    parts = TrainableParts.for_method(train_cfg.method, lora_rank=train_cfg.lora_rank,
+                                      lora_lm_head=train_cfg.lora_lm_head, freeze_vision=train_cfg.freeze_vision)
+    logits = "supervised" if Phi3VForCausalLM.supervised_logits else "full"
+    shapes = [micro_batch_shape(batch, dims, logits) for batch in micro_batches]
+    count = step_flops(dims, parts, shapes, checkpointing=bool(train_cfg.gradient_checkpointing), logits=logits)
+    return StepFlops(count.model_flops, count.hardware_flops, None, len(set(shapes)), source="analytic")
+
+
+def count_step_flops(
+    train_cfg: Any, micro_batches: Sequence[dict[str, Any]], how: str, cache: FlopCache | None
+) -> tuple[StepFlops, bool]:
+    """One step's FLOPs ``how`` = ``analytic`` or ``trace`` (through ``cache``); ``(flops, read from the cache)``."""
+    if how == "analytic":
+        return analytic_step_flops(train_cfg, micro_batches), False
+    if how == "trace":
+        return cached_step_flops(train_cfg, micro_batches, cache)
+    raise ValueError(f"FLOPs are counted 'analytic' or 'trace', not {how!r}")
 
 
 def flop_cache_key(train_cfg: Any, micro_batches: Sequence[dict[str, Any]], *, with_recompute: bool = True) -> str:

@@ -13,7 +13,8 @@ benchmark's own measurement protocol (:mod:`bench.measure`), and checks:
 * the measured peak memory is close to ``phi3v-plan``'s prediction for the same configuration
   (:func:`planner.estimate.estimate_memory`): on CUDA ``max_memory_allocated`` over the steps after the first
   (optimizer states exist by then), on CPU the peak bytes of live tensors of one step (:class:`LiveTensorBytes`);
-* MFU (CUDA only), from FLOPs traced on fake tensors (once per method and depth) and the GPU's dense peak.
+* MFU (CUDA only), from the step's FLOPs counted analytically (:func:`bench.measure.analytic_step_flops`, the
+  same count ``phi3v-bench run`` uses) and the GPU's dense peak.
 
 On CUDA the model is phi-3.5-vision (random weights) at the DocVQA shape (16 crops) in bf16 (fp16 below compute
 capability 8.0), each check in its own process pinned to one GPU; on CPU it is the tiny model. The expected duration
@@ -55,7 +56,7 @@ __all__ = [
     "run_check",
     "run_check_isolated",
     "run_selfcheck",
-    "traced_model_flops",
+    "step_model_flops",
 ]
 
 #: Memory prediction error (percent) beyond which a check fails. The planner's closed form is exact on the tiny model
@@ -194,29 +195,20 @@ def reduced_preset(model: str, layers: int | None) -> Iterator[str]:
         MODEL_PRESETS.pop(name, None)
 
 
-def traced_model_flops(train_cfg: Any, fixed: list[Any], cfg: BenchConfig, cache_dir: Path | None) -> int:
-    """Model FLOPs of one step, traced once per method, depth and batch (a file in ``cache_dir`` shares it)."""
-    from bench.measure import step_micro_batches, trace_step_flops
+def step_model_flops(train_cfg: Any, fixed: list[Any], cfg: BenchConfig) -> int:
+    """Model FLOPs of one step of the check (its depth, its batch), counted analytically: no trace, milliseconds."""
+    from bench.measure import analytic_step_flops, step_micro_batches
 
-    cache = cache_dir / f"{train_cfg.model}-{cfg.method}-{cfg.global_batch}.json" if cache_dir else None
-    if cache is not None and cache.is_file():
-        return int(json.loads(cache.read_text())["model_flops"])
     batches = step_micro_batches(train_cfg, fixed, cfg.micro_batch, cfg.grad_accum)
-    flops = int(trace_step_flops(train_cfg, batches, with_recompute=False).model_flops)
-    if cache is not None:
-        from phi3v_core.io import atomic_write_text
-
-        atomic_write_text(cache, json.dumps({"model_flops": flops}))
-    return flops
+    return int(analytic_step_flops(train_cfg, batches).model_flops)
 
 
-def run_check(cfg: BenchConfig, layers: int | None = None, flop_cache_dir: Path | None = None) -> Check:
+def run_check(cfg: BenchConfig, layers: int | None = None) -> Check:
     """Train ``cfg`` for ``warmup + steps`` steps on one fixed batch and check loss, memory and MFU.
 
     Args:
         cfg: The configuration (see :func:`plan_checks`).
         layers: Decoder layers of a depth-reduced model (None: the model as it is).
-        flop_cache_dir: Folder where the traced FLOPs of a method and depth are shared between checks.
     """
     from bench.measure import TimedWindow
     from bench.worker import peak_flops, plan_steps, processor_for
@@ -255,7 +247,7 @@ def run_check(cfg: BenchConfig, layers: int | None = None, flop_cache_dir: Path 
             peak = peak_flops(device, cfg.precision)
             timed = [r.seconds for r in window.timed_records()]
             if peak and timed and int(os.environ.get("RANK", "0")) == 0:
-                flops = traced_model_flops(train_cfg, fixed, cfg, flop_cache_dir)
+                flops = step_model_flops(train_cfg, fixed, cfg)
                 check.mfu = flops / sorted(timed)[len(timed) // 2] / peak
     except Exception as exc:  # noqa: BLE001 - one failing method must not hide the others
         check.status = "error"
@@ -301,9 +293,9 @@ def _loss_problems(losses: list[float | None], skipped_steps: list[int]) -> list
     return []
 
 
-def _command(planned: PlannedCheck, config: Path, out: Path, flop_cache_dir: Path) -> list[str]:
+def _command(planned: PlannedCheck, config: Path, out: Path) -> list[str]:
     """One check's command: ``python -m bench.selfcheck`` (pinned to one GPU), or torchrun for a 2-process check."""
-    args = ["-m", "bench.selfcheck", "--config", str(config), "--out", str(out), "--flop-cache", str(flop_cache_dir)]
+    args = ["-m", "bench.selfcheck", "--config", str(config), "--out", str(out)]
     if planned.form == "reduced" and planned.decoder_layers is not None:
         args += ["--layers", str(planned.decoder_layers)]
     if planned.world_size == 1:
@@ -312,9 +304,7 @@ def _command(planned: PlannedCheck, config: Path, out: Path, flop_cache_dir: Pat
             f"--nproc_per_node={planned.world_size}", *args]
 
 
-def run_check_isolated(
-    planned: PlannedCheck | BenchConfig, timeout_s: float = 1800.0, flop_cache_dir: Path | None = None
-) -> Check:
+def run_check_isolated(planned: PlannedCheck | BenchConfig, timeout_s: float = 1800.0) -> Check:
     """:func:`run_check` in a fresh process: one check's GPU memory (and allocator state) cannot leak into the next.
 
     A single-process check is pinned to the first visible GPU (:func:`bench.pinning.single_process_env`); a
@@ -331,7 +321,7 @@ def run_check_isolated(
         out = Path(tmp) / "check.json"
         config.write_text(json.dumps(cfg.to_dict()))
         env = single_process_env() if planned.world_size == 1 else dict(os.environ)
-        command = _command(planned, config, out, flop_cache_dir or Path(tmp))
+        command = _command(planned, config, out)
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
         except subprocess.TimeoutExpired:
@@ -381,26 +371,25 @@ def run_selfcheck(
     log(f"selfcheck: {len(plan)} checks on {machine.device.gpu_name or 'cpu'}, expected ~{expected / 60:.1f} min "
         "(phi3v-plan's step times plus fixed allowances; an estimate)")
     checks = []
-    with tempfile.TemporaryDirectory(prefix="phi3v-selfcheck-flops-") as flop_dir:
-        for i, planned in enumerate(plan, 1):
-            prefix = f"[{i}/{len(plan)}] {planned.label}"
-            if planned.form == "skipped":
-                check = _skipped(planned)
+    for i, planned in enumerate(plan, 1):
+        prefix = f"[{i}/{len(plan)}] {planned.label}"
+        if planned.form == "skipped":
+            check = _skipped(planned)
+        else:
+            log(f"{prefix}: running ({planned.form}, expected ~{planned.expected_seconds:.0f} s)")
+            layers = planned.decoder_layers if planned.form == "reduced" else None
+            if isolate or planned.world_size > 1:
+                check = run_check_isolated(planned)
             else:
-                log(f"{prefix}: running ({planned.form}, expected ~{planned.expected_seconds:.0f} s)")
-                layers = planned.decoder_layers if planned.form == "reduced" else None
-                if isolate or planned.world_size > 1:
-                    check = run_check_isolated(planned, flop_cache_dir=Path(flop_dir))
-                else:
-                    check = run_check(planned.config, layers, Path(flop_dir))
-            check.expected_seconds = planned.expected_seconds
-            check.decoder_layers = check.decoder_layers or planned.decoder_layers  # full-size: the model's own
-            if planned.form == "reduced" and not check.message:
-                check.message = planned.reason
-            log(f"{prefix}: {check.status} ({check.seconds:.0f} s){': ' + check.message if check.status != 'ok' else ''}")
-            checks.append(check)
-            if progress is not None:
-                progress(check)
+                check = run_check(planned.config, layers)
+        check.expected_seconds = planned.expected_seconds
+        check.decoder_layers = check.decoder_layers or planned.decoder_layers  # full-size: the model's own
+        if planned.form == "reduced" and not check.message:
+            check.message = planned.reason
+        log(f"{prefix}: {check.status} ({check.seconds:.0f} s){': ' + check.message if check.status != 'ok' else ''}")
+        checks.append(check)
+        if progress is not None:
+            progress(check)
     cfg = plan[0].config
     return SelfCheckReport(device=machine.device.gpu_name or "cpu", model=cfg.model, precision=cfg.precision,
                            checks=checks, seconds=time.perf_counter() - start, expected_seconds=expected)
@@ -425,10 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--layers", type=int, default=None, help="decoder layers of a depth-reduced model")
-    parser.add_argument("--flop-cache", default=None, help="folder sharing traced FLOPs between checks")
     args = parser.parse_args(argv)
     cfg = BenchConfig.from_dict(json.loads(Path(args.config).read_text()))
-    check = run_check(cfg, args.layers, Path(args.flop_cache) if args.flop_cache else None)
+    check = run_check(cfg, args.layers)
     if int(os.environ.get("RANK", "0")) == 0:
         from phi3v_core.io import atomic_write_text
 

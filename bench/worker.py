@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from bench.config import BenchConfig
-from bench.measure import FlopCache, InstrumentedSteps, TimedWindow, cached_step_flops, step_micro_batches
+from bench.measure import FlopCache, InstrumentedSteps, TimedWindow, count_step_flops, step_micro_batches
 from bench.runner import FLOP_CACHE_ENV
 from bench.status import HOST_OOM, OOM, oom_status
 from bench.workload import to_train_config
@@ -128,6 +128,7 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         flops_per_step=flops.model_flops if flops else None,
         hardware_flops_per_step=flops.hardware_flops if flops else None,
         flop_trace_attn=flops.traced_attn if flops else None,
+        flops_source=flops.source if flops else None,
         flops_cached=flops_cached,
         skipped_steps=sum(1 for r in timer.records if r.skipped),
         skipped_timed_steps=timed_skipped,
@@ -167,8 +168,9 @@ def _failure_status(exc: BaseException) -> str:
 def _step_flops(
     cfg: BenchConfig, train_cfg: Any, dataset: Any, probes: InstrumentedSteps, rank: int, step: int
 ) -> tuple[Any, bool]:
-    """FLOPs of one step, counted on rank 0 only (every rank runs the same micro-batch shapes) and through the
-    runner's :class:`~bench.measure.FlopCache`, so a configuration is traced once, not once per repeat and rank.
+    """FLOPs of one step, counted on rank 0 only (every rank runs the same micro-batch shapes): analytically, or
+    with ``--flops trace`` traced through the runner's :class:`~bench.measure.FlopCache`, so a configuration is
+    traced once, not once per repeat and rank.
 
     Instrumented work after the window: a failure here is a note, never a failed cell.
     """
@@ -178,11 +180,12 @@ def _step_flops(
     try:
         probes.event("flop_trace_start", step)
         micro_batches = step_micro_batches(train_cfg, dataset, cfg.micro_batch, cfg.grad_accum)
-        flops, cached = cached_step_flops(train_cfg, micro_batches, FlopCache(Path(cache_dir)) if cache_dir else None)
+        cache = FlopCache(Path(cache_dir)) if cache_dir else None
+        flops, cached = count_step_flops(train_cfg, micro_batches, cfg.flops, cache)
         probes.event("flop_trace_end", step)
         return flops, cached
     except Exception as exc:  # noqa: BLE001 - MFU is optional; the measured numbers stand without it
-        probes.notes.append(f"FLOP trace failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); no MFU")
+        probes.notes.append(f"FLOP count ({cfg.flops}) failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); no MFU")
         return None, False
 
 

@@ -149,7 +149,8 @@ def test_nvml_reader_sees_this_process() -> None:
 
 
 def test_flops_are_traced_once_across_repeats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two repeats of one configuration (the runner gives them one cache folder): the counter runs once."""
+    """``--flops trace``: two repeats of one configuration (the runner gives them one cache folder): the counter runs
+    once, and its numbers are the analytic count's (the default, which traces nothing)."""
     import bench.measure as measure
     from bench.runner import FLOP_CACHE_ENV
 
@@ -163,7 +164,7 @@ def test_flops_are_traced_once_across_repeats(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(measure, "trace_step_flops", counting)
     monkeypatch.setenv(FLOP_CACHE_ENV, str(tmp_path / "flops"))
     cfg = BenchConfig(method="lora", model="tiny", precision="fp32", num_crops=1, global_batch=2, micro_batch=1,
-                      steps=1, warmup=1, repeats=2, release="t")
+                      steps=1, warmup=1, repeats=2, release="t", flops="trace")
     payloads = []
     for repeat in range(cfg.repeats):
         (tmp_path / str(repeat)).mkdir()
@@ -173,6 +174,11 @@ def test_flops_are_traced_once_across_repeats(tmp_path: Path, monkeypatch: pytes
     assert [p["flops_cached"] for p in payloads] == [False, True]
     assert payloads[0]["flops_per_step"] == payloads[1]["flops_per_step"] > 0
     assert payloads[0]["hardware_flops_per_step"] == payloads[1]["hardware_flops_per_step"]
+    assert [p["flops_source"] for p in payloads] == ["trace", "trace"]
+    analytic = run_rank(cfg.replace(flops="analytic", repeats=1), tmp_path / "0")
+    assert len(traced) == 1 and analytic["flops_source"] == "analytic" and analytic["flops_cached"] is False
+    assert analytic["flops_per_step"] == pytest.approx(payloads[0]["flops_per_step"], rel=0.01)
+    assert analytic["hardware_flops_per_step"] == pytest.approx(payloads[0]["hardware_flops_per_step"], rel=0.01)
     # The window (sync, peak reset, first NVML sample) opened before the first timed step's clock started.
     assert all(p["window_before_clock"] for p in payloads)
 
