@@ -96,7 +96,10 @@ class TrainableParts:
         lora_lm_head: An adapter on ``lm_head``.
         lora_vision: Adapters on the live CLIP layers' six linear layers and the projector's two.
         input_grad_with_checkpointing: With gradient checkpointing the input embeddings carry a gradient even when
-            nothing before the first layer trains (PEFT and transformers call ``enable_input_require_grads``).
+            nothing before them trains: transformers' ``gradient_checkpointing_enable`` calls
+            ``enable_input_require_grads`` for every model that reads ``input_ids`` (and PEFT does too), which hooks
+            the text embedding *and* CLIP's patch embedding - so under checkpointing a gradient flows back through
+            a frozen CLIP tower as well (input gradients only, and its recompute).
     """
 
     decoder: bool = False
@@ -117,9 +120,10 @@ class TrainableParts:
         """The parts ``full``, ``frozen_vision``, ``lora`` or ``qlora`` train (QLoRA's 4-bit base does the same
         products as LoRA's 16-bit one after dequantisation)."""
         if method == "full":
-            return cls(decoder=True, embeddings=True, lm_head=True, vision=True, projector=True)
+            return cls(decoder=True, embeddings=True, lm_head=True, vision=True, projector=True,
+                       input_grad_with_checkpointing=True)
         if method == "frozen_vision":
-            return cls(decoder=True, embeddings=True, lm_head=True)
+            return cls(decoder=True, embeddings=True, lm_head=True, input_grad_with_checkpointing=True)
         if method in ("lora", "qlora"):
             return cls(lora_rank=lora_rank, lora_decoder=True, lora_lm_head=lora_lm_head,
                        lora_vision=not freeze_vision, input_grad_with_checkpointing=True)
