@@ -197,7 +197,7 @@ def reduced_preset(model: str, layers: int | None) -> Iterator[str]:
 
 def step_model_flops(train_cfg: Any, fixed: list[Any], cfg: BenchConfig) -> int:
     """Model FLOPs of one step of the check (its depth, its batch), counted analytically: no trace, milliseconds."""
-    from bench.measure import analytic_step_flops, step_micro_batches
+    from bench.flop_count import analytic_step_flops, step_micro_batches
 
     batches = step_micro_batches(train_cfg, fixed, cfg.micro_batch, cfg.grad_accum)
     return int(analytic_step_flops(train_cfg, batches).model_flops)

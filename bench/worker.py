@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from bench.config import BenchConfig
-from bench.measure import FlopCache, InstrumentedSteps, TimedWindow, count_step_flops, step_micro_batches
+from bench.flop_count import FlopCache, count_step_flops, step_micro_batches
+from bench.measure import InstrumentedSteps, TimedWindow
 from bench.runner import FLOP_CACHE_ENV
 from bench.status import HOST_OOM, OOM, oom_status
 from bench.workload import to_train_config
@@ -169,7 +170,7 @@ def _step_flops(
     cfg: BenchConfig, train_cfg: Any, dataset: Any, probes: InstrumentedSteps, rank: int, step: int
 ) -> tuple[Any, bool]:
     """FLOPs of one step, counted on rank 0 only (every rank runs the same micro-batch shapes): analytically, or
-    with ``--flops trace`` traced through the runner's :class:`~bench.measure.FlopCache`, so a configuration is
+    with ``--flops trace`` traced through the runner's :class:`~bench.flop_count.FlopCache`, so a configuration is
     traced once, not once per repeat and rank.
 
     Instrumented work after the window: a failure here is a note, never a failed cell.

@@ -1,7 +1,7 @@
 """The analytic FLOP count (``phi3v_core.flops``, ``phi3v-bench run``'s default) against the fake-tensor replay.
 
-``bench.measure.trace_step_flops`` runs the real step on fake tensors under ``FlopCounterMode`` (``--flops trace``);
-``bench.measure.analytic_step_flops`` multiplies out the shapes. Pinned within 1 % for every method, both
+``bench.flop_count.trace_step_flops`` runs the real step on fake tensors under ``FlopCounterMode`` (``--flops trace``);
+``bench.flop_count.analytic_step_flops`` multiplies out the shapes. Pinned within 1 % for every method, both
 checkpointing settings (one replay gives both: ``model_flops`` is counted with checkpointing off, ``hardware_flops``
 as configured) and both logits modes, on the tiny model with two micro-batches of different lengths. (On this
 torch they agree to the FLOP: the count follows ``FlopCounterMode``'s rules, checkpointing's early stop included.)
@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 
 from bench.config import BenchConfig
-from bench.measure import analytic_step_flops, step_micro_batches, trace_step_flops
+from bench.flop_count import analytic_step_flops, step_micro_batches, trace_step_flops
 from bench.workload import build_workload, to_train_config
 from phi3v_core.config import get_config
 from phi3v_core.flops import ModelDims, TrainableParts, micro_batch_shape, step_flops

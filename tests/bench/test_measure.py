@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bench.config import BenchConfig
-from bench.measure import InstrumentedSteps, PeakSampler, step_micro_batches, trace_step_flops
+from bench.flop_count import step_micro_batches, trace_step_flops
+from bench.measure import InstrumentedSteps, PeakSampler
 from bench.worker import processor_for, run_rank, to_train_config
 from bench.workload import build_workload
 
@@ -151,17 +152,17 @@ def test_nvml_reader_sees_this_process() -> None:
 def test_flops_are_traced_once_across_repeats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--flops trace``: two repeats of one configuration (the runner gives them one cache folder): the counter runs
     once, and its numbers are the analytic count's (the default, which traces nothing)."""
-    import bench.measure as measure
+    import bench.flop_count as flop_count
     from bench.runner import FLOP_CACHE_ENV
 
     traced = []
-    real = measure.trace_step_flops
+    real = flop_count.trace_step_flops
 
     def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         traced.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(measure, "trace_step_flops", counting)
+    monkeypatch.setattr(flop_count, "trace_step_flops", counting)
     monkeypatch.setenv(FLOP_CACHE_ENV, str(tmp_path / "flops"))
     cfg = BenchConfig(method="lora", model="tiny", precision="fp32", num_crops=1, global_batch=2, micro_batch=1,
                       steps=1, warmup=1, repeats=2, release="t", flops="trace")
@@ -184,7 +185,7 @@ def test_flops_are_traced_once_across_repeats(tmp_path: Path, monkeypatch: pytes
 
 
 def test_flop_cache_key_changes_with_everything_the_count_depends_on() -> None:
-    from bench.measure import flop_cache_key
+    from bench.flop_count import flop_cache_key
 
     def key(seq: int = 32, batch: int = 1, accum: int = 1, **cfg_overrides: object) -> str:
         cfg = BenchConfig(**{"method": "lora", "model": "tiny", "precision": "fp32", "release": "t", **cfg_overrides})
@@ -201,7 +202,7 @@ def test_flop_cache_key_changes_with_everything_the_count_depends_on() -> None:
 
 
 def test_flop_cache_round_trips_and_ignores_a_torn_entry(tmp_path: Path) -> None:
-    from bench.measure import FlopCache, StepFlops
+    from bench.flop_count import FlopCache, StepFlops
 
     cache = FlopCache(tmp_path / "flops")
     assert cache.get("k") is None
