@@ -36,8 +36,8 @@ __all__ = [
 def plan_steps(cfg: BenchConfig, cuda: bool) -> dict[str, int | None]:
     """Lay out the optimizer steps of one repeat: warmup, timed window, then the untimed CPU memory step.
 
-    FLOPs are not counted on a training step (they are traced on fake tensors after training), so ``total`` is
-    the last step that trains.
+    FLOPs are not counted on a training step (they are counted from the shapes, or traced on fake tensors, after
+    training), so ``total`` is the last step that trains.
     """
     first_timed = cfg.warmup + 1
     last_timed = cfg.warmup + cfg.steps
