@@ -219,8 +219,8 @@ def _last_product(tokens: int, d_in: int, d_out: int, rank: int) -> int:
     """FLOPs of a checkpointed layer's last product, which its recompute skips.
 
     torch's non-reentrant checkpoint stops recomputing once every tensor the forward saved is back ("early stop",
-    its default); the last product (``down_proj``, CLIP's ``fc2``, or their adapter's ``B``) saved only its input,
-    which the op before it has already recomputed.
+    its default), which happens before the layer's last product (``down_proj``, CLIP's ``fc2``, or their adapter's
+    ``B``) runs again: what ``FlopCounterMode`` counts, layer by layer, with early stop on and off.
     """
     return 2 * tokens * (rank if rank else d_in) * d_out
 
