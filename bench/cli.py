@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import (
+    FLOPS_MODES,
     SEQ_PROFILES,
     TINY_DEFAULTS,
     BenchConfig,
@@ -87,6 +88,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning-rate", type=bounded_float(0, 1, low_open=True), default=None,
                    help="peak learning rate (default: the recipe's for the profile's task and the method); decides "
                         "how many weights a step changes, which the run reports")
+    p.add_argument("--flops", choices=FLOPS_MODES, default=d.flops,
+                   help="how MFU's FLOPs are counted: analytic (from the shapes) or trace (fake-tensor replay, "
+                        "minutes for the full-size model; a check of the analytic count) (default: %(default)s)")
     _add_output_arguments(p)
 
 

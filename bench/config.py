@@ -38,6 +38,7 @@ from phi3v_core.constants import (
 from phi3v_core.errors import ConfigError, raise_all
 
 __all__ = [
+    "FLOPS_MODES",
     "IDENTITY_FIELDS",
     "MAX_NUM_CROPS",
     "SEQ_PROFILES",
@@ -80,6 +81,9 @@ def canonical_field(name: str) -> str:
     """The current name of BenchConfig field ``name`` (old names such as ``batch_size`` map to ``global_batch``)."""
     return FIELD_ALIASES.get(name, name)
 
+#: How ``phi3v-bench run`` counts FLOPs (``--flops``).
+FLOPS_MODES: tuple[str, ...] = ("analytic", "trace")
+
 _ATTN_SHORT = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "fa2"}
 
 
@@ -118,6 +122,10 @@ class BenchConfig:
             field: it does not change the step time, but decides how many weights a step changes (reported).
         release: Release label of the results folder (``results/<release>/<hardware>/``).
         out: Root folder for result files.
+        flops: How MFU's FLOPs are counted: ``analytic`` (:mod:`phi3v_core.flops`, from the shapes, milliseconds)
+            or ``trace`` (the step replayed on fake tensors under ``FlopCounterMode``, 1.5-3 CPU-minutes for the
+            full-size model; kept to check the analytic count). Both give the same numbers (a test pins them); not
+            part of the identity.
     """
 
     method: str = "lora"
@@ -140,6 +148,7 @@ class BenchConfig:
     learning_rate: float | None = None
     release: str = field(default_factory=default_release)
     out: str = "results"
+    flops: str = "analytic"
 
     # ---- derived values -------------------------------------------------------------------------------------
     @property
@@ -219,6 +228,7 @@ class BenchConfig:
         choice("seq_profile", self.seq_profile, list(SEQ_PROFILES))
         choice("optim", self.optim, OPTIM_NAMES)
         choice("offload", self.offload, OFFLOAD_NAMES)
+        choice("flops", self.flops, FLOPS_MODES)
         if self.attn == "flash_attention_2" and self.precision == "fp32":
             problems.append("attn flash_attention_2 needs bf16 or fp16 (flash-attn has no fp32 kernels); use --precision bf16")
         problems.extend(_model_problems(self.model))

@@ -3,7 +3,8 @@
 The protocol (the order is the contract; :attr:`InstrumentedSteps.events` records it and tests check it):
 
 1. **Timed window opens** at the start of the first timed step, *before its clock starts* (the worker lists
-   :class:`InstrumentedSteps` ahead of the :class:`~phi3v_core.training.callbacks.StepTimer`): the device is
+   :class:`InstrumentedSteps` ahead of the :class:`~phi3v_core.training.callbacks.StepTimer`; :class:`TimedWindow`
+   holds the pair in that order for the worker and the selfcheck alike): the device is
    synchronised, CUDA peak statistics are reset and a background NVML sampler starts (:class:`PeakSampler`, period
    <= 100 ms, one NVML query per sample: :class:`phi3v_core.nvml.ProcessMemoryReader`).
 2. Timed steps are plain training steps (only :class:`~phi3v_core.training.callbacks.StepTimer` runs, with device
@@ -15,51 +16,38 @@ The protocol (the order is the contract; :attr:`InstrumentedSteps.events` record
    * a **memory step** (CPU only) under :class:`LiveTensorBytes`: peak bytes of live tensor storage, the CPU
      counterpart of ``torch.cuda.max_memory_allocated`` (torch's ``MemTracker`` cannot attach to models whose frozen
      parameters do not require gradients, which is every LoRA/QLoRA model);
-   * the **FLOP trace** (:func:`trace_step_flops`): the identical step (same method, same micro-batch shapes) on fake
-     tensors under ``FlopCounterMode``, with attention in plain matrix products (SDPA's math backend) so the count is
-     the same whichever kernel the timed steps used. It costs no GPU memory. Traced once with gradient
-     checkpointing off (``model_flops``) and once as configured (``hardware_flops``, recompute included). The
-     count is the same in every repeat, so it is traced once per configuration, on rank 0, and kept in a
-     :class:`FlopCache` keyed by everything it depends on (:func:`flop_cache_key`).
+   * the **FLOP count** of one step, on rank 0 (:mod:`bench.flop_count`: analytic by default, or the fake-tensor
+     trace with ``--flops trace``); it costs no GPU memory.
 """
 
 from __future__ import annotations
 
 import atexit
-import dataclasses
-import hashlib
-import json
 import os
 import resource
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import TrainerCallback
 
 __all__ = [
     "NVML_PERIOD_S",
-    "FlopCache",
     "InstrumentedSteps",
     "LiveTensorBytes",
     "NvmlReader",
     "PeakSampler",
-    "StepFlops",
-    "cached_step_flops",
+    "TimedWindow",
     "cpu_rss_peak_bytes",
-    "flop_cache_key",
     "gpu_memory",
     "nvml_process_reader",
-    "trace_step_flops",
 ]
 
 #: NVML sampling period of the timed window (the issue asks for <= 100 ms).
@@ -348,172 +336,47 @@ class InstrumentedSteps(TrainerCallback):
         self.event("peaks_read", step)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# FLOPs
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StepFlops:
-    """FLOPs of one optimizer step on one rank (forward + backward of every micro-batch; optimizer excluded).
+@dataclass
+class TimedWindow:
+    """The callbacks of one measured run, in the protocol's order: the one way the worker and selfcheck time steps.
+
+    :class:`InstrumentedSteps` comes *before* the :class:`~phi3v_core.training.StepTimer` in :attr:`callbacks`, so
+    the window (device sync, peak reset, first NVML sample) opens before the first timed step's clock starts, and
+    its cost is never inside a timed step (the Trainer calls callbacks in list order).
 
     Attributes:
-        model_flops: Without recompute (gradient checkpointing off): the work the model needs.
-        hardware_flops: What the hardware runs: ``model_flops`` plus the forward recompute of checkpointing.
-        traced_attn: Attention implementation used for the trace (``eager`` or ``sdpa`` with its math backend).
-        traced_shapes: Distinct micro-batch shapes traced (``input_ids`` shape, crops).
+        probes: The timed window and memory probe.
+        timer: The per-step clock (its records carry the loss and the fp16 skip flag).
     """
 
-    model_flops: int
-    hardware_flops: int
-    traced_attn: str
-    traced_shapes: int
+    probes: InstrumentedSteps
+    timer: Any
 
+    @classmethod
+    def for_layout(cls, layout: dict[str, int | None]) -> TimedWindow:
+        """A window over ``layout`` (:func:`bench.worker.plan_steps`: ``first_timed``, ``last_timed``, ``memory_step``)."""
+        from phi3v_core.training import StepTimer
 
-def flop_trace_attn(attn: str) -> str:
-    """The attention the FLOP trace uses for a run with ``attn``: eager stays eager, every fused kernel is SDPA.
+        probes = InstrumentedSteps(
+            first_timed_step=int(layout["first_timed"] or 1),
+            last_timed_step=int(layout["last_timed"] or 1),
+            memory_step=layout["memory_step"],
+        )
+        return cls(probes, StepTimer())
 
-    SDPA is then forced to its math backend, whose matrix products ``FlopCounterMode`` counts like eager's; the
-    flash-attn package's kernels and the CPU flash kernel are invisible to it.
-    """
-    return "eager" if attn == "eager" else "sdpa"
+    @property
+    def callbacks(self) -> list[TrainerCallback]:
+        """``[probes, timer]``: pass to ``phi3v_core.training.train(..., callbacks=...)`` as they are."""
+        return [self.probes, self.timer]
 
+    def timed_records(self) -> list[Any]:
+        """The timer's records of the timed steps (``first_timed_step`` .. ``last_timed_step``), in order."""
+        first, last = self.probes.first_timed_step, self.probes.last_timed_step
+        return [r for r in self.timer.records if first <= r.step <= last]
 
-def _shape_key(batch: dict[str, Any]) -> tuple:
-    return tuple(
-        (k, tuple(v.shape)) if isinstance(v, torch.Tensor) else (k, repr(v)) for k, v in sorted(batch.items())
-    )
-
-
-def trace_step_flops(
-    train_cfg: Any, micro_batches: Sequence[dict[str, Any]], *, with_recompute: bool = True
-) -> StepFlops:
-    """Count the FLOPs of one optimizer step by replaying it on fake tensors (no real memory, CPU only).
-
-    The model is built from ``train_cfg`` exactly as training builds it (same preset or folder config, same method
-    through :func:`phi3v_core.methods.get_method`), on the meta device, then materialised as fake tensors; each
-    distinct micro-batch shape runs forward and backward once under ``FlopCounterMode``. Everything is traced in
-    fp32 (FLOPs do not depend on the dtype) and QLoRA as LoRA (bitsandbytes cannot run on fakes; its 4-bit matmuls
-    do the same multiply-adds after dequantisation).
-
-    Args:
-        train_cfg: The run's :class:`phi3v_core.training.TrainConfig`.
-        micro_batches: Collated micro-batches of one optimizer step on this rank, as the Trainer feeds them.
-        with_recompute: Also trace with checkpointing on for ``hardware_flops`` (otherwise it equals
-            ``model_flops``; halves the cost when only MFU is needed).
-
-    Returns:
-        A :class:`StepFlops`.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from phi3v_core.config import get_config
-    from phi3v_core.methods import get_method
-    from phi3v_core.model import Phi3VForCausalLM
-
-    attn = flop_trace_attn(train_cfg.attn)
-    method = "lora" if train_cfg.method == "qlora" else train_cfg.method
-    traced_cfg = dataclasses.replace(train_cfg, method=method, precision="fp32", attn=attn)
-    counts: dict[tuple, int] = {}
-    for batch in micro_batches:
-        counts[_shape_key(batch)] = counts.get(_shape_key(batch), 0) + 1
-    distinct = {_shape_key(b): b for b in micro_batches}
-
-    def count(checkpointing: bool) -> int:
-        with torch.device("meta"):
-            model = Phi3VForCausalLM(get_config(train_cfg.model, attn_implementation=attn))
-        model.config.use_cache = False
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model, _report = get_method(method).prepare(model, traced_cfg.method_options("meta"))
-        model.train()
-        total = 0
-        with FakeTensorMode(allow_non_fake_inputs=True), sdpa_kernel(SDPBackend.MATH):
-            model.to_empty(device="cpu")
-            for key, batch in distinct.items():
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    loss = model(**batch).loss
-                    loss.backward()
-                total += int(counter.get_total_flops()) * counts[key]
-                model.zero_grad(set_to_none=True)
-        return total
-
-    model_flops = count(checkpointing=False)
-    recompute = train_cfg.gradient_checkpointing and with_recompute
-    hardware_flops = count(checkpointing=True) if recompute else model_flops
-    return StepFlops(model_flops, hardware_flops, attn, len(distinct))
-
-
-def flop_cache_key(train_cfg: Any, micro_batches: Sequence[dict[str, Any]], *, with_recompute: bool = True) -> str:
-    """Everything :func:`trace_step_flops` depends on, hashed: the model's full config (every shape), the method
-    and its options, the traced attention, gradient checkpointing, and each micro-batch shape (sequence length,
-    micro-batch size, crops) with how many of the step's micro-batches have it."""
-    from phi3v_core.config import get_config
-
-    attn = flop_trace_attn(train_cfg.attn)
-    method = "lora" if train_cfg.method == "qlora" else train_cfg.method
-    traced_cfg = dataclasses.replace(train_cfg, method=method, precision="fp32", attn=attn)
-    shapes: dict[str, int] = {}
-    for batch in micro_batches:
-        shapes[repr(_shape_key(batch))] = shapes.get(repr(_shape_key(batch)), 0) + 1
-    parts = {
-        "model": get_config(train_cfg.model, attn_implementation=attn).to_dict(),
-        "method": method,
-        "options": repr(traced_cfg.method_options("meta")),
-        "attn": attn,
-        "checkpointing": bool(train_cfg.gradient_checkpointing and with_recompute),
-        "micro_batches": shapes,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()[:32]
-
-
-@dataclass(frozen=True)
-class FlopCache:
-    """FLOP counts on disk, one JSON file per :func:`flop_cache_key` (the runner gives every repeat of a
-    configuration the same folder, so only the first repeat traces). Unreadable entries count as missing."""
-
-    directory: Path
-
-    def get(self, key: str) -> StepFlops | None:
-        """The stored count, or None."""
-        try:
-            return StepFlops(**json.loads((self.directory / f"{key}.json").read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
-
-    def put(self, key: str, flops: StepFlops) -> None:
-        """Store ``flops`` (atomically: a half-written entry is never read)."""
-        from phi3v_core.io import atomic_write_text
-
-        self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.directory / f"{key}.json", json.dumps(dataclasses.asdict(flops)))
-
-
-def cached_step_flops(
-    train_cfg: Any, micro_batches: Sequence[dict[str, Any]], cache: FlopCache | None, *, with_recompute: bool = True
-) -> tuple[StepFlops, bool]:
-    """:func:`trace_step_flops` through ``cache``: ``(flops, True)`` when it was stored, else traced and stored."""
-    key = flop_cache_key(train_cfg, micro_batches, with_recompute=with_recompute)
-    found = cache.get(key) if cache is not None else None
-    if found is not None:
-        return found, True
-    flops = trace_step_flops(train_cfg, micro_batches, with_recompute=with_recompute)
-    if cache is not None:
-        cache.put(key, flops)
-    return flops, False
-
-
-def step_micro_batches(train_cfg: Any, dataset: Any, micro_batch: int, grad_accum: int) -> list[dict[str, Any]]:
-    """The first optimizer step's micro-batches, collated as :func:`phi3v_core.training.train` collates them."""
-    from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
-    from phi3v_core.training.collate import SupervisedLogitsCollator
-
-    collator: Any = Phi3VDataCollator(pad_token_id=PAD_TOKEN_ID, padding_side="right")
-    if getattr(train_cfg, "supervised_logits_only", False):
-        collator = SupervisedLogitsCollator(collator)
-    batches = []
-    for k in range(grad_accum):
-        examples = [dataset[(k * micro_batch + i) % len(dataset)] for i in range(micro_batch)]
-        batches.append(collator(examples))
-    return batches
-
+    @property
+    def window_before_clock(self) -> bool:
+        """Whether the window was open before the first timed step's clock started (the protocol's rule)."""
+        timed = self.timed_records()
+        opened = self.probes.window_opened_at
+        return opened is not None and bool(timed) and opened <= timed[0].began

@@ -61,7 +61,7 @@ DEFAULT_MASTER_PORT = 29500
 # Seconds torchrun gets to stop its workers after SIGTERM before everything is SIGKILLed.
 _GRACE_S = 30.0
 #: Environment variable naming the folder where a configuration's repeats share their FLOP count
-#: (:class:`bench.measure.FlopCache`): the first repeat traces, the others read it.
+#: (:class:`bench.flop_count.FlopCache`): the first repeat traces, the others read it.
 FLOP_CACHE_ENV = "PHI3V_BENCH_FLOP_CACHE"
 @dataclass(frozen=True)
 class ClusterLaunch:

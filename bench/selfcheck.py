@@ -8,11 +8,13 @@ or more GPUs it adds 2-process checks (DeepSpeed ZeRO-2 for full fine-tuning, DD
 few steps on one small fixed batch through the real fine-tuning core (``phi3v_core.training.train``) and the
 benchmark's own measurement protocol (:mod:`bench.measure`), and checks:
 
-* the loss is finite on every step and falls from the first step to the last (a fixed batch is memorised);
+* the loss is finite and falls from the first step to the last (a fixed batch is memorised), judged over the steps
+  whose update was applied: an fp16 loss scaler skips the first steps by design, and a skipped step changes nothing;
 * the measured peak memory is close to ``phi3v-plan``'s prediction for the same configuration
   (:func:`planner.estimate.estimate_memory`): on CUDA ``max_memory_allocated`` over the steps after the first
   (optimizer states exist by then), on CPU the peak bytes of live tensors of one step (:class:`LiveTensorBytes`);
-* MFU (CUDA only), from FLOPs traced on fake tensors (once per method and depth) and the GPU's dense peak.
+* MFU (CUDA only), from the step's FLOPs counted analytically (:func:`bench.measure.analytic_step_flops`, the
+  same count ``phi3v-bench run`` uses) and the GPU's dense peak.
 
 On CUDA the model is phi-3.5-vision (random weights) at the DocVQA shape (16 crops) in bf16 (fp16 below compute
 capability 8.0), each check in its own process pinned to one GPU; on CPU it is the tiny model. The expected duration
@@ -54,7 +56,7 @@ __all__ = [
     "run_check",
     "run_check_isolated",
     "run_selfcheck",
-    "traced_model_flops",
+    "step_model_flops",
 ]
 
 #: Memory prediction error (percent) beyond which a check fails. The planner's closed form is exact on the tiny model
@@ -80,6 +82,8 @@ class Check:
         world_size: Processes (2: torchrun with NCCL, ZeRO-2 for full fine-tuning, DDP for LoRA).
         expected_seconds: The plan's expected duration.
         losses: Training loss of every step.
+        skipped_steps: 1-based steps whose optimizer update the fp16 loss scaler skipped (excluded from the
+            loss rule: they changed no weight).
         measured_peak_bytes: Measured peak (CUDA: max_memory_allocated; CPU: live tensor bytes).
         predicted_peak_bytes: ``phi3v-plan``'s prediction of the same quantity.
         memory_error_pct: ``(predicted - measured) / measured * 100``.
@@ -97,6 +101,7 @@ class Check:
     world_size: int = 1
     expected_seconds: float = 0.0
     losses: list[float | None] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
     measured_peak_bytes: int | None = None
     predicted_peak_bytes: int | None = None
     memory_error_pct: float | None = None
@@ -192,57 +197,49 @@ def reduced_preset(model: str, layers: int | None) -> Iterator[str]:
         MODEL_PRESETS.pop(name, None)
 
 
-def traced_model_flops(train_cfg: Any, fixed: list[Any], cfg: BenchConfig, cache_dir: Path | None) -> int:
-    """Model FLOPs of one step, traced once per method, depth and batch (a file in ``cache_dir`` shares it)."""
-    from bench.measure import step_micro_batches, trace_step_flops
+def step_model_flops(train_cfg: Any, fixed: list[Any], cfg: BenchConfig) -> int:
+    """Model FLOPs of one step of the check (its depth, its batch), counted analytically: no trace, milliseconds."""
+    from bench.flop_count import analytic_step_flops, step_micro_batches
 
-    cache = cache_dir / f"{train_cfg.model}-{cfg.method}-{cfg.global_batch}.json" if cache_dir else None
-    if cache is not None and cache.is_file():
-        return int(json.loads(cache.read_text())["model_flops"])
     batches = step_micro_batches(train_cfg, fixed, cfg.micro_batch, cfg.grad_accum)
-    flops = int(trace_step_flops(train_cfg, batches, with_recompute=False).model_flops)
-    if cache is not None:
-        from phi3v_core.io import atomic_write_text
-
-        atomic_write_text(cache, json.dumps({"model_flops": flops}))
-    return flops
+    return int(analytic_step_flops(train_cfg, batches).model_flops)
 
 
-def run_check(cfg: BenchConfig, layers: int | None = None, flop_cache_dir: Path | None = None) -> Check:
+def run_check(cfg: BenchConfig, layers: int | None = None) -> Check:
     """Train ``cfg`` for ``warmup + steps`` steps on one fixed batch and check loss, memory and MFU.
 
     Args:
         cfg: The configuration (see :func:`plan_checks`).
         layers: Decoder layers of a depth-reduced model (None: the model as it is).
-        flop_cache_dir: Folder where the traced FLOPs of a method and depth are shared between checks.
     """
-    from bench.measure import InstrumentedSteps
-    from bench.worker import peak_flops, processor_for
+    from bench.measure import TimedWindow
+    from bench.worker import peak_flops, plan_steps, processor_for
     from bench.workload import build_workload, to_train_config
     from phi3v_core.device import local_device
-    from phi3v_core.training import StepTimer, train
+    from phi3v_core.training import train
 
     check = Check(cfg.method, cfg.attn, form="full-size" if layers is None else "reduced", decoder_layers=layers,
                   world_size=cfg.world_size)
     start = time.perf_counter()
     cuda = torch.cuda.is_available()
     device = local_device(cuda)
-    first, last = cfg.warmup + 1, cfg.warmup + cfg.steps
-    memory_step = None if cuda else last + 1
-    total = memory_step or last
+    layout = plan_steps(cfg, cuda)  # the worker's layout: warmup, timed window, then the CPU memory step
+    total = int(layout["total"] or 1)
     try:
         workload = build_workload(cfg, processor_for(cfg), cfg.global_batch)
         example = workload.dataset[0]
         fixed = [example] * (cfg.global_batch * total)  # one fixed batch, every step
         seq_len = int(example["input_ids"].numel())
         supervised = int((example["labels"][1:] != -100).sum())
-        timer = StepTimer()
-        probes = InstrumentedSteps(first_timed_step=first, last_timed_step=last, memory_step=memory_step)
+        # The worker's callbacks in the worker's order: the window opens before the first timed step's clock.
+        window = TimedWindow.for_layout(layout)
+        timer, probes = window.timer, window.probes
         with reduced_preset(cfg.model, layers) as model, tempfile.TemporaryDirectory(prefix="phi3v-selfcheck-") as tmp:
             train_cfg = dataclasses.replace(to_train_config(cfg, tmp, total), model=model,
                                             learning_rate=SELFCHECK_LR[cfg.method])
-            train(train_cfg, fixed, callbacks=[timer, probes])
+            train(train_cfg, fixed, callbacks=window.callbacks)
             check.losses = [r.loss for r in timer.records]
+            check.skipped_steps = [r.step for r in timer.records if r.skipped]
             check.measured_peak_bytes = probes.gpu_allocated_bytes if cuda else probes.tensor_peak_bytes
             check.predicted_peak_bytes = predicted_peak_bytes(cfg, seq_len, cuda, layers, supervised)
             if check.measured_peak_bytes:
@@ -250,9 +247,9 @@ def run_check(cfg: BenchConfig, layers: int | None = None, flop_cache_dir: Path 
                     (check.predicted_peak_bytes - check.measured_peak_bytes) / check.measured_peak_bytes * 100.0
                 )
             peak = peak_flops(device, cfg.precision)
-            timed = [r.seconds for r in timer.records if first <= r.step <= last]
+            timed = [r.seconds for r in window.timed_records()]
             if peak and timed and int(os.environ.get("RANK", "0")) == 0:
-                flops = traced_model_flops(train_cfg, fixed, cfg, flop_cache_dir)
+                flops = step_model_flops(train_cfg, fixed, cfg)
                 check.mfu = flops / sorted(timed)[len(timed) // 2] / peak
     except Exception as exc:  # noqa: BLE001 - one failing method must not hide the others
         check.status = "error"
@@ -269,12 +266,7 @@ def run_check(cfg: BenchConfig, layers: int | None = None, flop_cache_dir: Path 
 
 
 def _problems(check: Check, kind: str) -> list[str]:
-    problems = []
-    losses = check.losses
-    if not losses or any(v is None or not math.isfinite(v) for v in losses):
-        problems.append(f"loss not finite on every step: {losses}")
-    elif not losses[-1] < losses[0]:
-        problems.append(f"loss did not fall on a fixed batch: {losses[0]:.4f} -> {losses[-1]:.4f}")
+    problems = list(_loss_problems(check.losses, check.skipped_steps))
     limit = MAX_MEMORY_ERROR_PCT[kind]
     if check.memory_error_pct is None:
         problems.append("no peak memory measured")
@@ -283,9 +275,29 @@ def _problems(check: Check, kind: str) -> list[str]:
     return problems
 
 
-def _command(planned: PlannedCheck, config: Path, out: Path, flop_cache_dir: Path) -> list[str]:
+def _loss_problems(losses: list[float | None], skipped_steps: list[int]) -> list[str]:
+    """The loss rule over the *applied* steps (1-based ``skipped_steps`` excluded).
+
+    A step's loss is computed before its own update, so the loss of the last applied step shows every applied
+    update before it; it must be below the loss of the first applied step. A skipped step changed no weight (the
+    fp16 scaler halves its scale and retries), so it can neither fail nor pass the rule.
+    """
+    skipped = set(skipped_steps)
+    applied = [loss for step, loss in enumerate(losses, 1) if step not in skipped]
+    if not losses or any(v is None or not math.isfinite(v) for v in applied):
+        return [f"loss not finite on every applied step: {losses}"]
+    if len(applied) < 2:
+        return [f"only {len(applied)} of {len(losses)} steps applied an update (the fp16 loss scaler skipped steps "
+                f"{sorted(skipped)}): too few to tell whether the loss falls; run more steps (--steps)"]
+    if not applied[-1] < applied[0]:
+        note = f" (applied steps only; skipped {sorted(skipped)})" if skipped else ""
+        return [f"loss did not fall on a fixed batch: {applied[0]:.4f} -> {applied[-1]:.4f}{note}"]
+    return []
+
+
+def _command(planned: PlannedCheck, config: Path, out: Path) -> list[str]:
     """One check's command: ``python -m bench.selfcheck`` (pinned to one GPU), or torchrun for a 2-process check."""
-    args = ["-m", "bench.selfcheck", "--config", str(config), "--out", str(out), "--flop-cache", str(flop_cache_dir)]
+    args = ["-m", "bench.selfcheck", "--config", str(config), "--out", str(out)]
     if planned.form == "reduced" and planned.decoder_layers is not None:
         args += ["--layers", str(planned.decoder_layers)]
     if planned.world_size == 1:
@@ -294,9 +306,7 @@ def _command(planned: PlannedCheck, config: Path, out: Path, flop_cache_dir: Pat
             f"--nproc_per_node={planned.world_size}", *args]
 
 
-def run_check_isolated(
-    planned: PlannedCheck | BenchConfig, timeout_s: float = 1800.0, flop_cache_dir: Path | None = None
-) -> Check:
+def run_check_isolated(planned: PlannedCheck | BenchConfig, timeout_s: float = 1800.0) -> Check:
     """:func:`run_check` in a fresh process: one check's GPU memory (and allocator state) cannot leak into the next.
 
     A single-process check is pinned to the first visible GPU (:func:`bench.pinning.single_process_env`); a
@@ -313,7 +323,7 @@ def run_check_isolated(
         out = Path(tmp) / "check.json"
         config.write_text(json.dumps(cfg.to_dict()))
         env = single_process_env() if planned.world_size == 1 else dict(os.environ)
-        command = _command(planned, config, out, flop_cache_dir or Path(tmp))
+        command = _command(planned, config, out)
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
         except subprocess.TimeoutExpired:
@@ -368,26 +378,25 @@ def run_selfcheck(
     log(f"selfcheck: {len(plan)} checks on {machine.device.gpu_name or 'cpu'}, expected ~{expected / 60:.1f} min "
         "(phi3v-plan's step times plus fixed allowances; an estimate)")
     checks = []
-    with tempfile.TemporaryDirectory(prefix="phi3v-selfcheck-flops-") as flop_dir:
-        for i, planned in enumerate(plan, 1):
-            prefix = f"[{i}/{len(plan)}] {planned.label}"
-            if planned.form == "skipped":
-                check = _skipped(planned)
+    for i, planned in enumerate(plan, 1):
+        prefix = f"[{i}/{len(plan)}] {planned.label}"
+        if planned.form == "skipped":
+            check = _skipped(planned)
+        else:
+            log(f"{prefix}: running ({planned.form}, expected ~{planned.expected_seconds:.0f} s)")
+            layers = planned.decoder_layers if planned.form == "reduced" else None
+            if isolate or planned.world_size > 1:
+                check = run_check_isolated(planned)
             else:
-                log(f"{prefix}: running ({planned.form}, expected ~{planned.expected_seconds:.0f} s)")
-                layers = planned.decoder_layers if planned.form == "reduced" else None
-                if isolate or planned.world_size > 1:
-                    check = run_check_isolated(planned, flop_cache_dir=Path(flop_dir))
-                else:
-                    check = run_check(planned.config, layers, Path(flop_dir))
-            check.expected_seconds = planned.expected_seconds
-            check.decoder_layers = check.decoder_layers or planned.decoder_layers  # full-size: the model's own
-            if planned.form == "reduced" and not check.message:
-                check.message = planned.reason
-            log(f"{prefix}: {check.status} ({check.seconds:.0f} s){': ' + check.message if check.status != 'ok' else ''}")
-            checks.append(check)
-            if progress is not None:
-                progress(check)
+                check = run_check(planned.config, layers)
+        check.expected_seconds = planned.expected_seconds
+        check.decoder_layers = check.decoder_layers or planned.decoder_layers  # full-size: the model's own
+        if planned.form == "reduced" and not check.message:
+            check.message = planned.reason
+        log(f"{prefix}: {check.status} ({check.seconds:.0f} s){': ' + check.message if check.status != 'ok' else ''}")
+        checks.append(check)
+        if progress is not None:
+            progress(check)
     cfg = plan[0].config
     env = capture_environment()
     provenance = {"command": command, "git_sha": env.git_sha, "git_dirty": env.git_dirty, "date": started,
@@ -416,10 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--layers", type=int, default=None, help="decoder layers of a depth-reduced model")
-    parser.add_argument("--flop-cache", default=None, help="folder sharing traced FLOPs between checks")
     args = parser.parse_args(argv)
     cfg = BenchConfig.from_dict(json.loads(Path(args.config).read_text()))
-    check = run_check(cfg, args.layers, Path(args.flop_cache) if args.flop_cache else None)
+    check = run_check(cfg, args.layers)
     if int(os.environ.get("RANK", "0")) == 0:
         from phi3v_core.io import atomic_write_text
 

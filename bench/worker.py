@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from bench.config import BenchConfig
-from bench.measure import FlopCache, InstrumentedSteps, cached_step_flops, step_micro_batches
+from bench.flop_count import FlopCache, count_step_flops, step_micro_batches
+from bench.measure import InstrumentedSteps, TimedWindow
 from bench.runner import FLOP_CACHE_ENV
 from bench.status import HOST_OOM, OOM, oom_status
 from bench.updates import ChangedWeights
@@ -36,8 +37,8 @@ __all__ = [
 def plan_steps(cfg: BenchConfig, cuda: bool) -> dict[str, int | None]:
     """Lay out the optimizer steps of one repeat: warmup, timed window, then the untimed CPU memory step.
 
-    FLOPs are not counted on a training step (they are traced on fake tensors after training), so ``total`` is
-    the last step that trains.
+    FLOPs are not counted on a training step (they are counted from the shapes, or traced on fake tensors, after
+    training), so ``total`` is the last step that trains.
     """
     first_timed = cfg.warmup + 1
     last_timed = cfg.warmup + cfg.steps
@@ -81,7 +82,7 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
     """Train one repeat on this rank and return its measurements."""
     from bench.workload import build_workload
-    from phi3v_core.training import StepTimer, train
+    from phi3v_core.training import train
 
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -95,20 +96,16 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
     # exactly ``total_steps`` full optimizer steps (no partial gradient-accumulation step inside the timed window).
     workload = build_workload(cfg, processor_for(cfg), workload_samples(cfg, total_steps))
 
-    timer = StepTimer()
-    probes = InstrumentedSteps(
-        first_timed_step=int(layout["first_timed"]),
-        last_timed_step=int(layout["last_timed"]),
-        memory_step=layout["memory_step"],
-    )
+    window = TimedWindow.for_layout(layout)
+    timer, probes = window.timer, window.probes
     changes = ChangedWeights()  # after the timer: its sampling is not inside any timed step
     payload: dict[str, Any] = {"rank": rank, "world_size": world, "device": str(device), "status": "ok"}
     # Inside the runner's folder: a worker killed on timeout leaves nothing behind once the runner removes it.
     with tempfile.TemporaryDirectory(prefix="train-", dir=out_dir) as scratch:
         train_cfg = to_train_config(cfg, scratch, total_steps)
         try:
-            # probes first: the window (sync, peak reset, first NVML sample) opens before the timer's clock starts.
-            result = train(train_cfg, workload.dataset, callbacks=[probes, timer, changes])
+            # The window (sync, peak reset, first NVML sample) opens before the timer's clock starts.
+            result = train(train_cfg, workload.dataset, callbacks=[*window.callbacks, changes])
         except Exception as exc:  # noqa: BLE001 - recorded as an error/oom row by the runner
             payload.update(
                 status=_failure_status(exc),
@@ -119,7 +116,7 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
             return payload
 
     records = {r.step: r for r in timer.records}
-    timed = [records[s] for s in range(int(layout["first_timed"]), int(layout["last_timed"]) + 1) if s in records]
+    timed = window.timed_records()
     flops, flops_cached = _step_flops(cfg, train_cfg, workload.dataset, probes, rank, total_steps)
     timed_skipped = [i for i, r in enumerate(timed, 1) if r.skipped]  # fp16 loss-scaler skips; their times count
     payload.update(
@@ -134,11 +131,11 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         flops_per_step=flops.model_flops if flops else None,
         hardware_flops_per_step=flops.hardware_flops if flops else None,
         flop_trace_attn=flops.traced_attn if flops else None,
+        flops_source=flops.source if flops else None,
         flops_cached=flops_cached,
         skipped_steps=sum(1 for r in timer.records if r.skipped),
         skipped_timed_steps=timed_skipped,
-        window_before_clock=probes.window_opened_at is not None and bool(timed)
-        and probes.window_opened_at <= timed[0].began,
+        window_before_clock=window.window_before_clock,
         peak_flops_per_gpu=peak_flops(device, cfg.precision),
         total_params=result.report.total_parameters,
         trainable_params=result.report.trainable_parameters,
@@ -176,8 +173,9 @@ def _failure_status(exc: BaseException) -> str:
 def _step_flops(
     cfg: BenchConfig, train_cfg: Any, dataset: Any, probes: InstrumentedSteps, rank: int, step: int
 ) -> tuple[Any, bool]:
-    """FLOPs of one step, counted on rank 0 only (every rank runs the same micro-batch shapes) and through the
-    runner's :class:`~bench.measure.FlopCache`, so a configuration is traced once, not once per repeat and rank.
+    """FLOPs of one step, counted on rank 0 only (every rank runs the same micro-batch shapes): analytically, or
+    with ``--flops trace`` traced through the runner's :class:`~bench.flop_count.FlopCache`, so a configuration is
+    traced once, not once per repeat and rank.
 
     Instrumented work after the window: a failure here is a note, never a failed cell.
     """
@@ -187,11 +185,12 @@ def _step_flops(
     try:
         probes.event("flop_trace_start", step)
         micro_batches = step_micro_batches(train_cfg, dataset, cfg.micro_batch, cfg.grad_accum)
-        flops, cached = cached_step_flops(train_cfg, micro_batches, FlopCache(Path(cache_dir)) if cache_dir else None)
+        cache = FlopCache(Path(cache_dir)) if cache_dir else None
+        flops, cached = count_step_flops(train_cfg, micro_batches, cfg.flops, cache)
         probes.event("flop_trace_end", step)
         return flops, cached
     except Exception as exc:  # noqa: BLE001 - MFU is optional; the measured numbers stand without it
-        probes.notes.append(f"FLOP trace failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); no MFU")
+        probes.notes.append(f"FLOP count ({cfg.flops}) failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); no MFU")
         return None, False
 
 

@@ -19,6 +19,18 @@ CKPT_V1 = SHARED / "checkpoints" / "phi-3-vision-128k-instruct"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+#: The GPU tests' budget on one H100 (seconds): ``pytest -m gpu`` is a quick check of a new machine, not the
+#: selfcheck (``phi3v-bench selfcheck`` is its own command).
+GPU_BUDGET_S = 180.0
+
+
+def gpu_estimate_s(item: pytest.Item) -> float | None:
+    """A GPU test's estimated seconds on one H100: ``@pytest.mark.gpu(seconds=N)`` (None when it states none)."""
+    marker = item.get_closest_marker("gpu")
+    seconds = marker.kwargs.get("seconds") if marker is not None else None
+    return float(seconds) if seconds is not None else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
@@ -26,6 +38,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_report_collectionfinish(config: pytest.Config, start_path: Path, items: list[pytest.Item]) -> list[str]:
+    """With ``-m gpu``: each GPU test's estimate on one H100 and their total; otherwise the total in one line."""
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu:
+        return []
+    estimates = [(item.nodeid, gpu_estimate_s(item)) for item in gpu]
+    total = sum(s or 0.0 for _, s in estimates)
+    missing = sum(1 for _, s in estimates if s is None)
+    lines = []
+    if len(gpu) == len(items):  # only GPU tests selected (-m gpu): list them
+        lines += [f"  ~{s:4.0f} s  {nodeid}" if s is not None else f"  (no estimate)  {nodeid}"
+                  for nodeid, s in estimates]
+    lines.append(f"GPU tests: {len(gpu)}, estimated total ~{total:.0f} s on one H100 (budget {GPU_BUDGET_S:.0f} s)"
+                 + (f"; {missing} without an estimate (@pytest.mark.gpu(seconds=N))" if missing else ""))
+    return lines
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ OTHER_TOOLS = {
     "--runxfail", "--gpu-ids", "--format", "--query-gpu", "--help", "--local-dir", "--ntasks-per-node",
     "--porcelain", "--untracked-files", "--no-optional-locks",
     "--config",  # the training launcher's own entry point (python -m phi3v_core.training.launch --config run.json)
-    "--layers", "--flop-cache",  # selfcheck's per-check worker (python -m bench.selfcheck --config ... --layers N)
+    "--layers",  # selfcheck's per-check worker (python -m bench.selfcheck --config ... --layers N)
 }  # fmt: skip
 
 

@@ -31,9 +31,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Consecutive loss-scaler-skipped steps after which :class:`LossGuard` stops. Each skip halves the scale: torch's
-#: GradScaler needs 16 skips to go from its initial 2**16 down to 1, DeepSpeed's dynamic scaler (2 skips per halving
-#: by default) 32; past that the gradients overflow even unscaled, which no further halving fixes. 50 leaves room for
-#: both and for larger initial scales, and is still a few seconds of a real run, not hours.
+#: GradScaler needs 16 skips to go from its initial 2**16 down to 1. DeepSpeed's dynamic scaler with our
+#: ``hysteresis: 2`` (deepspeed_config.py) only delays the *first* halving - the first overflow spends the hysteresis,
+#: every later one in the run halves (the counter is reset only after a clean scale window) - so 17; past that the
+#: gradients overflow even unscaled, which no further halving fixes. 50 leaves room for both and for larger initial
+#: scales, and is still a few seconds of a real run, not hours.
 MAX_SKIPPED_IN_ROW = 50
 
 

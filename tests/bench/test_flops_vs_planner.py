@@ -1,6 +1,6 @@
 """The bench's FLOP replay (FlopCounterMode on the real model) and the planner's analytic FLOPs agree within 3 %.
 
-Two independent counts of one training sample: ``bench.measure.trace_step_flops`` runs the real step on fake tensors,
+Two independent counts of one training sample: ``bench.flop_count.trace_step_flops`` runs the real step on fake tensors,
 ``planner.speed.flops_per_sample`` multiplies out the shapes. MFU (bench) and the speed model (planner) both divide by
 these numbers, so a drift in either shows up here. Compared with logits at every position (the recipe's computation,
 ``Phi3VForCausalLM.supervised_logits = False`` / ``TrainSetup(logits="full")``), they agree within 2 % (LoRA's adapters
@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 
 from bench.config import BenchConfig
-from bench.measure import step_micro_batches, trace_step_flops
+from bench.flop_count import step_micro_batches, trace_step_flops
 from bench.workload import build_workload, to_train_config
 from phi3v_core.constants import CROP_SIZE
 from phi3v_core.model import Phi3VForCausalLM

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bench.config import BenchConfig
-from bench.measure import InstrumentedSteps, PeakSampler, step_micro_batches, trace_step_flops
+from bench.flop_count import step_micro_batches, trace_step_flops
+from bench.measure import InstrumentedSteps, PeakSampler
 from bench.worker import processor_for, run_rank, to_train_config
 from bench.workload import build_workload
 from tests.safety_helpers import HANG_GUARD_S
@@ -111,7 +112,7 @@ def test_flops_include_attention_and_scale_with_sequence() -> None:
     assert counts[1] > counts[0] > 0
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(seconds=15)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_repeat_reads_window_peaks_and_samples_nvml(tmp_path: Path) -> None:
     """One tiny LoRA repeat on the GPU: allocator peaks read when the window closes, FLOPs and the GPU's peak.
@@ -132,7 +133,7 @@ def test_cuda_repeat_reads_window_peaks_and_samples_nvml(tmp_path: Path) -> None
     assert payload["flops_per_step"] > 0 and payload["peak_flops_per_gpu"]
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(seconds=2)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_nvml_reader_sees_this_process() -> None:
     """NVML's per-process memory covers a 256 MiB tensor (any card; skipped where NVML hides per-process use)."""
@@ -153,21 +154,22 @@ def test_nvml_reader_sees_this_process() -> None:
 
 
 def test_flops_are_traced_once_across_repeats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two repeats of one configuration (the runner gives them one cache folder): the counter runs once."""
-    import bench.measure as measure
+    """``--flops trace``: two repeats of one configuration (the runner gives them one cache folder): the counter runs
+    once, and its numbers are the analytic count's (the default, which traces nothing)."""
+    import bench.flop_count as flop_count
     from bench.runner import FLOP_CACHE_ENV
 
     traced = []
-    real = measure.trace_step_flops
+    real = flop_count.trace_step_flops
 
     def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         traced.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(measure, "trace_step_flops", counting)
+    monkeypatch.setattr(flop_count, "trace_step_flops", counting)
     monkeypatch.setenv(FLOP_CACHE_ENV, str(tmp_path / "flops"))
     cfg = BenchConfig(method="lora", model="tiny", precision="fp32", num_crops=1, global_batch=2, micro_batch=1,
-                      steps=1, warmup=1, repeats=2, release="t")
+                      steps=1, warmup=1, repeats=2, release="t", flops="trace")
     payloads = []
     for repeat in range(cfg.repeats):
         (tmp_path / str(repeat)).mkdir()
@@ -177,12 +179,17 @@ def test_flops_are_traced_once_across_repeats(tmp_path: Path, monkeypatch: pytes
     assert [p["flops_cached"] for p in payloads] == [False, True]
     assert payloads[0]["flops_per_step"] == payloads[1]["flops_per_step"] > 0
     assert payloads[0]["hardware_flops_per_step"] == payloads[1]["hardware_flops_per_step"]
+    assert [p["flops_source"] for p in payloads] == ["trace", "trace"]
+    analytic = run_rank(cfg.replace(flops="analytic", repeats=1), tmp_path / "0")
+    assert len(traced) == 1 and analytic["flops_source"] == "analytic" and analytic["flops_cached"] is False
+    assert analytic["flops_per_step"] == pytest.approx(payloads[0]["flops_per_step"], rel=0.01)
+    assert analytic["hardware_flops_per_step"] == pytest.approx(payloads[0]["hardware_flops_per_step"], rel=0.01)
     # The window (sync, peak reset, first NVML sample) opened before the first timed step's clock started.
     assert all(p["window_before_clock"] for p in payloads)
 
 
 def test_flop_cache_key_changes_with_everything_the_count_depends_on() -> None:
-    from bench.measure import flop_cache_key
+    from bench.flop_count import flop_cache_key
 
     def key(seq: int = 32, batch: int = 1, accum: int = 1, **cfg_overrides: object) -> str:
         cfg = BenchConfig(**{"method": "lora", "model": "tiny", "precision": "fp32", "release": "t", **cfg_overrides})
@@ -199,7 +206,7 @@ def test_flop_cache_key_changes_with_everything_the_count_depends_on() -> None:
 
 
 def test_flop_cache_round_trips_and_ignores_a_torn_entry(tmp_path: Path) -> None:
-    from bench.measure import FlopCache, StepFlops
+    from bench.flop_count import FlopCache, StepFlops
 
     cache = FlopCache(tmp_path / "flops")
     assert cache.get("k") is None

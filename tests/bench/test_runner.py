@@ -278,7 +278,7 @@ def test_only_node_0_saves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
     assert calls[0] == {"timeout_s": 99.0, "cluster": ClusterLaunch(2, 1, "gpu01", 29500)}
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(seconds=20)  # a fresh `phi3v-bench run` of the tiny model
 def test_one_gpu_run_maps_nvml_through_a_uuid_cuda_visible_devices(tmp_path: Path) -> None:
     """On a GPU: full steps, allocator peaks, and NVML per-process memory found via a UUID in CUDA_VISIBLE_DEVICES.
 
@@ -308,7 +308,7 @@ def test_one_gpu_run_maps_nvml_through_a_uuid_cuda_visible_devices(tmp_path: Pat
     assert memory.nvml_process_bytes is None or memory.nvml_process_bytes >= memory.gpu_reserved_bytes
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(seconds=2)
 def test_loopback_nodes_are_refused_on_a_real_gpu() -> None:
     """Refused before anything starts (no GPU memory used): passes on any card."""
     with pytest.raises(ConfigError, match="same GPUs"):

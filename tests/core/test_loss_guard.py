@@ -107,7 +107,7 @@ def test_skip_detection_reads_accelerate_and_deepspeed_flags() -> None:
     assert not optimizer_step_skipped(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(seconds=10)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp16_on_cuda_skips_an_overflow_step_and_trains_on(tmp_path: Path) -> None:
     """accelerate's own GradScaler on a GPU (the V100/T4 path). The tiny model in fp16 needs well under 1 GiB, so

@@ -11,7 +11,7 @@ from phi3v_core.config import tiny_config
 from phi3v_core.model import Phi3VForCausalLM
 from tests.core.test_model import make_batch
 
-pytestmark = pytest.mark.gpu
+pytestmark = pytest.mark.gpu(seconds=5)  # the tiny model: CUDA start-up and a few MiB
 
 
 def _ampere_or_newer() -> bool:

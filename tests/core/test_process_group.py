@@ -44,7 +44,7 @@ def test_single_process_creates_no_group(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(seconds=5)
 def test_nccl_group_gets_the_run_timeout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The same on NCCL, whose own default (10 minutes) is what used to replace ``ddp_timeout``.
 

@@ -10,7 +10,7 @@ import pytest
 from phi3v_core.training import StepTimer, TrainConfig, train
 from phi3v_core.training.synthetic import SyntheticDataset
 
-pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("finetune_env")]
+pytestmark = [pytest.mark.gpu(seconds=15), pytest.mark.usefixtures("finetune_env")]
 
 
 def test_fp16_lora_trains_on_through_the_loss_scalers_skipped_steps(tmp_path: Path) -> None:
