@@ -411,7 +411,7 @@ def trace_step_flops(
     from phi3v_core.model import Phi3VForCausalLM
 
     attn = flop_trace_attn(train_cfg.attn)
-    method = "lora" if train_cfg.method == "qlora" else train_cfg.method
+    method = get_method(train_cfg.method).trace_name  # the method a meta build prepares (QLoRA: LoRA)
     traced_cfg = dataclasses.replace(train_cfg, method=method, precision="fp32", attn=attn)
     counts: dict[tuple, int] = {}
     for batch in micro_batches:
@@ -449,9 +449,10 @@ def flop_cache_key(train_cfg: Any, micro_batches: Sequence[dict[str, Any]], *, w
     and its options, the traced attention, gradient checkpointing, and each micro-batch shape (sequence length,
     micro-batch size, crops) with how many of the step's micro-batches have it."""
     from phi3v_core.config import get_config
+    from phi3v_core.methods import get_method
 
     attn = flop_trace_attn(train_cfg.attn)
-    method = "lora" if train_cfg.method == "qlora" else train_cfg.method
+    method = get_method(train_cfg.method).trace_name
     traced_cfg = dataclasses.replace(train_cfg, method=method, precision="fp32", attn=attn)
     shapes: dict[str, int] = {}
     for batch in micro_batches:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from phi3v_core.constants import ZERO_BUCKET_ELEMENTS
+from phi3v_core.methods import get_method
 from planner.calibration import Calibration, fit_speed_constants
 from planner.estimate import GIB, MemoryEstimate, TrainSetup, Workload, estimate_memory, host_memory_bytes
 from planner.hardware import GpuSpec, supports_bf16, supports_flash_attention
@@ -61,7 +62,7 @@ def setup_for(method: str, gpu: GpuSpec, world: int, hyper: dict[str, Any]) -> T
     cc = gpu.compute_capability
     precision = "bf16" if supports_bf16(cc) else "fp16"
     attn = "flash_attention_2" if supports_flash_attention(cc) else "sdpa"
-    full = method in ("full", "frozen_vision")
+    full = get_method(method).trains_base
     zero = 2 if (full and world > 1) else 0
     return TrainSetup(
         method=method,
@@ -81,7 +82,7 @@ def setup_for(method: str, gpu: GpuSpec, world: int, hyper: dict[str, Any]) -> T
 def option_tiers(base: TrainSetup) -> list[list[tuple[str, str]]]:
     """(optim, offload) options by tier; 8-bit and offload only for full/frozen_vision (LoRA states are small)."""
     tiers: list[list[tuple[str, str]]] = [[("adamw", "none")]]
-    if base.method in ("full", "frozen_vision"):
+    if base.spec.trains_base:
         tiers += [[("adamw_8bit", "none")], [("adamw", "optimizer")]]
     return tiers
 
@@ -90,7 +91,7 @@ def _with_option(base: TrainSetup, optim: str, offload: str) -> TrainSetup:
     """``base`` with an optimizer/offload option (and the weight storage phi3v-finetune uses with it)."""
     if offload == "optimizer":
         return replace(base, offload_optimizer=True, zero_stage=2, weight_dtype=base.precision)
-    if optim == "adamw_8bit" and base.method in ("full", "frozen_vision"):
+    if optim == "adamw_8bit" and base.spec.trains_base:
         # bf16 weights with no fp32 master (TrainConfig.sixteen_bit_weights); fp16 keeps fp32 weights
         weights = base.precision if base.precision == "bf16" else "fp32"
         return replace(base, optim=optim, weight_dtype=weights, zero_stage=base.zero_stage)

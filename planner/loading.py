@@ -38,7 +38,7 @@ def build_peak_bytes(shape: ModelShape, setup: TrainSetup) -> float:
         setup: Method and precision (QLoRA builds in ``stored_weight_dtype``, then quantizes).
     """
     weights = model_state_bytes(shape, setup)["weights"]
-    if setup.method != "qlora":
+    if not setup.spec.quantized:
         return weights
     transient = DTYPE_BYTES[setup.stored_weight_dtype] - NF4_BYTES_PER_PARAM
     return weights + largest_quantized_piece(shape) * transient

@@ -14,9 +14,10 @@ import torch
 from bench.config import DeviceDescription
 from bench.selfcheck import Check, _problems
 from bench.selfcheck_plan import Machine, check_setup, check_workload, plan_checks
+from phi3v_core.methods import METHOD_NAMES, get_method
 from planner.hardware import qlora_unsupported_reason
 
-METHODS = ("full", "frozen_vision", "lora", "qlora")
+METHODS = METHOD_NAMES
 
 REQUIRED = {"method", "attn", "status", "losses", "measured_peak_bytes", "predicted_peak_bytes", "memory_error_pct",
             "mfu"}
@@ -27,20 +28,26 @@ def test_plan_covers_every_method_and_available_kernel() -> None:
     assert [(p.config.method, p.config.attn) for p in cpu] == [(m, "sdpa") for m in METHODS]
     assert all(p.config.model == "tiny" and p.form == "full-size" for p in cpu)
     h100 = plan_checks(Machine.from_table("H100-SXM"))
-    assert len(h100) == 8 and {p.config.attn for p in h100} == {"sdpa", "flash_attention_2"}
+    assert len(h100) == 2 * len(METHODS) and {p.config.attn for p in h100} == {"sdpa", "flash_attention_2"}
     assert all(p.config.model == "phi-3.5-vision" and p.config.precision == "bf16" for p in h100)
     no_flash = plan_checks(Machine.from_table("A100-80GB", flash_attn_installed=False))
     assert {p.config.attn for p in no_flash} == {"sdpa"}
 
 
-#: (GPU, per method: the form phi3v-plan's predictions give one card). Full fine-tuning keeps fp32 master weights
-#: and AdamW states (16 bytes per parameter, ~62 GiB for 4.15 B parameters) on one card: never full-size.
+#: (GPU, per kind of method: the form phi3v-plan's predictions give one card). Full fine-tuning keeps fp32 master
+#: weights and AdamW states (16 bytes per parameter, ~62 GiB for 4.15 B parameters) on one card: never full-size.
+#: Adapter methods (a frozen 16-bit or nf4 base) run the full-size model everywhere.
 EXPECTED_FORMS = {
-    "H100-SXM": {"full": "reduced", "frozen_vision": "reduced", "lora": "full-size", "qlora": "full-size"},
-    "A100-40GB": {"full": "reduced", "frozen_vision": "reduced", "lora": "full-size", "qlora": "full-size"},
-    "V100-32GB": {"full": "reduced", "frozen_vision": "reduced", "lora": "full-size", "qlora": "full-size"},
-    "T4": {"full": "skipped", "frozen_vision": "reduced", "lora": "full-size", "qlora": "full-size"},
+    "H100-SXM": {"full": "reduced", "frozen_vision": "reduced", "adapters": "full-size"},
+    "A100-40GB": {"full": "reduced", "frozen_vision": "reduced", "adapters": "full-size"},
+    "V100-32GB": {"full": "reduced", "frozen_vision": "reduced", "adapters": "full-size"},
+    "T4": {"full": "skipped", "frozen_vision": "reduced", "adapters": "full-size"},
 }
+
+
+def _kind(method: str) -> str:
+    spec = get_method(method)
+    return "adapters" if spec.uses_lora else ("full" if spec.trains_vision else "frozen_vision")
 
 
 @pytest.mark.parametrize("gpu", sorted(EXPECTED_FORMS))
@@ -56,7 +63,7 @@ def test_every_method_runs_full_size_reduced_or_is_skipped_with_a_reason(gpu: st
     calibration = load_calibration()
     shape = load_shape("phi-3.5-vision")
     for p in planned:
-        assert p.form == EXPECTED_FORMS[gpu][p.config.method], (gpu, p.label, p.reason)
+        assert p.form == EXPECTED_FORMS[gpu][_kind(p.config.method)], (gpu, p.label, p.reason)
         assert p.reason and p.world_size == 1
         if p.form == "skipped":
             assert p.decoder_layers is None and "phi3v-plan" in p.reason
