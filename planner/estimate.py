@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from phi3v_core.constants import ATTN_NAMES, zero2_buffer_bytes
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import LORA, METHOD_NAMES, Method, get_method
-from planner.logits import LOGITS_MODES, logits_loss_bytes
+from planner.logits import LOGITS_MODES, logit_positions, logits_loss_bytes
 from planner.memory_types import GIB, MemoryEstimate, MemoryItem, Overheads
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
 
@@ -412,17 +412,37 @@ def activation_terms(shape: ModelShape, setup: TrainSetup, workload: Workload) -
         vision_saved = 0.0
 
     ce_peak = logits_loss_bytes(shape, setup, workload)
+    head_adapter, head_forward, lm_transient = _adapter_transients(shape, setup, mb * logit_positions(workload, setup.logits))
     return {
         "lm_saved": lm_saved,
         "vision_saved": vision_saved,
-        "lm_layer_working_set": lm_layer if gc else 0.0,
+        "lm_layer_working_set": (lm_layer + lm_transient) if gc else 0.0,
         "lm_layer_backward": _lm_layer_backward_extra(shape, setup, tokens, seq),
         "clip_layer_working_set": clip_layer if (gc and vision_trains) else 0.0,
         "clip_layer_backward": (a * (2 * hv + 2 * shape.vision_intermediate) * v_tokens) if vision_trains else 0.0,
         "clip_forward_peak": _clip_layer_forward_peak(shape, setup, v_tokens),
         "pixels": mb * workload.slots * 3 * shape.image_size**2 * 4,
         "logits_loss": ce_peak,
+        "head_adapter": head_adapter,
+        "head_adapter_forward": head_forward,
     }
+
+
+def _adapter_transients(shape: ModelShape, setup: TrainSetup, head_tokens: int) -> tuple[float, float, float]:
+    """What the adapter's own terms add (bytes): at ``lm_head`` in the loss backward (saved + gradient buffers over
+    the logit positions), at ``lm_head``'s forward (weight-sized work), and in one decoder projection's recompute."""
+    adapter, a, rank = setup.spec.adapter, setup.act_bytes, setup.lora_rank
+    if adapter is None:
+        return 0.0, 0.0, 0.0
+    head = head_forward = 0.0
+    if setup.lora_lm_head:
+        v = shape.vocab_size
+        # beyond plain LoRA's r-wide A·x, which the logits terms have always left out (< 0.1 % of them)
+        extra = adapter.saved_per_token(rank, v) - LORA.saved_per_token(rank, v) + adapter.backward_per_token(rank, v)
+        head = a * head_tokens * extra
+        head_forward = adapter.forward_transient_bytes(rank, shape.hidden_size, v, a)
+    layer = max(adapter.forward_transient_bytes(rank, i, o, a) for _, i, o in shape.adapted_linears(False, False))
+    return head, head_forward, layer
 
 
 def _optimizer_temporaries(shape: ModelShape, setup: TrainSetup, trainable: int) -> float:
@@ -492,7 +512,13 @@ def _phase_items(
             "gradients (accumulated)": grads_in_forward,
             "saved activations": saved,
             "logits + loss": acts["logits_loss"],
+            "lm_head adapter": acts["head_adapter"],
             "4-bit dequantized weight": dequant_transient(shape, setup),
+        },
+        "LM head forward": {
+            "gradients (accumulated)": grads_in_forward,
+            "saved activations": saved,
+            "lm_head adapter weight work": acts["head_adapter_forward"],
         },
         "LM backward (last layer)": {
             "gradients (accumulated)": max(grads_in_forward, head_grads),

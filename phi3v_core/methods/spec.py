@@ -9,8 +9,8 @@ A method is described by what the rest of the project asks about it:
 * which weights train (``trains_base``, ``trains_vision``, ``adapter``) and how the frozen base is stored
   (``quantized``) — the planner's memory model and the bench's FLOP trace read these;
 * how it runs (``supports_deepspeed``; ``traced_as``: the method a meta-device trace builds in its place);
-* what an adapter adds per adapted linear layer (:class:`Adapter`: parameters, saved activations, token-independent
-  FLOPs) — the memory and FLOP terms of adapter methods;
+* what an adapter adds per adapted linear layer (:class:`Adapter`: parameters, saved activations, backward and
+  forward transients, token-independent FLOPs) — the memory and FLOP terms of adapter methods;
 * where its numbers come from (``recipe_name``: how the recipe's tables name it, None when it is not in the recipe;
   ``hyperparameters_from``: whose published learning rate and rank it takes).
 """
@@ -54,6 +54,14 @@ class Adapter:
     def saved_per_token(self, rank: int, fan_out: int) -> int:
         """Activation elements each token keeps for backward on one adapted layer (beyond the base layer's)."""
         return rank
+
+    def backward_per_token(self, rank: int, fan_out: int) -> int:
+        """Gradient elements per token one adapted layer's backward holds beyond the base layer's (0 for LoRA)."""
+        return 0
+
+    def forward_transient_bytes(self, rank: int, fan_in: int, fan_out: int, act_bytes: int) -> float:
+        """Bytes one adapted layer's forward holds briefly beyond what it saves (0 for LoRA: no weight-sized work)."""
+        return 0.0
 
     def flops_per_forward(self, rank: int, fan_in: int, fan_out: int) -> float:
         """FLOPs one forward of one adapted layer spends independently of the tokens (0 for LoRA)."""
