@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from phi3v_core.errors import ConfigError
+from phi3v_core.methods.dora import DORA
 from phi3v_core.methods.spec import LORA, NOT_IN_RECIPE, Adapter, Method
 
 __all__ = [
@@ -91,6 +92,19 @@ METHODS: dict[str, Method] = {
             recipe_name="QLoRA",
             letter="Q",
             traced_as="lora",  # nf4 layers quantize on .to(): a meta-device build prepares the same shapes as LoRA
+        ),
+        Method(
+            "dora",
+            "DoRA (peft use_dora): LoRA plus a trained magnitude per output row; base frozen in 16-bit",
+            "phi3v_core.methods.dora:prepare_dora",
+            trains_base=False,
+            trains_vision=False,
+            adapter=DORA,
+            quantized=False,
+            supports_deepspeed=False,
+            recipe_name=None,
+            letter="D",
+            hyperparameters_from="lora",
         ),
     )
 }
