@@ -153,7 +153,7 @@ def _assert_report(code: int, report: dict, methods: set[str]) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU variant; the gpu test covers CUDA")
 def test_selfcheck_json_on_cpu() -> None:
     code, report = _run_selfcheck_json()
-    _assert_report(code, report, {"full", "frozen_vision", "lora", "qlora"})
+    _assert_report(code, report, set(METHODS))
     assert report["model"] == "tiny"
     for check in report["checks"]:
         assert abs(check["memory_error_pct"]) <= 10.0
@@ -179,7 +179,7 @@ def test_selfcheck_json_on_cuda() -> None:
     if skipped:
         pytest.skip(f"phi3v-plan: {skipped[0].label} cannot run on this card ({skipped[0].reason})")
     code, report = _run_selfcheck_json()
-    _assert_report(code, report, {"full", "frozen_vision", "lora", "qlora"})
+    _assert_report(code, report, set(METHODS))
     assert report["model"] == "phi-3.5-vision"
     for check in report["checks"]:
         assert check["form"] in ("full-size", "reduced")
