@@ -40,9 +40,10 @@ from bench.config import (
 )
 from bench.preflight import LIMITS, limit_problems, one_writer, preflight_problems, unsaved_result_error
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors, strict_json
-from phi3v_core.constants import ATTN_NAMES, METHOD_NAMES, OFFLOAD_NAMES, OPTIM_NAMES, PRECISION_NAMES
+from phi3v_core.constants import ATTN_NAMES, OFFLOAD_NAMES, OPTIM_NAMES, PRECISION_NAMES
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.fs import StorageError, writable_problem
+from phi3v_core.methods import METHOD_NAMES
 
 __all__ = ["LIMITS", "build_parser", "config_from_args", "main", "preflight_problems"]
 

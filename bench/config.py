@@ -25,7 +25,6 @@ from phi3v_core.constants import (
     ATTN_NAMES,
     DEFAULT_ATTN,
     MAX_NUM_CROPS,
-    METHOD_NAMES,
     MODEL_PRESET_NAMES,
     OFFLOAD_NAMES,
     OPTIM_NAMES,
@@ -36,6 +35,7 @@ from phi3v_core.constants import (
     supports_flash_attention,
 )
 from phi3v_core.errors import ConfigError, raise_all
+from phi3v_core.methods import METHOD_NAMES
 
 __all__ = [
     "FLOPS_MODES",

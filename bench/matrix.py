@@ -33,6 +33,7 @@ from bench.store import load_result, result_path
 from phi3v_core.errors import ConfigError, DataError, raise_all
 from phi3v_core.fs import describe_os_error
 from phi3v_core.io import atomic_write_text
+from phi3v_core.methods import METHOD_NAMES
 
 __all__ = [
     "FINISHED_STATUSES",
@@ -90,7 +91,7 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
     "quick": [
         dict(model="tiny", method=method, attn=attn, precision="bf16", num_crops=4, seq_profile="docvqa",
              global_batch=4, micro_batch=2, gpus=1, nodes=1, steps=5, warmup=2, repeats=1)
-        for method in ("full", "frozen_vision", "lora", "qlora")
+        for method in METHOD_NAMES
         for attn in ("sdpa", "eager")
     ],
 }

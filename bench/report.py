@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 from bench.config import IDENTITY_FIELDS, BenchConfig
 from bench.reference import load_reference_accuracy, load_reference_speed, reference_hardware_for
 from bench.results import BenchResult
-from phi3v_core.constants import ATTN_NAMES, METHOD_NAMES
+from phi3v_core.constants import ATTN_NAMES
 from phi3v_core.errors import DataError
 from phi3v_core.io import atomic_write_bytes, atomic_write_text
+from phi3v_core.methods import METHOD_NAMES, METHODS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -136,6 +137,9 @@ def seed_match(
     rows = ref[ref.hardware == ref_hw]
     if rows.empty:
         return None, None
+    spec = METHODS.get(cfg.method)
+    if spec is not None and spec.recipe_name is None:
+        return None, f"{cfg.method} is {spec.recipe_label}"
     seed = rows.iloc[0]
     gpu = (env.gpu_name or "").upper()
     family, memory = str(seed.gpu).upper().split("-", 1)  # "A100-80GB" -> "A100", "80GB"

@@ -46,6 +46,7 @@ import torch
 from bench.config import BenchConfig, DeviceDescription
 from bench.selfcheck_plan import Machine, PlannedCheck, check_setup, check_workload, plan_checks
 from phi3v_core.io import json_safe
+from phi3v_core.methods import get_method
 
 __all__ = [
     "Check",
@@ -62,8 +63,14 @@ __all__ = [
 #: Memory prediction error (percent) beyond which a check fails. The planner's closed form is exact on the tiny model
 #: on CPU (no allocator); on a GPU kernels' workspaces and the allocator's rounding add a few percent.
 MAX_MEMORY_ERROR_PCT = {"cpu": 10.0, "cuda": 15.0}
-#: Learning rates for memorising one fixed batch in a few steps (random weights, fresh LoRA adapters).
-SELFCHECK_LR = {"full": 1e-4, "frozen_vision": 1e-4, "lora": 1e-3, "qlora": 1e-3}
+#: Learning rates for memorising one fixed batch in a few steps: random weights train at the first, fresh adapters
+#: (B starts at zero-ish) need the second.
+SELFCHECK_LR = {"weights": 1e-4, "adapters": 1e-3}
+
+
+def selfcheck_lr(method: str) -> float:
+    """The learning rate a check of ``method`` memorises its fixed batch with (:data:`SELFCHECK_LR`)."""
+    return SELFCHECK_LR["adapters" if get_method(method).uses_lora else "weights"]
 
 
 @dataclass
@@ -236,7 +243,7 @@ def run_check(cfg: BenchConfig, layers: int | None = None) -> Check:
         timer, probes = window.timer, window.probes
         with reduced_preset(cfg.model, layers) as model, tempfile.TemporaryDirectory(prefix="phi3v-selfcheck-") as tmp:
             train_cfg = dataclasses.replace(to_train_config(cfg, tmp, total), model=model,
-                                            learning_rate=SELFCHECK_LR[cfg.method])
+                                            learning_rate=selfcheck_lr(cfg.method))
             train(train_cfg, fixed, callbacks=window.callbacks)
             check.losses = [r.loss for r in timer.records]
             check.skipped_steps = [r.step for r in timer.records if r.skipped]

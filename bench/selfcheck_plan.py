@@ -26,7 +26,7 @@ from functools import cache
 from typing import Any
 
 from bench.config import TINY_DEFAULTS, BenchConfig, DeviceDescription, choose_defaults
-from phi3v_core.constants import METHOD_NAMES
+from phi3v_core.methods import METHOD_NAMES, get_method
 
 __all__ = [
     "CHECK_MEMORY_SHARE",
@@ -136,7 +136,7 @@ class PlannedCheck:
 
 
 def _zero2(cfg: BenchConfig) -> bool:
-    return cfg.world_size > 1 and cfg.method in ("full", "frozen_vision")
+    return cfg.world_size > 1 and get_method(cfg.method).supports_deepspeed
 
 
 def check_setup(cfg: BenchConfig, cuda: bool) -> Any:
@@ -145,7 +145,7 @@ def check_setup(cfg: BenchConfig, cuda: bool) -> Any:
     from planner.estimate import TrainSetup
 
     defaults = TrainConfig(model=cfg.model, output_dir="unused")
-    full = cfg.method in ("full", "frozen_vision")
+    full = get_method(cfg.method).trains_base
     zero2 = _zero2(cfg)
     return TrainSetup(
         method=cfg.method,
@@ -193,7 +193,7 @@ def _form(cfg: BenchConfig, machine: Machine) -> tuple[str, int | None, str, Any
     from planner.shapes import load_shape
 
     calibration, _constants = _planner()
-    unsupported = qlora_unsupported_reason(machine.device.compute_capability) if cfg.method == "qlora" else None
+    unsupported = qlora_unsupported_reason(machine.device.compute_capability) if get_method(cfg.method).quantized else None
     if unsupported:
         return "skipped", None, unsupported, None
     shape = load_shape(cfg.model)

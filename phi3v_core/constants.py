@@ -6,7 +6,7 @@ profiles and reference rows live in the data file ``recipe.json`` next to it (:f
 
 Contents:
 
-* names: :data:`METHOD_NAMES`, :data:`ATTN_NAMES`, :data:`PRECISION_NAMES`, :data:`MODEL_PRESET_NAMES`;
+* names: :data:`ATTN_NAMES`, :data:`PRECISION_NAMES`, :data:`MODEL_PRESET_NAMES`;
 * image geometry: :data:`CROP_SIZE`, :data:`MAX_NUM_CROPS`, the HD size rule (:func:`hd_resize_target`,
   :func:`hd_padded_height_width`, :func:`hd_crop_grid`) and the placeholder-token count (:func:`image_token_count`,
   :func:`padded_image_token_count`, :func:`image_token_count_for_size`), as in the checkpoint's processing_phi3_v.py and modeling_phi3_v.py;
@@ -33,7 +33,6 @@ __all__ = [
     "DEFAULT_ATTN",
     "EIGHT_BIT_OPTIMS",
     "MAX_NUM_CROPS",
-    "METHOD_NAMES",
     "MODEL_PRESET_NAMES",
     "OFFLOAD_NAMES",
     "OPTIM_NAMES",
@@ -59,8 +58,6 @@ __all__ = [
 ]
 
 # -- names ------------------------------------------------------------------------------------------------------------
-#: The four fine-tuning methods (``phi3v_core.methods.METHODS`` holds their implementations, in this order).
-METHOD_NAMES: tuple[str, ...] = ("full", "frozen_vision", "lora", "qlora")
 #: Attention kernels (transformers' ``attn_implementation`` values); the recipe uses eager or flash_attention_2.
 ATTN_NAMES: tuple[str, ...] = ("eager", "sdpa", "flash_attention_2")
 #: Our default attention: sdpa has eager's maths, runs everywhere and is faster.

@@ -18,8 +18,8 @@ when it carries a gradient. Per part of the model:
 * gradient checkpointing: every checkpointed layer's forward runs again in backward (the decoder layers, and the
   CLIP layers when a gradient flows through them).
 
-What trains is a :class:`TrainableParts` (:meth:`TrainableParts.for_method` maps the four methods onto it), so a
-method's registry entry can state its own parts.
+What trains is a :class:`TrainableParts`, which :meth:`TrainableParts.for_method` reads from the method's registry
+entry (``phi3v_core.methods``), adapter terms included.
 """
 
 from __future__ import annotations
@@ -100,6 +100,9 @@ class TrainableParts:
             ``enable_input_require_grads`` for every model that reads ``input_ids`` (and PEFT does too), which hooks
             the text embedding *and* CLIP's patch embedding - so under checkpointing a gradient flows back through
             a frozen CLIP tower as well (input gradients only, and its recompute).
+        adapter: The method's :class:`~phi3v_core.methods.spec.Adapter` (None: no adapter, or plain LoRA's terms
+            only): its token-independent forward work (DoRA's ``B(A(I))``) is added per forward of every adapted
+            layer, and again in the recompute of checkpointed layers (the decoder's and CLIP's, not ``lm_head``).
     """
 
     decoder: bool = False
@@ -112,22 +115,22 @@ class TrainableParts:
     lora_lm_head: bool = False
     lora_vision: bool = False
     input_grad_with_checkpointing: bool = False
+    adapter: Any = None
 
     @classmethod
     def for_method(
         cls, method: str, *, lora_rank: int = 64, lora_lm_head: bool = True, freeze_vision: bool = False
     ) -> TrainableParts:
-        """The parts ``full``, ``frozen_vision``, ``lora`` or ``qlora`` train (QLoRA's 4-bit base does the same
-        products as LoRA's 16-bit one after dequantisation)."""
-        if method == "full":
-            return cls(decoder=True, embeddings=True, lm_head=True, vision=True, projector=True,
-                       input_grad_with_checkpointing=True)
-        if method == "frozen_vision":
-            return cls(decoder=True, embeddings=True, lm_head=True, input_grad_with_checkpointing=True)
-        if method in ("lora", "qlora"):
-            return cls(lora_rank=lora_rank, lora_decoder=True, lora_lm_head=lora_lm_head,
-                       lora_vision=not freeze_vision, input_grad_with_checkpointing=True)
-        raise ValueError(f"unknown method {method!r}")
+        """The parts a registered method trains, read from its registry entry (QLoRA's 4-bit base does the same
+        products as LoRA's 16-bit one after dequantisation; an adapter's token-independent work comes with it)."""
+        from phi3v_core.methods import get_method  # the torch-free registry
+
+        spec = get_method(method)
+        if spec.trains_base:
+            return cls(decoder=True, embeddings=True, lm_head=True, vision=spec.trains_vision,
+                       projector=spec.trains_vision, input_grad_with_checkpointing=True)
+        return cls(lora_rank=lora_rank, lora_decoder=True, lora_lm_head=lora_lm_head,
+                   lora_vision=not freeze_vision, input_grad_with_checkpointing=True, adapter=spec.adapter)
 
     @property
     def image_grad(self) -> bool:
@@ -285,6 +288,27 @@ def _vision(
     return forward, backward, layer_forward if grad else 0
 
 
+def _adapter_fixed(dims: ModelDims, parts: TrainableParts, shape: MicroBatchShape) -> tuple[int, int]:
+    """(once per forward, recomputed under checkpointing) token-independent adapter FLOPs of one micro-batch."""
+    if parts.adapter is None or not parts.lora_rank:
+        return 0, 0
+
+    def work(d_in: int, d_out: int) -> int:
+        return int(parts.adapter.flops_per_forward(parts.lora_rank, d_in, d_out))
+
+    qkv = (dims.heads + 2 * dims.kv_heads) * dims.head_dim
+    decoder = dims.layers * sum(work(i, o) for i, o in [(dims.hidden, qkv), (dims.heads * dims.head_dim, dims.hidden),
+                                                         (dims.hidden, 2 * dims.intermediate),
+                                                         (dims.intermediate, dims.hidden)])
+    width, inner = dims.vision_hidden, dims.vision_intermediate
+    vision = projector = 0
+    if parts.lora_vision and shape.crops:
+        vision = dims.vision_layers * (4 * work(width, width) + work(width, inner) + work(inner, width))
+        projector = work(4 * width, dims.hidden) + work(dims.hidden, dims.hidden)
+    head = work(dims.hidden, dims.vocab) if parts.lora_lm_head else 0
+    return decoder + vision + projector + head, decoder + vision
+
+
 def _micro_batch(
     dims: ModelDims, parts: TrainableParts, shape: MicroBatchShape, checkpointing: bool, logits: str
 ) -> int:
@@ -300,9 +324,10 @@ def _micro_batch(
     head_rank = parts.lora_rank if parts.lora_lm_head else 0
     h_forward, h_backward = _linear(shape.head_positions, dims.hidden, dims.vocab, weight_grad=parts.lm_head,
                                     input_grad=True, rank=head_rank)
-    total = forward + backward + v_forward + v_backward + h_forward + h_backward
+    fixed, fixed_recompute = _adapter_fixed(dims, parts, shape)
+    total = forward + backward + v_forward + v_backward + h_forward + h_backward + fixed
     if checkpointing:
-        total += layer_forward * dims.layers + attention + v_recompute
+        total += layer_forward * dims.layers + attention + v_recompute + fixed_recompute
     if logits == "supervised" and shape.head_positions > LOSS_CHUNK_TOKENS:
         # Several loss chunks: each one's lm_head runs again in backward, whatever the checkpointing setting (so
         # in both counts, as the replay counts it; one chunk - answers under 1,024 tokens - has no recompute).

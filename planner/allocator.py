@@ -185,7 +185,7 @@ def allocation_replay(
     recorder = _AllocationRecorder(allocator)
     track = recorder.track
 
-    traced_setup = replace(setup, method="lora" if setup.method == "qlora" else setup.method)
+    traced_setup = replace(setup, method=setup.spec.trace_name)
     attention = "sdpa" if setup.attn == "flash_attention_2" else setup.attn
     config = get_config(model, attn_implementation=attention)
     start = time.perf_counter()

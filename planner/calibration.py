@@ -363,7 +363,7 @@ def _explain_miss(
             f"{replays[row.label]['ratio']:.2f}x the tensors" + (f" (flash: {flash['ratio']:.2f}x)" if flash else "")
         )
     setup = row.setup()
-    if setup.method == "qlora":
+    if setup.spec.quantized:
         settings = "nf4 base + fp32 rest, fp16 autocast"
     elif setup.zero == 2:
         settings = "fp16 weights (DeepSpeed casts the fp32 load)"

@@ -14,8 +14,8 @@ from dataclasses import replace
 from typing import Any
 
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors
-from phi3v_core.constants import METHOD_NAMES
 from phi3v_core.errors import ConfigError
+from phi3v_core.methods import METHOD_NAMES, METHODS
 from phi3v_core.retention import RETENTION_FLOOR
 from planner.estimate import GIB
 from planner.reports import dump, fmt, make_console, print_calibration, print_gpus, print_validation
@@ -150,7 +150,7 @@ def _request(args: argparse.Namespace) -> Any:
     )
 
 
-_SHORT = {"full": "F", "frozen_vision": "Z", "lora": "L", "qlora": "Q"}
+_SHORT = {name: method.letter for name, method in METHODS.items()}
 
 
 def _print_plan(p: Any) -> None:
@@ -207,13 +207,15 @@ def _print_methods(console: Any, p: Any) -> None:
         title="Methods (memory per GPU; fits = predicted reserved peak below "
         f"{100 * (1 - p.headroom_fraction):.0f} % of the card; speed is a prediction)"
     )
-    for col in ("method", "fits", "layout", "peak GiB", "margin GiB", "samples/s", "epoch", "run", "cost $"):
-        table.add_column(col, justify="left" if col in ("method", "fits", "layout") else "right")
+    left = ("method", "recipe", "fits", "layout")
+    for col in (*left, "peak GiB", "margin GiB", "samples/s", "epoch", "run", "cost $"):
+        table.add_column(col, justify="left" if col in left else "right")
     for m in p.methods:
         mark = "[green]yes[/]" if m.fits else ("[red]no[/]" if m.supported else "[red]unsupported[/]")
         name = f"[bold]{m.method}[/] *" if m.method == p.recommended else m.method
         table.add_row(
             name,
+            METHODS[m.method].recipe_label,  # the recipe's name for it, or "not in the recipe"
             mark,
             _layout_label(m),
             fmt(m.peak_gib),
@@ -354,7 +356,7 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
 
     from planner.speed import format_duration
 
-    table = Table(title=title, caption="fits: F full, Z frozen_vision, L lora, Q qlora")
+    table = Table(title=title, caption="fits: " + ", ".join(f"{letter} {name}" for name, letter in _SHORT.items()))
     cols = ["GPU", "GiB", "dtype/attn", "fits", "best", "micro x acc", "peak GiB", "samples/s", "epoch", "cost $"]
     if azure:
         cols = ["VM size", "VMs", "vCPUs", *cols]

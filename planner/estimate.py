@@ -21,9 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from phi3v_core.constants import ATTN_NAMES, METHOD_NAMES, zero2_buffer_bytes
+from phi3v_core.constants import ATTN_NAMES, zero2_buffer_bytes
 from phi3v_core.errors import ConfigError, raise_all
-from planner.logits import LOGITS_MODES, logits_loss_bytes
+from phi3v_core.methods import LORA, METHOD_NAMES, Method, get_method
+from planner.logits import LOGITS_MODES, logit_positions, logits_loss_bytes
 from planner.memory_types import GIB, MemoryEstimate, MemoryItem, Overheads
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
 
@@ -201,9 +202,14 @@ class TrainSetup:
             problems.append("flash_attention_2 needs bf16 or fp16")
         if self.optim not in ("adamw", "adamw_8bit"):
             problems.append(f"optim {self.optim!r} is not one of adamw, adamw_8bit")
-        if self.offload_optimizer and (self.optim != "adamw" or self.method not in ("full", "frozen_vision")):
+        if self.offload_optimizer and (self.optim != "adamw" or not (self.method in METHODS and self.spec.trains_base)):
             problems.append("offload_optimizer is ZeRO-Offload of AdamW for full/frozen_vision")
         raise_all(problems)
+
+    @property
+    def spec(self) -> Method:
+        """The registry entry of ``method`` (what trains, how the base is stored, the adapter's terms)."""
+        return get_method(self.method)
 
     @property
     def zero(self) -> int:
@@ -212,7 +218,7 @@ class TrainSetup:
             return 2  # the offload is DeepSpeed ZeRO-2's
         if self.zero_stage is not None:
             return self.zero_stage
-        return 2 if self.method in ("full", "frozen_vision") else 0
+        return 2 if self.spec.trains_base else 0
 
     @property
     def act_bytes(self) -> int:
@@ -222,7 +228,7 @@ class TrainSetup:
     @property
     def stored_weight_dtype(self) -> str:
         """dtype of the stored weights (DeepSpeed casts full fine-tuning weights to the compute dtype)."""
-        if self.zero == 2 and self.method in ("full", "frozen_vision") and self.precision != "fp32":
+        if self.zero == 2 and self.spec.trains_base and self.precision != "fp32":
             return self.precision
         return self.weight_dtype or self.precision
 
@@ -238,20 +244,17 @@ def model_state_bytes(shape: ModelShape, setup: TrainSetup) -> dict[str, float]:
     """
     counts = shape.param_counts()
     total = counts.total
-    lora = (
-        shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision)
-        if setup.method in ("lora", "qlora")
-        else 0
-    )
-    trainable = counts.trainable(setup.method, lora)
+    adapter = setup.spec.adapter
+    lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision, adapter) if adapter else 0
+    trainable = counts.trainable(setup.spec, lora)
     wbytes = DTYPE_BYTES[setup.stored_weight_dtype]
     out: dict[str, float] = {}
-    if setup.method == "qlora":
+    if setup.spec.quantized:
         quantized = counts.quantizable()
         out["weights"] = quantized * NF4_BYTES_PER_PARAM + (total - quantized) * wbytes
     else:
         out["weights"] = total * wbytes
-    if setup.method in ("lora", "qlora"):
+    if setup.spec.uses_lora:
         out["lora_weights"] = 4 * lora
         out["gradients"] = 4 * lora
         out["optimizer_states"] = (ADAM_8BIT_BYTES_PER_PARAM if setup.optim == "adamw_8bit" else 8) * lora
@@ -292,7 +295,7 @@ def host_memory_bytes(shape: ModelShape, setup: TrainSetup) -> float:
     """
     if not setup.offload_optimizer:
         return 0.0
-    trainable = shape.param_counts().trainable(setup.method, 0)
+    trainable = shape.param_counts().trainable(setup.spec, 0)
     return (4 + 4 + 8) * trainable / setup.world_size
 
 
@@ -301,8 +304,8 @@ def _lm_layer_saved(shape: ModelShape, setup: TrainSetup, tokens: int, seq: int,
     """Bytes one decoder layer keeps for backward (its working set when recomputed)."""
     a = setup.act_bytes
     h, inter = shape.hidden_size, shape.intermediate_size
-    lora = setup.method in ("lora", "qlora")
-    norm_trainable = setup.method in ("full", "frozen_vision")
+    adapter = setup.spec.adapter
+    norm_trainable = setup.spec.trains_base
     # RMSNorm: fp32 copy of its input (the input itself in fp32), the normalized 16-bit tensor when the weight
     # trains, and its output (the next linear's input).
     norm = 4 * h + (2 if norm_trainable else 1) * a * h
@@ -318,10 +321,11 @@ def _lm_layer_saved(shape: ModelShape, setup: TrainSetup, tokens: int, seq: int,
     else:
         per_token += a * shape.q_out + 4 * shape.num_heads  # kernel output in head layout + logsumexp
     per_token += 4 * a * inter  # gate_up output, silu(gate), silu(gate)·up
-    if lora:
-        modules = 4
-        per_token += modules * a * setup.lora_rank
-        if setup.method == "qlora":
+    if adapter:
+        # A·x of each adapted projection (plus what the adapter variant keeps per output row)
+        outs = (qkv_out, h, 2 * inter, h)
+        per_token += a * sum(adapter.saved_per_token(setup.lora_rank, out) for out in outs)
+        if setup.spec.quantized:
             # bitsandbytes' 4-bit matmul keeps its input besides LoRA's own (cast) copy
             per_token += a * (2 * h + shape.q_out + inter)
     return per_token * tokens
@@ -350,9 +354,10 @@ def _clip_layer_saved(shape: ModelShape, setup: TrainSetup, tokens: int, checkpo
         per_token += shape.vision_heads * shape.patches_per_crop * (4 + (a if a != 4 else 0))
     else:
         per_token += a * hv + 4 * shape.vision_heads
-    if setup.method in ("lora", "qlora"):
-        per_token += 6 * a * setup.lora_rank
-        if setup.method == "qlora":
+    if setup.spec.adapter:
+        outs = (hv, hv, hv, hv, iv, hv)  # q, k, v, out_proj, fc1, fc2
+        per_token += a * sum(setup.spec.adapter.saved_per_token(setup.lora_rank, out) for out in outs)
+        if setup.spec.quantized:
             per_token += a * (hv + hv + iv)
     return per_token * tokens
 
@@ -380,14 +385,14 @@ def activation_terms(shape: ModelShape, setup: TrainSetup, workload: Workload) -
     img_rows = mb * workload.image_tokens
     h, hv = shape.hidden_size, shape.vision_hidden
     gc = setup.gradient_checkpointing
-    vision_trains = setup.method == "full" or (setup.method in ("lora", "qlora") and setup.lora_vision)
+    vision_trains = setup.spec.trains_vision or (setup.spec.uses_lora and setup.lora_vision)
 
     lm_layer = _lm_layer_saved(shape, setup, tokens, seq, checkpoint_input=gc)
     # fp32 master weights under autocast (single-process full fine-tuning) keep the residual stream in fp32
     residual = 4 if setup.stored_weight_dtype == "fp32" else a
     lm_saved = shape.num_layers * (residual * h * tokens if gc else lm_layer)
     # final norm (fp32 copy + output) and the inputs_embeds the first layer reads (covered by its checkpoint)
-    norm_trainable = setup.method in ("full", "frozen_vision")
+    norm_trainable = setup.spec.trains_base
     lm_saved += tokens * (4 * h + (2 if norm_trainable else 1) * a * h)
     if setup.attn == "eager":
         lm_saved += mb * seq * seq * a  # the 4-D causal mask, shared by all layers
@@ -395,7 +400,7 @@ def activation_terms(shape: ModelShape, setup: TrainSetup, workload: Workload) -
     if vision_trains:
         clip_layer = _clip_layer_saved(shape, setup, v_tokens, checkpoint_input=gc)
         vision_saved = shape.vision_used_layers * (a * hv * v_tokens if gc else clip_layer)
-        if setup.method == "full":
+        if setup.spec.trains_vision:
             vision_saved += 2 * a * hv * v_tokens  # embeddings + pre_layrnorm input/output (no graph when frozen)
             # The patch conv keeps its input for its weight gradient: the real crops gathered out of the padded
             # input (an fp32 copy; the reference reshapes instead) and their compute-dtype copy.
@@ -407,17 +412,37 @@ def activation_terms(shape: ModelShape, setup: TrainSetup, workload: Workload) -
         vision_saved = 0.0
 
     ce_peak = logits_loss_bytes(shape, setup, workload)
+    head_adapter, head_forward, lm_transient = _adapter_transients(shape, setup, mb * logit_positions(workload, setup.logits))
     return {
         "lm_saved": lm_saved,
         "vision_saved": vision_saved,
-        "lm_layer_working_set": lm_layer if gc else 0.0,
+        "lm_layer_working_set": (lm_layer + lm_transient) if gc else 0.0,
         "lm_layer_backward": _lm_layer_backward_extra(shape, setup, tokens, seq),
         "clip_layer_working_set": clip_layer if (gc and vision_trains) else 0.0,
         "clip_layer_backward": (a * (2 * hv + 2 * shape.vision_intermediate) * v_tokens) if vision_trains else 0.0,
         "clip_forward_peak": _clip_layer_forward_peak(shape, setup, v_tokens),
         "pixels": mb * workload.slots * 3 * shape.image_size**2 * 4,
         "logits_loss": ce_peak,
+        "head_adapter": head_adapter,
+        "head_adapter_forward": head_forward,
     }
+
+
+def _adapter_transients(shape: ModelShape, setup: TrainSetup, head_tokens: int) -> tuple[float, float, float]:
+    """What the adapter's own terms add (bytes): at ``lm_head`` in the loss backward (saved + gradient buffers over
+    the logit positions), at ``lm_head``'s forward (weight-sized work), and in one decoder projection's recompute."""
+    adapter, a, rank = setup.spec.adapter, setup.act_bytes, setup.lora_rank
+    if adapter is None:
+        return 0.0, 0.0, 0.0
+    head = head_forward = 0.0
+    if setup.lora_lm_head:
+        v = shape.vocab_size
+        # beyond plain LoRA's r-wide A·x, which the logits terms have always left out (< 0.1 % of them)
+        extra = adapter.saved_per_token(rank, v) - LORA.saved_per_token(rank, v) + adapter.backward_per_token(rank, v)
+        head = a * head_tokens * extra
+        head_forward = adapter.forward_transient_bytes(rank, shape.hidden_size, v, a)
+    layer = max(adapter.forward_transient_bytes(rank, i, o, a) for _, i, o in shape.adapted_linears(False, False))
+    return head, head_forward, layer
 
 
 def _optimizer_temporaries(shape: ModelShape, setup: TrainSetup, trainable: int) -> float:
@@ -429,7 +454,7 @@ def _optimizer_temporaries(shape: ModelShape, setup: TrainSetup, trainable: int)
     """
     if setup.offload_optimizer or setup.optim == "adamw_8bit":
         return 0.0  # CPU Adam steps in host memory; bitsandbytes' 8-bit kernel updates each tensor in place
-    lora = setup.method in ("lora", "qlora")
+    lora = setup.spec.uses_lora
     state_bytes = 4 if (lora or setup.zero == 2) else DTYPE_BYTES[setup.stored_weight_dtype]
     if setup.optimizer_foreach:
         shard = trainable / setup.world_size if setup.zero == 2 else trainable
@@ -445,7 +470,7 @@ def _optimizer_temporaries(shape: ModelShape, setup: TrainSetup, trainable: int)
 
 def dequant_transient(shape: ModelShape, setup: TrainSetup) -> float:
     """QLoRA: bitsandbytes dequantizes one 4-bit weight at a time (the largest is ``gate_up_proj``)."""
-    if setup.method != "qlora":
+    if not setup.spec.quantized:
         return 0.0
     return setup.act_bytes * shape.hidden_size * 2 * shape.intermediate_size
 
@@ -454,7 +479,7 @@ def _item_notes(setup: TrainSetup, zero2: bool) -> dict[str, str]:
     """What each line of the breakdown holds (shown next to it)."""
     adam = "8-bit AdamW m, v + absmax per 256" if setup.optim == "adamw_8bit" else "AdamW m, v"
     return {
-        "weights": f"{setup.stored_weight_dtype if setup.method != 'qlora' else 'nf4 + 16-bit rest'}, all parameters",
+        "weights": f"{'nf4 + 16-bit rest' if setup.spec.quantized else setup.stored_weight_dtype}, all parameters",
         "gradients": (
             "largest 16-bit grad in flight; fp32 grads on the host (offload)"
             if setup.offload_optimizer
@@ -478,13 +503,22 @@ def _phase_items(
     grads_in_forward = grads if setup.grad_accum > 1 else 0.0
     saved = acts["lm_saved"] + acts["vision_saved"]
     counts = shape.param_counts()
-    trainable = counts.trainable(setup.method, shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision))
+    adapter = setup.spec.adapter or LORA
+    trainable = counts.trainable(
+        setup.spec, shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision, adapter)
+    )
     return {
         "loss backward": {
             "gradients (accumulated)": grads_in_forward,
             "saved activations": saved,
             "logits + loss": acts["logits_loss"],
+            "lm_head adapter": acts["head_adapter"],
             "4-bit dequantized weight": dequant_transient(shape, setup),
+        },
+        "LM head forward": {
+            "gradients (accumulated)": grads_in_forward,
+            "saved activations": saved,
+            "lm_head adapter weight work": acts["head_adapter_forward"],
         },
         "LM backward (last layer)": {
             "gradients (accumulated)": max(grads_in_forward, head_grads),
@@ -525,7 +559,7 @@ def estimate_memory(
     overheads = overheads or Overheads.cpu()
     states = model_state_bytes(shape, setup)
     acts = activation_terms(shape, setup, workload)
-    zero2 = setup.zero == 2 and setup.method in ("full", "frozen_vision")
+    zero2 = setup.zero == 2 and setup.spec.trains_base
     grads = states.get("gradients", 0.0) + states.get("ddp_buckets", 0.0)
     static = {k: v for k, v in states.items() if k not in ("gradients", "ddp_buckets")}
     if zero2:
@@ -533,7 +567,7 @@ def estimate_memory(
         grads = 0.0
     static["batch (pixel values)"] = acts["pixels"]
     head_grads = 0.0
-    if not zero2 and setup.method in ("full", "frozen_vision"):
+    if not zero2 and setup.spec.trains_base:
         head_grads = shape.param_counts().lm_head * DTYPE_BYTES[setup.stored_weight_dtype]
     phase_items = _phase_items(shape, setup, acts, grads, head_grads)
     totals = {name: sum(static.values()) + sum(parts.values()) for name, parts in phase_items.items()}

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from phi3v_core.constants import ZERO_BUCKET_ELEMENTS
+from phi3v_core.methods import get_method
 from phi3v_core.retention import RETENTION_FLOOR, update_retention
 from planner.calibration import Calibration, fit_speed_constants
 from planner.estimate import GIB, MemoryEstimate, TrainSetup, Workload, estimate_memory, host_memory_bytes
@@ -69,7 +70,7 @@ def setup_for(method: str, gpu: GpuSpec, world: int, hyper: dict[str, Any]) -> T
     cc = gpu.compute_capability
     precision = "bf16" if supports_bf16(cc) else "fp16"
     attn = "flash_attention_2" if supports_flash_attention(cc) else "sdpa"
-    full = method in ("full", "frozen_vision")
+    full = get_method(method).trains_base
     zero = 2 if (full and world > 1) else 0
     return TrainSetup(
         method=method,
@@ -89,7 +90,7 @@ def setup_for(method: str, gpu: GpuSpec, world: int, hyper: dict[str, Any]) -> T
 def option_tiers(base: TrainSetup) -> list[list[tuple[str, str]]]:
     """(optim, offload) options by tier; 8-bit and offload only for full/frozen_vision (LoRA states are small)."""
     tiers: list[list[tuple[str, str]]] = [[("adamw", "none")]]
-    if base.method in ("full", "frozen_vision"):
+    if base.spec.trains_base:
         if base.zero == 0 and base.precision == "bf16":
             # under ZeRO-2 DeepSpeed keeps fp32 partitions anyway, and with fp16 adamw_8bit keeps fp32 weights
             tiers.append([("adamw_8bit_fp32_master", "none")])
@@ -106,7 +107,7 @@ def _with_option(base: TrainSetup, optim: str, offload: str) -> TrainSetup:
         return replace(base, offload_optimizer=True, zero_stage=2, weight_dtype=base.precision)
     if optim == "adamw_8bit_fp32_master":
         return replace(base, optim="adamw_8bit", weight_dtype="fp32")  # fp32 weights and gradients, 8-bit m, v
-    if optim == "adamw_8bit" and base.method in ("full", "frozen_vision"):
+    if optim == "adamw_8bit" and base.spec.trains_base:
         # bf16 weights with no fp32 master (TrainConfig.sixteen_bit_weights); fp16 keeps fp32 weights
         weights = base.precision if base.precision == "bf16" else "fp32"
         return replace(base, optim=optim, weight_dtype=weights, zero_stage=base.zero_stage)
@@ -119,7 +120,7 @@ def layout_retention(setup: TrainSetup, learning_rate: float) -> float:
     The optimizer writes fp32 for LoRA/QLoRA (fp32 adapters) and under ZeRO-2 (DeepSpeed's fp32 partitions, also
     when offloaded); otherwise into the stored weights (fp32 master copy, or bf16 with 8-bit AdamW).
     """
-    lora = setup.method in ("lora", "qlora")
+    lora = setup.spec.uses_lora
     dtype = "fp32" if (lora or setup.zero == 2) else setup.stored_weight_dtype
     return update_retention(learning_rate, dtype)
 

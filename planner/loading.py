@@ -52,7 +52,7 @@ def build_peak_bytes(shape: ModelShape, setup: TrainSetup) -> float:
         setup: Method and precision (QLoRA builds in ``stored_weight_dtype``, then quantizes).
     """
     weights = model_state_bytes(shape, setup)["weights"]
-    if setup.method != "qlora":
+    if not setup.spec.quantized:
         return weights
     wbytes = DTYPE_BYTES[setup.stored_weight_dtype]
     transient = wbytes - NF4_BYTES_PER_PARAM

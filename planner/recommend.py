@@ -27,6 +27,7 @@ from typing import Any
 
 from phi3v_core.constants import ZERO_BUCKET_ELEMENTS
 from phi3v_core.errors import ConfigError
+from phi3v_core.methods import get_method
 from planner.calibration import Calibration, load_calibration
 from planner.deadline import azure_summary, meet_deadline, misfits
 from planner.estimate import GIB, Workload
@@ -148,7 +149,7 @@ def _support_reasons(method: str, hw: Hardware) -> tuple[bool, list[str]]:
     cc = gpu.compute_capability
     reasons: list[str] = []
     supported = True
-    unsupported = qlora_unsupported_reason(cc) if method == "qlora" else None
+    unsupported = qlora_unsupported_reason(cc) if get_method(method).quantized else None
     if unsupported:
         supported = False
         reasons.append(unsupported)
@@ -176,7 +177,7 @@ def _fit_reason(method: str, hw: Hardware, pick: Candidate, fits: bool, calibrat
         )
     hint = (
         "more GPUs (ZeRO-2 shards the optimizer states)"
-        if method in ("full", "frozen_vision")
+        if get_method(method).trains_base
         else "fewer crops (--num-crops) or a larger GPU"
     )
     return (
@@ -294,7 +295,7 @@ def _plan_method(
         reasons.append(
             f"DeepSpeed ZeRO-2 over {world} GPUs ({ZERO_BUCKET_ELEMENTS:.0e}-element buckets, phi3v-finetune's default)"
         )
-    elif method in ("full", "frozen_vision") and setup.optim == "adamw" and not setup.offload_optimizer:
+    elif setup.spec.trains_base and setup.optim == "adamw" and not setup.offload_optimizer:
         reasons.append("one GPU: AdamW with fp32 master weights, no DeepSpeed (16 bytes per trained parameter)")
     if effective != global_batch:
         reasons.append(f"global batch {global_batch} does not split over {world} GPUs: using {effective}")

@@ -12,6 +12,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from phi3v_core.methods import get_method
 from phi3v_core.reference import reference_rows
 from planner.memory_types import MemoryEstimate
 from planner.request import Hardware, MethodPlan
@@ -71,7 +72,7 @@ def _method_args(task: str, mp: MethodPlan) -> list[str]:
     args += ["--batch_size", str(mp.global_batch), "--batch_size_per_gpu", str(mp.micro_batch)]
     args += ["--num_crops", str(hp["num_crops"])]
     args += ["--learning_rate", f"{hp['learning_rate']:g}", "--num_train_epochs", f"{hp['epochs']:g}"]
-    if mp.method in ("lora", "qlora"):
+    if get_method(mp.method).uses_lora:
         args += ["--lora_rank", str(hp["lora_rank"]), "--lora_alpha_ratio", f"{hp['lora_alpha_ratio']:g}"]
     # memory layout: only what differs from phi3v-finetune's defaults (checkpointing on, AdamW, no offload)
     if not mp.gradient_checkpointing:

@@ -13,8 +13,9 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from phi3v_core.constants import MAX_NUM_CROPS, METHOD_NAMES, load_recipe
+from phi3v_core.constants import MAX_NUM_CROPS, load_recipe
 from phi3v_core.errors import ConfigError, raise_all
+from phi3v_core.methods import METHOD_NAMES, get_method
 from planner.estimate import GIB, MemoryEstimate, Workload
 from planner.hardware import (
     AzureSku,
@@ -67,16 +68,20 @@ def _task_profiles() -> dict[str, Any]:
 
 
 def _method_hyperparameters(task: str, method: str) -> dict[str, Any]:
-    """The recipe's published preset for ``task``/``method``, else the CookBook scripts' defaults (labelled so)."""
+    """The recipe's published preset for ``task``/``method``, else the CookBook scripts' defaults (labelled so).
+
+    A method outside the recipe takes the presets of the one its registry entry names (``hyperparameters_from``).
+    """
     recipe = load_recipe()
-    preset = recipe.presets.get(f"{task}-{method}")
+    spec = get_method(method)
+    preset = recipe.presets.get(f"{task}-{spec.preset_name}")
     values = preset.values if preset is not None else recipe.recipe_defaults
     epochs = float(values["num_train_epochs"])
     out: dict[str, Any] = {
         "learning_rate": values["learning_rate"],
         "epochs": int(epochs) if epochs.is_integer() else epochs,
     }
-    if method in ("lora", "qlora"):
+    if get_method(method).uses_lora:
         out["lora_rank"] = values["lora_rank"]
         out["lora_alpha"] = round(values["lora_rank"] * values["lora_alpha_ratio"])
     out["source"] = (
@@ -84,6 +89,8 @@ def _method_hyperparameters(task: str, method: str) -> dict[str, Any]:
         if preset is not None
         else f"not published for {task}: the scripts' defaults (the CookBook scripts' argparse)"
     )
+    if spec.preset_name != method:
+        out["source"] = f"{method} is {spec.recipe_label}: {spec.preset_name}'s settings; " + out["source"]
     return out
 
 

@@ -17,8 +17,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from phi3v_core.constants import CROP_SIZE, METHOD_NAMES, TOKENS_PER_CROP, hd_crop_grid, image_token_count
+from phi3v_core.constants import CROP_SIZE, TOKENS_PER_CROP, hd_crop_grid, image_token_count
 from phi3v_core.errors import ConfigError
+from phi3v_core.methods import LORA, Adapter, Method, get_method
 
 __all__ = ["CROP_SIZE", "ModelShape", "ParamCounts", "hd_crop_grid", "image_token_count", "load_shape"]
 
@@ -199,23 +200,30 @@ class ModelShape:
             separators=2 * merged,
         )
 
-    def lora_params(self, rank: int, lm_head: bool = True, vision: bool = True) -> int:
-        """LoRA parameters (A and B) on the recipe's targets.
+    def adapted_linears(self, lm_head: bool = True, vision: bool = True) -> list[tuple[int, int, int]]:
+        """``(count, fan_in, fan_out)`` of each kind of linear layer the adapters target (the recipe's targets).
 
         LM ``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj`` in every layer, ``lm_head`` when asked, and
         unless ``vision`` is False the live CLIP layers' ``q/k/v/out_proj``, ``fc1``, ``fc2`` and both projector
         linears (``phi3v_core.methods.lora``).
         """
-        h, inter = self.hidden_size, self.intermediate_size
-        per_lm_layer = (h + self.q_out + 2 * self.kv_out) + (self.q_out + h) + (h + 2 * inter) + (inter + h)
-        total = self.num_layers * per_lm_layer
+        h, inter, layers = self.hidden_size, self.intermediate_size, self.num_layers
+        out = [
+            (layers, h, self.q_out + 2 * self.kv_out),
+            (layers, self.q_out, h),
+            (layers, h, 2 * inter),
+            (layers, inter, h),
+        ]
         if lm_head:
-            total += h + self.vocab_size
+            out.append((1, h, self.vocab_size))
         if vision:
-            hv, iv = self.vision_hidden, self.vision_intermediate
-            total += self.vision_used_layers * (4 * 2 * hv + 2 * (hv + iv))
-            total += (4 * hv + h) + (h + h)
-        return rank * total
+            hv, iv, used = self.vision_hidden, self.vision_intermediate, self.vision_used_layers
+            out += [(4 * used, hv, hv), (used, hv, iv), (used, iv, hv), (1, 4 * hv, h), (1, h, h)]
+        return out
+
+    def lora_params(self, rank: int, lm_head: bool = True, vision: bool = True, adapter: Adapter = LORA) -> int:
+        """Trainable adapter parameters on the targets of :meth:`adapted_linears` (LoRA: A and B)."""
+        return sum(n * adapter.params(rank, fan_in, fan_out) for n, fan_in, fan_out in self.adapted_linears(lm_head, vision))
 
 
 @dataclass(frozen=True)
@@ -258,19 +266,21 @@ class ParamCounts:
         """All parameters in the checkpoint."""
         return self.language_model + self.vision + self.projector
 
-    def trainable(self, method: str, lora_params: int = 0) -> int:
+    def trainable(self, method: Method | str, lora_params: int = 0) -> int:
         """Parameters that get gradients and optimizer state under ``method``.
 
         ``full`` trains everything except the dead CLIP weights; ``frozen_vision`` trains the language model incl.
-        its embedding (``phi3v_core.methods.freeze``); LoRA methods train only the adapters.
+        its embedding (``phi3v_core.methods.freeze``); adapter methods train only the adapters (``lora_params``).
+
+        Raises:
+            ConfigError: Unknown method name.
         """
-        if method == "full":
-            return self.total - self.vision_dead
-        if method == "frozen_vision":
-            return self.language_model
-        if method in ("lora", "qlora"):
+        spec = get_method(method) if isinstance(method, str) else method
+        if spec.uses_lora:
             return lora_params
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
+        if spec.trains_vision:
+            return self.total - self.vision_dead
+        return self.language_model
 
     def quantizable(self) -> int:
         """Weights QLoRA stores as nf4: every ``nn.Linear`` weight except ``lm_head`` (both projector layers included,

@@ -23,6 +23,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from phi3v_core.methods import LORA, get_method
 from planner.estimate import DTYPE_BYTES, TrainSetup, Workload
 from planner.hardware import GpuSpec
 from planner.logits import logit_positions
@@ -73,7 +74,7 @@ class FlopBreakdown:
 
 def reference_shape(shape: ModelShape, method: str) -> ModelShape:
     """The shape the reference code runs: all CLIP layers for full/frozen, 23 for LoRA (``patch_clip_for_lora``)."""
-    if method in ("lora", "qlora"):
+    if get_method(method).uses_lora:
         return shape
     return replace(shape, vision_feature_layer=shape.vision_layers)
 
@@ -95,12 +96,12 @@ def flops_per_sample(shape: ModelShape, workload: Workload, setup: TrainSetup) -
     vision_fwd += 4 * shape.vision_used_layers * shape.vision_hidden * patches * patches * workload.vision_crops
     proj_fwd = 2 * (counts.projector_0 + counts.projector_2_weight) * workload.image_tokens
 
-    method = setup.method
-    lora_vision = method in ("lora", "qlora") and setup.lora_vision
-    lm_mult = 2 if method in ("lora", "qlora") else 3
-    vision_mult = 3 if method == "full" else (2 if lora_vision else 1)
-    lm_adapter = vision_adapter = head_adapter = 0.0
-    if method in ("lora", "qlora"):
+    spec = setup.spec
+    lora_vision = spec.uses_lora and setup.lora_vision
+    lm_mult = 3 if spec.trains_base else 2
+    vision_mult = 3 if spec.trains_vision else (2 if lora_vision else 1)
+    lm_adapter = vision_adapter = head_adapter = adapter_fixed = 0.0
+    if spec.adapter:
         # the adapters' own matmuls (A then B per target): forward, input and weight gradients → 3×
         lm_lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, vision=False)
         head_lora = shape.lora_params(setup.lora_rank, True, vision=False) - shape.lora_params(
@@ -111,14 +112,19 @@ def flops_per_sample(shape: ModelShape, workload: Workload, setup: TrainSetup) -
         if lora_vision:
             vision_lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, vision=True) - lm_lora
             vision_adapter = 2 * vision_lora * v_tokens
+        # token-independent adapter work (e.g. a weight norm), once per forward of the micro-batch: no backward
+        adapter_fixed = sum(
+            n * spec.adapter.flops_per_forward(setup.lora_rank, fan_in, fan_out)
+            for n, fan_in, fan_out in shape.adapted_linears(setup.lora_lm_head, lora_vision)
+        ) / setup.micro_batch
     recompute = 0.0
     if setup.gradient_checkpointing:
         # checkpointing recomputes the decoder (and trained CLIP) layers' forward, never lm_head
-        recompute += lm_fwd + lm_adapter - head_fwd - head_adapter
+        recompute += lm_fwd + lm_adapter + adapter_fixed - head_fwd - head_adapter
         if vision_mult > 1:
             recompute += vision_fwd + vision_adapter
     return FlopBreakdown(
-        language_model=lm_mult * lm_fwd + 3 * lm_adapter,
+        language_model=lm_mult * lm_fwd + 3 * lm_adapter + adapter_fixed,
         vision=vision_mult * vision_fwd + 3 * vision_adapter,
         projector=vision_mult * proj_fwd,
         recompute=recompute,
@@ -263,8 +269,8 @@ class SpeedPrediction:
 
 def _trains(setup: TrainSetup) -> tuple[bool, bool]:
     """(LM needs backward, vision needs backward)."""
-    lora_vision = setup.method in ("lora", "qlora") and setup.lora_vision
-    return True, setup.method == "full" or lora_vision
+    lora_vision = setup.spec.uses_lora and setup.lora_vision
+    return True, setup.spec.trains_vision or lora_vision
 
 
 def _passes(trains: bool, checkpointing: bool) -> float:
@@ -325,7 +331,7 @@ def micro_step_times(
             * (shape.vision_intermediate + shape.vision_heads * shape.patches_per_crop)
         )
         times["exp-bound element-wise"] = mb * exp_elements / rates.softmax_elements_per_s
-    if setup.method == "qlora":
+    if setup.spec.quantized:
         uses = 3.0 if setup.gradient_checkpointing else 2.0  # forward, recompute, backward (input gradient)
         quantized = shape.param_counts().quantizable()
         times["nf4 dequantize"] = uses * quantized * constants.nf4_bytes_per_weight / rates.bandwidth
@@ -362,7 +368,7 @@ def offload_seconds(shape: ModelShape, setup: TrainSetup, pcie_gbs: float, host_
         pcie_gbs: The GPU's PCIe bandwidth, both directions (GB/s).
         host_bandwidth: Achievable host memory bandwidth for CPU Adam (bytes/s).
     """
-    trainable = shape.param_counts().trainable(setup.method, 0) / setup.world_size
+    trainable = shape.param_counts().trainable(setup.spec, 0) / setup.world_size
     one_way = pcie_gbs / 2 * 1e9 * PCIE_EFFICIENCY
     return {
         "CPU Adam (host)": trainable * HOST_ADAM_BYTES_PER_PARAM / host_bandwidth,
@@ -373,18 +379,18 @@ def offload_seconds(shape: ModelShape, setup: TrainSetup, pcie_gbs: float, host_
 def _optimizer_seconds(shape: ModelShape, setup: TrainSetup, rates: Rates) -> float:
     """AdamW over the local trainable parameters: a streaming pass (fp32 p, m, v read+write, grads read)."""
     counts = shape.param_counts()
-    lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision)
-    trainable = counts.trainable(setup.method, lora)
+    lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision, setup.spec.adapter or LORA)
+    trainable = counts.trainable(setup.spec, lora)
     if setup.offload_optimizer:
         return 0.0  # on the host: :func:`offload_seconds`
     if setup.optim == "adamw_8bit":
         # bitsandbytes: weight read + write, gradient read, 8-bit m, v read + write (+ absmax)
-        weight = 4 if setup.method in ("lora", "qlora") else DTYPE_BYTES[setup.stored_weight_dtype]
+        weight = 4 if setup.spec.uses_lora else DTYPE_BYTES[setup.stored_weight_dtype]
         return trainable * (2 * weight + weight + 4) / rates.bandwidth
-    if setup.zero == 2 and setup.method in ("full", "frozen_vision"):
+    if setup.zero == 2 and setup.spec.trains_base:
         # fp32 master/m/v read+write (24), fp32 grad read (4), 16-bit grad → fp32 (2+4), 16-bit weight write (2)
         return trainable / setup.world_size * 36 / rates.bandwidth
-    state = 4 if setup.method in ("lora", "qlora") else DTYPE_BYTES[setup.stored_weight_dtype]
+    state = 4 if setup.spec.uses_lora else DTYPE_BYTES[setup.stored_weight_dtype]
     return trainable * 8 * state / rates.bandwidth  # p, m, v read+write, grad read, norm for clipping
 
 
@@ -398,8 +404,8 @@ def communication_seconds(
     Inside a node the ring runs over NVLink or PCIe; between nodes each node moves its share through its NICs.
     """
     counts = shape.param_counts()
-    lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision)
-    trainable = counts.trainable(setup.method, lora)
+    lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision, setup.spec.adapter or LORA)
+    trainable = counts.trainable(setup.spec, lora)
     g, n = interconnect.gpus_per_node, interconnect.nodes
     if g * n == 1:
         return 0.0, 0.0
@@ -412,7 +418,7 @@ def communication_seconds(
             out += factor * (n - 1) / n * bytes_ / inter
         return out
 
-    if setup.zero == 2 and setup.method in ("full", "frozen_vision"):
+    if setup.zero == 2 and setup.spec.trains_base:
         grad_bytes = DTYPE_BYTES[setup.precision] * trainable
         return ring(grad_bytes, 1.0), ring(DTYPE_BYTES[setup.stored_weight_dtype] * counts.total, 1.0)
     return 0.0, ring(4 * trainable, 2.0)

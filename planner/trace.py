@@ -184,7 +184,7 @@ def prepare_model(config: Any, setup: TrainSetup) -> Any:
     model.supervised_logits = setup.logits == "supervised"
     if setup.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    method = "lora" if setup.method == "qlora" else setup.method
+    method = setup.spec.trace_name
     options = MethodOptions(
         lora_rank=setup.lora_rank,
         lora_lm_head=setup.lora_lm_head,
@@ -200,7 +200,7 @@ def uses_autocast(setup: TrainSetup) -> bool:
     """AMP (autocast) runs wherever weights and compute dtype differ: fp32 masters, or fp32 LoRA adapters."""
     if setup.precision == "fp32":
         return False
-    return setup.method in ("lora", "qlora") or setup.stored_weight_dtype != setup.precision
+    return setup.spec.uses_lora or setup.stored_weight_dtype != setup.precision
 
 
 def measure_step(model: Any, batch: dict[str, Any], setup: TrainSetup) -> dict[str, Any]:
@@ -360,7 +360,7 @@ def trace_activations(
 
     from phi3v_core.config import get_config
 
-    traced_setup = replace(setup, method="lora" if setup.method == "qlora" else setup.method)
+    traced_setup = replace(setup, method=setup.spec.trace_name)
     attention = "sdpa" if setup.attn == "flash_attention_2" else setup.attn
     start = time.perf_counter()
     config = get_config(model, attn_implementation=attention)
@@ -377,7 +377,7 @@ def trace_activations(
     if setup.attn == "flash_attention_2":
         notes.append("FlashAttention-2 traced as SDPA (CPU flash kernel: same saved tensors)")
     dynamic = result["dynamic"]
-    if setup.method == "qlora":
+    if setup.spec.trace_name != setup.method:  # QLoRA: traced as LoRA
         lora_acts = activation_terms(shape, traced_setup, workload)
         qlora_acts = activation_terms(shape, setup, workload)
         extra = (qlora_acts["lm_saved"] + qlora_acts["vision_saved"]) - (
@@ -405,7 +405,7 @@ def apply_trace(
     of the closed form is kept, since a single unsharded trace cannot show it for ZeRO.
     """
     states = model_state_bytes(shape, setup)
-    zero2 = setup.zero == 2 and setup.method in ("full", "frozen_vision")
+    zero2 = setup.zero == 2 and setup.spec.trains_base
     static = {k: v for k, v in states.items() if k not in ("gradients", "ddp_buckets")}
     grads = states.get("gradients", 0.0) + states.get("ddp_buckets", 0.0)
     if zero2:

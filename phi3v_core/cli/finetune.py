@@ -31,12 +31,12 @@ from phi3v_core.cli.finetune_config import (
 )
 from phi3v_core.constants import (
     ATTN_NAMES,
-    METHOD_NAMES,
     MODEL_PRESET_NAMES,
     OFFLOAD_NAMES,
     OPTIM_NAMES,
     PRECISION_NAMES,
 )
+from phi3v_core.methods import METHOD_NAMES, get_method
 
 __all__ = [
     "OUR_DEFAULTS",
@@ -237,7 +237,7 @@ def _print_plan(cfg: Any, task: Any) -> None:
     train = cfg.train
     lora = (
         f", LoRA r={train.lora_rank} α={round(train.lora_rank * train.lora_alpha_ratio)}"
-        if "lora" in train.method
+        if get_method(train.method).uses_lora
         else ""
     )
     console.print(

@@ -26,7 +26,6 @@ from phi3v_core.constants import (
     ATTN_NAMES,
     DEFAULT_ATTN,
     MAX_NUM_CROPS,
-    METHOD_NAMES,
     MODEL_PRESET_NAMES,
     PRECISION_NAMES,
     RecipePreset,
@@ -34,6 +33,7 @@ from phi3v_core.constants import (
 )
 from phi3v_core.errors import raise_all
 from phi3v_core.fs import model_folder_problems
+from phi3v_core.methods import METHOD_NAMES, METHODS
 
 if TYPE_CHECKING:
     from phi3v_core.training.run import FinetuneConfig
@@ -253,7 +253,7 @@ class _Resolver:
         hidden, context = _model_dims(model)
         self.context = context
         rank = values["lora_rank"]
-        if method in ("lora", "qlora") and hidden and rank > hidden:
+        if _uses_lora(method) and hidden and rank > hidden:
             self.problems.append(
                 f"--lora_rank {rank} exceeds the model's hidden size {hidden}; pass --lora_rank <= {hidden} "
                 "(the recipe uses 32..128)"
@@ -295,7 +295,7 @@ class _Resolver:
         if args.method is not None:
             if args.use_qlora and args.method != "qlora":
                 problems.append(f"--use_qlora conflicts with --method {args.method}; drop one of them")
-            elif args.use_lora and args.method not in ("lora", "qlora"):
+            elif args.use_lora and not _uses_lora(args.method):
                 problems.append(f"--use_lora conflicts with --method {args.method}; drop one of them")
             if args.freeze_vision_model and args.method == "full":
                 problems.append(
@@ -307,7 +307,7 @@ class _Resolver:
         if args.freeze_vision_model and method == "full":
             # The recipe's full fine-tuning with --freeze_vision_model is our frozen_vision method.
             method, self.sources["method"] = "frozen_vision", "flag"
-        return method, bool(args.freeze_vision_model and method in ("lora", "qlora"))
+        return method, bool(args.freeze_vision_model and _uses_lora(method))
 
     def resolve_precision(self) -> str:
         args, env = self.args, self.env
@@ -553,3 +553,9 @@ def _finetune_config(
         overwrite_output_dir=args.overwrite_output_dir,
         max_length=args.max_length or resolver.context,
     )
+
+
+def _uses_lora(method: str) -> bool:
+    """Whether ``method`` is a registered adapter method (an unknown name is reported elsewhere)."""
+    spec = METHODS.get(method)
+    return spec is not None and spec.uses_lora

@@ -1,13 +1,12 @@
-"""What every fine-tuning method shares: its options, its report and the registry entry type.
+"""What every fine-tuning method shares: its options and its report (the registry entry type is in ``spec``).
 
 A method changes a freshly built :class:`~phi3v_core.model.Phi3VForCausalLM` from the outside (freezing, LoRA
 adapters, 4-bit quantization) and reports exactly which parameters will train. It never touches the optimizer or the
-data path, so all four methods run through the same Trainer.
+data path, so all methods run through the same Trainer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +16,6 @@ from phi3v_core.errors import ConfigError
 from phi3v_core.model import dead_parameter_names
 
 __all__ = [
-    "Method",
     "MethodOptions",
     "MethodReport",
     "VISION_PREFIX",
@@ -91,31 +89,6 @@ class MethodReport:
             f"{self.method}: {self.trainable_parameters:,} trainable of {self.total_parameters:,} parameters "
             f"({share:.2f}%)"
         )
-
-
-PrepareFn = Callable[[nn.Module, MethodOptions], tuple[nn.Module, MethodReport]]
-
-
-@dataclass(frozen=True)
-class Method:
-    """A registry entry.
-
-    Attributes:
-        name: ``full``, ``frozen_vision``, ``lora`` or ``qlora``.
-        description: One line for ``--help`` and reports.
-        prepare: ``prepare(model, options) -> (model, report)``; the returned model may be a wrapper (PEFT).
-        uses_lora: Whether the method trains adapters (final save is a PEFT adapter folder).
-        quantized: Whether the frozen base is 4-bit.
-        supports_deepspeed: Whether ZeRO-2 applies (the recipe uses it for full fine-tuning only; with LoRA only
-            the adapters train and plain DDP is what the recipe runs).
-    """
-
-    name: str
-    description: str
-    prepare: PrepareFn
-    uses_lora: bool
-    quantized: bool
-    supports_deepspeed: bool
 
 
 def freeze_dead_weights(model: nn.Module) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -25,6 +26,7 @@ from phi3v_core.model import dead_parameter_names
 
 __all__ = [
     "LoraTarget",
+    "attach_lora",
     "QLORA_KEEP_16BIT",
     "QLORA_SKIP",
     "lora_targets",
@@ -123,7 +125,17 @@ def _check_targets(model: nn.Module, targets: list[LoraTarget]) -> None:
         )
 
 
-def _attach_lora(model: nn.Module, options: MethodOptions, method: str) -> tuple[nn.Module, MethodReport]:
+def attach_lora(
+    model: nn.Module, options: MethodOptions, method: str, **variant: Any
+) -> tuple[nn.Module, MethodReport]:
+    """Attach PEFT LoRA adapters on :func:`lora_targets` and report them under ``method``.
+
+    Args:
+        model: The (possibly quantized) base model.
+        options: Rank, alpha, dropout and targets.
+        method: Registry name for the report.
+        variant: Further ``peft.LoraConfig`` fields of a LoRA variant (e.g. ``use_dora=True``).
+    """
     targets = lora_targets(model, options)
     _check_targets(model, targets)
     config = LoraConfig(
@@ -134,6 +146,7 @@ def _attach_lora(model: nn.Module, options: MethodOptions, method: str) -> tuple
         target_modules="|".join(f"(?:{t.pattern})" for t in targets),
         bias="none",
         task_type="CAUSAL_LM",
+        **variant,
     )
     # autocast_adapter_dtype (the default) keeps adapter weights in fp32 over a 16-bit base: they are the only
     # trained weights, so they are the master weights that AMP updates.
@@ -146,7 +159,7 @@ def prepare_lora(model: nn.Module, options: MethodOptions) -> tuple[nn.Module, M
     """Cast the frozen base to ``options.base_dtype`` and attach LoRA adapters (the returned model is a PeftModel)."""
     if options.base_dtype is not None:
         model.to(options.base_dtype)
-    return _attach_lora(model, options, "lora")
+    return attach_lora(model, options, "lora")
 
 
 def quantize_linear_layers(
@@ -235,7 +248,7 @@ def prepare_qlora(model: nn.Module, options: MethodOptions) -> tuple[nn.Module, 
         model.to(options.device)
     # PEFT picks its bitsandbytes LoRA layer only for models flagged like transformers' quantizer flags them.
     model.is_loaded_in_4bit = True
-    peft_model, report = _attach_lora(model, options, "qlora")
+    peft_model, report = attach_lora(model, options, "qlora")
     report.quantized_modules = quantized
     report.notes.append("kept 16-bit: " + ", ".join(QLORA_KEEP_16BIT))
     return peft_model, report

@@ -401,8 +401,8 @@ class TrainConfig:
         if self.precision == "fp16" and not env.cuda:
             # accelerate turns fp16 off on CPU without a word (no autocast, no loss scaling): the run would be fp32.
             out.append("precision fp16 (AMP with loss scaling) needs a CUDA GPU; on CPU use bf16 or fp32")
-        if self.method == "qlora" and not env.bitsandbytes:
-            out.append("method qlora needs bitsandbytes (pip install bitsandbytes)")
+        if self.method in METHODS and get_method(self.method).quantized and not env.bitsandbytes:
+            out.append(f"method {self.method} needs bitsandbytes (pip install bitsandbytes)")
         if self.method in METHODS and self.uses_deepspeed(env.world_size) and not env.deepspeed:
             out.append("deepspeed is enabled but not installed (pip install deepspeed); or set deepspeed=False")
         return out

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from bench.config import SEQ_PROFILES, BenchConfig, parse_field_value
-from phi3v_core.constants import METHOD_NAMES, hd_crop_grid, image_token_count, load_recipe
+from phi3v_core.constants import hd_crop_grid, image_token_count, load_recipe
 from phi3v_core.errors import ConfigError
+from phi3v_core.methods import METHOD_NAMES
 
 
 def test_defaults_are_valid_and_derived_values() -> None:

@@ -32,6 +32,7 @@ CASES = [
     ("lora", "supervised", {"freeze_vision": True, "lora_lm_head": False, "lora_rank": 8}, "sdpa"),
     ("qlora", "supervised", {}, "sdpa"),
     ("qlora", "full", {"freeze_vision": True}, "sdpa"),
+    ("dora", "supervised", {}, "sdpa"),  # a method outside the recipe: its registry entry drives the count
 ]
 
 

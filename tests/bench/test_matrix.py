@@ -13,6 +13,7 @@ from bench.reference import load_reference_speed
 from bench.results import BenchResult
 from bench.store import load_result, result_path
 from phi3v_core.errors import ConfigError
+from phi3v_core.methods import METHOD_NAMES, METHODS
 from tests.bench.factories import gpu_env, make_result
 
 
@@ -35,11 +36,15 @@ class FakeRunner:
 
 
 def quick_cells(tmp_path, **overrides) -> list[BenchConfig]:
-    return build_cells("quick", overrides={"out": str(tmp_path), "release": "v-test", **overrides})
+    """The quick sweep's cells of the recipe's four methods (the fake runners below name those)."""
+    cells = build_cells("quick", overrides={"out": str(tmp_path), "release": "v-test", **overrides})
+    return [c for c in cells if METHODS[c.method].recipe_name is not None]
 
 
 def test_presets_are_valid_and_sized_like_the_seed_tables() -> None:
-    assert {name: len(build_cells(name)) for name in PRESETS} == {"seed-a100": 10, "seed-v100": 5, "quick": 8}
+    # quick: every registered method with both portable attention kernels
+    quick = 2 * len(METHOD_NAMES)
+    assert {name: len(build_cells(name)) for name in PRESETS} == {"seed-a100": 10, "seed-v100": 5, "quick": quick}
 
 
 @pytest.mark.parametrize(("preset", "hardware"), [("seed-a100", "8xA100-80GB"), ("seed-v100", "8xV100-32GB")])
@@ -58,7 +63,7 @@ def test_grid_expands_a_cartesian_product_over_preset_cells() -> None:
                                                   ("qlora", "eager")]
     assert all(c.steps == 5 for c in cells)
     # A grid axis replaces the preset's value; duplicates collapse.
-    assert len(build_cells("quick", {"attn": ["sdpa"]})) == 4
+    assert len(build_cells("quick", {"attn": ["sdpa"]})) == len(METHOD_NAMES)
 
 
 def test_grid_and_set_parse_errors_are_reported_together() -> None:

@@ -16,7 +16,6 @@ from phi3v_core import constants
 from phi3v_core.constants import (
     ATTN_NAMES,
     CROP_SIZE,
-    METHOD_NAMES,
     PRECISION_NAMES,
     ZERO_BUCKET_ELEMENTS,
     hd_crop_grid,
@@ -35,19 +34,23 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # -- names --------------------------------------------------------------------------------------------------------
 def test_names_are_the_ones_the_code_implements() -> None:
-    from phi3v_core.methods import METHODS
+    from phi3v_core.methods import METHOD_NAMES, METHODS
     from phi3v_core.training.config import DTYPES
 
-    assert tuple(METHODS) == METHOD_NAMES == ("full", "frozen_vision", "lora", "qlora")
+    assert tuple(METHODS) == METHOD_NAMES
+    # the recipe's four come first, in its order; later entries are ours (not in the recipe)
+    assert METHOD_NAMES[:4] == ("full", "frozen_vision", "lora", "qlora")
+    assert all(METHODS[m].recipe_name for m in METHOD_NAMES[:4])
     assert tuple(DTYPES) == PRECISION_NAMES
     assert ATTN_NAMES == ("eager", "sdpa", "flash_attention_2")
 
 
 def test_consumers_read_the_names_from_constants() -> None:
-    """bench, the finetune CLI and the model presets hold no copies of the name lists."""
+    """bench, the finetune CLI and the model presets hold no copies of the name lists (methods: the registry's)."""
     from bench import config as bench_config
     from phi3v_core.cli import finetune_config
     from phi3v_core.config import MODEL_PRESETS
+    from phi3v_core.methods import METHOD_NAMES
 
     assert bench_config.METHOD_NAMES is METHOD_NAMES
     assert bench_config.ATTN_NAMES is ATTN_NAMES

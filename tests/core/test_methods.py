@@ -62,11 +62,42 @@ def trainable(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_registry_has_the_four_methods_and_rejects_unknown() -> None:
-    assert list(METHODS) == ["full", "frozen_vision", "lora", "qlora"]
-    assert [m.supports_deepspeed for m in METHODS.values()] == [True, True, False, False]
-    with pytest.raises(ConfigError, match="unknown method 'dora'.*full, frozen_vision, lora, qlora"):
-        get_method("dora")
+def test_registry_has_the_recipe_methods_first_and_rejects_unknown() -> None:
+    assert list(METHODS)[:4] == ["full", "frozen_vision", "lora", "qlora"]
+    assert [m.supports_deepspeed for m in list(METHODS.values())[:4]] == [True, True, False, False]
+    assert [m.recipe_name for m in list(METHODS.values())[:4]] == ["full fine-tuning", "frozen image model", "LoRA", "QLoRA"]
+    with pytest.raises(ConfigError, match="unknown method 'ia3'.*full, frozen_vision, lora, qlora"):
+        get_method("ia3")
+
+
+def test_importing_the_registry_loads_no_torch() -> None:
+    """planner and bench read the entries in light commands: the implementations load on first prepare."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, phi3v_core.methods as m; [e.uses_lora for e in m.METHODS.values()]; "
+        "print(sorted(k for k in ('torch', 'peft', 'bitsandbytes', 'transformers') if k in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_each_entry_says_what_its_prepare_trains(name: str) -> None:
+    """The facts the planner reads (trains_base, trains_vision, adapter, quantized) match what prepare does."""
+    spec = get_method(name)
+    if spec.quantized:
+        pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model, report = spec.prepare(Phi3VForCausalLM(get_config("tiny")), MethodOptions(lora_rank=2))
+    names = trainable(model)
+    base = {n for n in names if ".lora_" not in n}  # PEFT's lora_A/B (and DoRA's lora_magnitude_vector)
+    assert bool(base) == spec.trains_base
+    assert any("vision_embed_tokens" in n for n in base) == spec.trains_vision
+    assert report.method == name
+    assert bool(report.lora_targets) == spec.uses_lora
+    assert bool(report.quantized_modules) == spec.quantized
+    assert spec.trace_name in METHODS and not get_method(spec.trace_name).quantized  # a meta build can run it
 
 
 def test_full_trains_everything_but_the_dead_clip_weights(tiny: Phi3VForCausalLM, batch: dict) -> None:

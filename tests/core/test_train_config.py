@@ -51,7 +51,7 @@ def test_defaults_are_valid_on_cpu_and_follow_the_recipe(tmp_path: Path) -> None
         ({"method": "full"}, Machine(world_size=2, deepspeed=False), "deepspeed is enabled but not installed"),
         ({"method": "lora", "deepspeed": True}, CPU, "deepspeed is for full/frozen_vision"),
         ({"method": "full", "freeze_vision": True}, CPU, "pass method='frozen_vision'"),
-        ({"method": "dora"}, CPU, "method 'dora' is unknown"),
+        ({"method": "no-such-method"}, CPU, "method 'no-such-method' is unknown"),
         ({"precision": "fp8"}, CPU, "precision 'fp8' is unknown"),
         ({"attn": "xformers"}, CPU, "attn 'xformers' is unknown"),
         ({"global_batch": 6, "micro_batch": 4}, CPU, "global_batch 6 is not a multiple of micro_batch 4"),

@@ -204,7 +204,7 @@ def test_invalid_setup_reports_every_problem():
     from phi3v_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="3 problems"):
-        TrainSetup(method="dora", precision="int8", attn="flex")
+        TrainSetup(method="no-such-method", precision="int8", attn="flex")
     with pytest.raises(ConfigError, match="flash_attention_2 needs bf16 or fp16"):
         TrainSetup(precision="fp32")
 

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from phi3v_core.errors import ConfigError
+from phi3v_core.methods import METHOD_NAMES
 from planner.hardware import qlora_unsupported_reason
 from planner.recommend import PlanRequest, plan, survey
 from tests.safety_helpers import HANG_GUARD_S
@@ -104,7 +105,7 @@ def test_plan_is_json_serialisable():
     result = plan(PlanRequest(gpu="L40S", count=4, nodes=2, task="ucf101", dataset_size=300))
     data = json.loads(json.dumps(result.to_dict()))
     assert data["workload"]["images"] == 8 and data["request"]["task"] == "ucf101"
-    assert {m["method"] for m in data["methods"]} == {"full", "frozen_vision", "lora", "qlora"}
+    assert {m["method"] for m in data["methods"]} == set(METHOD_NAMES)
 
 
 def test_survey_covers_common_gpus():

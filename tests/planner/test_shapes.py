@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from phi3v_core.config import MODEL_PRESETS, get_config
+from phi3v_core.methods import METHOD_NAMES, METHODS
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count, load_shape
 
 
@@ -48,14 +49,17 @@ def test_counts_match_the_model_built_on_meta(preset):
 
 
 @pytest.mark.parametrize("freeze_vision", [False, True])
-def test_lora_parameter_count_matches_the_method(freeze_vision):
+@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if METHODS[m].uses_lora and not METHODS[m].quantized])
+def test_adapter_parameter_count_matches_the_method(method, freeze_vision):
+    """The planner's count of each adapter method's trainable parameters (its ``Adapter.params`` terms)."""
     from phi3v_core.methods import MethodOptions, get_method
     from phi3v_core.model import Phi3VForCausalLM
 
     model = Phi3VForCausalLM(get_config("tiny"))
-    _, report = get_method("lora").prepare(model, MethodOptions(lora_rank=4, freeze_vision=freeze_vision))
+    _, report = get_method(method).prepare(model, MethodOptions(lora_rank=4, freeze_vision=freeze_vision))
     shape = ModelShape.preset("tiny")
-    assert report.trainable_parameters == shape.lora_params(4, lm_head=True, vision=not freeze_vision)
+    adapter = METHODS[method].adapter
+    assert report.trainable_parameters == shape.lora_params(4, lm_head=True, vision=not freeze_vision, adapter=adapter)
 
 
 # Hand-derived from the HD rule (the width is scaled to s·336 with s·ceil(s·h/w) <= num_crops, the height padded up to
