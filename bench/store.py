@@ -6,6 +6,7 @@ Files live at ``<out>/<release>/<hardware>/<cell_id>.json`` (schema: :mod:`bench
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,9 @@ from bench.config import BenchConfig
 from bench.environment import RunEnvironment
 from bench.results import BenchResult
 from phi3v_core.errors import DataError
+from phi3v_core.fs import check_regular_file
 from phi3v_core.io import atomic_write_text
+from phi3v_core.transaction import pending
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -107,10 +110,12 @@ def iter_result_files(paths: Iterable[str | Path]) -> Iterator[Path]:
         if path.is_file():
             candidates = [path]
         elif path.is_dir():
+            pending(path, "results folder")  # reading never repairs: an interrupted write is reported
             candidates = sorted(
                 p for p in path.rglob("*.json")
                 if not {"reference", "validation"} & set(p.relative_to(path).parts) and not p.name.startswith(".")
             )
+            candidates = [p for p in candidates if _regular_or_said(p)]
         else:
             raise DataError(f"{path}: no such file or folder; pass a result .json or a results folder")
         for candidate in candidates:
@@ -118,6 +123,14 @@ def iter_result_files(paths: Iterable[str | Path]) -> Iterator[Path]:
             if key not in seen:
                 seen.add(key)
                 yield candidate
+
+
+def _regular_or_said(path: Path) -> bool:
+    """Whether ``path`` is a regular file; a FIFO or device named ``*.json`` is skipped with a note (never opened)."""
+    reason = check_regular_file(path, "result file")
+    if reason is not None:
+        print(f"note: {path}: {reason}; skipped", file=sys.stderr)
+    return reason is None
 
 
 def read_results(paths: Iterable[str | Path]) -> list[tuple[Path, BenchResult]]:

@@ -32,7 +32,7 @@ from phi3v_core.data.tasks import TASKS, TaskData, load_task
 from phi3v_core.data.ucf101 import convert_ucf101, plan_ucf101
 from phi3v_core.errors import ConfigError
 from phi3v_core.fs import overlap_problem
-from phi3v_core.transaction import recover
+from phi3v_core.transaction import pending, recover
 
 _EPILOG = """examples:
   phi3v-convert ucf101 --src ~/data/UCF101_subset --out_dir ./ucf101
@@ -194,7 +194,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    recover(args.data_dir)
+    pending(args.data_dir, "data_dir")  # a check only reads: an interrupted replacement is reported, not repaired
     task = load_task(args.task, args.split, data_dir=args.data_dir, max_pixels=args.max_pixels, skip_bad=args.skip_bad)
     if task.train:
         # The length check training runs (phi3v-finetune --max_length, default the model context), with the

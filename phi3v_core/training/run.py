@@ -241,6 +241,12 @@ def output_dir_problems(
     return problems
 
 
+def _lock_at(lock: FolderLock, folder: Path) -> None:
+    """Take ``lock`` on the hidden new folder of a replacement, before that folder is put in place."""
+    lock.moved_to(folder)
+    lock.acquire(recovering=False)
+
+
 def _own_entries(folder: Path, before: set[str]) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in before and p.name != LOCK_NAME)
 
@@ -268,23 +274,25 @@ def guarded_output_dir(
         out = out.resolve()  # replace the real folder, never the link with a real folder
     recover(out)
     aside: SetAside | None = None
+    lock = FolderLock(out, command)
     if overwrite and out.is_dir() and any(out.iterdir()):
+        # One lock across the whole replacement: the old run's lock is held until the new (hidden, already locked)
+        # folder has taken its place, so no other writer can slip in between.
         old_lock = FolderLock(out, command).acquire()  # refuse if another writer works in the old run
         try:
-            aside = SetAside(out, command, done_marker=COMPLETE_MARKER)
+            aside = SetAside(out, command, done_marker=COMPLETE_MARKER, prepare=lambda new: _lock_at(lock, new))
+            lock.moved_to(aside.target)
             (aside.aside / LOCK_NAME).unlink(missing_ok=True)  # moved aside with the old run: not a lock of it
+        except BaseException:
+            lock.release()
+            raise
         finally:
-            old_lock.release()  # the lock file moved aside with the old run; removed with it
+            old_lock.release()
     created = not out.exists()
     manifest = _read_json(out / MANIFEST_NAME)
     previous = set(manifest.get("entries", [])) if isinstance(manifest, dict) else set()
-    lock = FolderLock(out, command)
-    try:
+    if aside is None:
         lock.acquire()
-    except BaseException:
-        if aside is not None:
-            aside.rollback()
-        raise
     if lock.took_over:
         print(
             f"note: {out}: the previous holder of the lock (pid {lock.took_over.get('pid')}) ended without releasing "
@@ -295,19 +303,19 @@ def guarded_output_dir(
     try:
         yield out
     except BaseException:
-        lock.release()
         if aside is not None:
-            aside.rollback()
-        elif created:
+            aside.rollback()  # under the lock: no one else writes the folder while it is put back
+        lock.release()
+        if aside is None and created:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only when empty: a failed run leaves no folder it made for nothing
         raise
     else:
         entries = sorted(previous | set(_own_entries(out, before)) | {MANIFEST_NAME})
         atomic_write_json(out / MANIFEST_NAME, {"command": command, "entries": entries})
-        lock.release()
         if aside is not None:
             aside.commit()
+        lock.release()
 
 
 def check_sequence_lengths(task: Any, processor: Any, max_length: int) -> None:
