@@ -15,9 +15,8 @@ from bench.config import BenchConfig
 from bench.environment import RunEnvironment
 from bench.results import BenchResult
 from phi3v_core.errors import DataError
-from phi3v_core.fs import check_regular_file
+from phi3v_core.fs import check_regular_file, pending
 from phi3v_core.io import atomic_write_text
-from phi3v_core.transaction import pending
 
 if TYPE_CHECKING:
     import pandas as pd

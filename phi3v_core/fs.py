@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -28,7 +29,7 @@ from typing import Any
 
 from phi3v_core.errors import Phi3VError
 from phi3v_core.io import current_umask
-from phi3v_core.transaction import live_transaction, process_alive, recover
+from phi3v_core.transaction import journal_paths, live_transaction, process_alive, recover
 
 __all__ = [
     "LOCK_NAME",
@@ -41,6 +42,7 @@ __all__ = [
     "foreign_entries",
     "model_folder_problems",
     "overlap_problem",
+    "pending",
     "process_alive",
     "weight_file_problem",
     "writable_problem",
@@ -508,3 +510,39 @@ def model_folder_problems(folder: Path, flag: str) -> list[str]:
         if reason:
             problems.append(f"{flag}: {weights.name}: {reason}; download the file again")
     return problems
+
+
+def pending(target: str | os.PathLike[str], flag: str = "the folder") -> list[str]:
+    """Report (stderr) interrupted transactions on ``target`` without touching anything: for read-only commands.
+
+    Args:
+        target: The folder the command reads.
+        flag: How the command names it (``--data_dir``), for the message.
+
+    Returns:
+        The messages printed.
+    """
+    messages = []
+    for path in journal_paths(target):
+        if not (path.exists() or path.is_symlink()):
+            continue
+        record: Any = None
+        if check_regular_file(path) is None and not path.is_symlink():  # never opens a FIFO
+            with contextlib.suppress(OSError, ValueError), path.open("rb") as handle:
+                record = json.loads(handle.read(1 << 20))
+        command = str((record if isinstance(record, dict) else {}).get("command") or "a phi3v command").split(" ")[0]
+        messages.append(
+            f"{flag} {target}: an interrupted {command} left a transaction ({path.name}); this command only reads and "
+            f"leaves it: the next {_finisher(command, Path(target))} finishes or rolls it back"
+        )
+    for message in messages:
+        print(f"note: {message}", file=sys.stderr)
+    return messages
+
+
+def _finisher(command: str, target: Path) -> str:
+    if command == "phi3v-convert":
+        return f"`phi3v-convert ... --out_dir {target}`"
+    if command == "phi3v-finetune":
+        return f"`phi3v-finetune --output_dir {target} ...`"
+    return f"phi3v command that writes {target}"

@@ -23,8 +23,7 @@ one line on stderr saying which. Recovery trusts nothing in the journal it canno
   failing the proof (the user re-created the target after the kill) is left as is and reported;
 * a folder another process holds (its ``flock``) is never removed.
 
-Read-only commands call :func:`pending` instead: they report an interrupted transaction and the command that will
-finish it, and change nothing. Kinds:
+Read-only commands call :func:`phi3v_core.fs.pending` instead: they report, and change nothing. Kinds:
 
 * ``swap`` (:func:`replace_folder`): the new folder is complete before the intent is written: recovery rolls forward;
 * ``set_aside`` (:class:`SetAside`): the old folder is moved aside while a new one is built in place; recovery keeps
@@ -52,19 +51,8 @@ from typing import Any
 
 from phi3v_core.errors import Phi3VError
 
-__all__ = [
-    "PROOF_NAME",
-    "JournalError",
-    "SetAside",
-    "intent_path",
-    "live_transaction",
-    "move_into",
-    "pending",
-    "process_alive",
-    "recover",
-    "replace_folder",
-    "staging_folder",
-]
+__all__ = ["PROOF_NAME", "JournalError", "SetAside", "intent_path", "journal_paths", "live_transaction", "move_into",
+           "process_alive", "recover", "replace_folder", "staging_folder"]  # fmt: skip
 
 _SUFFIX = ".phi3v-txn.json"
 #: Inside every folder a transaction made: the transaction's id (proof for recovery that the folder is its own).
@@ -75,7 +63,6 @@ _ID = re.compile(r"[0-9a-f]{32}")
 
 class JournalError(Phi3VError):
     """A transaction record names something this code never writes: refused, nothing touched."""
-
 
 def process_alive(pid: int) -> bool:
     """Whether a process with this pid runs on this host (a pid owned by another user counts as running)."""
@@ -180,8 +167,7 @@ def staging_folder(target: Path) -> Path:
 
 # --- atomic steps -------------------------------------------------------------------------------------------------
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -225,17 +211,12 @@ class _Intent:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
             os.fsync(fd)
             os.replace(tmp, path)  # visible only complete, already locked by us
-        except OSError as exc:
+        except BaseException as exc:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            if exc.filename is None:
+            if isinstance(exc, OSError) and exc.filename is None:
                 exc.filename = str(tmp)  # the path in the message (a full disk at the journal)
-            raise
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise
         self.fd: int | None = fd
         _fsync_dir(path.parent)
@@ -524,8 +505,7 @@ def _apply_replace(record: dict[str, Any], target: Path, who: str) -> str:
 
 def live_transaction(target: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The record of a transaction on ``target`` whose owner still runs (``None`` when there is none)."""
-    target = _real(Path(target))
-    for path in (intent_path(target), target / f".moves{_SUFFIX}"):
+    for path in journal_paths(target):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
@@ -546,42 +526,10 @@ def live_transaction(target: str | os.PathLike[str]) -> dict[str, Any] | None:
     return None
 
 
-def pending(target: str | os.PathLike[str], flag: str = "the folder") -> list[str]:
-    """Report (stderr) interrupted transactions on ``target`` without touching anything: for read-only commands.
-
-    Args:
-        target: The folder the command reads.
-        flag: How the command names it (``--data_dir``), for the message.
-
-    Returns:
-        The messages printed.
-    """
+def journal_paths(target: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """The two journals a transaction on folder ``target`` may leave: its intent and the final save's moves."""
     target = _real(Path(target))
-    messages = []
-    for path in (intent_path(target), target / f".moves{_SUFFIX}"):
-        if not (path.exists() or path.is_symlink()):
-            continue
-        try:
-            record = json.loads(path.read_bytes()[: 1 << 20]) if path.is_file() else None
-        except (OSError, ValueError):
-            record = None
-        record = record if isinstance(record, dict) else {}
-        command = str(record.get("command") or "a phi3v command").split(" ")[0]
-        messages.append(
-            f"{flag} {target}: an interrupted {command} left a transaction ({path.name}); this command only reads and "
-            f"leaves it: the next {_finisher(command, target)} finishes or rolls it back"
-        )
-    for message in messages:
-        _say(message)
-    return messages
-
-
-def _finisher(command: str, target: Path) -> str:
-    if command == "phi3v-convert":
-        return f"`phi3v-convert ... --out_dir {target}`"
-    if command == "phi3v-finetune":
-        return f"`phi3v-finetune --output_dir {target} ...`"
-    return f"phi3v command that writes {target}"
+    return intent_path(target), target / f".moves{_SUFFIX}"
 
 
 def recover(target: str | os.PathLike[str]) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from phi3v_core.data.task_registry import default_num_crops, read_task_split, task_of_folder
 from phi3v_core.errors import DataError
-from phi3v_core.transaction import pending
+from phi3v_core.fs import pending
 from planner.estimate import Workload
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
 

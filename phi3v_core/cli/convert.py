@@ -31,8 +31,8 @@ from phi3v_core.data.synthetic import SYNTHETIC_TASKS, expected_mean_sequence_le
 from phi3v_core.data.tasks import TASKS, TaskData, load_task
 from phi3v_core.data.ucf101 import convert_ucf101, plan_ucf101
 from phi3v_core.errors import ConfigError
-from phi3v_core.fs import overlap_problem
-from phi3v_core.transaction import pending, recover
+from phi3v_core.fs import overlap_problem, pending
+from phi3v_core.transaction import recover
 
 _EPILOG = """examples:
   phi3v-convert ucf101 --src ~/data/UCF101_subset --out_dir ./ucf101
