@@ -436,6 +436,7 @@ def run(cfg: FinetuneConfig, env: Any = None, on_plan: Callable[[FinetuneConfig,
 
 def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig, Any], None] | None) -> dict[str, Any]:
     from phi3v_core.training.api import init_distributed, resolve_resume, train
+    from phi3v_core.training.checkpoints import data_fingerprint
     from phi3v_core.training.config import Machine
     from phi3v_core.training.evaluate import evaluate_task
 
@@ -446,6 +447,7 @@ def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig
     raise_all(cfg.train.dataset_problems(len(task.train), env))
     cfg.train.num_crops = task.num_crops  # the task's default when --num_crops was not given (validated 1..16)
     cfg.train.extra["data"] = task.origin
+    cfg.train.extra["data_content"] = data_fingerprint(task.train)  # resume refuses other data of the same origin
     processor = _build_processor(cfg.train.model, task.num_crops)
     if cfg.max_length is not None:
         check_sequence_lengths(task, processor, cfg.max_length)

@@ -120,6 +120,22 @@ def test_corrupt_result_file_is_re_measured(tmp_path) -> None:
     assert load_result(path).status == "ok"
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_a_newer_versions_finished_result_is_never_replaced(tmp_path, force) -> None:
+    cells = quick_cells(tmp_path)[:1]
+    path = result_path(tmp_path, "v-test", "1xA100-SXM4-80GB", cells[0])
+    path.parent.mkdir(parents=True)
+    newer = make_result(cells[0], env=gpu_env(count=1)).to_dict() | {"schema_version": 99}
+    import json
+
+    path.write_text(json.dumps(newer))
+    before = path.read_bytes()
+    runner = FakeRunner()
+    summary = run_matrix(cells, environment=gpu_env(count=1), run_cell=runner, force=force, progress=False)
+    assert runner.calls == [] and path.read_bytes() == before
+    assert summary.outcomes[0].status == "skipped" and "newer phi3v-bench" in summary.outcomes[0].message
+
+
 def test_failed_write_keeps_the_measured_result_and_stops_the_sweep(tmp_path, monkeypatch) -> None:
     """A full disk fails every later write too: the sweep stops, and the cell it measured stays in the summary."""
     import errno
