@@ -29,7 +29,7 @@ from typing import Any
 
 from phi3v_core.errors import Phi3VError
 from phi3v_core.io import current_umask
-from phi3v_core.transaction import journal_paths, live_transaction, process_alive, recover
+from phi3v_core.transaction import journal_paths, process_alive, recover
 
 __all__ = [
     "LOCK_NAME",
@@ -39,6 +39,7 @@ __all__ = [
     "describe_os_error",
     "describe_storage_error",
     "held_lock_fds",
+    "live_transaction",
     "foreign_entries",
     "model_folder_problems",
     "overlap_problem",
@@ -510,6 +511,32 @@ def model_folder_problems(folder: Path, flag: str) -> list[str]:
         if reason:
             problems.append(f"{flag}: {weights.name}: {reason}; download the file again")
     return problems
+
+
+def live_transaction(target: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The record of a transaction on ``target`` whose owner still runs (``None`` when there is none)."""
+    import fcntl
+    import stat
+
+    for path in journal_paths(target):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    record = json.loads(os.read(fd, 1 << 20) or b"{}")
+                except ValueError:
+                    record = {}
+                return record if isinstance(record, dict) else {}
+        finally:
+            os.close(fd)
+    return None
 
 
 def pending(target: str | os.PathLike[str], flag: str = "the folder") -> list[str]:

@@ -42,16 +42,17 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from phi3v_core.errors import Phi3VError
 
-__all__ = ["PROOF_NAME", "JournalError", "SetAside", "intent_path", "journal_paths", "live_transaction", "move_into",
+__all__ = ["PROOF_NAME", "JournalError", "SetAside", "intent_path", "journal_paths", "move_into",
            "process_alive", "recover", "replace_folder", "staging_folder"]  # fmt: skip
 
 _SUFFIX = ".phi3v-txn.json"
@@ -183,6 +184,17 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGTERM/SIGHUP/SIGINT for the few renames of a swap: a stop lands after them, never between."""
+    held = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _swap_in(new: Path, target: Path, aside: Path) -> None:
     """Put ``new`` at ``target`` and what was there at ``aside``; ``target`` never disappears where it can."""
     if target.exists() or target.is_symlink():
@@ -257,8 +269,9 @@ def replace_folder(staged: Path, target: Path, command: str) -> None:
         txn_id = uuid.uuid4().hex
         _mark(staged, txn_id)
     record = {"kind": "swap", "command": command, "staged": staged.name, "aside": aside.name, "id": txn_id}
-    intent = _begin(target, {**record, "old": _inode(target)})
-    _swap_in(staged, target, aside)
+    with _signals_held():
+        intent = _begin(target, {**record, "old": _inode(target)})
+        _swap_in(staged, target, aside)
     _remove(aside)
     _unmark(target)
     intent.done()
@@ -332,7 +345,8 @@ class SetAside:
         except BaseException:
             _remove(new)
             raise
-        _swap_in(new, self.target, self.aside)
+        with _signals_held():
+            _swap_in(new, self.target, self.aside)
 
     def commit(self) -> None:
         """The new folder is complete: delete the old one."""
@@ -501,29 +515,6 @@ def _apply_replace(record: dict[str, Any], target: Path, who: str) -> str:
         _fsync_dir(target.parent)
         return f"{target}: restored the previous content after {who} was interrupted"
     return f"{target}: cleaned up after {who}, which was interrupted before it changed anything"
-
-
-def live_transaction(target: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The record of a transaction on ``target`` whose owner still runs (``None`` when there is none)."""
-    for path in journal_paths(target):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                try:
-                    record = json.loads(os.read(fd, 1 << 20) or b"{}")
-                except ValueError:
-                    record = {}
-                return record if isinstance(record, dict) else {}
-        finally:
-            os.close(fd)
-    return None
 
 
 def journal_paths(target: str | os.PathLike[str]) -> tuple[Path, Path]:

@@ -143,7 +143,9 @@ def atomic_directory(out_dir: str | Path, *, overwrite: bool = False) -> Iterato
         entries = sorted(p.name for p in tmp.iterdir() if p.name != PROOF_NAME)
         (tmp / MANIFEST_NAME).write_text(json.dumps({"command": "phi3v-convert", "entries": entries}))
         replace_folder(tmp, out_dir, "phi3v-convert")
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(out_dir)  # a full disk while writing images: name the folder being written
         shutil.rmtree(tmp, ignore_errors=True)
         lock.release()  # before the empty parents it sits in are removed
         _remove_empty_dirs(created)
