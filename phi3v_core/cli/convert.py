@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from phi3v_core.cli.common import CliParser, bounded_int, handle_errors, strict_json
+from phi3v_core.cli.common import CliParser, bounded_int, handle_errors, keep_working_without_stdout, strict_json
 from phi3v_core.data.images import DEFAULT_MAX_PIXELS
 from phi3v_core.data.jsonl import check_output_dir
 from phi3v_core.data.seqlen import record_image_tokens
@@ -228,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         Exit code 0; user errors exit with 1 and one line on stderr (via ``handle_errors``).
     """
     args = build_parser().parse_args(argv)
+    if args.command != "check":
+        keep_working_without_stdout()  # the product is the data folder
     runners = {"ucf101": _run_ucf101, "synthetic": _run_synthetic, "check": _run_check}
     return runners[args.command](args)
 
