@@ -29,10 +29,10 @@ from typing import Any
 from phi3v_core.constants import MODEL_PRESET_NAMES
 from phi3v_core.device import local_device
 from phi3v_core.errors import DataError, raise_all
-from phi3v_core.fs import LOCK_NAME, FolderLock, foreign_entries, overlap_problem, writable_problem
+from phi3v_core.fs import LOCK_NAME, FolderLock, foreign_entries, live_transaction, overlap_problem, writable_problem
 from phi3v_core.io import atomic_write_json
 from phi3v_core.training.config import COMPLETE_MARKER
-from phi3v_core.transaction import SetAside, recover
+from phi3v_core.transaction import PROOF_NAME, SetAside, recover
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -51,7 +51,7 @@ MANIFEST_NAME = ".phi3v-manifest.json"
 #: Names a run writes, for folders from before the manifest existed.
 _RUN_NAMES = (
     "train_config.json", "trainer_state.json", "training_args.bin", "train_result.json", "eval_before.json",
-    "eval_after.json", COMPLETE_MARKER, MANIFEST_NAME, LOCK_NAME, "config.json", "generation_config.json",
+    "eval_after.json", COMPLETE_MARKER, MANIFEST_NAME, LOCK_NAME, PROOF_NAME, "config.json", "generation_config.json",
     "model.safetensors", "model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors",
     "README.md", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
@@ -191,6 +191,12 @@ def output_dir_problems(
     """
     out = Path(output_dir).expanduser()
     recover(out)  # what the folder holds after an interrupted transaction is finished or rolled back
+    live = live_transaction(out)
+    if live is not None:  # checked before the folder's content, which is half-way between two runs
+        return [
+            f"{flag} {out} is being replaced by pid {live.get('pid')} ({live.get('command')}): one writer per folder; "
+            "wait for it to finish or choose another folder"
+        ]
     problem = writable_problem(out, flag)
     if problem:
         return [problem]

@@ -124,7 +124,10 @@ with guarded_output_dir(Path(sys.argv[1]), command="phi3v-finetune", overwrite=T
 """
 
 
-def test_a_writer_during_an_overwrite_is_refused_and_the_rollback_touches_only_the_overwrites_folder(tmp_path, capsys):
+@pytest.mark.parametrize("second_flags", [[], ["--overwrite_output_dir"]], ids=["plain", "overwrite"])
+def test_a_writer_during_an_overwrite_is_refused_and_the_rollback_touches_only_the_overwrites_folder(
+    tmp_path, capsys, second_flags
+):
     out = tmp_path / "run"
     _json_run(capsys, *LEAN, "--max_steps", "1", "--output_dir", str(out))
     old = snapshot(out)
@@ -134,10 +137,10 @@ def test_a_writer_during_an_overwrite_is_refused_and_the_rollback_touches_only_t
         assert overwrite.stdout.readline().strip() == "inside"
         second = subprocess.run(
             [sys.executable, "-c", "from phi3v_core.cli.finetune import main; main()", *LEAN, "--max_steps", "1",
-             "--output_dir", str(out), "--overwrite_output_dir"],
+             "--output_dir", str(out), *second_flags],
             env=_env(), capture_output=True, text=True, timeout=600,
         )  # fmt: skip
-        assert second.returncode == 1 and "one writer per folder" in second.stderr, second.stderr
+        assert second.returncode == 1 and "is being replaced by pid" in second.stderr, second.stderr
         assert (out / "half.txt").is_file()  # the refused writer changed nothing of the live overwrite
     finally:
         overwrite.communicate("", timeout=600)
