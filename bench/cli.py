@@ -265,7 +265,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     env = capture_environment()
     cfg, reasons = config_from_args(args, DeviceDescription.detect(env))
-    problems = cfg.problems() + limit_problems([cfg])
+    problems = (cfg.problems() or cfg.training_problems()) + limit_problems([cfg])
     if args.timeout is not None and not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
         problems.append(f"--timeout {args.timeout:g} must be > 0 seconds, finite and at most {MAX_TIMEOUT_S:g}")
     cluster = runner.ClusterLaunch.from_args(cfg.nodes, args.node_rank, args.master_addr, args.master_port)

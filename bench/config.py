@@ -249,6 +249,18 @@ class BenchConfig:
             problems.append("out must be a folder path (e.g. results)")
         return problems
 
+    def training_problems(self) -> list[str]:
+        """What the worker's whole-config check (``TrainConfig.problems``) refuses in this cell's settings, on a
+        machine that has every GPU and package the cell asks for: one rule for ``run`` and each ``matrix`` cell,
+        applied before any measurement (offload with LoRA, offload with 8-bit AdamW, ...). Imports torch."""
+        if self.problems():
+            return []  # the field problems are reported first
+        from phi3v_core.training.config import Machine
+        from phi3v_core.training.workload import to_train_config
+
+        ideal = Machine(cuda=True, capability=(9, 0), device_count=self.gpus, world_size=self.world_size, flash_attn=True)
+        return to_train_config(self, "unused", self.steps + self.warmup).problems(ideal)
+
     def validate(self) -> BenchConfig:
         """Raise one :class:`ConfigError` listing every problem; return ``self`` when valid."""
         raise_all(self.problems())

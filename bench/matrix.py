@@ -205,7 +205,7 @@ def build_cells(
             if cell_id in seen:
                 continue
             seen.add(cell_id)
-            for problem in cfg.problems():
+            for problem in cfg.problems() or cfg.training_problems():  # the check `run` applies, before the sweep
                 cells_by_problem.setdefault(problem, []).append(cell_id)
             cells.append(cfg)
     raise_all(

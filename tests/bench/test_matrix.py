@@ -221,3 +221,13 @@ def test_resume_keeps_host_oom_and_retries_killed_and_timeout(tmp_path) -> None:
     run_matrix(cells, environment=gpu_env(count=1), run_cell=again, progress=False)
     # host_oom is an answer about this machine (kept); a signal from outside or a timeout is retried.
     assert sorted(again.calls) == sorted(c.cell_id() for c in cells if c.method in ("full", "frozen_vision"))
+
+
+@pytest.mark.parametrize(("sets", "said"), [
+    ({"offload": "optimizer"}, "offload optimizer is DeepSpeed ZeRO-2's, for full/frozen_vision, not lora"),
+    ({"offload": "optimizer", "optim": "adamw_8bit"}, "offload optimizer steps with DeepSpeed's CPU Adam"),
+])  # fmt: skip
+def test_cells_run_would_refuse_are_refused_before_the_sweep(tmp_path, sets, said) -> None:
+    with pytest.raises(ConfigError, match=said.replace("(", r"\(")):
+        quick_cells(tmp_path, **sets)
+    assert list(tmp_path.iterdir()) == []
