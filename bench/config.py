@@ -91,6 +91,10 @@ def default_release() -> str:
         return "dev"
 
 
+#: Folder names under a results root that hold the planner's data, not results: never a release.
+RESERVED_RELEASES = ("reference", "validation")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """One benchmark configuration (the flags of ``phi3v-bench run``).
@@ -245,6 +249,11 @@ class BenchConfig:
             )
         if not isinstance(self.release, str) or not _SLUG_RE.match(self.release):
             problems.append(f"release {self.release!r} must be letters, digits, '.', '_' or '-' (e.g. v0.2.0)")
+        elif self.release in RESERVED_RELEASES:
+            problems.append(
+                f"release {self.release!r} is reserved (report and compare read <out>/{self.release}/ as the "
+                "planner's own data, not results); choose another name, e.g. v0.2.0"
+            )
         if not isinstance(self.out, str) or not self.out:
             problems.append("out must be a folder path (e.g. results)")
         return problems

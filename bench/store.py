@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.config import BenchConfig
+from bench.config import RESERVED_RELEASES, BenchConfig
 from bench.environment import RunEnvironment
 from bench.results import BenchResult
 from phi3v_core.errors import DataError
@@ -115,7 +115,7 @@ def iter_result_files(paths: Iterable[str | Path]) -> Iterator[Path]:
                       f"{path}` recovers it", file=sys.stderr)  # fmt: skip
             candidates = sorted(
                 p for p in path.rglob("*.json")
-                if not {"reference", "validation"} & set(p.relative_to(path).parts) and not p.name.startswith(".")
+                if not set(RESERVED_RELEASES) & set(p.relative_to(path).parts) and not p.name.startswith(".")
             )
             candidates = [p for p in candidates if _regular_or_said(p)]
         else:

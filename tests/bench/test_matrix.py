@@ -231,3 +231,9 @@ def test_cells_run_would_refuse_are_refused_before_the_sweep(tmp_path, sets, sai
     with pytest.raises(ConfigError, match=said.replace("(", r"\(")):
         quick_cells(tmp_path, **sets)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("release", ["validation", "reference"])
+def test_a_release_named_like_the_planners_folders_is_refused_at_write_time(tmp_path, release) -> None:
+    with pytest.raises(ConfigError, match=f"release '{release}' is reserved"):
+        quick_cells(tmp_path, release=release)

@@ -128,3 +128,14 @@ def test_a_data_record_past_the_models_context_is_refused_naming_it(tmp_path, ca
     (data / "mine_train.jsonl").write_text(json.dumps(record) + "\n")
     expect_user_error(main, ["--gpu", "A100-80GB", "--data", str(data)], "more than the model's context", tmp_path,
                       capsys)  # fmt: skip
+
+
+@pytest.mark.parametrize(("flags", "said"), [
+    (["--gpu", "A100-80GB", "--save", "x.json"], "--save belongs to --validate and does nothing without it"),
+    (["--gpu", "A100-80GB", "--repeats", "2"], "--repeats belongs to --validate and does nothing without it"),
+    (["--list-gpus", "--validate"], "--list-gpus and --validate are separate reports"),
+    (["--validate", "--save", "{tmp}"], "is a folder; name the result file to write"),
+])  # fmt: skip
+def test_flags_that_would_do_nothing_are_refused_before_any_work(tmp_path, capsys, flags, said):
+    argv = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    expect_user_error(main, argv, said, tmp_path, capsys)
