@@ -118,3 +118,24 @@ def test_a_fifo_named_json_in_a_results_folder_is_skipped_not_read(tmp_path: Pat
     os.mkfifo(tmp_path / "t" / "cell.json")
     assert list(iter_result_files([tmp_path])) == []  # returns at once: never opened
     assert "FIFO" in capsys.readouterr().err
+
+
+_KILLED_AT_PUBLISH = """
+import os, signal, sys
+import phi3v_core.io as io
+io.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # killed between the write and the rename
+io.atomic_write_json(sys.argv[1], {"trace": 1})
+"""
+
+
+def test_a_cache_write_killed_before_its_rename_is_removed_by_the_next_writer_not_a_live_ones(tmp_path: Path) -> None:
+    from phi3v_core.io import remove_dead_temps
+
+    proc = subprocess.run([sys.executable, "-c", _KILLED_AT_PUBLISH, str(tmp_path / "key.json")], env=repo_env(),
+                          timeout=HANG_GUARD_S)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL
+    (dead,) = tmp_path.glob(".key.json.*.tmp")
+    live = tmp_path / f".other.json.{os.getpid()}-abc.tmp"  # a writer that still runs (this process)
+    live.write_text("{")
+    assert remove_dead_temps(tmp_path, "*.json") == [dead]
+    assert not dead.exists() and live.exists()
