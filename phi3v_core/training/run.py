@@ -29,7 +29,15 @@ from typing import Any
 from phi3v_core.constants import MODEL_PRESET_NAMES
 from phi3v_core.device import local_device
 from phi3v_core.errors import DataError, raise_all
-from phi3v_core.fs import LOCK_NAME, FolderLock, foreign_entries, live_transaction, overlap_problem, writable_problem
+from phi3v_core.fs import (
+    LOCK_NAME,
+    FolderLock,
+    foreign_entries,
+    live_transaction,
+    overlap_problem,
+    pending,
+    writable_problem,
+)
 from phi3v_core.io import atomic_write_json
 from phi3v_core.training.config import COMPLETE_MARKER
 from phi3v_core.transaction import PROOF_NAME, SetAside, recover
@@ -354,6 +362,8 @@ def check_sequence_lengths(task: Any, processor: Any, max_length: int) -> None:
 def _load_data(cfg: FinetuneConfig) -> Any:
     from phi3v_core.data import load_task
 
+    if cfg.data_dir:
+        pending(cfg.data_dir, "--data_dir")  # finetune only reads the data folder: an interrupted convert is reported
     return load_task(
         cfg.task,
         data_dir=cfg.data_dir,

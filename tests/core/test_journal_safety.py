@@ -174,3 +174,12 @@ def test_a_live_transaction_refuses_a_second_writer(tmp_path):
     finally:
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(timeout=HANG_GUARD_S)
+
+
+def test_a_full_disk_or_size_limit_in_convert_names_the_folder(tmp_path):
+    out = tmp_path / "data"
+    command = f"ulimit -f 1; exec {sys.executable} -c 'from phi3v_core.cli.convert import main; main()' synthetic " \
+              f"--task nlvr2 --n 2 --out_dir {out}"  # fmt: skip
+    proc = subprocess.run(["bash", "-c", command], env=repo_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {out}: file too large"), proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
