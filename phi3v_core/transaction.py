@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3v_core.errors import Phi3VError
+from phi3v_core.signals import stops_deferred
 
 __all__ = ["PROOF_NAME", "JournalError", "SetAside", "intent_path", "journal_paths", "move_into",
            "process_alive", "recover", "replace_folder", "staging_folder"]  # fmt: skip
@@ -188,9 +189,10 @@ def _exchange(a: Path, b: Path) -> bool:
 def _signals_held() -> Iterator[None]:
     """Hold SIGTERM/SIGHUP/SIGINT for the few renames of a swap: a stop lands after them, never between."""
     held = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)  # a process without our handlers (the default action)
     try:
-        yield
+        with stops_deferred():  # our handlers, whichever thread the signal reached
+            yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
@@ -269,11 +271,11 @@ def replace_folder(staged: Path, target: Path, command: str) -> None:
         txn_id = uuid.uuid4().hex
         _mark(staged, txn_id)
     record = {"kind": "swap", "command": command, "staged": staged.name, "aside": aside.name, "id": txn_id}
-    with _signals_held():
+    with _signals_held():  # a stop lands after the renames: the target path is never missing nor half-swapped
         intent = _begin(target, {**record, "old": _inode(target)})
         _swap_in(staged, target, aside)
     _remove(aside)
-    _unmark(target)
+    _unmark(target)  # after the removal: until then recovery needs the proof to finish it
     intent.done()
 
 

@@ -422,8 +422,7 @@ def _flags_that_do_nothing(args: argparse.Namespace) -> list[str]:
 @handle_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``phi3v-plan``."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     raise_all(_flags_that_do_nothing(args))
     if args.list_gpus:
         print_gpus(args.json)

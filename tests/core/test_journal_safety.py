@@ -183,3 +183,31 @@ def test_a_full_disk_or_size_limit_in_convert_names_the_folder(tmp_path):
     proc = subprocess.run(["bash", "-c", command], env=repo_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 1 and proc.stderr.startswith(f"error: {out}: file too large"), proc.stderr
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+_SIGTERM_IN_THE_SWAP = """
+import os, signal, sys
+import phi3v_core.transaction as txn
+real = txn._exchange
+def exchange(a, b):
+    os.kill(os.getpid(), signal.SIGTERM)  # lands in the middle of the swap's renames
+    return real(a, b)
+txn._exchange = exchange
+from phi3v_core.cli.convert import main
+main()
+"""
+
+
+def test_sigterm_during_converts_swap_never_leaves_the_data_folder_missing(tmp_path):
+    out = tmp_path / "data"
+    first = _cli("synthetic", "--task", "nlvr2", "--n", "2", "--out_dir", str(out))
+    assert first.returncode == 0, first.stderr
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_IN_THE_SWAP, "synthetic", "--task", "nlvr2", "--n", "3", "--out_dir", str(out),
+         "--overwrite"], env=repo_env(), capture_output=True, text=True, timeout=HANG_GUARD_S,
+    )  # fmt: skip
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert (out / "nlvr2_train.jsonl").is_file()  # the swap ran to its end before the stop landed
+    assert len((out / "nlvr2_train.jsonl").read_text().splitlines()) == 3
+    check = _cli("check", str(out))
+    assert check.returncode == 0, check.stderr
