@@ -39,7 +39,14 @@ from bench.config import (
     default_release,
 )
 from bench.preflight import LIMITS, limit_problems, one_writer, preflight_problems, unsaved_result_error
-from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors, strict_json
+from phi3v_core.cli.common import (
+    CliParser,
+    bounded_float,
+    bounded_int,
+    handle_errors,
+    keep_working_without_stdout,
+    strict_json,
+)
 from phi3v_core.constants import ATTN_NAMES, OFFLOAD_NAMES, OPTIM_NAMES, PRECISION_NAMES
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.fs import StorageError, writable_problem
@@ -266,7 +273,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     env = capture_environment()
     cfg, reasons = config_from_args(args, DeviceDescription.detect(env))
-    problems = cfg.problems() + limit_problems([cfg])
+    problems = (cfg.problems() or cfg.training_problems()) + limit_problems([cfg])
     if args.timeout is not None and not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
         problems.append(f"--timeout {args.timeout:g} must be > 0 seconds, finite and at most {MAX_TIMEOUT_S:g}")
     cluster = runner.ClusterLaunch.from_args(cfg.nodes, args.node_rank, args.master_addr, args.master_port)
@@ -561,6 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # the lock file names the command that holds it
+    if args.command in ("run", "matrix"):
+        keep_working_without_stdout()  # the product is the result files
     return _COMMANDS[args.command](args)
 
 

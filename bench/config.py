@@ -95,6 +95,10 @@ def default_release() -> str:
         return "dev"
 
 
+#: Folder names under a results root that hold the planner's data, not results: never a release.
+RESERVED_RELEASES = ("reference", "validation")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """One benchmark configuration (the flags of ``phi3v-bench run``).
@@ -263,9 +267,26 @@ class BenchConfig:
             )
         if not isinstance(self.release, str) or not _SLUG_RE.match(self.release):
             problems.append(f"release {self.release!r} must be letters, digits, '.', '_' or '-' (e.g. v0.2.0)")
+        elif self.release in RESERVED_RELEASES:
+            problems.append(
+                f"release {self.release!r} is reserved (report and compare read <out>/{self.release}/ as the "
+                "planner's own data, not results); choose another name, e.g. v0.2.0"
+            )
         if not isinstance(self.out, str) or not self.out:
             problems.append("out must be a folder path (e.g. results)")
         return problems
+
+    def training_problems(self) -> list[str]:
+        """What the worker's whole-config check (``TrainConfig.problems``) refuses in this cell's settings, on a
+        machine that has every GPU and package the cell asks for: one rule for ``run`` and each ``matrix`` cell,
+        applied before any measurement (offload with LoRA, offload with 8-bit AdamW, ...). Imports torch."""
+        if self.problems():
+            return []  # the field problems are reported first
+        from phi3v_core.training.config import Machine
+        from phi3v_core.training.workload import to_train_config
+
+        ideal = Machine(cuda=True, capability=(9, 0), device_count=self.gpus, world_size=self.world_size, flash_attn=True)
+        return to_train_config(self, "unused", self.steps + self.warmup).problems(ideal)
 
     def validate(self) -> BenchConfig:
         """Raise one :class:`ConfigError` listing every problem; return ``self`` when valid."""

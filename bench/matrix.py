@@ -206,7 +206,7 @@ def build_cells(
             if cell_id in seen:
                 continue
             seen.add(cell_id)
-            for problem in cfg.problems():
+            for problem in cfg.problems() or cfg.training_problems():  # the check `run` applies, before the sweep
                 cells_by_problem.setdefault(problem, []).append(cell_id)
             cells.append(cfg)
     raise_all(
@@ -277,6 +277,25 @@ def _finished(path: Path) -> bool:
         return False  # a corrupt or foreign file is re-measured and replaced
 
 
+def _newer_version(path: Path) -> str | None:
+    """Why ``path`` must be kept: it was written by a newer phi3v-bench (``None`` when it is not)."""
+    import json
+
+    from bench.results import SCHEMA_VERSION
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        return (
+            f"{path} was written by a newer phi3v-bench (schema_version {version} > {SCHEMA_VERSION}): kept, not "
+            "re-measured; upgrade phi3v-bench, or pass --release/--out to measure into another folder"
+        )
+    return None
+
+
 def _default_run_cell(cfg: BenchConfig) -> BenchResult:
     # Looked up at call time so that the real runner (and test patches of it) are always the current one.
     from bench import runner
@@ -331,7 +350,10 @@ def run_matrix(
         for cfg in cells:
             path = result_path(cfg.out, cfg.release, env.hardware, cfg)
             bar.update(task, description=cfg.cell_id())
-            if not force and _finished(path):
+            newer = _newer_version(path)  # never replaced, even with --force
+            if newer is not None:
+                summary.outcomes.append(CellOutcome(cfg, "skipped", path, newer))
+            elif not force and _finished(path):
                 summary.outcomes.append(CellOutcome(cfg, "skipped", path))
             else:
                 outcome = _run_one(cfg, run, env, path)
@@ -363,6 +385,9 @@ def _run_one(cfg: BenchConfig, run: RunCell, env: RunEnvironment, path: Path) ->
     if not result.environment.gpus and not result.environment.python:
         result.environment = env  # failure rows built by the runner may carry no environment
     # Saved where the resume check looks (the sweep's hardware folder), whatever the runner's own environment says.
+    newer = _newer_version(path)  # appeared while this cell ran
+    if newer is not None:
+        return CellOutcome(cfg, result.status, path, newer, result, saved=False)
     try:
         atomic_write_text(path, result.to_json())
     except OSError as exc:

@@ -137,6 +137,9 @@ def one_writer(out: str, command: str, enabled: bool = True) -> Iterator[None]:
             held = lock.took_over
             print(f"warning: took over a stale lock on --out {out} left by pid {held.get('pid')} on "
                   f"{held.get('host')} ({held.get('command')}), which no longer runs", file=sys.stderr)
+        from bench.store import recover_stranded
+
+        recover_stranded(out)  # under the lock: a hidden .json.<x>.tmp is a dead writer's, never a live one's
         # The runner does the same while a repeat runs; here it also covers the gaps between repeats and cells,
         # so that the lock is released and no temp folder is left when the command is killed.
         with runner.terminate_on_signals():

@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ from typing import Any
 from bench.config import BenchConfig
 from bench.pinning import single_process_env
 from bench.results import BenchResult, Metrics, RankMemory, RepeatSample, capture_environment, utc_now
+from bench.scratch import clean_stale, die_with_parent, owned_tempdir
 from bench.status import OOM_MARKERS, RepeatOutcome, classify_repeat, kernel_log_lines, looks_like_oom
 from phi3v_core.errors import ConfigError
 from phi3v_core.fs import held_lock_fds
@@ -296,47 +296,52 @@ def _run_repeat(
 
     ``flop_cache`` is the folder the configuration's repeats share, so the FLOPs are traced by the first only.
     """
-    tmp_dir = Path(tempfile.mkdtemp(prefix="phi3v-bench-"))
+    with owned_tempdir("phi3v-bench-") as (tmp_dir, owner):
+        return _run_repeat_in(cfg, timeout_s, cluster, repeat, flop_cache, tmp_dir, owner)
+
+
+def _run_repeat_in(
+    cfg: BenchConfig, timeout_s: float | None, cluster: ClusterLaunch | None, repeat: int, flop_cache: Path | None,
+    tmp_dir: Path, owner: int,
+) -> RepeatOutcome:
+    """:func:`_run_repeat` in its scratch folder ``tmp_dir``; ``owner`` (its lock) is inherited by the workers."""
     procs: list[subprocess.Popen] = []
     logs = []
     timed_out = False
     launched = time.monotonic()
+    config_file = tmp_dir / "config.json"
+    config_file.write_text(json.dumps(cfg.to_dict()))
+    # One process, one GPU: a single process that sees several GPUs is refused by TrainConfig.
+    env = single_process_env() if cfg.world_size == 1 else dict(os.environ)
+    local_processes = cfg.gpus if cluster is not None else cfg.world_size
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_processes)))
+    env["PYTHONUNBUFFERED"] = "1"
+    if flop_cache is not None:
+        env[FLOP_CACHE_ENV] = str(flop_cache)
     try:
-        config_file = tmp_dir / "config.json"
-        config_file.write_text(json.dumps(cfg.to_dict()))
-        # One process, one GPU: a single process that sees several GPUs is refused by TrainConfig.
-        env = single_process_env() if cfg.world_size == 1 else dict(os.environ)
-        local_processes = cfg.gpus if cluster is not None else cfg.world_size
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_processes)))
-        env["PYTHONUNBUFFERED"] = "1"
-        if flop_cache is not None:
-            env[FLOP_CACHE_ENV] = str(flop_cache)
-        try:
-            for i, command in enumerate(launch_commands(cfg, config_file, tmp_dir, cluster=cluster, repeat=repeat)):
-                log = open(tmp_dir / f"node{i}.log", "w")  # noqa: SIM115 - closed in finally
-                logs.append(log)
-                # A session of its own: the whole group can be killed without touching this process.
-                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                        pass_fds=held_lock_fds())
-                procs.append(proc)
-                _LIVE.add(proc)
-            deadline = None if timeout_s is None else time.monotonic() + timeout_s
-            for proc in procs:
-                proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            for proc in procs:
-                if proc.poll() is None or timed_out:
-                    _kill_tree(proc)  # also on SystemExit/KeyboardInterrupt: no worker outlives the runner
-                _LIVE.discard(proc)
-            for log in logs:
-                log.close()
-        wall_s = time.monotonic() - launched
-        payloads = _read_payloads(tmp_dir)
-        tail = "\n".join((tmp_dir / f"node{i}.log").read_text(errors="replace")[-4000:] for i in range(len(logs)))
+        for i, command in enumerate(launch_commands(cfg, config_file, tmp_dir, cluster=cluster, repeat=repeat)):
+            log = open(tmp_dir / f"node{i}.log", "w")  # noqa: SIM115 - closed in finally
+            logs.append(log)
+            # A session of its own: the whole group can be killed without touching this process.
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    pass_fds=(*held_lock_fds(), owner), preexec_fn=die_with_parent())
+            procs.append(proc)
+            _LIVE.add(proc)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for proc in procs:
+            proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        timed_out = True
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        for proc in procs:
+            if proc.poll() is None or timed_out:
+                _kill_tree(proc)  # also on SystemExit/KeyboardInterrupt: no worker outlives the runner
+            _LIVE.discard(proc)
+        for log in logs:
+            log.close()
+    wall_s = time.monotonic() - launched
+    payloads = _read_payloads(tmp_dir)
+    tail = "\n".join((tmp_dir / f"node{i}.log").read_text(errors="replace")[-4000:] for i in range(len(logs)))
     codes = [proc.returncode for proc in procs]
     signalled = [proc.pid for proc in procs if proc.returncode is not None and proc.returncode < 0]
     pids = [int(p) for p in re.findall(r"received by PID (\d+)", tail, re.IGNORECASE)] + signalled
@@ -398,12 +403,9 @@ def run_config(
     clock = time.monotonic()
     environment = capture_environment()
     metrics = Metrics()
-    flop_cache = Path(tempfile.mkdtemp(prefix="phi3v-bench-flops-"))
-    try:
-        with terminate_on_signals():
-            result = _run_repeats(cfg, timeout_s, cluster, environment, metrics, started, flop_cache)
-    finally:
-        shutil.rmtree(flop_cache, ignore_errors=True)
+    clean_stale()  # what earlier SIGKILLed measurements left in the temp folder (said on stderr)
+    with owned_tempdir("phi3v-bench-flops-") as (flop_cache, _), terminate_on_signals():
+        result = _run_repeats(cfg, timeout_s, cluster, environment, metrics, started, flop_cache)
     result.metrics.wall_s = time.monotonic() - clock
     return result
 

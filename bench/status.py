@@ -168,12 +168,13 @@ def classify_repeat(repeat: RepeatOutcome, timeout_s: float | None) -> tuple[str
     if evidence is not None:
         source = "the kernel's OOM killer named it" if oom_status(repeat.kernel_log) else "its log reports out of memory"
         return evidence, f"worker killed by {signal_name}; {source}{also}", step
-    return (
-        KILLED,
-        f"worker killed by {signal_name} with no out-of-memory message in its log (the kernel's OOM killer, a "
-        f"scheduler or a user may have sent it; `dmesg` tells which){also}",
-        step,
+    # The kernel's OOM killer sends SIGKILL only: name it as a possible sender of that signal alone.
+    senders = (
+        "the kernel's OOM killer, a scheduler or a user may have sent it; `dmesg` tells which"
+        if signal_name == "SIGKILL"
+        else "a scheduler, a user or a parent that was stopped sent it"
     )
+    return KILLED, f"worker killed by {signal_name} with no out-of-memory message in its log ({senders}){also}", step
 
 
 def kernel_log_lines(pids: list[int]) -> str:

@@ -6,14 +6,16 @@ Files live at ``<out>/<release>/<hardware>/<cell_id>.json`` (schema: :mod:`bench
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.config import BenchConfig
+from bench.config import RESERVED_RELEASES, BenchConfig
 from bench.environment import RunEnvironment
 from bench.results import BenchResult
 from phi3v_core.errors import DataError
+from phi3v_core.fs import check_regular_file, pending
 from phi3v_core.io import atomic_write_text
 
 if TYPE_CHECKING:
@@ -107,10 +109,15 @@ def iter_result_files(paths: Iterable[str | Path]) -> Iterator[Path]:
         if path.is_file():
             candidates = [path]
         elif path.is_dir():
+            pending(path, "results folder")  # reading never repairs: an interrupted write is reported
+            for tmp, _ in _stranded(path):
+                print(f"note: {tmp}: a result write stranded by a kill; the next `phi3v-bench run/matrix --out "
+                      f"{path}` recovers it", file=sys.stderr)  # fmt: skip
             candidates = sorted(
                 p for p in path.rglob("*.json")
-                if not {"reference", "validation"} & set(p.relative_to(path).parts) and not p.name.startswith(".")
+                if not set(RESERVED_RELEASES) & set(p.relative_to(path).parts) and not p.name.startswith(".")
             )
+            candidates = [p for p in candidates if _regular_or_said(p)]
         else:
             raise DataError(f"{path}: no such file or folder; pass a result .json or a results folder")
         for candidate in candidates:
@@ -118,6 +125,50 @@ def iter_result_files(paths: Iterable[str | Path]) -> Iterator[Path]:
             if key not in seen:
                 seen.add(key)
                 yield candidate
+
+
+def _stranded(root: Path) -> list[tuple[Path, Path]]:
+    """``(temporary file, the result it was to become)`` for every ``.<name>.json.<x>.tmp`` an atomic write left."""
+    found = []
+    for tmp in sorted(root.rglob(".*.json.*.tmp")) if root.is_dir() else []:
+        final = tmp.with_name(tmp.name[1:].rsplit(".", 2)[0])
+        if final.suffix == ".json":
+            found.append((tmp, final))
+    return found
+
+
+def recover_stranded(root: str | Path) -> list[str]:
+    """Finish the result writes a kill stranded under ``root`` (call with the folder's lock held); say each.
+
+    A complete, valid result whose file is missing is put in place; a cut-off one holds nothing and is removed; one
+    beside an existing result is named, not chosen between.
+    """
+    messages = []
+    for tmp, final in _stranded(Path(root)):
+        if check_regular_file(tmp) is not None:
+            continue
+        try:
+            load_result(tmp)
+        except DataError:
+            tmp.unlink(missing_ok=True)
+            messages.append(f"{tmp}: removed a result write cut off by a kill (it held no complete result)")
+            continue
+        if final.exists():
+            messages.append(f"{tmp}: a complete result stranded beside {final.name}; compare them and keep one")
+        else:
+            tmp.replace(final)
+            messages.append(f"{final}: recovered a finished result a kill left in {tmp.name}")
+    for message in messages:
+        print(f"note: {message}", file=sys.stderr)
+    return messages
+
+
+def _regular_or_said(path: Path) -> bool:
+    """Whether ``path`` is a regular file; a FIFO or device named ``*.json`` is skipped with a note (never opened)."""
+    reason = check_regular_file(path, "result file")
+    if reason is not None:
+        print(f"note: {path}: {reason}; skipped", file=sys.stderr)
+    return reason is None
 
 
 def read_results(paths: Iterable[str | Path]) -> list[tuple[Path, BenchResult]]:

@@ -19,7 +19,7 @@ from phi3v_core.errors import ConfigError, Phi3VError
 from phi3v_core.fs import describe_os_error, describe_storage_error
 from phi3v_core.signals import Stopped, stop_on_signals
 
-__all__ = ["OPTIONAL_PACKAGES", "CliParser", "debug_enabled", "handle_errors"]
+__all__ = ["OPTIONAL_PACKAGES", "CliParser", "debug_enabled", "handle_errors", "keep_working_without_stdout"]
 
 F = TypeVar("F", bound=Callable[..., int | None])
 
@@ -56,8 +56,72 @@ def debug_enabled() -> bool:
     return os.environ.get("PHI3V_DEBUG", "") not in ("", "0")
 
 
+class _StdoutGuard:
+    """``sys.stdout`` for commands whose product is files: a reader that went away (``| head -1``) stops the printing,
+    never the work; said once on stderr."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._gone = False
+
+    def _lost(self) -> None:
+        if not self._gone:
+            self._gone = True
+            _silence_stdout()  # what is still buffered goes to /dev/null, also at exit
+            print(
+                "note: standard output was closed by its reader; the command goes on and writes its files, "
+                "the rest of its printed output is dropped",
+                file=sys.stderr,
+            )
+
+    def write(self, text: str) -> int:
+        """Write, or drop once the reader is gone."""
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except (BrokenPipeError, ValueError):
+                self._lost()
+        return len(text)
+
+    def flush(self) -> None:
+        """Flush, or drop once the reader is gone."""
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except (BrokenPipeError, ValueError):
+                self._lost()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def keep_working_without_stdout() -> None:
+    """For a command whose product is files: its work goes on when the stdout reader goes away (said on stderr)."""
+    if sys.stdout is not None and not isinstance(sys.stdout, _StdoutGuard):
+        sys.stdout = _StdoutGuard(sys.stdout)
+
+
+def _reopen_closed_std_fds() -> None:
+    """Put /dev/null on a closed stdin/stdout/stderr (``>&-``): the next file opened would take its number, and a
+    print would then write into it (a lock file, a result)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - the process's stdout, open until exit
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+
+
 def _flush_stdout() -> None:
     """Flush stdout, naming it when that fails (``> /dev/full``); a closed pipe stays a quiet BrokenPipeError."""
+    if sys.stdout is None:
+        return
     try:
         sys.stdout.flush()
     except BrokenPipeError:
@@ -112,6 +176,7 @@ def handle_errors(main: F) -> F:
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> int | None:
+        _reopen_closed_std_fds()
         try:
             with stop_on_signals():
                 result = main(*args, **kwargs)

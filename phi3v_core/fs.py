@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -28,7 +29,7 @@ from typing import Any
 
 from phi3v_core.errors import Phi3VError
 from phi3v_core.io import current_umask
-from phi3v_core.transaction import process_alive, recover
+from phi3v_core.transaction import journal_paths, process_alive, recover
 
 __all__ = [
     "LOCK_NAME",
@@ -38,9 +39,11 @@ __all__ = [
     "describe_os_error",
     "describe_storage_error",
     "held_lock_fds",
+    "live_transaction",
     "foreign_entries",
     "model_folder_problems",
     "overlap_problem",
+    "pending",
     "process_alive",
     "weight_file_problem",
     "writable_problem",
@@ -232,6 +235,7 @@ class FolderLock:
         self.flag = flag
         self.took_over: dict[str, Any] | None = None
         self._fd: int | None = None
+        self._dir_fd: int | None = None
 
     @property
     def held(self) -> bool:
@@ -239,6 +243,15 @@ class FolderLock:
         return self._fd is not None
 
     def _holder(self) -> dict[str, Any] | None:
+        import stat
+
+        try:
+            if not stat.S_ISREG(os.lstat(self.path).st_mode):
+                return {}  # never opened: a FIFO would block
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return {}
         try:
             data = json.loads(self.path.read_bytes() or b"{}")
         except FileNotFoundError:
@@ -249,11 +262,27 @@ class FolderLock:
 
     def _open_or_create(self, record: bytes) -> int:
         """Open the lock file, creating it already holding ``record`` when missing (never an empty file)."""
-        while True:
+        import stat
+
+        for _ in range(100):
             try:
-                return os.open(self.path, os.O_RDWR)
+                fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block us
             except FileNotFoundError:
-                pass
+                fd = None
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                fd = None
+            if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+                return fd
+            if fd is not None or self.path.is_symlink():
+                if fd is not None:
+                    os.close(fd)
+                kind = "a symbolic link" if self.path.is_symlink() else "not a regular file (a FIFO or device?)"
+                raise StorageError(
+                    f"{self.flag} {self.folder}: the lock file {self.path} is {kind}, not one phi3v writes; "
+                    "remove it (no phi3v process uses it), then rerun"
+                )
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f"{self.path.name}.", suffix=".tmp")
             try:
                 os.fchmod(fd, 0o666 & ~current_umask())  # readable as the user's files are: others see the holder
@@ -266,36 +295,54 @@ class FolderLock:
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+        raise StorageError(f"{self.flag} {self.folder}: could not create the lock file {self.path}; retry")
 
-    def acquire(self) -> FolderLock:
+    def acquire(self, *, recovering: bool = True) -> FolderLock:
         """Take the lock (without waiting); first finish or roll back a transaction interrupted in the folder.
+
+        Besides ``.phi3v.lock`` (which names the holder), the folder itself is locked: deleting the lock file does
+        not admit a second writer. A folder that another process is replacing (a live transaction) is refused.
+
+        Args:
+            recovering: Recover the folder first (``False`` for a hidden folder a transaction is building).
 
         Raises:
             StorageError: Another process holds it (named), or the folder cannot be written.
         """
         import fcntl
 
-        if not self.beside:
+        if not self.beside and recovering:
             recover(self.folder)
+            live = live_transaction(self.folder)
+            if live is not None:
+                raise StorageError(
+                    f"{self.flag} {self.folder} is being replaced by pid {live.get('pid')} ({live.get('command')}): "
+                    "one writer per folder; wait for it to finish or choose another folder"
+                )
         target = self.path.parent
         try:
             target.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"{self.flag} " + describe_os_error(exc, target)) from None
+        if not self.beside:
+            self._lock_folder()
         payload = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "since": time.time()}
         record = _holder_record(payload)
         for _ in range(20):
             try:
                 fd = self._open_or_create(record)
             except OSError as exc:
+                self._drop_folder_lock()
                 raise StorageError(f"{self.flag} " + describe_os_error(exc, self.path)) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
+                self._drop_folder_lock()
                 raise StorageError(self._busy_message()) from None
             except OSError as exc:
                 os.close(fd)
+                self._drop_folder_lock()
                 raise StorageError(f"{self.flag} {self.path}: cannot lock ({describe_os_error(exc)})") from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -311,11 +358,56 @@ class FolderLock:
                 os.pwrite(fd, record, 0)
             except OSError as exc:
                 os.close(fd)
+                self._drop_folder_lock()
                 raise StorageError(f"{self.flag} " + describe_os_error(exc, self.path)) from None
             self._fd = fd
             _HELD_FDS.add(fd)
             return self
+        self._drop_folder_lock()
         raise StorageError(f"{self.flag} {self.folder}: could not take the lock {self.path}; retry")
+
+    def _lock_folder(self) -> None:
+        """Lock the folder itself (its inode): a removed or replaced lock file cannot admit a second writer."""
+        import fcntl
+
+        for _ in range(20):
+            try:
+                fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                continue
+            except OSError as exc:
+                raise StorageError(f"{self.flag} " + describe_os_error(exc, self.folder)) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise StorageError(self._busy_message()) from None
+            except OSError:
+                os.close(fd)  # a file system without flock on folders: the lock file alone guards it
+                return
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.folder).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._dir_fd = fd
+                _HELD_FDS.add(fd)
+                return
+            os.close(fd)  # replaced between our open and lock: lock the folder now at the path
+        raise StorageError(f"{self.flag} {self.folder}: the folder kept changing while locking it; retry")
+
+    def _drop_folder_lock(self) -> None:
+        if self._dir_fd is not None:
+            _HELD_FDS.discard(self._dir_fd)
+            with contextlib.suppress(OSError):
+                os.close(self._dir_fd)
+            self._dir_fd = None
+
+    def moved_to(self, folder: str | os.PathLike[str]) -> None:
+        """The held folder was renamed to ``folder`` (a transaction put it in place): name it there from now on."""
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
 
     def _busy_message(self) -> str:
         holder = self._holder() or {}
@@ -340,6 +432,7 @@ class FolderLock:
         with contextlib.suppress(OSError):
             os.close(self._fd)
         self._fd = None
+        self._drop_folder_lock()
 
     def __enter__(self) -> FolderLock:
         return self.acquire()
@@ -418,3 +511,65 @@ def model_folder_problems(folder: Path, flag: str) -> list[str]:
         if reason:
             problems.append(f"{flag}: {weights.name}: {reason}; download the file again")
     return problems
+
+
+def live_transaction(target: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The record of a transaction on ``target`` whose owner still runs (``None`` when there is none)."""
+    import fcntl
+    import stat
+
+    for path in journal_paths(target):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    record = json.loads(os.read(fd, 1 << 20) or b"{}")
+                except ValueError:
+                    record = {}
+                return record if isinstance(record, dict) else {}
+        finally:
+            os.close(fd)
+    return None
+
+
+def pending(target: str | os.PathLike[str], flag: str = "the folder") -> list[str]:
+    """Report (stderr) interrupted transactions on ``target`` without touching anything: for read-only commands.
+
+    Args:
+        target: The folder the command reads.
+        flag: How the command names it (``--data_dir``), for the message.
+
+    Returns:
+        The messages printed.
+    """
+    messages = []
+    for path in journal_paths(target):
+        if not (path.exists() or path.is_symlink()):
+            continue
+        record: Any = None
+        if check_regular_file(path) is None and not path.is_symlink():  # never opens a FIFO
+            with contextlib.suppress(OSError, ValueError), path.open("rb") as handle:
+                record = json.loads(handle.read(1 << 20))
+        command = str((record if isinstance(record, dict) else {}).get("command") or "a phi3v command").split(" ")[0]
+        messages.append(
+            f"{flag} {target}: an interrupted {command} left a transaction ({path.name}); this command only reads and "
+            f"leaves it: the next {_finisher(command, Path(target))} finishes or rolls it back"
+        )
+    for message in messages:
+        print(f"note: {message}", file=sys.stderr)
+    return messages
+
+
+def _finisher(command: str, target: Path) -> str:
+    if command == "phi3v-convert":
+        return f"`phi3v-convert ... --out_dir {target}`"
+    if command == "phi3v-finetune":
+        return f"`phi3v-finetune --output_dir {target} ...`"
+    return f"phi3v command that writes {target}"

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "current_umask", "json_safe", "modes_from_umask"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "current_umask", "json_safe", "modes_from_umask",
+           "remove_dead_temps"]  # fmt: skip
 
 
 def current_umask() -> int:
@@ -77,7 +78,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the writer's pid in the name: remove_dead_temps() tells a killed writer's leftover from a live one's file
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), (0o666 & ~current_umask()) if mode is None else mode)
@@ -90,6 +92,32 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
             os.unlink(tmp)
         raise
     return path
+
+
+def remove_dead_temps(folder: str | os.PathLike[str], pattern: str = "*") -> list[Path]:
+    """Remove the temporary files of :func:`atomic_write_bytes` whose writer was killed (its pid no longer runs).
+
+    Args:
+        folder: Where the writes went.
+        pattern: Which final names to look at (``"*.json"``).
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    for tmp in Path(folder).glob(f".{pattern}.*-*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2].split("-", 1)[0]
+        if not pid.isdigit() or not tmp.is_file() or tmp.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+        except PermissionError:
+            pass  # another user's running process
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

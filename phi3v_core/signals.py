@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["STOP_SIGNALS", "Stopped", "stop_on_signals"]
+__all__ = ["STOP_SIGNALS", "Stopped", "stop_on_signals", "stops_deferred"]
 
 #: Signals turned into :class:`Stopped`.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
@@ -35,15 +35,35 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-_state = {"installed": 0, "stopping": False}
+_state: dict[str, Any] = {"installed": 0, "stopping": False, "deferring": 0, "pending": None}
 
 
 def _handler(signum: int, _frame: Any) -> None:
+    if _state["deferring"]:
+        _state["pending"] = _state["pending"] or signum  # raised when the critical section ends
+        return
     if _state["stopping"]:
         print(f"note: {signal.Signals(signum).name} received again; still cleaning up", file=sys.stderr)
         return
     _state["stopping"] = True
     raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stops_deferred() -> Iterator[None]:
+    """A few steps that must not be cut in the middle (a folder swap's renames): a stop lands right after them.
+
+    Works whichever thread the kernel delivered the signal to (a mask alone does not: Python runs its handlers in
+    the main thread when any thread received the signal).
+    """
+    _state["deferring"] += 1
+    try:
+        yield
+    finally:
+        _state["deferring"] -= 1
+    if not _state["deferring"] and _state["pending"] is not None:
+        signum, _state["pending"] = _state["pending"], None
+        _handler(signum, None)
 
 
 @contextlib.contextmanager

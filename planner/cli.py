@@ -11,10 +11,11 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors
-from phi3v_core.errors import ConfigError
+from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHOD_NAMES, METHODS
 from phi3v_core.retention import RETENTION_FLOOR
 from planner.estimate import GIB
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure this CPU, predict phi3v-bench step times with the speed model, run them, compare (~2 min a repeat)",
     )
-    out.add_argument("--repeats", type=bounded_int(1, 100), default=3, help="--validate: runs of every case (default: 3)")
+    out.add_argument("--repeats", type=bounded_int(1, 100), help="--validate: runs of every case (default: 3)")
     out.add_argument("--save", metavar="FILE", help="--validate: also write the raw result with machine, commit and date")
     out.add_argument(
         "--reference", dest="reference_dir", help="folder with the published speed.csv (default: the packaged copy of results/reference)"
@@ -419,11 +420,26 @@ def _with_close_gpus(message: str, name: str | None) -> str:
     return re.sub(r"; known: [^()]*\(see phi3v-plan --list-gpus\)", f"; {hint} (phi3v-plan --list-gpus lists all)", message)
 
 
+def _flags_that_do_nothing(args: argparse.Namespace) -> list[str]:
+    """Flags this invocation would drop without a word (and a --save that would fail after minutes of measuring)."""
+    problems = []
+    exits = [flag for flag, given in (("--list-gpus", args.list_gpus), ("--calibration", args.calibration),
+                                      ("--validate", args.validate)) if given]  # fmt: skip
+    if len(exits) > 1:
+        problems.append(f"{' and '.join(exits)} are separate reports (the first prints and exits); pass one of them")
+    for flag, given in (("--save", args.save is not None), ("--repeats", args.repeats is not None)):
+        if given and not args.validate:
+            problems.append(f"{flag} belongs to --validate and does nothing without it; add --validate or drop {flag}")
+    if args.validate and args.save is not None and Path(args.save).expanduser().is_dir():
+        problems.append(f"--save {args.save} is a folder; name the result file to write (e.g. {args.save}/validation.json)")
+    return problems
+
+
 @handle_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``phi3v-plan``."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    raise_all(_flags_that_do_nothing(args))
     if args.list_gpus:
         print_gpus(args.json)
         return 0
@@ -436,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_calibration(request, args.json)
         return 0
     if args.validate:
-        print_validation(args.json, args.repeats, args.save, argv)
+        print_validation(args.json, args.repeats or 3, args.save, argv)
         return 0
 
     from planner.hardware import detect

@@ -19,6 +19,7 @@ from typing import Any
 
 from phi3v_core.data.task_registry import default_num_crops, read_task_split, task_of_folder
 from phi3v_core.errors import DataError
+from phi3v_core.fs import pending
 from planner.estimate import Workload
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
 
@@ -123,6 +124,7 @@ def profile_data(
         DataError: Missing folder/file, or every problem ``phi3v-convert check`` would report (``file:line: what``).
     """
     folder = Path(data_dir)
+    pending(folder, "--data")  # an interrupted replacement is reported, never repaired, by a command that only reads
     if not folder.is_dir():
         raise DataError(f"--data {folder}: not a folder; pass a folder holding <name>_train.jsonl and images/")
     task = task or task_of_folder(folder)

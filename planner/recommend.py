@@ -25,8 +25,8 @@ from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
-from phi3v_core.constants import ZERO_BUCKET_ELEMENTS
-from phi3v_core.errors import ConfigError
+from phi3v_core.constants import CONTEXT_LENGTH, ZERO_BUCKET_ELEMENTS
+from phi3v_core.errors import ConfigError, DataError
 from phi3v_core.methods import get_method
 from planner.calibration import Calibration, load_calibration
 from planner.deadline import azure_summary, meet_deadline, misfits
@@ -352,6 +352,22 @@ def _profile(request: PlanRequest, shape: ModelShape, notes: list[str]) -> tuple
     return profile, memory_workload, request
 
 
+def _refuse_past_the_context(request: PlanRequest, workload: Workload, longest: Workload | None, profile: Any) -> None:
+    """The rule finetune and ``phi3v-convert check`` apply: no sample longer than the model's context is trained."""
+    if longest is not None and longest.seq_len > CONTEXT_LENGTH:
+        where = profile.samples[profile.longest].where
+        raise DataError(
+            f"--data {request.data_dir}: {where} is {longest.seq_len:,} tokens, more than the model's context "
+            f"({CONTEXT_LENGTH:,}); phi3v-finetune refuses it: shorten the record or lower --num-crops"
+        )
+    if workload.seq_len > CONTEXT_LENGTH:
+        given = f"--seq-len {request.seq_len}" if request.seq_len else f"{workload.seq_len:,} tokens per sample"
+        raise ConfigError(
+            f"{given} is more than the model's context ({CONTEXT_LENGTH:,} tokens); no run can train such samples: "
+            "lower --seq-len, --text-tokens, --images or --num-crops"
+        )
+
+
 def _why(methods: list[MethodPlan], request: PlanRequest) -> tuple[str | None, list[str]]:
     """The recommended method (the recipe's order among those that fit) and why."""
     fitting = {m.method: m for m in methods if m.fits}
@@ -423,6 +439,7 @@ def plan(
     profile, memory_workload, request = _profile(request, shape, notes)
     if profile is not None:
         workload = profile.mean_workload
+    _refuse_past_the_context(request, workload, memory_workload, profile)
     trace_info: dict[str, Any] | None = {} if request.use_trace else None
     methods = []
     for method in request.methods:

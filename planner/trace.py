@@ -28,13 +28,14 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from phi3v_core.device import default_dtype
-from phi3v_core.io import atomic_write_json
+from phi3v_core.io import atomic_write_json, remove_dead_temps
 from planner.estimate import (
     METHODS,
     MemoryEstimate,
@@ -386,6 +387,8 @@ def trace_activations(
         dynamic += extra + dequant_transient(shape, setup)
         notes.append("QLoRA traced as LoRA; bitsandbytes' saved inputs and one dequantized weight added in closed form")
     data = _trace_record(key, model, setup, workload, attention, result, dynamic, notes, start)
+    for left in remove_dead_temps(path.parent, "*.json"):  # a publish killed before its rename
+        print(f"note: removed {left}, a trace cache write left by a killed phi3v-plan --trace", file=sys.stderr)
     atomic_write_json(path, data)
     return data
 

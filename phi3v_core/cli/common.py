@@ -20,10 +20,11 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from phi3v_core.entrypoint import CliParser, debug_enabled, handle_errors
+from phi3v_core.entrypoint import CliParser, debug_enabled, handle_errors, keep_working_without_stdout
 from phi3v_core.io import json_safe
 
 __all__ = [
+    "keep_working_without_stdout",
     "CliParser",
     "bounded_float",
     "bounded_int",

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from phi3v_core.cli.common import CliParser, bounded_int, handle_errors, strict_json
+from phi3v_core.cli.common import CliParser, bounded_int, handle_errors, keep_working_without_stdout, strict_json
 from phi3v_core.data.images import DEFAULT_MAX_PIXELS
 from phi3v_core.data.jsonl import check_output_dir
 from phi3v_core.data.seqlen import record_image_tokens
@@ -31,7 +31,7 @@ from phi3v_core.data.synthetic import SYNTHETIC_TASKS, expected_mean_sequence_le
 from phi3v_core.data.tasks import TASKS, TaskData, load_task
 from phi3v_core.data.ucf101 import convert_ucf101, plan_ucf101
 from phi3v_core.errors import ConfigError
-from phi3v_core.fs import overlap_problem
+from phi3v_core.fs import overlap_problem, pending
 from phi3v_core.transaction import recover
 
 _EPILOG = """examples:
@@ -194,7 +194,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    recover(args.data_dir)
+    pending(args.data_dir, "data_dir")  # a check only reads: an interrupted replacement is reported, not repaired
     task = load_task(args.task, args.split, data_dir=args.data_dir, max_pixels=args.max_pixels, skip_bad=args.skip_bad)
     if task.train:
         # The length check training runs (phi3v-finetune --max_length, default the model context), with the
@@ -228,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         Exit code 0; user errors exit with 1 and one line on stderr (via ``handle_errors``).
     """
     args = build_parser().parse_args(argv)
+    if args.command != "check":
+        keep_working_without_stdout()  # the product is the data folder
     runners = {"ucf101": _run_ucf101, "synthetic": _run_synthetic, "check": _run_check}
     return runners[args.command](args)
 

@@ -19,7 +19,14 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors, strict_json
+from phi3v_core.cli.common import (
+    CliParser,
+    bounded_float,
+    bounded_int,
+    handle_errors,
+    keep_working_without_stdout,
+    strict_json,
+)
 from phi3v_core.cli.common import console as make_console
 from phi3v_core.cli.finetune_config import (
     MODEL_ENV,
@@ -293,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # bitsandbytes logs a warning on import on CPUs with AVX512-BF16 about an optional kernel package; it would be
     # printed before every message of this command (one-line errors included) and says nothing about the run.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    keep_working_without_stdout()  # the product is the run folder: `| head -1` must not lose it
     args = build_parser().parse_args(argv)
     if args.list_presets:
         _print_presets(args.json)

@@ -123,7 +123,7 @@ def atomic_directory(out_dir: str | Path, *, overwrite: bool = False) -> Iterato
         ConfigError: ``out_dir`` is a file, or a non-empty folder without ``overwrite``.
     """
     from phi3v_core.fs import FolderLock
-    from phi3v_core.transaction import recover, replace_folder
+    from phi3v_core.transaction import PROOF_NAME, recover, replace_folder, staging_folder
 
     out_dir = Path(out_dir)
     if out_dir.is_symlink():
@@ -138,13 +138,14 @@ def atomic_directory(out_dir: str | Path, *, overwrite: bool = False) -> Iterato
     lock = FolderLock(out_dir, "phi3v-convert", "--out_dir", beside=True).acquire()
     tmp = parent / f".{out_dir.name}.phi3v-new-{os.getpid()}"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()  # mode from the umask, as the user's other folders
+        tmp = staging_folder(out_dir)  # mode from the umask, as the user's other folders; holds the proof
         yield tmp
-        entries = sorted(p.name for p in tmp.iterdir())
+        entries = sorted(p.name for p in tmp.iterdir() if p.name != PROOF_NAME)
         (tmp / MANIFEST_NAME).write_text(json.dumps({"command": "phi3v-convert", "entries": entries}))
         replace_folder(tmp, out_dir, "phi3v-convert")
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(out_dir)  # a full disk while writing images: name the folder being written
         shutil.rmtree(tmp, ignore_errors=True)
         lock.release()  # before the empty parents it sits in are removed
         _remove_empty_dirs(created)

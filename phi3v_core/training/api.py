@@ -116,7 +116,7 @@ RESULT_FIELDS = (
     "supervised_logits_only",
 )  # fmt: skip
 #: ``extra`` keys that change the result (the data).
-_RESULT_EXTRA = ("task", "data")
+_RESULT_EXTRA = ("task", "data", "data_content")
 #: The run's configuration inside each checkpoint.
 CHECKPOINT_CONFIG = "train_config.json"
 
@@ -142,7 +142,10 @@ def config_diff(cfg: TrainConfig, recorded: dict[str, Any]) -> list[str]:
     old_extra, new_extra = recorded.get("extra") or {}, current.get("extra") or {}
     for name in _RESULT_EXTRA:
         if name in old_extra and name in new_extra and old_extra[name] != new_extra[name]:
-            diff.append(f"{name} {old_extra[name]!r} → {new_extra[name]!r}")
+            if name == "data_content":  # two hashes say nothing to a reader
+                diff.append("the training data's content (other records than the run was started with)")
+            else:
+                diff.append(f"{name} {old_extra[name]!r} → {new_extra[name]!r}")
     return diff
 
 

@@ -29,10 +29,18 @@ from typing import Any
 from phi3v_core.constants import MODEL_PRESET_NAMES
 from phi3v_core.device import local_device
 from phi3v_core.errors import DataError, raise_all
-from phi3v_core.fs import LOCK_NAME, FolderLock, foreign_entries, overlap_problem, writable_problem
+from phi3v_core.fs import (
+    LOCK_NAME,
+    FolderLock,
+    foreign_entries,
+    live_transaction,
+    overlap_problem,
+    pending,
+    writable_problem,
+)
 from phi3v_core.io import atomic_write_json
 from phi3v_core.training.config import COMPLETE_MARKER
-from phi3v_core.transaction import SetAside, recover
+from phi3v_core.transaction import PROOF_NAME, SetAside, recover
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -51,7 +59,7 @@ MANIFEST_NAME = ".phi3v-manifest.json"
 #: Names a run writes, for folders from before the manifest existed.
 _RUN_NAMES = (
     "train_config.json", "trainer_state.json", "training_args.bin", "train_result.json", "eval_before.json",
-    "eval_after.json", COMPLETE_MARKER, MANIFEST_NAME, LOCK_NAME, "config.json", "generation_config.json",
+    "eval_after.json", COMPLETE_MARKER, MANIFEST_NAME, LOCK_NAME, PROOF_NAME, "config.json", "generation_config.json",
     "model.safetensors", "model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors",
     "README.md", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
@@ -191,6 +199,12 @@ def output_dir_problems(
     """
     out = Path(output_dir).expanduser()
     recover(out)  # what the folder holds after an interrupted transaction is finished or rolled back
+    live = live_transaction(out)
+    if live is not None:  # checked before the folder's content, which is half-way between two runs
+        return [
+            f"{flag} {out} is being replaced by pid {live.get('pid')} ({live.get('command')}): one writer per folder; "
+            "wait for it to finish or choose another folder"
+        ]
     problem = writable_problem(out, flag)
     if problem:
         return [problem]
@@ -241,6 +255,12 @@ def output_dir_problems(
     return problems
 
 
+def _lock_at(lock: FolderLock, folder: Path) -> None:
+    """Take ``lock`` on the hidden new folder of a replacement, before that folder is put in place."""
+    lock.moved_to(folder)
+    lock.acquire(recovering=False)
+
+
 def _own_entries(folder: Path, before: set[str]) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in before and p.name != LOCK_NAME)
 
@@ -268,23 +288,25 @@ def guarded_output_dir(
         out = out.resolve()  # replace the real folder, never the link with a real folder
     recover(out)
     aside: SetAside | None = None
+    lock = FolderLock(out, command)
     if overwrite and out.is_dir() and any(out.iterdir()):
+        # One lock across the whole replacement: the old run's lock is held until the new (hidden, already locked)
+        # folder has taken its place, so no other writer can slip in between.
         old_lock = FolderLock(out, command).acquire()  # refuse if another writer works in the old run
         try:
-            aside = SetAside(out, command, done_marker=COMPLETE_MARKER)
+            aside = SetAside(out, command, done_marker=COMPLETE_MARKER, prepare=lambda new: _lock_at(lock, new))
+            lock.moved_to(aside.target)
             (aside.aside / LOCK_NAME).unlink(missing_ok=True)  # moved aside with the old run: not a lock of it
+        except BaseException:
+            lock.release()
+            raise
         finally:
-            old_lock.release()  # the lock file moved aside with the old run; removed with it
+            old_lock.release()
     created = not out.exists()
     manifest = _read_json(out / MANIFEST_NAME)
     previous = set(manifest.get("entries", [])) if isinstance(manifest, dict) else set()
-    lock = FolderLock(out, command)
-    try:
+    if aside is None:
         lock.acquire()
-    except BaseException:
-        if aside is not None:
-            aside.rollback()
-        raise
     if lock.took_over:
         print(
             f"note: {out}: the previous holder of the lock (pid {lock.took_over.get('pid')}) ended without releasing "
@@ -295,19 +317,19 @@ def guarded_output_dir(
     try:
         yield out
     except BaseException:
-        lock.release()
         if aside is not None:
-            aside.rollback()
-        elif created:
+            aside.rollback()  # under the lock: no one else writes the folder while it is put back
+        lock.release()
+        if aside is None and created:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only when empty: a failed run leaves no folder it made for nothing
         raise
     else:
         entries = sorted(previous | set(_own_entries(out, before)) | {MANIFEST_NAME})
         atomic_write_json(out / MANIFEST_NAME, {"command": command, "entries": entries})
-        lock.release()
         if aside is not None:
             aside.commit()
+        lock.release()
 
 
 def check_sequence_lengths(task: Any, processor: Any, max_length: int) -> None:
@@ -340,6 +362,8 @@ def check_sequence_lengths(task: Any, processor: Any, max_length: int) -> None:
 def _load_data(cfg: FinetuneConfig) -> Any:
     from phi3v_core.data import load_task
 
+    if cfg.data_dir:
+        pending(cfg.data_dir, "--data_dir")  # finetune only reads the data folder: an interrupted convert is reported
     return load_task(
         cfg.task,
         data_dir=cfg.data_dir,
@@ -428,6 +452,7 @@ def run(cfg: FinetuneConfig, env: Any = None, on_plan: Callable[[FinetuneConfig,
 
 def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig, Any], None] | None) -> dict[str, Any]:
     from phi3v_core.training.api import init_distributed, resolve_resume, train
+    from phi3v_core.training.checkpoints import data_fingerprint
     from phi3v_core.training.config import Machine
     from phi3v_core.training.evaluate import evaluate_task
 
@@ -438,6 +463,7 @@ def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig
     raise_all(cfg.train.dataset_problems(len(task.train), env))
     cfg.train.num_crops = task.num_crops  # the task's default when --num_crops was not given (validated 1..16)
     cfg.train.extra["data"] = task.origin
+    cfg.train.extra["data_content"] = data_fingerprint(task.train)  # resume refuses other data of the same origin
     processor = _build_processor(cfg.train.model, task.num_crops)
     if cfg.max_length is not None:
         check_sequence_lengths(task, processor, cfg.max_length)

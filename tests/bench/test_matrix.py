@@ -125,6 +125,22 @@ def test_corrupt_result_file_is_re_measured(tmp_path) -> None:
     assert load_result(path).status == "ok"
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_a_newer_versions_finished_result_is_never_replaced(tmp_path, force) -> None:
+    cells = quick_cells(tmp_path)[:1]
+    path = result_path(tmp_path, "v-test", "1xA100-SXM4-80GB", cells[0])
+    path.parent.mkdir(parents=True)
+    newer = make_result(cells[0], env=gpu_env(count=1)).to_dict() | {"schema_version": 99}
+    import json
+
+    path.write_text(json.dumps(newer))
+    before = path.read_bytes()
+    runner = FakeRunner()
+    summary = run_matrix(cells, environment=gpu_env(count=1), run_cell=runner, force=force, progress=False)
+    assert runner.calls == [] and path.read_bytes() == before
+    assert summary.outcomes[0].status == "skipped" and "newer phi3v-bench" in summary.outcomes[0].message
+
+
 def test_failed_write_keeps_the_measured_result_and_stops_the_sweep(tmp_path, monkeypatch) -> None:
     """A full disk fails every later write too: the sweep stops, and the cell it measured stays in the summary."""
     import errno
@@ -210,3 +226,19 @@ def test_resume_keeps_host_oom_and_retries_killed_and_timeout(tmp_path) -> None:
     run_matrix(cells, environment=gpu_env(count=1), run_cell=again, progress=False)
     # host_oom is an answer about this machine (kept); a signal from outside or a timeout is retried.
     assert sorted(again.calls) == sorted(c.cell_id() for c in cells if c.method in ("full", "frozen_vision"))
+
+
+@pytest.mark.parametrize(("sets", "said"), [
+    ({"offload": "optimizer"}, "offload optimizer is DeepSpeed ZeRO-2's, for full/frozen_vision, not lora"),
+    ({"offload": "optimizer", "optim": "adamw_8bit"}, "offload optimizer steps with DeepSpeed's CPU Adam"),
+])  # fmt: skip
+def test_cells_run_would_refuse_are_refused_before_the_sweep(tmp_path, sets, said) -> None:
+    with pytest.raises(ConfigError, match=said.replace("(", r"\(")):
+        quick_cells(tmp_path, **sets)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("release", ["validation", "reference"])
+def test_a_release_named_like_the_planners_folders_is_refused_at_write_time(tmp_path, release) -> None:
+    with pytest.raises(ConfigError, match=f"release '{release}' is reserved"):
+        quick_cells(tmp_path, release=release)

@@ -68,7 +68,9 @@ def test_timeout_and_signals_are_classified() -> None:
     status, message, _ = classify_repeat(via_torchrun, 60)
     assert status == "killed" and message.startswith("worker killed by SIGKILL with no out-of-memory message")
     terminated = RepeatOutcome(payloads=[], log="", timed_out=False, return_codes=[-signal.SIGTERM])
-    assert "SIGTERM" in classify_repeat(terminated, 60)[1]
+    message = classify_repeat(terminated, 60)[1]
+    assert "SIGTERM" in message and "OOM killer" not in message  # the OOM killer sends SIGKILL only
+    assert "OOM killer" in classify_repeat(killed, 60)[1]
     # With evidence it is an OOM: the kernel's OOM-killer line naming the worker, or the worker's own log.
     kernel = RepeatOutcome(payloads=[], log="", timed_out=False, return_codes=[-9],
                      kernel_log="[ 99.1] Out of memory: Killed process 123 (python) total-vm:1kB")

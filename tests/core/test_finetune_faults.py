@@ -98,6 +98,57 @@ def test_resume_with_a_changed_setting_is_refused_with_a_diff(tmp_path, capsys):
     assert "size mismatch" not in err
 
 
+def test_resume_with_other_data_of_the_same_origin_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    _json_run(capsys, *LEAN, "--save_steps", "1", "--output_dir", str(out))
+    (out / "run_complete.json").unlink()
+    other = [*LEAN[:1], "3", *LEAN[2:]]  # --synthetic 3 after 2: the same origin name, other records
+    expect_user_error(
+        main,
+        [*other, "--save_steps", "1", "--output_dir", str(out), "--resume"],
+        "the run was started with different settings (the training data's content",
+        tmp_path,
+        capsys,
+    )
+
+
+_OVERWRITING = """
+import sys
+from pathlib import Path
+from phi3v_core.training.run import guarded_output_dir
+with guarded_output_dir(Path(sys.argv[1]), command="phi3v-finetune", overwrite=True) as out:
+    (out / "half.txt").write_text("the overwrite's new run, half-written")
+    print("inside", flush=True)
+    sys.stdin.read()
+    raise SystemExit("the overwrite failed")
+"""
+
+
+@pytest.mark.parametrize("second_flags", [[], ["--overwrite_output_dir"]], ids=["plain", "overwrite"])
+def test_a_writer_during_an_overwrite_is_refused_and_the_rollback_touches_only_the_overwrites_folder(
+    tmp_path, capsys, second_flags
+):
+    out = tmp_path / "run"
+    _json_run(capsys, *LEAN, "--max_steps", "1", "--output_dir", str(out))
+    old = snapshot(out)
+    overwrite = subprocess.Popen([sys.executable, "-c", _OVERWRITING, str(out)], env=_env(), stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert overwrite.stdout.readline().strip() == "inside"
+        second = subprocess.run(
+            [sys.executable, "-c", "from phi3v_core.cli.finetune import main; main()", *LEAN, "--max_steps", "1",
+             "--output_dir", str(out), *second_flags],
+            env=_env(), capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert second.returncode == 1 and "is being replaced by pid" in second.stderr, second.stderr
+        assert (out / "half.txt").is_file()  # the refused writer changed nothing of the live overwrite
+    finally:
+        overwrite.communicate("", timeout=600)
+    assert overwrite.returncode == 1
+    assert snapshot(out) == old  # rolled back: the previous run, byte for byte
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".run")) == []
+
+
 def test_a_corrupt_newest_checkpoint_is_named_and_skipped(tmp_path, capsys):
     out = tmp_path / "run"
     _json_run(capsys, *LEAN, "--save_steps", "1", "--output_dir", str(out))

@@ -79,6 +79,34 @@ def test_a_killed_holder_frees_the_lock_at_once_and_is_named(holder):
     assert not (out / LOCK_NAME).exists()
 
 
+def test_a_deleted_lock_file_does_not_admit_a_second_writer(holder):
+    out, proc = holder
+    (out / LOCK_NAME).unlink()  # what older versions taught users to do
+    with pytest.raises(StorageError, match="one writer per folder"):
+        FolderLock(out, "second").acquire()
+    assert proc.poll() is None
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dangling symlink", "symlink to a file"])
+def test_a_lock_path_that_is_not_a_regular_file_is_a_clear_error(tmp_path, kind):
+    out = tmp_path / "out"
+    out.mkdir()
+    if kind == "fifo":
+        os.mkfifo(out / LOCK_NAME)
+    elif kind == "dangling symlink":
+        (out / LOCK_NAME).symlink_to(tmp_path / "nowhere")
+    else:
+        (tmp_path / "elsewhere").write_text("x")
+        (out / LOCK_NAME).symlink_to(tmp_path / "elsewhere")
+    # in a child process with a hang guard: the bug was a blocked open or an endless loop
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from phi3v_core.fs import FolderLock; FolderLock(sys.argv[1], 'x').acquire()",
+         str(out)], env=repo_env(), capture_output=True, text=True, timeout=HANG_GUARD_S,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "not one phi3v writes; remove it" in proc.stderr, proc.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_the_lock_file_holds_the_holder_text_while_held(holder):
     out, proc = holder
     record = json.loads((out / LOCK_NAME).read_text())
@@ -129,7 +157,7 @@ def test_a_folder_that_cannot_be_created_names_the_path(tmp_path):
 
 def test_release_is_idempotent_and_leaves_no_descriptor(tmp_path):
     lock = FolderLock(tmp_path / "out", "runner").acquire()
-    assert len(held_lock_fds()) == 1
+    assert len(held_lock_fds()) == 2  # the lock file and the folder itself
     lock.release()
     lock.release()
     assert held_lock_fds() == () and not lock.held

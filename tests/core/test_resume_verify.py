@@ -95,6 +95,23 @@ def test_a_file_of_another_size_than_the_manifest_says(tmp_path):
     assert "optimizer.pt has" in checkpoint_problem(folder, max_steps=5)
 
 
+def test_an_older_manifest_of_sizes_alone_is_still_read(tmp_path):
+    folder = _checkpoint(tmp_path, 2, manifest=True)
+    record = json.loads((folder / CHECKPOINT_MANIFEST).read_text())
+    record["files"] = {name: entry["size"] for name, entry in record["files"].items()}
+    (folder / CHECKPOINT_MANIFEST).write_text(json.dumps(record))
+    assert checkpoint_problem(folder, max_steps=5) is None
+
+
+def test_a_manifest_naming_a_path_outside_the_checkpoint_is_refused(tmp_path):
+    folder = _checkpoint(tmp_path, 2, manifest=True)
+    (tmp_path / "outside").write_text("x")
+    record = json.loads((folder / CHECKPOINT_MANIFEST).read_text())
+    record["files"]["../outside"] = {"size": 1, "blake2b": "0" * 32}
+    (folder / CHECKPOINT_MANIFEST).write_text(json.dumps(record))
+    assert "../outside is missing" in checkpoint_problem(folder, max_steps=5)
+
+
 def test_an_edited_step_disagrees_with_the_folder_name(tmp_path):
     folder = _checkpoint(tmp_path, 2)
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 9}))
@@ -122,7 +139,8 @@ def test_the_manifest_lists_names_sizes_and_step(tmp_path):
     folder = _checkpoint(tmp_path, 2, manifest=True)
     record = json.loads((folder / CHECKPOINT_MANIFEST).read_text())
     assert record["step"] == 2
-    assert record["files"]["optimizer.pt"] == (folder / "optimizer.pt").stat().st_size
+    assert record["files"]["optimizer.pt"]["size"] == (folder / "optimizer.pt").stat().st_size
+    assert len(record["files"]["optimizer.pt"]["blake2b"]) == 32
     assert CHECKPOINT_MANIFEST not in record["files"]
 
 
@@ -152,6 +170,23 @@ def test_every_checkpoint_of_a_real_run_carries_a_manifest_listing_what_resume_n
         assert any(name.startswith("rng_state") for name in record["files"])
 
 
+def _flip_one_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit, the size unchanged: only the hash can tell
+    path.write_bytes(bytes(raw))
+
+
+def test_one_flipped_bit_in_each_checkpoint_file_is_caught(tmp_path, unfinished_run):
+    names = json.loads((unfinished_run / "checkpoint-2" / CHECKPOINT_MANIFEST).read_text())["files"]
+    assert {"optimizer.pt", "scheduler.pt", "adapter_model.safetensors", "trainer_state.json"} <= set(names)
+    for name in names:
+        folder = tmp_path / name.replace("/", "_") / "checkpoint-2"
+        shutil.copytree(unfinished_run / "checkpoint-2", folder)
+        _flip_one_byte(folder / name)
+        reason = checkpoint_problem(folder, max_steps=2)
+        assert reason is not None and name.split("/")[-1] in reason, (name, reason)
+
+
 def _resume(tmp_path: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> tuple[dict, str]:
     assert main([*LEAN, "--save_steps", "1", "--output_dir", str(tmp_path / "run"), "--resume", "--json"]) == 0
     captured = capsys.readouterr()
@@ -159,7 +194,8 @@ def _resume(tmp_path: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["scheduler.pt", "optimizer.pt", "adapter_model.safetensors", "edited step"])
+@pytest.mark.parametrize("damage", ["scheduler.pt", "optimizer.pt", "adapter_model.safetensors", "edited step",
+                                    "one bit of optimizer.pt", "checkpoint-1's adapter copied in"])
 def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning_and_falls_back(tmp_path, unfinished_run, capsys, damage):
     out = tmp_path / "run"
     shutil.copytree(unfinished_run, out)
@@ -167,6 +203,10 @@ def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning_and_falls_back(
     if damage == "edited step":
         state = json.loads((newest / "trainer_state.json").read_text())
         (newest / "trainer_state.json").write_text(json.dumps({**state, "global_step": 7}))
+    elif damage == "one bit of optimizer.pt":
+        _flip_one_byte(newest / "optimizer.pt")
+    elif damage == "checkpoint-1's adapter copied in":
+        shutil.copyfile(out / "checkpoint-1" / "adapter_model.safetensors", newest / "adapter_model.safetensors")
     else:
         (newest / damage).unlink()
     summary, err = _resume(tmp_path, unfinished_run, capsys)

@@ -140,7 +140,13 @@ def test_sigkill_while_convert_overwrites_keeps_the_old_folder_and_the_next_comm
         env=_env(tmp_path), capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert check.returncode == 0, check.stderr
-    assert "removed .twin.phi3v-new-" in check.stderr
+    assert _staging(tmp_path, "twin"), "a read-only check repairs nothing (issue #27)"
+    writer = subprocess.run(
+        [sys.executable, "-m", "phi3v_core.cli.convert", "synthetic", "--task", "docvqa", "--n", "2", "--out_dir",
+         str(out), "--overwrite"], env=_env(tmp_path), capture_output=True, text=True, timeout=HANG_GUARD_S,
+    )  # fmt: skip
+    assert writer.returncode == 0, writer.stderr
+    assert "removed .twin.phi3v-new-" in writer.stderr
     assert [n for n in _hidden(tmp_path) if n != ".twin.phi3v.lock"] == []  # an unlocked lock file refuses nothing
 
 

@@ -11,10 +11,11 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 
-from phi3v_core.transaction import SetAside, intent_path, move_into, recover, replace_folder
+from phi3v_core.transaction import PROOF_NAME, JournalError, SetAside, intent_path, move_into, recover, replace_folder
 from tests.safety_helpers import HANG_GUARD_S, repo_env
 
 
@@ -49,8 +50,12 @@ def killer(real):
     return wrapped
 if where == "replace":
     txn.os.replace = killer(os.replace)
+elif where == "exchange":
+    txn._exchange = killer(txn._exchange)
 else:
     txn._remove = killer(txn._remove)
+if sys.argv[5] == "fallback":
+    txn._exchange = lambda a, b: False  # a file system without RENAME_EXCHANGE: two renames
 root = Path(sys.argv[4])
 if kind == "swap":
     txn.replace_folder(root / ".data.phi3v-new-999999", root / "data", "test-swap")
@@ -58,7 +63,6 @@ elif kind == "moves":
     txn.move_into(root / "run" / ".final-staging", root / "run", "test-moves")
 else:
     aside = txn.SetAside(root / "run", "test-overwrite", done_marker="done.json")
-    (root / "run").mkdir()
     (root / "run" / "new.txt").write_text("new")
     if kind == "set_aside_done":
         (root / "run" / "done.json").write_text("{}")
@@ -66,9 +70,9 @@ else:
 """
 
 
-def _run_killed(kind: str, where: str, count: int, root: Path) -> subprocess.CompletedProcess:
+def _run_killed(kind: str, where: str, count: int, root: Path, mode: str = "exchange") -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-c", _KILL_AT, kind, where, str(count), str(root)],
+        [sys.executable, "-c", _KILL_AT, kind, where, str(count), str(root), mode],
         env=repo_env(),
         capture_output=True,
         text=True,
@@ -111,12 +115,16 @@ def test_sigkill_before_the_intent_is_visible_keeps_the_old_folder_and_removes_t
     assert _siblings(tmp_path) == [] and _content(tmp_path / "data") == {"a": "old"}
 
 
-# os.replace calls: 1 the intent, 2 old folder aside, 3 new folder in place; then the old folder is removed
-@pytest.mark.parametrize(("where", "count"), [("replace", 2), ("replace", 3), ("remove", 1)])
-def test_sigkill_during_a_swap_then_the_next_command_finishes_it(tmp_path, where, count):
+# exchange: os.replace 1 the intent, the exchange, os.replace 2 the old folder to its hidden name, then its removal;
+# fallback (no RENAME_EXCHANGE): os.replace 1 the intent, 2 old folder aside, 3 new folder in place, the removal
+@pytest.mark.parametrize(("mode", "where", "count"), [
+    ("exchange", "exchange", 1), ("exchange", "replace", 2), ("exchange", "remove", 1),
+    ("fallback", "replace", 2), ("fallback", "replace", 3), ("fallback", "remove", 1),
+])  # fmt: skip
+def test_sigkill_during_a_swap_then_the_next_command_finishes_it(tmp_path, mode, where, count):
     _folder(tmp_path / "data", a="old")
     _folder(tmp_path / ".data.phi3v-new-999999", a="new")
-    proc = _run_killed("swap", where, count, tmp_path)
+    proc = _run_killed("swap", where, count, tmp_path, mode)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert intent_path(tmp_path / "data").exists()  # the journal says what to finish
     # old or new always visible: either the folder or the staged copy holds complete content
@@ -164,7 +172,6 @@ def test_a_live_transaction_is_left_alone_and_recovered_once_its_owner_dies(tmp_
         from phi3v_core.transaction import SetAside
         root = Path(sys.argv[1])
         SetAside(root / "run", "long-overwrite", done_marker="done.json")
-        (root / "run").mkdir()
         (root / "ready").write_text("")
         time.sleep(3600)
     """
@@ -175,7 +182,7 @@ def test_a_live_transaction_is_left_alone_and_recovered_once_its_owner_dies(tmp_
         time.sleep(0.02)
     try:
         assert recover(tmp_path / "run") == []  # its owner runs: nothing is touched
-        assert intent_path(tmp_path / "run").exists() and _content(tmp_path / "run") == {}
+        assert intent_path(tmp_path / "run").exists() and _content(tmp_path / "run") == {PROOF_NAME: ANY}
     finally:
         proc.kill()
         proc.wait(timeout=HANG_GUARD_S)
@@ -186,12 +193,11 @@ def test_a_live_transaction_is_left_alone_and_recovered_once_its_owner_dies(tmp_
 def test_set_aside_rollback_and_commit_in_process(tmp_path):
     _folder(tmp_path / "run", a="old")
     aside = SetAside(tmp_path / "run", "test", done_marker="done")
-    (tmp_path / "run").mkdir()
     (tmp_path / "run" / "b").write_text("new")
     aside.rollback()
     assert _content(tmp_path / "run") == {"a": "old"} and _siblings(tmp_path) == []
     aside = SetAside(tmp_path / "run", "test", done_marker="done")
-    _folder(tmp_path / "run", b="new")
+    (tmp_path / "run" / "b").write_text("new")
     aside.commit()
     assert _content(tmp_path / "run") == {"b": "new"} and _siblings(tmp_path) == []
 
@@ -216,12 +222,12 @@ def test_leftovers_of_older_versions_are_named_not_deleted(tmp_path, capsys):
     assert (tmp_path / ".data.old-abc123" / "a").read_text() == "previous"
 
 
-def test_an_unreadable_intent_is_removed_and_said(tmp_path):
+def test_an_unreadable_intent_is_refused_and_left(tmp_path):
     _folder(tmp_path / "data", a="x")
     intent_path(tmp_path / "data").write_text("{cut off")
-    messages = recover(tmp_path / "data")
-    assert "unreadable transaction record" in messages[0]
-    assert not intent_path(tmp_path / "data").exists() and _content(tmp_path / "data") == {"a": "x"}
+    with pytest.raises(JournalError, match="nothing was touched"):
+        recover(tmp_path / "data")
+    assert intent_path(tmp_path / "data").exists() and _content(tmp_path / "data") == {"a": "x"}
 
 
 def test_nothing_to_recover_is_silent(tmp_path, capsys):

@@ -10,6 +10,7 @@ import math
 import pytest
 
 from planner.cli import main
+from tests.safety_helpers import expect_user_error
 
 GPU = ["--gpu", "A100-80GB"]
 
@@ -105,3 +106,36 @@ def test_json_output_is_strict(argv, capsys) -> None:
                 finite(v)
 
     finite(value)
+
+
+# -- issue #27: plan refuses what the model cannot take (the context rule finetune and `convert check` apply) --------
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [(["--seq-len", "10000000"], "--seq-len 10000000 is more than the model's context (131,072 tokens)"),
+     (["--text-tokens", "1000000"], "tokens per sample is more than the model's context")],
+)  # fmt: skip
+def test_a_workload_past_the_models_context_is_refused(tmp_path, capsys, flags, said):
+    expect_user_error(main, ["--gpu", "A100-80GB", *flags], said, tmp_path, capsys)
+
+
+def test_a_data_record_past_the_models_context_is_refused_naming_it(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    turn = {"user": "word " * 90_000, "assistant": "ok"}  # under the 500 000-character field limit
+    record = {"id": "huge", "conversations": [turn] * 3}  # ~ 340 k tokens in all: past 131 072
+    (data / "mine_train.jsonl").write_text(json.dumps(record) + "\n")
+    expect_user_error(main, ["--gpu", "A100-80GB", "--data", str(data)], "more than the model's context", tmp_path,
+                      capsys)  # fmt: skip
+
+
+@pytest.mark.parametrize(("flags", "said"), [
+    (["--gpu", "A100-80GB", "--save", "x.json"], "--save belongs to --validate and does nothing without it"),
+    (["--gpu", "A100-80GB", "--repeats", "2"], "--repeats belongs to --validate and does nothing without it"),
+    (["--list-gpus", "--validate"], "--list-gpus and --validate are separate reports"),
+    (["--validate", "--save", "{tmp}"], "is a folder; name the result file to write"),
+])  # fmt: skip
+def test_flags_that_would_do_nothing_are_refused_before_any_work(tmp_path, capsys, flags, said):
+    argv = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    expect_user_error(main, argv, said, tmp_path, capsys)
