@@ -257,6 +257,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bench.store import replacement_problem, result_path
 
     env = capture_environment()
+    _refuse_unusable_gpu()
     cfg, reasons = config_from_args(args, DeviceDescription.detect(env))
     problems = cfg.problems() + limit_problems([cfg])
     if args.timeout is not None and not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
@@ -274,6 +275,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if problem and not args.force:
             raise ConfigError(f"{problem}; pass --force to replace it, or --release/--out to keep both")
         return _run_and_save(args, cfg, env, reasons, cluster)
+
+
+def _refuse_unusable_gpu() -> None:
+    """A GPU that NVML sees but torch cannot use is refused before anything is built (never replaced by the CPU)."""
+    from phi3v_core.software import torch_gpu_refusal
+
+    problem = torch_gpu_refusal()
+    if problem:
+        raise ConfigError(problem)
 
 
 def _print_summary(console: Any, cfg: BenchConfig, result: Any) -> None:
@@ -492,6 +502,7 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps must be >= 2 so that a loss trend exists, got {args.steps}")
     if args.steps > 1000:
         raise ConfigError(f"--steps must be <= 1000 (a check needs a few steps, not a training run), got {args.steps}")
+    _refuse_unusable_gpu()
     if args.json:
         # The Trainer prints its logs; keep stdout for the one JSON object.
         with contextlib.redirect_stdout(sys.stderr):

@@ -59,7 +59,8 @@ def limit_problems(cells: Sequence[BenchConfig]) -> list[str]:
 def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None, *, writes: bool = True) -> list[str]:
     """Every problem that would stop ``cells`` after their measurement, found before it (empty when none).
 
-    Checks the bounds in :data:`LIMITS`, each model folder's type and weight headers, and that every result folder
+    Checks the bounds in :data:`LIMITS`, that DeepSpeed can build its CPU Adam where a cell offloads the optimizer
+    (:func:`phi3v_core.software.offload_build_problem`), each model folder's type and weight headers, and that every result folder
     (``<out>/<release>/<hardware>``; ``<out>`` when ``hardware`` is None) can be created and written. Creates nothing.
 
     Args:
@@ -70,6 +71,13 @@ def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None
     from bench.store import result_path
 
     problems = limit_problems(cells)
+    if any(c.offload == "optimizer" for c in cells):
+        from phi3v_core.software import offload_build_problem
+
+        # DeepSpeed would JIT-build its CPU Adam after the model is built, and fail there with a raw error
+        build = offload_build_problem()
+        if build:
+            problems.append("--" + build)
     for model in dict.fromkeys(c.model for c in cells):
         problems += model_folder_problems(Path(model), f"--model {model}")
     if not writes:

@@ -338,7 +338,7 @@ def offload_build_problem(
     environ = os.environ if environ is None else environ
     folder = deepspeed_dir if deepspeed_dir is not None else _package_dir("deepspeed")
     if folder is None and find_module("deepspeed") is None:
-        return "--offload optimizer needs DeepSpeed: pip install deepspeed"
+        return "offload optimizer needs DeepSpeed: pip install deepspeed"
     if _prebuilt_cpu_adam(folder):
         return None
     problems = []
@@ -354,7 +354,7 @@ def offload_build_problem(
     if not problems:
         return None
     return (
-        f"--offload optimizer JIT-builds DeepSpeed's CPU Adam, which needs {' and '.join(problems)}; or install "
+        f"offload optimizer JIT-builds DeepSpeed's CPU Adam, which needs {' and '.join(problems)}; or install "
         "DeepSpeed with the op prebuilt (DS_BUILD_CPU_ADAM=1 pip install deepspeed)"
     )
 

@@ -32,7 +32,7 @@ from phi3v_core.constants import (
     RecipePreset,
     load_recipe,
 )
-from phi3v_core.errors import raise_all
+from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.fs import model_folder_problems
 
 if TYPE_CHECKING:
@@ -451,6 +451,13 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
     """
     from phi3v_core.training import Machine, TrainConfig
 
+    if env is None:
+        from phi3v_core.software import torch_gpu_refusal
+
+        # before anything else: every later check (bf16, flash attention, memory) would judge the CPU instead
+        refusal = torch_gpu_refusal()
+        if refusal:
+            raise ConfigError(refusal)
     resolver = _Resolver(args, env or Machine.detect())
     resolver.resolve_preset()
     task = resolver.resolve_task()

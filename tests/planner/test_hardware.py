@@ -163,3 +163,13 @@ def test_detected_plan_warns_when_torch_cannot_use_the_gpu(fake_nvml):
     notes = plan(PlanRequest(methods=("lora",)), nvml=fake_nvml("hopper"), software=too_new).notes
     assert any("built for CUDA 13.0" in n and ">= 580" in n for n in notes)
     assert not any("refuse" in n for n in plan(PlanRequest(methods=("lora",)), nvml=fake_nvml("hopper"), software=COMPLETE).notes)
+
+
+@pytest.mark.gpu
+def test_the_detected_plan_on_this_gpu_asks_only_for_installed_kernels():
+    """On a real GPU: the plan's command uses flash attention exactly where phi3v-finetune can run it (no model)."""
+    from phi3v_core.device import flash_attention_usable
+
+    result = plan(PlanRequest(methods=("lora",)))
+    assert result.hardware.source.startswith("detected")
+    assert ("--use_flash_attention" in (result.best.command or "")) is flash_attention_usable()
