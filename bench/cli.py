@@ -37,6 +37,7 @@ from bench.config import (
     choose_defaults,
     default_release,
 )
+from bench.layout import LAYOUT_FIELDS, LAYOUTS, resolve_layout
 from bench.preflight import LIMITS, limit_problems, one_writer, preflight_problems, unsaved_result_error
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors, strict_json
 from phi3v_core.constants import ATTN_NAMES, METHOD_NAMES, OFFLOAD_NAMES, OPTIM_NAMES, PRECISION_NAMES
@@ -70,7 +71,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"global effective batch per optimizer step over all GPUs (default: {d.global_batch}; "
                         f"tiny: {TINY_DEFAULTS['global_batch']}); --batch-size is its old name")
     p.add_argument("--micro-batch", type=int, default=None,
-                   help=f"samples per GPU per forward (default: {d.micro_batch}; tiny: {TINY_DEFAULTS['micro_batch']})")
+                   help=f"samples per GPU per forward (default: the layout's; tiny: {TINY_DEFAULTS['micro_batch']})")
     p.add_argument("--gpus", type=int, default=d.gpus, help="GPUs per node (default: %(default)s)")
     p.add_argument("--nodes", type=int, default=d.nodes, help="nodes (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None,
@@ -80,10 +81,14 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None,
                    help=f"fresh processes; compare needs >= 3 (default: {d.repeats}; tiny: {TINY_DEFAULTS['repeats']})")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=d.gradient_checkpointing,
-                   help="recompute activations in backward (default: on, as the recipe)")
-    p.add_argument("--optim", choices=OPTIM_NAMES, default=d.optim, help="optimizer (default: %(default)s)")
-    p.add_argument("--offload", choices=OFFLOAD_NAMES, default=d.offload, help="DeepSpeed offload (default: %(default)s)")
+    p.add_argument("--layout", choices=LAYOUTS, default=None,
+                   help="micro-batch, checkpointing, optimizer and offload: plan (phi3v-plan's for this card and "
+                        "method; the default on a GPU) or recipe (the seed's: checkpointing on, micro-batch 1, AdamW; "
+                        "the default on CPU); the flags below override single fields")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward (default: the layout's)")
+    p.add_argument("--optim", choices=OPTIM_NAMES, default=None, help="optimizer (default: the layout's)")
+    p.add_argument("--offload", choices=OFFLOAD_NAMES, default=None, help="DeepSpeed offload (default: the layout's)")
     _add_output_arguments(p)
 
 
@@ -213,12 +218,19 @@ def config_from_args(
     Returns:
         The config and the reasons for each default chosen (shown on the config card).
     """
-    names = {f.name for f in dataclasses.fields(BenchConfig)}
+    names = {f.name for f in dataclasses.fields(BenchConfig)} - {"layout"}
     values = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    defaults, reasons = choose_defaults(device or DeviceDescription.detect(), values.get("model"))
-    explicit = [name for name in defaults if name in values and name != "model"]
+    given = set(values)
+    device = device or DeviceDescription.detect()
+    defaults, reasons = choose_defaults(device, values.get("model"))
     for name, value in defaults.items():
         values.setdefault(name, value)
+    # the layout fills the layout fields neither given nor set by the machine's defaults (the tiny protocol's)
+    values, layout_reasons = resolve_layout(
+        BenchConfig(**values).to_dict(), set(values), device.gpu_name is not None, getattr(args, "layout", None)
+    )
+    reasons += layout_reasons
+    explicit = sorted(name for name in given if name in (*defaults, *LAYOUT_FIELDS) and name != "model")
     if explicit:
         reasons.append("given on the command line: " + ", ".join(f"{n} {values[n]}" for n in explicit))
     return BenchConfig(**values), reasons

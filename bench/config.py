@@ -112,6 +112,11 @@ class BenchConfig:
         repeats: Fresh processes per configuration; ``compare`` needs at least 3 on each side to call a change.
         seed: Random seed for the synthetic data and the weights.
         gradient_checkpointing: Recompute activations in backward (the recipe always turns it on).
+        optim: Optimizer (``adamw``, bitsandbytes' ``adamw_8bit``, ...).
+        offload: ``none`` or ``optimizer`` (DeepSpeed ZeRO-Offload of the optimizer to host memory).
+        layout: Where micro-batch, checkpointing, optimizer and offload came from: ``plan`` (phi3v-plan's layout
+            for the card and method, the default on a GPU) or ``recipe`` (the seed's; results written before the
+            choice existed measured it). Not an identity field: the layout's fields are.
         release: Release label of the results folder (``results/<release>/<hardware>/``).
         out: Root folder for result files.
     """
@@ -133,6 +138,7 @@ class BenchConfig:
     gradient_checkpointing: bool = True
     optim: str = "adamw"
     offload: str = "none"
+    layout: str = "recipe"
     release: str = field(default_factory=default_release)
     out: str = "results"
 
@@ -214,6 +220,7 @@ class BenchConfig:
         choice("seq_profile", self.seq_profile, list(SEQ_PROFILES))
         choice("optim", self.optim, OPTIM_NAMES)
         choice("offload", self.offload, OFFLOAD_NAMES)
+        choice("layout", self.layout, ("plan", "recipe"))
         if self.attn == "flash_attention_2" and self.precision == "fp32":
             problems.append("attn flash_attention_2 needs bf16 or fp16 (flash-attn has no fp32 kernels); use --precision bf16")
         problems.extend(_model_problems(self.model))
