@@ -268,8 +268,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bench.results import capture_environment
     from bench.store import replacement_problem, result_path
 
+    _refuse_unusable_gpu()  # before capture_environment, which imports torch (seconds)
     env = capture_environment()
-    _refuse_unusable_gpu()
     cfg, reasons = config_from_args(args, DeviceDescription.detect(env))
     problems = cfg.problems() + limit_problems([cfg])
     if args.timeout is not None and not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):

@@ -25,6 +25,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,8 +288,11 @@ def torch_gpu_problem(
 def torch_gpu_refusal(report: Any = None) -> str | None:
     """:func:`torch_gpu_problem` for this process: NVML's visible GPUs against the imported torch.
 
-    Call it before anything is built. ``torch.cuda.is_available()`` initialises the CUDA driver API in this process
-    but creates no context and holds no GPU memory, so workers started afterwards are unaffected.
+    Call it before anything is built. A CPU build of torch, or a CUDA build newer than the driver, is known from
+    ``torch/version.py`` without importing torch (which takes seconds, tens of seconds on a busy host), so those
+    refusals come at once; otherwise torch is imported and ``torch.cuda.is_available()`` asked (it initialises the
+    CUDA driver API in this process but creates no context and holds no GPU memory: workers started afterwards are
+    unaffected). A torch already imported is asked directly.
 
     Args:
         report: A :class:`phi3v_core.nvml.NvmlReport` (default: read now).
@@ -298,11 +302,14 @@ def torch_gpu_refusal(report: Any = None) -> str | None:
     report = report if report is not None else visible_devices()
     if report.error is not None or not report.devices:
         return None
+    seen = (len(report.devices), report.driver, report.cuda_driver)
+    imported = sys.modules.get("torch")
+    known = torch_gpu_problem(*seen, imported.version.cuda if imported else torch_cuda_build(), None)
+    if known:
+        return known
     import torch
 
-    return torch_gpu_problem(
-        len(report.devices), report.driver, report.cuda_driver, torch.version.cuda, torch.cuda.is_available()
-    )
+    return torch_gpu_problem(*seen, torch.version.cuda, torch.cuda.is_available())
 
 
 def _run_version(command: list[str]) -> str | None:

@@ -76,3 +76,33 @@ def test_a_usable_gpu_is_not_refused():
     from phi3v_core.software import torch_gpu_refusal
 
     assert torch_gpu_refusal() is None
+
+
+FAKE_PYNVML = '''
+from types import SimpleNamespace
+def nvmlInit(): pass
+def nvmlShutdown(): pass
+def nvmlSystemGetDriverVersion(): return "550.54.15"
+def nvmlSystemGetCudaDriverVersion(): return 12040
+def nvmlDeviceGetCount(): return 1
+def nvmlDeviceGetHandleByIndex(i): return "h100"
+def nvmlDeviceGetName(h): return "NVIDIA H100 80GB HBM3"
+def nvmlDeviceGetMemoryInfo(h): return SimpleNamespace(total=80 * 2**30, used=0, free=80 * 2**30)
+def nvmlDeviceGetCudaComputeCapability(h): return (9, 0)
+'''
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="the early answer is for a CPU build of torch")
+def test_a_cpu_build_is_refused_without_importing_torch(tmp_path):
+    """The refusal reads torch/version.py: no torch import (tens of seconds on a busy host) before saying no."""
+    import os
+    import subprocess
+
+    (tmp_path / "pynvml.py").write_text(FAKE_PYNVML)
+    code = ("import sys; from phi3v_core.software import torch_gpu_refusal; "
+            "print(torch_gpu_refusal()); print('torch' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600, check=True)
+    refusal, imported = done.stdout.strip().splitlines()
+    assert "torch is a CPU build" in refusal and imported == "False"
