@@ -507,14 +507,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_selfcheck(args: argparse.Namespace) -> int:
-
-    from bench.selfcheck import run_selfcheck
-
     if args.steps < 2:
         raise ConfigError(f"--steps must be >= 2 so that a loss trend exists, got {args.steps}")
     if args.steps > 1000:
         raise ConfigError(f"--steps must be <= 1000 (a check needs a few steps, not a training run), got {args.steps}")
-    _refuse_unusable_gpu()
+    _refuse_unusable_gpu()  # before importing the training stack
+    from bench.selfcheck import run_selfcheck
+
     if args.json:
         # The Trainer prints its logs; keep stdout for the one JSON object.
         with contextlib.redirect_stdout(sys.stderr):

@@ -449,15 +449,16 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
     Raises:
         ConfigError: Every problem with the flags on this machine, in one message.
     """
-    from phi3v_core.training import Machine, TrainConfig
-
     if env is None:
         from phi3v_core.software import torch_gpu_refusal
 
-        # before anything else: every later check (bf16, flash attention, memory) would judge the CPU instead
+        # before anything else (even importing the training stack: tens of seconds on a busy host): every later
+        # check (bf16, flash attention, memory) would judge the CPU instead of the GPU
         refusal = torch_gpu_refusal()
         if refusal:
             raise ConfigError(refusal)
+    from phi3v_core.training import Machine, TrainConfig
+
     resolver = _Resolver(args, env or Machine.detect())
     resolver.resolve_preset()
     task = resolver.resolve_task()
