@@ -415,6 +415,8 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     if args.release is not None:
         overrides["release"] = args.release
     cells = build_cells(args.preset, grid, overrides)
+    if not args.dry_run:
+        _refuse_unusable_gpu()
     env = capture_environment()
     raise_all(preflight_problems(cells, env.hardware))
 

@@ -74,3 +74,13 @@ def test_the_layout_is_recorded_in_the_result_and_old_results_read_as_recipe():
     del data["config"]["layout"]  # written before the choice existed: the seed's layout was measured
     assert BenchResult.from_dict(data).config.layout == "recipe"
     assert layout_label(result.config) == "plan: micro-batch 2 × 4, checkpointing off, adamw"
+
+
+@pytest.mark.gpu
+def test_on_this_gpu_the_default_run_is_the_plans_layout():
+    """On a real GPU (no model built): the default run's layout is phi3v-plan's for this card and method."""
+    cfg, _reasons = _config("--method", "lora", device=DeviceDescription.detect())
+    planned = plan(PlanRequest(methods=("lora",), global_batch=cfg.global_batch, num_crops=cfg.num_crops)).method("lora")
+    assert cfg.layout == ("plan" if planned.fits else "recipe")
+    if planned.fits:
+        assert (cfg.micro_batch, cfg.gradient_checkpointing) == (planned.micro_batch, planned.gradient_checkpointing)

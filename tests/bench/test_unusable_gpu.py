@@ -50,6 +50,14 @@ def test_bench_run_refuses_a_torch_newer_than_the_driver(monkeypatch, tmp_path, 
 
 
 @pytest.mark.usefixtures("one_h100")
+def test_matrix_refuses_but_a_dry_run_still_lists(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    expect_user_error(main, ["matrix", "--preset", "quick", "--out", str(tmp_path / "r")], "but torch is a CPU build",
+                      tmp_path, capsys)
+    assert main(["matrix", "--preset", "quick", "--out", str(tmp_path / "r"), "--dry-run"]) == 0
+
+
+@pytest.mark.usefixtures("one_h100")
 def test_selfcheck_refuses_before_planning_any_check(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.version, "cuda", None)
     import bench.selfcheck
