@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from bench.config import BenchConfig
 from phi3v_core.constants import MODEL_PRESET_NAMES, OFFLOAD_NAMES, OPTIM_NAMES
 from phi3v_core.errors import ConfigError
 
@@ -95,6 +96,8 @@ def resolve_layout(
     if source == "plan" and values.get("model") == "tiny":
         source, why = "recipe", "the tiny model has no phi3v-plan layout (its protocol sets the micro-batch)"
         reasons.append(f"layout recipe: {why}")
+    elif source == "plan" and BenchConfig.from_dict(values).problems():
+        source = "recipe"  # the flags are wrong: BenchConfig.problems() names them before anything is planned
     elif source == "plan":
         planned, why = _planned(values)
         if planned is None:
@@ -109,7 +112,9 @@ def resolve_layout(
         reasons.append("layout recipe: " + ("the seed's (checkpointing on, AdamW, no offload)" if gpu else
                                             "the planner plans GPUs only; the CPU keeps its defaults"))
     values = {**values, **{name: layout[name] for name in LAYOUT_FIELDS if name not in fixed}}
-    if values["global_batch"] % (values["micro_batch"] * values["gpus"] * values["nodes"]) and "micro_batch" not in fixed:
+    per_step = values["micro_batch"] * values["gpus"] * values["nodes"]
+    # a bad number (gpus 0, a negative batch) is left for BenchConfig.problems() to name
+    if per_step > 0 and values["global_batch"] % per_step and "micro_batch" not in fixed:
         values["micro_batch"] = 1  # the plan's micro-batch does not divide this global batch: the recipe's does
     values["layout"] = source
     reasons.append(layout_label(values))
