@@ -38,7 +38,15 @@ from bench.config import (
     choose_defaults,
     default_release,
 )
-from bench.preflight import LIMITS, limit_problems, one_writer, preflight_problems, unsaved_result_error
+from bench.layout import LAYOUT_FIELDS, LAYOUTS, resolve_layout
+from bench.preflight import (
+    LIMITS,
+    limit_problems,
+    one_writer,
+    preflight_problems,
+    refuse_unusable_gpu,
+    unsaved_result_error,
+)
 from phi3v_core.cli.common import (
     CliParser,
     bounded_float,
@@ -79,7 +87,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"global effective batch per optimizer step over all GPUs (default: {d.global_batch}; "
                         f"tiny: {TINY_DEFAULTS['global_batch']}); --batch-size is its old name")
     p.add_argument("--micro-batch", type=int, default=None,
-                   help=f"samples per GPU per forward (default: {d.micro_batch}; tiny: {TINY_DEFAULTS['micro_batch']})")
+                   help=f"samples per GPU per forward (default: the layout's; tiny: {TINY_DEFAULTS['micro_batch']})")
     p.add_argument("--gpus", type=int, default=d.gpus, help="GPUs per node (default: %(default)s)")
     p.add_argument("--nodes", type=int, default=d.nodes, help="nodes (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None,
@@ -89,10 +97,14 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None,
                    help=f"fresh processes; compare needs >= 3 (default: {d.repeats}; tiny: {TINY_DEFAULTS['repeats']})")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=d.gradient_checkpointing,
-                   help="recompute activations in backward (default: on, as the recipe)")
-    p.add_argument("--optim", choices=OPTIM_NAMES, default=d.optim, help="optimizer (default: %(default)s)")
-    p.add_argument("--offload", choices=OFFLOAD_NAMES, default=d.offload, help="DeepSpeed offload (default: %(default)s)")
+    p.add_argument("--layout", choices=LAYOUTS, default=None,
+                   help="micro-batch, checkpointing, optimizer and offload: plan (phi3v-plan's for this card and "
+                        "method; the default on a GPU) or recipe (the seed's: checkpointing on, micro-batch 1, AdamW; "
+                        "the default on CPU); the flags below override single fields")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward (default: the layout's)")
+    p.add_argument("--optim", choices=OPTIM_NAMES, default=None, help="optimizer (default: the layout's)")
+    p.add_argument("--offload", choices=OFFLOAD_NAMES, default=None, help="DeepSpeed offload (default: the layout's)")
     p.add_argument("--learning-rate", type=bounded_float(0, 1, low_open=True), default=None,
                    help="peak learning rate (default: the recipe's for the profile's task and the method); decides "
                         "how many weights a step changes, which the run reports")
@@ -228,12 +240,19 @@ def config_from_args(
     Returns:
         The config and the reasons for each default chosen (shown on the config card).
     """
-    names = {f.name for f in dataclasses.fields(BenchConfig)}
+    names = {f.name for f in dataclasses.fields(BenchConfig)} - {"layout"}
     values = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    defaults, reasons = choose_defaults(device or DeviceDescription.detect(), values.get("model"))
-    explicit = [name for name in defaults if name in values and name != "model"]
+    given = set(values)
+    device = device or DeviceDescription.detect()
+    defaults, reasons = choose_defaults(device, values.get("model"))
     for name, value in defaults.items():
         values.setdefault(name, value)
+    # the layout fills the layout fields neither given nor set by the machine's defaults (the tiny protocol's)
+    values, layout_reasons = resolve_layout(
+        BenchConfig(**values).to_dict(), set(values), device.gpu_name is not None, getattr(args, "layout", None)
+    )
+    reasons += layout_reasons
+    explicit = sorted(name for name in given if name in (*defaults, *LAYOUT_FIELDS) and name != "model")
     if explicit:
         reasons.append("given on the command line: " + ", ".join(f"{n} {values[n]}" for n in explicit))
     return BenchConfig(**values), reasons
@@ -271,6 +290,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bench.results import capture_environment
     from bench.store import replacement_problem, result_path
 
+    refuse_unusable_gpu()  # before capture_environment, which imports torch (seconds)
     env = capture_environment()
     cfg, reasons = config_from_args(args, DeviceDescription.detect(env))
     problems = (cfg.problems() or cfg.training_problems()) + limit_problems([cfg])
@@ -415,6 +435,8 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     if args.release is not None:
         overrides["release"] = args.release
     cells = build_cells(args.preset, grid, overrides)
+    if not args.dry_run:
+        refuse_unusable_gpu()
     env = capture_environment()
     raise_all(preflight_problems(cells, env.hardware))
 
@@ -507,13 +529,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_selfcheck(args: argparse.Namespace) -> int:
-
-    from bench.selfcheck import run_selfcheck
-
     if args.steps < 2:
         raise ConfigError(f"--steps must be >= 2 so that a loss trend exists, got {args.steps}")
     if args.steps > 1000:
         raise ConfigError(f"--steps must be <= 1000 (a check needs a few steps, not a training run), got {args.steps}")
+    refuse_unusable_gpu()  # before importing the training stack
+    from bench.selfcheck import run_selfcheck
+
     if args.json:
         # The Trainer prints its logs; keep stdout for the one JSON object.
         with contextlib.redirect_stdout(sys.stderr):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import IDENTITY_FIELDS
+from bench.layout import layout_label
 from bench.results import MEMORY_FIELDS, BenchResult
 from bench.stats import RULE_TEXT, MemoryComparison, SampleComparison, compare_memory, compare_samples
 from bench.store import read_results
@@ -51,6 +52,8 @@ class ConfigComparison:
             if throughput was, else ``same``; ``failed`` when both sides failed.
         throughput: The img/s comparison (``None`` unless both sides are ok).
         memory: Comparisons of every memory field both sides measured.
+        layout: The measured layout and where it came from (:func:`bench.layout.layout_label`; B's source too when
+            it differs).
     """
 
     identity: dict[str, Any]
@@ -58,11 +61,13 @@ class ConfigComparison:
     verdict: str
     throughput: SampleComparison | None = None
     memory: list[MemoryComparison] = field(default_factory=list)
+    layout: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
         return {
             "identity": self.identity,
+            "layout": self.layout,
             "status": self.status,
             "verdict": self.verdict,
             "throughput": self.throughput.to_dict() if self.throughput else None,
@@ -120,7 +125,7 @@ class CompareReport:
     def rows(self) -> tuple[list[str], list[list[str]]]:
         """Return (header, rows) of the human table, shared by the rich and markdown renderers."""
         keys = self.varying_fields()
-        header = [*keys, "img/s A", "img/s B", "Δ img/s", "noise", "p (repeats)", "alloc Δ", "reserved Δ", "verdict"]
+        header = [*keys, "layout", "img/s A", "img/s B", "Δ img/s", "noise", "p (repeats)", "alloc Δ", "reserved Δ", "verdict"]
         rows: list[list[str]] = []
         for m in self.matches:
             t = m.throughput
@@ -128,6 +133,7 @@ class CompareReport:
             rows.append(
                 [
                     *(str(m.identity[k]) for k in keys),
+                    m.layout,
                     f"{t.a:.3f}" if t else "–",
                     f"{t.b:.3f}" if t else "–",
                     f"{t.delta_pct:+.1f}%" if t else m.status,
@@ -140,7 +146,7 @@ class CompareReport:
             )
         for side, identities in (("only in A", self.only_a), ("only in B", self.only_b)):
             for ident in identities:
-                rows.append([*(str(ident[k]) for k in keys), "", "", "", "", "", "", "", side])
+                rows.append([*(str(ident[k]) for k in keys), layout_label(ident), "", "", "", "", "", "", "", side])
         return header, rows
 
     def to_markdown(self) -> str:
@@ -245,6 +251,7 @@ def _machine_notes(pairs: Sequence[tuple[BenchResult, BenchResult]]) -> list[str
 
 def _compare_one(a: BenchResult, b: BenchResult, options: CompareOptions) -> ConfigComparison:
     identity = a.config.identity()
+    layout = layout_label(a.config) + (f" (B: {b.config.layout})" if b.config.layout != a.config.layout else "")
     if a.status != "ok" or b.status != "ok":
         status = f"{a.status}→{b.status}"
         if a.status == "ok":
@@ -253,7 +260,7 @@ def _compare_one(a: BenchResult, b: BenchResult, options: CompareOptions) -> Con
             verdict = "improved"
         else:
             verdict = "failed"
-        return ConfigComparison(identity, status, verdict)
+        return ConfigComparison(identity, status, verdict, layout=layout)
 
     throughput = compare_samples(
         a.metrics.step_throughputs(),
@@ -275,7 +282,7 @@ def _compare_one(a: BenchResult, b: BenchResult, options: CompareOptions) -> Con
             break
     else:
         verdict = "same"
-    return ConfigComparison(identity, "ok", verdict, throughput, memory)
+    return ConfigComparison(identity, "ok", verdict, throughput, memory, layout)
 
 
 def compare_paths(a: Sequence[str | Path], b: Sequence[str | Path], options: CompareOptions | None = None) -> CompareReport:

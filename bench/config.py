@@ -124,6 +124,9 @@ class BenchConfig:
         offload: ``none`` or ``optimizer`` (DeepSpeed ZeRO-Offload).
         learning_rate: Peak learning rate; ``None`` = the recipe's for the profile's task and the method. A protocol
             field: it does not change the step time, but decides how many weights a step changes (reported).
+        layout: Where micro-batch, checkpointing, optimizer and offload came from: ``plan`` (phi3v-plan's layout
+            for the card and method, the default on a GPU) or ``recipe`` (the seed's; results written before the
+            choice existed measured it). Not an identity field: the layout's fields are.
         release: Release label of the results folder (``results/<release>/<hardware>/``).
         out: Root folder for result files.
         flops: How MFU's FLOPs are counted: ``analytic`` (:mod:`phi3v_core.flops`, from the shapes, milliseconds)
@@ -150,6 +153,7 @@ class BenchConfig:
     optim: str = "adamw"
     offload: str = "none"
     learning_rate: float | None = None
+    layout: str = "recipe"
     release: str = field(default_factory=default_release)
     out: str = "results"
     flops: str = "analytic"
@@ -233,6 +237,7 @@ class BenchConfig:
         choice("optim", self.optim, OPTIM_NAMES)
         choice("offload", self.offload, OFFLOAD_NAMES)
         choice("flops", self.flops, FLOPS_MODES)
+        choice("layout", self.layout, ("plan", "recipe"))
         if self.attn == "flash_attention_2" and self.precision == "fp32":
             problems.append("attn flash_attention_2 needs bf16 or fp16 (flash-attn has no fp32 kernels); use --precision bf16")
         problems.extend(_model_problems(self.model))

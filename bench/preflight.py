@@ -17,9 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import BenchConfig
+from phi3v_core.errors import ConfigError
 from phi3v_core.fs import FolderLock, describe_os_error, model_folder_problems, writable_problem
 
-__all__ = ["LIMITS", "limit_problems", "one_writer", "package_problems", "preflight_problems", "unsaved_result_error"]
+__all__ = [
+    "LIMITS", "limit_problems", "one_writer", "package_problems", "preflight_problems", "refuse_unusable_gpu",
+    "unsaved_result_error",
+]
 
 #: Upper bounds on the protocol and layout fields, checked before anything runs: a typo such as ``--steps 10**9``
 #: would otherwise start a benchmark that never ends (or a launch of thousands of processes).
@@ -88,9 +92,11 @@ def package_problems(cells: Sequence[BenchConfig]) -> list[str]:
 def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None, *, writes: bool = True) -> list[str]:
     """Every problem that would stop ``cells`` after their measurement, found before it (empty when none).
 
-    Checks the bounds in :data:`LIMITS`, the optional packages the cells need (:func:`package_problems`), each model
-    folder's type and weight headers, and that every result folder (``<out>/<release>/<hardware>``; ``<out>`` when
-    ``hardware`` is None) can be created and written. Creates nothing.
+    Checks the bounds in :data:`LIMITS`, the optional packages the cells need (:func:`package_problems`), that
+    DeepSpeed can build its CPU Adam where a cell offloads the optimizer
+    (:func:`phi3v_core.software.offload_build_problem`), each model folder's type and weight headers, and that
+    every result folder (``<out>/<release>/<hardware>``; ``<out>`` when ``hardware`` is None) can be created and
+    written. Creates nothing.
 
     Args:
         cells: Validated configurations.
@@ -100,6 +106,13 @@ def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None
     from bench.store import result_path
 
     problems = limit_problems(cells) + package_problems(cells)
+    if not problems and any(c.offload == "optimizer" for c in cells):
+        from phi3v_core.software import offload_build_problem
+
+        # DeepSpeed would JIT-build its CPU Adam after the model is built, and fail there with a raw error
+        build = offload_build_problem()
+        if build:
+            problems.append("--" + build)
     for model in dict.fromkeys(c.model for c in cells):
         problems += model_folder_problems(Path(model), f"--model {model}")
     if not writes:
@@ -162,3 +175,12 @@ def unsaved_result_error(result: Any, exc: OSError) -> str:
     except (OSError, ValueError):
         return message + " (the numbers are printed above)"
     return message + f" (the numbers are printed above; a copy of the result is in {copy})"
+
+
+def refuse_unusable_gpu() -> None:
+    """A GPU that NVML sees but torch cannot use is refused before anything is built (never replaced by the CPU)."""
+    from phi3v_core.software import torch_gpu_refusal
+
+    problem = torch_gpu_refusal()
+    if problem:
+        raise ConfigError(problem)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.config import IDENTITY_FIELDS, BenchConfig
+from bench.layout import layout_label
 from bench.reference import load_reference_accuracy, load_reference_speed, reference_hardware_for
 from bench.results import BenchResult
 from phi3v_core.constants import ATTN_NAMES
@@ -203,7 +204,7 @@ def _group_markdown(group: _Group, ref: pd.DataFrame | None, ref_hw: str, images
         base_note = f"the slowest row here ({base.config.cell_id()}), as the seed's 1x row (full, eager) is absent"
 
     header = ["Method", *(f.replace("_", " ") for f in extra), "# nodes", "GPUs", "Attention kernel",
-              "Effective batch", "img/s", "img/s/GPU", "Speed-up", f"Peak GiB ({peak_label})", "MFU"]
+              "Effective batch", "Layout", "img/s", "img/s/GPU", "Speed-up", f"Peak GiB ({peak_label})", "MFU"]
     if ref is not None:
         header += [f"Seed img/s ({ref_hw}, published)", "Seed peak GB (published)"]
     rows, notes = [], []
@@ -219,7 +220,7 @@ def _group_markdown(group: _Group, ref: pd.DataFrame | None, ref_hw: str, images
             cells = ["OOM" if r.status == "oom" else "error", "–", "–", "–", "–"]
             notes.append(f"- `{cfg.cell_id()}`: {r.status}: {r.message}")
         row = [cfg.method, *(_show(getattr(cfg, f)) for f in extra), str(cfg.nodes), str(cfg.world_size),
-               _ATTN_LABEL.get(cfg.attn, cfg.attn), str(cfg.global_batch), *cells]
+               _ATTN_LABEL.get(cfg.attn, cfg.attn), str(cfg.global_batch), layout_label(cfg), *cells]
         if ref is not None:
             seed, reason = seed_match(ref, ref_hw, r)
             row += [f"{seed['img_per_s']:.3f}", f"~{seed['peak_gpu_mem_gb']:g}"] if seed else ["–", "–"]

@@ -70,23 +70,27 @@ class Machine:
         device: First GPU's name, compute capability and flash-attn (``gpu_name=None``: a CPU).
         gpu_count: GPUs this process can see (``CUDA_VISIBLE_DEVICES`` applied).
         memory_bytes: Memory of the first GPU (None on a CPU).
+        bnb: The bitsandbytes library that loads with this torch (None: not installed, or a table machine, whose
+            QLoRA follows the what-if rule).
     """
 
     device: DeviceDescription = dataclasses.field(default_factory=DeviceDescription)
     gpu_count: int = 0
     memory_bytes: float | None = None
+    bnb: Any = None
 
     @classmethod
     def detect(cls, nvml: Any | None = None) -> Machine:
         """This machine, read through NVML (no CUDA context in this process)."""
         from phi3v_core.nvml import visible_devices
+        from phi3v_core.software import bnb_library, torch_cuda_build
 
         device = DeviceDescription.detect()
         if device.gpu_name is None:
             return cls()
         report = visible_devices(nvml)
         memory = report.devices[0].memory_total_bytes if report.devices else None
-        return cls(device, max(1, len(report.devices)), memory)
+        return cls(device, max(1, len(report.devices)), memory, bnb_library(torch_cuda_build()))
 
     @classmethod
     def from_table(cls, gpu: str, count: int = 1, flash_attn_installed: bool = True) -> Machine:
@@ -193,7 +197,8 @@ def _form(cfg: BenchConfig, machine: Machine) -> tuple[str, int | None, str, Any
     from planner.shapes import load_shape
 
     calibration, _constants = _planner()
-    unsupported = qlora_unsupported_reason(machine.device.compute_capability) if get_method(cfg.method).quantized else None
+    cc = machine.device.compute_capability
+    unsupported = qlora_unsupported_reason(cc, machine.bnb) if get_method(cfg.method).quantized else None
     if unsupported:
         return "skipped", None, unsupported, None
     shape = load_shape(cfg.model)

@@ -18,18 +18,21 @@ from typing import Any
 from phi3v_core.constants import supports_bf16, supports_flash_attention
 from phi3v_core.errors import ConfigError
 from phi3v_core.nvml import import_nvml, visible_devices
+from phi3v_core.software import QLORA_MIN_COMPUTE_CAPABILITY, qlora_unsupported_reason
 
 __all__ = [
     "AzureSku",
     "DetectedGpu",
     "Detection",
     "GpuSpec",
+    "QLORA_MIN_COMPUTE_CAPABILITY",
     "architecture_of",
     "azure_skus",
     "detect",
     "find_gpu",
     "gpu_table",
     "match_spec",
+    "qlora_unsupported_reason",
     "supports_bf16",
     "supports_flash_attention",
 ]
@@ -109,28 +112,6 @@ def architecture_of(major: int, minor: int) -> str:
         (7, 0): "Volta",
         (7, 2): "Volta",
     }.get((major, minor), "Pascal" if major == 6 else f"unknown (sm_{major}{minor})")
-
-
-#: Least compute capability for QLoRA (bitsandbytes NF4 weights + LoRA). The public recipe (Microsoft's Phi-3CookBook
-#: fine-tuning guide) says Turing (7.5) or newer; that is bitsandbytes' requirement for LLM.int8() matmuls, which QLoRA
-#: does not use. bitsandbytes' own installation guide (v0.48 to v0.50, "NVIDIA CUDA" table) lists NF4/FP4
-#: quantization at compute capability 6.0+ (Pascal), and its PyPI wheels are built for sm60 and sm70 too - so a V100
-#: (7.0, fp16) runs QLoRA. We follow the library that runs the kernels.
-QLORA_MIN_COMPUTE_CAPABILITY = (6, 0)
-
-
-def qlora_unsupported_reason(cc: tuple[int, int] | None) -> str | None:
-    """Why QLoRA cannot run on a GPU of compute capability ``cc`` (None when it can; see the constant above).
-
-    The one QLoRA support rule: ``phi3v-plan`` and ``phi3v-bench selfcheck`` both ask it.
-    """
-    if cc is None or tuple(cc) >= QLORA_MIN_COMPUTE_CAPABILITY:
-        return None
-    least = ".".join(map(str, QLORA_MIN_COMPUTE_CAPABILITY))
-    return (
-        f"QLoRA needs bitsandbytes NF4 kernels: compute capability {least} or newer (bitsandbytes installation "
-        f"guide); {architecture_of(*cc)} is {cc[0]}.{cc[1]}"
-    )
 
 
 @cache

@@ -7,6 +7,10 @@ Decision rules (each shows up as a reason in the plan):
 * attention: FlashAttention-2 on ≥ 8.0 with 16-bit tensors, else SDPA (its memory-efficient kernel has no S²
   buffers on Volta/Turing either); eager is never recommended;
 * QLoRA needs bitsandbytes NF4 kernels (planner.hardware.qlora_unsupported_reason);
+* on a detected machine only what is installed (:class:`phi3v_core.software.Software`): no FlashAttention-2
+  without flash-attn (the plan says what installing it would gain), QLoRA by the bitsandbytes library that will
+  load with this torch, optimizer offload only where DeepSpeed can build its CPU Adam; a what-if plan (``--gpu``)
+  states what it assumes instead;
 * model states as ``phi3v-finetune`` runs them: full/frozen with DeepSpeed ZeRO-2 (5e7-element buckets, the
   training default) when more than one GPU, plain AdamW with fp32 master weights on one GPU; LoRA/QLoRA with DDP;
 * layout (:mod:`planner.layouts`): micro-batch × accumulation × gradient checkpointing (on/off) × optimizer
@@ -28,9 +32,10 @@ from typing import Any
 from phi3v_core.constants import CONTEXT_LENGTH, ZERO_BUCKET_ELEMENTS
 from phi3v_core.errors import ConfigError, DataError
 from phi3v_core.methods import get_method
+from phi3v_core.software import Software, bnb_arch_range, torch_gpu_problem
 from planner.calibration import Calibration, load_calibration
 from planner.deadline import azure_summary, meet_deadline, misfits
-from planner.estimate import GIB, Workload
+from planner.estimate import GIB, TrainSetup, Workload
 from planner.hardware import (
     Detection,
     azure_skus,
@@ -143,13 +148,20 @@ def _hardware(request: PlanRequest, detection: Detection | None) -> tuple[Hardwa
 
 
 
-def _support_reasons(method: str, hw: Hardware) -> tuple[bool, list[str]]:
-    """Whether the GPU can run ``method`` at all, and the precision/attention notes."""
+def _support_reasons(method: str, hw: Hardware, software: Software | None) -> tuple[bool, list[str]]:
+    """Whether the GPU (and, on a detected machine, its software) can run ``method``, and precision/attention notes."""
     gpu = hw.gpu
     cc = gpu.compute_capability
     reasons: list[str] = []
     supported = True
-    unsupported = qlora_unsupported_reason(cc) if get_method(method).quantized else None
+    unsupported = None
+    if get_method(method).quantized:
+        if software is not None and not software.bitsandbytes:
+            unsupported = "QLoRA needs bitsandbytes, which is not installed here (pip install bitsandbytes)"
+        else:
+            unsupported = qlora_unsupported_reason(cc, software.bnb if software is not None else None)
+        if not unsupported:
+            reasons.extend(_qlora_assumption(cc, software))
     if unsupported:
         supported = False
         reasons.append(unsupported)
@@ -160,6 +172,46 @@ def _support_reasons(method: str, hw: Hardware) -> tuple[bool, list[str]]:
     if not supports_flash_attention(cc):
         reasons.append("FlashAttention-2 needs Ampere+ → SDPA (memory-efficient kernel, no S² buffers)")
     return supported, reasons
+
+
+def _qlora_assumption(cc: tuple[int, int], software: Software | None) -> list[str]:
+    """What a QLoRA plan rests on: the library that loads here, or (what-if) the torch builds whose library runs it."""
+    if software is not None:
+        if software.bnb is None:
+            return ["bitsandbytes: torch here has no CUDA build, so no library to check (assumed to hold this GPU)"]
+        return [f"bitsandbytes loads {software.bnb.describe()} ({software.bnb.source}): it holds this GPU"]
+    builds = []
+    for toolkit, label in (((13, 0), "CUDA 13 (the default torch wheel)"), ((12, 8), "CUDA 12.8"), ((12, 6), "CUDA 12.6")):
+        least, most = bnb_arch_range(toolkit)
+        if least <= cc and (most is None or cc <= most):
+            builds.append(label)
+    return [
+        f"what-if: assumes bitsandbytes with a torch build for {' or '.join(builds)} on the target (bitsandbytes "
+        f"loads the library of torch's CUDA version; CUDA 13's holds compute capability 7.5+ only)"
+    ]
+
+
+def _flash_gain(
+    base: TrainSetup, pick: Candidate, args: tuple[Any, ...], request: PlanRequest, supported: bool
+) -> str:
+    """The reason for SDPA where flash-attn is missing: what installing it would gain, as the planner predicts it."""
+    hw, shape, workload, memory_workload, calibration, traces = args
+    flash = choose(search(replace(base, attn="flash_attention_2"), hw, shape, workload, memory_workload, request,
+                          calibration, traces)) if supported else None  # fmt: skip
+    head = "flash-attn is not installed here → SDPA (PyTorch's fused kernels, no S² buffers)"
+    fix = "pip install flash-attn --no-build-isolation"
+    if flash is None or not pick.layout.fits:
+        return f"{head}; installing it ({fix}) would let the command use --use_flash_attention"
+    speed = (flash.layout.samples_per_s or 0.0) / (pick.layout.samples_per_s or 1.0)
+    saved = (pick.memory.reserved - flash.memory.reserved) / GIB
+    if abs(speed - 1) < 0.005 and abs(saved) < 0.05:
+        gain = (
+            "no predicted speed or memory: the planner models SDPA's fused kernels like FlashAttention-2; the "
+            "recipe's commands use it (--use_flash_attention)"
+        )
+    else:
+        gain = f"a predicted {speed:.2f}x the speed and {saved:+.1f} GiB less reserved peak"
+    return f"{head}; installing it ({fix}) would gain {gain}"
 
 
 def _fit_reason(method: str, hw: Hardware, pick: Candidate, fits: bool, calibration: Calibration) -> str:
@@ -268,7 +320,9 @@ def _plan_method(
     calibration: Calibration,
     traces: dict[bool, dict[str, Any]] | None,
     memory_workload: Workload | None = None,
+    software: Software | None = None,
 ) -> MethodPlan:
+    """One method's plan; ``software`` is the detected machine's (None: what-if hardware, assumptions stated)."""
     from planner.layouts import host_ram_bytes
 
     world = hw.world_size
@@ -276,9 +330,16 @@ def _plan_method(
     hyper = hyperparameters(request.task, method, global_batch)
     hyper["num_crops"] = request.num_crops or task_profiles()["tasks"][request.task]["num_crops"]
     base = setup_for(method, hw.gpu, world, hyper)
-    supported, reasons = _support_reasons(method, hw)
-    candidates = search(base, hw, shape, workload, memory_workload or workload, request, calibration, traces)
-    chosen = choose(candidates) if supported else None
+    flash_missing = software is not None and base.attn == "flash_attention_2" and not software.flash_attn
+    if flash_missing:  # recommend only what is installed
+        base = replace(base, attn="sdpa")
+    supported, reasons = _support_reasons(method, hw, software)
+    search_args = (hw, shape, workload, memory_workload or workload, calibration, traces)
+    candidates = search(base, *search_args[:4], request, *search_args[4:])
+    offload_problem = software.offload_problem if software is not None else None
+    # an offload DeepSpeed cannot build here is never recommended (it would fail after the model is built)
+    offerable = [c for c in candidates if not (offload_problem and c.layout.offload != "none")]
+    chosen = choose(offerable) if supported else None
     fits = chosen is not None
     pick = chosen or candidates[0]  # nothing fits: the plain, checkpointed micro-batch 1 layout
     pick.layout.chosen = fits
@@ -288,7 +349,16 @@ def _plan_method(
         if fits:
             extra, speedup = _layout_reasons(pick, candidates, hw, host_ram_bytes(request, hw)[1])
             reasons.extend(extra)
+        elif offload_problem and any(c.layout.fits and c.layout.offload != "none" for c in candidates):
+            reasons.append(f"an offloaded optimizer would fit, but it cannot be built here: {offload_problem}")
+        if fits and pick.layout.offload != "none" and software is None:
+            reasons.append(
+                "what-if: assumes DeepSpeed can build its CPU Adam on the target (ninja and a C++ compiler, or "
+                "DS_BUILD_CPU_ADAM=1 at install)"
+            )
         reasons.extend(_retention_reasons(candidates, chosen, float(hyper["learning_rate"])))
+    if flash_missing:
+        reasons.append(_flash_gain(base, pick, search_args, request, supported))
     setup = pick.setup
     effective = setup.micro_batch * setup.grad_accum * world
     if setup.zero == 2 and not setup.offload_optimizer:
@@ -403,6 +473,14 @@ def _why(methods: list[MethodPlan], request: PlanRequest) -> tuple[str | None, l
     return recommended, why
 
 
+def _torch_notes(detection: Detection, software: Software) -> list[str]:
+    """A warning when this machine's torch cannot use the detected GPUs (the commands would be refused)."""
+    problem = torch_gpu_problem(
+        detection.count, detection.driver, detection.cuda_driver, software.torch_cuda, cuda_available=None
+    )
+    return [f"phi3v-finetune will refuse until this is fixed: {problem}"] if problem else []
+
+
 def _traces_for(request: PlanRequest, method: str, hw: Hardware, workload: Workload) -> dict[bool, dict[str, Any]]:
     """MemTracker traces of the method's step with checkpointing on and off (``--trace``)."""
     from planner.trace import trace_activations
@@ -417,6 +495,7 @@ def plan(
     nvml: ModuleType | Any | None = None,
     detection: Detection | None = None,
     calibration: Calibration | None = None,
+    software: Software | None = None,
 ) -> Plan:
     """Plan fine-tuning for the requested or detected hardware.
 
@@ -425,6 +504,8 @@ def plan(
         nvml: NVML module to detect with (tests pass a fake); ignored when ``request.gpu`` is set.
         detection: A ready detection result (skips NVML).
         calibration: Calibration to use (default: :func:`planner.calibration.load_calibration`).
+        software: What is installed on the detected machine (default: :meth:`Software.detect`); ignored for
+            what-if hardware (``request.gpu``), whose plan states its assumptions instead.
 
     Raises:
         ConfigError: Invalid request, or no GPU detected and none named.
@@ -434,6 +515,18 @@ def plan(
         detection = detect(nvml)
     calibration = calibration or load_calibration(request.reference_dir)
     hw, notes = _hardware(request, detection)
+    if request.gpu:
+        software = None
+    else:
+        software = software or Software.detect()
+        assert detection is not None
+        notes.extend(_torch_notes(detection, software))
+    if software is None and supports_flash_attention(hw.gpu.compute_capability):
+        notes.append(
+            "what-if hardware: the commands assume flash-attn is installed there (pip install flash-attn "
+            "--no-build-isolation); without it, replace --use_flash_attention by --attn sdpa (the same predicted "
+            "memory and speed)"
+        )
     shape = load_shape(request.model)
     workload = _workload(request, shape)
     profile, memory_workload, request = _profile(request, shape, notes)
@@ -450,7 +543,9 @@ def plan(
             trace_info[f"{method} (no checkpointing)"] = {
                 k: v for k, v in traces[False].items() if k not in ("peak", "dynamic_snapshot")
             }
-        methods.append(_plan_method(method, hw, shape, workload, request, calibration, traces, memory_workload))
+        methods.append(
+            _plan_method(method, hw, shape, workload, request, calibration, traces, memory_workload, software)
+        )
     recommended, why = _why(methods, request)
     if hw.gpu.detected:
         notes.append(f"GPU not in the table: {hw.gpu.source}")
@@ -458,7 +553,7 @@ def plan(
         notes.append("ucf101 trains from converted frames: add --data_dir (the output of phi3v-convert) to the command")
     deadline = None
     if request.deadline_hours is not None:
-        deadline = meet_deadline(request, lambda r: plan(r, detection=detection, calibration=calibration))
+        deadline = meet_deadline(request, lambda r: plan(r, detection=detection, calibration=calibration, software=software))
     data = None
     if profile is not None:
         data = profile.to_dict()

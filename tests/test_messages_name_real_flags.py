@@ -19,6 +19,7 @@ OTHER_TOOLS = {
     "--no-build-isolation", "--gpus", "--ipc", "--shm-size", "--deepspeed", "--local_rank", "--local-rank",
     "--runxfail", "--gpu-ids", "--format", "--query-gpu", "--help", "--local-dir", "--ntasks-per-node",
     "--porcelain", "--untracked-files", "--no-optional-locks",
+    "--version",  # the C++ compiler check before DeepSpeed JIT-builds CPU Adam (c++ --version)
     "--config",  # the training launcher's own entry point (python -m phi3v_core.training.launch --config run.json)
     "--layers",  # selfcheck's per-check worker (python -m bench.selfcheck --config ... --layers N)
 }  # fmt: skip

@@ -31,7 +31,7 @@ from phi3v_core.constants import (
     RecipePreset,
     load_recipe,
 )
-from phi3v_core.errors import raise_all
+from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.fs import model_folder_problems
 from phi3v_core.methods import METHOD_NAMES, METHODS
 
@@ -472,6 +472,14 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
     Raises:
         ConfigError: Every problem with the flags on this machine, in one message.
     """
+    if env is None:
+        from phi3v_core.software import torch_gpu_refusal
+
+        # before anything else (even importing the training stack: tens of seconds on a busy host): every later
+        # check (bf16, flash attention, memory) would judge the CPU instead of the GPU
+        refusal = torch_gpu_refusal()
+        if refusal:
+            raise ConfigError(refusal)
     from phi3v_core.training import Machine, TrainConfig
 
     resolver = _Resolver(args, env or Machine.detect())

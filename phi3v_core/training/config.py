@@ -33,6 +33,7 @@ from phi3v_core.constants import (
 )
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHODS, MethodOptions, get_method
+from phi3v_core.software import BnbLibrary, bnb_library, offload_build_problem, qlora_unsupported_reason
 from phi3v_core.training.distributed_env import distributed_env_problems, env_int
 
 __all__ = [
@@ -63,6 +64,9 @@ class Machine:
         flash_attn: The ``flash_attn`` package is importable.
         deepspeed: The ``deepspeed`` package is importable.
         bitsandbytes: The ``bitsandbytes`` package is importable.
+        bnb: The CUDA library bitsandbytes will load with this torch (:func:`phi3v_core.software.bnb_library`;
+            None: unknown, no CUDA, or not installed).
+        offload_problem: Why DeepSpeed could not build its CPU Adam here (None: it can, or not checked).
     """
 
     cuda: bool = False
@@ -72,11 +76,14 @@ class Machine:
     flash_attn: bool = False
     deepspeed: bool = True
     bitsandbytes: bool = True
+    bnb: BnbLibrary | None = None
+    offload_problem: str | None = None
 
     @classmethod
     def detect(cls) -> Machine:
         """Probe this machine and process (no CUDA context is created beyond the capability query)."""
         cuda = torch.cuda.is_available()
+        bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
         return cls(
             cuda=cuda,
             capability=torch.cuda.get_device_capability(0) if cuda else None,
@@ -84,7 +91,9 @@ class Machine:
             world_size=max(env_int("WORLD_SIZE", 1), 1),  # a malformed value is reported by distributed_env_problems
             flash_attn=importlib.util.find_spec("flash_attn") is not None,
             deepspeed=importlib.util.find_spec("deepspeed") is not None,
-            bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
+            bitsandbytes=bitsandbytes,
+            bnb=bnb_library(torch.version.cuda) if cuda and bitsandbytes else None,
+            offload_problem=offload_build_problem(),
         )
 
 
@@ -401,8 +410,14 @@ class TrainConfig:
         if self.precision == "fp16" and not env.cuda:
             # accelerate turns fp16 off on CPU without a word (no autocast, no loss scaling): the run would be fp32.
             out.append("precision fp16 (AMP with loss scaling) needs a CUDA GPU; on CPU use bf16 or fp32")
-        if self.method in METHODS and get_method(self.method).quantized and not env.bitsandbytes:
+        quantized = self.method in METHODS and get_method(self.method).quantized
+        if quantized and not env.bitsandbytes:
             out.append(f"method {self.method} needs bitsandbytes (pip install bitsandbytes)")
+        elif quantized and env.cuda:
+            # the planner's rule: the bitsandbytes library that loads with this torch must hold this GPU
+            unsupported = qlora_unsupported_reason(env.capability, env.bnb)
+            if unsupported:
+                out.append(unsupported)
         if self.method in METHODS and self.uses_deepspeed(env.world_size) and not env.deepspeed:
             out.append("deepspeed is enabled but not installed (pip install deepspeed); or set deepspeed=False")
         return out
@@ -483,6 +498,8 @@ class TrainConfig:
                 out.append(f"offload optimizer steps with DeepSpeed's CPU Adam; drop optim {self.optim} (use adamw)")
             if not env.deepspeed:
                 out.append("offload optimizer needs deepspeed (pip install deepspeed)")
+            elif env.offload_problem:
+                out.append(env.offload_problem)
         return out
 
     def _checkpoint_problems(self) -> list[str]:

@@ -76,7 +76,8 @@ def test_cli_no_regression_exit_zero_and_markdown(two_releases, capsys) -> None:
     base, _ = two_releases
     assert main(["compare", str(base), str(base), "--markdown"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("| method | img/s A | img/s B | Δ img/s |")
+    assert out.startswith("| method | layout | img/s A | img/s B | Δ img/s |")
+    assert "| recipe: micro-batch 1 × " in out  # the layout each side measured
     assert "2 matched, 0 regressed" in out
 
 

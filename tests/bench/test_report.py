@@ -34,11 +34,12 @@ def test_report_markdown_and_pngs(tmp_path, a100_results) -> None:
     md = paths[0].read_text()
     assert paths[0].name == "report.md"
     assert "## v1 · 8xA100-SXM4-80GB" in md
-    assert ("| Method | precision | # nodes | GPUs | Attention kernel | Effective batch | img/s | img/s/GPU | Speed-up |"
-            in md)
+    assert ("| Method | precision | # nodes | GPUs | Attention kernel | Effective batch | Layout | img/s | img/s/GPU | "
+            "Speed-up |" in md)
     # Our full/1 node/eager row is 1.00x and sits beside the published 5.041 img/s, ~42 GB row.
     full_row = next(line for line in md.splitlines() if line.startswith("| full | fp16 | 1 | 8 | eager |"))
     assert "| 1.00x |" in full_row and "| 5.041 | ~42 |" in full_row
+    assert "| recipe: micro-batch " in full_row and "checkpointing on, adamw |" in full_row  # the layout measured
     lora_row = next(line for line in md.splitlines() if line.startswith("| lora |"))
     assert "| 12.127 | ~16 |" in lora_row and "| flash-attn 2 |" in lora_row
     assert "spec/" not in md and "recipe.md" not in md  # no files users do not have
