@@ -198,9 +198,9 @@ def test_a_check_times_its_steps_like_the_worker(monkeypatch: pytest.MonkeyPatch
     assert [r.step for r in window.timed_records()] == [2, 3]  # after one warmup step
 
 
-def _run_selfcheck_json() -> tuple[int, dict]:
+def _run_selfcheck_json(*args: str) -> tuple[int, dict]:
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "bench.cli", "selfcheck", "--json"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "selfcheck", "--json", *args], capture_output=True, text=True,
                           timeout=HANG_GUARD_S, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]  # exactly one JSON object on stdout
@@ -222,8 +222,11 @@ def _assert_report(code: int, report: dict, methods: set[str]) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU variant; the gpu test covers CUDA")
 def test_selfcheck_json_on_cpu() -> None:
-    code, report = _run_selfcheck_json()
+    # Two checked steps instead of the default three (each check: warmup, 2 steps, the memory step): the loss still
+    # has to fall on every method, and the --steps option reaches the checks.
+    code, report = _run_selfcheck_json("--steps", "2")
     _assert_report(code, report, set(METHODS))
+    assert all(len(check["losses"]) == 4 for check in report["checks"])
     assert report["model"] == "tiny"
     for check in report["checks"]:
         assert abs(check["memory_error_pct"]) <= 10.0
@@ -276,28 +279,29 @@ def test_skipped_checks_need_a_reason_and_something_must_run() -> None:
 
 
 @pytest.mark.slow
-def test_a_reduced_check_trains_the_reduced_model() -> None:
-    """A depth-reduced check builds the preset with fewer decoder layers through the real training path."""
-    from bench.selfcheck import run_check
-    from phi3v_core.config import MODEL_PRESETS
+def test_a_reduced_check_runs_in_its_own_process_and_trains_the_reduced_model() -> None:
+    """The path CUDA takes (one process per check, ``--layers`` for a depth-reduced one), on the tiny model.
+
+    One check covers both: the child builds the preset with fewer decoder layers through the real training path.
+    """
+    from bench.selfcheck import run_check_isolated
+    from bench.selfcheck_plan import PlannedCheck
 
     cfg = plan_checks(DeviceDescription(), steps=2)[0].config  # full fine-tuning of the tiny model (2 layers)
-    check = run_check(cfg, layers=1)
-    assert (check.status, check.form, check.decoder_layers) == ("ok", "reduced", 1), check
+    check = run_check_isolated(PlannedCheck(cfg, "reduced", 1, "test: 1 of 2 decoder layers"))
+    assert (check.method, check.status, check.form, check.decoder_layers) == ("full", "ok", "reduced", 1), check
+    assert check.losses[-1] < check.losses[0]
     # The planner's 1-layer prediction matches what was measured: the model really had one layer.
     assert abs(check.memory_error_pct) <= 10
-    assert not any(name.endswith("-layers") for name in MODEL_PRESETS)  # the temporary preset is gone
 
 
-@pytest.mark.slow
-def test_isolated_check_runs_in_its_own_process() -> None:
-    # The path CUDA takes (one process per check), exercised on the tiny model.
-    from bench.selfcheck import run_check_isolated
+def test_the_reduced_preset_exists_only_inside_its_block() -> None:
+    from bench.selfcheck import reduced_preset
+    from phi3v_core.config import MODEL_PRESETS, get_config
 
-    cfg = plan_checks(DeviceDescription(), steps=2)[2]
-    check = run_check_isolated(cfg)
-    assert (check.method, check.status) == ("lora", "ok"), check
-    assert check.losses[-1] < check.losses[0] and abs(check.memory_error_pct) <= 10
+    with reduced_preset("tiny", 1) as name:
+        assert get_config(name).num_hidden_layers == 1 and get_config("tiny").num_hidden_layers == 2
+    assert name not in MODEL_PRESETS and not any(key.endswith("-layers") for key in MODEL_PRESETS)
 
 
 def test_mfu_flops_of_a_reduced_model_are_counted_for_its_depth(tmp_path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -145,25 +146,91 @@ def test_eager_trace_matches_recorded_evidence(tmp_path):
     assert traced == pytest.approx(closed.allocated / 2**30, rel=0.05)
 
 
-@pytest.mark.slow
-def test_eager_allocator_replay_matches_recorded_evidence():
-    """Re-run the recorded allocator replay of the recipe's LoRA no-FA row (two optimizer steps, ~1-2 min)."""
+def _replay_row(model: str, shape, label: str) -> dict:
+    """``allocation_replay`` of calibration row ``label`` on ``model``, with the recorded evidence's samples and steps."""
     import planner
     from planner.calibration import load_calibration
 
-    shape = load_shape("phi-3-vision")
     recorded = json.loads((Path(planner.__file__).parent / "data" / "calibration.json").read_text())
     replay_evidence = recorded["memory_trace_evidence"]["allocator_replay"]
-    label = "8xA100-80GB x1 lora no FA"
     row = next(r for r in load_calibration().rows if r.label == label)
     workloads = [
         Workload.from_images(shape, 16, (336 * cols, 336 * rows), text_tokens=66)
         for rows, cols in replay_evidence["grids"]
     ]
-    replay = allocation_replay(
-        "phi-3-vision", row.setup(), workloads, grad_accum=replay_evidence["grad_accum"], steps=replay_evidence["steps"]
+    return allocation_replay(
+        model, row.setup(), workloads, grad_accum=replay_evidence["grad_accum"], steps=replay_evidence["steps"]
     )
-    assert replay["ratio"] == pytest.approx(replay_evidence["rows"][label]["ratio"], abs=0.02)
-    assert replay["peak_allocated"] / 2**30 == pytest.approx(
-        replay_evidence["rows"][label]["peak_allocated_gib"], rel=0.02
+
+
+#: ``allocation_replay`` of the LoRA no-FA row on a depth-reduced phi-3-vision (2 of 32 decoder layers, 2 of 24 CLIP
+#: layers; widths, vocabulary, samples, 2 x 8 micro-steps as in calibration.json's evidence), recorded 2026-12-07 with
+#: torch 2.13.0+cpu / transformers 5.24.0 / peft 0.21.2 by the same code that recorded the full-size evidence. The
+#: fixed parts (embeddings, head, projector, pixels) weigh more at this depth, hence the higher ratio than full size.
+REDUCED_REPLAY = {"peak_allocated": 5312027648, "peak_reserved": 9045016576, "ratio": 1.7027}
+
+
+def _reduced_copy(folder: Path, layers: int, vision_layers: int) -> str:
+    """A checkpoint folder (config only) of phi-3-vision with ``layers`` decoder and ``vision_layers`` CLIP layers."""
+    from phi3v_core.config import official_preset
+
+    folder.mkdir()
+    config = official_preset("phi-3-vision")["config"]
+    (folder / "config.json").write_text(
+        json.dumps({**config, "num_hidden_layers": layers, "vision_config": {"num_hidden_layers": vision_layers}})
     )
+    assert load_shape(str(folder)).num_layers == layers
+    return str(folder)
+
+
+def test_allocator_replay_of_reduced_copies_matches_the_recorded_evidence(tmp_path):
+    """The allocator replay of the recipe's LoRA no-FA row on depth-reduced copies of the real model (~45 CPU-s).
+
+    The same product path as the full-size evidence (a checkpoint folder read by ``load_shape``/``get_config``, the
+    real model on fake tensors, every allocation of 16 micro-steps through the allocator model); only the number of
+    identical layers differs. Checked: the 2+2-layer copy reproduces its recorded peaks and reserved/allocated ratio,
+    and the allocated peak, linear in the layer counts (identical layers), extrapolated from one more decoder layer
+    and one more CLIP layer to 32 + 24 layers, matches the full-size evidence in calibration.json. The reserved peak
+    does not extrapolate (cached blocks are reused across identical layers, so it grows less than linearly); the
+    full-size ratio is re-measured by the next test when asked for.
+    """
+    import planner
+    from phi3v_core.config import CLIP_VIT_L14_336
+
+    label = "8xA100-80GB x1 lora no FA"
+    shape = load_shape("phi-3-vision")
+    replays = {
+        (layers, vision): _replay_row(_reduced_copy(tmp_path / f"{layers}-{vision}", layers, vision), shape, label)
+        for layers, vision in ((2, 2), (3, 2), (2, 3))
+    }
+    base = replays[2, 2]
+    assert base["ratio"] == pytest.approx(REDUCED_REPLAY["ratio"], abs=0.02)
+    assert base["peak_allocated"] == pytest.approx(REDUCED_REPLAY["peak_allocated"], rel=0.02)
+    assert base["peak_reserved"] == pytest.approx(REDUCED_REPLAY["peak_reserved"], rel=0.02)
+    per_layer = replays[3, 2]["peak_allocated"] - base["peak_allocated"]
+    per_vision_layer = replays[2, 3]["peak_allocated"] - base["peak_allocated"]
+    assert per_layer > 0 and per_vision_layer > 0
+    full_size = (
+        base["peak_allocated"]
+        + (shape.num_layers - 2) * per_layer
+        + (CLIP_VIT_L14_336["num_hidden_layers"] - 2) * per_vision_layer
+    )
+    recorded = json.loads((Path(planner.__file__).parent / "data" / "calibration.json").read_text())
+    evidence = recorded["memory_trace_evidence"]["allocator_replay"]["rows"][label]
+    assert full_size / 2**30 == pytest.approx(evidence["peak_allocated_gib"], rel=0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("PHI3V_FULL_REPLAY"),
+    reason="full-size allocator replay (~6 CPU-min): set PHI3V_FULL_REPLAY=1; the reduced copy is replayed above",
+)
+def test_eager_allocator_replay_matches_recorded_evidence():
+    """Re-run the recorded allocator replay of the recipe's LoRA no-FA row at full size (two optimizer steps)."""
+    import planner
+
+    recorded = json.loads((Path(planner.__file__).parent / "data" / "calibration.json").read_text())
+    evidence = recorded["memory_trace_evidence"]["allocator_replay"]["rows"]["8xA100-80GB x1 lora no FA"]
+    replay = _replay_row("phi-3-vision", load_shape("phi-3-vision"), "8xA100-80GB x1 lora no FA")
+    assert replay["ratio"] == pytest.approx(evidence["ratio"], abs=0.02)
+    assert replay["peak_allocated"] / 2**30 == pytest.approx(evidence["peak_allocated_gib"], rel=0.02)
