@@ -25,10 +25,15 @@ GPU_BUDGET_S = 180.0
 
 
 def gpu_estimate_s(item: pytest.Item) -> float | None:
-    """A GPU test's estimated seconds on one H100: ``@pytest.mark.gpu(seconds=N)`` (None when it states none)."""
+    """A GPU test's estimated seconds on one H100: ``@pytest.mark.gpu(seconds=N)`` (None when it states none).
+
+    A test that needs several GPUs (``@pytest.mark.gpu(seconds=N, gpus=2)``) skips on one H100: 0 there.
+    """
     marker = item.get_closest_marker("gpu")
     seconds = marker.kwargs.get("seconds") if marker is not None else None
-    return float(seconds) if seconds is not None else None
+    if seconds is None:
+        return None
+    return 0.0 if int(marker.kwargs.get("gpus", 1)) > 1 else float(seconds)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -76,7 +76,7 @@ def test_the_layout_is_recorded_in_the_result_and_old_results_read_as_recipe():
     assert layout_label(result.config) == "plan: micro-batch 2 × 4, checkpointing off, adamw"
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(seconds=2)  # the planner and the bench's config, no model
 def test_on_this_gpu_the_default_run_is_the_plans_layout():
     """On a real GPU (no model built): the default run's layout is phi3v-plan's for this card and method."""
     cfg, _reasons = _config("--method", "lora", device=DeviceDescription.detect())

@@ -103,7 +103,7 @@ def test_selfcheck_pins_its_single_process_checks(monkeypatch: pytest.MonkeyPatc
     assert "CUDA_VISIBLE_DEVICES" not in two_env and "--nproc_per_node=2" in two_cmd
 
 
-@pytest.mark.gpu(seconds=20)  # a fresh `phi3v-bench run` of the tiny model (counted though it skips on one GPU)
+@pytest.mark.gpu(seconds=20, gpus=2)  # a fresh `phi3v-bench run` of the tiny model; skips on one GPU
 def test_a_single_process_run_works_on_a_multi_gpu_node(tmp_path: Path) -> None:
     """``phi3v-bench run --gpus 1`` on a node with >= 2 visible GPUs trains on one of them (no refusal).
 

@@ -78,7 +78,7 @@ def test_hidden_gpus_run_on_the_cpu_on_purpose(monkeypatch):
     assert torch_gpu_refusal() is not None
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(seconds=1)  # NVML and torch's version, no model
 def test_a_usable_gpu_is_not_refused():
     """On a GPU machine whose torch works, NVML and torch agree: the guard stays silent (seconds, no model)."""
     from phi3v_core.software import torch_gpu_refusal

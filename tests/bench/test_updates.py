@@ -120,7 +120,7 @@ def test_bench_trains_at_the_recipe_rate_unless_told() -> None:
     assert BenchConfig(learning_rate=2e-5, release="t").cell_id() == BenchConfig(release="t").cell_id()
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(seconds=5)  # the tiny model, a few full fine-tuning steps in this process
 @pytest.mark.parametrize(("optim", "keeps"), [("adamw_8bit_fp32_master", True), ("adamw_8bit", False)])
 def test_bitsandbytes_cuda_kernels_keep_or_lose_the_steps_as_predicted(tmp_path: Path, optim: str, keeps: bool) -> None:
     # Only a GPU can tell: bitsandbytes' CUDA 8-bit AdamW is another kernel than its CPU one (rounding included).

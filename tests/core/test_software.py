@@ -139,7 +139,7 @@ def test_torch_gpu_problem_names_both_versions_and_the_fix(torch_cuda, available
     assert torch_gpu_problem(0, None, None, None, False) is None  # no GPU seen: nothing to refuse
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(seconds=3)  # one 256 x 256 NF4 round trip (bitsandbytes' library load included)
 def test_the_qlora_rule_matches_what_bitsandbytes_runs_on_this_gpu():
     """Where the rule says yes, bitsandbytes' NF4 kernel runs here; where it says no, it fails (seconds, no model)."""
     import torch

@@ -165,7 +165,7 @@ def test_detected_plan_warns_when_torch_cannot_use_the_gpu(fake_nvml):
     assert not any("refuse" in n for n in plan(PlanRequest(methods=("lora",)), nvml=fake_nvml("hopper"), software=COMPLETE).notes)
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(seconds=2)  # one plan on the detected card, no model
 def test_the_detected_plan_on_this_gpu_asks_only_for_installed_kernels():
     """On a real GPU: the plan's command uses flash attention exactly where phi3v-finetune can run it (no model)."""
     from phi3v_core.device import flash_attention_usable
