@@ -287,6 +287,10 @@ class BenchConfig:
         applied before any measurement (offload with LoRA, offload with 8-bit AdamW, ...). Imports torch."""
         if self.problems():
             return []  # the field problems are reported first
+        from phi3v_core.fs import model_folder_problems
+
+        if Path(self.model).is_dir() and model_folder_problems(Path(self.model), "--model"):
+            return []  # the preflight names what is wrong with the folder itself (model type, weight headers)
         from phi3v_core.training.config import Machine
         from phi3v_core.training.workload import to_train_config
 
