@@ -83,3 +83,4 @@ def test_recovery_racing_a_writer_leaves_the_old_run_or_the_writers_folder_never
             assert "writer.txt" in r["files"], (trial, r)  # the writer's work is in the folder it locked
         else:
             assert "writer.txt" not in r["files"] and r["out"][1].startswith("refused: "), (trial, r)
+            assert "is recovering the interrupted killed" in r["out"][1], (trial, r)  # not "being replaced by" a dead pid
