@@ -314,6 +314,12 @@ class FolderLock:
         if not self.beside and recovering:
             recover(self.folder)
             live = live_transaction(self.folder)
+            if live is not None and isinstance(live.get("pid"), int) and not process_alive(live["pid"]):
+                # The journal is locked by a command recovering it, not by its (dead) owner.
+                raise StorageError(
+                    f"{self.flag} {self.folder}: another command is recovering the interrupted {live.get('command')} "
+                    f"(pid {live.get('pid')}, ended) on it: one writer per folder; run this again in a moment"
+                )
             if live is not None:
                 raise StorageError(
                     f"{self.flag} {self.folder} is being replaced by pid {live.get('pid')} ({live.get('command')}): "

@@ -38,6 +38,7 @@ class Sample:
     where: str
     image_sizes: tuple[tuple[int, int], ...]
     text_tokens: int
+    record_id: str = ""
 
     def workload(self, shape: ModelShape, num_crops: int) -> Workload:
         """Tokens and real crops of this sample at ``num_crops`` (the processor's arithmetic)."""
@@ -141,7 +142,7 @@ def profile_data(
         text = SAMPLE_TOKENS + sum(
             TURN_TOKENS + count(turn.user) + count(turn.assistant) for turn in record.conversations
         )
-        samples.append(Sample(f"{result.path}:{line}", images, text))
+        samples.append(Sample(f"{result.path}:{line}", images, text, record.id))
     workloads = [s.workload(shape, num_crops) for s in samples]
     lengths = [w.seq_len for w in workloads]
     ordered = sorted(lengths)

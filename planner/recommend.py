@@ -30,7 +30,8 @@ from types import ModuleType
 from typing import Any
 
 from phi3v_core.constants import CONTEXT_LENGTH, ZERO_BUCKET_ELEMENTS
-from phi3v_core.errors import ConfigError, DataError
+from phi3v_core.data.seqlen import too_long_error
+from phi3v_core.errors import ConfigError
 from phi3v_core.methods import get_method
 from phi3v_core.software import Software, bnb_arch_range, torch_gpu_problem
 from planner.calibration import Calibration, load_calibration
@@ -422,14 +423,18 @@ def _profile(request: PlanRequest, shape: ModelShape, notes: list[str]) -> tuple
     return profile, memory_workload, request
 
 
-def _refuse_past_the_context(request: PlanRequest, workload: Workload, longest: Workload | None, profile: Any) -> None:
+def _refuse_past_the_context(
+    request: PlanRequest, workload: Workload, longest: Workload | None, profile: Any, shape: ModelShape
+) -> None:
     """The rule finetune and ``phi3v-convert check`` apply: no sample longer than the model's context is trained."""
     if longest is not None and longest.seq_len > CONTEXT_LENGTH:
-        where = profile.samples[profile.longest].where
-        raise DataError(
-            f"--data {request.data_dir}: {where} is {longest.seq_len:,} tokens, more than the model's context "
-            f"({CONTEXT_LENGTH:,}); phi3v-finetune refuses it: shorten the record or lower --num-crops"
-        )
+        # The error finetune and check raise (phi3v_core.data.seqlen.too_long_error), with each record's file:line.
+        too_long = [
+            f"record {sample.record_id!r} ({sample.where}): {w.seq_len} tokens ({w.image_tokens} image)"
+            for sample in profile.samples
+            if (w := sample.workload(shape, profile.num_crops)).seq_len > CONTEXT_LENGTH
+        ]
+        raise too_long_error(f"jsonl:{request.data_dir}", too_long, CONTEXT_LENGTH)
     if workload.seq_len > CONTEXT_LENGTH:
         given = f"--seq-len {request.seq_len}" if request.seq_len else f"{workload.seq_len:,} tokens per sample"
         raise ConfigError(
@@ -532,7 +537,7 @@ def plan(
     profile, memory_workload, request = _profile(request, shape, notes)
     if profile is not None:
         workload = profile.mean_workload
-    _refuse_past_the_context(request, workload, memory_workload, profile)
+    _refuse_past_the_context(request, workload, memory_workload, profile, shape)
     trace_info: dict[str, Any] | None = {} if request.use_trace else None
     methods = []
     for method in request.methods:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Literal
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from phi3v_core.errors import DataError
 from phi3v_core.fs import check_regular_file
@@ -188,6 +188,19 @@ def _pil_limit_lifted(needed: bool) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = saved
 
 
+def _external_decoder(image: Image.Image) -> str | None:
+    """The outside program a format needs to decode (EPS: Ghostscript; stub formats: a registered handler), or None.
+
+    Header checks (``phi3v-plan --data``) and full decodes (``phi3v-convert check``, finetune) must refuse the same
+    files: such a header reads fine while its pixels decode only where that program happens to be installed.
+    """
+    if image.format in ("EPS", "PS"):
+        return "Ghostscript"
+    if isinstance(image, ImageFile.StubImageFile):
+        return "a separately registered handler"
+    return None
+
+
 def _open_checked(path: Path, max_pixels: int) -> Image.Image:
     """Open lazily (header only) and enforce ``max_pixels``; the caller decodes and closes."""
     if not path.exists():
@@ -215,6 +228,13 @@ def _open_checked(path: Path, max_pixels: int) -> Image.Image:
         raise ImageProblem(f"cannot read the file ({exc.strerror}); fix its permissions") from None
     except OSError as exc:
         raise ImageProblem(f"cannot open the image ({exc}); replace the file or remove the record") from None
+    external = _external_decoder(image)
+    if external:
+        image.close()
+        raise ImageProblem(
+            f"{image.format} image: its pixels decode only through {external}, an outside program that may not be installed; "
+            "convert it to PNG or JPEG"
+        )
     width, height = image.size
     if width * height > max_pixels:
         image.close()

@@ -8,12 +8,19 @@ and the formula live in :mod:`phi3v_core.constants`; this module applies them to
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from phi3v_core.constants import hd_padded_height_width, image_token_count_for_size
 from phi3v_core.data.records import Record, image_size
+from phi3v_core.errors import DataError
 
-__all__ = ["hd_padded_height_width", "image_token_count_for_size", "mean_image_tokens", "record_image_tokens"]
+__all__ = [
+    "hd_padded_height_width",
+    "image_token_count_for_size",
+    "mean_image_tokens",
+    "record_image_tokens",
+    "too_long_error",
+]
 
 
 def record_image_tokens(record: Record, num_crops: int) -> int:
@@ -26,3 +33,20 @@ def mean_image_tokens(sizes: Iterable[tuple[tuple[int, int], float]], num_crops:
     pairs = list(sizes)
     total = sum(w for _, w in pairs)
     return sum(image_token_count_for_size(wd, ht, num_crops) * w for (wd, ht), w in pairs) / total
+
+
+def too_long_error(origin: str, too_long: Sequence[str], max_length: int) -> DataError:
+    """The one refusal of records longer than ``max_length`` tokens (finetune, ``phi3v-convert check``, ``phi3v-plan
+    --data`` all raise it, so the three name the same records with the same reason and fixes).
+
+    Args:
+        origin: Where the records came from (a data folder, a jsonl file).
+        too_long: One ``record 'id': N tokens (M image)`` per offender, with its ``file:line`` where known.
+        max_length: The limit (``--max_length``, default the model context).
+    """
+    shown = "; ".join(too_long[:3]) + (f"; and {len(too_long) - 3} more" if len(too_long) > 3 else "")
+    return DataError(
+        f"{origin}: {len(too_long)} training record(s) longer than --max_length {max_length} ({shown}); "
+        "records are never truncated: shorten them, lower --num_crops, or raise --max_length (up to the "
+        "model context)"
+    )

@@ -10,7 +10,6 @@ missing, cut off, of another size or content than the manifest says, a step that
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -50,20 +49,26 @@ def file_digest(path: Path) -> str:
 
 
 def data_fingerprint(records: Iterable[Any]) -> str:
-    """The training data's identity by content: every record's id and text, and each image's bytes or file size.
+    """The training data's identity by content: every record's id and text, and each image's bytes.
 
-    Image files count by path, size and modification time (hashing every image would read the whole data set on
-    each start); in-memory images (synthetic data) by their pixels. Recorded with the run and compared on resume: a
-    different data set (``--synthetic 24`` after 16, an edited jsonl) is refused instead of resumed silently.
+    Image files count by their bytes (:func:`file_digest`, streamed, each distinct file once): an image edited in
+    place to the same size, or copied over with its modification time kept, is a different data set. In-memory images
+    (synthetic data) count by their pixels. Recorded with the run and compared on resume: a different data set
+    (``--synthetic 24`` after 16, an edited jsonl or image) is refused instead of resumed silently.
     """
     digest = hashlib.blake2b(digest_size=16)
+    file_digests: dict[str, str] = {}  # a frame or page shared by several records is read once
     for record in records:
         digest.update(json.dumps([record.id, [[t.user, t.assistant] for t in record.conversations]]).encode())
         for image in record.images:
             if isinstance(image, (str, os.PathLike)):
-                with contextlib.suppress(OSError):
-                    info = os.stat(image)
-                    digest.update(f"{os.fspath(image)}:{info.st_size}:{info.st_mtime_ns}".encode())
+                name = os.fspath(image)
+                if name not in file_digests:
+                    try:
+                        file_digests[name] = file_digest(Path(name))
+                    except OSError as exc:  # the reader reports unreadable images; the identity just records it
+                        file_digests[name] = f"unreadable:{exc.errno}"
+                digest.update(f"{name}:{file_digests[name]}".encode())
             elif hasattr(image, "tobytes"):
                 digest.update(f"{image.mode}:{image.size}".encode() + image.tobytes())
             else:  # a lazily decoded image (a video frame): its stable name and size

@@ -28,7 +28,7 @@ from typing import Any
 
 from phi3v_core.constants import MODEL_PRESET_NAMES
 from phi3v_core.device import local_device
-from phi3v_core.errors import DataError, raise_all
+from phi3v_core.errors import raise_all
 from phi3v_core.fs import (
     LOCK_NAME,
     FolderLock,
@@ -340,23 +340,19 @@ def check_sequence_lengths(task: Any, processor: Any, max_length: int) -> None:
     Raises:
         DataError: Naming the first records that are too long and the fixes.
     """
-    from phi3v_core.data.seqlen import record_image_tokens
+    from phi3v_core.data.seqlen import record_image_tokens, too_long_error
 
     tokenizer = processor.tokenizer
     too_long = []
     for record in task.train:
         image_tokens = record_image_tokens(record, task.num_crops)
         text = "".join(f"<|user|>\n{t.user}<|end|>\n<|assistant|>\n{t.assistant}<|end|>\n" for t in record.conversations)
-        total = image_tokens + len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        # verbose=False: the tokenizer's own "longer than the maximum" warning would be a second stderr line.
+        total = image_tokens + len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) + 1
         if total > max_length:
             too_long.append(f"record {record.id!r}: {total} tokens ({image_tokens} image)")
     if too_long:
-        shown = "; ".join(too_long[:3]) + (f"; and {len(too_long) - 3} more" if len(too_long) > 3 else "")
-        raise DataError(
-            f"{task.origin}: {len(too_long)} training record(s) longer than --max_length {max_length} ({shown}); "
-            "records are never truncated: shorten them, lower --num_crops, or raise --max_length (up to the "
-            "model context)"
-        )
+        raise too_long_error(task.origin, too_long, max_length)
 
 
 def _load_data(cfg: FinetuneConfig) -> Any:

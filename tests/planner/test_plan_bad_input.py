@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
 from planner.cli import main
-from tests.safety_helpers import expect_user_error
+from tests.safety_helpers import HANG_GUARD_S, expect_user_error, repo_env
 
 GPU = ["--gpu", "A100-80GB"]
 
@@ -120,14 +122,48 @@ def test_a_workload_past_the_models_context_is_refused(tmp_path, capsys, flags, 
     expect_user_error(main, ["--gpu", "A100-80GB", *flags], said, tmp_path, capsys)
 
 
-def test_a_data_record_past_the_models_context_is_refused_naming_it(tmp_path, capsys):
+def _refusal(module: str, *args: str) -> str:
+    """Run a real CLI; it must exit 1 with one ``error:`` line and no traceback; that line."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=repo_env(),
+                          timeout=HANG_GUARD_S)  # fmt: skip
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    return proc.stderr
+
+
+def _plan_and_check_refusals(data):
+    plan = _refusal("planner.cli", "--gpu", "A100-80GB", "--data", str(data))
+    check = _refusal("phi3v_core.cli.convert", "check", str(data), "--split", "train")
+    return plan, check
+
+
+def test_an_eps_image_is_refused_by_plan_and_check_with_one_reason(tmp_path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    # Pillow reads an EPS header by itself but decodes its pixels only through Ghostscript: header-only planning
+    # accepted what check (which decodes) refused.
+    (data / "images" / "page.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n")
+    record = {"id": "r0", "conversations": [{"user": "<|image_1|>\nWhat?", "assistant": "ok", "images": ["page.eps"]}]}
+    (data / "mine_train.jsonl").write_text(json.dumps(record) + "\n")
+    plan, check = _plan_and_check_refusals(data)
+    reason = f"{data}/mine_train.jsonl:1: conversations[0].images[0] {data}/images/page.eps: EPS image: its pixels "
+    assert reason in plan and reason in check, (plan, check)
+    assert "convert it to PNG or JPEG" in plan and "convert it to PNG or JPEG" in check
+
+
+def test_a_record_past_the_models_context_is_refused_by_plan_and_check_with_one_reason(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     turn = {"user": "word " * 90_000, "assistant": "ok"}  # under the 500 000-character field limit
-    record = {"id": "huge", "conversations": [turn] * 3}  # ~ 340 k tokens in all: past 131 072
-    (data / "mine_train.jsonl").write_text(json.dumps(record) + "\n")
-    expect_user_error(main, ["--gpu", "A100-80GB", "--data", str(data)], "more than the model's context", tmp_path,
-                      capsys)  # fmt: skip
+    records = [{"id": "small", "conversations": [{"user": "hi", "assistant": "ok"}]},
+               {"id": "huge", "conversations": [turn] * 3}]  # ~ 340 k tokens in all: past 131 072  # fmt: skip
+    (data / "mine_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plan, check = _plan_and_check_refusals(data)
+    reason = f"jsonl:{data}: 1 training record(s) longer than --max_length 131072 (record 'huge'"
+    assert reason in plan and reason in check, (plan, check)
+    assert f"({data}/mine_train.jsonl:2)" in plan  # plan also names the line
+    assert "records are never truncated: shorten them, lower --num_crops" in plan
+    assert "records are never truncated: shorten them, lower --num_crops" in check
 
 
 @pytest.mark.parametrize(("flags", "said"), [
