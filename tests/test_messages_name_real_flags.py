@@ -22,6 +22,8 @@ OTHER_TOOLS = {
     "--version",  # the C++ compiler check before DeepSpeed JIT-builds CPU Adam (c++ --version)
     "--config",  # the training launcher's own entry point (python -m phi3v_core.training.launch --config run.json)
     "--layers",  # selfcheck's per-check worker (python -m bench.selfcheck --config ... --layers N)
+    "--collect-only",  # pytest's (the README's GPU-test count is rendered from pytest -m gpu --collect-only)
+    "--readme",  # the README renderer's own flag (python -m bench.readme render --readme PATH)
 }  # fmt: skip
 
 

@@ -135,7 +135,7 @@ def test_bench_sweeps_checks_and_reports_dora() -> None:
 def test_bench_flop_replay_of_dora_matches_the_planner() -> None:
     """The bench counts DoRA's step on the real model (its prepare, fake tensors); the planner from its terms."""
     from bench.config import BenchConfig
-    from bench.measure import step_micro_batches, trace_step_flops
+    from bench.flop_count import step_micro_batches, trace_step_flops
     from bench.workload import build_workload, to_train_config
     from phi3v_core.processing import Phi3VProcessor
     from planner.speed import flops_per_sample
