@@ -30,7 +30,6 @@ from types import ModuleType
 from typing import Any
 
 from phi3v_core.constants import CONTEXT_LENGTH, ZERO_BUCKET_ELEMENTS
-from phi3v_core.data.seqlen import too_long_error
 from phi3v_core.errors import ConfigError
 from phi3v_core.methods import get_method
 from phi3v_core.software import Software, bnb_arch_range, torch_gpu_problem
@@ -428,7 +427,10 @@ def _refuse_past_the_context(
 ) -> None:
     """The rule finetune and ``phi3v-convert check`` apply: no sample longer than the model's context is trained."""
     if longest is not None and longest.seq_len > CONTEXT_LENGTH:
-        # The error finetune and check raise (phi3v_core.data.seqlen.too_long_error), with each record's file:line.
+        # The error finetune and check raise, with each record's file:line (imported here: phi3v_core.data loads
+        # torch, and a plan without --data must not)
+        from phi3v_core.data.seqlen import too_long_error
+
         too_long = [
             f"record {sample.record_id!r} ({sample.where}): {w.seq_len} tokens ({w.image_tokens} image)"
             for sample in profile.samples
