@@ -4,7 +4,7 @@ Torch-free. Every replace that takes more than one rename (``phi3v-convert --ove
 --overwrite_output_dir``, the final save's file moves) runs as a transaction:
 
 1. the new folder is made as a hidden sibling ``.<target>.phi3v-new-<pid>`` holding a *proof* file
-   (:data:`PROOF_NAME`) with the transaction's random id;
+   (:data:`PROOF_NAME`) with the transaction's random id (killed before the proof, it is empty: removed as such);
 2. an *intent* file is written (temporary file, fsync, rename, fsync of the folder) naming the target, the hidden
    siblings, the id and the device/inode of the old folder; the process keeps a kernel lock (``flock``) on it while
    the transaction runs;
@@ -24,12 +24,9 @@ one line on stderr saying which. Recovery trusts nothing in the journal it canno
 * a folder another process holds (its ``flock``) is never removed.
 
 Read-only commands call :func:`phi3v_core.fs.pending` instead: they report, and change nothing. Kinds:
-
-* ``swap`` (:func:`replace_folder`): the new folder is complete before the intent is written: recovery rolls forward;
-* ``set_aside`` (:class:`SetAside`): the old folder is moved aside while a new one is built in place; recovery keeps
-  the new folder when it holds ``done_marker`` and otherwise restores the old one;
-* ``moves`` (:func:`move_into`): named entries of ``staged`` move into the target one by one; recovery finishes the
-  moves (``staged`` was complete before the intent was written).
+``swap`` (:func:`replace_folder`; the new folder is complete before the intent: recovery rolls forward),
+``set_aside`` (:class:`SetAside`: old folder aside, new one built in place; kept when it holds ``done_marker``, else
+the old one is restored), ``moves`` (:func:`move_into`: entries of a complete ``staged`` move in; recovery finishes).
 """
 
 from __future__ import annotations
@@ -53,8 +50,7 @@ from typing import Any
 from phi3v_core.errors import Phi3VError
 from phi3v_core.signals import stops_deferred
 
-__all__ = ["PROOF_NAME", "JournalError", "SetAside", "intent_path", "journal_paths", "move_into",
-           "process_alive", "recover", "replace_folder", "staging_folder"]  # fmt: skip
+__all__ = ["PROOF_NAME", "JournalError", "SetAside", "intent_path", "journal_paths", "move_into", "process_alive", "recover", "replace_folder", "staging_folder"]  # fmt: skip
 
 _SUFFIX = ".phi3v-txn.json"
 #: Inside every folder a transaction made: the transaction's id (proof for recovery that the folder is its own).
@@ -551,9 +547,12 @@ def recover(target: str | os.PathLike[str]) -> list[str]:
         for left in sorted(target.parent.glob(f".{target.name}.*")):
             if not _is_leftover(left, target.name):
                 continue
-            if left.name.startswith(f".{target.name}.phi3v-new-") and _proof(left) and not _held_by_other(left):
+            new_copy = left.name.startswith(f".{target.name}.phi3v-new-")
+            if new_copy and _proof(left) and not _held_by_other(left):
                 _remove(left)  # never visible: a copy being built when its process died, before any swap began
                 messages.append(f"{target}: removed {left.name}, an incomplete new copy left by a killed command")
+            elif new_copy and _remove_unwritten_copy(left):
+                messages.append(f"{target}: removed {left.name}, an empty new copy left by a killed command")
             else:
                 messages.append(
                     f"{left} is left over from an interrupted run on {target}; it may hold the previous content: "
@@ -562,6 +561,20 @@ def recover(target: str | os.PathLike[str]) -> list[str]:
     for message in messages:
         _say(message)
     return messages
+
+
+def _remove_unwritten_copy(folder: Path) -> bool:
+    """Remove a new copy its creator (a dead pid) left before writing its proof: empty but for the proof file."""
+    pid = folder.name.rsplit("-", 1)[-1]
+    try:
+        if not pid.isdigit() or process_alive(int(pid)) or folder.is_symlink() or set(os.listdir(folder)) - {PROOF_NAME}:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            (folder / PROOF_NAME).unlink()
+        os.rmdir(folder)  # refuses anything that is not empty
+    except OSError:
+        return False
+    return True
 
 
 def _remove_dead_intent_drafts(drafts: list[Path]) -> None:
