@@ -33,6 +33,7 @@ _EPILOG = """examples:
   phi3v-plan --gpu A100-80GB --count 8 --trace --method full  # measure activations on the full model (CPU, cached)
   phi3v-plan --list-gpus
   phi3v-plan --calibration                                    # predicted vs the recipe's published table
+  phi3v-plan --crops_table --gpu A100-80GB                     # what each num_crops costs DocVQA, NLVR2, memes
   phi3v-plan --validate                                       # the speed model against this CPU (~2 min)
 
 notes:
@@ -109,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--list-gpus", action="store_true", help="print the GPU table and exit")
     out.add_argument("--calibration", action="store_true", help="print predicted vs the recipe's published table and exit")
     out.add_argument(
+        "--crops_table",
+        "--crops-table",
+        action="store_true",
+        help="print, per recipe task, what each num_crops costs its images (tokens, upscaled share; memory and time "
+        "with --gpu) and the num_crops to use, and exit",
+    )
+    out.add_argument(
         "--validate",
         action="store_true",
         help="measure this CPU, predict phi3v-bench step times with the speed model, run them, compare (~2 min a repeat)",
@@ -180,14 +188,9 @@ def _print_header(console: Any, p: Any) -> None:
         f"(CC {gpu.compute_capability[0]}.{gpu.compute_capability[1]}), {'NVLink' if hw.nvlink else 'PCIe'}; {hw.source}"
     )
     console.print(f"[bold]Precision / attention[/]: {first.precision} / {first.attn}")
-    w = p.workload
-    req = p.request
-    crops = w.vision_crops // max(w.images, 1)
-    console.print(
-        f"[bold]Workload[/]: {req.task}, {w.images} image(s) x {crops} crops, {w.seq_len} tokens per sample; "
-        f"{p.shape.name} ({p.shape.param_counts().total / 1e9:.2f} B parameters)"
-        + (f"; {req.dataset_size:,} samples per epoch" if req.dataset_size else "")
-    )
+    from planner.datareport import workload_text
+
+    console.print(f"[bold]Workload[/]: {workload_text(p)}")
 
 
 def _layout_label(m: Any) -> str:
@@ -326,20 +329,9 @@ def _print_extras(console: Any, p: Any) -> None:
             )
         )
     if p.data:
-        d = p.data
-        st = d["seq_len"]
-        console.print(
-            f"[bold]Data[/]: {d['samples']:,} samples in {d['path']} at num_crops {d['num_crops']}: tokens mean "
-            f"{st['mean']:.0f}, p50 {st['p50']:.0f}, p95 {st['p95']:.0f}, max {st['max']:.0f} (text {d['text_tokens']})"
-        )
-        misfit = d["does_not_fit"]
-        if misfit["count"]:
-            console.print(
-                f"[red]{misfit['count']} sample(s) fit no micro-batch[/] under {misfit['method']}; first ones, with the "
-                "num_crops at which they would fit:"
-            )
-            for item in misfit["samples"]:
-                console.print(f"  {item['sample']}: {item['seq_len']} tokens → num_crops {item['fits_at_num_crops']}")
+        from planner.datareport import print_data
+
+        print_data(console, p)
     if p.deadline:
         d = p.deadline
         if d.get("nodes"):
@@ -424,7 +416,7 @@ def _flags_that_do_nothing(args: argparse.Namespace) -> list[str]:
     """Flags this invocation would drop without a word (and a --save that would fail after minutes of measuring)."""
     problems = []
     exits = [flag for flag, given in (("--list-gpus", args.list_gpus), ("--calibration", args.calibration),
-                                      ("--validate", args.validate)) if given]  # fmt: skip
+                                      ("--validate", args.validate), ("--crops_table", args.crops_table)) if given]  # fmt: skip
     if len(exits) > 1:
         problems.append(f"{' and '.join(exits)} are separate reports (the first prints and exits); pass one of them")
     for flag, given in (("--save", args.save is not None), ("--repeats", args.repeats is not None)):
@@ -450,6 +442,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(_with_close_gpus(str(exc), args.gpu)) from None
     if args.calibration:
         print_calibration(request, args.json)
+        return 0
+    if args.crops_table:
+        from planner.datareport import crops_report
+
+        if args.data_dir:
+            raise ConfigError("--crops_table shows the recipe's tasks; with --data the plan shows your data's table")
+        crops_report(request, args.json, ("docvqa", "nlvr2", "hateful_memes", "ucf101"))
         return 0
     if args.validate:
         print_validation(args.json, args.repeats or 3, args.save, argv)

@@ -4,8 +4,8 @@ The folder is read by the same reader, with the same checks, as finetune and ``p
 (:func:`phi3v_core.data.task_registry.read_task_split`: path rules, task rules, image headers only), so the planner
 plans for exactly the data training will see, at the num_crops finetune would use. Image sizes come from the file
 headers (EXIF orientation applied, as training sees them); image tokens and crops from
-the processor's own HD arithmetic (:func:`planner.shapes.hd_crop_grid`, :func:`planner.shapes.image_token_count`,
-the rule ``phi3v_core.hd`` shares with the image processor). Text tokens are an estimate (about four UTF-8 bytes
+the processor's own HD arithmetic (:func:`planner.crops.sample_workload`: the rule :mod:`phi3v_core.constants`
+shares with the image processor). Text tokens are an estimate (about four UTF-8 bytes
 per token plus the chat template's tags) unless a tokenizer is given; the profile says which.
 """
 
@@ -20,8 +20,9 @@ from typing import Any
 from phi3v_core.data.task_registry import default_num_crops, read_task_split, task_of_folder
 from phi3v_core.errors import DataError
 from phi3v_core.fs import pending
+from planner.crops import WeightedSample, envelope, mean_workload, sample_workload
 from planner.estimate import Workload
-from planner.shapes import ModelShape, hd_crop_grid, image_token_count
+from planner.shapes import ModelShape
 
 __all__ = ["DataProfile", "Sample", "profile_data"]
 
@@ -42,19 +43,7 @@ class Sample:
 
     def workload(self, shape: ModelShape, num_crops: int) -> Workload:
         """Tokens and real crops of this sample at ``num_crops`` (the processor's arithmetic)."""
-        tokens = crops = 0
-        for width, height in self.image_sizes:
-            rows, cols = hd_crop_grid(width, height, num_crops)
-            tokens += image_token_count(rows, cols, shape.num_img_tokens)
-            crops += rows * cols + 1
-        return Workload(
-            seq_len=tokens + self.text_tokens,
-            vision_crops=crops,
-            image_tokens=tokens,
-            images=len(self.image_sizes),
-            pixel_slots=len(self.image_sizes) * (num_crops + 1),
-            num_crops=num_crops,
-        )
+        return sample_workload(shape, self.image_sizes, self.text_tokens, num_crops)
 
 
 @dataclass
@@ -68,7 +57,8 @@ class DataProfile:
         lengths: Sequence length of each sample (same order).
         text_estimated: True when text tokens are estimated (no tokenizer).
         mean_workload: The average sample (for speed).
-        longest: Index of the longest sample (memory is planned for a batch of it).
+        longest: Index of the longest sample.
+        task: The task finetune trains the folder as (``--task``): ``jsonl``, or the task a converted folder is for.
     """
 
     path: Path
@@ -79,6 +69,24 @@ class DataProfile:
     mean_workload: Workload
     longest: int
     stats: dict[str, float] = field(default_factory=dict)
+    task: str = "jsonl"
+
+    def weighted(self) -> list[WeightedSample]:
+        """The samples as :class:`planner.crops.WeightedSample`, alike ones counted once with their number."""
+        counts: dict[tuple[Any, ...], int] = {}
+        for s in self.samples:
+            key = (s.image_sizes, s.text_tokens)
+            counts[key] = counts.get(key, 0) + 1
+        return [WeightedSample(sizes, text, count) for (sizes, text), count in counts.items()]
+
+    def largest(self, shape: ModelShape) -> Workload:
+        """At least every sample's tokens, crops and images (:func:`planner.crops.envelope`): memory is planned for
+        a micro-batch of it, so a layout that fits it fits every sample."""
+        return envelope([s.workload(shape, self.num_crops) for s in self.samples])
+
+    def at_num_crops(self, shape: ModelShape, num_crops: int) -> DataProfile:
+        """The same samples' lengths at another ``num_crops``."""
+        return _summarize(self.path, self.samples, shape, num_crops, self.text_estimated, self.task)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -143,24 +151,23 @@ def profile_data(
             TURN_TOKENS + count(turn.user) + count(turn.assistant) for turn in record.conversations
         )
         samples.append(Sample(f"{result.path}:{line}", images, text, record.id))
+    return _summarize(result.path, samples, shape, num_crops, count_tokens is None, task)
+
+
+def _summarize(
+    path: Path, samples: list[Sample], shape: ModelShape, num_crops: int, estimated: bool, task: str
+) -> DataProfile:
     workloads = [s.workload(shape, num_crops) for s in samples]
     lengths = [w.seq_len for w in workloads]
     ordered = sorted(lengths)
     n = len(samples)
     longest = max(range(n), key=lengths.__getitem__)
     mean = sum(lengths) / n
-    mean_workload = Workload(
-        seq_len=round(mean),
-        vision_crops=round(sum(w.vision_crops for w in workloads) / n),
-        image_tokens=round(sum(w.image_tokens for w in workloads) / n),
-        images=round(sum(w.images for w in workloads) / n),
-        pixel_slots=round(sum(w.slots for w in workloads) / n),
-        num_crops=num_crops,
-    )
     stats = {
         "mean": round(mean, 1),
         "p50": _percentile(ordered, 0.5),
         "p95": _percentile(ordered, 0.95),
         "max": float(ordered[-1]),
     }
-    return DataProfile(result.path, num_crops, samples, lengths, count_tokens is None, mean_workload, longest, stats)
+    mean_sample = mean_workload(workloads, [1.0] * n, num_crops)
+    return DataProfile(path, num_crops, samples, lengths, estimated, mean_sample, longest, stats, task)

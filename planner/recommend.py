@@ -34,7 +34,8 @@ from phi3v_core.errors import ConfigError
 from phi3v_core.methods import get_method
 from phi3v_core.software import Software, bnb_arch_range, torch_gpu_problem
 from planner.calibration import Calibration, load_calibration
-from planner.deadline import azure_summary, meet_deadline, misfits
+from planner.dataplan import data_summary, read_data, size_schedule
+from planner.deadline import azure_summary, meet_deadline
 from planner.estimate import GIB, TrainSetup, Workload
 from planner.hardware import (
     Detection,
@@ -329,6 +330,8 @@ def _plan_method(
     global_batch = request.global_batch or task_profiles()["common"]["global_batch"]
     hyper = hyperparameters(request.task, method, global_batch)
     hyper["num_crops"] = request.num_crops or task_profiles()["tasks"][request.task]["num_crops"]
+    if request.data_dir:
+        size_schedule(hyper, dataset_size(request), global_batch)
     base = setup_for(method, hw.gpu, world, hyper)
     flash_missing = software is not None and base.attn == "flash_attention_2" and not software.flash_attn
     if flash_missing:  # recommend only what is installed
@@ -377,10 +380,10 @@ def _plan_method(
         capacity_bytes=hw.gpu.memory_bytes, speed=pick.speed, reasons=reasons, hyperparameters=hyper,
         fits_without_checkpointing=any(c.layout.fits and not c.layout.gradient_checkpointing for c in candidates),
         optim=pick.layout.optim, offload=pick.layout.offload, layouts=[c.layout for c in candidates],
-        speedup_vs_checkpointing=speedup, host_bytes=pick.layout.host_bytes,
+        speedup_vs_checkpointing=speedup, host_bytes=pick.layout.host_bytes, setup=setup,
     )  # fmt: skip
     if fits:
-        plan_.command = command(hw, request.task, plan_, request.model_path)
+        plan_.command = command(hw, request.task, plan_, request.model_path, request.data_dir)
     if pick.speed is not None and pick.speed.epoch_s is not None:
         plan_.run_s = pick.speed.epoch_s * float(hyper["epochs"])
         if request.price_per_gpu_hour is not None:
@@ -401,25 +404,6 @@ def _speed_notes(pick: Candidate, hw: Hardware, calibration: Calibration) -> lis
     if gpu.architecture not in constants.matmul_efficiency:
         return [f"speed is an architecture-level estimate: {constants.efficiency_for(gpu.architecture)[1]}"]
     return []
-
-
-def _profile(request: PlanRequest, shape: ModelShape, notes: list[str]) -> tuple[Any, Workload | None, PlanRequest]:
-    """``--data``: the folder's profile, the workload of its longest sample, and the request with its size."""
-    if not request.data_dir:
-        return None, None, request
-    from planner.dataprofile import profile_data
-
-    profile = profile_data(request.data_dir, shape, request.num_crops)  # default: the num_crops finetune uses
-    num_crops = profile.num_crops
-    workload = profile.mean_workload
-    memory_workload = profile.samples[profile.longest].workload(shape, num_crops)
-    if request.dataset_size is None:
-        request = replace(request, dataset_size=len(profile.samples))
-    notes.append(
-        f"--data: {len(profile.samples):,} samples; speed for the mean sample ({workload.seq_len} tokens), memory "
-        f"for a micro-batch of the longest ({memory_workload.seq_len} tokens, {profile.samples[profile.longest].where})"
-    )
-    return profile, memory_workload, request
 
 
 def _refuse_past_the_context(
@@ -452,7 +436,7 @@ def _why(methods: list[MethodPlan], request: PlanRequest) -> tuple[str | None, l
     if recommended is None:
         return None, ["nothing fits: use more GPUs (ZeRO-2 shards full fine-tuning), fewer crops, or a larger GPU"]
     best = fitting[recommended]
-    why = [why_method(recommended)]
+    why = [why_method(recommended, [m.method for m in methods])]
     lora = fitting.get("lora")
     if recommended == "full" and lora and lora.speed and best.speed and lora.speed.samples_per_s > best.speed.samples_per_s:
         ratio = lora.speed.samples_per_s / best.speed.samples_per_s
@@ -464,7 +448,7 @@ def _why(methods: list[MethodPlan], request: PlanRequest) -> tuple[str | None, l
         )
     if best.run_s is not None:
         source = (
-            "given"
+            ("from --data" if request.data_dir else "given")
             if request.dataset_size
             else task_profiles()["tasks"][request.task]["dataset"]["source"].split(";")[0]
         )
@@ -536,9 +520,10 @@ def plan(
         )
     shape = load_shape(request.model)
     workload = _workload(request, shape)
-    profile, memory_workload, request = _profile(request, shape, notes)
-    if profile is not None:
-        workload = profile.mean_workload
+    context, memory_workload, profile = None, None, None
+    if request.data_dir:  # speed for its mean sample, memory for a micro-batch of its largest, its size as the epoch
+        context, request = read_data(request, shape, hw)
+        profile, memory_workload, workload = context.profile, context.memory_workload, context.profile.mean_workload
     _refuse_past_the_context(request, workload, memory_workload, profile, shape)
     trace_info: dict[str, Any] | None = {} if request.use_trace else None
     methods = []
@@ -556,15 +541,14 @@ def plan(
     recommended, why = _why(methods, request)
     if hw.gpu.detected:
         notes.append(f"GPU not in the table: {hw.gpu.source}")
-    if request.task == "ucf101":
+    if request.task == "ucf101" and not request.data_dir:
         notes.append("ucf101 trains from converted frames: add --data_dir (the output of phi3v-convert) to the command")
     deadline = None
     if request.deadline_hours is not None:
         deadline = meet_deadline(request, lambda r: plan(r, detection=detection, calibration=calibration, software=software))
     data = None
-    if profile is not None:
-        data = profile.to_dict()
-        data["does_not_fit"] = misfits(profile, shape, hw, methods, recommended, calibration)
+    if context is not None:
+        data = data_summary(context, shape, hw, methods, recommended, calibration, dataset_size(request))
     best = next((m for m in methods if m.method == recommended), None)
     return Plan(
         request=request, data=data, hardware=hw, shape=shape, workload=workload, methods=methods,

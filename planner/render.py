@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from phi3v_core.methods import get_method
 from phi3v_core.reference import reference_rows
 from planner.memory_types import MemoryEstimate
-from planner.request import Hardware, MethodPlan
+from planner.request import Hardware, MethodPlan, task_profiles
 
 __all__ = ["MODEL_PLACEHOLDER", "command", "method_preference", "published_anls", "top_items", "why_method"]
 
@@ -38,12 +40,23 @@ def published_anls(method: str) -> float | None:
     return None
 
 
-def why_method(recommended: str) -> str:
-    """Why the recipe's order lands on ``recommended`` (with the published ANLS of it and of the methods above it)."""
+def why_method(recommended: str, judged: Sequence[str] | None = None) -> str:
+    """Why the recipe's order lands on ``recommended`` (with the published ANLS of it and of the methods above it).
+
+    Methods above it that were not ``judged`` (left out by ``--method``) are named as such, never as not fitting.
+    """
     order = method_preference()
-    above = order[: order.index(recommended)]
+    judged = order if judged is None else judged
+    skipped = [m for m in order[: order.index(recommended)] if m not in judged]
+    above = [m for m in order[: order.index(recommended)] if m in judged]
     score = published_anls(recommended)
     quoted = f"DocVQA ANLS {score:g}" if score is not None else "no published score"
+    if skipped:
+        not_judged = f"{', '.join(skipped)} not judged (left out by --method)"
+        if not above:
+            return f"{recommended} is the recipe's first choice among the methods asked ({quoted}); {not_judged}"
+        verb = "does" if len(above) == 1 else "do"
+        return f"{', '.join(above)} {verb} not fit; {recommended} is the next choice asked ({quoted}); {not_judged}"
     if not above:
         best_other = max((published_anls(m) or 0.0 for m in order[1:]), default=0.0)
         return f"the recipe's first choice: {recommended} fine-tuning ({quoted} vs {best_other:g} next best) fits"
@@ -58,9 +71,9 @@ def top_items(memory: MemoryEstimate, n: int = 4) -> str:
     return ", ".join(f"{i.name} {i.gib:.1f}" for i in items)
 
 
-def _method_args(task: str, mp: MethodPlan) -> list[str]:
+def _method_args(task: str, mp: MethodPlan, data_dir: str | None = None) -> list[str]:
     hp: dict[str, Any] = mp.hyperparameters
-    args = ["--task", task, "--method", mp.method]
+    args = ["--task", task, *(["--data_dir", data_dir] if data_dir else []), "--method", mp.method]
     if mp.precision == "bf16":
         args.append("--bf16")
     else:
@@ -72,6 +85,8 @@ def _method_args(task: str, mp: MethodPlan) -> list[str]:
     args += ["--batch_size", str(mp.global_batch), "--batch_size_per_gpu", str(mp.micro_batch)]
     args += ["--num_crops", str(hp["num_crops"])]
     args += ["--learning_rate", f"{hp['learning_rate']:g}", "--num_train_epochs", f"{hp['epochs']:g}"]
+    if "warmup_steps" in hp and hp["warmup_steps"] != _recipe_warmup():
+        args += ["--warmup_steps", str(hp["warmup_steps"])]
     if get_method(mp.method).uses_lora:
         args += ["--lora_rank", str(hp["lora_rank"]), "--lora_alpha_ratio", f"{hp['lora_alpha_ratio']:g}"]
     # memory layout: only what differs from phi3v-finetune's defaults (checkpointing on, AdamW, no offload)
@@ -81,14 +96,30 @@ def _method_args(task: str, mp: MethodPlan) -> list[str]:
         args += ["--optim", mp.optim]
     if mp.offload != "none":
         args += ["--offload", mp.offload]
-    args += ["--output_dir", f"./output/{task}-{mp.method}"]
+    name = Path(data_dir).name if data_dir else task
+    args += ["--output_dir", f"./output/{name}-{mp.method}"]
     return args
 
 
-def command(hw: Hardware, task: str, mp: MethodPlan, model_path: str | None = None) -> str:
-    """The exact launch command for ``phi3v-finetune`` (names the model folder, or a placeholder that fails clearly)."""
+def _recipe_warmup() -> int:
+    """phi3v-finetune's default warm-up (the recipe's fixed ``TrainingArguments`` value)."""
+    return int(task_profiles()["common"]["warmup_steps"])
+
+
+def command(
+    hw: Hardware, task: str, mp: MethodPlan, model_path: str | None = None, data_dir: str | None = None
+) -> str:
+    """The exact launch command for ``phi3v-finetune`` (names the model folder, or a placeholder that fails clearly).
+
+    With ``data_dir`` (``phi3v-plan --data``) it trains that folder, as the task finetune reads it as (``jsonl``, or
+    the task a converted folder was written for).
+    """
     model = shlex.quote(model_path) if model_path else MODEL_PLACEHOLDER
-    args = _method_args(task, mp)
+    if data_dir:
+        from phi3v_core.data.task_registry import task_of_folder  # only with --data (phi3v_core.data loads torch)
+
+        task = task_of_folder(data_dir)
+    args = _method_args(task, mp, data_dir)
     # the placeholder stays unquoted by shlex so the shell expands it (or stops with its message)
     model_arg = f"--model_name_or_path {model}"
     if hw.world_size == 1:

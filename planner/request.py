@@ -16,7 +16,7 @@ from typing import Any
 from phi3v_core.constants import MAX_NUM_CROPS, load_recipe
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHOD_NAMES, get_method
-from planner.estimate import GIB, MemoryEstimate, Workload
+from planner.estimate import GIB, MemoryEstimate, TrainSetup, Workload
 from planner.hardware import (
     AzureSku,
     GpuSpec,
@@ -345,6 +345,8 @@ class MethodPlan:
     layouts: list[Layout] = field(default_factory=list)
     speedup_vs_checkpointing: float | None = None
     host_bytes: float = 0.0
+    #: The chosen layout's setup (micro-batch 1, checkpointed, plain AdamW when nothing fits); not in ``--json``.
+    setup: TrainSetup | None = field(default=None, repr=False)
 
     @property
     def peak_gib(self) -> float | None:
