@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from phi3v_core.constants import MAX_NUM_CROPS, hd_resize_target
+from phi3v_core.constants import CONTEXT_LENGTH, MAX_NUM_CROPS, hd_resize_target
 from phi3v_core.image_sizes import TASK_IMAGES
 from planner.estimate import GIB, TrainSetup, Workload, estimate_memory
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
@@ -160,6 +160,7 @@ class CropRow:
     peak_gib: float | None = None
     fits: bool | None = None
     epoch_s: float | None = None
+    over_context: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for ``--json``)."""
@@ -171,6 +172,7 @@ class CropRow:
             "predicted_reserved_gib": None if self.peak_gib is None else round(self.peak_gib, 3),
             "fits": self.fits,
             "epoch_s": self.epoch_s,
+            "over_context": self.over_context,
         }
 
 
@@ -191,7 +193,7 @@ class CropsTable:
         """Why :attr:`recommended`: the rule it meets, or that none meets it."""
         kept = f"{self.native_share:.0%} of images keep their native resolution or more"
         if self.native_share >= NATIVE_SHARE:
-            return f"num_crops {self.recommended}: {kept} ({self.rule})"
+            return f"num_crops {self.recommended}: {kept}; rule: {self.rule}"
         return (
             f"num_crops {self.recommended}: no num_crops keeps {NATIVE_SHARE:.0%} of images at native resolution or "
             f"more; the largest keeps the most detail ({kept})"
@@ -261,7 +263,8 @@ def add_costs(
         workloads = [sample_workload(shape, s.image_sizes, s.text_tokens, row.num_crops) for s in samples]
         memory = estimate_memory(shape, setup, envelope(workloads), calibration.overheads)
         row.peak_gib = memory.reserved / GIB
-        row.fits = fits_with_headroom(memory, hw.gpu.memory_bytes, calibration)
+        row.over_context = envelope(workloads).seq_len > CONTEXT_LENGTH  # finetune refuses such samples
+        row.fits = fits_with_headroom(memory, hw.gpu.memory_bytes, calibration) and not row.over_context
         speed = predict_speed(
             shape, mean_workload(workloads, weights, row.num_crops), setup, hw.gpu, hw.interconnect(), constants, dataset_size
         )

@@ -55,7 +55,7 @@ def print_crops_table(console: Any, table: dict[str, Any], title: str) -> None:
         if costs:
             cells += [
                 fmt(row["predicted_reserved_gib"]),
-                "yes" if row["fits"] else "no",
+                "yes" if row["fits"] else ("no: over the context" if row["over_context"] else "no"),
                 format_duration(row["epoch_s"]),
             ]
         out.add_row(*cells)

@@ -1,0 +1,192 @@
+"""phi3v-plan --data as a plan for the user's data (#24 §1) and num_crops from the user's images (#25 §3)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from phi3v_core.processing import image_processing
+from planner import crops
+from planner.cli import main
+from planner.crops import CROP_CHOICES, NATIVE_SHARE, resize_factor, task_samples
+from planner.dataplan import MIN_RUN_STEPS, MIN_STEPS_PER_EPOCH
+from planner.render import why_method
+from tests.safety_helpers import HANG_GUARD_S
+
+# The newcomer's folder of #24: 6 records, 8 PNGs (pages, photos, a thumbnail)
+SIZES = [(1008, 1680), (800, 600), (320, 240), (640, 480), (1700, 2200), (500, 375), (224, 224), (1024, 768)]
+
+
+@pytest.fixture(scope="module")
+def mydata(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mydata")
+    (root / "images").mkdir()
+    for i, size in enumerate(SIZES):
+        Image.new("RGB", size).save(root / "images" / f"img{i}.png")
+    lines = []
+    for k in range(6):
+        images = [f"img{k}.png"] + ([f"img{k + 6}.png"] if k < 2 else [])
+        turns = [{"images": [name], "user": "What is shown?", "assistant": "A cat."} for name in images]
+        lines.append(json.dumps({"id": str(k), "conversations": turns}))
+    (root / "mine_train.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _run(capsys, monkeypatch, *argv: str) -> str:
+    monkeypatch.setenv("COLUMNS", "400")  # one line per sentence: phrases are searched whole
+    assert main(list(argv)) == 0
+    out = capsys.readouterr().out
+    return "\n".join(" ".join(line.strip("│ ").split()) for line in out.splitlines())
+
+
+def _json(capsys, *argv: str) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_one_fit_verdict_on_the_users_data(mydata, capsys):
+    data = _json(capsys, "--gpu", "RTX4090", "--data", str(mydata))
+    best = next(m for m in data["methods"] if m["method"] == data["recommended"])
+    assert best["fits"]
+    # the data section judges the same method on the same layout: no sample "fits nowhere" beside fits = true
+    assert data["data"]["does_not_fit"] == {"method": best["method"], "count": 0, "samples": []}
+    largest = data["data"]["largest_sample"]
+    assert largest["seq_len"] == data["data"]["seq_len"]["max"]  # memory is planned for the largest sample
+    # a GPU where nothing fits: the data section names the samples, never "None"
+    small = _json(capsys, "--gpu", "T4", "--data", str(mydata), "--method", "full", "--num-crops", "16")
+    assert small["recommended"] is None and not small["methods"][0]["fits"]
+    assert small["data"]["does_not_fit"]["count"] >= 1
+
+
+def test_the_command_trains_the_users_data(mydata, capsys, monkeypatch):
+    out = _run(capsys, monkeypatch, "--gpu", "RTX4090", "--data", str(mydata))
+    flat = " ".join(out.split())  # the launch command may wrap inside its panel
+    assert f"--task jsonl --data_dir {mydata} --method" in flat
+    assert f"--output_dir ./output/{mydata.name}-" in flat
+    workload = next(line for line in out.splitlines() if line.startswith("Workload:"))
+    assert str(mydata) in workload and "6 samples" in workload and "docvqa," not in workload
+    data = _json(capsys, "--gpu", "RTX4090", "--data", str(mydata))
+    recommended = data["data"]["num_crops_table"]["recommended"]
+    for m in data["methods"]:
+        if m["fits"]:
+            assert f"--data_dir {mydata}" in m["command"] and f"--num_crops {recommended} " in m["command"]
+
+
+def test_methods_left_out_are_not_judged(mydata, capsys, monkeypatch):
+    out = _run(capsys, monkeypatch, "--gpu", "RTX4090", "--data", str(mydata), "--method", "lora")
+    assert "full not judged (left out by --method)" in out
+    assert not re.search(r"full (does|do) not fit", out)
+    assert why_method("lora") .startswith("full does not fit")  # all judged: the recipe's order as before
+    assert why_method("lora", ["lora", "qlora"]).startswith("lora is the recipe's first choice among the methods asked")
+    text = why_method("qlora", ["lora", "qlora"])
+    assert text.startswith("lora does not fit; qlora") and "full not judged" in text
+
+
+def test_schedule_is_sized_to_the_data(mydata, capsys, monkeypatch):
+    data = _json(capsys, "--gpu", "RTX4090", "--data", str(mydata))
+    best = next(m for m in data["methods"] if m["method"] == data["recommended"])
+    samples, batch = 6, best["global_batch"]
+    assert batch <= samples and math.ceil(samples / batch) >= min(MIN_STEPS_PER_EPOCH, samples)
+    hp = best["hyperparameters"]
+    steps = math.ceil(samples / batch) * hp["epochs"]
+    assert steps >= MIN_RUN_STEPS and hp["warmup_steps"] <= steps // 10
+    assert f"--batch_size {batch} " in best["command"] and f"--warmup_steps {hp['warmup_steps']} " in best["command"]
+    assert f"--num_train_epochs {hp['epochs']} " in best["command"]
+    out = _run(capsys, monkeypatch, "--gpu", "RTX4090", "--data", str(mydata))
+    assert "fewer than the recipe's global batch 64: planned with global batch" in out
+    asked = _run(capsys, monkeypatch, "--gpu", "RTX4090", "--data", str(mydata), "--global-batch", "64")
+    assert "warning: --global-batch 64 is larger than the data's 6 samples" in asked
+
+
+@pytest.mark.parametrize("extra", [(), ("--method", "lora"), ("--gpu", "T4", "--method", "full", "--num-crops", "16")])
+def test_no_python_none_in_text(mydata, capsys, monkeypatch, extra):
+    argv = ["--gpu", "RTX4090", "--data", str(mydata), *extra]
+    if "T4" in extra:
+        argv = ["--data", str(mydata), *extra]
+    out = _run(capsys, monkeypatch, *argv)
+    assert not re.search(r"\bNone\b", out), [line for line in out.splitlines() if "None" in line]
+
+
+def test_num_crops_table_of_the_users_images(mydata, capsys, monkeypatch):
+    # the processor's own geometry: the image processor and the table resize with the same function
+    assert crops.hd_resize_target is image_processing.hd_resize_target
+    data = _json(capsys, "--gpu", "RTX4090", "--data", str(mydata))
+    table = data["data"]["num_crops_table"]
+    rows = {row["num_crops"]: row for row in table["rows"]}
+    assert set(CROP_CHOICES) <= set(rows)
+    images = [SIZES[k] for k in range(6)] + [SIZES[6], SIZES[7]]
+    for n, row in rows.items():
+        assert row["tokens_per_sample"]["p50"] <= row["tokens_per_sample"]["p95"]
+        assert row["upscaled_share"] == pytest.approx(sum(resize_factor(w, h, n) > 1 for w, h in images) / 8, abs=1e-4)
+        assert row["predicted_reserved_gib"] > 0 and row["epoch_s"] > 0
+    # more crops never shrink memory or time
+    ordered = [rows[n] for n in sorted(rows)]
+    assert all(a["predicted_reserved_gib"] <= b["predicted_reserved_gib"] + 1e-9 for a, b in zip(ordered, ordered[1:]))
+    # the rule: the smallest num_crops keeping >= 90 % at native resolution or more (else the largest)
+    native = {n: sum(resize_factor(w, h, n) >= 1 for w, h in images) / 8 for n in range(1, 17)}
+    expected = next((n for n in range(1, 17) if native[n] >= NATIVE_SHARE), 16)
+    assert table["recommended"] == expected == data["data"]["num_crops"]
+    out = _run(capsys, monkeypatch, "--gpu", "RTX4090", "--data", str(mydata))
+    assert "num_crops for your images" in out and f"--num_crops {expected} " in " ".join(out.split())
+    assert "native resolution" in out
+
+
+def test_rule_picks_the_smallest_num_crops_for_small_photos(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    lines = []
+    for i, size in enumerate([(640, 480), (500, 375), (600, 600), (800, 533), (480, 640)] * 2):
+        Image.new("RGB", size).save(tmp_path / "images" / f"p{i}.png")
+        turn = {"images": [f"p{i}.png"], "user": "Is it a dog?", "assistant": "yes"}
+        lines.append(json.dumps({"id": str(i), "conversations": [turn]}))
+    (tmp_path / "photos_train.jsonl").write_text("\n".join(lines) + "\n")
+    data = _json(capsys, "--gpu", "A100-80GB", "--data", str(tmp_path), "--method", "lora")
+    chosen = data["data"]["num_crops"]
+    assert chosen < 16 and "--num_crops 16" not in data["methods"][0]["command"]
+    table = {row["num_crops"]: row for row in data["data"]["num_crops_table"]["rows"]}
+    assert table[16]["upscaled_share"] == 1.0  # every photo is upscaled at the recipe's 16: tokens for no detail
+    assert table[chosen]["tokens_per_sample"]["p50"] < table[16]["tokens_per_sample"]["p50"]
+    # --num-crops overrides the rule and says so
+    asked = _json(capsys, "--gpu", "A100-80GB", "--data", str(tmp_path), "--method", "lora", "--num-crops", "16")
+    assert asked["data"]["num_crops"] == 16 and "the rule recommends" in asked["data"]["notes"][0]
+
+
+def test_crops_table_of_the_recipes_tasks(capsys, monkeypatch):
+    tables = _json(capsys, "--crops_table")
+    assert set(tables) == {"docvqa", "nlvr2", "hateful_memes", "ucf101"}
+    doc = {row["num_crops"]: row for row in tables["docvqa"]["rows"]}
+    assert doc[16]["upscaled_share"] == 0 and doc[16]["downscaled_share"] == 1  # pages: 16 crops still downscale
+    assert tables["docvqa"]["recommended"] == 16
+    assert "2443.23" in tables["docvqa"]["source"]  # where the page sizes come from
+    assert tables["nlvr2"]["recommended"] < 16 and tables["ucf101"]["recommended"] < 4
+    # the expected DocVQA length at 16 crops is the recipe's published mean (the distribution's weights)
+    mean = sum(crops.sample_workload(_shape(), s.image_sizes, s.text_tokens, 16).seq_len * s.weight
+               for s in task_samples("docvqa"))  # fmt: skip
+    assert mean == pytest.approx(2443.23, abs=1.0)
+    priced = _json(capsys, "--crops_table", "--gpu", "A100-80GB", "--method", "lora")
+    assert all(row["epoch_s"] and row["predicted_reserved_gib"] for row in priced["nlvr2"]["rows"])
+    assert "lora" in priced["nlvr2"]["cost_basis"]
+    out = _run(capsys, monkeypatch, "--crops_table")
+    assert "docvqa: num_crops" in out and "pass --gpu NAME" in out
+
+
+def _shape():
+    from planner.shapes import load_shape
+
+    return load_shape("phi-3.5-vision")
+
+
+def test_crops_table_imports_no_torch():
+    code = (
+        "import sys, io, contextlib\n"
+        "from planner.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()): main(['--crops_table', '--gpu', 'T4'])\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S, check=True)
+    assert out.stdout.split() == ["False", "False"]
