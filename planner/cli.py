@@ -18,6 +18,7 @@ from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHOD_NAMES, METHODS
 from phi3v_core.retention import RETENTION_FLOOR
+from planner.datareport import crops_report
 from planner.estimate import GIB
 from planner.reports import dump, fmt, make_console, print_calibration, print_gpus, print_validation
 
@@ -422,6 +423,8 @@ def _flags_that_do_nothing(args: argparse.Namespace) -> list[str]:
     for flag, given in (("--save", args.save is not None), ("--repeats", args.repeats is not None)):
         if given and not args.validate:
             problems.append(f"{flag} belongs to --validate and does nothing without it; add --validate or drop {flag}")
+    if args.crops_table and args.data_dir:
+        problems.append("--crops_table shows the recipe's tasks; drop --data (a plan with --data shows your data's table)")
     if args.validate and args.save is not None and Path(args.save).expanduser().is_dir():
         problems.append(f"--save {args.save} is a folder; name the result file to write (e.g. {args.save}/validation.json)")
     return problems
@@ -440,15 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         request.validate()
     except ConfigError as exc:
         raise ConfigError(_with_close_gpus(str(exc), args.gpu)) from None
-    if args.calibration:
-        print_calibration(request, args.json)
-        return 0
-    if args.crops_table:
-        from planner.datareport import crops_report
-
-        if args.data_dir:
-            raise ConfigError("--crops_table shows the recipe's tasks; with --data the plan shows your data's table")
-        crops_report(request, args.json, ("docvqa", "nlvr2", "hateful_memes", "ucf101"))
+    if args.calibration or args.crops_table:
+        (print_calibration if args.calibration else crops_report)(request, args.json)
         return 0
     if args.validate:
         print_validation(args.json, args.repeats or 3, args.save, argv)

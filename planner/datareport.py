@@ -124,7 +124,9 @@ def _task_table(request: Any, task: str, shape: Any, costs: bool) -> CropsTable:
     return table
 
 
-def crops_report(request: Any, as_json: bool, tasks: tuple[str, ...]) -> None:
+def crops_report(
+    request: Any, as_json: bool, tasks: tuple[str, ...] = ("docvqa", "nlvr2", "hateful_memes", "ucf101")
+) -> None:
     """``phi3v-plan --crops-table``: the num_crops table of each recipe task from its image sizes; memory and time
     per epoch on ``--gpu`` when one is named."""
     from planner.shapes import load_shape

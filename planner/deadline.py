@@ -1,5 +1,5 @@
-"""Cost, deadline and data checks around a plan: the Azure summary, the fewest nodes that meet a deadline, and the
-samples of a ``--data`` folder that fit no micro-batch."""
+"""Cost and deadline around a plan: the Azure summary and the fewest nodes that meet a deadline (the samples of a
+``--data`` folder that fit no micro-batch: :mod:`planner.dataplan`)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from planner.calibration import Calibration
-from planner.estimate import estimate_memory
-from planner.layouts import fits_with_headroom, setup_for
-from planner.render import method_preference
 from planner.request import Hardware, MethodPlan, Plan, PlanRequest
-from planner.shapes import ModelShape
 
-__all__ = ["azure_summary", "meet_deadline", "misfits"]
+__all__ = ["azure_summary", "meet_deadline"]
 
 
 def azure_summary(hw: Hardware, best: MethodPlan | None) -> dict[str, Any] | None:
@@ -68,40 +63,3 @@ def meet_deadline(
             }
     return {"hours": request.deadline_hours, "nodes": None, "reason": f"not met with up to {max_nodes} nodes"}
 
-
-def misfits(
-    profile: Any,
-    shape: ModelShape,
-    hw: Hardware,
-    methods: list[MethodPlan],
-    recommended: str | None,
-    calibration: Calibration,
-) -> dict[str, Any]:
-    """Samples that fit no micro-batch (not even 1) under the recommended (or first supported) method's setup.
-
-    Each is listed with the largest ``num_crops`` at which it would fit.
-    """
-    candidates = [m for m in methods if m.method == recommended] or [
-        m for name in method_preference() for m in methods if m.method == name and m.supported
-    ]
-    if not candidates or candidates[0].memory is None:
-        return {"method": None, "count": 0, "samples": []}
-    chosen = candidates[0]
-    hw_capacity = chosen.capacity_bytes
-    base = replace(setup_for(chosen.method, hw.gpu, hw.world_size, chosen.hyperparameters), micro_batch=1)
-    verdicts: dict[tuple[Any, ...], int | None] = {}
-    found = []
-    for sample, length in zip(profile.samples, profile.lengths, strict=True):
-        key = (sample.image_sizes, sample.text_tokens)
-        if key not in verdicts:
-            fits_at: int | None = None
-            for crops in range(profile.num_crops, 0, -1):
-                memory = estimate_memory(shape, base, sample.workload(shape, crops), calibration.overheads)
-                if fits_with_headroom(memory, hw_capacity, calibration):
-                    fits_at = crops
-                    break
-            verdicts[key] = fits_at
-        if verdicts[key] != profile.num_crops:
-            found.append({"sample": sample.where, "seq_len": length, "fits_at_num_crops": verdicts[key]})
-    found.sort(key=lambda item: -item["seq_len"])  # the longest first
-    return {"method": chosen.method, "count": len(found), "samples": found[:20]}

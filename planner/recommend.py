@@ -502,6 +502,7 @@ def plan(
         ConfigError: Invalid request, or no GPU detected and none named.
     """
     request.validate()
+    asked = request  # --data sizes num_crops and the batch per machine: --deadline re-plans from what was asked
     if detection is None and not request.gpu:
         detection = detect(nvml)
     calibration = calibration or load_calibration(request.reference_dir)
@@ -545,7 +546,7 @@ def plan(
         notes.append("ucf101 trains from converted frames: add --data_dir (the output of phi3v-convert) to the command")
     deadline = None
     if request.deadline_hours is not None:
-        deadline = meet_deadline(request, lambda r: plan(r, detection=detection, calibration=calibration, software=software))
+        deadline = meet_deadline(asked, lambda r: plan(r, detection=detection, calibration=calibration, software=software))
     data = None
     if context is not None:
         data = data_summary(context, shape, hw, methods, recommended, calibration, dataset_size(request))
