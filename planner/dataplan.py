@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from planner.crops import CropsTable, add_costs, crops_table
@@ -106,6 +107,11 @@ def read_data(request: PlanRequest, shape: ModelShape, hw: Hardware) -> tuple[Da
             profile = profile.at_num_crops(shape, table.recommended)
     elif request.num_crops != table.recommended:
         notes.append(f"--num-crops {request.num_crops} as asked; the rule recommends {table.reason}")
+    if not any(Path(request.data_dir).glob("*_val.jsonl")):  # type: ignore[arg-type]
+        notes.append(
+            f"no *_val.jsonl in {request.data_dir}: the command skips evaluation (--no_eval); add one (e.g. "
+            f"{task_prefix(profile)}_val.jsonl) to evaluate before and after training"
+        )
     samples = len(profile.samples)
     recipe_batch = int(task_profiles()["common"]["global_batch"])
     batch, batch_note = request.global_batch, None
@@ -131,6 +137,11 @@ def read_data(request: PlanRequest, shape: ModelShape, hw: Hardware) -> tuple[Da
     )
     context = DataContext(profile, table, profile.largest(shape), batch_note, notes)
     return context, request
+
+
+def task_prefix(profile: Any) -> str:
+    """The name part of the folder's ``<name>_train.jsonl``."""
+    return Path(profile.path).name.rsplit("_train.jsonl", 1)[0]
 
 
 def misfits(

@@ -78,6 +78,27 @@ def test_the_command_trains_the_users_data(mydata, capsys, monkeypatch):
             assert f"--data_dir {mydata}" in m["command"] and f"--num_crops {recommended} " in m["command"]
 
 
+def test_finetune_accepts_the_printed_command(mydata, capsys):
+    """The command, as printed, resolves in phi3v-finetune (on an RTX 4090 as the plan assumes) to the plan's
+    numbers, on the user's folder."""
+    import shlex
+
+    from phi3v_core.cli.finetune import build_config, build_parser
+    from phi3v_core.training import Machine
+
+    data = _json(capsys, "--gpu", "RTX4090", "--data", str(mydata), "--method", "lora", "--model-path", "tiny")
+    lora = data["methods"][0]
+    argv = shlex.split(lora["command"])
+    assert argv[0] == "phi3v-finetune" and "--no_eval" in argv  # the folder has no *_val.jsonl
+    rtx4090 = Machine(cuda=True, capability=(8, 9), device_count=1, world_size=1, flash_attn=True)
+    cfg = build_config(build_parser().parse_args(argv[1:]), rtx4090)
+    assert (cfg.task, cfg.data_dir, cfg.num_crops) == ("jsonl", str(mydata), data["data"]["num_crops"])
+    train, hp = cfg.train, lora["hyperparameters"]
+    assert (train.global_batch, train.micro_batch) == (lora["global_batch"], lora["micro_batch"])
+    assert (train.num_train_epochs, train.warmup_steps) == (hp["epochs"], hp["warmup_steps"])
+    assert any("--no_eval" in note for note in data["data"]["notes"])
+
+
 def test_methods_left_out_are_not_judged(mydata, capsys, monkeypatch):
     out = _run(capsys, monkeypatch, "--gpu", "RTX4090", "--data", str(mydata), "--method", "lora")
     assert "full not judged (left out by --method)" in out
