@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors
+from phi3v_core.cli.vocabulary import add_shared, add_version
+from phi3v_core.constants import MODEL_PRESET_NAMES
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHOD_NAMES, METHODS
 from phi3v_core.retention import RETENTION_FLOOR
@@ -25,12 +27,12 @@ __all__ = ["build_parser", "main"]
 
 _EPILOG = """examples:
   phi3v-plan                                   # detect GPUs with NVML and plan DocVQA fine-tuning on them
-  phi3v-plan --gpu A100-80GB --count 8 --nodes 2 --dataset-size 39463
-  phi3v-plan --gpu V100-32GB --count 8 --task hateful_memes --json
+  phi3v-plan --gpu A100-80GB --gpus 8 --nodes 2 --dataset-size 39463
+  phi3v-plan --gpu V100-32GB --gpus 8 --task hateful_memes --json
   phi3v-plan --gpu H100-80GB --cloud azure --nodes 4          # SKU, VM count and vCPU quota
   phi3v-plan --cloud azure                                    # compare the Azure ND SKUs
-  phi3v-plan --gpu T4 --num-crops 4 --method lora --method qlora
-  phi3v-plan --gpu A100-80GB --count 8 --trace --method full  # measure activations on the full model (CPU, cached)
+  phi3v-plan --gpu T4 --num_crops 4 --method lora --method qlora
+  phi3v-plan --gpu A100-80GB --gpus 8 --trace --method full  # measure activations on the full model (CPU, cached)
   phi3v-plan --list-gpus
   phi3v-plan --calibration                                    # predicted vs the recipe's published table
   phi3v-plan --validate                                       # the speed model against this CPU (~2 min)
@@ -61,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hw = parser.add_argument_group("hardware")
     hw.add_argument("--gpu", help="plan for this GPU instead of the detected one (see --list-gpus)")
-    hw.add_argument("--count", type=int, help="GPUs per node (default: detected, 8 on Azure, else 1)")
-    hw.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
+    add_shared(hw, "gpus", dest="count", type=int, help="GPUs per node (default: detected, 8 on Azure, else 1)")
+    add_shared(hw, "nodes", type=int, default=1, help="nodes (default: 1)")
     hw.add_argument(
         "--cloud", choices=["azure"], help="add the Azure SKU, VM count and vCPU quota (costs: --price-per-gpu-hour)"
     )
@@ -74,38 +76,36 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--host-ram-gib", type=bounded_float(0, 1e6, low_open=True), default=None, metavar="GIB", help="host RAM per node (checks an offloaded optimizer fits; default: this machine's for a detected GPU)")
     hw.add_argument("--inter-node-gbit", type=bounded_float(0, 1e6, low_open=True), help="network per node in Gbit/s (default: the SKU's, else 200)")
     work = parser.add_argument_group("workload")
-    work.add_argument("--task", default="docvqa", help="docvqa, hateful_memes, nlvr2 or ucf101 (default: docvqa)")
-    work.add_argument("--num-crops", type=int, help="HD crops per image, 1-16 (default: the task's)")
+    add_shared(work, "task", default="docvqa", help="docvqa, hateful_memes, nlvr2 or ucf101 (default: docvqa)")
+    add_shared(work, "num_crops", type=int, help="HD crops per image, 1-16 (default: the task's)")
     work.add_argument("--image-size", type=_image_size, metavar="WxH", help="typical image size (default: the task's)")
     work.add_argument("--images", type=int, dest="images_per_sample", help="images per sample (default: the task's)")
     work.add_argument("--text-tokens", type=bounded_int(0, 1_000_000), help="text tokens per sample (default: the task's)")
     work.add_argument("--seq-len", type=int, help="override the tokens per sample")
     work.add_argument("--dataset-size", type=int, help="samples per epoch (for time per epoch)")
-    work.add_argument(
-        "--data",
-        dest="data_dir",
+    add_shared(
+        work,
+        "data_dir",
         metavar="DIR",
         help="a jsonl data folder: token lengths from its records and image headers; memory for its longest sample",
     )
-    work.add_argument(
-        "--global-batch", "--batch-size", type=int, dest="global_batch", help="global batch per optimizer step (default: 64)"
+    add_shared(
+        work, "global_batch", type=int, help="global batch per optimizer step (default: 64)"
     )
     work.add_argument("--max-micro-batch", type=int, default=16, help="largest micro-batch to consider (default: 16)")
-    work.add_argument(
-        "--model", default="phi-3.5-vision", help="model preset or checkpoint folder (default: phi-3.5-vision)"
+    add_shared(
+        work, "model", dest="model", default="phi-3.5-vision",
+        help="model preset (shapes only; the command then reads $PHI3V_MODEL) or the checkpoint folder the command "
+        "trains (default: phi-3.5-vision)",
     )
-    work.add_argument(
-        "--model-path",
-        help="checkpoint folder the launch command trains (--model_name_or_path; default: $PHI3V_MODEL placeholder)",
-    )
-    work.add_argument(
-        "--method", action="append", dest="methods", choices=METHOD_NAMES, help="only these methods (repeatable)"
+    add_shared(
+        work, "method", action="append", dest="methods", choices=METHOD_NAMES, help="only these methods (repeatable)"
     )
     out = parser.add_argument_group("output")
     out.add_argument(
         "--trace", action="store_true", help="measure activations with MemTracker on the full model (CPU, slow, cached)"
     )
-    out.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    add_shared(out, "json", action="store_true", help="print JSON instead of tables")
     out.add_argument("--list-gpus", action="store_true", help="print the GPU table and exit")
     out.add_argument("--calibration", action="store_true", help="print predicted vs the recipe's published table and exit")
     out.add_argument(
@@ -113,11 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure this CPU, predict phi3v-bench step times with the speed model, run them, compare (~2 min a repeat)",
     )
-    out.add_argument("--repeats", type=bounded_int(1, 100), help="--validate: runs of every case (default: 3)")
+    add_shared(out, "repeats", type=bounded_int(1, 100), help="--validate: runs of every case (default: 3)")
     out.add_argument("--save", metavar="FILE", help="--validate: also write the raw result with machine, commit and date")
     out.add_argument(
         "--reference", dest="reference_dir", help="folder with the published speed.csv (default: the packaged copy of results/reference)"
     )
+    add_version(parser)
     return parser
 
 
@@ -143,7 +144,7 @@ def _request(args: argparse.Namespace) -> Any:
         max_micro_batch=args.max_micro_batch,
         use_trace=args.trace,
         reference_dir=args.reference_dir,
-        model_path=args.model_path,
+        model_path=None if args.model in MODEL_PRESET_NAMES else args.model,
         data_dir=args.data_dir,
         deadline_hours=args.deadline,
         price_per_gpu_hour=args.price_per_gpu_hour,

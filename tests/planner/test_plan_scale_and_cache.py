@@ -49,7 +49,7 @@ def test_scale_problems_are_reported_together(tmp_path, capsys):
     err = expect_user_error(
         main, [*GPU, "--count", "1000", "--dataset-size", "5", "--batch-size", "2"], "3 problems", tmp_path, capsys
     )
-    assert "--dataset-size 5" in err and "--batch-size 2" in err
+    assert "--dataset-size 5" in err and "--batch_size 2" in err
 
 
 def _trace_file(tmp_path: Path, text: str) -> Path:
