@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -52,6 +53,8 @@ class CliParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """Raise instead of printing the usage (the handler prints one line), with every bad value found so far."""
+        # argparse names a flag by all its spellings (--output_dir/--out_dir/--out): name the primary one
+        message = re.sub(r"^argument (--[\w-]+)(?:/--[\w-]+)+: ", r"argument \1: ", message)
         raise_all([*getattr(self, "_bad_values", []), f"{message} (see {self.prog} --help)"])
         raise AssertionError("unreachable")  # raise_all raised: it has a problem to report
 
@@ -68,7 +71,7 @@ class CliParser(argparse.ArgumentParser):
         try:
             return super()._get_value(action, arg_string)
         except argparse.ArgumentError as exc:
-            self._bad_values.append(str(exc))
+            self._bad_values.append(_named(action, exc))
             return _BAD_VALUE
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
@@ -77,7 +80,13 @@ class CliParser(argparse.ArgumentParser):
         try:
             super()._check_value(action, value)
         except argparse.ArgumentError as exc:
-            self._bad_values.append(str(exc))
+            self._bad_values.append(_named(action, exc))
+
+
+def _named(action: argparse.Action, exc: argparse.ArgumentError) -> str:
+    """The error under the flag's primary spelling (argparse joins every alias: ``--gpus/--count/--nproc_per_node``)."""
+    name = action.option_strings[0] if action.option_strings else action.dest
+    return f"argument {name}: {exc.message}"
 
 
 def debug_enabled() -> bool:

@@ -22,10 +22,10 @@ GPU = ["--gpu", "A100-80GB", "--method", "lora"]
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--count", "1000"], "--count 1000 GPUs in one node: the largest nodes hold 16"),
-        (["--count", "17"], "spread them over nodes, e.g. --count 8 --nodes 3"),
+        (["--count", "1000"], "--gpus 1000 GPUs in one node: the largest nodes hold 16"),
+        (["--count", "17"], "spread them over nodes, e.g. --gpus 8 --nodes 3"),
         (["--count", "8", "--nodes", "2", "--dataset-size", "10"], "--dataset-size 10 is smaller than the 16 GPUs"),
-        (["--count", "8", "--batch-size", "4"], "--batch-size 4 is smaller than the 8 GPUs"),
+        (["--count", "8", "--batch-size", "4"], "--batch_size 4 is smaller than the 8 GPUs"),
     ],
     ids=["1000-in-one-node", "17-in-one-node", "fewer-samples-than-gpus", "batch-below-gpus"],
 )
