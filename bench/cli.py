@@ -41,6 +41,7 @@ from bench.preflight import (
     unsaved_result_error,
 )
 from phi3v_core.cli.common import handle_errors, keep_working_without_stdout, strict_json
+from phi3v_core.cli.vocabulary import plural
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.fs import StorageError, writable_problem
 
@@ -211,16 +212,16 @@ def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons:
     console = _console()
     hardware = ", ".join(f"{g.name} (cc {g.compute_capability})" for g in env.gpus) or f"CPU: {env.cpu} ({env.cpu_count} threads)"
     card = (
-        f"[bold]{cfg.method}[/] · attn {cfg.attn} · {cfg.precision} · model {cfg.model} · {cfg.num_crops} crops · "
+        f"[bold]{cfg.method}[/] · attn {cfg.attn} · {cfg.precision} · model {cfg.model} · {plural(cfg.num_crops, 'crop')} · "
         f"profile {cfg.seq_profile}\n"
-        f"global batch {cfg.global_batch} = {cfg.micro_batch} micro × {cfg.world_size} ranks ({cfg.nodes} node(s) × {cfg.gpus}) × "
-        f"{cfg.grad_accum} accumulation · {cfg.warmup} warmup + {cfg.steps} timed steps × {cfg.repeats} repeats\n"
+        f"global batch {cfg.global_batch} = {cfg.micro_batch} micro × {cfg.world_size} ranks ({plural(cfg.nodes, 'node')} × {cfg.gpus}) × "
+        f"{cfg.grad_accum} accumulation · {cfg.warmup} warmup + {cfg.steps} timed steps × {plural(cfg.repeats, 'repeat')}\n"
         f"{hardware} · torch {env.packages.get('torch')} · transformers {env.packages.get('transformers')} · "
         f"git {(env.git_sha or '?')[:10]}{'+dirty' if env.git_dirty else ''}\n"
         + "\n".join(f"[dim]default[/] {reason}" for reason in reasons)
     )
     console.print(Panel(card, title=f"phi3v-bench run · {cfg.cell_id()}", expand=False))
-    with console.status(f"measuring {cfg.repeats} repeat(s) in fresh processes…"):
+    with console.status(f"measuring {plural(cfg.repeats, 'repeat')} in fresh processes…"):
         result = _measure(cfg, cluster, args.timeout)
     if not main_node:
         console.print(result.message or f"[red]{result.status}[/]")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors
-from phi3v_core.cli.vocabulary import add_shared, add_version
+from phi3v_core.cli.vocabulary import add_shared, add_version, plural
 from phi3v_core.constants import MODEL_PRESET_NAMES
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHOD_NAMES, METHODS
@@ -62,7 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     hw = parser.add_argument_group("hardware")
-    hw.add_argument("--gpu", help="plan for this GPU instead of the detected one (see --list-gpus)")
+    hw.add_argument(
+        "--gpu", help="plan for this GPU instead of the detected one: a --list-gpus name or nvidia-smi's (NVIDIA GeForce RTX 4090)"
+    )
+    hw.add_argument(
+        "--gpu_memory_gib", "--gpu-memory-gib", type=bounded_float(0, 1e5, low_open=True), metavar="GIB",
+        help="a card not in the table: its memory (with --tflops and --bandwidth for a speed estimate)",
+    )
+    hw.add_argument("--tflops", type=bounded_float(0, 1e6, low_open=True), help="that card's dense bf16/fp16 tensor TFLOP/s")
+    hw.add_argument("--bandwidth", type=bounded_float(0, 1e6, low_open=True), metavar="GB/S", help="that card's memory bandwidth in GB/s")
     add_shared(hw, "gpus", dest="count", type=int, help="GPUs per node (default: detected, 8 on Azure, else 1)")
     add_shared(hw, "nodes", type=int, default=1, help="nodes (default: 1)")
     hw.add_argument(
@@ -148,6 +156,9 @@ def _request(args: argparse.Namespace) -> Any:
         data_dir=args.data_dir,
         deadline_hours=args.deadline,
         price_per_gpu_hour=args.price_per_gpu_hour,
+        gpu_memory_gib=args.gpu_memory_gib,
+        gpu_tflops=args.tflops,
+        gpu_bandwidth_gbs=args.bandwidth,
         host_ram_gib=args.host_ram_gib,
     )
 
@@ -172,20 +183,29 @@ def _print_plan(p: Any) -> None:
         console.print(f"[yellow]note[/]: {note}")
 
 
+def _link(hw: Any) -> str:
+    """How the node's GPUs talk: an SXM card is never called PCIe (one GPU has no GPU-to-GPU traffic)."""
+    if hw.nvlink:
+        return "NVLink"
+    if hw.gpu.nvlink_gbs:
+        return "SXM" if hw.gpus_per_node == 1 else "SXM, NVLink inactive"
+    return "PCIe"
+
+
 def _print_header(console: Any, p: Any) -> None:
     hw = p.hardware
     gpu = hw.gpu
     first = p.methods[0]
     console.print(
-        f"[bold]Hardware[/]: {hw.gpus_per_node}x {gpu.key} x {hw.nodes} node(s), {gpu.memory_gib:g} GiB each, {gpu.architecture} "
-        f"(CC {gpu.compute_capability[0]}.{gpu.compute_capability[1]}), {'NVLink' if hw.nvlink else 'PCIe'}; {hw.source}"
+        f"[bold]Hardware[/]: {hw.gpus_per_node}x {gpu.key} x {plural(hw.nodes, 'node')}, {gpu.memory_gib:g} GiB each, "
+        f"{gpu.architecture} (CC {gpu.compute_capability[0]}.{gpu.compute_capability[1]}), {_link(hw)}; {hw.source}"
     )
     console.print(f"[bold]Precision / attention[/]: {first.precision} / {first.attn}")
     w = p.workload
     req = p.request
     crops = w.vision_crops // max(w.images, 1)
     console.print(
-        f"[bold]Workload[/]: {req.task}, {w.images} image(s) x {crops} crops, {w.seq_len} tokens per sample; "
+        f"[bold]Workload[/]: {req.task}, {plural(w.images, 'image')} x {plural(crops, 'crop')}, {w.seq_len} tokens per sample; "
         f"{p.shape.name} ({p.shape.param_counts().total / 1e9:.2f} B parameters)"
         + (f"; {req.dataset_size:,} samples per epoch" if req.dataset_size else "")
     )
@@ -280,7 +300,7 @@ def _print_recommendation(console: Any, p: Any, best: Any) -> None:
     hw = p.hardware
     lines = [
         f"[bold]{best.method}[/], {best.precision}, {best.attn}, micro-batch {best.micro_batch} x "
-        f"{best.grad_accum} accumulation x {hw.world_size} GPU(s) = global batch {best.global_batch}, "
+        f"{best.grad_accum} accumulation x {plural(hw.world_size, 'GPU')} = global batch {best.global_batch}, "
         f"gradient checkpointing {'on' if best.gradient_checkpointing else 'off'}, optimizer {best.optim}"
         + (f", offload {best.offload}" if best.offload != "none" else "")
         + _retention_text(best)
@@ -288,7 +308,7 @@ def _print_recommendation(console: Any, p: Any, best: Any) -> None:
     lines += [f"- {line}" for line in p.why + best.reasons[1:]]
     hp = best.hyperparameters
     hps = (
-        f"lr {hp['learning_rate']:g}, {hp['epochs']:g} epoch(s), weight decay {hp['weight_decay']}, warmup "
+        f"lr {hp['learning_rate']:g}, {plural(float(hp['epochs']), 'epoch')}, weight decay {hp['weight_decay']}, warmup "
         f"{hp['warmup_steps']} steps, AdamW betas ({hp['adam_beta1']}, {hp['adam_beta2']}) eps {hp['adam_epsilon']:g}, "
         f"clip {hp['max_grad_norm']}"
     )
@@ -322,7 +342,7 @@ def _print_extras(console: Any, p: Any) -> None:
         a = p.azure
         console.print(
             Panel(
-                f"{a['family']} ({a['vm_size']}) x {a['vms']} VM(s) = {a['gpus']} GPUs\n{a['interconnect']}\n{a['quota_note']}",
+                f"{a['family']} ({a['vm_size']}) x {plural(a['vms'], 'VM')} = {plural(a['gpus'], 'GPU')}\n{a['interconnect']}\n{a['quota_note']}",
                 title="Azure",
             )
         )
@@ -346,7 +366,7 @@ def _print_extras(console: Any, p: Any) -> None:
         if d.get("nodes"):
             cost = f", ${d['cost_usd']:,.0f}" if d.get("cost_usd") else ""
             console.print(
-                f"[bold]Deadline {d['hours']:g} h[/]: {d['nodes']} node(s) ({d['gpus']} GPUs), {d['method']}, predicted "
+                f"[bold]Deadline {d['hours']:g} h[/]: {plural(d['nodes'], 'node')} ({plural(d['gpus'], 'GPU')}), {d['method']}, predicted "
                 f"{format_duration(d['run_s'])}{cost}"
             )
         else:
@@ -416,7 +436,7 @@ def _with_close_gpus(message: str, name: str | None) -> str:
         return re.sub(r"[^a-z0-9]", "", text.lower())
 
     names = {norm(alias): spec.key for spec in gpu_table() for alias in (spec.key, *spec.aliases)}
-    close = list(dict.fromkeys(names[n] for n in difflib.get_close_matches(norm(name), list(names), n=6, cutoff=0.5)))
+    close = list(dict.fromkeys(names[n] for n in difflib.get_close_matches(norm(name), list(names), n=6, cutoff=0.7)))
     hint = f"did you mean {', '.join(close[:3])}?" if close else "no close match"
     return re.sub(r"; known: [^()]*\(see phi3v-plan --list-gpus\)", f"; {hint} (phi3v-plan --list-gpus lists all)", message)
 
@@ -459,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from planner.hardware import detect
     from planner.recommend import plan, survey
 
-    if request.gpu:
+    if request.states_gpu:
         result = plan(request)
         dump(result.to_dict()) if args.json else _print_plan(result)
         return 0
@@ -493,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = make_console()
     if azure:
         console.print(
-            f"[yellow]{reason}[/] Comparing the Azure ND SKUs ({request.nodes} VM(s) each); pass --gpu for one."
+            f"[yellow]{reason}[/] Comparing the Azure ND SKUs ({plural(request.nodes, 'VM')} each); pass --gpu for one."
         )
         _print_survey(plans, f"Azure ND SKUs, {request.task} (8 GPUs per VM)", azure=True)
         pick = _pick_sku(plans)
@@ -513,9 +533,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         count = request.count or 1
         console.print(
-            f"[yellow]{reason}[/] Showing {count} GPU(s) per node of common models; pass --gpu NAME to plan for one."
+            f"[yellow]{reason}[/] Showing {plural(count, 'GPU')} per node of common models; pass --gpu NAME to plan for one."
         )
-        _print_survey(plans, f"What fits, {request.task}, {count} GPU(s) x {request.nodes} node(s)", azure=False)
+        _print_survey(plans, f"What fits, {request.task}, {plural(count, 'GPU')} x {plural(request.nodes, 'node')}", azure=False)
     return 0
 
 

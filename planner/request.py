@@ -21,6 +21,7 @@ from planner.estimate import GIB, MemoryEstimate, Workload
 from planner.hardware import (
     AzureSku,
     GpuSpec,
+    custom_gpu,
     find_gpu,
 )
 from planner.shapes import ModelShape
@@ -156,6 +157,22 @@ class PlanRequest:
     deadline_hours: float | None = None
     host_ram_gib: float | None = None
     price_per_gpu_hour: float | None = None
+    gpu_memory_gib: float | None = None
+    gpu_tflops: float | None = None
+    gpu_bandwidth_gbs: float | None = None
+
+    @property
+    def states_gpu(self) -> bool:
+        """The card is stated (``--gpu`` or ``--gpu_memory_gib``), not detected."""
+        return bool(self.gpu) or self.gpu_memory_gib is not None
+
+    def gpu_spec(self) -> GpuSpec:
+        """The stated card: the table's row for ``--gpu``, or one built from ``--gpu_memory_gib`` (``--tflops``,
+        ``--bandwidth``) for a card the table lacks."""
+        if self.gpu_memory_gib is not None:
+            return custom_gpu(self.gpu, self.gpu_memory_gib, self.gpu_tflops, self.gpu_bandwidth_gbs)
+        assert self.gpu is not None, "gpu_spec() needs --gpu or --gpu_memory_gib"
+        return find_gpu(self.gpu)
 
     def _scale_problems(self) -> list[str]:
         """GPUs per node within real nodes, and enough samples and batch for every GPU (checked together)."""
@@ -226,7 +243,9 @@ class PlanRequest:
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             # here, before the data reader (and torch) is imported: a wrong path answers at once
             problems.append(f"--data {self.data_dir}: not a folder; pass a folder holding <name>_train.jsonl and images/")
-        if self.gpu is not None:
+        if (self.gpu_tflops or self.gpu_bandwidth_gbs) and self.gpu_memory_gib is None:
+            problems.append("--tflops and --bandwidth describe a card together with --gpu_memory_gib; add it")
+        if self.gpu is not None and self.gpu_memory_gib is None:
             try:
                 find_gpu(self.gpu)
             except ConfigError as exc:

@@ -37,7 +37,7 @@ from phi3v_core.cli.finetune_config import (
     build_config,
 )
 from phi3v_core.cli.finetune_hf import add_trainer_flags
-from phi3v_core.cli.vocabulary import DEFAULT_SEED, add_shared, add_version
+from phi3v_core.cli.vocabulary import DEFAULT_SEED, add_shared, add_version, plural
 from phi3v_core.constants import (
     ATTN_NAMES,
     MODEL_PRESET_NAMES,
@@ -273,7 +273,7 @@ def _print_plan(cfg: Any, task: Any) -> None:
         f"{len(task.eval_items())} eval) · model {train.model} · {train.method}{lora} · {train.precision} · "
         f"attn {train.attn} · num_crops {task.num_crops} · batch {train.global_batch} "
         f"({train.micro_batch}/process) · lr {train.learning_rate:g} · "
-        + (f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.num_train_epochs:g} epoch(s)")
+        + (plural(train.max_steps, "step") if train.max_steps > 0 else plural(float(train.num_train_epochs), "epoch"))
         + (f" · preset {cfg.preset}" if cfg.preset else "")
     )
     for note in cfg.notes:
@@ -287,7 +287,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
     label = "ANLS" if summary["metric"] == "anls" else "accuracy"
     before, after = summary["eval_before"], summary["eval_after"]
-    table = Table(title=f"{summary['task']} · {summary['method']} · {summary['train']['global_step']} steps")
+    table = Table(title=f"{summary['task']} · {summary['method']} · {plural(summary['train']['global_step'], 'step')}")
     if before and after:
         for column in ("", "before", "after", "change"):
             table.add_column(column, justify="right" if column else "left")
