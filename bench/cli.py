@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import cli_args
-from bench.config import BenchConfig, DeviceDescription, choose_defaults
-from bench.layout import LAYOUT_FIELDS, resolve_layout
+from bench.config import BenchConfig, DeviceDescription
+from bench.layout import machine_config
 from bench.preflight import (
     LIMITS,
     limit_problems,
@@ -70,20 +70,7 @@ def config_from_args(
     """
     names = {f.name for f in dataclasses.fields(BenchConfig)} - {"layout"}
     values = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    given = set(values)
-    device = device or DeviceDescription.detect()
-    defaults, reasons = choose_defaults(device, values.get("model"))
-    for name, value in defaults.items():
-        values.setdefault(name, value)
-    # the layout fills the layout fields neither given nor set by the machine's defaults (the tiny protocol's)
-    values, layout_reasons = resolve_layout(
-        BenchConfig(**values).to_dict(), set(values), device.gpu_name is not None, getattr(args, "layout", None)
-    )
-    reasons += layout_reasons
-    explicit = sorted(name for name in given if name in (*defaults, *LAYOUT_FIELDS) and name != "model")
-    if explicit:
-        reasons.append("given on the command line: " + ", ".join(f"{n} {values[n]}" for n in explicit))
-    return BenchConfig(**values), reasons
+    return machine_config(values, device or DeviceDescription.detect(), getattr(args, "layout", None))
 
 
 def _console() -> Any:
@@ -242,9 +229,10 @@ def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons:
 
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
-    from bench.matrix import build_cells, parse_assignments, parse_grid, run_matrix
+    from bench.matrix import build_cells, expected_seconds, parse_assignments, parse_grid, run_matrix
     from bench.results import capture_environment
     from bench.store import result_path
+    from planner.speed import format_duration
 
     if not args.preset and not args.grid:
         raise ConfigError("pass --preset (seed-a100, seed-v100, quick) and/or --grid FIELD=V1,V2")
@@ -265,7 +253,8 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     overrides["out"] = args.out
     if args.release is not None:
         overrides["release"] = args.release
-    cells = build_cells(args.preset, grid, overrides)
+    device = DeviceDescription.from_nvml()  # the defaults `run` takes here, for every field no cell sets
+    cells = build_cells(args.preset, grid, overrides, device=device)
     if not args.dry_run:
         refuse_unusable_gpu()
     env = capture_environment()
@@ -273,12 +262,14 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         listing = [{"cell": c.cell_id(), "path": str(result_path(c.out, c.release, env.hardware, c))} for c in cells]
+        seconds = expected_seconds(cells, device, env.gpus[0].total_memory_bytes if env.gpus else None)
         if args.json:
-            _print_json({"cells": listing})
+            _print_json({"cells": listing, "expected_seconds": round(seconds) if seconds is not None else None})
         else:
             for item in listing:
                 print(f"{item['cell']}  ->  {item['path']}")
-            print(f"{len(cells)} cells (dry run; nothing was run)")
+            when = f"~{format_duration(seconds)}" if seconds is not None else "not predicted (full-size model on a CPU)"
+            print(f"{len(cells)} cells (dry run; nothing was run); expected time {when}")
         return 0
 
     with one_writer(args.out, _command_line(args)):
