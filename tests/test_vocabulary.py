@@ -144,6 +144,7 @@ def test_every_bad_value_is_reported_at_once():
     [
         ("phi3v_core.cli.finetune", ["--learning_rate", "5", "--lora_rank", "0"], "--lora_rank"),
         ("phi3v_core.cli.finetune", ["--report_to", "comet"], "--report_to"),
+        ("phi3v_core.cli.finetune", ["--task", "jsonl", "--data_dir", "/nonexistent"], "--data_dir /nonexistent"),
         ("bench.cli", ["run", "--steps", "0"], "steps"),
         ("bench.cli", ["run", "--method", "LoRA"], "LoRA"),
         ("planner.cli", ["--gpu", "A100-80GB", "--data", "/nonexistent"], "/nonexistent"),

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phi3v_core.cli.finetune_hf import trainer_values
+from phi3v_core.cli.finetune_hf import path_problems, trainer_values
 from phi3v_core.cli.vocabulary import DEFAULT_SEED
 from phi3v_core.constants import (
     ATTN_NAMES,
@@ -475,6 +475,8 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
         ConfigError: Every problem with the flags on this machine, in one message.
     """
     if env is None:
+        # paths first, before torch is imported (seconds): a mistyped folder answers at once
+        raise_all(path_problems(args, args.model_name_or_path or os.environ.get(MODEL_ENV)))
         from phi3v_core.software import torch_gpu_refusal
 
         # before anything else (even importing the training stack: tens of seconds on a busy host): every later

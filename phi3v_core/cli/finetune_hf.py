@@ -16,7 +16,7 @@ from typing import Any
 
 from phi3v_core.cli.common import bounded_int
 
-__all__ = ["LR_SCHEDULERS", "REPORT_TO", "add_trainer_flags", "trainer_values"]
+__all__ = ["LR_SCHEDULERS", "REPORT_TO", "add_trainer_flags", "path_problems", "trainer_values"]
 
 #: ``transformers.SchedulerType`` values that need no extra arguments.
 LR_SCHEDULERS = (
@@ -117,3 +117,31 @@ def trainer_values(args: argparse.Namespace, values: dict[str, Any], world_size:
         fields["deepspeed"] = True
         fields["deepspeed_config_file"] = str(Path(config).expanduser())
     return fields
+
+
+def path_problems(args: argparse.Namespace, model: str | None) -> list[str]:
+    """The folders and files the flags name, checked before torch is imported (so a wrong path answers at once).
+
+    Args:
+        args: The parsed flags.
+        model: ``--model_name_or_path`` or ``$PHI3V_MODEL`` (``None``: the tiny preset).
+    """
+    from phi3v_core.constants import MODEL_PRESET_NAMES
+
+    problems = []
+    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
+        problems.append(f"--data_dir {args.data_dir}: no such folder")
+    local = model is not None and model not in MODEL_PRESET_NAMES and (model.startswith((".", "/", "~")) or "/" not in model)
+    if local and not Path(model).expanduser().is_dir():
+        problems.append(
+            f"--model_name_or_path {model}: no such folder; pass a local checkpoint folder (config.json + *.safetensors) "
+            f"or a preset ({', '.join(MODEL_PRESET_NAMES)})"
+        )
+    resume = getattr(args, "resume", None)
+    if resume not in (None, "latest") and not Path(resume).expanduser().exists():
+        problems.append(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+    deepspeed = getattr(args, "deepspeed", None)
+    if deepspeed is not None and not Path(deepspeed).expanduser().is_file():
+        problems.append(f"--deepspeed {deepspeed}: no such file; pass a DeepSpeed JSON config file")
+    return problems
+
