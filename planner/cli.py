@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors
-from phi3v_core.cli.vocabulary import add_shared, add_version, plural
+from phi3v_core.cli.vocabulary import THROUGHPUT_UNIT, add_shared, add_version, plural
 from phi3v_core.constants import MODEL_PRESET_NAMES
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHOD_NAMES, METHODS
@@ -183,6 +183,11 @@ def _print_plan(p: Any) -> None:
         console.print(f"[yellow]note[/]: {note}")
 
 
+def _img_per_s(samples_per_s: float | None, p: Any) -> float | None:
+    """The planner's samples/s in the unit every command shows (img/s: the recipe's and phi3v-bench's)."""
+    return None if samples_per_s is None else samples_per_s * max(p.workload.images, 1)
+
+
 def _link(hw: Any) -> str:
     """How the node's GPUs talk: an SXM card is never called PCIe (one GPU has no GPU-to-GPU traffic)."""
     if hw.nvlink:
@@ -230,7 +235,7 @@ def _print_methods(console: Any, p: Any) -> None:
         f"{100 * (1 - p.headroom_fraction):.0f} % of the card; speed is a prediction)"
     )
     left = ("method", "recipe", "fits", "layout")
-    for col in (*left, "peak GiB", "margin GiB", "samples/s", "epoch", "run", "cost $"):
+    for col in (*left, "peak GiB", "margin GiB", THROUGHPUT_UNIT, "epoch", "run", "cost $"):
         table.add_column(col, justify="left" if col in left else "right")
     for m in p.methods:
         mark = "[green]yes[/]" if m.fits else ("[red]no[/]" if m.supported else "[red]unsupported[/]")
@@ -242,7 +247,7 @@ def _print_methods(console: Any, p: Any) -> None:
             _layout_label(m),
             fmt(m.peak_gib),
             fmt(m.margin_gib),
-            fmt(m.speed.samples_per_s if m.speed else None, ".2f"),
+            fmt(_img_per_s(m.speed.samples_per_s if m.speed else None, p), ".2f"),
             format_duration(m.speed.epoch_s) if m.speed else "-",
             format_duration(m.run_s),
             fmt(m.cost_usd, ",.0f"),
@@ -258,8 +263,8 @@ def _print_layouts(console: Any, p: Any) -> None:
     from rich.table import Table
 
     table = Table(title="Layouts considered (per option the fastest that fits, else micro-batch 1; * = chosen)")
-    right = ("peak GiB", "samples/s", "micro x accum", "retention")
-    for col in ("method", "checkpointing", "optimizer", "offload", "micro x accum", "peak GiB", "fits", "samples/s", "retention"):
+    right = ("peak GiB", THROUGHPUT_UNIT, "micro x accum", "retention")
+    for col in ("method", "checkpointing", "optimizer", "offload", "micro x accum", "peak GiB", "fits", THROUGHPUT_UNIT, "retention"):
         table.add_column(col, justify="right" if col in right else "left")
     for m in p.methods:
         groups: dict[tuple[bool, str, str], list[Any]] = {}
@@ -277,7 +282,7 @@ def _print_layouts(console: Any, p: Any) -> None:
                 f"{shown.micro_batch} x {shown.grad_accum}",
                 f"{shown.reserved_bytes / GIB:.1f}",
                 "yes" if shown.fits else "no",
-                fmt(shown.samples_per_s, ".2f"),
+                fmt(_img_per_s(shown.samples_per_s, p), ".2f"),
                 f"{shown.update_retention:.0%}" + ("" if shown.update_retention >= RETENTION_FLOOR else " (lost)"),
             )
     console.print(table)
@@ -379,14 +384,14 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
     from planner.speed import format_duration
 
     table = Table(title=title, caption="fits: " + ", ".join(f"{letter} {name}" for name, letter in _SHORT.items()))
-    cols = ["GPU", "GiB", "dtype/attn", "fits", "best", "micro x acc", "peak GiB", "samples/s", "epoch", "cost $"]
+    cols = ["GPU", "GiB", "dtype/attn", "fits", "best", "micro x acc", "peak GiB", THROUGHPUT_UNIT, "epoch", "cost $"]
     if azure:
         cols = ["VM size", "VMs", "vCPUs", *cols]
     for col in cols:
         # names must stay readable on narrow terminals: fold them rather than cut them with an ellipsis
         table.add_column(
             col,
-            justify="right" if col in ("GiB", "VMs", "vCPUs", "peak GiB", "samples/s", "epoch", "cost $") else "left",
+            justify="right" if col in ("GiB", "VMs", "vCPUs", "peak GiB", THROUGHPUT_UNIT, "epoch", "cost $") else "left",
             overflow="fold",
         )
     for p in plans:
@@ -401,7 +406,7 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
             best.method if best else "none",
             f"{best.micro_batch} x {best.grad_accum}" if best else "-",
             fmt(best.peak_gib) if best else "-",
-            fmt(best.speed.samples_per_s if best and best.speed else None, ".2f"),
+            fmt(_img_per_s(best.speed.samples_per_s if best and best.speed else None, p), ".2f"),
             format_duration(best.speed.epoch_s) if best and best.speed else "-",
             fmt(best.cost_usd if best else None, ",.0f"),
         ]
