@@ -29,16 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.config import (
-    FLOPS_MODES,
-    SEQ_PROFILES,
-    TINY_DEFAULTS,
-    BenchConfig,
-    DeviceDescription,
-    choose_defaults,
-    default_release,
-)
-from bench.layout import LAYOUT_FIELDS, LAYOUTS, resolve_layout
+from bench import cli_args
+from bench.config import BenchConfig, DeviceDescription
+from bench.layout import machine_config
 from bench.preflight import (
     LIMITS,
     limit_problems,
@@ -47,18 +40,10 @@ from bench.preflight import (
     refuse_unusable_gpu,
     unsaved_result_error,
 )
-from phi3v_core.cli.common import (
-    CliParser,
-    bounded_float,
-    bounded_int,
-    handle_errors,
-    keep_working_without_stdout,
-    strict_json,
-)
-from phi3v_core.constants import ATTN_NAMES, OFFLOAD_NAMES, OPTIM_NAMES, PRECISION_NAMES
+from phi3v_core.cli.common import handle_errors, keep_working_without_stdout, strict_json
+from phi3v_core.cli.vocabulary import plural
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.fs import StorageError, writable_problem
-from phi3v_core.methods import METHOD_NAMES
 
 __all__ = ["LIMITS", "build_parser", "config_from_args", "main", "preflight_problems"]
 
@@ -67,167 +52,10 @@ GIB = 1 << 30
 #: The longest a repeat may be allowed to run (``--timeout``): a week.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
-def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    d = BenchConfig(release="-")  # defaults shown in --help; release has its own default below
-    p.add_argument("--method", default=d.method, metavar="{" + ",".join(METHOD_NAMES) + "}",
-                   help="fine-tuning method (default: %(default)s)")
-    p.add_argument("--attn", "--attention", dest="attn", default=None, metavar="{" + ",".join(ATTN_NAMES) + "}",
-                   help="attention kernel (default: flash_attention_2 on a GPU with compute capability >= 8.0 when "
-                        "flash-attn imports, else sdpa)")
-    p.add_argument("--precision", default=None, metavar="{" + ",".join(PRECISION_NAMES) + "}",
-                   help="bf16/fp16 mixed precision or fp32 (default: bf16 on GPUs with compute capability >= 8.0, "
-                        "fp16 on older GPUs, fp32 on CPU)")
-    p.add_argument("--model", default=None, help="tiny, phi-3.5-vision, phi-3-vision or a checkpoint folder "
-                   "(default: phi-3.5-vision with random weights on a GPU, tiny on CPU)")
-    p.add_argument("--num-crops", type=int, default=None,
-                   help=f"HD crops per image, 1..16 (default: {d.num_crops}; tiny model: {TINY_DEFAULTS['num_crops']})")
-    p.add_argument("--seq-profile", default=None, metavar="{" + ",".join(SEQ_PROFILES) + "}",
-                   help=f"synthetic sample shape (default: {d.seq_profile})")
-    p.add_argument("--global-batch", "--batch-size", dest="global_batch", type=int, default=None,
-                   help=f"global effective batch per optimizer step over all GPUs (default: {d.global_batch}; "
-                        f"tiny: {TINY_DEFAULTS['global_batch']}); --batch-size is its old name")
-    p.add_argument("--micro-batch", type=int, default=None,
-                   help=f"samples per GPU per forward (default: the layout's; tiny: {TINY_DEFAULTS['micro_batch']})")
-    p.add_argument("--gpus", type=int, default=d.gpus, help="GPUs per node (default: %(default)s)")
-    p.add_argument("--nodes", type=int, default=d.nodes, help="nodes (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"timed optimizer steps per repeat (default: {d.steps}; tiny: {TINY_DEFAULTS['steps']})")
-    p.add_argument("--warmup", type=int, default=None,
-                   help=f"untimed steps before them (default: {d.warmup}; tiny: {TINY_DEFAULTS['warmup']})")
-    p.add_argument("--repeats", type=int, default=None,
-                   help=f"fresh processes; compare needs >= 3 (default: {d.repeats}; tiny: {TINY_DEFAULTS['repeats']})")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
-    p.add_argument("--layout", choices=LAYOUTS, default=None,
-                   help="micro-batch, checkpointing, optimizer and offload: plan (phi3v-plan's for this card and "
-                        "method; the default on a GPU) or recipe (the seed's: checkpointing on, micro-batch 1, AdamW; "
-                        "the default on CPU); the flags below override single fields")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute activations in backward (default: the layout's)")
-    p.add_argument("--optim", choices=OPTIM_NAMES, default=None, help="optimizer (default: the layout's)")
-    p.add_argument("--offload", choices=OFFLOAD_NAMES, default=None, help="DeepSpeed offload (default: the layout's)")
-    p.add_argument("--learning-rate", type=bounded_float(0, 1, low_open=True), default=None,
-                   help="peak learning rate (default: the recipe's for the profile's task and the method); decides "
-                        "how many weights a step changes, which the run reports")
-    p.add_argument("--flops", choices=FLOPS_MODES, default=d.flops,
-                   help="how MFU's FLOPs are counted: analytic (from the shapes) or trace (fake-tensor replay, "
-                        "minutes for the full-size model; a check of the analytic count) (default: %(default)s)")
-    _add_output_arguments(p)
-
-
-def _add_output_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--release", default=None, help=f"release folder name (default: {default_release()})")
-    p.add_argument("--out", default="results", help="results root folder (default: %(default)s)")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the ``phi3v-bench`` argument parser."""
-    parser = CliParser(prog="phi3v-bench", description=__doc__.split("\n\n")[0],
-                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,matrix,compare,report,selfcheck}")
-
-    _add_run_command(sub)
-    _add_matrix_command(sub)
-    _add_compare_command(sub)
-    _add_report_command(sub)
-    _add_selfcheck_command(sub)
-    return parser
-
-
-def _add_run_command(sub: Any) -> None:
-    """``run``: measure one configuration."""
-    run = sub.add_parser(
-        "run", help="measure one configuration", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Measure one configuration and write results/<release>/<hardware>/<cell>.json.",
-        epilog="examples:\n  phi3v-bench run --method lora --model tiny --steps 10\n"
-               "  phi3v-bench run --method full --attn flash_attention_2 --model phi-3.5-vision --gpus 8 --batch-size 64",
-    )
-    _add_run_arguments(run)
-    run.add_argument("--force", action="store_true",
-                     help="replace a stored result measured on other hardware or at another commit")
-    run.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    # Multi-node on a real cluster (one phi3v-bench per node; under srun these come from SLURM's variables).
-    run.add_argument("--node-rank", type=bounded_int(0, LIMITS["nodes"] - 1), default=None, help="this node's index 0..nodes-1 (node 0 writes the result)")
-    run.add_argument("--master-addr", default=None, help="host name or address of node 0, reachable from every node")
-    run.add_argument("--master-port", type=bounded_int(1, 65535), default=None, help="rendezvous port on node 0 (default: 29500)")
-    run.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                     help="kill a repeat that runs longer and record status timeout (default: 3600)")
-
-
-def _add_matrix_command(sub: Any) -> None:
-    """``matrix``: sweep many configurations."""
-    matrix = sub.add_parser(
-        "matrix", help="sweep many configurations (resumable)", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run a preset and/or grid of configurations. OOM or crashing cells become result rows and the sweep "
-                    "goes on; re-running skips cells that already have an ok/oom result (error cells are retried).",
-        epilog="presets: seed-a100 (the seed's 10 A100 rows), seed-v100 (its 5 V100 rows), quick (tiny model, 8 cells)\n"
-               "examples:\n  phi3v-bench matrix --preset quick\n"
-               "  phi3v-bench matrix --preset seed-a100 --set steps=20 repeats=3\n"
-               "  phi3v-bench matrix --grid method=lora,qlora attn=sdpa,eager --set model=tiny --dry-run",
-    )
-    matrix.add_argument("--preset", help="seed-a100, seed-v100 or quick")
-    matrix.add_argument("--grid", nargs="+", action="extend", default=[], metavar="FIELD=V1,V2",
-                        help="sweep a config field over values (cartesian product; replaces the preset's value)")
-    matrix.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE", dest="assignments",
-                        help="fix a config field for every cell (e.g. steps=5 model=tiny)")
-    _add_output_arguments(matrix)
-    matrix.add_argument("--force", action="store_true", help="re-run cells that already have a finished result")
-    matrix.add_argument("--dry-run", action="store_true", help="list the cells and where they would be written")
-    matrix.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    matrix.add_argument("--json", action="store_true", help="print the sweep summary as one JSON line")
-
-
-def _add_compare_command(sub: Any) -> None:
-    """``compare``: two result sets, exit 2 on a regression."""
-    compare = sub.add_parser(
-        "compare", help="compare two result sets (exit 2 on regression)", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Match results of A (baseline) and B (candidate) by configuration and report img/s and memory changes. "
-                    "Throughput is judged on per-repeat medians (one value per fresh process): a change is called when "
-                    "both sides have >= --min-repeats repeats, |Δ| > max(--threshold, noise) and Welch's t-test "
-                    "p < --alpha. Allocated memory must match within max(1%%, 1 MiB); reserved/NVML "
-                    "within max(5%%, 256 MiB).",
-        epilog="exit codes: 0 no regression, 2 regression, 1 user error\n"
-               "example:\n  phi3v-bench compare results/v0.1.0/1xH100 results/v0.2.0/1xH100 --markdown",
-    )
-    compare.add_argument("a", help="baseline: a result .json or a folder of them")
-    compare.add_argument("b", help="candidate: a result .json or a folder of them")
-    compare.add_argument("--threshold", type=bounded_float(), default=5.0, help="smallest img/s change in %% to call (default: 5)")
-    compare.add_argument("--alpha", type=bounded_float(), default=0.05, help="significance level of the test on per-repeat medians (default: 0.05)")
-    compare.add_argument("--min-repeats", type=int, default=3, help="repeats per side needed to call a change (default: 3)")
-    fmt = compare.add_mutually_exclusive_group()
-    fmt.add_argument("--markdown", action="store_true", help="print a markdown table")
-    fmt.add_argument("--json", action="store_true", help="print the comparison as one JSON line")
-
-
-def _add_report_command(sub: Any) -> None:
-    """``report``: markdown tables and PNG plots."""
-    report = sub.add_parser(
-        "report", help="markdown tables + PNG plots", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Write report.md (tables in the seed's layout, beside its published rows) and PNG plots "
-                    "(img/s by method x attention, memory by method, scaling over nodes).",
-        epilog="example:\n  phi3v-bench report results/v0.2.0 --out report/",
-    )
-    report.add_argument("paths", nargs="+", help="result .json files or folders")
-    report.add_argument("--out", default="report", help="output folder (default: %(default)s)")
-    report.add_argument("--reference", default=None, help="folder with the seed tables as CSV (default: the packaged copy of results/reference)")
-    report.add_argument("--no-reference", action="store_true", help="leave the seed's published rows out")
-    report.add_argument("--json", action="store_true", help="print the written paths as one JSON line")
-
-
-def _add_selfcheck_command(sub: Any) -> None:
-    """``selfcheck``: every method trains, memory and MFU as predicted."""
-    selfcheck = sub.add_parser(
-        "selfcheck", help="got a GPU? run this first: every method trains, memory and MFU as predicted",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train every method x attention kernel (sdpa, and flash_attention_2 when installed) for a few "
-                    "steps on one fixed batch — on CUDA phi-3.5-vision in bf16 (fp16 below compute capability 8.0), "
-                    "depth-reduced where phi3v-plan says the full model does not fit one card, plus 2-process checks "
-                    "with two or more GPUs; on CPU the tiny model — and check that the loss is finite and falls, that "
-                    "peak memory matches phi3v-plan's prediction, and report MFU. Prints the expected duration first.",
-        epilog="exit codes: 0 every check passed, 2 a check failed, 1 user error\n"
-               "example:\n  phi3v-bench selfcheck --json > selfcheck.json",
-    )
-    selfcheck.add_argument("--steps", type=int, default=3, help="checked steps after one warmup step (default: 3)")
-    selfcheck.add_argument("--json", action="store_true", help="print one JSON object with a checks list")
+    """Return the ``phi3v-bench`` argument parser (defined in :mod:`bench.cli_args`)."""
+    return cli_args.build_parser(__doc__)
 
 
 def config_from_args(
@@ -242,20 +70,7 @@ def config_from_args(
     """
     names = {f.name for f in dataclasses.fields(BenchConfig)} - {"layout"}
     values = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    given = set(values)
-    device = device or DeviceDescription.detect()
-    defaults, reasons = choose_defaults(device, values.get("model"))
-    for name, value in defaults.items():
-        values.setdefault(name, value)
-    # the layout fills the layout fields neither given nor set by the machine's defaults (the tiny protocol's)
-    values, layout_reasons = resolve_layout(
-        BenchConfig(**values).to_dict(), set(values), device.gpu_name is not None, getattr(args, "layout", None)
-    )
-    reasons += layout_reasons
-    explicit = sorted(name for name in given if name in (*defaults, *LAYOUT_FIELDS) and name != "model")
-    if explicit:
-        reasons.append("given on the command line: " + ", ".join(f"{n} {values[n]}" for n in explicit))
-    return BenchConfig(**values), reasons
+    return machine_config(values, device or DeviceDescription.detect(), getattr(args, "layout", None))
 
 
 def _console() -> Any:
@@ -290,7 +105,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bench.results import capture_environment
     from bench.store import replacement_problem, result_path
 
-    refuse_unusable_gpu()  # before capture_environment, which imports torch (seconds)
+    # flag values first, from NVML alone: capture_environment imports torch (seconds) and a typo must answer at once
+    early, _ = config_from_args(args, DeviceDescription.from_nvml())
+    raise_all(early.problems() + limit_problems([early]))
+    refuse_unusable_gpu()
     env = capture_environment()
     cfg, reasons = config_from_args(args, DeviceDescription.detect(env))
     problems = (cfg.problems() or cfg.training_problems()) + limit_problems([cfg])
@@ -381,16 +199,16 @@ def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons:
     console = _console()
     hardware = ", ".join(f"{g.name} (cc {g.compute_capability})" for g in env.gpus) or f"CPU: {env.cpu} ({env.cpu_count} threads)"
     card = (
-        f"[bold]{cfg.method}[/] · attn {cfg.attn} · {cfg.precision} · model {cfg.model} · {cfg.num_crops} crops · "
+        f"[bold]{cfg.method}[/] · attn {cfg.attn} · {cfg.precision} · model {cfg.model} · {plural(cfg.num_crops, 'crop')} · "
         f"profile {cfg.seq_profile}\n"
-        f"global batch {cfg.global_batch} = {cfg.micro_batch} micro × {cfg.world_size} ranks ({cfg.nodes} node(s) × {cfg.gpus}) × "
-        f"{cfg.grad_accum} accumulation · {cfg.warmup} warmup + {cfg.steps} timed steps × {cfg.repeats} repeats\n"
+        f"global batch {cfg.global_batch} = {cfg.micro_batch} micro × {cfg.world_size} ranks ({plural(cfg.nodes, 'node')} × {cfg.gpus}) × "
+        f"{cfg.grad_accum} accumulation · {cfg.warmup} warmup + {cfg.steps} timed steps × {plural(cfg.repeats, 'repeat')}\n"
         f"{hardware} · torch {env.packages.get('torch')} · transformers {env.packages.get('transformers')} · "
         f"git {(env.git_sha or '?')[:10]}{'+dirty' if env.git_dirty else ''}\n"
         + "\n".join(f"[dim]default[/] {reason}" for reason in reasons)
     )
     console.print(Panel(card, title=f"phi3v-bench run · {cfg.cell_id()}", expand=False))
-    with console.status(f"measuring {cfg.repeats} repeat(s) in fresh processes…"):
+    with console.status(f"measuring {plural(cfg.repeats, 'repeat')} in fresh processes…"):
         result = _measure(cfg, cluster, args.timeout)
     if not main_node:
         console.print(result.message or f"[red]{result.status}[/]")
@@ -411,9 +229,10 @@ def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons:
 
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
-    from bench.matrix import build_cells, parse_assignments, parse_grid, run_matrix
+    from bench.matrix import build_cells, expected_seconds, parse_assignments, parse_grid, run_matrix
     from bench.results import capture_environment
     from bench.store import result_path
+    from planner.speed import format_duration
 
     if not args.preset and not args.grid:
         raise ConfigError("pass --preset (seed-a100, seed-v100, quick) and/or --grid FIELD=V1,V2")
@@ -434,7 +253,8 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     overrides["out"] = args.out
     if args.release is not None:
         overrides["release"] = args.release
-    cells = build_cells(args.preset, grid, overrides)
+    device = DeviceDescription.from_nvml()  # the defaults `run` takes here, for every field no cell sets
+    cells = build_cells(args.preset, grid, overrides, device=device)
     if not args.dry_run:
         refuse_unusable_gpu()
     env = capture_environment()
@@ -442,12 +262,14 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         listing = [{"cell": c.cell_id(), "path": str(result_path(c.out, c.release, env.hardware, c))} for c in cells]
+        seconds = expected_seconds(cells, device, env.gpus[0].total_memory_bytes if env.gpus else None)
         if args.json:
-            _print_json({"cells": listing})
+            _print_json({"cells": listing, "expected_seconds": round(seconds) if seconds is not None else None})
         else:
             for item in listing:
                 print(f"{item['cell']}  ->  {item['path']}")
-            print(f"{len(cells)} cells (dry run; nothing was run)")
+            when = f"~{format_duration(seconds)}" if seconds is not None else "not predicted (full-size model on a CPU)"
+            print(f"{len(cells)} cells (dry run; nothing was run); expected time {when}")
         return 0
 
     with one_writer(args.out, _command_line(args)):

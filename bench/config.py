@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from phi3v_core.cli.vocabulary import DEFAULT_SEED
 from phi3v_core.constants import (
     ATTN_NAMES,
     DEFAULT_ATTN,
@@ -148,7 +150,7 @@ class BenchConfig:
     steps: int = 10
     warmup: int = 3
     repeats: int = 3
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     gradient_checkpointing: bool = True
     optim: str = "adamw"
     offload: str = "none"
@@ -414,6 +416,19 @@ class DeviceDescription:
             return cls()
         major, minor = (int(x) for x in environment.gpus[0].compute_capability.split("."))
         return cls(environment.gpus[0].name, (major, minor), _flash_attn_importable())
+
+
+    @classmethod
+    def from_nvml(cls) -> DeviceDescription:
+        """This machine from NVML alone (no torch import, flash-attn only looked up): for checking flags at once."""
+        from phi3v_core.nvml import visible_devices
+
+        report = visible_devices()
+        devices = report.devices if report.error is None else []
+        if not devices:
+            return cls()
+        flash = importlib.util.find_spec("flash_attn") is not None
+        return cls(devices[0].name, tuple(devices[0].compute_capability or (0, 0)), flash)  # type: ignore[arg-type]
 
 
 def _flash_attn_importable() -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from bench.config import BenchConfig
+from bench.config import BenchConfig, DeviceDescription, choose_defaults
 from phi3v_core.constants import MODEL_PRESET_NAMES, OFFLOAD_NAMES, OPTIM_NAMES
 from phi3v_core.errors import ConfigError
 
@@ -119,3 +119,31 @@ def resolve_layout(
     values["layout"] = source
     reasons.append(layout_label(values))
     return values, reasons
+
+
+def machine_config(
+    values: Mapping[str, Any], device: DeviceDescription, layout: str | None = None
+) -> tuple[BenchConfig, list[str]]:
+    """One set of defaults for ``run`` and every ``matrix`` cell: the fields given, then this machine's defaults
+    (:func:`bench.config.choose_defaults`), then the layout's; so a run and a sweep cell meet in ``compare``.
+
+    Args:
+        values: The fields given (flags, or a cell's preset/--set/--grid values).
+        device: The machine.
+        layout: ``plan`` or ``recipe`` (default: the machine's).
+
+    Returns:
+        The config and the reasons for each default chosen.
+    """
+    given = dict(values)
+    defaults, reasons = choose_defaults(device, given.get("model"))
+    merged = {**defaults, **given}
+    merged, layout_reasons = resolve_layout(
+        BenchConfig(**merged).to_dict(), set(merged), device.gpu_name is not None, layout
+    )
+    reasons += layout_reasons
+    explicit = sorted(name for name in given if name in (*defaults, *LAYOUT_FIELDS) and name != "model")
+    if explicit:
+        reasons.append("given on the command line: " + ", ".join(f"{n} {merged[n]}" for n in explicit))
+    return BenchConfig(**merged), reasons
+

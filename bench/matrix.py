@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.config import IDENTITY_FIELDS, BenchConfig, canonical_field, parse_field_value
+from bench.config import IDENTITY_FIELDS, BenchConfig, DeviceDescription, canonical_field, parse_field_value
+from bench.layout import machine_config
 from bench.results import BenchResult, RunEnvironment, utc_now
 from bench.status import oom_status
 from bench.store import load_result, result_path
@@ -171,6 +172,7 @@ def build_cells(
     grid: Mapping[str, Sequence[Any]] | None = None,
     overrides: Mapping[str, Any] | None = None,
     base: BenchConfig | None = None,
+    device: DeviceDescription | None = None,
 ) -> list[BenchConfig]:
     """Expand a preset and/or grid into validated, de-duplicated cells.
 
@@ -182,6 +184,8 @@ def build_cells(
         grid: Field -> values to sweep.
         overrides: Fields fixed for every cell (e.g. ``{"steps": 5, "release": "v0.2.0"}``).
         base: Starting config.
+        device: The machine: a field no cell sets takes the defaults ``phi3v-bench run`` would take on it
+            (:func:`bench.layout.machine_config`), so a sweep cell and a run meet in ``compare``.
 
     Returns:
         The cells, in sweep order.
@@ -199,7 +203,8 @@ def build_cells(
     for start in starts:
         for combo in itertools.product(*(grid[a] for a in axes)):
             try:
-                cfg = base.replace(**{**start, **(overrides or {}), **dict(zip(axes, combo))})
+                fields = {**start, **(overrides or {}), **dict(zip(axes, combo))}
+                cfg = machine_config(fields, device)[0] if device is not None else base.replace(**fields)
             except TypeError as exc:  # an unknown field name slipped past the parsers
                 raise ConfigError(str(exc)) from None
             cell_id = cfg.cell_id()
@@ -214,6 +219,26 @@ def build_cells(
         for problem, ids in cells_by_problem.items()
     )
     return cells
+
+
+def expected_seconds(
+    cells: Sequence[BenchConfig], device: DeviceDescription, memory_bytes: float | None
+) -> float | None:
+    """The sweep's expected duration: per cell, the allowance ``selfcheck`` budgets per fresh process plus the
+    planner's step time (on a CPU a fixed per-step allowance for the tiny model), times its repeats. ``None``
+    where nothing predicts it (a full-size model on a CPU)."""
+    if device.gpu_name is None and any(cfg.model != "tiny" for cfg in cells):
+        return None
+    from bench.selfcheck_plan import Machine
+    from bench.selfcheck_plan import expected_seconds as repeat_seconds
+    from planner.shapes import load_shape
+
+    total = 0.0
+    for cfg in cells:
+        machine = Machine(device, cfg.gpus if device.gpu_name else 0, memory_bytes)
+        layers = load_shape(cfg.model).num_layers if device.gpu_name else None
+        total += cfg.repeats * repeat_seconds(cfg, machine, layers)
+    return total
 
 
 def classify_failure(exc: BaseException) -> str:

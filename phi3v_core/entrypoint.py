@@ -11,11 +11,12 @@ import argparse
 import contextlib
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
-from phi3v_core.errors import ConfigError, Phi3VError
+from phi3v_core.errors import Phi3VError, raise_all
 from phi3v_core.fs import describe_os_error, describe_storage_error
 from phi3v_core.signals import Stopped, stop_on_signals
 
@@ -35,6 +36,10 @@ OPTIONAL_PACKAGES: dict[str, str] = {
 }
 
 
+#: Stands in for a flag value that failed its type or choices check (reported once parsing ends).
+_BAD_VALUE = object()
+
+
 class CliParser(argparse.ArgumentParser):
     """``argparse`` that reports bad flags as one :class:`ConfigError` line (exit 1) instead of usage + exit 2.
 
@@ -47,8 +52,41 @@ class CliParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        """Raise instead of printing the usage (the handler prints one line)."""
-        raise ConfigError(f"{message} (see {self.prog} --help)")
+        """Raise instead of printing the usage (the handler prints one line), with every bad value found so far."""
+        # argparse names a flag by all its spellings (--output_dir/--out_dir/--out): name the primary one
+        message = re.sub(r"^argument (--[\w-]+)(?:/--[\w-]+)+: ", r"argument \1: ", message)
+        raise_all([*getattr(self, "_bad_values", []), f"{message} (see {self.prog} --help)"])
+        raise AssertionError("unreachable")  # raise_all raised: it has a problem to report
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        """Parse, reporting every bad flag value at once (argparse stops at the first)."""
+        self._bad_values: list[str] = []
+        parsed, extras = super().parse_known_args(args, namespace)
+        if self._bad_values:
+            raise_all([*self._bad_values[:-1], f"{self._bad_values[-1]} (see {self.prog} --help)"])
+        return parsed, extras
+
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        # A bad value is noted and parsing goes on, so `--learning_rate 5 --lora_rank 0` reports both.
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as exc:
+            self._bad_values.append(_named(action, exc))
+            return _BAD_VALUE
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if value is _BAD_VALUE:
+            return
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as exc:
+            self._bad_values.append(_named(action, exc))
+
+
+def _named(action: argparse.Action, exc: argparse.ArgumentError) -> str:
+    """The error under the flag's primary spelling (argparse joins every alias: ``--gpus/--count/--nproc_per_node``)."""
+    name = action.option_strings[0] if action.option_strings else action.dest
+    return f"argument {name}: {exc.message}"
 
 
 def debug_enabled() -> bool:

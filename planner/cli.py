@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors
+from phi3v_core.cli.vocabulary import THROUGHPUT_UNIT, add_shared, add_version, plural
+from phi3v_core.constants import MODEL_PRESET_NAMES
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHOD_NAMES, METHODS
 from phi3v_core.retention import RETENTION_FLOOR
@@ -26,12 +28,12 @@ __all__ = ["build_parser", "main"]
 
 _EPILOG = """examples:
   phi3v-plan                                   # detect GPUs with NVML and plan DocVQA fine-tuning on them
-  phi3v-plan --gpu A100-80GB --count 8 --nodes 2 --dataset-size 39463
-  phi3v-plan --gpu V100-32GB --count 8 --task hateful_memes --json
+  phi3v-plan --gpu A100-80GB --gpus 8 --nodes 2 --dataset-size 39463
+  phi3v-plan --gpu V100-32GB --gpus 8 --task hateful_memes --json
   phi3v-plan --gpu H100-80GB --cloud azure --nodes 4          # SKU, VM count and vCPU quota
   phi3v-plan --cloud azure                                    # compare the Azure ND SKUs
-  phi3v-plan --gpu T4 --num-crops 4 --method lora --method qlora
-  phi3v-plan --gpu A100-80GB --count 8 --trace --method full  # measure activations on the full model (CPU, cached)
+  phi3v-plan --gpu T4 --num_crops 4 --method lora --method qlora
+  phi3v-plan --gpu A100-80GB --gpus 8 --trace --method full  # measure activations on the full model (CPU, cached)
   phi3v-plan --list-gpus
   phi3v-plan --calibration                                    # predicted vs the recipe's published table
   phi3v-plan --crops_table --gpu A100-80GB                     # what each num_crops costs DocVQA, NLVR2, memes
@@ -62,9 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     hw = parser.add_argument_group("hardware")
-    hw.add_argument("--gpu", help="plan for this GPU instead of the detected one (see --list-gpus)")
-    hw.add_argument("--count", type=int, help="GPUs per node (default: detected, 8 on Azure, else 1)")
-    hw.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
+    hw.add_argument(
+        "--gpu", help="plan for this GPU instead of the detected one: a --list-gpus name or nvidia-smi's (NVIDIA GeForce RTX 4090)"
+    )
+    hw.add_argument(
+        "--gpu_memory_gib", "--gpu-memory-gib", type=bounded_float(0, 1e5, low_open=True), metavar="GIB",
+        help="a card not in the table: its memory (with --tflops and --bandwidth for a speed estimate)",
+    )
+    hw.add_argument("--tflops", type=bounded_float(0, 1e6, low_open=True), help="that card's dense bf16/fp16 tensor TFLOP/s")
+    hw.add_argument("--bandwidth", type=bounded_float(0, 1e6, low_open=True), metavar="GB/S", help="that card's memory bandwidth in GB/s")
+    add_shared(hw, "gpus", dest="count", type=int, help="GPUs per node (default: detected, 8 on Azure, else 1)")
+    add_shared(hw, "nodes", type=int, default=1, help="nodes (default: 1)")
     hw.add_argument(
         "--cloud", choices=["azure"], help="add the Azure SKU, VM count and vCPU quota (costs: --price-per-gpu-hour)"
     )
@@ -76,38 +86,36 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--host-ram-gib", type=bounded_float(0, 1e6, low_open=True), default=None, metavar="GIB", help="host RAM per node (checks an offloaded optimizer fits; default: this machine's for a detected GPU)")
     hw.add_argument("--inter-node-gbit", type=bounded_float(0, 1e6, low_open=True), help="network per node in Gbit/s (default: the SKU's, else 200)")
     work = parser.add_argument_group("workload")
-    work.add_argument("--task", default="docvqa", help="docvqa, hateful_memes, nlvr2 or ucf101 (default: docvqa)")
-    work.add_argument("--num-crops", type=int, help="HD crops per image, 1-16 (default: the task's)")
+    add_shared(work, "task", default="docvqa", help="docvqa, hateful_memes, nlvr2 or ucf101 (default: docvqa)")
+    add_shared(work, "num_crops", type=int, help="HD crops per image, 1-16 (default: the task's)")
     work.add_argument("--image-size", type=_image_size, metavar="WxH", help="typical image size (default: the task's)")
     work.add_argument("--images", type=int, dest="images_per_sample", help="images per sample (default: the task's)")
     work.add_argument("--text-tokens", type=bounded_int(0, 1_000_000), help="text tokens per sample (default: the task's)")
     work.add_argument("--seq-len", type=int, help="override the tokens per sample")
     work.add_argument("--dataset-size", type=int, help="samples per epoch (for time per epoch)")
-    work.add_argument(
-        "--data",
-        dest="data_dir",
+    add_shared(
+        work,
+        "data_dir",
         metavar="DIR",
         help="a jsonl data folder: token lengths from its records and image headers; memory for its longest sample",
     )
-    work.add_argument(
-        "--global-batch", "--batch-size", type=int, dest="global_batch", help="global batch per optimizer step (default: 64)"
+    add_shared(
+        work, "global_batch", type=int, help="global batch per optimizer step (default: 64)"
     )
     work.add_argument("--max-micro-batch", type=int, default=16, help="largest micro-batch to consider (default: 16)")
-    work.add_argument(
-        "--model", default="phi-3.5-vision", help="model preset or checkpoint folder (default: phi-3.5-vision)"
+    add_shared(
+        work, "model", dest="model", default="phi-3.5-vision",
+        help="model preset (shapes only; the command then reads $PHI3V_MODEL) or the checkpoint folder the command "
+        "trains (default: phi-3.5-vision)",
     )
-    work.add_argument(
-        "--model-path",
-        help="checkpoint folder the launch command trains (--model_name_or_path; default: $PHI3V_MODEL placeholder)",
-    )
-    work.add_argument(
-        "--method", action="append", dest="methods", choices=METHOD_NAMES, help="only these methods (repeatable)"
+    add_shared(
+        work, "method", action="append", dest="methods", choices=METHOD_NAMES, help="only these methods (repeatable)"
     )
     out = parser.add_argument_group("output")
     out.add_argument(
         "--trace", action="store_true", help="measure activations with MemTracker on the full model (CPU, slow, cached)"
     )
-    out.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    add_shared(out, "json", action="store_true", help="print JSON instead of tables")
     out.add_argument("--list-gpus", action="store_true", help="print the GPU table and exit")
     out.add_argument("--calibration", action="store_true", help="print predicted vs the recipe's published table and exit")
     out.add_argument(
@@ -122,11 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure this CPU, predict phi3v-bench step times with the speed model, run them, compare (~2 min a repeat)",
     )
-    out.add_argument("--repeats", type=bounded_int(1, 100), help="--validate: runs of every case (default: 3)")
+    add_shared(out, "repeats", type=bounded_int(1, 100), help="--validate: runs of every case (default: 3)")
     out.add_argument("--save", metavar="FILE", help="--validate: also write the raw result with machine, commit and date")
     out.add_argument(
         "--reference", dest="reference_dir", help="folder with the published speed.csv (default: the packaged copy of results/reference)"
     )
+    add_version(parser)
     return parser
 
 
@@ -152,10 +161,13 @@ def _request(args: argparse.Namespace) -> Any:
         max_micro_batch=args.max_micro_batch,
         use_trace=args.trace,
         reference_dir=args.reference_dir,
-        model_path=args.model_path,
+        model_path=None if args.model in MODEL_PRESET_NAMES else args.model,
         data_dir=args.data_dir,
         deadline_hours=args.deadline,
         price_per_gpu_hour=args.price_per_gpu_hour,
+        gpu_memory_gib=args.gpu_memory_gib,
+        gpu_tflops=args.tflops,
+        gpu_bandwidth_gbs=args.bandwidth,
         host_ram_gib=args.host_ram_gib,
     )
 
@@ -180,13 +192,27 @@ def _print_plan(p: Any) -> None:
         console.print(f"[yellow]note[/]: {note}")
 
 
+def _img_per_s(samples_per_s: float | None, p: Any) -> float | None:
+    """The planner's samples/s in the unit every command shows (img/s: the recipe's and phi3v-bench's)."""
+    return None if samples_per_s is None else samples_per_s * max(p.workload.images, 1)
+
+
+def _link(hw: Any) -> str:
+    """How the node's GPUs talk: an SXM card is never called PCIe (one GPU has no GPU-to-GPU traffic)."""
+    if hw.nvlink:
+        return "NVLink"
+    if hw.gpu.nvlink_gbs:
+        return "SXM" if hw.gpus_per_node == 1 else "SXM, NVLink inactive"
+    return "PCIe"
+
+
 def _print_header(console: Any, p: Any) -> None:
     hw = p.hardware
     gpu = hw.gpu
     first = p.methods[0]
     console.print(
-        f"[bold]Hardware[/]: {hw.gpus_per_node}x {gpu.key} x {hw.nodes} node(s), {gpu.memory_gib:g} GiB each, {gpu.architecture} "
-        f"(CC {gpu.compute_capability[0]}.{gpu.compute_capability[1]}), {'NVLink' if hw.nvlink else 'PCIe'}; {hw.source}"
+        f"[bold]Hardware[/]: {hw.gpus_per_node}x {gpu.key} x {plural(hw.nodes, 'node')}, {gpu.memory_gib:g} GiB each, "
+        f"{gpu.architecture} (CC {gpu.compute_capability[0]}.{gpu.compute_capability[1]}), {_link(hw)}; {hw.source}"
     )
     console.print(f"[bold]Precision / attention[/]: {first.precision} / {first.attn}")
     from planner.datareport import workload_text
@@ -213,7 +239,7 @@ def _print_methods(console: Any, p: Any) -> None:
         f"{100 * (1 - p.headroom_fraction):.0f} % of the card; speed is a prediction)"
     )
     left = ("method", "recipe", "fits", "layout")
-    for col in (*left, "peak GiB", "margin GiB", "samples/s", "epoch", "run", "cost $"):
+    for col in (*left, "peak GiB", "margin GiB", THROUGHPUT_UNIT, "epoch", "run", "cost $"):
         table.add_column(col, justify="left" if col in left else "right")
     for m in p.methods:
         mark = "[green]yes[/]" if m.fits else ("[red]no[/]" if m.supported else "[red]unsupported[/]")
@@ -225,7 +251,7 @@ def _print_methods(console: Any, p: Any) -> None:
             _layout_label(m),
             fmt(m.peak_gib),
             fmt(m.margin_gib),
-            fmt(m.speed.samples_per_s if m.speed else None, ".2f"),
+            fmt(_img_per_s(m.speed.samples_per_s if m.speed else None, p), ".2f"),
             format_duration(m.speed.epoch_s) if m.speed else "-",
             format_duration(m.run_s),
             fmt(m.cost_usd, ",.0f"),
@@ -241,8 +267,8 @@ def _print_layouts(console: Any, p: Any) -> None:
     from rich.table import Table
 
     table = Table(title="Layouts considered (per option the fastest that fits, else micro-batch 1; * = chosen)")
-    right = ("peak GiB", "samples/s", "micro x accum", "retention")
-    for col in ("method", "checkpointing", "optimizer", "offload", "micro x accum", "peak GiB", "fits", "samples/s", "retention"):
+    right = ("peak GiB", THROUGHPUT_UNIT, "micro x accum", "retention")
+    for col in ("method", "checkpointing", "optimizer", "offload", "micro x accum", "peak GiB", "fits", THROUGHPUT_UNIT, "retention"):
         table.add_column(col, justify="right" if col in right else "left")
     for m in p.methods:
         groups: dict[tuple[bool, str, str], list[Any]] = {}
@@ -260,7 +286,7 @@ def _print_layouts(console: Any, p: Any) -> None:
                 f"{shown.micro_batch} x {shown.grad_accum}",
                 f"{shown.reserved_bytes / GIB:.1f}",
                 "yes" if shown.fits else "no",
-                fmt(shown.samples_per_s, ".2f"),
+                fmt(_img_per_s(shown.samples_per_s, p), ".2f"),
                 f"{shown.update_retention:.0%}" + ("" if shown.update_retention >= RETENTION_FLOOR else " (lost)"),
             )
     console.print(table)
@@ -283,7 +309,7 @@ def _print_recommendation(console: Any, p: Any, best: Any) -> None:
     hw = p.hardware
     lines = [
         f"[bold]{best.method}[/], {best.precision}, {best.attn}, micro-batch {best.micro_batch} x "
-        f"{best.grad_accum} accumulation x {hw.world_size} GPU(s) = global batch {best.global_batch}, "
+        f"{best.grad_accum} accumulation x {plural(hw.world_size, 'GPU')} = global batch {best.global_batch}, "
         f"gradient checkpointing {'on' if best.gradient_checkpointing else 'off'}, optimizer {best.optim}"
         + (f", offload {best.offload}" if best.offload != "none" else "")
         + _retention_text(best)
@@ -291,7 +317,7 @@ def _print_recommendation(console: Any, p: Any, best: Any) -> None:
     lines += [f"- {line}" for line in p.why + best.reasons[1:]]
     hp = best.hyperparameters
     hps = (
-        f"lr {hp['learning_rate']:g}, {hp['epochs']:g} epoch(s), weight decay {hp['weight_decay']}, warmup "
+        f"lr {hp['learning_rate']:g}, {plural(float(hp['epochs']), 'epoch')}, weight decay {hp['weight_decay']}, warmup "
         f"{hp['warmup_steps']} steps, AdamW betas ({hp['adam_beta1']}, {hp['adam_beta2']}) eps {hp['adam_epsilon']:g}, "
         f"clip {hp['max_grad_norm']}"
     )
@@ -325,7 +351,7 @@ def _print_extras(console: Any, p: Any) -> None:
         a = p.azure
         console.print(
             Panel(
-                f"{a['family']} ({a['vm_size']}) x {a['vms']} VM(s) = {a['gpus']} GPUs\n{a['interconnect']}\n{a['quota_note']}",
+                f"{a['family']} ({a['vm_size']}) x {plural(a['vms'], 'VM')} = {plural(a['gpus'], 'GPU')}\n{a['interconnect']}\n{a['quota_note']}",
                 title="Azure",
             )
         )
@@ -338,7 +364,7 @@ def _print_extras(console: Any, p: Any) -> None:
         if d.get("nodes"):
             cost = f", ${d['cost_usd']:,.0f}" if d.get("cost_usd") else ""
             console.print(
-                f"[bold]Deadline {d['hours']:g} h[/]: {d['nodes']} node(s) ({d['gpus']} GPUs), {d['method']}, predicted "
+                f"[bold]Deadline {d['hours']:g} h[/]: {plural(d['nodes'], 'node')} ({plural(d['gpus'], 'GPU')}), {d['method']}, predicted "
                 f"{format_duration(d['run_s'])}{cost}"
             )
         else:
@@ -351,14 +377,14 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
     from planner.speed import format_duration
 
     table = Table(title=title, caption="fits: " + ", ".join(f"{letter} {name}" for name, letter in _SHORT.items()))
-    cols = ["GPU", "GiB", "dtype/attn", "fits", "best", "micro x acc", "peak GiB", "samples/s", "epoch", "cost $"]
+    cols = ["GPU", "GiB", "dtype/attn", "fits", "best", "micro x acc", "peak GiB", THROUGHPUT_UNIT, "epoch", "cost $"]
     if azure:
         cols = ["VM size", "VMs", "vCPUs", *cols]
     for col in cols:
         # names must stay readable on narrow terminals: fold them rather than cut them with an ellipsis
         table.add_column(
             col,
-            justify="right" if col in ("GiB", "VMs", "vCPUs", "peak GiB", "samples/s", "epoch", "cost $") else "left",
+            justify="right" if col in ("GiB", "VMs", "vCPUs", "peak GiB", THROUGHPUT_UNIT, "epoch", "cost $") else "left",
             overflow="fold",
         )
     for p in plans:
@@ -373,7 +399,7 @@ def _print_survey(plans: list[Any], title: str, azure: bool) -> None:
             best.method if best else "none",
             f"{best.micro_batch} x {best.grad_accum}" if best else "-",
             fmt(best.peak_gib) if best else "-",
-            fmt(best.speed.samples_per_s if best and best.speed else None, ".2f"),
+            fmt(_img_per_s(best.speed.samples_per_s if best and best.speed else None, p), ".2f"),
             format_duration(best.speed.epoch_s) if best and best.speed else "-",
             fmt(best.cost_usd if best else None, ",.0f"),
         ]
@@ -408,7 +434,7 @@ def _with_close_gpus(message: str, name: str | None) -> str:
         return re.sub(r"[^a-z0-9]", "", text.lower())
 
     names = {norm(alias): spec.key for spec in gpu_table() for alias in (spec.key, *spec.aliases)}
-    close = list(dict.fromkeys(names[n] for n in difflib.get_close_matches(norm(name), list(names), n=6, cutoff=0.5)))
+    close = list(dict.fromkeys(names[n] for n in difflib.get_close_matches(norm(name), list(names), n=6, cutoff=0.7)))
     hint = f"did you mean {', '.join(close[:3])}?" if close else "no close match"
     return re.sub(r"; known: [^()]*\(see phi3v-plan --list-gpus\)", f"; {hint} (phi3v-plan --list-gpus lists all)", message)
 
@@ -453,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from planner.hardware import detect
     from planner.recommend import plan, survey
 
-    if request.gpu:
+    if request.states_gpu:
         result = plan(request)
         dump(result.to_dict()) if args.json else _print_plan(result)
         return 0
@@ -487,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = make_console()
     if azure:
         console.print(
-            f"[yellow]{reason}[/] Comparing the Azure ND SKUs ({request.nodes} VM(s) each); pass --gpu for one."
+            f"[yellow]{reason}[/] Comparing the Azure ND SKUs ({plural(request.nodes, 'VM')} each); pass --gpu for one."
         )
         _print_survey(plans, f"Azure ND SKUs, {request.task} (8 GPUs per VM)", azure=True)
         pick = _pick_sku(plans)
@@ -507,9 +533,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         count = request.count or 1
         console.print(
-            f"[yellow]{reason}[/] Showing {count} GPU(s) per node of common models; pass --gpu NAME to plan for one."
+            f"[yellow]{reason}[/] Showing {plural(count, 'GPU')} per node of common models; pass --gpu NAME to plan for one."
         )
-        _print_survey(plans, f"What fits, {request.task}, {count} GPU(s) x {request.nodes} node(s)", azure=False)
+        _print_survey(plans, f"What fits, {request.task}, {plural(count, 'GPU')} x {plural(request.nodes, 'node')}", azure=False)
     return 0
 
 

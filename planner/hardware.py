@@ -29,6 +29,7 @@ __all__ = [
     "architecture_of",
     "azure_skus",
     "detect",
+    "custom_gpu",
     "find_gpu",
     "gpu_table",
     "match_spec",
@@ -135,8 +136,18 @@ def _norm(text: str) -> str:
     return re.sub(r"[^a-z0-9]", "", text.lower())
 
 
+#: Words of NVML / nvidia-smi names that no table key carries (``NVIDIA GeForce RTX 4090``, ``Tesla V100-SXM2-32GB``).
+_VENDOR_WORDS = re.compile(r"\b(nvidia|geforce|tesla|quadro)\b", re.IGNORECASE)
+
+
 def find_gpu(name: str) -> GpuSpec:
-    """Look a GPU up by key or alias, ignoring case and punctuation (``a100-80gb``, ``H100 80GB``).
+    """Look a GPU up by key, alias or its NVML / nvidia-smi name, ignoring case and punctuation.
+
+    One rule for every name: it must fit exactly one row. A key or alias fits its row (``a100-80gb``,
+    ``H100 SXM5``); a prefix fits the rows it starts (``RTX40`` → RTX4090); an NVML name (``NVIDIA GeForce RTX 4090``,
+    ``NVIDIA A100-SXM4-80GB``, ``NVIDIA H100 80GB HBM3``) fits the rows whose NVML pattern it matches, the most
+    specific pattern first, then the memory it states. A name that fits several rows (``A100``, ``H100``) is
+    ambiguous and names them.
 
     Raises:
         ConfigError: Unknown or ambiguous name (the message lists candidates).
@@ -146,12 +157,69 @@ def find_gpu(name: str) -> GpuSpec:
     for spec in table:
         if wanted in {_norm(spec.key), *(_norm(a) for a in spec.aliases)}:
             return spec
-    partial = [spec.key for spec in table if _norm(spec.key).startswith(wanted)]
-    if len(partial) == 1:
-        return next(s for s in table if s.key == partial[0])
-    if partial:
-        raise ConfigError(f"--gpu {name!r} is ambiguous: {', '.join(partial)}; name one of them")
-    raise ConfigError(f"unknown GPU {name!r}; known: {', '.join(s.key for s in table)} (see phi3v-plan --list-gpus)")
+    fits = [spec for spec in table if _norm(spec.key).startswith(wanted)] or _nvml_fits(name)
+    if len(fits) == 1:
+        return fits[0]
+    if fits:
+        raise ConfigError(f"--gpu {name!r} is ambiguous: {', '.join(s.key for s in fits)}; name one of them")
+    raise ConfigError(
+        f"unknown GPU {name!r}; known: {', '.join(s.key for s in table)} (see phi3v-plan --list-gpus); for another "
+        "card pass --gpu_memory_gib (and --tflops, --bandwidth for a speed estimate)"
+    )
+
+
+def _nvml_fits(name: str) -> list[GpuSpec]:
+    """The rows an NVML / nvidia-smi device name fits (most specific pattern, then the memory the name states)."""
+    if not _VENDOR_WORDS.search(name) and not re.search(r"\d+\s*GB", name, re.IGNORECASE):
+        return []  # a bare family name (``H100``) is not an NVML name: the prefix rule judged it
+    fits = [s for s in gpu_table() if s.nvml_match and re.search(s.nvml_match, name, re.IGNORECASE)]
+    if not fits:
+        return []
+    longest = max(len(s.nvml_match) for s in fits)
+    fits = [s for s in fits if len(s.nvml_match) == longest]
+    memory = re.search(r"(\d+)\s*GB", name, re.IGNORECASE)
+    if memory and len(fits) > 1:
+        same = [s for s in fits if abs(s.memory_gib - int(memory.group(1))) < 4]
+        fits = same or fits
+    return fits
+
+
+def custom_gpu(name: str | None, memory_gib: float, tflops: float | None, bandwidth_gbs: float | None) -> GpuSpec:
+    """A card that is not in the table, from the numbers the user states (``--gpu_memory_gib``, ``--tflops``,
+    ``--bandwidth``); a tabulated ``name`` keeps its other properties. Unknown compute capability is taken as 8.0
+    (bf16 and FlashAttention-2), which the source says."""
+    try:
+        base = find_gpu(name) if name else None
+    except ConfigError:
+        base = None
+    stated = f"stated: {memory_gib:g} GiB" + (f", {tflops:g} TFLOP/s" if tflops else "") + (
+        f", {bandwidth_gbs:g} GB/s" if bandwidth_gbs else ""
+    )
+    if base is not None:
+        return replace(
+            base,
+            memory_gib=memory_gib,
+            tflops_fp16=tflops or base.tflops_fp16,
+            tflops_bf16=(tflops or base.tflops_bf16) if base.bf16_native else None,
+            bandwidth_gbs=bandwidth_gbs or base.bandwidth_gbs,
+            source=f"{base.source}; {stated}",
+        )
+    return GpuSpec(
+        key=name or "custom",
+        name=name or "custom GPU",
+        architecture="unknown",
+        compute_capability=(8, 0),
+        memory_gib=memory_gib,
+        bandwidth_gbs=bandwidth_gbs,
+        tflops_fp16=tflops,
+        tflops_bf16=tflops,
+        bf16_native=True,
+        flash_attention_2=True,
+        pcie_gbs=32,
+        source=f"{stated} (not in planner/data/gpus.json; bf16 and FlashAttention-2 assumed"
+        + ("; speed needs --tflops and --bandwidth" if not (tflops and bandwidth_gbs) else "")
+        + ")",
+    )
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
+from phi3v_core.cli.vocabulary import plural
 from phi3v_core.constants import CONTEXT_LENGTH, ZERO_BUCKET_ELEMENTS
 from phi3v_core.errors import ConfigError
 from phi3v_core.methods import get_method
@@ -41,7 +42,6 @@ from planner.hardware import (
     Detection,
     azure_skus,
     detect,
-    find_gpu,
     qlora_unsupported_reason,
     supports_bf16,
     supports_flash_attention,
@@ -103,9 +103,8 @@ def _workload(request: PlanRequest, shape: ModelShape) -> Workload:
 def _hardware(request: PlanRequest, detection: Detection | None) -> tuple[Hardware, list[str]]:
     notes: list[str] = []
     sku = None
-    if request.gpu:
-        gpu = find_gpu(request.gpu)
-        source = "stated (--gpu)"
+    if request.states_gpu:
+        gpu, source = request.gpu_spec(), "stated (--gpu)" if request.gpu_memory_gib is None else "stated (--gpu_memory_gib)"
         count = request.count
         nvlink = bool(gpu.nvlink_gbs)
     elif detection is not None and detection.ok:
@@ -458,7 +457,7 @@ def _why(methods: list[MethodPlan], request: PlanRequest) -> tuple[str | None, l
             else ""
         )
         why.append(
-            f"predicted {format_duration(best.run_s)} for {best.hyperparameters['epochs']:g} epoch(s) of "
+            f"predicted {format_duration(best.run_s)} for {plural(float(best.hyperparameters['epochs']), 'epoch')} of "
             f"{dataset_size(request):,} samples ({source}){cost}"
         )
     return recommended, why
@@ -503,11 +502,11 @@ def plan(
     """
     request.validate()
     asked = request  # --data sizes num_crops and the batch per machine: --deadline re-plans from what was asked
-    if detection is None and not request.gpu:
+    if detection is None and not request.states_gpu:
         detection = detect(nvml)
     calibration = calibration or load_calibration(request.reference_dir)
     hw, notes = _hardware(request, detection)
-    if request.gpu:
+    if request.states_gpu:
         software = None
     else:
         software = software or Software.detect()

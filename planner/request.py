@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from phi3v_core.constants import MAX_NUM_CROPS, load_recipe
@@ -20,6 +21,7 @@ from planner.estimate import GIB, MemoryEstimate, TrainSetup, Workload
 from planner.hardware import (
     AzureSku,
     GpuSpec,
+    custom_gpu,
     find_gpu,
 )
 from planner.shapes import ModelShape
@@ -155,24 +157,40 @@ class PlanRequest:
     deadline_hours: float | None = None
     host_ram_gib: float | None = None
     price_per_gpu_hour: float | None = None
+    gpu_memory_gib: float | None = None
+    gpu_tflops: float | None = None
+    gpu_bandwidth_gbs: float | None = None
+
+    @property
+    def states_gpu(self) -> bool:
+        """The card is stated (``--gpu`` or ``--gpu_memory_gib``), not detected."""
+        return bool(self.gpu) or self.gpu_memory_gib is not None
+
+    def gpu_spec(self) -> GpuSpec:
+        """The stated card: the table's row for ``--gpu``, or one built from ``--gpu_memory_gib`` (``--tflops``,
+        ``--bandwidth``) for a card the table lacks."""
+        if self.gpu_memory_gib is not None:
+            return custom_gpu(self.gpu, self.gpu_memory_gib, self.gpu_tflops, self.gpu_bandwidth_gbs)
+        assert self.gpu is not None, "gpu_spec() needs --gpu or --gpu_memory_gib"
+        return find_gpu(self.gpu)
 
     def _scale_problems(self) -> list[str]:
         """GPUs per node within real nodes, and enough samples and batch for every GPU (checked together)."""
         problems = []
         if self.count is not None and self.count > MAX_GPUS_PER_NODE:
             problems.append(
-                f"--count {self.count} GPUs in one node: the largest nodes hold {MAX_GPUS_PER_NODE} (NVIDIA DGX-2 / "
-                f"HGX-2); spread them over nodes, e.g. --count 8 --nodes {-(-self.count // 8)}"
+                f"--gpus {self.count} GPUs in one node: the largest nodes hold {MAX_GPUS_PER_NODE} (NVIDIA DGX-2 / "
+                f"HGX-2); spread them over nodes, e.g. --gpus 8 --nodes {-(-self.count // 8)}"
             )
         gpus = (self.count or 1) * max(self.nodes, 1)
         if self.dataset_size is not None and 1 <= self.dataset_size < gpus:
             problems.append(
-                f"--dataset-size {self.dataset_size} is smaller than the {gpus} GPUs (--count x --nodes): every GPU "
+                f"--dataset-size {self.dataset_size} is smaller than the {gpus} GPUs (--gpus x --nodes): every GPU "
                 "needs at least one sample per step; use fewer GPUs"
             )
         if self.global_batch is not None and 1 <= self.global_batch < gpus:
             problems.append(
-                f"--batch-size {self.global_batch} is smaller than the {gpus} GPUs (--count x --nodes): every GPU "
+                f"--batch_size {self.global_batch} is smaller than the {gpus} GPUs (--gpus x --nodes): every GPU "
                 "needs at least one sample per step; raise --batch-size or use fewer GPUs"
             )
         return problems
@@ -188,19 +206,19 @@ class PlanRequest:
         if self.task not in tasks:
             problems.append(f"--task {self.task!r} is not one of {', '.join(tasks)}")
         if self.count is not None and self.count < 1:
-            problems.append(f"--count {self.count} must be >= 1")
+            problems.append(f"--gpus {self.count} must be >= 1")
         if self.nodes < 1:
             problems.append(f"--nodes {self.nodes} must be >= 1")
         problems += self._scale_problems()
         if self.num_crops is not None and not 1 <= self.num_crops <= MAX_NUM_CROPS:
             problems.append(
-                f"--num-crops {self.num_crops} must be between 1 and {MAX_NUM_CROPS} "
+                f"--num_crops {self.num_crops} must be between 1 and {MAX_NUM_CROPS} "
                 f"(the recipe asserts <= {MAX_NUM_CROPS})"
             )
         if self.dataset_size is not None and self.dataset_size < 1:
             problems.append(f"--dataset-size {self.dataset_size} must be >= 1")
         if self.global_batch is not None and self.global_batch < 1:
-            problems.append(f"--batch-size {self.global_batch} must be >= 1")
+            problems.append(f"--batch_size {self.global_batch} must be >= 1")
         if self.seq_len is not None and self.seq_len < 1:
             problems.append(f"--seq-len {self.seq_len} must be >= 1")
         if self.images_per_sample is not None and self.images_per_sample < 0:
@@ -222,7 +240,12 @@ class PlanRequest:
             problems.append("--max-micro-batch must be >= 1")
         if self.image_size is not None and min(self.image_size) < 1:
             problems.append(f"--image-size {self.image_size[0]}x{self.image_size[1]} must be positive")
-        if self.gpu is not None:
+        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
+            # here, before the data reader (and torch) is imported: a wrong path answers at once
+            problems.append(f"--data {self.data_dir}: not a folder; pass a folder holding <name>_train.jsonl and images/")
+        if (self.gpu_tflops or self.gpu_bandwidth_gbs) and self.gpu_memory_gib is None:
+            problems.append("--tflops and --bandwidth describe a card together with --gpu_memory_gib; add it")
+        if self.gpu is not None and self.gpu_memory_gib is None:
             try:
                 find_gpu(self.gpu)
             except ConfigError as exc:

@@ -78,7 +78,7 @@ def test_the_hider_hides(without_optional) -> None:
     "argv",
     [
         ["planner.cli"],
-        ["planner.cli", "--gpu", "H100", "--method", "lora", "--json"],
+        ["planner.cli", "--gpu", "H100-SXM", "--method", "lora", "--json"],
         ["planner.cli", "--calibration"],
         ["planner.cli", "--list-gpus"],
         ["bench.cli", "compare", "results/v0.1.0/cpu", "results/v0.1.0/cpu"],

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from phi3v_core.cli.common import CliParser, bounded_int, handle_errors, keep_working_without_stdout, strict_json
+from phi3v_core.cli.vocabulary import DEFAULT_SEED, add_shared, add_version
 from phi3v_core.data.images import DEFAULT_MAX_PIXELS
 from phi3v_core.data.jsonl import check_output_dir
 from phi3v_core.data.seqlen import record_image_tokens
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{ucf101,synthetic,check}")
 
     ucf = sub.add_parser(
@@ -60,10 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ucf.add_argument("--src", required=True, type=Path, help="folder holding train/, val/, test/ with <Class>/*.avi")
-    ucf.add_argument("--out_dir", required=True, type=Path, help="output folder (must be new or empty)")
+    add_shared(ucf, "output_dir", dest="out_dir", required=True, type=Path, help="output folder (must be new or empty)")
     ucf.add_argument("--num_frames", type=bounded_int(1, 64), default=8, help="frames per video (default: 8, as the recipe)")
-    ucf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out_dir")
-    ucf.add_argument("--json", action="store_true", help="print a JSON summary (last stdout line) instead of a table")
+    add_shared(ucf, "overwrite", action="store_true", help="replace a non-empty --out_dir")
+    add_shared(ucf, "json", action="store_true", help="print a JSON summary (last stdout line) instead of a table")
 
     syn = sub.add_parser(
         "synthetic",
@@ -73,14 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  phi3v-convert synthetic --task nlvr2 --n 32 --n_eval 8 --out_dir ./nlvr2_twin",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    syn.add_argument("--task", required=True, choices=sorted(SYNTHETIC_TASKS), help="task to imitate")
+    add_shared(syn, "task", required=True, choices=sorted(SYNTHETIC_TASKS), help="task to imitate")
     syn.add_argument("--n", type=bounded_int(1, 100_000), required=True, help="training records")
     syn.add_argument("--n_eval", type=bounded_int(1, 100_000), default=None, help="eval records (default: --n)")
-    syn.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0, help="seed (default: 0)")
-    syn.add_argument("--out_dir", required=True, type=Path, help="output folder (must be new or empty)")
+    add_shared(syn, "seed", type=bounded_int(0, 2**32 - 1), default=DEFAULT_SEED, help=f"seed (default: {DEFAULT_SEED}, as phi3v-finetune --synthetic)")
+    add_shared(syn, "output_dir", dest="out_dir", required=True, type=Path, help="output folder (must be new or empty)")
     syn.add_argument("--image_format", choices=("png", "jpg"), default="png", help="image encoding (default: png)")
-    syn.add_argument("--overwrite", action="store_true", help="replace a non-empty --out_dir")
-    syn.add_argument("--json", action="store_true", help="print a JSON summary (last stdout line) instead of a table")
+    add_shared(syn, "overwrite", action="store_true", help="replace a non-empty --out_dir")
+    add_shared(syn, "json", action="store_true", help="print a JSON summary (last stdout line) instead of a table")
 
     chk = sub.add_parser(
         "check",
@@ -91,17 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     chk.add_argument("data_dir", type=Path, help="folder with *_train.jsonl / *_val.jsonl and images/")
-    chk.add_argument("--task", default="jsonl", choices=sorted(TASKS), help="task whose rules apply (default: jsonl)")
+    add_shared(chk, "task", default="jsonl", choices=sorted(TASKS), help="task whose rules apply (default: jsonl)")
     chk.add_argument("--split", default="all", choices=("train", "eval", "all"), help="what to check (default: all)")
     chk.add_argument("--max_pixels", type=bounded_int(1, 10**9), default=DEFAULT_MAX_PIXELS, help="per-image pixel cap")
-    chk.add_argument(
-        "--max_length",
+    add_shared(
+        chk,
+        "max_length",
         type=bounded_int(16, 10**7),
         default=131072,
         help="longest training record in tokens, as phi3v-finetune --max_length (default: the context, 131072)",
     )
-    chk.add_argument("--skip_bad", action="store_true", help="count records with bad images instead of failing")
-    chk.add_argument("--json", action="store_true", help="print a JSON summary (last stdout line) instead of a table")
+    add_shared(chk, "skip_bad", action="store_true", help="count records with bad images instead of failing")
+    add_shared(chk, "json", action="store_true", help="print a JSON summary (last stdout line) instead of a table")
     return parser
 
 

@@ -36,6 +36,8 @@ from phi3v_core.cli.finetune_config import (
     TASK_NAMES,
     build_config,
 )
+from phi3v_core.cli.finetune_hf import add_trainer_flags
+from phi3v_core.cli.vocabulary import DEFAULT_SEED, add_shared, add_version, plural
 from phi3v_core.constants import (
     ATTN_NAMES,
     MODEL_PRESET_NAMES,
@@ -90,38 +92,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_flags(ours)
     _add_run_flags(ours)
     _add_memory_flags(parser)
+    add_trainer_flags(parser.add_argument_group("Hugging Face Trainer flags (TrainingArguments names)"))
+    add_version(parser)
     return parser
 
 
 def _add_recipe_flags(recipe: argparse._ArgumentGroup) -> None:
     """The CookBook fine-tuning scripts' flags, with their names and meaning."""
-    recipe.add_argument(
-        "--model_name_or_path",
+    add_shared(
+        recipe,
+        "model",
+        dest="model_name_or_path",
         default=None,
         metavar="PATH",
         help=f"local checkpoint folder or a preset ({', '.join(MODEL_PRESET_NAMES)}); default ${MODEL_ENV} or tiny",
     )
     recipe.add_argument("--full_train", action="store_true", help="docvqa: train on the Cauldron DocVQA train set")
-    recipe.add_argument(
-        "--data_dir", default=None, metavar="DIR", help="jsonl folder (*_train.jsonl, *_val.jsonl, images/)"
-    )
+    add_shared(recipe, "data_dir", default=None, metavar="DIR", help="jsonl folder (*_train.jsonl, *_val.jsonl, images/)")
     recipe.add_argument("--use_flash_attention", action="store_true", help="attention flash_attention_2 (implies bf16)")
     recipe.add_argument("--bf16", action="store_true", help="bf16 mixed precision (recipe default without it: fp16)")
     recipe.add_argument("--use_lora", action="store_true", help="LoRA (method lora)")
     recipe.add_argument("--use_qlora", action="store_true", help="QLoRA, 4-bit base (method qlora; implies --use_lora)")
-    recipe.add_argument("--output_dir", default=None, help="run folder (default: ./output/); one run per folder")
-    recipe.add_argument(
-        "--overwrite_output_dir",
+    add_shared(recipe, "output_dir", default=None, help="run folder (default: ./output/); one run per folder")
+    add_shared(
+        recipe,
+        "overwrite",
+        dest="overwrite_output_dir",
         action="store_true",
         help="replace the run in --output_dir (the old run is deleted only once the new one finished)",
     )
-    recipe.add_argument("--batch_size", type=bounded_int(1, 65536), default=None, help="global batch per optimizer step (default: 16)")
-    recipe.add_argument("--batch_size_per_gpu", type=bounded_int(1, 4096), default=None, help="micro-batch per process (default: 1)")
-    recipe.add_argument(
-        "--num_crops", type=bounded_int(-(10**6), 10**6), default=None, help="HD crops per image, 1..16 (default: task's, 16; ucf101 4)"
+    add_shared(
+        recipe, "global_batch", dest="batch_size", type=bounded_int(1, 65536), default=None,
+        help="global batch per optimizer step (default: 16)",
+    )
+    add_shared(
+        recipe, "micro_batch", dest="batch_size_per_gpu", type=bounded_int(1, 4096), default=None,
+        help="micro-batch per process (default: 1)",
+    )
+    add_shared(
+        recipe,
+        "num_crops", type=bounded_int(-(10**6), 10**6), default=None, help="HD crops per image, 1..16 (default: task's, 16; ucf101 4)"
     )
     recipe.add_argument("--num_train_epochs", type=bounded_float(0, 10_000, low_open=True), default=None, help="epochs (default: 1)")
-    recipe.add_argument("--learning_rate", type=bounded_float(0, 1, low_open=True), default=None, help="peak AdamW learning rate (default: 4e-5)")
+    add_shared(recipe, "learning_rate", type=bounded_float(0, 1, low_open=True), default=None, help="peak AdamW learning rate (default: 4e-5)")
     recipe.add_argument("--wd", type=bounded_float(0, 10), default=None, help="weight decay (default: 0.01)")
     recipe.add_argument(
         "--no-tqdm", "--no_tqdm", dest="tqdm", action="store_false", help="no progress bars (training and eval)"
@@ -140,13 +153,14 @@ def _add_recipe_flags(recipe: argparse._ArgumentGroup) -> None:
 
 def _add_task_flags(ours: argparse._ArgumentGroup) -> None:
     """Our flags that choose what is trained: task, method, attention, precision, presets, data size."""
-    ours.add_argument("--task", default=None, metavar="{" + ",".join(TASK_NAMES) + "}", help="task (default: docvqa)")
-    ours.add_argument("--method", default=None, metavar="{" + ",".join(METHOD_NAMES) + "}", help="fine-tuning method")
-    ours.add_argument(
-        "--attn", default=None, metavar="{" + ",".join(ATTN_NAMES) + "}", help="attention (default: sdpa)"
+    add_shared(ours, "task", default=None, metavar="{" + ",".join(TASK_NAMES) + "}", help="task (default: docvqa)")
+    add_shared(ours, "method", default=None, metavar="{" + ",".join(METHOD_NAMES) + "}", help="fine-tuning method")
+    add_shared(
+        ours, "attn", default=None, metavar="{" + ",".join(ATTN_NAMES) + "}", help="attention (default: sdpa)"
     )
-    ours.add_argument(
-        "--precision",
+    add_shared(
+        ours,
+        "precision",
         default=None,
         metavar="{" + ",".join(PRECISION_NAMES) + "}",
         help="mixed precision (default: bf16 with --bf16/--use_flash_attention, else fp16 on GPU, fp32 on CPU)",
@@ -167,50 +181,56 @@ def _add_task_flags(ours: argparse._ArgumentGroup) -> None:
 
 def _add_run_flags(ours: argparse._ArgumentGroup) -> None:
     """Our flags for the schedule, checkpoints, evaluation and output."""
-    ours.add_argument("--max_steps", type=bounded_int(1, 10**8, also=(-1,)), default=None, help="optimizer steps; -1 = epochs (default)")
+    add_shared(ours, "max_steps", type=bounded_int(1, 10**8, also=(-1,)), default=None, help="optimizer steps; -1 = epochs (default)")
     ours.add_argument("--warmup_steps", type=bounded_int(0, 10**8), default=None, help="linear warmup steps (default: 50, as the recipe)")
     ours.add_argument(
         "--save_steps", type=bounded_int(0, 10**8), default=None, help="resumable checkpoint every N steps (0 = final only)"
     )
     ours.add_argument(
+        "--resume_from_checkpoint",
         "--resume",
+        dest="resume",
         nargs="?",
         const="latest",
         default=None,
         metavar="CKPT",
         help="continue from the newest checkpoint in --output_dir, or from CKPT",
     )
-    ours.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=None, help="seed for init, data order and the twin (default: 42)")
-    ours.add_argument(
-        "--skip-bad", "--skip_bad", dest="skip_bad", action="store_true", help="skip records with unreadable images"
+    add_shared(
+        ours, "seed", type=bounded_int(0, 2**32 - 1), default=None,
+        help=f"seed for init, data order and the twin (default: {DEFAULT_SEED})",
     )
+    add_shared(ours, "skip_bad", action="store_true", help="skip records with unreadable images")
     ours.add_argument(
         "--no-eval", "--no_eval", dest="evaluate", action="store_false", help="skip eval before and after"
     )
     ours.add_argument("--max_new_tokens", type=bounded_int(1, 131072), default=None, help="generation budget in eval (default: 64)")
     ours.add_argument("--eval_batch_size", type=bounded_int(1, 4096), default=None, help="prompts per generate call (default: 8)")
     ours.add_argument("--num_workers", type=bounded_int(0, 256), default=None, help="DataLoader workers (default: 4 on GPU, 0 on CPU)")
-    ours.add_argument(
-        "--max_length",
+    add_shared(
+        ours,
+        "max_length",
         type=bounded_int(16, 10**7),
         default=None,
         metavar="TOKENS",
         help="longest training sequence (default: the model context); longer records are an error, never truncated",
     )
-    ours.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)")
+    add_shared(ours, "json", action="store_true", help="print one JSON object on stdout (logs go to stderr)")
 
 
 def _add_memory_flags(parser: argparse.ArgumentParser) -> None:
     """Checkpointing, optimizer and offload: what phi3v-plan chooses by memory (its command carries them)."""
     group = parser.add_argument_group("memory layout (phi3v-plan chooses these)")
-    group.add_argument(
-        "--gradient_checkpointing",
+    add_shared(
+        group,
+        "gradient_checkpointing",
         choices=("on", "off"),
         default="on",
         help="recompute activations in backward (default on, as the recipe); off is faster where memory allows",
     )
-    group.add_argument(
-        "--optim",
+    add_shared(
+        group,
+        "optim",
         choices=OPTIM_NAMES,
         default="adamw",
         help="adamw (default); adamw_8bit: bitsandbytes 8-bit AdamW, bf16 weights for full/frozen_vision; "
@@ -221,8 +241,9 @@ def _add_memory_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="train even where a step changes under 50%% of the weights (bf16 weights at a small learning rate)",
     )
-    group.add_argument(
-        "--offload",
+    add_shared(
+        group,
+        "offload",
         choices=OFFLOAD_NAMES,
         default="none",
         help="optimizer: DeepSpeed ZeRO-2 keeps fp32 master weights and Adam states in host RAM (CPU Adam)",
@@ -252,7 +273,7 @@ def _print_plan(cfg: Any, task: Any) -> None:
         f"{len(task.eval_items())} eval) · model {train.model} · {train.method}{lora} · {train.precision} · "
         f"attn {train.attn} · num_crops {task.num_crops} · batch {train.global_batch} "
         f"({train.micro_batch}/process) · lr {train.learning_rate:g} · "
-        + (f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.num_train_epochs:g} epoch(s)")
+        + (plural(train.max_steps, "step") if train.max_steps > 0 else plural(float(train.num_train_epochs), "epoch"))
         + (f" · preset {cfg.preset}" if cfg.preset else "")
     )
     for note in cfg.notes:
@@ -266,7 +287,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
     label = "ANLS" if summary["metric"] == "anls" else "accuracy"
     before, after = summary["eval_before"], summary["eval_after"]
-    table = Table(title=f"{summary['task']} · {summary['method']} · {summary['train']['global_step']} steps")
+    table = Table(title=f"{summary['task']} · {summary['method']} · {plural(summary['train']['global_step'], 'step')}")
     if before and after:
         for column in ("", "before", "after", "change"):
             table.add_column(column, justify="right" if column else "left")

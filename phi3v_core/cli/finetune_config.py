@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from phi3v_core.cli.finetune_hf import path_problems, trainer_values
+from phi3v_core.cli.vocabulary import DEFAULT_SEED
 from phi3v_core.constants import (
     ATTN_NAMES,
     DEFAULT_ATTN,
@@ -62,7 +64,7 @@ OUR_DEFAULTS: dict[str, Any] = {
     "max_steps": -1,
     "warmup_steps": 50,  # the recipe's fixed TrainingArguments value, exposed as a flag
     "save_steps": 0,
-    "seed": 42,
+    "seed": DEFAULT_SEED,
     "max_new_tokens": 64,  # the recipe's generation length (its evaluation loops)
     "eval_batch_size": 8,
 }
@@ -473,6 +475,8 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
         ConfigError: Every problem with the flags on this machine, in one message.
     """
     if env is None:
+        # paths first, before torch is imported (seconds): a mistyped folder answers at once
+        raise_all(path_problems(args, args.model_name_or_path or os.environ.get(MODEL_ENV)))
         from phi3v_core.software import torch_gpu_refusal
 
         # before anything else (even importing the training stack: tens of seconds on a busy host): every later
@@ -491,6 +495,7 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
     precision = resolver.resolve_precision()
     attn = resolver.resolve_attn()
     values = resolver.resolve_numbers()
+    trainer_fields = trainer_values(args, values, resolver.env.world_size, resolver.problems)
     resolver.check_together(method, values)
     resolver.check_sizes(model, values, method)
     resolver.check_output(values["output_dir"])
@@ -523,6 +528,7 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
         optim=getattr(args, "optim", "adamw"),
         offload=getattr(args, "offload", "none"),
         extra={"task": task, "preset": args.preset, "command": "phi3v-finetune"},
+        **trainer_fields,
     )
     resolver.add_train_config_problems(train_cfg)
     resolver.check_retention(train_cfg)

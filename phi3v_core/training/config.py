@@ -147,6 +147,8 @@ class TrainConfig:
         zero_allgather_bucket_size: ZeRO-2 ``allgather_bucket_size`` in elements (default 5e7, see above).
         zero_overlap_comm: Overlap gradient reduction with backward (recipe: on).
         logging_steps: Log every N steps (1 gives exact per-step losses to callbacks and ``TrainResult``).
+        report_to: ``none``, ``tensorboard`` (event files in ``output_dir/runs``) or ``wandb``, as TrainingArguments.
+        deepspeed_config_file: A user's DeepSpeed JSON config passed to the Trainer instead of the built-in ZeRO-2.
         dataloader_num_workers: DataLoader worker processes (recipe: 4; use 0 for tiny CPU runs).
         ddp_find_unused_parameters: Let DDP search for parameters without gradient each step. Off, like the recipe
             (dead CLIP weights are frozen); turn on for data with text-only batches while vision weights train.
@@ -202,6 +204,8 @@ class TrainConfig:
     zero_allgather_bucket_size: int = ZERO_BUCKET_ELEMENTS
     zero_overlap_comm: bool = True
     logging_steps: int = 1
+    report_to: str = "none"
+    deepspeed_config_file: str | None = None
     dataloader_num_workers: int = 4
     ddp_find_unused_parameters: bool = False
     ddp_timeout: int = 1800

@@ -110,8 +110,8 @@ def build_training_arguments(cfg: TrainConfig, env: Machine) -> TrainingArgument
         full_determinism=cfg.deterministic,
         remove_unused_columns=False,  # the collator's keys are exactly the model's inputs
         label_names=["labels"],  # PEFT wrappers hide forward()'s signature, so say it explicitly
-        report_to="none",
-        deepspeed=deepspeed_config(cfg) if cfg.uses_deepspeed(env.world_size) else None,
+        report_to=cfg.report_to,
+        deepspeed=(cfg.deepspeed_config_file or deepspeed_config(cfg)) if cfg.uses_deepspeed(env.world_size) else None,
         dataloader_num_workers=workers,
         dataloader_prefetch_factor=2 if workers else None,
         dataloader_persistent_workers=False,

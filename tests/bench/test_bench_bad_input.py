@@ -22,7 +22,7 @@ MATRIX = ["matrix", "--grid", "method=lora", "--set", "model=tiny", "steps=2", "
 CASES = [
     # run: flag values
     (RUN + ["--steps", "1000000000"], "steps 1000000000 is above the limit of 100000"),
-    (RUN + ["--steps", "nan"], "argument --steps: invalid int value"),
+    (RUN + ["--steps", "nan"], "argument --max_steps: invalid int value"),
     (RUN + ["--steps", "1"], "steps must be >= 2"),
     (["run", "--repeats", "0"], "repeats must be a positive integer, got 0"),
     (["run", "--gpus", "0"], "gpus must be a positive integer, got 0"),

@@ -32,7 +32,7 @@ MID_SIZE = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 
 def _recommendable(task: str, method: str) -> set[str]:
     """Optimizers the planner may recommend for ``method`` at the task's recipe rate (its layouts that keep their
     updates; the offloaded optimizer steps DeepSpeed's fp32 partitions and is left to the offload tests)."""
-    result = plan(PlanRequest(gpu="H100", count=1, task=task, methods=(method,)))
+    result = plan(PlanRequest(gpu="H100-SXM", count=1, task=task, methods=(method,)))
     layouts = result.method(method).layouts
     return {lay.optim for lay in layouts if lay.offload == "none" and lay.update_retention >= RETENTION_FLOOR}
 

@@ -39,7 +39,7 @@ NUMBERS = [
     (["--batch_size", "0"], "argument --batch_size: must be an integer in 1..65536, got 0"),
     (["--batch_size", "1000000000"], "argument --batch_size: must be an integer in 1..65536"),
     (["--batch_size", "1e3"], "argument --batch_size: expected an integer, got '1e3'"),
-    (["--batch_size_per_gpu", "0"], "argument --batch_size_per_gpu: must be an integer in 1..4096, got 0"),
+    (["--batch_size_per_gpu", "0"], "argument --per_device_train_batch_size: must be an integer in 1..4096, got 0"),
     (["--max_steps", "0"], "argument --max_steps: must be an integer in 1..100000000 or -1, got 0"),
     (["--max_steps", "-2"], "argument --max_steps: must be an integer in 1..100000000 or -1, got -2"),
     (["--warmup_steps", "-1"], "argument --warmup_steps: must be an integer in 0..100000000, got -1"),

@@ -110,7 +110,7 @@ def test_bad_flag_is_one_line_exit_1(capsys):
         main(["--gpu", "T4", "--count", "many"])
     assert info.value.code == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--count" in err and "usage" not in err
+    assert err.count("\n") == 1 and "--gpus" in err and "usage" not in err
 
 
 def test_json_is_strict(capsys):

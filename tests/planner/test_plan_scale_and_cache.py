@@ -22,10 +22,10 @@ GPU = ["--gpu", "A100-80GB", "--method", "lora"]
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--count", "1000"], "--count 1000 GPUs in one node: the largest nodes hold 16"),
-        (["--count", "17"], "spread them over nodes, e.g. --count 8 --nodes 3"),
+        (["--count", "1000"], "--gpus 1000 GPUs in one node: the largest nodes hold 16"),
+        (["--count", "17"], "spread them over nodes, e.g. --gpus 8 --nodes 3"),
         (["--count", "8", "--nodes", "2", "--dataset-size", "10"], "--dataset-size 10 is smaller than the 16 GPUs"),
-        (["--count", "8", "--batch-size", "4"], "--batch-size 4 is smaller than the 8 GPUs"),
+        (["--count", "8", "--batch-size", "4"], "--batch_size 4 is smaller than the 8 GPUs"),
     ],
     ids=["1000-in-one-node", "17-in-one-node", "fewer-samples-than-gpus", "batch-below-gpus"],
 )
@@ -49,7 +49,7 @@ def test_scale_problems_are_reported_together(tmp_path, capsys):
     err = expect_user_error(
         main, [*GPU, "--count", "1000", "--dataset-size", "5", "--batch-size", "2"], "3 problems", tmp_path, capsys
     )
-    assert "--dataset-size 5" in err and "--batch-size 2" in err
+    assert "--dataset-size 5" in err and "--batch_size 2" in err
 
 
 def _trace_file(tmp_path: Path, text: str) -> Path:

@@ -119,7 +119,7 @@ def test_bad_request_lists_every_problem():
         plan(PlanRequest(gpu="A100", nodes=0, num_crops=32, task="coco"))
     message = str(info.value)
     assert "4 problems" in message
-    for part in ("--task 'coco'", "--nodes 0", "--num-crops 32", "ambiguous"):
+    for part in ("--task 'coco'", "--nodes 0", "--num_crops 32", "ambiguous"):
         assert part in message
 
 

@@ -32,7 +32,7 @@ def test_text_output_shows_retention_per_layout_and_for_the_recommendation(
     from planner.cli import main
 
     monkeypatch.setenv("COLUMNS", "250")  # rich draws its boxes to this width: no wrapped cells
-    assert main(["--gpu", "H100", "--count", "1", "--method", "full"]) == 0
+    assert main(["--gpu", "H100-SXM", "--count", "1", "--method", "full"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "optimizer adamw_8bit_fp32_master, update retention 100%" in out
     assert "retention: share of trained weights one step at the recipe's learning rate changes" in out
