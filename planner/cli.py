@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_hardware_args(parser)
+    _add_workload_args(parser)
+    _add_output_args(parser)
+    add_version(parser)
+    return parser
+
+
+def _add_hardware_args(parser: argparse.ArgumentParser) -> None:
     hw = parser.add_argument_group("hardware")
     hw.add_argument(
         "--gpu", help="plan for this GPU instead of the detected one: a --list-gpus name or nvidia-smi's (NVIDIA GeForce RTX 4090)"
@@ -85,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--deadline", type=bounded_float(0, 1e6, low_open=True), metavar="HOURS", help="the fewest nodes that finish all epochs in time")
     hw.add_argument("--host-ram-gib", type=bounded_float(0, 1e6, low_open=True), default=None, metavar="GIB", help="host RAM per node (checks an offloaded optimizer fits; default: this machine's for a detected GPU)")
     hw.add_argument("--inter-node-gbit", type=bounded_float(0, 1e6, low_open=True), help="network per node in Gbit/s (default: the SKU's, else 200)")
+
+
+def _add_workload_args(parser: argparse.ArgumentParser) -> None:
     work = parser.add_argument_group("workload")
     add_shared(work, "task", default="docvqa", help="docvqa, hateful_memes, nlvr2 or ucf101 (default: docvqa)")
     add_shared(work, "num_crops", type=int, help="HD crops per image, 1-16 (default: the task's)")
@@ -111,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_shared(
         work, "method", action="append", dest="methods", choices=METHOD_NAMES, help="only these methods (repeatable)"
     )
+
+
+def _add_output_args(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument(
         "--trace", action="store_true", help="measure activations with MemTracker on the full model (CPU, slow, cached)"
@@ -135,8 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--reference", dest="reference_dir", help="folder with the published speed.csv (default: the packaged copy of results/reference)"
     )
-    add_version(parser)
-    return parser
 
 
 def _request(args: argparse.Namespace) -> Any:

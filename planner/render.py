@@ -22,7 +22,7 @@ from planner.request import Hardware, MethodPlan, task_profiles
 __all__ = ["MODEL_PLACEHOLDER", "command", "method_preference", "published_anls", "top_items", "why_method"]
 
 #: Shell placeholder for the model folder: expands to $PHI3V_MODEL, or stops the command with this message.
-MODEL_PLACEHOLDER = '"${PHI3V_MODEL:?set PHI3V_MODEL or pass --model-path: the Phi-3.5-vision-instruct folder}"'
+MODEL_PLACEHOLDER = '"${PHI3V_MODEL:?set PHI3V_MODEL or pass --model_name_or_path: the Phi-3.5-vision-instruct folder}"'
 
 
 @cache

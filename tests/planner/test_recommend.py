@@ -151,7 +151,7 @@ def test_launch_command_names_the_model_folder_or_fails_clearly():
     given = plan(PlanRequest(gpu="T4", methods=("lora",), model_path="/models/Phi 3.5")).best.command
     assert "--model_name_or_path '/models/Phi 3.5' --task docvqa" in given
     placeholder = plan(PlanRequest(gpu="T4", methods=("lora",))).best.command
-    assert '"${PHI3V_MODEL:?set PHI3V_MODEL or pass --model-path' in placeholder
+    assert '"${PHI3V_MODEL:?set PHI3V_MODEL or pass --model_name_or_path' in placeholder
     result = subprocess.run(
         ["bash", "-c", placeholder.replace("phi3v-finetune", "true", 1)],
         env={"PATH": os.environ["PATH"]},
@@ -159,7 +159,7 @@ def test_launch_command_names_the_model_folder_or_fails_clearly():
         text=True,
         timeout=HANG_GUARD_S,
     )
-    assert result.returncode != 0 and "set PHI3V_MODEL or pass --model-path" in result.stderr
+    assert result.returncode != 0 and "set PHI3V_MODEL or pass --model_name_or_path" in result.stderr
 
 
 def test_time_and_cost_per_run_use_the_tasks_real_dataset_size():
