@@ -113,9 +113,10 @@ def test_timeout_kills_the_whole_process_tree(tmp_path: Path, monkeypatch: pytes
         "time.sleep(600)\n"
     )
     monkeypatch.setattr(bench.runner, "launch_commands", lambda *a, **k: [[sys.executable, "-c", script]])
+    monkeypatch.setattr(bench.runner, "_GRACE_S", 2.0)
     real_kill_tree = bench.runner._kill_tree
 
-    def kill_tree_once_the_grandchild_runs(proc: subprocess.Popen, grace_s: float = 2.0) -> None:
+    def kill_tree_once_the_grandchild_runs(proc: subprocess.Popen, grace_s: float | None = None) -> None:
         # A short timeout, whatever the load: the kill waits until the tree it must take down has been started.
         wait_until(lambda: pid_file.exists() and pid_file.read_text(), "the fake worker never started its child")
         real_kill_tree(proc, grace_s=grace_s)
