@@ -223,12 +223,14 @@ def launch_commands(
 _LIVE: set[subprocess.Popen] = set()
 
 
-def _kill_tree(proc: subprocess.Popen, grace_s: float = _GRACE_S) -> None:
+def _kill_tree(proc: subprocess.Popen, grace_s: float | None = None) -> None:
     """Stop a launched command and everything it started.
 
     SIGTERM first (torchrun then stops its workers, which it runs in sessions of their own), then SIGKILL to the
-    process group and to every descendant found before the kill, so that no worker outlives its repeat.
+    process group and to every descendant found before the kill, so that no worker outlives its repeat. ``grace_s``
+    (default :data:`_GRACE_S`, read at the call) is the wait between the two.
     """
+    grace_s = _GRACE_S if grace_s is None else grace_s
     try:
         import psutil
 

@@ -15,8 +15,14 @@ SHARED = Path(os.environ.get("PHI3V_SHARED", REPO_ROOT.parent / "shared"))
 CKPT_35 = SHARED / "checkpoints" / "phi-3.5-vision-instruct"
 CKPT_V1 = SHARED / "checkpoints" / "phi-3-vision-128k-instruct"
 
-# Keep the suite fast and deterministic on 2-core machines.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+#: pytest-xdist workers running the suite side by side (``-n 2`` in CI); 1 without xdist.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+# The cores shared out between the workers, at most 2 each: more threads than cores would only make them wait on each
+# other. Subprocesses that tests start (workers, torchrun ranks) get the same share through OMP_NUM_THREADS.
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+torch.set_num_threads(THREADS)
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
 #: The GPU tests' budget on one H100 (seconds): ``pytest -m gpu`` is a quick check of a new machine, not the
@@ -37,6 +43,9 @@ def gpu_estimate_s(item: pytest.Item) -> float | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if WORKERS > 1:
+        # Longest first: the ``slow`` tests start at once, so that no worker is left running one alone at the end.
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

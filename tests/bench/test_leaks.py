@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from bench.config import BenchConfig
@@ -19,23 +18,7 @@ from bench.preflight import one_writer
 from bench.scratch import OWNER_NAME, clean_stale
 from bench.store import iter_result_files, load_result, result_path
 from tests.bench.factories import gpu_env, make_result
-from tests.safety_helpers import HANG_GUARD_S, repo_env
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/stat")
-    return not (status.exists() and status.read_text().split(")")[-1].split()[0] == "Z")
-
-
-def _wait_until(condition, what: str) -> None:  # noqa: ANN001 - a test helper
-    deadline = time.monotonic() + HANG_GUARD_S  # a hang guard, not a timing assumption
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
+from tests.safety_helpers import HANG_GUARD_S, process_running, repo_env, wait_until
 
 
 def test_a_sigkilled_runner_takes_its_worker_and_the_next_run_cleans_its_folders(tmp_path: Path) -> None:
@@ -52,14 +35,14 @@ def test_a_sigkilled_runner_takes_its_worker_and_the_next_run_cleans_its_folders
     env = {**repo_env(), "TMPDIR": str(scratch)}
     proc = subprocess.Popen([sys.executable, "-c", runner], env=env)
     try:
-        _wait_until(lambda: pid_file.exists() and pid_file.read_text(), "the fake worker never started")
+        wait_until(lambda: pid_file.exists() and pid_file.read_text(), "the fake worker never started")
         worker = int(pid_file.read_text())
         proc.send_signal(signal.SIGKILL)  # no handler runs: only the kernel can clean up now
         proc.wait(timeout=HANG_GUARD_S)
     finally:
         if proc.poll() is None:
             proc.kill()
-    _wait_until(lambda: not _running(worker), "the worker outlived its SIGKILLed runner")
+    wait_until(lambda: not process_running(worker), "the worker outlived its SIGKILLed runner")
     left = sorted(p.name for p in scratch.iterdir())
     assert any(n.startswith("phi3v-bench-flops-") for n in left) and len(left) == 2, left  # the leak, before
     foreign = scratch / "phi3v-bench-not-ours"

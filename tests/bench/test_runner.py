@@ -25,7 +25,7 @@ from bench.status import RepeatOutcome
 from bench.store import load_result
 from bench.worker import plan_steps, workload_samples
 from phi3v_core.errors import ConfigError
-from tests.safety_helpers import HANG_GUARD_S
+from tests.safety_helpers import HANG_GUARD_S, process_running, wait_until
 
 TINY = ["--model", "tiny", "--precision", "fp32", "--num-crops", "1", "--steps", "2", "--warmup", "1", "--repeats", "1"]
 
@@ -114,13 +114,21 @@ def test_timeout_kills_the_whole_process_tree(tmp_path: Path, monkeypatch: pytes
     )
     monkeypatch.setattr(bench.runner, "launch_commands", lambda *a, **k: [[sys.executable, "-c", script]])
     monkeypatch.setattr(bench.runner, "_GRACE_S", 2.0)
-    result = run_config(BenchConfig(release="t"), timeout_s=20)
+    real_kill_tree = bench.runner._kill_tree
+
+    def kill_tree_once_the_grandchild_runs(proc: subprocess.Popen, grace_s: float | None = None) -> None:
+        # A short timeout, whatever the load: the kill waits until the tree it must take down has been started.
+        wait_until(lambda: pid_file.exists() and pid_file.read_text(), "the fake worker never started its child")
+        real_kill_tree(proc, grace_s=grace_s)
+
+    monkeypatch.setattr(bench.runner, "_kill_tree", kill_tree_once_the_grandchild_runs)
+    result = run_config(BenchConfig(release="t"), timeout_s=0.5)
     assert result.status == "timeout" and "timeout" in result.message
     grandchild = int(pid_file.read_text())
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _running(grandchild):
+    while time.monotonic() < deadline and process_running(grandchild):
         time.sleep(0.2)
-    assert not _running(grandchild)
+    assert not process_running(grandchild)
 
 
 def test_a_terminated_runner_takes_its_workers_and_folders_with_it(tmp_path: Path) -> None:
@@ -156,19 +164,10 @@ def test_a_terminated_runner_takes_its_workers_and_folders_with_it(tmp_path: Pat
             proc.kill()
     grandchild = int(pid_file.read_text())
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _running(grandchild):
+    while time.monotonic() < deadline and process_running(grandchild):
         time.sleep(0.2)
-    assert not _running(grandchild)
+    assert not process_running(grandchild)
     assert not any(scratch.iterdir())  # phi3v-bench-* removed
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/stat")
-    return not (status.exists() and status.read_text().split(")")[-1].split()[0] == "Z")
 
 
 def test_cli_run_lora_end_to_end_on_cpu(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from phi3v_core.errors import ConfigError
 from phi3v_core.training import TrainConfig, train
 from phi3v_core.training.callbacks import TrainingDivergedError
 from phi3v_core.training.synthetic import SyntheticDataset
-from tests.safety_helpers import HANG_GUARD_S, expect_user_error, snapshot
+from tests.safety_helpers import HANG_GUARD_S, expect_user_error, run_with_full_disk_at_the_journal, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 LEAN = ["--synthetic", "2", "--use_lora", "--lora_rank", "4", "--num_crops", "1", "--batch_size", "1",
@@ -286,30 +286,15 @@ def test_when_every_checkpoint_is_corrupt_resume_refuses_with_the_remedy(tmp_pat
         resolve_resume(_tiny(tmp_path, resume="latest"))
 
 
-_FULL_DISK_AT_THE_JOURNAL = """
-import errno, os, sys
-real = os.write
-def write(fd, data):
-    if bytes(data[:12]).startswith(b'{"target":'):  # the overwrite journal's record, and nothing else
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    return real(fd, data)
-os.write = write
-from phi3v_core.cli.finetune import main
-main()
-"""
-
-
 def test_a_full_disk_at_the_overwrite_journal_names_the_journal_and_keeps_the_old_run(tmp_path, capsys):
     from phi3v_core.transaction import intent_path
 
     out = tmp_path / "run"
     _json_run(capsys, *LEAN, "--max_steps", "1", "--output_dir", str(out))
     before = snapshot(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-c", _FULL_DISK_AT_THE_JOURNAL, *LEAN, "--max_steps", "1", "--output_dir", str(out),
-         "--overwrite_output_dir"],
-        env=_env(), capture_output=True, text=True, timeout=HANG_GUARD_S,
-    )  # fmt: skip
+    proc = run_with_full_disk_at_the_journal(
+        "phi3v_core.cli.finetune", [*LEAN, "--max_steps", "1", "--output_dir", str(out), "--overwrite_output_dir"], _env()
+    )
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {intent_path(out)}") and "no space left on the device" in last, proc.stderr

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from phi3v_core.transaction import intent_path
-from tests.safety_helpers import HANG_GUARD_S, repo_env, snapshot
+from tests.safety_helpers import HANG_GUARD_S, repo_env, run_with_full_disk_at_the_journal, snapshot
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
@@ -211,20 +211,6 @@ def test_sigterm_during_converts_swap_never_leaves_the_data_folder_missing(tmp_p
     assert check.returncode == 0, check.stderr
 
 
-_FULL_DISK_AT_THE_JOURNAL = """
-import errno, os, sys
-real = os.write
-def write(fd, data):
-    if bytes(data[:12]).startswith(b'{"target":'):  # the overwrite journal's record, and nothing else
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    return real(fd, data)
-os.write = write
-sys.argv[0] = "phi3v-convert"
-from phi3v_core.cli.convert import main
-main()
-"""
-
-
 def test_a_full_disk_at_the_overwrite_journal_names_the_journal_and_keeps_the_old_data(tmp_path):
     out = tmp_path / "data"
     args = ["synthetic", "--task", "nlvr2", "--n", "2", "--out_dir", str(out)]
@@ -232,8 +218,7 @@ def test_a_full_disk_at_the_overwrite_journal_names_the_journal_and_keeps_the_ol
                            capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
     assert first.returncode == 0, first.stderr
     before = snapshot(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_AT_THE_JOURNAL, *args, "--overwrite"], env=repo_env(), capture_output=True, text=True,
-                          timeout=HANG_GUARD_S)  # fmt: skip
+    proc = run_with_full_disk_at_the_journal("phi3v_core.cli.convert", [*args, "--overwrite"], repo_env())
     journal = intent_path(out)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith(f"error: {journal}") and "no space left on the device" in proc.stderr, proc.stderr
