@@ -81,3 +81,76 @@ def data_wait_note(repeats: Sequence[Any], processor_samples_per_s: float | None
         f"[yellow]data loader starves the device[/]: it waited {share:.1%} of each step for its batch (median, over "
         f"{DATA_WAIT_WARN_SHARE:.0%}){rate}{need}; in training, raise phi3v-finetune's --dataloader_num_workers or pre-process the images"
     )
+
+
+#: ``num_crops`` values the stored rate table covers (the planner takes the nearest).
+RATE_CROPS = (1, 4, 9, 16)
+
+
+def measure_rate_table(model: str | None, samples: int = 3, crops: Sequence[int] = RATE_CROPS) -> dict[str, Any]:
+    """Processor samples/s per core for every task profile and ``num_crops`` (``planner/data/processor_rate.json``).
+
+    Args:
+        model: Checkpoint folder whose tokenizer to use (None: the tiny test tokenizer).
+        samples: Fresh examples encoded per cell.
+        crops: ``num_crops`` values to measure.
+
+    Returns:
+        The table, with the CPU, versions and the command that produced it.
+    """
+    import platform
+
+    import torch
+
+    from phi3v_core.constants import load_recipe
+    from phi3v_core.environment import capture_environment
+    from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator, Phi3VProcessor
+    from phi3v_core.training.synthetic import SyntheticDataset
+
+    collate = Phi3VDataCollator(pad_token_id=PAD_TOKEN_ID)
+    rates: dict[str, dict[str, float]] = {}
+    for name, profile in load_recipe().profiles.items():
+        rates[name] = {}
+        for num_crops in crops:
+            processor = Phi3VProcessor.from_pretrained(model, num_crops=num_crops) if model else Phi3VProcessor.tiny(num_crops)
+            dataset = SyntheticDataset(
+                num_examples=samples, processor=processor, image_size=(profile.image_width, profile.image_height),
+                images_per_example=profile.images_per_sample, prompt_words=profile.text_tokens // 2,
+                answer_words=max(1, profile.answer_tokens // 2), seed=0,
+            )  # fmt: skip
+            rates[name][str(num_crops)] = round(measure_processor_rate(dataset.encode, collate, samples), 3)
+    return {
+        "_about": "Samples per second that ONE CPU core encodes (synthetic in-memory images of the task's profile "
+        "size, no JPEG decoding: HD transform, tokenizer, collator) at each num_crops; the planner divides a GPU's "
+        "predicted samples/s by it for the data-loader cores per GPU. Regenerate: python -m bench.dataload "
+        "--model CHECKPOINT --out planner/data/processor_rate.json",
+        "cpu": capture_environment().cpu,
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "tokenizer": "checkpoint" if model else "tiny",
+        "images_per_sample": {name: profile.images_per_sample for name, profile in load_recipe().profiles.items()},
+        "samples_per_s_per_core": rates,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.dataload``: measure the processor rate table and write it as JSON."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from phi3v_core.io import atomic_write_json
+
+    parser = argparse.ArgumentParser(prog="python -m bench.dataload", description=main.__doc__)
+    parser.add_argument("--model", default=None, help="checkpoint folder for the real tokenizer (default: tiny)")
+    parser.add_argument("--out", default=None, help="write the table here (default: print it)")
+    args = parser.parse_args(argv)
+    table = measure_rate_table(args.model)
+    if args.out:
+        atomic_write_json(Path(args.out), table)
+    print(json.dumps(table, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,6 +36,7 @@ from phi3v_core.software import Software, bnb_arch_range, torch_gpu_problem
 from planner.calibration import Calibration, load_calibration
 from planner.deadline import azure_summary, meet_deadline, misfits
 from planner.estimate import GIB, TrainSetup, Workload
+from planner.feeding import data_loading_for
 from planner.hardware import (
     Detection,
     azure_skus,
@@ -379,6 +380,8 @@ def _plan_method(
         optim=pick.layout.optim, offload=pick.layout.offload, layouts=[c.layout for c in candidates],
         speedup_vs_checkpointing=speedup, host_bytes=pick.layout.host_bytes,
     )  # fmt: skip
+    if pick.speed is not None:
+        plan_.data_loading = data_loading_for(pick.speed.per_gpu, hw, request, workload)
     if fits:
         plan_.command = command(hw, request.task, plan_, request.model_path)
     if pick.speed is not None and pick.speed.epoch_s is not None:

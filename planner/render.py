@@ -81,6 +81,8 @@ def _method_args(task: str, mp: MethodPlan) -> list[str]:
         args += ["--optim", mp.optim]
     if mp.offload != "none":
         args += ["--offload", mp.offload]
+    if mp.data_loading is not None:  # enough DataLoader workers to feed the GPU at the predicted speed
+        args += ["--dataloader_num_workers", str(mp.data_loading.workers)]
     args += ["--output_dir", f"./output/{task}-{mp.method}"]
     return args
 
