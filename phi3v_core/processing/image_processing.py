@@ -262,25 +262,24 @@ class Phi3VImageProcessor:
 
         Equal bit for bit to the reference's transpose → resize → pad → transpose back → ToTensor → Normalize, with
         fewer passes over the pixels: no transposes (see :func:`_resize_in_reference_order`), the white padding
-        written straight into the float tensor, and the normalisation read from a 256-entry table per channel.
+        added in uint8, and the normalisation read from a 256-entry table per channel straight into the float tensor.
         """
         new_w, new_h, transposed = hd_resize_target(image.width, image.height, num_crops)
         image = _resize_in_reference_order(image, new_w, new_h, transposed)
-        pad = pad_to_crops(new_h) - new_h
-        before = pad // 2  # the reference's int((tar - height) / 2): the top (left, if transposed) gets the smaller half
-        rows, cols = (image.height, image.width + pad) if transposed else (image.height + pad, image.width)
-        hd = torch.empty(3, rows, cols, dtype=torch.float32)
-        if pad:
-            white = self._table[:, 255].view(3, 1, 1)
-            if transposed:
-                hd[:, :, :before] = white
-                hd[:, :, before + image.width :] = white
-            else:
-                hd[:, :before] = white
-                hd[:, before + image.height :] = white
-        inner = hd[:, :, before : before + image.width] if transposed else hd[:, before : before + image.height]
         pixels = np.asarray(image, dtype=np.uint8)
-        table, out = self._table.numpy(), inner.numpy()
+        pad = pad_to_crops(new_h) - new_h
+        if pad:
+            # White padding in uint8 (a quarter of the bytes of float), so the lookup below writes whole channels.
+            before = pad // 2  # the reference's int((tar - height) / 2): top (left, if transposed) gets the smaller half
+            rows, cols = (image.height, image.width + pad) if transposed else (image.height + pad, image.width)
+            padded = np.full((rows, cols, 3), 255, dtype=np.uint8)
+            if transposed:
+                padded[:, before : before + image.width] = pixels
+            else:
+                padded[before : before + image.height] = pixels
+            pixels = padded
+        hd = torch.empty(3, pixels.shape[0], pixels.shape[1], dtype=torch.float32)
+        table, out = self._table.numpy(), hd.numpy()
         for channel in range(3):
             # mode="clip" skips numpy's bounds-check buffering; uint8 indices are always in range.
             np.take(table[channel], pixels[:, :, channel], out=out[channel], mode="clip")
