@@ -113,6 +113,8 @@ class RepeatSample:
         weight_change: Rank 0's :class:`bench.updates.WeightChange` as a dict: the share of trained weights whose
             stored value the whole run (warm-up included) changed; ``None`` in older results.
         learning_rate: Peak learning rate the repeat trained with; ``None`` in older results.
+        data_wait_s: Seconds each timed step waited for its batch from the data loader, in order (slowest rank;
+            not part of ``step_times_s``: the device idles meanwhile); empty in older results.
     """
 
     step_times_s: list[float] = field(default_factory=list)
@@ -125,6 +127,7 @@ class RepeatSample:
     skipped_timed_steps: list[int] = field(default_factory=list)
     weight_change: dict[str, Any] | None = None
     learning_rate: float | None = None
+    data_wait_s: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -145,6 +148,8 @@ class Metrics:
         trainable_params: Parameters that receive gradients.
         wall_s: Seconds the whole run took (every repeat, from the first launch to the result); ``None`` in older
             results.
+        processor_samples_per_s: Samples per second the processor encodes and collates on one CPU thread (one
+            DataLoader worker), measured on rank 0 before the first repeat's steps; ``None`` in older results.
     """
 
     repeats: list[RepeatSample] = field(default_factory=list)
@@ -157,6 +162,7 @@ class Metrics:
     total_params: int | None = None
     trainable_params: int | None = None
     wall_s: float | None = None
+    processor_samples_per_s: float | None = None
 
     def step_times(self) -> list[float]:
         """Return the timed step times of all repeats, pooled."""

@@ -480,8 +480,12 @@ def _add_repeat(metrics: Metrics, ranks: list[dict[str, Any]], wall_s: float | N
             # every rank holds the same weights after a step (DDP, ZeRO-2 all-gathers): rank 0's sample stands
             weight_change=ranks[0].get("weight_change"),
             learning_rate=ranks[0].get("learning_rate"),
+            data_wait_s=[max(waits) for waits in zip(*(p.get("data_wait_s") or [] for p in ranks))],
         )
     )
+    rates = [p["processor_samples_per_s"] for p in ranks if p.get("processor_samples_per_s")]
+    if rates and metrics.processor_samples_per_s is None:
+        metrics.processor_samples_per_s = rates[0]
     metrics.images_per_step = sum(p["images_per_step"] or 0 for p in ranks)
     metrics.tokens_per_step = sum(p["tokens_per_step"] or 0 for p in ranks)
     metrics.image_tokens_per_step = sum(p["image_tokens_per_step"] or 0 for p in ranks)

@@ -201,6 +201,13 @@ def run_notes(result: Any) -> list[str]:
     if s.skipped_steps:
         where = "; ".join(f"repeat {i}: timed steps {steps}" for i, steps in skipped) or "none in the timed window"
         notes.append(f"the fp16 loss scaler skipped {s.skipped_steps} step(s) (no weight update): {where}")
+    from bench.dataload import data_wait_note
+
+    metrics = result.metrics
+    samples = metrics.repeats[0].step_samples[0] if metrics.repeats and metrics.repeats[0].step_samples else None
+    wait = data_wait_note(metrics.repeats, metrics.processor_samples_per_s, samples)
+    if wait:
+        notes.append(wait)
     if any(m.nvml_source == "device_used" for r in result.metrics.repeats for m in r.memory):
         notes.append("NVML peak is the device's used memory (no per-process numbers here, e.g. a container)")
     return notes

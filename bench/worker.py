@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from bench.config import BenchConfig
+from bench.dataload import measure_processor_rate
 from bench.flop_count import FlopCache, count_step_flops, step_micro_batches
 from bench.measure import InstrumentedSteps, TimedWindow
 from bench.runner import FLOP_CACHE_ENV
@@ -28,6 +29,7 @@ from bench.updates import ChangedWeights
 from bench.workload import to_train_config
 from phi3v_core.device import local_device
 from phi3v_core.io import atomic_write_text
+from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
 
 __all__ = [
     "gather_payloads", "main", "peak_flops", "plan_steps", "processor_for", "to_train_config", "workload_samples",
@@ -96,6 +98,8 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
     # exactly ``total_steps`` full optimizer steps (no partial gradient-accumulation step inside the timed window).
     workload = build_workload(cfg, processor_for(cfg), workload_samples(cfg, total_steps))
 
+    # Before the steps, on rank 0: encoding fresh examples on one thread, as one DataLoader worker does.
+    processor_rate = measure_processor_rate(workload.dataset.encode, Phi3VDataCollator(pad_token_id=PAD_TOKEN_ID)) if rank == 0 else None
     window = TimedWindow.for_layout(layout)
     timer, probes = window.timer, window.probes
     changes = ChangedWeights()  # after the timer: its sampling is not inside any timed step
@@ -121,6 +125,8 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
     timed_skipped = [i for i, r in enumerate(timed, 1) if r.skipped]  # fp16 loss-scaler skips; their times count
     payload.update(
         step_times_s=[r.seconds for r in timed],
+        data_wait_s=[r.data_wait_seconds for r in timed],
+        processor_samples_per_s=processor_rate,
         warmup_times_s=[records[s].seconds for s in range(1, int(layout["first_timed"])) if s in records],
         final_loss=next((r.loss for r in reversed(timed) if r.loss is not None), None),
         step_samples=[r.samples for r in timed],

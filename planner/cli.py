@@ -92,6 +92,8 @@ def _add_hardware_args(parser: argparse.ArgumentParser) -> None:
     )
     hw.add_argument("--deadline", type=bounded_float(0, 1e6, low_open=True), metavar="HOURS", help="the fewest nodes that finish all epochs in time")
     hw.add_argument("--host-ram-gib", type=bounded_float(0, 1e6, low_open=True), default=None, metavar="GIB", help="host RAM per node (checks an offloaded optimizer fits; default: this machine's for a detected GPU)")
+    hw.add_argument("--cpus_per_node", "--cpus-per-node", type=bounded_int(1, 100_000), default=None, metavar="N", help="CPU cores per node for the data loader (default: this machine's for a detected GPU, the Azure SKU's)")
+    hw.add_argument("--processor_rate", "--processor-rate", type=bounded_float(0, 1e6, low_open=True), default=None, metavar="SAMPLES_PER_S", help="processor samples/s on one core of the target CPU (default: planner/data/processor_rate.json; phi3v-bench results store this machine's)")
     hw.add_argument("--inter-node-gbit", type=bounded_float(0, 1e6, low_open=True), help="network per node in Gbit/s (default: the SKU's, else 200)")
 
 
@@ -181,6 +183,8 @@ def _request(args: argparse.Namespace) -> Any:
         gpu_tflops=args.tflops,
         gpu_bandwidth_gbs=args.bandwidth,
         host_ram_gib=args.host_ram_gib,
+        cpus_per_node=args.cpus_per_node,
+        processor_rate=args.processor_rate,
     )
 
 
@@ -339,6 +343,10 @@ def _print_recommendation(console: Any, p: Any, best: Any) -> None:
     if best.speed:
         mfu = f"MFU {best.speed.mfu:.0%}, " if best.speed.mfu is not None else ""
         lines.append(f"- speed (predicted): {mfu}{best.speed.basis}")
+    if best.data_loading:
+        lines.append(f"- {best.data_loading.line()}")
+        if best.data_loading.warning:
+            lines.append(f"- [yellow]warning[/]: {best.data_loading.warning}")
     lines += ["", f"[bold]{best.command}[/]"]
     console.print(Panel("\n".join(lines), title="Recommendation", border_style="green"))
     mem = Table(title=f"Memory per GPU, {best.method} (GiB; peak at {best.memory.phase})")

@@ -38,6 +38,7 @@ from planner.calibration import Calibration, load_calibration
 from planner.dataplan import data_summary, read_data, size_schedule
 from planner.deadline import azure_summary, meet_deadline
 from planner.estimate import GIB, TrainSetup, Workload
+from planner.feeding import data_loading_for
 from planner.hardware import (
     Detection,
     azure_skus,
@@ -381,6 +382,8 @@ def _plan_method(
         optim=pick.layout.optim, offload=pick.layout.offload, layouts=[c.layout for c in candidates],
         speedup_vs_checkpointing=speedup, host_bytes=pick.layout.host_bytes, setup=setup,
     )  # fmt: skip
+    if pick.speed is not None:
+        plan_.data_loading = data_loading_for(pick.speed.per_gpu, hw, request, workload)
     if fits:
         plan_.command = command(hw, request.task, plan_, request.model_path, request.data_dir)
     if pick.speed is not None and pick.speed.epoch_s is not None:

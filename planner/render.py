@@ -98,6 +98,8 @@ def _method_args(task: str, mp: MethodPlan, data_dir: str | None = None) -> list
         args += ["--offload", mp.offload]
     if data_dir and not any(Path(data_dir).glob("*_val.jsonl")):
         args.append("--no_eval")  # finetune evaluates on *_val.jsonl before and after; without one it would refuse
+    if mp.data_loading is not None:  # enough DataLoader workers to feed the GPU at the predicted speed
+        args += ["--dataloader_num_workers", str(mp.data_loading.workers)]
     name = Path(data_dir).name if data_dir else task
     args += ["--output_dir", f"./output/{name}-{mp.method}"]
     return args

@@ -17,6 +17,7 @@ from typing import Any
 from phi3v_core.constants import MAX_NUM_CROPS, load_recipe
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHOD_NAMES, get_method
+from planner.dataload import DataLoading
 from planner.estimate import GIB, MemoryEstimate, TrainSetup, Workload
 from planner.hardware import (
     AzureSku,
@@ -130,6 +131,9 @@ class PlanRequest:
             its size as the epoch (``--data``).
         host_ram_gib: Host memory per node (checks an offloaded optimizer fits; None: this machine's when the GPU
             is detected, else unchecked and stated).
+        cpus_per_node: CPU cores per node for the data loader (None: this machine's when the GPU is detected, the
+            Azure SKU's vCPUs, else unknown and stated).
+        processor_rate: Processor samples/s on one core of the target's CPU (None: the stored measurement).
         model_path: Checkpoint folder the launch command trains (``--model_name_or_path``); None prints a shell
             placeholder that stops with a clear message unless ``$PHI3V_MODEL`` is set.
     """
@@ -156,6 +160,8 @@ class PlanRequest:
     data_dir: str | None = None
     deadline_hours: float | None = None
     host_ram_gib: float | None = None
+    cpus_per_node: int | None = None
+    processor_rate: float | None = None
     price_per_gpu_hour: float | None = None
     gpu_memory_gib: float | None = None
     gpu_tflops: float | None = None
@@ -236,6 +242,10 @@ class PlanRequest:
             problems.append(f"--deadline {self.deadline_hours:g} must be positive (hours)")
         if self.host_ram_gib is not None and self.host_ram_gib <= 0:
             problems.append(f"--host-ram-gib {self.host_ram_gib:g} must be positive")
+        if self.cpus_per_node is not None and self.cpus_per_node < 1:
+            problems.append(f"--cpus_per_node {self.cpus_per_node} must be >= 1")
+        if self.processor_rate is not None and not 0 < self.processor_rate < float("inf"):
+            problems.append(f"--processor_rate {self.processor_rate:g} must be a positive number (samples/s per core)")
         if self.max_micro_batch < 1:
             problems.append("--max-micro-batch must be >= 1")
         if self.image_size is not None and min(self.image_size) < 1:
@@ -370,6 +380,7 @@ class MethodPlan:
     host_bytes: float = 0.0
     #: The chosen layout's setup (micro-batch 1, checkpointed, plain AdamW when nothing fits); not in ``--json``.
     setup: TrainSetup | None = field(default=None, repr=False)
+    data_loading: DataLoading | None = None
 
     @property
     def peak_gib(self) -> float | None:
@@ -413,6 +424,7 @@ class MethodPlan:
             ),
             "speedup_vs_checkpointing": self.speedup_vs_checkpointing,
             "layouts": [layout.to_dict() for layout in self.layouts],
+            "data_loading": self.data_loading.to_dict() if self.data_loading else None,
         }
 
 

@@ -206,7 +206,7 @@ def _add_run_flags(ours: argparse._ArgumentGroup) -> None:
     )
     ours.add_argument("--max_new_tokens", type=bounded_int(1, 131072), default=None, help="generation budget in eval (default: 64)")
     ours.add_argument("--eval_batch_size", type=bounded_int(1, 4096), default=None, help="prompts per generate call (default: 8)")
-    ours.add_argument("--num_workers", type=bounded_int(0, 256), default=None, help="DataLoader workers (default: 4 on GPU, 0 on CPU)")
+    ours.add_argument("--dataloader_num_workers", "--num_workers", dest="num_workers", type=bounded_int(0, 256), default=None, help="DataLoader workers (default: 4 on GPU, 0 on CPU)")
     add_shared(
         ours,
         "max_length",

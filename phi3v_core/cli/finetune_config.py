@@ -88,7 +88,7 @@ _FIELD_FLAGS = {
     "lora_alpha_ratio": "--lora_alpha_ratio",
     "lora_dropout": "--lora_dropout",
     "save_steps": "--save_steps",
-    "dataloader_num_workers": "--num_workers",
+    "dataloader_num_workers": "--dataloader_num_workers",
     "output_dir": "--output_dir",
     "optim": "--optim",
     "offload": "--offload",

@@ -60,6 +60,33 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 ImageInput = Union[Image.Image, str, os.PathLike, np.ndarray]
 
 
+def _resize_in_reference_order(image: Image.Image, new_w: int, new_h: int, transposed: bool) -> Image.Image:
+    """The reference's ``transpose → resize((new_w, new_h)) → transpose`` without the two transposes.
+
+    PIL resizes in two separable passes, horizontal then vertical, rounding to uint8 in between, so the order matters
+    for the bits. On the transposed image the first pass runs along the original image's height: running that pass
+    alone (a resize of the height only), then the width-only pass, gives the same pixels in the original orientation.
+    Bilinear on PIL images adapts its support when downscaling (antialias), as torchvision's PIL path does; an
+    unchanged side is skipped by both.
+
+    Args:
+        image: The RGB image in its own orientation.
+        new_w: Target long side (``hd_resize_target``'s landscape width).
+        new_h: Target short side.
+        transposed: Whether the reference transposes this image (portrait).
+
+    Returns:
+        The resized image, ``(new_w, new_h)`` (width, height), or ``(new_h, new_w)`` when ``transposed``.
+    """
+    if not transposed:
+        return image if image.size == (new_w, new_h) else image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    if image.height != new_w:
+        image = image.resize((image.width, new_w), Image.Resampling.BILINEAR)
+    if image.width != new_h:
+        image = image.resize((new_h, new_w), Image.Resampling.BILINEAR)
+    return image
+
+
 def validate_num_crops(num_crops: Any) -> int:
     """Check that ``num_crops`` is an integer in 1..16.
 
@@ -155,8 +182,11 @@ class Phi3VImageProcessor:
         self.image_mean = tuple(float(m) for m in image_mean)
         self.image_std = tuple(float(s) for s in image_std)
         self.do_convert_rgb = do_convert_rgb
-        self._mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
+        mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1)
+        std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1)
+        # ToTensor + Normalize of every uint8 value, in their float32 operation order ((v / 255 - mean) / std): each
+        # step is one correctly rounded IEEE operation per element, so a table lookup gives the same bits.
+        self._table = torch.arange(256, dtype=torch.float32).div(255.0).view(1, 256).sub(mean).div(std).contiguous()
 
     def __repr__(self) -> str:
         return f"Phi3VImageProcessor(num_crops={self.num_crops})"
@@ -211,7 +241,8 @@ class Phi3VImageProcessor:
         images = list(images)
         if not images:
             raise DataError("no images given to the image processor")
-        pixel_values = torch.zeros(len(images), crops + 1, 3, CROP_SIZE, CROP_SIZE, dtype=torch.float32)
+        # Uninitialised: every slot is written below (crops, then zeros for the unused ones), so no extra pass.
+        pixel_values = torch.empty(len(images), crops + 1, 3, CROP_SIZE, CROP_SIZE, dtype=torch.float32)
         image_sizes = torch.zeros(len(images), 2, dtype=torch.long)
         num_img_tokens: list[int] = []
         for index, image in enumerate(images):
@@ -227,37 +258,44 @@ class Phi3VImageProcessor:
     preprocess = __call__
 
     def _hd_tensor(self, image: Image.Image, num_crops: int) -> torch.Tensor:
-        """HD-transform, pad and normalise one RGB image into a ``(3, H, W)`` float32 tensor."""
+        """HD-transform, pad and normalise one RGB image into a ``(3, H, W)`` float32 tensor.
+
+        Equal bit for bit to the reference's transpose → resize → pad → transpose back → ToTensor → Normalize, with
+        fewer passes over the pixels: no transposes (see :func:`_resize_in_reference_order`), the white padding
+        added in uint8, and the normalisation read from a 256-entry table per channel straight into the float tensor.
+        """
         new_w, new_h, transposed = hd_resize_target(image.width, image.height, num_crops)
-        if transposed:
-            image = image.transpose(Image.Transpose.TRANSPOSE)
-        # PIL's bilinear filter adapts its support when downscaling (antialias), like torchvision's PIL path.
-        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-        padded_h = pad_to_crops(new_h)
-        if padded_h != new_h:
-            top = (padded_h - new_h) // 2
-            canvas = Image.new("RGB", (new_w, padded_h), (255, 255, 255))
-            canvas.paste(image, (0, top))
-            image = canvas
-        if transposed:
-            image = image.transpose(Image.Transpose.TRANSPOSE)
-        array = np.asarray(image, dtype=np.uint8)
-        # Same operation order as ToTensor + Normalize so values match bit for bit.
-        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div(255.0)
-        return tensor.sub(self._mean).div(self._std)
+        image = _resize_in_reference_order(image, new_w, new_h, transposed)
+        pixels = np.asarray(image, dtype=np.uint8)
+        pad = pad_to_crops(new_h) - new_h
+        if pad:
+            # White padding in uint8 (a quarter of the bytes of float), so the lookup below writes whole channels.
+            before = pad // 2  # the reference's int((tar - height) / 2): top (left, if transposed) gets the smaller half
+            rows, cols = (image.height, image.width + pad) if transposed else (image.height + pad, image.width)
+            padded = np.full((rows, cols, 3), 255, dtype=np.uint8)
+            if transposed:
+                padded[:, before : before + image.width] = pixels
+            else:
+                padded[before : before + image.height] = pixels
+            pixels = padded
+        hd = torch.empty(3, pixels.shape[0], pixels.shape[1], dtype=torch.float32)
+        table, out = self._table.numpy(), hd.numpy()
+        for channel in range(3):
+            # mode="clip" skips numpy's bounds-check buffering; uint8 indices are always in range.
+            np.take(table[channel], pixels[:, :, channel], out=out[channel], mode="clip")
+        return hd
 
     @staticmethod
     def _fill_crops(hd: torch.Tensor, out: torch.Tensor) -> None:
-        """Write ``[global, crop_1 .. crop_k]`` of one HD tensor into ``out`` (already zero-padded)."""
+        """Write ``[global, crop_1 .. crop_k, zeros ..]`` of one HD tensor into ``out`` (every slot is written)."""
         height, width = hd.shape[-2:]
         out[0] = F.interpolate(hd.unsqueeze(0), size=(CROP_SIZE, CROP_SIZE), mode="bicubic").squeeze(0)
         h_crops, w_crops = height // CROP_SIZE, width // CROP_SIZE
-        crops = (
-            hd.reshape(3, h_crops, CROP_SIZE, w_crops, CROP_SIZE)
-            .permute(1, 3, 0, 2, 4)
-            .reshape(h_crops * w_crops, 3, CROP_SIZE, CROP_SIZE)
+        # One strided copy from the (3, H, W) image into the row-major crop slots (no intermediate tensor).
+        out[1 : 1 + h_crops * w_crops].view(h_crops, w_crops, 3, CROP_SIZE, CROP_SIZE).copy_(
+            hd.view(3, h_crops, CROP_SIZE, w_crops, CROP_SIZE).permute(1, 3, 0, 2, 4)
         )
-        out[1 : 1 + h_crops * w_crops] = crops
+        out[1 + h_crops * w_crops :].zero_()
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:

@@ -84,10 +84,13 @@ class StepMeter:
     """Counts what the micro-batches of the current optimizer step contain (this process only).
 
     The trainer feeds it from ``training_step``; counts that live on the device are summed as tensors and read
-    once at the end of the step, so metering adds no host-device sync inside the step.
+    once at the end of the step, so metering adds no host-device sync inside the step. ``data_wait_s`` is set by the
+    trainer's batch fetch, which runs *before* ``on_step_begin`` (the Trainer prefetches a step's micro-batches), so
+    :meth:`reset` leaves it alone.
     """
 
     samples: int = 0
+    data_wait_s: float = 0.0
     images: int = 0
     micro_batches: int = 0
     _tokens: torch.Tensor | int = 0
@@ -139,6 +142,9 @@ class StepRecord:
         tokens: Non-padding tokens of this process in the step.
         supervised_tokens: Loss tokens of this process in the step.
         images: Images of this process in the step.
+        data_wait_seconds: Time this process waited for the step's micro-batches from the data loader (the
+            Trainer fetches them before the step's clock starts; the device idles meanwhile, as the previous step
+            ended with a synchronisation). Not part of ``seconds``; part of ``wall_seconds``.
         skipped: The fp16 loss scaler skipped the step's optimizer update (gradients overflowed): the step ran
             forward and backward but did not change the weights.
         began: ``time.perf_counter()`` when the step's clock started (orders the clock against other callbacks).
@@ -154,6 +160,7 @@ class StepRecord:
     tokens: int = 0
     supervised_tokens: int = 0
     images: int = 0
+    data_wait_seconds: float = 0.0
     skipped: bool = False
     began: float = 0.0
 
@@ -212,6 +219,7 @@ class StepTimer(TrainerCallback):
             record.images = self.meter.images
             record.tokens = self.meter.tokens
             record.supervised_tokens = self.meter.supervised_tokens
+            record.data_wait_seconds = self.meter.data_wait_s
         self.records.append(record)
         self._last_end = now
 

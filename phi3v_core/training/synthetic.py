@@ -83,6 +83,10 @@ class SyntheticDataset(Dataset):
             self._encoded[key] = self._encode(key)
         return self._encoded[key]
 
+    def encode(self, index: int) -> dict[str, Any]:
+        """Encode example ``index`` afresh (image rendering, HD transform, tokenization; the cache is not used)."""
+        return self._encode(index)
+
     def _encode(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, index])
         words = random.Random(f"{self.seed}-{index}")

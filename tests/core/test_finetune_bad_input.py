@@ -53,7 +53,7 @@ NUMBERS = [
     (["--max_new_tokens", "0"], "argument --max_new_tokens: must be an integer in 1..131072, got 0"),
     (["--max_new_tokens", "200000"], "argument --max_new_tokens: must be an integer in 1..131072"),
     (["--eval_batch_size", "0"], "argument --eval_batch_size: must be an integer in 1..4096, got 0"),
-    (["--num_workers", "-1"], "argument --num_workers: must be an integer in 0..256, got -1"),
+    (["--num_workers", "-1"], "argument --dataloader_num_workers: must be an integer in 0..256, got -1"),
     (["--lora_rank", "0"], "argument --lora_rank: must be an integer in 1..65536, got 0"),
     (["--use_lora", "--lora_rank", "65"], "--lora_rank 65 exceeds the model's hidden size 64"),
     (["--max_length", "200000"], "--max_length 200000 exceeds the model context of 131072 tokens"),
