@@ -496,18 +496,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     elif args.markdown:
         sys.stdout.write(report.to_markdown())
     else:
-        from rich.table import Table
-
-        header, rows = report.rows()
-        table = Table(title=f"compare {args.a} → {args.b}")
-        for col in header:
-            table.add_column(col)
-        styles = {"regressed": "red", "improved": "green", "inconclusive": "yellow"}
-        for row in rows:
-            table.add_row(*row, style=styles.get(row[-1]))
-        console = _console()
-        console.print(table)
-        console.print(report.headline())
+        report.print_rich(_console(), f"compare {args.a} → {args.b}")
     return report.exit_code
 
 

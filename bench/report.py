@@ -4,7 +4,10 @@ For every (release, hardware) group the report has
 
 * a table laid out like the seed recipe's speed tables (method, nodes, GPUs, flash attention, effective batch, img/s,
   speed-up, peak memory), with the matching published row beside each of ours (``results/reference/speed.csv``);
-* three plots: img/s by method x attention, peak memory by method, and img/s over GPUs (scaling over nodes).
+* up to three plots: img/s by method x attention and peak tensor memory by method (CUDA's allocated bytes, or the
+  live CPU tensors: what differs between methods, not the process's RSS), each bar with the spread of its repeats
+  (min to max of the per-repeat values), and img/s over GPUs (scaling over nodes). A plot with fewer than two
+  points says nothing and is left out; value axes start at zero.
 
 Given several releases (``phi3v-bench report results/``), it adds, per configuration and hardware measured in two or
 more releases, a releases x metrics table (img/s, MFU, peak memory) and one trend plot per hardware in the style of
@@ -16,7 +19,6 @@ it succeeded, each file atomically, so a failed report leaves no half-written fi
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,20 +28,45 @@ from typing import TYPE_CHECKING, Any
 from bench.config import IDENTITY_FIELDS, BenchConfig
 from bench.layout import layout_label
 from bench.reference import load_reference_accuracy, load_reference_speed, reference_hardware_for
+from bench.report_plots import (
+    _ATTN_ORDER,
+    release_order,
+)
+from bench.report_plots import (
+    bar_plot as _bar_plot,
+)
+from bench.report_plots import (
+    bar_rows as _bar_rows,
+)
+from bench.report_plots import (
+    scaling_plot as _scaling_plot,
+)
+from bench.report_plots import (
+    scaling_points as _scaling_points,
+)
+from bench.report_plots import (
+    show as _show,
+)
+from bench.report_plots import (
+    tensor_source as _tensor_source,
+)
+from bench.report_plots import (
+    trend_plot as _trend_plot,
+)
+from bench.report_plots import (
+    varying as _varying,
+)
 from bench.results import BenchResult
-from phi3v_core.constants import ATTN_NAMES
 from phi3v_core.errors import DataError
 from phi3v_core.io import atomic_write_bytes, atomic_write_text
 from phi3v_core.methods import METHOD_NAMES, METHODS
 
 if TYPE_CHECKING:
     import pandas as pd
-    from matplotlib.figure import Figure
 
 __all__ = ["ReleaseTrend", "Report", "build_report", "release_order", "release_trends", "seed_match", "write_report"]
 
 GIB = 1 << 30
-_ATTN_ORDER = {a: i for i, a in enumerate(ATTN_NAMES)}
 _METHOD_ORDER = {m: i for i, m in enumerate(METHOD_NAMES)}
 #: What the "Attention kernel" column shows (the seed's "flash attention ✔" is our flash_attention_2).
 _ATTN_LABEL = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash-attn 2"}
@@ -98,14 +125,6 @@ def _groups(results: Sequence[BenchResult]) -> list[_Group]:
         _Group(release, hardware, sorted(rs, key=lambda r: _sort_key(r.config)))
         for (release, hardware), rs in sorted(grouped.items())
     ]
-
-
-def _varying(results: Sequence[BenchResult], fields: Sequence[str]) -> list[str]:
-    return [f for f in fields if len({getattr(r.config, f) for r in results}) > 1]
-
-
-def _series_label(cfg: BenchConfig, fields: Sequence[str]) -> str:
-    return " ".join(_show(getattr(cfg, f)) for f in fields) or cfg.attn
 
 
 def _peak_source(results: Sequence[BenchResult]) -> tuple[str, str] | None:
@@ -167,14 +186,15 @@ def seed_match(
     return hit.iloc[0].to_dict(), None
 
 
+_NAN_CELL = re.compile(r"~?(nan|none)(x|%)?", re.IGNORECASE)
+
+
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table; a cell that would read ``nan`` or ``None`` (an empty CSV field, a missing value) is ``–``."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join("–" if _NAN_CELL.fullmatch(str(c).strip()) else str(c) for c in row) + " |"
+              for row in rows]
     return lines
-
-
-def _show(value: Any) -> str:
-    return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
 
 def _setup_line(group: _Group, extra: Sequence[str]) -> str:
@@ -251,7 +271,8 @@ def _reference_markdown(speed: pd.DataFrame, accuracy: pd.DataFrame) -> list[str
     for hardware, part in speed.groupby("hardware", sort=False):
         lines += [f"### Speed, {hardware} (Phi-3-vision v1, DocVQA, num_crops 16, avg 2443.23 tokens)", ""]
         rows = [[r.seed_method, str(r.nodes), str(r.gpus), "✔" if r.flash_attention else "", str(r.effective_batch),
-                 f"{r.img_per_s:.3f}", f"{r.speedup:.2f}x", f"~{r.peak_gpu_mem_gb:g}", r.note or ""]
+                 f"{r.img_per_s:.3f}", f"{r.speedup:.2f}x", f"~{r.peak_gpu_mem_gb:g}",
+                 r.note if isinstance(r.note, str) else ""]
                 for r in part.itertuples()]
         lines += _md_table(["Method", "# nodes", "GPUs", "flash attention", "Effective batch", "img/s", "Speed-up",
                             "Peak GB", "Note"], rows) + [""]
@@ -261,96 +282,6 @@ def _reference_markdown(speed: pd.DataFrame, accuracy: pd.DataFrame) -> list[str
              f"{r.learning_rate:g}", str(r.epochs), f"{r.metric} {r.value:g}"] for r in accuracy.itertuples()]
     lines += _md_table(["Benchmark", "Model", "Method", "Precision", "LoRA r", "LoRA α", "LR", "Epochs", "Score"], rows)
     return lines + [""]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# plots
-# ---------------------------------------------------------------------------------------------------------------
-def _png(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def _new_figure(title: str) -> tuple[Figure, Any]:
-    # The object-oriented API renders with Agg and never touches pyplot's global backend state.
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 4.2))
-    ax = fig.add_subplot()
-    ax.set_title(title, fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    return fig, ax
-
-
-def _bar_plot(group: _Group, value: str, ylabel: str, title: str, ref_points: dict[tuple[str, str], float]) -> bytes:
-    min_nodes = min(r.config.nodes for r in group.results)
-    rows = [r for r in group.results if r.config.nodes == min_nodes]
-    label_fields = _varying(rows, [f for f in IDENTITY_FIELDS if f not in ("method", "nodes", "gpus")]) or ["attn"]
-    methods = [m for m in METHOD_NAMES if any(r.config.method == m for r in rows)]
-    series = list(dict.fromkeys(_series_label(r.config, label_fields) for r in rows))
-    fig, ax = _new_figure(f"{title} — {group.title} ({min_nodes} node{'s' if min_nodes > 1 else ''})")
-    width = 0.8 / max(len(series), 1)
-    for si, label in enumerate(series):
-        for mi, method in enumerate(methods):
-            r = next((r for r in rows if r.config.method == method and _series_label(r.config, label_fields) == label),
-                     None)
-            if r is None:
-                continue
-            x = mi - 0.4 + width * (si + 0.5)
-            y = _plot_value(r, value)
-            if y is None:
-                ax.text(x, 0, r.status.upper(), ha="center", va="bottom", fontsize=7, rotation=90, color="tab:red")
-                continue
-            ax.bar(x, y, width * 0.9, color=f"C{si}", label=label)
-            seed = ref_points.get((method, r.config.attn))
-            if seed is not None:
-                ax.plot([x], [seed], marker="_", markersize=14, color="black")
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))  # one legend entry per series, not per bar
-    if any(ref_points.get((m, a)) is not None for m in methods for a in _ATTN_ORDER):
-        from matplotlib.lines import Line2D
-
-        unique["seed (published)"] = Line2D([], [], marker="_", markersize=14, color="black", linestyle="")
-    if unique:
-        ax.legend(unique.values(), unique.keys(), fontsize=8)
-    ax.set_xticks(range(len(methods)), methods)
-    ax.set_xlim(-0.6, len(methods) - 0.4)  # keep OOM labels of missing bars inside the axes
-    ax.set_ylabel(ylabel)
-    return _png(fig)
-
-
-def _plot_value(r: BenchResult, value: str) -> float | None:
-    """Return summary field ``value`` of an ok result, bytes in GiB; ``None`` for failures."""
-    if r.status != "ok":
-        return None
-    raw = getattr(r.summary, value)
-    return raw / GIB if raw is not None and value.endswith("_bytes") else raw
-
-
-def _scaling_plot(group: _Group, ref_scaling: dict[str, list[tuple[int, float]]]) -> bytes:
-    ok = [r for r in group.results if r.status == "ok" and r.summary.img_per_s]
-    label_fields = _varying(ok, [f for f in IDENTITY_FIELDS if f not in ("nodes", "gpus")]) or ["method"]
-    fig, ax = _new_figure(f"Scaling over nodes — {group.title}")
-    series: dict[str, list[tuple[int, float]]] = {}
-    for r in ok:
-        series.setdefault(_series_label(r.config, label_fields), []).append((r.config.world_size, r.summary.img_per_s))
-    for i, (label, points) in enumerate(sorted(series.items())):
-        points.sort()
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", color=f"C{i}", label=label)
-        if len(points) > 1:  # ideal linear scaling from the smallest measured point
-            ax.plot(xs, [ys[0] * x / xs[0] for x in xs], linestyle=":", color=f"C{i}", alpha=0.6)
-    for label, points in ref_scaling.items():
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="s", linestyle="--", color="gray", label=f"seed {label}")
-    if not any(len(p) > 1 for p in series.values()):
-        ax.text(0.5, 0.5, "no multi-node results in this group", transform=ax.transAxes, ha="center", color="gray")
-    ax.set_xlabel("GPUs (nodes × GPUs per node)")
-    ax.set_ylabel("img/s (global)")
-    if series or ref_scaling:
-        ax.legend(fontsize=8)
-    return _png(fig)
 
 
 def _reference_overlays(
@@ -376,16 +307,6 @@ def _reference_overlays(
 # ---------------------------------------------------------------------------------------------------------------
 # across releases
 # ---------------------------------------------------------------------------------------------------------------
-def release_order(release: str) -> tuple:
-    """Sort key for release labels: ``v0.10.0`` after ``v0.9.1`` (PEP 440 when it parses), others by name after."""
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return (0, Version(release.lstrip("vV")), release)
-    except InvalidVersion:
-        return (1, release, release)
-
-
 @dataclass
 class ReleaseTrend:
     """One configuration on one hardware across releases (oldest first).
@@ -458,37 +379,6 @@ def _trend_markdown(trends: Sequence[ReleaseTrend], plots: dict[str, str]) -> li
     return lines
 
 
-def _trend_plot(hardware: str, trends: Sequence[ReleaseTrend]) -> bytes:
-    """img/s per release, one line per configuration, regressions marked (asv's benchmark-over-commits view)."""
-    releases = sorted({rel for t in trends for rel in t.releases}, key=release_order)
-    x_of = {rel: i for i, rel in enumerate(releases)}
-    fig, ax = _new_figure(f"img/s across releases — {hardware}")
-    marked = False
-    for i, t in enumerate(trends):
-        points = [(x_of[rel], r.summary.img_per_s, v) for rel, r, v in zip(t.releases, t.results, t.verdicts)
-                  if r.status == "ok" and r.summary.img_per_s]
-        if not points:
-            continue
-        xs, ys, verdicts = zip(*points)
-        ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=t.config.cell_id())
-        for x, y, verdict in zip(xs, ys, verdicts):
-            if verdict == "regressed":
-                ax.plot([x], [y], marker="v", markersize=11, color="tab:red", linestyle="")
-                marked = True
-    if marked:
-        from matplotlib.lines import Line2D
-
-        ax.add_artist(ax.legend(fontsize=7, loc="upper left"))
-        ax.legend([Line2D([], [], marker="v", color="tab:red", linestyle="")], ["regression (compare)"],
-                  fontsize=7, loc="lower right")
-    else:
-        ax.legend(fontsize=7)
-    ax.set_xticks(range(len(releases)), releases)
-    ax.set_xlabel("release")
-    ax.set_ylabel("img/s (global)")
-    return _png(fig)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # entry points
 # ---------------------------------------------------------------------------------------------------------------
@@ -526,12 +416,20 @@ def build_report(
         # Published points go on the plots only where a row of the same kind exists (the table's rule).
         same_kind = any(seed_match(speed, ref_hw, r)[0] is not None for r in group.results)
         ref_img, ref_mem, ref_scaling = _reference_overlays(speed if same_kind else None, ref_hw, group.gpu_name)
-        names = [f"throughput-{group.slug}.png", f"memory-{group.slug}.png", f"scaling-{group.slug}.png"]
-        images[names[0]] = _bar_plot(group, "img_per_s", "img/s (global)", "img/s by method × attention", ref_img)
-        peak_attr, peak_label = _peak_source(group.results) or _PEAK_SOURCES[1]
-        images[names[1]] = _bar_plot(group, peak_attr, f"peak GiB, {peak_label} (busiest rank)",
-                                     "Peak memory by method", ref_mem)
-        images[names[2]] = _scaling_plot(group, ref_scaling)
+        names = []
+        bars = [r for r in _bar_rows(group) if r.status == "ok"]
+        if len(bars) + len(ref_img) > 1:  # one bar is not a comparison
+            names.append(f"throughput-{group.slug}.png")
+            images[names[-1]] = _bar_plot(group, "img_per_s", "img/s (global; bars: min-max of repeats)",
+                                          "img/s by method × attention", ref_img)
+        tensor = _tensor_source(group.results)
+        if tensor is not None and len(bars) > 1:
+            names.append(f"memory-{group.slug}.png")
+            images[names[-1]] = _bar_plot(group, tensor[0], f"peak GiB, {tensor[2]} (busiest rank)",
+                                          "Peak tensor memory by method", ref_mem, tensor[1])
+        if _scaling_points(group) > 1 or ref_scaling:
+            names.append(f"scaling-{group.slug}.png")
+            images[names[-1]] = _scaling_plot(group, ref_scaling)
         lines += _group_markdown(group, speed, ref_hw, names)
     trends = release_trends(items)
     if trends:
