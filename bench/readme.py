@@ -327,7 +327,7 @@ def render_cpu_bench_table(root: Path) -> str:
                      f"{s.img_per_s_per_gpu:.3f}", f"{s.img_per_s / base:.2f}x",
                      f"{s.peak_cpu_rss_bytes / 2**30:.1f}", "–"])
     header = ["Method", "# nodes", "GPUs", "Attention kernel", "Effective batch", "img/s", "img/s/GPU", "Speed-up",
-              "Peak GiB (CPU RSS)", "MFU"]
+              "Peak GiB (CPU RSS)", "MFU [counted]"]
     envs = [r.environment for _, r in results]
     shas = sorted({e.git_sha for e in envs if e.git_sha})
     dirty = any(e.git_dirty for e in envs)

@@ -57,9 +57,11 @@ from bench.report_plots import (
     varying as _varying,
 )
 from bench.results import BenchResult
+from bench.stats import STATISTIC
 from phi3v_core.errors import DataError
 from phi3v_core.io import atomic_write_bytes, atomic_write_text
 from phi3v_core.methods import METHOD_NAMES, METHODS
+from phi3v_core.mfu import CONVENTIONS, COUNTED
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -224,7 +226,7 @@ def _group_markdown(group: _Group, ref: pd.DataFrame | None, ref_hw: str, images
         base_note = f"the slowest row here ({base.config.cell_id()}), as the seed's 1x row (full, eager) is absent"
 
     header = ["Method", *(f.replace("_", " ") for f in extra), "# nodes", "GPUs", "Attention kernel",
-              "Effective batch", "Layout", "img/s", "img/s/GPU", "Speed-up", f"Peak GiB ({peak_label})", "MFU"]
+              "Effective batch", "Layout", "img/s", "img/s/GPU", "Speed-up", f"Peak GiB ({peak_label})", "MFU [counted]"]
     if ref is not None:
         header += [f"Seed img/s ({ref_hw}, published)", "Seed peak GB (published)"]
     rows, notes = [], []
@@ -373,7 +375,7 @@ def _trend_markdown(trends: Sequence[ReleaseTrend], plots: dict[str, str]) -> li
                     _gib(getattr(s, peak_attr)) if ok else "–",
                     {"regressed": "▼ regressed", "improved": "▲ improved"}.get(verdict, verdict or "–"),
                 ])
-            lines += _md_table(["Release", "img/s", "MFU", f"Peak GiB ({peak_label})", "vs previous"], rows)
+            lines += _md_table(["Release", "img/s", "MFU [counted]", f"Peak GiB ({peak_label})", "vs previous"], rows)
             lines.append("")
         lines += [f"![{plots[hardware]}]({plots[hardware]})", ""]
     return lines
@@ -408,8 +410,9 @@ def build_report(
     accuracy = load_reference_accuracy(reference_dir) if with_reference else None
 
     lines = ["# phi3v-bench report", "",
-             f"{len(items)} results. img/s counts images over all GPUs per second of median step time (warmup "
-             "excluded); memory is the peak of the busiest rank (GiB = 2^30 bytes).", ""]
+             f"{len(items)} results. img/s counts images over all GPUs per second: the {STATISTIC} (warmup "
+             "excluded), the number `phi3v-bench run` and `compare` show; memory is the peak of the busiest rank "
+             f"(GiB = 2^30 bytes); MFU [counted]: {CONVENTIONS[COUNTED]}.", ""]
     images: dict[str, bytes] = {}
     for group in _groups(items):
         ref_hw = reference_hardware_for(group.gpu_name)

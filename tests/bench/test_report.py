@@ -130,7 +130,7 @@ def test_several_releases_get_a_trend_table_and_plot_with_regressions_marked(tmp
     rows = [line for line in section.splitlines() if line.startswith("| v0.")]
     assert [r.split("|")[1].strip() for r in rows] == ["v0.1.0", "v0.2.0", "v0.10.0"]
     assert "| same |" in rows[1] and "▼ regressed" in rows[2]
-    assert "| Release | img/s | MFU | Peak GiB" in section
+    assert "| Release | img/s | MFU [counted] | Peak GiB" in section
     assert any(name.startswith("trend-") for name in report.images)
     write_report(report, tmp_path)
     trend = next(tmp_path.glob("trend-*.png"))
