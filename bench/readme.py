@@ -120,7 +120,8 @@ def _calibration_row(r: dict[str, Any]) -> list[str]:
     else:
         mem_role = "held out" + (f", not modelled: {r['memory_unmodelled_gb']:+.1f} GB" if r["memory_unmodelled_term"]
                                  else "")
-    return [r["row"].replace("8x", "").replace("-80GB", "").replace("-32GB", ""), role,
+    # The row as phi3v-plan --calibration names it: "8xA100-80GB x1" is one node of 8 GPUs, never "A100 x1".
+    return [r["row"], role,
             f"{r['published_img_per_s']:.3f}", f"{r['predicted_img_per_s']:.3f}", speed_err, mem_role, gb,
             f"{r['predicted_gb']:.1f}", mem_err]
 
@@ -135,7 +136,7 @@ def render_calibration(root: Path) -> str:
     shape = load_shape("phi-3-vision")
     rows = calibration_report(calibration, shape)
     summary = calibration_summary(rows, fit_speed_constants(calibration, shape)[1])
-    header = ["row", "speed role", "published img/s", "predicted", "error", "memory role", "published GB",
+    header = ["row (GPUs per node x GPU, x nodes)", "speed role", "published img/s", "predicted", "error", "memory role", "published GB",
               "predicted", "error"]
     lines = _table(header, [_calibration_row(r) for r in rows if r["role"] != "excluded"])
     lines += ["", *(f"- {line}" for line in calibration_lines(summary))]

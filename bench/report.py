@@ -29,32 +29,16 @@ from bench.config import IDENTITY_FIELDS, BenchConfig
 from bench.layout import layout_label
 from bench.reference import load_reference_accuracy, load_reference_speed, reference_hardware_for
 from bench.report_plots import (
-    _ATTN_ORDER,
+    ATTN_ORDER,
+    bar_plot,
+    bar_rows,
     release_order,
-)
-from bench.report_plots import (
-    bar_plot as _bar_plot,
-)
-from bench.report_plots import (
-    bar_rows as _bar_rows,
-)
-from bench.report_plots import (
-    scaling_plot as _scaling_plot,
-)
-from bench.report_plots import (
-    scaling_points as _scaling_points,
-)
-from bench.report_plots import (
-    show as _show,
-)
-from bench.report_plots import (
-    tensor_source as _tensor_source,
-)
-from bench.report_plots import (
-    trend_plot as _trend_plot,
-)
-from bench.report_plots import (
-    varying as _varying,
+    scaling_plot,
+    scaling_points,
+    show,
+    tensor_source,
+    trend_plot,
+    varying,
 )
 from bench.results import BenchResult
 from bench.stats import STATISTIC
@@ -114,7 +98,7 @@ class _Group:
 
 def _sort_key(cfg: BenchConfig) -> tuple:
     return (
-        _METHOD_ORDER.get(cfg.method, 99), _ATTN_ORDER.get(cfg.attn, 99), cfg.nodes, cfg.gpus,
+        _METHOD_ORDER.get(cfg.method, 99), ATTN_ORDER.get(cfg.attn, 99), cfg.nodes, cfg.gpus,
         cfg.precision, cfg.model, cfg.num_crops, cfg.seq_profile, cfg.global_batch, cfg.micro_batch,
     )
 
@@ -202,7 +186,7 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
 def _setup_line(group: _Group, extra: Sequence[str]) -> str:
     first = group.results[0].config
     constant = [f for f in IDENTITY_FIELDS if f not in _LAYOUT_FIELDS and f not in extra]
-    parts = [f"{f.replace('_', ' ')} {_show(getattr(first, f))}" for f in constant]
+    parts = [f"{f.replace('_', ' ')} {show(getattr(first, f))}" for f in constant]
     protocols = {(r.config.steps, r.config.warmup, r.config.repeats) for r in group.results}
     if len(protocols) == 1:
         steps, warmup, repeats = protocols.pop()
@@ -213,7 +197,7 @@ def _setup_line(group: _Group, extra: Sequence[str]) -> str:
 
 
 def _group_markdown(group: _Group, ref: pd.DataFrame | None, ref_hw: str, images: Sequence[str]) -> list[str]:
-    extra = _varying(group.results, [f for f in IDENTITY_FIELDS if f not in _LAYOUT_FIELDS])
+    extra = varying(group.results, [f for f in IDENTITY_FIELDS if f not in _LAYOUT_FIELDS])
     peak_attr, peak_label = _peak_source(group.results) or _PEAK_SOURCES[1]
     ok = [r for r in group.results if r.status == "ok" and r.summary.img_per_s]
     min_nodes = min(r.config.nodes for r in group.results)
@@ -241,7 +225,7 @@ def _group_markdown(group: _Group, ref: pd.DataFrame | None, ref_hw: str, images
         else:
             cells = ["OOM" if r.status == "oom" else "error", "–", "–", "–", "–"]
             notes.append(f"- `{cfg.cell_id()}`: {r.status}: {r.message}")
-        row = [cfg.method, *(_show(getattr(cfg, f)) for f in extra), str(cfg.nodes), str(cfg.world_size),
+        row = [cfg.method, *(show(getattr(cfg, f)) for f in extra), str(cfg.nodes), str(cfg.world_size),
                _ATTN_LABEL.get(cfg.attn, cfg.attn), str(cfg.global_batch), layout_label(cfg), *cells]
         if ref is not None:
             seed, reason = seed_match(ref, ref_hw, r)
@@ -420,26 +404,26 @@ def build_report(
         same_kind = any(seed_match(speed, ref_hw, r)[0] is not None for r in group.results)
         ref_img, ref_mem, ref_scaling = _reference_overlays(speed if same_kind else None, ref_hw, group.gpu_name)
         names = []
-        bars = [r for r in _bar_rows(group) if r.status == "ok"]
+        bars = [r for r in bar_rows(group) if r.status == "ok"]
         if len(bars) + len(ref_img) > 1:  # one bar is not a comparison
             names.append(f"throughput-{group.slug}.png")
-            images[names[-1]] = _bar_plot(group, "img_per_s", "img/s (global; bars: min-max of repeats)",
+            images[names[-1]] = bar_plot(group, "img_per_s", "img/s (global; bars: min-max of repeats)",
                                           "img/s by method × attention", ref_img)
-        tensor = _tensor_source(group.results)
+        tensor = tensor_source(group.results)
         if tensor is not None and len(bars) > 1:
             names.append(f"memory-{group.slug}.png")
-            images[names[-1]] = _bar_plot(group, tensor[0], f"peak GiB, {tensor[2]} (busiest rank)",
+            images[names[-1]] = bar_plot(group, tensor[0], f"peak GiB, {tensor[2]} (busiest rank)",
                                           "Peak tensor memory by method", ref_mem, tensor[1])
-        if _scaling_points(group) > 1 or ref_scaling:
+        if scaling_points(group) > 1 or ref_scaling:
             names.append(f"scaling-{group.slug}.png")
-            images[names[-1]] = _scaling_plot(group, ref_scaling)
+            images[names[-1]] = scaling_plot(group, ref_scaling)
         lines += _group_markdown(group, speed, ref_hw, names)
     trends = release_trends(items)
     if trends:
         plots = {}
         for hardware in dict.fromkeys(t.hardware for t in trends):
             name = f"trend-{re.sub(r'[^A-Za-z0-9._-]+', '_', hardware)}.png"
-            images[name] = _trend_plot(hardware, [t for t in trends if t.hardware == hardware])
+            images[name] = trend_plot(hardware, [t for t in trends if t.hardware == hardware])
             plots[hardware] = name
         lines += _trend_markdown(trends, plots)
     if speed is not None and accuracy is not None:

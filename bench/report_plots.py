@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bench.config import IDENTITY_FIELDS, BenchConfig
 from bench.results import BenchResult
@@ -22,15 +22,31 @@ from phi3v_core.methods import METHOD_NAMES
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from bench.report import ReleaseTrend, _Group
-
 __all__ = [
-    "bar_plot", "bar_rows", "release_order", "scaling_plot", "scaling_points", "series_label", "show", "tensor_source",
+    "ATTN_ORDER", "PlotGroup", "PlotTrend", "bar_plot", "bar_rows", "release_order", "scaling_plot", "scaling_points", "series_label", "show", "tensor_source",
     "trend_plot", "varying",
 ]
 
 GIB = 1 << 30
-_ATTN_ORDER = {a: i for i, a in enumerate(ATTN_NAMES)}
+ATTN_ORDER = {a: i for i, a in enumerate(ATTN_NAMES)}
+
+
+class PlotGroup(Protocol):
+    """What a plot needs of one (release, hardware) group of :mod:`bench.report`."""
+
+    results: list[BenchResult]
+
+    @property
+    def title(self) -> str: ...
+
+
+class PlotTrend(Protocol):
+    """What the trend plot needs of :class:`bench.report.PlotTrend`."""
+
+    config: BenchConfig
+    releases: list[str]
+    results: list[BenchResult]
+    verdicts: list[str]
 
 
 def varying(results: Sequence[BenchResult], fields: Sequence[str]) -> list[str]:
@@ -90,13 +106,13 @@ def _new_figure(title: str) -> tuple[Figure, Any]:
     return fig, ax
 
 
-def bar_rows(group: _Group) -> list[BenchResult]:
+def bar_rows(group: PlotGroup) -> list[BenchResult]:
     """The results a bar plot shows: those on the fewest nodes."""
     min_nodes = min(r.config.nodes for r in group.results)
     return [r for r in group.results if r.config.nodes == min_nodes]
 
 
-def bar_plot(group: _Group, value: str, ylabel: str, title: str, ref_points: dict[tuple[str, str], float],
+def bar_plot(group: PlotGroup, value: str, ylabel: str, title: str, ref_points: dict[tuple[str, str], float],
               field_name: str | None = None) -> bytes:
     rows = bar_rows(group)
     min_nodes = rows[0].config.nodes
@@ -124,7 +140,7 @@ def bar_plot(group: _Group, value: str, ylabel: str, title: str, ref_points: dic
                 ax.plot([x], [seed], marker="_", markersize=14, color="black")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))  # one legend entry per series, not per bar
-    if any(ref_points.get((m, a)) is not None for m in methods for a in _ATTN_ORDER):
+    if any(ref_points.get((m, a)) is not None for m in methods for a in ATTN_ORDER):
         from matplotlib.lines import Line2D
 
         unique["seed (published)"] = Line2D([], [], marker="_", markersize=14, color="black", linestyle="")
@@ -145,7 +161,7 @@ def _plot_value(r: BenchResult, value: str) -> float | None:
     return raw / GIB if raw is not None and value.endswith("_bytes") else raw
 
 
-def scaling_points(group: _Group) -> int:
+def scaling_points(group: PlotGroup) -> int:
     """Points of the longest scaling series: world sizes measured for one configuration."""
     ok = [r for r in group.results if r.status == "ok" and r.summary.img_per_s]
     label_fields = varying(ok, [f for f in IDENTITY_FIELDS if f not in ("nodes", "gpus")]) or ["method"]
@@ -155,7 +171,7 @@ def scaling_points(group: _Group) -> int:
     return max((len(v) for v in series.values()), default=0)
 
 
-def scaling_plot(group: _Group, ref_scaling: dict[str, list[tuple[int, float]]]) -> bytes:
+def scaling_plot(group: PlotGroup, ref_scaling: dict[str, list[tuple[int, float]]]) -> bytes:
     ok = [r for r in group.results if r.status == "ok" and r.summary.img_per_s]
     label_fields = varying(ok, [f for f in IDENTITY_FIELDS if f not in ("nodes", "gpus")]) or ["method"]
     fig, ax = _new_figure(f"Scaling over nodes — {group.title}")
@@ -189,7 +205,7 @@ def release_order(release: str) -> tuple:
     except InvalidVersion:
         return (1, release, release)
 
-def trend_plot(hardware: str, trends: Sequence[ReleaseTrend]) -> bytes:
+def trend_plot(hardware: str, trends: Sequence[PlotTrend]) -> bytes:
     """img/s per release, one line per configuration, regressions marked (asv's benchmark-over-commits view)."""
     releases = sorted({rel for t in trends for rel in t.releases}, key=release_order)
     x_of = {rel: i for i, rel in enumerate(releases)}
