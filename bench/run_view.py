@@ -90,7 +90,7 @@ def print_sweep(console: Any, summary: Any, total: int) -> None:
     table = Table(title=f"sweep: {total} cells")
     table.add_column("cell", overflow="fold", ratio=3)
     table.add_column("status", no_wrap=True)
-    table.add_column("img/s", justify="right", no_wrap=True)
+    table.add_column("img/s (median)", justify="right", no_wrap=True)
     table.add_column("peak GiB", justify="right", no_wrap=True)
     table.add_column("message", overflow="fold", ratio=2)
     for o in summary.outcomes:
