@@ -187,20 +187,26 @@ class CompareReport:
             console.print(line, style="yellow", highlight=False)
         keys = self.varying_fields()
         table = Table(title=title, title_justify="left")
-        for k in keys:
-            table.add_column(k, overflow="fold")
-        table.add_column("img/s A → B", overflow="fold")
-        table.add_column("Δ [95% CI]", overflow="fold")
+        # More than two varying fields share one folded column ("lora/sdpa/4"), so the numbers keep their width.
+        shown = [keys] if len(keys) > 2 else [[k] for k in keys]
+        for group in shown:
+            table.add_column("/".join(group), overflow="fold", ratio=1)
+        table.add_column("img/s A → B", no_wrap=True)
+        table.add_column("Δ [95% CI]")
         table.add_column("reps", no_wrap=True)
-        table.add_column("mem Δ", overflow="fold")
+        table.add_column("mem Δ", no_wrap=True)
         table.add_column("verdict", no_wrap=True, min_width=12)
+
+        def ident(identity: dict[str, Any]) -> list[str]:
+            return ["/".join(str(identity[k]) for k in group) for group in shown]
+
         styles = {"regressed": "red", "improved": "green", "inconclusive": "yellow"}
         for m in self.matches:
             t = m.throughput
             mem = {c.field: c for c in m.memory}
             alloc = _mem_cell(mem.get("gpu_allocated_bytes") or mem.get("cpu_tensor_peak_bytes"))
             table.add_row(
-                *(str(m.identity[k]) for k in keys),
+                *ident(m.identity),
                 f"{t.a:.3f} → {t.b:.3f}" if t else "–",
                 (f"{t.delta_pct:+.1f}% {_ci_cell(t)}".strip()) if t else m.status,
                 f"{t.repeats[0]}/{t.repeats[1]}" if t else "",
@@ -209,8 +215,8 @@ class CompareReport:
                 style=styles.get(m.verdict),
             )
         for side, identities in (("only in A", self.only_a), ("only in B", self.only_b)):
-            for ident in identities:
-                table.add_row(*(str(ident[k]) for k in keys), "", "", "", "", side)
+            for identity in identities:
+                table.add_row(*ident(identity), "", "", "", "", side)
         console.print(table)
         console.print(f"img/s = {STATISTIC}", highlight=False)
         for m in self.matches:
