@@ -68,9 +68,14 @@ def test_old_results_have_no_convention_figures_rather_than_wrong_ones() -> None
     assert s.mfu is not None and s.mfu_6n is None and s.mfu_frozen_base is None
 
 
-def test_planner_names_its_mfu_convention() -> None:
-    import inspect
+def test_planner_names_its_mfu_convention(capsys, monkeypatch) -> None:
+    import json
 
-    import planner.cli
+    from planner.cli import main
 
-    assert "\\\\[counted]" in inspect.getsource(planner.cli)
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["--gpu", "H100-SXM", "--method", "lora", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert all(m["speed"]["mfu_convention"] == "counted" for m in data["methods"] if m.get("speed"))
+    assert main(["--gpu", "H100-SXM", "--method", "lora"]) == 0
+    assert "[counted]" in capsys.readouterr().out
