@@ -40,6 +40,7 @@ from bench.preflight import (
     refuse_unusable_gpu,
     unsaved_result_error,
 )
+from bench.run_view import print_summary as _print_summary
 from phi3v_core.cli.common import handle_errors, keep_working_without_stdout, strict_json
 from phi3v_core.cli.vocabulary import plural
 from phi3v_core.errors import ConfigError, raise_all
@@ -127,47 +128,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if problem and not args.force:
             raise ConfigError(f"{problem}; pass --force to replace it, or --release/--out to keep both")
         return _run_and_save(args, cfg, env, reasons, cluster)
-
-
-def _print_summary(console: Any, cfg: BenchConfig, result: Any) -> None:
-    """The measured numbers of one result, one metric per line (wide enough for any terminal)."""
-    from rich.table import Table
-
-    s = result.summary
-    gpu = s.peak_gpu_allocated_bytes is not None
-
-    def num(v: float | None, spec: str) -> str:
-        return format(v, spec) if v is not None else "–"
-
-    def gib(v: int | None) -> str:
-        return num(v / GIB if v is not None else None, ".2f")
-
-    columns = ["img/s", "img/s/GPU", "tokens/s", "step median s", "p90 s", "stdev s", "MFU", "HFU (with recompute)"]
-    row = [
-        num(s.img_per_s, ".3f"), num(s.img_per_s_per_gpu, ".3f"), num(s.tokens_per_s, ".0f"),
-        num(s.step_time_median_s, ".4f"), num(s.step_time_p90_s, ".4f"), num(s.step_time_stdev_s, ".4f"),
-        num(s.mfu, ".1%"), num(s.hardware_mfu, ".1%"),
-    ]
-    first = next((r for r in result.metrics.repeats if r.weight_change), None)
-    if first is not None:
-        lr = f", lr {first.learning_rate:g}" if first.learning_rate else ""
-        columns.append(f"weights changed ({first.weight_change['steps']} steps{lr})")
-    else:
-        columns.append("weights changed")
-    row.append(num(s.changed_weights_fraction, ".1%"))
-    if gpu:
-        columns += ["peak allocated GiB", "peak reserved GiB", "peak NVML GiB (sampled)"]
-        row += [gib(s.peak_gpu_allocated_bytes), gib(s.peak_gpu_reserved_bytes), gib(s.peak_nvml_process_bytes)]
-    else:
-        columns += ["peak RSS GiB", "peak tensor GiB"]
-        row += [gib(s.peak_cpu_rss_bytes), gib(s.peak_cpu_tensor_peak_bytes)]
-    # One metric per line: wide enough for any terminal.
-    table = Table(title=f"{cfg.cell_id()} [{result.status}]")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in zip(columns, row):
-        table.add_row(name, value)
-    console.print(table)
 
 
 def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons: list[str], cluster: Any) -> int:
@@ -284,20 +244,9 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def _print_sweep(summary: Any, total: int) -> None:
-    from rich.table import Table
+    from bench.run_view import print_sweep
 
-    table = Table(title=f"sweep: {total} cells")
-    for col in ("cell", "status", "img/s", "peak GiB", "message"):
-        table.add_column(col)
-    for o in summary.outcomes:
-        s = o.result.summary if o.result else None
-        peak = (s.peak_gpu_reserved_bytes or s.peak_cpu_rss_bytes) if s else None
-        message = o.message if o.saved else f"NOT SAVED; {o.message}".rstrip("; ")
-        table.add_row(o.config.cell_id(), o.status, f"{s.img_per_s:.3f}" if s and s.img_per_s else "",
-                      f"{peak / GIB:.2f}" if peak else "", message[:80])
-    console = _console()
-    console.print(table)
-    console.print(", ".join(f"{k} {v}" for k, v in summary.counts().items() if v))
+    print_sweep(_console(), summary, total)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -318,18 +267,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     elif args.markdown:
         sys.stdout.write(report.to_markdown())
     else:
-        from rich.table import Table
-
-        header, rows = report.rows()
-        table = Table(title=f"compare {args.a} → {args.b}")
-        for col in header:
-            table.add_column(col)
-        styles = {"regressed": "red", "improved": "green", "inconclusive": "yellow"}
-        for row in rows:
-            table.add_row(*row, style=styles.get(row[-1]))
-        console = _console()
-        console.print(table)
-        console.print(report.headline())
+        report.print_rich(_console(), f"compare {args.a} → {args.b}")
     return report.exit_code
 
 
@@ -372,7 +310,7 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr):  # the expected duration and one line per check go to stderr
         report = run_selfcheck(steps=args.steps, command=" ".join(["phi3v-bench", *sys.argv[1:]]))
     table = Table(title=f"selfcheck · {report.device} · model {report.model} · {report.precision}")
-    for col in ("method", "attn", "form", "status", "loss first→last", "peak GiB", "plan GiB", "error", "MFU"):
+    for col in ("method", "attn", "form", "status", "loss first→last", "peak GiB", "plan GiB", "error", "MFU [counted]"):
         table.add_column(col, no_wrap=col == "loss first→last")
     for c in report.checks:
         losses = [v for v in c.losses if v is not None]

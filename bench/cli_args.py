@@ -134,11 +134,12 @@ def _add_compare_command(sub: Any) -> None:
     """``compare``: two result sets, exit 2 on a regression."""
     compare = sub.add_parser(
         "compare", help="compare two result sets (exit 2 on regression)", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Match results of A (baseline) and B (candidate) by configuration and report img/s and memory changes. "
-                    "Throughput is judged on per-repeat medians (one value per fresh process): a change is called when "
-                    "both sides have >= --min-repeats repeats, |Δ| > max(--threshold, noise) and Welch's t-test "
-                    "p < --alpha. Allocated memory must match within max(1%%, 1 MiB); reserved/NVML "
-                    "within max(5%%, 256 MiB).",
+        description="Match results of A (baseline) and B (candidate) by configuration and report img/s and memory changes; "
+                    "drift (library versions, what a step is) is flagged first. img/s = median over repeats of (images "
+                    "per step ÷ the repeat's median step time), the number run shows. A change is called when both "
+                    "sides have >= --min-repeats repeats, |Δ| > max(--threshold, noise) and Welch's t-test p < --alpha; "
+                    "each verdict says why, with a 95%% CI, and an unproven one how many repeats would decide it. "
+                    "Allocated memory must match within max(1%%, 1 MiB); reserved/NVML within max(5%%, 256 MiB).",
         epilog="exit codes: 0 no regression, 2 regression, 1 user error\n"
                "example:\n  phi3v-bench compare results/v0.1.0/1xH100 results/v0.2.0/1xH100 --markdown",
     )

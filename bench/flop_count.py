@@ -30,6 +30,7 @@ __all__ = [
     "FlopCache",
     "StepFlops",
     "analytic_step_flops",
+    "attention_step_flops",
     "cached_step_flops",
     "count_step_flops",
     "flop_cache_key",
@@ -50,6 +51,8 @@ class StepFlops:
             None when counted analytically (the count does not depend on the kernel).
         traced_shapes: Distinct micro-batch shapes counted (``input_ids`` shape, crops).
         source: ``trace`` (:func:`trace_step_flops`) or ``analytic`` (:func:`analytic_step_flops`).
+        attention_flops: The decoder's causal attention products of the step (:mod:`phi3v_core.mfu`), added to
+            the ``6N`` and ``4N+6Nt`` conventions' counts; ``None`` where not counted.
     """
 
     model_flops: int
@@ -57,6 +60,7 @@ class StepFlops:
     traced_attn: str | None
     traced_shapes: int
     source: str = "trace"
+    attention_flops: int | None = None
 
 
 def flop_trace_attn(attn: str) -> str:
@@ -161,10 +165,33 @@ def count_step_flops(
 ) -> tuple[StepFlops, bool]:
     """One step's FLOPs ``how`` = ``analytic`` or ``trace`` (through ``cache``); ``(flops, read from the cache)``."""
     if how == "analytic":
-        return analytic_step_flops(train_cfg, micro_batches), False
-    if how == "trace":
-        return cached_step_flops(train_cfg, micro_batches, cache)
-    raise ValueError(f"FLOPs are counted 'analytic' or 'trace', not {how!r}")
+        flops, cached = analytic_step_flops(train_cfg, micro_batches), False
+    elif how == "trace":
+        flops, cached = cached_step_flops(train_cfg, micro_batches, cache)
+    else:
+        raise ValueError(f"FLOPs are counted 'analytic' or 'trace', not {how!r}")
+    return dataclasses.replace(flops, attention_flops=attention_step_flops(train_cfg, micro_batches)), cached
+
+
+def attention_step_flops(train_cfg: Any, micro_batches: Sequence[dict[str, Any]]) -> int:
+    """Causal attention FLOPs of one step on one rank (:func:`phi3v_core.mfu.causal_attention_flops`).
+
+    A sequence's length is its attention mask's sum (padding attends nothing), else the row's length.
+    """
+    from phi3v_core.config import get_config
+    from phi3v_core.flops import ModelDims
+    from phi3v_core.mfu import causal_attention_flops
+
+    dims = ModelDims.from_config(get_config(train_cfg.model))
+    lengths: list[int] = []
+    for batch in micro_batches:
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            lengths += [int(v) for v in mask.sum(dim=-1).tolist()]
+        else:
+            rows, seq_len = (int(v) for v in batch["input_ids"].shape)
+            lengths += [seq_len] * rows
+    return causal_attention_flops(dims.layers, dims.heads * dims.head_dim, lengths)
 
 
 def flop_cache_key(train_cfg: Any, micro_batches: Sequence[dict[str, Any]], *, with_recompute: bool = True) -> str:

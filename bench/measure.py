@@ -130,13 +130,15 @@ class NvmlReader:
 
     ``source()`` says what the readings are: ``"process"`` (this process's memory) or ``"device_used"`` (NVML
     listed no process with our PID - a container - so the device's used memory); ``None`` when nothing was read.
-    A plain ``(read, close)`` tuple is accepted too and read as process memory.
+    ``energy_mj()`` reads the device's total-energy counter (millijoules; ``None`` where it is missing). A plain
+    ``(read, close)`` tuple is accepted too and read as process memory, without energy.
     """
 
     read: Callable[[], int | None]
     close: Callable[[], None]
     source: Callable[[], str | None] = lambda: "process"
     warning: Callable[[], str | None] = lambda: None
+    energy_mj: Callable[[], int | None] = lambda: None
 
 
 # One NVML reader per device and CUDA_VISIBLE_DEVICES for the life of the process: NVML is initialised and the
@@ -175,7 +177,7 @@ def nvml_process_reader(device: torch.device) -> NvmlReader | None:
     if reader is None:
         reader = _NVML_READERS[key] = ProcessMemoryReader(index, os.getpid(), nvml)
     return NvmlReader(read=reader.read, close=lambda: None, source=lambda: reader.source,
-                      warning=lambda: reader.warning)
+                      warning=lambda: reader.warning, energy_mj=reader.total_energy_mj)
 
 
 class PeakSampler:
@@ -245,6 +247,8 @@ class InstrumentedSteps(TrainerCallback):
         window_opened_at: ``time.perf_counter()`` once the window was open (sync, reset, first NVML sample done);
             the first timed step's clock must start after it.
         cpu_rss_bytes: Peak resident set size of the process when the window closed.
+        energy_j: Energy the GPU drew over the timed window: the difference of NVML's total-energy counter read
+            when the window opened and when it closed (``None`` off CUDA or where the counter is missing).
         tensor_peak_bytes: Result of the memory probe (CPU).
         events: ``(event, step)`` in the order they happened; the protocol's audit trail.
     """
@@ -263,11 +267,13 @@ class InstrumentedSteps(TrainerCallback):
     window_opened_at: float | None = None
     cpu_rss_bytes: int | None = None
     tensor_peak_bytes: int | None = None
+    energy_j: float | None = None
     notes: list[str] = field(default_factory=list)
     events: list[tuple[str, int]] = field(default_factory=list)
     _mem_tracker: LiveTensorBytes | None = None
     _sampler: PeakSampler | None = None
     _nvml: NvmlReader | None = None
+    _energy_start_mj: int | None = None
 
     def __post_init__(self) -> None:
         if self.memory_step is not None and self.memory_step <= self.last_timed_step:
@@ -313,6 +319,7 @@ class InstrumentedSteps(TrainerCallback):
             self._nvml = opened if isinstance(opened, NvmlReader) else NvmlReader(*opened)
             self._sampler = PeakSampler(self._nvml.read)
             self._sampler.start()
+            self._energy_start_mj = self._nvml.energy_mj()  # last before the clock: the window is the timed steps
         self.event("window_open", self.first_timed_step)
         self.window_opened_at = time.perf_counter()
 
@@ -322,6 +329,11 @@ class InstrumentedSteps(TrainerCallback):
             torch.cuda.synchronize(device)
         self.gpu_allocated_bytes, self.gpu_reserved_bytes = gpu_memory(device)
         self.cpu_rss_bytes = cpu_rss_peak_bytes()
+        if self._nvml is not None and self._energy_start_mj is not None:
+            end = self._nvml.energy_mj()
+            # A counter that went backwards (driver reload) measured nothing.
+            self.energy_j = (end - self._energy_start_mj) / 1000.0 if end is not None and end >= self._energy_start_mj else None
+            self._energy_start_mj = None
         if self._sampler is not None:
             self.nvml_peak_bytes = self._sampler.stop()
             self.nvml_samples = self._sampler.samples

@@ -120,7 +120,8 @@ def _calibration_row(r: dict[str, Any]) -> list[str]:
     else:
         mem_role = "held out" + (f", not modelled: {r['memory_unmodelled_gb']:+.1f} GB" if r["memory_unmodelled_term"]
                                  else "")
-    return [r["row"].replace("8x", "").replace("-80GB", "").replace("-32GB", ""), role,
+    # The row as phi3v-plan --calibration names it: "8xA100-80GB x1" is one node of 8 GPUs, never "A100 x1".
+    return [r["row"], role,
             f"{r['published_img_per_s']:.3f}", f"{r['predicted_img_per_s']:.3f}", speed_err, mem_role, gb,
             f"{r['predicted_gb']:.1f}", mem_err]
 
@@ -135,7 +136,7 @@ def render_calibration(root: Path) -> str:
     shape = load_shape("phi-3-vision")
     rows = calibration_report(calibration, shape)
     summary = calibration_summary(rows, fit_speed_constants(calibration, shape)[1])
-    header = ["row", "speed role", "published img/s", "predicted", "error", "memory role", "published GB",
+    header = ["row (GPUs per node x GPU, x nodes)", "speed role", "published img/s", "predicted", "error", "memory role", "published GB",
               "predicted", "error"]
     lines = _table(header, [_calibration_row(r) for r in rows if r["role"] != "excluded"])
     lines += ["", *(f"- {line}" for line in calibration_lines(summary))]
@@ -327,7 +328,7 @@ def render_cpu_bench_table(root: Path) -> str:
                      f"{s.img_per_s_per_gpu:.3f}", f"{s.img_per_s / base:.2f}x",
                      f"{s.peak_cpu_rss_bytes / 2**30:.1f}", "–"])
     header = ["Method", "# nodes", "GPUs", "Attention kernel", "Effective batch", "img/s", "img/s/GPU", "Speed-up",
-              "Peak GiB (CPU RSS)", "MFU"]
+              "Peak GiB (CPU RSS)", "MFU [counted]"]
     envs = [r.environment for _, r in results]
     shas = sorted({e.git_sha for e in envs if e.git_sha})
     dirty = any(e.git_dirty for e in envs)

@@ -4,7 +4,10 @@ For every (release, hardware) group the report has
 
 * a table laid out like the seed recipe's speed tables (method, nodes, GPUs, flash attention, effective batch, img/s,
   speed-up, peak memory), with the matching published row beside each of ours (``results/reference/speed.csv``);
-* three plots: img/s by method x attention, peak memory by method, and img/s over GPUs (scaling over nodes).
+* up to three plots: img/s by method x attention and peak tensor memory by method (CUDA's allocated bytes, or the
+  live CPU tensors: what differs between methods, not the process's RSS), each bar with the spread of its repeats
+  (min to max of the per-repeat values), and img/s over GPUs (scaling over nodes). A plot with fewer than two
+  points says nothing and is left out; value axes start at zero.
 
 Given several releases (``phi3v-bench report results/``), it adds, per configuration and hardware measured in two or
 more releases, a releases x metrics table (img/s, MFU, peak memory) and one trend plot per hardware in the style of
@@ -16,7 +19,6 @@ it succeeded, each file atomically, so a failed report leaves no half-written fi
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,20 +28,31 @@ from typing import TYPE_CHECKING, Any
 from bench.config import IDENTITY_FIELDS, BenchConfig
 from bench.layout import layout_label
 from bench.reference import load_reference_accuracy, load_reference_speed, reference_hardware_for
+from bench.report_plots import (
+    ATTN_ORDER,
+    bar_plot,
+    bar_rows,
+    release_order,
+    scaling_plot,
+    scaling_points,
+    show,
+    tensor_source,
+    trend_plot,
+    varying,
+)
 from bench.results import BenchResult
-from phi3v_core.constants import ATTN_NAMES
+from bench.stats import STATISTIC
 from phi3v_core.errors import DataError
 from phi3v_core.io import atomic_write_bytes, atomic_write_text
 from phi3v_core.methods import METHOD_NAMES, METHODS
+from phi3v_core.mfu import CONVENTIONS, COUNTED
 
 if TYPE_CHECKING:
     import pandas as pd
-    from matplotlib.figure import Figure
 
 __all__ = ["ReleaseTrend", "Report", "build_report", "release_order", "release_trends", "seed_match", "write_report"]
 
 GIB = 1 << 30
-_ATTN_ORDER = {a: i for i, a in enumerate(ATTN_NAMES)}
 _METHOD_ORDER = {m: i for i, m in enumerate(METHOD_NAMES)}
 #: What the "Attention kernel" column shows (the seed's "flash attention ✔" is our flash_attention_2).
 _ATTN_LABEL = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash-attn 2"}
@@ -85,7 +98,7 @@ class _Group:
 
 def _sort_key(cfg: BenchConfig) -> tuple:
     return (
-        _METHOD_ORDER.get(cfg.method, 99), _ATTN_ORDER.get(cfg.attn, 99), cfg.nodes, cfg.gpus,
+        _METHOD_ORDER.get(cfg.method, 99), ATTN_ORDER.get(cfg.attn, 99), cfg.nodes, cfg.gpus,
         cfg.precision, cfg.model, cfg.num_crops, cfg.seq_profile, cfg.global_batch, cfg.micro_batch,
     )
 
@@ -98,14 +111,6 @@ def _groups(results: Sequence[BenchResult]) -> list[_Group]:
         _Group(release, hardware, sorted(rs, key=lambda r: _sort_key(r.config)))
         for (release, hardware), rs in sorted(grouped.items())
     ]
-
-
-def _varying(results: Sequence[BenchResult], fields: Sequence[str]) -> list[str]:
-    return [f for f in fields if len({getattr(r.config, f) for r in results}) > 1]
-
-
-def _series_label(cfg: BenchConfig, fields: Sequence[str]) -> str:
-    return " ".join(_show(getattr(cfg, f)) for f in fields) or cfg.attn
 
 
 def _peak_source(results: Sequence[BenchResult]) -> tuple[str, str] | None:
@@ -167,20 +172,21 @@ def seed_match(
     return hit.iloc[0].to_dict(), None
 
 
+_NAN_CELL = re.compile(r"~?(nan|none)(x|%)?", re.IGNORECASE)
+
+
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table; a cell that would read ``nan`` or ``None`` (an empty CSV field, a missing value) is ``–``."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join("–" if _NAN_CELL.fullmatch(str(c).strip()) else str(c) for c in row) + " |"
+              for row in rows]
     return lines
-
-
-def _show(value: Any) -> str:
-    return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
 
 def _setup_line(group: _Group, extra: Sequence[str]) -> str:
     first = group.results[0].config
     constant = [f for f in IDENTITY_FIELDS if f not in _LAYOUT_FIELDS and f not in extra]
-    parts = [f"{f.replace('_', ' ')} {_show(getattr(first, f))}" for f in constant]
+    parts = [f"{f.replace('_', ' ')} {show(getattr(first, f))}" for f in constant]
     protocols = {(r.config.steps, r.config.warmup, r.config.repeats) for r in group.results}
     if len(protocols) == 1:
         steps, warmup, repeats = protocols.pop()
@@ -191,7 +197,7 @@ def _setup_line(group: _Group, extra: Sequence[str]) -> str:
 
 
 def _group_markdown(group: _Group, ref: pd.DataFrame | None, ref_hw: str, images: Sequence[str]) -> list[str]:
-    extra = _varying(group.results, [f for f in IDENTITY_FIELDS if f not in _LAYOUT_FIELDS])
+    extra = varying(group.results, [f for f in IDENTITY_FIELDS if f not in _LAYOUT_FIELDS])
     peak_attr, peak_label = _peak_source(group.results) or _PEAK_SOURCES[1]
     ok = [r for r in group.results if r.status == "ok" and r.summary.img_per_s]
     min_nodes = min(r.config.nodes for r in group.results)
@@ -204,7 +210,7 @@ def _group_markdown(group: _Group, ref: pd.DataFrame | None, ref_hw: str, images
         base_note = f"the slowest row here ({base.config.cell_id()}), as the seed's 1x row (full, eager) is absent"
 
     header = ["Method", *(f.replace("_", " ") for f in extra), "# nodes", "GPUs", "Attention kernel",
-              "Effective batch", "Layout", "img/s", "img/s/GPU", "Speed-up", f"Peak GiB ({peak_label})", "MFU"]
+              "Effective batch", "Layout", "img/s", "img/s/GPU", "Speed-up", f"Peak GiB ({peak_label})", "MFU [counted]"]
     if ref is not None:
         header += [f"Seed img/s ({ref_hw}, published)", "Seed peak GB (published)"]
     rows, notes = [], []
@@ -219,7 +225,7 @@ def _group_markdown(group: _Group, ref: pd.DataFrame | None, ref_hw: str, images
         else:
             cells = ["OOM" if r.status == "oom" else "error", "–", "–", "–", "–"]
             notes.append(f"- `{cfg.cell_id()}`: {r.status}: {r.message}")
-        row = [cfg.method, *(_show(getattr(cfg, f)) for f in extra), str(cfg.nodes), str(cfg.world_size),
+        row = [cfg.method, *(show(getattr(cfg, f)) for f in extra), str(cfg.nodes), str(cfg.world_size),
                _ATTN_LABEL.get(cfg.attn, cfg.attn), str(cfg.global_batch), layout_label(cfg), *cells]
         if ref is not None:
             seed, reason = seed_match(ref, ref_hw, r)
@@ -251,7 +257,8 @@ def _reference_markdown(speed: pd.DataFrame, accuracy: pd.DataFrame) -> list[str
     for hardware, part in speed.groupby("hardware", sort=False):
         lines += [f"### Speed, {hardware} (Phi-3-vision v1, DocVQA, num_crops 16, avg 2443.23 tokens)", ""]
         rows = [[r.seed_method, str(r.nodes), str(r.gpus), "✔" if r.flash_attention else "", str(r.effective_batch),
-                 f"{r.img_per_s:.3f}", f"{r.speedup:.2f}x", f"~{r.peak_gpu_mem_gb:g}", r.note or ""]
+                 f"{r.img_per_s:.3f}", f"{r.speedup:.2f}x", f"~{r.peak_gpu_mem_gb:g}",
+                 r.note if isinstance(r.note, str) else ""]
                 for r in part.itertuples()]
         lines += _md_table(["Method", "# nodes", "GPUs", "flash attention", "Effective batch", "img/s", "Speed-up",
                             "Peak GB", "Note"], rows) + [""]
@@ -261,96 +268,6 @@ def _reference_markdown(speed: pd.DataFrame, accuracy: pd.DataFrame) -> list[str
              f"{r.learning_rate:g}", str(r.epochs), f"{r.metric} {r.value:g}"] for r in accuracy.itertuples()]
     lines += _md_table(["Benchmark", "Model", "Method", "Precision", "LoRA r", "LoRA α", "LR", "Epochs", "Score"], rows)
     return lines + [""]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# plots
-# ---------------------------------------------------------------------------------------------------------------
-def _png(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def _new_figure(title: str) -> tuple[Figure, Any]:
-    # The object-oriented API renders with Agg and never touches pyplot's global backend state.
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 4.2))
-    ax = fig.add_subplot()
-    ax.set_title(title, fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    return fig, ax
-
-
-def _bar_plot(group: _Group, value: str, ylabel: str, title: str, ref_points: dict[tuple[str, str], float]) -> bytes:
-    min_nodes = min(r.config.nodes for r in group.results)
-    rows = [r for r in group.results if r.config.nodes == min_nodes]
-    label_fields = _varying(rows, [f for f in IDENTITY_FIELDS if f not in ("method", "nodes", "gpus")]) or ["attn"]
-    methods = [m for m in METHOD_NAMES if any(r.config.method == m for r in rows)]
-    series = list(dict.fromkeys(_series_label(r.config, label_fields) for r in rows))
-    fig, ax = _new_figure(f"{title} — {group.title} ({min_nodes} node{'s' if min_nodes > 1 else ''})")
-    width = 0.8 / max(len(series), 1)
-    for si, label in enumerate(series):
-        for mi, method in enumerate(methods):
-            r = next((r for r in rows if r.config.method == method and _series_label(r.config, label_fields) == label),
-                     None)
-            if r is None:
-                continue
-            x = mi - 0.4 + width * (si + 0.5)
-            y = _plot_value(r, value)
-            if y is None:
-                ax.text(x, 0, r.status.upper(), ha="center", va="bottom", fontsize=7, rotation=90, color="tab:red")
-                continue
-            ax.bar(x, y, width * 0.9, color=f"C{si}", label=label)
-            seed = ref_points.get((method, r.config.attn))
-            if seed is not None:
-                ax.plot([x], [seed], marker="_", markersize=14, color="black")
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))  # one legend entry per series, not per bar
-    if any(ref_points.get((m, a)) is not None for m in methods for a in _ATTN_ORDER):
-        from matplotlib.lines import Line2D
-
-        unique["seed (published)"] = Line2D([], [], marker="_", markersize=14, color="black", linestyle="")
-    if unique:
-        ax.legend(unique.values(), unique.keys(), fontsize=8)
-    ax.set_xticks(range(len(methods)), methods)
-    ax.set_xlim(-0.6, len(methods) - 0.4)  # keep OOM labels of missing bars inside the axes
-    ax.set_ylabel(ylabel)
-    return _png(fig)
-
-
-def _plot_value(r: BenchResult, value: str) -> float | None:
-    """Return summary field ``value`` of an ok result, bytes in GiB; ``None`` for failures."""
-    if r.status != "ok":
-        return None
-    raw = getattr(r.summary, value)
-    return raw / GIB if raw is not None and value.endswith("_bytes") else raw
-
-
-def _scaling_plot(group: _Group, ref_scaling: dict[str, list[tuple[int, float]]]) -> bytes:
-    ok = [r for r in group.results if r.status == "ok" and r.summary.img_per_s]
-    label_fields = _varying(ok, [f for f in IDENTITY_FIELDS if f not in ("nodes", "gpus")]) or ["method"]
-    fig, ax = _new_figure(f"Scaling over nodes — {group.title}")
-    series: dict[str, list[tuple[int, float]]] = {}
-    for r in ok:
-        series.setdefault(_series_label(r.config, label_fields), []).append((r.config.world_size, r.summary.img_per_s))
-    for i, (label, points) in enumerate(sorted(series.items())):
-        points.sort()
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", color=f"C{i}", label=label)
-        if len(points) > 1:  # ideal linear scaling from the smallest measured point
-            ax.plot(xs, [ys[0] * x / xs[0] for x in xs], linestyle=":", color=f"C{i}", alpha=0.6)
-    for label, points in ref_scaling.items():
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="s", linestyle="--", color="gray", label=f"seed {label}")
-    if not any(len(p) > 1 for p in series.values()):
-        ax.text(0.5, 0.5, "no multi-node results in this group", transform=ax.transAxes, ha="center", color="gray")
-    ax.set_xlabel("GPUs (nodes × GPUs per node)")
-    ax.set_ylabel("img/s (global)")
-    if series or ref_scaling:
-        ax.legend(fontsize=8)
-    return _png(fig)
 
 
 def _reference_overlays(
@@ -376,16 +293,6 @@ def _reference_overlays(
 # ---------------------------------------------------------------------------------------------------------------
 # across releases
 # ---------------------------------------------------------------------------------------------------------------
-def release_order(release: str) -> tuple:
-    """Sort key for release labels: ``v0.10.0`` after ``v0.9.1`` (PEP 440 when it parses), others by name after."""
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return (0, Version(release.lstrip("vV")), release)
-    except InvalidVersion:
-        return (1, release, release)
-
-
 @dataclass
 class ReleaseTrend:
     """One configuration on one hardware across releases (oldest first).
@@ -452,41 +359,10 @@ def _trend_markdown(trends: Sequence[ReleaseTrend], plots: dict[str, str]) -> li
                     _gib(getattr(s, peak_attr)) if ok else "–",
                     {"regressed": "▼ regressed", "improved": "▲ improved"}.get(verdict, verdict or "–"),
                 ])
-            lines += _md_table(["Release", "img/s", "MFU", f"Peak GiB ({peak_label})", "vs previous"], rows)
+            lines += _md_table(["Release", "img/s", "MFU [counted]", f"Peak GiB ({peak_label})", "vs previous"], rows)
             lines.append("")
         lines += [f"![{plots[hardware]}]({plots[hardware]})", ""]
     return lines
-
-
-def _trend_plot(hardware: str, trends: Sequence[ReleaseTrend]) -> bytes:
-    """img/s per release, one line per configuration, regressions marked (asv's benchmark-over-commits view)."""
-    releases = sorted({rel for t in trends for rel in t.releases}, key=release_order)
-    x_of = {rel: i for i, rel in enumerate(releases)}
-    fig, ax = _new_figure(f"img/s across releases — {hardware}")
-    marked = False
-    for i, t in enumerate(trends):
-        points = [(x_of[rel], r.summary.img_per_s, v) for rel, r, v in zip(t.releases, t.results, t.verdicts)
-                  if r.status == "ok" and r.summary.img_per_s]
-        if not points:
-            continue
-        xs, ys, verdicts = zip(*points)
-        ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=t.config.cell_id())
-        for x, y, verdict in zip(xs, ys, verdicts):
-            if verdict == "regressed":
-                ax.plot([x], [y], marker="v", markersize=11, color="tab:red", linestyle="")
-                marked = True
-    if marked:
-        from matplotlib.lines import Line2D
-
-        ax.add_artist(ax.legend(fontsize=7, loc="upper left"))
-        ax.legend([Line2D([], [], marker="v", color="tab:red", linestyle="")], ["regression (compare)"],
-                  fontsize=7, loc="lower right")
-    else:
-        ax.legend(fontsize=7)
-    ax.set_xticks(range(len(releases)), releases)
-    ax.set_xlabel("release")
-    ax.set_ylabel("img/s (global)")
-    return _png(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -518,27 +394,36 @@ def build_report(
     accuracy = load_reference_accuracy(reference_dir) if with_reference else None
 
     lines = ["# phi3v-bench report", "",
-             f"{len(items)} results. img/s counts images over all GPUs per second of median step time (warmup "
-             "excluded); memory is the peak of the busiest rank (GiB = 2^30 bytes).", ""]
+             f"{len(items)} results. img/s counts images over all GPUs per second: the {STATISTIC} (warmup "
+             "excluded), the number `phi3v-bench run` and `compare` show; memory is the peak of the busiest rank "
+             f"(GiB = 2^30 bytes); MFU [counted]: {CONVENTIONS[COUNTED]}.", ""]
     images: dict[str, bytes] = {}
     for group in _groups(items):
         ref_hw = reference_hardware_for(group.gpu_name)
         # Published points go on the plots only where a row of the same kind exists (the table's rule).
         same_kind = any(seed_match(speed, ref_hw, r)[0] is not None for r in group.results)
         ref_img, ref_mem, ref_scaling = _reference_overlays(speed if same_kind else None, ref_hw, group.gpu_name)
-        names = [f"throughput-{group.slug}.png", f"memory-{group.slug}.png", f"scaling-{group.slug}.png"]
-        images[names[0]] = _bar_plot(group, "img_per_s", "img/s (global)", "img/s by method × attention", ref_img)
-        peak_attr, peak_label = _peak_source(group.results) or _PEAK_SOURCES[1]
-        images[names[1]] = _bar_plot(group, peak_attr, f"peak GiB, {peak_label} (busiest rank)",
-                                     "Peak memory by method", ref_mem)
-        images[names[2]] = _scaling_plot(group, ref_scaling)
+        names = []
+        bars = [r for r in bar_rows(group) if r.status == "ok"]
+        if len(bars) + len(ref_img) > 1:  # one bar is not a comparison
+            names.append(f"throughput-{group.slug}.png")
+            images[names[-1]] = bar_plot(group, "img_per_s", "img/s (global; bars: min-max of repeats)",
+                                          "img/s by method × attention", ref_img)
+        tensor = tensor_source(group.results)
+        if tensor is not None and len(bars) > 1:
+            names.append(f"memory-{group.slug}.png")
+            images[names[-1]] = bar_plot(group, tensor[0], f"peak GiB, {tensor[2]} (busiest rank)",
+                                          "Peak tensor memory by method", ref_mem, tensor[1])
+        if scaling_points(group) > 1 or ref_scaling:
+            names.append(f"scaling-{group.slug}.png")
+            images[names[-1]] = scaling_plot(group, ref_scaling)
         lines += _group_markdown(group, speed, ref_hw, names)
     trends = release_trends(items)
     if trends:
         plots = {}
         for hardware in dict.fromkeys(t.hardware for t in trends):
             name = f"trend-{re.sub(r'[^A-Za-z0-9._-]+', '_', hardware)}.png"
-            images[name] = _trend_plot(hardware, [t for t in trends if t.hardware == hardware])
+            images[name] = trend_plot(hardware, [t for t in trends if t.hardware == hardware])
             plots[hardware] = name
         lines += _trend_markdown(trends, plots)
     if speed is not None and accuracy is not None:

@@ -70,7 +70,7 @@ MEMORY_FIELDS: tuple[str, ...] = (
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class RankMemory:
-    """Peak memory of one rank over the timed steps of one repeat (bytes; ``None`` = not measured).
+    """Peak memory (bytes) and energy of one rank over the timed steps of one repeat (``None`` = not measured).
 
     Attributes:
         rank: Global rank.
@@ -83,6 +83,8 @@ class RankMemory:
         nvml_source: What ``nvml_process_bytes`` is: ``"process"``, or ``"device_used"`` (NVML listed no process
             with the worker's PID, e.g. in a container: the device's used memory, other processes included);
             ``None`` in older results and without a reading.
+        energy_j: Joules this rank's GPU drew over the timed window (NVML's total-energy counter at the window's
+            start and end); ``None`` off NVIDIA GPUs, where the counter is missing, and in older results.
     """
 
     rank: int
@@ -93,6 +95,7 @@ class RankMemory:
     cpu_rss_bytes: int | None = None
     cpu_tensor_peak_bytes: int | None = None
     nvml_source: str | None = None
+    energy_j: float | None = None
 
 
 @dataclass
@@ -143,6 +146,8 @@ class Metrics:
             fake tensors with attention as matrix products, so it is the same for every attention kernel.
         hardware_flops_per_step: The same plus the forward recompute of gradient checkpointing (for HFU);
             ``None`` in results written before it existed.
+        attention_flops_per_step: The decoder's causal attention FLOPs per optimizer step over all ranks
+            (:mod:`phi3v_core.mfu`), part of the ``6N`` and ``4N+6Nt`` MFU conventions; ``None`` in older results.
         peak_flops_per_gpu: Dense peak FLOP/s of one GPU at the run's precision, for MFU.
         total_params: Parameters of the model as trained (after the method was applied).
         trainable_params: Parameters that receive gradients.
@@ -158,6 +163,7 @@ class Metrics:
     image_tokens_per_step: int | None = None
     model_flops_per_step: float | None = None
     hardware_flops_per_step: float | None = None
+    attention_flops_per_step: float | None = None
     peak_flops_per_gpu: float | None = None
     total_params: int | None = None
     trainable_params: int | None = None
@@ -174,6 +180,26 @@ class Metrics:
             return []
         return [[self.images_per_step / t for t in r.step_times_s] for r in self.repeats if r.step_times_s]
 
+    def repeat_throughputs(self) -> list[float]:
+        """Global img/s of each repeat: images per step ÷ the repeat's median step time.
+
+        One value per fresh process: the samples ``compare`` tests, and - their median - every img/s a result
+        shows (:data:`bench.stats.STATISTIC`).
+        """
+        if not self.images_per_step:
+            return []
+        return [self.images_per_step / statistics.median(r.step_times_s) for r in self.repeats if r.step_times_s]
+
+    def repeat_energy_per_sample(self) -> list[float]:
+        """Joules per trained sample of each repeat whose every rank read the energy counter (all GPUs summed)."""
+        values = []
+        for r in self.repeats:
+            energies = [m.energy_j for m in r.memory]
+            samples = sum(r.step_samples)
+            if r.memory and samples and all(e is not None for e in energies):
+                values.append(sum(energies) / samples)  # type: ignore[arg-type]
+        return values
+
     def peak_memory(self, name: str) -> int | None:
         """Return the maximum of memory field ``name`` over all ranks and repeats (``None`` if never measured)."""
         values = [getattr(m, name) for r in self.repeats for m in r.memory if getattr(m, name) is not None]
@@ -184,9 +210,16 @@ class Metrics:
 class Summary:
     """Numbers derived from :class:`Metrics` (never stored as truth; see module docstring).
 
-    Throughput uses the **median** step time, which a single slow step (a GC pause, a checkpoint) does not move.
-    ``mfu`` divides model FLOPs (no recompute) by the GPUs' dense peak; ``hardware_mfu`` uses hardware FLOPs
-    (recompute included), so it is the larger of the two when gradient checkpointing is on. ``wall_s`` is the whole
+    ``img_per_s`` is the median over repeats of each repeat's images per step ÷ median step time
+    (:data:`bench.stats.STATISTIC`, the number ``compare`` compares), which a single slow step (a GC pause, a
+    checkpoint) does not move; ``step_time_median_s`` is the step time behind it, and tokens/s and every MFU use it.
+    ``mfu`` divides the counted model FLOPs (no recompute) by the GPUs' dense peak; ``mfu_6n`` and
+    ``mfu_frozen_base`` divide the ``6N`` and ``4N+6Nt`` conventions' FLOPs (:mod:`phi3v_core.mfu`, both with
+    causal attention), whose per-step counts are stored beside them; ``hardware_mfu`` uses hardware FLOPs
+    (recompute included), so it is the larger of the two when gradient checkpointing is on.
+    ``energy_j_per_sample`` is the median over repeats of the GPUs' energy over the timed window ÷ the samples it
+    trained; ``energy_wh_per_epoch`` is that times ``epoch_samples`` (the profile's training set, as phi3v-plan
+    plans it); both ``None`` where the counter is missing (``energy_note`` says so). ``wall_s`` is the whole
     run, ``steps_s`` its warm-up + timed steps, ``skipped_steps`` the fp16 loss-scaler skips (``None`` where the
     result predates them). ``changed_weights_fraction`` is the smallest share of trained weights a repeat's steps
     changed (``None`` where not measured): under 50 % the layout does not apply the updates it computes.
@@ -211,6 +244,14 @@ class Summary:
     steps_s: float | None = None
     skipped_steps: int | None = None
     changed_weights_fraction: float | None = None
+    mfu_6n: float | None = None
+    mfu_frozen_base: float | None = None
+    flops_6n_per_step: float | None = None
+    flops_frozen_base_per_step: float | None = None
+    energy_j_per_sample: float | None = None
+    energy_wh_per_epoch: float | None = None
+    epoch_samples: int | None = None
+    energy_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Return the summary as a JSON-ready dict."""
@@ -268,13 +309,17 @@ class BenchResult:
         """Derived throughput, step-time and memory figures (see :class:`Summary`)."""
         m = self.metrics
         times = m.step_times()
-        median = statistics.median(times) if times else None
+        per_repeat = m.repeat_throughputs()
+        img_s = statistics.median(per_repeat) if per_repeat else None
+        # The step time behind img/s, so that img/s, tokens/s and MFU describe one step time.
+        median = m.images_per_step / img_s if img_s else (statistics.median(times) if times else None)
         p90 = _percentile(times, 90) if times else None
         stdev = statistics.stdev(times) if len(times) >= 2 else None
         world = self.config.world_size
-        img_s = m.images_per_step / median if (median and m.images_per_step) else None
         tok_s = m.tokens_per_step / median if (median and m.tokens_per_step) else None
         changed = [r.weight_change["changed_fraction"] for r in m.repeats if r.weight_change]
+
+        six_n, frozen = _convention_flops(m)
 
         def utilisation(flops: float | None) -> float | None:
             if median and flops and m.peak_flops_per_gpu:
@@ -290,6 +335,11 @@ class BenchResult:
             step_time_stdev_s=stdev,
             mfu=utilisation(m.model_flops_per_step),
             hardware_mfu=utilisation(m.hardware_flops_per_step),
+            mfu_6n=utilisation(six_n),
+            mfu_frozen_base=utilisation(frozen),
+            flops_6n_per_step=six_n,
+            flops_frozen_base_per_step=frozen,
+            **_energy(self),
             timed_steps=len(times),
             repeats=sum(1 for r in m.repeats if r.step_times_s),
             peak_gpu_allocated_bytes=m.peak_memory("gpu_allocated_bytes"),
@@ -392,6 +442,40 @@ class BenchResult:
             if len(ranks) > self.config.world_size:
                 problems.append(f"repeat {i}: {len(ranks)} memory entries for world size {self.config.world_size}")
         return problems
+
+
+def _convention_flops(m: Metrics) -> tuple[float | None, float | None]:
+    """Per-step FLOPs under the ``6N`` and ``4N+6Nt`` conventions (:mod:`phi3v_core.mfu`), when known."""
+    from phi3v_core.mfu import frozen_base_flops, six_n_flops
+
+    if not (m.total_params and m.tokens_per_step and m.attention_flops_per_step is not None):
+        return None, None  # older results have no attention count: no convention without it
+    attention = int(m.attention_flops_per_step)
+    return (
+        float(six_n_flops(m.total_params, m.tokens_per_step, attention)),
+        float(frozen_base_flops(m.total_params, m.trainable_params or 0, m.tokens_per_step, attention)),
+    )
+
+
+def _energy(result: BenchResult) -> dict[str, Any]:
+    """``energy_*`` and ``epoch_samples`` fields of :class:`Summary`."""
+    per_sample = result.metrics.repeat_energy_per_sample()
+    epoch = epoch_samples(result.config.seq_profile)
+    if not per_sample:
+        gpu = any(m.device.startswith("cuda") for r in result.metrics.repeats for m in r.memory)
+        note = "not available: NVML's total-energy counter was not read" if gpu else "not available: no NVIDIA GPU"
+        return {"epoch_samples": epoch, "energy_note": note if result.status == "ok" else ""}
+    j = statistics.median(per_sample)
+    return {"energy_j_per_sample": j, "energy_wh_per_epoch": j * epoch / 3600 if epoch else None,
+            "epoch_samples": epoch}
+
+
+def epoch_samples(profile: str) -> int | None:
+    """Samples in one epoch of the task ``profile`` names: its training set, as phi3v-plan plans it."""
+    from planner.request import task_profiles
+
+    task = task_profiles()["tasks"].get(profile)
+    return int(task["dataset"]["train_samples"]) if task else None
 
 
 def _percentile(values: list[float], q: float) -> float:

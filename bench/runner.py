@@ -494,6 +494,8 @@ def _add_repeat(metrics: Metrics, ranks: list[dict[str, Any]], wall_s: float | N
     flops, hw_flops = ranks[0].get("flops_per_step"), ranks[0].get("hardware_flops_per_step")
     metrics.model_flops_per_step = float(flops) * len(ranks) if flops is not None else None
     metrics.hardware_flops_per_step = float(hw_flops) * len(ranks) if hw_flops is not None else None
+    attention = ranks[0].get("attention_flops_per_step")
+    metrics.attention_flops_per_step = float(attention) * len(ranks) if attention is not None else None
     metrics.peak_flops_per_gpu = ranks[0].get("peak_flops_per_gpu")
     metrics.total_params = ranks[0].get("total_params")
     metrics.trainable_params = ranks[0].get("trainable_params")

@@ -354,6 +354,20 @@ class ProcessMemoryReader:
         logging.getLogger(__name__).warning(self.warning)
         return value
 
+    def total_energy_mj(self) -> int | None:
+        """The device's total-energy counter in millijoules (``nvmlDeviceGetTotalEnergyConsumption``: energy since
+        the driver loaded, Volta and newer), or None where the counter is missing (older GPUs, MIG instances,
+        permissions, an nvidia-ml-py without the call). Only differences of two readings mean anything."""
+        if self._handle is None:
+            return None
+        query = getattr(self.nvml, "nvmlDeviceGetTotalEnergyConsumption", None)
+        if query is None:
+            return None
+        try:
+            return int(query(self._handle))
+        except Exception:  # noqa: BLE001 - NotSupported / NoPermission: not available, not an error
+            return None
+
     def close(self) -> None:
         """Release NVML (idempotent)."""
         if self._initialised:

@@ -341,7 +341,7 @@ def _print_recommendation(console: Any, p: Any, best: Any) -> None:
         hps += f", LoRA r={hp['lora_rank']} alpha={hp['lora_alpha']}"
     lines.append(f"- hyper-parameters: {hps} ({hp['source']})")
     if best.speed:
-        mfu = f"MFU {best.speed.mfu:.0%}, " if best.speed.mfu is not None else ""
+        mfu = f"MFU {best.speed.mfu:.0%} \\[counted], " if best.speed.mfu is not None else ""
         lines.append(f"- speed (predicted): {mfu}{best.speed.basis}")
     if best.data_loading:
         lines.append(f"- {best.data_loading.line()}")

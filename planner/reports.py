@@ -43,9 +43,12 @@ def print_gpus(as_json: bool) -> None:
         return
     from rich.table import Table
 
+    # The GPU column is what --gpu takes: never cut (no_wrap); the numbers are short and the title wraps instead.
     table = Table(title="GPU table (planner/data/gpus.json; dense TFLOP/s, no sparsity)")
-    for col in ("GPU", "arch", "CC", "GiB", "GB/s", "fp16 TF", "bf16 TF", "FA2", "NVLink GB/s"):
-        table.add_column(col, justify="right" if col not in ("GPU", "arch") else "left")
+    table.add_column("GPU (--gpu)", no_wrap=True, min_width=max(len(g["key"]) for g in rows))
+    table.add_column("arch", overflow="fold")
+    for col in ("CC", "GiB", "GB/s", "TF fp16/bf16", "FA2", "NVLink GB/s"):
+        table.add_column(col, justify="right", overflow="fold")
     for g in rows:
         table.add_row(
             g["key"],
@@ -53,8 +56,7 @@ def print_gpus(as_json: bool) -> None:
             g["compute_capability"],
             f"{g['memory_gib']:g}",
             f"{g['bandwidth_gbs']:g}",
-            fmt(g["tflops_fp16"], "g"),
-            fmt(g["tflops_bf16"], "g"),
+            f"{fmt(g['tflops_fp16'], 'g')}/{fmt(g['tflops_bf16'], 'g')}",
             "yes" if g["flash_attention_2"] else "no",
             fmt(g["nvlink_gbs"], "g"),
         )

@@ -239,7 +239,8 @@ class SpeedPrediction:
     Attributes:
         samples_per_s: Global samples (images for single-image tasks) per second.
         per_gpu: Samples per second per GPU.
-        mfu: Model-FLOPs utilisation this prediction implies (model FLOPs / peak / time).
+        mfu: Model-FLOPs utilisation this prediction implies (model FLOPs / peak / time), in the ``counted``
+            convention of :mod:`phi3v_core.mfu` (``--json`` says so as ``mfu_convention``).
         basis: How the rates were obtained (fitted rows, borrowed architectures, measured CPU rates).
         flops: FLOPs per sample.
         times: Seconds per optimizer step by component (matmul, attention, elementwise, ...).
@@ -264,6 +265,7 @@ class SpeedPrediction:
         """Plain dict (for ``--json``)."""
         out = asdict(self)
         out["flops"] = self.flops.to_dict()
+        out["mfu_convention"] = "counted"  # phi3v_core.mfu: the FLOPs MFU divides, named as every tool names them
         return out
 
 

@@ -94,3 +94,86 @@ def test_cli_empty_side_is_a_user_error(tmp_path, capsys) -> None:
         main(["compare", str(tmp_path / "empty"), str(tmp_path / "empty")])
     assert exc.value.code == 1
     assert "holds no result .json files" in capsys.readouterr().err
+
+
+def test_cli_at_80_columns_never_cuts_a_verdict(two_releases, capsys, monkeypatch) -> None:
+    base, cand = two_releases
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["compare", str(base), str(cand)]) == EXIT_REGRESSION
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    table = [line for line in lines if line.startswith("│")]
+    assert any(line.rstrip(" │").endswith("regressed") for line in table)
+    assert any(line.rstrip(" │").endswith("same") for line in table)
+    assert "…" not in out
+    # the statistic is named, and each verdict says why
+    assert "img/s = median over repeats of (images per step ÷ the repeat's median step time)" in out.replace("\n", " ")
+    assert "regressed: img/s: Δ -20.0% > max(5%" in out.replace("\n", " ") or "regressed: img/s: Δ" in out
+
+
+def test_one_number_per_result_run_and_compare_agree() -> None:
+    # Even steps per repeat and jitter: the median of pooled steps and the median of per-repeat values differ, so
+    # one statistic must be used everywhere.
+    a = make_result(LORA, steps=4, repeats=3, jitter=0.2, seed=5)
+    b = make_result(LORA, steps=4, repeats=3, jitter=0.2, seed=6)
+    m = compare_results([a], [b]).matches[0]
+    assert m.throughput.a == a.summary.img_per_s and m.throughput.b == b.summary.img_per_s
+    assert a.summary.img_per_s == pytest.approx(a.metrics.images_per_step / a.summary.step_time_median_s)
+
+
+def test_minus_47_percent_against_one_repeat_is_not_same() -> None:
+    a = make_result(LORA, repeats=1, step_time=0.5, seed=1)
+    b = make_result(LORA, repeats=3, step_time=0.5, jitter=0.0, seed=2)
+    for rep, share in zip(b.metrics.repeats, (0.40, 0.526, 0.70)):  # B's repeats scatter by ±30 %
+        rep.step_times_s = [t / share for t in rep.step_times_s]
+    m = compare_results([a], [b]).matches[0]
+    assert m.throughput.delta_pct == pytest.approx(-47.4, abs=1.5)
+    assert m.verdict == "inconclusive"
+    assert "would decide it" in m.reason or "run >= 3 repeats" in m.reason
+
+
+def test_drift_is_flagged_before_the_verdict(capsys) -> None:
+    newer = gpu_env()
+    newer.packages = {**newer.packages, "transformers": "4.99.0", "torch": "2.14.0"}
+    a = make_result(LORA, seed=1)
+    b = make_result(LORA, seed=2, env=newer)
+    b.metrics.tokens_per_step = a.metrics.tokens_per_step + 64  # what a step is changed
+    report = compare_results([a], [b])
+    drift = report.matches[0].drift
+    assert "torch 2.13.0 vs 2.14.0" in drift and "transformers absent vs 4.99.0" in drift
+    assert any(d.startswith("tokens per step") for d in drift)
+    assert report.to_dict()["matches"][0]["drift"] == drift
+    text = report.to_markdown()
+    assert text.index("DRIFT") < text.index(f"{report.matches[0].cell}: same")
+    from rich.console import Console
+
+    report.print_rich(Console(width=80), "compare")
+    out = capsys.readouterr().out
+    assert out.lstrip().startswith("DRIFT")  # before the table and any verdict
+
+
+def test_results_that_differ_in_optimizer_state_are_not_compared_and_say_why() -> None:
+    a = make_result(LORA, seed=1)
+    b = make_result(LORA.replace(optim="adamw_8bit"), seed=2)
+    c = make_result(FULL, seed=3)
+    report = compare_results([a, c], [b, make_result(FULL, seed=4)])
+    assert [m.identity["method"] for m in report.matches] == ["full"]
+    assert any("differ in optim (adamw vs adamw_8bit)" in n for n in report.notes)
+
+
+def test_old_results_without_the_new_fields_still_compare(tmp_path) -> None:
+    import json as _json
+
+    from bench.store import read_results
+
+    path = save_result(make_result(LORA, seed=1), tmp_path)
+    data = _json.loads(path.read_text())
+    for rep in data["metrics"]["repeats"]:
+        for m in rep["memory"]:
+            m.pop("energy_j", None)
+    data["metrics"].pop("attention_flops_per_step", None)
+    path.write_text(_json.dumps(data))
+    (_, old), = read_results([path])
+    assert old.summary.energy_j_per_sample is None and old.summary.mfu_6n is None
+    assert compare_results([old], [make_result(LORA, seed=2)]).matches[0].verdict == "same"

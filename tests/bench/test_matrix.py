@@ -242,3 +242,25 @@ def test_cells_run_would_refuse_are_refused_before_the_sweep(tmp_path, sets, sai
 def test_a_release_named_like_the_planners_folders_is_refused_at_write_time(tmp_path, release) -> None:
     with pytest.raises(ConfigError, match=f"release '{release}' is reserved"):
         quick_cells(tmp_path, release=release)
+
+
+def test_sweep_table_at_80_columns_shows_whole_cell_names() -> None:
+    import io
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from bench.matrix import CellOutcome, MatrixSummary
+    from bench.run_view import print_sweep
+    from tests.bench.factories import make_result
+
+    cfgs = [BenchConfig(method="lora", model="tiny", release="v1", gradient_checkpointing=gc, optim=o)
+            for gc in (True, False) for o in ("adamw", "adamw_8bit")]
+    summary = MatrixSummary([CellOutcome(c, "ok", Path("x.json"), "", make_result(c)) for c in cfgs])
+    out = io.StringIO()
+    print_sweep(Console(file=out, width=80), summary, len(cfgs))
+    text = out.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    joined = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│"))
+    for c in cfgs:  # folded across lines, never cut: the differing tails (nogc, adamw_8bit) are all there
+        assert c.cell_id() in joined

@@ -131,6 +131,15 @@ def test_cuda_repeat_reads_window_peaks_and_samples_nvml(tmp_path: Path) -> None
     memory = payload["memory"]
     assert memory["gpu_allocated_bytes"] > 0 and memory["gpu_reserved_bytes"] >= memory["gpu_allocated_bytes"]
     assert payload["flops_per_step"] > 0 and payload["peak_flops_per_gpu"]
+    assert payload["attention_flops_per_step"] > 0  # the 6N / 4N+6Nt conventions' attention term
+    # NVML's total-energy counter over the window (Volta and newer, not MIG): joules drawn, or None where missing
+    from phi3v_core.nvml import ProcessMemoryReader
+
+    reader = ProcessMemoryReader(0)
+    counter = reader.total_energy_mj()
+    reader.close()
+    assert (memory["energy_j"] is None) == (counter is None)
+    assert memory["energy_j"] is None or memory["energy_j"] > 0
 
 
 @pytest.mark.gpu(seconds=2)

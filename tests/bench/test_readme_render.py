@@ -70,3 +70,12 @@ def test_an_unknown_block_or_a_missing_result_is_a_data_error(tmp_path: Path) ->
         render_blocks("<!-- render:nope -->\nx\n<!-- /render -->\n", tmp_path)
     with pytest.raises(DataError, match="cannot read the stored result"):
         render_blocks("<!-- render:cpu-validation -->\nx\n<!-- /render -->\n", tmp_path)
+
+
+def test_calibration_rows_are_labelled_as_the_planner_names_them() -> None:
+    # "A100 x1" read as one GPU; the row is one node of 8 A100s, which phi3v-plan --calibration calls 8xA100-80GB x1.
+    block = readme.render_calibration(REPO_ROOT)
+    rows = [line for line in block.splitlines() if line.startswith("| 8x")]
+    assert rows and rows[0].startswith("| 8xA100-80GB x1 full no FA |")
+    assert not any(line.startswith(("| A100 ", "| V100 ")) for line in block.splitlines())
+    assert "GPUs per node x GPU, x nodes" in block

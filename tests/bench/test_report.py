@@ -9,7 +9,7 @@ from bench.config import BenchConfig
 from bench.report import build_report, write_report
 from bench.results import BenchResult
 from phi3v_core.errors import DataError
-from tests.bench.factories import gpu_env, make_result
+from tests.bench.factories import GIB, gpu_env, make_result
 
 SEED = dict(model="phi-3.5-vision", gpus=8, global_batch=64, num_crops=16, seq_profile="docvqa", release="v1")
 
@@ -66,7 +66,9 @@ def test_cpu_group_without_seed_baseline_and_no_reference(tmp_path) -> None:
     assert "## v1 · cpu" in report.markdown
     assert "Seed" not in report.markdown
     assert "the slowest row here" in report.markdown  # no full/eager row to be the 1x
-    assert len(report.images) == 3 and all(data[:4] == b"\x89PNG" for data in report.images.values())
+    # one node only: no scaling plot from single points; throughput and tensor memory with their repeats
+    assert sorted(n.split("-")[0] for n in report.images) == ["memory", "throughput"]
+    assert all(data[:4] == b"\x89PNG" for data in report.images.values())
 
 
 def test_no_results_is_a_user_error() -> None:
@@ -128,9 +130,57 @@ def test_several_releases_get_a_trend_table_and_plot_with_regressions_marked(tmp
     rows = [line for line in section.splitlines() if line.startswith("| v0.")]
     assert [r.split("|")[1].strip() for r in rows] == ["v0.1.0", "v0.2.0", "v0.10.0"]
     assert "| same |" in rows[1] and "▼ regressed" in rows[2]
-    assert "| Release | img/s | MFU | Peak GiB" in section
+    assert "| Release | img/s | MFU [counted] | Peak GiB" in section
     assert any(name.startswith("trend-") for name in report.images)
     write_report(report, tmp_path)
     trend = next(tmp_path.glob("trend-*.png"))
     with Image.open(trend) as image:
         assert image.format == "PNG"
+
+
+def _plotted_axes(monkeypatch) -> list:
+    """Capture every matplotlib Axes the report draws (so a test can read the plotted values)."""
+    from bench import report_plots
+
+    captured: list = []
+    original = report_plots._new_figure
+
+    def spy(title: str):
+        fig, ax = original(title)
+        captured.append(ax)
+        return fig, ax
+
+    monkeypatch.setattr(report_plots, "_new_figure", spy)
+    return captured
+
+
+def test_plots_show_tensor_memory_with_repeat_error_bars_from_zero(monkeypatch) -> None:
+    env = gpu_env(count=0)
+    results = []
+    for i, (method, tensors) in enumerate((("lora", 3), ("full", 9))):
+        r = make_result(BenchConfig(method=method, release="v1"), step_time=0.1 * (i + 1), env=env, seed=i)
+        for k, rep in enumerate(r.metrics.repeats):
+            for m in rep.memory:  # a CPU run: RSS is the same for every method, the live tensors are not
+                m.gpu_allocated_bytes = m.gpu_reserved_bytes = None
+                m.cpu_rss_bytes = 8 * GIB
+                m.cpu_tensor_peak_bytes = (tensors + 0.1 * k) * GIB
+        results.append(r)
+    axes = _plotted_axes(monkeypatch)
+    report = build_report(results, with_reference=False)
+    memory = next(ax for ax in axes if ax.get_title().startswith("Peak tensor memory"))
+    heights = sorted(round(p.get_height(), 1) for p in memory.patches)
+    assert heights == [3.2, 9.2]  # live tensors (max over repeats), not the 8 GiB RSS
+    assert "live CPU tensors" in memory.get_ylabel()
+    bars = [c for c in memory.containers if hasattr(c, "errorbar")]
+    assert bars and all(c.errorbar is not None for c in bars)  # min-max of the repeats
+    for ax in axes:
+        assert ax.get_ylim()[0] == 0
+    assert not any(name.startswith("scaling-") for name in report.images)
+
+
+def test_no_nan_or_none_cells(a100_results) -> None:
+    md = build_report(a100_results).markdown
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip().lower() for c in line.strip("|").split("|")]
+            assert not {"nan", "~nan", "none", "nanx", "nan%"} & set(cells), line

@@ -54,7 +54,45 @@ def test_run_to_run_noise_raises_the_bar() -> None:
     noisy = [-0.15, 0.0, 0.15]
     c = compare_samples(samples(10.0, seed=1, repeat_offsets=noisy), samples(9.0, seed=2, repeat_offsets=noisy))
     assert c.noise_pct == pytest.approx(30, abs=3)
-    assert c.verdict == "same"
+    # Within the noise is unproven, not "same": the reason says so and how many repeats would decide it.
+    assert c.verdict == "inconclusive"
+    assert "within the run-to-run noise" in c.reason
+    assert c.repeats_needed is not None and c.repeats_needed > 3
+    assert f"~{c.repeats_needed} repeats per side would decide it" in c.reason
+
+
+def test_a_large_change_against_one_repeat_is_never_same() -> None:
+    # The newcomer's case: -47 % against a 1-repeat baseline, the candidate's repeats scattered by ±30 %.
+    a = [[1.0] * 5]
+    b = [[0.4] * 5, [0.53] * 5, [0.7] * 5]
+    c = compare_samples(a, b)
+    assert c.delta_pct == pytest.approx(-47, abs=1)
+    assert c.verdict == "inconclusive"
+    assert c.ci_pct is None  # no interval with one repeat on a side
+    # the spread of B's repeats sizes the advice
+    assert c.repeats_needed is not None and c.repeats_needed >= 3
+    assert "would decide it" in c.reason
+
+
+def test_with_no_spread_observed_the_advice_is_the_minimum() -> None:
+    c = compare_samples([[1.0] * 5], [[0.5] * 5])
+    assert c.verdict == "inconclusive" and c.repeats_needed is None
+    assert "run >= 3 repeats per side (no repeat-to-repeat spread observed yet)" in c.reason
+
+
+def test_repeats_to_decide_grows_with_spread_and_shrinks_with_the_change() -> None:
+    from bench.stats import repeats_to_decide
+
+    tight = repeats_to_decide([10.0, 10.1, 9.9], [9.0, 9.1, 8.9], -10.0)
+    loose = repeats_to_decide([10.0, 11.0, 9.0], [9.0, 10.0, 8.0], -10.0)
+    assert tight == 3 and loose > tight
+    assert repeats_to_decide([10.0, 11.0, 9.0], [7.0, 8.0, 6.0], -30.0) < loose
+
+
+def test_confidence_interval_brackets_the_change() -> None:
+    c = compare_samples(samples(10.0, seed=1), samples(8.0, seed=2))
+    low, high = c.ci_pct
+    assert low < c.delta_pct < high < 0
 
 
 def test_too_few_repeats_is_inconclusive() -> None:

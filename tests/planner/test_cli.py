@@ -52,6 +52,16 @@ def test_list_gpus_and_calibration(capsys):
     assert "Predicted vs published" in _run(capsys, "--calibration")
 
 
+def test_list_gpus_at_80_columns_shows_every_name_whole(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    out = _run(capsys, "--list-gpus")
+    assert max(len(line) for line in out.splitlines()) <= 80
+    names = {line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│")}
+    keys = {g["key"] for g in json.loads(_run(capsys, "--list-gpus", "--json"))}
+    assert names == keys  # what --gpu takes, never "A100-40…"
+    assert "…" not in out
+
+
 def test_bad_input_is_one_line(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--gpu", "A100", "--nodes", "0"])
