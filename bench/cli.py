@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.advice import after_run_advice
 from bench.config import (
     FLOPS_MODES,
     SEQ_PROFILES,
@@ -38,6 +39,7 @@ from bench.config import (
     choose_defaults,
     default_release,
 )
+from bench.fit import fit_problems, fitting_cells
 from bench.layout import LAYOUT_FIELDS, LAYOUTS, resolve_layout
 from bench.preflight import (
     LIMITS,
@@ -142,8 +144,8 @@ def _add_run_command(sub: Any) -> None:
                "  phi3v-bench run --method full --attn flash_attention_2 --model phi-3.5-vision --gpus 8 --batch-size 64",
     )
     _add_run_arguments(run)
-    run.add_argument("--force", action="store_true",
-                     help="replace a stored result measured on other hardware or at another commit")
+    run.add_argument("--force", action="store_true", help="run even where the planner predicts it does not fit this "
+                     "machine's memory, and replace a stored result measured on other hardware or at another commit")
     run.add_argument("--json", action="store_true", help="print the result as one JSON line")
     # Multi-node on a real cluster (one phi3v-bench per node; under srun these come from SLURM's variables).
     run.add_argument("--node-rank", type=bounded_int(0, LIMITS["nodes"] - 1), default=None, help="this node's index 0..nodes-1 (node 0 writes the result)")
@@ -170,7 +172,8 @@ def _add_matrix_command(sub: Any) -> None:
     matrix.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE", dest="assignments",
                         help="fix a config field for every cell (e.g. steps=5 model=tiny)")
     _add_output_arguments(matrix)
-    matrix.add_argument("--force", action="store_true", help="re-run cells that already have a finished result")
+    matrix.add_argument("--force", action="store_true", help="re-run cells that already have a finished result, and "
+                        "run cells the planner predicts do not fit this machine's memory (left out otherwise)")
     matrix.add_argument("--dry-run", action="store_true", help="list the cells and where they would be written")
     matrix.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     matrix.add_argument("--json", action="store_true", help="print the sweep summary as one JSON line")
@@ -273,18 +276,6 @@ def _command_line(args: argparse.Namespace) -> str:
     return " ".join(["phi3v-bench", *(shlex.quote(a) for a in getattr(args, "argv", []) or [args.command])])[:300]
 
 
-def _measure(cfg: BenchConfig, cluster: Any, timeout: float | None) -> Any:
-    """Run ``cfg`` on this machine or as one node of a cluster."""
-    from bench import runner
-
-    options: dict[str, Any] = {}  # only what was given: run_config's defaults stay in one place
-    if timeout is not None:
-        options["timeout_s"] = timeout
-    if cluster is not None:
-        options["cluster"] = cluster
-    return runner.run_config(cfg, **options)
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     from bench import runner
     from bench.results import capture_environment
@@ -302,6 +293,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # Refuse before measuring, not after: a run can take hours.
         problems += preflight_problems([cfg], env.hardware, writes=main_node)
         problems += cluster.problems(cfg) if cluster is not None else []
+        problems += [] if args.force or problems else fit_problems([cfg], bool(env.gpus))  # before any model
     raise_all(problems)
     target = result_path(cfg.out, cfg.release, env.hardware, cfg)
     with one_writer(cfg.out, _command_line(args), enabled=main_node):
@@ -354,6 +346,7 @@ def _print_summary(console: Any, cfg: BenchConfig, result: Any) -> None:
 
 def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons: list[str], cluster: Any) -> int:
     """Measure, save and print; a failed save still prints every number (and keeps a copy where it can)."""
+    from bench.runner import measure_with_progress
     from bench.store import save_result
 
     main_node = cluster is None or cluster.is_main
@@ -365,11 +358,12 @@ def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons:
             return None, unsaved_result_error(result, exc)
 
     if args.json:
-        result = _measure(cfg, cluster, args.timeout)
+        result = measure_with_progress(cfg, cluster, args.timeout)
         if not main_node:
             _print_json({"path": None, **result.to_dict()})
             return 0 if result.status == "ok" else 1
         path, write_error = save(result)
+        sys.stderr.write("".join(f"{line}\n" for line in after_run_advice(cfg, result, env)))  # stdout: JSON
         _print_json({"path": str(path) if path else None, "defaults": reasons, **result.to_dict(),
                      **({"write_error": write_error} if write_error else {})})
         if write_error:
@@ -390,20 +384,19 @@ def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons:
         + "\n".join(f"[dim]default[/] {reason}" for reason in reasons)
     )
     console.print(Panel(card, title=f"phi3v-bench run · {cfg.cell_id()}", expand=False))
-    with console.status(f"measuring {cfg.repeats} repeat(s) in fresh processes…"):
-        result = _measure(cfg, cluster, args.timeout)
+    result = measure_with_progress(cfg, cluster, args.timeout, live=True)
     if not main_node:
         console.print(result.message or f"[red]{result.status}[/]")
         return 0 if result.status == "ok" else 1
     path, write_error = save(result)
-
-    _print_summary(console, cfg, result)
+    if result.message:  # the reason first, before any table
+        console.print(f"[red]{result.status}[/]: {result.message}")
+    if result.metrics.repeats:  # a run that measured nothing gets no table of dashes
+        _print_summary(console, cfg, result)
     from bench.status import run_notes
 
-    for note in run_notes(result):
+    for note in [*run_notes(result), *after_run_advice(cfg, result, env)]:
         console.print(note)
-    if result.message:
-        console.print(f"[red]{result.status}[/]: {result.message}")
     if write_error:
         raise StorageError(write_error)
     console.print(f"wrote {path}")
@@ -439,6 +432,9 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
         refuse_unusable_gpu()
     env = capture_environment()
     raise_all(preflight_problems(cells, env.hardware))
+    if not args.force:  # a cell predicted not to fit is left out, said before the sweep, not found by the OOM killer
+        cells, skipped = fitting_cells(cells, bool(env.gpus))
+        sys.stderr.write("".join(f"{line}\n" for line in skipped))
 
     if args.dry_run:
         listing = [{"cell": c.cell_id(), "path": str(result_path(c.out, c.release, env.hardware, c))} for c in cells]
