@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ _GRACE_S = 30.0
 FLOP_CACHE_ENV = "PHI3V_BENCH_FLOP_CACHE"
 #: ``progress(repeat, state)``: what :func:`run_config` reports while a repeat runs (see :mod:`bench.progress`).
 Progress = Callable[[int, "dict[str, Any] | None"], None]
+#: The reporter of the measurement in progress (:func:`measure_with_progress`), for a ``run_config`` without one.
+_REPORTER: ContextVar[Progress | None] = ContextVar("phi3v_bench_progress", default=None)
 
 
 @dataclass(frozen=True)
@@ -427,6 +430,7 @@ def run_config(
     metrics = Metrics()
     clean_stale()  # what earlier SIGKILLed measurements left in the temp folder (said on stderr)
     with owned_tempdir("phi3v-bench-flops-") as (flop_cache, _), terminate_on_signals():
+        progress = progress or _REPORTER.get()
         result = _run_repeats(cfg, timeout_s, cluster, environment, metrics, started, flop_cache, progress)
     result.metrics.wall_s = time.monotonic() - clock
     return result
@@ -440,7 +444,11 @@ def measure_with_progress(cfg: BenchConfig, cluster: ClusterLaunch | None, timeo
 
     options = {name: value for name, value in (("timeout_s", timeout_s), ("cluster", cluster)) if value is not None}
     with RunProgress(cfg.repeats, live=live) as progress:
-        return run_config(cfg, progress=progress.update, **options)
+        token = _REPORTER.set(progress.update)  # not an argument: callers that stand in for run_config take cfg only
+        try:
+            return run_config(cfg, **options)
+        finally:
+            _REPORTER.reset(token)
 
 
 def _run_repeats(
