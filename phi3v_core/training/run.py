@@ -39,6 +39,7 @@ from phi3v_core.fs import (
     writable_problem,
 )
 from phi3v_core.io import atomic_write_json
+from phi3v_core.progress import stage
 from phi3v_core.training.config import COMPLETE_MARKER
 from phi3v_core.transaction import PROOF_NAME, SetAside, recover
 
@@ -392,7 +393,7 @@ def _eval_kwargs(cfg: FinetuneConfig, env: Any) -> dict[str, Any]:
         "max_new_tokens": cfg.max_new_tokens,
         "autocast_dtype": autocast,
         "num_workers": train.dataloader_num_workers,
-        "progress": cfg.progress and not cfg.json,
+        "progress": cfg.progress,  # on stderr, so --json keeps it too (plain lines when not a terminal)
     }
 
 
@@ -406,7 +407,8 @@ def _evaluate_before(cfg: FinetuneConfig, task: Any, processor: Any, env: Any) -
         previous = EvalResult.from_json(path)
         if previous.task == task.name and previous.ids == [item.id for item in task.eval_items()]:
             return previous  # a resumed run keeps its baseline instead of regenerating it
-    model = baseline_model(cfg.train, env).to(local_device(env.cuda))  # QLoRA: the same nf4 base as "after"
+    with stage("eval before: building the model", enabled=cfg.progress and is_main_process()):
+        model = baseline_model(cfg.train, env).to(local_device(env.cuda))  # QLoRA: the same nf4 base as "after"
     try:
         return evaluate_task(
             model, task, processor, output_file=path, description="eval before", **_eval_kwargs(cfg, env)
@@ -446,6 +448,16 @@ def run(cfg: FinetuneConfig, env: Any = None, on_plan: Callable[[FinetuneConfig,
         return _run_locked(cfg, env, on_plan)
 
 
+def _on_train_begin(done: Callable[[], None]) -> Any:
+    from transformers import TrainerCallback
+
+    class OnTrainBegin(TrainerCallback):
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            done()  # the model is built (and wrapped): the Trainer's own bar takes over
+
+    return OnTrainBegin()
+
+
 def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig, Any], None] | None) -> dict[str, Any]:
     from phi3v_core.training.api import init_distributed, resolve_resume, train
     from phi3v_core.training.checkpoints import data_fingerprint
@@ -471,7 +483,8 @@ def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig
         on_plan(cfg, task)
 
     before = _evaluate_before(cfg, task, processor, env) if cfg.evaluate else None
-    result = train(cfg.train, train_dataset, processor=processor, env=env)
+    with stage("train: building the model", enabled=cfg.progress and is_main_process()) as built:
+        result = train(cfg.train, train_dataset, processor=processor, env=env, callbacks=[_on_train_begin(built)])
     after = None
     if cfg.evaluate:
         after = evaluate_task(
