@@ -285,6 +285,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     saved = summary["train"].get("saved_to")
     if saved:
         console.print(f"model saved to {saved}")
+    if summary.get("advice"):
+        console.print(f"advice: {summary['advice']}", highlight=False)
 
 
 @handle_errors

@@ -495,6 +495,9 @@ def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig
             description="eval after",
             **_eval_kwargs(cfg, env),
         )
+    from phi3v_core.training.advice import cuda_peak_and_capacity, memory_advice
+
+    advice = memory_advice(cfg.train, task.name, cfg.data_dir, *cuda_peak_and_capacity())
     train_summary = result.to_dict()
     train_summary.pop("steps", None)  # per-step timings are the benchmark's business
     return {
@@ -515,6 +518,7 @@ def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig
         "metric": task.metric,
         "eval_before": _eval_summary(before, Path(cfg.train.output_dir) / "eval_before.json"),
         "eval_after": _eval_summary(after, Path(cfg.train.output_dir) / "eval_after.json"),
+        "advice": advice,
     }
 
 
