@@ -22,6 +22,7 @@ from typing import Any
 from bench.config import BenchConfig
 from phi3v_core.constants import ZERO_BUCKET_ELEMENTS
 from phi3v_core.methods import METHOD_NAMES, get_method
+from planner.fit_check import device_memory_bytes, host_available_bytes
 
 __all__ = [
     "PROCESS_BASELINE_BYTES", "Memory", "available", "fit_problem", "fit_problems", "fitting_cells",
@@ -47,24 +48,6 @@ class Memory:
 
     device_bytes: float | None
     host_bytes: float | None
-
-
-def host_available_bytes() -> float | None:
-    """RAM this node can give a new run now (``psutil.virtual_memory().available``; None if unreadable)."""
-    try:
-        import psutil
-
-        return float(psutil.virtual_memory().available)
-    except Exception:  # noqa: BLE001 - no number, no refusal
-        return None
-
-
-def device_memory_bytes(nvml: Any | None = None) -> float | None:
-    """Memory of the smallest visible GPU as NVML reports it (None: no GPU or unreadable)."""
-    from phi3v_core.nvml import visible_devices
-
-    sizes = [d.memory_total_bytes for d in visible_devices(nvml).devices if d.memory_total_bytes]
-    return float(min(sizes)) if sizes else None
 
 
 def available(gpu: bool, nvml: Any | None = None) -> Memory:

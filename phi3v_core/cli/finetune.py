@@ -198,6 +198,8 @@ def _add_run_flags(ours: argparse._ArgumentGroup) -> None:
         help="longest training sequence (default: the model context); longer records are an error, never truncated",
     )
     ours.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)")
+    ours.add_argument("--force", action="store_true",
+                      help="train even where phi3v-plan's memory model predicts the run does not fit this machine")
 
 
 def _add_memory_flags(parser: argparse.ArgumentParser) -> None:

@@ -95,6 +95,7 @@ class FinetuneConfig:
         sources: Setting → where its value came from (``flag``, ``preset``, ``recipe``, ``default``, ``auto``).
         notes: Remarks printed before the run (deviations, implied settings).
         overwrite_output_dir: Replace a run already in the output folder (moved aside, deleted after success).
+        force: Train even where the planner predicts the run does not fit this machine's memory.
         max_length: Longest training sequence in tokens (``None``: the model context); longer records are an
             error naming them (never truncated, so no record loses its supervised tokens).
     """
@@ -118,6 +119,7 @@ class FinetuneConfig:
     notes: list[str] = field(default_factory=list)
     overwrite_output_dir: bool = False
     max_length: int | None = None
+    force: bool = False
 
 
 
@@ -481,6 +483,11 @@ def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig
     train_dataset = EncodedDataset(task.train, processor)
     if is_main_process() and on_plan is not None:
         on_plan(cfg, task)
+    if not cfg.force:  # before any model is built: the planner's memory prediction against this machine
+        from phi3v_core.training.fit_hook import fit_problems
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))  # processes on this node (torchrun sets it)
+        raise_all(fit_problems(cfg.train, task.name, cfg.data_dir, env.world_size, local, env.cuda))
 
     before = _evaluate_before(cfg, task, processor, env) if cfg.evaluate else None
     with stage("train: building the model", enabled=cfg.progress and is_main_process()) as built:
