@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import cli_args
+from bench.advice import after_run_advice
 from bench.config import BenchConfig, DeviceDescription
+from bench.fit import fit_problems, fitting_cells
 from bench.layout import machine_config
 from bench.preflight import (
     LIMITS,
@@ -89,18 +91,6 @@ def _command_line(args: argparse.Namespace) -> str:
     return " ".join(["phi3v-bench", *(shlex.quote(a) for a in getattr(args, "argv", []) or [args.command])])[:300]
 
 
-def _measure(cfg: BenchConfig, cluster: Any, timeout: float | None) -> Any:
-    """Run ``cfg`` on this machine or as one node of a cluster."""
-    from bench import runner
-
-    options: dict[str, Any] = {}  # only what was given: run_config's defaults stay in one place
-    if timeout is not None:
-        options["timeout_s"] = timeout
-    if cluster is not None:
-        options["cluster"] = cluster
-    return runner.run_config(cfg, **options)
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     from bench import runner
     from bench.results import capture_environment
@@ -121,6 +111,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # Refuse before measuring, not after: a run can take hours.
         problems += preflight_problems([cfg], env.hardware, writes=main_node)
         problems += cluster.problems(cfg) if cluster is not None else []
+        problems += [] if args.force or problems else fit_problems([cfg], bool(env.gpus))  # before any model
     raise_all(problems)
     target = result_path(cfg.out, cfg.release, env.hardware, cfg)
     with one_writer(cfg.out, _command_line(args), enabled=main_node):
@@ -132,6 +123,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons: list[str], cluster: Any) -> int:
     """Measure, save and print; a failed save still prints every number (and keeps a copy where it can)."""
+    from bench.runner import measure_with_progress
     from bench.store import save_result
 
     main_node = cluster is None or cluster.is_main
@@ -143,11 +135,12 @@ def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons:
             return None, unsaved_result_error(result, exc)
 
     if args.json:
-        result = _measure(cfg, cluster, args.timeout)
+        result = measure_with_progress(cfg, cluster, args.timeout)
         if not main_node:
             _print_json({"path": None, **result.to_dict()})
             return 0 if result.status == "ok" else 1
         path, write_error = save(result)
+        sys.stderr.write("".join(f"{line}\n" for line in after_run_advice(cfg, result, env)))  # stdout: JSON
         _print_json({"path": str(path) if path else None, "defaults": reasons, **result.to_dict(),
                      **({"write_error": write_error} if write_error else {})})
         if write_error:
@@ -168,20 +161,19 @@ def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons:
         + "\n".join(f"[dim]default[/] {reason}" for reason in reasons)
     )
     console.print(Panel(card, title=f"phi3v-bench run · {cfg.cell_id()}", expand=False))
-    with console.status(f"measuring {plural(cfg.repeats, 'repeat')} in fresh processes…"):
-        result = _measure(cfg, cluster, args.timeout)
+    result = measure_with_progress(cfg, cluster, args.timeout, live=True)
     if not main_node:
         console.print(result.message or f"[red]{result.status}[/]")
         return 0 if result.status == "ok" else 1
     path, write_error = save(result)
-
-    _print_summary(console, cfg, result)
+    if result.message:  # the reason first, before any table
+        console.print(f"[red]{result.status}[/]: {result.message}")
+    if result.metrics.repeats:  # a run that measured nothing gets no table of dashes
+        _print_summary(console, cfg, result)
     from bench.status import run_notes
 
-    for note in run_notes(result):
+    for note in [*run_notes(result), *after_run_advice(cfg, result, env)]:
         console.print(note)
-    if result.message:
-        console.print(f"[red]{result.status}[/]: {result.message}")
     if write_error:
         raise StorageError(write_error)
     console.print(f"wrote {path}")
@@ -219,6 +211,9 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
         refuse_unusable_gpu()
     env = capture_environment()
     raise_all(preflight_problems(cells, env.hardware))
+    if not args.force:  # a cell predicted not to fit is left out, said before the sweep, not found by the OOM killer
+        cells, skipped = fitting_cells(cells, bool(env.gpus))
+        sys.stderr.write("".join(f"{line}\n" for line in skipped))
 
     if args.dry_run:
         listing = [{"cell": c.cell_id(), "path": str(result_path(c.out, c.release, env.hardware, c))} for c in cells]

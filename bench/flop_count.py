@@ -104,6 +104,7 @@ def trace_step_flops(
     from phi3v_core.config import get_config
     from phi3v_core.methods import get_method
     from phi3v_core.model import Phi3VForCausalLM
+    from phi3v_core.model.checkpointing import enable_activation_checkpointing
 
     attn = flop_trace_attn(train_cfg.attn)
     method = "lora" if train_cfg.method == "qlora" else train_cfg.method
@@ -118,7 +119,7 @@ def trace_step_flops(
             model = Phi3VForCausalLM(get_config(train_cfg.model, attn_implementation=attn))
         model.config.use_cache = False
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         model, _report = get_method(method).prepare(model, traced_cfg.method_options("meta"))
         model.train()
         total = 0

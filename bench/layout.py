@@ -19,7 +19,7 @@ from bench.config import BenchConfig, DeviceDescription, choose_defaults
 from phi3v_core.constants import MODEL_PRESET_NAMES, OFFLOAD_NAMES, OPTIM_NAMES
 from phi3v_core.errors import ConfigError
 
-__all__ = ["LAYOUTS", "LAYOUT_FIELDS", "RECIPE_LAYOUT", "layout_label", "resolve_layout"]
+__all__ = ["LAYOUTS", "LAYOUT_FIELDS", "RECIPE_LAYOUT", "layout_label", "plan_request", "resolve_layout"]
 
 #: Where a run's layout comes from.
 LAYOUTS: tuple[str, ...] = ("plan", "recipe")
@@ -46,16 +46,23 @@ def layout_label(config: Mapping[str, Any] | Any) -> str:
     return (f"{source}: " if source else "") + ", ".join(parts)
 
 
-def _planned(values: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:
-    """The planner's layout for ``values`` (method, model, batch, GPUs, crops, profile) on the detected GPUs."""
-    from planner.recommend import PlanRequest, plan
+def plan_request(values: Mapping[str, Any]) -> Any:
+    """The :class:`~planner.request.PlanRequest` of a run (method, model, batch, GPUs, crops, profile) on the
+    detected GPUs: what ``--layout plan`` and the run's advice (:mod:`bench.advice`) ask the planner."""
+    from planner.recommend import PlanRequest
 
-    request = PlanRequest(
+    return PlanRequest(
         methods=(values["method"],), count=values["gpus"], nodes=values["nodes"], task=values["seq_profile"],
         num_crops=values["num_crops"], global_batch=values["global_batch"],
         model=values["model"] if values["model"] in MODEL_PRESET_NAMES else "phi-3.5-vision",
     )  # fmt: skip
-    result = plan(request)
+
+
+def _planned(values: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The planner's layout for ``values`` (method, model, batch, GPUs, crops, profile) on the detected GPUs."""
+    from planner.recommend import plan
+
+    result = plan(plan_request(values))
     method = result.method(values["method"])
     card = f"{result.hardware.gpus_per_node}x {result.hardware.gpu.key}"
     if not (method.supported and method.fits):

@@ -18,6 +18,7 @@ counts are **summed** over ranks. Each repeat has a timeout; a timed-out or kill
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -27,14 +28,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.config import BenchConfig
 from bench.pinning import single_process_env
+from bench.progress import read_progress
 from bench.results import BenchResult, Metrics, RankMemory, RepeatSample, capture_environment, utc_now
 from bench.scratch import clean_stale, die_with_parent, owned_tempdir
 from bench.status import OOM_MARKERS, RepeatOutcome, classify_repeat, kernel_log_lines, looks_like_oom
@@ -50,6 +53,7 @@ __all__ = [
     "first_slurm_host",
     "launch_commands",
     "looks_like_oom",
+    "measure_with_progress",
     "run_config",
     "terminate_on_signals",
 ]
@@ -63,6 +67,12 @@ _GRACE_S = 30.0
 #: Environment variable naming the folder where a configuration's repeats share their FLOP count
 #: (:class:`bench.flop_count.FlopCache`): the first repeat traces, the others read it.
 FLOP_CACHE_ENV = "PHI3V_BENCH_FLOP_CACHE"
+#: ``progress(repeat, state)``: what :func:`run_config` reports while a repeat runs (see :mod:`bench.progress`).
+Progress = Callable[[int, "dict[str, Any] | None"], None]
+#: The reporter of the measurement in progress (:func:`measure_with_progress`), for a ``run_config`` without one.
+_REPORTER: ContextVar[Progress | None] = ContextVar("phi3v_bench_progress", default=None)
+
+
 @dataclass(frozen=True)
 class ClusterLaunch:
     """Where this node sits in a real multi-node run (one ``phi3v-bench`` per node).
@@ -292,19 +302,20 @@ def terminate_on_signals() -> Any:
 
 
 def _run_repeat(
-    cfg: BenchConfig, timeout_s: float | None, cluster: ClusterLaunch | None, repeat: int, flop_cache: Path | None = None
+    cfg: BenchConfig, timeout_s: float | None, cluster: ClusterLaunch | None, repeat: int, flop_cache: Path | None = None,
+    progress: Progress | None = None,
 ) -> RepeatOutcome:
     """Launch one repeat on this machine; return the rank payloads (all ranks' on node 0 of a cluster).
 
     ``flop_cache`` is the folder the configuration's repeats share, so the FLOPs are traced by the first only.
     """
     with owned_tempdir("phi3v-bench-") as (tmp_dir, owner):
-        return _run_repeat_in(cfg, timeout_s, cluster, repeat, flop_cache, tmp_dir, owner)
+        return _run_repeat_in(cfg, timeout_s, cluster, repeat, flop_cache, tmp_dir, owner, progress)
 
 
 def _run_repeat_in(
     cfg: BenchConfig, timeout_s: float | None, cluster: ClusterLaunch | None, repeat: int, flop_cache: Path | None,
-    tmp_dir: Path, owner: int,
+    tmp_dir: Path, owner: int, progress: Progress | None = None,
 ) -> RepeatOutcome:
     """:func:`_run_repeat` in its scratch folder ``tmp_dir``; ``owner`` (its lock) is inherited by the workers."""
     procs: list[subprocess.Popen] = []
@@ -330,8 +341,7 @@ def _run_repeat_in(
             procs.append(proc)
             _LIVE.add(proc)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for proc in procs:
-            proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        _wait_all(procs, deadline, None if progress is None else lambda: progress(repeat, read_progress(tmp_dir)))
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:
@@ -348,6 +358,18 @@ def _run_repeat_in(
     signalled = [proc.pid for proc in procs if proc.returncode is not None and proc.returncode < 0]
     pids = [int(p) for p in re.findall(r"received by PID (\d+)", tail, re.IGNORECASE)] + signalled
     return RepeatOutcome(payloads, tail, timed_out, codes, wall_s, kernel_log_lines(pids) if not timed_out else "")
+
+
+def _wait_all(procs: list[subprocess.Popen], deadline: float | None, tick: Callable[[], None] | None) -> None:
+    """Wait for every process until ``deadline`` (``TimeoutExpired`` after it), calling ``tick`` twice a second."""
+    while any(proc.poll() is None for proc in procs):
+        if deadline is not None and time.monotonic() >= deadline:
+            raise subprocess.TimeoutExpired(procs[0].args, 0)
+        if tick is not None:
+            tick()
+        wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            next(p for p in procs if p.poll() is None).wait(timeout=wait)
 
 
 def _read_payloads(tmp_dir: Path) -> list[dict[str, Any]]:
@@ -383,6 +405,7 @@ def run_config(
     *,
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
     cluster: ClusterLaunch | None = None,
+    progress: Progress | None = None,
 ) -> BenchResult:
     """Measure one configuration (``cfg.repeats`` fresh launches) and return the result; failures become rows.
 
@@ -393,6 +416,8 @@ def run_config(
         cfg: A validated configuration.
         timeout_s: Kill a repeat (every process it started) that runs longer than this; ``None`` waits forever.
         cluster: This node's place in a multi-node job; ``None`` runs everything on this machine.
+        progress: Called as ``progress(repeat, state)`` while a repeat runs (state: the worker's
+            :func:`~bench.progress.read_progress`, ``{"phase": "done"}`` when it ended).
 
     Raises:
         ConfigError: The cluster placement does not fit ``cfg``, or loopback nodes were asked for on CUDA.
@@ -407,9 +432,25 @@ def run_config(
     metrics = Metrics()
     clean_stale()  # what earlier SIGKILLed measurements left in the temp folder (said on stderr)
     with owned_tempdir("phi3v-bench-flops-") as (flop_cache, _), terminate_on_signals():
-        result = _run_repeats(cfg, timeout_s, cluster, environment, metrics, started, flop_cache)
+        progress = progress or _REPORTER.get()
+        result = _run_repeats(cfg, timeout_s, cluster, environment, metrics, started, flop_cache, progress)
     result.metrics.wall_s = time.monotonic() - clock
     return result
+
+
+def measure_with_progress(cfg: BenchConfig, cluster: ClusterLaunch | None, timeout_s: float | None,
+                          live: bool = False) -> BenchResult:
+    """:func:`run_config` with repeat i/N, step j/M and an ETA on stderr (a bar when ``live`` on a terminal, plain
+    lines otherwise); ``timeout_s``/``cluster`` None keep run_config's defaults."""
+    from bench.progress import RunProgress
+
+    options = {name: value for name, value in (("timeout_s", timeout_s), ("cluster", cluster)) if value is not None}
+    with RunProgress(cfg.repeats, live=live) as progress:
+        token = _REPORTER.set(progress.update)  # not an argument: callers that stand in for run_config take cfg only
+        try:
+            return run_config(cfg, **options)
+        finally:
+            _REPORTER.reset(token)
 
 
 def _run_repeats(
@@ -420,10 +461,13 @@ def _run_repeats(
     metrics: Metrics,
     started: str,
     flop_cache: Path,
+    progress: Progress | None = None,
 ) -> BenchResult:
     """Every repeat of :func:`run_config`, one after another; the first failure ends the run as a result row."""
     for index in range(cfg.repeats):
-        repeat = _run_repeat(cfg, timeout_s, cluster, index, flop_cache)
+        repeat = _run_repeat(cfg, timeout_s, cluster, index, flop_cache, progress)
+        if progress is not None:
+            progress(index, {"phase": "done"})
         failure = classify_repeat(repeat, timeout_s)
         if failure is not None:
             status, message, step = failure

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from bench.config import BenchConfig
 from bench.dataload import measure_processor_rate
 from bench.flop_count import FlopCache, count_step_flops, step_micro_batches
 from bench.measure import InstrumentedSteps, TimedWindow
+from bench.progress import PROGRESS_FILE
 from bench.runner import FLOP_CACHE_ENV
 from bench.status import HOST_OOM, OOM, oom_status
 from bench.updates import ChangedWeights
@@ -81,6 +83,32 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return tflops * 1e12 if tflops else None
 
 
+class ProgressFile(TrainerCallback):
+    """Rank 0 writes its phase and last finished step to ``<out>/progress.json`` for the runner's progress line.
+
+    Written in ``on_step_end`` after the :class:`~phi3v_core.training.StepTimer`'s (it comes later in the callback
+    list), so never inside a timed step; a small file replaced with ``os.replace``, no fsync (nothing depends on it
+    surviving a crash).
+    """
+
+    def __init__(self, out_dir: Path, total: int, warmup: int, rank: int) -> None:
+        self.path, self.total, self.warmup, self.enabled = out_dir / PROGRESS_FILE, total, warmup, rank == 0
+
+    def write(self, phase: str, step: int = 0) -> None:
+        """Replace the file with ``phase`` and ``step``."""
+        if not self.enabled:
+            return
+        tmp = self.path.with_name(f".{PROGRESS_FILE}.tmp")
+        tmp.write_text(json.dumps({"phase": phase, "step": step, "total": self.total, "warmup": self.warmup}))
+        os.replace(tmp, self.path)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.write("training", state.global_step)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.write("training", state.global_step)
+
+
 def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
     """Train one repeat on this rank and return its measurements."""
     from bench.workload import build_workload
@@ -94,6 +122,8 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         torch.cuda.set_device(device)
     layout = plan_steps(cfg, cuda)
     total_steps = int(layout["total"])
+    progress = ProgressFile(out_dir, total_steps, cfg.warmup, rank)
+    progress.write("building")
     # The global batch × every planned step: the Trainer's sampler shards this over the ranks, so one epoch is
     # exactly ``total_steps`` full optimizer steps (no partial gradient-accumulation step inside the timed window).
     workload = build_workload(cfg, processor_for(cfg), workload_samples(cfg, total_steps))
@@ -109,7 +139,7 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         train_cfg = to_train_config(cfg, scratch, total_steps)
         try:
             # The window (sync, peak reset, first NVML sample) opens before the timer's clock starts.
-            result = train(train_cfg, workload.dataset, callbacks=[*window.callbacks, changes])
+            result = train(train_cfg, workload.dataset, callbacks=[*window.callbacks, changes, progress])
         except Exception as exc:  # noqa: BLE001 - recorded as an error/oom row by the runner
             payload.update(
                 status=_failure_status(exc),

@@ -47,6 +47,7 @@ __all__ = [
     "search",
     "setup_for",
     "usable_limit",
+    "with_option",
 ]
 
 
@@ -98,7 +99,7 @@ def option_tiers(base: TrainSetup) -> list[list[tuple[str, str]]]:
     return tiers
 
 
-def _with_option(base: TrainSetup, optim: str, offload: str) -> TrainSetup:
+def with_option(base: TrainSetup, optim: str, offload: str) -> TrainSetup:
     """``base`` with an optimizer/offload option (and the weight storage phi3v-finetune uses with it).
 
     ``optim`` is phi3v-finetune's name; the memory model knows ``adamw`` and ``adamw_8bit`` plus a weight dtype.
@@ -223,7 +224,7 @@ def search(
             for checkpointing in (True, False):
                 for micro, accum, _effective in batch_layouts(global_batch, hw.world_size, request.max_micro_batch):
                     setup = replace(
-                        _with_option(base, optim, offload),
+                        with_option(base, optim, offload),
                         micro_batch=micro,
                         grad_accum=accum,
                         gradient_checkpointing=checkpointing,

@@ -184,7 +184,9 @@ def prepare_model(config: Any, setup: TrainSetup) -> Any:
         model = Phi3VForCausalLM(config)
     model.supervised_logits = setup.logits == "supervised"
     if setup.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from phi3v_core.model.checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     method = setup.spec.trace_name
     options = MethodOptions(
         lora_rank=setup.lora_rank,

@@ -566,6 +566,7 @@ def _finetune_config(
         notes=resolver.notes,
         overwrite_output_dir=args.overwrite_output_dir,
         max_length=args.max_length or resolver.context,
+        force=getattr(args, "force", False),
     )
 
 

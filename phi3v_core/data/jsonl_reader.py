@@ -20,6 +20,7 @@ from phi3v_core.data.jsonl_rules import check_record, check_turns, decode_line, 
 from phi3v_core.data.records import Record, Turn, image_tag_problem, with_image_tags
 from phi3v_core.errors import DataError, raise_all
 from phi3v_core.fs import check_regular_file
+from phi3v_core.progress import Counter
 
 __all__ = ["MAX_LISTED_PROBLEMS", "JsonlData", "find_split_file", "raise_problems", "read_jsonl", "validate_records"]
 
@@ -225,11 +226,18 @@ def _check_images(
 
     ordered = sorted(paths)
     workers = min(8, os.cpu_count() or 1, len(ordered))
-    if workers <= 1:
-        results = [check(p) for p in ordered]
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(check, ordered))
+    results = []
+    # Decoding every image takes seconds per hundred: progress on stderr once it takes over 2 s (quiet before).
+    with Counter(len(ordered), "checking images", enabled=mode == "full", live=False) as counter:
+        if workers <= 1:
+            for p in ordered:
+                results.append(check(p))
+                counter.advance()
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for result in pool.map(check, ordered):
+                    results.append(result)
+                    counter.advance()
     sizes = {p: size for p, size, _ in results if size is not None and mode != "none"}
     return sizes, {p: reason for p, _, reason in results if reason is not None}
 

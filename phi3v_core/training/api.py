@@ -320,6 +320,16 @@ def _train_or_finish(trainer: Phi3VTrainer, cfg: TrainConfig, resume_from: Path 
     return output, float(output.training_loss)
 
 
+def _step_timer(callbacks: Sequence[TrainerCallback]) -> tuple[StepTimer, list[StepTimer]]:
+    """The run's StepTimer and the one train() adds itself (none when the caller passes one).
+
+    One StepTimer per Trainer: the caller's (the benchmark's window) when it passes one, else ours. Two would each
+    synchronise and record every step, and transformers warns "there is already one" for the second.
+    """
+    timer = next((c for c in callbacks if isinstance(c, StepTimer)), None)
+    return (timer, []) if timer is not None else ((own := StepTimer()), [own])
+
+
 def train(
     cfg: TrainConfig,
     train_dataset: Dataset,
@@ -357,7 +367,7 @@ def train(
     if cfg.uses_deepspeed(env.world_size):
         _single_process_rendezvous()
     args = build_training_arguments(cfg, env)
-    timer = StepTimer()
+    timer, own_timer = _step_timer(callbacks)
     collator: Any = Phi3VDataCollator(pad_token_id=PAD_TOKEN_ID, padding_side="right")
     if cfg.supervised_logits_only:
         collator = SupervisedLogitsCollator(collator)
@@ -367,7 +377,7 @@ def train(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
-        callbacks=[LossGuard(), timer, _RecordConfig(cfg.to_dict()), CheckpointManifest(), *callbacks],
+        callbacks=[LossGuard(), *own_timer, _RecordConfig(cfg.to_dict()), CheckpointManifest(), *callbacks],
     )
     with _storage_errors(output_dir):
         if args.should_save:

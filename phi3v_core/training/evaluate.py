@@ -185,22 +185,32 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 
 
 def _progress(enabled: bool, total: int, description: str) -> Any:
-    """A rich progress bar on stderr (stdout stays clean for ``--json``), or a no-op stand-in."""
+    """Progress on stderr (stdout stays clean for ``--json``): a rich bar on a terminal, plain ``done/total`` lines
+    with an ETA otherwise (:class:`phi3v_core.progress.Counter`), or a no-op stand-in."""
     if not enabled:
         return _NoProgress()
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from phi3v_core.progress import Counter
 
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(file=sys.stderr),
-        transient=True,
-    )
-    progress.task_id = progress.add_task(description, total=total)  # type: ignore[attr-defined]
-    return progress
+    return _CounterBar(Counter(total, description))
+
+
+class _CounterBar:
+    """A :class:`~phi3v_core.progress.Counter` behind the rich bar's ``advance(task_id, n)``."""
+
+    task_id = 0
+
+    def __init__(self, counter: Any) -> None:
+        self.counter = counter
+
+    def __enter__(self) -> _CounterBar:
+        self.counter.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.counter.__exit__(*exc)
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.counter.advance(int(advance))
 
 
 class _NoProgress:

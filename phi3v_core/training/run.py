@@ -39,6 +39,7 @@ from phi3v_core.fs import (
     writable_problem,
 )
 from phi3v_core.io import atomic_write_json
+from phi3v_core.progress import stage
 from phi3v_core.training.config import COMPLETE_MARKER
 from phi3v_core.transaction import PROOF_NAME, SetAside, recover
 
@@ -94,6 +95,7 @@ class FinetuneConfig:
         sources: Setting → where its value came from (``flag``, ``preset``, ``recipe``, ``default``, ``auto``).
         notes: Remarks printed before the run (deviations, implied settings).
         overwrite_output_dir: Replace a run already in the output folder (moved aside, deleted after success).
+        force: Train even where the planner predicts the run does not fit this machine's memory.
         max_length: Longest training sequence in tokens (``None``: the model context); longer records are an
             error naming them (never truncated, so no record loses its supervised tokens).
     """
@@ -117,6 +119,7 @@ class FinetuneConfig:
     notes: list[str] = field(default_factory=list)
     overwrite_output_dir: bool = False
     max_length: int | None = None
+    force: bool = False
 
 
 
@@ -392,7 +395,7 @@ def _eval_kwargs(cfg: FinetuneConfig, env: Any) -> dict[str, Any]:
         "max_new_tokens": cfg.max_new_tokens,
         "autocast_dtype": autocast,
         "num_workers": train.dataloader_num_workers,
-        "progress": cfg.progress and not cfg.json,
+        "progress": cfg.progress,  # on stderr, so --json keeps it too (plain lines when not a terminal)
     }
 
 
@@ -406,7 +409,8 @@ def _evaluate_before(cfg: FinetuneConfig, task: Any, processor: Any, env: Any) -
         previous = EvalResult.from_json(path)
         if previous.task == task.name and previous.ids == [item.id for item in task.eval_items()]:
             return previous  # a resumed run keeps its baseline instead of regenerating it
-    model = baseline_model(cfg.train, env).to(local_device(env.cuda))  # QLoRA: the same nf4 base as "after"
+    with stage("eval before: building the model", enabled=cfg.progress and is_main_process()):
+        model = baseline_model(cfg.train, env).to(local_device(env.cuda))  # QLoRA: the same nf4 base as "after"
     try:
         return evaluate_task(
             model, task, processor, output_file=path, description="eval before", **_eval_kwargs(cfg, env)
@@ -446,6 +450,16 @@ def run(cfg: FinetuneConfig, env: Any = None, on_plan: Callable[[FinetuneConfig,
         return _run_locked(cfg, env, on_plan)
 
 
+def _on_train_begin(done: Callable[[], None]) -> Any:
+    from transformers import TrainerCallback
+
+    class OnTrainBegin(TrainerCallback):
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            done()  # the model is built (and wrapped): the Trainer's own bar takes over
+
+    return OnTrainBegin()
+
+
 def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig, Any], None] | None) -> dict[str, Any]:
     from phi3v_core.training.api import init_distributed, resolve_resume, train
     from phi3v_core.training.checkpoints import data_fingerprint
@@ -469,9 +483,15 @@ def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig
     train_dataset = EncodedDataset(task.train, processor)
     if is_main_process() and on_plan is not None:
         on_plan(cfg, task)
+    if not cfg.force:  # before any model is built: the planner's memory prediction against this machine
+        from phi3v_core.training.fit_hook import fit_problems
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))  # processes on this node (torchrun sets it)
+        raise_all(fit_problems(cfg.train, task.name, cfg.data_dir, env.world_size, local, env.cuda))
 
     before = _evaluate_before(cfg, task, processor, env) if cfg.evaluate else None
-    result = train(cfg.train, train_dataset, processor=processor, env=env)
+    with stage("train: building the model", enabled=cfg.progress and is_main_process()) as built:
+        result = train(cfg.train, train_dataset, processor=processor, env=env, callbacks=[_on_train_begin(built)])
     after = None
     if cfg.evaluate:
         after = evaluate_task(
@@ -482,6 +502,9 @@ def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig
             description="eval after",
             **_eval_kwargs(cfg, env),
         )
+    from phi3v_core.training.advice import cuda_peak_and_capacity, memory_advice
+
+    advice = memory_advice(cfg.train, task.name, cfg.data_dir, *cuda_peak_and_capacity())
     train_summary = result.to_dict()
     train_summary.pop("steps", None)  # per-step timings are the benchmark's business
     return {
@@ -502,6 +525,7 @@ def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig
         "metric": task.metric,
         "eval_before": _eval_summary(before, Path(cfg.train.output_dir) / "eval_before.json"),
         "eval_after": _eval_summary(after, Path(cfg.train.output_dir) / "eval_after.json"),
+        "advice": advice,
     }
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from phi3v_core.model.checkpointing import checkpointing_arguments
 from phi3v_core.training.callbacks import StepMeter, StepTimer
 from phi3v_core.training.config import Machine, TrainConfig
 from phi3v_core.training.deepspeed_config import deepspeed_config
@@ -88,6 +89,11 @@ def build_training_arguments(cfg: TrainConfig, env: Machine) -> TrainingArgument
         # TrainingArguments with a DeepSpeed config sets this process-wide and nothing unsets it: an earlier DeepSpeed
         # run in this process would turn this run into a DeepSpeed run too.
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    if not env.cuda:
+        # DeepSpeed (imported by accelerate even for runs that do not use it) picks its accelerator on first use and
+        # warns "Setting accelerator to CPU ... unable to detect it" when it finds no GPU. No GPU is what this machine
+        # has (or what CUDA_VISIBLE_DEVICES= asked for): say so up front, which is the same choice without the warning.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return TrainingArguments(
         output_dir=str(cfg.output_dir),
         per_device_train_batch_size=cfg.micro_batch,
@@ -106,8 +112,7 @@ def build_training_arguments(cfg: TrainConfig, env: Machine) -> TrainingArgument
         max_grad_norm=cfg.max_grad_norm,
         bf16=cfg.precision == "bf16",
         fp16=cfg.precision == "fp16",
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **checkpointing_arguments(cfg.gradient_checkpointing),  # transformers 5.25's names where it has them
         logging_steps=cfg.logging_steps,
         # Keep NaN/inf in the log so LossGuard sees them (the default silently replaces them by the running mean).
         logging_nan_inf_filter=False,

@@ -1,0 +1,206 @@
+"""Refuse what cannot fit, before building it: the planner's memory prediction for a run, against this machine.
+
+``phi3v-bench run`` and every ``matrix`` cell ask, before a worker starts, whether the configuration's predicted
+memory fits here: device memory per GPU (the planner's reserved peak, :func:`planner.estimate.estimate_memory`)
+against the card's memory as NVML reports it, and host RAM per node (on a CPU: the whole step's tensors, per
+process, plus the interpreter; on a GPU: an offloaded optimizer's fp32 states, :func:`planner.estimate.host_memory_bytes`,
+plus the interpreter) against what ``psutil`` says is available. A configuration that does not fit is refused with
+both numbers and the nearest layout that does (the fewest flags changed); ``--force`` runs it anyway, and the
+kernel's OOM killer or the CUDA allocator then has the last word, as before.
+
+The prediction is the planner's, so it carries the planner's error (README "Planner"): a run is refused only when
+its prediction is above the memory there is, never for the planner's headroom margin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from bench.config import BenchConfig
+from phi3v_core.constants import ZERO_BUCKET_ELEMENTS
+from phi3v_core.methods import METHOD_NAMES, get_method
+from planner.fit_check import device_memory_bytes, host_available_bytes
+
+__all__ = [
+    "PROCESS_BASELINE_BYTES", "Memory", "available", "fit_problem", "fit_problems", "fitting_cells",
+    "host_available_bytes",
+    "nearest_fit", "predict",
+]
+
+GIB = 1 << 30
+#: Host RAM of one worker process besides the tensors the planner counts: Python with torch, transformers, peft and
+#: the training code imported (0.42 GiB RSS, measured on this project's CPU machine), plus an allowance for the
+#: synthetic dataset, the data loader and the allocator's slack - an allowance, not a measurement.
+PROCESS_BASELINE_BYTES = 1.0 * GIB
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Memory of one configuration (predicted) or one machine (available).
+
+    Attributes:
+        device_bytes: Per GPU (None on a CPU, or unknown).
+        host_bytes: Per node (None: unknown).
+    """
+
+    device_bytes: float | None
+    host_bytes: float | None
+
+
+def available(gpu: bool, nvml: Any | None = None) -> Memory:
+    """This machine: the GPUs' memory (NVML) when ``gpu``, and the host RAM available (psutil)."""
+    return Memory(device_memory_bytes(nvml) if gpu else None, host_available_bytes())
+
+
+def predict(cfg: BenchConfig, gpu: bool) -> Memory:
+    """The planner's memory for ``cfg``: reserved peak per GPU, host RAM per node."""
+    from bench.selfcheck_plan import check_setup, check_workload
+    from planner.calibration import load_calibration
+    from planner.estimate import estimate_memory, host_memory_bytes
+    from planner.layouts import with_option
+    from planner.shapes import load_shape
+
+    shape = load_shape(cfg.model)
+    # ZeRO-2 buckets as the worker's TrainConfig sets them (phi3v-finetune's default, not the recipe's 5e8)
+    setup = dataclasses.replace(check_setup(cfg, cuda=gpu), reduce_bucket=ZERO_BUCKET_ELEMENTS,
+                                allgather_bucket=ZERO_BUCKET_ELEMENTS)
+    setup = with_option(setup, cfg.optim, cfg.offload)
+    workload = check_workload(cfg, shape)
+    processes = cfg.world_size // cfg.nodes  # per node
+    if gpu:
+        memory = estimate_memory(shape, setup, workload, load_calibration().overheads)
+        host = (host_memory_bytes(shape, setup) + PROCESS_BASELINE_BYTES) * processes
+        return Memory(memory.reserved, host)
+    memory = estimate_memory(shape, setup, workload)  # a CPU step: every tensor lives in host RAM
+    return Memory(None, (memory.allocated + host_memory_bytes(shape, setup) + PROCESS_BASELINE_BYTES) * processes)
+
+
+def _short(need: Memory, have: Memory) -> list[str]:
+    """What is over (``device``, ``host``), comparing only numbers known on both sides."""
+    over = []
+    if need.device_bytes is not None and have.device_bytes is not None and need.device_bytes > have.device_bytes:
+        over.append("device")
+    if need.host_bytes is not None and have.host_bytes is not None and need.host_bytes > have.host_bytes:
+        over.append("host")
+    return over
+
+
+def _variants(cfg: BenchConfig, gpu: bool) -> Iterator[tuple[BenchConfig, list[str]]]:
+    """Layouts near ``cfg`` with the flags that differ: checkpointing, micro-batch, optimizer/offload, method."""
+    world = cfg.world_size
+    micro_batches = [m for m in (1, 2, 4, 8, 16, 32, 64) if cfg.global_batch % (m * world) == 0] or [cfg.micro_batch]
+    methods = [cfg.method] + [m for m in METHOD_NAMES if m != cfg.method and (gpu or not get_method(m).quantized)]
+    for method in methods:
+        options = [("adamw", "none")]
+        if gpu and get_method(method).trains_base:
+            options += [("adamw_8bit_fp32_master", "none"), ("adamw_8bit", "none"), ("adamw", "optimizer")]
+        for optim, offload in options:
+            for checkpointing in (cfg.gradient_checkpointing, not cfg.gradient_checkpointing):
+                for micro in micro_batches:
+                    variant = dataclasses.replace(cfg, method=method, optim=optim, offload=offload,
+                                                  gradient_checkpointing=checkpointing, micro_batch=micro)
+                    flags = _changed_flags(cfg, variant)
+                    if flags:
+                        yield variant, flags
+
+
+def _changed_flags(cfg: BenchConfig, variant: BenchConfig) -> list[str]:
+    """``run``'s flags for the fields ``variant`` changes (``matrix`` words them as ``--set`` assignments)."""
+    flags = []
+    if variant.method != cfg.method:
+        flags.append(f"--method {variant.method}")
+    if variant.micro_batch != cfg.micro_batch:
+        flags.append(f"--micro-batch {variant.micro_batch}")
+    if variant.gradient_checkpointing != cfg.gradient_checkpointing:
+        flags.append("--gradient-checkpointing" if variant.gradient_checkpointing else "--no-gradient-checkpointing")
+    if variant.optim != cfg.optim:
+        flags.append(f"--optim {variant.optim}")
+    if variant.offload != cfg.offload:
+        flags.append(f"--offload {variant.offload}")
+    return flags
+
+
+def _as_assignments(flags: list[str]) -> str:
+    """``--set micro_batch=1 gradient_checkpointing=on`` for ``run`` flags (what ``matrix`` takes)."""
+    words = []
+    for flag in flags:
+        name, _, value = flag[2:].partition(" ")
+        if name.endswith("gradient-checkpointing"):
+            name, value = "gradient_checkpointing", "off" if name.startswith("no-") else "on"
+        words.append(f"{name.replace('-', '_')}={value}")
+    return "--set " + " ".join(words)
+
+
+def nearest_fit(cfg: BenchConfig, have: Memory, gpu: bool) -> tuple[list[str], Memory] | None:
+    """The flags of the nearest layout that fits ``have`` and its prediction (None: none does).
+
+    Nearest: the same method before another, then the fewest flags changed; among equals the faster layout (no
+    checkpointing, then the larger micro-batch, then no offload).
+    """
+    found = []
+    for variant, flags in _variants(cfg, gpu):
+        need = predict(variant, gpu)
+        if not _short(need, have):
+            rank = (variant.method != cfg.method, len(flags), variant.gradient_checkpointing, -variant.micro_batch,
+                    variant.offload != "none")  # fmt: skip
+            found.append((rank, flags, need))
+    if not found:
+        return None
+    _rank, flags, need = min(found, key=lambda item: item[0])
+    return flags, need
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.1f} GiB"
+
+
+def fit_problem(cfg: BenchConfig, gpu: bool, have: Memory | None = None, *, matrix: bool = False) -> str | None:
+    """One line when ``cfg`` is predicted not to fit this machine (None when it fits or nothing is known).
+
+    Args:
+        cfg: A validated configuration.
+        gpu: It runs on GPUs (the planner's device prediction applies).
+        have: The machine's memory (detected when omitted: NVML and psutil).
+        matrix: Word the nearest layout as ``matrix --set`` assignments instead of ``run`` flags.
+    """
+    have = have or available(gpu)
+    need = predict(cfg, gpu)
+    over = _short(need, have)
+    if not over:
+        return None
+    parts = []
+    if "device" in over:
+        parts.append(f"{_gib(need.device_bytes or 0)} per GPU (predicted reserved peak), {_gib(have.device_bytes or 0)} on the card")
+    if "host" in over:
+        where = "host RAM per node" if gpu else f"host RAM ({cfg.world_size} process(es) on the CPU)"
+        parts.append(f"{_gib(need.host_bytes or 0)} of {where}, {_gib(have.host_bytes or 0)} available")
+    nearest = nearest_fit(cfg, have, gpu)
+    if nearest is not None:
+        flags, fits = nearest
+        size = _gib(fits.device_bytes) + " per GPU" if fits.device_bytes is not None else _gib(fits.host_bytes or 0)
+        advice = f"nearest layout that fits: {_as_assignments(flags) if matrix else ' '.join(flags)} (predicted {size})"
+    elif cfg.model != "tiny":
+        advice = "no layout of any method fits; try --model tiny or a machine with more memory"
+    else:
+        advice = "no layout of any method fits"
+    return (f"{cfg.cell_id()} is predicted not to fit: needs {'; '.join(parts)}; {advice}; "
+            "pass --force to run it anyway")
+
+
+def fit_problems(cells: list[BenchConfig], gpu: bool, have: Memory | None = None, *, matrix: bool = False) -> list[str]:
+    """:func:`fit_problem` for each cell (the machine read once)."""
+    have = have or available(gpu)
+    return [problem for cell in cells if (problem := fit_problem(cell, gpu, have, matrix=matrix)) is not None]
+
+
+def fitting_cells(cells: list[BenchConfig], gpu: bool, have: Memory | None = None) -> tuple[list[BenchConfig], list[str]]:
+    """The cells of a sweep predicted to fit, and one line per cell left out (a sweep goes on without them)."""
+    have = have or available(gpu)
+    kept, skipped = [], []
+    for cell in cells:
+        problem = fit_problem(cell, gpu, have, matrix=True)
+        (skipped.append(f"skipped {problem}") if problem else kept.append(cell))
+    return kept, skipped

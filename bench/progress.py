@@ -1,0 +1,127 @@
+"""Progress of ``phi3v-bench run`` on stderr: repeat i/N, step j/M and an ETA, in every mode.
+
+Rank 0 of each repeat's worker writes its state to ``progress.json`` in the repeat's scratch folder
+(:class:`bench.worker.ProgressFile`: the phase, the last finished optimizer step and the steps of the repeat); the
+runner reads it while it waits (:func:`read_progress`) and hands it to a :class:`RunProgress`, which draws a rich bar
+on a terminal and prints plain lines otherwise (a pipe, a log file, ``--json``), at most one every
+``min_interval_s`` unless the repeat or the phase changes. stdout is never touched: it carries the result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["PROGRESS_FILE", "RunProgress", "format_duration", "read_progress"]
+
+#: The file rank 0 of a repeat writes in the repeat's scratch folder.
+PROGRESS_FILE = "progress.json"
+
+
+def read_progress(folder: Path) -> dict[str, Any] | None:
+    """The worker's last state in ``folder`` (None before it wrote one, or while it is being replaced)."""
+    try:
+        return json.loads((folder / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``3 m 05 s``, ``1 h 02 m``."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} m {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} m"
+
+
+class RunProgress:
+    """Turns the runner's ``(repeat, state)`` reports into a bar (terminal) or plain lines (otherwise).
+
+    Args:
+        repeats: Repeats of the run (N).
+        live: Draw a rich bar (only when stderr is a terminal; otherwise plain lines are printed anyway).
+        stream: Where plain lines go (stderr by default).
+        clock: Monotonic clock (tests pass a fake one).
+        min_interval_s: Fewest seconds between two plain lines of the same repeat and phase.
+    """
+
+    def __init__(
+        self,
+        repeats: int,
+        *,
+        live: bool = True,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        min_interval_s: float = 10.0,
+    ) -> None:
+        self.repeats = repeats
+        self.stream = stream or sys.stderr
+        self.clock = clock
+        self.min_interval_s = min_interval_s
+        self.started = clock()
+        self._last_key: tuple[Any, ...] | None = None
+        self._last_line = float("-inf")
+        self._bar: Any = None
+        self._task: Any = None
+        if live and self.stream.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[eta]}"),
+                                 console=Console(file=self.stream), transient=True)
+            self._task = self._bar.add_task("starting…", total=repeats, eta="")
+
+    def __enter__(self) -> RunProgress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def describe(self, repeat: int, state: dict[str, Any] | None) -> tuple[str, float]:
+        """The text for ``repeat`` (0-based) in ``state``, and the share of the run done."""
+        head = f"repeat {repeat + 1}/{self.repeats}"
+        state = state or {}
+        phase, step, total = state.get("phase", "starting"), int(state.get("step") or 0), state.get("total")
+        done = repeat / self.repeats
+        if phase == "done":
+            return f"{head} · finished", (repeat + 1) / self.repeats
+        if phase != "training" or not total:
+            what = "building the model" if phase == "building" else "starting a fresh process"
+            return f"{head} · {what}", done
+        done += step / int(total) / self.repeats
+        warmup = int(state.get("warmup") or 0)
+        label = f"step {step}/{total}" + (" (warmup)" if 0 < step <= warmup else "")
+        return f"{head} · {label}", done
+
+    def eta(self, done: float) -> str:
+        """``ETA 3 m 05 s`` from the time so far and the share done (a share of 0 has none yet)."""
+        elapsed = self.clock() - self.started
+        if done <= 0:
+            return f"elapsed {format_duration(elapsed)}, ETA after the first step"
+        return f"elapsed {format_duration(elapsed)}, ETA {format_duration(elapsed * (1 - done) / done)}"
+
+    def update(self, repeat: int, state: dict[str, Any] | None) -> None:
+        """Report ``repeat`` (0-based) in ``state`` (:func:`read_progress`'s dict, or ``{"phase": "done"}``)."""
+        text, done = self.describe(repeat, state)
+        eta = self.eta(done) if done < 1 else f"elapsed {format_duration(self.clock() - self.started)}"
+        if self._bar is not None:
+            self._bar.update(self._task, description=text, completed=done * self.repeats, eta=eta)
+            return
+        key = (repeat, (state or {}).get("phase"), (state or {}).get("step"))
+        now = self.clock()
+        phase_changed = self._last_key is None or key[:2] != self._last_key[:2]
+        if key == self._last_key or (not phase_changed and now - self._last_line < self.min_interval_s):
+            return
+        self._last_key, self._last_line = key, now
+        print(f"phi3v-bench run: {text} · {eta}", file=self.stream, flush=True)

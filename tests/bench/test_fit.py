@@ -1,0 +1,108 @@
+"""Refuse what cannot fit before building it (issue #24 §2): host RAM from psutil, device memory from NVML, both
+numbers and the nearest layout that fits in the refusal, ``--force`` to run anyway, matrix cells left out."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import psutil
+import pytest
+
+import bench.fit
+import bench.runner
+from bench.cli import main
+from bench.config import BenchConfig
+from bench.fit import Memory, available, fit_problem, nearest_fit, predict
+from tests.bench.conftest import REAL_HOST_AVAILABLE
+from tests.bench.factories import make_result
+from tests.bench.test_bench_safety import never_measure
+from tests.planner.conftest import FakeDevice, FakeNVML
+
+GIB = 1 << 30
+
+
+def _host_ram(monkeypatch: pytest.MonkeyPatch, gib: float) -> None:
+    """psutil reports ``gib`` available; bench.fit reads it through its real reader."""
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=int(gib * GIB), total=int(gib * GIB)))
+    monkeypatch.setattr(bench.fit, "host_available_bytes", REAL_HOST_AVAILABLE)  # undo the suite's 1 TiB
+
+
+def test_the_issues_cpu_run_is_refused_with_both_numbers_before_anything_runs(tmp_path, monkeypatch, capsys) -> None:
+    """`run --method lora --model phi-3.5-vision` on a 16 GB CPU host: refused at once, not by the OOM killer."""
+    _host_ram(monkeypatch, 14.0)
+    monkeypatch.setattr(bench.runner, "run_config", never_measure)
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--method", "lora", "--model", "phi-3.5-vision", "--out", str(out)])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "of host RAM" in err and "14.0 GiB available" in err and "--force" in err
+    assert "21.2 GiB of host RAM" in err  # the planner's tensors at micro-batch 1 + one process's allowance
+    assert "try --model tiny" in err  # no layout of the full-size model fits 14 GiB
+    assert not out.exists()
+
+
+def test_force_runs_it_anyway(tmp_path, monkeypatch) -> None:
+    _host_ram(monkeypatch, 4.0)
+    ran = []
+    monkeypatch.setattr(bench.runner, "run_config", lambda cfg, **_: ran.append(cfg) or make_result(cfg))
+    argv = ["run", "--method", "lora", "--model", "phi-3.5-vision", "--out", str(tmp_path), "--json"]
+    assert main([*argv, "--force"]) == 0
+    assert ran and ran[0].model == "phi-3.5-vision"
+
+
+def test_nearest_layout_on_a_cpu_changes_the_fewest_flags(monkeypatch) -> None:
+    cfg = BenchConfig(method="lora", model="phi-3.5-vision", precision="fp32", release="t", global_batch=8,
+                      micro_batch=2, gradient_checkpointing=True)
+    one = predict(BenchConfig(**{**cfg.to_dict(), "micro_batch": 1}), gpu=False)
+    flags, fits = nearest_fit(cfg, Memory(None, one.host_bytes + GIB / 10), gpu=False)
+    assert flags == ["--micro-batch 1"] and fits.host_bytes == one.host_bytes
+    message = fit_problem(cfg, False, Memory(None, one.host_bytes + GIB / 10))
+    assert "nearest layout that fits: --micro-batch 1" in message
+
+
+def test_device_memory_comes_from_nvml_and_an_rtx4090_refuses_full_fine_tuning(monkeypatch) -> None:
+    """Full fine-tuning of Phi-3.5-vision on one RTX 4090 (24 GiB, fake NVML): the card's number, not a table's."""
+    _host_ram(monkeypatch, 128.0)
+    nvml = FakeNVML([FakeDevice("NVIDIA GeForce RTX 4090", 24564 * 2**20, (8, 9))])
+    have = available(True, nvml)
+    assert have.device_bytes == 24564 * 2**20 and have.host_bytes == 128 * GIB
+    cfg = BenchConfig(method="full", model="phi-3.5-vision", precision="bf16", attn="sdpa", release="t",
+                      global_batch=64, micro_batch=1)
+    message = fit_problem(cfg, True, have)
+    assert message is not None
+    assert "per GPU (predicted reserved peak), 24.0 GiB on the card" in message
+    assert "nearest layout that fits: " in message
+    # With little host RAM the offloaded optimizer (16 bytes per parameter in host RAM) is not offered.
+    small = fit_problem(cfg, True, Memory(have.device_bytes, 32 * GIB))
+    assert "--offload optimizer" not in small
+
+
+def test_a_layout_that_fits_is_not_refused() -> None:
+    cfg = BenchConfig(method="lora", model="tiny", precision="fp32", num_crops=1, global_batch=2, micro_batch=2,
+                      release="t")
+    assert fit_problem(cfg, False, Memory(None, 64 * GIB)) is None
+    assert fit_problem(cfg, False, Memory(None, None)) is None  # nothing known: nothing refused
+
+
+def test_matrix_leaves_out_cells_that_cannot_fit_and_says_so(tmp_path, monkeypatch, capsys) -> None:
+    _host_ram(monkeypatch, 30.0)
+    argv = ["matrix", "--grid", "method=lora,full", "--set", "model=phi-3.5-vision", "precision=fp32",
+            "global_batch=8", "micro_batch=1", "--out", str(tmp_path), "--dry-run"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped ")]
+    assert any(line.startswith("skipped full-") for line in skipped), captured.err
+    assert all("--force" in line and "GiB available" in line for line in skipped)
+    assert "full-" not in captured.out  # the sweep lists only the cells it will run
+    assert main([*argv, "--force"]) == 0
+    assert "full-" in capsys.readouterr().out
+
+
+def test_refusal_names_matrix_assignments_for_a_cell() -> None:
+    cfg = BenchConfig(method="lora", model="phi-3.5-vision", precision="fp32", release="t", global_batch=8,
+                      micro_batch=2)
+    one = predict(BenchConfig(**{**cfg.to_dict(), "micro_batch": 1}), gpu=False)
+    message = fit_problem(cfg, False, Memory(None, one.host_bytes + GIB / 10), matrix=True)
+    assert "nearest layout that fits: --set micro_batch=1" in message
