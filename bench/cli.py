@@ -39,6 +39,7 @@ from bench.config import (
     default_release,
 )
 from bench.layout import LAYOUT_FIELDS, LAYOUTS, resolve_layout
+from bench.packing_args import add_packing_arguments
 from bench.preflight import (
     LIMITS,
     limit_problems,
@@ -81,13 +82,11 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: phi-3.5-vision with random weights on a GPU, tiny on CPU)")
     p.add_argument("--num-crops", type=int, default=None,
                    help=f"HD crops per image, 1..16 (default: {d.num_crops}; tiny model: {TINY_DEFAULTS['num_crops']})")
-    p.add_argument("--seq-profile", default=None, metavar="{" + ",".join(SEQ_PROFILES) + "}",
-                   help=f"synthetic sample shape (default: {d.seq_profile})")
+    p.add_argument("--seq-profile", default=None, metavar="{" + ",".join(SEQ_PROFILES) + "}", help=f"synthetic sample shape (default: {d.seq_profile})")
     p.add_argument("--global-batch", "--batch-size", dest="global_batch", type=int, default=None,
                    help=f"global effective batch per optimizer step over all GPUs (default: {d.global_batch}; "
                         f"tiny: {TINY_DEFAULTS['global_batch']}); --batch-size is its old name")
-    p.add_argument("--micro-batch", type=int, default=None,
-                   help=f"samples per GPU per forward (default: the layout's; tiny: {TINY_DEFAULTS['micro_batch']})")
+    p.add_argument("--micro-batch", type=int, default=None, help=f"samples per GPU per forward (default: the layout's; tiny: {TINY_DEFAULTS['micro_batch']})")
     p.add_argument("--gpus", type=int, default=d.gpus, help="GPUs per node (default: %(default)s)")
     p.add_argument("--nodes", type=int, default=d.nodes, help="nodes (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None,
@@ -111,6 +110,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flops", choices=FLOPS_MODES, default=d.flops,
                    help="how MFU's FLOPs are counted: analytic (from the shapes) or trace (fake-tensor replay, "
                         "minutes for the full-size model; a check of the analytic count) (default: %(default)s)")
+    add_packing_arguments(p)
     _add_output_arguments(p)
 
 

@@ -92,32 +92,36 @@ def per_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def unpacked(model: torch.nn.Module, examples: list[dict], items: int) -> tuple[list[float], dict]:
-    """Each sample alone: its summed loss, and the gradients summed over samples (loss / ``items`` each)."""
+def unpacked(model: torch.nn.Module, examples: list[dict], items: int, per_sample: bool) -> tuple[list[float], float, dict]:
+    """Each sample alone: its summed loss (when ``per_sample``), the total loss and the summed gradients."""
     model.zero_grad(set_to_none=True)
-    sums = []
+    sums, total = [], 0.0
     for ex in examples:
         batch = BASE([ex])
-        model(**batch, num_items_in_batch=torch.tensor(items)).loss.backward()
-        with torch.no_grad():
-            logits = _all_logits(model, batch)
-        sums.append(float(per_token_loss(logits, batch["labels"]).sum()))
-    return sums, grads_of(model)
+        loss = model(**batch, num_items_in_batch=torch.tensor(items)).loss
+        loss.backward()
+        total += float(loss)
+        if per_sample:
+            with torch.no_grad():
+                sums.append(float(per_token_loss(_all_logits(model, batch), batch["labels"]).sum()))
+    return sums, total, grads_of(model)
 
 
-def packed(model: torch.nn.Module, batch: dict, items: int) -> tuple[list[float], dict]:
-    """The packed batch: per-sample summed losses (cut out of the rows) and its gradients."""
+def packed(model: torch.nn.Module, batch: dict, items: int, per_sample: bool) -> tuple[list[float], float, dict]:
+    """The packed batch: per-sample summed losses cut out of the rows (when ``per_sample``), its loss and gradients."""
     model.zero_grad(set_to_none=True)
-    model(**batch, num_items_in_batch=torch.tensor(items)).loss.backward()
-    with torch.no_grad():
-        losses = per_token_loss(_all_logits(model, batch), batch["labels"])
+    loss = model(**batch, num_items_in_batch=torch.tensor(items)).loss
+    loss.backward()
     sums = []
-    for row, lengths in enumerate(batch["packing"].rows):
-        start = 0
-        for length in lengths:
-            sums.append(float(losses[row, start : start + length].sum()))
-            start += length
-    return sums, grads_of(model)
+    if per_sample:
+        with torch.no_grad():
+            losses = per_token_loss(_all_logits(model, batch), batch["labels"])
+        for row, lengths in enumerate(batch["packing"].rows):
+            start = 0
+            for length in lengths:
+                sums.append(float(losses[row, start : start + length].sum()))
+                start += length
+    return sums, float(loss), grads_of(model)
 
 
 def _all_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -129,13 +133,18 @@ def _all_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         core.supervised_logits = True
 
 
-def assert_packing_exact(model: torch.nn.Module, collator: PackingCollator, examples: list[dict]) -> dict:
+def assert_packing_exact(
+    model: torch.nn.Module, collator: PackingCollator, examples: list[dict], per_sample: bool = True
+) -> dict:
+    """Packed vs each sample alone: per-sample losses (cut from full logits), the loss and every gradient."""
     batch = collator(examples)
     items = supervised_count(batch)
     assert items == sum(supervised_count(BASE([ex])) for ex in examples)
-    order = [i for row in first_fit_decreasing([BASE([e])["input_ids"].shape[1] for e in examples], _budget(collator, examples)) for i in row]
-    ref_losses, ref_grads = unpacked(model, examples, items)
-    got_losses, got_grads = packed(model, batch, items)
+    lengths = [BASE([e])["input_ids"].shape[1] for e in examples]
+    order = [i for row in first_fit_decreasing(lengths, _budget(collator, examples)) for i in row]
+    ref_losses, ref_total, ref_grads = unpacked(model, examples, items, per_sample)
+    got_losses, got_total, got_grads = packed(model, batch, items, per_sample)
+    assert abs(got_total - ref_total) <= TOLERANCE * max(1.0, abs(ref_total))
     for got, index in zip(got_losses, order):
         assert abs(got - ref_losses[index]) <= TOLERANCE * max(1.0, abs(ref_losses[index])), (index, got, ref_losses[index])
     assert ref_grads.keys() == got_grads.keys() and ref_grads
@@ -156,13 +165,16 @@ CASES += [("full", "sdpa", True), ("lora", "eager", True), ("qlora", "sdpa", Tru
 @pytest.mark.parametrize(("method", "attn", "checkpointing"), CASES)
 def test_packed_equals_unpacked_tiny(method: str, attn: str, checkpointing: bool) -> None:
     model = build(method, attn, checkpointing=checkpointing)
-    batch = assert_packing_exact(model, PackingCollator(BASE, pack_tokens=1100), samples())
+    # Per-sample losses (a full-logits pass each) on the plain model; the methods differ in their gradients.
+    per_sample = method == "full" and not checkpointing
+    batch = assert_packing_exact(model, PackingCollator(BASE, pack_tokens=1100), samples(), per_sample)
     assert len(batch["packing"].rows) == 2 and batch["input_ids"].shape[0] == 2  # several samples per row
 
 
 @pytest.mark.parametrize(("method", "attn"), [("full", "sdpa"), ("lora", "eager")])
 def test_packed_equals_unpacked_mid_size(method: str, attn: str) -> None:
-    assert_packing_exact(build(method, attn, size="mid", checkpointing=True), PackingCollator(BASE, pack_tokens=1100), samples())
+    model = build(method, attn, size="mid", checkpointing=True)
+    assert_packing_exact(model, PackingCollator(BASE, pack_tokens=1100), samples(), per_sample=False)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -228,3 +240,19 @@ def test_flattened_rows_carry_flash_attention_lengths() -> None:
     assert batch["input_ids"].shape == (1, sum(lengths))
     assert batch["cu_seq_lens_q"].tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
     assert batch["max_length_q"] == max(lengths)
+
+
+def test_training_collator_and_step_meter_count_packed_samples() -> None:
+    """The Trainer path: the packed batch's samples and real tokens are metered, padding as computed only."""
+    from phi3v_core.training.callbacks import StepMeter
+    from phi3v_core.training.collate import training_collator
+
+    examples = samples()
+    batch = training_collator(packing=True, pack_tokens=1100, supervised_logits_only=True)(examples)
+    meter = StepMeter()
+    meter.add(batch)
+    lengths = [BASE([e])["input_ids"].shape[1] for e in examples]
+    assert (meter.samples, meter.tokens, meter.computed_tokens) == (4, sum(lengths), batch["input_ids"].numel())
+    assert meter.computed_tokens < len(lengths) * max(lengths)  # less than padding computes
+    flat = training_collator(packing=True, attn="flash_attention_2")(examples)
+    assert flat["input_ids"].shape[0] == 1
