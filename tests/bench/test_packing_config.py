@@ -34,8 +34,9 @@ def test_bad_packing_values_are_reported() -> None:
 def test_matrix_sweeps_packing_as_an_axis() -> None:
     cells = build_cells(None, parse_grid(["packing=off,on", "pack_tokens=none,4096"]))
     pairs = [(c.packing, c.pack_tokens) for c in cells]
-    assert pairs == [(False, None), (False, 4096), (True, None), (True, 4096)]
-    assert [c.problems() == [] for c in cells] == [True, False, True, True]
+    # A budget names no different cell while packing is off: that cell is the unpacked one, measured once.
+    assert pairs == [(False, None), (True, None), (True, 4096)]
+    assert all(c.problems() == [] for c in cells)
 
 
 def test_run_flags_fill_the_packing_fields() -> None:
