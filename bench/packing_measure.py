@@ -82,13 +82,14 @@ def measure(packing: bool, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run padded then packed; print both and the speed-up (JSON with ``--json``)."""
+    """Run padded then packed; print both and the speed-up (JSON with ``--json``). The flags are spelled as
+    ``phi3v-bench run``'s."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="lora")
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
-    parser.add_argument("--num_crops", "--num-crops", type=int, default=4)
-    parser.add_argument("--micro_batch", "--micro-batch", type=int, default=6)
-    parser.add_argument("--global_batch", "--global-batch", type=int, default=6)
+    parser.add_argument("--num-crops", dest="num_crops", type=int, default=4)
+    parser.add_argument("--micro-batch", dest="micro_batch", type=int, default=6)
+    parser.add_argument("--global-batch", dest="global_batch", type=int, default=6)
     parser.add_argument("--pack_tokens", "--pack-tokens", type=int, default=None)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
