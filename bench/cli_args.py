@@ -10,6 +10,7 @@ from typing import Any
 
 from bench.config import FLOPS_MODES, SEQ_PROFILES, TINY_DEFAULTS, BenchConfig, default_release
 from bench.layout import LAYOUTS
+from bench.packing_args import add_packing_arguments
 from bench.preflight import LIMITS
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int
 from phi3v_core.cli.vocabulary import add_shared, add_version, on_off
@@ -64,6 +65,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flops", choices=FLOPS_MODES, default=d.flops,
                    help="how MFU's FLOPs are counted: analytic (from the shapes) or trace (fake-tensor replay, "
                         "minutes for the full-size model; a check of the analytic count) (default: %(default)s)")
+    add_packing_arguments(p)
     _add_output_arguments(p)
 
 

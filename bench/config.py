@@ -73,6 +73,8 @@ IDENTITY_FIELDS: tuple[str, ...] = (
     "gradient_checkpointing",
     "optim",
     "offload",
+    "packing",
+    "pack_tokens",
 )
 
 #: Field names of older releases (result files, ``--set``/``--grid`` keys) and the names they now have.
@@ -131,6 +133,9 @@ class BenchConfig:
             choice existed measured it). Not an identity field: the layout's fields are.
         release: Release label of the results folder (``results/<release>/<hardware>/``).
         out: Root folder for result files.
+        packing: Pack each micro-batch's samples into rows (``phi3v-finetune --packing``): the same losses and
+            gradients, less padding.
+        pack_tokens: Tokens per packed row; ``None`` = the micro-batch's longest sample.
         flops: How MFU's FLOPs are counted: ``analytic`` (:mod:`phi3v_core.flops`, from the shapes, milliseconds)
             or ``trace`` (the step replayed on fake tensors under ``FlopCounterMode``, 1.5-3 CPU-minutes for the
             full-size model; kept to check the analytic count). Both give the same numbers (a test pins them); not
@@ -159,6 +164,8 @@ class BenchConfig:
     release: str = field(default_factory=default_release)
     out: str = "results"
     flops: str = "analytic"
+    packing: bool = False
+    pack_tokens: int | None = None
 
     # ---- derived values -------------------------------------------------------------------------------------
     @property
@@ -216,6 +223,7 @@ class BenchConfig:
                 # only when not the defaults, so the names of earlier results stay
                 *([self.optim] if self.optim != "adamw" else []),
                 *([f"offload-{self.offload}"] if self.offload != "none" else []),
+                *([f"pack{self.pack_tokens or ''}"] if self.packing else []),
             ]
         )
 
@@ -260,6 +268,13 @@ class BenchConfig:
         lr = self.learning_rate
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < 1):
             problems.append(f"learning_rate must be a number in (0, 1) (e.g. 5e-6), got {lr!r}")
+        if not isinstance(self.packing, bool):
+            problems.append(f"packing must be true or false, got {self.packing!r}")
+        tokens = self.pack_tokens
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            problems.append(f"pack_tokens must be a positive integer, got {tokens!r}")
+        elif tokens is not None and self.packing is False:
+            problems.append(f"pack_tokens {tokens} sizes packed rows but packing is off; add --packing")
         if not isinstance(self.gradient_checkpointing, bool):
             problems.append(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
 
@@ -367,6 +382,13 @@ def parse_field_value(name: str, text: str) -> Any:
             return int(text)
         except ValueError:
             raise ConfigError(f"{name}={text!r}: expected an integer") from None
+    if kind == "int | None":
+        if text.strip().lower() in ("", "none", "default"):
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{name}={text!r}: expected an integer or none") from None
     if kind == "float | None":
         try:
             return float(text)

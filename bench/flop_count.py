@@ -256,12 +256,14 @@ def cached_step_flops(
 
 def step_micro_batches(train_cfg: Any, dataset: Any, micro_batch: int, grad_accum: int) -> list[dict[str, Any]]:
     """The first optimizer step's micro-batches, collated as :func:`phi3v_core.training.train` collates them."""
-    from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
-    from phi3v_core.training.collate import SupervisedLogitsCollator
+    from phi3v_core.training.collate import training_collator
 
-    collator: Any = Phi3VDataCollator(pad_token_id=PAD_TOKEN_ID, padding_side="right")
-    if getattr(train_cfg, "supervised_logits_only", False):
-        collator = SupervisedLogitsCollator(collator)
+    collator = training_collator(
+        getattr(train_cfg, "packing", False),
+        getattr(train_cfg, "pack_tokens", None),
+        getattr(train_cfg, "attn", "sdpa"),
+        getattr(train_cfg, "supervised_logits_only", False),
+    )
     batches = []
     for k in range(grad_accum):
         examples = [dataset[(k * micro_batch + i) % len(dataset)] for i in range(micro_batch)]

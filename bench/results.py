@@ -155,6 +155,10 @@ class Metrics:
             results.
         processor_samples_per_s: Samples per second the processor encodes and collates on one CPU thread (one
             DataLoader worker), measured on rank 0 before the first repeat's steps; ``None`` in older results.
+        computed_tokens_per_step: Tokens the model computed per optimizer step over all ranks, padding included
+            (mean over the timed steps); ``None`` in results written before it was counted.
+        real_tokens_per_step: The non-padding part of it (mean over the timed steps; with mixed sample lengths
+            ``tokens_per_step``, the first timed step's, is one draw of it).
     """
 
     repeats: list[RepeatSample] = field(default_factory=list)
@@ -169,6 +173,8 @@ class Metrics:
     trainable_params: int | None = None
     wall_s: float | None = None
     processor_samples_per_s: float | None = None
+    computed_tokens_per_step: float | None = None
+    real_tokens_per_step: float | None = None
 
     def step_times(self) -> list[float]:
         """Return the timed step times of all repeats, pooled."""
@@ -223,6 +229,8 @@ class Summary:
     run, ``steps_s`` its warm-up + timed steps, ``skipped_steps`` the fp16 loss-scaler skips (``None`` where the
     result predates them). ``changed_weights_fraction`` is the smallest share of trained weights a repeat's steps
     changed (``None`` where not measured): under 50 % the layout does not apply the updates it computes.
+    ``padding_fraction`` is the share of computed tokens that are padding and ``real_tokens_per_s`` the non-padding
+    tokens per second (both mean over the timed steps; ``None`` in results written before they were counted).
     """
 
     img_per_s: float | None
@@ -252,6 +260,8 @@ class Summary:
     energy_wh_per_epoch: float | None = None
     epoch_samples: int | None = None
     energy_note: str = ""
+    padding_fraction: float | None = None
+    real_tokens_per_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the summary as a JSON-ready dict."""
@@ -348,6 +358,11 @@ class BenchResult:
             peak_cpu_rss_bytes=m.peak_memory("cpu_rss_bytes"),
             peak_cpu_tensor_peak_bytes=m.peak_memory("cpu_tensor_peak_bytes"),
             wall_s=m.wall_s,
+            padding_fraction=(
+                1 - m.real_tokens_per_step / m.computed_tokens_per_step
+                if m.computed_tokens_per_step and m.real_tokens_per_step is not None else None
+            ),
+            real_tokens_per_s=m.real_tokens_per_step / median if (median and m.real_tokens_per_step) else None,
             # Warm-up + timed steps of every repeat: the part of wall_s that trained.
             steps_s=sum(times) + sum(t for r in m.repeats for t in r.warmup_times_s) if m.repeats else None,
             skipped_steps=(

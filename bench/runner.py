@@ -532,6 +532,10 @@ def _add_repeat(metrics: Metrics, ranks: list[dict[str, Any]], wall_s: float | N
         metrics.processor_samples_per_s = rates[0]
     metrics.images_per_step = sum(p["images_per_step"] or 0 for p in ranks)
     metrics.tokens_per_step = sum(p["tokens_per_step"] or 0 for p in ranks)
+    computed = [p.get("computed_tokens_per_step") for p in ranks]
+    if all(c is not None for c in computed):
+        metrics.computed_tokens_per_step = sum(computed)
+        metrics.real_tokens_per_step = sum(p.get("real_tokens_per_step") or 0 for p in ranks)
     metrics.image_tokens_per_step = sum(p["image_tokens_per_step"] or 0 for p in ranks)
     # Counted on rank 0 only: every rank runs the same micro-batch shapes (one sequence length per profile), so the
     # step's FLOPs over all ranks are rank 0's times the world size.

@@ -163,6 +163,9 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         samples_per_step=timed[0].samples if timed else None,
         images_per_step=timed[0].images if timed else None,
         tokens_per_step=timed[0].tokens if timed else None,
+        # Mean over the timed steps: with mixed lengths each step's padding differs.
+        computed_tokens_per_step=(sum(r.computed_tokens for r in timed) / len(timed)) if timed else None,
+        real_tokens_per_step=(sum(r.tokens for r in timed) / len(timed)) if timed else None,
         image_tokens_per_step=(timed[0].samples * workload.image_tokens_per_sample) if timed else None,
         flops_per_step=flops.model_flops if flops else None,
         hardware_flops_per_step=flops.hardware_flops if flops else None,

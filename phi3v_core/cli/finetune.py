@@ -251,6 +251,19 @@ def _add_memory_flags(parser: argparse.ArgumentParser) -> None:
         default="none",
         help="optimizer: DeepSpeed ZeRO-2 keeps fp32 master weights and Adam states in host RAM (CPU Adam)",
     )
+    group.add_argument(
+        "--packing",
+        action="store_true",
+        help="pack each micro-batch's samples, with their images, into rows (same losses and gradients, less padding)",
+    )
+    group.add_argument(
+        "--pack_tokens",
+        "--pack-tokens",
+        type=bounded_int(1, 10**7),
+        default=None,
+        metavar="N",
+        help="tokens per packed row (implies --packing; default: the micro-batch's longest sample)",
+    )
 
 
 @contextlib.contextmanager

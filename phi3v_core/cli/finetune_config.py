@@ -527,6 +527,8 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
         gradient_checkpointing=getattr(args, "gradient_checkpointing", "on") != "off",
         optim=getattr(args, "optim", "adamw"),
         offload=getattr(args, "offload", "none"),
+        packing=bool(getattr(args, "packing", False) or getattr(args, "pack_tokens", None)),
+        pack_tokens=getattr(args, "pack_tokens", None),
         extra={"task": task, "preset": args.preset, "command": "phi3v-finetune"},
         **trainer_fields,
     )

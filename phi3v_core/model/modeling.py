@@ -8,6 +8,8 @@ tensors; we don't.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig
@@ -17,6 +19,10 @@ from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, P
 from phi3v_core.config import Phi3VConfig
 from phi3v_core.constants import LOSS_CHUNK_TOKENS
 from phi3v_core.model.image_embedding import ImageLayout, Phi3ImageEmbedding
+from phi3v_core.model.rope import SampleRotaryEmbedding
+
+if TYPE_CHECKING:
+    from phi3v_core.processing.packing import PackInfo
 
 __all__ = ["LOSS_CHUNK_TOKENS", "Phi3VModel", "Phi3VForCausalLM", "STOP_TOKEN_IDS", "dead_parameter_names"]
 
@@ -51,6 +57,8 @@ class Phi3VModel(_SeparatorInit, Phi3Model):
 
     def __init__(self, config: Phi3VConfig) -> None:
         super().__init__(config)  # builds and initialises the decoder (Phi3Model ends with post_init)
+        # Same buffers and names as transformers' (none persistent); also chooses LongRoPE's factors per packed sample.
+        self.rotary_emb = SampleRotaryEmbedding(config=config)
         self.vision_embed_tokens = Phi3ImageEmbedding(config)
         self.post_init()  # initialises the image embedding; the decoder is already flagged as initialised
 
@@ -79,23 +87,34 @@ class Phi3VModel(_SeparatorInit, Phi3Model):
         use_cache: bool | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | ImageLayout | None = None,
+        packing: PackInfo | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """The decoder over text and image embeddings; ``packing`` marks a packed batch (see :mod:`~phi3v_core.processing.packing`)."""
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
         if isinstance(attention_mask, torch.Tensor) and attention_mask.device.type == "meta":
             # transformers inspects the padding mask's values to pick a fast path; meta tensors have none. Shapes
             # and compute are the same without it, which is all a meta-device trace measures.
             attention_mask = None
-        return super().forward(
-            input_ids=None,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        if packing is not None:
+            _check_packed(attention_mask, position_ids, cache, use_cache)
+            use_cache = False  # None would become the config's True: a cache hides the packing from the mask
+            limit = self.rotary_emb.original_max_positions
+            if limit is not None:
+                self.rotary_emb.long_tokens = packing.long_rope_tokens(limit)
+        try:
+            return super().forward(
+                input_ids=None,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        finally:
+            self.rotary_emb.long_tokens = None
 
 
 class Phi3VForCausalLM(_SeparatorInit, Phi3ForCausalLM):
@@ -145,6 +164,7 @@ class Phi3VForCausalLM(_SeparatorInit, Phi3ForCausalLM):
         logits_to_keep: int | torch.Tensor = 0,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | ImageLayout | None = None,
+        packing: PackInfo | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
@@ -156,6 +176,7 @@ class Phi3VForCausalLM(_SeparatorInit, Phi3ForCausalLM):
             use_cache=use_cache,
             pixel_values=pixel_values,
             image_sizes=image_sizes,
+            packing=packing,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -272,6 +293,15 @@ def dead_parameter_names(model: torch.nn.Module) -> set[str]:
     all_names = [n for n, _ in model.named_parameters()]
     # Map to the wrapper's naming (PEFT prefixes "base_model.model.", LoRA renames "base_layer").
     return {full for full in all_names if any(full.endswith(n) or full.replace(".base_layer", "").endswith(n) for n in names)}
+
+
+def _check_packed(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, cache, use_cache) -> None:  # noqa: ANN001
+    """A packed batch's sample boundaries are its position ids: no padding mask, no cache (training only)."""
+    if attention_mask is not None or position_ids is None or cache is not None or use_cache:
+        raise ValueError(
+            "a packed batch needs position_ids, no attention_mask and no cache (transformers reads packed samples from "
+            "restarting position ids only then); build it with PackingCollator"
+        )
 
 
 def _shifted(labels: torch.Tensor, shift_labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:

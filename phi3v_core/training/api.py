@@ -31,10 +31,9 @@ from phi3v_core.errors import ConfigError
 from phi3v_core.fs import StorageError, describe_storage_error
 from phi3v_core.io import atomic_write_json, modes_from_umask
 from phi3v_core.methods import MethodReport
-from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
 from phi3v_core.training.callbacks import LossGuard, StepRecord, StepTimer, TrainingDivergedError
 from phi3v_core.training.checkpoints import CheckpointManifest, checkpoint_problem, find_resumable_checkpoint
-from phi3v_core.training.collate import SupervisedLogitsCollator
+from phi3v_core.training.collate import training_collator
 from phi3v_core.training.config import COMPLETE_MARKER, Machine, TrainConfig
 from phi3v_core.training.model_setup import build_model, prepare_model
 from phi3v_core.training.trainer import Phi3VTrainer, build_training_arguments
@@ -368,9 +367,7 @@ def train(
         _single_process_rendezvous()
     args = build_training_arguments(cfg, env)
     timer, own_timer = _step_timer(callbacks)
-    collator: Any = Phi3VDataCollator(pad_token_id=PAD_TOKEN_ID, padding_side="right")
-    if cfg.supervised_logits_only:
-        collator = SupervisedLogitsCollator(collator)
+    collator = training_collator(cfg.packing, cfg.pack_tokens, cfg.attn, cfg.supervised_logits_only)
     trainer = Phi3VTrainer(
         model=model,
         args=args,

@@ -93,22 +93,29 @@ class StepMeter:
     data_wait_s: float = 0.0
     images: int = 0
     micro_batches: int = 0
+    #: Tokens the model computed, padding included (rows × width of every micro-batch).
+    computed_tokens: int = 0
     _tokens: torch.Tensor | int = 0
     _supervised: torch.Tensor | int = 0
 
     def reset(self) -> None:
         """Start a new optimizer step."""
-        self.samples = self.images = self.micro_batches = 0
+        self.samples = self.images = self.micro_batches = self.computed_tokens = 0
         self._tokens = self._supervised = 0
 
     def add(self, inputs: dict[str, Any]) -> None:
-        """Count one micro-batch (collator output)."""
+        """Count one micro-batch (collator output; a packed one carries its :class:`PackInfo` as ``packing``)."""
         input_ids = inputs["input_ids"]
-        self.samples += int(input_ids.shape[0])
+        packing = inputs.get("packing")
+        self.samples += packing.samples if packing is not None else int(input_ids.shape[0])
         self.micro_batches += 1
         self.images += len(inputs.get("image_sizes") or ())
+        self.computed_tokens += int(input_ids.numel())
         mask = inputs.get("attention_mask")
-        self._tokens = self._tokens + (mask.sum() if mask is not None else input_ids.numel())
+        if packing is not None:
+            self._tokens = self._tokens + packing.real_tokens
+        else:
+            self._tokens = self._tokens + (mask.sum() if mask is not None else input_ids.numel())
         labels = inputs.get("labels")
         if labels is not None:
             # Supervised positions after the causal shift, as the loss counts them.
@@ -141,6 +148,7 @@ class StepRecord:
         samples: Examples this process consumed in the step.
         tokens: Non-padding tokens of this process in the step.
         supervised_tokens: Loss tokens of this process in the step.
+        computed_tokens: Tokens the model computed in the step, padding included (``tokens`` of them are real).
         images: Images of this process in the step.
         data_wait_seconds: Time this process waited for the step's micro-batches from the data loader (the
             Trainer fetches them before the step's clock starts; the device idles meanwhile, as the previous step
@@ -162,6 +170,7 @@ class StepRecord:
     images: int = 0
     data_wait_seconds: float = 0.0
     skipped: bool = False
+    computed_tokens: int = 0
     began: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -220,6 +229,7 @@ class StepTimer(TrainerCallback):
             record.tokens = self.meter.tokens
             record.supervised_tokens = self.meter.supervised_tokens
             record.data_wait_seconds = self.meter.data_wait_s
+            record.computed_tokens = self.meter.computed_tokens
         self.records.append(record)
         self._last_end = now
 

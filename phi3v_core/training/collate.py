@@ -1,4 +1,4 @@
-"""Collation for training: the processor's collator, optionally trimming logits to the supervised span."""
+"""Collation for training: the processor's collator or packing, optionally trimming logits to the supervised span."""
 
 from __future__ import annotations
 
@@ -6,7 +6,23 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SupervisedLogitsCollator"]
+from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
+from phi3v_core.processing.packing import PackingCollator
+
+__all__ = ["SupervisedLogitsCollator", "training_collator"]
+
+
+def training_collator(
+    packing: bool = False, pack_tokens: int | None = None, attn: str = "sdpa", supervised_logits_only: bool = False
+) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]:
+    """The collator a training run uses: right padding, or packing (one flattened row for flash-attention-2, whose
+    variable-length kernel needs batch size 1; rows of ``pack_tokens`` with a block-diagonal mask otherwise)."""
+    collator: Any = Phi3VDataCollator(pad_token_id=PAD_TOKEN_ID, padding_side="right")
+    if packing:
+        collator = PackingCollator(collator, pack_tokens=pack_tokens, flatten=attn == "flash_attention_2")
+    if supervised_logits_only:
+        collator = SupervisedLogitsCollator(collator)
+    return collator
 
 
 @dataclass

@@ -167,6 +167,9 @@ class TrainConfig:
         offload: ``none`` or ``optimizer``: DeepSpeed ZeRO-2 keeps the fp32 master weights and AdamW states in host
             memory and steps them with DeepSpeed's CPU Adam (full/frozen_vision; DeepSpeed turns on even for one
             process). The GPU keeps the 16-bit weights and gradients; every step moves gradients and weights over PCIe.
+        packing: Pack each micro-batch's samples, with their images, into rows of ``pack_tokens``
+            (:mod:`phi3v_core.processing.packing`): the same losses and gradients as padding, fewer padded tokens.
+        pack_tokens: Tokens per packed row; ``None`` = the micro-batch's longest sample.
     """
 
     model: str = "tiny"
@@ -213,6 +216,8 @@ class TrainConfig:
     supervised_logits_only: bool = False
     optim: str = "adamw"
     offload: str = "none"
+    packing: bool = False
+    pack_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form metadata carried into ``train_config.json`` (e.g. the data source); not read by training."""
 
@@ -472,6 +477,10 @@ class TrainConfig:
                 f"save_total_limit must be >= 1 or None (got {self.save_total_limit})",
             ),
             (self.logging_steps >= 1, f"logging_steps must be >= 1 (got {self.logging_steps})"),
+            (
+                self.pack_tokens is None or self.pack_tokens >= 1,
+                f"pack_tokens must be >= 1 (got {self.pack_tokens}); pass --pack_tokens N or leave it out",
+            ),
             (
                 self.dataloader_num_workers >= 0,
                 f"dataloader_num_workers must be >= 0 (got {self.dataloader_num_workers})",

@@ -66,6 +66,8 @@ class MeasurementSpec:
     offload: str = "none"
     seed: int = 0
     learning_rate: float | None = None
+    packing: bool = False
+    pack_tokens: int | None = None
 
 
 def recipe_learning_rate(task: str, method: str) -> float:
@@ -104,6 +106,8 @@ def to_train_config(cfg: MeasurementShape, output_dir: str, total_steps: int) ->
         logging_steps=1,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        packing=getattr(cfg, "packing", False),
+        pack_tokens=getattr(cfg, "pack_tokens", None),
     )
 
 

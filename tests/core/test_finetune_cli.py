@@ -262,3 +262,11 @@ def test_memory_layout_flags_reach_the_train_config():
     assert (cfg.gradient_checkpointing, cfg.optim, cfg.offload) == (False, "adamw_8bit", "none")
     cfg = resolve("--synthetic", "4", "--method", "full", "--offload", "optimizer").train
     assert (cfg.gradient_checkpointing, cfg.optim, cfg.offload) == (True, "adamw", "optimizer")
+
+
+def test_packing_flags_reach_the_train_config():
+    assert not resolve("--synthetic", "4").train.packing
+    cfg = resolve("--synthetic", "4", "--packing").train
+    assert (cfg.packing, cfg.pack_tokens) == (True, None)
+    cfg = resolve("--synthetic", "4", "--pack-tokens", "4096").train  # the dashed alias; a budget implies packing
+    assert (cfg.packing, cfg.pack_tokens) == (True, 4096)
