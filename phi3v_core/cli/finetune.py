@@ -36,6 +36,7 @@ from phi3v_core.cli.finetune_config import (
     TASK_NAMES,
     build_config,
 )
+from phi3v_core.cli.finetune_levers import add_lever_flags
 from phi3v_core.constants import (
     ATTN_NAMES,
     MODEL_PRESET_NAMES,
@@ -44,6 +45,7 @@ from phi3v_core.constants import (
     PRECISION_NAMES,
 )
 from phi3v_core.methods import METHOD_NAMES, get_method
+from phi3v_core.towers import CHECKPOINTING_CHOICES
 
 __all__ = [
     "OUR_DEFAULTS",
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_flags(ours)
     _add_run_flags(ours)
     _add_memory_flags(parser)
+    add_lever_flags(parser)
     return parser
 
 
@@ -205,9 +208,10 @@ def _add_memory_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("memory layout (phi3v-plan chooses these)")
     group.add_argument(
         "--gradient_checkpointing",
-        choices=("on", "off"),
+        choices=CHECKPOINTING_CHOICES,
         default="on",
-        help="recompute activations in backward (default on, as the recipe); off is faster where memory allows",
+        help="recompute activations in backward: both towers (on, the recipe's default), llm (decoder only), "
+        "vision (CLIP only) or off (faster where memory allows)",
     )
     group.add_argument(
         "--optim",

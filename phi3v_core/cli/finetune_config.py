@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from phi3v_core.cli.finetune_levers import LEVER_FIELD_FLAGS, lever_fields
 from phi3v_core.constants import (
     ATTN_NAMES,
     DEFAULT_ATTN,
@@ -90,6 +91,7 @@ _FIELD_FLAGS = {
     "output_dir": "--output_dir",
     "optim": "--optim",
     "offload": "--offload",
+    **LEVER_FIELD_FLAGS,
 }
 _FIELD_RE = re.compile(r"^(" + "|".join(sorted(_FIELD_FLAGS, key=len, reverse=True)) + r")\b")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -519,7 +521,7 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
         seed=values["seed"],
         dataloader_num_workers=values["num_workers"],
         disable_tqdm=not args.tqdm,
-        gradient_checkpointing=getattr(args, "gradient_checkpointing", "on") != "off",
+        **lever_fields(args),
         optim=getattr(args, "optim", "adamw"),
         offload=getattr(args, "offload", "none"),
         extra={"task": task, "preset": args.preset, "command": "phi3v-finetune"},
