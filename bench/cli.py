@@ -39,6 +39,7 @@ from bench.config import (
     default_release,
 )
 from bench.layout import LAYOUT_FIELDS, LAYOUTS, resolve_layout
+from bench.lever_args import add_lever_arguments
 from bench.preflight import (
     LIMITS,
     limit_problems,
@@ -101,8 +102,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="micro-batch, checkpointing, optimizer and offload: plan (phi3v-plan's for this card and "
                         "method; the default on a GPU) or recipe (the seed's: checkpointing on, micro-batch 1, AdamW; "
                         "the default on CPU); the flags below override single fields")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute activations in backward (default: the layout's)")
+    add_lever_arguments(p)  # --gradient_checkpointing per tower, --freeze_llm, tower rates, --kernels, --compile
     p.add_argument("--optim", choices=OPTIM_NAMES, default=None, help="optimizer (default: the layout's)")
     p.add_argument("--offload", choices=OFFLOAD_NAMES, default=None, help="DeepSpeed offload (default: the layout's)")
     p.add_argument("--learning-rate", type=bounded_float(0, 1, low_open=True), default=None,

@@ -113,6 +113,8 @@ class RepeatSample:
         weight_change: Rank 0's :class:`bench.updates.WeightChange` as a dict: the share of trained weights whose
             stored value the whole run (warm-up included) changed; ``None`` in older results.
         learning_rate: Peak learning rate the repeat trained with; ``None`` in older results.
+        compile_s: With ``compile``: seconds the first (compiling) warmup step took beyond a timed step's median;
+            not in any step-time statistic. ``None`` without ``compile`` and in older results.
     """
 
     step_times_s: list[float] = field(default_factory=list)
@@ -125,6 +127,7 @@ class RepeatSample:
     skipped_timed_steps: list[int] = field(default_factory=list)
     weight_change: dict[str, Any] | None = None
     learning_rate: float | None = None
+    compile_s: float | None = None
 
 
 @dataclass

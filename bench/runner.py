@@ -478,6 +478,8 @@ def _add_repeat(metrics: Metrics, ranks: list[dict[str, Any]], wall_s: float | N
             # every rank holds the same weights after a step (DDP, ZeRO-2 all-gathers): rank 0's sample stands
             weight_change=ranks[0].get("weight_change"),
             learning_rate=ranks[0].get("learning_rate"),
+            # the slowest rank's compile held every rank back
+            compile_s=max((p["compile_s"] for p in ranks if p.get("compile_s") is not None), default=None),
         )
     )
     metrics.images_per_step = sum(p["images_per_step"] or 0 for p in ranks)
