@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print JSON instead of tables")
     out.add_argument("--list-gpus", action="store_true", help="print the GPU table and exit")
     out.add_argument("--calibration", action="store_true", help="print predicted vs the recipe's published table and exit")
+    out.add_argument("--levers", action="store_true", help="print what each kernel/compile/per-tower axis is predicted to change, with the published figures, and exit")
     out.add_argument(
         "--validate",
         action="store_true",
@@ -423,7 +424,7 @@ def _with_close_gpus(message: str, name: str | None) -> str:
 def _flags_that_do_nothing(args: argparse.Namespace) -> list[str]:
     """Flags this invocation would drop without a word (and a --save that would fail after minutes of measuring)."""
     problems = []
-    exits = [flag for flag, given in (("--list-gpus", args.list_gpus), ("--calibration", args.calibration),
+    exits = [flag for flag, given in (("--list-gpus", args.list_gpus), ("--levers", args.levers), ("--calibration", args.calibration),
                                       ("--validate", args.validate)) if given]  # fmt: skip
     if len(exits) > 1:
         problems.append(f"{' and '.join(exits)} are separate reports (the first prints and exits); pass one of them")
@@ -442,6 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_all(_flags_that_do_nothing(args))
     if args.list_gpus:
         print_gpus(args.json)
+        return 0
+    if args.levers:
+        from planner.levers import levers_table, render_levers
+
+        dump(levers_table()) if args.json else print(render_levers())
         return 0
     request = _request(args)
     try:

@@ -286,6 +286,8 @@ class Layout:
         chosen: The layout the plan recommends for this method.
         update_retention: Predicted share of trained weights one step at the recipe's learning rate changes
             (:mod:`phi3v_core.retention`); a layout under 50 % is never recommended.
+        checkpoint_towers: Where checkpointing applies when on: ``both`` or ``llm`` (the CLIP tower keeps its
+            activations: less recompute, more memory).
     """
 
     micro_batch: int
@@ -299,6 +301,7 @@ class Layout:
     host_bytes: float = 0.0
     chosen: bool = False
     update_retention: float = 1.0
+    checkpoint_towers: str = "both"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for ``--json``)."""
@@ -306,6 +309,7 @@ class Layout:
             "micro_batch": self.micro_batch,
             "grad_accum": self.grad_accum,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "checkpoint_towers": self.checkpoint_towers,
             "optim": self.optim,
             "offload": self.offload,
             "predicted_reserved_gib": round(self.reserved_bytes / GIB, 3),
@@ -345,6 +349,7 @@ class MethodPlan:
     layouts: list[Layout] = field(default_factory=list)
     speedup_vs_checkpointing: float | None = None
     host_bytes: float = 0.0
+    checkpoint_towers: str = "both"
 
     @property
     def peak_gib(self) -> float | None:
@@ -368,6 +373,7 @@ class MethodPlan:
             "grad_accum": self.grad_accum,
             "global_batch": self.global_batch,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "checkpoint_towers": self.checkpoint_towers,
             "fits_without_checkpointing": self.fits_without_checkpointing,
             "zero_stage": self.zero_stage,
             "memory": self.memory.to_dict(self.capacity_bytes) if self.memory else None,
