@@ -26,7 +26,7 @@ class _Checkpointing(argparse.Action):
         choice = "off" if option_string and option_string.startswith("--no") else (values or "both")
         enabled, towers = checkpointing_fields(choice)
         namespace.gradient_checkpointing = enabled
-        namespace.checkpoint_towers = towers if enabled else None
+        namespace.checkpoint_towers = towers  # "both" when off: one identity for "no checkpointing"
 
 
 def add_lever_arguments(p: argparse.ArgumentParser) -> None:
