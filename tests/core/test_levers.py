@@ -178,3 +178,29 @@ def test_finetune_flags_map_onto_the_tower_fields(tmp_path: Path) -> None:
                                                   "--output_dir", str(tmp_path / "p")]), env=CPU).train
     assert old.gradient_checkpointing is False
     assert isinstance(build_parser().parse_args([]), argparse.Namespace)
+
+
+def test_a_compiled_step_gives_the_same_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile=True`` goes through the Trainer's ``torch.compile``; the test uses the ``aot_eager`` backend (the
+    same Dynamo capture and AOTAutograd forward/backward graphs, without inductor's C++ code generation, which takes
+    minutes on a busy CPU), so it stays cheap while checking that the compiled model trains to the same loss."""
+    import phi3v_core.training.api as api
+
+    build = api.build_training_arguments
+
+    def with_cheap_backend(cfg: TrainConfig, env: Machine) -> object:
+        args = build(cfg, env)
+        if cfg.compile:
+            args.torch_compile_backend = "aot_eager"
+        return args
+
+    monkeypatch.setattr(api, "build_training_arguments", with_cheap_backend)
+    dataset = SyntheticDataset(num_examples=2, num_crops=1, prompt_words=4, answer_words=3, seed=0)
+    from torch._dynamo.utils import counters
+
+    eager = train(_cfg(tmp_path, output_dir=str(tmp_path / "eager")), dataset)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train(_cfg(tmp_path, output_dir=str(tmp_path / "compiled"), compile=True), dataset)
+    assert counters["stats"]["unique_graphs"] >= 1  # Dynamo captured and compiled the model's graphs
+    assert compiled.losses[1] == pytest.approx(eager.losses[1], rel=1e-4)
