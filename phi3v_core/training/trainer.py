@@ -45,16 +45,23 @@ class Phi3VTrainer(Trainer):
             self.add_callback(TowerCheckpointing(checkpoint_towers))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer, with one parameter group per tower when per-tower rates are set."""
+        """The Trainer's optimizer, regrouped into one parameter group per tower when per-tower rates are set.
+
+        The Trainer builds it first (so its own rules still apply: the optimizer class and arguments, bitsandbytes'
+        32-bit override for embeddings); before any step the groups hold no state, so they are replaced by the tower
+        groups, which take the optimizer's defaults for every key they do not set.
+        """
         if self.tower_rates is None or self.optimizer is not None:
             return super().create_optimizer(*([model] if model is not None else []))
+        optimizer = super().create_optimizer(*([model] if model is not None else []))
         opt_model = model if model is not None else self.model
         groups = tower_param_groups(
             opt_model, self.tower_rates, self.args.weight_decay, self.get_decay_parameter_names(opt_model)
         )
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
 
     def add_callback(self, callback: Any) -> None:
         """Add a callback; a :class:`StepTimer` gets this trainer's meter."""
