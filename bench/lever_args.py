@@ -18,12 +18,15 @@ from phi3v_core.towers import CHECKPOINTING_CHOICES, checkpointing_fields
 __all__ = ["add_lever_arguments", "lever_field_problems", "lever_suffixes"]
 
 
+_OFF_FLAGS = ("--no-gradient-checkpointing", "--no_gradient_checkpointing")
+
+
 class _Checkpointing(argparse.Action):
     """``--gradient_checkpointing [both|llm|vision|off|on]`` → ``gradient_checkpointing`` and ``checkpoint_towers``."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        choice = "off" if option_string and option_string.startswith("--no") else (values or "both")
+        choice = "off" if option_string in _OFF_FLAGS else (values or "both")
         enabled, towers = checkpointing_fields(choice)
         namespace.gradient_checkpointing = enabled
         namespace.checkpoint_towers = towers  # "both" when off: one identity for "no checkpointing"
