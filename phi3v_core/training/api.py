@@ -114,7 +114,7 @@ RESULT_FIELDS = (
     "model", "method", "precision", "attn", "num_crops", "global_batch", "max_steps", "num_train_epochs",
     "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler", "adam_beta1", "adam_beta2", "adam_epsilon",
     "max_grad_norm", "lora_rank", "lora_alpha_ratio", "lora_dropout", "lora_lm_head", "freeze_vision", "seed",
-    "supervised_logits_only",
+    "supervised_logits_only", "vision_lr", "projector_lr", "freeze_llm",
 )  # fmt: skip
 #: ``extra`` keys that change the result (the data).
 _RESULT_EXTRA = ("task", "data", "data_content")
