@@ -436,18 +436,20 @@ def _flags_that_do_nothing(args: argparse.Namespace) -> list[str]:
     return problems
 
 
+def _print_levers(as_json: bool) -> None:
+    """``--levers``: what each kernel/compile/per-tower axis is predicted to change, with the published figures."""
+    from planner.levers import levers_table, render_levers
+
+    dump(levers_table()) if as_json else print(render_levers())
+
+
 @handle_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``phi3v-plan``."""
     args = build_parser().parse_args(argv)
     raise_all(_flags_that_do_nothing(args))
-    if args.list_gpus:
-        print_gpus(args.json)
-        return 0
-    if args.levers:
-        from planner.levers import levers_table, render_levers
-
-        dump(levers_table()) if args.json else print(render_levers())
+    if args.list_gpus or args.levers:
+        print_gpus(args.json) if args.list_gpus else _print_levers(args.json)
         return 0
     request = _request(args)
     try:

@@ -8,11 +8,12 @@ forward and an input-gradient backward (the loss reaches the image through it).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from planner.estimate import TrainSetup
-    from planner.shapes import ModelShape
+# ``TrainSetup`` (planner.estimate, which imports this module) and ``ModelShape``, typed loosely to keep imports
+# one-way.
+TrainSetup = Any
+ModelShape = Any
 
 __all__ = ["checkpoints", "trained_adapter_params", "trained_params"]
 

@@ -36,7 +36,7 @@ from phi3v_core.training.callbacks import LossGuard, StepRecord, StepTimer, Trai
 from phi3v_core.training.checkpoints import CheckpointManifest, checkpoint_problem, find_resumable_checkpoint
 from phi3v_core.training.collate import SupervisedLogitsCollator
 from phi3v_core.training.config import COMPLETE_MARKER, Machine, TrainConfig
-from phi3v_core.training.levers import tower_learning_rates
+from phi3v_core.training.levers import trainer_levers
 from phi3v_core.training.model_setup import build_model, prepare_model
 from phi3v_core.training.trainer import Phi3VTrainer, build_training_arguments
 from phi3v_core.transaction import move_into
@@ -360,8 +360,7 @@ def train(
     args = build_training_arguments(cfg, env)
     timer = StepTimer()
     collator: Any = Phi3VDataCollator(pad_token_id=PAD_TOKEN_ID, padding_side="right")
-    if cfg.supervised_logits_only:
-        collator = SupervisedLogitsCollator(collator)
+    collator = SupervisedLogitsCollator(collator) if cfg.supervised_logits_only else collator
     trainer = Phi3VTrainer(
         model=model,
         args=args,
@@ -369,8 +368,7 @@ def train(
         eval_dataset=eval_dataset,
         data_collator=collator,
         callbacks=[LossGuard(), timer, _RecordConfig(cfg.to_dict()), CheckpointManifest(), *callbacks],
-        tower_rates=tower_learning_rates(cfg) if cfg.vision_lr or cfg.projector_lr else None,
-        checkpoint_towers=cfg.checkpoint_towers,
+        **trainer_levers(cfg),
     )
     with _storage_errors(output_dir):
         if args.should_save:

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback
@@ -23,10 +23,12 @@ from phi3v_core.kernels import KERNEL_NAMES
 from phi3v_core.methods import METHODS, get_method
 from phi3v_core.towers import tower_of
 
-if TYPE_CHECKING:
-    from phi3v_core.training.config import Machine, TrainConfig
+# ``TrainConfig`` and ``Machine`` (phi3v_core.training.config, which calls this module), typed loosely to keep
+# imports one-way.
+TrainConfig = Any
+Machine = Any
 
-__all__ = ["TowerCheckpointing", "lever_problems", "restrict_checkpointing", "tower_learning_rates", "tower_param_groups"]
+__all__ = ["TowerCheckpointing", "lever_problems", "trainer_levers", "restrict_checkpointing", "tower_learning_rates", "tower_param_groups"]
 
 
 def tower_learning_rates(cfg: TrainConfig) -> dict[str, float]:
@@ -36,6 +38,12 @@ def tower_learning_rates(cfg: TrainConfig) -> dict[str, float]:
         "projector": cfg.projector_lr or cfg.learning_rate,
         "llm": cfg.learning_rate,
     }
+
+
+def trainer_levers(cfg: TrainConfig) -> dict[str, Any]:
+    """The ``Phi3VTrainer`` arguments of the per-tower levers (tower rates only when one differs)."""
+    rates = tower_learning_rates(cfg) if cfg.vision_lr or cfg.projector_lr else None
+    return {"tower_rates": rates, "checkpoint_towers": cfg.checkpoint_towers}
 
 
 def tower_param_groups(
