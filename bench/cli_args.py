@@ -10,10 +10,11 @@ from typing import Any
 
 from bench.config import FLOPS_MODES, SEQ_PROFILES, TINY_DEFAULTS, BenchConfig, default_release
 from bench.layout import LAYOUTS
+from bench.lever_args import add_lever_arguments
 from bench.packing_args import add_packing_arguments
 from bench.preflight import LIMITS
 from phi3v_core.cli.common import CliParser, bounded_float, bounded_int
-from phi3v_core.cli.vocabulary import add_shared, add_version, on_off
+from phi3v_core.cli.vocabulary import add_shared, add_version
 from phi3v_core.constants import ATTN_NAMES, OFFLOAD_NAMES, OPTIM_NAMES, PRECISION_NAMES
 from phi3v_core.methods import METHOD_NAMES
 
@@ -53,10 +54,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="micro-batch, checkpointing, optimizer and offload: plan (phi3v-plan's for this card and "
                         "method; the default on a GPU) or recipe (the seed's: checkpointing on, micro-batch 1, AdamW; "
                         "the default on CPU); the flags below override single fields")
-    add_shared(p, "gradient_checkpointing", type=on_off, nargs="?", const=True, default=None, metavar="{on,off}",
-               help="recompute activations in backward: on (also the bare flag) or off (default: the layout's)")
-    p.add_argument("--no-gradient-checkpointing", "--no_gradient_checkpointing", dest="gradient_checkpointing",
-                   action="store_false", help="the same as --gradient_checkpointing off")
+    add_lever_arguments(p)  # --gradient_checkpointing per tower, --freeze_llm, tower rates, --kernels, --compile
     add_shared(p, "optim", choices=OPTIM_NAMES, default=None, help="optimizer (default: the layout's)")
     add_shared(p, "offload", choices=OFFLOAD_NAMES, default=None, help="DeepSpeed offload (default: the layout's)")
     add_shared(p, "learning_rate", type=bounded_float(0, 1, low_open=True), default=None,

@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench.lever_args import lever_field_problems, lever_suffixes
 from phi3v_core.cli.vocabulary import DEFAULT_SEED
 from phi3v_core.constants import (
     ATTN_NAMES,
@@ -75,6 +76,10 @@ IDENTITY_FIELDS: tuple[str, ...] = (
     "offload",
     "packing",
     "pack_tokens",
+    "checkpoint_towers",
+    "freeze_llm",
+    "kernels",
+    "compile",
 )
 
 #: Field names of older releases (result files, ``--set``/``--grid`` keys) and the names they now have.
@@ -128,6 +133,12 @@ class BenchConfig:
         offload: ``none`` or ``optimizer`` (DeepSpeed ZeRO-Offload).
         learning_rate: Peak learning rate; ``None`` = the recipe's for the profile's task and the method. A protocol
             field: it does not change the step time, but decides how many weights a step changes (reported).
+        checkpoint_towers: Where checkpointing applies when on: ``both``, ``llm`` (decoder) or ``vision`` (CLIP).
+        freeze_llm: Train the image path with the language model frozen.
+        kernels: ``none`` or ``liger`` (Liger's Triton kernels in the decoder; GPU only).
+        compile: ``torch.compile`` the model; the first warmup step compiles and is reported as ``compile_s``.
+        vision_lr: Learning rate of the CLIP tower (None: ``learning_rate``); a protocol field like it.
+        projector_lr: Learning rate of the projector and separators (None: ``learning_rate``).
         layout: Where micro-batch, checkpointing, optimizer and offload came from: ``plan`` (phi3v-plan's layout
             for the card and method, the default on a GPU) or ``recipe`` (the seed's; results written before the
             choice existed measured it). Not an identity field: the layout's fields are.
@@ -160,6 +171,12 @@ class BenchConfig:
     optim: str = "adamw"
     offload: str = "none"
     learning_rate: float | None = None
+    checkpoint_towers: str = "both"
+    freeze_llm: bool = False
+    kernels: str = "none"
+    compile: bool = False
+    vision_lr: float | None = None
+    projector_lr: float | None = None
     layout: str = "recipe"
     release: str = field(default_factory=default_release)
     out: str = "results"
@@ -224,6 +241,7 @@ class BenchConfig:
                 *([self.optim] if self.optim != "adamw" else []),
                 *([f"offload-{self.offload}"] if self.offload != "none" else []),
                 *([f"pack{self.pack_tokens or ''}"] if self.packing else []),
+                *lever_suffixes(self),
             ]
         )
 
@@ -277,6 +295,7 @@ class BenchConfig:
             problems.append(f"pack_tokens {tokens} sizes packed rows but packing is off; add --packing")
         if not isinstance(self.gradient_checkpointing, bool):
             problems.append(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+        problems.extend(lever_field_problems(self))
 
         ints_ok = all(
             isinstance(getattr(self, n), int) and getattr(self, n) >= 1 for n in ("global_batch", "micro_batch", "gpus", "nodes")

@@ -24,9 +24,17 @@ __all__ = ["LAYOUTS", "LAYOUT_FIELDS", "RECIPE_LAYOUT", "layout_label", "plan_re
 #: Where a run's layout comes from.
 LAYOUTS: tuple[str, ...] = ("plan", "recipe")
 #: The BenchConfig fields a layout sets.
-LAYOUT_FIELDS: tuple[str, ...] = ("micro_batch", "gradient_checkpointing", "optim", "offload")
+LAYOUT_FIELDS: tuple[str, ...] = ("micro_batch", "gradient_checkpointing", "checkpoint_towers", "optim", "offload")
 #: The seed recipe's layout (its scripts: checkpointing always on, AdamW, batch_size_per_gpu 1, no DeepSpeed offload).
-RECIPE_LAYOUT: dict[str, Any] = {"micro_batch": 1, "gradient_checkpointing": True, "optim": "adamw", "offload": "none"}
+RECIPE_LAYOUT: dict[str, Any] = {
+    "micro_batch": 1, "gradient_checkpointing": True, "checkpoint_towers": "both", "optim": "adamw", "offload": "none",
+}
+
+
+def _checkpointing(values: Mapping[str, Any]) -> str:
+    """``on``, ``off`` or ``llm only`` / ``vision only`` (per-tower checkpointing)."""
+    towers = values.get("checkpoint_towers", "both")
+    return ("on" if towers == "both" else f"{towers} only") if values["gradient_checkpointing"] else "off"
 
 
 def layout_label(config: Mapping[str, Any] | Any) -> str:
@@ -37,7 +45,7 @@ def layout_label(config: Mapping[str, Any] | Any) -> str:
     accum = int(values.get("global_batch", micro * world)) // max(micro * world, 1)
     parts = [
         f"micro-batch {micro} × {accum}",
-        f"checkpointing {'on' if values['gradient_checkpointing'] else 'off'}",
+        f"checkpointing {_checkpointing(values)}",
         str(values["optim"]),
     ]
     if values.get("offload", "none") != "none":
@@ -70,6 +78,7 @@ def _planned(values: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:
     layout = {
         "micro_batch": method.micro_batch,
         "gradient_checkpointing": method.gradient_checkpointing,
+        "checkpoint_towers": method.checkpoint_towers,
         "optim": method.optim,
         "offload": method.offload,
     }

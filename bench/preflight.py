@@ -21,7 +21,8 @@ from phi3v_core.errors import ConfigError
 from phi3v_core.fs import FolderLock, describe_os_error, model_folder_problems, writable_problem
 
 __all__ = [
-    "LIMITS", "limit_problems", "one_writer", "package_problems", "preflight_problems", "refuse_unusable_gpu",
+    "LIMITS", "kernel_problems", "limit_problems", "one_writer", "package_problems", "preflight_problems",
+    "refuse_unusable_gpu",
     "unsaved_result_error",
 ]
 
@@ -89,6 +90,20 @@ def package_problems(cells: Sequence[BenchConfig]) -> list[str]:
     ]
 
 
+def kernel_problems(cells: Sequence[BenchConfig]) -> list[str]:
+    """``--kernels liger`` needs a CUDA GPU (Triton) and the liger-kernel package: said once, before any worker."""
+    if not any(c.kernels == "liger" for c in cells):
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return ["--kernels liger needs a CUDA GPU (Liger's kernels are Triton, which runs on GPUs only); "
+                "use --kernels none on this machine"]
+    if importlib.util.find_spec("liger_kernel") is None:
+        return ["--kernels liger needs liger-kernel, which is not installed: pip install 'phi3v-bench[liger]'"]
+    return []
+
+
 def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None, *, writes: bool = True) -> list[str]:
     """Every problem that would stop ``cells`` after their measurement, found before it (empty when none).
 
@@ -105,7 +120,7 @@ def preflight_problems(cells: Sequence[BenchConfig], hardware: str | None = None
     """
     from bench.store import result_path
 
-    problems = limit_problems(cells) + package_problems(cells)
+    problems = limit_problems(cells) + package_problems(cells) + kernel_problems(cells)
     if not problems and any(c.offload == "optimizer" for c in cells):
         from phi3v_core.software import offload_build_problem
 

@@ -118,6 +118,8 @@ class RepeatSample:
         learning_rate: Peak learning rate the repeat trained with; ``None`` in older results.
         data_wait_s: Seconds each timed step waited for its batch from the data loader, in order (slowest rank;
             not part of ``step_times_s``: the device idles meanwhile); empty in older results.
+        compile_s: With ``compile``: seconds the first (compiling) warmup step took beyond a timed step's median;
+            not in any step-time statistic. ``None`` without ``compile`` and in older results.
     """
 
     step_times_s: list[float] = field(default_factory=list)
@@ -131,6 +133,7 @@ class RepeatSample:
     weight_change: dict[str, Any] | None = None
     learning_rate: float | None = None
     data_wait_s: list[float] = field(default_factory=list)
+    compile_s: float | None = None
 
 
 @dataclass

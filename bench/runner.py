@@ -525,6 +525,8 @@ def _add_repeat(metrics: Metrics, ranks: list[dict[str, Any]], wall_s: float | N
             weight_change=ranks[0].get("weight_change"),
             learning_rate=ranks[0].get("learning_rate"),
             data_wait_s=[max(waits) for waits in zip(*(p.get("data_wait_s") or [] for p in ranks))],
+            # the slowest rank's compile held every rank back
+            compile_s=max((p["compile_s"] for p in ranks if p.get("compile_s") is not None), default=None),
         )
     )
     rates = [p["processor_samples_per_s"] for p in ranks if p.get("processor_samples_per_s")]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import traceback
 from pathlib import Path
@@ -158,6 +159,7 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         data_wait_s=[r.data_wait_seconds for r in timed],
         processor_samples_per_s=processor_rate,
         warmup_times_s=[records[s].seconds for s in range(1, int(layout["first_timed"])) if s in records],
+        compile_s=compile_seconds(cfg, records, [r.seconds for r in timed]),
         final_loss=next((r.loss for r in reversed(timed) if r.loss is not None), None),
         step_samples=[r.samples for r in timed],
         samples_per_step=timed[0].samples if timed else None,
@@ -196,6 +198,17 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         weight_change=changes.result.to_dict() if changes.result else None,
     )
     return payload
+
+
+def compile_seconds(cfg: BenchConfig, records: dict[int, Any], timed_s: list[float]) -> float | None:
+    """With ``compile``: the first step's time beyond a timed step's (median), i.e. what compiling cost.
+
+    The first step traces and compiles the forward and backward graphs; later recompiles (a new shape) would land in
+    the warmup or timed steps they happen in. ``None`` without ``compile`` or without a first step and timed steps.
+    """
+    if not cfg.compile or 1 not in records or not timed_s:
+        return None
+    return max(0.0, records[1].seconds - statistics.median(timed_s))
 
 
 def _failure_status(exc: BaseException) -> str:

@@ -134,6 +134,7 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
     add_shared(out, "json", action="store_true", help="print JSON instead of tables")
     out.add_argument("--list-gpus", action="store_true", help="print the GPU table and exit")
     out.add_argument("--calibration", action="store_true", help="print predicted vs the recipe's published table and exit")
+    out.add_argument("--levers", action="store_true", help="print what each kernel/compile/per-tower axis is predicted to change, with the published figures, and exit")
     out.add_argument(
         "--crops_table",
         "--crops-table",
@@ -462,8 +463,9 @@ def _with_close_gpus(message: str, name: str | None) -> str:
 def _flags_that_do_nothing(args: argparse.Namespace) -> list[str]:
     """Flags this invocation would drop without a word (and a --save that would fail after minutes of measuring)."""
     problems = []
-    exits = [flag for flag, given in (("--list-gpus", args.list_gpus), ("--calibration", args.calibration),
-                                      ("--validate", args.validate), ("--crops_table", args.crops_table)) if given]  # fmt: skip
+    exits = [flag for flag, given in (("--list-gpus", args.list_gpus), ("--levers", args.levers),
+                                      ("--calibration", args.calibration), ("--validate", args.validate),
+                                      ("--crops_table", args.crops_table)) if given]  # fmt: skip
     if len(exits) > 1:
         problems.append(f"{' and '.join(exits)} are separate reports (the first prints and exits); pass one of them")
     for flag, given in (("--save", args.save is not None), ("--repeats", args.repeats is not None)):
@@ -476,13 +478,20 @@ def _flags_that_do_nothing(args: argparse.Namespace) -> list[str]:
     return problems
 
 
+def _print_levers(as_json: bool) -> None:
+    """``--levers``: what each kernel/compile/per-tower axis is predicted to change, with the published figures."""
+    from planner.levers import levers_table, render_levers
+
+    dump(levers_table()) if as_json else print(render_levers())
+
+
 @handle_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``phi3v-plan``."""
     args = build_parser().parse_args(argv)
     raise_all(_flags_that_do_nothing(args))
-    if args.list_gpus:
-        print_gpus(args.json)
+    if args.list_gpus or args.levers:
+        print_gpus(args.json) if args.list_gpus else _print_levers(args.json)
         return 0
     request = _request(args)
     try:

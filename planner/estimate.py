@@ -27,6 +27,7 @@ from phi3v_core.methods import LORA, METHOD_NAMES, Method, get_method
 from planner.logits import LOGITS_MODES, logit_positions, logits_loss_bytes
 from planner.memory_types import GIB, MemoryEstimate, MemoryItem, Overheads
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
+from planner.tower_model import checkpoints, trained_params
 
 __all__ = [
     "ATTENTIONS",
@@ -142,6 +143,8 @@ class TrainSetup:
             attention" path loads fp32 weights and trains with fp16 AMP.
         attn: ``flash_attention_2``, ``sdpa`` (memory-efficient/flash kernels: no S² buffers) or ``eager``.
         gradient_checkpointing: Recompute each decoder/CLIP layer in backward (the recipe's default).
+        checkpoint_towers: Where checkpointing applies when on: ``both``, ``llm`` or ``vision`` (``tower_model``).
+        freeze_llm: The language model is frozen (``--freeze_llm``): only the image path trains.
         micro_batch: Samples per GPU per forward.
         grad_accum: Micro-steps per optimizer step (>1 keeps gradients alive through the forward).
         world_size: Data-parallel ranks.
@@ -166,6 +169,8 @@ class TrainSetup:
     weight_dtype: str | None = None
     attn: str = "flash_attention_2"
     gradient_checkpointing: bool = True
+    checkpoint_towers: str = "both"
+    freeze_llm: bool = False
     micro_batch: int = 1
     grad_accum: int = 1
     world_size: int = 1
@@ -204,6 +209,10 @@ class TrainSetup:
             problems.append(f"optim {self.optim!r} is not one of adamw, adamw_8bit")
         if self.offload_optimizer and (self.optim != "adamw" or not (self.method in METHODS and self.spec.trains_base)):
             problems.append("offload_optimizer is ZeRO-Offload of AdamW for full/frozen_vision")
+        if self.checkpoint_towers not in ("both", "llm", "vision"):
+            problems.append(f"checkpoint_towers {self.checkpoint_towers!r} is not one of both, llm, vision")
+        if self.freeze_llm and self.method in METHODS and not self.spec.trained_towers(not self.lora_vision, True):
+            problems.append(f"freeze_llm with method {self.method!r} trains nothing (the image path is frozen too)")
         raise_all(problems)
 
     @property
@@ -246,7 +255,7 @@ def model_state_bytes(shape: ModelShape, setup: TrainSetup) -> dict[str, float]:
     total = counts.total
     adapter = setup.spec.adapter
     lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision, adapter) if adapter else 0
-    trainable = counts.trainable(setup.spec, lora)
+    trainable = trained_params(shape, setup, lora)
     wbytes = DTYPE_BYTES[setup.stored_weight_dtype]
     out: dict[str, float] = {}
     if setup.spec.quantized:
@@ -256,10 +265,10 @@ def model_state_bytes(shape: ModelShape, setup: TrainSetup) -> dict[str, float]:
         out["weights"] = total * wbytes
     if setup.spec.uses_lora:
         out["lora_weights"] = 4 * lora
-        out["gradients"] = 4 * lora
-        out["optimizer_states"] = (ADAM_8BIT_BYTES_PER_PARAM if setup.optim == "adamw_8bit" else 8) * lora
+        out["gradients"] = 4 * trainable
+        out["optimizer_states"] = (ADAM_8BIT_BYTES_PER_PARAM if setup.optim == "adamw_8bit" else 8) * trainable
         if setup.world_size > 1:
-            out["ddp_buckets"] = 4 * lora  # DDP's flat gradient buckets (gradient_as_bucket_view=False)
+            out["ddp_buckets"] = 4 * trainable  # DDP's flat gradient buckets (gradient_as_bucket_view=False)
         return out
     if setup.offload_optimizer:
         # ZeRO-Offload: each 16-bit gradient goes into the reduce bucket as backward produces it and the bucket is
@@ -384,7 +393,7 @@ def activation_terms(shape: ModelShape, setup: TrainSetup, workload: Workload) -
     v_tokens = mb * workload.vision_crops * shape.patches_per_crop
     img_rows = mb * workload.image_tokens
     h, hv = shape.hidden_size, shape.vision_hidden
-    gc = setup.gradient_checkpointing
+    gc, gc_vision = checkpoints(setup, "llm"), checkpoints(setup, "vision")
     vision_trains = setup.spec.trains_vision or (setup.spec.uses_lora and setup.lora_vision)
 
     lm_layer = _lm_layer_saved(shape, setup, tokens, seq, checkpoint_input=gc)
@@ -398,8 +407,8 @@ def activation_terms(shape: ModelShape, setup: TrainSetup, workload: Workload) -
         lm_saved += mb * seq * seq * a  # the 4-D causal mask, shared by all layers
 
     if vision_trains:
-        clip_layer = _clip_layer_saved(shape, setup, v_tokens, checkpoint_input=gc)
-        vision_saved = shape.vision_used_layers * (a * hv * v_tokens if gc else clip_layer)
+        clip_layer = _clip_layer_saved(shape, setup, v_tokens, checkpoint_input=gc_vision)
+        vision_saved = shape.vision_used_layers * (a * hv * v_tokens if gc_vision else clip_layer)
         if setup.spec.trains_vision:
             vision_saved += 2 * a * hv * v_tokens  # embeddings + pre_layrnorm input/output (no graph when frozen)
             # The patch conv keeps its input for its weight gradient: the real crops gathered out of the padded
@@ -418,7 +427,7 @@ def activation_terms(shape: ModelShape, setup: TrainSetup, workload: Workload) -
         "vision_saved": vision_saved,
         "lm_layer_working_set": (lm_layer + lm_transient) if gc else 0.0,
         "lm_layer_backward": _lm_layer_backward_extra(shape, setup, tokens, seq),
-        "clip_layer_working_set": clip_layer if (gc and vision_trains) else 0.0,
+        "clip_layer_working_set": clip_layer if (gc_vision and vision_trains) else 0.0,
         "clip_layer_backward": (a * (2 * hv + 2 * shape.vision_intermediate) * v_tokens) if vision_trains else 0.0,
         "clip_forward_peak": _clip_layer_forward_peak(shape, setup, v_tokens),
         "pixels": mb * workload.slots * 3 * shape.image_size**2 * 4,
@@ -502,11 +511,9 @@ def _phase_items(
     """The transient tensors of each moment of the step where the peak can fall."""
     grads_in_forward = grads if setup.grad_accum > 1 else 0.0
     saved = acts["lm_saved"] + acts["vision_saved"]
-    counts = shape.param_counts()
     adapter = setup.spec.adapter or LORA
-    trainable = counts.trainable(
-        setup.spec, shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision, adapter)
-    )
+    lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision, adapter)
+    trainable = trained_params(shape, setup, lora)
     return {
         "loss backward": {
             "gradients (accumulated)": grads_in_forward,

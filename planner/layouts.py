@@ -37,6 +37,7 @@ from planner.speed import SpeedPrediction, predict_speed
 __all__ = [
     "Candidate",
     "batch_layouts",
+    "checkpointing_options",
     "dataset_size",
     "estimate",
     "fits_with_headroom",
@@ -171,7 +172,7 @@ def estimate(
 ) -> MemoryEstimate:
     """The closed-form estimate, or the trace of the full model taken with the same checkpointing (``--trace``)."""
     memory = estimate_memory(shape, setup, workload, calibration.overheads)
-    trace = (traces or {}).get(setup.gradient_checkpointing)
+    trace = (traces or {}).get(setup.gradient_checkpointing) if setup.checkpoint_towers == "both" else None
     if trace is None or trace.get("gradient_checkpointing") != setup.gradient_checkpointing:
         return memory
     from planner.trace import apply_trace
@@ -221,13 +222,14 @@ def search(
     out = []
     for tier, options in enumerate(option_tiers(base)):
         for optim, offload in options:
-            for checkpointing in (True, False):
+            for checkpointing, towers in checkpointing_options(base):
                 for micro, accum, _effective in batch_layouts(global_batch, hw.world_size, request.max_micro_batch):
                     setup = replace(
                         with_option(base, optim, offload),
                         micro_batch=micro,
                         grad_accum=accum,
                         gradient_checkpointing=checkpointing,
+                        checkpoint_towers=towers,
                     )
                     memory = estimate(shape, setup, memory_workload, calibration, traces)
                     host_need = host_memory_bytes(shape, setup) * hw.gpus_per_node
@@ -238,10 +240,17 @@ def search(
                     layout = Layout(
                         micro, accum, checkpointing, optim, offload, memory.reserved, fits,
                         speed.samples_per_s if speed else None, host_need,
-                        update_retention=layout_retention(setup, learning_rate),
+                        update_retention=layout_retention(setup, learning_rate), checkpoint_towers=towers,
                     )  # fmt: skip
                     out.append(Candidate(layout, setup, memory, speed, tier))
     return out
+
+
+def checkpointing_options(base: TrainSetup) -> tuple[tuple[bool, str], ...]:
+    """Checkpointing the search tries: both towers, the decoder only (where the image path trains: CLIP then keeps
+    its activations, saving its recompute), and none."""
+    vision_trains = "vision" in base.spec.trained_towers(not base.lora_vision, base.freeze_llm)
+    return ((True, "both"), *(((True, "llm"),) if vision_trains else ()), (False, "both"))
 
 
 def choose(candidates: list[Candidate]) -> Candidate | None:

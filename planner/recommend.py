@@ -377,6 +377,7 @@ def _plan_method(
         method=method, supported=supported, fits=fits, precision=setup.precision, attn=setup.attn,
         micro_batch=setup.micro_batch, grad_accum=setup.grad_accum, global_batch=effective,
         gradient_checkpointing=setup.gradient_checkpointing, zero_stage=setup.zero, memory=pick.memory,
+        checkpoint_towers=setup.checkpoint_towers if setup.gradient_checkpointing else "both",
         capacity_bytes=hw.gpu.memory_bytes, speed=pick.speed, reasons=reasons, hyperparameters=hyper,
         fits_without_checkpointing=any(c.layout.fits and not c.layout.gradient_checkpointing for c in candidates),
         optim=pick.layout.optim, offload=pick.layout.offload, layouts=[c.layout for c in candidates],

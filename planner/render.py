@@ -90,8 +90,8 @@ def _method_args(task: str, mp: MethodPlan, data_dir: str | None = None) -> list
     if get_method(mp.method).uses_lora:
         args += ["--lora_rank", str(hp["lora_rank"]), "--lora_alpha_ratio", f"{hp['lora_alpha_ratio']:g}"]
     # memory layout: only what differs from phi3v-finetune's defaults (checkpointing on, AdamW, no offload)
-    if not mp.gradient_checkpointing:
-        args += ["--gradient_checkpointing", "off"]
+    if not mp.gradient_checkpointing or mp.checkpoint_towers != "both":
+        args += ["--gradient_checkpointing", mp.checkpoint_towers if mp.gradient_checkpointing else "off"]
     if mp.optim != "adamw":
         args += ["--optim", mp.optim]
     if mp.offload != "none":

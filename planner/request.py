@@ -319,6 +319,8 @@ class Layout:
         chosen: The layout the plan recommends for this method.
         update_retention: Predicted share of trained weights one step at the recipe's learning rate changes
             (:mod:`phi3v_core.retention`); a layout under 50 % is never recommended.
+        checkpoint_towers: Where checkpointing applies when on: ``both`` or ``llm`` (the CLIP tower keeps its
+            activations: less recompute, more memory).
     """
 
     micro_batch: int
@@ -332,6 +334,7 @@ class Layout:
     host_bytes: float = 0.0
     chosen: bool = False
     update_retention: float = 1.0
+    checkpoint_towers: str = "both"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for ``--json``)."""
@@ -339,6 +342,7 @@ class Layout:
             "micro_batch": self.micro_batch,
             "grad_accum": self.grad_accum,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "checkpoint_towers": self.checkpoint_towers,
             "optim": self.optim,
             "offload": self.offload,
             "predicted_reserved_gib": round(self.reserved_bytes / GIB, 3),
@@ -381,6 +385,7 @@ class MethodPlan:
     #: The chosen layout's setup (micro-batch 1, checkpointed, plain AdamW when nothing fits); not in ``--json``.
     setup: TrainSetup | None = field(default=None, repr=False)
     data_loading: DataLoading | None = None
+    checkpoint_towers: str = "both"
 
     @property
     def peak_gib(self) -> float | None:
@@ -404,6 +409,7 @@ class MethodPlan:
             "grad_accum": self.grad_accum,
             "global_batch": self.global_batch,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "checkpoint_towers": self.checkpoint_towers,
             "fits_without_checkpointing": self.fits_without_checkpointing,
             "zero_stage": self.zero_stage,
             "memory": self.memory.to_dict(self.capacity_bytes) if self.memory else None,

@@ -28,6 +28,7 @@ from planner.estimate import DTYPE_BYTES, TrainSetup, Workload
 from planner.hardware import GpuSpec
 from planner.logits import logit_positions
 from planner.shapes import ModelShape
+from planner.tower_model import checkpoints, trained_params
 
 __all__ = [
     "ARCH_BORROW",
@@ -98,7 +99,7 @@ def flops_per_sample(shape: ModelShape, workload: Workload, setup: TrainSetup) -
 
     spec = setup.spec
     lora_vision = spec.uses_lora and setup.lora_vision
-    lm_mult = 3 if spec.trains_base else 2
+    lm_mult = 3 if spec.trains_base and not setup.freeze_llm else 2  # frozen: input gradients only
     vision_mult = 3 if spec.trains_vision else (2 if lora_vision else 1)
     lm_adapter = vision_adapter = head_adapter = adapter_fixed = 0.0
     if spec.adapter:
@@ -118,13 +119,14 @@ def flops_per_sample(shape: ModelShape, workload: Workload, setup: TrainSetup) -
             for n, fan_in, fan_out in shape.adapted_linears(setup.lora_lm_head, lora_vision)
         ) / setup.micro_batch
     recompute = 0.0
-    if setup.gradient_checkpointing:
+    if checkpoints(setup, "llm"):
         # checkpointing recomputes the decoder (and trained CLIP) layers' forward, never lm_head
         recompute += lm_fwd + lm_adapter + adapter_fixed - head_fwd - head_adapter
+    if checkpoints(setup, "vision"):
         if vision_mult > 1:
             recompute += vision_fwd + vision_adapter
     return FlopBreakdown(
-        language_model=lm_mult * lm_fwd + 3 * lm_adapter + adapter_fixed,
+        language_model=lm_mult * lm_fwd + (2 if setup.freeze_llm else 3) * lm_adapter + adapter_fixed,
         vision=vision_mult * vision_fwd + 3 * vision_adapter,
         projector=vision_mult * proj_fwd,
         recompute=recompute,
@@ -289,8 +291,8 @@ def micro_step_times(
     mb = setup.micro_batch
     flops = flops_per_sample(shape, workload, setup)
     lm_trains, vision_trains = _trains(setup)
-    lm_passes = _passes(lm_trains, setup.gradient_checkpointing)
-    v_passes = _passes(vision_trains, setup.gradient_checkpointing)
+    lm_passes = _passes(lm_trains, checkpoints(setup, "llm"))
+    v_passes = _passes(vision_trains, checkpoints(setup, "vision"))
     seq = workload.seq_len
     v_tokens = workload.vision_crops * shape.patches_per_crop
     times: dict[str, float] = {}
@@ -319,15 +321,15 @@ def micro_step_times(
     if rates.softmax_elements_per_s:
         # exp-bound element-wise work (a CPU computes exp far slower than it streams bytes): cross-entropy over the
         # vocabulary, attention softmax (causal: half the keys), SiLU / quick-GELU, per forward+backward unit
-        def unit(trains: bool) -> float:
+        def unit(trains: bool, tower: str) -> float:
             if not trains:
                 return 0.5
-            return 1.0 + (0.5 if setup.gradient_checkpointing else 0.0)
+            return 1.0 + (0.5 if checkpoints(setup, tower) else 0.0)
 
         exp_elements = head_tokens * shape.vocab_size
-        exp_elements += unit(lm_trains) * shape.num_layers * seq * (shape.intermediate_size + shape.num_heads * seq / 2)
+        exp_elements += unit(lm_trains, "llm") * shape.num_layers * seq * (shape.intermediate_size + shape.num_heads * seq / 2)
         exp_elements += (
-            unit(vision_trains)
+            unit(vision_trains, "vision")
             * shape.vision_used_layers
             * v_tokens
             * (shape.vision_intermediate + shape.vision_heads * shape.patches_per_crop)
@@ -370,7 +372,7 @@ def offload_seconds(shape: ModelShape, setup: TrainSetup, pcie_gbs: float, host_
         pcie_gbs: The GPU's PCIe bandwidth, both directions (GB/s).
         host_bandwidth: Achievable host memory bandwidth for CPU Adam (bytes/s).
     """
-    trainable = shape.param_counts().trainable(setup.spec, 0) / setup.world_size
+    trainable = trained_params(shape, setup, 0) / setup.world_size
     one_way = pcie_gbs / 2 * 1e9 * PCIE_EFFICIENCY
     return {
         "CPU Adam (host)": trainable * HOST_ADAM_BYTES_PER_PARAM / host_bandwidth,
@@ -380,9 +382,8 @@ def offload_seconds(shape: ModelShape, setup: TrainSetup, pcie_gbs: float, host_
 
 def _optimizer_seconds(shape: ModelShape, setup: TrainSetup, rates: Rates) -> float:
     """AdamW over the local trainable parameters: a streaming pass (fp32 p, m, v read+write, grads read)."""
-    counts = shape.param_counts()
     lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision, setup.spec.adapter or LORA)
-    trainable = counts.trainable(setup.spec, lora)
+    trainable = trained_params(shape, setup, lora)
     if setup.offload_optimizer:
         return 0.0  # on the host: :func:`offload_seconds`
     if setup.optim == "adamw_8bit":
@@ -405,9 +406,8 @@ def communication_seconds(
     updated 16-bit weights once per step; DDP all-reduces (LoRA: fp32 adapters) once per step (``no_sync``).
     Inside a node the ring runs over NVLink or PCIe; between nodes each node moves its share through its NICs.
     """
-    counts = shape.param_counts()
     lora = shape.lora_params(setup.lora_rank, setup.lora_lm_head, setup.lora_vision, setup.spec.adapter or LORA)
-    trainable = counts.trainable(setup.spec, lora)
+    trainable = trained_params(shape, setup, lora)
     g, n = interconnect.gpus_per_node, interconnect.nodes
     if g * n == 1:
         return 0.0, 0.0
@@ -422,7 +422,7 @@ def communication_seconds(
 
     if setup.zero == 2 and setup.spec.trains_base:
         grad_bytes = DTYPE_BYTES[setup.precision] * trainable
-        return ring(grad_bytes, 1.0), ring(DTYPE_BYTES[setup.stored_weight_dtype] * counts.total, 1.0)
+        return ring(grad_bytes, 1.0), ring(DTYPE_BYTES[setup.stored_weight_dtype] * shape.param_counts().total, 1.0)
     return 0.0, ring(4 * trainable, 2.0)
 
 

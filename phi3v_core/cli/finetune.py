@@ -37,6 +37,7 @@ from phi3v_core.cli.finetune_config import (
     build_config,
 )
 from phi3v_core.cli.finetune_hf import add_trainer_flags
+from phi3v_core.cli.finetune_levers import add_lever_flags
 from phi3v_core.cli.vocabulary import DEFAULT_SEED, add_shared, add_version, plural
 from phi3v_core.constants import (
     ATTN_NAMES,
@@ -46,6 +47,7 @@ from phi3v_core.constants import (
     PRECISION_NAMES,
 )
 from phi3v_core.methods import METHOD_NAMES, get_method
+from phi3v_core.towers import CHECKPOINTING_CHOICES
 
 __all__ = [
     "OUR_DEFAULTS",
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(ours)
     _add_memory_flags(parser)
     add_trainer_flags(parser.add_argument_group("Hugging Face Trainer flags (TrainingArguments names)"))
+    add_lever_flags(parser)
     add_version(parser)
     return parser
 
@@ -227,9 +230,10 @@ def _add_memory_flags(parser: argparse.ArgumentParser) -> None:
     add_shared(
         group,
         "gradient_checkpointing",
-        choices=("on", "off"),
+        choices=CHECKPOINTING_CHOICES,
         default="on",
-        help="recompute activations in backward (default on, as the recipe); off is faster where memory allows",
+        help="recompute activations in backward: both towers (on, the recipe's default), llm (decoder only), "
+        "vision (CLIP only) or off (faster where memory allows)",
     )
     add_shared(
         group,

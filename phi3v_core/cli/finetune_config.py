@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phi3v_core.cli.finetune_hf import path_problems, trainer_values
+from phi3v_core.cli.finetune_levers import LEVER_FIELD_FLAGS, lever_fields
 from phi3v_core.cli.vocabulary import DEFAULT_SEED
 from phi3v_core.constants import (
     ATTN_NAMES,
@@ -92,6 +93,7 @@ _FIELD_FLAGS = {
     "output_dir": "--output_dir",
     "optim": "--optim",
     "offload": "--offload",
+    **LEVER_FIELD_FLAGS,
 }
 _FIELD_RE = re.compile(r"^(" + "|".join(sorted(_FIELD_FLAGS, key=len, reverse=True)) + r")\b")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -524,7 +526,7 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
         seed=values["seed"],
         dataloader_num_workers=values["num_workers"],
         disable_tqdm=not args.tqdm,
-        gradient_checkpointing=getattr(args, "gradient_checkpointing", "on") != "off",
+        **lever_fields(args),
         optim=getattr(args, "optim", "adamw"),
         offload=getattr(args, "offload", "none"),
         packing=bool(getattr(args, "packing", False) or getattr(args, "pack_tokens", None)),

@@ -92,7 +92,7 @@ SHARED_FLAGS: dict[str, SharedFlag] = {
         SharedFlag("gpus", ("--gpus", "--count", "--nproc_per_node"), "GPUs per node", (_BENCH, _PLAN)),
         SharedFlag("nodes", ("--nodes", "--nnodes"), "nodes", (_BENCH, _PLAN)),
         SharedFlag("gradient_checkpointing", ("--gradient_checkpointing", "--gradient-checkpointing"),
-                   "recompute activations in backward: on or off", (_FT, _BENCH)),
+                   "recompute activations in backward: both (on), llm, vision or off", (_FT, _BENCH)),
         SharedFlag("optim", ("--optim",), "optimizer", (_FT, _BENCH)),
         SharedFlag("offload", ("--offload",), "DeepSpeed offload", (_FT, _BENCH)),
         SharedFlag("output_dir", ("--output_dir", "--out_dir", "--out"), "where the command writes", (_FT, _BENCH, _CONVERT)),

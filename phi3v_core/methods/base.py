@@ -20,6 +20,7 @@ __all__ = [
     "MethodReport",
     "VISION_PREFIX",
     "freeze_dead_weights",
+    "freeze_tower",
     "make_report",
 ]
 
@@ -41,6 +42,7 @@ class MethodOptions:
             ``full``/``frozen_vision`` with an 8-bit optimizer; ``None`` keeps the model's.
         compute_dtype: QLoRA matmul dtype of the 4-bit layers.
         device: Where QLoRA quantizes (bitsandbytes quantizes when the weight is moved to a device).
+        freeze_llm: After the method, freeze every language-model weight and adapter (train the image path only).
     """
 
     lora_rank: int = 64
@@ -51,6 +53,7 @@ class MethodOptions:
     base_dtype: torch.dtype | None = None
     compute_dtype: torch.dtype = torch.bfloat16
     device: str = "cpu"
+    freeze_llm: bool = False
 
     @property
     def lora_alpha(self) -> int:
@@ -122,3 +125,27 @@ def make_report(model: nn.Module, method: str, **extra: list[str]) -> MethodRepo
         total_parameters=sum(param.numel() for param in model.parameters()),
         **extra,
     )
+
+
+def freeze_tower(model: nn.Module, report: MethodReport, tower: str) -> MethodReport:
+    """Freeze every trainable parameter of ``tower`` (:func:`phi3v_core.towers.tower_of`) and report again.
+
+    Raises:
+        ConfigError: Nothing would train afterwards (e.g. ``frozen_vision`` with the language model frozen too).
+    """
+    from phi3v_core.towers import tower_of
+
+    frozen = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad and tower_of(name) == tower:
+            param.requires_grad_(False)
+            frozen += param.numel()
+    if not any(param.requires_grad for param in model.parameters()):
+        raise ConfigError(
+            f"method {report.method!r} with the {tower} tower frozen trains nothing; drop --freeze_llm or pick a "
+            "method that trains the image path (full, lora)"
+        )
+    again = make_report(model, report.method, frozen_dead=report.frozen_dead, lora_targets=report.lora_targets,
+                        quantized_modules=report.quantized_modules, notes=list(report.notes))
+    again.notes.append(f"{tower} tower frozen ({frozen:,} parameters that the method would train)")
+    return again

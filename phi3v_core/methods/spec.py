@@ -130,12 +130,28 @@ class Method:
         """The method whose published presets this one uses (``hyperparameters_from`` or itself)."""
         return self.hyperparameters_from or self.name
 
+    def trained_towers(self, freeze_vision: bool = False, freeze_llm: bool = False) -> frozenset[str]:
+        """The towers (:data:`phi3v_core.towers.TOWERS`) whose weights or adapters train.
+
+        The image path (CLIP tower and projector) trains when the method trains its base weights
+        (``trains_vision``) or adapts it (adapter methods unless ``freeze_vision``); the language model trains
+        unless ``freeze_llm`` (every method trains it on its own).
+        """
+        image = self.trains_vision or (self.adapter is not None and not freeze_vision)
+        return frozenset((*(("vision", "projector") if image else ()), *(() if freeze_llm else ("llm",))))
+
     def prepare(self, model: nn.Module, options: MethodOptions) -> tuple[nn.Module, MethodReport]:
         """Apply the method to ``model`` (imports its implementation on first use); returns ``(model, report)``.
 
-        The returned model may be a wrapper (PEFT).
+        The returned model may be a wrapper (PEFT). ``options.freeze_llm`` then freezes every language-model
+        weight and adapter the method left trainable, for every method alike.
         """
-        return _resolve(self.prepare_ref)(model, options)
+        model, report = _resolve(self.prepare_ref)(model, options)
+        if getattr(options, "freeze_llm", False):
+            from phi3v_core.methods.base import freeze_tower
+
+            report = freeze_tower(model, report, "llm")
+        return model, report
 
 
 def _resolve(ref: str) -> Callable[..., Any]:

@@ -135,6 +135,9 @@ class Phi3VForCausalLM(_SeparatorInit, Phi3ForCausalLM):
 
     #: Training computes logits only at supervised positions (see the class docstring).
     supervised_logits: bool = True
+    #: ``(lm_head weight, hidden, targets) -> summed loss`` that fuses the head and the cross-entropy (``--kernels
+    #: liger``, :mod:`phi3v_core.kernels`); used by :meth:`supervised_loss` while ``lm_head`` is a plain Linear.
+    fused_linear_loss = None
 
     config_class = Phi3VConfig
     _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
@@ -228,6 +231,9 @@ class Phi3VForCausalLM(_SeparatorInit, Phi3ForCausalLM):
         # At least one (possibly empty) chunk, so that the loss stays connected to the graph with no labels.
         chunks = range(0, max(hidden.shape[0], 1), LOSS_CHUNK_TOKENS)
         total = hidden.new_zeros((), dtype=torch.float32)
+        if self.fused_linear_loss is not None and type(self.lm_head) is torch.nn.Linear and hidden.shape[0]:
+            # The fused kernel chunks internally and computes its gradients in forward: no recompute needed.
+            total, chunks = self.fused_linear_loss(self.lm_head.weight, hidden, targets), range(0)
         for start in chunks:
             part = (hidden[start : start + LOSS_CHUNK_TOKENS], targets[start : start + LOSS_CHUNK_TOKENS])
             if len(chunks) > 1 and torch.is_grad_enabled():

@@ -35,6 +35,7 @@ from phi3v_core.training.callbacks import LossGuard, StepRecord, StepTimer, Trai
 from phi3v_core.training.checkpoints import CheckpointManifest, checkpoint_problem, find_resumable_checkpoint
 from phi3v_core.training.collate import training_collator
 from phi3v_core.training.config import COMPLETE_MARKER, Machine, TrainConfig
+from phi3v_core.training.levers import trainer_levers
 from phi3v_core.training.model_setup import build_model, prepare_model
 from phi3v_core.training.trainer import Phi3VTrainer, build_training_arguments
 from phi3v_core.transaction import move_into
@@ -112,7 +113,7 @@ RESULT_FIELDS = (
     "model", "method", "precision", "attn", "num_crops", "global_batch", "max_steps", "num_train_epochs",
     "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler", "adam_beta1", "adam_beta2", "adam_epsilon",
     "max_grad_norm", "lora_rank", "lora_alpha_ratio", "lora_dropout", "lora_lm_head", "freeze_vision", "seed",
-    "supervised_logits_only",
+    "supervised_logits_only", "vision_lr", "projector_lr", "freeze_llm",
 )  # fmt: skip
 #: ``extra`` keys that change the result (the data).
 _RESULT_EXTRA = ("task", "data", "data_content")
@@ -375,6 +376,7 @@ def train(
         eval_dataset=eval_dataset,
         data_collator=collator,
         callbacks=[LossGuard(), *own_timer, _RecordConfig(cfg.to_dict()), CheckpointManifest(), *callbacks],
+        **trainer_levers(cfg),
     )
     with _storage_errors(output_dir):
         if args.should_save:

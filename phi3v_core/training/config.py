@@ -131,6 +131,13 @@ class TrainConfig:
         freeze_vision: ``lora``/``qlora``: no adapters on CLIP and the projector. For full fine-tuning with a
             frozen image path use ``method="frozen_vision"``.
         gradient_checkpointing: Non-reentrant activation checkpointing (recipe: on).
+        checkpoint_towers: Where checkpointing applies when on: ``both`` (decoder and CLIP layers), ``llm`` or
+            ``vision`` (:mod:`phi3v_core.towers`).
+        vision_lr: Learning rate of the CLIP tower (None: ``learning_rate``); its own optimizer parameter group.
+        projector_lr: Learning rate of the image projector and separators (None: ``learning_rate``).
+        freeze_llm: Freeze the language model after the method (train the image path with the LM frozen).
+        kernels: ``none`` or ``liger`` (Liger's Triton kernels in the decoder, :mod:`phi3v_core.kernels`; GPU only).
+        compile: ``torch.compile`` the model (the Trainer's ``torch_compile``).
         output_dir: Checkpoints, trainer state and the final model/adapter go here.
         save_steps: Save a resumable checkpoint every N optimizer steps (0 = only the final save; the recipe
             cannot checkpoint at all).
@@ -195,6 +202,12 @@ class TrainConfig:
     lora_lm_head: bool = True
     freeze_vision: bool = False
     gradient_checkpointing: bool = True
+    checkpoint_towers: str = "both"
+    vision_lr: float | None = None
+    projector_lr: float | None = None
+    freeze_llm: bool = False
+    kernels: str = "none"
+    compile: bool = False
     output_dir: str = "output"
     save_steps: int = 0
     save_total_limit: int | None = None
@@ -295,6 +308,7 @@ class TrainConfig:
             lora_dropout=self.lora_dropout,
             lora_lm_head=self.lora_lm_head,
             freeze_vision=self.freeze_vision,
+            freeze_llm=self.freeze_llm,
             base_dtype=self.compute_dtype if (uses_lora or self.sixteen_bit_weights) else None,
             compute_dtype=self.compute_dtype,
             device=str(device),
@@ -350,6 +364,9 @@ class TrainConfig:
         out += self._checkpoint_problems()
         out += distributed_env_problems()
         out += self._optimizer_problems(env)
+        from phi3v_core.training.levers import lever_problems
+
+        out += lever_problems(self, env)
         return out
 
     def dataset_problems(self, records: int, env: Machine) -> list[str]:

@@ -12,6 +12,7 @@ from transformers import set_seed
 
 from phi3v_core.config import MODEL_PRESETS, get_config
 from phi3v_core.device import default_dtype, local_device
+from phi3v_core.kernels import apply_kernels
 from phi3v_core.methods import MethodReport, build_quantized_model, get_method
 from phi3v_core.model import Phi3VForCausalLM
 from phi3v_core.training.config import DTYPES, Machine, TrainConfig
@@ -49,8 +50,12 @@ def build_model(cfg: TrainConfig, env: Machine | None = None) -> Phi3VForCausalL
 
 
 def prepare_model(cfg: TrainConfig, env: Machine | None = None) -> tuple[nn.Module, MethodReport]:
-    """:func:`build_model` followed by the method's ``prepare`` (seeded, so LoRA init is reproducible)."""
+    """:func:`build_model`, the ``kernels`` patch, then the method's ``prepare`` (seeded: LoRA init is reproducible)."""
     env = env or Machine.detect()
     model = build_model(cfg, env)
+    kernels = apply_kernels(model, cfg.kernels)  # before the method: LoRA then wraps the patched modules' Linears
     set_seed(cfg.seed)
-    return get_method(cfg.method).prepare(model, cfg.method_options(local_device(env.cuda)))
+    model, report = get_method(cfg.method).prepare(model, cfg.method_options(local_device(env.cuda)))
+    if cfg.kernels != "none":
+        report.notes.append(kernels.summary())
+    return model, report

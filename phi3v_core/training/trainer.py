@@ -22,6 +22,7 @@ from phi3v_core.model.checkpointing import checkpointing_arguments
 from phi3v_core.training.callbacks import StepMeter, StepTimer
 from phi3v_core.training.config import Machine, TrainConfig
 from phi3v_core.training.deepspeed_config import deepspeed_config
+from phi3v_core.training.levers import TowerCheckpointing, tower_param_groups
 
 __all__ = ["Phi3VTrainer", "build_training_arguments"]
 
@@ -29,10 +30,40 @@ __all__ = ["Phi3VTrainer", "build_training_arguments"]
 class Phi3VTrainer(Trainer):
     """``Trainer`` that counts samples, tokens and images per optimizer step for :class:`StepTimer` callbacks."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, tower_rates: dict[str, float] | None = None, checkpoint_towers: str = "both", **kwargs: Any
+    ) -> None:
+        """Args as ``Trainer``'s, plus the per-tower levers (:mod:`phi3v_core.training.levers`).
+
+        Args:
+            tower_rates: Learning rate per tower (one optimizer group each); None: one rate for all.
+            checkpoint_towers: ``both``, ``llm`` or ``vision``: where gradient checkpointing stays on.
+        """
         self.step_meter = StepMeter()  # before super().__init__, which already calls add_callback
+        self.tower_rates = tower_rates
         super().__init__(*args, **kwargs)
         self._connect_timers()
+        if checkpoint_towers != "both":
+            self.add_callback(TowerCheckpointing(checkpoint_towers))
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, regrouped into one parameter group per tower when per-tower rates are set.
+
+        The Trainer builds it first (so its own rules still apply: the optimizer class and arguments, bitsandbytes'
+        32-bit override for embeddings); before any step the groups hold no state, so they are replaced by the tower
+        groups, which take the optimizer's defaults for every key they do not set.
+        """
+        if self.tower_rates is None or self.optimizer is not None:
+            return super().create_optimizer(*([model] if model is not None else []))
+        optimizer = super().create_optimizer(*([model] if model is not None else []))
+        opt_model = model if model is not None else self.model
+        groups = tower_param_groups(
+            opt_model, self.tower_rates, self.args.weight_decay, self.get_decay_parameter_names(opt_model)
+        )
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
 
     def add_callback(self, callback: Any) -> None:
         """Add a callback; a :class:`StepTimer` gets this trainer's meter."""
@@ -113,6 +144,7 @@ def build_training_arguments(cfg: TrainConfig, env: Machine) -> TrainingArgument
         bf16=cfg.precision == "bf16",
         fp16=cfg.precision == "fp16",
         **checkpointing_arguments(cfg.gradient_checkpointing),  # transformers 5.25's names where it has them
+        torch_compile=cfg.compile,
         logging_steps=cfg.logging_steps,
         # Keep NaN/inf in the log so LossGuard sees them (the default silently replaces them by the running mean).
         logging_nan_inf_filter=False,

@@ -68,6 +68,12 @@ class MeasurementSpec:
     learning_rate: float | None = None
     packing: bool = False
     pack_tokens: int | None = None
+    checkpoint_towers: str = "both"
+    freeze_llm: bool = False
+    kernels: str = "none"
+    compile: bool = False
+    vision_lr: float | None = None
+    projector_lr: float | None = None
 
 
 def recipe_learning_rate(task: str, method: str) -> float:
@@ -77,6 +83,11 @@ def recipe_learning_rate(task: str, method: str) -> float:
     if preset is not None and "learning_rate" in preset.values:
         return float(preset.values["learning_rate"])
     return float(recipe.recipe_defaults["learning_rate"])
+
+
+#: The kernel, compile and per-tower fields a measured run passes on (their defaults where a shape lacks them).
+_LEVER_DEFAULTS = {"checkpoint_towers": "both", "freeze_llm": False, "kernels": "none", "compile": False,
+                   "vision_lr": None, "projector_lr": None}
 
 
 def to_train_config(cfg: MeasurementShape, output_dir: str, total_steps: int) -> TrainConfig:
@@ -97,6 +108,7 @@ def to_train_config(cfg: MeasurementShape, output_dir: str, total_steps: int) ->
         warmup_steps=0,
         learning_rate=cfg.learning_rate or recipe_learning_rate(cfg.profile.name, cfg.method),
         gradient_checkpointing=cfg.gradient_checkpointing,
+        **{name: getattr(cfg, name, default) for name, default in _LEVER_DEFAULTS.items()},
         optim=cfg.optim,
         offload=cfg.offload,
         output_dir=output_dir,
