@@ -37,6 +37,7 @@ from phi3v_core.constants import (
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.fs import model_folder_problems
 from phi3v_core.methods import METHOD_NAMES, METHODS
+from phi3v_core.run_folder import output_dir_problems
 
 if TYPE_CHECKING:
     from phi3v_core.training.run import FinetuneConfig
@@ -97,6 +98,22 @@ _FIELD_FLAGS = {
 }
 _FIELD_RE = re.compile(r"^(" + "|".join(sorted(_FIELD_FLAGS, key=len, reverse=True)) + r")\b")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _output_problems(args: argparse.Namespace, output_dir: str) -> list[str]:
+    """Why the run may not write ``output_dir`` (torch-free: also asked before torch is imported)."""
+    model = args.model_name_or_path or os.environ.get(MODEL_ENV)
+    sources = {"--data_dir": args.data_dir, "--model_name_or_path": model if model not in MODEL_PRESET_NAMES else None}
+    return output_dir_problems(output_dir, resume=args.resume, overwrite=args.overwrite_output_dir, sources=sources)
+
+
+def _early_problems(args: argparse.Namespace) -> list[str]:
+    """Paths and the output folder, before torch is imported (seconds): a mistyped folder or a run already in the
+    output folder (the commonest refusals) answer at once."""
+    problems = path_problems(args, args.model_name_or_path or os.environ.get(MODEL_ENV))
+    # a preset may name another output folder: judged after it is resolved
+    out = args.output_dir if args.output_dir is not None or args.preset else RECIPE_DEFAULTS["output_dir"]
+    return problems + (_output_problems(args, out) if out and not problems else [])
 
 
 def _did_you_mean(value: str, choices: Sequence[str]) -> str:
@@ -271,17 +288,7 @@ class _Resolver:
 
     def check_output(self, output_dir: str) -> None:
         """The output folder: writable, no other run in it, no overlap with data or model (reads only)."""
-        from phi3v_core.training.run import output_dir_problems
-
-        model = self.args.model_name_or_path or os.environ.get(MODEL_ENV)
-        sources = {
-            "--data_dir": self.args.data_dir,
-            "--model_name_or_path": model if model not in MODEL_PRESET_NAMES else None,
-        }
-        problems = output_dir_problems(
-            output_dir, resume=self.args.resume, overwrite=self.args.overwrite_output_dir, sources=sources
-        )
-        self.problems.extend(problems)
+        self.problems.extend(_output_problems(self.args, output_dir))
         # output_dir_problems judges the folder (a run in it, --resume, --overwrite_output_dir): the training
         # helper's narrower "already holds checkpoints" must not refuse an --overwrite_output_dir it allowed.
         self.reported.add("output_dir")
@@ -477,8 +484,7 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
         ConfigError: Every problem with the flags on this machine, in one message.
     """
     if env is None:
-        # paths first, before torch is imported (seconds): a mistyped folder answers at once
-        raise_all(path_problems(args, args.model_name_or_path or os.environ.get(MODEL_ENV)))
+        raise_all(_early_problems(args))
         from phi3v_core.software import torch_gpu_refusal
 
         # before anything else (even importing the training stack: tens of seconds on a busy host): every later

@@ -33,18 +33,18 @@ from phi3v_core.constants import (
 )
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHODS, MethodOptions, get_method
+from phi3v_core.run_folder import COMPLETE_MARKER
 from phi3v_core.software import BnbLibrary, bnb_library, offload_build_problem, qlora_unsupported_reason
 from phi3v_core.training.distributed_env import distributed_env_problems, env_int
 
 __all__ = [
+    "COMPLETE_MARKER",
     "DEPRECATED_FIELDS",
     "DTYPES",
     "Machine",
     "TrainConfig",
 ]
 
-#: Written into a run folder by the main process once the final model is saved; its presence marks a complete run.
-COMPLETE_MARKER = "run_complete.json"
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: Old field name → current one. Still accepted by the constructor (PendingDeprecationWarning) and by JSON configs,

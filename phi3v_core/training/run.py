@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -29,19 +28,20 @@ from typing import Any
 from phi3v_core.constants import MODEL_PRESET_NAMES
 from phi3v_core.device import local_device
 from phi3v_core.errors import raise_all
-from phi3v_core.fs import (
-    LOCK_NAME,
-    FolderLock,
-    foreign_entries,
-    live_transaction,
-    overlap_problem,
-    pending,
-    writable_problem,
-)
+from phi3v_core.fs import LOCK_NAME, FolderLock, pending
 from phi3v_core.io import atomic_write_json
 from phi3v_core.progress import stage
-from phi3v_core.training.config import COMPLETE_MARKER
-from phi3v_core.transaction import PROOF_NAME, SetAside, recover
+
+# The folder's judgment is torch-free (the CLI asks it before torch is imported); re-exported here, where it lived.
+from phi3v_core.run_folder import (
+    COMPLETE_MARKER,
+    MANIFEST_NAME,
+    RunFolder,
+    inspect_run_folder,
+    output_dir_problems,
+    read_json_quietly,
+)
+from phi3v_core.transaction import SetAside, recover
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -54,23 +54,6 @@ __all__ = [
     "output_dir_problems",
     "run",
 ]
-
-#: Top-level names a run wrote (``overwrite_output_dir`` deletes only these).
-MANIFEST_NAME = ".phi3v-manifest.json"
-#: Names a run writes, for folders from before the manifest existed.
-_RUN_NAMES = (
-    "train_config.json", "trainer_state.json", "training_args.bin", "train_result.json", "eval_before.json",
-    "eval_after.json", COMPLETE_MARKER, MANIFEST_NAME, LOCK_NAME, PROOF_NAME, "config.json", "generation_config.json",
-    "model.safetensors", "model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors",
-    "README.md", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
-    "chat_template.jinja", ".final-staging",
-)  # fmt: skip
-_RUN_PREFIXES = ("checkpoint-", "model-0", ".final-staging")
-#: Files whose presence means "this folder holds a model or a run": never silently overwritten.
-_WOULD_OVERWRITE = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
-                    "adapter_config.json", "train_config.json", "eval_before.json", "eval_after.json")  # fmt: skip
-
 
 @dataclass
 class FinetuneConfig:
@@ -135,129 +118,6 @@ def is_main_process() -> bool:
 # -- the output folder ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RunFolder:
-    """What an output folder holds.
-
-    Attributes:
-        path: The folder.
-        exists: It exists (as a folder).
-        has_run: It holds a phi3v run (``train_config.json`` or checkpoints).
-        complete: The run finished (``run_complete.json``): ``{"global_step": N, ...}``.
-        last_checkpoint: Step of the newest checkpoint folder (complete or not), or ``None``.
-        foreign: Top-level names the run did not write (never deleted).
-        would_overwrite: Files present that a new run would write over (a model folder, another run's results).
-    """
-
-    path: Path
-    exists: bool = False
-    has_run: bool = False
-    complete: dict[str, Any] | None = None
-    last_checkpoint: int | None = None
-    foreign: list[str] = field(default_factory=list)
-    would_overwrite: list[str] = field(default_factory=list)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def inspect_run_folder(path: str | Path) -> RunFolder:
-    """Look at an output folder without changing it."""
-    folder = RunFolder(Path(path))
-    if not folder.path.is_dir():
-        return folder
-    folder.exists = True
-    names = [p.name for p in folder.path.iterdir()]
-    steps = [int(n.removeprefix("checkpoint-")) for n in names if n.removeprefix("checkpoint-").isdigit()]
-    folder.last_checkpoint = max(steps) if steps else None
-    folder.has_run = "train_config.json" in names or bool(steps)
-    folder.complete = _read_json(folder.path / COMPLETE_MARKER) if COMPLETE_MARKER in names else None
-    manifest = _read_json(folder.path / MANIFEST_NAME)
-    own = set(manifest.get("entries", [])) if isinstance(manifest, dict) else set()
-    folder.foreign = foreign_entries(folder.path, own | set(_RUN_NAMES), _RUN_PREFIXES)
-    folder.would_overwrite = sorted(n for n in names if n in _WOULD_OVERWRITE)
-    return folder
-
-
-def output_dir_problems(
-    output_dir: str | Path,
-    *,
-    resume: str | None,
-    overwrite: bool,
-    sources: dict[str, str | None] | None = None,
-    flag: str = "--output_dir",
-) -> list[str]:
-    """Why a run may not write ``output_dir`` (empty when it may). Reads only; call before anything loads.
-
-    Args:
-        output_dir: The run folder.
-        resume: ``None``, ``"latest"`` or a checkpoint folder.
-        overwrite: ``--overwrite_output_dir``.
-        sources: Flag → folder the run reads (data, model): they may not overlap the output folder.
-        flag: The flag naming the output folder, for messages.
-    """
-    out = Path(output_dir).expanduser()
-    recover(out)  # what the folder holds after an interrupted transaction is finished or rolled back
-    live = live_transaction(out)
-    if live is not None:  # checked before the folder's content, which is half-way between two runs
-        return [
-            f"{flag} {out} is being replaced by pid {live.get('pid')} ({live.get('command')}): one writer per folder; "
-            "wait for it to finish or choose another folder"
-        ]
-    problem = writable_problem(out, flag)
-    if problem:
-        return [problem]
-    problems = []
-    for source_flag, source in (sources or {}).items():
-        if source and Path(source).expanduser().exists():
-            overlap = overlap_problem(Path(source), out, source_flag, flag)
-            if overlap:
-                problems.append(overlap)
-    folder = inspect_run_folder(out)
-    if not folder.exists:
-        return problems
-    if overwrite and resume is not None:
-        problems.append(f"--resume continues the run in {out} and --overwrite_output_dir replaces it; drop one of them")
-    elif overwrite:
-        if folder.foreign:
-            shown = ", ".join(folder.foreign[:5]) + (", ..." if len(folder.foreign) > 5 else "")
-            problems.append(
-                f"{flag} {out} holds files phi3v-finetune did not write ({shown}); --overwrite_output_dir replaces "
-                "only a run's own folder: move them away or choose another {flag}".replace("{flag}", flag)
-            )
-    elif resume is not None:
-        if folder.complete is not None and resume == "latest":
-            pass  # reported by the run as "complete, nothing to do" (not an error)
-        elif not folder.has_run and any(folder.path.iterdir()) and folder.would_overwrite:
-            problems.append(
-                f"{flag} {out} holds no phi3v run to resume but has {', '.join(folder.would_overwrite)}; "
-                f"choose the run's folder or another {flag}"
-            )
-    elif folder.has_run:
-        state = (
-            f"a complete run (step {folder.complete.get('global_step')})"
-            if isinstance(folder.complete, dict)
-            else "an unfinished run" + (f" (checkpoint {folder.last_checkpoint})" if folder.last_checkpoint else "")
-        )
-        # A complete run cannot be continued (its step count is part of its configuration): only point at --resume
-        # where there is something left to train.
-        remedy = "" if isinstance(folder.complete, dict) else "pass --resume to continue it, "
-        problems.append(
-            f"{flag} {out} already holds {state}; {remedy}pass --overwrite_output_dir to replace it, or choose "
-            f"another {flag}"
-        )
-    elif folder.would_overwrite:
-        problems.append(
-            f"{flag} {out} holds {', '.join(folder.would_overwrite)}, which the run would overwrite (a model "
-            f"folder?); choose an empty or new {flag}"
-        )
-    return problems
-
-
 def _lock_at(lock: FolderLock, folder: Path) -> None:
     """Take ``lock`` on the hidden new folder of a replacement, before that folder is put in place."""
     lock.moved_to(folder)
@@ -306,7 +166,7 @@ def guarded_output_dir(
         finally:
             old_lock.release()
     created = not out.exists()
-    manifest = _read_json(out / MANIFEST_NAME)
+    manifest = read_json_quietly(out / MANIFEST_NAME)
     previous = set(manifest.get("entries", [])) if isinstance(manifest, dict) else set()
     if aside is None:
         lock.acquire()

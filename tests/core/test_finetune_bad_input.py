@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from phi3v_core.cli.finetune import main
 from tests.safety_helpers import expect_user_error, snapshot
 
 BASE = ["--synthetic", "4", "--no-tqdm"]
+#: Hang guard for a subprocess only (a loaded machine may be slow to import); never a speed target.
+HANG_GUARD_S = 900
 
 
 pytestmark = pytest.mark.usefixtures("finetune_env")
@@ -107,6 +111,35 @@ def test_an_unfinished_run_is_not_overwritten(tmp_path, capsys):
     expect_user_error(
         main, [*BASE, "--output_dir", str(out)], "already holds an unfinished run (checkpoint 2)", tmp_path, capsys
     )
+
+
+@pytest.mark.parametrize(
+    ("complete", "flags", "expected"),
+    [
+        (False, ["--output_dir", "run"], "--output_dir run already holds an unfinished run (checkpoint 2); pass"),
+        (True, ["--output_dir", "run"], "--output_dir run already holds a complete run (step 3); pass --overwrite"),
+        (False, [], "--output_dir output already holds an unfinished run"),  # the default folder too
+    ],
+)
+def test_a_run_in_the_output_folder_answers_before_torch_is_imported(tmp_path, complete, flags, expected):
+    # Which modules were imported when the refusal came (never a wall-clock assert).
+    _fake_run(tmp_path / ("run" if flags else "output"), complete=complete, checkpoint=None if complete else 2)
+    code = (
+        "import sys\n"
+        "from phi3v_core.cli.finetune import main\n"
+        "try:\n"
+        f"    code = main({[*BASE, *flags]!r})\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules), code)\n"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=HANG_GUARD_S
+    )
+    assert "HEAVY [] 1" in done.stdout, done.stdout + done.stderr
+    assert expected in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_lora_run_folder_does_not_receive_a_full_run(tmp_path, capsys):
