@@ -62,11 +62,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 # -- computed: the planner -------------------------------------------------------------------------------------
-def _plan_one(gpu: str, method: str) -> Any:
+def _plan_one(gpu: str, method: str) -> tuple[Any, int]:
+    """The one method's plan and the images per sample (its speed in img/s is samples/s times that)."""
     from planner.recommend import plan
     from planner.request import PlanRequest
 
-    return plan(PlanRequest(gpu=gpu, methods=(method,))).methods[0]
+    whole = plan(PlanRequest(gpu=gpu, methods=(method,)))
+    return whole.methods[0], max(whole.workload.images, 1)
 
 
 def _layout_text(mp: Any) -> str:
@@ -84,15 +86,15 @@ def render_plan_examples(root: Path) -> str:
     """Three ``phi3v-plan`` what-ifs with the figures the planner prints for them now."""
     from planner.estimate import GIB
 
-    lora = _plan_one("H100-SXM", "lora")
+    lora, images = _plan_one("H100-SXM", "lora")
     best_gc = max((x for x in lora.layouts if x.fits and x.gradient_checkpointing), key=lambda x: x.samples_per_s)
-    full_4090 = _plan_one("RTX4090", "full")
+    full_4090 = _plan_one("RTX4090", "full")[0]
     offload_s = sum(v for k, v in full_4090.speed.times.items() if "CPU Adam" in k or "PCIe" in k)
-    full_l40s = _plan_one("L40S", "full")
+    full_l40s = _plan_one("L40S", "full")[0]
     plain = min(x.reserved_bytes for x in full_l40s.layouts if x.optim == "adamw" and x.offload == "none")
     lines = [
         "```bash",
-        f"phi3v-plan --gpu H100-SXM --method lora   # {_layout_text(lora)}: {lora.speed.samples_per_s:.2f} samples/s, "
+        f"phi3v-plan --gpu H100-SXM --method lora   # {_layout_text(lora)}: {lora.speed.samples_per_s * images:.2f} img/s, "
         f"{lora.speed.samples_per_s / best_gc.samples_per_s:.2f}x the checkpointed "
         f"{best_gc.micro_batch} x {best_gc.grad_accum}",
         f"phi3v-plan --gpu RTX4090 --method full    # {_layout_text(full_4090)}: {full_4090.peak_gib:.1f} GiB on the "

@@ -17,6 +17,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from phi3v_core.cli.vocabulary import THROUGHPUT_UNIT
+
 __all__ = ["WORKER_HEADROOM", "DataLoading", "node_cpus", "plan_data_loading", "stored_rate"]
 
 #: Workers per GPU = needed cores × this (slower pages, JPEG decoding, which the stored rate does not include).
@@ -66,6 +68,11 @@ def node_cpus(cpus_per_node: int | None, detected: bool, azure_vcpus: int | None
     return None, "unknown"
 
 
+def _img(samples_per_s: float, images: int) -> str:
+    """A rate of samples in the unit every command shows (a text-only sample counts as one)."""
+    return f"{samples_per_s * max(images, 1):.2f} {THROUGHPUT_UNIT}"
+
+
 @dataclass(frozen=True)
 class DataLoading:
     """What feeding one GPU takes.
@@ -80,6 +87,8 @@ class DataLoading:
         cpus_source: Where the core count comes from.
         free_cores_per_gpu: Cores per GPU left after each training process takes one (None: unknown).
         warning: Set when the node's cores cannot feed its GPUs.
+        images: Images per sample: the sentences say img/s, the unit of every command (not in the JSON, whose rates
+            are samples/s).
     """
 
     samples_per_s_per_gpu: float
@@ -91,23 +100,24 @@ class DataLoading:
     cpus_source: str
     free_cores_per_gpu: float | None
     warning: str | None = None
+    images: int = 1
 
     def line(self) -> str:
-        """One line for the plan."""
+        """One line for the plan (rates in img/s)."""
         have = (
             f"; the node has {self.node_cpus} cores ({self.cpus_source}): {self.free_cores_per_gpu:.1f} free per GPU"
             if self.free_cores_per_gpu is not None
             else "; node cores unknown (pass --cpus_per_node)"
         )
         return (
-            f"data loading: {self.cores_per_gpu:.1f} CPU cores per GPU for {self.samples_per_s_per_gpu:.2f} samples/s "
-            f"at {self.rate_per_core:.2f} samples/s per core ({self.rate_source}) → --dataloader_num_workers "
+            f"data loading: {self.cores_per_gpu:.1f} CPU cores per GPU for {_img(self.samples_per_s_per_gpu, self.images)} "
+            f"at {_img(self.rate_per_core, self.images)} per core ({self.rate_source}) → --dataloader_num_workers "
             f"{self.workers}{have}"
         )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for ``--json``)."""
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "images"}
 
 
 def plan_data_loading(
@@ -115,6 +125,7 @@ def plan_data_loading(
     gpus_per_node: int,
     rate: tuple[float, str],
     cpus: tuple[int | None, str],
+    images: int = 1,
 ) -> DataLoading:
     """Cores per GPU, workers and the warning for one plan.
 
@@ -123,6 +134,7 @@ def plan_data_loading(
         gpus_per_node: GPUs (training processes) per node.
         rate: ``(samples/s per core, source)``.
         cpus: ``(cores per node or None, source)``.
+        images: Images per sample (the sentences say img/s).
     """
     per_core, rate_source = rate
     node, cpus_source = cpus
@@ -135,11 +147,11 @@ def plan_data_loading(
             fed = free * per_core
             warning = (
                 f"the node's {node} cores cannot feed its {gpus_per_node} GPU(s): the processor needs "
-                f"{needed:.1f} cores per GPU for {samples_per_s_per_gpu:.2f} samples/s, {free:.1f} are free per GPU "
-                f"(one per training process); the GPUs will wait for data (about {fed:.2f} samples/s per GPU); "
+                f"{needed:.1f} cores per GPU for {_img(samples_per_s_per_gpu, images)}, {free:.1f} are free per GPU "
+                f"(one per training process); the GPUs will wait for data (about {_img(fed, images)} per GPU); "
                 "pre-process the images or use a node with more cores"
             )
         workers = max(1, min(workers, math.floor(free))) if free >= 1 else 1
     return DataLoading(
-        samples_per_s_per_gpu, per_core, rate_source, needed, workers, node, cpus_source, free, warning
+        samples_per_s_per_gpu, per_core, rate_source, needed, workers, node, cpus_source, free, warning, images
     )

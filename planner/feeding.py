@@ -26,4 +26,4 @@ def data_loading_for(
         return None
     detected = hw.gpu.detected or hw.source.startswith("detected")
     cpus = node_cpus(request.cpus_per_node, detected, hw.azure.vcpus if hw.azure else None)
-    return plan_data_loading(samples_per_s_per_gpu, hw.gpus_per_node, rate, cpus)
+    return plan_data_loading(samples_per_s_per_gpu, hw.gpus_per_node, rate, cpus, workload.images)

@@ -29,7 +29,7 @@ from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
-from phi3v_core.cli.vocabulary import plural
+from phi3v_core.cli.vocabulary import THROUGHPUT_UNIT, plural
 from phi3v_core.constants import CONTEXT_LENGTH, ZERO_BUCKET_ELEMENTS
 from phi3v_core.errors import ConfigError
 from phi3v_core.methods import get_method
@@ -240,7 +240,7 @@ def _fit_reason(method: str, hw: Hardware, pick: Candidate, fits: bool, calibrat
 
 
 def _layout_reasons(
-    pick: Candidate, candidates: list[Candidate], hw: Hardware, host_source: str
+    pick: Candidate, candidates: list[Candidate], hw: Hardware, host_source: str, images: int
 ) -> tuple[list[str], float | None]:
     """Why this checkpointing/optimizer/offload (with the trade-off), and the speed-up over checkpointing."""
     reasons: list[str] = []
@@ -254,7 +254,7 @@ def _layout_reasons(
         reasons.append(
             f"gradient checkpointing off: fits without recompute, predicted {speedup:.2f}x the speed of the best "
             f"checkpointed layout ({best_gc.layout.micro_batch} x {best_gc.layout.grad_accum}, "
-            f"{best_gc.layout.samples_per_s:.2f} samples/s)"
+            f"{best_gc.layout.samples_per_s * max(images, 1):.2f} {THROUGHPUT_UNIT})"
         )
     elif chosen.gradient_checkpointing:
         reasons.append("gradient checkpointing on: no layout without it fits (it recomputes each layer's forward)")
@@ -350,7 +350,7 @@ def _plan_method(
     if supported:
         reasons.insert(0, _fit_reason(method, hw, pick, fits, calibration))
         if fits:
-            extra, speedup = _layout_reasons(pick, candidates, hw, host_ram_bytes(request, hw)[1])
+            extra, speedup = _layout_reasons(pick, candidates, hw, host_ram_bytes(request, hw)[1], workload.images)
             reasons.extend(extra)
         elif offload_problem and any(c.layout.fits and c.layout.offload != "none" for c in candidates):
             reasons.append(f"an offloaded optimizer would fit, but it cannot be built here: {offload_problem}")
@@ -432,7 +432,7 @@ def _refuse_past_the_context(
         )
 
 
-def _why(methods: list[MethodPlan], request: PlanRequest) -> tuple[str | None, list[str]]:
+def _why(methods: list[MethodPlan], request: PlanRequest, images: int) -> tuple[str | None, list[str]]:
     """The recommended method (the recipe's order among those that fit) and why."""
     fitting = {m.method: m for m in methods if m.fits}
     recommended = next((name for name in method_preference() if name in fitting), None)
@@ -449,7 +449,8 @@ def _why(methods: list[MethodPlan], request: PlanRequest) -> tuple[str | None, l
                    f"{times}{host}, for ~1 point less ANLS (phi3v-plan --method lora plans it)")
     if best.speed and request.dataset_size:
         why.append(
-            f"expected {best.speed.samples_per_s:.1f} samples/s → {format_duration(best.speed.epoch_s)} per epoch of "
+            f"expected {best.speed.samples_per_s * max(images, 1):.1f} {THROUGHPUT_UNIT} ({best.speed.samples_per_s:.1f} "
+            f"samples/s) → {format_duration(best.speed.epoch_s)} per epoch of "
             f"{request.dataset_size:,} samples"
         )
     if best.run_s is not None:
@@ -545,7 +546,7 @@ def plan(
         methods.append(
             _plan_method(method, hw, shape, workload, request, calibration, traces, memory_workload, software)
         )
-    recommended, why = _why(methods, request)
+    recommended, why = _why(methods, request, workload.images)
     if hw.gpu.detected:
         notes.append(f"GPU not in the table: {hw.gpu.source}")
     if request.task == "ucf101" and not request.data_dir:

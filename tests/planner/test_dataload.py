@@ -17,7 +17,7 @@ def test_cores_workers_and_free_cores() -> None:
     assert fed.free_cores_per_gpu == pytest.approx(7.0)  # 64 / 8 minus the training process's own core
     assert fed.workers == math.ceil(3.0 * WORKER_HEADROOM) == 4
     assert fed.warning is None
-    assert "3.0 CPU cores per GPU for 6.00 samples/s at 2.00 samples/s per core" in fed.line()
+    assert "3.0 CPU cores per GPU for 6.00 img/s at 2.00 img/s per core" in fed.line()
     assert "--dataloader_num_workers 4" in fed.line()
 
 
@@ -27,7 +27,17 @@ def test_a_node_with_too_few_cores_is_warned_about() -> None:
     assert starved.workers == 3  # no more workers than free cores: more would only contend
     assert starved.warning is not None
     assert starved.warning.startswith("the node's 32 cores cannot feed its 8 GPU(s): the processor needs 6.0 cores")
-    assert "about 3.00 samples/s per GPU" in starved.warning
+    assert "about 3.00 img/s per GPU" in starved.warning
+
+
+def test_sentences_say_img_per_s_and_the_json_keeps_samples() -> None:
+    # Two images per sample: the sentences double (img/s, every command's unit), the JSON rates stay samples/s.
+    fed = plan_data_loading(6.0, 8, (2.0, "measured"), (16, "this machine"), images=2)
+    assert fed.cores_per_gpu == pytest.approx(3.0)
+    assert "for 12.00 img/s at 4.00 img/s per core" in fed.line()
+    assert fed.warning is not None and "about 4.00 img/s per GPU" in fed.warning  # 1 free core x 2 samples/s x 2 images
+    data = fed.to_dict()
+    assert data["samples_per_s_per_gpu"] == 6.0 and data["rate_per_core"] == 2.0 and "images" not in data
 
 
 def test_unknown_cores_state_the_need_only() -> None:
