@@ -116,7 +116,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     target = result_path(cfg.out, cfg.release, env.hardware, cfg)
     with one_writer(cfg.out, _command_line(args), enabled=main_node):
         problem = replacement_problem(target, env) if main_node else None
-        if problem and not args.force:
+        if problem and not (args.overwrite or args.force):
             raise ConfigError(f"{problem}; pass --force to replace it, or --release/--out to keep both")
         return _run_and_save(args, cfg, env, reasons, cluster)
 
@@ -130,7 +130,7 @@ def _run_and_save(args: argparse.Namespace, cfg: BenchConfig, env: Any, reasons:
 
     def save(result: Any) -> tuple[Path | None, str | None]:
         try:
-            return save_result(result, force=args.force), None
+            return save_result(result, force=args.overwrite or args.force), None
         except OSError as exc:
             return None, unsaved_result_error(result, exc)
 
@@ -228,7 +228,8 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
         return 0
 
     with one_writer(args.out, _command_line(args)):
-        summary = run_matrix(cells, environment=env, progress=not args.no_progress and not args.json)
+        summary = run_matrix(cells, force=args.overwrite or args.force, environment=env,
+                             progress=not args.no_progress and not args.json)
     if args.json:
         _print_json(summary.to_dict())
     else:

@@ -96,9 +96,10 @@ def _add_run_command(sub: Any) -> None:
                "  phi3v-bench run --method full --attn flash_attention_2 --model phi-3.5-vision --gpus 8 --batch-size 64",
     )
     _add_run_arguments(run)
-    add_shared(run, "overwrite", dest="force", action="store_true",
-                     help="replace a stored result measured on other hardware or at another commit, and run even where "
-                     "the planner predicts it does not fit this machine's memory")
+    add_shared(run, "overwrite", action="store_true",
+               help="replace a stored result measured on other hardware or at another commit")
+    add_shared(run, "force", action="store_true", help="run even where the planner predicts it does not fit this "
+               "machine's memory (and, as before, replace a stored result)")
     add_shared(run, "json", action="store_true", help="print the result as one JSON line")
     # Multi-node on a real cluster (one phi3v-bench per node; under srun these come from SLURM's variables).
     run.add_argument("--node-rank", type=bounded_int(0, LIMITS["nodes"] - 1), default=None, help="this node's index 0..nodes-1 (node 0 writes the result)")
@@ -125,8 +126,9 @@ def _add_matrix_command(sub: Any) -> None:
     matrix.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE", dest="assignments",
                         help="fix a config field for every cell (e.g. steps=5 model=tiny)")
     _add_output_arguments(matrix)
-    add_shared(matrix, "overwrite", dest="force", action="store_true", help="re-run cells that already have a finished "
-               "result, and run cells the planner predicts do not fit this machine's memory (left out otherwise)")
+    add_shared(matrix, "overwrite", action="store_true", help="re-run cells that already have a finished result")
+    add_shared(matrix, "force", action="store_true", help="run cells the planner predicts do not fit this machine's "
+               "memory (left out otherwise; as before, also re-run finished cells)")
     matrix.add_argument("--dry-run", action="store_true", help="list the cells and where they would be written")
     matrix.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_shared(matrix, "json", action="store_true", help="print the sweep summary as one JSON line")

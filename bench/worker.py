@@ -161,14 +161,7 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         warmup_times_s=[records[s].seconds for s in range(1, int(layout["first_timed"])) if s in records],
         compile_s=compile_seconds(cfg, records, [r.seconds for r in timed]),
         final_loss=next((r.loss for r in reversed(timed) if r.loss is not None), None),
-        step_samples=[r.samples for r in timed],
-        samples_per_step=timed[0].samples if timed else None,
-        images_per_step=timed[0].images if timed else None,
-        tokens_per_step=timed[0].tokens if timed else None,
-        # Mean over the timed steps: with mixed lengths each step's padding differs.
-        computed_tokens_per_step=(sum(r.computed_tokens for r in timed) / len(timed)) if timed else None,
-        real_tokens_per_step=(sum(r.tokens for r in timed) / len(timed)) if timed else None,
-        image_tokens_per_step=(timed[0].samples * workload.image_tokens_per_sample) if timed else None,
+        **_step_shape(timed, workload.image_tokens_per_sample),
         flops_per_step=flops.model_flops if flops else None,
         hardware_flops_per_step=flops.hardware_flops if flops else None,
         attention_flops_per_step=flops.attention_flops if flops else None,
@@ -181,23 +174,45 @@ def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         peak_flops_per_gpu=peak_flops(device, cfg.precision),
         total_params=result.report.total_parameters,
         trainable_params=result.report.trainable_parameters,
-        memory={
-            "rank": rank,
-            "device": str(device),
-            "gpu_allocated_bytes": probes.gpu_allocated_bytes,
-            "gpu_reserved_bytes": probes.gpu_reserved_bytes,
-            "nvml_process_bytes": probes.nvml_peak_bytes,
-            "nvml_source": probes.nvml_source,
-            "cpu_rss_bytes": probes.cpu_rss_bytes,
-            "cpu_tensor_peak_bytes": probes.tensor_peak_bytes,
-            "energy_j": probes.energy_j,
-        },
+        memory=_memory(rank, device, probes),
         notes=probes.notes,
         events=probes.events,
         learning_rate=train_cfg.learning_rate,
         weight_change=changes.result.to_dict() if changes.result else None,
     )
     return payload
+
+
+def _step_shape(timed: list[Any], image_tokens_per_sample: int) -> dict[str, Any]:
+    """What the timed steps held: samples, images and tokens per step (padding apart)."""
+    if not timed:
+        return {"step_samples": [], "samples_per_step": None, "images_per_step": None, "tokens_per_step": None,
+                "computed_tokens_per_step": None, "real_tokens_per_step": None, "image_tokens_per_step": None}
+    return {
+        "step_samples": [r.samples for r in timed],
+        "samples_per_step": timed[0].samples,
+        "images_per_step": timed[0].images,
+        "tokens_per_step": timed[0].tokens,
+        # Mean over the timed steps: with mixed lengths each step's padding differs.
+        "computed_tokens_per_step": sum(r.computed_tokens for r in timed) / len(timed),
+        "real_tokens_per_step": sum(r.tokens for r in timed) / len(timed),
+        "image_tokens_per_step": timed[0].samples * image_tokens_per_sample,
+    }
+
+
+def _memory(rank: int, device: Any, probes: Any) -> dict[str, Any]:
+    """This rank's peak memory readings and its energy counter."""
+    return {
+        "rank": rank,
+        "device": str(device),
+        "gpu_allocated_bytes": probes.gpu_allocated_bytes,
+        "gpu_reserved_bytes": probes.gpu_reserved_bytes,
+        "nvml_process_bytes": probes.nvml_peak_bytes,
+        "nvml_source": probes.nvml_source,
+        "cpu_rss_bytes": probes.cpu_rss_bytes,
+        "cpu_tensor_peak_bytes": probes.tensor_peak_bytes,
+        "energy_j": probes.energy_j,
+    }
 
 
 def compile_seconds(cfg: BenchConfig, records: dict[int, Any], timed_s: list[float]) -> float | None:

@@ -120,7 +120,6 @@ def _add_recipe_flags(recipe: argparse._ArgumentGroup) -> None:
     add_shared(
         recipe,
         "overwrite",
-        aliases=("--overwrite",),  # --force here means "train even where predicted not to fit"
         dest="overwrite_output_dir",
         action="store_true",
         help="replace the run in --output_dir (the old run is deleted only once the new one finished)",
@@ -220,7 +219,7 @@ def _add_run_flags(ours: argparse._ArgumentGroup) -> None:
         help="longest training sequence (default: the model context); longer records are an error, never truncated",
     )
     add_shared(ours, "json", action="store_true", help="print one JSON object on stdout (logs go to stderr)")
-    ours.add_argument("--force", action="store_true",
+    add_shared(ours, "force", action="store_true",
                       help="train even where phi3v-plan's memory model predicts the run does not fit this machine")
 
 

@@ -7,8 +7,9 @@ older spellings as aliases registered in the same ``add_argument`` call, so exis
 
 Policies stated here once:
 
-* ``--overwrite_output_dir`` replaces what an output folder already holds (``--overwrite`` and ``--force``, the older
-  spellings, mean the same);
+* ``--overwrite_output_dir`` replaces what an output folder already holds (``--overwrite``, the older spelling, means
+  the same); ``--force`` runs where the planner predicts the run does not fit (in ``phi3v-bench``, where it is older,
+  it also still replaces a stored result);
 * ``--seed`` defaults to :data:`DEFAULT_SEED` (42, ``TrainingArguments``' default) in every command;
 * throughput is ``img/s`` (images per second over all GPUs, the recipe's published unit) in every text; a plan for a
   task with several images per sample converts its samples/s.
@@ -96,8 +97,10 @@ SHARED_FLAGS: dict[str, SharedFlag] = {
         SharedFlag("optim", ("--optim",), "optimizer", (_FT, _BENCH)),
         SharedFlag("offload", ("--offload",), "DeepSpeed offload", (_FT, _BENCH)),
         SharedFlag("output_dir", ("--output_dir", "--out_dir", "--out"), "where the command writes", (_FT, _BENCH, _CONVERT)),
-        SharedFlag("overwrite", ("--overwrite_output_dir", "--overwrite", "--force"),
+        SharedFlag("overwrite", ("--overwrite_output_dir", "--overwrite"),
                    "replace what the output folder already holds", (_FT, _BENCH, _CONVERT)),
+        SharedFlag("force", ("--force",), "run even where the planner predicts it does not fit this machine's memory",
+                   (_FT, _BENCH)),
         SharedFlag("skip_bad", ("--skip_bad", "--skip-bad"), "skip records with unreadable images", (_FT, _CONVERT)),
         SharedFlag("max_length", ("--max_length", "--max-length"), "longest sequence in tokens", (_FT, _CONVERT)),
         SharedFlag("repeats", ("--repeats",), "measured repeats", (_BENCH, _PLAN)),

@@ -18,7 +18,7 @@ from phi3v_core.model import Phi3VForCausalLM
 from tests.core.test_model import make_batch
 
 pytestmark = [
-    pytest.mark.gpu(seconds=8),  # tiny model; Triton compiles four kernels on first use
+    pytest.mark.gpu(seconds=4),  # tiny model, two steps each; Triton compiles four small kernels (~1 s each) on first use
     pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed"),
 ]
 
