@@ -33,12 +33,10 @@ from phi3v_core.constants import (
 )
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHODS, MethodOptions, get_method
-from phi3v_core.run_folder import COMPLETE_MARKER
 from phi3v_core.software import BnbLibrary, bnb_library, offload_build_problem, qlora_unsupported_reason
 from phi3v_core.training.distributed_env import distributed_env_problems, env_int
 
 __all__ = [
-    "COMPLETE_MARKER",
     "DEPRECATED_FIELDS",
     "DTYPES",
     "Machine",

@@ -32,26 +32,14 @@ from phi3v_core.fs import LOCK_NAME, FolderLock, pending
 from phi3v_core.io import atomic_write_json
 from phi3v_core.progress import stage
 
-# The folder's judgment is torch-free (the CLI asks it before torch is imported); re-exported here, where it lived.
-from phi3v_core.run_folder import (
-    COMPLETE_MARKER,
-    MANIFEST_NAME,
-    RunFolder,
-    inspect_run_folder,
-    output_dir_problems,
-    read_json_quietly,
-)
+# The folder's judgment is torch-free (the CLI asks it before torch is imported).
+from phi3v_core.run_folder import COMPLETE_MARKER, MANIFEST_NAME, inspect_run_folder, read_json_quietly
 from phi3v_core.transaction import SetAside, recover
 
 __all__ = [
-    "COMPLETE_MARKER",
-    "MANIFEST_NAME",
     "FinetuneConfig",
-    "RunFolder",
     "guarded_output_dir",
-    "inspect_run_folder",
     "is_main_process",
-    "output_dir_problems",
     "run",
 ]
 
