@@ -448,9 +448,9 @@ class DeviceDescription:
 
     @classmethod
     def detect(cls, environment: Any = None) -> DeviceDescription:
-        """Describe this machine from :func:`bench.environment.capture_environment` (NVML; no CUDA context)."""
+        """Describe this machine from :func:`phi3v_core.environment.capture_environment` (NVML; no CUDA context)."""
         if environment is None:
-            from bench.environment import capture_environment
+            from phi3v_core.environment import capture_environment
 
             environment = capture_environment()
         if not environment.gpus:

@@ -15,7 +15,7 @@ Semantics that differ from optimum-benchmark on purpose: throughput is **global*
 (all ranks) and per GPU, never an average of per-rank figures; memory is the **maximum over ranks** (each rank is one
 GPU), never a sum. Bytes are stored as integers; units are applied only for display.
 
-Where a result was measured is :mod:`bench.environment`; reading and writing result files is :mod:`bench.store`.
+Where a result was measured is :mod:`phi3v_core.environment`; reading and writing result files is :mod:`bench.store`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bench.config import BenchConfig
-from bench.environment import TRACKED_PACKAGES, GpuInfo, RunEnvironment, capture_environment, cpu_hardware_name, utc_now
+from phi3v_core.environment import (
+    TRACKED_PACKAGES,
+    GpuInfo,
+    RunEnvironment,
+    capture_environment,
+    cpu_hardware_name,
+    utc_now,
+)
 from phi3v_core.errors import DataError
 from phi3v_core.io import json_safe
 

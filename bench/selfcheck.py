@@ -221,9 +221,9 @@ def run_check(cfg: BenchConfig, layers: int | None = None) -> Check:
     """
     from bench.measure import TimedWindow
     from bench.worker import peak_flops, plan_steps, processor_for
-    from bench.workload import build_workload, to_train_config
     from phi3v_core.device import local_device
     from phi3v_core.training import train
+    from phi3v_core.training.workload import build_workload, to_train_config
 
     check = Check(cfg.method, cfg.attn, form="full-size" if layers is None else "reduced", decoder_layers=layers,
                   world_size=cfg.world_size)

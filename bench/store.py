@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.config import RESERVED_RELEASES, BenchConfig
-from bench.environment import RunEnvironment
 from bench.results import BenchResult
+from phi3v_core.environment import RunEnvironment
 from phi3v_core.errors import DataError
 from phi3v_core.fs import check_regular_file, pending
 from phi3v_core.io import atomic_write_text

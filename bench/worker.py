@@ -29,10 +29,10 @@ from bench.progress import PROGRESS_FILE
 from bench.runner import FLOP_CACHE_ENV
 from bench.status import HOST_OOM, OOM, oom_status
 from bench.updates import ChangedWeights
-from bench.workload import to_train_config
 from phi3v_core.device import local_device
 from phi3v_core.io import atomic_write_text
 from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
+from phi3v_core.training.workload import to_train_config
 
 __all__ = [
     "gather_payloads", "main", "peak_flops", "plan_steps", "processor_for", "to_train_config", "workload_samples",
@@ -112,8 +112,8 @@ class ProgressFile(TrainerCallback):
 
 def run_rank(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
     """Train one repeat on this rank and return its measurements."""
-    from bench.workload import build_workload
     from phi3v_core.training import train
+    from phi3v_core.training.workload import build_workload
 
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,7 +1,7 @@
 """A deterministic synthetic image-text dataset, encoded by the real processor.
 
 Used by the launcher when no real data is configured (smoke runs, multi-process tests) and by ``phi3v-bench``
-(:mod:`bench.workload` sizes it to a sequence profile): every example is one or more noise-block images of a fixed
+(:mod:`phi3v_core.training.workload` sizes it to a sequence profile): every example is one or more noise-block images of a fixed
 size plus random words, run through ``Phi3VProcessor.encode_conversation`` exactly like real data, so sequence
 lengths and image tensors have realistic shapes for the chosen ``num_crops``.
 """

@@ -15,11 +15,11 @@ import pytest
 
 from bench.config import BenchConfig
 from bench.flop_count import analytic_step_flops, step_micro_batches, trace_step_flops
-from bench.workload import build_workload, to_train_config
 from phi3v_core.config import get_config
 from phi3v_core.flops import ModelDims, TrainableParts, micro_batch_shape, step_flops
 from phi3v_core.model import Phi3VForCausalLM
 from phi3v_core.processing import Phi3VProcessor
+from phi3v_core.training.workload import build_workload, to_train_config
 
 CASES = [
     # (method, logits, extra TrainConfig fields, attention)

@@ -16,11 +16,11 @@ import pytest
 
 from bench.config import BenchConfig
 from bench.flop_count import step_micro_batches, trace_step_flops
-from bench.workload import build_workload, to_train_config
 from phi3v_core.constants import CROP_SIZE
 from phi3v_core.methods import METHOD_NAMES, get_method
 from phi3v_core.model import Phi3VForCausalLM
 from phi3v_core.processing import Phi3VProcessor
+from phi3v_core.training.workload import build_workload, to_train_config
 from planner.estimate import TrainSetup, Workload
 from planner.shapes import load_shape
 from planner.speed import flops_per_sample

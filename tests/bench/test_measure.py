@@ -12,7 +12,7 @@ from bench.config import BenchConfig
 from bench.flop_count import step_micro_batches, trace_step_flops
 from bench.measure import InstrumentedSteps, PeakSampler
 from bench.worker import processor_for, run_rank, to_train_config
-from bench.workload import build_workload
+from phi3v_core.training.workload import build_workload
 from tests.safety_helpers import HANG_GUARD_S
 
 

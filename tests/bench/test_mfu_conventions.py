@@ -13,8 +13,8 @@ from bench.flop_count import attention_step_flops, count_step_flops, step_micro_
 from bench.results import BenchResult
 from bench.run_view import print_summary
 from bench.worker import processor_for, to_train_config
-from bench.workload import build_workload
 from phi3v_core.mfu import causal_attention_flops, frozen_base_flops, mfu_label, six_n_flops
+from phi3v_core.training.workload import build_workload
 from tests.bench.factories import make_result
 
 

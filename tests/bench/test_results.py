@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from bench.config import BenchConfig
-from bench.environment import RunEnvironment, capture_environment
 from bench.results import BenchResult
 from bench.store import load_result, load_results, read_results, result_path, save_result
+from phi3v_core.environment import RunEnvironment, capture_environment
 from phi3v_core.errors import DataError
 from phi3v_core.io import atomic_write_text
 from tests.bench.factories import GIB, make_result

@@ -308,7 +308,7 @@ def test_mfu_flops_of_a_reduced_model_are_counted_for_its_depth(tmp_path) -> Non
     """MFU's FLOPs: counted analytically on the reduced preset (fewer layers, fewer FLOPs), no trace."""
     from bench.selfcheck import reduced_preset, step_model_flops
     from bench.worker import processor_for, to_train_config
-    from bench.workload import build_workload
+    from phi3v_core.training.workload import build_workload
 
     cfg = plan_checks(DeviceDescription(), steps=2)[2].config  # lora, tiny model (2 decoder layers)
     fixed = [build_workload(cfg, processor_for(cfg), cfg.global_batch).dataset[0]] * cfg.global_batch

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from bench.config import BenchConfig
-from bench.workload import build_workload
 from phi3v_core.processing import Phi3VProcessor
 from phi3v_core.training.synthetic import SyntheticDataset
+from phi3v_core.training.workload import build_workload
 
 
 @pytest.mark.parametrize("profile", ["docvqa", "nlvr2"])

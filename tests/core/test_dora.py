@@ -136,8 +136,8 @@ def test_bench_flop_replay_of_dora_matches_the_planner() -> None:
     """The bench counts DoRA's step on the real model (its prepare, fake tensors); the planner from its terms."""
     from bench.config import BenchConfig
     from bench.flop_count import step_micro_batches, trace_step_flops
-    from bench.workload import build_workload, to_train_config
     from phi3v_core.processing import Phi3VProcessor
+    from phi3v_core.training.workload import build_workload, to_train_config
     from planner.speed import flops_per_sample
 
     flops = {}
