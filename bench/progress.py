@@ -16,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["PROGRESS_FILE", "RunProgress", "format_duration", "read_progress"]
+from phi3v_core.progress import format_seconds
+
+__all__ = ["PROGRESS_FILE", "RunProgress", "read_progress"]
 
 #: The file rank 0 of a repeat writes in the repeat's scratch folder.
 PROGRESS_FILE = "progress.json"
@@ -28,18 +30,6 @@ def read_progress(folder: Path) -> dict[str, Any] | None:
         return json.loads((folder / PROGRESS_FILE).read_text())
     except (OSError, ValueError):
         return None
-
-
-def format_duration(seconds: float) -> str:
-    """``42 s``, ``3 m 05 s``, ``1 h 02 m``."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, secs = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} m {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} m"
 
 
 class RunProgress:
@@ -108,13 +98,13 @@ class RunProgress:
         """``ETA 3 m 05 s`` from the time so far and the share done (a share of 0 has none yet)."""
         elapsed = self.clock() - self.started
         if done <= 0:
-            return f"elapsed {format_duration(elapsed)}, ETA after the first step"
-        return f"elapsed {format_duration(elapsed)}, ETA {format_duration(elapsed * (1 - done) / done)}"
+            return f"elapsed {format_seconds(elapsed)}, ETA after the first step"
+        return f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(elapsed * (1 - done) / done)}"
 
     def update(self, repeat: int, state: dict[str, Any] | None) -> None:
         """Report ``repeat`` (0-based) in ``state`` (:func:`read_progress`'s dict, or ``{"phase": "done"}``)."""
         text, done = self.describe(repeat, state)
-        eta = self.eta(done) if done < 1 else f"elapsed {format_duration(self.clock() - self.started)}"
+        eta = self.eta(done) if done < 1 else f"elapsed {format_seconds(self.clock() - self.started)}"
         if self._bar is not None:
             self._bar.update(self._task, description=text, completed=done * self.repeats, eta=eta)
             return

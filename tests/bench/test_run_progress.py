@@ -15,8 +15,9 @@ import bench.runner
 from bench.advice import command_for, run_advice
 from bench.cli import main
 from bench.config import BenchConfig
-from bench.progress import RunProgress, format_duration
+from bench.progress import RunProgress
 from bench.results import BenchResult, capture_environment
+from phi3v_core.progress import format_seconds
 from tests.bench.factories import make_result
 
 GIB = 1 << 30
@@ -51,7 +52,7 @@ def test_plain_lines_show_repeat_step_and_eta_and_are_throttled() -> None:
 
 
 def test_durations_read_as_a_person_would() -> None:
-    assert [format_duration(s) for s in (5, 185, 3720)] == ["5 s", "3 m 05 s", "1 h 02 m"]
+    assert [format_seconds(s) for s in (5, 185, 3720)] == ["5 s", "3 m 05 s", "1 h 02 m"]
 
 
 def test_the_runner_reports_the_workers_progress_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
