@@ -9,29 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from phi3v_core.data.seqlen import mean_image_tokens
-from phi3v_core.image_sizes import TASK_IMAGES
+from phi3v_core.image_sizes import TASK_IMAGES, TaskImages
 
 __all__ = ["TWIN_PROFILES", "TwinProfile", "expected_mean_sequence_length"]
 
 
 @dataclass(frozen=True)
-class TwinProfile:
-    """Sequence-length profile of one twin.
-
-    Attributes:
-        task: Task name.
-        image_sizes: ``((width, height), weight)`` distribution of each image.
-        images_per_record: Images per record (all in the first turn).
-        text_tokens: Mean non-image tokens per record as the processor encodes it (BOS per text chunk, chat-template
-            tokens, question, answer and end tokens), measured with the Phi-3.5-vision tokenizer over 2000 records.
-        default_num_crops: The recipe's num_crops for the task.
-    """
-
-    task: str
-    image_sizes: tuple[tuple[tuple[int, int], float], ...]
-    images_per_record: int
-    text_tokens: float
-    default_num_crops: int
+class TwinProfile(TaskImages):
+    """Sequence-length profile of one twin: its task's images (:class:`~phi3v_core.image_sizes.TaskImages`) and the
+    token counts they make."""
 
     def mean_image_tokens(self, num_crops: int | None = None) -> float:
         """Expected image placeholder tokens per record."""
@@ -45,7 +31,7 @@ class TwinProfile:
 
 #: Profiles of the twins, from the tasks' image sizes (:data:`phi3v_core.image_sizes.TASK_IMAGES`).
 TWIN_PROFILES: dict[str, TwinProfile] = {
-    name: TwinProfile(t.task, t.image_sizes, t.images_per_record, t.text_tokens, t.default_num_crops)
+    name: TwinProfile(**vars(t))
     for name, t in TASK_IMAGES.items()
 }
 
