@@ -45,7 +45,6 @@ __all__ = [
     "STATISTIC",
     "compare_memory",
     "compare_repeats",
-    "compare_samples",
     "relative_noise_pct",
     "repeat_p_value",
     "repeats_to_decide",
@@ -105,35 +104,6 @@ def relative_noise_pct(repeat_medians: Sequence[float]) -> float:
         return 0.0
     mad = statistics.median(abs(x - center) for x in repeat_medians)
     return 200.0 * mad / abs(center)
-
-
-def compare_samples(
-    a_repeats: Sequence[Sequence[float]],
-    b_repeats: Sequence[Sequence[float]],
-    *,
-    higher_is_better: bool = True,
-    threshold_pct: float = 5.0,
-    alpha: float = 0.05,
-    min_repeats: int = 3,
-) -> SampleComparison:
-    """Compare two sets of sampled measurements: each repeat's median, then :func:`compare_repeats`.
-
-    Args:
-        a_repeats: Baseline samples, one inner sequence per repeat (e.g. per-step img/s of one process).
-        b_repeats: Candidate samples, same layout.
-        higher_is_better: True for throughput, False for times.
-        threshold_pct: Smallest relative change worth reporting, in percent.
-        alpha: Significance level of the test on per-repeat values.
-        min_repeats: Repeats each side needs before a change can be called.
-
-    Raises:
-        ValueError: A side has no samples at all.
-    """
-    return compare_repeats(
-        [statistics.median(r) for r in a_repeats if len(r)],
-        [statistics.median(r) for r in b_repeats if len(r)],
-        higher_is_better=higher_is_better, threshold_pct=threshold_pct, alpha=alpha, min_repeats=min_repeats,
-    )
 
 
 def compare_repeats(

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import random
+import statistics
 
 import pytest
 
-from bench.stats import MIB, MemoryTolerance, compare_memory, compare_samples, relative_noise_pct
+from bench.stats import MIB, MemoryTolerance, compare_memory, compare_repeats, relative_noise_pct
+
+
+def compare_samples(a_repeats, b_repeats, **options):
+    """Per-step samples of each repeat, reduced to one value per repeat (their median), then :func:`compare_repeats`."""
+    return compare_repeats([statistics.median(r) for r in a_repeats if len(r)],
+                           [statistics.median(r) for r in b_repeats if len(r)], **options)
 
 
 def samples(center: float, *, repeats: int = 3, steps: int = 10, jitter: float = 0.02, seed: int = 0,
