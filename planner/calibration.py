@@ -26,6 +26,7 @@ from phi3v_core.errors import DataError
 from phi3v_core.reference import reference_rows, reference_source
 from planner.estimate import GIB, Overheads, TrainSetup, Workload, estimate_memory
 from planner.hardware import GpuSpec, azure_skus, find_gpu
+from planner.memory_floor import memory_floor
 from planner.shapes import ModelShape
 from planner.speed import Interconnect, SpeedConstants, SpeedPrediction, predict_speed, reference_shape
 
@@ -424,6 +425,11 @@ def calibration_report(calibration: Calibration, shape: ModelShape) -> list[dict
             {
                 "_anchor": row,
                 "row": row.label,
+                "gpu": row.gpu,
+                "method": row.method,
+                "gpus_per_node": row.gpus_per_node,
+                "nodes": row.nodes,
+                "card_gib": gpu.memory_gib,
                 "role": role,
                 "reason": reason,
                 "memory_role": memory_role,
@@ -464,7 +470,9 @@ def calibration_summary(rows: list[dict[str, Any]], fitted: list[dict[str, Any]]
     """Held-out speed and memory errors (median, max) and memory misses: what the tests and ``--calibration`` judge.
 
     Memory is judged on predictions only: the flash rows leave-one-out, the rows never fitted as they are; rows whose
-    published peak is the card (saturated) are counted apart, with how many agree with a full card.
+    published peak is the card (saturated) are counted apart, with how many agree with a full card. ``memory_floor``
+    (:func:`planner.memory_floor.memory_floor`) is the never-fitted median no prediction of the step's needs reaches
+    below, from the settings the recipe also ran on the smaller card.
     """
     held = [abs(r["speed_error_pct"]) for r in rows if r["role"] == "held_out"]
     memory = [abs(r["memory_held_out_error_pct"]) for r in rows if r["memory_held_out_error_pct"] is not None]
@@ -484,6 +492,8 @@ def calibration_summary(rows: list[dict[str, Any]], fitted: list[dict[str, Any]]
         "held_out_memory_error_max_pct": max(memory) if memory else None,
         "never_fitted_memory_rows": len(never_fitted),
         "never_fitted_memory_error_median_pct": _median(never_fitted),
+        # what no prediction of the step's needs goes below (the same settings ran in less on the V100)
+        "memory_floor": memory_floor(rows),
         "saturated_memory_rows": len(saturated),
         "saturated_memory_rows_consistent": sum(r["memory_ok"] for r in saturated),
         "excluded_rows": [r["row"] for r in rows if r["role"] == "excluded"],

@@ -120,6 +120,22 @@ def calibration_lines(summary: dict[str, Any]) -> list[str]:
         f"{summary['saturated_memory_rows_consistent']} of {summary['saturated_memory_rows']} rows published at the "
         "card's size agree with a full card",
         f"excluded after they disagreed: {', '.join(summary['excluded_rows'])}",
+        *_floor_lines(summary),
+    ]
+
+
+def _floor_lines(summary: dict[str, Any]) -> list[str]:
+    """Why the never-fitted memory median stops where it does (the same settings ran in less on a smaller card)."""
+    floor = summary.get("memory_floor") or {}
+    if not floor.get("lines"):
+        return []
+    pair = floor["pair_floor_pct"]
+    return [
+        f"memory floor: {'; '.join(floor['lines'])}. So the never-fitted median cannot fall below "
+        f"{floor['median_floor_pct']:.1f} % (goal 10 %) for a prediction of what the step needs"
+        + (f", and a peak predicted from the settings alone misses one of the twins by >= {pair:.0f} %" if pair else "")
+        + ". The excess is memory the run kept on the larger card (the published column does not say what it "
+        "measured); closing it needs how much the allocator keeps on a card with room, which the table does not pin down"
     ]
 
 
