@@ -8,7 +8,8 @@ other row is held out and judged, the frozen-vision rows the reference marks as 
 (:func:`fit_speed_constants`, :func:`calibration_report`, :func:`calibration_summary`). The flash-attention A100 rows
 fix the allocator/cache overhead of the memory model (:func:`fit_cache_fraction`); the other rows judge it. The
 A100 eager rows it misses are named with their unmodelled term and its size, next to the recorded evidence that their
-tensors are accounted for (``calibration.json`` → ``memory_trace_evidence``).
+tensors are accounted for (``calibration.json`` → ``memory_trace_evidence``); the settings the recipe also ran on
+the 32 GB V100 bound what no prediction of the step's needs gets below (:mod:`planner.memory_floor`).
 """
 
 from __future__ import annotations
