@@ -280,7 +280,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"markdown": str(paths[0]), "images": [str(p) for p in paths[1:]], "results": len(results)})
     else:
-        _console().print(f"wrote {paths[0]} and {len(paths) - 1} plots from {len(results)} results", highlight=False)
+        _console().print(f"wrote {paths[0]} and {plural(len(paths) - 1, 'plot')} from {plural(len(results), 'result')}", highlight=False)
     return 0
 
 

@@ -28,6 +28,7 @@ from bench.layout import layout_label
 from bench.results import MEMORY_FIELDS, BenchResult
 from bench.stats import RULE_TEXT, STATISTIC, MemoryComparison, SampleComparison, compare_memory, compare_repeats
 from bench.store import read_results
+from phi3v_core.cli.vocabulary import plural
 from phi3v_core.errors import DataError
 from phi3v_core.io import json_safe
 
@@ -319,7 +320,7 @@ def _nothing_matched(index_a: dict[tuple, Any], index_b: dict[tuple, Any]) -> st
             f"{_hardware_of(index_a)}; B: {_hardware_of(index_b)}); compare results of one machine type"
         )
     return (
-        f"nothing matched: none of the {len(index_a)} configuration(s) of A appears in the {len(index_b)} of B "
+        f"nothing matched: none of the {plural(len(index_a), 'configuration')} of A appears in the {len(index_b)} of B "
         "(compare matches method, precision, batch, crops, GPUs and hardware); pass result folders of the same sweep"
     )
 

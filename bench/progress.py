@@ -57,6 +57,11 @@ class RunProgress:
         self.clock = clock
         self.min_interval_s = min_interval_s
         self.started = clock()
+        # Each repeat is a fresh process (start, model build, steps): once one has finished, the time left is the
+        # repeats still to run at the finished ones' mean length, less what the current repeat has already taken.
+        self._repeat: int | None = None
+        self._repeat_started = self.started
+        self._finished: list[float] = []
         self._last_key: tuple[Any, ...] | None = None
         self._last_line = float("-inf")
         self._bar: Any = None
@@ -95,14 +100,32 @@ class RunProgress:
         return f"{head} · {label}", done
 
     def eta(self, done: float) -> str:
-        """``ETA 3 m 05 s`` from the time so far and the share done (a share of 0 has none yet)."""
-        elapsed = self.clock() - self.started
+        """``ETA 3 m 05 s``: from the finished repeats' mean length once one has finished, before that from the time
+        so far and the share of steps done (a share of 0 has none yet)."""
+        now = self.clock()
+        elapsed = now - self.started
+        if self._finished and self._repeat is not None:
+            mean = sum(self._finished) / len(self._finished)
+            current_done = len(self._finished) > self._repeat
+            left = mean * (self.repeats - self._repeat - (1 if current_done else 0))
+            left -= 0 if current_done else now - self._repeat_started
+            return f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(max(left, 0.0))}"
         if done <= 0:
             return f"elapsed {format_seconds(elapsed)}, ETA after the first step"
         return f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(elapsed * (1 - done) / done)}"
 
+    def _track(self, repeat: int, state: dict[str, Any] | None) -> None:
+        """Note when ``repeat`` started and, once, how long it took."""
+        now = self.clock()
+        if repeat != self._repeat:
+            self._repeat = repeat
+            self._repeat_started = self._repeat_started if repeat == 0 else now
+        if (state or {}).get("phase") == "done" and len(self._finished) == repeat:
+            self._finished.append(now - self._repeat_started)
+
     def update(self, repeat: int, state: dict[str, Any] | None) -> None:
         """Report ``repeat`` (0-based) in ``state`` (:func:`read_progress`'s dict, or ``{"phase": "done"}``)."""
+        self._track(repeat, state)
         text, done = self.describe(repeat, state)
         eta = self.eta(done) if done < 1 else f"elapsed {format_seconds(self.clock() - self.started)}"
         if self._bar is not None:

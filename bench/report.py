@@ -42,6 +42,7 @@ from bench.report_plots import (
 )
 from bench.results import BenchResult
 from bench.stats import STATISTIC
+from phi3v_core.cli.vocabulary import plural
 from phi3v_core.errors import DataError
 from phi3v_core.io import atomic_write_bytes, atomic_write_text
 from phi3v_core.methods import METHOD_NAMES, METHODS
@@ -168,7 +169,7 @@ def seed_match(
         & (rows.flash_attention == (cfg.attn == "flash_attention_2"))
     ]
     if hit.empty:
-        return None, f"no published row for {cfg.method}, {cfg.nodes} node(s), batch {cfg.global_batch}, {cfg.attn}"
+        return None, f"no published row for {cfg.method}, {plural(cfg.nodes, 'node')}, batch {cfg.global_batch}, {cfg.attn}"
     return hit.iloc[0].to_dict(), None
 
 

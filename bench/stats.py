@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from phi3v_core.cli.vocabulary import plural
+
 __all__ = [
     "MEMORY_TOLERANCES",
     "RULE_TEXT",
@@ -149,11 +151,11 @@ def compare_repeats(
         needed = repeats_to_decide(a_values, b_values, delta, alpha, min_repeats)
         advice = (f"~{needed} repeats per side would decide it (from the observed spread)" if needed
                   else f"run >= {max(min_repeats, 2)} repeats per side (no repeat-to-repeat spread observed yet)")
-        few = f", and A has {repeats[0]}, B {repeats[1]} repeat(s)" if min(repeats) < min_repeats else ""
+        few = f", and A has {repeats[0]}, B {plural(repeats[1], 'repeat')}" if min(repeats) < min_repeats else ""
         if abs(delta) <= noise:
             reason = f"{shown} is within the run-to-run noise {noise:.1f}% (2×MAD of per-repeat values){few}; {advice}"
         elif min(repeats) < min_repeats:
-            reason = f"{shown} but A has {repeats[0]} and B {repeats[1]} repeat(s), < {min_repeats}; {advice}"
+            reason = f"{shown} but A has {repeats[0]} and B {plural(repeats[1], 'repeat')}, < {min_repeats}; {advice}"
         elif p_value is None or p_value >= alpha:
             reason = f"{shown} not significant (Welch p={p_value:.2g} >= {alpha:g}); {advice}"
         else:

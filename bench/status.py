@@ -20,6 +20,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+from phi3v_core.cli.vocabulary import plural
+
 __all__ = [
     "HOST_OOM",
     "HOST_OOM_MARKERS",
@@ -200,7 +202,7 @@ def run_notes(result: Any) -> list[str]:
     skipped = [(i, r.skipped_timed_steps) for i, r in enumerate(result.metrics.repeats, 1) if r.skipped_timed_steps]
     if s.skipped_steps:
         where = "; ".join(f"repeat {i}: timed steps {steps}" for i, steps in skipped) or "none in the timed window"
-        notes.append(f"the fp16 loss scaler skipped {s.skipped_steps} step(s) (no weight update): {where}")
+        notes.append(f"the fp16 loss scaler skipped {plural(s.skipped_steps, 'step')} (no weight update): {where}")
     from bench.dataload import data_wait_note
 
     metrics = result.metrics

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from phi3v_core.cli.vocabulary import plural
 from planner.crops import CropsTable, add_costs, crops_table, task_samples
 from planner.reports import dump, fmt, make_console
 from planner.speed import format_duration
@@ -28,7 +29,7 @@ def workload_text(p: Any) -> str:
         )
     crops = w.vision_crops // max(w.images, 1)
     return (
-        f"{req.task}, {w.images} image(s) x {crops} crops, {w.seq_len} tokens per sample; {params}"
+        f"{req.task}, {plural(w.images, 'image')} x {plural(crops, 'crop')}, {w.seq_len} tokens per sample; {params}"
         + (f"; {req.dataset_size:,} samples per epoch" if req.dataset_size else "")
     )
 
@@ -89,7 +90,7 @@ def print_data(console: Any, p: Any) -> None:
     misfit = d["does_not_fit"]
     if misfit["count"]:
         console.print(
-            f"[red]{misfit['count']} sample(s) fit no micro-batch[/] under {misfit['method']} (micro-batch 1 of the "
+            f"[red]{plural(misfit['count'], 'sample')} fit no micro-batch[/] under {misfit['method']} (micro-batch 1 of the "
             "layout the methods table judged); first ones, with the largest num_crops at which they would fit:"
         )
         for item in misfit["samples"]:

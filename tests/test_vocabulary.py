@@ -149,6 +149,9 @@ def test_every_bad_value_is_reported_at_once():
         ("bench.cli", ["run", "--steps", "0"], "steps"),
         ("bench.cli", ["run", "--method", "LoRA"], "LoRA"),
         ("planner.cli", ["--gpu", "A100-80GB", "--data", "/nonexistent"], "/nonexistent"),
+        # a data folder's own problems (here: no *_train.jsonl) are found without torch (phi3v_core.data loads its
+        # torch datasets on first use)
+        ("phi3v_core.cli.convert", ["check", "/"], "/"),
     ],
 )
 def test_bad_values_answer_before_torch_is_imported(module, argv, expected):

@@ -33,6 +33,7 @@ from phi3v_core.data.tasks import TASKS, TaskData, load_task
 from phi3v_core.data.ucf101 import convert_ucf101, plan_ucf101
 from phi3v_core.errors import ConfigError
 from phi3v_core.fs import overlap_problem, pending
+from phi3v_core.progress import stage
 from phi3v_core.transaction import recover
 
 _EPILOG = """examples:
@@ -202,10 +203,13 @@ def _run_check(args: argparse.Namespace) -> int:
     if task.train:
         # The length check training runs (phi3v-finetune --max_length, default the model context), with the
         # offline tokenizer (the official special tokens and vocabulary size).
-        from phi3v_core.processing import Phi3VProcessor
-        from phi3v_core.training.run import check_sequence_lengths
+        # Its tokenizer comes with torch and transformers (seconds to import): said on a terminal, not a silent wait
+        # (off a terminal stderr keeps to the one-line error a script reads).
+        with stage(f"{args.data_dir}: length check (loading the tokenizer)", enabled=sys.stderr.isatty()):
+            from phi3v_core.processing import Phi3VProcessor
+            from phi3v_core.training.run import check_sequence_lengths
 
-        check_sequence_lengths(task, Phi3VProcessor.tiny(num_crops=task.num_crops), args.max_length)
+            check_sequence_lengths(task, Phi3VProcessor.tiny(num_crops=task.num_crops), args.max_length)
     summary = _task_summary(task)
     if args.json:
         print(strict_json(summary))

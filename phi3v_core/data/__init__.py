@@ -10,7 +10,6 @@ Typical use::
     score = task.score(predictions)                           # ANLS or accuracy, in [0, 1]
 """
 
-from phi3v_core.data.dataset import ConversationEncoder, EncodedDataset, PromptDataset, PromptEncoder
 from phi3v_core.data.images import DEFAULT_MAX_PIXELS, check_image_file, open_image, resolve_image_path
 from phi3v_core.data.jsonl import (
     JsonlData,
@@ -95,3 +94,15 @@ __all__ = [
     "with_image_tags",
     "write_jsonl_folder",
 ]
+
+#: The torch datasets load on first use: reading and checking data (phi3v-convert check, phi3v-plan --data) needs
+#: no torch, whose import alone takes seconds.
+_TORCH_NAMES = ("ConversationEncoder", "EncodedDataset", "PromptDataset", "PromptEncoder")
+
+
+def __getattr__(name: str) -> object:
+    if name in _TORCH_NAMES:
+        from phi3v_core.data import dataset
+
+        return getattr(dataset, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -211,8 +211,11 @@ def _load_data(cfg: FinetuneConfig) -> Any:
 
     if cfg.data_dir:
         pending(cfg.data_dir, "--data_dir")  # finetune only reads the data folder: an interrupted convert is reported
+    # --no_eval reads the training file only: a folder without *_val.jsonl (phi3v-plan --data prints --no_eval for it)
+    # trains instead of being refused for a file the run would never read.
     return load_task(
         cfg.task,
+        "all" if cfg.evaluate else "train",
         data_dir=cfg.data_dir,
         synthetic=cfg.synthetic,
         synthetic_eval=cfg.synthetic_eval,

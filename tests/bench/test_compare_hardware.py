@@ -38,7 +38,7 @@ def test_the_same_config_on_another_gpu_model_does_not_match(tmp_path, capsys):
 def test_unrelated_results_say_nothing_matched(tmp_path, capsys):
     a = _save(tmp_path, "a", make_result(LORA))
     b = _save(tmp_path, "b", make_result(LORA.replace(method="full")))
-    expect_user_error(main, ["compare", a, b], "nothing matched: none of the 1 configuration(s) of A", tmp_path, capsys)
+    expect_user_error(main, ["compare", a, b], "nothing matched: none of the 1 configuration of A", tmp_path, capsys)
 
 
 def test_same_gpu_on_another_machine_is_compared_with_a_note(tmp_path, capsys):

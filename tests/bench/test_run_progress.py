@@ -51,6 +51,26 @@ def test_plain_lines_show_repeat_step_and_eta_and_are_throttled() -> None:
     assert lines[3] == "phi3v-bench run: repeat 1/2 · finished · elapsed 1 m 00 s, ETA 1 m 00 s"
 
 
+def test_after_a_finished_repeat_the_eta_counts_down() -> None:
+    """Once repeat 1 took 60 s, repeat 2's start and model build (no steps yet) leave ~60 s less the time it has
+    taken; the ETA never grows with the elapsed time (it read "elapsed 1 m 24 s, ETA 1 m 24 s" in #24's capture)."""
+    stream, clock = io.StringIO(), _Clock()
+    progress = RunProgress(2, live=False, stream=stream, clock=clock, min_interval_s=0)
+    progress.update(0, None)
+    clock.now = 60
+    progress.update(0, {"phase": "done"})
+    for now, state in ((61, None), (76, {"phase": "building"}), (84, {"phase": "training", "step": 0, "total": 4})):
+        clock.now = now
+        progress.update(1, state)
+    lines = stream.getvalue().splitlines()
+    assert lines[1] == "phi3v-bench run: repeat 1/2 · finished · elapsed 1 m 00 s, ETA 1 m 00 s"
+    assert lines[2:] == [
+        "phi3v-bench run: repeat 2/2 · starting a fresh process · elapsed 1 m 01 s, ETA 1 m 00 s",
+        "phi3v-bench run: repeat 2/2 · building the model · elapsed 1 m 16 s, ETA 45 s",
+        "phi3v-bench run: repeat 2/2 · step 0/4 · elapsed 1 m 24 s, ETA 37 s",
+    ]
+
+
 def test_durations_read_as_a_person_would() -> None:
     assert [format_seconds(s) for s in (5, 185, 3720)] == ["5 s", "3 m 05 s", "1 h 02 m"]
 

@@ -96,6 +96,6 @@ def test_run_notes_say_where_the_time_went_and_flag_skips_and_device_memory() ->
                                                                           wall_s=16.0))
     notes = run_notes(result)
     assert notes[0] == "run took 16.0 s; warm-up + timed steps 8.0 s (50%)"
-    assert notes[1] == "the fp16 loss scaler skipped 2 step(s) (no weight update): repeat 1: timed steps [2]"
+    assert notes[1] == "the fp16 loss scaler skipped 2 steps (no weight update): repeat 1: timed steps [2]"
     assert "device's used memory" in notes[2]
     assert run_notes(BenchResult(config=BenchConfig(release="t"))) == []

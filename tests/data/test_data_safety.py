@@ -101,7 +101,9 @@ def test_training_runs_the_same_validation_as_check(data_dir, capsys):
 
     path = _write(data_dir, _record(assistant="yes<|endoftext|>"))
     (data_dir / "case_val.jsonl").write_text(path.read_text())
-    check_err = expect_user_error(main, ["check", str(data_dir)], "chat control token", data_dir.parent, capsys)
+    # --no-eval reads the training file only, as check --split train does
+    check_err = expect_user_error(main, ["check", str(data_dir), "--split", "train"], "chat control token",
+                                  data_dir.parent, capsys)
     train_err = expect_user_error(
         finetune.main,
         ["--task", "jsonl", "--data_dir", str(data_dir), "--output_dir", str(data_dir.parent / "run"), "--no-eval"],

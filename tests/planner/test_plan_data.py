@@ -98,6 +98,12 @@ def test_finetune_accepts_the_printed_command(mydata, capsys):
     assert (train.global_batch, train.micro_batch) == (lora["global_batch"], lora["micro_batch"])
     assert (train.num_train_epochs, train.warmup_steps) == (hp["epochs"], hp["warmup_steps"])
     assert any("--no_eval" in note for note in data["data"]["notes"])
+    # ... and finetune reads the folder it names: with --no_eval only the training file, so a folder without
+    # *_val.jsonl trains (it was refused with "no *_val.jsonl file" after the model imports).
+    from phi3v_core.training.run import _load_data
+
+    task = _load_data(cfg)
+    assert (len(task.train), len(task.eval)) == (6, 0)
 
 
 def test_methods_left_out_are_not_judged(mydata, capsys, monkeypatch):
