@@ -10,7 +10,7 @@ from planner.crops import CropsTable, add_costs, crops_table, task_samples
 from planner.reports import dump, fmt, make_console
 from planner.speed import format_duration
 
-__all__ = ["crops_report", "print_crops_table", "print_data", "workload_text"]
+__all__ = ["crops_report", "print_crops_table", "print_data", "print_packing", "workload_text"]
 
 
 def workload_text(p: Any) -> str:
@@ -86,6 +86,8 @@ def print_data(console: Any, p: Any) -> None:
         console.print(f"[{style}]batch[/]: {d['batch_note']}")
     if d["schedule"]:
         console.print(f"[bold]schedule[/]: {d['schedule']}")
+    if d.get("packing"):
+        print_packing(console, d["packing"])
     misfit = d["does_not_fit"]
     if misfit["count"]:
         console.print(
@@ -96,6 +98,26 @@ def print_data(console: Any, p: Any) -> None:
             at = item["fits_at_num_crops"]
             where = f"num_crops {at}" if at is not None else "no num_crops (a larger GPU or more GPUs)"
             console.print(f"  {item['sample']}: {item['seq_len']} tokens → {where}")
+
+
+def print_packing(console: Any, packing: dict[str, Any]) -> None:
+    """Padding of the user's data without and with ``--packing``, and the predicted speed-up, per micro-batch."""
+    from rich.table import Table
+
+    out = Table(title=f"Packing your data ({packing['attention']}; --packing; * = the recommended micro-batch)")
+    for col in ("micro-batch", "padding", "padding packed", "rows packed", "speed-up", "pays"):
+        out.add_column(col, justify="left" if col == "pays" else "right")
+    for row in packing["rows"]:
+        mark = " *" if row["micro_batch"] == packing["micro_batch"] else ""
+        speed = "-" if row["speed_up"] is None else f"{row['speed_up']:.2f}x"
+        out.add_row(
+            f"{row['micro_batch']}{mark}", f"{row['padding_fraction_padded']:.0%}", f"{row['padding_fraction_packed']:.0%}",
+            f"{row['rows_per_micro_batch']:.1f}", speed, "yes" if row["pays"] else "no",
+        )  # fmt: skip
+    console.print(out)
+    chosen = next((r for r in packing["rows"] if r["micro_batch"] == packing["micro_batch"]), None)
+    console.print(f"  {chosen['reason'] if chosen else 'micro-batch 1: nothing to pack'}")
+    console.print("  padding: share of computed tokens that are padding; speed-up: predicted real tokens/s packed ÷ padded")
 
 
 def _task_table(request: Any, task: str, shape: Any, costs: bool) -> CropsTable:
