@@ -42,8 +42,10 @@ __all__ = [
     "PackingPrediction",
     "RowCost",
     "TokenSums",
+    "data_packing",
     "lengths_for",
         "packed_memory",
+    "packing_reason",
     "predict_packing",
     "remember_lengths",
     "row_cost",
@@ -386,3 +388,13 @@ def data_packing(
     sizes = sorted({*micro_batches, setup.micro_batch} - {1})
     rows = [predict_packing(token_sums(lengths, mb, setup.attn), setup.attn, None, cost).to_dict() for mb in sizes]
     return {"attention": setup.attn, "micro_batch": setup.micro_batch, "samples": len(lengths), "rows": rows}
+
+
+def packing_reason(chosen: Any, candidates: Sequence[Any]) -> list[str]:
+    """The recommendation's packing line: why ``--packing`` (the chosen layout's verdict), or why not where a packed
+    layout was judged (:mod:`planner.layouts` keeps only twins that pay)."""
+    if chosen.layout.packing:
+        return [f"--packing: {chosen.layout.packing['reason']}"]
+    if chosen.setup.micro_batch == 1:
+        return []
+    return ["no --packing: it is not predicted to pay at this micro-batch (phi3v-plan --data shows the padding)"]
