@@ -32,7 +32,6 @@ from functools import cache
 from typing import Any
 
 from phi3v_core.first_fit import first_fit_decreasing
-from planner.crops import WeightedSample, sample_workload
 from planner.estimate import MemoryEstimate, MemoryItem, TrainSetup, Workload, estimate_memory
 from planner.shapes import ModelShape
 from planner.speed import Rates, SpeedConstants, SpeedPrediction, micro_step_times
@@ -51,7 +50,6 @@ __all__ = [
     "row_cost",
     "scaled_speed",
     "token_sums",
-    "weighted_lengths",
 ]
 
 #: Packing is recommended only where predicted at least this much faster than padding (its mask and bookkeeping
@@ -338,30 +336,19 @@ def scaled_speed(speed: SpeedPrediction | None, slowdown: float | None) -> Speed
     )
 
 
-def weighted_lengths(samples: Sequence[WeightedSample], shape: ModelShape, num_crops: int) -> list[int]:
-    """A seeded draw of :data:`SIMULATED_SAMPLES` sample lengths from a weighted distribution (a recipe task's
-    published image sizes, :func:`planner.crops.task_samples`)."""
-    lengths = [sample_workload(shape, s.image_sizes, s.text_tokens, num_crops).seq_len for s in samples]
-    return random.Random(0).choices(lengths, weights=[s.weight for s in samples], k=SIMULATED_SAMPLES)
-
-
 _REMEMBERED: dict[tuple[str, int], list[int]] = {}
 
 
 def remember_lengths(data_dir: str, num_crops: int, lengths: Sequence[int]) -> None:
-    """Keep a ``--data`` folder's lengths (profiled once by :func:`planner.dataplan.read_data`) for the search."""
+    """Keep a ``--data`` folder's lengths (profiled by :func:`planner.dataplan.read_data` before any search)."""
     _REMEMBERED[(str(data_dir), num_crops)] = list(lengths)
 
 
 def lengths_for(request: Any, shape: ModelShape, num_crops: int) -> list[int]:
-    """The plan's length distribution: the ``--data`` folder's lengths, else the task's published image sizes."""
+    """The plan's length distribution: the ``--data`` folder's lengths (empty if it was not profiled), else a seeded
+    draw from the task's published image sizes (:data:`phi3v_core.image_sizes.TASK_IMAGES`)."""
     if request.data_dir:
-        key = (str(request.data_dir), num_crops)
-        if key not in _REMEMBERED:
-            from planner.dataprofile import profile_data
-
-            _REMEMBERED[key] = profile_data(request.data_dir, shape, num_crops).lengths
-        lengths = _REMEMBERED[key]
+        lengths = _REMEMBERED.get((str(request.data_dir), num_crops), [])
         if len(lengths) > SIMULATED_SAMPLES:
             lengths = random.Random(0).sample(lengths, SIMULATED_SAMPLES)
         return lengths
@@ -370,12 +357,21 @@ def lengths_for(request: Any, shape: ModelShape, num_crops: int) -> list[int]:
 
 @cache
 def _task_lengths(task: str, shape: ModelShape, num_crops: int) -> list[int]:
+    """:data:`SIMULATED_SAMPLES` samples of ``task``: each image drawn from the task's size shares, tokens by the
+    processor's arithmetic (:meth:`planner.estimate.Workload.from_images`), plus the task's text tokens."""
     from phi3v_core.image_sizes import TASK_IMAGES
-    from planner.crops import task_samples
 
-    if task not in TASK_IMAGES:
+    spec = TASK_IMAGES.get(task)
+    if spec is None:
         return []
-    return weighted_lengths(task_samples(task), shape, num_crops)
+    sizes = [size for size, _share in spec.image_sizes]
+    tokens = [Workload.from_images(shape, num_crops, size, text_tokens=0).image_tokens for size in sizes]
+    rng = random.Random(0)
+    shares = [share for _size, share in spec.image_sizes]
+    return [
+        sum(rng.choices(tokens, weights=shares, k=spec.images_per_record)) + round(spec.text_tokens)
+        for _ in range(SIMULATED_SAMPLES)
+    ]
 
 
 def data_packing(
