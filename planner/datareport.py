@@ -104,20 +104,30 @@ def print_packing(console: Any, packing: dict[str, Any]) -> None:
     """Padding of the user's data without and with ``--packing``, and the predicted speed-up, per micro-batch."""
     from rich.table import Table
 
-    out = Table(title=f"Packing your data ({packing['attention']}; --packing; * = the recommended micro-batch)")
-    for col in ("micro-batch", "padding", "padding packed", "rows packed", "speed-up", "pays"):
-        out.add_column(col, justify="left" if col == "pays" else "right")
+    longest = packing["longest"]
+    out = Table(title=f"Packing your data ({packing['attention']}; * = the recommended micro-batch)")
+    cols = ["micro-batch", "padding", "packed", "rows", "speed-up"]
+    cols += [f"--pack_tokens {longest}", "rows ", "speed-up "] if longest else []
+    for col in cols:
+        out.add_column(col, justify="right")
+
+    def cells(row: dict[str, Any]) -> list[str]:
+        speed = "-" if row["speed_up"] is None else f"{row['speed_up']:.2f}x" + ("" if row["pays"] else " (no)")
+        return [f"{row['padding_fraction_packed']:.0%}", f"{row['rows_per_micro_batch']:.1f}", speed]
+
     for row in packing["rows"]:
         mark = " *" if row["micro_batch"] == packing["micro_batch"] else ""
-        speed = "-" if row["speed_up"] is None else f"{row['speed_up']:.2f}x"
-        out.add_row(
-            f"{row['micro_batch']}{mark}", f"{row['padding_fraction_padded']:.0%}", f"{row['padding_fraction_packed']:.0%}",
-            f"{row['rows_per_micro_batch']:.1f}", speed, "yes" if row["pays"] else "no",
-        )  # fmt: skip
+        extra = cells(row["at_longest"]) if longest else []
+        out.add_row(f"{row['micro_batch']}{mark}", f"{row['padding_fraction_padded']:.0%}", *cells(row), *extra)
     console.print(out)
     chosen = next((r for r in packing["rows"] if r["micro_batch"] == packing["micro_batch"]), None)
-    console.print(f"  {chosen['reason'] if chosen else 'micro-batch 1: nothing to pack'}")
-    console.print("  padding: share of computed tokens that are padding; speed-up: predicted real tokens/s packed ÷ padded")
+    console.print(f"  {chosen['reason'] if chosen else 'the recommended layout runs micro-batch 1: nothing to pack'}")
+    console.print(
+        "  padding: share of computed tokens that are padding, padded and packed (--packing: the budget is each "
+        "micro-batch's longest sample); rows: packed rows per micro-batch; speed-up: predicted real tokens/s packed "
+        "÷ padded, (no) under 1.02x"
+        + (f"; --pack_tokens {longest}: rows of up to the longest sample, attention over the whole row" if longest else "")
+    )
 
 
 def _task_table(request: Any, task: str, shape: Any, costs: bool) -> CropsTable:

@@ -43,7 +43,7 @@ __all__ = [
     "TokenSums",
     "data_packing",
     "lengths_for",
-        "packed_memory",
+    "packed_memory",
     "packing_reason",
     "predict_packing",
     "remember_lengths",
@@ -375,22 +375,48 @@ def _task_lengths(task: str, shape: ModelShape, num_crops: int) -> list[int]:
 
 
 def data_packing(
-    lengths: Sequence[int], shape: ModelShape, setup: TrainSetup, mean: Workload, rates: Rates | None,
-    constants: SpeedConstants, micro_batches: Sequence[int] = (2, 4, 8, 16),
+    lengths: Sequence[int],
+    shape: ModelShape,
+    setup: TrainSetup,
+    mean: Workload,
+    rates: Rates | None,
+    constants: SpeedConstants,
+    micro_batches: Sequence[int] = (2, 4, 8, 16),
 ) -> dict[str, Any]:
     """``phi3v-plan --data``'s packing table: padding without and with packing and the predicted speed-up at each
-    micro-batch, under ``setup``'s attention (the recommended layout's), and at ``setup``'s own micro-batch."""
+    micro-batch, under ``setup``'s attention (the recommended layout's), at the default budget and (sdpa/eager) at
+    ``--pack_tokens`` = the longest sample."""
     cost = row_cost(shape, setup, mean, rates, constants) if rates is not None else None
     sizes = sorted({*micro_batches, setup.micro_batch} - {1})
-    rows = [predict_packing(token_sums(lengths, mb, setup.attn), setup.attn, None, cost).to_dict() for mb in sizes]
-    return {"attention": setup.attn, "micro_batch": setup.micro_batch, "samples": len(lengths), "rows": rows}
+    longest = max(lengths) if setup.attn != FLASH else None
+
+    def at(mb: int, budget: int | None) -> dict[str, Any]:
+        return predict_packing(token_sums(lengths, mb, setup.attn, budget), setup.attn, budget, cost).to_dict()
+
+    rows = [{**at(mb, None), "at_longest": at(mb, longest) if longest else None} for mb in sizes]
+    return {"attention": setup.attn, "micro_batch": setup.micro_batch, "longest": longest, "rows": rows}
 
 
 def packing_reason(chosen: Any, candidates: Sequence[Any]) -> list[str]:
-    """The recommendation's packing line: why ``--packing`` (the chosen layout's verdict), or why not where a packed
-    layout was judged (:mod:`planner.layouts` keeps only twins that pay)."""
-    if chosen.layout.packing:
-        return [f"--packing: {chosen.layout.packing['reason']}"]
-    if chosen.setup.micro_batch == 1:
+    """The recommendation's packing line: why ``--packing`` (the chosen layout's verdict), or why not: the fastest
+    fitting packed layout against the chosen one (:mod:`planner.layouts` keeps only packed twins that pay against
+    their own padded layout)."""
+    packing = chosen.layout.packing
+    if packing:
+        budget = f" --pack_tokens {packing['pack_tokens']}" if packing["pack_tokens"] else ""
+        return [f"--packing{budget}: {packing['reason']}"]
+    packed = [c for c in candidates if c.layout.packing and c.layout.fits and c.tier == chosen.tier]
+    best = max(packed, key=lambda c: c.layout.samples_per_s or 0.0, default=None)
+    if best is None or not best.layout.samples_per_s or not chosen.layout.samples_per_s:
         return []
-    return ["no --packing: it is not predicted to pay at this micro-batch (phi3v-plan --data shows the padding)"]
+    info = best.layout.packing
+    why = f": its rows still carry {info['padding_fraction_packed']:.0%} padding"
+    if best.setup.attn != FLASH and info["cross_sample_attention"] > 0.05:
+        why += (
+            f", and with {best.setup.attn} a packed row computes attention over the whole row "
+            f"({info['cross_sample_attention']:.0%} of it across samples)"
+        )
+    return [
+        f"no --packing: the fastest packed layout ({best.layout.micro_batch} x {best.layout.grad_accum}, "
+        f"{best.layout.samples_per_s:.2f} samples/s) is slower than this one ({chosen.layout.samples_per_s:.2f}){why}"
+    ]
