@@ -123,9 +123,10 @@ def print_packing(console: Any, packing: dict[str, Any]) -> None:
     chosen = next((r for r in packing["rows"] if r["micro_batch"] == packing["micro_batch"]), None)
     console.print(f"  {chosen['reason'] if chosen else 'the recommended layout runs micro-batch 1: nothing to pack'}")
     console.print(
-        "  padding: share of computed tokens that are padding, padded and packed (--packing: the budget is each "
-        "micro-batch's longest sample); rows: packed rows per micro-batch; speed-up: predicted real tokens/s packed "
-        "÷ padded, (no) under 1.02x"
+        "  padding: share of computed tokens that are padding, padded and packed ("
+        + ("one flattened row per micro-batch" if packing["attention"] == "flash_attention_2" else "rows of up to each "
+           "micro-batch's longest sample, the default budget")
+        + "); rows: packed rows per micro-batch; speed-up: predicted real tokens/s packed ÷ padded, (no) under 1.02x"
         + (f"; --pack_tokens {longest}: rows of up to the longest sample, attention over the whole row" if longest else "")
     )
 

@@ -525,7 +525,7 @@ def plan(
         notes.append(
             "what-if hardware: the commands assume flash-attn is installed there (pip install flash-attn "
             "--no-build-isolation); without it, replace --use_flash_attention by --attn sdpa (the same predicted "
-            "memory and speed)"
+            "memory and speed unpacked; packed, sdpa computes attention over whole rows)"
         )
     shape = load_shape(request.model)
     workload = _workload(request, shape)

@@ -98,7 +98,25 @@ def test_data_shows_padding_with_and_without_packing(capsys, monkeypatch, tmp_pa
     assert row["padding_fraction_padded"] > 0.1 and row["padding_fraction_packed"] < row["padding_fraction_padded"]
     assert row["speed_up"] > 1
     out = _run(capsys, monkeypatch, "--gpu", "H100-SXM", "--data", str(mixed))
-    assert "Packing your data" in out and "padding packed" in out and "speed-up" in out
+    assert "Packing your data" in out and "speed-up" in out and "packed ÷ padded" in out
+
+
+def test_search_packs_varied_lengths_not_uniform_ones(capsys, tmp_path):
+    mixed = _json(capsys, "--gpu", "H100-SXM", "--data", str(_mixed_folder(tmp_path)), "--method", "full")
+    assert "--packing" in mixed["methods"][0]["command"]
+    uniform = _json(capsys, "--gpu", "H100-SXM", "--data", str(_mixed_folder(tmp_path / "u", uniform=True)),
+                    "--method", "full")  # fmt: skip
+    full = uniform["methods"][0]
+    assert full["fits"] and "--packing" not in full["command"]
+    assert not any(lay["packing"] for lay in full["layouts"])  # nothing to gain: no packed twin is offered
+    assert all(r["padding_fraction_padded"] == 0 for r in uniform["data"]["packing"]["rows"])
+
+
+def test_sdpa_says_why_packing_does_not_pay(capsys, monkeypatch, tmp_path):
+    """V100 (no flash-attention-2): the packed micro-batch 4 loses to the unpadded micro-batch 1."""
+    out = _run(capsys, monkeypatch, "--gpu", "V100-32GB", "--data", str(_mixed_folder(tmp_path)), "--method", "lora")
+    line = next(line for line in out.splitlines() if "no --packing" in line)
+    assert "is slower than this one" in line and "with sdpa a packed row computes attention over the whole row" in line
 
 
 def test_data_packing_without_rates_has_no_speed():
@@ -122,8 +140,9 @@ def test_validation_reads_the_bench_file(tmp_path):
     assert packing_validation(tmp_path / "nowhere") is None
 
 
-def _mixed_folder(root: Path) -> Path:
-    """Pages, photos and thumbnails, one or two images, short and long answers (a mixed-length folder)."""
+def _mixed_folder(root: Path, uniform: bool = False) -> Path:
+    """Pages, photos and thumbnails, one or two images, short and long answers (a mixed-length folder); ``uniform``:
+    the same page and text in every record."""
     import random
 
     from PIL import Image
@@ -139,6 +158,8 @@ def _mixed_folder(root: Path) -> Path:
         names = [f"img{rng.randrange(len(sizes))}.png" for _ in range(2 if k % 5 == 0 else 1)]
         turns = [{"images": [n], "user": "Question? " * rng.choice([1, 10]), "assistant": "Answer. " * rng.choice([1, 40])}
                  for n in names]  # fmt: skip
+        if uniform:
+            turns = [{"images": ["img1.png"], "user": "Question?", "assistant": "Answer."}]
         lines.append(json.dumps({"id": str(k), "conversations": turns}))
     (folder / "mixed_train.jsonl").write_text("\n".join(lines) + "\n")
     return folder
