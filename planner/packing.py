@@ -28,7 +28,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from phi3v_core.first_fit import first_fit_decreasing
@@ -94,7 +94,16 @@ class TokenSums:
 
 
 def token_sums(
-    lengths: Sequence[int], micro_batch: int, attn: str, pack_tokens: int | None = None, shuffle: bool = True
+    lengths: Sequence[int], micro_batch: int, attn: str, pack_tokens: int | None = None, shuffles: int = SHUFFLES
+) -> TokenSums:
+    """Padded and packed token counts of ``lengths`` in micro-batches of ``micro_batch`` (cached: the layout search
+    asks for the same micro-batches under every method and option); see :func:`_token_sums`."""
+    return _token_sums(tuple(lengths), micro_batch, attn, pack_tokens, shuffles)
+
+
+@lru_cache(maxsize=256)
+def _token_sums(
+    lengths: tuple[int, ...], micro_batch: int, attn: str, pack_tokens: int | None, shuffles: int
 ) -> TokenSums:
     """Padded and packed token counts of ``lengths`` in micro-batches of ``micro_batch``.
 
@@ -103,15 +112,15 @@ def token_sums(
         micro_batch: Samples per micro-batch (the last, partial one included).
         attn: ``flash_attention_2`` flattens each micro-batch into one row; others pack rows of ``pack_tokens``.
         pack_tokens: Row budget; None = each micro-batch's longest sample (the collator's default).
-        shuffle: Average :data:`SHUFFLES` seeded shuffles (training order); False: the given order (a bench run).
+        shuffles: Seeded shuffles averaged (the Trainer's random sampler); 0: the given order.
 
     Raises:
         ValueError: A sample longer than ``pack_tokens``.
     """
     orders = [list(lengths)]
-    if shuffle:
+    if shuffles:
         orders = []
-        for seed in range(SHUFFLES):
+        for seed in range(shuffles):
             order = list(lengths)
             random.Random(seed).shuffle(order)
             orders.append(order)

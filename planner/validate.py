@@ -398,6 +398,8 @@ def eight_bit_adamw_memory() -> dict[str, Any]:
     }
 
 
+#: Seeded orders the packing validation averages (the bench's Trainer draws its micro-batches at random).
+VALIDATION_SHUFFLES = 16
 #: Where ``phi3v-bench`` validation results live in the source tree.
 VALIDATION_DIR = Path(__file__).resolve().parents[1] / "results" / "validation"
 
@@ -407,9 +409,10 @@ def packing_validation(folder: str | Path = VALIDATION_DIR, rates: Rates | None 
 
     The file's ``result`` (``phi3v-bench``, CPU, the same samples padded and packed) gives the workload — model
     config, attention, micro-batch, pack budget, per-sample tokens in dataset order — and the measured padding and
-    real tokens/s both ways. The prediction packs those lengths in that order with :mod:`planner.packing` under this
-    CPU's rates (measured when not given); a sample's vision cost is taken as the average sample's (square images
-    at the file's num_crops). None when there is no such file.
+    real tokens/s both ways. The prediction packs those lengths with :mod:`planner.packing` under this CPU's rates
+    (measured when not given), averaged over :data:`VALIDATION_SHUFFLES` seeded orders (the Trainer samples at
+    random); a sample's vision cost is taken as the average sample's (square images at the file's num_crops). None
+    when there is no such file.
     """
     from planner.packing import predict_packing, row_cost, token_sums
 
@@ -418,16 +421,20 @@ def packing_validation(folder: str | Path = VALIDATION_DIR, rates: Rates | None 
         return None
     record = json.loads(files[-1].read_text())
     result, work = record["result"], record["result"]["workload"]
-    shape = load_shape(work["model_config"])
+    model = str(work["model_config"])
+    in_tree = VALIDATION_DIR.parents[1] / model  # a path in the file is relative to the source tree
+    shape = load_shape(str(in_tree) if not Path(model).exists() and in_tree.exists() else model)
     lengths = [int(n) for n in work["sample_tokens"]]
     images = round(statistics.mean(work["images_per_sample"])) if work.get("images_per_sample") else 1
     mean = Workload.from_images(shape, int(work["num_crops"]), None, images=max(images, 1), text_tokens=0)
     mean = replace(mean, seq_len=round(statistics.mean(lengths)))
+    # bench.packing_measure trains without checkpointing unless the file says otherwise
     setup = TrainSetup(method=work["method"], precision=work["precision"], attn=work["attention"],
+                       gradient_checkpointing=bool(work.get("gradient_checkpointing", False)),
                        micro_batch=int(work["micro_batch"]), world_size=1, zero_stage=0, optimizer_foreach=False)  # fmt: skip
     constants, _fitted = fit_speed_constants(load_calibration(), load_shape("phi-3-vision"))
     budget = work.get("pack_tokens")
-    sums = token_sums(lengths, setup.micro_batch, setup.attn, budget, shuffle=False)
+    sums = token_sums(lengths, setup.micro_batch, setup.attn, budget, shuffles=VALIDATION_SHUFFLES)
     cost = row_cost(shape, setup, mean, rates or measure_rates(1.0), constants)
     prediction = predict_packing(sums, setup.attn, budget, cost)
     assert prediction.speed_up is not None  # a cost was given

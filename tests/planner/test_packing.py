@@ -36,7 +36,7 @@ def _cost(attn: str, micro_batch: int = 4):
 
 def test_padding_fractions_on_a_known_list():
     # micro-batches [5, 9, 3, 4] and [6, 2, 2, 1] (dataset order, no shuffle)
-    sums = token_sums([5, 9, 3, 4, 6, 2, 2, 1], 4, "sdpa", shuffle=False)
+    sums = token_sums([5, 9, 3, 4, 6, 2, 2, 1], 4, "sdpa", shuffles=0)
     # padded: 4 x 9 + 4 x 6 = 60 computed for 32 real; packed (budget = the micro-batch's longest):
     # [9], [5, 4], [3] → 3 rows of 9 = 27; [6], [2, 2, 1] → 2 rows of 6 = 12
     assert (sums.real, sums.padded, sums.packed, sums.packed_rows) == (32, 60, 39, 5)
@@ -44,7 +44,7 @@ def test_padding_fractions_on_a_known_list():
     assert prediction.padding_padded == pytest.approx(1 - 32 / 60)
     assert prediction.padding_packed == pytest.approx(1 - 32 / 39)
     assert prediction.rows_per_micro_batch == pytest.approx(2.5)
-    flash = token_sums([5, 9, 3, 4, 6, 2, 2, 1], 4, "flash_attention_2", shuffle=False)
+    flash = token_sums([5, 9, 3, 4, 6, 2, 2, 1], 4, "flash_attention_2", shuffles=0)
     assert flash.packed == 32 and flash.packed_rows == 2  # one flattened row per micro-batch, no padding
 
 
