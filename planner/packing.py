@@ -170,20 +170,24 @@ class RowCost:
 def row_cost(shape: ModelShape, setup: TrainSetup, mean: Workload, rates: Rates, constants: SpeedConstants) -> RowCost:
     """Read :func:`planner.speed.micro_step_times` as ``a + b·s + c·s²`` per decoder row, plus ``mean``'s vision."""
     single = replace(setup, micro_batch=1)
-    base = max(256, mean.supervised_tokens or 0)  # above the supervised count: the loss is then constant per sample
+    # Logits: at labelled positions only (``logits="supervised"``), never at padding: a per-sample cost. Unknown
+    # labels count every real token of the mean sample, the speed model's convention.
+    supervised = mean.supervised_tokens if mean.supervised_tokens is not None else mean.seq_len
+    base = max(256, supervised)  # at or above it the loss is constant per sample
 
     def seconds(workload: Workload) -> float:
         return sum(micro_step_times(shape, workload, single, rates, constants)[0].values())
 
     def text_only(seq: int) -> float:
         return seconds(Workload(seq_len=seq, vision_crops=0, image_tokens=0, images=0, pixel_slots=0,
-                                num_crops=mean.num_crops, supervised_tokens=mean.supervised_tokens))  # fmt: skip
+                                num_crops=mean.num_crops, supervised_tokens=supervised))  # fmt: skip
 
     t1, t2, t3 = (text_only(k * base) for k in (1, 2, 3))
     square = (t3 - 2 * t2 + t1) / (2 * base * base)
     token = (t2 - t1) / base - square * 3 * base
     constant = t1 - token * base - square * base * base
-    vision = seconds(replace(mean, seq_len=max(mean.seq_len, base))) - text_only(max(mean.seq_len, base))
+    longest = max(mean.seq_len, base)
+    vision = seconds(replace(mean, seq_len=longest, supervised_tokens=supervised)) - text_only(longest)
     return RowCost(constant + vision, token, square)
 
 

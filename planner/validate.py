@@ -427,7 +427,11 @@ def packing_validation(folder: str | Path = VALIDATION_DIR, rates: Rates | None 
     lengths = [int(n) for n in work["sample_tokens"]]
     images = round(statistics.mean(work["images_per_sample"])) if work.get("images_per_sample") else 1
     mean = Workload.from_images(shape, int(work["num_crops"]), None, images=max(images, 1), text_tokens=0)
-    mean = replace(mean, seq_len=round(statistics.mean(lengths)))
+    supervised = work.get("supervised_tokens")  # optional: per sample, or their mean; unknown = every token
+    if isinstance(supervised, list):
+        supervised = statistics.mean(supervised)
+    mean = replace(mean, seq_len=round(statistics.mean(lengths)),
+                   supervised_tokens=None if supervised is None else round(float(supervised)))  # fmt: skip
     # bench.packing_measure trains without checkpointing unless the file says otherwise
     setup = TrainSetup(method=work["method"], precision=work["precision"], attn=work["attention"],
                        gradient_checkpointing=bool(work.get("gradient_checkpointing", False)),
