@@ -412,24 +412,41 @@ def data_packing(
 
 def packing_reason(chosen: Any, candidates: Sequence[Any]) -> list[str]:
     """The recommendation's packing line: why ``--packing`` (the chosen layout's verdict), or why not: the fastest
-    fitting packed layout against the chosen one (:mod:`planner.layouts` keeps only packed twins that pay against
-    their own padded layout)."""
+    fitting packed layout of the same memory options (checkpointing, optimizer, offload), else of any, against the
+    chosen one (:mod:`planner.layouts` keeps only packed twins that pay against their own padded layout)."""
     packing = chosen.layout.packing
     if packing:
         budget = f" --pack_tokens {packing['pack_tokens']}" if packing["pack_tokens"] else ""
         return [f"--packing{budget}: {packing['reason']}"]
-    packed = [c for c in candidates if c.layout.packing and c.layout.fits and c.tier == chosen.tier]
-    best = max(packed, key=lambda c: c.layout.samples_per_s or 0.0, default=None)
-    if best is None or not best.layout.samples_per_s or not chosen.layout.samples_per_s:
+    if not chosen.layout.samples_per_s:
         return []
-    info = best.layout.packing
-    why = f": its rows still carry {info['padding_fraction_packed']:.0%} padding"
-    if best.setup.attn != FLASH and info["cross_sample_attention"] > 0.05:
-        why += (
-            f", and with {best.setup.attn} a packed row computes attention over the whole row "
+
+    def options(c: Any) -> tuple[Any, ...]:
+        lay = c.layout
+        return lay.gradient_checkpointing, lay.checkpoint_towers, lay.optim, lay.offload
+
+    packed = [c for c in candidates if c.layout.packing and c.layout.fits and c.layout.samples_per_s]
+    same = [c for c in packed if options(c) == options(chosen)]
+    best = max(same or packed, key=lambda c: c.layout.samples_per_s, default=None)
+    if best is None:
+        return []
+    info, lay = best.layout.packing, best.layout
+    head = f"no --packing: the fastest packed layout ({lay.micro_batch} x {lay.grad_accum}"
+    if not same:
+        changed = [f"checkpointing {'on' if lay.gradient_checkpointing else 'off'}"] * (
+            lay.gradient_checkpointing != chosen.layout.gradient_checkpointing
+        )
+        changed += [f"optimizer {lay.optim}"] * (lay.optim != chosen.layout.optim)
+        changed += [f"offload {lay.offload}"] * (lay.offload != chosen.layout.offload)
+        head += f", which needs {', '.join(changed) or 'other memory options'}"
+    why = ""
+    if same and info["padding_fraction_packed"] > 0.005:
+        why = f": its rows still carry {info['padding_fraction_packed']:.0%} padding"
+    if same and best.setup.attn != FLASH and info["cross_sample_attention"] > 0.05:
+        why += (", and" if why else ":") + (
+            f" with {best.setup.attn} a packed row computes attention over the whole row "
             f"({info['cross_sample_attention']:.0%} of it across samples)"
         )
     return [
-        f"no --packing: the fastest packed layout ({best.layout.micro_batch} x {best.layout.grad_accum}, "
-        f"{best.layout.samples_per_s:.2f} samples/s) is slower than this one ({chosen.layout.samples_per_s:.2f}){why}"
+        f"{head}, {lay.samples_per_s:.2f} samples/s) is slower than this one ({chosen.layout.samples_per_s:.2f}){why}"
     ]

@@ -163,3 +163,33 @@ def _mixed_folder(root: Path, uniform: bool = False) -> Path:
         lines.append(json.dumps({"id": str(k), "conversations": turns}))
     (folder / "mixed_train.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def test_the_command_names_a_pack_budget_other_than_the_default(tmp_path):
+    from dataclasses import replace
+
+    from planner.recommend import plan
+    from planner.render import command
+    from planner.request import PlanRequest
+
+    folder = _mixed_folder(tmp_path)
+    result = plan(PlanRequest(gpu="H100-SXM", data_dir=str(folder), methods=("full",)))
+    full = result.method("full")
+    chosen = next(lay for lay in full.layouts if lay.chosen)
+    assert chosen.packing and chosen.packing["pack_tokens"] is None
+    assert "--packing" in full.command and "--pack_tokens" not in full.command  # the default budget
+    chosen.packing = {**chosen.packing, "pack_tokens": 6000}
+    assert "--packing --pack_tokens 6000" in command(result.hardware, "jsonl", replace(full), None, str(folder))
+
+
+def test_validate_prints_predicted_beside_measured():
+    from planner.validate import packing_lines
+
+    line = {
+        "case": "tiny lora sdpa c4 mb6", "predicted_speed_up": 1.08, "measured_speed_up": 0.95, "error_pct": 13.7,
+        "predicted_padding": {"padded": 0.29, "packed": 0.09}, "measured_padding": {"padded": 0.33, "packed": 0.06},
+        "file": "results/validation/packing-cpu-x.json",
+    }  # fmt: skip
+    text = packing_lines(line)[0]
+    assert "predicted speed-up 1.08x, measured 0.95x (+14 %)" in text and "measured 33% → 6%" in text
+    assert "no results/validation/packing-cpu-*.json yet" in packing_lines(None)[0]
