@@ -243,7 +243,7 @@ def _layout_label(m: Any) -> str:
         parts.append(m.optim)
     if m.offload != "none":
         parts.append(f"offload {m.offload}")
-    return ", ".join(parts)
+    return ", ".join(parts + ["packed"] * any(lay.packing and lay.chosen for lay in m.layouts))
 
 
 def _print_methods(console: Any, p: Any) -> None:
@@ -290,8 +290,9 @@ def _print_layouts(console: Any, p: Any) -> None:
     for m in p.methods:
         groups: dict[tuple[bool, str, str], list[Any]] = {}
         for layout in m.layouts:
-            groups.setdefault((layout.gradient_checkpointing, layout.optim, layout.offload), []).append(layout)
-        for (checkpointing, optim, offload), layouts in groups.items():
+            key = (layout.gradient_checkpointing, layout.optim, layout.offload, layout.packing is not None)
+            groups.setdefault(key, []).append(layout)
+        for (checkpointing, optim, offload, _packed), layouts in groups.items():
             fitting = [lay for lay in layouts if lay.fits]
             shown = max(fitting, key=lambda lay: lay.samples_per_s or 0.0) if fitting else layouts[0]
             shown = next((lay for lay in layouts if lay.chosen), shown)
@@ -300,7 +301,7 @@ def _print_layouts(console: Any, p: Any) -> None:
                 "on" if checkpointing else "off",
                 optim,
                 offload + (f" ({shown.host_bytes / GIB:.0f} GiB host)" if offload != "none" else ""),
-                f"{shown.micro_batch} x {shown.grad_accum}",
+                f"{shown.micro_batch} x {shown.grad_accum}" + (" packed" if shown.packing else ""),
                 f"{shown.reserved_bytes / GIB:.1f}",
                 "yes" if shown.fits else "no",
                 fmt(_img_per_s(shown.samples_per_s, p), ".2f"),

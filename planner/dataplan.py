@@ -19,6 +19,7 @@ from typing import Any
 from planner.crops import CropsTable, add_costs, crops_table
 from planner.estimate import Workload, estimate_memory
 from planner.layouts import fits_with_headroom
+from planner.packing import data_packing, remember_lengths
 from planner.render import method_preference
 from planner.request import Hardware, MethodPlan, PlanRequest, task_profiles
 from planner.shapes import ModelShape
@@ -136,6 +137,7 @@ def read_data(request: PlanRequest, shape: ModelShape, hw: Hardware) -> tuple[Da
         dataset_size=request.dataset_size or samples,
     )
     context = DataContext(profile, table, profile.largest(shape), batch_note, notes)
+    remember_lengths(request.data_dir, profile.num_crops, profile.lengths)  # type: ignore[arg-type]
     return context, request
 
 
@@ -225,4 +227,12 @@ def data_summary(
     data["batch_note"] = context.batch_note
     data["schedule"] = best.hyperparameters.get("sized_to_data") if best is not None else None
     data["does_not_fit"] = misfits(profile, shape, methods, recommended, calibration)
+    data["packing"] = None
+    if best is not None and best.setup is not None:
+        from planner.calibration import fit_speed_constants
+        from planner.shapes import load_shape
+
+        constants, _fitted = fit_speed_constants(calibration, load_shape("phi-3-vision"))
+        rates = constants.rates(hw.gpu, best.setup.precision)
+        data["packing"] = data_packing(profile.lengths, shape, best.setup, profile.mean_workload, rates, constants)
     return data

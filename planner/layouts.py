@@ -30,9 +30,10 @@ from phi3v_core.retention import RETENTION_FLOOR, update_retention
 from planner.calibration import Calibration, fit_speed_constants
 from planner.estimate import GIB, MemoryEstimate, TrainSetup, Workload, estimate_memory, host_memory_bytes
 from planner.hardware import GpuSpec, supports_bf16, supports_flash_attention
+from planner.packing import FLASH, lengths_for, packed_memory, predict_packing, row_cost, scaled_speed, token_sums
 from planner.request import Hardware, Layout, PlanRequest, task_profiles
 from planner.shapes import ModelShape, load_shape
-from planner.speed import SpeedPrediction, predict_speed
+from planner.speed import SpeedConstants, SpeedPrediction, predict_speed
 
 __all__ = [
     "Candidate",
@@ -45,6 +46,7 @@ __all__ = [
     "keeps_updates",
     "layout_retention",
     "option_tiers",
+    "packed_twins",
     "search",
     "setup_for",
     "usable_limit",
@@ -219,6 +221,8 @@ def search(
     constants, _fitted = fit_speed_constants(calibration, load_shape("phi-3-vision"))
     host, _host_source = host_ram_bytes(request, hw)
     capacity = hw.gpu.memory_bytes
+    packing = PackingInputs(lengths_for(request, shape, workload.num_crops or 16), constants.rates(hw.gpu, base.precision),
+                            constants, memory_workload)  # fmt: skip
     out = []
     for tier, options in enumerate(option_tiers(base)):
         for optim, offload in options:
@@ -243,6 +247,8 @@ def search(
                         update_retention=layout_retention(setup, learning_rate), checkpoint_towers=towers,
                     )  # fmt: skip
                     out.append(Candidate(layout, setup, memory, speed, tier))
+                    host_fits = host is None or host_need <= host
+                    out += packed_twins(out[-1], shape, workload, packing, calibration, capacity, host_fits)
     return out
 
 
@@ -264,3 +270,44 @@ def choose(candidates: list[Candidate]) -> Candidate | None:
                 key=lambda c: (c.layout.samples_per_s or 0.0, c.layout.gradient_checkpointing is False, c.layout.micro_batch),
             )
     return None
+
+
+@dataclass(frozen=True)
+class PackingInputs:
+    """What the packed twins of a search need: the plan's lengths, the device rates, the largest sample."""
+
+    lengths: list[int]
+    rates: Any
+    constants: SpeedConstants
+    largest: Workload
+
+
+def packed_twins(
+    padded: Candidate, shape: ModelShape, workload: Workload, inputs: PackingInputs, calibration: Calibration,
+    capacity: float, host_fits: bool,
+) -> list[Candidate]:
+    """Price the padding of a padded layout (in place: the speed model runs the mean sample, as if unpadded) and
+    return its ``--packing`` twins where packing is predicted to pay (:mod:`planner.packing`): at the default budget,
+    and for sdpa/eager also at the data's longest sample as ``--pack_tokens`` (rows of several samples, attention
+    over the whole row). Memory at the pack budget."""
+    setup = padded.setup
+    if setup.micro_batch == 1 or not inputs.lengths or inputs.rates is None or padded.speed is None:
+        return []
+    cost = row_cost(shape, setup, workload, inputs.rates, inputs.constants)
+    longest = max(inputs.largest.seq_len, max(inputs.lengths))
+    twins = []
+    for budget in (None,) if setup.attn == FLASH else (None, longest):
+        prediction = predict_packing(token_sums(inputs.lengths, setup.micro_batch, setup.attn, budget), setup.attn,
+                                     budget, cost)  # fmt: skip
+        if budget is None:  # the padded layout pays its padding
+            padded.speed = scaled_speed(padded.speed, prediction.padded_slowdown)
+            padded.layout.samples_per_s = padded.speed.samples_per_s if padded.speed else None
+        speed = scaled_speed(padded.speed, prediction.speed_up and 1 / prediction.speed_up)
+        if not prediction.pays or speed is None:
+            continue
+        memory = packed_memory(shape, setup, inputs.largest, budget, calibration.overheads)
+        fits = fits_with_headroom(memory, capacity, calibration) and host_fits
+        layout = replace(padded.layout, reserved_bytes=memory.reserved, fits=fits, samples_per_s=speed.samples_per_s,
+                         packing=prediction.to_dict())  # fmt: skip
+        twins.append(Candidate(layout, setup, memory, speed, padded.tier))
+    return twins

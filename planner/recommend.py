@@ -56,6 +56,7 @@ from planner.layouts import (
     setup_for,
     usable_limit,
 )
+from planner.packing import packing_reason
 from planner.render import MODEL_PLACEHOLDER, command, method_preference, top_items, why_method
 from planner.request import (
     COMMON_GPUS,
@@ -351,7 +352,7 @@ def _plan_method(
         reasons.insert(0, _fit_reason(method, hw, pick, fits, calibration))
         if fits:
             extra, speedup = _layout_reasons(pick, candidates, hw, host_ram_bytes(request, hw)[1], workload.images)
-            reasons.extend(extra)
+            reasons.extend(extra + packing_reason(pick, candidates))
         elif offload_problem and any(c.layout.fits and c.layout.offload != "none" for c in candidates):
             reasons.append(f"an offloaded optimizer would fit, but it cannot be built here: {offload_problem}")
         if fits and pick.layout.offload != "none" and software is None:
@@ -524,7 +525,7 @@ def plan(
         notes.append(
             "what-if hardware: the commands assume flash-attn is installed there (pip install flash-attn "
             "--no-build-isolation); without it, replace --use_flash_attention by --attn sdpa (the same predicted "
-            "memory and speed)"
+            "memory and speed unpacked; packed, sdpa computes attention over whole rows)"
         )
     shape = load_shape(request.model)
     workload = _workload(request, shape)

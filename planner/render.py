@@ -96,6 +96,9 @@ def _method_args(task: str, mp: MethodPlan, data_dir: str | None = None) -> list
         args += ["--optim", mp.optim]
     if mp.offload != "none":
         args += ["--offload", mp.offload]
+    packing = next((lay.packing for lay in mp.layouts if lay.chosen), None)
+    if packing:  # planner.packing: predicted to pay on these lengths
+        args += ["--packing", *(["--pack_tokens", str(packing["pack_tokens"])] if packing["pack_tokens"] else [])]
     if data_dir and not any(Path(data_dir).glob("*_val.jsonl")):
         args.append("--no_eval")  # finetune evaluates on *_val.jsonl before and after; without one it would refuse
     if mp.data_loading is not None:  # enough DataLoader workers to feed the GPU at the predicted speed

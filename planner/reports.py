@@ -179,5 +179,9 @@ def print_validation(as_json: bool, repeats: int, save: str | None, argv: Sequen
         f"{result['repeats']} repeat(s); the widest spread of one case {result['max_error_spread_pct']:.1f} points); "
         f"{result['note']}"
     )
+    from planner.validate import packing_lines
+
+    for line in packing_lines(result.get("packing")):
+        console.print(line)
     if save:
         console.print(f"raw result written to {save}")

@@ -321,6 +321,7 @@ class Layout:
             (:mod:`phi3v_core.retention`); a layout under 50 % is never recommended.
         checkpoint_towers: Where checkpointing applies when on: ``both`` or ``llm`` (the CLIP tower keeps its
             activations: less recompute, more memory).
+        packing: ``--packing``: :meth:`planner.packing.PackingPrediction.to_dict` (None: padded micro-batches).
     """
 
     micro_batch: int
@@ -335,6 +336,7 @@ class Layout:
     chosen: bool = False
     update_retention: float = 1.0
     checkpoint_towers: str = "both"
+    packing: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for ``--json``)."""
@@ -351,6 +353,7 @@ class Layout:
             "host_gib": round(self.host_bytes / GIB, 2),
             "update_retention": round(self.update_retention, 4),
             "chosen": self.chosen,
+            "packing": self.packing,
         }
 
 
@@ -429,6 +432,7 @@ class MethodPlan:
                 (round(lay.update_retention, 4) for lay in self.layouts if lay.chosen), None
             ),
             "speedup_vs_checkpointing": self.speedup_vs_checkpointing,
+            "packing": next((lay.packing for lay in self.layouts if lay.chosen), None),
             "layouts": [layout.to_dict() for layout in self.layouts],
             "data_loading": self.data_loading.to_dict() if self.data_loading else None,
         }

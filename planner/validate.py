@@ -12,6 +12,7 @@ Imports torch and bench lazily: the rest of the planner stays torch-free.
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from planner.speed import Interconnect, Rates, predict_speed
 
 __all__ = [
     "DEFAULT_CASES", "SMALL_SIZE", "ValidationCase", "checkpoint_ratios", "eight_bit_adamw_memory", "measure_rates",
-    "mid_size_model", "save_validation", "validate_cpu",
+    "mid_size_model", "packing_lines", "packing_validation", "save_validation", "validate_cpu",
 ]
 
 #: A mid-size model of the same structure (a few layers of real-ish width) for the CPU validation.
@@ -296,6 +297,7 @@ def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: floa
         "repeats": repeats,
         "max_error_spread_pct": max((r["error_pct_max"] - r["error_pct_min"] for r in rows), default=None),
         "checkpoint_ratios": checkpoint_ratios(rows),
+        "packing": packing_validation(),
     }
 
 
@@ -394,3 +396,72 @@ def eight_bit_adamw_memory() -> dict[str, Any]:
         "predicted_peak_bytes": int(estimate_memory(shape, setup, workload).allocated),
         "predicted_plain_adamw_bytes": int(estimate_memory(shape, plain, workload).allocated),
     }
+
+
+#: Seeded orders the packing validation averages (the bench's Trainer draws its micro-batches at random).
+VALIDATION_SHUFFLES = 16
+#: Where ``phi3v-bench`` validation results live in the source tree.
+VALIDATION_DIR = Path(__file__).resolve().parents[1] / "results" / "validation"
+
+
+def packing_validation(folder: str | Path = VALIDATION_DIR, rates: Rates | None = None) -> dict[str, Any] | None:
+    """The planner's packed/padded speed-up beside the bench's (the newest ``packing-cpu-*.json`` in ``folder``).
+
+    The file's ``result`` (``phi3v-bench``, CPU, the same samples padded and packed) gives the workload — model
+    config, attention, micro-batch, pack budget, per-sample tokens in dataset order — and the measured padding and
+    real tokens/s both ways. The prediction packs those lengths with :mod:`planner.packing` under this CPU's rates
+    (measured when not given), averaged over :data:`VALIDATION_SHUFFLES` seeded orders (the Trainer samples at
+    random); a sample's vision cost is taken as the average sample's (square images at the file's num_crops). None
+    when there is no such file.
+    """
+    from planner.packing import predict_packing, row_cost, token_sums
+
+    files = sorted(Path(folder).glob("packing-cpu-*.json"), key=lambda p: (json.loads(p.read_text())["date"], p.name))
+    if not files:
+        return None
+    record = json.loads(files[-1].read_text())
+    result, work = record["result"], record["result"]["workload"]
+    model = str(work["model_config"])
+    in_tree = VALIDATION_DIR.parents[1] / model  # a path in the file is relative to the source tree
+    shape = load_shape(str(in_tree) if not Path(model).exists() and in_tree.exists() else model)
+    lengths = [int(n) for n in work["sample_tokens"]]
+    images = round(statistics.mean(work["images_per_sample"])) if work.get("images_per_sample") else 1
+    mean = Workload.from_images(shape, int(work["num_crops"]), None, images=max(images, 1), text_tokens=0)
+    supervised = work.get("supervised_tokens")  # optional: per sample, or their mean; unknown = every token
+    if isinstance(supervised, list):
+        supervised = statistics.mean(supervised)
+    mean = replace(mean, seq_len=round(statistics.mean(lengths)),
+                   supervised_tokens=None if supervised is None else round(float(supervised)))  # fmt: skip
+    # bench.packing_measure trains without checkpointing unless the file says otherwise
+    setup = TrainSetup(method=work["method"], precision=work["precision"], attn=work["attention"],
+                       gradient_checkpointing=bool(work.get("gradient_checkpointing", False)),
+                       micro_batch=int(work["micro_batch"]), world_size=1, zero_stage=0, optimizer_foreach=False)  # fmt: skip
+    constants, _fitted = fit_speed_constants(load_calibration(), load_shape("phi-3-vision"))
+    budget = work.get("pack_tokens")
+    sums = token_sums(lengths, setup.micro_batch, setup.attn, budget, shuffles=VALIDATION_SHUFFLES)
+    cost = row_cost(shape, setup, mean, rates or measure_rates(1.0), constants)
+    prediction = predict_packing(sums, setup.attn, budget, cost)
+    assert prediction.speed_up is not None  # a cost was given
+    measured = float(result["speed_up"])
+    return {
+        "file": str(files[-1]),
+        "case": f"{work['model_config']} {work['method']} {work['attention']} c{work['num_crops']} mb{setup.micro_batch}, "
+        f"{len(lengths)} samples of {min(lengths)}-{max(lengths)} tokens",
+        "predicted_speed_up": prediction.speed_up,
+        "measured_speed_up": measured,
+        "error_pct": 100 * (prediction.speed_up / measured - 1),
+        "predicted_padding": {"padded": prediction.padding_padded, "packed": prediction.padding_packed},
+        "measured_padding": {k: result[k]["padding_fraction"] for k in ("padded", "packed")},
+    }
+
+
+def packing_lines(line: dict[str, Any] | None) -> list[str]:
+    """``--validate``'s packing line (none without a bench file)."""
+    if line is None:
+        return ["packing: no results/validation/packing-cpu-*.json yet (the bench's packed vs padded run)"]
+    return [
+        f"packing ({line['case']}): predicted speed-up {line['predicted_speed_up']:.2f}x, measured "
+        f"{line['measured_speed_up']:.2f}x ({line['error_pct']:+.0f} %); padding predicted "
+        f"{line['predicted_padding']['padded']:.0%} → {line['predicted_padding']['packed']:.0%}, measured "
+        f"{line['measured_padding']['padded']:.0%} → {line['measured_padding']['packed']:.0%} ({line['file']})"
+    ]

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from phi3v_core.errors import ConfigError, DataError
+from phi3v_core.first_fit import first_fit_decreasing
 from phi3v_core.processing.collator import IGNORE_INDEX, Phi3VDataCollator
 
-__all__ = ["PackInfo", "PackingCollator", "first_fit_decreasing"]
+__all__ = ["PackInfo", "PackingCollator"]
 
 
 @dataclass(frozen=True)
@@ -68,28 +69,6 @@ class PackInfo:
                     mask[row_index, start : start + length] = True
                 start += length
         return mask
-
-
-def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Indices of ``lengths`` grouped into bins of at most ``budget`` tokens (first-fit, longest first).
-
-    Within a bin the indices keep the order in which they were placed (longest first); bins are ordered by their first
-    (longest) sample. Every length must fit the budget.
-    """
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        length = lengths[index]
-        if length > budget:
-            raise ValueError(f"a sample of {length} tokens does not fit a pack budget of {budget}")
-        target = next((b for b, free in enumerate(room) if free >= length), None)
-        if target is None:
-            bins.append([index])
-            room.append(budget - length)
-        else:
-            bins[target].append(index)
-            room[target] -= length
-    return bins
 
 
 @dataclass

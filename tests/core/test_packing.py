@@ -13,10 +13,11 @@ import torch
 
 from phi3v_core.config import tiny_config
 from phi3v_core.errors import DataError
+from phi3v_core.first_fit import first_fit_decreasing
 from phi3v_core.methods import MethodOptions, get_method
 from phi3v_core.model import Phi3VForCausalLM, image_token_count
 from phi3v_core.processing import Phi3VDataCollator
-from phi3v_core.processing.packing import PackInfo, PackingCollator, first_fit_decreasing
+from phi3v_core.processing.packing import PackInfo, PackingCollator
 from planner.validate import MID_SIZE
 
 TOLERANCE = 1e-6
