@@ -22,21 +22,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.lever_args import lever_field_problems, lever_suffixes
+from bench.lever_args import lever_suffixes
 from phi3v_core.constants import (
-    ATTN_NAMES,
     MAX_NUM_CROPS,
-    MODEL_PRESET_NAMES,
-    OFFLOAD_NAMES,
-    OPTIM_NAMES,
-    PRECISION_NAMES,
     SeqProfile,
     load_recipe,
     supports_bf16,
     supports_flash_attention,
 )
 from phi3v_core.errors import ConfigError, raise_all
-from phi3v_core.methods import METHOD_NAMES
 from phi3v_core.workload import Workload
 
 __all__ = [
@@ -213,44 +207,19 @@ class BenchConfig(Workload):
             if value not in allowed:
                 problems.append(f"{name} {value!r} is not one of {', '.join(allowed)}")
 
-        choice("method", self.method, METHOD_NAMES)
-        choice("attn", self.attn, ATTN_NAMES)
-        choice("precision", self.precision, PRECISION_NAMES)
-        choice("seq_profile", self.seq_profile, list(SEQ_PROFILES))
-        choice("optim", self.optim, OPTIM_NAMES)
-        choice("offload", self.offload, OFFLOAD_NAMES)
+        problems.extend(Workload.problems(self))
         choice("flops", self.flops, FLOPS_MODES)
         choice("layout", self.layout, ("plan", "recipe"))
-        if self.attn == "flash_attention_2" and self.precision == "fp32":
-            problems.append("attn flash_attention_2 needs bf16 or fp16 (flash-attn has no fp32 kernels); use --precision bf16")
-        problems.extend(_model_problems(self.model))
-
-        positive = ("num_crops", "global_batch", "micro_batch", "gpus", "nodes", "steps", "repeats")
-        for name in positive:
+        for name in ("gpus", "nodes", "steps", "repeats"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                problems.append(f"{name} must be an integer >= 0, got {value!r}")
-        if isinstance(self.num_crops, int) and self.num_crops > MAX_NUM_CROPS:
-            problems.append(f"num_crops must be <= {MAX_NUM_CROPS} (the recipe's limit), got {self.num_crops}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            problems.append(f"warmup must be an integer >= 0, got {self.warmup!r}")
         if isinstance(self.steps, int) and 1 <= self.steps < 2:
             problems.append("steps must be >= 2 so that a step-time spread exists; use --steps 10")
-        lr = self.learning_rate
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < 1):
-            problems.append(f"learning_rate must be a number in (0, 1) (e.g. 5e-6), got {lr!r}")
-        if not isinstance(self.packing, bool):
-            problems.append(f"packing must be true or false, got {self.packing!r}")
-        tokens = self.pack_tokens
-        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-            problems.append(f"pack_tokens must be a positive integer, got {tokens!r}")
-        elif tokens is not None and self.packing is False:
-            problems.append(f"pack_tokens {tokens} sizes packed rows but packing is off; add --packing")
-        if not isinstance(self.gradient_checkpointing, bool):
-            problems.append(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
-        problems.extend(lever_field_problems(self))
+        if self.compile is True and isinstance(self.warmup, int) and self.warmup < 1:
+            problems.append("compile needs warmup >= 1: the first step compiles and must not be timed; use --warmup 2")
 
         ints_ok = all(
             isinstance(getattr(self, n), int) and getattr(self, n) >= 1 for n in ("global_batch", "micro_batch", "gpus", "nodes")
@@ -316,17 +285,6 @@ class BenchConfig(Workload):
         if unknown:
             raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**values)
-
-
-def _model_problems(model: str) -> list[str]:
-    if not isinstance(model, str) or not model:
-        return ["model must be a preset name or a checkpoint folder"]
-    if model in MODEL_PRESET_NAMES:
-        return []
-    path = Path(model)
-    if not (path / "config.json").is_file():
-        return [f"model {model!r} is neither a preset ({', '.join(MODEL_PRESET_NAMES)}) nor a folder with config.json"]
-    return []
 
 
 def parse_field_value(name: str, text: str) -> Any:
