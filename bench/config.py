@@ -22,23 +22,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.lever_args import lever_field_problems, lever_suffixes
-from phi3v_core.cli.vocabulary import DEFAULT_SEED
+from bench.lever_args import lever_suffixes
 from phi3v_core.constants import (
-    ATTN_NAMES,
-    DEFAULT_ATTN,
     MAX_NUM_CROPS,
-    MODEL_PRESET_NAMES,
-    OFFLOAD_NAMES,
-    OPTIM_NAMES,
-    PRECISION_NAMES,
     SeqProfile,
     load_recipe,
     supports_bf16,
     supports_flash_attention,
 )
 from phi3v_core.errors import ConfigError, raise_all
-from phi3v_core.methods import METHOD_NAMES
+from phi3v_core.workload import Workload
 
 __all__ = [
     "FLOPS_MODES",
@@ -109,80 +102,41 @@ RESERVED_RELEASES = ("reference", "validation")
 
 
 @dataclass(frozen=True)
-class BenchConfig:
-    """One benchmark configuration (the flags of ``phi3v-bench run``).
+class BenchConfig(Workload):
+    """One benchmark configuration (the flags of ``phi3v-bench run``): the :class:`Workload` it trains (method,
+    attention, precision, model, crops, profile, batch layout, levers, packing; their meaning is documented there)
+    plus where and how long it runs.
+
+    ``global_batch`` was ``batch_size`` in results written before v0.2 (still read); ``learning_rate``,
+    ``vision_lr`` and ``projector_lr`` are protocol fields (not in the identity): they do not change the step time,
+    but decide how many weights a step changes (reported).
 
     Attributes:
-        method: Fine-tuning method: ``full``, ``frozen_vision``, ``lora`` or ``qlora``.
-        attn: Attention kernel for the text and vision towers.
-        precision: ``bf16``/``fp16`` mixed precision or plain ``fp32``.
-        model: ``tiny``, ``phi-3.5-vision``, ``phi-3-vision`` or a checkpoint folder holding ``config.json``.
-        num_crops: HD crops per image (1..16); the vision tower always sees ``num_crops + 1`` crops.
-        seq_profile: Synthetic sample shape, a key of :data:`SEQ_PROFILES`.
-        global_batch: Global effective batch per optimizer step, over all GPUs (the recipe's ``--batch_size``;
-            ``batch_size`` in results written before v0.2, still read).
-        micro_batch: Samples per GPU per forward/backward; gradient accumulation fills up to ``global_batch``.
         gpus: GPUs per node.
         nodes: Number of nodes.
         steps: Timed optimizer steps per repeat (after the warmup).
         warmup: Untimed optimizer steps before the timed ones (compilation, allocator growth, Adam state creation).
         repeats: Fresh processes per configuration; ``compare`` needs at least 3 on each side to call a change.
-        seed: Random seed for the synthetic data and the weights.
-        gradient_checkpointing: Recompute activations in backward (the recipe always turns it on).
-        optim: ``phi3v-finetune --optim`` name (``adamw``, ``adamw_8bit``, ``adamw_8bit_fp32_master``, ...).
-        offload: ``none`` or ``optimizer`` (DeepSpeed ZeRO-Offload).
-        learning_rate: Peak learning rate; ``None`` = the recipe's for the profile's task and the method. A protocol
-            field: it does not change the step time, but decides how many weights a step changes (reported).
-        checkpoint_towers: Where checkpointing applies when on: ``both``, ``llm`` (decoder) or ``vision`` (CLIP).
-        freeze_llm: Train the image path with the language model frozen.
-        kernels: ``none`` or ``liger`` (Liger's Triton kernels in the decoder; GPU only).
-        compile: ``torch.compile`` the model; the first warmup step compiles and is reported as ``compile_s``.
-        vision_lr: Learning rate of the CLIP tower (None: ``learning_rate``); a protocol field like it.
-        projector_lr: Learning rate of the projector and separators (None: ``learning_rate``).
         layout: Where micro-batch, checkpointing, optimizer and offload came from: ``plan`` (phi3v-plan's layout
             for the card and method, the default on a GPU) or ``recipe`` (the seed's; results written before the
             choice existed measured it). Not an identity field: the layout's fields are.
         release: Release label of the results folder (``results/<release>/<hardware>/``).
         out: Root folder for result files.
-        packing: Pack each micro-batch's samples into rows (``phi3v-finetune --packing``): the same losses and
-            gradients, less padding.
-        pack_tokens: Tokens per packed row; ``None`` = the micro-batch's longest sample.
         flops: How MFU's FLOPs are counted: ``analytic`` (:mod:`phi3v_core.flops`, from the shapes, milliseconds)
             or ``trace`` (the step replayed on fake tensors under ``FlopCounterMode``, 1.5-3 CPU-minutes for the
             full-size model; kept to check the analytic count). Both give the same numbers (a test pins them); not
-            part of the identity.
+            part of the identity. ``compile`` runs also report the first warmup step as ``compile_s``.
     """
 
-    method: str = "lora"
-    attn: str = DEFAULT_ATTN
-    precision: str = "bf16"
-    model: str = "tiny"
-    num_crops: int = 16
-    seq_profile: str = "docvqa"
-    global_batch: int = 8
-    micro_batch: int = 1
     gpus: int = 1
     nodes: int = 1
     steps: int = 10
     warmup: int = 3
     repeats: int = 3
-    seed: int = DEFAULT_SEED
-    gradient_checkpointing: bool = True
-    optim: str = "adamw"
-    offload: str = "none"
-    learning_rate: float | None = None
-    checkpoint_towers: str = "both"
-    freeze_llm: bool = False
-    kernels: str = "none"
-    compile: bool = False
-    vision_lr: float | None = None
-    projector_lr: float | None = None
     layout: str = "recipe"
     release: str = field(default_factory=default_release)
     out: str = "results"
     flops: str = "analytic"
-    packing: bool = False
-    pack_tokens: int | None = None
 
     # ---- derived values -------------------------------------------------------------------------------------
     @property
@@ -199,11 +153,6 @@ class BenchConfig:
     def grad_accum(self) -> int:
         """Micro-steps per optimizer step on each rank."""
         return self.global_batch // (self.world_size * self.micro_batch)
-
-    @property
-    def profile(self) -> SeqProfile:
-        """The :class:`SeqProfile` named by ``seq_profile``."""
-        return SEQ_PROFILES[self.seq_profile]
 
     @property
     def images_per_step(self) -> int:
@@ -258,44 +207,19 @@ class BenchConfig:
             if value not in allowed:
                 problems.append(f"{name} {value!r} is not one of {', '.join(allowed)}")
 
-        choice("method", self.method, METHOD_NAMES)
-        choice("attn", self.attn, ATTN_NAMES)
-        choice("precision", self.precision, PRECISION_NAMES)
-        choice("seq_profile", self.seq_profile, list(SEQ_PROFILES))
-        choice("optim", self.optim, OPTIM_NAMES)
-        choice("offload", self.offload, OFFLOAD_NAMES)
+        problems.extend(Workload.problems(self))
         choice("flops", self.flops, FLOPS_MODES)
         choice("layout", self.layout, ("plan", "recipe"))
-        if self.attn == "flash_attention_2" and self.precision == "fp32":
-            problems.append("attn flash_attention_2 needs bf16 or fp16 (flash-attn has no fp32 kernels); use --precision bf16")
-        problems.extend(_model_problems(self.model))
-
-        positive = ("num_crops", "global_batch", "micro_batch", "gpus", "nodes", "steps", "repeats")
-        for name in positive:
+        for name in ("gpus", "nodes", "steps", "repeats"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                problems.append(f"{name} must be an integer >= 0, got {value!r}")
-        if isinstance(self.num_crops, int) and self.num_crops > MAX_NUM_CROPS:
-            problems.append(f"num_crops must be <= {MAX_NUM_CROPS} (the recipe's limit), got {self.num_crops}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            problems.append(f"warmup must be an integer >= 0, got {self.warmup!r}")
         if isinstance(self.steps, int) and 1 <= self.steps < 2:
             problems.append("steps must be >= 2 so that a step-time spread exists; use --steps 10")
-        lr = self.learning_rate
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < 1):
-            problems.append(f"learning_rate must be a number in (0, 1) (e.g. 5e-6), got {lr!r}")
-        if not isinstance(self.packing, bool):
-            problems.append(f"packing must be true or false, got {self.packing!r}")
-        tokens = self.pack_tokens
-        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-            problems.append(f"pack_tokens must be a positive integer, got {tokens!r}")
-        elif tokens is not None and self.packing is False:
-            problems.append(f"pack_tokens {tokens} sizes packed rows but packing is off; add --packing")
-        if not isinstance(self.gradient_checkpointing, bool):
-            problems.append(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
-        problems.extend(lever_field_problems(self))
+        if self.compile is True and isinstance(self.warmup, int) and self.warmup < 1:
+            problems.append("compile needs warmup >= 1: the first step compiles and must not be timed; use --warmup 2")
 
         ints_ok = all(
             isinstance(getattr(self, n), int) and getattr(self, n) >= 1 for n in ("global_batch", "micro_batch", "gpus", "nodes")
@@ -361,17 +285,6 @@ class BenchConfig:
         if unknown:
             raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**values)
-
-
-def _model_problems(model: str) -> list[str]:
-    if not isinstance(model, str) or not model:
-        return ["model must be a preset name or a checkpoint folder"]
-    if model in MODEL_PRESET_NAMES:
-        return []
-    path = Path(model)
-    if not (path / "config.json").is_file():
-        return [f"model {model!r} is neither a preset ({', '.join(MODEL_PRESET_NAMES)}) nor a folder with config.json"]
-    return []
 
 
 def parse_field_value(name: str, text: str) -> Any:

@@ -15,7 +15,7 @@ from phi3v_core.cli.common import bounded_float
 from phi3v_core.kernels import KERNEL_NAMES
 from phi3v_core.towers import CHECKPOINTING_CHOICES, checkpointing_fields
 
-__all__ = ["add_lever_arguments", "lever_field_problems", "lever_suffixes"]
+__all__ = ["add_lever_arguments", "lever_suffixes"]
 
 
 _OFF_FLAGS = ("--no-gradient-checkpointing", "--no_gradient_checkpointing")
@@ -60,22 +60,3 @@ def lever_suffixes(cfg: Any) -> list[str]:
         *([cfg.kernels] if cfg.kernels != "none" else []),
         *(["compiled"] if cfg.compile else []),
     ]
-
-
-def lever_field_problems(cfg: Any) -> list[str]:
-    """Problems of the lever fields of a bench config, each naming the field and the fix."""
-    out = []
-    if cfg.kernels not in KERNEL_NAMES:
-        out.append(f"kernels {cfg.kernels!r} is not one of {', '.join(KERNEL_NAMES)}")
-    if cfg.checkpoint_towers not in ("both", "llm", "vision"):
-        out.append(f"checkpoint_towers {cfg.checkpoint_towers!r} is not one of both, llm, vision")
-    for name in ("freeze_llm", "compile"):
-        if not isinstance(getattr(cfg, name), bool):
-            out.append(f"{name} must be true or false, got {getattr(cfg, name)!r}")
-    for name in ("vision_lr", "projector_lr"):
-        value = getattr(cfg, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1):
-            out.append(f"{name} must be a number in (0, 1) (e.g. 1e-5), got {value!r}")
-    if cfg.compile is True and isinstance(cfg.warmup, int) and cfg.warmup < 1:
-        out.append("compile needs warmup >= 1: the first step compiles and must not be timed; use --warmup 2")
-    return out

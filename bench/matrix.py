@@ -229,13 +229,13 @@ def expected_seconds(
     where nothing predicts it (a full-size model on a CPU)."""
     if device.gpu_name is None and any(cfg.model != "tiny" for cfg in cells):
         return None
-    from bench.selfcheck_plan import Machine
+    from bench.selfcheck_plan import TargetMachine
     from bench.selfcheck_plan import expected_seconds as repeat_seconds
     from planner.shapes import load_shape
 
     total = 0.0
     for cfg in cells:
-        machine = Machine(device, cfg.gpus if device.gpu_name else 0, memory_bytes)
+        machine = TargetMachine(device, cfg.gpus if device.gpu_name else 0, memory_bytes)
         layers = load_shape(cfg.model).num_layers if device.gpu_name else None
         total += cfg.repeats * repeat_seconds(cfg, machine, layers)
     return total

@@ -5,15 +5,17 @@ The protocol (the order is the contract; :attr:`InstrumentedSteps.events` record
 1. **Timed window opens** at the start of the first timed step, *before its clock starts* (the worker lists
    :class:`InstrumentedSteps` ahead of the :class:`~phi3v_core.training.callbacks.StepTimer`; :class:`TimedWindow`
    holds the pair in that order for the worker and the selfcheck alike): the device is
-   synchronised, CUDA peak statistics are reset and a background NVML sampler starts (:class:`PeakSampler`, period
-   <= 100 ms, one NVML query per sample: :class:`phi3v_core.nvml.ProcessMemoryReader`).
+   synchronised and the window's trackers start, one per concern (:class:`Tracker`): a background NVML sampler
+   (:class:`NvmlMemory`, period <= 100 ms, one NVML query per sample: :class:`phi3v_core.nvml.ProcessMemoryReader`),
+   CUDA's peak statistics (:class:`CudaPeaks`, reset), the energy counter (:class:`GpuEnergy`) and the host's peak
+   RSS (:class:`HostRss`).
 2. Timed steps are plain training steps (only :class:`~phi3v_core.training.callbacks.StepTimer` runs, with device
    synchronisation).
-3. **Timed window closes** at the end of the last timed step: the device is synchronised, the CUDA peaks are read and
-   the sampler is stopped, *before anything else runs*. These are the stored peaks.
+3. **Timed window closes** at the end of the last timed step: the device is synchronised and the trackers stop in
+   reverse order (energy, CUDA peaks, NVML sampler, RSS), *before anything else runs*. These are the stored peaks.
 4. Instrumented work comes after, and can neither change a stored peak nor turn an ``ok`` repeat into ``oom``:
 
-   * a **memory step** (CPU only) under :class:`LiveTensorBytes`: peak bytes of live tensor storage, the CPU
+   * a **memory step** (CPU only) under :class:`LiveTensorBytes` (:class:`TensorPeak`): peak bytes of live tensor storage, the CPU
      counterpart of ``torch.cuda.max_memory_allocated`` (torch's ``MemTracker`` cannot attach to models whose frozen
      parameters do not require gradients, which is every LoRA/QLoRA model);
    * the **FLOP count** of one step, on rank 0 (:mod:`bench.flop_count`: analytic by default, or the fake-tensor
@@ -31,7 +33,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -40,11 +42,17 @@ from transformers import TrainerCallback
 
 __all__ = [
     "NVML_PERIOD_S",
+    "CudaPeaks",
+    "GpuEnergy",
+    "HostRss",
     "InstrumentedSteps",
     "LiveTensorBytes",
+    "NvmlMemory",
     "NvmlReader",
     "PeakSampler",
+    "TensorPeak",
     "TimedWindow",
+    "Tracker",
     "cpu_rss_peak_bytes",
     "gpu_memory",
     "nvml_process_reader",
@@ -227,9 +235,143 @@ class PeakSampler:
         return self.peak
 
 
+class Tracker(Protocol):
+    """One concern measured over the timed window: ``start()`` when it opens, ``stop()`` when it closes."""
+
+    def start(self) -> None:
+        """Begin measuring (the window is open and the device synchronised)."""
+
+    def stop(self) -> None:
+        """Finish measuring and keep the result (the device is synchronised, the last timed step done)."""
+
+
+@dataclass
+class CudaPeaks:
+    """``torch.cuda``'s allocator peaks over the window: reset when it opens, read when it closes (CUDA only).
+
+    Attributes:
+        allocated_bytes: ``max_memory_allocated`` over the window (None off CUDA).
+        reserved_bytes: ``max_memory_reserved`` over the window (None off CUDA).
+    """
+
+    device: torch.device
+    allocated_bytes: int | None = None
+    reserved_bytes: int | None = None
+
+    def start(self) -> None:
+        """Reset the device's peak statistics."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def stop(self) -> None:
+        """Read the peaks since the reset."""
+        self.allocated_bytes, self.reserved_bytes = gpu_memory(self.device)
+
+
+@dataclass
+class HostRss:
+    """The process's peak resident set size when the window closes (``ru_maxrss`` has no reset)."""
+
+    peak_bytes: int | None = None
+
+    def start(self) -> None:
+        """Nothing to reset: the kernel keeps the process's peak."""
+
+    def stop(self) -> None:
+        """Read the peak."""
+        self.peak_bytes = cpu_rss_peak_bytes()
+
+
+@dataclass
+class NvmlMemory:
+    """NVML's memory of this process, sampled on a thread (:class:`PeakSampler`): NVML keeps no peak of its own.
+
+    Attributes:
+        peak_bytes: Largest sample (None without one).
+        samples: Successful samples behind ``peak_bytes``.
+        source: ``"process"``, or ``"device_used"`` where NVML listed no process with our PID (containers).
+        warning: The reader's note on what it read, if any.
+    """
+
+    reader: NvmlReader
+    peak_bytes: int | None = None
+    samples: int = 0
+    source: str | None = None
+    warning: str | None = None
+    _sampler: PeakSampler | None = None
+
+    def start(self) -> None:
+        """Take a first sample and start sampling."""
+        self._sampler = PeakSampler(self.reader.read)
+        self._sampler.start()
+
+    def stop(self) -> None:
+        """Stop sampling (a last sample) and keep the peak and what it is."""
+        if self._sampler is None:
+            return
+        self.peak_bytes, self.samples = self._sampler.stop(), self._sampler.samples
+        self._sampler = None
+        self.source = self.reader.source() if self.peak_bytes is not None else None
+        self.warning = self.reader.warning()
+
+
+@dataclass
+class GpuEnergy:
+    """Joules the GPU drew over the window: the difference of NVML's total-energy counter at its two ends.
+
+    Attributes:
+        joules: The difference (None where the counter is missing or went backwards, e.g. a driver reload).
+    """
+
+    reader: NvmlReader
+    joules: float | None = None
+    _start_mj: int | None = None
+
+    def start(self) -> None:
+        """Read the counter."""
+        self._start_mj = self.reader.energy_mj()
+
+    def stop(self) -> None:
+        """Read the counter again and keep the difference."""
+        end = self.reader.energy_mj() if self._start_mj is not None else None
+        self.joules = (end - self._start_mj) / 1000.0 if end is not None and end >= self._start_mj else None
+        self._start_mj = None
+
+
+@dataclass
+class TensorPeak:
+    """The memory probe (one step after the window, CPU): peak bytes of live tensor storage under
+    :class:`LiveTensorBytes`, the weights, gradients and optimizer states counted from the start.
+
+    Attributes:
+        peak_bytes: The peak (None until the probe step ends).
+    """
+
+    peak_bytes: int | None = None
+    _mode: LiveTensorBytes | None = None
+
+    def start(self, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None) -> None:
+        """Count ``model``'s and ``optimizer``'s tensors and follow every storage an op creates."""
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        self._mode = LiveTensorBytes(_state_tensors(model, inner))
+        self._mode.__enter__()
+
+    def stop(self) -> None:
+        """Leave the dispatch mode and keep its peak."""
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self.peak_bytes = int(self._mode.peak)
+            self._mode = None
+
+
+NvmlFactory = Callable[[torch.device], NvmlReader | tuple[Callable[[], int | None], Callable[[], None]] | None]
+
+
 @dataclass
 class InstrumentedSteps(TrainerCallback):
-    """The timed window and the memory probe of one repeat (see the module docstring for the order).
+    """The timed window and the memory probe of one repeat (see the module docstring for the order): the callback
+    that composes one tracker per concern (:class:`CudaPeaks`, :class:`HostRss`, :class:`NvmlMemory`,
+    :class:`GpuEnergy` over the window; :class:`TensorPeak` for the probe step) and reads their results.
 
     Attributes:
         first_timed_step: 1-based global step that opens the timed window (peaks reset, NVML sampler started).
@@ -238,42 +380,26 @@ class InstrumentedSteps(TrainerCallback):
             ``last_timed_step``.
         nvml_reader: Factory of an NVML ``(read, close)`` pair for a device (:func:`nvml_process_reader`; tests
             pass a fake one).
-        gpu_allocated_bytes: ``max_memory_allocated`` over the timed window (CUDA only).
-        gpu_reserved_bytes: ``max_memory_reserved`` over the timed window (CUDA only).
-        nvml_peak_bytes: Maximum NVML process memory sampled during the timed window.
-        nvml_samples: Number of NVML samples behind ``nvml_peak_bytes``.
-        nvml_source: What ``nvml_peak_bytes`` is: ``"process"``, or ``"device_used"`` where NVML listed no process
-            with our PID (containers); ``None`` without a reading.
         window_opened_at: ``time.perf_counter()`` once the window was open (sync, reset, first NVML sample done);
             the first timed step's clock must start after it.
-        cpu_rss_bytes: Peak resident set size of the process when the window closed.
-        energy_j: Energy the GPU drew over the timed window: the difference of NVML's total-energy counter read
-            when the window opened and when it closed (``None`` off CUDA or where the counter is missing).
-        tensor_peak_bytes: Result of the memory probe (CPU).
+        notes: What the readers said about their readings (e.g. NVML read the device, not the process).
         events: ``(event, step)`` in the order they happened; the protocol's audit trail.
     """
 
     first_timed_step: int = 1
     last_timed_step: int = 1
     memory_step: int | None = None
-    nvml_reader: Callable[[torch.device], NvmlReader | tuple[Callable[[], int | None], Callable[[], None]] | None] = (
-        nvml_process_reader
-    )
-    gpu_allocated_bytes: int | None = None
-    gpu_reserved_bytes: int | None = None
-    nvml_peak_bytes: int | None = None
-    nvml_samples: int = 0
-    nvml_source: str | None = None
+    nvml_reader: NvmlFactory = nvml_process_reader
     window_opened_at: float | None = None
-    cpu_rss_bytes: int | None = None
-    tensor_peak_bytes: int | None = None
-    energy_j: float | None = None
     notes: list[str] = field(default_factory=list)
     events: list[tuple[str, int]] = field(default_factory=list)
-    _mem_tracker: LiveTensorBytes | None = None
-    _sampler: PeakSampler | None = None
-    _nvml: NvmlReader | None = None
-    _energy_start_mj: int | None = None
+    _cuda: CudaPeaks | None = None
+    _rss: HostRss | None = None
+    _nvml_memory: NvmlMemory | None = None
+    _energy: GpuEnergy | None = None
+    _tensors: TensorPeak = field(default_factory=TensorPeak)
+    _window: list[Tracker] = field(default_factory=list)
+    _reader: NvmlReader | None = None
 
     def __post_init__(self) -> None:
         if self.memory_step is not None and self.memory_step <= self.last_timed_step:
@@ -288,64 +414,92 @@ class InstrumentedSteps(TrainerCallback):
         if step == self.first_timed_step:
             self._open_window(args.device)
         if step == self.memory_step:
-            inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-            tracker = LiveTensorBytes(_state_tensors(model, inner))
             self.event("memory_probe_start", step)
-            tracker.__enter__()
-            self._mem_tracker = tracker
+            self._tensors.start(model, optimizer)
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         step = state.global_step
         self.event("step_end", step)
         if step == self.last_timed_step:
             self._close_window(args.device, step)
-        if step == self.memory_step and self._mem_tracker is not None:
-            self._mem_tracker.__exit__(None, None, None)
-            self.tensor_peak_bytes = int(self._mem_tracker.peak)
-            self._mem_tracker = None
+        if step == self.memory_step:
+            self._tensors.stop()
             self.event("memory_probe_end", step)
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         # A run that stopped inside the window (e.g. max_steps reached early) still releases NVML.
-        if self._sampler is not None:
+        if self._window:
             self._close_window(args.device, state.global_step)
 
     def _open_window(self, device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
         opened = self.nvml_reader(device)
-        if opened is not None:
-            self._nvml = opened if isinstance(opened, NvmlReader) else NvmlReader(*opened)
-            self._sampler = PeakSampler(self._nvml.read)
-            self._sampler.start()
-            self._energy_start_mj = self._nvml.energy_mj()  # last before the clock: the window is the timed steps
+        self._reader = None if opened is None else opened if isinstance(opened, NvmlReader) else NvmlReader(*opened)
+        self._cuda, self._rss = CudaPeaks(device), HostRss()
+        self._nvml_memory = None if self._reader is None else NvmlMemory(self._reader)
+        self._energy = None if self._reader is None else GpuEnergy(self._reader)
+        # Started in this order and stopped in the reverse one: the energy counter is read last before the clock
+        # and first after the sync that ends it; the allocator peaks are read before anything else can allocate.
+        self._window = [t for t in (self._rss, self._nvml_memory, self._cuda, self._energy) if t is not None]
+        for tracker in self._window:
+            tracker.start()
         self.event("window_open", self.first_timed_step)
         self.window_opened_at = time.perf_counter()
 
     def _close_window(self, device: torch.device, step: int) -> None:
-        # Read the peaks first: nothing may allocate between the last timed step and this read.
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        self.gpu_allocated_bytes, self.gpu_reserved_bytes = gpu_memory(device)
-        self.cpu_rss_bytes = cpu_rss_peak_bytes()
-        if self._nvml is not None and self._energy_start_mj is not None:
-            end = self._nvml.energy_mj()
-            # A counter that went backwards (driver reload) measured nothing.
-            self.energy_j = (end - self._energy_start_mj) / 1000.0 if end is not None and end >= self._energy_start_mj else None
-            self._energy_start_mj = None
-        if self._sampler is not None:
-            self.nvml_peak_bytes = self._sampler.stop()
-            self.nvml_samples = self._sampler.samples
-            self._sampler = None
-        if self._nvml is not None:
-            self.nvml_source = self._nvml.source() if self.nvml_peak_bytes is not None else None
-            warning = self._nvml.warning()
-            if warning and warning not in self.notes:
-                self.notes.append(warning)
-            self._nvml.close()
-            self._nvml = None
+        for tracker in reversed(self._window):
+            tracker.stop()
+        self._window = []
+        if self._nvml_memory is not None and self._nvml_memory.warning not in (None, *self.notes):
+            self.notes.append(self._nvml_memory.warning)
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         self.event("peaks_read", step)
+
+    # ---- the trackers' results --------------------------------------------------------------------------------
+    @property
+    def gpu_allocated_bytes(self) -> int | None:
+        """``max_memory_allocated`` over the timed window (CUDA only)."""
+        return self._cuda.allocated_bytes if self._cuda else None
+
+    @property
+    def gpu_reserved_bytes(self) -> int | None:
+        """``max_memory_reserved`` over the timed window (CUDA only)."""
+        return self._cuda.reserved_bytes if self._cuda else None
+
+    @property
+    def cpu_rss_bytes(self) -> int | None:
+        """Peak resident set size of the process when the window closed."""
+        return self._rss.peak_bytes if self._rss else None
+
+    @property
+    def nvml_peak_bytes(self) -> int | None:
+        """Maximum NVML process memory sampled during the timed window."""
+        return self._nvml_memory.peak_bytes if self._nvml_memory else None
+
+    @property
+    def nvml_samples(self) -> int:
+        """Number of NVML samples behind :attr:`nvml_peak_bytes`."""
+        return self._nvml_memory.samples if self._nvml_memory else 0
+
+    @property
+    def nvml_source(self) -> str | None:
+        """What :attr:`nvml_peak_bytes` is (:attr:`NvmlMemory.source`); None without a reading."""
+        return self._nvml_memory.source if self._nvml_memory else None
+
+    @property
+    def energy_j(self) -> float | None:
+        """Energy the GPU drew over the timed window (None off CUDA or where the counter is missing)."""
+        return self._energy.joules if self._energy else None
+
+    @property
+    def tensor_peak_bytes(self) -> int | None:
+        """Result of the memory probe (CPU)."""
+        return self._tensors.peak_bytes
 
 
 @dataclass

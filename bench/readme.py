@@ -180,11 +180,11 @@ def _form(planned: list[Any], method: str) -> str:
 
 def render_selfcheck_plan(root: Path) -> str:
     """``python -m bench.selfcheck_plan``'s plan per card: forms per method and the expected duration."""
-    from bench.selfcheck_plan import Machine, plan_checks
+    from bench.selfcheck_plan import TargetMachine, plan_checks
 
     rows = []
     for gpu, count in (("H100-SXM", 1), ("A100-40GB", 1), ("V100-32GB", 1), ("T4", 1), ("H100-SXM", 8)):
-        planned = plan_checks(Machine.from_table(gpu, count))
+        planned = plan_checks(TargetMachine.from_table(gpu, count))
         minutes = sum(p.expected_seconds for p in planned) / 60
         two = sum(p.world_size > 1 for p in planned)
         flash = any(p.config.attn == "flash_attention_2" for p in planned)

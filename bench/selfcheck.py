@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from bench.config import BenchConfig, DeviceDescription
-from bench.selfcheck_plan import Machine, PlannedCheck, check_setup, check_workload, plan_checks
+from bench.selfcheck_plan import PlannedCheck, TargetMachine, check_setup, check_workload, plan_checks
 from phi3v_core.io import json_safe
 from phi3v_core.methods import get_method
 
@@ -356,7 +356,7 @@ def _stderr(line: str) -> None:
 
 def run_selfcheck(
     steps: int = 3,
-    device: DeviceDescription | Machine | None = None,
+    device: DeviceDescription | TargetMachine | None = None,
     progress: Callable[[Check], None] | None = None,
     isolate: bool | None = None,
     log: Callable[[str], None] = _stderr,
@@ -378,7 +378,10 @@ def run_selfcheck(
 
     start = time.perf_counter()
     started = utc_now()
-    machine = device if isinstance(device, Machine) else Machine.detect() if device is None else plan_machine(device)
+    if isinstance(device, TargetMachine):
+        machine = device
+    else:
+        machine = TargetMachine.detect() if device is None else plan_machine(device)
     isolate = machine.device.gpu_name is not None if isolate is None else isolate
     plan = plan_checks(machine, steps)
     expected = sum(p.expected_seconds for p in plan)
@@ -413,14 +416,14 @@ def run_selfcheck(
                            provenance=provenance)
 
 
-def plan_machine(device: DeviceDescription) -> Machine:
-    """A :class:`Machine` for a bare device description: its memory from ``phi3v-plan``'s GPU table, one GPU."""
+def plan_machine(device: DeviceDescription) -> TargetMachine:
+    """A :class:`TargetMachine` for a bare device description: its memory from ``phi3v-plan``'s GPU table, one GPU."""
     if device.gpu_name is None:
-        return Machine(device)
+        return TargetMachine(device)
     from planner.hardware import match_spec
 
     spec = match_spec(device.gpu_name, 0, device.compute_capability or (0, 0))
-    return Machine(device, 1, spec.memory_bytes)
+    return TargetMachine(device, 1, spec.memory_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from phi3v_core.methods import METHOD_NAMES, get_method
 __all__ = [
     "CHECK_MEMORY_SHARE",
     "CHECK_OVERHEAD_S",
-    "Machine",
+    "TargetMachine",
     "check_memory_limit",
     "PlannedCheck",
     "check_setup",
@@ -63,8 +63,9 @@ def check_memory_limit(capacity: float, calibration: Any) -> float:
 
 
 @dataclass(frozen=True)
-class Machine:
-    """What the plan depends on.
+class TargetMachine:
+    """The machine a self-check or matrix plans for: what the plan depends on (not the training core's
+    :class:`phi3v_core.training.Machine`, which says what one process can run).
 
     Attributes:
         device: First GPU's name, compute capability and flash-attn (``gpu_name=None``: a CPU).
@@ -80,7 +81,7 @@ class Machine:
     bnb: Any = None
 
     @classmethod
-    def detect(cls, nvml: Any | None = None) -> Machine:
+    def detect(cls, nvml: Any | None = None) -> TargetMachine:
         """This machine, read through NVML (no CUDA context in this process)."""
         from phi3v_core.nvml import visible_devices
         from phi3v_core.software import bnb_library, torch_cuda_build
@@ -93,7 +94,7 @@ class Machine:
         return cls(device, max(1, len(report.devices)), memory, bnb_library(torch_cuda_build()))
 
     @classmethod
-    def from_table(cls, gpu: str, count: int = 1, flash_attn_installed: bool = True) -> Machine:
+    def from_table(cls, gpu: str, count: int = 1, flash_attn_installed: bool = True) -> TargetMachine:
         """A machine of ``count`` GPUs from ``phi3v-plan``'s GPU table (``H100-SXM``, ``T4``, ...)."""
         from planner.hardware import find_gpu, supports_flash_attention
 
@@ -190,7 +191,7 @@ def _planner() -> tuple[Any, Any]:
     return calibration, fit_speed_constants(calibration, load_shape("phi-3-vision"))[0]
 
 
-def _form(cfg: BenchConfig, machine: Machine) -> tuple[str, int | None, str, Any]:
+def _form(cfg: BenchConfig, machine: TargetMachine) -> tuple[str, int | None, str, Any]:
     """(form, decoder layers, reason, planner memory estimate) of one check on a GPU."""
     from planner.estimate import estimate_memory
     from planner.hardware import qlora_unsupported_reason
@@ -223,7 +224,7 @@ def _form(cfg: BenchConfig, machine: Machine) -> tuple[str, int | None, str, Any
     ), memory
 
 
-def expected_seconds(cfg: BenchConfig, machine: Machine, layers: int | None) -> float:
+def expected_seconds(cfg: BenchConfig, machine: TargetMachine, layers: int | None) -> float:
     """Expected duration of one check of ``layers`` decoder layers: fixed allowances plus the planner's step time
     (see :data:`CHECK_OVERHEAD_S`)."""
     steps = cfg.warmup + cfg.steps
@@ -245,10 +246,10 @@ def expected_seconds(cfg: BenchConfig, machine: Machine, layers: int | None) -> 
     return CHECK_OVERHEAD_S["cuda"] + steps * step_s
 
 
-def plan_checks(machine: Machine | DeviceDescription, steps: int = 3) -> list[PlannedCheck]:
+def plan_checks(machine: TargetMachine | DeviceDescription, steps: int = 3) -> list[PlannedCheck]:
     """Every method x every available attention kernel on ``machine`` (+ the 2-process checks with >= 2 GPUs)."""
     if isinstance(machine, DeviceDescription):
-        machine = Machine(machine, 0 if machine.gpu_name is None else 1)
+        machine = TargetMachine(machine, 0 if machine.gpu_name is None else 1)
     values, _reasons = choose_defaults(machine.device)
     attns = ["sdpa"]
     if values["attn"] == "flash_attention_2":
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for item in args.gpus:
         name, _, count = item.partition(":")
-        machine = Machine.from_table(name, int(count or 1))
+        machine = TargetMachine.from_table(name, int(count or 1))
         planned = plan_checks(machine, args.steps)
         total = sum(p.expected_seconds for p in planned)
         print(f"{name} x{machine.gpu_count}: {len(planned)} checks, expected ~{total / 60:.1f} min")

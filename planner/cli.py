@@ -496,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     request = _request(args)
     try:
-        request.validate()
+        request = request.validate()  # resolves --gpu once; plan() and the reports take the card from here
     except ConfigError as exc:
         raise ConfigError(_with_close_gpus(str(exc), args.gpu)) from None
     if args.calibration or args.crops_table:

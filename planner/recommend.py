@@ -509,7 +509,7 @@ def plan(
     Raises:
         ConfigError: Invalid request, or no GPU detected and none named.
     """
-    request.validate()
+    request = request.validate()  # the stated card is resolved here, once
     asked = request  # --data sizes num_crops and the batch per machine: --deadline re-plans from what was asked
     if detection is None and not request.states_gpu:
         detection = detect(nvml)
@@ -576,4 +576,4 @@ def survey(
     calibration = calibration or load_calibration(request.reference_dir)
     if gpus is None:
         gpus = tuple(s.gpu for s in azure_skus()) if request.cloud == "azure" else COMMON_GPUS
-    return [plan(replace(request, gpu=key), calibration=calibration) for key in gpus]
+    return [plan(replace(request, gpu=key, resolved_gpu=None), calibration=calibration) for key in gpus]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -136,6 +136,9 @@ class PlanRequest:
         processor_rate: Processor samples/s on one core of the target's CPU (None: the stored measurement).
         model_path: Checkpoint folder the launch command trains (``--model_name_or_path``); None prints a shell
             placeholder that stops with a clear message unless ``$PHI3V_MODEL`` is set.
+        resolved_gpu: The stated card as :meth:`validate` resolved it (the one lookup of ``--gpu`` /
+            ``--gpu_memory_gib``); set by :meth:`validate`, not by hand: a copy for another card passes
+            ``resolved_gpu=None`` (as :func:`planner.recommend.survey` does).
     """
 
     gpu: str | None = None
@@ -166,6 +169,7 @@ class PlanRequest:
     gpu_memory_gib: float | None = None
     gpu_tflops: float | None = None
     gpu_bandwidth_gbs: float | None = None
+    resolved_gpu: GpuSpec | None = None
 
     @property
     def states_gpu(self) -> bool:
@@ -173,8 +177,12 @@ class PlanRequest:
         return bool(self.gpu) or self.gpu_memory_gib is not None
 
     def gpu_spec(self) -> GpuSpec:
-        """The stated card: the table's row for ``--gpu``, or one built from ``--gpu_memory_gib`` (``--tflops``,
-        ``--bandwidth``) for a card the table lacks."""
+        """The stated card, as :meth:`validate` resolved it (a request that was not validated resolves it now)."""
+        return self.resolved_gpu or self._look_up_gpu()
+
+    def _look_up_gpu(self) -> GpuSpec:
+        """The table's row for ``--gpu``, or one built from ``--gpu_memory_gib`` (``--tflops``, ``--bandwidth``) for a
+        card the table lacks."""
         if self.gpu_memory_gib is not None:
             return custom_gpu(self.gpu, self.gpu_memory_gib, self.gpu_tflops, self.gpu_bandwidth_gbs)
         assert self.gpu is not None, "gpu_spec() needs --gpu or --gpu_memory_gib"
@@ -201,8 +209,11 @@ class PlanRequest:
             )
         return problems
 
-    def validate(self) -> None:
-        """Check every field at once.
+    def validate(self) -> PlanRequest:
+        """Check every field at once, and resolve the stated card (once: a validated request keeps it).
+
+        Returns:
+            This request with :attr:`resolved_gpu` set where a card is stated.
 
         Raises:
             ConfigError: Listing every problem.
@@ -255,12 +266,14 @@ class PlanRequest:
             problems.append(f"--data {self.data_dir}: not a folder; pass a folder holding <name>_train.jsonl and images/")
         if (self.gpu_tflops or self.gpu_bandwidth_gbs) and self.gpu_memory_gib is None:
             problems.append("--tflops and --bandwidth describe a card together with --gpu_memory_gib; add it")
-        if self.gpu is not None and self.gpu_memory_gib is None:
+        card = self.resolved_gpu
+        if card is None and self.states_gpu:
             try:
-                find_gpu(self.gpu)
+                card = self._look_up_gpu()
             except ConfigError as exc:
                 problems.append(str(exc))
         raise_all(problems)
+        return self if card is self.resolved_gpu else replace(self, resolved_gpu=card)
 
 
 @dataclass(frozen=True)
@@ -469,6 +482,7 @@ class Plan:
         """Plain dict (for ``--json``)."""
         request = asdict(self.request)
         request["methods"] = list(self.request.methods)
+        del request["resolved_gpu"]  # the card is "hardware"'s
         return {
             "request": request,
             "hardware": self.hardware.to_dict(),

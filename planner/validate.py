@@ -167,10 +167,10 @@ def _measure(case: ValidationCase, model: str, steps: int) -> dict[str, Any]:
     """Train ``1 + steps`` optimizer steps the way ``phi3v-bench`` does; per-step wall and CPU seconds."""
     from transformers import TrainerCallback
 
-    from phi3v_core.constants import load_recipe
     from phi3v_core.processing import Phi3VProcessor
     from phi3v_core.training import StepTimer, train
-    from phi3v_core.training.workload import MeasurementSpec, build_workload, to_train_config
+    from phi3v_core.training.workload import build_workload, to_train_config
+    from phi3v_core.workload import Workload
 
     class CpuTimer(TrainerCallback):  # type: ignore[misc]
         """Process CPU seconds per optimizer step (robust to other processes sharing the cores)."""
@@ -185,8 +185,8 @@ def _measure(case: ValidationCase, model: str, steps: int) -> dict[str, Any]:
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
             self.seconds.append(time.process_time() - self._begin)
 
-    cfg = MeasurementSpec(
-        profile=load_recipe().profiles["docvqa"],
+    cfg = Workload(
+        seq_profile="docvqa",
         method=case.method,
         attn="sdpa",
         precision="fp32",
@@ -195,6 +195,7 @@ def _measure(case: ValidationCase, model: str, steps: int) -> dict[str, Any]:
         global_batch=case.micro_batch * case.grad_accum,
         micro_batch=case.micro_batch,
         gradient_checkpointing=case.gradient_checkpointing,
+        seed=0,
     )
     warmup = 1
     total = warmup + steps

@@ -1,7 +1,8 @@
 """What a timed measurement trains: the synthetic workload sized to a sequence profile, and its ``TrainConfig``.
 
-Used by ``phi3v-bench`` (which passes its :class:`~bench.config.BenchConfig`) and by ``phi3v-plan --validate`` (which
-passes a :class:`MeasurementSpec`), so both time the same training steps on the same data.
+Used by ``phi3v-bench`` (whose :class:`~bench.config.BenchConfig` is a :class:`~phi3v_core.workload.Workload` plus
+GPUs and protocol) and by ``phi3v-plan --validate`` (which passes a ``Workload``), so both time the same training steps
+on the same data.
 
 Every example has the profile's images (noise of the profile's size, so the processor derives the same HD crop grid
 as a real page would) and about the profile's number of text tokens. The examples are
@@ -12,8 +13,7 @@ steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, fields
 
 from torch.utils.data import Dataset
 
@@ -21,59 +21,11 @@ from phi3v_core.constants import CROP_SIZE, SeqProfile, load_recipe
 from phi3v_core.processing import Phi3VProcessor
 from phi3v_core.training.config import TrainConfig
 from phi3v_core.training.synthetic import SyntheticDataset
+from phi3v_core.workload import Workload
 
 __all__ = [
-    "MeasurementShape", "MeasurementSpec", "SyntheticWorkload", "build_workload", "recipe_learning_rate", "to_train_config",
+    "SyntheticWorkload", "build_workload", "recipe_learning_rate", "to_train_config",
 ]
-
-
-class MeasurementShape(Protocol):
-    """The settings of a measured run (a ``BenchConfig`` has them all)."""
-
-    model: str
-    method: str
-    precision: str
-    attn: str
-    num_crops: int
-    micro_batch: int
-    global_batch: int
-    gradient_checkpointing: bool
-    optim: str
-    offload: str
-    seed: int
-    learning_rate: float | None
-
-    @property
-    def profile(self) -> SeqProfile:
-        """The synthetic sample shape."""
-        ...
-
-
-@dataclass(frozen=True)
-class MeasurementSpec:
-    """A :class:`MeasurementShape` for callers without a benchmark config (defaults as ``BenchConfig``'s)."""
-
-    profile: SeqProfile
-    model: str = "tiny"
-    method: str = "lora"
-    precision: str = "bf16"
-    attn: str = "sdpa"
-    num_crops: int = 16
-    micro_batch: int = 1
-    global_batch: int = 8
-    gradient_checkpointing: bool = True
-    optim: str = "adamw"
-    offload: str = "none"
-    seed: int = 0
-    learning_rate: float | None = None
-    packing: bool = False
-    pack_tokens: int | None = None
-    checkpoint_towers: str = "both"
-    freeze_llm: bool = False
-    kernels: str = "none"
-    compile: bool = False
-    vision_lr: float | None = None
-    projector_lr: float | None = None
 
 
 def recipe_learning_rate(task: str, method: str) -> float:
@@ -85,41 +37,30 @@ def recipe_learning_rate(task: str, method: str) -> float:
     return float(recipe.recipe_defaults["learning_rate"])
 
 
-#: The kernel, compile and per-tower fields a measured run passes on (their defaults where a shape lacks them).
-_LEVER_DEFAULTS = {"checkpoint_towers": "both", "freeze_llm": False, "kernels": "none", "compile": False,
-                   "vision_lr": None, "projector_lr": None}
+#: Workload fields that are no ``TrainConfig`` field as they stand: the profile sizes the data, and a ``None`` learning
+#: rate means the recipe's (:func:`recipe_learning_rate`).
+_NOT_TRAIN_CONFIG = ("seq_profile", "learning_rate")
 
 
-def to_train_config(cfg: MeasurementShape, output_dir: str, total_steps: int) -> TrainConfig:
+def to_train_config(cfg: Workload, output_dir: str, total_steps: int) -> TrainConfig:
     """The fine-tuning core's ``TrainConfig`` of a measured run: no warmup schedule, no saving, a log every step.
 
     The learning rate is the config's, else the recipe's for the profile's task and the method: it does not change
     the step time, but it decides how many weights a step changes (the run reports it, :mod:`bench.updates`).
     """
+    # every workload field but the profile is a TrainConfig field of the same name: one map, by name
+    shared = {f.name: getattr(cfg, f.name) for f in fields(Workload) if f.name not in _NOT_TRAIN_CONFIG}
     return TrainConfig(
-        model=cfg.model,
-        method=cfg.method,
-        precision=cfg.precision,
-        attn=cfg.attn,
-        num_crops=cfg.num_crops,
-        micro_batch=cfg.micro_batch,
-        global_batch=cfg.global_batch,
+        **shared,
+        learning_rate=cfg.learning_rate or recipe_learning_rate(cfg.profile.name, cfg.method),
         max_steps=total_steps,
         warmup_steps=0,
-        learning_rate=cfg.learning_rate or recipe_learning_rate(cfg.profile.name, cfg.method),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        **{name: getattr(cfg, name, default) for name, default in _LEVER_DEFAULTS.items()},
-        optim=cfg.optim,
-        offload=cfg.offload,
         output_dir=output_dir,
         save_steps=0,
         save_final=False,
-        seed=cfg.seed,
         logging_steps=1,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        packing=getattr(cfg, "packing", False),
-        pack_tokens=getattr(cfg, "pack_tokens", None),
     )
 
 
@@ -173,7 +114,7 @@ def _mean_text_tokens(processor: Phi3VProcessor, profile: SeqProfile, seed: int,
     return sum(counts) / len(counts)
 
 
-def build_workload(cfg: MeasurementShape, processor: Phi3VProcessor, num_samples: int) -> SyntheticWorkload:
+def build_workload(cfg: Workload, processor: Phi3VProcessor, num_samples: int) -> SyntheticWorkload:
     """Encode the profile's examples and return a dataset of ``num_samples`` of them.
 
     The number of words is calibrated once against the processor's tokenizer (two probes give the tokens per word

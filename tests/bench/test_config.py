@@ -126,3 +126,24 @@ def test_optimizer_and_offload_are_identity_and_named_only_when_not_default() ->
     assert any("optim 'sgd'" in p for p in BenchConfig(release="r", optim="sgd").problems())
     grid = parse_grid(["gradient_checkpointing=on,off", "optim=adamw,adamw_8bit"])
     assert grid == {"gradient_checkpointing": [True, False], "optim": ["adamw", "adamw_8bit"]}
+
+
+def test_the_workload_is_declared_once_and_mapped_onto_training_by_name() -> None:
+    # BenchConfig adds placement and protocol to the core Workload; it declares none of the workload's fields again,
+    # and to_train_config carries every workload field (a changed value shows in the TrainConfig it builds)
+    import dataclasses
+
+    from phi3v_core.training.workload import to_train_config
+    from phi3v_core.workload import Workload
+
+    workload = {f.name for f in dataclasses.fields(Workload)}
+    assert workload <= {f.name for f in dataclasses.fields(BenchConfig)}
+    assert not workload & set(BenchConfig.__annotations__)  # BenchConfig's own fields only
+    changed = BenchConfig(method="full", attn="eager", precision="fp32", num_crops=2, global_batch=4, micro_batch=2,
+                          seed=7, gradient_checkpointing=False, optim="adamw_8bit", checkpoint_towers="llm",
+                          freeze_llm=True, compile=True, vision_lr=1e-5, projector_lr=2e-5, packing=True,
+                          pack_tokens=512, learning_rate=3e-5, release="t")
+    train = to_train_config(changed, "unused", 3)
+    for name in workload - {"seq_profile", "model", "offload", "kernels"}:
+        assert getattr(train, name) == getattr(changed, name) != getattr(Workload(), name), name
+    assert (train.model, train.offload, train.kernels) == ("tiny", "none", "none")

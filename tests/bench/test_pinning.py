@@ -91,9 +91,9 @@ def test_selfcheck_pins_its_single_process_checks(monkeypatch: pytest.MonkeyPatc
         return subprocess.CompletedProcess(command, 1, "", "no GPU here")
 
     monkeypatch.setattr(bench.selfcheck.subprocess, "run", fake_run)
-    from bench.selfcheck_plan import Machine, plan_checks
+    from bench.selfcheck_plan import TargetMachine, plan_checks
 
-    planned = plan_checks(Machine.from_table("H100-SXM", count=8))
+    planned = plan_checks(TargetMachine.from_table("H100-SXM", count=8))
     single = next(p for p in planned if p.world_size == 1)
     double = next(p for p in planned if p.world_size == 2)
     for p in (single, double):

@@ -13,7 +13,7 @@ import torch
 
 from bench.config import DeviceDescription
 from bench.selfcheck import Check, _problems
-from bench.selfcheck_plan import Machine, check_setup, check_workload, plan_checks
+from bench.selfcheck_plan import TargetMachine, check_setup, check_workload, plan_checks
 from phi3v_core.methods import METHOD_NAMES, get_method
 from planner.hardware import qlora_unsupported_reason
 from tests.safety_helpers import HANG_GUARD_S
@@ -28,10 +28,10 @@ def test_plan_covers_every_method_and_available_kernel() -> None:
     cpu = plan_checks(DeviceDescription())
     assert [(p.config.method, p.config.attn) for p in cpu] == [(m, "sdpa") for m in METHODS]
     assert all(p.config.model == "tiny" and p.form == "full-size" for p in cpu)
-    h100 = plan_checks(Machine.from_table("H100-SXM"))
+    h100 = plan_checks(TargetMachine.from_table("H100-SXM"))
     assert len(h100) == 2 * len(METHODS) and {p.config.attn for p in h100} == {"sdpa", "flash_attention_2"}
     assert all(p.config.model == "phi-3.5-vision" and p.config.precision == "bf16" for p in h100)
-    no_flash = plan_checks(Machine.from_table("A100-80GB", flash_attn_installed=False))
+    no_flash = plan_checks(TargetMachine.from_table("A100-80GB", flash_attn_installed=False))
     assert {p.config.attn for p in no_flash} == {"sdpa"}
 
 
@@ -46,7 +46,7 @@ EXPECTED_FORMS = {
 }
 
 
-def _reserved(cfg, machine: Machine, layers: int) -> float:
+def _reserved(cfg, machine: TargetMachine, layers: int) -> float:
     from planner.calibration import load_calibration
     from planner.estimate import estimate_memory
     from planner.shapes import load_shape
@@ -67,7 +67,7 @@ def test_every_method_runs_full_size_reduced_or_is_skipped_with_a_reason(gpu: st
     from bench.selfcheck_plan import check_memory_limit
     from planner.calibration import load_calibration
 
-    machine = Machine.from_table(gpu)
+    machine = TargetMachine.from_table(gpu)
     planned = plan_checks(machine)
     assert {p.config.method for p in planned} == set(METHODS)
     limit = check_memory_limit(machine.memory_bytes, load_calibration())
@@ -98,7 +98,7 @@ def test_checks_are_sized_with_a_margin_a_10_percent_under_prediction_survives(g
     full 75.2 of 75.7 GiB, T4 LoRA 14.2 of 14.2, ZeRO-2 76.0 of 76.0) it would not."""
     from bench.selfcheck_plan import CHECK_MEMORY_SHARE
 
-    machine = Machine.from_table(gpu, count=count)
+    machine = TargetMachine.from_table(gpu, count=count)
     planned = [p for p in plan_checks(machine) if p.form != "skipped"]
     assert planned and (count == 1 or any("ZeRO-2" in p.label for p in planned))
     for p in planned:
@@ -113,17 +113,17 @@ def test_checks_are_sized_with_a_margin_a_10_percent_under_prediction_survives(g
 
 def test_qlora_follows_the_one_support_rule() -> None:
     # A Maxwell card (5.2) is below bitsandbytes' NF4 minimum: QLoRA is skipped with the planner's reason.
-    maxwell = Machine(DeviceDescription("Tesla M40 24GB", (5, 2), False), 1, 24 * 2**30)
+    maxwell = TargetMachine(DeviceDescription("Tesla M40 24GB", (5, 2), False), 1, 24 * 2**30)
     qlora = next(p for p in plan_checks(maxwell) if p.config.method == "qlora")
     assert qlora.form == "skipped" and qlora.reason == qlora_unsupported_reason((5, 2))
     # A V100 (7.0) runs it (fp16), as phi3v-plan now says too.
-    v100 = next(p for p in plan_checks(Machine.from_table("V100-32GB")) if p.config.method == "qlora")
+    v100 = next(p for p in plan_checks(TargetMachine.from_table("V100-32GB")) if p.config.method == "qlora")
     assert v100.form == "full-size" and v100.config.precision == "fp16"
 
 
 def test_two_gpus_add_the_two_process_checks() -> None:
-    one = plan_checks(Machine.from_table("A100-80GB", count=1))
-    two = plan_checks(Machine.from_table("A100-80GB", count=2))
+    one = plan_checks(TargetMachine.from_table("A100-80GB", count=1))
+    two = plan_checks(TargetMachine.from_table("A100-80GB", count=2))
     assert all(p.world_size == 1 for p in one)
     extra = [p for p in two if p.world_size == 2]
     assert [(p.config.method, p.config.gpus) for p in extra] == [("full", 2), ("lora", 2)]
@@ -249,7 +249,7 @@ def test_one_selfcheck_check_on_cuda() -> None:
     """
     from bench.selfcheck import run_check_isolated
 
-    planned = next(p for p in plan_checks(Machine.detect()) if (p.config.method, p.config.attn) == ("lora", "sdpa"))
+    planned = next(p for p in plan_checks(TargetMachine.detect()) if (p.config.method, p.config.attn) == ("lora", "sdpa"))
     check = run_check_isolated(dataclasses.replace(planned, form="reduced", decoder_layers=SMOKE_LAYERS))
     assert check.status == "ok", check
     assert check.decoder_layers == SMOKE_LAYERS and check.form == "reduced"
@@ -261,7 +261,7 @@ def test_the_gpu_smoke_check_is_estimated_by_the_plan() -> None:
     """The GPU test's stated seconds cover the plan's own estimate of that check on an H100."""
     from bench.selfcheck_plan import expected_seconds
 
-    machine = Machine.from_table("H100-SXM")
+    machine = TargetMachine.from_table("H100-SXM")
     planned = next(p for p in plan_checks(machine) if (p.config.method, p.config.attn) == ("lora", "sdpa"))
     estimate = expected_seconds(planned.config, machine, SMOKE_LAYERS)
     stated = test_one_selfcheck_check_on_cuda.pytestmark[0].kwargs["seconds"]

@@ -70,3 +70,25 @@ def test_sxm_cards_are_not_labelled_pcie(argv, label, capsys, monkeypatch):
     assert main([*argv, "--method", "lora"]) == 0
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Hardware"))
     assert label in header and "node(s)" not in header and "1 node," in header
+
+
+@pytest.mark.parametrize("flags", [["--gpu", "H100-SXM"], ["--gpu", "H100-SXM", "--gpu_memory_gib", "94"]])
+def test_the_stated_card_is_resolved_once_however_often_the_plan_is_remade(monkeypatch, capsys, flags):
+    # --deadline re-plans for several node counts: each plan takes the card the request boundary resolved
+    import planner.request as request
+
+    calls = []
+
+    def counting(look_up):
+        def wrapped(*args):
+            calls.append(args[0])
+            return look_up(*args)
+
+        return wrapped
+
+    monkeypatch.setattr(request, "find_gpu", counting(request.find_gpu))
+    monkeypatch.setattr(request, "custom_gpu", counting(request.custom_gpu))
+    assert main([*flags, "--method", "lora", "--deadline", "2", "--dataset-size", "20000", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["hardware"]["gpu"]["key"] == "H100-SXM" and out["deadline"] is not None
+    assert calls == ["H100-SXM"]
