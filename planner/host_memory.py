@@ -34,10 +34,11 @@ GIB = 1 << 30
 #: Python with torch, transformers and peft imported (0.44 GiB), the processor and the encoded examples, the Trainer,
 #: and the allocator's slack.
 PROCESS_BASELINE_BYTES = 1.2 * GIB
-#: Share of the machine's RAM a run leaves to the kernel (its watermarks; the mapped code of every running program,
-#: which psutil counts as available page cache) and to the machine's other processes while it grows to its peak over
-#: minutes. Without it a run predicted just under the available RAM starts and is killed by the OOM killer (issue #24:
-#: lora on phi-3.5-vision, 21.2 GiB predicted of 22.3 GiB available on a 24 GB host).
+#: Share of the machine's RAM a run leaves to the kernel (its watermarks, 0.1 GiB here; the mapped code of the running
+#: programs, 0.8 GiB here, which psutil counts as available page cache) and to the machine's other processes while it
+#: grows to its peak over minutes. Without it a run predicted just under the available RAM starts and is killed (issue
+#: #24: lora on phi-3.5-vision, 21.2 GiB predicted of 22.3 GiB available on a 24 GB host, killed after 100 s: mid-build,
+#: as its fp32 weights take minutes to initialise on 2 cores, so the RAM ran out around the run, not inside it).
 SYSTEM_RESERVE_FRACTION = 0.05
 
 
