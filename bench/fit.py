@@ -2,11 +2,12 @@
 
 ``phi3v-bench run`` and every ``matrix`` cell ask, before a worker starts, whether the configuration's predicted
 memory fits here: device memory per GPU (the planner's reserved peak, :func:`planner.estimate.estimate_memory`)
-against the card's memory as NVML reports it, and host RAM per node (on a CPU: the whole step's tensors, per
-process, plus the interpreter; on a GPU: an offloaded optimizer's fp32 states, :func:`planner.estimate.host_memory_bytes`,
-plus the interpreter) against what ``psutil`` says is available. A configuration that does not fit is refused with
-both numbers and the nearest layout that does (the fewest flags changed); ``--force`` runs it anyway, and the
-kernel's OOM killer or the CUDA allocator then has the last word, as before.
+against the card's memory as NVML reports it, and host RAM per node (:func:`planner.host_memory.process_host_bytes`
+per process: on a CPU the whole step's tensors, with ``--offload optimizer`` its fp32 states, and the runtime measured
+beside them) against what ``psutil`` says is available less the share left to the system
+(:func:`planner.host_memory.shortfall`). A configuration that does not fit is refused with both numbers and the
+nearest layout that does (the fewest flags changed); ``--force`` runs it anyway, and the kernel's OOM killer or the
+CUDA allocator then has the last word, as before.
 
 The prediction is the planner's, so it carries the planner's error (README "Planner"): a run is refused only when
 its prediction is above the memory there is, never for the planner's headroom margin.
@@ -15,6 +16,7 @@ its prediction is above the memory there is, never for the planner's headroom ma
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,18 +25,14 @@ from bench.config import BenchConfig
 from phi3v_core.constants import ZERO_BUCKET_ELEMENTS
 from phi3v_core.methods import METHOD_NAMES, get_method
 from planner.fit_check import device_memory_bytes, host_available_bytes
+from planner.host_memory import PROCESS_BASELINE_BYTES, host_total_bytes, shortfall, system_reserve_bytes
 
 __all__ = [
     "PROCESS_BASELINE_BYTES", "Memory", "available", "fit_problem", "fit_problems", "fitting_cells",
-    "host_available_bytes",
-    "nearest_fit", "predict",
+    "host_available_bytes", "nearest_fit", "predict", "system_reserve_bytes",
 ]
 
 GIB = 1 << 30
-#: Host RAM of one worker process besides the tensors the planner counts: Python with torch, transformers, peft and
-#: the training code imported (0.42 GiB RSS, measured on this project's CPU machine), plus an allowance for the
-#: synthetic dataset, the data loader and the allocator's slack - an allowance, not a measurement.
-PROCESS_BASELINE_BYTES = 1.0 * GIB
 
 
 @dataclass(frozen=True)
@@ -43,23 +41,26 @@ class Memory:
 
     Attributes:
         device_bytes: Per GPU (None on a CPU, or unknown).
-        host_bytes: Per node (None: unknown).
+        host_bytes: Per node (None: unknown); of a machine, what psutil calls available.
+        host_total_bytes: Of a machine, its RAM (the share left to the system is taken from it; None: none).
     """
 
     device_bytes: float | None
     host_bytes: float | None
+    host_total_bytes: float | None = None
 
 
 def available(gpu: bool, nvml: Any | None = None) -> Memory:
     """This machine: the GPUs' memory (NVML) when ``gpu``, and the host RAM available (psutil)."""
-    return Memory(device_memory_bytes(nvml) if gpu else None, host_available_bytes())
+    return Memory(device_memory_bytes(nvml) if gpu else None, host_available_bytes(), host_total_bytes())
 
 
 def predict(cfg: BenchConfig, gpu: bool) -> Memory:
     """The planner's memory for ``cfg``: reserved peak per GPU, host RAM per node."""
     from bench.selfcheck_plan import check_setup, check_workload
     from planner.calibration import load_calibration
-    from planner.estimate import estimate_memory, host_memory_bytes
+    from planner.estimate import estimate_memory
+    from planner.host_memory import process_host_bytes
     from planner.layouts import with_option
     from planner.shapes import load_shape
 
@@ -70,12 +71,10 @@ def predict(cfg: BenchConfig, gpu: bool) -> Memory:
     setup = with_option(setup, cfg.optim, cfg.offload)
     workload = check_workload(cfg, shape)
     processes = cfg.world_size // cfg.nodes  # per node
+    host = process_host_bytes(shape, setup, workload, cuda=gpu) * processes  # on a CPU every tensor is host RAM
     if gpu:
-        memory = estimate_memory(shape, setup, workload, load_calibration().overheads)
-        host = (host_memory_bytes(shape, setup) + PROCESS_BASELINE_BYTES) * processes
-        return Memory(memory.reserved, host)
-    memory = estimate_memory(shape, setup, workload)  # a CPU step: every tensor lives in host RAM
-    return Memory(None, (memory.allocated + host_memory_bytes(shape, setup) + PROCESS_BASELINE_BYTES) * processes)
+        return Memory(estimate_memory(shape, setup, workload, load_calibration().overheads).reserved, host)
+    return Memory(None, host)
 
 
 def _short(need: Memory, have: Memory) -> list[str]:
@@ -83,14 +82,16 @@ def _short(need: Memory, have: Memory) -> list[str]:
     over = []
     if need.device_bytes is not None and have.device_bytes is not None and need.device_bytes > have.device_bytes:
         over.append("device")
-    if need.host_bytes is not None and have.host_bytes is not None and need.host_bytes > have.host_bytes:
+    if need.host_bytes is not None and shortfall(need.host_bytes, have.host_bytes, have.host_total_bytes):
         over.append("host")
     return over
 
 
 def _variants(cfg: BenchConfig, gpu: bool) -> Iterator[tuple[BenchConfig, list[str]]]:
-    """Layouts near ``cfg`` with the flags that differ: checkpointing, micro-batch, optimizer/offload, method."""
+    """Layouts near ``cfg`` with the flags that differ: checkpointing, micro-batch, optimizer/offload, method, and
+    on a CPU bf16 for fp32 (a LoRA base is built in the compute dtype, half the bytes)."""
     world = cfg.world_size
+    precisions = [cfg.precision] + (["bf16"] if not gpu and cfg.precision == "fp32" else [])
     micro_batches = [m for m in (1, 2, 4, 8, 16, 32, 64) if cfg.global_batch % (m * world) == 0] or [cfg.micro_batch]
     methods = [cfg.method] + [m for m in METHOD_NAMES if m != cfg.method and (gpu or not get_method(m).quantized)]
     for method in methods:
@@ -98,13 +99,13 @@ def _variants(cfg: BenchConfig, gpu: bool) -> Iterator[tuple[BenchConfig, list[s
         if gpu and get_method(method).trains_base:
             options += [("adamw_8bit_fp32_master", "none"), ("adamw_8bit", "none"), ("adamw", "optimizer")]
         for optim, offload in options:
-            for checkpointing in (cfg.gradient_checkpointing, not cfg.gradient_checkpointing):
-                for micro in micro_batches:
-                    variant = dataclasses.replace(cfg, method=method, optim=optim, offload=offload,
-                                                  gradient_checkpointing=checkpointing, micro_batch=micro)
-                    flags = _changed_flags(cfg, variant)
-                    if flags:
-                        yield variant, flags
+            for checkpointing, micro, precision in itertools.product(
+                    (cfg.gradient_checkpointing, not cfg.gradient_checkpointing), micro_batches, precisions):
+                variant = dataclasses.replace(cfg, method=method, optim=optim, offload=offload, precision=precision,
+                                              gradient_checkpointing=checkpointing, micro_batch=micro)
+                flags = _changed_flags(cfg, variant)
+                if flags:
+                    yield variant, flags
 
 
 def _changed_flags(cfg: BenchConfig, variant: BenchConfig) -> list[str]:
@@ -112,6 +113,8 @@ def _changed_flags(cfg: BenchConfig, variant: BenchConfig) -> list[str]:
     flags = []
     if variant.method != cfg.method:
         flags.append(f"--method {variant.method}")
+    if variant.precision != cfg.precision:
+        flags.append(f"--precision {variant.precision}")
     if variant.micro_batch != cfg.micro_batch:
         flags.append(f"--micro-batch {variant.micro_batch}")
     if variant.gradient_checkpointing != cfg.gradient_checkpointing:
@@ -137,15 +140,16 @@ def _as_assignments(flags: list[str]) -> str:
 def nearest_fit(cfg: BenchConfig, have: Memory, gpu: bool) -> tuple[list[str], Memory] | None:
     """The flags of the nearest layout that fits ``have`` and its prediction (None: none does).
 
-    Nearest: the same method before another, then the fewest flags changed; among equals the faster layout (no
-    checkpointing, then the larger micro-batch, then no offload).
+    Nearest: the same method before another, the same precision before another (it changes the numbers, a layout
+    does not), then the fewest flags changed; among equals the faster layout (no checkpointing, then the larger
+    micro-batch, then no offload).
     """
     found = []
     for variant, flags in _variants(cfg, gpu):
         need = predict(variant, gpu)
         if not _short(need, have):
-            rank = (variant.method != cfg.method, len(flags), variant.gradient_checkpointing, -variant.micro_batch,
-                    variant.offload != "none")  # fmt: skip
+            rank = (variant.method != cfg.method, variant.precision != cfg.precision, len(flags),
+                    variant.gradient_checkpointing, -variant.micro_batch, variant.offload != "none")  # fmt: skip
             found.append((rank, flags, need))
     if not found:
         return None
@@ -175,8 +179,9 @@ def fit_problem(cfg: BenchConfig, gpu: bool, have: Memory | None = None, *, matr
     if "device" in over:
         parts.append(f"{_gib(need.device_bytes or 0)} per GPU (predicted reserved peak), {_gib(have.device_bytes or 0)} on the card")
     if "host" in over:
-        where = "host RAM per node" if gpu else f"host RAM ({cfg.world_size} process(es) on the CPU)"
-        parts.append(f"{_gib(need.host_bytes or 0)} of {where}, {_gib(have.host_bytes or 0)} available")
+        processes = cfg.world_size // cfg.nodes
+        where = "host RAM per node" if gpu else f"host RAM ({processes} process{'es' if processes > 1 else ''} on the CPU)"
+        parts.append(shortfall(need.host_bytes or 0.0, have.host_bytes, have.host_total_bytes, where))
     nearest = nearest_fit(cfg, have, gpu)
     if nearest is not None:
         flags, fits = nearest

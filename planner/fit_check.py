@@ -4,8 +4,10 @@
 plugin: the ``phi3v_bench.fit_check`` entry point (pyproject.toml) names :func:`finetune_fit_problem`, and
 :mod:`phi3v_core.training.fit_hook` calls whatever that group holds after the data is read and before any model is
 built. The prediction is the planner's memory model (:func:`planner.estimate.estimate_memory`) for the run's layout and
-its longest sample; the machine is NVML's memory per GPU and psutil's available host RAM. A run is refused only above
-the memory there is (never for the planner's headroom margin), with both numbers; ``--force`` trains anyway.
+its longest sample, host RAM per process as ``phi3v-bench`` counts it (:func:`planner.host_memory.process_host_bytes`);
+the machine is NVML's memory per GPU and psutil's available host RAM less the share left to the system
+(:func:`planner.host_memory.shortfall`). A run is refused only above the memory there is (never for the planner's
+headroom margin), with both numbers; ``--force`` trains anyway.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from typing import Any
 __all__ = ["device_memory_bytes", "finetune_fit_problem", "host_available_bytes"]
 
 GIB = 1 << 30
-#: Host RAM of one training process besides its tensors (bench.fit's allowance: interpreter, data, allocator slack).
-PROCESS_BASELINE_BYTES = 1.0 * GIB
 #: Tasks with a planner profile (planner/data/recipes.json); a jsonl folder is profiled from its records.
 _PROFILED = ("docvqa", "nlvr2", "hateful_memes", "ucf101")
 
@@ -87,7 +87,8 @@ def finetune_fit_problem(train: Any, task: str, data_dir: str | None, world: int
         cuda: It trains on GPUs.
     """
     from planner.calibration import load_calibration
-    from planner.estimate import estimate_memory, host_memory_bytes
+    from planner.estimate import estimate_memory
+    from planner.host_memory import host_total_bytes, process_host_bytes, shortfall
     from planner.shapes import load_shape
 
     shape = load_shape(train.model)
@@ -95,16 +96,14 @@ def finetune_fit_problem(train: Any, task: str, data_dir: str | None, world: int
     if workload is None:
         return None
     setup = _setup(train, world, cuda)
-    memory = estimate_memory(shape, setup, workload, load_calibration().overheads if cuda else None)
-    device_need = memory.reserved if cuda else None
-    host_per_process = host_memory_bytes(shape, setup) + (0.0 if cuda else memory.allocated) + PROCESS_BASELINE_BYTES
-    host_need, host_have = host_per_process * local, host_available_bytes()
+    device_need = estimate_memory(shape, setup, workload, load_calibration().overheads).reserved if cuda else None
+    host_need = process_host_bytes(shape, setup, workload, cuda) * local  # the check phi3v-bench runs (bench.fit)
     device_have = device_memory_bytes() if cuda else None
     parts = []
     if device_need is not None and device_have is not None and device_need > device_have:
         parts.append(f"{device_need / GIB:.1f} GiB per GPU (predicted reserved peak), {device_have / GIB:.1f} GiB on the card")
-    if host_have is not None and host_need > host_have:
-        parts.append(f"{host_need / GIB:.1f} GiB of host RAM, {host_have / GIB:.1f} GiB available")
+    if host := shortfall(host_need, host_available_bytes(), host_total_bytes()):
+        parts.append(host)
     if not parts:
         return None
     hint = _hint(train, shape, setup, workload, device_have, cuda)
@@ -113,14 +112,21 @@ def finetune_fit_problem(train: Any, task: str, data_dir: str | None, world: int
 
 
 def _hint(train: Any, shape: Any, setup: Any, workload: Any, device_have: float | None, cuda: bool) -> str:
-    """``; micro-batch 1 with checkpointing would need N GiB`` when the smallest layout of the method is smaller."""
+    """``; micro-batch 1 with checkpointing would need N GiB`` when the smallest layout of the method is smaller; on a
+    CPU at fp32 with the smallest layout already, what bf16 would need (``phi3v-bench``'s nearest layout, bench.fit)."""
     from planner.calibration import load_calibration
     from planner.estimate import estimate_memory
+    from planner.host_memory import process_host_bytes
 
     if setup.micro_batch == 1 and setup.gradient_checkpointing:
-        return ""
+        if cuda or setup.precision != "fp32":
+            return ""
+        bf16 = replace(setup, precision="bf16")
+        return f"; bf16 (--precision bf16) is predicted at {process_host_bytes(shape, bf16, workload, cuda) / GIB:.1f} GiB"
     smallest = replace(setup, micro_batch=1, gradient_checkpointing=True)
-    memory = estimate_memory(shape, smallest, workload, load_calibration().overheads if cuda else None)
-    need = memory.reserved if cuda else memory.allocated + PROCESS_BASELINE_BYTES
+    if cuda:
+        need = estimate_memory(shape, smallest, workload, load_calibration().overheads).reserved
+    else:
+        need = process_host_bytes(shape, smallest, workload, cuda)
     return (f"; micro-batch 1 with checkpointing (--batch_size_per_gpu 1 --gradient_checkpointing on) is predicted "
             f"at {need / GIB:.1f} GiB")
