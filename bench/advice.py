@@ -37,10 +37,10 @@ def _same(layout: Any, cfg: BenchConfig) -> bool:
 
 def command_for(cfg: BenchConfig, layout: Any) -> str:
     """``phi3v-bench run`` with ``cfg``'s workload and ``layout``'s fields, every flag explicit."""
-    flags = ["--method", cfg.method, "--model", cfg.model, "--num-crops", str(cfg.num_crops),
-             "--seq-profile", cfg.seq_profile, "--global-batch", str(cfg.global_batch), "--gpus", str(cfg.gpus),
-             "--micro-batch", str(layout.micro_batch),
-             "--gradient-checkpointing" if layout.gradient_checkpointing else "--no-gradient-checkpointing",
+    flags = ["--method", cfg.method, "--model_name_or_path", cfg.model, "--num_crops", str(cfg.num_crops),
+             "--seq-profile", cfg.seq_profile, "--batch_size", str(cfg.global_batch), "--gpus", str(cfg.gpus),
+             "--per_device_train_batch_size", str(layout.micro_batch),
+             "--gradient_checkpointing" if layout.gradient_checkpointing else "--no_gradient_checkpointing",
              "--optim", layout.optim, "--offload", layout.offload]  # fmt: skip
     return "phi3v-bench run " + shlex.join(flags)
 

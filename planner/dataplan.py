@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from phi3v_core.cli.vocabulary import plural
 from planner.crops import CropsTable, add_costs, crops_table
 from planner.estimate import Workload, estimate_memory
 from planner.layouts import fits_with_headroom
@@ -91,7 +92,7 @@ def size_schedule(hyper: dict[str, Any], samples: int, global_batch: int) -> Non
             f"warm-up {hyper['warmup_steps']} steps instead of the recipe's {warmup} (a tenth of the run's {steps})"
         )
     hyper["sized_to_data"] = (
-        f"{samples:,} samples at global batch {global_batch}: {per_epoch} optimizer step(s) per epoch, {steps} in all"
+        f"{samples:,} samples at global batch {global_batch}: {plural(per_epoch, 'optimizer step')} per epoch, {steps} in all"
         + (f"; {'; '.join(changes)}" if changes else "")
     )
 
@@ -123,11 +124,11 @@ def read_data(request: PlanRequest, shape: ModelShape, hw: Hardware) -> tuple[Da
             batch_note = (
                 f"the data has {samples:,} samples, {smaller} the recipe's global batch {recipe_batch}: planned with "
                 f"global batch {batch} (at least {MIN_STEPS_PER_EPOCH} optimizer steps per epoch where the data "
-                "allows; --global-batch to choose)"
+                "allows; --batch_size to choose)"
             )
     elif batch > samples:
         batch_note = (
-            f"warning: --global-batch {batch} is larger than the data's {samples:,} samples: every epoch is one "
+            f"warning: --batch_size {batch} is larger than the data's {samples:,} samples: every epoch is one "
             f"optimizer step of {samples:,} samples"
         )
     request = replace(

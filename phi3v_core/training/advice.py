@@ -33,8 +33,8 @@ def memory_advice(train: Any, task: str, data_dir: str | None, peak_bytes: float
     """
     if not peak_bytes or not capacity_bytes or peak_bytes >= UNUSED_SHARE * capacity_bytes:
         return None
-    flags = ["phi3v-plan", "--method", train.method, "--num-crops", str(train.num_crops),
-             "--global-batch", str(train.global_batch)]
+    flags = ["phi3v-plan", "--method", train.method, "--num_crops", str(train.num_crops),
+             "--batch_size", str(train.global_batch)]
     if data_dir:
         flags += ["--data", data_dir]
     elif task in _PLANNED_TASKS:

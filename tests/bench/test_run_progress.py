@@ -17,6 +17,7 @@ from bench.cli import main
 from bench.config import BenchConfig
 from bench.progress import RunProgress
 from bench.results import BenchResult, capture_environment
+from phi3v_core.cli.vocabulary import SHARED_FLAGS
 from phi3v_core.progress import format_seconds
 from tests.bench.factories import make_result
 
@@ -130,7 +131,10 @@ def test_advice_names_the_faster_layout_and_its_command() -> None:
     line = run_advice(cfg, 45 * GIB, 80 * GIB, plan)
     assert line.startswith("peak 45.0 of 80.0 GiB; micro-batch 2 × 4, checkpointing off, adamw is predicted 1.4× faster: ")
     assert line.endswith(command_for(cfg, plan.layouts[1]))
-    assert "--micro-batch 2 --no-gradient-checkpointing" in line
+    assert "--per_device_train_batch_size 2 --no_gradient_checkpointing" in line
+    # a command to copy uses the primary spelling of every shared flag (issue #24 §3), never an alias
+    aliases = {alias for flag in SHARED_FLAGS.values() for alias in flag.aliases}
+    assert not aliases & set(command_for(cfg, plan.layouts[1]).split())
 
 
 def test_no_advice_when_the_run_used_the_card_and_the_plans_layout() -> None:

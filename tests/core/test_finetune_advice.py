@@ -17,7 +17,7 @@ def _train(**values: object) -> TrainConfig:
 def test_a_run_that_left_the_card_half_empty_gets_the_plan_command() -> None:
     line = memory_advice(_train(), "docvqa", None, 45 * GIB, 80 * GIB)
     assert line.startswith("peak 45.0 of 80.0 GiB at micro-batch 1, checkpointing on: ")
-    assert line.endswith("phi3v-plan --method lora --num-crops 16 --global-batch 64 --task docvqa predicts the "
+    assert line.endswith("phi3v-plan --method lora --num_crops 16 --batch_size 64 --task docvqa predicts the "
                          "fastest layout for this card")
     assert "--data mydata" in memory_advice(_train(), "jsonl", "mydata", 10 * GIB, 80 * GIB)
 

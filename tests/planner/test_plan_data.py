@@ -129,7 +129,7 @@ def test_schedule_is_sized_to_the_data(mydata, capsys, monkeypatch):
     out = _run(capsys, monkeypatch, "--gpu", "RTX4090", "--data", str(mydata))
     assert "fewer than the recipe's global batch 64: planned with global batch" in out
     asked = _run(capsys, monkeypatch, "--gpu", "RTX4090", "--data", str(mydata), "--global-batch", "64")
-    assert "warning: --global-batch 64 is larger than the data's 6 samples" in asked
+    assert "warning: --batch_size 64 is larger than the data's 6 samples" in asked
 
 
 @pytest.mark.parametrize("extra", [(), ("--method", "lora"), ("--gpu", "T4", "--method", "full", "--num-crops", "16")])
