@@ -112,6 +112,7 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="a jsonl data folder: token lengths from its records and image headers; memory for its longest sample",
     )
+    add_shared(work, "skip_bad", action="store_true", help="with --data: leave out records with unreadable images")
     add_shared(
         work, "global_batch", type=int, help="global batch per optimizer step (default: 64)"
     )
@@ -178,6 +179,7 @@ def _request(args: argparse.Namespace) -> Any:
         reference_dir=args.reference_dir,
         model_path=None if args.model in MODEL_PRESET_NAMES else args.model,
         data_dir=args.data_dir,
+        skip_bad=args.skip_bad,
         deadline_hours=args.deadline,
         price_per_gpu_hour=args.price_per_gpu_hour,
         gpu_memory_gib=args.gpu_memory_gib,

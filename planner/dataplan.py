@@ -101,14 +101,19 @@ def read_data(request: PlanRequest, shape: ModelShape, hw: Hardware) -> tuple[Da
     """Profile ``request.data_dir``, choose its num_crops and global batch; the request to plan with."""
     from planner.dataprofile import profile_data
 
-    profile = profile_data(request.data_dir, shape, request.num_crops)  # type: ignore[arg-type]
+    profile = profile_data(request.data_dir, shape, request.num_crops, skip_bad=request.skip_bad)  # type: ignore[arg-type]
     table = crops_table(profile.weighted(), shape, f"{len(profile.samples):,} samples in {profile.path}")
     notes = []
     if request.num_crops is None:
         if table.recommended != profile.num_crops:
             profile = profile.at_num_crops(shape, table.recommended)
     elif request.num_crops != table.recommended:
-        notes.append(f"--num-crops {request.num_crops} as asked; the rule recommends {table.reason}")
+        notes.append(f"--num_crops {request.num_crops} as asked; the rule recommends {table.reason}")
+    if profile.skipped:
+        notes.append(
+            f"{plural(len(profile.skipped), 'record')} left out for bad images (--skip_bad; the command passes it "
+            f"too); first: {profile.skipped[0]}"
+        )
     if not any(Path(request.data_dir).glob("*_val.jsonl")):  # type: ignore[arg-type]
         notes.append(
             f"no *_val.jsonl in {request.data_dir}: the command skips evaluation (--no_eval); add one (e.g. "

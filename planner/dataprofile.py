@@ -59,6 +59,7 @@ class DataProfile:
         mean_workload: The average sample (for speed).
         longest: Index of the longest sample.
         task: The task finetune trains the folder as (``--task``): ``jsonl``, or the task a converted folder is for.
+        skipped: One message per record left out for a bad image file (``--skip_bad``).
     """
 
     path: Path
@@ -70,6 +71,7 @@ class DataProfile:
     longest: int
     stats: dict[str, float] = field(default_factory=dict)
     task: str = "jsonl"
+    skipped: list[str] = field(default_factory=list)
 
     def weighted(self) -> list[WeightedSample]:
         """The samples as :class:`planner.crops.WeightedSample`, alike ones counted once with their number."""
@@ -86,7 +88,7 @@ class DataProfile:
 
     def at_num_crops(self, shape: ModelShape, num_crops: int) -> DataProfile:
         """The same samples' lengths at another ``num_crops``."""
-        return _summarize(self.path, self.samples, shape, num_crops, self.text_estimated, self.task)
+        return _summarize(self.path, self.samples, shape, num_crops, self.text_estimated, self.task, self.skipped)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -97,6 +99,7 @@ class DataProfile:
             "seq_len": self.stats,
             "text_tokens": "estimated (~4 bytes per token + chat tags)" if self.text_estimated else "tokenizer",
             "longest_sample": self.samples[self.longest].where,
+            "skipped": self.skipped,
         }
 
 
@@ -116,6 +119,7 @@ def profile_data(
     split: str = "train",
     count_tokens: Callable[[str], int] | None = None,
     task: str | None = None,
+    skip_bad: bool = False,
 ) -> DataProfile:
     """Read ``<data_dir>/*_<split>.jsonl`` and its image headers; lengths at ``num_crops``.
 
@@ -128,6 +132,8 @@ def profile_data(
         count_tokens: A tokenizer's counter (default: an estimate).
         task: The task the folder is for (default: from its file name, ``ucf101_train.jsonl`` -> ``ucf101``, else
             ``jsonl``, the rules of any custom folder).
+        skip_bad: Leave out records whose image files are missing or unreadable (``--skip_bad``, as finetune does)
+            instead of failing; they are listed in :attr:`DataProfile.skipped`.
 
     Raises:
         DataError: Missing folder/file, or every problem ``phi3v-convert check`` would report (``file:line: what``).
@@ -138,7 +144,7 @@ def profile_data(
         raise DataError(f"--data {folder}: not a folder; pass a folder holding <name>_train.jsonl and images/")
     task = task or task_of_folder(folder)
     result = read_task_split(
-        task, folder, "eval" if split == "val" else "train", check_images="header", raise_errors=True
+        task, folder, "eval" if split == "val" else "train", check_images="header", skip_bad=skip_bad, raise_errors=True
     )
     assert not isinstance(result, DataError)  # raise_errors=True raised it
     if num_crops is None:
@@ -151,11 +157,17 @@ def profile_data(
             TURN_TOKENS + count(turn.user) + count(turn.assistant) for turn in record.conversations
         )
         samples.append(Sample(f"{result.path}:{line}", images, text, record.id))
-    return _summarize(result.path, samples, shape, num_crops, count_tokens is None, task)
+    return _summarize(result.path, samples, shape, num_crops, count_tokens is None, task, list(result.skipped))
 
 
 def _summarize(
-    path: Path, samples: list[Sample], shape: ModelShape, num_crops: int, estimated: bool, task: str
+    path: Path,
+    samples: list[Sample],
+    shape: ModelShape,
+    num_crops: int,
+    estimated: bool,
+    task: str,
+    skipped: list[str],
 ) -> DataProfile:
     workloads = [s.workload(shape, num_crops) for s in samples]
     lengths = [w.seq_len for w in workloads]
@@ -170,4 +182,4 @@ def _summarize(
         "max": float(ordered[-1]),
     }
     mean_sample = mean_workload(workloads, [1.0] * n, num_crops)
-    return DataProfile(path, num_crops, samples, lengths, estimated, mean_sample, longest, stats, task)
+    return DataProfile(path, num_crops, samples, lengths, estimated, mean_sample, longest, stats, task, skipped)

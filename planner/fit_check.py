@@ -67,7 +67,8 @@ def _workload(task: str, data_dir: str | None, shape: Any, num_crops: int) -> An
     if data_dir and task not in _PROFILED:
         from planner.dataprofile import profile_data
 
-        profile = profile_data(data_dir, shape, num_crops)
+        # memory is judged on the records that can be read; bad ones are the data check's to report (or skip_bad's)
+        profile = profile_data(data_dir, shape, num_crops, skip_bad=True)
         return profile.samples[profile.longest].workload(shape, num_crops)
     if task not in _PROFILED:
         return None

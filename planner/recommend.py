@@ -387,7 +387,7 @@ def _plan_method(
     if pick.speed is not None:
         plan_.data_loading = data_loading_for(pick.speed.per_gpu, hw, request, workload)
     if fits:
-        plan_.command = command(hw, request.task, plan_, request.model_path, request.data_dir)
+        plan_.command = command(hw, request.task, plan_, request.model_path, request.data_dir, request.skip_bad)
     if pick.speed is not None and pick.speed.epoch_s is not None:
         plan_.run_s = pick.speed.epoch_s * float(hyper["epochs"])
         if request.price_per_gpu_hour is not None:

@@ -71,7 +71,7 @@ def top_items(memory: MemoryEstimate, n: int = 4) -> str:
     return ", ".join(f"{i.name} {i.gib:.1f}" for i in items)
 
 
-def _method_args(task: str, mp: MethodPlan, data_dir: str | None = None) -> list[str]:
+def _method_args(task: str, mp: MethodPlan, data_dir: str | None = None, skip_bad: bool = False) -> list[str]:
     hp: dict[str, Any] = mp.hyperparameters
     args = ["--task", task, *(["--data_dir", data_dir] if data_dir else []), "--method", mp.method]
     if mp.precision == "bf16":
@@ -99,6 +99,8 @@ def _method_args(task: str, mp: MethodPlan, data_dir: str | None = None) -> list
     packing = next((lay.packing for lay in mp.layouts if lay.chosen), None)
     if packing:  # planner.packing: predicted to pay on these lengths
         args += ["--packing", *(["--pack_tokens", str(packing["pack_tokens"])] if packing["pack_tokens"] else [])]
+    if data_dir and skip_bad:
+        args.append("--skip_bad")  # the plan left out the folder's bad records; training must too
     if data_dir and not any(Path(data_dir).glob("*_val.jsonl")):
         args.append("--no_eval")  # finetune evaluates on *_val.jsonl before and after; without one it would refuse
     if mp.data_loading is not None:  # enough DataLoader workers to feed the GPU at the predicted speed
@@ -114,7 +116,12 @@ def _recipe_warmup() -> int:
 
 
 def command(
-    hw: Hardware, task: str, mp: MethodPlan, model_path: str | None = None, data_dir: str | None = None
+    hw: Hardware,
+    task: str,
+    mp: MethodPlan,
+    model_path: str | None = None,
+    data_dir: str | None = None,
+    skip_bad: bool = False,
 ) -> str:
     """The exact launch command for ``phi3v-finetune`` (names the model folder, or a placeholder that fails clearly).
 
@@ -126,7 +133,7 @@ def command(
         from phi3v_core.data.task_registry import task_of_folder  # only with --data (phi3v_core.data loads torch)
 
         task = task_of_folder(data_dir)
-    args = _method_args(task, mp, data_dir)
+    args = _method_args(task, mp, data_dir, skip_bad)
     # the placeholder stays unquoted by shlex so the shell expands it (or stops with its message)
     model_arg = f"--model_name_or_path {model}"
     if hw.world_size == 1:

@@ -161,6 +161,7 @@ class PlanRequest:
     reference_dir: str | None = None
     model_path: str | None = None
     data_dir: str | None = None
+    skip_bad: bool = False
     deadline_hours: float | None = None
     host_ram_gib: float | None = None
     cpus_per_node: int | None = None

@@ -101,7 +101,7 @@ SHARED_FLAGS: dict[str, SharedFlag] = {
                    "replace what the output folder already holds", (_FT, _BENCH, _CONVERT)),
         SharedFlag("force", ("--force",), "run even where the planner predicts it does not fit this machine's memory",
                    (_FT, _BENCH)),
-        SharedFlag("skip_bad", ("--skip_bad", "--skip-bad"), "skip records with unreadable images", (_FT, _CONVERT)),
+        SharedFlag("skip_bad", ("--skip_bad", "--skip-bad"), "skip records with unreadable images", (_FT, _CONVERT, _PLAN)),
         SharedFlag("max_length", ("--max_length", "--max-length"), "longest sequence in tokens", (_FT, _CONVERT)),
         SharedFlag("repeats", ("--repeats",), "measured repeats", (_BENCH, _PLAN)),
         SharedFlag("json", ("--json",), "one JSON object on stdout", (_FT, _BENCH, _PLAN, _CONVERT)),

@@ -218,3 +218,27 @@ def test_crops_table_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_skip_bad_plans_a_folder_with_one_bad_record(tmp_path, capsys, monkeypatch):
+    """`--skip_bad` is one concept in plan, finetune and convert (#24 §3): plan leaves the record out, says so, and
+    the command it prints passes the flag on; without it the bad record is refused at file:line."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (640, 480)).save(tmp_path / "images" / "ok.png")
+    record = {"id": "0", "conversations": [{"images": ["ok.png"], "user": "What?", "assistant": "A cat."}]}
+    lines = [json.dumps({**record, "id": str(k)}) for k in range(5)]
+    lines.append(json.dumps({**record, "id": "bad", "conversations": [{**record["conversations"][0],
+                                                                      "images": ["missing.png"]}]}))
+    (tmp_path / "mine_train.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("PHI3V_DEBUG", "")
+    with pytest.raises(SystemExit) as refused:
+        main(["--gpu", "RTX4090", "--data", str(tmp_path)])
+    assert refused.value.code == 1 and "mine_train.jsonl:6" in capsys.readouterr().err
+    out = _run(capsys, monkeypatch, "--gpu", "RTX4090", "--data", str(tmp_path), "--skip_bad")
+    assert "1 record left out for bad images (--skip_bad" in out
+    assert "mine_train.jsonl:6" in out
+    data = _json(capsys, "--gpu", "RTX4090", "--data", str(tmp_path), "--skip_bad")
+    best = next(m for m in data["methods"] if m["method"] == data["recommended"])
+    assert "--skip_bad" in best["command"].split()
+    profile = data["data"]["profile"] if "profile" in data["data"] else data["data"]
+    assert profile["samples"] == 5 and len(profile["skipped"]) == 1
