@@ -2,8 +2,10 @@
 
 The synthetic workload interleaves the recipe's task shapes (by default a DocVQA page, a Hateful Memes meme and an
 NLVR2 photo pair; ``--tasks`` picks others), so a padded micro-batch pads everything to its longest sample; both modes
-train the same examples in the same order with the same seed. Padded and packed runs alternate (``--repeats`` pairs:
-padded, packed, padded, packed...) so that a drift of this host's load hits both alike. Per mode it reports the median
+train the same examples in the same order with the same seed (the Trainer's seeded sampler shuffles them: the stored
+``sample_tokens`` list them in the order trained, so consecutive ``micro_batch`` groups are the micro-batches).
+Padded and packed runs alternate (``--repeats`` pairs: padded, packed, padded, packed...) so that a drift of this
+host's load hits both alike. Per mode it reports the median
 step time over every timed step of its runs, the padding fraction (computed tokens that are padding), real tokens/s
 and the per-step losses (packing must leave them unchanged), then the speed-up in real tokens/s.
 
@@ -59,6 +61,22 @@ class _Interleaved(Dataset):
         return self.parts[index % len(self.parts)][index // len(self.parts)]
 
 
+class _Recorded(Dataset):
+    """Record every index read, in order: with no loader workers the training's reads are the last ones, in the
+    order the Trainer's (seeded, shuffling) sampler feeds them."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+        self.reads: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        self.reads.append(index)
+        return self.base[index]
+
+
 def mixed_dataset(num_examples: int, num_crops: int, seed: int = 0, tasks: tuple[str, ...] = MIXED_TASKS) -> Dataset:
     """``num_examples`` examples cycling through ``tasks``' image shapes, each with a short answer."""
     processor = Phi3VProcessor.tiny(num_crops=num_crops)
@@ -94,17 +112,20 @@ def model_source(model_config: str, folder: Path, seed: int) -> str:
 
 @dataclass
 class RunSummary:
-    """One training run: its timed steps' seconds, real and computed tokens, and every step's loss."""
+    """One training run: its timed steps' seconds, real and computed tokens, every step's loss, and the dataset
+    indices it trained, in order (consecutive ``global_batch`` groups are its steps)."""
 
     step_seconds: list[float]
     real_tokens: list[int]
     computed_tokens: list[int]
     losses: list[float]
+    order: list[int]
 
 
 def measure(packing: bool, args: argparse.Namespace, model: str, dataset: Dataset) -> RunSummary:
     """Train ``args.warmup + args.steps`` steps of ``model`` on ``dataset``; the timed steps' records."""
     timer = StepTimer()
+    recorded = _Recorded(dataset)
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(
             model=model, method=args.method, precision="fp32", attn=args.attn, num_crops=args.num_crops,
@@ -113,11 +134,13 @@ def measure(packing: bool, args: argparse.Namespace, model: str, dataset: Datase
             logging_steps=1, dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=False,
             packing=packing, pack_tokens=args.pack_tokens,
         )
-        train(cfg, dataset, callbacks=[timer])
+        train(cfg, ConcatDataset([recorded]), callbacks=[timer])
     timed = timer.records[args.warmup :]
+    trained = args.global_batch * (args.steps + args.warmup)
     return RunSummary(
         step_seconds=[r.seconds for r in timed], real_tokens=[int(r.tokens) for r in timed],
         computed_tokens=[int(r.computed_tokens) for r in timed], losses=[float(r.loss) for r in timer.records],
+        order=recorded.reads[-trained:],
     )
 
 
@@ -136,15 +159,16 @@ def summarise(runs: list[RunSummary]) -> dict[str, Any]:
     }
 
 
-def _workload(args: argparse.Namespace, dataset: Dataset) -> dict[str, Any]:
+def _workload(args: argparse.Namespace, dataset: Dataset, order: list[int]) -> dict[str, Any]:
+    """The stored workload; ``sample_tokens`` and ``images_per_sample`` in the order the runs trained the samples
+    (consecutive ``micro_batch`` groups are the micro-batches), which is not the dataset's: the Trainer shuffles."""
     profiles = load_recipe().profiles
-    used = args.global_batch * (args.warmup + args.steps)
     return {
         "model_config": args.model_config, "method": args.method, "attention": args.attn, "precision": "fp32",
         "num_crops": args.num_crops, "micro_batch": args.micro_batch, "pack_tokens": args.pack_tokens,
         "tasks": list(args.tasks),
-        "sample_tokens": [int(len(dataset[i]["input_ids"])) for i in range(used)],
-        "images_per_sample": [profiles[args.tasks[i % len(args.tasks)]].images_per_sample for i in range(used)],
+        "sample_tokens": [int(len(dataset[i]["input_ids"])) for i in order],
+        "images_per_sample": [profiles[args.tasks[i % len(args.tasks)]].images_per_sample for i in order],
     }
 
 
@@ -158,9 +182,16 @@ def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.repeats):
             for packing in (False, True):
                 runs[packing].append(measure(packing, args, model, dataset))
+    order = runs[False][0].order
+    tokens = [int(len(dataset[i]["input_ids"])) for i in order]
+    timed = tokens[args.global_batch * args.warmup :]
+    per_step = [sum(timed[k : k + args.global_batch]) for k in range(0, len(timed), args.global_batch)]
+    for run in runs[False] + runs[True]:  # the same samples in the same steps, as the stored order says
+        if run.order != order or run.real_tokens != per_step:
+            raise RuntimeError("the padded and packed runs trained different samples; the comparison is void")
     padded, packed = summarise(runs[False]), summarise(runs[True])
     return {
-        "workload": _workload(args, dataset), "padded": padded, "packed": packed,
+        "workload": _workload(args, dataset, order), "padded": padded, "packed": packed,
         "speed_up": packed["real_tokens_per_s"] / padded["real_tokens_per_s"],
     }
 
