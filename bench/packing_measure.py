@@ -37,8 +37,10 @@ from phi3v_core.processing import Phi3VProcessor
 from phi3v_core.training import StepTimer, TrainConfig, train
 from phi3v_core.training.synthetic import SyntheticDataset
 
-__all__ = ["MIXED_TASKS", "RunSummary", "default_output", "measure", "mixed_dataset", "model_source", "run_pairs",
-           "save_result"]
+__all__ = [
+    "MIXED_TASKS", "RunSummary", "build_parser", "default_output", "measure", "mixed_dataset", "model_source",
+    "run_pairs", "save_result",
+]
 
 #: The tasks whose shapes the default workload interleaves (one example of each in turn).
 MIXED_TASKS = ("docvqa", "hateful_memes", "nlvr2")
@@ -218,7 +220,8 @@ def save_result(result: dict[str, Any], path: Path, command: str, env: Any) -> P
     return atomic_write_json(path, record)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m bench.packing_measure``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_config", "--model-config", default="tiny",
                         help="a model preset name or a config JSON file (default: tiny)")
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     raw = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(raw)
+    args = build_parser().parse_args(raw)
     args.tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     problem = _check(args)
     if problem:
