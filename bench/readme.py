@@ -290,10 +290,11 @@ def render_packing(root: Path) -> str:
         if not {"workload", "padded", "packed"} <= set(r):
             continue
         w, pad, pack = r["workload"], r["padded"], r["packed"]
+        budget = f"`--pack_tokens {w['pack_tokens']}`" if w["pack_tokens"] else "the default pack budget"
         losses = max((abs(a - b) for a, b in zip(pad["losses"], pack["losses"], strict=True)), default=0.0)
         lines.append(
             f"- {' / '.join(w['tasks'])}, `{w['model_config']}` ({w['method']}, {w['attention']}, {w['precision']}, "
-            f"num_crops {w['num_crops']}, micro-batch {w['micro_batch']}, `--pack_tokens {w['pack_tokens']}`): "
+            f"num_crops {w['num_crops']}, micro-batch {w['micro_batch']}, {budget}): "
             f"padding {100 * pad['padding_fraction']:.1f} % → {100 * pack['padding_fraction']:.1f} % of computed "
             f"tokens; step {pad['step_s_median']:.2f} s → {pack['step_s_median']:.2f} s (medians); "
             f"{pad['real_tokens_per_s']:.0f} → {pack['real_tokens_per_s']:.0f} real tokens/s: **{r['speed_up']:.2f}x**; "
