@@ -4,8 +4,8 @@ The synthetic workload interleaves the recipe's task shapes (by default a DocVQA
 NLVR2 photo pair; ``--tasks`` picks others), so a padded micro-batch pads everything to its longest sample; both modes
 train the same examples in the same order with the same seed (the Trainer's seeded sampler shuffles them: the stored
 ``sample_tokens`` list them in the order trained, so consecutive ``micro_batch`` groups are the micro-batches).
-Padded and packed runs alternate (``--repeats`` pairs: padded, packed, padded, packed...) so that a drift of this
-host's load hits both alike. Per mode it reports the median
+Padded and packed runs alternate (``--repeats`` pairs: padded-packed, packed-padded, ...; after one untimed run of
+each, ``--prime``) so that a drift of this host's load, or a slow first run, hits both alike. Per mode it reports the median
 step time over every timed step of its runs, the padding fraction (computed tokens that are padding), real tokens/s
 and the per-step losses (packing must leave them unchanged), then the speed-up in real tokens/s.
 
@@ -176,13 +176,23 @@ def _workload(args: argparse.Namespace, dataset: Dataset, order: list[int]) -> d
 
 def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
     """Alternate padded and packed runs ``args.repeats`` times; the stored ``result`` (workload, both modes,
-    speed-up in real tokens/s)."""
+    speed-up in real tokens/s).
+
+    With ``args.prime`` one untimed run of each mode comes first: on the loaded 2-core host the first run of a
+    process was up to 3x slower than later ones despite its warm-up step, which would charge whichever mode runs
+    first. The pairs then alternate which mode leads (padded-packed, packed-padded, ...), so a drift of the host's
+    load over the runs hits both modes alike.
+    """
     dataset = mixed_dataset(args.global_batch * (args.steps + args.warmup), args.num_crops, args.seed, args.tasks)
     runs: dict[bool, list[RunSummary]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as folder:
         model = model_source(args.model_config, Path(folder), args.seed)
-        for _ in range(args.repeats):
+        if args.prime:
+            primer = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0})
             for packing in (False, True):
+                measure(packing, primer, model, dataset)
+        for pair in range(args.repeats):
+            for packing in (False, True) if pair % 2 == 0 else (True, False):
                 runs[packing].append(measure(packing, args, model, dataset))
     order = runs[False][0].order
     tokens = [int(len(dataset[i]["input_ids"])) for i in order]
@@ -236,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1, help="padded/packed pairs, run alternately (default 1)")
+    parser.add_argument("--prime", action=argparse.BooleanOptionalAction, default=True,
+                        help="first one untimed run of each mode (default on; --no-prime for a quick check)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="write the result with its provenance to this JSON file")
     parser.add_argument("--save", action="store_true",
