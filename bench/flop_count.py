@@ -45,8 +45,11 @@ class StepFlops:
     """FLOPs of one optimizer step on one rank (forward + backward of every micro-batch; optimizer excluded).
 
     Attributes:
-        model_flops: Without recompute (gradient checkpointing off): the work the model needs.
-        hardware_flops: What the hardware runs: ``model_flops`` plus the forward recompute of checkpointing.
+        model_flops: Without recompute (gradient checkpointing off): the work the model needs. For packed rows
+            (``--packing``) the analytic count charges each sample as if alone (its tokens, its own attention
+            square); the trace replays the rows as sdpa's math backend runs them (whole rows: the hardware view).
+        hardware_flops: What the hardware runs: ``model_flops`` plus the forward recompute of checkpointing, and
+            for packed rows their padding tails and, with sdpa/eager, attention over whole rows.
         traced_attn: Attention implementation used for the trace (``eager`` or ``sdpa`` with its math backend);
             None when counted analytically (the count does not depend on the kernel).
         traced_shapes: Distinct micro-batch shapes counted (``input_ids`` shape, crops).
@@ -146,7 +149,8 @@ def analytic_step_flops(train_cfg: Any, micro_batches: Sequence[dict[str, Any]])
     Same inputs, same numbers (pinned by a test for every method, checkpointing setting and logits mode): the
     model's config, what the method trains, gradient checkpointing, and each micro-batch's shapes. Logits are
     counted where the model computes them in training: at supervised positions, unless
-    ``Phi3VForCausalLM.supervised_logits`` is off.
+    ``Phi3VForCausalLM.supervised_logits`` is off. Packed rows are the exception: the model count is per sample
+    (each as if trained alone), the hardware count is as the run's attention kernel computes the rows.
     """
     from phi3v_core.config import get_config
     from phi3v_core.flops import ModelDims, TrainableParts, micro_batch_shape, step_flops
@@ -157,7 +161,8 @@ def analytic_step_flops(train_cfg: Any, micro_batches: Sequence[dict[str, Any]])
                                       lora_lm_head=train_cfg.lora_lm_head, freeze_vision=train_cfg.freeze_vision)
     logits = "supervised" if Phi3VForCausalLM.supervised_logits else "full"
     shapes = [micro_batch_shape(batch, dims, logits) for batch in micro_batches]
-    count = step_flops(dims, parts, shapes, checkpointing=bool(train_cfg.gradient_checkpointing), logits=logits)
+    count = step_flops(dims, parts, shapes, checkpointing=bool(train_cfg.gradient_checkpointing), logits=logits,
+                       attn=getattr(train_cfg, "attn", "sdpa"))
     return StepFlops(count.model_flops, count.hardware_flops, None, len(set(shapes)), source="analytic")
 
 
@@ -177,7 +182,8 @@ def count_step_flops(
 def attention_step_flops(train_cfg: Any, micro_batches: Sequence[dict[str, Any]]) -> int:
     """Causal attention FLOPs of one step on one rank (:func:`phi3v_core.mfu.causal_attention_flops`).
 
-    A sequence's length is its attention mask's sum (padding attends nothing), else the row's length.
+    A sequence's length is a packed sample's length (a packed row holds several sequences: ``PackInfo``), else
+    its attention mask's sum (padding attends nothing), else the row's length.
     """
     from phi3v_core.config import get_config
     from phi3v_core.flops import ModelDims
@@ -187,7 +193,10 @@ def attention_step_flops(train_cfg: Any, micro_batches: Sequence[dict[str, Any]]
     lengths: list[int] = []
     for batch in micro_batches:
         mask = batch.get("attention_mask")
-        if mask is not None:
+        packing = batch.get("packing")
+        if packing is not None:
+            lengths += [int(n) for row in packing.rows for n in row]
+        elif mask is not None:
             lengths += [int(v) for v in mask.sum(dim=-1).tolist()]
         else:
             rows, seq_len = (int(v) for v in batch["input_ids"].shape)

@@ -280,6 +280,31 @@ def render_checkpointing(root: Path) -> str:
     return "\n".join(lines)
 
 
+def render_packing(root: Path) -> str:
+    """Every stored packed-vs-padded measurement (``python -m bench.packing_measure --save``), one per line."""
+    lines = []
+    for file in sorted((root / VALIDATION).glob("packing-*.json")):
+        path = file.relative_to(root)
+        record = _load(root, path)
+        r = record["result"]
+        if not {"workload", "padded", "packed"} <= set(r):
+            continue
+        w, pad, pack = r["workload"], r["padded"], r["packed"]
+        budget = f"`--pack_tokens {w['pack_tokens']}`" if w["pack_tokens"] else "the default pack budget"
+        losses = max((abs(a - b) for a, b in zip(pad["losses"], pack["losses"], strict=True)), default=0.0)
+        lines.append(
+            f"- {' / '.join(w['tasks'])}, `{w['model_config']}` ({w['method']}, {w['attention']}, {w['precision']}, "
+            f"num_crops {w['num_crops']}, micro-batch {w['micro_batch']}, {budget}): "
+            f"padding {100 * pad['padding_fraction']:.1f} % → {100 * pack['padding_fraction']:.1f} % of computed "
+            f"tokens; step {pad['step_s_median']:.2f} s → {pack['step_s_median']:.2f} s (medians); "
+            f"{pad['real_tokens_per_s']:.0f} → {pack['real_tokens_per_s']:.0f} real tokens/s: **{r['speed_up']:.2f}x**; "
+            f"{len(pad['losses'])} per-step losses equal within {losses:.1e}. "
+            + _source(path, record["command"], record["git_sha"], record["git_dirty"], record["date"],
+                      record["machine"])
+        )
+    return "\n".join(lines)
+
+
 def render_optimizer_memory(root: Path) -> str:
     """The stored 8-bit AdamW MemTracker measurement."""
     path = VALIDATION / "eight-bit-adamw-memory-cpu.json"
@@ -346,6 +371,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "cpu-validation": render_cpu_validation,
     "supervised-logits": render_supervised_logits,
     "checkpointing": render_checkpointing,
+    "packing": render_packing,
     "optimizer-memory": render_optimizer_memory,
     "gpu-tests": render_gpu_tests,
     "selfcheck-plan": render_selfcheck_plan,

@@ -16,7 +16,16 @@ when it carries a gradient. Per part of the model:
   training default);
 * LoRA adapters (``A`` then ``B``) on the layers a method adapts;
 * gradient checkpointing: every checkpointed layer's forward runs again in backward (the decoder layers, and the
-  CLIP layers when a gradient flows through them).
+  CLIP layers when a gradient flows through them);
+* packed rows (``--packing``; :attr:`MicroBatchShape.samples`): the two counts differ even without checkpointing.
+  ``model_flops`` is the sum of what each sample costs trained alone - its own tokens, its own attention square
+  ``s²`` (the block-diagonal mask keeps no pair across samples), no padding - so MFU of a packed run is comparable
+  to an unpacked one. ``hardware_flops`` is what the kernels run: every position of every row (the tail padding
+  too) and, with sdpa or eager, attention over the whole row (``width²``: the dense block-diagonal mask is applied
+  to a full score matrix, and ``FlopCounterMode`` counts the same); flash-attention-2's variable-length kernel runs
+  each sample's square only. Attention squares are full squares, as ``FlopCounterMode`` charges them (a causal
+  kernel may skip half); :func:`phi3v_core.mfu.causal_attention_flops` counts the causal half for the ``6N``
+  conventions, per sample as well.
 
 What trains is a :class:`TrainableParts`, which :meth:`TrainableParts.for_method` reads from the method's registry
 entry (``phi3v_core.methods``), adapter terms included.
@@ -30,7 +39,10 @@ from typing import Any
 
 from phi3v_core.constants import LOSS_CHUNK_TOKENS, crop_grid_of_padded, image_token_count
 
-__all__ = ["ModelDims", "MicroBatchShape", "StepFlopCount", "TrainableParts", "micro_batch_shape", "step_flops"]
+__all__ = [
+    "ModelDims", "MicroBatchShape", "StepFlopCount", "TrainableParts", "decoder_sequences", "micro_batch_shape",
+    "step_flops",
+]
 
 #: Label value that no loss is computed for (transformers' ignore index).
 _IGNORE = -100
@@ -148,6 +160,8 @@ class MicroBatchShape:
         crops: 336² crops the CLIP tower encodes (all images together).
         image_tokens: Rows of image features the projector maps (placeholders, separators included).
         head_positions: Positions where ``lm_head`` runs (all rows together).
+        samples: Token counts of the samples packed into the rows (``PackInfo``), in row order; empty when not
+            packed (each row is one sequence of ``seq_len``, its padding included).
     """
 
     rows: int
@@ -155,6 +169,7 @@ class MicroBatchShape:
     crops: int = 0
     image_tokens: int = 0
     head_positions: int = 0
+    samples: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -200,7 +215,9 @@ def micro_batch_shape(batch: Mapping[str, Any], dims: ModelDims, logits: str = "
         head_positions = int((labels[:, 1:] != _IGNORE).sum())
     else:
         head_positions = rows * kept
-    return MicroBatchShape(rows, seq_len, crops, image_tokens, head_positions)
+    packing = batch.get("packing")  # a PackInfo from the packing collator
+    samples = tuple(int(n) for row in packing.rows for n in row) if packing is not None else ()
+    return MicroBatchShape(rows, seq_len, crops, image_tokens, head_positions, samples)
 
 
 def _linear(tokens: int, d_in: int, d_out: int, *, weight_grad: bool, input_grad: bool, rank: int) -> tuple[int, int]:
@@ -309,15 +326,41 @@ def _adapter_fixed(dims: ModelDims, parts: TrainableParts, shape: MicroBatchShap
     return decoder + vision + projector + head, decoder + vision
 
 
+#: Attention implementations whose packed rows are computed per sample (variable-length sequences).
+_VARLEN_ATTENTION = ("flash_attention_2",)
+
+
+def decoder_sequences(shape: MicroBatchShape, *, hardware: bool, attn: str = "sdpa") -> tuple[int, int]:
+    """(decoder positions, sum of each sequence's squared length) of a micro-batch, as one count charges them.
+
+    Unpacked: ``rows × seq_len`` positions (padding included) and one square of ``seq_len`` per row, in both counts.
+    Packed, model FLOPs (``hardware=False``): the samples' tokens and one square per sample. Packed, hardware FLOPs:
+    every position of the rows, and a square per row (sdpa, eager: the dense block-diagonal mask) or per sample
+    and per padding tail (flash-attention-2's variable-length kernel).
+    """
+    positions = shape.rows * shape.seq_len
+    if not shape.samples:
+        return positions, shape.rows * shape.seq_len**2
+    per_sample = sum(n * n for n in shape.samples)
+    if not hardware:
+        return sum(shape.samples), per_sample
+    if attn in _VARLEN_ATTENTION:
+        tail = positions - sum(shape.samples)  # one flattened row: the padding to a multiple is one more sequence
+        return positions, per_sample + tail * tail
+    return positions, shape.rows * shape.seq_len**2
+
+
 def _micro_batch(
-    dims: ModelDims, parts: TrainableParts, shape: MicroBatchShape, checkpointing: bool, logits: str
+    dims: ModelDims, parts: TrainableParts, shape: MicroBatchShape, checkpointing: bool, logits: str,
+    sequences: tuple[int, int],
 ) -> int:
-    """FLOPs of one micro-batch's forward and backward (recompute included when ``checkpointing``)."""
-    tokens = shape.rows * shape.seq_len
+    """FLOPs of one micro-batch's forward and backward (recompute included when ``checkpointing``), over the
+    decoder ``sequences`` (:func:`decoder_sequences`)."""
+    tokens, squares = sequences
     input_grad = (parts.embeddings or (parts.image_grad and shape.crops > 0)
                   or (checkpointing and parts.input_grad_with_checkpointing))
     forward, backward, layer_forward = _decoder(dims, parts, tokens, input_grad)
-    attention = 4 * shape.rows * shape.seq_len * shape.seq_len * dims.heads * dims.head_dim * dims.layers
+    attention = 4 * squares * dims.heads * dims.head_dim * dims.layers
     forward += attention
     backward += 2 * attention
     v_forward, v_backward, v_recompute = _vision(dims, parts, shape, checkpointing)
@@ -342,6 +385,7 @@ def step_flops(
     *,
     checkpointing: bool,
     logits: str = "supervised",
+    attn: str = "sdpa",
 ) -> StepFlopCount:
     """FLOPs of one optimizer step on one rank: every micro-batch's forward and backward.
 
@@ -351,12 +395,21 @@ def step_flops(
         micro_batches: The step's micro-batches on this rank (:func:`micro_batch_shape`).
         checkpointing: Gradient checkpointing of the decoder (and CLIP) layers, as configured.
         logits: ``"supervised"`` or ``"full"`` (see :func:`micro_batch_shape`), for the loss-chunk recompute.
+        attn: The attention implementation: how a packed row's attention runs on the hardware (whole rows with
+            sdpa/eager, per sample with flash-attention-2); the model count is per sample whatever the kernel.
 
     Returns:
-        Model FLOPs (as with checkpointing off) and hardware FLOPs (as configured).
+        Model FLOPs (checkpointing off; packed samples each as if alone) and hardware FLOPs (as configured and as
+        the kernels run packed rows).
     """
     if not (parts.decoder or parts.lora_decoder):
         raise ValueError("nothing in the decoder trains: no training step to count")
-    model = sum(_micro_batch(dims, parts, s, False, logits) for s in micro_batches)
-    hardware = sum(_micro_batch(dims, parts, s, True, logits) for s in micro_batches) if checkpointing else model
+    model = sum(
+        _micro_batch(dims, parts, s, False, logits, decoder_sequences(s, hardware=False, attn=attn))
+        for s in micro_batches
+    )
+    hardware = sum(
+        _micro_batch(dims, parts, s, checkpointing, logits, decoder_sequences(s, hardware=True, attn=attn))
+        for s in micro_batches
+    )
     return StepFlopCount(model, hardware)

@@ -18,6 +18,14 @@ Causal attention, per decoder layer and sequence of ``s`` tokens: ``QKᵀ`` and 
 multiply-add over the attention width (heads x head_dim), forward plus a backward of twice the forward:
 ``12 · layers · width · s(s+1)/2``. Tokens are the decoder's (image tokens included); N is every parameter once per
 decoder token, the usual simplification for a vision-language model.
+
+Packed rows (``--packing``): every convention counts what the samples need, as if each were trained alone. A
+sequence is a sample, not a row (a packed row's block-diagonal causal mask keeps no pair across samples), and the
+tokens are the samples' real tokens (a row's padding tail is not model work). ``counted`` charges each sample its own
+attention square likewise (:func:`phi3v_core.flops.decoder_sequences`). The *hardware* FLOPs differ: with sdpa or
+eager the kernel computes the whole row's score matrix under the dense mask (``width²`` per row), with
+flash-attention-2 each sample's square only. MFU divides model FLOPs, so packing raises MFU only through real work
+done faster, never through the padding or the masked-out pairs it computes.
 """
 
 from __future__ import annotations

@@ -29,11 +29,12 @@ OTHER_TOOLS = {
 
 def _parsers() -> list[argparse.ArgumentParser]:
     from bench.cli import build_parser as bench_parser
+    from bench.packing_measure import build_parser as packing_measure_parser
     from phi3v_core.cli.convert import build_parser as convert_parser
     from phi3v_core.cli.finetune import build_parser as finetune_parser
     from planner.cli import build_parser as plan_parser
 
-    return [bench_parser(), plan_parser(), finetune_parser(), convert_parser()]
+    return [bench_parser(), plan_parser(), finetune_parser(), convert_parser(), packing_measure_parser()]
 
 
 def _options(parser: argparse.ArgumentParser) -> set[str]:
