@@ -8,10 +8,8 @@ gradient checkpointing with ``use_reentrant=False``. Deviations are documented o
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +43,8 @@ __all__ = [
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-#: Old field name → current one. Still accepted by the constructor (PendingDeprecationWarning) and by JSON configs,
-#: so ``train_config.json`` / ``run.json`` files written before the rename keep loading.
+#: Old field name → current one. Accepted by :meth:`TrainConfig.from_dict` only (not the constructor), so
+#: ``train_config.json`` / ``run.json`` files written before the rename keep loading.
 DEPRECATED_FIELDS: dict[str, str] = {"per_device_batch": "micro_batch"}
 
 
@@ -109,7 +107,7 @@ class TrainConfig:
         num_crops: HD crops per image for the processor (1–16; recipe default 16). Used where the run builds its
             own data (launch entry point); ``train()`` takes already-encoded datasets.
         micro_batch: Examples per forward/backward on each process (the recipe's ``--batch_size_per_gpu``;
-            formerly ``per_device_batch``, still accepted).
+            ``per_device_batch`` in configs saved before the rename, which still load).
         global_batch: Effective batch per optimizer step = micro-batch × processes × accumulation (the recipe's
             ``--batch_size``); must divide evenly.
         max_steps: Optimizer steps; ``-1`` trains ``num_train_epochs`` epochs instead.
@@ -279,11 +277,6 @@ class TrainConfig:
     def gradient_accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each process: global / (micro-batch × world size)."""
         return max(1, self.global_batch // (self.micro_batch * world_size))
-
-    @property
-    def per_device_batch(self) -> int:
-        """Deprecated name of :attr:`micro_batch` (read-only)."""
-        return self.micro_batch
 
     def uses_deepspeed(self, world_size: int) -> bool:
         """Resolve ``deepspeed=None`` (auto): on for full/frozen_vision when more than one process trains."""
@@ -562,22 +555,3 @@ def _renamed_fields(values: dict[str, Any], where: str) -> dict[str, Any]:
             values[new] = values.pop(old)
     return values
 
-
-def _accept_deprecated_names(init):  # noqa: ANN001, ANN202 - wraps the dataclass-generated __init__
-    """Let ``TrainConfig(per_device_batch=...)`` keep working: rename old keyword arguments, with a (pending) warning."""
-
-    @functools.wraps(init)
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807
-        if DEPRECATED_FIELDS.keys() & kwargs.keys():
-            # Pending, not Deprecation: Python shows DeprecationWarning in __main__, and `python -m
-            # phi3v_core.cli.finetune` (still on the old name) must print nothing but its own output.
-            warnings.warn(
-                f"TrainConfig field names {DEPRECATED_FIELDS} changed; pass the new names", PendingDeprecationWarning, 2
-            )
-            kwargs = _renamed_fields(kwargs, "TrainConfig")
-        init(self, *args, **kwargs)
-
-    return __init__
-
-
-TrainConfig.__init__ = _accept_deprecated_names(TrainConfig.__init__)  # type: ignore[method-assign]

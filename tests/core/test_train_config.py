@@ -153,10 +153,11 @@ def test_config_round_trips_through_json_and_rejects_unknown_fields(tmp_path: Pa
 
 
 def test_old_name_per_device_batch_still_loads(tmp_path: Path) -> None:
-    """``micro_batch`` was ``per_device_batch``: old callers and old run.json files keep working."""
-    with pytest.warns(PendingDeprecationWarning, match="per_device_batch"):
-        cfg = TrainConfig(per_device_batch=4, global_batch=8)
-    assert cfg.micro_batch == cfg.per_device_batch == 4
+    """``micro_batch`` was ``per_device_batch``: old run.json files keep loading; the constructor takes the new name
+    only."""
+    with pytest.raises(TypeError, match="per_device_batch"):
+        TrainConfig(per_device_batch=4, global_batch=8)  # type: ignore[call-arg]
+    cfg = TrainConfig(micro_batch=4, global_batch=8)
     assert "per_device_batch" not in cfg.to_dict() and cfg.to_dict()["micro_batch"] == 4
     assert dataclasses.replace(cfg, micro_batch=2).micro_batch == 2
     old_file = tmp_path / "run.json"
