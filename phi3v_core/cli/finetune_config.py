@@ -28,7 +28,6 @@ from phi3v_core.cli.vocabulary import DEFAULT_SEED
 from phi3v_core.constants import (
     ATTN_NAMES,
     DEFAULT_ATTN,
-    MAX_NUM_CROPS,
     MODEL_PRESET_NAMES,
     PRECISION_NAMES,
     RecipePreset,
@@ -343,13 +342,7 @@ class _Resolver:
             self.notes.append(
                 "precision fp32: the recipe's default without --bf16 is fp16 mixed precision, which needs a GPU"
             )
-        if precision == "fp16" and not env.cuda:
-            self.problems.append(
-                "--precision fp16 needs a CUDA GPU (fp16 mixed precision with loss scaling does not run on CPU); "
-                "use --precision fp32 or --precision bf16"
-            )
-            self.reported.add("precision")
-        return precision
+        return precision  # judged by TrainConfig.problems (fp16 needs a GPU)
 
     def resolve_attn(self) -> str:
         args = self.args
@@ -374,27 +367,10 @@ class _Resolver:
 
     def resolve_numbers(self) -> dict[str, Any]:
         values = {name: self.pick(name, default) for name, default in {**RECIPE_DEFAULTS, **OUR_DEFAULTS}.items()}
-        num_crops = values["num_crops"] = self.pick("num_crops", None)
-        if num_crops is None:
+        # num_crops and the batch sizes are judged by TrainConfig.problems, in flag terms
+        values["num_crops"] = self.pick("num_crops", None)
+        if values["num_crops"] is None:
             self.sources["num_crops"] = "task"
-        elif not 1 <= num_crops <= MAX_NUM_CROPS:
-            self.problems.append(
-                f"--num_crops {num_crops} is out of range: the recipe asserts num_crops <= {MAX_NUM_CROPS}; "
-                f"pass 1..{MAX_NUM_CROPS} "
-                "(16 for single images, 4 for video frames)"
-            )
-            self.reported.add("num_crops")
-        batch, per_gpu, world = values["batch_size"], values["batch_size_per_gpu"], self.env.world_size
-        if batch < 1 or per_gpu < 1:
-            self.problems.append(f"--batch_size and --batch_size_per_gpu must be >= 1 (got {batch} and {per_gpu})")
-            self.reported.update({"global_batch", "micro_batch"})
-        elif batch % (per_gpu * world):
-            # The recipe asserts batch_size % (num_gpus * batch_size_per_gpu) == 0: --batch_size is the global batch.
-            self.problems.append(
-                f"--batch_size {batch} is not divisible by --batch_size_per_gpu {per_gpu} × {world} process(es) = "
-                f"{per_gpu * world}; pass a multiple of {per_gpu * world}"
-            )
-            self.reported.update({"global_batch", "micro_batch"})
         workers = self.args.num_workers
         values["num_workers"] = workers if workers is not None else (4 if self.env.cuda else 0)
         self.sources["num_workers"] = "flag" if workers is not None else "auto"
@@ -460,7 +436,7 @@ class _Resolver:
 
     def add_train_config_problems(self, train_cfg: Any) -> None:
         """The training helper's own checks (environment, model folder, checkpoints), phrased with our flags."""
-        for problem in train_cfg.problems(self.env):
+        for problem in train_cfg.problems(self.env, names=_FIELD_FLAGS):
             match = _FIELD_RE.match(problem)
             if match and match.group(1) in self.reported:
                 continue  # already said in flag terms

@@ -8,8 +8,10 @@ gradient checkpointing with ``use_reentrant=False``. Deviations are documented o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,14 +345,21 @@ class TrainConfig:
         return update_retention(self.learning_rate, "bf16" if bf16 else "fp32")
 
     # -- validation --------------------------------------------------------------------------------------------
-    def problems(self, env: Machine | None = None) -> list[str]:
-        """Every problem with this configuration on this machine (empty when it can run)."""
+    def problems(self, env: Machine | None = None, names: Mapping[str, str] | None = None) -> list[str]:
+        """Every problem with this configuration on this machine (empty when it can run).
+
+        Args:
+            env: The machine (detected when omitted).
+            names: What to call a field inside a message (``phi3v-finetune`` passes its flags; default: the field
+                names). The one place these values are judged, so the API and the command refuse alike.
+        """
         env = env or Machine.detect()
+        name = functools.partial(_field_name, names or {})
         out: list[str] = []
         out += self._model_problems()
         out += self._choice_problems()
-        out += self._precision_problems(env)
-        out += self._batch_problems(env)
+        out += self._precision_problems(env, name)
+        out += self._batch_problems(env, name)
         out += self._number_problems()
         out += self._checkpoint_problems()
         out += distributed_env_problems()
@@ -405,7 +414,7 @@ class TrainConfig:
             )
         return out
 
-    def _precision_problems(self, env: Machine) -> list[str]:
+    def _precision_problems(self, env: Machine, name: Callable[[str], str]) -> list[str]:
         out = []
         flash = self.attn == "flash_attention_2"
         if flash and self.precision == "fp32":
@@ -426,7 +435,10 @@ class TrainConfig:
             )
         if self.precision == "fp16" and not env.cuda:
             # accelerate turns fp16 off on CPU without a word (no autocast, no loss scaling): the run would be fp32.
-            out.append("precision fp16 (AMP with loss scaling) needs a CUDA GPU; on CPU use bf16 or fp32")
+            out.append(
+                f"{name('precision')} fp16 needs a CUDA GPU (fp16 mixed precision with loss scaling does not run on "
+                f"CPU); use {name('precision')} fp32 or {name('precision')} bf16"
+            )
         quantized = self.method in METHODS and get_method(self.method).quantized
         if quantized and not env.bitsandbytes:
             out.append(f"method {self.method} needs bitsandbytes (pip install bitsandbytes)")
@@ -439,18 +451,19 @@ class TrainConfig:
             out.append("deepspeed is enabled but not installed (pip install deepspeed); or set deepspeed=False")
         return out
 
-    def _batch_problems(self, env: Machine) -> list[str]:
+    def _batch_problems(self, env: Machine, name: Callable[[str], str]) -> list[str]:
         out = []
         if self.micro_batch < 1:
-            out.append(f"micro_batch must be >= 1 (got {self.micro_batch})")
+            out.append(f"{name('micro_batch')} must be >= 1 (got {self.micro_batch})")
         if self.global_batch < 1:
-            out.append(f"global_batch must be >= 1 (got {self.global_batch})")
+            out.append(f"{name('global_batch')} must be >= 1 (got {self.global_batch})")
         if self.micro_batch >= 1 and self.global_batch >= 1:
             per_step = self.micro_batch * env.world_size
             if self.global_batch % per_step:
+                # the recipe asserts batch_size % (num_gpus * batch_size_per_gpu) == 0: global_batch is the global batch
                 out.append(
-                    f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch} × "
-                    f"{env.world_size} process(es) = {per_step}; pick a global_batch divisible by {per_step}"
+                    f"{name('global_batch')} {self.global_batch} is not divisible by {name('micro_batch')} "
+                    f"{self.micro_batch} × {env.world_size} process(es) = {per_step}; pass a multiple of {per_step}"
                 )
         if env.world_size == 1 and env.device_count > 1:
             out.append(
@@ -478,7 +491,11 @@ class TrainConfig:
             (self.lora_rank >= 1, f"lora_rank must be >= 1 (got {self.lora_rank})"),
             (self.lora_alpha_ratio > 0, f"lora_alpha_ratio must be > 0 (got {self.lora_alpha_ratio})"),
             (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1) (got {self.lora_dropout})"),
-            (1 <= self.num_crops <= MAX_NUM_CROPS, f"num_crops must be in 1..{MAX_NUM_CROPS} (got {self.num_crops})"),
+            (
+                1 <= self.num_crops <= MAX_NUM_CROPS,
+                f"num_crops {self.num_crops} is out of range: the recipe asserts num_crops <= {MAX_NUM_CROPS}; "
+                f"pass 1..{MAX_NUM_CROPS} (16 for single images, 4 for video frames)",
+            ),
             (self.save_steps >= 0, f"save_steps must be >= 0 (got {self.save_steps})"),
             (
                 self.save_total_limit is None or self.save_total_limit >= 1,
@@ -539,6 +556,11 @@ class TrainConfig:
                 "or choose an empty output_dir"
             )
         return out
+
+
+def _field_name(names: Mapping[str, str], field_name: str) -> str:
+    """How a message calls ``field_name``: its entry in ``names`` (a flag, for the command line), else itself."""
+    return names.get(field_name, field_name)
 
 
 def _renamed_fields(values: dict[str, Any], where: str) -> dict[str, Any]:
