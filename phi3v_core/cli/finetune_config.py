@@ -12,12 +12,10 @@ Precedence of every setting: recipe default < ``--preset`` < explicit flag.
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib.util
 import json
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +31,7 @@ from phi3v_core.constants import (
     RecipePreset,
     load_recipe,
 )
-from phi3v_core.errors import ConfigError, raise_all
+from phi3v_core.errors import ConfigError, did_you_mean, raise_all
 from phi3v_core.fs import model_folder_problems
 from phi3v_core.methods import METHOD_NAMES, METHODS
 from phi3v_core.run_folder import output_dir_problems
@@ -115,11 +113,6 @@ def _early_problems(args: argparse.Namespace) -> list[str]:
     return problems + (_output_problems(args, out) if out and not problems else [])
 
 
-def _did_you_mean(value: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(value, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _resolve_model(value: str, problems: list[str], notes: list[str]) -> str:
     """A preset name, a local folder, or a Hub id found in the local Hugging Face cache (never downloaded)."""
     if value in MODEL_PRESET_NAMES or Path(value).expanduser().is_dir():
@@ -194,7 +187,7 @@ class _Resolver:
         self.preset = RECIPE_PRESETS.get(name)
         if self.preset is None:
             self.problems.append(
-                f"unknown preset {name!r}{_did_you_mean(name, list(RECIPE_PRESETS))}; "
+                f"unknown preset {name!r}{did_you_mean(name, list(RECIPE_PRESETS))}; "
                 f"choose one of {', '.join(RECIPE_PRESETS)} (phi3v-finetune --list-presets)"
             )
 
@@ -204,7 +197,7 @@ class _Resolver:
         self.sources["task"] = "flag" if args.task else ("preset" if preset else "default")
         if task not in TASK_NAMES:
             problems.append(
-                f"unknown task {task!r}{_did_you_mean(task, TASK_NAMES)}; choose one of {', '.join(TASK_NAMES)}"
+                f"unknown task {task!r}{did_you_mean(task, TASK_NAMES)}; choose one of {', '.join(TASK_NAMES)}"
             )
         if preset and args.task and args.task != preset.task:
             others = ", ".join(n for n, p in RECIPE_PRESETS.items() if p.task == args.task) or "none published"
@@ -296,12 +289,6 @@ class _Resolver:
         """``(method, freeze_vision)`` from --method, the recipe's --use_lora/--use_qlora/--freeze_vision_model."""
         args, problems = self.args, self.problems
         recipe_method = "qlora" if args.use_qlora else ("lora" if args.use_lora else None)
-        if args.method is not None and args.method not in METHOD_NAMES:
-            problems.append(
-                f"unknown method {args.method!r}{_did_you_mean(args.method, METHOD_NAMES)}; "
-                f"choose one of {', '.join(METHOD_NAMES)}"
-            )
-            self.reported.add("method")
         if args.method is not None:
             if args.use_qlora and args.method != "qlora":
                 problems.append(f"--use_qlora conflicts with --method {args.method}; drop one of them")
@@ -322,12 +309,7 @@ class _Resolver:
     def resolve_precision(self) -> str:
         args, env = self.args, self.env
         if args.precision is not None:
-            if args.precision not in PRECISION_NAMES:
-                self.problems.append(
-                    f"unknown precision {args.precision!r}; choose one of {', '.join(PRECISION_NAMES)}"
-                )
-                self.reported.add("precision")
-            elif args.bf16 and args.precision != "bf16":
+            if args.bf16 and args.precision in PRECISION_NAMES and args.precision != "bf16":
                 self.problems.append(f"--bf16 conflicts with --precision {args.precision}; drop one of them")
             precision, self.sources["precision"] = args.precision, "flag"
         elif args.bf16:
@@ -347,10 +329,7 @@ class _Resolver:
     def resolve_attn(self) -> str:
         args = self.args
         if args.attn is not None:
-            if args.attn not in ATTN_NAMES:
-                self.problems.append(f"unknown attn {args.attn!r}; choose one of {', '.join(ATTN_NAMES)}")
-                self.reported.add("attn")
-            elif args.use_flash_attention and args.attn != "flash_attention_2":
+            if args.use_flash_attention and args.attn in ATTN_NAMES and args.attn != "flash_attention_2":
                 self.problems.append(f"--use_flash_attention conflicts with --attn {args.attn}; drop one of them")
             attn, self.sources["attn"] = args.attn, "flag"
         elif args.use_flash_attention:
@@ -486,10 +465,9 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
 
     train_cfg = TrainConfig(
         model=model,
-        # Unknown names were reported above; placeholders keep TrainConfig's checks about everything else useful.
-        method=method if method in METHOD_NAMES else "full",
-        precision=precision if precision in PRECISION_NAMES else "fp32",
-        attn=attn if attn in ATTN_NAMES else DEFAULT_ATTN,
+        method=method,  # an unknown method, precision or attn is named by TrainConfig.problems
+        precision=precision,
+        attn=attn,
         num_crops=values["num_crops"] if values["num_crops"] is not None else (4 if task == "ucf101" else 16),
         micro_batch=values["batch_size_per_gpu"],
         global_batch=values["batch_size"],

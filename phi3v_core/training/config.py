@@ -31,7 +31,7 @@ from phi3v_core.constants import (
     supports_bf16,
     supports_flash_attention,
 )
-from phi3v_core.errors import ConfigError, raise_all
+from phi3v_core.errors import ConfigError, did_you_mean, raise_all
 from phi3v_core.methods import METHODS, MethodOptions, get_method
 from phi3v_core.software import BnbLibrary, bnb_library, offload_build_problem, qlora_unsupported_reason
 from phi3v_core.training.distributed_env import distributed_env_problems, env_int
@@ -400,11 +400,14 @@ class TrainConfig:
     def _choice_problems(self) -> list[str]:
         out = []
         if self.method not in METHODS:
-            out.append(f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+            out.append(
+                f"unknown method {self.method!r}{did_you_mean(self.method, list(METHODS))}; "
+                f"choose one of {', '.join(METHODS)}"
+            )
         if self.precision not in PRECISION_NAMES:
-            out.append(f"precision {self.precision!r} is unknown; choose one of {', '.join(PRECISION_NAMES)}")
+            out.append(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISION_NAMES)}")
         if self.attn not in ATTN_NAMES:
-            out.append(f"attn {self.attn!r} is unknown; choose one of {', '.join(ATTN_NAMES)}")
+            out.append(f"unknown attn {self.attn!r}; choose one of {', '.join(ATTN_NAMES)}")
         if self.method == "full" and self.freeze_vision:
             out.append("freeze_vision with method 'full' is method 'frozen_vision'; pass method='frozen_vision'")
         if self.method in METHODS and self.deepspeed and not get_method(self.method).supports_deepspeed:
