@@ -32,7 +32,6 @@ from phi3v_core.constants import (
     load_recipe,
 )
 from phi3v_core.errors import ConfigError, did_you_mean, raise_all
-from phi3v_core.fs import model_folder_problems
 from phi3v_core.methods import METHOD_NAMES, METHODS
 from phi3v_core.run_folder import output_dir_problems
 
@@ -151,6 +150,8 @@ def _model_dims(model: str) -> tuple[int | None, int | None]:
         config = json.loads((Path(model) / "config.json").read_text())
     except (OSError, ValueError):
         return None, None
+    if not isinstance(config, dict):
+        return None, None  # TrainConfig.problems names the broken config.json
     hidden, context = config.get("hidden_size"), config.get("max_position_embeddings")
     return (hidden if isinstance(hidden, int) else None), (context if isinstance(context, int) else None)
 
@@ -252,12 +253,7 @@ class _Resolver:
                 f"model {model!r} is randomly initialised (no weights): the run checks the pipeline; pass "
                 "--model_name_or_path FOLDER for Phi-3.5-vision"
             )
-        elif len(self.problems) == before:
-            folder_problems = model_folder_problems(Path(model), f"--model_name_or_path {model}")
-            if folder_problems:
-                self.problems.extend(folder_problems)
-                self.reported.add("model")
-        return model
+        return model  # a folder's config and weight headers are judged by TrainConfig.problems
 
     def check_sizes(self, model: str, values: dict[str, Any], method: str) -> None:
         """LoRA rank within the hidden size; lengths within the model context (before anything loads)."""

@@ -32,6 +32,7 @@ from phi3v_core.constants import (
     supports_flash_attention,
 )
 from phi3v_core.errors import ConfigError, did_you_mean, raise_all
+from phi3v_core.fs import model_folder_problems
 from phi3v_core.methods import METHODS, MethodOptions, get_method
 from phi3v_core.software import BnbLibrary, bnb_library, offload_build_problem, qlora_unsupported_reason
 from phi3v_core.training.distributed_env import distributed_env_problems, env_int
@@ -356,7 +357,7 @@ class TrainConfig:
         env = env or Machine.detect()
         name = functools.partial(_field_name, names or {})
         out: list[str] = []
-        out += self._model_problems()
+        out += self._model_problems(name)
         out += self._choice_problems()
         out += self._precision_problems(env, name)
         out += self._batch_problems(env, name)
@@ -383,12 +384,16 @@ class TrainConfig:
         """Raise one :class:`~phi3v_core.errors.ConfigError` listing every problem (no-op when valid)."""
         raise_all(self.problems(env))
 
-    def _model_problems(self) -> list[str]:
+    def _model_problems(self, name: Callable[[str], str]) -> list[str]:
         if self.model in MODEL_PRESETS:
             return []
         folder = Path(self.model)
         if not (folder / "config.json").is_file():
             return [f"model {self.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a folder with config.json"]
+        # the config's model type and every weight file's header, read without loading the model
+        folder_problems = model_folder_problems(folder, f"{name('model')} {self.model}")
+        if folder_problems:
+            return folder_problems
         has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
         if not has_weights:
             return [

@@ -94,6 +94,16 @@ def test_a_weightless_checkpoint_folder_is_refused(ckpt35: Path, tmp_path: Path)
     assert any("has no weight files" in p and "preset" in p for p in problems)
 
 
+def test_a_folder_of_another_model_is_refused_by_the_api_as_by_the_command(tmp_path: Path) -> None:
+    """The model folder is judged in one place (``TrainConfig.problems``): its model type and weight headers."""
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "model.safetensors").write_bytes(b"\x00\x01")
+    problems = TrainConfig(model=str(folder), output_dir=str(tmp_path / "run")).problems(CPU)
+    assert f"model {folder}: config.json has model_type 'llama', not 'phi3_v'" in problems[0], problems
+
+
 def test_checkpoints_of_an_earlier_run_need_resume(tmp_path: Path) -> None:
     (tmp_path / "checkpoint-2").mkdir()
     assert any("resume='latest'" in p for p in TrainConfig(output_dir=str(tmp_path)).problems(CPU))
