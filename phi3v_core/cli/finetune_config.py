@@ -90,6 +90,8 @@ _FIELD_FLAGS = {
     "output_dir": "--output_dir",
     "optim": "--optim",
     "offload": "--offload",
+    "report_to": "--report_to",
+    "deepspeed_config_file": "--deepspeed",
     **LEVER_FIELD_FLAGS,
 }
 _FIELD_RE = re.compile(r"^(" + "|".join(sorted(_FIELD_FLAGS, key=len, reverse=True)) + r")\b")

@@ -366,8 +366,10 @@ class TrainConfig:
         out += distributed_env_problems()
         out += self._optimizer_problems(env)
         from phi3v_core.training.levers import lever_problems
+        from phi3v_core.training.trainer_checks import trainer_problems
 
         out += lever_problems(self, env)
+        out += trainer_problems(self, name)
         return out
 
     def dataset_problems(self, records: int, env: Machine) -> list[str]:

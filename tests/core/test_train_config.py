@@ -175,3 +175,16 @@ def test_old_name_per_device_batch_still_loads(tmp_path: Path) -> None:
     assert TrainConfig.from_json(old_file).micro_batch == 2
     with pytest.raises(ConfigError, match=r"both 'per_device_batch' \(deprecated\) and 'micro_batch'"):
         TrainConfig.from_dict({"per_device_batch": 1, "micro_batch": 1}, where="run.json")
+
+
+def test_the_trainer_settings_are_judged_by_the_config_itself(tmp_path: Path) -> None:
+    """A user's DeepSpeed config is read by ``problems()`` (the API refuses it as ``phi3v-finetune --deepspeed``)."""
+    bad = tmp_path / "ds.json"
+    bad.write_text("[1]")
+    cfg = TrainConfig(method="full", deepspeed=True, deepspeed_config_file=str(bad), offload="optimizer",
+                      output_dir=str(tmp_path / "run"))
+    problems = cfg.problems(CPU)
+    assert f"deepspeed_config_file {bad}: a DeepSpeed config is a JSON object, not list" in problems
+    assert f"deepspeed_config_file {bad} replaces the ZeRO-2 config that offload optimizer builds; drop one of them" in problems
+    missing = TrainConfig(deepspeed_config_file=str(tmp_path / "none.json"), output_dir=str(tmp_path / "run"))
+    assert any("none.json: cannot read it" in p for p in missing.problems(CPU))
