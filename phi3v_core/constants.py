@@ -38,6 +38,7 @@ __all__ = [
     "OPTIM_NAMES",
     "PRECISION_NAMES",
     "RECIPE_ZERO_BUCKET_ELEMENTS",
+    "REPORT_TO",
     "TOKENS_PER_CROP",
     "ZERO_BUCKET_ELEMENTS",
     "Recipe",
@@ -72,6 +73,8 @@ OPTIM_NAMES: tuple[str, ...] = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adam
 EIGHT_BIT_OPTIMS: tuple[str, ...] = ("adamw_8bit", "paged_adamw_8bit", "adamw_8bit_fp32_master")
 #: What DeepSpeed ZeRO-2 may move to host memory: nothing, or the optimizer (fp32 master weights and AdamW states).
 OFFLOAD_NAMES: tuple[str, ...] = ("none", "optimizer")
+#: ``report_to`` choices (the Trainer's logging integrations we support) and the package each needs.
+REPORT_TO: dict[str, str | None] = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}
 #: Random-init model configs of the official shapes, by name (``phi3v_core.config.MODEL_PRESETS`` builds them, in this
 #: order); light commands check a ``--model`` value against these names without importing transformers.
 MODEL_PRESET_NAMES: tuple[str, ...] = ("tiny", "phi-3.5-vision", "phi-3-vision")

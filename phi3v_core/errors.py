@@ -6,10 +6,11 @@ Bad input must end in one clear line (what, where, how to fix), exit code 1 and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import difflib
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
-__all__ = ["Phi3VError", "ConfigError", "DataError", "ImageSizeError", "raise_all"]
+__all__ = ["Phi3VError", "ConfigError", "DataError", "ImageSizeError", "did_you_mean", "raise_all"]
 
 F = TypeVar("F", bound=Callable[..., int | None])
 
@@ -33,6 +34,12 @@ class ImageSizeError(DataError, ValueError):
     It is a :class:`DataError` (the size usually comes from a data file) and a ``ValueError`` (what callers that
     predate this class catch).
     """
+
+
+def did_you_mean(value: str, choices: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a mistyped ``value`` ("" when none is close)."""
+    close = difflib.get_close_matches(value, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def raise_all(problems: Iterable[str], error_cls: type[Phi3VError] = ConfigError) -> None:

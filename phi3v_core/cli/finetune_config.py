@@ -12,12 +12,10 @@ Precedence of every setting: recipe default < ``--preset`` < explicit flag.
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib.util
 import json
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,14 +26,12 @@ from phi3v_core.cli.vocabulary import DEFAULT_SEED
 from phi3v_core.constants import (
     ATTN_NAMES,
     DEFAULT_ATTN,
-    MAX_NUM_CROPS,
     MODEL_PRESET_NAMES,
     PRECISION_NAMES,
     RecipePreset,
     load_recipe,
 )
-from phi3v_core.errors import ConfigError, raise_all
-from phi3v_core.fs import model_folder_problems
+from phi3v_core.errors import ConfigError, did_you_mean, raise_all
 from phi3v_core.methods import METHOD_NAMES, METHODS
 from phi3v_core.run_folder import output_dir_problems
 
@@ -94,6 +90,8 @@ _FIELD_FLAGS = {
     "output_dir": "--output_dir",
     "optim": "--optim",
     "offload": "--offload",
+    "report_to": "--report_to",
+    "deepspeed_config_file": "--deepspeed",
     **LEVER_FIELD_FLAGS,
 }
 _FIELD_RE = re.compile(r"^(" + "|".join(sorted(_FIELD_FLAGS, key=len, reverse=True)) + r")\b")
@@ -114,11 +112,6 @@ def _early_problems(args: argparse.Namespace) -> list[str]:
     # a preset may name another output folder: judged after it is resolved
     out = args.output_dir if args.output_dir is not None or args.preset else RECIPE_DEFAULTS["output_dir"]
     return problems + (_output_problems(args, out) if out and not problems else [])
-
-
-def _did_you_mean(value: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(value, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _resolve_model(value: str, problems: list[str], notes: list[str]) -> str:
@@ -159,6 +152,8 @@ def _model_dims(model: str) -> tuple[int | None, int | None]:
         config = json.loads((Path(model) / "config.json").read_text())
     except (OSError, ValueError):
         return None, None
+    if not isinstance(config, dict):
+        return None, None  # TrainConfig.problems names the broken config.json
     hidden, context = config.get("hidden_size"), config.get("max_position_embeddings")
     return (hidden if isinstance(hidden, int) else None), (context if isinstance(context, int) else None)
 
@@ -195,7 +190,7 @@ class _Resolver:
         self.preset = RECIPE_PRESETS.get(name)
         if self.preset is None:
             self.problems.append(
-                f"unknown preset {name!r}{_did_you_mean(name, list(RECIPE_PRESETS))}; "
+                f"unknown preset {name!r}{did_you_mean(name, list(RECIPE_PRESETS))}; "
                 f"choose one of {', '.join(RECIPE_PRESETS)} (phi3v-finetune --list-presets)"
             )
 
@@ -205,7 +200,7 @@ class _Resolver:
         self.sources["task"] = "flag" if args.task else ("preset" if preset else "default")
         if task not in TASK_NAMES:
             problems.append(
-                f"unknown task {task!r}{_did_you_mean(task, TASK_NAMES)}; choose one of {', '.join(TASK_NAMES)}"
+                f"unknown task {task!r}{did_you_mean(task, TASK_NAMES)}; choose one of {', '.join(TASK_NAMES)}"
             )
         if preset and args.task and args.task != preset.task:
             others = ", ".join(n for n, p in RECIPE_PRESETS.items() if p.task == args.task) or "none published"
@@ -260,12 +255,7 @@ class _Resolver:
                 f"model {model!r} is randomly initialised (no weights): the run checks the pipeline; pass "
                 "--model_name_or_path FOLDER for Phi-3.5-vision"
             )
-        elif len(self.problems) == before:
-            folder_problems = model_folder_problems(Path(model), f"--model_name_or_path {model}")
-            if folder_problems:
-                self.problems.extend(folder_problems)
-                self.reported.add("model")
-        return model
+        return model  # a folder's config and weight headers are judged by TrainConfig.problems
 
     def check_sizes(self, model: str, values: dict[str, Any], method: str) -> None:
         """LoRA rank within the hidden size; lengths within the model context (before anything loads)."""
@@ -297,12 +287,6 @@ class _Resolver:
         """``(method, freeze_vision)`` from --method, the recipe's --use_lora/--use_qlora/--freeze_vision_model."""
         args, problems = self.args, self.problems
         recipe_method = "qlora" if args.use_qlora else ("lora" if args.use_lora else None)
-        if args.method is not None and args.method not in METHOD_NAMES:
-            problems.append(
-                f"unknown method {args.method!r}{_did_you_mean(args.method, METHOD_NAMES)}; "
-                f"choose one of {', '.join(METHOD_NAMES)}"
-            )
-            self.reported.add("method")
         if args.method is not None:
             if args.use_qlora and args.method != "qlora":
                 problems.append(f"--use_qlora conflicts with --method {args.method}; drop one of them")
@@ -323,12 +307,7 @@ class _Resolver:
     def resolve_precision(self) -> str:
         args, env = self.args, self.env
         if args.precision is not None:
-            if args.precision not in PRECISION_NAMES:
-                self.problems.append(
-                    f"unknown precision {args.precision!r}; choose one of {', '.join(PRECISION_NAMES)}"
-                )
-                self.reported.add("precision")
-            elif args.bf16 and args.precision != "bf16":
+            if args.bf16 and args.precision in PRECISION_NAMES and args.precision != "bf16":
                 self.problems.append(f"--bf16 conflicts with --precision {args.precision}; drop one of them")
             precision, self.sources["precision"] = args.precision, "flag"
         elif args.bf16:
@@ -343,21 +322,12 @@ class _Resolver:
             self.notes.append(
                 "precision fp32: the recipe's default without --bf16 is fp16 mixed precision, which needs a GPU"
             )
-        if precision == "fp16" and not env.cuda:
-            self.problems.append(
-                "--precision fp16 needs a CUDA GPU (fp16 mixed precision with loss scaling does not run on CPU); "
-                "use --precision fp32 or --precision bf16"
-            )
-            self.reported.add("precision")
-        return precision
+        return precision  # judged by TrainConfig.problems (fp16 needs a GPU)
 
     def resolve_attn(self) -> str:
         args = self.args
         if args.attn is not None:
-            if args.attn not in ATTN_NAMES:
-                self.problems.append(f"unknown attn {args.attn!r}; choose one of {', '.join(ATTN_NAMES)}")
-                self.reported.add("attn")
-            elif args.use_flash_attention and args.attn != "flash_attention_2":
+            if args.use_flash_attention and args.attn in ATTN_NAMES and args.attn != "flash_attention_2":
                 self.problems.append(f"--use_flash_attention conflicts with --attn {args.attn}; drop one of them")
             attn, self.sources["attn"] = args.attn, "flag"
         elif args.use_flash_attention:
@@ -374,27 +344,10 @@ class _Resolver:
 
     def resolve_numbers(self) -> dict[str, Any]:
         values = {name: self.pick(name, default) for name, default in {**RECIPE_DEFAULTS, **OUR_DEFAULTS}.items()}
-        num_crops = values["num_crops"] = self.pick("num_crops", None)
-        if num_crops is None:
+        # num_crops and the batch sizes are judged by TrainConfig.problems, in flag terms
+        values["num_crops"] = self.pick("num_crops", None)
+        if values["num_crops"] is None:
             self.sources["num_crops"] = "task"
-        elif not 1 <= num_crops <= MAX_NUM_CROPS:
-            self.problems.append(
-                f"--num_crops {num_crops} is out of range: the recipe asserts num_crops <= {MAX_NUM_CROPS}; "
-                f"pass 1..{MAX_NUM_CROPS} "
-                "(16 for single images, 4 for video frames)"
-            )
-            self.reported.add("num_crops")
-        batch, per_gpu, world = values["batch_size"], values["batch_size_per_gpu"], self.env.world_size
-        if batch < 1 or per_gpu < 1:
-            self.problems.append(f"--batch_size and --batch_size_per_gpu must be >= 1 (got {batch} and {per_gpu})")
-            self.reported.update({"global_batch", "micro_batch"})
-        elif batch % (per_gpu * world):
-            # The recipe asserts batch_size % (num_gpus * batch_size_per_gpu) == 0: --batch_size is the global batch.
-            self.problems.append(
-                f"--batch_size {batch} is not divisible by --batch_size_per_gpu {per_gpu} × {world} process(es) = "
-                f"{per_gpu * world}; pass a multiple of {per_gpu * world}"
-            )
-            self.reported.update({"global_batch", "micro_batch"})
         workers = self.args.num_workers
         values["num_workers"] = workers if workers is not None else (4 if self.env.cuda else 0)
         self.sources["num_workers"] = "flag" if workers is not None else "auto"
@@ -460,7 +413,7 @@ class _Resolver:
 
     def add_train_config_problems(self, train_cfg: Any) -> None:
         """The training helper's own checks (environment, model folder, checkpoints), phrased with our flags."""
-        for problem in train_cfg.problems(self.env):
+        for problem in train_cfg.problems(self.env, names=_FIELD_FLAGS):
             match = _FIELD_RE.match(problem)
             if match and match.group(1) in self.reported:
                 continue  # already said in flag terms
@@ -510,10 +463,9 @@ def build_config(args: argparse.Namespace, env: Any = None) -> FinetuneConfig:
 
     train_cfg = TrainConfig(
         model=model,
-        # Unknown names were reported above; placeholders keep TrainConfig's checks about everything else useful.
-        method=method if method in METHOD_NAMES else "full",
-        precision=precision if precision in PRECISION_NAMES else "fp32",
-        attn=attn if attn in ATTN_NAMES else DEFAULT_ATTN,
+        method=method,  # an unknown method, precision or attn is named by TrainConfig.problems
+        precision=precision,
+        attn=attn,
         num_crops=values["num_crops"] if values["num_crops"] is not None else (4 if task == "ucf101" else 16),
         micro_batch=values["batch_size_per_gpu"],
         global_batch=values["batch_size"],

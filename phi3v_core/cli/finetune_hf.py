@@ -9,12 +9,11 @@ are parsed here and passed to the Trainer through :class:`~phi3v_core.training.T
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
 from phi3v_core.cli.common import bounded_int
+from phi3v_core.constants import REPORT_TO
 
 __all__ = ["LR_SCHEDULERS", "REPORT_TO", "add_trainer_flags", "path_problems", "trainer_values"]
 
@@ -22,8 +21,6 @@ __all__ = ["LR_SCHEDULERS", "REPORT_TO", "add_trainer_flags", "path_problems", "
 LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
 )
-#: ``--report_to`` choices and the package each needs.
-REPORT_TO = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 def add_trainer_flags(group: argparse._ArgumentGroup) -> None:
@@ -54,30 +51,11 @@ def add_trainer_flags(group: argparse._ArgumentGroup) -> None:
     )
 
 
-def _deepspeed_problems(path: str, offload: str) -> list[str]:
-    problems = []
-    try:
-        config = json.loads(Path(path).expanduser().read_text())
-    except OSError as exc:
-        problems.append(f"--deepspeed {path}: cannot read it ({exc.strerror or exc}); pass a DeepSpeed JSON config file")
-        config = {}
-    except ValueError as exc:
-        problems.append(f"--deepspeed {path}: not JSON ({exc}); pass a DeepSpeed JSON config file")
-        config = {}
-    if not isinstance(config, dict):
-        problems.append(f"--deepspeed {path}: a DeepSpeed config is a JSON object, not {type(config).__name__}")
-    if offload != "none":
-        problems.append(f"--deepspeed {path} replaces the ZeRO-2 config that --offload {offload} builds; drop one of them")
-    if importlib.util.find_spec("deepspeed") is None:
-        problems.append("--deepspeed needs the deepspeed package (pip install deepspeed)")
-    return problems
-
-
 def trainer_values(args: argparse.Namespace, values: dict[str, Any], world_size: int, problems: list[str]) -> dict[str, Any]:
-    """Validate the Trainer flags and return the :class:`TrainConfig` fields they set.
+    """The :class:`TrainConfig` fields the Trainer flags set (their values are judged by ``TrainConfig.problems``).
 
     ``--gradient_accumulation_steps`` turns into the global batch (``values["batch_size"]`` is updated); a
-    ``--batch_size`` given as well must agree with it.
+    ``--batch_size`` given as well must agree with it (a conflict between two flags, reported here).
 
     Args:
         args: The parsed flags.
@@ -103,17 +81,9 @@ def trainer_values(args: argparse.Namespace, values: dict[str, Any], world_size:
         fields["lr_scheduler"] = args.lr_scheduler_type
     if getattr(args, "logging_steps", None) is not None:
         fields["logging_steps"] = args.logging_steps
-    report_to = getattr(args, "report_to", "none") or "none"
-    package = REPORT_TO.get(report_to)
-    if package and importlib.util.find_spec(package) is None:
-        problems.append(
-            f"--report_to {report_to} needs the {package} package (pip install {package}); "
-            "or pass --report_to none"
-        )
-    fields["report_to"] = report_to
+    fields["report_to"] = getattr(args, "report_to", "none") or "none"
     config = getattr(args, "deepspeed", None)
     if config is not None:
-        problems.extend(_deepspeed_problems(config, getattr(args, "offload", "none")))
         fields["deepspeed"] = True
         fields["deepspeed_config_file"] = str(Path(config).expanduser())
     return fields

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
-import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from phi3v_core.constants import (
     supports_bf16,
     supports_flash_attention,
 )
-from phi3v_core.errors import ConfigError, raise_all
+from phi3v_core.errors import ConfigError, did_you_mean, raise_all
+from phi3v_core.fs import model_folder_problems
 from phi3v_core.methods import METHODS, MethodOptions, get_method
 from phi3v_core.software import BnbLibrary, bnb_library, offload_build_problem, qlora_unsupported_reason
 from phi3v_core.training.distributed_env import distributed_env_problems, env_int
@@ -45,8 +46,8 @@ __all__ = [
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-#: Old field name → current one. Still accepted by the constructor (PendingDeprecationWarning) and by JSON configs,
-#: so ``train_config.json`` / ``run.json`` files written before the rename keep loading.
+#: Old field name → current one. Accepted by :meth:`TrainConfig.from_dict` only (not the constructor), so
+#: ``train_config.json`` / ``run.json`` files written before the rename keep loading.
 DEPRECATED_FIELDS: dict[str, str] = {"per_device_batch": "micro_batch"}
 
 
@@ -109,7 +110,7 @@ class TrainConfig:
         num_crops: HD crops per image for the processor (1–16; recipe default 16). Used where the run builds its
             own data (launch entry point); ``train()`` takes already-encoded datasets.
         micro_batch: Examples per forward/backward on each process (the recipe's ``--batch_size_per_gpu``;
-            formerly ``per_device_batch``, still accepted).
+            ``per_device_batch`` in configs saved before the rename, which still load).
         global_batch: Effective batch per optimizer step = micro-batch × processes × accumulation (the recipe's
             ``--batch_size``); must divide evenly.
         max_steps: Optimizer steps; ``-1`` trains ``num_train_epochs`` epochs instead.
@@ -280,11 +281,6 @@ class TrainConfig:
         """Micro-batches per optimizer step on each process: global / (micro-batch × world size)."""
         return max(1, self.global_batch // (self.micro_batch * world_size))
 
-    @property
-    def per_device_batch(self) -> int:
-        """Deprecated name of :attr:`micro_batch` (read-only)."""
-        return self.micro_batch
-
     def uses_deepspeed(self, world_size: int) -> bool:
         """Resolve ``deepspeed=None`` (auto): on for full/frozen_vision when more than one process trains."""
         if self.deepspeed is not None:
@@ -350,21 +346,30 @@ class TrainConfig:
         return update_retention(self.learning_rate, "bf16" if bf16 else "fp32")
 
     # -- validation --------------------------------------------------------------------------------------------
-    def problems(self, env: Machine | None = None) -> list[str]:
-        """Every problem with this configuration on this machine (empty when it can run)."""
+    def problems(self, env: Machine | None = None, names: Mapping[str, str] | None = None) -> list[str]:
+        """Every problem with this configuration on this machine (empty when it can run).
+
+        Args:
+            env: The machine (detected when omitted).
+            names: What to call a field inside a message (``phi3v-finetune`` passes its flags; default: the field
+                names). The one place these values are judged, so the API and the command refuse alike.
+        """
         env = env or Machine.detect()
+        name = functools.partial(_field_name, names or {})
         out: list[str] = []
-        out += self._model_problems()
+        out += self._model_problems(name)
         out += self._choice_problems()
-        out += self._precision_problems(env)
-        out += self._batch_problems(env)
+        out += self._precision_problems(env, name)
+        out += self._batch_problems(env, name)
         out += self._number_problems()
         out += self._checkpoint_problems()
         out += distributed_env_problems()
         out += self._optimizer_problems(env)
         from phi3v_core.training.levers import lever_problems
+        from phi3v_core.training.trainer_checks import trainer_problems
 
         out += lever_problems(self, env)
+        out += trainer_problems(self, name)
         return out
 
     def dataset_problems(self, records: int, env: Machine) -> list[str]:
@@ -381,12 +386,16 @@ class TrainConfig:
         """Raise one :class:`~phi3v_core.errors.ConfigError` listing every problem (no-op when valid)."""
         raise_all(self.problems(env))
 
-    def _model_problems(self) -> list[str]:
+    def _model_problems(self, name: Callable[[str], str]) -> list[str]:
         if self.model in MODEL_PRESETS:
             return []
         folder = Path(self.model)
         if not (folder / "config.json").is_file():
             return [f"model {self.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a folder with config.json"]
+        # the config's model type and every weight file's header, read without loading the model
+        folder_problems = model_folder_problems(folder, f"{name('model')} {self.model}")
+        if folder_problems:
+            return folder_problems
         has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
         if not has_weights:
             return [
@@ -398,11 +407,14 @@ class TrainConfig:
     def _choice_problems(self) -> list[str]:
         out = []
         if self.method not in METHODS:
-            out.append(f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+            out.append(
+                f"unknown method {self.method!r}{did_you_mean(self.method, list(METHODS))}; "
+                f"choose one of {', '.join(METHODS)}"
+            )
         if self.precision not in PRECISION_NAMES:
-            out.append(f"precision {self.precision!r} is unknown; choose one of {', '.join(PRECISION_NAMES)}")
+            out.append(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISION_NAMES)}")
         if self.attn not in ATTN_NAMES:
-            out.append(f"attn {self.attn!r} is unknown; choose one of {', '.join(ATTN_NAMES)}")
+            out.append(f"unknown attn {self.attn!r}; choose one of {', '.join(ATTN_NAMES)}")
         if self.method == "full" and self.freeze_vision:
             out.append("freeze_vision with method 'full' is method 'frozen_vision'; pass method='frozen_vision'")
         if self.method in METHODS and self.deepspeed and not get_method(self.method).supports_deepspeed:
@@ -412,7 +424,7 @@ class TrainConfig:
             )
         return out
 
-    def _precision_problems(self, env: Machine) -> list[str]:
+    def _precision_problems(self, env: Machine, name: Callable[[str], str]) -> list[str]:
         out = []
         flash = self.attn == "flash_attention_2"
         if flash and self.precision == "fp32":
@@ -433,7 +445,10 @@ class TrainConfig:
             )
         if self.precision == "fp16" and not env.cuda:
             # accelerate turns fp16 off on CPU without a word (no autocast, no loss scaling): the run would be fp32.
-            out.append("precision fp16 (AMP with loss scaling) needs a CUDA GPU; on CPU use bf16 or fp32")
+            out.append(
+                f"{name('precision')} fp16 needs a CUDA GPU (fp16 mixed precision with loss scaling does not run on "
+                f"CPU); use {name('precision')} fp32 or {name('precision')} bf16"
+            )
         quantized = self.method in METHODS and get_method(self.method).quantized
         if quantized and not env.bitsandbytes:
             out.append(f"method {self.method} needs bitsandbytes (pip install bitsandbytes)")
@@ -446,18 +461,19 @@ class TrainConfig:
             out.append("deepspeed is enabled but not installed (pip install deepspeed); or set deepspeed=False")
         return out
 
-    def _batch_problems(self, env: Machine) -> list[str]:
+    def _batch_problems(self, env: Machine, name: Callable[[str], str]) -> list[str]:
         out = []
         if self.micro_batch < 1:
-            out.append(f"micro_batch must be >= 1 (got {self.micro_batch})")
+            out.append(f"{name('micro_batch')} must be >= 1 (got {self.micro_batch})")
         if self.global_batch < 1:
-            out.append(f"global_batch must be >= 1 (got {self.global_batch})")
+            out.append(f"{name('global_batch')} must be >= 1 (got {self.global_batch})")
         if self.micro_batch >= 1 and self.global_batch >= 1:
             per_step = self.micro_batch * env.world_size
             if self.global_batch % per_step:
+                # the recipe asserts batch_size % (num_gpus * batch_size_per_gpu) == 0: global_batch is the global batch
                 out.append(
-                    f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch} × "
-                    f"{env.world_size} process(es) = {per_step}; pick a global_batch divisible by {per_step}"
+                    f"{name('global_batch')} {self.global_batch} is not divisible by {name('micro_batch')} "
+                    f"{self.micro_batch} × {env.world_size} process(es) = {per_step}; pass a multiple of {per_step}"
                 )
         if env.world_size == 1 and env.device_count > 1:
             out.append(
@@ -485,7 +501,11 @@ class TrainConfig:
             (self.lora_rank >= 1, f"lora_rank must be >= 1 (got {self.lora_rank})"),
             (self.lora_alpha_ratio > 0, f"lora_alpha_ratio must be > 0 (got {self.lora_alpha_ratio})"),
             (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1) (got {self.lora_dropout})"),
-            (1 <= self.num_crops <= MAX_NUM_CROPS, f"num_crops must be in 1..{MAX_NUM_CROPS} (got {self.num_crops})"),
+            (
+                1 <= self.num_crops <= MAX_NUM_CROPS,
+                f"num_crops {self.num_crops} is out of range: the recipe asserts num_crops <= {MAX_NUM_CROPS}; "
+                f"pass 1..{MAX_NUM_CROPS} (16 for single images, 4 for video frames)",
+            ),
             (self.save_steps >= 0, f"save_steps must be >= 0 (got {self.save_steps})"),
             (
                 self.save_total_limit is None or self.save_total_limit >= 1,
@@ -548,6 +568,11 @@ class TrainConfig:
         return out
 
 
+def _field_name(names: Mapping[str, str], field_name: str) -> str:
+    """How a message calls ``field_name``: its entry in ``names`` (a flag, for the command line), else itself."""
+    return names.get(field_name, field_name)
+
+
 def _renamed_fields(values: dict[str, Any], where: str) -> dict[str, Any]:
     """``values`` with deprecated field names (:data:`DEPRECATED_FIELDS`) replaced by the current ones.
 
@@ -562,22 +587,3 @@ def _renamed_fields(values: dict[str, Any], where: str) -> dict[str, Any]:
             values[new] = values.pop(old)
     return values
 
-
-def _accept_deprecated_names(init):  # noqa: ANN001, ANN202 - wraps the dataclass-generated __init__
-    """Let ``TrainConfig(per_device_batch=...)`` keep working: rename old keyword arguments, with a (pending) warning."""
-
-    @functools.wraps(init)
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807
-        if DEPRECATED_FIELDS.keys() & kwargs.keys():
-            # Pending, not Deprecation: Python shows DeprecationWarning in __main__, and `python -m
-            # phi3v_core.cli.finetune` (still on the old name) must print nothing but its own output.
-            warnings.warn(
-                f"TrainConfig field names {DEPRECATED_FIELDS} changed; pass the new names", PendingDeprecationWarning, 2
-            )
-            kwargs = _renamed_fields(kwargs, "TrainConfig")
-        init(self, *args, **kwargs)
-
-    return __init__
-
-
-TrainConfig.__init__ = _accept_deprecated_names(TrainConfig.__init__)  # type: ignore[method-assign]

@@ -46,18 +46,18 @@ def test_defaults_are_valid_on_cpu_and_follow_the_recipe(tmp_path: Path) -> None
             "pip install flash-attn",
         ),
         ({"precision": "bf16"}, V100, "precision bf16 needs compute capability >= 8.0"),
-        ({"precision": "fp16"}, CPU, "fp16 (AMP with loss scaling) needs a CUDA GPU"),
+        ({"precision": "fp16"}, CPU, "precision fp16 needs a CUDA GPU"),
         ({"method": "qlora"}, Machine(bitsandbytes=False), "needs bitsandbytes"),
         ({"method": "full"}, Machine(world_size=2, deepspeed=False), "deepspeed is enabled but not installed"),
         ({"method": "lora", "deepspeed": True}, CPU, "deepspeed is for full/frozen_vision"),
         ({"method": "full", "freeze_vision": True}, CPU, "pass method='frozen_vision'"),
-        ({"method": "no-such-method"}, CPU, "method 'no-such-method' is unknown"),
-        ({"precision": "fp8"}, CPU, "precision 'fp8' is unknown"),
-        ({"attn": "xformers"}, CPU, "attn 'xformers' is unknown"),
-        ({"global_batch": 6, "micro_batch": 4}, CPU, "global_batch 6 is not a multiple of micro_batch 4"),
+        ({"method": "no-such-method"}, CPU, "unknown method 'no-such-method'"),
+        ({"precision": "fp8"}, CPU, "unknown precision 'fp8'"),
+        ({"attn": "xformers"}, CPU, "unknown attn 'xformers'"),
+        ({"global_batch": 6, "micro_batch": 4}, CPU, "global_batch 6 is not divisible by micro_batch 4"),
         ({"global_batch": 16, "micro_batch": 3}, Machine(world_size=2), "× 2 process(es) = 6"),
         ({}, Machine(cuda=True, capability=(9, 0), device_count=4), "torchrun --nproc_per_node=4"),
-        ({"num_crops": 17}, CPU, "num_crops must be in 1..16"),
+        ({"num_crops": 17}, CPU, "num_crops 17 is out of range"),
         ({"max_steps": 0}, CPU, "max_steps must be -1 (epochs) or >= 1"),
         ({"lora_dropout": 1.0}, CPU, "lora_dropout must be in [0, 1)"),
         ({"model": "no-such-preset"}, CPU, "neither a preset"),
@@ -92,6 +92,16 @@ def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
 def test_a_weightless_checkpoint_folder_is_refused(ckpt35: Path, tmp_path: Path) -> None:
     problems = TrainConfig(model=str(ckpt35), output_dir=str(tmp_path)).problems(CPU)
     assert any("has no weight files" in p and "preset" in p for p in problems)
+
+
+def test_a_folder_of_another_model_is_refused_by_the_api_as_by_the_command(tmp_path: Path) -> None:
+    """The model folder is judged in one place (``TrainConfig.problems``): its model type and weight headers."""
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "model.safetensors").write_bytes(b"\x00\x01")
+    problems = TrainConfig(model=str(folder), output_dir=str(tmp_path / "run")).problems(CPU)
+    assert f"model {folder}: config.json has model_type 'llama', not 'phi3_v'" in problems[0], problems
 
 
 def test_checkpoints_of_an_earlier_run_need_resume(tmp_path: Path) -> None:
@@ -153,10 +163,11 @@ def test_config_round_trips_through_json_and_rejects_unknown_fields(tmp_path: Pa
 
 
 def test_old_name_per_device_batch_still_loads(tmp_path: Path) -> None:
-    """``micro_batch`` was ``per_device_batch``: old callers and old run.json files keep working."""
-    with pytest.warns(PendingDeprecationWarning, match="per_device_batch"):
-        cfg = TrainConfig(per_device_batch=4, global_batch=8)
-    assert cfg.micro_batch == cfg.per_device_batch == 4
+    """``micro_batch`` was ``per_device_batch``: old run.json files keep loading; the constructor takes the new name
+    only."""
+    with pytest.raises(TypeError, match="per_device_batch"):
+        TrainConfig(per_device_batch=4, global_batch=8)  # type: ignore[call-arg]
+    cfg = TrainConfig(micro_batch=4, global_batch=8)
     assert "per_device_batch" not in cfg.to_dict() and cfg.to_dict()["micro_batch"] == 4
     assert dataclasses.replace(cfg, micro_batch=2).micro_batch == 2
     old_file = tmp_path / "run.json"
@@ -164,3 +175,16 @@ def test_old_name_per_device_batch_still_loads(tmp_path: Path) -> None:
     assert TrainConfig.from_json(old_file).micro_batch == 2
     with pytest.raises(ConfigError, match=r"both 'per_device_batch' \(deprecated\) and 'micro_batch'"):
         TrainConfig.from_dict({"per_device_batch": 1, "micro_batch": 1}, where="run.json")
+
+
+def test_the_trainer_settings_are_judged_by_the_config_itself(tmp_path: Path) -> None:
+    """A user's DeepSpeed config is read by ``problems()`` (the API refuses it as ``phi3v-finetune --deepspeed``)."""
+    bad = tmp_path / "ds.json"
+    bad.write_text("[1]")
+    cfg = TrainConfig(method="full", deepspeed=True, deepspeed_config_file=str(bad), offload="optimizer",
+                      output_dir=str(tmp_path / "run"))
+    problems = cfg.problems(CPU)
+    assert f"deepspeed_config_file {bad}: a DeepSpeed config is a JSON object, not list" in problems
+    assert f"deepspeed_config_file {bad} replaces the ZeRO-2 config that offload optimizer builds; drop one of them" in problems
+    missing = TrainConfig(deepspeed_config_file=str(tmp_path / "none.json"), output_dir=str(tmp_path / "run"))
+    assert any("none.json: cannot read it" in p for p in missing.problems(CPU))
