@@ -136,6 +136,8 @@ def _token_sums(
             else:
                 bins = first_fit_decreasing(chunk, pack_tokens or longest)
                 width = max(sum(chunk[i] for i in b) for b in bins)  # every row as wide as the widest
+                if len(bins) * width >= len(chunk) * longest:  # the collator then keeps one sample per row
+                    bins, width = [[i] for i in range(len(chunk))], longest
                 rows, square = len(bins), len(bins) * width * width
                 content = sum(sum(chunk[i] for i in b) ** 2 for b in bins)
             widest = max(widest, width)

@@ -181,7 +181,7 @@ def print_validation(as_json: bool, repeats: int, save: str | None, argv: Sequen
     )
     from planner.validate import packing_lines
 
-    for line in packing_lines(result.get("packing")):
+    for line in packing_lines(result.get("packing") or []):
         console.print(line)
     if save:
         console.print(f"raw result written to {save}")

@@ -399,28 +399,31 @@ def eight_bit_adamw_memory() -> dict[str, Any]:
     }
 
 
-#: Seeded orders the packing validation averages (the bench's Trainer draws its micro-batches at random).
-VALIDATION_SHUFFLES = 16
 #: Where ``phi3v-bench`` validation results live in the source tree.
 VALIDATION_DIR = Path(__file__).resolve().parents[1] / "results" / "validation"
 
 
-def packing_validation(folder: str | Path = VALIDATION_DIR, rates: Rates | None = None) -> dict[str, Any] | None:
-    """The planner's packed/padded speed-up beside the bench's (the newest ``packing-cpu-*.json`` in ``folder``).
+def packing_validation(folder: str | Path = VALIDATION_DIR, rates: Rates | None = None) -> list[dict[str, Any]]:
+    """The planner's packed/padded speed-up beside the bench's, one entry per ``packing-*.json`` in ``folder``
+    (``python -m bench.packing_measure --save``; none: an empty list). Rates are measured once when not given."""
+    files = sorted(Path(folder).glob("packing-*.json"))
+    if files and rates is None:
+        rates = measure_rates(1.0)
+    return [_packing_case(path, rates) for path in files]  # type: ignore[arg-type]
 
-    The file's ``result`` (``phi3v-bench``, CPU, the same samples padded and packed) gives the workload — model
-    config, attention, micro-batch, pack budget, per-sample tokens in dataset order — and the measured padding and
-    real tokens/s both ways. The prediction packs those lengths with :mod:`planner.packing` under this CPU's rates
-    (measured when not given), averaged over :data:`VALIDATION_SHUFFLES` seeded orders (the Trainer samples at
-    random); a sample's vision cost is taken as the average sample's (square images at the file's num_crops). None
-    when there is no such file.
+
+def _packing_case(path: Path, rates: Rates) -> dict[str, Any]:
+    """One bench file's measured speed-up beside the planner's.
+
+    The file's ``result`` (CPU, the same samples padded and packed) gives the workload — model config, attention,
+    micro-batch, pack budget, per-sample tokens in the order trained (each ``micro_batch`` consecutive ones were one
+    micro-batch) — and the measured padding and real tokens/s both ways. The prediction packs those micro-batches
+    with :mod:`planner.packing` under this CPU's rates; a sample's vision cost is taken as the average sample's
+    (square images at the file's num_crops).
     """
     from planner.packing import predict_packing, row_cost, token_sums
 
-    files = sorted(Path(folder).glob("packing-cpu-*.json"), key=lambda p: (json.loads(p.read_text())["date"], p.name))
-    if not files:
-        return None
-    record = json.loads(files[-1].read_text())
+    record = json.loads(path.read_text())
     result, work = record["result"], record["result"]["workload"]
     model = str(work["model_config"])
     in_tree = VALIDATION_DIR.parents[1] / model  # a path in the file is relative to the source tree
@@ -439,13 +442,13 @@ def packing_validation(folder: str | Path = VALIDATION_DIR, rates: Rates | None 
                        micro_batch=int(work["micro_batch"]), world_size=1, zero_stage=0, optimizer_foreach=False)  # fmt: skip
     constants, _fitted = fit_speed_constants(load_calibration(), load_shape("phi-3-vision"))
     budget = work.get("pack_tokens")
-    sums = token_sums(lengths, setup.micro_batch, setup.attn, budget, shuffles=VALIDATION_SHUFFLES)
-    cost = row_cost(shape, setup, mean, rates or measure_rates(1.0), constants)
+    sums = token_sums(lengths, setup.micro_batch, setup.attn, budget, shuffles=0)  # the micro-batches trained
+    cost = row_cost(shape, setup, mean, rates, constants)
     prediction = predict_packing(sums, setup.attn, budget, cost)
     assert prediction.speed_up is not None  # a cost was given
     measured = float(result["speed_up"])
     return {
-        "file": str(files[-1]),
+        "file": str(path),
         "case": f"{work['model_config']} {work['method']} {work['attention']} c{work['num_crops']} mb{setup.micro_batch}, "
         f"{len(lengths)} samples of {min(lengths)}-{max(lengths)} tokens",
         "predicted_speed_up": prediction.speed_up,
@@ -456,13 +459,14 @@ def packing_validation(folder: str | Path = VALIDATION_DIR, rates: Rates | None 
     }
 
 
-def packing_lines(line: dict[str, Any] | None) -> list[str]:
-    """``--validate``'s packing line (none without a bench file)."""
-    if line is None:
-        return ["packing: no results/validation/packing-cpu-*.json yet (the bench's packed vs padded run)"]
+def packing_lines(cases: list[dict[str, Any]]) -> list[str]:
+    """``--validate``'s packing lines, one per bench file."""
+    if not cases:
+        return ["packing: no results/validation/packing-*.json yet (python -m bench.packing_measure --save)"]
     return [
         f"packing ({line['case']}): predicted speed-up {line['predicted_speed_up']:.2f}x, measured "
         f"{line['measured_speed_up']:.2f}x ({line['error_pct']:+.0f} %); padding predicted "
         f"{line['predicted_padding']['padded']:.0%} → {line['predicted_padding']['packed']:.0%}, measured "
         f"{line['measured_padding']['padded']:.0%} → {line['measured_padding']['packed']:.0%} ({line['file']})"
+        for line in cases
     ]

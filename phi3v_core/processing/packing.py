@@ -123,6 +123,10 @@ class PackingCollator:
             )
         rows = [list(range(len(lengths)))] if self.flatten else first_fit_decreasing(lengths, budget)
         width = max(sum(lengths[i] for i in row) for row in rows)
+        if not self.flatten and len(rows) * width >= len(lengths) * max(lengths):
+            # rows are as wide as the widest: short samples under a large --pack_tokens can fill fewer, wider rows
+            # that compute more tokens than padding would; one sample per row is then the padded batch's shape
+            rows, width = [[i] for i in range(len(lengths))], max(lengths)
         if self.base.pad_to_multiple_of:
             width = -(-width // self.base.pad_to_multiple_of) * self.base.pad_to_multiple_of
         batch = self._rows(singles, rows, width)

@@ -257,3 +257,21 @@ def test_training_collator_and_step_meter_count_packed_samples() -> None:
     assert meter.computed_tokens < len(lengths) * max(lengths)  # less than padding computes
     flat = training_collator(packing=True, attn="flash_attention_2")(examples)
     assert flat["input_ids"].shape[0] == 1
+
+
+def test_packing_never_computes_more_tokens_than_padding() -> None:
+    """Three equal samples under a budget of two: first fit makes rows [a, b] and [c], both 2L wide (4L computed
+    tokens, padding computes 3L), so the collator keeps one sample per row; the planner's token count agrees."""
+    from planner.packing import token_sums
+
+    example = samples()[0]
+    length = int(BASE([example])["input_ids"].shape[1])
+    batch = PackingCollator(BASE, pack_tokens=2 * length)([example] * 3)
+    assert batch["packing"].rows == ((length,),) * 3 and batch["packing"].width == length
+    assert batch["input_ids"].shape == (3, length)
+    sums = token_sums([length] * 3, 3, "sdpa", 2 * length, shuffles=0)
+    assert sums.packed == sums.padded == 3 * length
+    # equal tokens either way (four equal samples in two rows of two) is not worth sdpa's wider rows either
+    assert len(PackingCollator(BASE, pack_tokens=2 * length)([example] * 4)["packing"].rows) == 4
+    # mixed lengths still pack (the equality tests' batch: four samples in two rows)
+    assert len(PackingCollator(BASE, pack_tokens=1100)(samples())["packing"].rows) == 2

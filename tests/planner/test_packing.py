@@ -133,11 +133,11 @@ def test_validation_reads_the_bench_file(tmp_path):
     folder.mkdir(parents=True)
     shutil.copy(FIXTURE, folder / "packing-cpu-Intel-Xeon-2t-20261207.json")
     # the rates of a 1-thread Xeon as --validate measures them (given: the test imports no torch)
-    line = packing_validation(folder, Rates(99.4e9, 11.9e9, 26.7e-6, 60e6, "test"))
+    [line] = packing_validation(folder, Rates(99.4e9, 11.9e9, 26.7e-6, 60e6, "test"))
     measured = json.loads(FIXTURE.read_text())["result"]["speed_up"]
     assert line["measured_speed_up"] == pytest.approx(measured)
     assert line["predicted_speed_up"] > 1 and "error_pct" in line
-    assert packing_validation(tmp_path / "nowhere") is None
+    assert packing_validation(tmp_path / "nowhere") == []
 
 
 def _mixed_folder(root: Path, uniform: bool = False) -> Path:
@@ -190,6 +190,6 @@ def test_validate_prints_predicted_beside_measured():
         "predicted_padding": {"padded": 0.29, "packed": 0.09}, "measured_padding": {"padded": 0.33, "packed": 0.06},
         "file": "results/validation/packing-cpu-x.json",
     }  # fmt: skip
-    text = packing_lines(line)[0]
+    text = packing_lines([line])[0]
     assert "predicted speed-up 1.08x, measured 0.95x (+14 %)" in text and "measured 33% → 6%" in text
-    assert "no results/validation/packing-cpu-*.json yet" in packing_lines(None)[0]
+    assert "no results/validation/packing-*.json yet" in packing_lines([])[0]
