@@ -32,6 +32,7 @@ from bench.updates import ChangedWeights
 from phi3v_core.device import local_device
 from phi3v_core.io import atomic_write_text
 from phi3v_core.processing import PAD_TOKEN_ID, Phi3VDataCollator
+from phi3v_core.software import quiet_known_notices
 from phi3v_core.training.workload import to_train_config
 
 __all__ = [
@@ -270,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for rank<R>.json")
     args = parser.parse_args(argv)
     cfg = BenchConfig.from_dict(json.loads(Path(args.config).read_text()))
+    quiet_known_notices()
     out_dir = Path(args.out)
     rank = int(os.environ.get("RANK", "0"))
     try:

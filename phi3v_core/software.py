@@ -20,6 +20,7 @@ and ``phi3v-finetune``:
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -395,3 +396,26 @@ class Software:
             bnb=bnb_library(torch_cuda),
             offload_problem=offload_build_problem(),
         )
+
+
+class _KnownNotice(logging.Filter):
+    """Drops the optional-kernel notices :func:`quiet_known_notices` names; every other record passes."""
+
+    NOTICES = ("Skipping publisher trust check",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOTICES)
+
+
+def quiet_known_notices() -> None:
+    """Silence two notices known to be harmless that would otherwise print on every run (issue #24 §4).
+
+    bitsandbytes' CPU backend looks for an optional kernel package (``kernels-community/quantization-bitsandbytes``)
+    when it is imported: on CPUs without it, it warns that the package is missing, and in offline mode (this
+    project's rule: nothing comes from the Hub at run time) the ``kernels`` package warns that it skips the
+    publisher trust check. Neither says anything about the run; bitsandbytes' 4-bit path works without the kernel.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    hub = logging.getLogger("kernels._internals.hf_hub")
+    if not any(isinstance(f, _KnownNotice) for f in hub.filters):
+        hub.addFilter(_KnownNotice())

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -47,6 +46,7 @@ from phi3v_core.constants import (
     PRECISION_NAMES,
 )
 from phi3v_core.methods import METHOD_NAMES, get_method
+from phi3v_core.software import quiet_known_notices
 from phi3v_core.towers import CHECKPOINTING_CHOICES
 
 __all__ = [
@@ -339,9 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         Exit code 0 (errors exit 1 through :func:`~phi3v_core.cli.common.handle_errors`).
     """
-    # bitsandbytes logs a warning on import on CPUs with AVX512-BF16 about an optional kernel package; it would be
-    # printed before every message of this command (one-line errors included) and says nothing about the run.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # printed before every message of this command (one-line errors included), they say nothing about the run
+    quiet_known_notices()
     keep_working_without_stdout()  # the product is the run folder: `| head -1` must not lose it
     args = build_parser().parse_args(argv)
     if args.list_presets:

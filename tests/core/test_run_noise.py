@@ -68,3 +68,23 @@ def test_a_cpu_run_tells_deepspeed_its_accelerator(tmp_path: Path, monkeypatch: 
     import os
 
     assert os.environ["DS_ACCELERATOR"] == "cpu"
+
+
+def test_the_offline_kernel_notice_is_dropped_and_nothing_else() -> None:
+    """bitsandbytes' optional CPU kernel: in offline mode the `kernels` package warns on every run that it skips the
+    publisher trust check; that one notice is dropped, other warnings of the same logger still show."""
+    from phi3v_core.software import quiet_known_notices
+
+    quiet_known_notices()
+    quiet_known_notices()  # idempotent: one filter
+    hub = logging.getLogger("kernels._internals.hf_hub")
+    records = _Records()
+    hub.addHandler(records)
+    try:
+        hub.warning("Skipping publisher trust check for 'kernels-community/x' because Hugging Face Hub is in offline mode.")
+        hub.warning("something else")
+    finally:
+        hub.removeHandler(records)
+    assert records.messages == ["something else"]
+    assert len(hub.filters) == 1
+    assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() == logging.ERROR
