@@ -102,9 +102,9 @@ def _add_run_command(sub: Any) -> None:
                "machine's memory (and, as before, replace a stored result)")
     add_shared(run, "json", action="store_true", help="print the result as one JSON line")
     # Multi-node on a real cluster (one phi3v-bench per node; under srun these come from SLURM's variables).
-    run.add_argument("--node-rank", type=bounded_int(0, LIMITS["nodes"] - 1), default=None, help="this node's index 0..nodes-1 (node 0 writes the result)")
-    run.add_argument("--master-addr", default=None, help="host name or address of node 0, reachable from every node")
-    run.add_argument("--master-port", type=bounded_int(1, 65535), default=None, help="rendezvous port on node 0 (default: 29500)")
+    run.add_argument("--node_rank", "--node-rank", type=bounded_int(0, LIMITS["nodes"] - 1), default=None, help="this node's index 0..nodes-1 (node 0 writes the result)")
+    run.add_argument("--master_addr", "--master-addr", default=None, help="host name or address of node 0, reachable from every node")
+    run.add_argument("--master_port", "--master-port", type=bounded_int(1, 65535), default=None, help="rendezvous port on node 0 (default: 29500)")
     run.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                      help="kill a repeat that runs longer and record status timeout (default: 3600)")
 

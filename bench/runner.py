@@ -3,7 +3,7 @@
 One GPU (or CPU process) runs ``python -m bench.worker``; several GPUs run it under ``torchrun`` (on CPU, ``--gpus 2``
 means two gloo processes). Several nodes run in one of two ways:
 
-* **cluster** (:class:`ClusterLaunch`): every node runs ``phi3v-bench run ... --nodes N --node-rank R --master-addr
+* **cluster** (:class:`ClusterLaunch`): every node runs ``phi3v-bench run ... --nodes N --node_rank R --master_addr
   HOST``, or one ``phi3v-bench`` per node under SLURM's ``srun`` (read from its variables). Each node starts one
   torchrun agent for its own GPUs with a static rendezvous at ``HOST``; the ranks gather their measurements to rank 0,
   and node 0 writes the one result.
@@ -95,11 +95,11 @@ class ClusterLaunch:
         if self.nnodes != cfg.nodes:
             problems.append(f"--nodes {cfg.nodes} but the cluster has {self.nnodes} node(s); pass --nodes {self.nnodes}")
         if not 0 <= self.node_rank < self.nnodes:
-            problems.append(f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1}")
+            problems.append(f"--node_rank {self.node_rank} is outside 0..{self.nnodes - 1}")
         if not self.master_addr:
-            problems.append("--master-addr is empty; give node 0's host name or address")
+            problems.append("--master_addr is empty; give node 0's host name or address")
         if not 1 <= self.master_port <= 65535 - max(0, cfg.repeats - 1):
-            problems.append(f"--master-port {self.master_port} must be 1..{65535 - max(0, cfg.repeats - 1)}")
+            problems.append(f"--master_port {self.master_port} must be 1..{65535 - max(0, cfg.repeats - 1)}")
         return problems
 
     @property
@@ -123,9 +123,9 @@ class ClusterLaunch:
         """
         environ = os.environ if environ is None else environ
         if node_rank is not None or master_addr is not None:
-            missing = [flag for flag, v in (("--node-rank", node_rank), ("--master-addr", master_addr)) if v is None]
+            missing = [flag for flag, v in (("--node_rank", node_rank), ("--master_addr", master_addr)) if v is None]
             if missing:
-                raise ConfigError(f"{' and '.join(missing)} missing: a cluster node needs both --node-rank and --master-addr")
+                raise ConfigError(f"{' and '.join(missing)} missing: a cluster node needs both --node_rank and --master_addr")
             return cls(nodes, int(node_rank), str(master_addr), master_port or DEFAULT_MASTER_PORT)  # type: ignore[arg-type]
         if nodes > 1 and "SLURM_NNODES" in environ and "SLURM_NODEID" in environ:
             return cls.from_slurm(environ, master_port)
@@ -151,7 +151,7 @@ class ClusterLaunch:
         nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or ""
         host = _scontrol_first_host(nodelist) or first_slurm_host(nodelist)
         if not host:
-            raise ConfigError(f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}; pass --master-addr")
+            raise ConfigError(f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}; pass --master_addr")
         if master_port is None:
             # One port per job, so two jobs sharing a node do not collide; the same on every node of the job.
             master_port = DEFAULT_MASTER_PORT + int(environ.get("SLURM_JOB_ID", "0")) % 1000 * 10
@@ -395,7 +395,7 @@ def _refuse_loopback_on_cuda(cfg: BenchConfig, cluster: ClusterLaunch | None) ->
     if torch.cuda.is_available():
         raise ConfigError(
             f"--nodes {cfg.nodes} on one machine would map every node's ranks onto the same GPUs; on a cluster run "
-            "`phi3v-bench run ... --nodes N --node-rank R --master-addr HOST` on each node, or one task per node "
+            "`phi3v-bench run ... --nodes N --node_rank R --master_addr HOST` on each node, or one task per node "
             "under srun (see README: Benchmarking on a cluster)"
         )
 

@@ -91,7 +91,7 @@ def _add_hardware_args(parser: argparse.ArgumentParser) -> None:
         help="your price of one GPU-hour: adds the cost per run (no price table is shipped)",
     )
     hw.add_argument("--deadline", type=bounded_float(0, 1e6, low_open=True), metavar="HOURS", help="the fewest nodes that finish all epochs in time")
-    hw.add_argument("--host-ram-gib", type=bounded_float(0, 1e6, low_open=True), default=None, metavar="GIB", help="host RAM per node (checks an offloaded optimizer fits; default: this machine's for a detected GPU)")
+    hw.add_argument("--host_ram_gib", "--host-ram-gib", type=bounded_float(0, 1e6, low_open=True), default=None, metavar="GIB", help="host RAM per node (checks an offloaded optimizer fits; default: this machine's for a detected GPU)")
     hw.add_argument("--cpus_per_node", "--cpus-per-node", type=bounded_int(1, 100_000), default=None, metavar="N", help="CPU cores per node for the data loader (default: this machine's for a detected GPU, the Azure SKU's)")
     hw.add_argument("--processor_rate", "--processor-rate", type=bounded_float(0, 1e6, low_open=True), default=None, metavar="SAMPLES_PER_S", help="processor samples/s on one core of the target CPU (default: planner/data/processor_rate.json; phi3v-bench results store this machine's)")
     hw.add_argument("--inter-node-gbit", type=bounded_float(0, 1e6, low_open=True), help="network per node in Gbit/s (default: the SKU's, else 200)")

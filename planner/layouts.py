@@ -185,7 +185,7 @@ def estimate(
 def host_ram_bytes(request: PlanRequest, hw: Hardware) -> tuple[float | None, str]:
     """Host memory per node and where the number comes from (None: unknown)."""
     if request.host_ram_gib:
-        return request.host_ram_gib * GIB, "--host-ram-gib"
+        return request.host_ram_gib * GIB, "--host_ram_gib"
     if hw.gpu.detected or (hw.source.startswith("detected")):
         try:
             return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "this machine"

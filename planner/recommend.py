@@ -279,7 +279,7 @@ def _layout_reasons(
         reasons.append(
             f"optimizer offloaded to host memory (DeepSpeed ZeRO-Offload, CPU Adam): plain AdamW needs at least "
             f"{plain_need:.1f} GiB on the GPU; trade-off: {chosen.host_bytes / GIB:.0f} GiB of host RAM per node"
-            f"{have or ' (not checked: pass --host-ram-gib)'}, +{extra:.1f} s per optimizer step for CPU Adam and "
+            f"{have or ' (not checked: pass --host_ram_gib)'}, +{extra:.1f} s per optimizer step for CPU Adam and "
             f"PCIe copies"
         )
     return reasons, speedup

@@ -253,7 +253,7 @@ class PlanRequest:
         if self.deadline_hours is not None and self.deadline_hours <= 0:
             problems.append(f"--deadline {self.deadline_hours:g} must be positive (hours)")
         if self.host_ram_gib is not None and self.host_ram_gib <= 0:
-            problems.append(f"--host-ram-gib {self.host_ram_gib:g} must be positive")
+            problems.append(f"--host_ram_gib {self.host_ram_gib:g} must be positive")
         if self.cpus_per_node is not None and self.cpus_per_node < 1:
             problems.append(f"--cpus_per_node {self.cpus_per_node} must be >= 1")
         if self.processor_rate is not None and not 0 < self.processor_rate < float("inf"):

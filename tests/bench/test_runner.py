@@ -78,7 +78,7 @@ def test_first_host_of_a_slurm_node_list(nodelist: str, first: str) -> None:
 def test_cluster_placement_from_flags_and_from_srun() -> None:
     flags = ClusterLaunch.from_args(2, 1, "10.0.0.1", None, environ={})
     assert flags == ClusterLaunch(2, 1, "10.0.0.1", 29500)
-    with pytest.raises(ConfigError, match="--master-addr missing"):
+    with pytest.raises(ConfigError, match="--master_addr missing"):
         ClusterLaunch.from_args(2, 1, None, None, environ={})
     slurm = {"SLURM_NNODES": "2", "SLURM_NTASKS": "2", "SLURM_NODEID": "1", "SLURM_PROCID": "1",
              "SLURM_JOB_NODELIST": "dgx[012-013]", "SLURM_JOB_ID": "4242"}
@@ -242,7 +242,7 @@ def test_two_node_cluster_run_writes_one_result_from_node_0(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--nodes", "2", "--node-rank", "1"], "--master-addr missing"),
+        (["--nodes", "2", "--node-rank", "1"], "--master_addr missing"),
         (["--timeout", "0"], "--timeout 0 must be > 0 seconds"),
     ],
 )

@@ -46,16 +46,17 @@ def test_names_are_the_ones_the_code_implements() -> None:
 
 
 def test_consumers_read_the_names_from_constants() -> None:
-    """bench, the finetune CLI and the model presets hold no copies of the name lists (methods: the registry's)."""
-    from bench import config as bench_config
+    """The workload (bench's config is one), the finetune CLI and the model presets hold no copies of the name lists
+    (methods: the registry's)."""
+    from phi3v_core import workload
     from phi3v_core.cli import finetune_config
     from phi3v_core.config import MODEL_PRESETS
     from phi3v_core.methods import METHOD_NAMES
 
-    assert bench_config.METHOD_NAMES is METHOD_NAMES
-    assert bench_config.ATTN_NAMES is ATTN_NAMES
-    assert bench_config.PRECISION_NAMES is PRECISION_NAMES
-    assert bench_config.MAX_NUM_CROPS == constants.MAX_NUM_CROPS
+    assert workload.METHOD_NAMES is METHOD_NAMES
+    assert workload.ATTN_NAMES is ATTN_NAMES
+    assert workload.PRECISION_NAMES is PRECISION_NAMES
+    assert workload.MAX_NUM_CROPS == constants.MAX_NUM_CROPS
     assert tuple(MODEL_PRESETS) == constants.MODEL_PRESET_NAMES
     assert finetune_config.METHOD_NAMES is METHOD_NAMES and finetune_config.ATTN_NAMES is ATTN_NAMES
     assert finetune_config.PRECISION_NAMES is PRECISION_NAMES
