@@ -288,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 1
     from phi3v_core.environment import capture_environment
+    from phi3v_core.software import quiet_known_notices
+
+    quiet_known_notices()
 
     env = capture_environment()  # the code and machine as the run starts (edits during a long run do not count)
     try:
