@@ -52,6 +52,11 @@ def _deepspeed_file_problems(path: str, offload: str, name: Callable[[str], str]
         config = {}
     if not isinstance(config, dict):
         problems.append(f"{flag} {path}: a DeepSpeed config is a JSON object, not {type(config).__name__}")
+    elif not problems and "zero_optimization" not in config:
+        # accelerate refuses such a file only once the Trainer is built (after the run folder is written)
+        problems.append(
+            f'{flag} {path}: no "zero_optimization" section; add one (e.g. {{"zero_optimization": {{"stage": 2}}}})'
+        )
     if offload != "none":
         problems.append(
             f"{flag} {path} replaces the ZeRO-2 config that {name('offload')} {offload} builds; drop one of them"

@@ -62,6 +62,12 @@ def test_deepspeed_config_is_checked_before_anything_runs(tmp_path):
     assert f"--deepspeed {bad}: not JSON" in str(info.value)
     with pytest.raises(ConfigError, match="cannot read it"):
         resolve("--synthetic", "4", "--deepspeed", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path / "r"))
+    # `{}` passed validation and failed in accelerate after the run folder was written
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    with pytest.raises(ConfigError, match='no "zero_optimization" section'):
+        resolve("--synthetic", "4", "--deepspeed", str(empty), "--output_dir", str(tmp_path / "e"))
+    assert not (tmp_path / "e").exists()
 
 
 def test_a_deepspeed_config_file_is_what_the_trainer_gets(tmp_path):
