@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["first_fit_decreasing"]
+__all__ = ["first_fit_decreasing", "pack_rows"]
 
 
 def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -31,3 +31,18 @@ def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]
             bins[target].append(index)
             room[target] -= length
     return bins
+
+
+def pack_rows(lengths: Sequence[int], budget: int) -> tuple[list[list[int]], int]:
+    """The packed rows of ``lengths`` under ``budget`` and their width (every row is as wide as the widest).
+
+    First-fit-decreasing rows, unless they would compute at least as many tokens as padding (rows × width ≥ samples ×
+    longest: short samples under a large budget can fill fewer, wider rows); then one sample per row, the padded
+    batch's shape. The one rule the collator packs by and the planner counts.
+    """
+    rows = first_fit_decreasing(lengths, budget)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    longest = max(lengths)
+    if len(rows) * width >= len(lengths) * longest:
+        return [[i] for i in range(len(lengths))], longest
+    return rows, width

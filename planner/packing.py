@@ -2,9 +2,9 @@
 real tokens.
 
 A padded micro-batch computes ``samples × longest`` tokens; ``phi3v-finetune --packing`` places its samples into
-rows with the collator's own first-fit-decreasing (:func:`phi3v_core.first_fit.first_fit_decreasing`, run here on
-the lengths) up to a budget (default: the micro-batch's longest sample; ``--pack_tokens N``), each row as wide as its
-longest. Flash-attention-2 instead flattens the micro-batch into one row of variable-length sequences.
+rows with the collator's own first-fit-decreasing (:func:`phi3v_core.first_fit.pack_rows`, run here on
+the lengths) up to a budget (default: the micro-batch's longest sample; ``--pack_tokens N``), every row as wide as the
+widest, and one sample per row where that would compute more than padding. Flash-attention-2 instead flattens the micro-batch into one row of variable-length sequences.
 
 Speed comes from the planner's own terms (:func:`planner.speed.micro_step_times`), read off as the cost of one
 decoder row of ``s`` tokens, ``per_sample + per_token·s + per_square·s²`` (three evaluations; the model is exactly
@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from typing import Any
 
-from phi3v_core.first_fit import first_fit_decreasing
+from phi3v_core.first_fit import pack_rows
 from planner.estimate import MemoryEstimate, MemoryItem, TrainSetup, Workload, estimate_memory
 from planner.shapes import ModelShape
 from planner.speed import Rates, SpeedConstants, SpeedPrediction, micro_step_times
@@ -134,10 +134,7 @@ def _token_sums(
                 rows, width, square = 1, sum(chunk), sum(n * n for n in chunk)
                 content = square
             else:
-                bins = first_fit_decreasing(chunk, pack_tokens or longest)
-                width = max(sum(chunk[i] for i in b) for b in bins)  # every row as wide as the widest
-                if len(bins) * width >= len(chunk) * longest:  # the collator then keeps one sample per row
-                    bins, width = [[i] for i in range(len(chunk))], longest
+                bins, width = pack_rows(chunk, pack_tokens or longest)  # the collator's rows
                 rows, square = len(bins), len(bins) * width * width
                 content = sum(sum(chunk[i] for i in b) ** 2 for b in bins)
             widest = max(widest, width)

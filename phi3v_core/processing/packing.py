@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from phi3v_core.errors import ConfigError, DataError
-from phi3v_core.first_fit import first_fit_decreasing
+from phi3v_core.first_fit import pack_rows
 from phi3v_core.processing.collator import IGNORE_INDEX, Phi3VDataCollator
 
 __all__ = ["PackInfo", "PackingCollator"]
@@ -121,12 +121,10 @@ class PackingCollator:
                 f"example {index} has {length} tokens, more than --pack_tokens {budget}; raise --pack_tokens "
                 "to at least the longest sample or leave it out (the default is the longest sample)"
             )
-        rows = [list(range(len(lengths)))] if self.flatten else first_fit_decreasing(lengths, budget)
-        width = max(sum(lengths[i] for i in row) for row in rows)
-        if not self.flatten and len(rows) * width >= len(lengths) * max(lengths):
-            # rows are as wide as the widest: short samples under a large --pack_tokens can fill fewer, wider rows
-            # that compute more tokens than padding would; one sample per row is then the padded batch's shape
-            rows, width = [[i] for i in range(len(lengths))], max(lengths)
+        if self.flatten:
+            rows, width = [list(range(len(lengths)))], sum(lengths)
+        else:
+            rows, width = pack_rows(lengths, budget)
         if self.base.pad_to_multiple_of:
             width = -(-width // self.base.pad_to_multiple_of) * self.base.pad_to_multiple_of
         batch = self._rows(singles, rows, width)
