@@ -23,9 +23,10 @@ from typing import Any
 
 from bench.config import BenchConfig
 from phi3v_core.constants import ZERO_BUCKET_ELEMENTS
+from phi3v_core.environment import ram_bytes
 from phi3v_core.methods import METHOD_NAMES, get_method
 from planner.fit_check import device_memory_bytes, host_available_bytes
-from planner.host_memory import PROCESS_BASELINE_BYTES, host_total_bytes, shortfall, system_reserve_bytes
+from planner.host_memory import PROCESS_BASELINE_BYTES, shortfall, system_reserve_bytes
 
 __all__ = [
     "PROCESS_BASELINE_BYTES", "Memory", "available", "fit_problem", "fit_problems", "fitting_cells",
@@ -52,7 +53,7 @@ class Memory:
 
 def available(gpu: bool, nvml: Any | None = None) -> Memory:
     """This machine: the GPUs' memory (NVML) when ``gpu``, and the host RAM available (psutil)."""
-    return Memory(device_memory_bytes(nvml) if gpu else None, host_available_bytes(), host_total_bytes())
+    return Memory(device_memory_bytes(nvml) if gpu else None, host_available_bytes(), ram_bytes())
 
 
 def predict(cfg: BenchConfig, gpu: bool) -> Memory:

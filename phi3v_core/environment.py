@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["TRACKED_PACKAGES", "GpuInfo", "RunEnvironment", "capture_environment", "cpu_hardware_name", "utc_now"]
+__all__ = ["TRACKED_PACKAGES", "GpuInfo", "RunEnvironment", "capture_environment", "cpu_hardware_name", "ram_bytes", "utc_now"]
 
 #: Distributions whose versions decide performance; recorded in every result.
 TRACKED_PACKAGES: tuple[str, ...] = (
@@ -129,7 +129,7 @@ def capture_environment() -> RunEnvironment:
         git_dirty=dirty,
         cpu=_cpu_name(),
         cpu_count=os.cpu_count(),
-        ram_bytes=_ram_bytes(),
+        ram_bytes=ram_bytes(),
     )
     nvml = _nvml_gpus()
     if nvml is not None:
@@ -197,7 +197,8 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _ram_bytes() -> int | None:
+def ram_bytes() -> int | None:
+    """This machine's RAM (``psutil.virtual_memory().total``; None without psutil)."""
     try:
         import psutil
 

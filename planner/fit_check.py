@@ -87,9 +87,10 @@ def finetune_fit_problem(train: Any, task: str, data_dir: str | None, world: int
         world: Processes of the run; ``local``: those on this node.
         cuda: It trains on GPUs.
     """
+    from phi3v_core.environment import ram_bytes
     from planner.calibration import load_calibration
     from planner.estimate import estimate_memory
-    from planner.host_memory import host_total_bytes, process_host_bytes, shortfall
+    from planner.host_memory import process_host_bytes, shortfall
     from planner.shapes import load_shape
 
     shape = load_shape(train.model)
@@ -103,7 +104,7 @@ def finetune_fit_problem(train: Any, task: str, data_dir: str | None, world: int
     parts = []
     if device_need is not None and device_have is not None and device_need > device_have:
         parts.append(f"{device_need / GIB:.1f} GiB per GPU (predicted reserved peak), {device_have / GIB:.1f} GiB on the card")
-    if host := shortfall(host_need, host_available_bytes(), host_total_bytes()):
+    if host := shortfall(host_need, host_available_bytes(), ram_bytes()):
         parts.append(host)
     if not parts:
         return None

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from planner.shapes import ModelShape
 
 __all__ = [
-    "PROCESS_BASELINE_BYTES", "SYSTEM_RESERVE_FRACTION", "host_total_bytes", "process_host_bytes", "shortfall",
+    "PROCESS_BASELINE_BYTES", "SYSTEM_RESERVE_FRACTION", "process_host_bytes", "shortfall",
     "system_reserve_bytes",
 ]
 
@@ -57,16 +57,6 @@ def process_host_bytes(shape: ModelShape, setup: TrainSetup, workload: Workload,
     if not cuda:
         host += estimate_memory(shape, setup, workload).allocated
     return host
-
-
-def host_total_bytes() -> float | None:
-    """This node's RAM (``psutil.virtual_memory().total``; None if unreadable)."""
-    try:
-        import psutil
-
-        return float(psutil.virtual_memory().total)
-    except Exception:  # noqa: BLE001 - no number, no reserve
-        return None
 
 
 def system_reserve_bytes(total_bytes: float | None) -> float:
