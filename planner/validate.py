@@ -24,7 +24,7 @@ from typing import Any
 from planner.calibration import fit_speed_constants, load_calibration
 from planner.estimate import TrainSetup, Workload
 from planner.shapes import ModelShape, load_shape
-from planner.speed import Interconnect, Rates, predict_speed
+from planner.speed import Interconnect, Rates, SpeedConstants, predict_speed
 
 __all__ = [
     "DEFAULT_CASES", "SMALL_SIZE", "ValidationCase", "checkpoint_ratios", "eight_bit_adamw_memory", "measure_rates",
@@ -407,12 +407,14 @@ def packing_validation(folder: str | Path = VALIDATION_DIR, rates: Rates | None 
     """The planner's packed/padded speed-up beside the bench's, one entry per ``packing-*.json`` in ``folder``
     (``python -m bench.packing_measure --save``; none: an empty list). Rates are measured once when not given."""
     files = sorted(Path(folder).glob("packing-*.json"))
-    if files and rates is None:
-        rates = measure_rates(1.0)
-    return [_packing_case(path, rates) for path in files]  # type: ignore[arg-type]
+    if not files:
+        return []
+    rates = rates or measure_rates(1.0)
+    constants, _fitted = fit_speed_constants(load_calibration(), load_shape("phi-3-vision"))
+    return [_packing_case(path, rates, constants) for path in files]
 
 
-def _packing_case(path: Path, rates: Rates) -> dict[str, Any]:
+def _packing_case(path: Path, rates: Rates, constants: SpeedConstants) -> dict[str, Any]:
     """One bench file's measured speed-up beside the planner's.
 
     The file's ``result`` (CPU, the same samples padded and packed) gives the workload — model config, attention,
@@ -440,7 +442,6 @@ def _packing_case(path: Path, rates: Rates) -> dict[str, Any]:
     setup = TrainSetup(method=work["method"], precision=work["precision"], attn=work["attention"],
                        gradient_checkpointing=bool(work.get("gradient_checkpointing", False)),
                        micro_batch=int(work["micro_batch"]), world_size=1, zero_stage=0, optimizer_foreach=False)  # fmt: skip
-    constants, _fitted = fit_speed_constants(load_calibration(), load_shape("phi-3-vision"))
     budget = work.get("pack_tokens")
     sums = token_sums(lengths, setup.micro_batch, setup.attn, budget, shuffles=0)  # the micro-batches trained
     cost = row_cost(shape, setup, mean, rates, constants)
