@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.activations import QuickGELUActivation
 
 from phi3v_core.config import Phi3VConfig
 from phi3v_core.constants import CROP_SIZE, crop_grid_of_padded, image_token_count
@@ -38,12 +39,32 @@ def crop_grid_of(image_sizes: torch.Tensor | ImageLayout) -> list[tuple[int, int
     return [crop_grid_of_padded(h, w) for h, w in sizes]
 
 
+class QuickGELU(nn.Module):
+    """CLIP's ``x * sigmoid(1.702 x)``, bit-identical to transformers' ``QuickGELUActivation``.
+
+    Where no gradient flows through it (a frozen tower, inference) it works in one buffer instead of three: the two
+    temporaries of the plain form are each a fresh (crops, 577, 4096) allocation whose first touch costs more than
+    the arithmetic on the CPU (measured 91 → 42 ms per call at 5 crops, 2 threads). With a gradient it keeps the plain
+    form, whose backward needs the unmodified sigmoid.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x * torch.sigmoid(1.702 * x)
+        out = x.mul(1.702)
+        out.sigmoid_()
+        return out.mul_(x)
+
+
 class ClipTower(nn.Module):
     """Holds transformers' ``CLIPVisionModel`` under the attribute name the checkpoint uses (``vision_model``)."""
 
     def __init__(self, clip_config: CLIPVisionConfig) -> None:
         super().__init__()
         self.vision_model = CLIPVisionModel(clip_config)
+        for mlp in self.vision_model.modules():
+            if isinstance(getattr(mlp, "activation_fn", None), QuickGELUActivation):
+                mlp.activation_fn = QuickGELU()
 
 
 class Phi3ImageEmbedding(nn.Module):

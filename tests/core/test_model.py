@@ -145,6 +145,31 @@ def test_vision_features_equal_clip_hidden_state_minus_two(tiny_model: Phi3VForC
     assert torch.allclose(ours, reference, atol=1e-6)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["frozen", "training"])
+def test_clip_quick_gelu_is_bit_identical_to_transformers(tiny_model: Phi3VForCausalLM, grad: bool) -> None:
+    """Our in-place QuickGELU (no gradient) and its plain form (gradient) give transformers' CLIP bit for bit."""
+    from phi3v_core.model.image_embedding import QuickGELU
+
+    ours = tiny_model.model.vision_embed_tokens.img_processor.vision_model
+    assert sum(isinstance(m, QuickGELU) for m in ours.modules()) == ours.config.num_hidden_layers
+    plain = CLIPVisionModel(ours.config)
+    plain.load_state_dict(ours.state_dict())
+    assert not any(isinstance(m, QuickGELU) for m in plain.modules())
+    crops = torch.randn(2, 3, 336, 336)
+    outputs, grads = [], []
+    for model in (ours, plain):
+        x = crops.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            hidden = model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+            if grad:
+                hidden.square().sum().backward()
+                grads.append(x.grad)
+        outputs.append(hidden.detach())
+    assert torch.equal(outputs[0], outputs[1])
+    if grad:
+        assert torch.equal(grads[0], grads[1])
+
+
 def _reference_layout(embed, pixel_values: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
     """Loop-by-loop re-statement of modeling_phi3_v.py's image embedding (CLIP on all crops, like the reference)."""
     n_img, n_slots = pixel_values.shape[:2]
