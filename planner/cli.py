@@ -14,8 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors
-from phi3v_core.cli.vocabulary import THROUGHPUT_UNIT, add_shared, add_version, plural
+from phi3v_core.cli.common import bounded_float, bounded_int, command_parser, handle_errors
+from phi3v_core.cli.vocabulary import THROUGHPUT_UNIT, add_shared, plural
 from phi3v_core.constants import MODEL_PRESET_NAMES
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHOD_NAMES, METHODS
@@ -57,16 +57,13 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs)."""
-    parser = CliParser(
-        prog="phi3v-plan",
-        description="Plan Phi-3.5-vision fine-tuning: which methods fit, the recommended setup, speed and the command.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = command_parser(
+        "phi3v-plan", "Plan Phi-3.5-vision fine-tuning: which methods fit, the recommended setup, speed and the command.",
+        _EPILOG,
     )
     _add_hardware_args(parser)
     _add_workload_args(parser)
     _add_output_args(parser)
-    add_version(parser)
     return parser
 
 
