@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.config import BenchConfig
-from phi3v_core.constants import ZERO_BUCKET_ELEMENTS
 from phi3v_core.environment import ram_bytes
 from phi3v_core.methods import METHOD_NAMES, get_method
 from planner.fit_check import device_memory_bytes, host_available_bytes
@@ -62,14 +61,10 @@ def predict(cfg: BenchConfig, gpu: bool) -> Memory:
     from planner.calibration import load_calibration
     from planner.estimate import estimate_memory
     from planner.host_memory import process_host_bytes
-    from planner.layouts import with_option
     from planner.shapes import load_shape
 
     shape = load_shape(cfg.model)
-    # ZeRO-2 buckets as the worker's TrainConfig sets them (phi3v-finetune's default, not the recipe's 5e8)
-    setup = dataclasses.replace(check_setup(cfg, cuda=gpu), reduce_bucket=ZERO_BUCKET_ELEMENTS,
-                                allgather_bucket=ZERO_BUCKET_ELEMENTS)
-    setup = with_option(setup, cfg.optim, cfg.offload)
+    setup = check_setup(cfg, cuda=gpu)
     workload = check_workload(cfg, shape)
     processes = cfg.world_size // cfg.nodes  # per node
     host = process_host_bytes(shape, setup, workload, cuda=gpu) * processes  # on a CPU every tensor is host RAM
