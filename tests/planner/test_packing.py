@@ -145,24 +145,18 @@ def _mixed_folder(root: Path, uniform: bool = False) -> Path:
     the same page and text in every record."""
     import random
 
-    from PIL import Image
+    from tests.data_folders import turn, write_folder
 
-    folder = root / "mixed"
-    (folder / "images").mkdir(parents=True)
     sizes = [(1700, 2200), (1008, 1680), (800, 600), (320, 240), (224, 224)]
-    for i, size in enumerate(sizes):
-        Image.new("RGB", size).save(folder / "images" / f"img{i}.png")
     rng = random.Random(0)
-    lines = []
+    records = []
     for k in range(48):
         names = [f"img{rng.randrange(len(sizes))}.png" for _ in range(2 if k % 5 == 0 else 1)]
-        turns = [{"images": [n], "user": "Question? " * rng.choice([1, 10]), "assistant": "Answer. " * rng.choice([1, 40])}
-                 for n in names]  # fmt: skip
+        turns = [turn([n], "Question? " * rng.choice([1, 10]), "Answer. " * rng.choice([1, 40])) for n in names]
         if uniform:
-            turns = [{"images": ["img1.png"], "user": "Question?", "assistant": "Answer."}]
-        lines.append(json.dumps({"id": str(k), "conversations": turns}))
-    (folder / "mixed_train.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+            turns = [turn(["img1.png"], "Question?", "Answer.")]
+        records.append({"id": str(k), "conversations": turns})
+    return write_folder(root / "mixed", {f"img{i}.png": size for i, size in enumerate(sizes)}, records, "mixed_train.jsonl")
 
 
 def test_the_command_names_a_pack_budget_other_than_the_default(tmp_path):
