@@ -117,6 +117,7 @@ def test_sdpa_says_why_packing_does_not_pay(capsys, monkeypatch, tmp_path):
     out = _run(capsys, monkeypatch, "--gpu", "V100-32GB", "--data", str(_mixed_folder(tmp_path)), "--method", "lora")
     line = next(line for line in out.splitlines() if "no --packing" in line)
     assert "is slower than this one" in line and "with sdpa a packed row computes attention over the whole row" in line
+    assert " img/s) is slower" in line and "samples/s" not in line  # img/s, as every planner sentence leads with
 
 
 def test_data_packing_without_rates_has_no_speed():
