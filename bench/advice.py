@@ -19,7 +19,7 @@ import shlex
 from typing import Any
 
 from bench.config import BenchConfig
-from bench.layout import layout_label
+from bench.layout import layout_label, run_flag
 
 __all__ = ["UNUSED_SHARE", "after_run_advice", "command_for", "run_advice"]
 
@@ -37,11 +37,10 @@ def _same(layout: Any, cfg: BenchConfig) -> bool:
 
 def command_for(cfg: BenchConfig, layout: Any) -> str:
     """``phi3v-bench run`` with ``cfg``'s workload and ``layout``'s fields, every flag explicit."""
-    flags = ["--method", cfg.method, "--model_name_or_path", cfg.model, "--num_crops", str(cfg.num_crops),
-             "--seq-profile", cfg.seq_profile, "--batch_size", str(cfg.global_batch), "--gpus", str(cfg.gpus),
-             "--per_device_train_batch_size", str(layout.micro_batch),
-             "--gradient_checkpointing" if layout.gradient_checkpointing else "--no_gradient_checkpointing",
-             "--optim", layout.optim, "--offload", layout.offload]  # fmt: skip
+    flags = [*run_flag("method", cfg.method), *run_flag("model", cfg.model), *run_flag("num_crops", cfg.num_crops),
+             "--seq-profile", cfg.seq_profile, *run_flag("global_batch", cfg.global_batch), *run_flag("gpus", cfg.gpus)]
+    for field in ("micro_batch", "gradient_checkpointing", "optim", "offload"):
+        flags += run_flag(field, getattr(layout, field))
     return "phi3v-bench run " + shlex.join(flags)
 
 

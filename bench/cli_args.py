@@ -13,8 +13,8 @@ from bench.layout import LAYOUTS
 from bench.lever_args import add_lever_arguments
 from bench.packing_args import add_packing_arguments
 from bench.preflight import LIMITS
-from phi3v_core.cli.common import CliParser, bounded_float, bounded_int
-from phi3v_core.cli.vocabulary import add_shared, add_version
+from phi3v_core.cli.common import bounded_float, bounded_int, command_parser
+from phi3v_core.cli.vocabulary import add_shared
 from phi3v_core.constants import ATTN_NAMES, OFFLOAD_NAMES, OPTIM_NAMES, PRECISION_NAMES
 from phi3v_core.methods import METHOD_NAMES
 
@@ -74,9 +74,7 @@ def _add_output_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser(doc: str) -> argparse.ArgumentParser:
     """Return the ``phi3v-bench`` argument parser (``doc``: :mod:`bench.cli`'s docstring, the help text)."""
-    parser = CliParser(prog="phi3v-bench", description=doc.split("\n\n")[0],
-                       epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_version(parser)
+    parser = command_parser("phi3v-bench", doc.split("\n\n")[0], doc.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,matrix,compare,report,selfcheck}")
 
     _add_run_command(sub)
@@ -90,7 +88,7 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
 def _add_run_command(sub: Any) -> None:
     """``run``: measure one configuration."""
     run = sub.add_parser(
-        "run", help="measure one configuration", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "run", help="measure one configuration",
         description="Measure one configuration and write results/<release>/<hardware>/<cell>.json.",
         epilog="examples:\n  phi3v-bench run --method lora --model tiny --steps 10\n"
                "  phi3v-bench run --method full --attn flash_attention_2 --model phi-3.5-vision --gpus 8 --batch-size 64",
@@ -112,7 +110,7 @@ def _add_run_command(sub: Any) -> None:
 def _add_matrix_command(sub: Any) -> None:
     """``matrix``: sweep many configurations."""
     matrix = sub.add_parser(
-        "matrix", help="sweep many configurations (resumable)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "matrix", help="sweep many configurations (resumable)",
         description="Run a preset and/or grid of configurations. OOM or crashing cells become result rows and the sweep "
                     "goes on; re-running skips cells that already have an ok/oom result (error cells are retried).",
         epilog="presets: seed-a100 (the seed's 10 A100 rows), seed-v100 (its 5 V100 rows), quick (tiny model, 8 cells)\n"
@@ -137,7 +135,7 @@ def _add_matrix_command(sub: Any) -> None:
 def _add_compare_command(sub: Any) -> None:
     """``compare``: two result sets, exit 2 on a regression."""
     compare = sub.add_parser(
-        "compare", help="compare two result sets (exit 2 on regression)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "compare", help="compare two result sets (exit 2 on regression)",
         description="Match results of A (baseline) and B (candidate) by configuration and report img/s and memory changes; "
                     "drift (library versions, what a step is) is flagged first. img/s = median over repeats of (images "
                     "per step ÷ the repeat's median step time), the number run shows. A change is called when both "
@@ -160,7 +158,7 @@ def _add_compare_command(sub: Any) -> None:
 def _add_report_command(sub: Any) -> None:
     """``report``: markdown tables and PNG plots."""
     report = sub.add_parser(
-        "report", help="markdown tables + PNG plots", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "report", help="markdown tables + PNG plots",
         description="Write report.md (tables in the seed's layout, beside its published rows) and PNG plots "
                     "(img/s by method x attention, memory by method, scaling over nodes).",
         epilog="example:\n  phi3v-bench report results/v0.2.0 --out report/",
@@ -176,7 +174,6 @@ def _add_selfcheck_command(sub: Any) -> None:
     """``selfcheck``: every method trains, memory and MFU as predicted."""
     selfcheck = sub.add_parser(
         "selfcheck", help="got a GPU? run this first: every method trains, memory and MFU as predicted",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train every method x attention kernel (sdpa, and flash_attention_2 when installed) for a few "
                     "steps on one fixed batch — on CUDA phi-3.5-vision in bf16 (fp16 below compute capability 8.0), "
                     "depth-reduced where phi3v-plan says the full model does not fit one card, plus 2-process checks "

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.config import BenchConfig
+from bench.layout import run_flag
 from phi3v_core.constants import ZERO_BUCKET_ELEMENTS
 from phi3v_core.environment import ram_bytes
 from phi3v_core.methods import METHOD_NAMES, get_method
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 GIB = 1 << 30
+#: The fields a nearer layout may change, in the order its flags are printed.
+_VARIED = ("method", "precision", "micro_batch", "gradient_checkpointing", "optim", "offload")
 
 
 @dataclass(frozen=True)
@@ -62,14 +65,12 @@ def predict(cfg: BenchConfig, gpu: bool) -> Memory:
     from planner.calibration import load_calibration
     from planner.estimate import estimate_memory
     from planner.host_memory import process_host_bytes
-    from planner.layouts import with_option
     from planner.shapes import load_shape
 
     shape = load_shape(cfg.model)
     # ZeRO-2 buckets as the worker's TrainConfig sets them (phi3v-finetune's default, not the recipe's 5e8)
     setup = dataclasses.replace(check_setup(cfg, cuda=gpu), reduce_bucket=ZERO_BUCKET_ELEMENTS,
                                 allgather_bucket=ZERO_BUCKET_ELEMENTS)
-    setup = with_option(setup, cfg.optim, cfg.offload)
     workload = check_workload(cfg, shape)
     processes = cfg.world_size // cfg.nodes  # per node
     host = process_host_bytes(shape, setup, workload, cuda=gpu) * processes  # on a CPU every tensor is host RAM
@@ -88,9 +89,9 @@ def _short(need: Memory, have: Memory) -> list[str]:
     return over
 
 
-def _variants(cfg: BenchConfig, gpu: bool) -> Iterator[tuple[BenchConfig, list[str]]]:
-    """Layouts near ``cfg`` with the flags that differ: checkpointing, micro-batch, optimizer/offload, method, and
-    on a CPU bf16 for fp32 (a LoRA base is built in the compute dtype, half the bytes)."""
+def _variants(cfg: BenchConfig, gpu: bool) -> Iterator[tuple[BenchConfig, dict[str, Any]]]:
+    """Layouts near ``cfg`` with the fields they change (field: value): checkpointing, micro-batch,
+    optimizer/offload, method, and on a CPU bf16 for fp32 (a LoRA base is built in the compute dtype, half the bytes)."""
     world = cfg.world_size
     precisions = [cfg.precision] + (["bf16"] if not gpu and cfg.precision == "fp32" else [])
     micro_batches = [m for m in (1, 2, 4, 8, 16, 32, 64) if cfg.global_batch % (m * world) == 0] or [cfg.micro_batch]
@@ -104,58 +105,40 @@ def _variants(cfg: BenchConfig, gpu: bool) -> Iterator[tuple[BenchConfig, list[s
                     (cfg.gradient_checkpointing, not cfg.gradient_checkpointing), micro_batches, precisions):
                 variant = dataclasses.replace(cfg, method=method, optim=optim, offload=offload, precision=precision,
                                               gradient_checkpointing=checkpointing, micro_batch=micro)
-                flags = _changed_flags(cfg, variant)
-                if flags:
-                    yield variant, flags
+                changes = {f: getattr(variant, f) for f in _VARIED if getattr(variant, f) != getattr(cfg, f)}
+                if changes:
+                    yield variant, changes
 
 
-def _changed_flags(cfg: BenchConfig, variant: BenchConfig) -> list[str]:
-    """``run``'s flags for the fields ``variant`` changes (``matrix`` words them as ``--set`` assignments)."""
-    flags = []
-    if variant.method != cfg.method:
-        flags.append(f"--method {variant.method}")
-    if variant.precision != cfg.precision:
-        flags.append(f"--precision {variant.precision}")
-    if variant.micro_batch != cfg.micro_batch:
-        flags.append(f"--micro-batch {variant.micro_batch}")
-    if variant.gradient_checkpointing != cfg.gradient_checkpointing:
-        flags.append("--gradient-checkpointing" if variant.gradient_checkpointing else "--no-gradient-checkpointing")
-    if variant.optim != cfg.optim:
-        flags.append(f"--optim {variant.optim}")
-    if variant.offload != cfg.offload:
-        flags.append(f"--offload {variant.offload}")
-    return flags
+def _as_flags(changes: dict[str, Any]) -> str:
+    """``--per_device_train_batch_size 1 --no_gradient_checkpointing``: ``run``'s flags for ``changes``."""
+    return " ".join(word for field, value in changes.items() for word in run_flag(field, value))
 
 
-def _as_assignments(flags: list[str]) -> str:
-    """``--set micro_batch=1 gradient_checkpointing=on`` for ``run`` flags (what ``matrix`` takes)."""
-    words = []
-    for flag in flags:
-        name, _, value = flag[2:].partition(" ")
-        if name.endswith("gradient-checkpointing"):
-            name, value = "gradient_checkpointing", "off" if name.startswith("no-") else "on"
-        words.append(f"{name.replace('-', '_')}={value}")
+def _as_assignments(changes: dict[str, Any]) -> str:
+    """``--set micro_batch=1 gradient_checkpointing=off``: ``matrix``'s words for ``changes``."""
+    words = [f"{f}={('on' if v else 'off') if isinstance(v, bool) else v}" for f, v in changes.items()]
     return "--set " + " ".join(words)
 
 
-def nearest_fit(cfg: BenchConfig, have: Memory, gpu: bool) -> tuple[list[str], Memory] | None:
-    """The flags of the nearest layout that fits ``have`` and its prediction (None: none does).
+def nearest_fit(cfg: BenchConfig, have: Memory, gpu: bool) -> tuple[dict[str, Any], Memory] | None:
+    """The fields the nearest layout that fits ``have`` changes (field: value) and its prediction (None: none does).
 
     Nearest: the same method before another, the same precision before another (it changes the numbers, a layout
     does not), then the fewest flags changed; among equals the faster layout (no checkpointing, then the larger
     micro-batch, then no offload).
     """
     found = []
-    for variant, flags in _variants(cfg, gpu):
+    for variant, changes in _variants(cfg, gpu):
         need = predict(variant, gpu)
         if not _short(need, have):
-            rank = (variant.method != cfg.method, variant.precision != cfg.precision, len(flags),
+            rank = (variant.method != cfg.method, variant.precision != cfg.precision, len(changes),
                     variant.gradient_checkpointing, -variant.micro_batch, variant.offload != "none")  # fmt: skip
-            found.append((rank, flags, need))
+            found.append((rank, changes, need))
     if not found:
         return None
-    _rank, flags, need = min(found, key=lambda item: item[0])
-    return flags, need
+    _rank, changes, need = min(found, key=lambda item: item[0])
+    return changes, need
 
 
 def _gib(value: float) -> str:
@@ -185,9 +168,9 @@ def fit_problem(cfg: BenchConfig, gpu: bool, have: Memory | None = None, *, matr
         parts.append(shortfall(need.host_bytes or 0.0, have.host_bytes, have.host_total_bytes, where))
     nearest = nearest_fit(cfg, have, gpu)
     if nearest is not None:
-        flags, fits = nearest
+        changes, fits = nearest
         size = _gib(fits.device_bytes) + " per GPU" if fits.device_bytes is not None else _gib(fits.host_bytes or 0)
-        advice = f"nearest layout that fits: {_as_assignments(flags) if matrix else ' '.join(flags)} (predicted {size})"
+        advice = f"nearest layout that fits: {_as_assignments(changes) if matrix else _as_flags(changes)} (predicted {size})"
     elif cfg.model != "tiny":
         advice = "no layout of any method fits; try --model tiny or a machine with more memory"
     else:

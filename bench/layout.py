@@ -16,10 +16,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from bench.config import BenchConfig, DeviceDescription, choose_defaults
+from phi3v_core.cli.vocabulary import SHARED_FLAGS
 from phi3v_core.constants import MODEL_PRESET_NAMES, OFFLOAD_NAMES, OPTIM_NAMES
 from phi3v_core.errors import ConfigError
 
-__all__ = ["LAYOUTS", "LAYOUT_FIELDS", "RECIPE_LAYOUT", "layout_label", "plan_request", "resolve_layout"]
+__all__ = ["LAYOUTS", "LAYOUT_FIELDS", "RECIPE_LAYOUT", "layout_label", "plan_request", "resolve_layout", "run_flag"]
 
 #: Where a run's layout comes from.
 LAYOUTS: tuple[str, ...] = ("plan", "recipe")
@@ -29,6 +30,15 @@ LAYOUT_FIELDS: tuple[str, ...] = ("micro_batch", "gradient_checkpointing", "chec
 RECIPE_LAYOUT: dict[str, Any] = {
     "micro_batch": 1, "gradient_checkpointing": True, "checkpoint_towers": "both", "optim": "adamw", "offload": "none",
 }
+
+
+def run_flag(field: str, value: Any) -> list[str]:
+    """``phi3v-bench run``'s words that set the :class:`BenchConfig` field ``field`` (a shared flag, or
+    ``gradient_checkpointing``) to ``value``, in the primary spelling of :data:`~phi3v_core.cli.vocabulary.SHARED_FLAGS`
+    (what a printed command uses, never an alias)."""
+    if field == "gradient_checkpointing":
+        return ["--gradient_checkpointing" if value else "--no_gradient_checkpointing"]
+    return [SHARED_FLAGS[field].primary, str(value)]
 
 
 def _checkpointing(values: Mapping[str, Any]) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from phi3v_core.progress import format_seconds
+from phi3v_core.progress import LiveBar, format_seconds
 
 __all__ = ["PROGRESS_FILE", "RunProgress", "read_progress"]
 
@@ -32,7 +32,7 @@ def read_progress(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-class RunProgress:
+class RunProgress(LiveBar):
     """Turns the runner's ``(repeat, state)`` reports into a bar (terminal) or plain lines (otherwise).
 
     Args:
@@ -64,24 +64,10 @@ class RunProgress:
         self._finished: list[float] = []
         self._last_key: tuple[Any, ...] | None = None
         self._last_line = float("-inf")
-        self._bar: Any = None
-        self._task: Any = None
         if live and self.stream.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn
+            from rich.progress import TextColumn
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[eta]}"),
-                                 console=Console(file=self.stream), transient=True)
-            self._task = self._bar.add_task("starting…", total=repeats, eta="")
-
-    def __enter__(self) -> RunProgress:
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+            self._open_bar(self.stream, "starting…", repeats, TextColumn("{task.fields[eta]}"), eta="")
 
     def describe(self, repeat: int, state: dict[str, Any] | None) -> tuple[str, float]:
         """The text for ``repeat`` (0-based) in ``state``, and the share of the run done."""

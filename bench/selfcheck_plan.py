@@ -26,6 +26,7 @@ from functools import cache
 from typing import Any
 
 from bench.config import TINY_DEFAULTS, BenchConfig, DeviceDescription, choose_defaults
+from phi3v_core.constants import RECIPE_ZERO_BUCKET_ELEMENTS
 from phi3v_core.methods import METHOD_NAMES, get_method
 
 __all__ = [
@@ -147,28 +148,16 @@ def _zero2(cfg: BenchConfig) -> bool:
 def check_setup(cfg: BenchConfig, cuda: bool) -> Any:
     """The planner's description of the step ``cfg`` trains, as the check runs it (one process, or ZeRO-2/DDP)."""
     from phi3v_core.training import TrainConfig
-    from planner.estimate import TrainSetup
+    from planner.train_setup import TrainSetup
 
-    defaults = TrainConfig(model=cfg.model, output_dir="unused")
-    full = get_method(cfg.method).trains_base
-    zero2 = _zero2(cfg)
-    return TrainSetup(
-        method=cfg.method,
-        precision=cfg.precision,
-        # phi3v-finetune without DeepSpeed keeps fp32 master weights for full/frozen; DeepSpeed casts to 16-bit;
-        # LoRA bases are 16-bit.
-        weight_dtype="fp32" if full and not zero2 else None,
-        attn=cfg.attn,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        micro_batch=cfg.micro_batch,
-        grad_accum=cfg.grad_accum,
-        world_size=cfg.world_size,
-        zero_stage=2 if zero2 else 0,
-        lora_rank=defaults.lora_rank,
-        lora_lm_head=defaults.lora_lm_head,
-        lora_vision=not defaults.freeze_vision,
-        optimizer_foreach=cuda,  # torch's AdamW takes the multi-tensor path only for CUDA tensors
-    )
+    defaults = TrainConfig(model=cfg.model, output_dir="unused")  # the adapter's settings the bench trains with
+    # ZeRO-2 buckets: the recipe's 5e8, as the checks were always sized (the runs use TrainConfig's 5e7, which
+    # bench.fit.predict takes; the 2-process check's larger bucket term leaves it margin)
+    return TrainSetup.from_workload(
+        cfg, world_size=cfg.world_size, grad_accum=cfg.grad_accum, zero2=_zero2(cfg), cuda=cuda,
+        lora_rank=defaults.lora_rank, lora_lm_head=defaults.lora_lm_head, lora_vision=not defaults.freeze_vision,
+        reduce_bucket=RECIPE_ZERO_BUCKET_ELEMENTS, allgather_bucket=RECIPE_ZERO_BUCKET_ELEMENTS,
+    )  # fmt: skip
 
 
 def check_workload(cfg: BenchConfig, shape: Any, seq_len: int | None = None) -> Any:

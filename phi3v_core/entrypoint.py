@@ -43,12 +43,14 @@ _BAD_VALUE = object()
 class CliParser(argparse.ArgumentParser):
     """``argparse`` that reports bad flags as one :class:`ConfigError` line (exit 1) instead of usage + exit 2.
 
-    Abbreviations are off: a typo such as ``--use_lor`` must not silently match a longer flag. Subparsers made with
+    Abbreviations are off: a typo such as ``--use_lor`` must not silently match a longer flag. Descriptions and epilogs
+    keep their line breaks (every command's epilog is a block of examples). Subparsers made with
     ``add_subparsers().add_parser`` are of this class too.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:

@@ -13,9 +13,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
-__all__ = ["Counter", "format_seconds", "stage"]
+__all__ = ["Counter", "LiveBar", "format_seconds", "stage"]
+
+_Bar = TypeVar("_Bar", bound="LiveBar")
 
 
 def format_seconds(seconds: float) -> str:
@@ -30,7 +32,33 @@ def format_seconds(seconds: float) -> str:
     return f"{hours} h {minutes:02d} m"
 
 
-class Counter:
+class LiveBar:
+    """The rich bar of a progress reporter: drawn while the ``with`` block runs, once :meth:`_open_bar` made one
+    (subclasses call it only when the stream is a terminal and print plain lines otherwise)."""
+
+    _bar: Any = None
+    _task: Any = None
+
+    def _open_bar(self, stream: TextIO, description: str, total: int, *columns: Any, **fields: Any) -> None:
+        """A transient bar on ``stream``: the description, the bar, then ``columns``; ``fields`` are the task's own."""
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), *columns, console=Console(file=stream),
+                             transient=True)
+        self._task = self._bar.add_task(description, total=total, **fields)
+
+    def __enter__(self: _Bar) -> _Bar:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+class Counter(LiveBar):
     """``description: done/total`` on stderr while a countable job runs.
 
     Args:
@@ -62,24 +90,14 @@ class Counter:
         self.done = 0
         self.started = clock()
         self._last: float | None = None
-        self._bar: Any = None
         if self.enabled and live and self.stream.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import MofNCompleteColumn, TimeElapsedColumn
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=Console(file=self.stream), transient=True)
-            self._task = self._bar.add_task(description, total=total)
-
-    def __enter__(self) -> Counter:
-        if self._bar is not None:
-            self._bar.start()
-        return self
+            self._open_bar(self.stream, description, total, MofNCompleteColumn(), TimeElapsedColumn())
 
     def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-        elif self._last is not None and exc[0] is None:  # it said something: say that it finished
+        super().__exit__(*exc)
+        if self._bar is None and self._last is not None and exc[0] is None:  # it said something: say that it finished
             self._print(f"{self.done}/{self.total} in {format_seconds(self.clock() - self.started)}")
 
     def advance(self, n: int = 1) -> None:

@@ -10,12 +10,12 @@ import difflib
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from phi3v_core.cli.common import CliParser, bounded_float, bounded_int, handle_errors
-from phi3v_core.cli.vocabulary import THROUGHPUT_UNIT, add_shared, add_version, plural
+from phi3v_core.cli.common import bounded_float, bounded_int, command_parser, handle_errors
+from phi3v_core.cli.vocabulary import THROUGHPUT_UNIT, add_shared, plural
 from phi3v_core.constants import MODEL_PRESET_NAMES
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHOD_NAMES, METHODS
@@ -57,16 +57,13 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs)."""
-    parser = CliParser(
-        prog="phi3v-plan",
-        description="Plan Phi-3.5-vision fine-tuning: which methods fit, the recommended setup, speed and the command.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = command_parser(
+        "phi3v-plan", "Plan Phi-3.5-vision fine-tuning: which methods fit, the recommended setup, speed and the command.",
+        _EPILOG,
     )
     _add_hardware_args(parser)
     _add_workload_args(parser)
     _add_output_args(parser)
-    add_version(parser)
     return parser
 
 
@@ -79,8 +76,8 @@ def _add_hardware_args(parser: argparse.ArgumentParser) -> None:
         "--gpu_memory_gib", "--gpu-memory-gib", type=bounded_float(0, 1e5, low_open=True), metavar="GIB",
         help="a card not in the table: its memory (with --tflops and --bandwidth for a speed estimate)",
     )
-    hw.add_argument("--tflops", type=bounded_float(0, 1e6, low_open=True), help="that card's dense bf16/fp16 tensor TFLOP/s")
-    hw.add_argument("--bandwidth", type=bounded_float(0, 1e6, low_open=True), metavar="GB/S", help="that card's memory bandwidth in GB/s")
+    hw.add_argument("--tflops", dest="gpu_tflops", metavar="TFLOPS", type=bounded_float(0, 1e6, low_open=True), help="that card's dense bf16/fp16 tensor TFLOP/s")
+    hw.add_argument("--bandwidth", dest="gpu_bandwidth_gbs", type=bounded_float(0, 1e6, low_open=True), metavar="GB/S", help="that card's memory bandwidth in GB/s")
     add_shared(hw, "gpus", dest="count", type=int, help="GPUs per node (default: detected, 8 on Azure, else 1)")
     add_shared(hw, "nodes", type=int, default=1, help="nodes (default: 1)")
     hw.add_argument(
@@ -90,7 +87,7 @@ def _add_hardware_args(parser: argparse.ArgumentParser) -> None:
         "--price-per-gpu-hour", type=bounded_float(0, 1e6, low_open=True), metavar="USD",
         help="your price of one GPU-hour: adds the cost per run (no price table is shipped)",
     )
-    hw.add_argument("--deadline", type=bounded_float(0, 1e6, low_open=True), metavar="HOURS", help="the fewest nodes that finish all epochs in time")
+    hw.add_argument("--deadline", dest="deadline_hours", type=bounded_float(0, 1e6, low_open=True), metavar="HOURS", help="the fewest nodes that finish all epochs in time")
     hw.add_argument("--host_ram_gib", "--host-ram-gib", type=bounded_float(0, 1e6, low_open=True), default=None, metavar="GIB", help="host RAM per node (checks an offloaded optimizer fits; default: this machine's for a detected GPU)")
     hw.add_argument("--cpus_per_node", "--cpus-per-node", type=bounded_int(1, 100_000), default=None, metavar="N", help="CPU cores per node for the data loader (default: this machine's for a detected GPU, the Azure SKU's)")
     hw.add_argument("--processor_rate", "--processor-rate", type=bounded_float(0, 1e6, low_open=True), default=None, metavar="SAMPLES_PER_S", help="processor samples/s on one core of the target CPU (default: planner/data/processor_rate.json; phi3v-bench results store this machine's)")
@@ -130,7 +127,7 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
 def _add_output_args(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument(
-        "--trace", action="store_true", help="measure activations with MemTracker on the full model (CPU, slow, cached)"
+        "--trace", dest="use_trace", action="store_true", help="measure activations with MemTracker on the full model (CPU, slow, cached)"
     )
     add_shared(out, "json", action="store_true", help="print JSON instead of tables")
     out.add_argument("--list-gpus", action="store_true", help="print the GPU table and exit")
@@ -156,39 +153,14 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _request(args: argparse.Namespace) -> Any:
+    """The :class:`~planner.recommend.PlanRequest` of the flags: each flag's ``dest`` is the field's name."""
     from planner.recommend import PlanRequest
 
-    return PlanRequest(
-        gpu=args.gpu,
-        count=args.count,
-        nodes=args.nodes,
-        task=args.task,
-        num_crops=args.num_crops,
-        image_size=args.image_size,
-        images_per_sample=args.images_per_sample,
-        text_tokens=args.text_tokens,
-        seq_len=args.seq_len,
-        dataset_size=args.dataset_size,
-        global_batch=args.global_batch,
-        model=args.model,
-        methods=tuple(args.methods or METHOD_NAMES),
-        cloud=args.cloud,
-        inter_node_gbit=args.inter_node_gbit,
-        max_micro_batch=args.max_micro_batch,
-        use_trace=args.trace,
-        reference_dir=args.reference_dir,
-        model_path=None if args.model in MODEL_PRESET_NAMES else args.model,
-        data_dir=args.data_dir,
-        skip_bad=args.skip_bad,
-        deadline_hours=args.deadline,
-        price_per_gpu_hour=args.price_per_gpu_hour,
-        gpu_memory_gib=args.gpu_memory_gib,
-        gpu_tflops=args.tflops,
-        gpu_bandwidth_gbs=args.bandwidth,
-        host_ram_gib=args.host_ram_gib,
-        cpus_per_node=args.cpus_per_node,
-        processor_rate=args.processor_rate,
-    )
+    given = vars(args)
+    values = {f.name: given[f.name] for f in fields(PlanRequest) if f.name in given}
+    values["methods"] = tuple(args.methods or METHOD_NAMES)
+    values["model_path"] = None if args.model in MODEL_PRESET_NAMES else args.model
+    return PlanRequest(**values)
 
 
 _SHORT = {name: method.letter for name, method in METHODS.items()}

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from phi3v_core.constants import ATTN_NAMES, zero2_buffer_bytes
-from phi3v_core.errors import ConfigError, raise_all
-from phi3v_core.methods import LORA, METHOD_NAMES, Method, get_method
-from planner.logits import LOGITS_MODES, logit_positions, logits_loss_bytes
+from phi3v_core.constants import zero2_buffer_bytes
+from phi3v_core.errors import ConfigError
+from phi3v_core.methods import LORA
+from planner.logits import logit_positions, logits_loss_bytes
 from planner.memory_types import GIB, MemoryEstimate, MemoryItem, Overheads
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
 from planner.tower_model import checkpoints, trained_params
+from planner.train_setup import ATTENTIONS, DTYPE_BYTES, METHODS, TrainSetup
 
 __all__ = [
     "ATTENTIONS",
@@ -46,9 +47,6 @@ __all__ = [
     "model_state_bytes",
 ]
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-METHODS = METHOD_NAMES
-ATTENTIONS = ATTN_NAMES
 #: bitsandbytes nf4: two weights per byte plus one fp32 absmax per 64-weight block (no double quantization, as in
 #: the recipe's BitsAndBytesConfig and ``phi3v_core.methods.quantize_linear_layers``).
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
@@ -130,116 +128,6 @@ class Workload:
             num_crops=num_crops,
             supervised_tokens=answer_tokens,
         )
-
-
-@dataclass(frozen=True)
-class TrainSetup:
-    """How the step runs on each GPU.
-
-    Attributes:
-        method: ``full``, ``frozen_vision``, ``lora`` or ``qlora``.
-        precision: Activation/compute dtype: ``bf16``, ``fp16`` (AMP) or ``fp32``.
-        weight_dtype: dtype the (frozen) weights are stored in; None means ``precision``. The recipe's "no flash
-            attention" path loads fp32 weights and trains with fp16 AMP.
-        attn: ``flash_attention_2``, ``sdpa`` (memory-efficient/flash kernels: no S² buffers) or ``eager``.
-        gradient_checkpointing: Recompute each decoder/CLIP layer in backward (the recipe's default).
-        checkpoint_towers: Where checkpointing applies when on: ``both``, ``llm`` or ``vision`` (``tower_model``).
-        freeze_llm: The language model is frozen (``--freeze_llm``): only the image path trains.
-        micro_batch: Samples per GPU per forward.
-        grad_accum: Micro-steps per optimizer step (>1 keeps gradients alive through the forward).
-        world_size: Data-parallel ranks.
-        zero_stage: 2 = DeepSpeed ZeRO-2 (the recipe's full fine-tuning), 0 = plain DDP / single process.
-        reduce_bucket: DeepSpeed ``reduce_bucket_size`` (elements).
-        allgather_bucket: DeepSpeed ``allgather_bucket_size`` (elements).
-        overlap_comm: DeepSpeed ``overlap_comm`` (4.5× bucket footprint per HF's DeepSpeed docs).
-        lora_rank: LoRA ``r``.
-        lora_lm_head: LoRA on ``lm_head``.
-        lora_vision: LoRA on CLIP and the projector (not the recipe's ``--freeze_vision_model``).
-        optimizer_foreach: torch AdamW's multi-tensor path (default on CUDA): one state-sized temporary.
-        logits_retained: The caller keeps the fp32 logits through backward (HF Trainer drops them).
-        logits: ``supervised``: ``lm_head`` and loss at labelled positions only; ``full``: everywhere (the recipe).
-        optim: ``adamw`` or ``adamw_8bit`` (bitsandbytes: m and v in one byte each plus an fp32 absmax per
-            256-element block; the paged variant holds the same bytes).
-        offload_optimizer: DeepSpeed ZeRO-Offload: fp32 master weights, fp32 gradients and Adam states in host
-            memory (full/frozen_vision under ZeRO-2); the GPU keeps the 16-bit weights and gradients.
-    """
-
-    method: str = "full"
-    precision: str = "bf16"
-    weight_dtype: str | None = None
-    attn: str = "flash_attention_2"
-    gradient_checkpointing: bool = True
-    checkpoint_towers: str = "both"
-    freeze_llm: bool = False
-    micro_batch: int = 1
-    grad_accum: int = 1
-    world_size: int = 1
-    zero_stage: int | None = None
-    reduce_bucket: float = 5e8
-    allgather_bucket: float = 5e8
-    overlap_comm: bool = True
-    lora_rank: int = 64
-    lora_lm_head: bool = True
-    lora_vision: bool = True
-    optimizer_foreach: bool = True
-    logits_retained: bool = False
-    logits: str = "supervised"
-    optim: str = "adamw"
-    offload_optimizer: bool = False
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.method not in METHODS:
-            problems.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.precision not in DTYPE_BYTES:
-            problems.append(f"precision {self.precision!r} is not one of {', '.join(DTYPE_BYTES)}")
-        if self.weight_dtype is not None and self.weight_dtype not in DTYPE_BYTES:
-            problems.append(f"weight_dtype {self.weight_dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
-        if self.attn not in ATTENTIONS:
-            problems.append(f"attn {self.attn!r} is not one of {', '.join(ATTENTIONS)}")
-        if self.micro_batch < 1 or self.grad_accum < 1 or self.world_size < 1:
-            problems.append("micro_batch, grad_accum and world_size must be >= 1")
-        if self.zero_stage not in (None, 0, 2):
-            problems.append(f"zero_stage={self.zero_stage} is not supported (0 or 2)")
-        if self.logits not in LOGITS_MODES:
-            problems.append(f"logits {self.logits!r} is not one of {', '.join(LOGITS_MODES)}")
-        if self.attn == "flash_attention_2" and self.precision == "fp32":
-            problems.append("flash_attention_2 needs bf16 or fp16")
-        if self.optim not in ("adamw", "adamw_8bit"):
-            problems.append(f"optim {self.optim!r} is not one of adamw, adamw_8bit")
-        if self.offload_optimizer and (self.optim != "adamw" or not (self.method in METHODS and self.spec.trains_base)):
-            problems.append("offload_optimizer is ZeRO-Offload of AdamW for full/frozen_vision")
-        if self.checkpoint_towers not in ("both", "llm", "vision"):
-            problems.append(f"checkpoint_towers {self.checkpoint_towers!r} is not one of both, llm, vision")
-        if self.freeze_llm and self.method in METHODS and not self.spec.trained_towers(not self.lora_vision, True):
-            problems.append(f"freeze_llm with method {self.method!r} trains nothing (the image path is frozen too)")
-        raise_all(problems)
-
-    @property
-    def spec(self) -> Method:
-        """The registry entry of ``method`` (what trains, how the base is stored, the adapter's terms)."""
-        return get_method(self.method)
-
-    @property
-    def zero(self) -> int:
-        """Effective ZeRO stage: the recipe uses ZeRO-2 for full/frozen fine-tuning and plain DDP for LoRA/QLoRA."""
-        if self.offload_optimizer:
-            return 2  # the offload is DeepSpeed ZeRO-2's
-        if self.zero_stage is not None:
-            return self.zero_stage
-        return 2 if self.spec.trains_base else 0
-
-    @property
-    def act_bytes(self) -> int:
-        """Bytes per activation element."""
-        return DTYPE_BYTES[self.precision]
-
-    @property
-    def stored_weight_dtype(self) -> str:
-        """dtype of the stored weights (DeepSpeed casts full fine-tuning weights to the compute dtype)."""
-        if self.zero == 2 and self.spec.trains_base and self.precision != "fp32":
-            return self.precision
-        return self.weight_dtype or self.precision
 
 
 # -- model states ----------------------------------------------------------------------------------------------------

@@ -42,21 +42,13 @@ def device_memory_bytes(nvml: Any | None = None) -> float | None:
 
 def _setup(train: Any, world: int, cuda: bool) -> Any:
     """The planner's description of ``train``'s step (a TrainConfig) on ``world`` processes."""
-    from phi3v_core.methods import get_method
-    from planner.estimate import TrainSetup
-    from planner.layouts import with_option
+    from planner.train_setup import TrainSetup
 
-    zero2 = train.uses_deepspeed(world)
-    full = get_method(train.method).trains_base
-    setup = TrainSetup(
-        method=train.method, precision=train.precision, weight_dtype="fp32" if full and not zero2 else None,
-        attn=train.attn, gradient_checkpointing=train.gradient_checkpointing, micro_batch=train.micro_batch,
-        grad_accum=train.gradient_accumulation_steps(world), world_size=world, zero_stage=2 if zero2 else 0,
-        reduce_bucket=train.zero_reduce_bucket_size, allgather_bucket=train.zero_allgather_bucket_size,
+    return TrainSetup.from_workload(
+        train, world_size=world, grad_accum=train.gradient_accumulation_steps(world), zero2=train.uses_deepspeed(world),
+        cuda=cuda, reduce_bucket=train.zero_reduce_bucket_size, allgather_bucket=train.zero_allgather_bucket_size,
         lora_rank=train.lora_rank, lora_lm_head=train.lora_lm_head, lora_vision=not train.freeze_vision,
-        optimizer_foreach=cuda,
     )  # fmt: skip
-    return with_option(setup, train.optim, train.offload)
 
 
 def _workload(task: str, data_dir: str | None, shape: Any, num_crops: int) -> Any | None:

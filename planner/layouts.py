@@ -24,9 +24,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
-from phi3v_core.constants import ZERO_BUCKET_ELEMENTS
-from phi3v_core.methods import get_method
 from phi3v_core.retention import RETENTION_FLOOR, update_retention
+from phi3v_core.workload import Workload as RunWorkload
 from planner.calibration import Calibration, fit_speed_constants
 from planner.estimate import GIB, MemoryEstimate, TrainSetup, Workload, estimate_memory, host_memory_bytes
 from planner.hardware import GpuSpec, supports_bf16, supports_flash_attention
@@ -34,6 +33,7 @@ from planner.packing import FLASH, lengths_for, packed_memory, predict_packing, 
 from planner.request import Hardware, Layout, PlanRequest, task_profiles
 from planner.shapes import ModelShape, load_shape
 from planner.speed import SpeedConstants, SpeedPrediction, predict_speed
+from planner.train_setup import with_option
 
 __all__ = [
     "Candidate",
@@ -50,7 +50,6 @@ __all__ = [
     "search",
     "setup_for",
     "usable_limit",
-    "with_option",
 ]
 
 
@@ -70,25 +69,12 @@ def hyperparameters(task: str, method: str, global_batch: int) -> dict[str, Any]
 
 
 def setup_for(method: str, gpu: GpuSpec, world: int, hyper: dict[str, Any]) -> TrainSetup:
-    """How ``phi3v-finetune`` runs ``method`` on ``world`` GPUs of ``gpu`` by default (checkpointing on, AdamW)."""
+    """How ``phi3v-finetune`` runs ``method`` on ``world`` GPUs of ``gpu`` by default: the card's precision and
+    attention, checkpointing on, AdamW, one sample per micro-step (the layout search varies the rest)."""
     cc = gpu.compute_capability
-    precision = "bf16" if supports_bf16(cc) else "fp16"
-    attn = "flash_attention_2" if supports_flash_attention(cc) else "sdpa"
-    full = get_method(method).trains_base
-    zero = 2 if (full and world > 1) else 0
-    return TrainSetup(
-        method=method,
-        precision=precision,
-        # phi3v-finetune: DeepSpeed casts to 16-bit; one process keeps fp32 master weights; LoRA bases are 16-bit
-        weight_dtype="fp32" if (full and zero == 0) else precision,
-        attn=attn,
-        gradient_checkpointing=True,
-        world_size=world,
-        zero_stage=zero,
-        reduce_bucket=ZERO_BUCKET_ELEMENTS,
-        allgather_bucket=ZERO_BUCKET_ELEMENTS,
-        lora_rank=int(hyper.get("lora_rank", 64)),
-    )
+    run = RunWorkload(method=method, precision="bf16" if supports_bf16(cc) else "fp16",
+                      attn="flash_attention_2" if supports_flash_attention(cc) else "sdpa")
+    return TrainSetup.from_workload(run, world_size=world, grad_accum=1, lora_rank=int(hyper.get("lora_rank", 64)))
 
 
 def option_tiers(base: TrainSetup) -> list[list[tuple[str, str]]]:
@@ -100,22 +86,6 @@ def option_tiers(base: TrainSetup) -> list[list[tuple[str, str]]]:
             tiers.append([("adamw_8bit_fp32_master", "none")])
         tiers += [[("adamw_8bit", "none")], [("adamw", "optimizer")]]
     return tiers
-
-
-def with_option(base: TrainSetup, optim: str, offload: str) -> TrainSetup:
-    """``base`` with an optimizer/offload option (and the weight storage phi3v-finetune uses with it).
-
-    ``optim`` is phi3v-finetune's name; the memory model knows ``adamw`` and ``adamw_8bit`` plus a weight dtype.
-    """
-    if offload == "optimizer":
-        return replace(base, offload_optimizer=True, zero_stage=2, weight_dtype=base.precision)
-    if optim == "adamw_8bit_fp32_master":
-        return replace(base, optim="adamw_8bit", weight_dtype="fp32")  # fp32 weights and gradients, 8-bit m, v
-    if optim == "adamw_8bit" and base.spec.trains_base:
-        # bf16 weights with no fp32 master (TrainConfig.sixteen_bit_weights); fp16 keeps fp32 weights
-        weights = base.precision if base.precision == "bf16" else "fp32"
-        return replace(base, optim=optim, weight_dtype=weights, zero_stage=base.zero_stage)
-    return replace(base, optim=optim)
 
 
 def layout_retention(setup: TrainSetup, learning_rate: float) -> float:

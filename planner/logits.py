@@ -25,7 +25,7 @@ class TokenCounts(Protocol):
 
 
 class LogitsSetup(Protocol):
-    """What this module reads of a :class:`planner.estimate.TrainSetup`."""
+    """What this module reads of a :class:`planner.train_setup.TrainSetup`."""
 
     micro_batch: int
     logits: str

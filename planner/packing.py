@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from typing import Any
 
+from phi3v_core.cli.vocabulary import THROUGHPUT_UNIT
 from phi3v_core.first_fit import pack_rows
 from planner.estimate import MemoryEstimate, MemoryItem, TrainSetup, Workload, estimate_memory
 from planner.shapes import ModelShape
@@ -409,10 +410,11 @@ def data_packing(
     return {"attention": setup.attn, "micro_batch": setup.micro_batch, "longest": longest, "rows": rows}
 
 
-def packing_reason(chosen: Any, candidates: Sequence[Any]) -> list[str]:
+def packing_reason(chosen: Any, candidates: Sequence[Any], images: int) -> list[str]:
     """The recommendation's packing line: why ``--packing`` (the chosen layout's verdict), or why not: the fastest
     fitting packed layout of the same memory options (checkpointing, optimizer, offload), else of any, against the
-    chosen one (:mod:`planner.layouts` keeps only packed twins that pay against their own padded layout)."""
+    chosen one (:mod:`planner.layouts` keeps only packed twins that pay against their own padded layout), in img/s
+    (``images`` per sample) as every planner sentence."""
     packing = chosen.layout.packing
     if packing:
         budget = f" --pack_tokens {packing['pack_tokens']}" if packing["pack_tokens"] else ""
@@ -446,6 +448,8 @@ def packing_reason(chosen: Any, candidates: Sequence[Any]) -> list[str]:
             f" with {best.setup.attn} a packed row computes attention over the whole row "
             f"({info['cross_sample_attention']:.0%} of it across samples)"
         )
+    per_sample = max(images, 1)
     return [
-        f"{head}, {lay.samples_per_s:.2f} samples/s) is slower than this one ({chosen.layout.samples_per_s:.2f}){why}"
+        f"{head}, {lay.samples_per_s * per_sample:.2f} {THROUGHPUT_UNIT}) is slower than this one "
+        f"({chosen.layout.samples_per_s * per_sample:.2f}){why}"
     ]

@@ -352,7 +352,7 @@ def _plan_method(
         reasons.insert(0, _fit_reason(method, hw, pick, fits, calibration))
         if fits:
             extra, speedup = _layout_reasons(pick, candidates, hw, host_ram_bytes(request, hw)[1], workload.images)
-            reasons.extend(extra + packing_reason(pick, candidates))
+            reasons.extend(extra + packing_reason(pick, candidates, workload.images))
         elif offload_problem and any(c.layout.fits and c.layout.offload != "none" for c in candidates):
             reasons.append(f"an offloaded optimizer would fit, but it cannot be built here: {offload_problem}")
         if fits and pick.layout.offload != "none" and software is None:

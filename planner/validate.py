@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from phi3v_core.workload import Workload as RunWorkload
 from planner.calibration import fit_speed_constants, load_calibration
 from planner.estimate import TrainSetup, Workload
 from planner.shapes import ModelShape, load_shape
@@ -74,6 +75,15 @@ class ValidationCase:
         """Short label."""
         gc = "" if self.gradient_checkpointing else " nogc"
         return f"{self.model} {self.method} c{self.num_crops} mb{self.micro_batch}x{self.grad_accum}{gc}"
+
+    def run(self, model: str) -> RunWorkload:
+        """What the case trains on ``model`` (a preset or a folder): ``phi3v-bench``'s DocVQA twin on this CPU, fp32
+        and sdpa, seed 0."""
+        return RunWorkload(
+            seq_profile="docvqa", method=self.method, attn="sdpa", precision="fp32", model=model,
+            num_crops=self.num_crops, global_batch=self.micro_batch * self.grad_accum, micro_batch=self.micro_batch,
+            gradient_checkpointing=self.gradient_checkpointing, seed=0,
+        )  # fmt: skip
 
 
 DEFAULT_CASES: tuple[ValidationCase, ...] = (
@@ -170,7 +180,6 @@ def _measure(case: ValidationCase, model: str, steps: int) -> dict[str, Any]:
     from phi3v_core.processing import Phi3VProcessor
     from phi3v_core.training import StepTimer, train
     from phi3v_core.training.workload import build_workload, to_train_config
-    from phi3v_core.workload import Workload
 
     class CpuTimer(TrainerCallback):  # type: ignore[misc]
         """Process CPU seconds per optimizer step (robust to other processes sharing the cores)."""
@@ -185,18 +194,7 @@ def _measure(case: ValidationCase, model: str, steps: int) -> dict[str, Any]:
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
             self.seconds.append(time.process_time() - self._begin)
 
-    cfg = Workload(
-        seq_profile="docvqa",
-        method=case.method,
-        attn="sdpa",
-        precision="fp32",
-        model=model,
-        num_crops=case.num_crops,
-        global_batch=case.micro_batch * case.grad_accum,
-        micro_batch=case.micro_batch,
-        gradient_checkpointing=case.gradient_checkpointing,
-        seed=0,
-    )
+    cfg = case.run(model)
     warmup = 1
     total = warmup + steps
     # presets and the mid-size folder have no tokenizer files: bench uses the offline tiny processor for them too
@@ -249,17 +247,7 @@ def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: floa
             model = models[case.model]
             shape = _shape(model)
             workload = Workload.from_images(shape, case.num_crops, (1008, 1680), text_tokens=66)
-            setup = TrainSetup(
-                method=case.method,
-                precision="fp32",
-                attn="sdpa",
-                gradient_checkpointing=case.gradient_checkpointing,
-                micro_batch=case.micro_batch,
-                grad_accum=case.grad_accum,
-                world_size=1,
-                zero_stage=0,
-                optimizer_foreach=False,
-            )
+            setup = TrainSetup.from_workload(case.run(model), cuda=False)
             runs = [_run_case(case, model, shape, workload, setup, constants, single, steps, bench_seconds)
                     for _ in range(repeats)]
             measured = statistics.median(r["measured_s"] for r in runs)
@@ -439,9 +427,10 @@ def _packing_case(path: Path, rates: Rates, constants: SpeedConstants) -> dict[s
     mean = replace(mean, seq_len=round(statistics.mean(lengths)),
                    supervised_tokens=None if supervised is None else round(float(supervised)))  # fmt: skip
     # bench.packing_measure trains without checkpointing unless the file says otherwise
-    setup = TrainSetup(method=work["method"], precision=work["precision"], attn=work["attention"],
-                       gradient_checkpointing=bool(work.get("gradient_checkpointing", False)),
-                       micro_batch=int(work["micro_batch"]), world_size=1, zero_stage=0, optimizer_foreach=False)  # fmt: skip
+    run = RunWorkload(method=work["method"], precision=work["precision"], attn=work["attention"],
+                      gradient_checkpointing=bool(work.get("gradient_checkpointing", False)),
+                      micro_batch=int(work["micro_batch"]), global_batch=int(work["micro_batch"]))  # fmt: skip
+    setup = TrainSetup.from_workload(run, cuda=False)
     budget = work.get("pack_tokens")
     sums = token_sums(lengths, setup.micro_batch, setup.attn, budget, shuffles=0)  # the micro-batches trained
     cost = row_cost(shape, setup, mean, rates, constants)

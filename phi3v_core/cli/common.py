@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from phi3v_core.cli.vocabulary import add_version
 from phi3v_core.entrypoint import CliParser, debug_enabled, handle_errors, keep_working_without_stdout
 from phi3v_core.io import json_safe
 
@@ -28,11 +29,20 @@ __all__ = [
     "CliParser",
     "bounded_float",
     "bounded_int",
+    "command_parser",
     "console",
     "debug_enabled",
     "handle_errors",
     "strict_json",
 ]
+
+def command_parser(prog: str, description: str, epilog: str) -> CliParser:
+    """The top-level parser of a command: its one-line description, its examples (``epilog``, line breaks kept) and
+    ``--version``."""
+    parser = CliParser(prog=prog, description=description, epilog=epilog)
+    add_version(parser)
+    return parser
+
 
 def _number(text: str, cast: Callable[[str], Any], kind: str) -> Any:
     try:

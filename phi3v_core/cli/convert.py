@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from phi3v_core.cli.common import CliParser, bounded_int, handle_errors, keep_working_without_stdout, strict_json
-from phi3v_core.cli.vocabulary import DEFAULT_SEED, add_shared, add_version
+from phi3v_core.cli.common import bounded_int, command_parser, handle_errors, keep_working_without_stdout, strict_json
+from phi3v_core.cli.vocabulary import DEFAULT_SEED, add_shared
 from phi3v_core.data.images import DEFAULT_MAX_PIXELS
 from phi3v_core.data.jsonl import check_output_dir
 from phi3v_core.data.seqlen import record_image_tokens
@@ -45,13 +45,7 @@ _EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for --help tests)."""
-    parser = CliParser(
-        prog="phi3v-convert",
-        description="Build and check data folders in the recipe's jsonl format.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_version(parser)
+    parser = command_parser("phi3v-convert", "Build and check data folders in the recipe's jsonl format.", _EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{ucf101,synthetic,check}")
 
     ucf = sub.add_parser(
@@ -60,7 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a local UCF-101 (subset) folder into the recipe's jsonl format: 8 evenly spaced frames per "
         "video, ids <split>-<i:010d>, the recipe's classification prompt.",
         epilog="example:\n  phi3v-convert ucf101 --src ~/data/UCF101_subset --out_dir ./ucf101",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ucf.add_argument("--src", required=True, type=Path, help="folder holding train/, val/, test/ with <Class>/*.avi")
     add_shared(ucf, "output_dir", dest="out_dir", required=True, type=Path, help="output folder (must be new or empty)")
@@ -74,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a deterministic synthetic twin of a recipe task and write it as <task>_train.jsonl, "
         "<task>_val.jsonl and images/.",
         epilog="example:\n  phi3v-convert synthetic --task nlvr2 --n 32 --n_eval 8 --out_dir ./nlvr2_twin",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_shared(syn, "task", required=True, choices=sorted(SYNTHETIC_TASKS), help="task to imitate")
     syn.add_argument("--n", type=bounded_int(1, 100_000), required=True, help="training records")
@@ -91,7 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Strictly validate a data folder (*_train.jsonl, *_val.jsonl, images/): JSON, keys, types, image "
         "tags, path safety, and every image decoded once. All problems are reported with file:line.",
         epilog="example:\n  phi3v-convert check ./ucf101 --task ucf101",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     chk.add_argument("data_dir", type=Path, help="folder with *_train.jsonl / *_val.jsonl and images/")
     add_shared(chk, "task", default="jsonl", choices=sorted(TASKS), help="task whose rules apply (default: jsonl)")

@@ -19,9 +19,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from phi3v_core.cli.common import (
-    CliParser,
     bounded_float,
     bounded_int,
+    command_parser,
     handle_errors,
     keep_working_without_stdout,
     strict_json,
@@ -37,7 +37,7 @@ from phi3v_core.cli.finetune_config import (
 )
 from phi3v_core.cli.finetune_hf import add_trainer_flags
 from phi3v_core.cli.finetune_levers import add_lever_flags
-from phi3v_core.cli.vocabulary import DEFAULT_SEED, add_shared, add_version, plural
+from phi3v_core.cli.vocabulary import DEFAULT_SEED, add_shared, plural
 from phi3v_core.constants import (
     ATTN_NAMES,
     MODEL_PRESET_NAMES,
@@ -83,11 +83,9 @@ notes:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: the recipe's flags (same names and meaning) and ours."""
-    parser = CliParser(
-        prog="phi3v-finetune",
-        description="Fine-tune Phi-3(.5)-vision like the Phi-3 CookBook recipe: eval before, train, eval after.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = command_parser(
+        "phi3v-finetune", "Fine-tune Phi-3(.5)-vision like the Phi-3 CookBook recipe: eval before, train, eval after.",
+        _EPILOG,
     )
     _add_recipe_flags(parser.add_argument_group("recipe flags (as in the CookBook scripts)"))
     ours = parser.add_argument_group("our flags")
@@ -96,7 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory_flags(parser)
     add_trainer_flags(parser.add_argument_group("Hugging Face Trainer flags (TrainingArguments names)"))
     add_lever_flags(parser)
-    add_version(parser)
     return parser
 
 

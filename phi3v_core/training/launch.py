@@ -23,7 +23,6 @@ the model.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import sys
@@ -178,7 +177,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "  torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \\\n"
             "      -m phi3v_core.training.launch --config run.json"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="run.json with 'train' (TrainConfig) and optional 'data'")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (main process)")

@@ -94,10 +94,10 @@ def test_nearest_layout_on_a_cpu_changes_the_fewest_flags(monkeypatch) -> None:
     cfg = BenchConfig(method="lora", model="phi-3.5-vision", precision="fp32", release="t", global_batch=8,
                       micro_batch=2, gradient_checkpointing=True)
     one = predict(BenchConfig(**{**cfg.to_dict(), "micro_batch": 1}), gpu=False)
-    flags, fits = nearest_fit(cfg, Memory(None, one.host_bytes + GIB / 10), gpu=False)  # no total: no reserve
-    assert flags == ["--micro-batch 1"] and fits.host_bytes == one.host_bytes
+    changes, fits = nearest_fit(cfg, Memory(None, one.host_bytes + GIB / 10), gpu=False)  # no total: no reserve
+    assert changes == {"micro_batch": 1} and fits.host_bytes == one.host_bytes
     message = fit_problem(cfg, False, Memory(None, one.host_bytes + GIB / 10))
-    assert "nearest layout that fits: --micro-batch 1" in message
+    assert "nearest layout that fits: --per_device_train_batch_size 1 (predicted" in message
 
 
 def test_device_memory_comes_from_nvml_and_an_rtx4090_refuses_full_fine_tuning(monkeypatch) -> None:

@@ -15,6 +15,7 @@ import bench.runner
 from bench.advice import command_for, run_advice
 from bench.cli import main
 from bench.config import BenchConfig
+from bench.fit import Memory, fit_problem, predict
 from bench.progress import RunProgress
 from bench.results import BenchResult, capture_environment
 from phi3v_core.cli.vocabulary import SHARED_FLAGS
@@ -132,9 +133,21 @@ def test_advice_names_the_faster_layout_and_its_command() -> None:
     assert line.startswith("peak 45.0 of 80.0 GiB; micro-batch 2 × 4, checkpointing off, adamw is predicted 1.4× faster: ")
     assert line.endswith(command_for(cfg, plan.layouts[1]))
     assert "--per_device_train_batch_size 2 --no_gradient_checkpointing" in line
-    # a command to copy uses the primary spelling of every shared flag (issue #24 §3), never an alias
+
+
+def test_printed_commands_use_the_primary_spellings() -> None:
+    """A command to copy uses the primary spelling of every shared flag (issue #24 §3), never an alias: the advice's
+    command and the nearest layout a fit refusal names."""
     aliases = {alias for flag in SHARED_FLAGS.values() for alias in flag.aliases}
-    assert not aliases & set(command_for(cfg, plan.layouts[1]).split())
+    cfg = BenchConfig(method="lora", model="phi-3.5-vision", global_batch=8, micro_batch=1, release="t")
+    assert not aliases & set(command_for(cfg, _layout(2, False, 1.4)).split())
+    refused = BenchConfig(method="lora", model="phi-3.5-vision", precision="fp32", release="t", global_batch=8,
+                          micro_batch=4, gradient_checkpointing=False)
+    fits = predict(BenchConfig(**{**refused.to_dict(), "micro_batch": 1, "gradient_checkpointing": True}), gpu=False)
+    message = fit_problem(refused, False, Memory(None, fits.host_bytes + GIB / 10))
+    nearest = message.split("nearest layout that fits: ")[1].split(" (predicted")[0]
+    assert nearest == "--per_device_train_batch_size 1 --gradient_checkpointing"
+    assert not aliases & set(nearest.split())
 
 
 def test_no_advice_when_the_run_used_the_card_and_the_plans_layout() -> None:

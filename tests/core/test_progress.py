@@ -13,7 +13,7 @@ import pytest
 import phi3v_core.data.jsonl_reader
 from phi3v_core.cli.convert import main as convert_main
 from phi3v_core.progress import Counter, format_seconds, stage
-from tests.data.conftest import png_bytes
+from tests.data_folders import turn, write_folder
 
 
 class _Clock:
@@ -60,13 +60,8 @@ def test_stage_says_when_it_started_and_how_long_it_took() -> None:
 
 
 def test_convert_check_shows_progress_over_images_on_stderr(tmp_path: Path, monkeypatch, capsys) -> None:
-    data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    records = []
-    for i in range(4):
-        (data / "images" / f"{i}.png").write_bytes(png_bytes((32 + i, 24)))
-        records.append({"id": f"r{i}", "conversations": [{"images": [f"{i}.png"], "user": "q?", "assistant": "a"}]})
-    (data / "mine_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    records = [{"id": f"r{i}", "conversations": [turn([f"{i}.png"], "q?", "a")]} for i in range(4)]
+    data = write_folder(tmp_path / "data", {f"{i}.png": (32 + i, 24) for i in range(4)}, records)
     # As if every image took seconds: no quiet time, a line per image.
     monkeypatch.setattr(phi3v_core.data.jsonl_reader, "Counter", functools.partial(Counter, quiet_s=0, every_s=0))
     assert convert_main(["check", str(data), "--split", "train", "--json"]) == 0

@@ -21,6 +21,7 @@ from PIL import Image
 from phi3v_core.cli.convert import main as convert_main
 from phi3v_core.data.images import check_image_file, open_image
 from planner.cli import main as plan_main
+from tests.data_folders import write_folder
 from tests.safety_helpers import expect_user_error
 
 
@@ -215,13 +216,8 @@ def test_an_appledouble_file_read_directly_is_named(tmp_path):
 
 def _ucf_like(root: Path) -> Path:
     """A converted UCF-101 folder: 8 frames in one turn."""
-    (root / "images").mkdir(parents=True)
-    for k in range(8):
-        Image.new("RGB", (320, 240)).save(root / "images" / f"f{k}.jpg")
-    frames = [f"f{k}.jpg" for k in range(8)]
-    line = json.dumps(_record(images=frames, user="Which action?"))
-    (root / "ucf101_train.jsonl").write_text(line + "\n")
-    return root
+    frames = {f"f{k}.jpg": (320, 240) for k in range(8)}
+    return write_folder(root, frames, [_record(images=list(frames), user="Which action?")], "ucf101_train.jsonl")
 
 
 def test_a_converted_ucf101_folder_plans_at_the_crops_finetune_uses(tmp_path, capsys):

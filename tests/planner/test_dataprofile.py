@@ -13,6 +13,7 @@ from planner.cli import main
 from planner.dataprofile import profile_data
 from planner.recommend import PlanRequest, plan
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
+from tests.data_folders import turn, write_folder
 
 PHI35 = ModelShape.preset("phi-3.5-vision")
 SIZES = [(1008, 1680), (800, 600), (320, 240), (640, 480)]
@@ -21,21 +22,15 @@ SIZES = [(1008, 1680), (800, 600), (320, 240), (640, 480)]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """10 000 records reusing a handful of small image files, plus one 8-page record that fits nowhere at 16 crops."""
-    root = tmp_path_factory.mktemp("data")
-    (root / "images").mkdir()
-    for i, size in enumerate(SIZES):
-        Image.new("RGB", size).save(root / "images" / f"img{i}.png")
-    lines = []
-    for k in range(10_000):
-        images = [f"img{k % len(SIZES)}.png"] * (k % 3 == 0 and 2 or 1)
-        turn = {"images": images, "user": "What does the page say? " * (1 + k % 7), "assistant": "Forty-two."}
-        lines.append(json.dumps({"id": str(k), "conversations": [turn]}))
-    lines.append(
-        # 8 pages in 8 turns (8 images in one turn would be multi-frame input, which finetune plans at num_crops 4)
-        json.dumps({"id": "long", "conversations": [{"images": ["img0.png"], "user": "x", "assistant": "y"}] * 8})
-    )
-    (root / "mine_train.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    records = [
+        {"id": str(k), "conversations": [turn([f"img{k % len(SIZES)}.png"] * (k % 3 == 0 and 2 or 1),
+                                              "What does the page say? " * (1 + k % 7), "Forty-two.")]}
+        for k in range(10_000)
+    ]  # fmt: skip
+    # 8 pages in 8 turns (8 images in one turn would be multi-frame input, which finetune plans at num_crops 4)
+    records.append({"id": "long", "conversations": [turn(["img0.png"], "x", "y")] * 8})
+    images = {f"img{i}.png": size for i, size in enumerate(SIZES)}
+    return write_folder(tmp_path_factory.mktemp("data"), images, records)
 
 
 def test_lengths_use_the_processors_arithmetic_and_headers_only(data_dir, monkeypatch):

@@ -117,6 +117,7 @@ def test_sdpa_says_why_packing_does_not_pay(capsys, monkeypatch, tmp_path):
     out = _run(capsys, monkeypatch, "--gpu", "V100-32GB", "--data", str(_mixed_folder(tmp_path)), "--method", "lora")
     line = next(line for line in out.splitlines() if "no --packing" in line)
     assert "is slower than this one" in line and "with sdpa a packed row computes attention over the whole row" in line
+    assert " img/s) is slower" in line and "samples/s" not in line  # img/s, as every planner sentence leads with
 
 
 def test_data_packing_without_rates_has_no_speed():
@@ -145,24 +146,18 @@ def _mixed_folder(root: Path, uniform: bool = False) -> Path:
     the same page and text in every record."""
     import random
 
-    from PIL import Image
+    from tests.data_folders import turn, write_folder
 
-    folder = root / "mixed"
-    (folder / "images").mkdir(parents=True)
     sizes = [(1700, 2200), (1008, 1680), (800, 600), (320, 240), (224, 224)]
-    for i, size in enumerate(sizes):
-        Image.new("RGB", size).save(folder / "images" / f"img{i}.png")
     rng = random.Random(0)
-    lines = []
+    records = []
     for k in range(48):
         names = [f"img{rng.randrange(len(sizes))}.png" for _ in range(2 if k % 5 == 0 else 1)]
-        turns = [{"images": [n], "user": "Question? " * rng.choice([1, 10]), "assistant": "Answer. " * rng.choice([1, 40])}
-                 for n in names]  # fmt: skip
+        turns = [turn([n], "Question? " * rng.choice([1, 10]), "Answer. " * rng.choice([1, 40])) for n in names]
         if uniform:
-            turns = [{"images": ["img1.png"], "user": "Question?", "assistant": "Answer."}]
-        lines.append(json.dumps({"id": str(k), "conversations": turns}))
-    (folder / "mixed_train.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+            turns = [turn(["img1.png"], "Question?", "Answer.")]
+        records.append({"id": str(k), "conversations": turns})
+    return write_folder(root / "mixed", {f"img{i}.png": size for i, size in enumerate(sizes)}, records, "mixed_train.jsonl")
 
 
 def test_the_command_names_a_pack_budget_other_than_the_default(tmp_path):

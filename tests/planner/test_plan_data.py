@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
 
 from phi3v_core.processing import image_processing
 from planner import crops
@@ -17,6 +16,7 @@ from planner.cli import main
 from planner.crops import CROP_CHOICES, NATIVE_SHARE, resize_factor, task_samples
 from planner.dataplan import MIN_RUN_STEPS, MIN_STEPS_PER_EPOCH
 from planner.render import why_method
+from tests.data_folders import turn, write_folder
 from tests.safety_helpers import HANG_GUARD_S
 
 # The newcomer's folder of #24: 6 records, 8 PNGs (pages, photos, a thumbnail)
@@ -25,17 +25,9 @@ SIZES = [(1008, 1680), (800, 600), (320, 240), (640, 480), (1700, 2200), (500, 3
 
 @pytest.fixture(scope="module")
 def mydata(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mydata")
-    (root / "images").mkdir()
-    for i, size in enumerate(SIZES):
-        Image.new("RGB", size).save(root / "images" / f"img{i}.png")
-    lines = []
-    for k in range(6):
-        images = [f"img{k}.png"] + ([f"img{k + 6}.png"] if k < 2 else [])
-        turns = [{"images": [name], "user": "What is shown?", "assistant": "A cat."} for name in images]
-        lines.append(json.dumps({"id": str(k), "conversations": turns}))
-    (root / "mine_train.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    records = [{"id": str(k), "conversations": [turn([f"img{k}.png"])] + ([turn([f"img{k + 6}.png"])] if k < 2 else [])}
+               for k in range(6)]  # fmt: skip
+    return write_folder(tmp_path_factory.mktemp("mydata"), {f"img{i}.png": size for i, size in enumerate(SIZES)}, records)
 
 
 def _run(capsys, monkeypatch, *argv: str) -> str:
@@ -166,13 +158,9 @@ def test_num_crops_table_of_the_users_images(mydata, capsys, monkeypatch):
 
 
 def test_rule_picks_the_smallest_num_crops_for_small_photos(tmp_path, capsys):
-    (tmp_path / "images").mkdir()
-    lines = []
-    for i, size in enumerate([(640, 480), (500, 375), (600, 600), (800, 533), (480, 640)] * 2):
-        Image.new("RGB", size).save(tmp_path / "images" / f"p{i}.png")
-        turn = {"images": [f"p{i}.png"], "user": "Is it a dog?", "assistant": "yes"}
-        lines.append(json.dumps({"id": str(i), "conversations": [turn]}))
-    (tmp_path / "photos_train.jsonl").write_text("\n".join(lines) + "\n")
+    images = {f"p{i}.png": size for i, size in enumerate([(640, 480), (500, 375), (600, 600), (800, 533), (480, 640)] * 2)}
+    records = [{"id": str(i), "conversations": [turn([name], "Is it a dog?", "yes")]} for i, name in enumerate(images)]
+    write_folder(tmp_path, images, records, "photos_train.jsonl")
     data = _json(capsys, "--gpu", "A100-80GB", "--data", str(tmp_path), "--method", "lora")
     chosen = data["data"]["num_crops"]
     assert chosen < 16 and "--num_crops 16" not in data["methods"][0]["command"]
@@ -223,13 +211,9 @@ def test_crops_table_imports_no_torch():
 def test_skip_bad_plans_a_folder_with_one_bad_record(tmp_path, capsys, monkeypatch):
     """`--skip_bad` is one concept in plan, finetune and convert (#24 §3): plan leaves the record out, says so, and
     the command it prints passes the flag on; without it the bad record is refused at file:line."""
-    (tmp_path / "images").mkdir()
-    Image.new("RGB", (640, 480)).save(tmp_path / "images" / "ok.png")
-    record = {"id": "0", "conversations": [{"images": ["ok.png"], "user": "What?", "assistant": "A cat."}]}
-    lines = [json.dumps({**record, "id": str(k)}) for k in range(5)]
-    lines.append(json.dumps({**record, "id": "bad", "conversations": [{**record["conversations"][0],
-                                                                      "images": ["missing.png"]}]}))
-    (tmp_path / "mine_train.jsonl").write_text("\n".join(lines) + "\n")
+    records = [{"id": str(k), "conversations": [turn(["ok.png"], "What?")]} for k in range(5)]
+    records.append({"id": "bad", "conversations": [turn(["missing.png"], "What?")]})
+    write_folder(tmp_path, {"ok.png": (640, 480)}, records)
     monkeypatch.setenv("PHI3V_DEBUG", "")
     with pytest.raises(SystemExit) as refused:
         main(["--gpu", "RTX4090", "--data", str(tmp_path)])
