@@ -23,7 +23,6 @@ from typing import Any
 
 from bench.config import BenchConfig
 from bench.layout import run_flag
-from phi3v_core.constants import ZERO_BUCKET_ELEMENTS
 from phi3v_core.environment import ram_bytes
 from phi3v_core.methods import METHOD_NAMES, get_method
 from planner.fit_check import device_memory_bytes, host_available_bytes
@@ -68,9 +67,7 @@ def predict(cfg: BenchConfig, gpu: bool) -> Memory:
     from planner.shapes import load_shape
 
     shape = load_shape(cfg.model)
-    # ZeRO-2 buckets as the worker's TrainConfig sets them (phi3v-finetune's default, not the recipe's 5e8)
-    setup = dataclasses.replace(check_setup(cfg, cuda=gpu), reduce_bucket=ZERO_BUCKET_ELEMENTS,
-                                allgather_bucket=ZERO_BUCKET_ELEMENTS)
+    setup = check_setup(cfg, cuda=gpu)  # ZeRO-2 buckets as the worker's TrainConfig sets them
     workload = check_workload(cfg, shape)
     processes = cfg.world_size // cfg.nodes  # per node
     host = process_host_bytes(shape, setup, workload, cuda=gpu) * processes  # on a CPU every tensor is host RAM

@@ -26,7 +26,6 @@ from functools import cache
 from typing import Any
 
 from bench.config import TINY_DEFAULTS, BenchConfig, DeviceDescription, choose_defaults
-from phi3v_core.constants import RECIPE_ZERO_BUCKET_ELEMENTS
 from phi3v_core.methods import METHOD_NAMES, get_method
 
 __all__ = [
@@ -151,12 +150,10 @@ def check_setup(cfg: BenchConfig, cuda: bool) -> Any:
     from planner.train_setup import TrainSetup
 
     defaults = TrainConfig(model=cfg.model, output_dir="unused")  # the adapter's settings the bench trains with
-    # ZeRO-2 buckets: the recipe's 5e8, as the checks were always sized (the runs use TrainConfig's 5e7, which
-    # bench.fit.predict takes; the 2-process check's larger bucket term leaves it margin)
+    # ZeRO-2 buckets: from_workload's default, TrainConfig's 5e7 — the checks are sized with the buckets they run
     return TrainSetup.from_workload(
         cfg, world_size=cfg.world_size, grad_accum=cfg.grad_accum, zero2=_zero2(cfg), cuda=cuda,
         lora_rank=defaults.lora_rank, lora_lm_head=defaults.lora_lm_head, lora_vision=not defaults.freeze_vision,
-        reduce_bucket=RECIPE_ZERO_BUCKET_ELEMENTS, allgather_bucket=RECIPE_ZERO_BUCKET_ELEMENTS,
     )  # fmt: skip
 
 
