@@ -399,23 +399,37 @@ class Software:
 
 
 class _KnownNotice(logging.Filter):
-    """Drops the optional-kernel notices :func:`quiet_known_notices` names; every other record passes."""
+    """Drops the notices :func:`quiet_known_notices` names (by how they start); every other record passes."""
 
-    NOTICES = ("Skipping publisher trust check",)
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.NOTICES)
+        return not record.getMessage().startswith(self.starts)
+
+
+#: logger → how each notice it must not print starts.
+_KNOWN_NOTICES: dict[str, tuple[str, ...]] = {
+    "kernels._internals.hf_hub": ("Skipping publisher trust check",),
+    "transformers.modeling_rope_utils": (
+        "This model config has set a `rope_parameters['original_max_position_embeddings']`",
+    ),
+}
 
 
 def quiet_known_notices() -> None:
-    """Silence two notices known to be harmless that would otherwise print on every run (issue #24 §4).
+    """Silence notices known to be harmless that would otherwise print on every run (issue #24 §4).
 
     bitsandbytes' CPU backend looks for an optional kernel package (``kernels-community/quantization-bitsandbytes``)
     when it is imported: on CPUs without it, it warns that the package is missing, and in offline mode (this
     project's rule: nothing comes from the Hub at run time) the ``kernels`` package warns that it skips the
     publisher trust check. Neither says anything about the run; bitsandbytes' 4-bit path works without the kernel.
+    transformers warns on every Phi-3 LongRoPE config (the official ones included) that it prefers a ``factor``
+    field to ``original_max_position_embeddings``; it derives the same factor from the two, so the model is the same.
     """
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    hub = logging.getLogger("kernels._internals.hf_hub")
-    if not any(isinstance(f, _KnownNotice) for f in hub.filters):
-        hub.addFilter(_KnownNotice())
+    for name, starts in _KNOWN_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _KnownNotice) for f in logger.filters):
+            logger.addFilter(_KnownNotice(*starts))

@@ -88,3 +88,21 @@ def test_the_offline_kernel_notice_is_dropped_and_nothing_else() -> None:
     assert records.messages == ["something else"]
     assert len(hub.filters) == 1
     assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() == logging.ERROR
+
+
+def test_the_long_rope_factor_notice_is_dropped_and_nothing_else() -> None:
+    """transformers' notice on every Phi-3 LongRoPE config (factor derived from original_max_position_embeddings)."""
+    from phi3v_core.config import tiny_config
+    from phi3v_core.software import quiet_known_notices
+
+    quiet_known_notices()
+    rope = logging.getLogger("transformers.modeling_rope_utils")
+    records = _Records()
+    rope.addHandler(records)
+    try:
+        tiny_config().to_dict()  # validates the rope parameters, as saving a checkpoint does
+        rope.warning("This model config has set a `rope_parameters['original_max_position_embeddings']` field, ...")
+        rope.warning("something else")
+    finally:
+        rope.removeHandler(records)
+    assert records.messages == ["something else"]
