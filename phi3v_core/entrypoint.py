@@ -62,9 +62,29 @@ class CliParser(argparse.ArgumentParser):
         """Parse, reporting every bad flag value at once (argparse stops at the first)."""
         self._bad_values: list[str] = []
         parsed, extras = super().parse_known_args(args, namespace)
-        if self._bad_values:
-            raise_all([*self._bad_values[:-1], f"{self._bad_values[-1]} (see {self.prog} --help)"])
+        bad = [*self._bad_values[:-1], f"{self._bad_values[-1]} (see {self.prog} --help)"] if self._bad_values else []
+        if bad and getattr(self, "_collecting", None) is None:
+            raise_all(bad)
+        if bad:
+            self._collecting = bad
+            for action in self._actions:  # a bad value keeps its default, so the command can still map the rest
+                if getattr(parsed, action.dest, None) is _BAD_VALUE:
+                    setattr(parsed, action.dest, action.default)
         return parsed, extras
+
+    def parse_collecting(self, args: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        """Parse, returning the bad flag values instead of raising them, so a command that validates its config
+        reports them with every other problem at once (an unknown flag or a missing value still raises at once).
+
+        Returns:
+            The flags (a bad value replaced by its default) and one message per bad value.
+        """
+        self._collecting: list[str] | None = []
+        try:
+            parsed = self.parse_args(args)
+            return parsed, list(self._collecting)
+        finally:
+            self._collecting = None
 
     def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
         # A bad value is noted and parsing goes on, so `--learning_rate 5 --lora_rank 0` reports both.
