@@ -94,6 +94,9 @@ _FIELD_FLAGS = {
 }
 
 
+_COUNTS = ("eval_limit", "max_new_tokens", "eval_batch_size")  # counts judged >= 1 by run_checks.data_problems
+
+
 def flag_conflicts(args: argparse.Namespace, preset: RecipePreset | None, method: str) -> list[str]:
     """Flags that each hold a valid value but exclude one another: which flags were passed, not what they hold (every
     value is judged by :meth:`FinetuneConfig.problems <phi3v_core.training.run.FinetuneConfig.problems>`).
@@ -236,7 +239,7 @@ class _Resolver:
         if values["num_crops"] is None:
             self.sources["num_crops"] = "task"
         workers = self.args.num_workers
-        values["num_workers"] = workers if workers is not None else (4 if self.env.cuda else 0)
+        values["num_workers"] = workers if workers is not None else (4 if self.env is not None and self.env.cuda else 0)
         self.sources["num_workers"] = "flag" if workers is not None else "auto"
         max_steps, warmup = values["max_steps"], values["warmup_steps"]
         if 0 < max_steps <= warmup and self.sources.get("warmup_steps") != "flag":
@@ -252,28 +255,36 @@ class _Resolver:
 def _quick_problems(args: argparse.Namespace, flag_problems: Sequence[str]) -> list[str]:
     """The problems found without torch (seconds, where importing the training stack takes tens on a busy host),
     returned when a flag's value or a path is wrong (the commonest refusals) so they answer at once: then with every
-    other problem the flags alone show. Otherwise ``[]``: :func:`build_config` reports everything after it."""
+    other problem found without the machine and the training stack (TrainConfig's own checks, flash attention and
+    retention come once these are fixed). Otherwise ``[]``: :func:`build_config` then reports everything."""
     resolver = _Resolver(args)
-    task, model = resolver.task(), resolver.model()
-    output_dir = resolver.pick("output_dir", RECIPE_DEFAULTS["output_dir"])
-    files = [
-        *run_checks.folder_problems(model, args.data_dir),
-        *path_problems(args),
-        *run_checks.output_problems(
-            output_dir, resume=args.resume, overwrite=args.overwrite_output_dir, data_dir=args.data_dir, model=model
-        ),
-    ]
-    if not files and not flag_problems:
+    task, model, (method, _) = resolver.task(), resolver.model(), resolver.method()
+    values = resolver.numbers()
+    folders = [*run_checks.folder_problems(model, args.data_dir), *path_problems(args)]
+    output = run_checks.output_problems(
+        values["output_dir"], resume=args.resume, overwrite=args.overwrite_output_dir, data_dir=args.data_dir, model=model
+    )
+    if not (flag_problems or folders or output):
         return []
-    counts = {name: getattr(args, name) for name in ("eval_limit", "max_new_tokens", "eval_batch_size")}
+    sizes = (
+        run_checks.size_problems(
+            model, method, values["lora_rank"], max_length=args.max_length, max_new_tokens=values["max_new_tokens"]
+        )
+        if model not in MODEL_PRESET_NAMES  # a preset's sizes come from transformers' config classes: asked later
+        else []
+    )
     return [
         *flag_problems,
-        *flag_conflicts(args, resolver.preset, resolver.method()[0]),
+        *flag_conflicts(args, resolver.preset, method),
         *run_checks.preset_problems(args.preset),
         *run_checks.data_problems(
-            task, data_dir=args.data_dir, synthetic=args.synthetic, full_train=args.full_train, counts=counts
+            task, data_dir=args.data_dir, synthetic=args.synthetic, full_train=args.full_train,
+            counts={name: values[name] if name in values else getattr(args, name) for name in _COUNTS},
         ),
-        *files,
+        *folders,
+        *run_checks.schedule_problems(values["max_steps"], values["warmup_steps"]),
+        *sizes,
+        *output,
     ]
 
 
