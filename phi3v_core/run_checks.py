@@ -30,6 +30,7 @@ __all__ = [
     "is_hub_id",
     "low_retention",
     "model_dims",
+    "model_problems",
     "output_problems",
     "preset_problems",
     "schedule_problems",
@@ -92,7 +93,9 @@ def data_problems(
     if data_dir is None and synthetic is None and task in ("ucf101", "jsonl"):
         hint = ", e.g. from phi3v-convert ucf101" if task == "ucf101" else ""
         twin = " or --synthetic N" if task == "ucf101" else ""
-        problems.append(f"--task {task} needs --data_dir (a folder with *_train.jsonl, *_val.jsonl and images/{hint}){twin}")
+        problems.append(
+            f"--task {task} needs --data_dir (a folder with *_train.jsonl, *_val.jsonl and images/{hint}){twin}"
+        )
     if full_train and task in TASK_NAMES and task != "docvqa":
         problems.append(f"--full_train applies to --task docvqa only, not {task}")
     if data_dir is None and synthetic is None and task in _HUB_TASKS and importlib.util.find_spec("datasets") is None:
@@ -107,24 +110,26 @@ def data_problems(
 
 
 def folder_problems(model: str, data_dir: str | None) -> list[str]:
-    """The model (a preset, a local folder, never a Hub download) and the data folder exist."""
-    problems = []
-    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
-        problems.append(f"--data_dir {data_dir}: no such folder")
+    """The data folder exists, and the model is a preset or a local folder (:func:`model_problems`)."""
+    missing = data_dir is not None and not Path(data_dir).expanduser().is_dir()
+    return [*([f"--data_dir {data_dir}: no such folder"] if missing else []), *model_problems(model)]
+
+
+def model_problems(model: str) -> list[str]:
+    """A model that is neither a preset nor a local folder (a Hub id is never downloaded). A folder's config and
+    weight headers are judged by ``TrainConfig.problems``."""
     if model in MODEL_PRESET_NAMES or Path(model).expanduser().is_dir():
-        return problems  # a folder's config and weight headers are judged by TrainConfig.problems
+        return []
     if is_hub_id(model):
-        problems.append(
+        return [
             f"--model_name_or_path {model} is a Hugging Face Hub id and phi3v-finetune does not download models; "
             f"download it first (huggingface-cli download {model} --local-dir DIR) and pass that local folder, "
             f"or use a preset ({', '.join(MODEL_PRESET_NAMES)})"
-        )
-    else:
-        problems.append(
-            f"--model_name_or_path {model}: no such folder; pass a local checkpoint folder (config.json + *.safetensors) "
-            f"or a preset ({', '.join(MODEL_PRESET_NAMES)})"
-        )
-    return problems
+        ]
+    return [
+        f"--model_name_or_path {model}: no such folder; pass a local checkpoint folder (config.json + *.safetensors) "
+        f"or a preset ({', '.join(MODEL_PRESET_NAMES)})"
+    ]
 
 
 def model_dims(model: str) -> tuple[int | None, int | None]:
@@ -172,7 +177,9 @@ def schedule_problems(max_steps: int, warmup_steps: int) -> list[str]:
     return []
 
 
-def output_problems(output_dir: str, *, resume: str | None, overwrite: bool, data_dir: str | None, model: str) -> list[str]:
+def output_problems(
+    output_dir: str, *, resume: str | None, overwrite: bool, data_dir: str | None, model: str
+) -> list[str]:
     """Why the run may not write ``output_dir``: another run in it, files it would overwrite, an overlap with the data
     or the model, not writable (:func:`phi3v_core.run_folder.output_dir_problems`; reads only)."""
     sources = {"--data_dir": data_dir, "--model_name_or_path": model if model not in MODEL_PRESET_NAMES else None}
@@ -182,7 +189,9 @@ def output_problems(output_dir: str, *, resume: str | None, overwrite: bool, dat
 def flash_problems(attn: str, cuda: bool, spelling: str) -> list[str]:
     """Flash attention on a machine without CUDA (``spelling``: the flag that asked for it)."""
     if attn == "flash_attention_2" and not cuda:
-        return [f"{spelling} needs a CUDA GPU (Ampere or newer) with flash-attn; drop it here (--attn sdpa is the default)"]
+        return [
+            f"{spelling} needs a CUDA GPU (Ampere or newer) with flash-attn; drop it here (--attn sdpa is the default)"
+        ]
     return []
 
 

@@ -316,25 +316,23 @@ def build_config(args: argparse.Namespace, env: Any = None, flag_problems: Seque
         from phi3v_core.training import Machine
 
         env = Machine.detect()
-    resolver = _Resolver(args, env)
-    conflicts: list[str] = []
-    cfg = _finetune_config(args, resolver, conflicts)
+    cfg, conflicts = _finetune_config(args, _Resolver(args, env))
     raise_all([*flag_problems, *conflicts, *cfg.problems(env)])
-    if args.allow_low_retention and (retention := run_checks.low_retention(cfg.train, env.world_size)):
+    if cfg.allow_low_retention and (retention := run_checks.low_retention(cfg.train, env.world_size)):
         cfg.notes.append(f"{retention}; training anyway (--allow_low_retention)")
     return cfg
 
 
-def _finetune_config(args: argparse.Namespace, resolver: _Resolver, conflicts: list[str]) -> FinetuneConfig:
-    """Every flag mapped onto :class:`FinetuneConfig` and its :class:`TrainConfig` (``conflicts``: appended to)."""
+def _finetune_config(args: argparse.Namespace, resolver: _Resolver) -> tuple[FinetuneConfig, list[str]]:
+    """Every flag mapped onto :class:`FinetuneConfig` and its :class:`TrainConfig`, and the flags that conflict."""
     from phi3v_core.training import TrainConfig
     from phi3v_core.training.run import FinetuneConfig
 
     task, model = resolver.task(), resolver.model()
     method, freeze_vision = resolver.method()
     values = resolver.numbers()
-    trainer_fields = trainer_values(args, values, resolver.env.world_size, conflicts)
-    conflicts[:0] = flag_conflicts(args, resolver.preset, method)
+    conflicts = flag_conflicts(args, resolver.preset, method)
+    trainer_fields = trainer_values(args, values, resolver.env.world_size, conflicts)  # --batch_size vs accumulation
     train = TrainConfig(
         model=model,
         method=method,
@@ -370,7 +368,7 @@ def _finetune_config(args: argparse.Namespace, resolver: _Resolver, conflicts: l
     if args.synthetic is not None:
         synthetic_eval = args.eval_limit or max(1, min(args.synthetic // 4, 16))
     flash = "--use_flash_attention" if args.use_flash_attention and not args.attn else "--attn flash_attention_2"
-    return FinetuneConfig(
+    cfg = FinetuneConfig(
         task=task,
         train=train,
         data_dir=args.data_dir,
@@ -394,3 +392,4 @@ def _finetune_config(args: argparse.Namespace, resolver: _Resolver, conflicts: l
         allow_low_retention=getattr(args, "allow_low_retention", False),
         flags={**_FIELD_FLAGS, "attn=flash_attention_2": flash},
     )
+    return cfg, conflicts

@@ -107,32 +107,32 @@ class FinetuneConfig:
             env: The machine (:class:`~phi3v_core.training.Machine`).
         """
         train, flags = self.train, self.flags
-        folders = run_checks.folder_problems(train.model, self.data_dir)
-        flash = run_checks.flash_problems(
-            train.attn, env.cuda, flags.get("attn=flash_attention_2", "attn flash_attention_2")
-        )
+        model = run_checks.model_problems(train.model)
+        spelling = flags.get("attn=flash_attention_2", "attn flash_attention_2")
+        flash = run_checks.flash_problems(train.attn, env.cuda, spelling)
         schedule = run_checks.schedule_problems(train.max_steps, train.warmup_steps)
-        counts = {"eval_limit": self.eval_limit, "max_new_tokens": self.max_new_tokens, "eval_batch_size": self.eval_batch_size}
+        counts = {name: getattr(self, name) for name in ("eval_limit", "max_new_tokens", "eval_batch_size")}
         out = [
             *run_checks.preset_problems(self.preset),
             *run_checks.data_problems(
                 self.task, data_dir=self.data_dir, synthetic=self.synthetic, full_train=self.full_train, counts=counts
             ),
-            *folders,
+            *run_checks.folder_problems(train.model, self.data_dir),
             *flash,
             *schedule,
+            *run_checks.size_problems(  # nothing to compare with when the model is missing
+                train.model, train.method, train.lora_rank,
+                max_length=self.max_length, max_new_tokens=self.max_new_tokens,
+            ),
+            *run_checks.output_problems(
+                train.output_dir, resume=train.resume, overwrite=self.overwrite_output_dir, data_dir=self.data_dir,
+                model=train.model,
+            ),
         ]
-        if not folders:
-            out += run_checks.size_problems(
-                train.model, train.method, train.lora_rank, max_length=self.max_length, max_new_tokens=self.max_new_tokens
-            )
-        out += run_checks.output_problems(
-            train.output_dir, resume=train.resume, overwrite=self.overwrite_output_dir, data_dir=self.data_dir,
-            model=train.model,
-        )
         # The run's output-folder rule replaces TrainConfig's narrower "already holds checkpoints" (which would refuse
-        # an --overwrite_output_dir the rule allows); fields said above in flag terms are not said twice.
-        judged = {"output_dir", *(["model"] if folders else []), *(["attn"] if flash else []), *(["warmup_steps"] if schedule else [])}
+        # an --overwrite_output_dir the rule allows); the fields said above in flag terms are not said twice.
+        said = {"model": model, "attn": flash, "warmup_steps": schedule}
+        judged = {"output_dir", *(name for name, problems in said.items() if problems)}
         out += run_checks.in_flag_terms(train.problems(env, names=flags), flags, judged)
         retention = run_checks.low_retention(train, env.world_size)
         if retention and not self.allow_low_retention:
@@ -141,7 +141,6 @@ class FinetuneConfig:
                 "or pass --allow_low_retention to train anyway"
             )
         return out
-
 
 
 def _rank() -> int:
