@@ -61,6 +61,7 @@ class CliParser(argparse.ArgumentParser):
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
         """Parse, reporting every bad flag value at once (argparse stops at the first)."""
         self._bad_values: list[str] = []
+        self._bad_dests: set[str] = set()
         parsed, extras = super().parse_known_args(args, namespace)
         bad = [*self._bad_values[:-1], f"{self._bad_values[-1]} (see {self.prog} --help)"] if self._bad_values else []
         if bad and getattr(self, "_collecting", None) is None:
@@ -68,7 +69,7 @@ class CliParser(argparse.ArgumentParser):
         if bad:
             self._collecting = bad
             for action in self._actions:  # a bad value keeps its default, so the command can still map the rest
-                if getattr(parsed, action.dest, None) is _BAD_VALUE:
+                if action.dest in self._bad_dests:
                     setattr(parsed, action.dest, action.default)
         return parsed, extras
 
@@ -92,6 +93,7 @@ class CliParser(argparse.ArgumentParser):
             return super()._get_value(action, arg_string)
         except argparse.ArgumentError as exc:
             self._bad_values.append(_named(action, exc))
+            self._bad_dests.add(action.dest)
             return _BAD_VALUE
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
@@ -101,6 +103,7 @@ class CliParser(argparse.ArgumentParser):
             super()._check_value(action, value)
         except argparse.ArgumentError as exc:
             self._bad_values.append(_named(action, exc))
+            self._bad_dests.add(action.dest)
 
 
 def _named(action: argparse.Action, exc: argparse.ArgumentError) -> str:
