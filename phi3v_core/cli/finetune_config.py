@@ -4,7 +4,8 @@
 with :meth:`FinetuneConfig.problems <phi3v_core.training.run.FinetuneConfig.problems>` (every value: ranges, the
 model, data and output folders, this machine) together with the bad flag values argparse found and the flags that
 exclude each other (:func:`flag_conflicts`): all problems at once, before a model is built, data is read or a file is
-written. The mapping here judges no value.
+written. The mapping here judges no value. A bad flag value or a wrong path answers before torch is imported, with
+every problem the same checks find without the training stack (``TrainConfig``'s own checks follow once those are fixed).
 
 Precedence of every setting: recipe default < ``--preset`` < explicit flag.
 """
