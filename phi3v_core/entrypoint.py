@@ -63,10 +63,31 @@ class CliParser(argparse.ArgumentParser):
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
         """Parse, reporting every bad flag value at once (argparse stops at the first)."""
         self._bad_values: list[str] = []
+        self._bad_dests: set[str] = set()
         parsed, extras = super().parse_known_args(args, namespace)
-        if self._bad_values:
-            raise_all([*self._bad_values[:-1], f"{self._bad_values[-1]} (see {self.prog} --help)"])
+        bad = [*self._bad_values[:-1], f"{self._bad_values[-1]} (see {self.prog} --help)"] if self._bad_values else []
+        if bad and getattr(self, "_collecting", None) is None:
+            raise_all(bad)
+        if bad:
+            self._collecting = bad
+            for action in self._actions:  # a bad value keeps its default, so the command can still map the rest
+                if action.dest in self._bad_dests:
+                    setattr(parsed, action.dest, action.default)
         return parsed, extras
+
+    def parse_collecting(self, args: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        """Parse, returning the bad flag values instead of raising them, so a command that validates its config
+        reports them with every other problem at once (an unknown flag or a missing value still raises at once).
+
+        Returns:
+            The flags (a bad value replaced by its default) and one message per bad value.
+        """
+        self._collecting: list[str] | None = []
+        try:
+            parsed = self.parse_args(args)
+            return parsed, list(self._collecting)
+        finally:
+            self._collecting = None
 
     def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
         # A bad value is noted and parsing goes on, so `--learning_rate 5 --lora_rank 0` reports both.
@@ -74,6 +95,7 @@ class CliParser(argparse.ArgumentParser):
             return super()._get_value(action, arg_string)
         except argparse.ArgumentError as exc:
             self._bad_values.append(_named(action, exc))
+            self._bad_dests.add(action.dest)
             return _BAD_VALUE
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
@@ -83,6 +105,7 @@ class CliParser(argparse.ArgumentParser):
             super()._check_value(action, value)
         except argparse.ArgumentError as exc:
             self._bad_values.append(_named(action, exc))
+            self._bad_dests.add(action.dest)
 
 
 def _named(action: argparse.Action, exc: argparse.ArgumentError) -> str:

@@ -45,6 +45,7 @@ from phi3v_core.constants import (
     OPTIM_NAMES,
     PRECISION_NAMES,
 )
+from phi3v_core.errors import raise_all
 from phi3v_core.methods import METHOD_NAMES, get_method
 from phi3v_core.software import quiet_known_notices
 from phi3v_core.towers import CHECKPOINTING_CHOICES
@@ -339,11 +340,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # printed before every message of this command (one-line errors included), they say nothing about the run
     quiet_known_notices()
     keep_working_without_stdout()  # the product is the run folder: `| head -1` must not lose it
-    args = build_parser().parse_args(argv)
+    args, bad_values = build_parser().parse_collecting(argv)  # reported with every other problem, at once
     if args.list_presets:
+        raise_all(bad_values)
         _print_presets(args.json)
         return 0
-    cfg = build_config(args)
+    cfg = build_config(args, flag_problems=bad_values)
     from phi3v_core.training.run import is_main_process, run
 
     with _stdout_to_stderr(cfg.json):

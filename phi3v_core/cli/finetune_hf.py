@@ -89,24 +89,14 @@ def trainer_values(args: argparse.Namespace, values: dict[str, Any], world_size:
     return fields
 
 
-def path_problems(args: argparse.Namespace, model: str | None) -> list[str]:
-    """The folders and files the flags name, checked before torch is imported (so a wrong path answers at once).
+def path_problems(args: argparse.Namespace) -> list[str]:
+    """The files the Trainer flags name (a checkpoint to resume, a DeepSpeed config), checked before torch is imported
+    so a wrong path answers at once (their content is judged by ``TrainConfig.problems``).
 
     Args:
         args: The parsed flags.
-        model: ``--model_name_or_path`` or ``$PHI3V_MODEL`` (``None``: the tiny preset).
     """
-    from phi3v_core.constants import MODEL_PRESET_NAMES
-
     problems = []
-    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
-        problems.append(f"--data_dir {args.data_dir}: no such folder")
-    local = model is not None and model not in MODEL_PRESET_NAMES and (model.startswith((".", "/", "~")) or "/" not in model)
-    if local and not Path(model).expanduser().is_dir():
-        problems.append(
-            f"--model_name_or_path {model}: no such folder; pass a local checkpoint folder (config.json + *.safetensors) "
-            f"or a preset ({', '.join(MODEL_PRESET_NAMES)})"
-        )
     resume = getattr(args, "resume", None)
     if resume not in (None, "latest") and not Path(resume).expanduser().exists():
         problems.append(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
@@ -114,4 +104,3 @@ def path_problems(args: argparse.Namespace, model: str | None) -> list[str]:
     if deepspeed is not None and not Path(deepspeed).expanduser().is_file():
         problems.append(f"--deepspeed {deepspeed}: no such file; pass a DeepSpeed JSON config file")
     return problems
-

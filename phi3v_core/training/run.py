@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phi3v_core import run_checks
 from phi3v_core.constants import MODEL_PRESET_NAMES
 from phi3v_core.device import local_device
 from phi3v_core.errors import raise_all
@@ -69,6 +70,9 @@ class FinetuneConfig:
         force: Train even where the planner predicts the run does not fit this machine's memory.
         max_length: Longest training sequence in tokens (``None``: the model context); longer records are an
             error naming them (never truncated, so no record loses its supervised tokens).
+        allow_low_retention: Train even where a step changes under half the weights (a note instead of a refusal).
+        flags: ``TrainConfig`` field → the command's flag, so every message names what the user typed (empty: field
+            names). ``attn=flash_attention_2`` names the flag that asked for flash attention.
     """
 
     task: str
@@ -91,7 +95,52 @@ class FinetuneConfig:
     overwrite_output_dir: bool = False
     max_length: int | None = None
     force: bool = False
+    allow_low_retention: bool = False
+    flags: dict[str, str] = field(default_factory=dict)
 
+    def problems(self, env: Any) -> list[str]:
+        """Every problem with this run on this machine (empty when it can run): ``TrainConfig.problems`` and the
+        run's own checks (:mod:`phi3v_core.run_checks`: preset, data, folders, sizes, schedule, output folder, flash
+        attention, retention), in flag terms. Reads only; nothing is loaded or written.
+
+        Args:
+            env: The machine (:class:`~phi3v_core.training.Machine`).
+        """
+        train, flags = self.train, self.flags
+        model = run_checks.model_problems(train.model)
+        spelling = flags.get("attn=flash_attention_2", "attn flash_attention_2")
+        flash = run_checks.flash_problems(train.attn, env.cuda, spelling)
+        schedule = run_checks.schedule_problems(train.max_steps, train.warmup_steps)
+        counts = {name: getattr(self, name) for name in ("eval_limit", "max_new_tokens", "eval_batch_size")}
+        out = [
+            *run_checks.preset_problems(self.preset),
+            *run_checks.data_problems(
+                self.task, data_dir=self.data_dir, synthetic=self.synthetic, full_train=self.full_train, counts=counts
+            ),
+            *run_checks.folder_problems(train.model, self.data_dir),
+            *flash,
+            *schedule,
+            *run_checks.size_problems(  # nothing to compare with when the model is missing
+                train.model, train.method, train.lora_rank,
+                max_length=self.max_length, max_new_tokens=self.max_new_tokens,
+            ),
+            *run_checks.output_problems(
+                train.output_dir, resume=train.resume, overwrite=self.overwrite_output_dir, data_dir=self.data_dir,
+                model=train.model,
+            ),
+        ]
+        # The run's output-folder rule replaces TrainConfig's narrower "already holds checkpoints" (which would refuse
+        # an --overwrite_output_dir the rule allows); the fields said above in flag terms are not said twice.
+        said = {"model": model, "attn": flash, "warmup_steps": schedule}
+        judged = {"output_dir", *(name for name, problems in said.items() if problems)}
+        out += run_checks.in_flag_terms(train.problems(env, names=flags), flags, judged)
+        retention = run_checks.low_retention(train, env.world_size)
+        if retention and not self.allow_low_retention:
+            out.append(
+                f"{retention}; use --optim adamw_8bit_fp32_master (fp32 weights, 10 bytes per parameter) or adamw, "
+                "or pass --allow_low_retention to train anyway"
+            )
+        return out
 
 
 def _rank() -> int:

@@ -56,6 +56,21 @@ def test_abbreviations_are_not_accepted():
         parser.parse_args(["--learning", "1"])
 
 
+def test_parse_collecting_returns_bad_values_with_their_defaults():
+    # phi3v-finetune reports bad values together with its config's problems: they come back instead of raising.
+    parser = CliParser(prog="demo")
+    parser.add_argument("--lr", type=bounded_float(0, 1, low_open=True), default=0.5)
+    parser.add_argument("--name", choices=("a", "b"), default="a")
+    args, bad = parser.parse_collecting(["--lr", "5", "--name", "c"])
+    assert (args.lr, args.name) == (0.5, "a")
+    assert bad[0] == "argument --lr: must be a finite number in (0, 1], got 5"
+    assert bad[1].startswith("argument --name: invalid choice: 'c'") and bad[1].endswith("(see demo --help)")
+    with pytest.raises(ConfigError, match="2 problems"):  # parse_args still raises them at once
+        parser.parse_args(["--lr", "5", "--name", "c"])
+    with pytest.raises(ConfigError, match="unrecognized arguments: --nope"):  # other errors are not collected
+        parser.parse_collecting(["--lr", "5", "--nope"])
+
+
 @pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e999"])
 def test_bounded_float_rejects_non_finite_values(text):
     parser = CliParser(prog="x")

@@ -296,3 +296,79 @@ def test_sequence_longer_than_max_length_is_named_before_training(tmp_path, caps
     assert info.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert "longer than --max_length 64" in err and "records are never truncated" in err
     assert snapshot(tmp_path) == before and not out.exists()
+
+
+# -- every problem at once ------------------------------------------------------------------------------------------
+
+
+def _main_in_subprocess(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``main(argv)`` in a fresh interpreter, printing which heavy modules were imported and the exit code."""
+    code = (
+        "import sys\n"
+        "from phi3v_core.cli.finetune import main\n"
+        "try:\n"
+        f"    code = main({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules), code)\n"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, timeout=HANG_GUARD_S
+    )
+
+
+def test_bad_values_folders_data_and_schedule_are_reported_in_one_invocation(tmp_path):
+    # Four groups in one command: two bad flag values (argparse), a missing data folder, a warm-up as long as the
+    # run, and an output folder below a file. Before, the first answer named only the two flag values, and each fix
+    # revealed the next group; now one line names all five, before torch is imported, and nothing is written.
+    (tmp_path / "afile").write_text("x")
+    argv = [
+        "--task", "jsonl", "--data_dir", str(tmp_path / "nope"), "--learning_rate", "5", "--lora_rank", "0",
+        "--max_steps", "3", "--warmup_steps", "50", "--output_dir", str(tmp_path / "afile" / "run"),
+    ]
+    before = snapshot(tmp_path)
+    done = _main_in_subprocess(argv, tmp_path)
+    assert "HEAVY [] 1" in done.stdout, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: 5 problems: "), done.stderr
+    for fragment in (
+        "argument --learning_rate: must be a finite number in (0, 1], got 5",
+        "argument --lora_rank: must be an integer in 1..65536, got 0 (see phi3v-finetune --help)",
+        f"--data_dir {tmp_path / 'nope'}: no such folder",
+        "--warmup_steps 50 is not below --max_steps 3",
+        f"{tmp_path / 'afile'} is a file, not a folder",
+    ):
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in done.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_the_config_problems_name_every_group_at_once(tmp_path):
+    # The full validation (FinetuneConfig.problems on a machine without CUDA): flags that exclude each other, the
+    # data, the schedule, a TrainConfig range, flash attention on this machine and a run already in the output folder.
+    from phi3v_core.cli.finetune import build_config, build_parser
+    from phi3v_core.errors import ConfigError
+    from phi3v_core.training import Machine
+
+    out = _fake_run(tmp_path / "run", complete=True)
+    args = build_parser().parse_args([
+        "--task", "ucf101", "--use_qlora", "--method", "lora", "--num_crops", "0", "--max_steps", "3",
+        "--warmup_steps", "50", "--use_flash_attention", "--output_dir", str(out),
+    ])
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        build_config(args, Machine(cuda=False, world_size=1))
+    message = str(info.value)
+    expected = [
+        "--use_qlora conflicts with --method lora; drop one of them",
+        "--task ucf101 needs --data_dir",
+        "--use_flash_attention needs a CUDA GPU (Ampere or newer) with flash-attn",
+        "--warmup_steps 50 is not below --max_steps 3",
+        f"--output_dir {out} already holds a complete run (step 3)",
+        "--num_crops 0 is out of range",
+    ]
+    assert message.startswith(f"{len(expected)} problems: "), message
+    assert [message.index(fragment) for fragment in expected] == sorted(message.index(f) for f in expected)
+    assert snapshot(tmp_path) == before

@@ -162,8 +162,9 @@ BAD_FLAGS = [
     ),
     (
         ["--task", "ucf101", "--num_crops", "0", "--use_qlora", "--method", "lora"],
-        "error: 3 problems: --task ucf101 needs --data_dir (a folder with *_train.jsonl, *_val.jsonl and images/, "
-        "e.g. from phi3v-convert ucf101) or --synthetic N; --use_qlora conflicts with --method lora; drop one of them; "
+        # flags that exclude each other first, then the values
+        "error: 3 problems: --use_qlora conflicts with --method lora; drop one of them; --task ucf101 needs --data_dir "
+        "(a folder with *_train.jsonl, *_val.jsonl and images/, e.g. from phi3v-convert ucf101) or --synthetic N; "
         "--num_crops 0 is out of range: the recipe asserts num_crops <= 16; pass 1..16 "
         "(16 for single images, 4 for video frames)",
     ),

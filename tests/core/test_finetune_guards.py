@@ -52,7 +52,7 @@ def test_finetune_names_the_offload_fix_in_flag_terms(monkeypatch, tmp_path, cap
     broken = Machine(offload_problem="offload optimizer JIT-builds DeepSpeed's CPU Adam, which needs ninja (pip "
                                      "install ninja, with its bin folder on PATH)")
     real = finetune_config.build_config
-    monkeypatch.setattr("phi3v_core.cli.finetune.build_config", lambda args: real(args, broken))
+    monkeypatch.setattr("phi3v_core.cli.finetune.build_config", lambda args, **kw: real(args, broken, **kw))
     expect_user_error(main, ["--synthetic", "4", "--no-tqdm", "--method", "full", "--offload", "optimizer",
                              "--output_dir", str(tmp_path / "out")],
                       "--offload optimizer JIT-builds DeepSpeed's CPU Adam, which needs ninja", tmp_path, capsys)
