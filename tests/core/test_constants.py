@@ -49,7 +49,7 @@ def test_consumers_read_the_names_from_constants() -> None:
     """The workload (bench's config is one), the finetune CLI and the model presets hold no copies of the name lists
     (methods: the registry's)."""
     from phi3v_core import workload
-    from phi3v_core.cli import finetune_config
+    from phi3v_core.cli import finetune as finetune_cli
     from phi3v_core.config import MODEL_PRESETS
     from phi3v_core.methods import METHOD_NAMES
 
@@ -58,9 +58,9 @@ def test_consumers_read_the_names_from_constants() -> None:
     assert workload.PRECISION_NAMES is PRECISION_NAMES
     assert workload.MAX_NUM_CROPS == constants.MAX_NUM_CROPS
     assert tuple(MODEL_PRESETS) == constants.MODEL_PRESET_NAMES
-    assert finetune_config.METHOD_NAMES is METHOD_NAMES and finetune_config.ATTN_NAMES is ATTN_NAMES
-    assert finetune_config.PRECISION_NAMES is PRECISION_NAMES
-    assert finetune_config.MODEL_PRESET_NAMES is constants.MODEL_PRESET_NAMES
+    assert finetune_cli.METHOD_NAMES is METHOD_NAMES and finetune_cli.ATTN_NAMES is ATTN_NAMES
+    assert finetune_cli.PRECISION_NAMES is PRECISION_NAMES
+    assert finetune_cli.MODEL_PRESET_NAMES is constants.MODEL_PRESET_NAMES
 
 
 # -- image geometry -----------------------------------------------------------------------------------------------
