@@ -410,7 +410,8 @@ class TrainConfig:
                 f"attn flash_attention_2 needs compute capability >= 8.0 (Ampere); this GPU is "
                 f"{env.capability[0]}.{env.capability[1]}: use attn sdpa"
             )
-        if flash and not env.flash_attn:
+        # asked with the probed machine: where there is no CUDA the fix is the GPU, not the package
+        if flash and env.probed and not env.flash_attn:
             out.append("attn flash_attention_2 needs the flash-attn package (pip install flash-attn); or use attn sdpa")
         if self.precision == "bf16" and env.cuda and env.capability is not None and not supports_bf16(env.capability):
             out.append(
