@@ -1,4 +1,5 @@
-"""The per-tower and kernel levers of a run: their checks, optimizer groups, checkpointing and model patches.
+"""The per-tower and kernel levers of a run: optimizer groups, checkpointing and model patches (their checks are
+:mod:`phi3v_core.training.lever_checks`, torch-free).
 
 * **Per-tower learning rates** (``vision_lr``, ``projector_lr``): one optimizer parameter group per tower (and
   weight-decay class); the language model keeps ``learning_rate``. The scheduler scales every group alike, so the
