@@ -5,9 +5,10 @@ with :meth:`FinetuneConfig.problems <phi3v_core.training.run.FinetuneConfig.prob
 model, data and output folders, this machine) together with the bad flag values argparse found and the flags that
 exclude each other (:func:`flag_conflicts`): all problems at once, before a model is built, data is read or a file is
 written. The mapping here judges no value. The first answer comes before torch is imported: the same validation
-against :meth:`Machine.unprobed <phi3v_core.training.machine.Machine.unprobed>` names every problem that does not depend
-on the GPU (flag values, conflicts, ranges, names, folders, files, packages); a configuration clean there is judged
-against the probed machine (fp16, flash attention or paged optimizers without CUDA, the GPU's capability).
+against :meth:`Machine.without_torch <phi3v_core.training.machine.Machine.without_torch>` names every problem that does
+not depend on the GPU (flag values, conflicts, ranges, names, folders, files, packages), and with a CPU build of torch
+those of the CPU too; a configuration clean there is judged against the detected machine (fp16, flash attention or
+paged optimizers without CUDA, the GPU's capability) and a preset model's sizes.
 
 Precedence of every setting: recipe default < ``--preset`` < explicit flag.
 """
@@ -155,7 +156,8 @@ class _Resolver:
     came from. Judges nothing: values are FinetuneConfig.problems', conflicts :func:`flag_conflicts`'."""
 
     args: argparse.Namespace
-    env: Any = None  # the Machine (``Machine.unprobed()`` for the first answer, before torch is imported)
+    env: Any = None  # the Machine (``Machine.without_torch()`` for the first answer, before torch is imported)
+    light: bool = False  # the first answer: nothing may import transformers (a preset's context waits)
     preset: RecipePreset | None = None
     notes: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)
@@ -240,7 +242,7 @@ class _Resolver:
     def context(self, model: str) -> int | None:
         """The model's context length (None: unknown, or a preset while torch is not imported: its config class
         is transformers')."""
-        if model in MODEL_PRESET_NAMES and not self.env.probed:
+        if model in MODEL_PRESET_NAMES and self.light:
             return None
         return run_checks.model_dims(model)[1]
 
@@ -280,18 +282,22 @@ def build_config(args: argparse.Namespace, env: Any = None, flag_problems: Seque
         ConfigError: Every problem with the flags on this machine, in one message.
     """
     if env is None:
+        from phi3v_core.software import torch_gpu_refusal
         from phi3v_core.training.machine import Machine
 
         # The first answer, before torch is imported (seconds; tens on a busy host): every problem that does not
-        # depend on the GPU. Only a clean configuration goes on to the probed machine, so none is reported twice.
-        unprobed = Machine.unprobed()
-        cfg, conflicts = _finetune_config(args, _Resolver(args, unprobed))
-        raise_all([*flag_problems, *conflicts, *cfg.problems(unprobed)])
-        from phi3v_core.software import torch_gpu_refusal
-
-        # before anything else (even importing the training stack: tens of seconds on a busy host): every later
-        # check (bf16, flash attention, memory) would judge the CPU instead of the GPU
-        refusal = torch_gpu_refusal()
+        # depend on the GPU, and with a CPU build of torch every problem. Only a clean configuration goes on to the
+        # detected machine, so none is reported twice.
+        known = Machine.without_torch()
+        # GPUs a CPU build of torch cannot use (torch-free to tell): said before any advice judged on the CPU
+        refusal = torch_gpu_refusal() if known.probed else None
+        if refusal:
+            raise ConfigError(refusal)
+        cfg, conflicts = _finetune_config(args, _Resolver(args, known, light=True))
+        raise_all([*flag_problems, *conflicts, *cfg.problems(known, light=True)])
+        # before the training stack is imported (tens of seconds on a busy host): every later check (bf16, flash
+        # attention, memory) would judge the CPU instead of the GPU
+        refusal = refusal or torch_gpu_refusal()
         if refusal:
             raise ConfigError(refusal)
         env = Machine.detect()

@@ -1,22 +1,42 @@
 """``Machine``: what this machine and process offer a training run, read before anything is built.
 
-Torch-free to import: :meth:`Machine.detect` imports torch to ask CUDA; :meth:`Machine.unprobed` asks only what needs
-no torch (installed packages, ``WORLD_SIZE``), so a command can judge every other setting before torch is loaded.
+Torch-free to import: :meth:`Machine.detect` imports torch to ask CUDA; :meth:`Machine.without_torch` reads what needs
+no torch (installed packages, ``WORLD_SIZE``, and whether torch is a CPU build), so a command can judge its settings
+before torch is loaded.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from phi3v_core.software import BnbLibrary, bnb_library, offload_build_problem
 from phi3v_core.training.distributed_env import env_int
 
-__all__ = ["Machine"]
+__all__ = ["Machine", "torch_is_cpu_build"]
 
 
 def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
+
+
+def torch_is_cpu_build(torch_dir: Path | None = None) -> bool:
+    """The installed torch (or the one in ``torch_dir``) is built for neither CUDA nor ROCm, so
+    ``torch.cuda.is_available()`` is False, read from ``torch/version.py`` without importing torch. False when unsure
+    (no torch, an unreadable or unexpected file)."""
+    if torch_dir is None:
+        spec = importlib.util.find_spec("torch")
+        if spec is None or not spec.submodule_search_locations:
+            return False
+        torch_dir = Path(next(iter(spec.submodule_search_locations)))
+    try:
+        text = (torch_dir / "version.py").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    # both must be stated as None: a file this does not recognise says nothing
+    return all(re.search(rf"^{name}\s*(?::[^=]*)?=\s*None\s*$", text, re.MULTILINE) for name in ("cuda", "hip"))
 
 
 def _world_size() -> int:
@@ -38,8 +58,8 @@ class Machine:
         bnb: The CUDA library bitsandbytes will load with this torch (:func:`phi3v_core.software.bnb_library`;
             None: unknown, no CUDA, or not installed).
         offload_problem: Why DeepSpeed could not build its CPU Adam here (None: it can, or not checked).
-        probed: CUDA was asked (False: :meth:`unprobed`; ``cuda``, ``capability``, ``device_count``, ``bnb`` and
-            ``offload_problem`` are unknown, and the checks that read them wait for :meth:`detect`).
+        probed: Whether CUDA is known (False: :meth:`unprobed`; ``cuda``, ``capability``, ``device_count``, ``bnb``
+            and ``offload_problem`` are unknown, and the checks that read them wait for :meth:`detect`).
     """
 
     cuda: bool = False
@@ -82,4 +102,18 @@ class Machine:
             deepspeed=_installed("deepspeed"),
             bitsandbytes=_installed("bitsandbytes"),
             probed=False,
+        )
+
+    @classmethod
+    def without_torch(cls) -> Machine:
+        """This machine as far as it is known without importing torch: with a CPU build of torch
+        (:func:`torch_is_cpu_build`) exactly what :meth:`detect` finds (no CUDA), else :meth:`unprobed`."""
+        if not torch_is_cpu_build():
+            return cls.unprobed()
+        return cls(
+            world_size=_world_size(),
+            flash_attn=_installed("flash_attn"),
+            deepspeed=_installed("deepspeed"),
+            bitsandbytes=_installed("bitsandbytes"),
+            offload_problem=offload_build_problem(),
         )

@@ -98,15 +98,16 @@ class FinetuneConfig:
     allow_low_retention: bool = False
     flags: dict[str, str] = field(default_factory=dict)
 
-    def problems(self, env: Any) -> list[str]:
+    def problems(self, env: Any, *, light: bool = False) -> list[str]:
         """Every problem with this run on this machine (empty when it can run): ``TrainConfig.problems`` and the
         run's own checks (:mod:`phi3v_core.run_checks`: preset, data, folders, sizes, schedule, output folder, flash
         attention, retention), in flag terms. Reads only; nothing is loaded or written.
 
         Args:
-            env: The machine (:class:`~phi3v_core.training.Machine`). :meth:`Machine.unprobed
-                <phi3v_core.training.machine.Machine.unprobed>` asks every check that needs neither the GPU nor a
-                preset's model config (transformers), so nothing imports torch: the command's first answer.
+            env: The machine (:class:`~phi3v_core.training.Machine`; :meth:`Machine.unprobed
+                <phi3v_core.training.machine.Machine.unprobed>`: the checks that need the GPU wait).
+            light: Import neither torch nor transformers (the command's first answer): a preset's sizes, read from
+                transformers' config classes, wait.
         """
         train, flags = self.train, self.flags
         model = run_checks.model_problems(train.model)
@@ -127,8 +128,7 @@ class FinetuneConfig:
                     train.model, train.method, train.lora_rank,
                     max_length=self.max_length, max_new_tokens=self.max_new_tokens,
                 )
-                # a preset's sizes come from transformers' config classes: asked with the probed machine
-                if env.probed or train.model not in MODEL_PRESET_NAMES
+                if not light or train.model not in MODEL_PRESET_NAMES
                 else []
             ),
             *run_checks.output_problems(

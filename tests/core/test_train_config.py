@@ -237,3 +237,25 @@ def test_the_unprobed_machine_judges_everything_but_the_gpu(tmp_path: Path) -> N
     assert any("num_crops 0 is out of range" in p for p in first) and any("micro_batch" in p for p in first)
     fp32 = TrainConfig(precision="fp32", attn="flash_attention_2", output_dir=str(tmp_path / "run"))
     assert any("needs bf16 or fp16" in p for p in fp32.problems(unprobed))
+
+
+def test_a_cpu_build_of_torch_is_known_without_importing_it(tmp_path: Path) -> None:
+    # Only a file that states both cuda and hip as None counts: a CUDA or ROCm build, or a file this does not
+    # recognise, leaves CUDA to Machine.detect.
+    from phi3v_core.training.machine import torch_is_cpu_build
+
+    def build(text: str) -> bool:
+        (tmp_path / "version.py").write_text(text)
+        return torch_is_cpu_build(tmp_path)
+
+    assert build("cuda: Optional[str] = None\nhip: Optional[str] = None\n")
+    assert build("cuda = None\nhip = None\n")
+    assert not build("cuda: Optional[str] = '12.8'\nhip: Optional[str] = None\n")
+    assert not build("cuda: Optional[str] = None\nhip: Optional[str] = '6.3.42131'\n")
+    assert not build("cuda: Optional[str] = None\n")  # hip unstated: unsure
+    assert not build("cuda = get_cuda()\nhip = None\n")
+    assert not torch_is_cpu_build(tmp_path / "missing")
+    if torch_is_cpu_build():  # this machine: the torch-free reading is what detect() finds
+        assert Machine.without_torch() == Machine.detect()
+    else:
+        assert not Machine.without_torch().probed
