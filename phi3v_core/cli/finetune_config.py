@@ -286,8 +286,8 @@ def build_config(args: argparse.Namespace, env: Any = None, flag_problems: Seque
         from phi3v_core.training.machine import Machine
 
         # The first answer, before torch is imported (seconds; tens on a busy host): every problem that does not
-        # depend on the GPU, and with a CPU build of torch every problem. Only a clean configuration goes on to the
-        # detected machine, so none is reported twice.
+        # depend on the GPU (all of them with a CPU build of torch), but a preset model's sizes (transformers'). Only a
+        # clean configuration goes on to the detected machine, so none is reported twice.
         known = Machine.without_torch()
         # GPUs a CPU build of torch cannot use (torch-free to tell): said before any advice judged on the CPU
         refusal = torch_gpu_refusal() if known.probed else None
@@ -297,7 +297,7 @@ def build_config(args: argparse.Namespace, env: Any = None, flag_problems: Seque
         raise_all([*flag_problems, *conflicts, *cfg.problems(known, light=True)])
         # before the training stack is imported (tens of seconds on a busy host): every later check (bf16, flash
         # attention, memory) would judge the CPU instead of the GPU
-        refusal = refusal or torch_gpu_refusal()
+        refusal = None if known.probed else torch_gpu_refusal()  # a CPU build's was asked above
         if refusal:
             raise ConfigError(refusal)
         env = Machine.detect()
