@@ -17,7 +17,7 @@ code cannot use them). We patch one model *instance*:
 
 Liger's module classes replace ``modeling_phi3.Phi3RMSNorm``/``Phi3MLP`` as a side effect of the call; we put the
 originals back, so models built later in the process are not silently patched. Triton runs on GPUs only: a CPU run
-is refused before any model is built (:func:`phi3v_core.training.levers.lever_problems`).
+is refused before any model is built (:func:`phi3v_core.training.lever_checks.lever_problems`).
 """
 
 from __future__ import annotations

@@ -4,8 +4,11 @@
 with :meth:`FinetuneConfig.problems <phi3v_core.training.run.FinetuneConfig.problems>` (every value: ranges, the
 model, data and output folders, this machine) together with the bad flag values argparse found and the flags that
 exclude each other (:func:`flag_conflicts`): all problems at once, before a model is built, data is read or a file is
-written. The mapping here judges no value. A bad flag value or a wrong path answers before torch is imported, with
-every problem the same checks find without the training stack (``TrainConfig``'s own checks follow once those are fixed).
+written. The mapping here judges no value. The first answer comes before torch is imported: the same validation
+against :meth:`Machine.without_torch <phi3v_core.training.machine.Machine.without_torch>` names every problem that does
+not depend on the GPU (flag values, conflicts, ranges, names, folders, files, packages), and with a CPU build of torch
+those of the CPU too; a configuration clean there is judged against the detected machine (fp16, flash attention or
+paged optimizers without CUDA, the GPU's capability) and a preset model's sizes.
 
 Precedence of every setting: recipe default < ``--preset`` < explicit flag.
 """
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phi3v_core import run_checks
-from phi3v_core.cli.finetune_hf import path_problems, trainer_values
+from phi3v_core.cli.finetune_hf import trainer_values
 from phi3v_core.cli.finetune_levers import LEVER_FIELD_FLAGS, lever_fields
 from phi3v_core.cli.vocabulary import DEFAULT_SEED
 from phi3v_core.constants import (
@@ -153,7 +156,8 @@ class _Resolver:
     came from. Judges nothing: values are FinetuneConfig.problems', conflicts :func:`flag_conflicts`'."""
 
     args: argparse.Namespace
-    env: Any = None  # the Machine; None while torch is not imported yet (only the machine-free groups are mapped)
+    env: Any = None  # the Machine (``Machine.without_torch()`` for the first answer, before torch is imported)
+    light: bool = False  # the first answer: nothing may import transformers (a preset's context waits)
     preset: RecipePreset | None = None
     notes: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)
@@ -220,7 +224,8 @@ class _Resolver:
         elif args.use_flash_attention:
             precision, self.sources["precision"] = "bf16", "implied"
             self.notes.append("--use_flash_attention implies bf16 (as the recipe's nlvr2/ucf101 scripts force)")
-        elif self.env.cuda:
+        elif self.env.cuda or not self.env.probed:
+            # not probed yet: the GPU default (no check of the first answer refuses fp16; the probed one decides)
             precision, self.sources["precision"] = "fp16", "recipe"
         else:
             precision, self.sources["precision"] = "fp32", "auto"
@@ -233,6 +238,13 @@ class _Resolver:
         args = self.args
         self.sources["attn"] = "flag" if (args.attn or args.use_flash_attention) else "default"
         return args.attn or ("flash_attention_2" if args.use_flash_attention else DEFAULT_ATTN)
+
+    def context(self, model: str) -> int | None:
+        """The model's context length (None: unknown, or a preset while torch is not imported: its config class
+        is transformers')."""
+        if model in MODEL_PRESET_NAMES and self.light:
+            return None
+        return run_checks.model_dims(model)[1]
 
     def numbers(self) -> dict[str, Any]:
         values = {name: self.pick(name, default) for name, default in {**RECIPE_DEFAULTS, **OUR_DEFAULTS}.items()}
@@ -253,42 +265,6 @@ class _Resolver:
         return values
 
 
-def _quick_problems(args: argparse.Namespace, flag_problems: Sequence[str]) -> list[str]:
-    """The problems found without torch (seconds, where importing the training stack takes tens on a busy host),
-    returned when a flag's value or a path is wrong (the commonest refusals) so they answer at once: then with every
-    other problem found without the machine and the training stack (TrainConfig's own checks, flash attention and
-    retention come once these are fixed). Otherwise ``[]``: :func:`build_config` then reports everything."""
-    resolver = _Resolver(args)
-    task, model, (method, _) = resolver.task(), resolver.model(), resolver.method()
-    values = resolver.numbers()
-    folders = [*run_checks.folder_problems(model, args.data_dir), *path_problems(args)]
-    output = run_checks.output_problems(
-        values["output_dir"], resume=args.resume, overwrite=args.overwrite_output_dir, data_dir=args.data_dir, model=model
-    )
-    if not (flag_problems or folders or output):
-        return []
-    sizes = (
-        run_checks.size_problems(
-            model, method, values["lora_rank"], max_length=args.max_length, max_new_tokens=values["max_new_tokens"]
-        )
-        if model not in MODEL_PRESET_NAMES  # a preset's sizes come from transformers' config classes: asked later
-        else []
-    )
-    return [
-        *flag_problems,
-        *flag_conflicts(args, resolver.preset, method),
-        *run_checks.preset_problems(args.preset),
-        *run_checks.data_problems(
-            task, data_dir=args.data_dir, synthetic=args.synthetic, full_train=args.full_train,
-            counts={name: values[name] if name in values else getattr(args, name) for name in _COUNTS},
-        ),
-        *folders,
-        *run_checks.schedule_problems(values["max_steps"], values["warmup_steps"]),
-        *sizes,
-        *output,
-    ]
-
-
 def build_config(args: argparse.Namespace, env: Any = None, flag_problems: Sequence[str] = ()) -> FinetuneConfig:
     """Map parsed flags onto one typed config, then validate it (all problems at once).
 
@@ -306,16 +282,24 @@ def build_config(args: argparse.Namespace, env: Any = None, flag_problems: Seque
         ConfigError: Every problem with the flags on this machine, in one message.
     """
     if env is None:
-        raise_all(_quick_problems(args, flag_problems))
         from phi3v_core.software import torch_gpu_refusal
+        from phi3v_core.training.machine import Machine
 
-        # before anything else (even importing the training stack: tens of seconds on a busy host): every later
-        # check (bf16, flash attention, memory) would judge the CPU instead of the GPU
-        refusal = torch_gpu_refusal()
+        # The first answer, before torch is imported (seconds; tens on a busy host): every problem that does not
+        # depend on the GPU (all of them with a CPU build of torch), but a preset model's sizes (transformers'). Only a
+        # clean configuration goes on to the detected machine, so none is reported twice.
+        known = Machine.without_torch()
+        # GPUs a CPU build of torch cannot use (torch-free to tell): said before any advice judged on the CPU
+        refusal = torch_gpu_refusal() if known.probed else None
         if refusal:
             raise ConfigError(refusal)
-        from phi3v_core.training import Machine
-
+        cfg, conflicts = _finetune_config(args, _Resolver(args, known, light=True))
+        raise_all([*flag_problems, *conflicts, *cfg.problems(known, light=True)])
+        # before the training stack is imported (tens of seconds on a busy host): every later check (bf16, flash
+        # attention, memory) would judge the CPU instead of the GPU
+        refusal = None if known.probed else torch_gpu_refusal()  # a CPU build's was asked above
+        if refusal:
+            raise ConfigError(refusal)
         env = Machine.detect()
     cfg, conflicts = _finetune_config(args, _Resolver(args, env))
     raise_all([*flag_problems, *conflicts, *cfg.problems(env)])
@@ -388,7 +372,7 @@ def _finetune_config(args: argparse.Namespace, resolver: _Resolver) -> tuple[Fin
         sources=resolver.sources,
         notes=resolver.notes,
         overwrite_output_dir=args.overwrite_output_dir,
-        max_length=args.max_length or run_checks.model_dims(model)[1],
+        max_length=args.max_length or resolver.context(model),
         force=getattr(args, "force", False),
         allow_low_retention=getattr(args, "allow_low_retention", False),
         flags={**_FIELD_FLAGS, "attn=flash_attention_2": flash},

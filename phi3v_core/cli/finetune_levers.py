@@ -1,6 +1,6 @@
 """``phi3v-finetune``'s kernel, compile and per-tower flags, and the ``TrainConfig`` fields they set.
 
-Their checks are ``TrainConfig``'s (:func:`phi3v_core.training.levers.lever_problems`), so the finetune command, the
+Their checks are ``TrainConfig``'s (:func:`phi3v_core.training.lever_checks.lever_problems`), so the finetune command, the
 bench and the Python API refuse the same settings; ``--kernels liger`` on a CPU is refused there, before any model
 is built.
 """

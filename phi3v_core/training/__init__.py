@@ -5,19 +5,51 @@
 >>> result = train(TrainConfig(model="tiny", method="lora", max_steps=3), train_dataset=ds, callbacks=[timer])  # doctest: +SKIP
 
 Multi-process: ``torchrun --nproc_per_node=N -m phi3v_core.training.launch --config run.json``.
+
+Each name loads its submodule on first use (PEP 562): ``TrainConfig`` and ``Machine`` come without torch or
+transformers, so a command can validate its settings before the training stack (seconds to import) is loaded.
 """
 
-from phi3v_core.training.api import TrainResult, build_model, prepare_model, resolve_resume, train
-from phi3v_core.training.callbacks import LossGuard, StepMeter, StepRecord, StepTimer, TrainingDivergedError
-from phi3v_core.training.checkpoints import find_resumable_checkpoint
-from phi3v_core.training.collate import SupervisedLogitsCollator
-from phi3v_core.training.config import Machine, TrainConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Imported now (light: no torch): the function shares its submodule's name, and a lazy look-up would find the
+# submodule that importing it binds on this package, not the function.
 from phi3v_core.training.deepspeed_config import deepspeed_config, zero2_buffer_bytes
-from phi3v_core.training.trainer import Phi3VTrainer, build_training_arguments
+
+if TYPE_CHECKING:
+    from phi3v_core.training.api import TrainResult, build_model, prepare_model, resolve_resume, train
+    from phi3v_core.training.callbacks import LossGuard, StepMeter, StepRecord, StepTimer, TrainingDivergedError
+    from phi3v_core.training.checkpoints import find_resumable_checkpoint
+    from phi3v_core.training.collate import SupervisedLogitsCollator
+    from phi3v_core.training.config import Machine, TrainConfig
+    from phi3v_core.training.trainer import Phi3VTrainer, build_training_arguments
+
+#: Public name → the submodule that defines it.
+_SOURCES = {
+    "Machine": "config",
+    "TrainConfig": "config",
+    "LossGuard": "callbacks",
+    "StepMeter": "callbacks",
+    "StepRecord": "callbacks",
+    "StepTimer": "callbacks",
+    "TrainingDivergedError": "callbacks",
+    "Phi3VTrainer": "trainer",
+    "build_training_arguments": "trainer",
+    "SupervisedLogitsCollator": "collate",
+    "TrainResult": "api",
+    "build_model": "api",
+    "prepare_model": "api",
+    "resolve_resume": "api",
+    "train": "api",
+    "find_resumable_checkpoint": "checkpoints",
+}
 
 __all__ = [
-    "Machine",
     "LossGuard",
+    "Machine",
     "Phi3VTrainer",
     "StepMeter",
     "StepRecord",
@@ -35,3 +67,16 @@ __all__ = [
     "train",
     "zero2_buffer_bytes",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{source}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

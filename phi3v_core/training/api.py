@@ -32,8 +32,8 @@ from phi3v_core.fs import StorageError, describe_storage_error
 from phi3v_core.io import atomic_write_json, modes_from_umask
 from phi3v_core.methods import MethodReport
 from phi3v_core.run_folder import COMPLETE_MARKER
-from phi3v_core.training.callbacks import LossGuard, StepRecord, StepTimer, TrainingDivergedError
-from phi3v_core.training.checkpoints import CheckpointManifest, checkpoint_problem, find_resumable_checkpoint
+from phi3v_core.training.callbacks import CheckpointManifest, LossGuard, StepRecord, StepTimer, TrainingDivergedError
+from phi3v_core.training.checkpoints import checkpoint_problem, find_resumable_checkpoint
 from phi3v_core.training.collate import training_collator
 from phi3v_core.training.config import Machine, TrainConfig
 from phi3v_core.training.levers import trainer_levers

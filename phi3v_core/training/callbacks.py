@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from phi3v_core.errors import Phi3VError
+from phi3v_core.io import modes_from_umask
+from phi3v_core.training.checkpoints import write_manifest
 
 __all__ = [
     "MAX_SKIPPED_IN_ROW",
+    "CheckpointManifest",
     "LossGuard",
     "StepMeter",
     "StepRecord",
@@ -331,3 +336,28 @@ class LossGuard(TrainerCallback):
                 raise TrainingDivergedError(
                     f"training loss is {loss} at step {state.global_step}; no token is supervised (all labels -100?)"
                 )
+
+
+class CheckpointManifest(TrainerCallback):
+    """Write :data:`~phi3v_core.training.checkpoints.CHECKPOINT_MANIFEST` into each checkpoint once the Trainer saved everything (on the main process).
+
+    Ranks meet at a barrier first so every rank's files (``rng_state_<rank>.pth``) are on disk when the manifest lists
+    them.
+    """
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Write the manifest of ``checkpoint-<global_step>``."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        if args.should_save:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                modes_from_umask(folder)  # safetensors writes 0600; the user's umask decides
+                write_manifest(folder, state.global_step)
+                fd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)

@@ -1,7 +1,8 @@
 """Checkpoints that prove they are complete: a manifest written last, and a check before every resume.
 
 The HF Trainer writes a checkpoint as several files (weights, ``optimizer.pt``, ``scheduler.pt``, ``rng_state*.pth``,
-``trainer_state.json``); a kill or full disk can leave any subset. :class:`CheckpointManifest` writes
+``trainer_state.json``); a kill or full disk can leave any subset.
+:class:`~phi3v_core.training.callbacks.CheckpointManifest` writes
 ``phi3v_checkpoint.json`` (every file's name, size and BLAKE2b hash, and the step) atomically after the Trainer's save, so its
 presence means the save finished. :func:`checkpoint_problem` says why a checkpoint cannot be resumed from: a file
 missing, cut off, of another size or content than the manifest says, a step that disagrees with the folder name or with
@@ -17,13 +18,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-
 from phi3v_core.fs import weight_file_problem
-from phi3v_core.io import atomic_write_json, modes_from_umask
+from phi3v_core.io import atomic_write_json
 
 __all__ = [
-    "CHECKPOINT_MANIFEST", "CheckpointManifest", "checkpoint_problem", "checkpoint_step", "data_fingerprint",
+    "CHECKPOINT_MANIFEST", "checkpoint_problem", "checkpoint_step", "data_fingerprint",
     "file_digest", "find_resumable_checkpoint", "write_manifest",
 ]
 
@@ -179,28 +178,3 @@ def find_resumable_checkpoint(
         if on_skip is not None:
             on_skip(folder, reason)
     return None
-
-
-class CheckpointManifest(TrainerCallback):
-    """Write :data:`CHECKPOINT_MANIFEST` into each checkpoint once the Trainer saved everything (on the main process).
-
-    Ranks meet at a barrier first so every rank's files (``rng_state_<rank>.pth``) are on disk when the manifest lists
-    them.
-    """
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        """Write the manifest of ``checkpoint-<global_step>``."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
-        if args.should_save:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                modes_from_umask(folder)  # safetensors writes 0600; the user's umask decides
-                write_manifest(folder, state.global_step)
-                fd = os.open(folder, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)

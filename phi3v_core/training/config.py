@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from phi3v_core.config import MODEL_PRESETS
 from phi3v_core.constants import (
     ATTN_NAMES,
     DEFAULT_ATTN,
     EIGHT_BIT_OPTIMS,
     MAX_NUM_CROPS,
+    MODEL_PRESET_NAMES,
     OFFLOAD_NAMES,
     OPTIM_NAMES,
     PRECISION_NAMES,
@@ -33,67 +30,41 @@ from phi3v_core.constants import (
 )
 from phi3v_core.errors import ConfigError, did_you_mean, raise_all
 from phi3v_core.fs import model_folder_problems
-from phi3v_core.methods import METHODS, MethodOptions, get_method
-from phi3v_core.software import BnbLibrary, bnb_library, offload_build_problem, qlora_unsupported_reason
-from phi3v_core.training.distributed_env import distributed_env_problems, env_int
+from phi3v_core.methods import METHODS, get_method
+from phi3v_core.software import qlora_unsupported_reason
+from phi3v_core.training.distributed_env import distributed_env_problems
+from phi3v_core.training.machine import Machine
+
+if TYPE_CHECKING:
+    import torch
+
+    from phi3v_core.methods import MethodOptions
 
 __all__ = [
     "DEPRECATED_FIELDS",
-    "DTYPES",
+    "DTYPES",  # noqa: F822 - built on first use by __getattr__ below (PEP 562)
     "Machine",
     "TrainConfig",
 ]
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+@functools.cache
+def _dtypes() -> dict[str, torch.dtype]:
+    import torch  # on first use: this module is imported before torch by the commands' first validation
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DTYPES":  # precision name -> torch dtype, built when first asked (PEP 562)
+        return _dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 #: Old field name → current one. Accepted by :meth:`TrainConfig.from_dict` only (not the constructor), so
 #: ``train_config.json`` / ``run.json`` files written before the rename keep loading.
 DEPRECATED_FIELDS: dict[str, str] = {"per_device_batch": "micro_batch"}
-
-
-@dataclass(frozen=True)
-class Machine:
-    """What the machine offers; :meth:`detect` reads it, tests construct it to simulate other machines.
-
-    Attributes:
-        cuda: A CUDA device is usable.
-        capability: Compute capability of the first CUDA device, e.g. ``(8, 0)``.
-        device_count: Visible CUDA devices.
-        world_size: Processes in the job (``WORLD_SIZE`` from torchrun; 1 otherwise).
-        flash_attn: The ``flash_attn`` package is importable.
-        deepspeed: The ``deepspeed`` package is importable.
-        bitsandbytes: The ``bitsandbytes`` package is importable.
-        bnb: The CUDA library bitsandbytes will load with this torch (:func:`phi3v_core.software.bnb_library`;
-            None: unknown, no CUDA, or not installed).
-        offload_problem: Why DeepSpeed could not build its CPU Adam here (None: it can, or not checked).
-    """
-
-    cuda: bool = False
-    capability: tuple[int, int] | None = None
-    device_count: int = 0
-    world_size: int = 1
-    flash_attn: bool = False
-    deepspeed: bool = True
-    bitsandbytes: bool = True
-    bnb: BnbLibrary | None = None
-    offload_problem: str | None = None
-
-    @classmethod
-    def detect(cls) -> Machine:
-        """Probe this machine and process (no CUDA context is created beyond the capability query)."""
-        cuda = torch.cuda.is_available()
-        bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
-        return cls(
-            cuda=cuda,
-            capability=torch.cuda.get_device_capability(0) if cuda else None,
-            device_count=torch.cuda.device_count() if cuda else 0,
-            world_size=max(env_int("WORLD_SIZE", 1), 1),  # a malformed value is reported by distributed_env_problems
-            flash_attn=importlib.util.find_spec("flash_attn") is not None,
-            deepspeed=importlib.util.find_spec("deepspeed") is not None,
-            bitsandbytes=bitsandbytes,
-            bnb=bnb_library(torch.version.cuda) if cuda and bitsandbytes else None,
-            offload_problem=offload_build_problem(),
-        )
 
 
 @dataclass
@@ -275,7 +246,7 @@ class TrainConfig:
     @property
     def compute_dtype(self) -> torch.dtype:
         """Autocast / QLoRA matmul dtype."""
-        return DTYPES[self.precision]
+        return _dtypes()[self.precision]
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each process: global / (micro-batch × world size)."""
@@ -295,6 +266,8 @@ class TrainConfig:
         Frozen LoRA/QLoRA bases are stored in the compute dtype (memory), while full/frozen_vision keep fp32
         weights as the AMP master copy (DeepSpeed casts its own copy when enabled).
         """
+        from phi3v_core.methods import MethodOptions  # its module imports torch
+
         uses_lora = get_method(self.method).uses_lora
         return MethodOptions(
             lora_rank=self.lora_rank,
@@ -350,7 +323,8 @@ class TrainConfig:
         """Every problem with this configuration on this machine (empty when it can run).
 
         Args:
-            env: The machine (detected when omitted).
+            env: The machine (detected when omitted). :meth:`Machine.unprobed` judges everything but what depends
+                on the GPU (CUDA, capability, device count), without importing torch: a command's first answer.
             names: What to call a field inside a message (``phi3v-finetune`` passes its flags; default: the field
                 names). The one place these values are judged, so the API and the command refuse alike.
         """
@@ -365,7 +339,7 @@ class TrainConfig:
         out += self._checkpoint_problems()
         out += distributed_env_problems()
         out += self._optimizer_problems(env)
-        from phi3v_core.training.levers import lever_problems
+        from phi3v_core.training.lever_checks import lever_problems
         from phi3v_core.training.trainer_checks import trainer_problems
 
         out += lever_problems(self, env)
@@ -387,11 +361,11 @@ class TrainConfig:
         raise_all(self.problems(env))
 
     def _model_problems(self, name: Callable[[str], str]) -> list[str]:
-        if self.model in MODEL_PRESETS:
+        if self.model in MODEL_PRESET_NAMES:
             return []
         folder = Path(self.model)
         if not (folder / "config.json").is_file():
-            return [f"model {self.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a folder with config.json"]
+            return [f"model {self.model!r} is neither a preset ({', '.join(MODEL_PRESET_NAMES)}) nor a folder with config.json"]
         # the config's model type and every weight file's header, read without loading the model
         folder_problems = model_folder_problems(folder, f"{name('model')} {self.model}")
         if folder_problems:
@@ -429,21 +403,22 @@ class TrainConfig:
         flash = self.attn == "flash_attention_2"
         if flash and self.precision == "fp32":
             out.append("attn flash_attention_2 needs bf16 or fp16 activations; use precision bf16/fp16 or attn sdpa")
-        if flash and not env.cuda:
+        if flash and env.probed and not env.cuda:
             out.append("attn flash_attention_2 needs a CUDA GPU; use attn sdpa or eager on this machine")
         elif flash and env.capability is not None and not supports_flash_attention(env.capability):
             out.append(
                 f"attn flash_attention_2 needs compute capability >= 8.0 (Ampere); this GPU is "
                 f"{env.capability[0]}.{env.capability[1]}: use attn sdpa"
             )
-        if flash and not env.flash_attn:
+        # asked with the probed machine: where there is no CUDA the fix is the GPU, not the package
+        if flash and env.probed and not env.flash_attn:
             out.append("attn flash_attention_2 needs the flash-attn package (pip install flash-attn); or use attn sdpa")
         if self.precision == "bf16" and env.cuda and env.capability is not None and not supports_bf16(env.capability):
             out.append(
                 f"precision bf16 needs compute capability >= 8.0 (Ampere); this GPU is "
                 f"{env.capability[0]}.{env.capability[1]}: use precision fp16"
             )
-        if self.precision == "fp16" and not env.cuda:
+        if self.precision == "fp16" and env.probed and not env.cuda:
             # accelerate turns fp16 off on CPU without a word (no autocast, no loss scaling): the run would be fp32.
             out.append(
                 f"{name('precision')} fp16 needs a CUDA GPU (fp16 mixed precision with loss scaling does not run on "
@@ -535,7 +510,7 @@ class TrainConfig:
             out.append(f"offload {self.offload!r} is unknown; choose one of {', '.join(OFFLOAD_NAMES)}")
         if self.optim in EIGHT_BIT_OPTIMS and not env.bitsandbytes:
             out.append(f"optim {self.optim} needs bitsandbytes (pip install bitsandbytes); or use optim adamw")
-        if self.optim == "paged_adamw_8bit" and not env.cuda:
+        if self.optim == "paged_adamw_8bit" and env.probed and not env.cuda:
             out.append("optim paged_adamw_8bit pages to CUDA unified memory and needs a GPU; use optim adamw_8bit")
         if self.offload == "optimizer":
             if self.method in METHODS and not get_method(self.method).supports_deepspeed:

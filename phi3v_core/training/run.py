@@ -98,18 +98,21 @@ class FinetuneConfig:
     allow_low_retention: bool = False
     flags: dict[str, str] = field(default_factory=dict)
 
-    def problems(self, env: Any) -> list[str]:
+    def problems(self, env: Any, *, light: bool = False) -> list[str]:
         """Every problem with this run on this machine (empty when it can run): ``TrainConfig.problems`` and the
         run's own checks (:mod:`phi3v_core.run_checks`: preset, data, folders, sizes, schedule, output folder, flash
         attention, retention), in flag terms. Reads only; nothing is loaded or written.
 
         Args:
-            env: The machine (:class:`~phi3v_core.training.Machine`).
+            env: The machine (:class:`~phi3v_core.training.Machine`; :meth:`Machine.unprobed
+                <phi3v_core.training.machine.Machine.unprobed>`: the checks that need the GPU wait).
+            light: Import neither torch nor transformers (the command's first answer): a preset's sizes, read from
+                transformers' config classes, wait.
         """
         train, flags = self.train, self.flags
         model = run_checks.model_problems(train.model)
         spelling = flags.get("attn=flash_attention_2", "attn flash_attention_2")
-        flash = run_checks.flash_problems(train.attn, env.cuda, spelling)
+        flash = run_checks.flash_problems(train.attn, env.cuda, spelling) if env.probed else []
         schedule = run_checks.schedule_problems(train.max_steps, train.warmup_steps)
         counts = {name: getattr(self, name) for name in ("eval_limit", "max_new_tokens", "eval_batch_size")}
         out = [
@@ -120,9 +123,13 @@ class FinetuneConfig:
             *run_checks.folder_problems(train.model, self.data_dir),
             *flash,
             *schedule,
-            *run_checks.size_problems(  # nothing to compare with when the model is missing
-                train.model, train.method, train.lora_rank,
-                max_length=self.max_length, max_new_tokens=self.max_new_tokens,
+            *(
+                run_checks.size_problems(  # nothing to compare with when the model is missing
+                    train.model, train.method, train.lora_rank,
+                    max_length=self.max_length, max_new_tokens=self.max_new_tokens,
+                )
+                if not light or train.model not in MODEL_PRESET_NAMES
+                else []
             ),
             *run_checks.output_problems(
                 train.output_dir, resume=train.resume, overwrite=self.overwrite_output_dir, data_dir=self.data_dir,

@@ -372,3 +372,57 @@ def test_the_config_problems_name_every_group_at_once(tmp_path):
     assert message.startswith(f"{len(expected)} problems: "), message
     assert [message.index(fragment) for fragment in expected] == sorted(message.index(f) for f in expected)
     assert snapshot(tmp_path) == before
+
+
+def test_the_first_answer_holds_every_problem_that_does_not_need_the_gpu(tmp_path):
+    # --num_crops 0 (a TrainConfig range) used to wait until the warm-up and the output folder were fixed, because
+    # TrainConfig's checks imported torch. Now the torch-free first answer names all three, each once; fp16 without
+    # CUDA joins them where torch is a CPU build (known from torch/version.py), else it is all that is left.
+    from phi3v_core.training.machine import torch_is_cpu_build
+
+    (tmp_path / "afile").write_text("x")
+    argv = ["--synthetic", "4", "--num_crops", "0", "--precision", "fp16", "--max_steps", "3"]
+    fp16 = (
+        "--precision fp16 needs a CUDA GPU (fp16 mixed precision with loss scaling does not run on CPU); "
+        "use --precision fp32 or --precision bf16"
+    )
+    expected = [
+        "--warmup_steps 50 is not below --max_steps 3",
+        f"{tmp_path / 'afile'} is a file, not a folder",
+        "--num_crops 0 is out of range: the recipe asserts num_crops <= 16; pass 1..16",
+        *([fp16] if torch_is_cpu_build() else []),
+    ]
+    before = snapshot(tmp_path)
+    done = _main_in_subprocess([*argv, "--warmup_steps", "50", "--output_dir", str(tmp_path / "afile" / "run")], tmp_path)
+    assert "HEAVY [] 1" in done.stdout, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {len(expected)} problems: "), done.stderr
+    assert all(lines[0].count(fragment) == 1 for fragment in expected), lines[0]
+    assert snapshot(tmp_path) == before
+
+
+def test_where_cuda_is_unknown_before_torch_fp16_is_all_the_second_answer_says(tmp_path, monkeypatch):
+    # A CUDA build of torch on a machine without a usable GPU (simulated: the build is not read as a CPU one): the
+    # first answer leaves fp16 out, the second, once torch is imported, names it alone.
+    import torch
+
+    from phi3v_core.cli.finetune import build_config, build_parser
+    from phi3v_core.errors import ConfigError
+    from phi3v_core.training import machine
+
+    if torch.cuda.is_available():
+        pytest.skip("the fixed command would train on this GPU")
+    monkeypatch.setattr(machine, "torch_is_cpu_build", lambda torch_dir=None: False)
+    (tmp_path / "afile").write_text("x")
+    argv = ["--synthetic", "4", "--precision", "fp16", "--max_steps", "3", "--num_crops"]
+    with pytest.raises(ConfigError) as first:
+        build_config(build_parser().parse_args([*argv, "0", "--warmup_steps", "50", "--output_dir",
+                                                str(tmp_path / "afile" / "run")]))
+    assert str(first.value).startswith("3 problems: ") and "fp16" not in str(first.value)
+    assert "--num_crops 0 is out of range" in str(first.value)
+    with pytest.raises(ConfigError) as second:
+        build_config(build_parser().parse_args([*argv, "1", "--output_dir", str(tmp_path / "run")]))
+    assert str(second.value) == (
+        "--precision fp16 needs a CUDA GPU (fp16 mixed precision with loss scaling does not run on CPU); "
+        "use --precision fp32 or --precision bf16"
+    )

@@ -188,3 +188,74 @@ def test_the_trainer_settings_are_judged_by_the_config_itself(tmp_path: Path) ->
     assert f"deepspeed_config_file {bad} replaces the ZeRO-2 config that offload optimizer builds; drop one of them" in problems
     missing = TrainConfig(deepspeed_config_file=str(tmp_path / "none.json"), output_dir=str(tmp_path / "run"))
     assert any("none.json: cannot read it" in p for p in missing.problems(CPU))
+
+
+def test_the_config_and_the_package_names_load_without_torch() -> None:
+    # A command validates its settings before the training stack (seconds to import) is loaded: importing the config,
+    # and the package's light names, must not import torch or transformers (judged by sys.modules, never by time).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import phi3v_core.training.config\n"
+        "from phi3v_core.training import Machine, TrainConfig, deepspeed_config\n"
+        "TrainConfig(num_crops=0).problems(Machine.unprobed())\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'deepspeed') if m in sys.modules),"
+        " callable(deepspeed_config))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == "[] True\n", done.stdout + done.stderr
+
+
+def test_the_package_still_gives_every_public_name() -> None:
+    import phi3v_core.training as training
+    from phi3v_core.training.api import train
+    from phi3v_core.training.config import DTYPES
+
+    assert all(getattr(training, name) is not None for name in training.__all__)
+    assert training.train is train and callable(training.deepspeed_config)  # the function, not its submodule
+    assert TrainConfig(precision="fp16").compute_dtype is DTYPES["fp16"] and str(DTYPES["bf16"]) == "torch.bfloat16"
+    with pytest.raises(AttributeError):
+        training.no_such_name  # noqa: B018
+
+
+def test_the_unprobed_machine_judges_everything_but_the_gpu(tmp_path: Path) -> None:
+    # Machine.unprobed(): what is known before torch is imported. The GPU checks wait for the probed machine; every
+    # other one (ranges, names, the flash/fp32 pairing) answers already, in the same words.
+    cfg = TrainConfig(
+        precision="fp16", attn="flash_attention_2", optim="paged_adamw_8bit", kernels="liger", num_crops=0,
+        micro_batch=0, output_dir=str(tmp_path / "run"),
+    )
+    unprobed = Machine.unprobed()
+    assert not unprobed.probed and Machine().probed
+    first = cfg.problems(dataclasses.replace(unprobed, bitsandbytes=True, flash_attn=True))
+    on_cpu = cfg.problems(Machine(cuda=False, flash_attn=True))
+    gpu_only = [p for p in on_cpu if "CUDA" in p or "GPU" in p]
+    assert len(gpu_only) == 4, on_cpu  # fp16, flash attention, paged optimizer, liger: all need CUDA
+    assert sorted(first) == sorted(p for p in on_cpu if p not in gpu_only)
+    assert any("num_crops 0 is out of range" in p for p in first) and any("micro_batch" in p for p in first)
+    fp32 = TrainConfig(precision="fp32", attn="flash_attention_2", output_dir=str(tmp_path / "run"))
+    assert any("needs bf16 or fp16" in p for p in fp32.problems(unprobed))
+
+
+def test_a_cpu_build_of_torch_is_known_without_importing_it(tmp_path: Path) -> None:
+    # Only a file that states both cuda and hip as None counts: a CUDA or ROCm build, or a file this does not
+    # recognise, leaves CUDA to Machine.detect.
+    from phi3v_core.training.machine import torch_is_cpu_build
+
+    def build(text: str) -> bool:
+        (tmp_path / "version.py").write_text(text)
+        return torch_is_cpu_build(tmp_path)
+
+    assert build("cuda: Optional[str] = None\nhip: Optional[str] = None\n")
+    assert build("cuda = None\nhip = None\n")
+    assert not build("cuda: Optional[str] = '12.8'\nhip: Optional[str] = None\n")
+    assert not build("cuda: Optional[str] = None\nhip: Optional[str] = '6.3.42131'\n")
+    assert not build("cuda: Optional[str] = None\n")  # hip unstated: unsure
+    assert not build("cuda = get_cuda()\nhip = None\n")
+    assert not torch_is_cpu_build(tmp_path / "missing")
+    if torch_is_cpu_build():  # this machine: the torch-free reading is what detect() finds
+        assert Machine.without_torch() == Machine.detect()
+    else:
+        assert not Machine.without_torch().probed
