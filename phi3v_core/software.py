@@ -44,6 +44,7 @@ __all__ = [
     "offload_build_problem",
     "qlora_unsupported_reason",
     "torch_cuda_build",
+    "torch_is_cpu_build",
     "torch_gpu_problem",
     "torch_gpu_refusal",
 ]
@@ -146,20 +147,35 @@ def _package_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def torch_cuda_build(torch_dir: Path | None = None) -> str | None:
-    """``torch.version.cuda`` of the installed torch (``"13.0"``), None for a CPU build or no torch.
+def _torch_version_text(torch_dir: Path | None) -> str | None:
+    """The text of the installed torch's ``torch/version.py`` (or ``torch_dir``'s); None without torch or when unreadable.
 
-    Read from ``torch/version.py`` rather than by importing torch (seconds), so ``phi3v-plan`` stays fast.
+    Read rather than imported: importing torch takes seconds, and the planner and the commands' first answers must not.
     """
     folder = torch_dir if torch_dir is not None else _package_dir("torch")
     if folder is None:
         return None
     try:
-        text = (folder / "version.py").read_text(encoding="utf-8")
+        return (folder / "version.py").read_text(encoding="utf-8")
     except OSError:
         return None
-    match = re.search(r"^cuda\s*(?::[^=]*)?=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+
+
+def torch_cuda_build(torch_dir: Path | None = None) -> str | None:
+    """``torch.version.cuda`` of the installed torch (``"13.0"``), None for a CPU build or no torch (read, not imported)."""
+    text = _torch_version_text(torch_dir)
+    match = re.search(r"^cuda\s*(?::[^=]*)?=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE) if text else None
     return match.group(1) if match else None
+
+
+def torch_is_cpu_build(torch_dir: Path | None = None) -> bool:
+    """The installed torch (or ``torch_dir``'s) is built for neither CUDA nor ROCm, so ``torch.cuda.is_available()``
+    is False, read without importing torch. False when unsure (no torch, an unreadable or unexpected file)."""
+    text = _torch_version_text(torch_dir)
+    # both must be stated as None: a file this does not recognise says nothing
+    return text is not None and all(
+        re.search(rf"^{name}\s*(?::[^=]*)?=\s*None\s*$", text, re.MULTILINE) for name in ("cuda", "hip")
+    )
 
 
 def bnb_library(

@@ -8,35 +8,16 @@ before torch is loaded.
 from __future__ import annotations
 
 import importlib.util
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
-from phi3v_core.software import BnbLibrary, bnb_library, offload_build_problem
+from phi3v_core.software import BnbLibrary, bnb_library, offload_build_problem, torch_is_cpu_build
 from phi3v_core.training.distributed_env import env_int
 
-__all__ = ["Machine", "torch_is_cpu_build"]
+__all__ = ["Machine"]
 
 
 def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
-
-
-def torch_is_cpu_build(torch_dir: Path | None = None) -> bool:
-    """The installed torch (or the one in ``torch_dir``) is built for neither CUDA nor ROCm, so
-    ``torch.cuda.is_available()`` is False, read from ``torch/version.py`` without importing torch. False when unsure
-    (no torch, an unreadable or unexpected file)."""
-    if torch_dir is None:
-        spec = importlib.util.find_spec("torch")
-        if spec is None or not spec.submodule_search_locations:
-            return False
-        torch_dir = Path(next(iter(spec.submodule_search_locations)))
-    try:
-        text = (torch_dir / "version.py").read_text(encoding="utf-8")
-    except OSError:
-        return False
-    # both must be stated as None: a file this does not recognise says nothing
-    return all(re.search(rf"^{name}\s*(?::[^=]*)?=\s*None\s*$", text, re.MULTILINE) for name in ("cuda", "hip"))
 
 
 def _world_size() -> int:

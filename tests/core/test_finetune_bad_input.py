@@ -378,7 +378,7 @@ def test_the_first_answer_holds_every_problem_that_does_not_need_the_gpu(tmp_pat
     # --num_crops 0 (a TrainConfig range) used to wait until the warm-up and the output folder were fixed, because
     # TrainConfig's checks imported torch. Now the torch-free first answer names all three, each once; fp16 without
     # CUDA joins them where torch is a CPU build (known from torch/version.py), else it is all that is left.
-    from phi3v_core.training.machine import torch_is_cpu_build
+    from phi3v_core.software import torch_is_cpu_build
 
     (tmp_path / "afile").write_text("x")
     argv = ["--synthetic", "4", "--num_crops", "0", "--precision", "fp16", "--max_steps", "3"]

@@ -242,7 +242,7 @@ def test_the_unprobed_machine_judges_everything_but_the_gpu(tmp_path: Path) -> N
 def test_a_cpu_build_of_torch_is_known_without_importing_it(tmp_path: Path) -> None:
     # Only a file that states both cuda and hip as None counts: a CUDA or ROCm build, or a file this does not
     # recognise, leaves CUDA to Machine.detect.
-    from phi3v_core.training.machine import torch_is_cpu_build
+    from phi3v_core.software import torch_is_cpu_build
 
     def build(text: str) -> bool:
         (tmp_path / "version.py").write_text(text)
