@@ -251,7 +251,7 @@ class BenchConfig(Workload):
 
         if Path(self.model).is_dir() and model_folder_problems(Path(self.model), "--model"):
             return []  # the preflight names what is wrong with the folder itself (model type, weight headers)
-        from phi3v_core.training.config import Machine
+        from phi3v_core.training.machine import Machine
         from phi3v_core.training.workload import to_train_config
 
         ideal = Machine(cuda=True, capability=(9, 0), device_count=self.gpus, world_size=self.world_size, flash_attn=True)

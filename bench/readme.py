@@ -84,7 +84,7 @@ def _layout_text(mp: Any) -> str:
 
 def render_plan_examples(root: Path) -> str:
     """Three ``phi3v-plan`` what-ifs with the figures the planner prints for them now."""
-    from planner.estimate import GIB
+    from planner.memory_types import GIB
 
     lora, images = _plan_one("H100-SXM", "lora")
     best_gc = max((x for x in lora.layouts if x.fits and x.gradient_checkpointing), key=lambda x: x.samples_per_s)

@@ -14,8 +14,9 @@ import weakref
 from dataclasses import replace
 from typing import Any
 
-from planner.estimate import TrainSetup, Workload
+from planner.estimate import Workload
 from planner.trace import build_batch, prepare_model, uses_autocast
+from planner.train_setup import TrainSetup
 
 __all__ = ["CachingAllocatorModel", "allocation_replay"]
 

@@ -25,11 +25,13 @@ from typing import Any
 from phi3v_core.constants import load_recipe
 from phi3v_core.errors import DataError
 from phi3v_core.reference import reference_rows, reference_source
-from planner.estimate import GIB, Overheads, TrainSetup, Workload, estimate_memory
+from planner.estimate import Workload, estimate_memory
 from planner.hardware import GpuSpec, azure_skus, find_gpu
 from planner.memory_floor import memory_floor
+from planner.memory_types import GIB, Overheads
 from planner.shapes import ModelShape
 from planner.speed import Interconnect, SpeedConstants, SpeedPrediction, predict_speed, reference_shape
+from planner.train_setup import TrainSetup
 
 __all__ = [
     "AnchorRow",

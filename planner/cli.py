@@ -21,7 +21,7 @@ from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHOD_NAMES, METHODS
 from phi3v_core.retention import RETENTION_FLOOR
 from planner.datareport import crops_report
-from planner.estimate import GIB
+from planner.memory_types import GIB
 from planner.reports import dump, fmt, make_console, print_calibration, print_gpus, print_validation
 
 __all__ = ["build_parser", "main"]

@@ -19,8 +19,10 @@ from typing import Any
 
 from phi3v_core.constants import CONTEXT_LENGTH, MAX_NUM_CROPS, hd_resize_target
 from phi3v_core.image_sizes import TASK_IMAGES
-from planner.estimate import GIB, TrainSetup, Workload, estimate_memory
+from planner.estimate import Workload, estimate_memory
+from planner.memory_types import GIB
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
+from planner.train_setup import TrainSetup
 
 __all__ = [
     "CROP_CHOICES",

@@ -28,17 +28,9 @@ from planner.logits import logit_positions, logits_loss_bytes
 from planner.memory_types import GIB, MemoryEstimate, MemoryItem, Overheads
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
 from planner.tower_model import checkpoints, trained_params
-from planner.train_setup import ATTENTIONS, DTYPE_BYTES, METHODS, TrainSetup
+from planner.train_setup import DTYPE_BYTES, TrainSetup
 
 __all__ = [
-    "ATTENTIONS",
-    "DTYPE_BYTES",
-    "GIB",
-    "METHODS",
-    "MemoryEstimate",
-    "MemoryItem",
-    "Overheads",
-    "TrainSetup",
     "Workload",
     "activation_terms",
     "dequant_transient",

@@ -21,8 +21,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from planner.estimate import TrainSetup, Workload
+    from planner.estimate import Workload
     from planner.shapes import ModelShape
+    from planner.train_setup import TrainSetup
 
 __all__ = [
     "PROCESS_BASELINE_BYTES", "SYSTEM_RESERVE_FRACTION", "process_host_bytes", "shortfall",

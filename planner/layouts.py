@@ -27,13 +27,14 @@ from typing import Any
 from phi3v_core.retention import RETENTION_FLOOR, update_retention
 from phi3v_core.workload import Workload as RunWorkload
 from planner.calibration import Calibration, fit_speed_constants
-from planner.estimate import GIB, MemoryEstimate, TrainSetup, Workload, estimate_memory, host_memory_bytes
+from planner.estimate import Workload, estimate_memory, host_memory_bytes
 from planner.hardware import GpuSpec, supports_bf16, supports_flash_attention
+from planner.memory_types import GIB, MemoryEstimate
 from planner.packing import FLASH, lengths_for, packed_memory, predict_packing, row_cost, scaled_speed, token_sums
 from planner.request import Hardware, Layout, PlanRequest, task_profiles
 from planner.shapes import ModelShape, load_shape
 from planner.speed import SpeedConstants, SpeedPrediction, predict_speed
-from planner.train_setup import with_option
+from planner.train_setup import TrainSetup, with_option
 
 __all__ = [
     "Candidate",

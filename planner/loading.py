@@ -13,8 +13,9 @@ Other methods build the model directly in its training dtype: the weights.
 
 from __future__ import annotations
 
-from planner.estimate import DTYPE_BYTES, NF4_BYTES_PER_PARAM, TrainSetup, model_state_bytes
+from planner.estimate import NF4_BYTES_PER_PARAM, model_state_bytes
 from planner.shapes import ModelShape
+from planner.train_setup import DTYPE_BYTES, TrainSetup
 
 __all__ = ["build_peak_bytes", "largest_quantized_piece", "quantized_pieces"]
 

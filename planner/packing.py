@@ -33,9 +33,11 @@ from typing import Any
 
 from phi3v_core.cli.vocabulary import THROUGHPUT_UNIT
 from phi3v_core.first_fit import pack_rows
-from planner.estimate import MemoryEstimate, MemoryItem, TrainSetup, Workload, estimate_memory
+from planner.estimate import Workload, estimate_memory
+from planner.memory_types import MemoryEstimate, MemoryItem
 from planner.shapes import ModelShape
 from planner.speed import Rates, SpeedConstants, SpeedPrediction, micro_step_times
+from planner.train_setup import TrainSetup
 
 __all__ = [
     "PAYS_MARGIN",

@@ -37,7 +37,7 @@ from phi3v_core.software import Software, bnb_arch_range, torch_gpu_problem
 from planner.calibration import Calibration, load_calibration
 from planner.dataplan import data_summary, read_data, size_schedule
 from planner.deadline import azure_summary, meet_deadline
-from planner.estimate import GIB, TrainSetup, Workload
+from planner.estimate import Workload
 from planner.feeding import data_loading_for
 from planner.hardware import (
     Detection,
@@ -56,6 +56,7 @@ from planner.layouts import (
     setup_for,
     usable_limit,
 )
+from planner.memory_types import GIB
 from planner.packing import packing_reason
 from planner.render import MODEL_PLACEHOLDER, command, method_preference, top_items, why_method
 from planner.request import (
@@ -70,6 +71,7 @@ from planner.request import (
 )
 from planner.shapes import ModelShape, load_shape
 from planner.speed import format_duration
+from planner.train_setup import TrainSetup
 
 __all__ = [
     "COMMON_GPUS",

@@ -18,15 +18,17 @@ from phi3v_core.constants import MAX_NUM_CROPS, load_recipe
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHOD_NAMES, get_method
 from planner.dataload import DataLoading
-from planner.estimate import GIB, MemoryEstimate, TrainSetup, Workload
+from planner.estimate import Workload
 from planner.hardware import (
     AzureSku,
     GpuSpec,
     custom_gpu,
     find_gpu,
 )
+from planner.memory_types import GIB, MemoryEstimate
 from planner.shapes import ModelShape
 from planner.speed import Interconnect, SpeedPrediction
+from planner.train_setup import TrainSetup
 
 __all__ = ["COMMON_GPUS", "DEFAULT_INTER_NODE_GBIT", "Hardware", "Layout", "MethodPlan", "Plan", "PlanRequest", "task_profiles"]
 

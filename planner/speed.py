@@ -24,11 +24,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from phi3v_core.methods import LORA, get_method
-from planner.estimate import DTYPE_BYTES, TrainSetup, Workload
+from planner.estimate import Workload
 from planner.hardware import GpuSpec
 from planner.logits import logit_positions
 from planner.shapes import ModelShape
 from planner.tower_model import checkpoints, trained_params
+from planner.train_setup import DTYPE_BYTES, TrainSetup
 
 __all__ = [
     "ARCH_BORROW",

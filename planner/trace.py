@@ -36,19 +36,11 @@ from typing import Any
 
 from phi3v_core.device import default_dtype
 from phi3v_core.io import atomic_write_json, remove_dead_temps
-from planner.estimate import (
-    METHODS,
-    MemoryEstimate,
-    MemoryItem,
-    Overheads,
-    TrainSetup,
-    Workload,
-    activation_terms,
-    dequant_transient,
-    model_state_bytes,
-)
+from planner.estimate import Workload, activation_terms, dequant_transient, model_state_bytes
+from planner.memory_types import MemoryEstimate, MemoryItem, Overheads
 from planner.shapes import ModelShape, image_token_count
 from planner.trace_cache import read_cached_trace
+from planner.train_setup import METHODS, TrainSetup
 
 __all__ = [
     "TRACE_VERSION",

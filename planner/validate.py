@@ -23,9 +23,10 @@ from typing import Any
 
 from phi3v_core.workload import Workload as RunWorkload
 from planner.calibration import fit_speed_constants, load_calibration
-from planner.estimate import TrainSetup, Workload
+from planner.estimate import Workload
 from planner.shapes import ModelShape, load_shape
 from planner.speed import Interconnect, Rates, SpeedConstants, predict_speed
+from planner.train_setup import TrainSetup
 
 __all__ = [
     "DEFAULT_CASES", "SMALL_SIZE", "ValidationCase", "checkpoint_ratios", "eight_bit_adamw_memory", "measure_rates",

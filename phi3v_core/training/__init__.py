@@ -24,12 +24,13 @@ if TYPE_CHECKING:
     from phi3v_core.training.callbacks import LossGuard, StepMeter, StepRecord, StepTimer, TrainingDivergedError
     from phi3v_core.training.checkpoints import find_resumable_checkpoint
     from phi3v_core.training.collate import SupervisedLogitsCollator
-    from phi3v_core.training.config import Machine, TrainConfig
+    from phi3v_core.training.config import TrainConfig
+    from phi3v_core.training.machine import Machine
     from phi3v_core.training.trainer import Phi3VTrainer, build_training_arguments
 
 #: Public name → the submodule that defines it.
 _SOURCES = {
-    "Machine": "config",
+    "Machine": "machine",
     "TrainConfig": "config",
     "LossGuard": "callbacks",
     "StepMeter": "callbacks",

@@ -35,8 +35,9 @@ from phi3v_core.run_folder import COMPLETE_MARKER
 from phi3v_core.training.callbacks import CheckpointManifest, LossGuard, StepRecord, StepTimer, TrainingDivergedError
 from phi3v_core.training.checkpoints import checkpoint_problem, find_resumable_checkpoint
 from phi3v_core.training.collate import training_collator
-from phi3v_core.training.config import Machine, TrainConfig
+from phi3v_core.training.config import TrainConfig
 from phi3v_core.training.levers import trainer_levers
+from phi3v_core.training.machine import Machine
 from phi3v_core.training.model_setup import build_model, prepare_model
 from phi3v_core.training.trainer import Phi3VTrainer, build_training_arguments
 from phi3v_core.transaction import move_into

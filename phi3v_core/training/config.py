@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEPRECATED_FIELDS",
     "DTYPES",  # noqa: F822 - built on first use by __getattr__ below (PEP 562)
-    "Machine",
     "TrainConfig",
 ]
 

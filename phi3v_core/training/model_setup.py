@@ -15,7 +15,8 @@ from phi3v_core.device import default_dtype, local_device
 from phi3v_core.kernels import apply_kernels
 from phi3v_core.methods import MethodReport, build_quantized_model, get_method
 from phi3v_core.model import Phi3VForCausalLM
-from phi3v_core.training.config import DTYPES, Machine, TrainConfig
+from phi3v_core.training.config import DTYPES, TrainConfig
+from phi3v_core.training.machine import Machine
 
 __all__ = ["build_model", "prepare_model"]
 

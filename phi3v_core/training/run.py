@@ -370,8 +370,8 @@ def _on_train_begin(done: Callable[[], None]) -> Any:
 def _run_locked(cfg: FinetuneConfig, env: Any, on_plan: Callable[[FinetuneConfig, Any], None] | None) -> dict[str, Any]:
     from phi3v_core.training.api import init_distributed, resolve_resume, train
     from phi3v_core.training.checkpoints import data_fingerprint
-    from phi3v_core.training.config import Machine
     from phi3v_core.training.evaluate import evaluate_task
+    from phi3v_core.training.machine import Machine
 
     env = env or Machine.detect()
     resolve_resume(cfg.train)  # checkpoint compatibility before any data or model loads

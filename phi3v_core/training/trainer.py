@@ -20,9 +20,10 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from phi3v_core.model.checkpointing import checkpointing_arguments
 from phi3v_core.training.callbacks import StepMeter, StepTimer
-from phi3v_core.training.config import Machine, TrainConfig
+from phi3v_core.training.config import TrainConfig
 from phi3v_core.training.deepspeed_config import deepspeed_config
 from phi3v_core.training.levers import TowerCheckpointing, tower_param_groups
+from phi3v_core.training.machine import Machine
 
 __all__ = ["Phi3VTrainer", "build_training_arguments"]
 

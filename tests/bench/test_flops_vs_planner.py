@@ -21,9 +21,10 @@ from phi3v_core.methods import METHOD_NAMES, get_method
 from phi3v_core.model import Phi3VForCausalLM
 from phi3v_core.processing import Phi3VProcessor
 from phi3v_core.training.workload import build_workload, to_train_config
-from planner.estimate import TrainSetup, Workload
+from planner.estimate import Workload
 from planner.shapes import load_shape
 from planner.speed import flops_per_sample
+from planner.train_setup import TrainSetup
 
 
 # every registered method a meta build runs as itself (QLoRA is traced as LoRA: the same count)

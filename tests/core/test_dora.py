@@ -12,9 +12,10 @@ from phi3v_core.config import get_config
 from phi3v_core.methods import LORA, METHOD_NAMES, NOT_IN_RECIPE, MethodOptions, get_method
 from phi3v_core.methods.dora import DORA
 from phi3v_core.model import Phi3VForCausalLM
-from planner.estimate import TrainSetup, Workload, estimate_memory, model_state_bytes
+from planner.estimate import Workload, estimate_memory, model_state_bytes
 from planner.shapes import ModelShape, load_shape
 from planner.trace import build_batch, measure_step
+from planner.train_setup import TrainSetup
 
 RANK = 4
 

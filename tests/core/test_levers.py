@@ -19,8 +19,8 @@ from phi3v_core.kernels import apply_kernels
 from phi3v_core.methods import METHODS, get_method
 from phi3v_core.towers import TOWERS, checkpointing_fields, tower_of
 from phi3v_core.training import TrainConfig, build_model, train
-from phi3v_core.training.config import Machine
 from phi3v_core.training.levers import restrict_checkpointing, tower_param_groups
+from phi3v_core.training.machine import Machine
 from phi3v_core.training.model_setup import prepare_model
 from phi3v_core.training.synthetic import SyntheticDataset
 

@@ -12,8 +12,9 @@ from transformers import TrainerCallback
 from phi3v_core.errors import ConfigError
 from phi3v_core.training import Machine, TrainConfig, build_training_arguments, deepspeed_config, train
 from phi3v_core.training.synthetic import SyntheticDataset
-from planner.estimate import TrainSetup, host_memory_bytes, model_state_bytes
+from planner.estimate import host_memory_bytes, model_state_bytes
 from planner.shapes import load_shape
+from planner.train_setup import TrainSetup
 
 CPU = Machine(cuda=False)
 

@@ -76,8 +76,9 @@ def test_finetune_refuses_bf16_weights_that_would_not_learn_unless_allowed() -> 
 def test_8bit_adamw_on_fp32_master_weights_trains_with_fp32_weights(tmp_path: Path) -> None:
     from phi3v_core.training import train
     from phi3v_core.training.synthetic import SyntheticDataset
-    from planner.estimate import TrainSetup, model_state_bytes
+    from planner.estimate import model_state_bytes
     from planner.shapes import load_shape
+    from planner.train_setup import TrainSetup
     from tests.core.test_optim_offload import _OptimizerBytes
 
     meter = _OptimizerBytes()

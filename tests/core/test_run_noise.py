@@ -12,7 +12,7 @@ import pytest
 
 from phi3v_core.model.checkpointing import checkpointing_arguments
 from phi3v_core.training import StepTimer, TrainConfig, train
-from phi3v_core.training.config import Machine
+from phi3v_core.training.machine import Machine
 from phi3v_core.training.synthetic import SyntheticDataset
 from phi3v_core.training.trainer import build_training_arguments
 

@@ -7,10 +7,12 @@ import dataclasses
 import pytest
 
 from planner.calibration import calibration_report, calibration_summary, fit_cache_fraction, load_calibration
-from planner.estimate import GIB, TrainSetup, Workload, estimate_memory, model_state_bytes
+from planner.estimate import Workload, estimate_memory, model_state_bytes
 from planner.layouts import fits_with_headroom
+from planner.memory_types import GIB
 from planner.shapes import ModelShape
 from planner.speed import reference_shape
+from planner.train_setup import TrainSetup
 
 PHI3V = ModelShape.preset("phi-3-vision")  # the published table was measured on Phi-3-vision v1 (same shapes)
 P = PHI3V.param_counts().total

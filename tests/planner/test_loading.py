@@ -10,9 +10,10 @@ from phi3v_core.config import Phi3VConfig, tiny_config
 from phi3v_core.methods import build_quantized_model
 from phi3v_core.methods.quantized_build import layer_units
 from phi3v_core.model import Phi3VForCausalLM
-from planner.estimate import TrainSetup, model_state_bytes
+from planner.estimate import model_state_bytes
 from planner.loading import build_peak_bytes, largest_quantized_piece, quantized_pieces
 from planner.shapes import ModelShape
+from planner.train_setup import TrainSetup
 from planner.validate import MID_SIZE
 
 BF16 = torch.bfloat16

@@ -8,11 +8,13 @@ import pytest
 
 from phi3v_core.constants import LOSS_CHUNK_TOKENS, load_recipe
 from phi3v_core.errors import ConfigError
-from planner.estimate import GIB, TrainSetup, Workload, activation_terms, estimate_memory
+from planner.estimate import Workload, activation_terms, estimate_memory
 from planner.logits import logit_positions, logits_loss_bytes
+from planner.memory_types import GIB
 from planner.recommend import task_profiles
 from planner.shapes import ModelShape
 from planner.speed import flops_per_sample
+from planner.train_setup import TrainSetup
 
 PHI35 = ModelShape.preset("phi-3.5-vision")
 VOCAB = 32064

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from phi3v_core.config import get_config
-from planner.estimate import TrainSetup, Workload, estimate_memory
+from planner.estimate import Workload, estimate_memory
 from planner.shapes import ModelShape
 from planner.trace import build_batch, measure_step
+from planner.train_setup import TrainSetup
 from planner.validate import SMALL_SIZE
 
 SMALL = SMALL_SIZE

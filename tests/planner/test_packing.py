@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from planner.calibration import fit_speed_constants, load_calibration
-from planner.estimate import TrainSetup, Workload
+from planner.estimate import Workload
 from planner.hardware import gpu_table
 from planner.packing import (
     data_packing,
@@ -20,6 +20,7 @@ from planner.packing import (
 )
 from planner.shapes import load_shape
 from planner.speed import Rates
+from planner.train_setup import TrainSetup
 from tests.planner.test_plan_data import _json, _run
 
 FIXTURE = Path(__file__).parent / "data" / "packing-cpu-fixture.json"

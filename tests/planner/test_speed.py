@@ -12,10 +12,11 @@ import pytest
 import planner
 from planner.calibration import fit_speed_constants, load_calibration
 from planner.cli import main
-from planner.estimate import TrainSetup, Workload
+from planner.estimate import Workload
 from planner.hardware import find_gpu
 from planner.shapes import ModelShape
 from planner.speed import Interconnect, flops_per_sample, predict_speed, reference_shape
+from planner.train_setup import TrainSetup
 
 PHI3V = ModelShape.preset("phi-3-vision")
 REFERENCE = Workload(seq_len=2443, vision_crops=17, image_tokens=2377, pixel_slots=17, crop_copy=False)
@@ -155,9 +156,10 @@ def test_unfitted_architectures_are_labelled_estimates(fitted):
 
 def test_recompute_costs_what_the_flop_replay_measured_for_lora_on_a_page():
     """Checkpointing adds one forward: hardware / model FLOPs = 8.56e13 / 5.87e13 = 1.46 in the bench's FLOP replay."""
-    from planner.estimate import TrainSetup, Workload
+    from planner.estimate import Workload
     from planner.shapes import load_shape
     from planner.speed import flops_per_sample
+    from planner.train_setup import TrainSetup
 
     shape = load_shape("phi-3.5-vision")
     page = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)
@@ -168,10 +170,11 @@ def test_recompute_costs_what_the_flop_replay_measured_for_lora_on_a_page():
 
 
 def test_offload_and_8bit_adamw_change_the_optimizer_time_as_modelled():
-    from planner.estimate import TrainSetup, Workload
+    from planner.estimate import Workload
     from planner.hardware import find_gpu
     from planner.shapes import load_shape
     from planner.speed import HOST_ADAM_BANDWIDTH, Interconnect, offload_seconds, predict_speed
+    from planner.train_setup import TrainSetup
 
     shape = load_shape("phi-3.5-vision")
     page = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)

@@ -9,13 +9,14 @@ from dataclasses import replace
 import pytest
 
 from planner.cli import main
-from planner.estimate import TrainSetup, Workload, activation_terms, model_state_bytes
+from planner.estimate import Workload, activation_terms, model_state_bytes
 from planner.layouts import checkpointing_options
 from planner.levers import LEVERS
 from planner.recommend import PlanRequest, plan
 from planner.render import command
 from planner.shapes import load_shape
 from planner.speed import flops_per_sample
+from planner.train_setup import TrainSetup
 
 SHAPE = load_shape("phi-3.5-vision")
 WORK = Workload.from_images(SHAPE, 16, (1700, 2200), 1, 500)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from planner.allocator import CachingAllocatorModel, allocation_replay
-from planner.estimate import Overheads, TrainSetup, Workload, activation_terms, estimate_memory
+from planner.estimate import Workload, activation_terms, estimate_memory
+from planner.memory_types import Overheads
 from planner.shapes import load_shape
 from planner.trace import (
     apply_trace,
@@ -18,6 +19,7 @@ from planner.trace import (
     trace_activations,
     trace_key,
 )
+from planner.train_setup import TrainSetup
 
 MIB = 2**20
 
@@ -97,7 +99,8 @@ def test_allocation_replay_sees_what_memtracker_sees(tmp_path):
 
 
 def test_apply_trace_keeps_sharded_states():
-    from planner.estimate import Overheads, estimate_memory
+    from planner.estimate import estimate_memory
+    from planner.memory_types import Overheads
 
     shape = load_shape("phi-3.5-vision")
     workload = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)
@@ -130,7 +133,8 @@ def test_eager_trace_matches_recorded_evidence(tmp_path):
     """Re-measure the recorded evidence for the recipe's LoRA no-FA row (fp32 weights, fp16 autocast, eager)."""
     import planner
     from planner.calibration import load_calibration
-    from planner.estimate import Overheads, estimate_memory
+    from planner.estimate import estimate_memory
+    from planner.memory_types import Overheads
 
     shape = load_shape("phi-3-vision")
     workload = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)
