@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -53,6 +54,7 @@ __all__ = [
     "image_token_count",
     "load_recipe",
     "image_token_count_for_size",
+    "is_model_preset",
     "pad_to_crops",
     "padded_image_token_count",
     "zero2_buffer_bytes",
@@ -78,6 +80,19 @@ REPORT_TO: dict[str, str | None] = {"none": None, "tensorboard": "tensorboard", 
 #: Random-init model configs of the official shapes, by name (``phi3v_core.config.MODEL_PRESETS`` builds them, in this
 #: order); light commands check a ``--model`` value against these names without importing transformers.
 MODEL_PRESET_NAMES: tuple[str, ...] = ("tiny", "phi-3.5-vision", "phi-3-vision")
+
+
+def is_model_preset(name: str) -> bool:
+    """A preset name: one of :data:`MODEL_PRESET_NAMES` or one registered at run time in
+    ``phi3v_core.config.MODEL_PRESETS`` (``bench.selfcheck``'s depth-reduced copies).
+
+    Whoever registered one has imported that module, so it is read only when already loaded: the check imports no
+    transformers.
+    """
+    if name in MODEL_PRESET_NAMES:
+        return True
+    config = sys.modules.get("phi3v_core.config")
+    return config is not None and name in config.MODEL_PRESETS
 
 # -- GPU generations --------------------------------------------------------------------------------------------------
 #: The first compute capability with bf16 tensor cores and FlashAttention-2 support (Ampere, e.g. A100).

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from phi3v_core.constants import MODEL_PRESET_NAMES, load_recipe
+from phi3v_core.constants import MODEL_PRESET_NAMES, is_model_preset, load_recipe
 from phi3v_core.errors import did_you_mean
 from phi3v_core.methods import METHOD_NAMES, METHODS
 from phi3v_core.run_folder import output_dir_problems
@@ -25,7 +25,6 @@ __all__ = [
     "TASK_NAMES",
     "data_problems",
     "flash_problems",
-    "folder_problems",
     "in_flag_terms",
     "is_hub_id",
     "low_retention",
@@ -74,7 +73,7 @@ def data_problems(
     full_train: bool,
     counts: Mapping[str, int | None] | None = None,
 ) -> list[str]:
-    """The task and where its data comes from (the data folder's existence is :func:`folder_problems`').
+    """The task and where its data comes from, the data folder included.
 
     Args:
         task: The task name.
@@ -106,19 +105,15 @@ def data_problems(
     for name, value in (counts or {}).items():
         if value is not None and value < 1:
             problems.append(f"--{name} must be >= 1 (got {value})")
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        problems.append(f"--data_dir {data_dir}: no such folder")
     return problems
-
-
-def folder_problems(model: str, data_dir: str | None) -> list[str]:
-    """The data folder exists, and the model is a preset or a local folder (:func:`model_problems`)."""
-    missing = data_dir is not None and not Path(data_dir).expanduser().is_dir()
-    return [*([f"--data_dir {data_dir}: no such folder"] if missing else []), *model_problems(model)]
 
 
 def model_problems(model: str) -> list[str]:
     """A model that is neither a preset nor a local folder (a Hub id is never downloaded). A folder's config and
     weight headers are judged by ``TrainConfig.problems``."""
-    if model in MODEL_PRESET_NAMES or Path(model).expanduser().is_dir():
+    if is_model_preset(model) or Path(model).expanduser().is_dir():
         return []
     if is_hub_id(model):
         return [
@@ -132,9 +127,14 @@ def model_problems(model: str) -> list[str]:
     ]
 
 
-def model_dims(model: str) -> tuple[int | None, int | None]:
-    """``(hidden_size, context_length)`` of a preset or a checkpoint folder's config.json (``None`` if unknown)."""
-    if model in MODEL_PRESET_NAMES:
+def model_dims(model: str, *, light: bool = False) -> tuple[int | None, int | None]:
+    """``(hidden_size, context_length)`` of a preset or a checkpoint folder's config.json (``None`` if unknown).
+
+    ``light``: import no transformers (a command's first answer), so a preset's sizes are unknown.
+    """
+    if is_model_preset(model):
+        if light:
+            return None, None
         from phi3v_core.config import get_config  # imports transformers: asked after torch is loaded
 
         config = get_config(model)
@@ -150,10 +150,12 @@ def model_dims(model: str) -> tuple[int | None, int | None]:
 
 
 def size_problems(
-    model: str, method: str, lora_rank: int, *, max_length: int | None, max_new_tokens: int | None
+    model: str, method: str, lora_rank: int, *, max_length: int | None, max_new_tokens: int | None,
+    light: bool = False,
 ) -> list[str]:
-    """LoRA rank within the model's hidden size; lengths within its context (read from its config, nothing loads)."""
-    hidden, context = model_dims(model)
+    """LoRA rank within the model's hidden size; lengths within its context (read from its config, nothing loads;
+    ``light``: as :func:`model_dims`)."""
+    hidden, context = model_dims(model, light=light)
     problems = []
     if uses_lora(method) and hidden and lora_rank > hidden:
         problems.append(
@@ -182,7 +184,7 @@ def output_problems(
 ) -> list[str]:
     """Why the run may not write ``output_dir``: another run in it, files it would overwrite, an overlap with the data
     or the model, not writable (:func:`phi3v_core.run_folder.output_dir_problems`; reads only)."""
-    sources = {"--data_dir": data_dir, "--model_name_or_path": model if model not in MODEL_PRESET_NAMES else None}
+    sources = {"--data_dir": data_dir, "--model_name_or_path": None if is_model_preset(model) else model}
     return output_dir_problems(output_dir, resume=resume, overwrite=overwrite, sources=sources)
 
 

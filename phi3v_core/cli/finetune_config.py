@@ -242,9 +242,7 @@ class _Resolver:
     def context(self, model: str) -> int | None:
         """The model's context length (None: unknown, or a preset while torch is not imported: its config class
         is transformers')."""
-        if model in MODEL_PRESET_NAMES and self.light:
-            return None
-        return run_checks.model_dims(model)[1]
+        return run_checks.model_dims(model, light=self.light)[1]
 
     def numbers(self) -> dict[str, Any]:
         values = {name: self.pick(name, default) for name, default in {**RECIPE_DEFAULTS, **OUR_DEFAULTS}.items()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from phi3v_core.constants import (
     OPTIM_NAMES,
     PRECISION_NAMES,
     ZERO_BUCKET_ELEMENTS,
+    is_model_preset,
     supports_bf16,
     supports_flash_attention,
 )
@@ -65,18 +65,6 @@ def __getattr__(name: str) -> Any:
 #: Old field name → current one. Accepted by :meth:`TrainConfig.from_dict` only (not the constructor), so
 #: ``train_config.json`` / ``run.json`` files written before the rename keep loading.
 DEPRECATED_FIELDS: dict[str, str] = {"per_device_batch": "micro_batch"}
-
-
-def _is_preset(model: str) -> bool:
-    """A preset name, including one registered at run time (``bench.selfcheck``'s depth-reduced copies).
-
-    Such names live in :data:`phi3v_core.config.MODEL_PRESETS`; whoever registered one has imported that module, so it
-    is read only when already loaded and the check stays torch- and transformers-free.
-    """
-    if model in MODEL_PRESET_NAMES:
-        return True
-    config = sys.modules.get("phi3v_core.config")
-    return config is not None and model in config.MODEL_PRESETS
 
 
 @dataclass
@@ -373,7 +361,7 @@ class TrainConfig:
         raise_all(self.problems(env))
 
     def _model_problems(self, name: Callable[[str], str]) -> list[str]:
-        if _is_preset(self.model):
+        if is_model_preset(self.model):
             return []
         folder = Path(self.model)
         if not (folder / "config.json").is_file():

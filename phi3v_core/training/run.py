@@ -120,16 +120,12 @@ class FinetuneConfig:
             *run_checks.data_problems(
                 self.task, data_dir=self.data_dir, synthetic=self.synthetic, full_train=self.full_train, counts=counts
             ),
-            *run_checks.folder_problems(train.model, self.data_dir),
+            *model,
             *flash,
             *schedule,
-            *(
-                run_checks.size_problems(  # nothing to compare with when the model is missing
-                    train.model, train.method, train.lora_rank,
-                    max_length=self.max_length, max_new_tokens=self.max_new_tokens,
-                )
-                if not light or train.model not in MODEL_PRESET_NAMES
-                else []
+            *run_checks.size_problems(
+                train.model, train.method, train.lora_rank,
+                max_length=self.max_length, max_new_tokens=self.max_new_tokens, light=light,
             ),
             *run_checks.output_problems(
                 train.output_dir, resume=train.resume, overwrite=self.overwrite_output_dir, data_dir=self.data_dir,
