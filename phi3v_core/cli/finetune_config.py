@@ -98,9 +98,6 @@ _FIELD_FLAGS = {
 }
 
 
-_COUNTS = ("eval_limit", "max_new_tokens", "eval_batch_size")  # counts judged >= 1 by run_checks.data_problems
-
-
 def flag_conflicts(args: argparse.Namespace, preset: RecipePreset | None, method: str) -> list[str]:
     """Flags that each hold a valid value but exclude one another: which flags were passed, not what they hold (every
     value is judged by :meth:`FinetuneConfig.problems <phi3v_core.training.run.FinetuneConfig.problems>`).
