@@ -170,6 +170,47 @@ def test_clip_quick_gelu_is_bit_identical_to_transformers(tiny_model: Phi3VForCa
         assert torch.equal(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "frozen"])
+def test_clip_layers_without_graph_are_bit_identical(tiny_model: Phi3VForCausalLM, mode: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU path without a graph (per-crop MLP, in-place residuals, contiguous heads) gives transformers' features."""
+    from phi3v_core.model import clip_layers
+
+    embed = tiny_model.model.vision_embed_tokens
+    clip = embed.img_processor.vision_model
+    plain = CLIPVisionModel(clip.config)
+    plain.load_state_dict(clip.state_dict())
+    crops = torch.randn(3, 3, 336, 336)
+    with torch.no_grad():
+        reference = plain(pixel_values=crops, output_hidden_states=True).hidden_states[-2][:, 1:]
+    seen = []
+    original = clip_layers.clip_layer_without_graph
+    monkeypatch.setattr("phi3v_core.model.image_embedding.clip_layer_without_graph",
+                        lambda layer, hidden: seen.append(1) or original(layer, hidden))
+    frozen = [p.requires_grad_(False) for p in clip.parameters()] if mode == "frozen" else []
+    try:
+        with torch.set_grad_enabled(mode == "frozen"):
+            ours = embed.clip_features(crops)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    assert len(seen) == embed.num_used_layers, "the path without a graph was not taken"
+    assert not ours.requires_grad
+    assert torch.equal(ours, reference)
+
+
+def test_clip_layers_keep_the_graph_when_a_gradient_flows(tiny_model: Phi3VForCausalLM) -> None:
+    """With trainable CLIP weights the tower keeps transformers' layers, so gradients reach them."""
+    from phi3v_core.model.clip_layers import runs_without_graph
+
+    clip = tiny_model.model.vision_embed_tokens.img_processor.vision_model
+    hidden = torch.zeros(1, 2, clip.config.hidden_size)
+    assert not runs_without_graph(clip, hidden)
+    with torch.no_grad():
+        assert runs_without_graph(clip, hidden)
+    assert not runs_without_graph(clip, torch.zeros(1, 2, clip.config.hidden_size, device="meta"))
+
+
 def _reference_layout(embed, pixel_values: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
     """Loop-by-loop re-statement of modeling_phi3_v.py's image embedding (CLIP on all crops, like the reference)."""
     n_img, n_slots = pixel_values.shape[:2]
