@@ -14,23 +14,28 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from transformers import CLIPVisionConfig
 from transformers.models.phi3.configuration_phi3 import Phi3Config
 
-from phi3v_core.constants import CONTEXT_LENGTH, CROP_SIZE, DEFAULT_ATTN, MODEL_PRESET_NAMES, TOKENS_PER_CROP
+from phi3v_core.constants import (
+    CONTEXT_LENGTH,
+    CROP_SIZE,
+    DEFAULT_ATTN,
+    MODEL_PRESET_NAMES,
+    TINY_HIDDEN_SIZE,
+    TOKENS_PER_CROP,
+)
 from phi3v_core.errors import ConfigError
+from phi3v_core.preset_files import official_preset
 
 __all__ = [
     "CLIP_VIT_L14_336",
     "Phi3VConfig",
     "MODEL_PRESETS",
-    "PRESET_FILES",
     "get_config",
-    "official_preset",
     "phi35_vision_config",
     "phi3_vision_v1_config",
     "tiny_config",
@@ -65,14 +70,6 @@ DEFAULT_IMG_PROCESSOR: dict[str, Any] = {
     "name": "clip_vision_model",
     "num_img_tokens": TOKENS_PER_CROP,
 }
-
-#: Package data files holding the two official checkpoints' published configuration (copied from their Hugging Face
-#: repositories, see each file's "provenance"): the presets read these files and nothing else.
-PRESET_FILES = {
-    "phi-3.5-vision": "phi-3.5-vision-instruct.json",
-    "phi-3-vision": "phi-3-vision-128k-instruct.json",
-}
-
 
 @dataclass(repr=False)
 class Phi3VConfig(Phi3Config):
@@ -182,27 +179,6 @@ def _with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> Phi3VCon
     return cfg
 
 
-def official_preset(name: str) -> dict[str, Any]:
-    """The shipped record of an official checkpoint: ``config`` (its config.json), ``preprocessor`` (its
-    preprocessor_config.json), ``source`` and ``provenance``.
-
-    Args:
-        name: ``"phi-3.5-vision"`` or ``"phi-3-vision"``.
-
-    Raises:
-        ConfigError: Unknown name, or the package data is missing (a broken install).
-    """
-    if name not in PRESET_FILES:
-        raise ConfigError(f"no official config for {name!r}; choose one of {', '.join(PRESET_FILES)}")
-    resource = resources.files("phi3v_core").joinpath("configs", PRESET_FILES[name])
-    try:
-        return json.loads(resource.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(
-            f"phi3v_core/configs/{PRESET_FILES[name]} is missing or unreadable ({exc}); reinstall phi3v-bench"
-        ) from exc
-
-
 def phi35_vision_config(**overrides: Any) -> Phi3VConfig:
     """The official Phi-3.5-vision-instruct config (4,146,621,440 parameters)."""
     return _with_overrides(official_preset("phi-3.5-vision")["config"], overrides)
@@ -222,7 +198,7 @@ def tiny_config(**overrides: Any) -> Phi3VConfig:
     head_dim = 16
     base = {
         "vocab_size": 32064,
-        "hidden_size": 64,
+        "hidden_size": TINY_HIDDEN_SIZE,
         "intermediate_size": 128,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,

@@ -30,6 +30,7 @@ __all__ = [
     "AMPERE",
     "ATTN_NAMES",
     "CONTEXT_LENGTH",
+    "TINY_HIDDEN_SIZE",
     "CROP_SIZE",
     "DEFAULT_ATTN",
     "EIGHT_BIT_OPTIMS",
@@ -122,6 +123,10 @@ TOKENS_PER_CROP = 144
 
 #: Context length of both official checkpoints (``max_position_embeddings``, LongRoPE; 4096 before scaling).
 CONTEXT_LENGTH = 131072
+
+#: The ``tiny`` preset's decoder width (``phi3v_core.config.tiny_config``), known here so that a first answer can check
+#: sizes against it without importing transformers.
+TINY_HIDDEN_SIZE = 64
 
 # -- DeepSpeed ZeRO-2 buckets -----------------------------------------------------------------------------------------
 #: ``reduce_bucket_size`` / ``allgather_bucket_size`` phi3v-finetune uses (elements). Not the recipe's 5e8: with

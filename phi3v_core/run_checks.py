@@ -19,6 +19,7 @@ from typing import Any
 from phi3v_core.constants import MODEL_PRESET_NAMES, is_model_preset, load_recipe
 from phi3v_core.errors import did_you_mean
 from phi3v_core.methods import METHOD_NAMES, METHODS
+from phi3v_core.preset_files import preset_dims
 from phi3v_core.run_folder import output_dir_problems
 
 __all__ = [
@@ -130,11 +131,12 @@ def model_problems(model: str) -> list[str]:
 def model_dims(model: str, *, light: bool = False) -> tuple[int | None, int | None]:
     """``(hidden_size, context_length)`` of a preset or a checkpoint folder's config.json (``None`` if unknown).
 
-    ``light``: import no transformers (a command's first answer), so a preset's sizes are unknown.
+    ``light``: import no transformers (a command's first answer): the built-in presets' sizes come from the shipped
+    records, a preset registered at run time stays unknown until the second answer.
     """
     if is_model_preset(model):
         if light:
-            return None, None
+            return preset_dims(model)
         from phi3v_core.config import get_config  # imports transformers: asked after torch is loaded
 
         config = get_config(model)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from phi3v_core.config import PRESET_FILES, get_config, official_preset
+from phi3v_core.config import get_config
+from phi3v_core.preset_files import PRESET_FILES, official_preset
 from tests.conftest import REPO_ROOT
 from tests.safety_helpers import HANG_GUARD_S
 
@@ -131,3 +132,12 @@ def test_wheel_in_fresh_venv_builds_identical_presets(tmp_path: Path) -> None:
         assert installed == here, name
         published = official_preset(name)["config"]["rope_scaling"]
         assert installed["rope_parameters"]["long_factor"] == published["long_factor"]
+
+
+@pytest.mark.parametrize("preset", ["tiny", *PRESET_FILES])
+def test_preset_dims_read_without_transformers_match_the_built_config(preset: str) -> None:
+    """A first answer's sizes (``preset_dims``, no transformers) are the sizes of the config the preset builds."""
+    from phi3v_core.preset_files import preset_dims
+
+    config = get_config(preset)
+    assert preset_dims(preset) == (config.hidden_size, config.max_position_embeddings)

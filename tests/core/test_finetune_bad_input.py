@@ -401,6 +401,19 @@ def test_the_first_answer_holds_every_problem_that_does_not_need_the_gpu(tmp_pat
     assert snapshot(tmp_path) == before
 
 
+def test_a_presets_sizes_join_the_first_answer(tmp_path):
+    # The built-in presets' sizes come from the shipped records (phi3v_core.preset_files), so --lora_rank above the
+    # tiny preset's hidden size is named with the schedule problem before torch or transformers is imported; before,
+    # it waited for the second answer.
+    done = _main_in_subprocess(
+        [*BASE, "--use_lora", "--lora_rank", "65", "--max_steps", "3", "--warmup_steps", "50"], tmp_path
+    )
+    assert "HEAVY [] 1" in done.stdout, done.stdout + done.stderr
+    line = done.stderr.strip()
+    assert line.startswith("error: 2 problems: "), line
+    assert "--lora_rank 65 exceeds the model's hidden size 64" in line and "--warmup_steps 50" in line
+
+
 def test_where_cuda_is_unknown_before_torch_fp16_is_all_the_second_answer_says(tmp_path, monkeypatch):
     # A CUDA build of torch on a machine without a usable GPU (simulated: the build is not read as a CPU one): the
     # first answer leaves fp16 out, the second, once torch is imported, names it alone.

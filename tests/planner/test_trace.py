@@ -176,7 +176,7 @@ REDUCED_REPLAY = {"peak_allocated": 5312027648, "peak_reserved": 9045016576, "ra
 
 def _reduced_copy(folder: Path, layers: int, vision_layers: int) -> str:
     """A checkpoint folder (config only) of phi-3-vision with ``layers`` decoder and ``vision_layers`` CLIP layers."""
-    from phi3v_core.config import official_preset
+    from phi3v_core.preset_files import official_preset
 
     folder.mkdir()
     config = official_preset("phi-3-vision")["config"]
