@@ -159,12 +159,12 @@ def check_setup(cfg: BenchConfig, cuda: bool) -> Any:
 
 def check_workload(cfg: BenchConfig, shape: Any, seq_len: int | None = None) -> Any:
     """The planner's workload of one sample of ``cfg``'s profile (``seq_len``: the measured length, if known)."""
-    from planner.estimate import Workload
+    from planner.estimate import SampleShape
 
     profile = cfg.profile
-    workload = Workload.from_images(shape, cfg.num_crops, (profile.image_width, profile.image_height),
-                                    images=profile.images_per_sample, text_tokens=profile.text_tokens,
-                                    answer_tokens=profile.answer_tokens or None)
+    workload = SampleShape.from_images(shape, cfg.num_crops, (profile.image_width, profile.image_height),
+                                       images=profile.images_per_sample, text_tokens=profile.text_tokens,
+                                       answer_tokens=profile.answer_tokens or None)
     return workload if seq_len is None else dataclasses.replace(workload, seq_len=seq_len)
 
 

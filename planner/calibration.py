@@ -25,7 +25,7 @@ from typing import Any
 from phi3v_core.constants import load_recipe
 from phi3v_core.errors import DataError
 from phi3v_core.reference import reference_rows, reference_source
-from planner.estimate import Workload, estimate_memory
+from planner.estimate import SampleShape, estimate_memory
 from planner.hardware import GpuSpec, azure_skus, find_gpu
 from planner.memory_floor import memory_floor
 from planner.memory_types import GIB, Overheads
@@ -100,10 +100,10 @@ class AnchorRow:
             logits="full",  # the recipe's code computes logits at every position
         )
 
-    def workload(self, shape: ModelShape) -> Workload:
+    def workload(self, shape: ModelShape) -> SampleShape:
         """The recipe's DocVQA sample: mean sequence, all ``num_crops + 1`` slots through CLIP."""
         seq = round(self.avg_seq_tokens)
-        return Workload(
+        return SampleShape(
             seq_len=seq,
             vision_crops=self.num_crops + 1,
             image_tokens=seq - load_recipe().profiles["docvqa"].text_tokens,

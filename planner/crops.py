@@ -19,7 +19,7 @@ from typing import Any
 
 from phi3v_core.constants import CONTEXT_LENGTH, MAX_NUM_CROPS, hd_resize_target
 from phi3v_core.image_sizes import TASK_IMAGES
-from planner.estimate import Workload, estimate_memory
+from planner.estimate import SampleShape, estimate_memory
 from planner.memory_types import GIB
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
 from planner.train_setup import TrainSetup
@@ -67,14 +67,14 @@ def resize_factor(width: int, height: int, num_crops: int) -> float:
     return new_long / max(width, height)
 
 
-def sample_workload(shape: ModelShape, image_sizes: Sequence[Size], text_tokens: int, num_crops: int) -> Workload:
+def sample_workload(shape: ModelShape, image_sizes: Sequence[Size], text_tokens: int, num_crops: int) -> SampleShape:
     """Tokens and real crops of one sample at ``num_crops`` (the processor's arithmetic)."""
     tokens = crops = 0
     for width, height in image_sizes:
         rows, cols = hd_crop_grid(width, height, num_crops)
         tokens += image_token_count(rows, cols, shape.num_img_tokens)
         crops += rows * cols + 1
-    return Workload(
+    return SampleShape(
         seq_len=tokens + text_tokens,
         vision_crops=crops,
         image_tokens=tokens,
@@ -84,14 +84,14 @@ def sample_workload(shape: ModelShape, image_sizes: Sequence[Size], text_tokens:
     )
 
 
-def mean_workload(workloads: Sequence[Workload], weights: Sequence[float], num_crops: int) -> Workload:
+def mean_workload(workloads: Sequence[SampleShape], weights: Sequence[float], num_crops: int) -> SampleShape:
     """The weighted average sample (what the speed model is run on)."""
     total = sum(weights)
 
     def avg(name: str) -> int:
         return round(sum(getattr(w, name) * k for w, k in zip(workloads, weights, strict=True)) / total)
 
-    return Workload(
+    return SampleShape(
         seq_len=avg("seq_len"),
         vision_crops=avg("vision_crops"),
         image_tokens=avg("image_tokens"),
@@ -101,10 +101,10 @@ def mean_workload(workloads: Sequence[Workload], weights: Sequence[float], num_c
     )
 
 
-def envelope(workloads: Sequence[Workload]) -> Workload:
+def envelope(workloads: Sequence[SampleShape]) -> SampleShape:
     """A sample at least as large as each one in every dimension (tokens, crops, images): memory is planned for a
     micro-batch of it, so a layout that fits it fits every sample."""
-    return Workload(
+    return SampleShape(
         seq_len=max(w.seq_len for w in workloads),
         vision_crops=max(w.vision_crops for w in workloads),
         image_tokens=max(w.image_tokens for w in workloads),

@@ -18,7 +18,7 @@ from typing import Any
 
 from phi3v_core.cli.vocabulary import plural
 from planner.crops import CropsTable, add_costs, crops_table
-from planner.estimate import Workload, estimate_memory
+from planner.estimate import SampleShape, estimate_memory
 from planner.layouts import fits_with_headroom
 from planner.packing import data_packing, remember_lengths
 from planner.render import method_preference
@@ -52,7 +52,7 @@ class DataContext:
 
     profile: Any
     table: CropsTable
-    memory_workload: Workload
+    memory_workload: SampleShape
     batch_note: str | None = None
     notes: list[str] = field(default_factory=list)
 

@@ -21,7 +21,7 @@ from phi3v_core.data.task_registry import default_num_crops, read_task_split, ta
 from phi3v_core.errors import DataError
 from phi3v_core.fs import pending
 from planner.crops import WeightedSample, envelope, mean_workload, sample_workload
-from planner.estimate import Workload
+from planner.estimate import SampleShape
 from planner.shapes import ModelShape
 
 __all__ = ["DataProfile", "Sample", "profile_data"]
@@ -41,7 +41,7 @@ class Sample:
     text_tokens: int
     record_id: str = ""
 
-    def workload(self, shape: ModelShape, num_crops: int) -> Workload:
+    def workload(self, shape: ModelShape, num_crops: int) -> SampleShape:
         """Tokens and real crops of this sample at ``num_crops`` (the processor's arithmetic)."""
         return sample_workload(shape, self.image_sizes, self.text_tokens, num_crops)
 
@@ -67,7 +67,7 @@ class DataProfile:
     samples: list[Sample]
     lengths: list[int]
     text_estimated: bool
-    mean_workload: Workload
+    mean_workload: SampleShape
     longest: int
     stats: dict[str, float] = field(default_factory=dict)
     task: str = "jsonl"
@@ -81,7 +81,7 @@ class DataProfile:
             counts[key] = counts.get(key, 0) + 1
         return [WeightedSample(sizes, text, count) for (sizes, text), count in counts.items()]
 
-    def largest(self, shape: ModelShape) -> Workload:
+    def largest(self, shape: ModelShape) -> SampleShape:
         """At least every sample's tokens, crops and images (:func:`planner.crops.envelope`): memory is planned for
         a micro-batch of it, so a layout that fits it fits every sample."""
         return envelope([s.workload(shape, self.num_crops) for s in self.samples])

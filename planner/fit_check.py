@@ -53,7 +53,7 @@ def _setup(train: Any, world: int, cuda: bool) -> Any:
 
 def _workload(task: str, data_dir: str | None, shape: Any, num_crops: int) -> Any | None:
     """The longest sample of a jsonl folder, or the task's recipe profile (None: neither is known)."""
-    from planner.estimate import Workload
+    from planner.estimate import SampleShape
     from planner.request import task_profiles
 
     if data_dir and task not in _PROFILED:
@@ -65,8 +65,9 @@ def _workload(task: str, data_dir: str | None, shape: Any, num_crops: int) -> An
     if task not in _PROFILED:
         return None
     p = task_profiles()["tasks"][task]
-    return Workload.from_images(shape, num_crops, (p["image_width"], p["image_height"]), images=p["images_per_sample"],
-                                text_tokens=p["text_tokens"], answer_tokens=p["answer_tokens"])
+    return SampleShape.from_images(shape, num_crops, (p["image_width"], p["image_height"]),
+                                   images=p["images_per_sample"], text_tokens=p["text_tokens"],
+                                   answer_tokens=p["answer_tokens"])
 
 
 def finetune_fit_problem(train: Any, task: str, data_dir: str | None, world: int, local: int, cuda: bool) -> str | None:

@@ -37,7 +37,7 @@ from phi3v_core.software import Software, bnb_arch_range, torch_gpu_problem
 from planner.calibration import Calibration, load_calibration
 from planner.dataplan import data_summary, read_data, size_schedule
 from planner.deadline import azure_summary, meet_deadline
-from planner.estimate import Workload
+from planner.estimate import SampleShape
 from planner.feeding import data_loading_for
 from planner.hardware import (
     Detection,
@@ -87,16 +87,16 @@ __all__ = [
 ]
 
 
-def _workload(request: PlanRequest, shape: ModelShape) -> Workload:
+def _workload(request: PlanRequest, shape: ModelShape) -> SampleShape:
     task = task_profiles()["tasks"][request.task]
     images = task["images_per_sample"] if request.images_per_sample is None else request.images_per_sample
     num_crops = request.num_crops or task["num_crops"]
     size = request.image_size or (task["image_width"], task["image_height"])
     text = task["text_tokens"] if request.text_tokens is None else request.text_tokens
     if images == 0:
-        workload = Workload(seq_len=text, vision_crops=0, image_tokens=0, images=0, pixel_slots=0)
+        workload = SampleShape(seq_len=text, vision_crops=0, image_tokens=0, images=0, pixel_slots=0)
     else:
-        workload = Workload.from_images(
+        workload = SampleShape.from_images(
             shape, num_crops, size, images=images, text_tokens=text, answer_tokens=task["answer_tokens"]
         )
     if request.seq_len:
@@ -319,11 +319,11 @@ def _plan_method(
     method: str,
     hw: Hardware,
     shape: ModelShape,
-    workload: Workload,
+    workload: SampleShape,
     request: PlanRequest,
     calibration: Calibration,
     traces: dict[bool, dict[str, Any]] | None,
-    memory_workload: Workload | None = None,
+    memory_workload: SampleShape | None = None,
     software: Software | None = None,
 ) -> MethodPlan:
     """One method's plan; ``software`` is the detected machine's (None: what-if hardware, assumptions stated)."""
@@ -413,7 +413,7 @@ def _speed_notes(pick: Candidate, hw: Hardware, calibration: Calibration) -> lis
 
 
 def _refuse_past_the_context(
-    request: PlanRequest, workload: Workload, longest: Workload | None, profile: Any, shape: ModelShape
+    request: PlanRequest, workload: SampleShape, longest: SampleShape | None, profile: Any, shape: ModelShape
 ) -> None:
     """The rule finetune and ``phi3v-convert check`` apply: no sample longer than the model's context is trained."""
     if longest is not None and longest.seq_len > CONTEXT_LENGTH:
@@ -482,7 +482,7 @@ def _torch_notes(detection: Detection, software: Software) -> list[str]:
     return [f"phi3v-finetune will refuse until this is fixed: {problem}"] if problem else []
 
 
-def _traces_for(request: PlanRequest, method: str, hw: Hardware, workload: Workload) -> dict[bool, dict[str, Any]]:
+def _traces_for(request: PlanRequest, method: str, hw: Hardware, workload: SampleShape) -> dict[bool, dict[str, Any]]:
     """MemTracker traces of the method's step with checkpointing on and off (``--trace``)."""
     from planner.trace import trace_activations
 

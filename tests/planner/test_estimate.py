@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from planner.calibration import calibration_report, calibration_summary, fit_cache_fraction, load_calibration
-from planner.estimate import Workload, estimate_memory, model_state_bytes
+from planner.estimate import SampleShape, estimate_memory, model_state_bytes
 from planner.layouts import fits_with_headroom
 from planner.memory_types import GIB
 from planner.shapes import ModelShape
@@ -119,7 +119,7 @@ def test_recorded_trace_evidence_matches_the_closed_form():
     """The recorded real-model traces (calibration.json) still agree with today's closed form on their sample."""
     calibration = load_calibration()
     evidence = calibration.constants["memory_trace_evidence"]["rows"]
-    workload = Workload.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
+    workload = SampleShape.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
     assert workload.seq_len == 2443  # the recipe's mean sample
     rows = {row.label: row for row in calibration.rows}
     assert len(evidence) == 6
@@ -176,8 +176,8 @@ def test_lora_and_qlora_states():
     assert qlora["weights"] / 1e9 == pytest.approx(2.63, abs=0.05)
 
 
-def _docvqa() -> Workload:
-    return Workload.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
+def _docvqa() -> SampleShape:
+    return SampleShape.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
 
 
 def test_memory_grows_with_micro_batch_and_without_checkpointing():
