@@ -33,9 +33,9 @@ __all__ = [
     "WeightedSample",
     "crops_table",
     "envelope",
-    "mean_workload",
+    "mean_shape",
     "resize_factor",
-    "sample_workload",
+    "sample_shape",
     "smallest_keeping_detail",
     "task_samples",
 ]
@@ -67,7 +67,7 @@ def resize_factor(width: int, height: int, num_crops: int) -> float:
     return new_long / max(width, height)
 
 
-def sample_workload(shape: ModelShape, image_sizes: Sequence[Size], text_tokens: int, num_crops: int) -> SampleShape:
+def sample_shape(shape: ModelShape, image_sizes: Sequence[Size], text_tokens: int, num_crops: int) -> SampleShape:
     """Tokens and real crops of one sample at ``num_crops`` (the processor's arithmetic)."""
     tokens = crops = 0
     for width, height in image_sizes:
@@ -84,7 +84,7 @@ def sample_workload(shape: ModelShape, image_sizes: Sequence[Size], text_tokens:
     )
 
 
-def mean_workload(workloads: Sequence[SampleShape], weights: Sequence[float], num_crops: int) -> SampleShape:
+def mean_shape(workloads: Sequence[SampleShape], weights: Sequence[float], num_crops: int) -> SampleShape:
     """The weighted average sample (what the speed model is run on)."""
     total = sum(weights)
 
@@ -228,7 +228,7 @@ def crops_table(
     total = sum(w for _, w in images) or 1.0
     rows = []
     for num_crops in sorted({*choices, recommended}):
-        lengths = [(sample_workload(shape, s.image_sizes, s.text_tokens, num_crops).seq_len, s.weight) for s in samples]
+        lengths = [(sample_shape(shape, s.image_sizes, s.text_tokens, num_crops).seq_len, s.weight) for s in samples]
         factors = [(resize_factor(wd, ht, num_crops), w) for (wd, ht), w in images]
         rows.append(
             CropRow(
@@ -262,13 +262,13 @@ def add_costs(
     constants, _fitted = fit_speed_constants(calibration, load_shape("phi-3-vision"))
     weights = [s.weight for s in samples]
     for row in table.rows:
-        workloads = [sample_workload(shape, s.image_sizes, s.text_tokens, row.num_crops) for s in samples]
+        workloads = [sample_shape(shape, s.image_sizes, s.text_tokens, row.num_crops) for s in samples]
         memory = estimate_memory(shape, setup, envelope(workloads), calibration.overheads)
         row.peak_gib = memory.reserved / GIB
         row.over_context = envelope(workloads).seq_len > CONTEXT_LENGTH  # finetune refuses such samples
         row.fits = fits_with_headroom(memory, hw.gpu.memory_bytes, calibration) and not row.over_context
         speed = predict_speed(
-            shape, mean_workload(workloads, weights, row.num_crops), setup, hw.gpu, hw.interconnect(), constants, dataset_size
+            shape, mean_shape(workloads, weights, row.num_crops), setup, hw.gpu, hw.interconnect(), constants, dataset_size
         )
         row.epoch_s = speed.epoch_s if speed else None
     table.cost_basis = basis

@@ -181,19 +181,19 @@ def search(
     hw: Hardware,
     shape: ModelShape,
     workload: SampleShape,
-    memory_workload: SampleShape,
+    memory_shape: SampleShape,
     request: PlanRequest,
     calibration: Calibration,
     traces: dict[bool, dict[str, Any]] | None,
 ) -> list[Candidate]:
-    """Every layout of ``base``'s method with predicted memory (on ``memory_workload``) and speed (on ``workload``)."""
+    """Every layout of ``base``'s method with predicted memory (on ``memory_shape``) and speed (on ``workload``)."""
     global_batch = request.global_batch or task_profiles()["common"]["global_batch"]
     learning_rate = float(hyperparameters(request.task, base.method, global_batch)["learning_rate"])
     constants, _fitted = fit_speed_constants(calibration, load_shape("phi-3-vision"))
     host, _host_source = host_ram_bytes(request, hw)
     capacity = hw.gpu.memory_bytes
     packing = PackingInputs(lengths_for(request, shape, workload.num_crops or 16), constants.rates(hw.gpu, base.precision),
-                            constants, memory_workload)  # fmt: skip
+                            constants, memory_shape)  # fmt: skip
     out = []
     for tier, options in enumerate(option_tiers(base)):
         for optim, offload in options:
@@ -206,7 +206,7 @@ def search(
                         gradient_checkpointing=checkpointing,
                         checkpoint_towers=towers,
                     )
-                    memory = estimate(shape, setup, memory_workload, calibration, traces)
+                    memory = estimate(shape, setup, memory_shape, calibration, traces)
                     host_need = host_memory_bytes(shape, setup) * hw.gpus_per_node
                     fits = fits_with_headroom(memory, capacity, calibration) and (host is None or host_need <= host)
                     speed = predict_speed(

@@ -45,7 +45,7 @@ def test_flash_memory_rows_within_10_percent_when_held_out(report, row, publishe
     assert report[row]["published_gb"] == published and report[row]["memory_role"] == "fitted"
     anchor = next(r for r in calibration.rows if r.label == row)
     overheads = dataclasses.replace(calibration.overheads, cache_fraction=loo)
-    est = estimate_memory(reference_shape(PHI3V, anchor.method), anchor.setup(), anchor.workload(PHI3V), overheads)
+    est = estimate_memory(reference_shape(PHI3V, anchor.method), anchor.setup(), anchor.sample_shape(PHI3V), overheads)
     error = 100 * (est.reserved / GIB / published - 1)
     assert report[row]["memory_held_out_error_pct"] == pytest.approx(error, abs=0.06)
     assert abs(error) <= 10, report[row]
@@ -134,7 +134,7 @@ def test_v100_full_fits_its_card_but_fills_it(report):
     shape = PHI3V
     calibration = load_calibration()
     row = next(r for r in calibration.rows if r.label == "8xV100-32GB x1 full no FA")
-    est = estimate_memory(shape, row.setup(), row.workload(shape), calibration.overheads)
+    est = estimate_memory(shape, row.setup(), row.sample_shape(shape), calibration.overheads)
     assert est.required <= 32 * GIB  # tensors + context fit the card: the recipe ran it
     assert est.expected_peak(32 * GIB) == pytest.approx(32 * GIB)
     # the planner's one fit rule (reserved peak within 95 % of the card) does not recommend it, as the README says
