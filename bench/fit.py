@@ -60,7 +60,7 @@ def available(gpu: bool, nvml: Any | None = None) -> Memory:
 
 def predict(cfg: BenchConfig, gpu: bool) -> Memory:
     """The planner's memory for ``cfg``: reserved peak per GPU, host RAM per node."""
-    from bench.selfcheck_plan import check_setup, check_workload
+    from bench.selfcheck_plan import check_sample_shape, check_setup
     from planner.calibration import load_calibration
     from planner.estimate import estimate_memory
     from planner.host_memory import process_host_bytes
@@ -68,7 +68,7 @@ def predict(cfg: BenchConfig, gpu: bool) -> Memory:
 
     shape = load_shape(cfg.model)
     setup = check_setup(cfg, cuda=gpu)  # ZeRO-2 buckets as the worker's TrainConfig sets them
-    workload = check_workload(cfg, shape)
+    workload = check_sample_shape(cfg, shape)
     processes = cfg.world_size // cfg.nodes  # per node
     host = process_host_bytes(shape, setup, workload, cuda=gpu) * processes  # on a CPU every tensor is host RAM
     if gpu:

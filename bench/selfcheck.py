@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from bench.config import BenchConfig, DeviceDescription
-from bench.selfcheck_plan import PlannedCheck, TargetMachine, check_setup, check_workload, plan_checks
+from bench.selfcheck_plan import PlannedCheck, TargetMachine, check_sample_shape, check_setup, plan_checks
 from phi3v_core.io import json_safe
 from phi3v_core.methods import get_method
 
@@ -178,7 +178,7 @@ def predicted_peak_bytes(
     shape = load_shape(cfg.model)
     if layers is not None:
         shape = dataclasses.replace(shape, num_layers=layers)
-    workload = check_workload(cfg, shape, seq_len)
+    workload = check_sample_shape(cfg, shape, seq_len)
     if supervised_tokens is not None:
         workload = dataclasses.replace(workload, supervised_tokens=supervised_tokens)
     return int(estimate_memory(shape, check_setup(cfg, cuda), workload).allocated)

@@ -35,7 +35,7 @@ __all__ = [
     "check_memory_limit",
     "PlannedCheck",
     "check_setup",
-    "check_workload",
+    "check_sample_shape",
     "expected_seconds",
     "plan_checks",
 ]
@@ -157,14 +157,15 @@ def check_setup(cfg: BenchConfig, cuda: bool) -> Any:
     )  # fmt: skip
 
 
-def check_workload(cfg: BenchConfig, shape: Any, seq_len: int | None = None) -> Any:
-    """The planner's workload of one sample of ``cfg``'s profile (``seq_len``: the measured length, if known)."""
-    from planner.estimate import Workload
+def check_sample_shape(cfg: BenchConfig, shape: Any, seq_len: int | None = None) -> Any:
+    """The planner's :class:`~planner.estimate.SampleShape` of one sample of ``cfg``'s profile (``seq_len``: the
+    measured length, if known)."""
+    from planner.estimate import SampleShape
 
     profile = cfg.profile
-    workload = Workload.from_images(shape, cfg.num_crops, (profile.image_width, profile.image_height),
-                                    images=profile.images_per_sample, text_tokens=profile.text_tokens,
-                                    answer_tokens=profile.answer_tokens or None)
+    workload = SampleShape.from_images(shape, cfg.num_crops, (profile.image_width, profile.image_height),
+                                       images=profile.images_per_sample, text_tokens=profile.text_tokens,
+                                       answer_tokens=profile.answer_tokens or None)
     return workload if seq_len is None else dataclasses.replace(workload, seq_len=seq_len)
 
 
@@ -194,7 +195,7 @@ def _form(cfg: BenchConfig, machine: TargetMachine) -> tuple[str, int | None, st
     limit = check_memory_limit(capacity, calibration) / GIB
     for layers in range(shape.num_layers, 0, -1):
         memory = estimate_memory(dataclasses.replace(shape, num_layers=layers), setup,
-                                 check_workload(cfg, shape), calibration.overheads)
+                                 check_sample_shape(cfg, shape), calibration.overheads)
         if memory.reserved / GIB <= limit:
             need = memory.reserved / GIB
             if layers == shape.num_layers:
@@ -227,7 +228,7 @@ def expected_seconds(cfg: BenchConfig, machine: TargetMachine, layers: int | Non
     cc = machine.device.compute_capability or (0, 0)
     spec = match_spec(machine.device.gpu_name, int(machine.memory_bytes or 0), cc)
     link = Interconnect(cfg.world_size, 1, spec.pcie_gbs or 32.0, False, 25.0, "selfcheck estimate: one node, PCIe")
-    speed = predict_speed(shape, check_workload(cfg, shape), check_setup(cfg, cuda=True), spec, link, constants)
+    speed = predict_speed(shape, check_sample_shape(cfg, shape), check_setup(cfg, cuda=True), spec, link, constants)
     step_s = speed.step_s if speed is not None else CHECK_OVERHEAD_S["unknown_step"]
     return CHECK_OVERHEAD_S["cuda"] + steps * step_s
 

@@ -14,7 +14,7 @@ import weakref
 from dataclasses import replace
 from typing import Any
 
-from planner.estimate import Workload
+from planner.estimate import SampleShape
 from planner.trace import build_batch, prepare_model, uses_autocast
 from planner.train_setup import TrainSetup
 
@@ -161,7 +161,7 @@ class _AllocationRecorder:
 def allocation_replay(
     model: str,
     setup: TrainSetup,
-    workloads: list[Workload],
+    workloads: list[SampleShape],
     grad_accum: int,
     steps: int = 2,
 ) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 from phi3v_core.constants import load_recipe
 from phi3v_core.errors import DataError
 from phi3v_core.reference import reference_rows, reference_source
-from planner.estimate import Workload, estimate_memory
+from planner.estimate import SampleShape, estimate_memory
 from planner.hardware import GpuSpec, azure_skus, find_gpu
 from planner.memory_floor import memory_floor
 from planner.memory_types import GIB, Overheads
@@ -100,10 +100,10 @@ class AnchorRow:
             logits="full",  # the recipe's code computes logits at every position
         )
 
-    def workload(self, shape: ModelShape) -> Workload:
+    def sample_shape(self, shape: ModelShape) -> SampleShape:
         """The recipe's DocVQA sample: mean sequence, all ``num_crops + 1`` slots through CLIP."""
         seq = round(self.avg_seq_tokens)
-        return Workload(
+        return SampleShape(
             seq_len=seq,
             vision_crops=self.num_crops + 1,
             image_tokens=seq - load_recipe().profiles["docvqa"].text_tokens,
@@ -181,7 +181,7 @@ def fit_cache_fraction(calibration: Calibration, shape: ModelShape, leave_out: s
         if not row.flash_attention or row.suspect or row.label == leave_out:
             continue
         setup = row.setup()
-        est = estimate_memory(reference_shape(shape, row.method), setup, row.workload(shape))
+        est = estimate_memory(reference_shape(shape, row.method), setup, row.sample_shape(shape))
         context = (calibration.overheads.cuda_context_gib + calibration.overheads.nccl_gib) * GIB
         published = row.peak_gpu_mem_gb * GIB
         num += (published - context - est.allocated) * est.allocated / published**2
@@ -192,7 +192,7 @@ def fit_cache_fraction(calibration: Calibration, shape: ModelShape, leave_out: s
 def _leave_one_out_error_pct(row: AnchorRow, calibration: Calibration, shape: ModelShape) -> float:
     """Memory error of a flash row predicted with the allocator overhead fitted on the other flash rows."""
     overheads = replace(calibration.overheads, cache_fraction=fit_cache_fraction(calibration, shape, row.label))
-    est = estimate_memory(reference_shape(shape, row.method), row.setup(), row.workload(shape), overheads)
+    est = estimate_memory(reference_shape(shape, row.method), row.setup(), row.sample_shape(shape), overheads)
     return round(100 * (est.reserved / GIB / row.peak_gpu_mem_gb - 1), 1)
 
 
@@ -232,7 +232,7 @@ def predict_row(row: AnchorRow, shape: ModelShape, constants: SpeedConstants) ->
     gpu = find_gpu(row.gpu)
     setup = row.setup()
     prediction = predict_speed(
-        reference_shape(shape, row.method), row.workload(shape), setup, gpu, _row_interconnect(row, gpu), constants
+        reference_shape(shape, row.method), row.sample_shape(shape), setup, gpu, _row_interconnect(row, gpu), constants
     )
     assert prediction is not None  # the recipe's GPUs are all in the table
     return prediction
@@ -405,7 +405,7 @@ def calibration_report(calibration: Calibration, shape: ModelShape) -> list[dict
         gpu = find_gpu(row.gpu)
         setup = row.setup()
         ref = reference_shape(shape, row.method)
-        est = estimate_memory(ref, setup, row.workload(shape), calibration.overheads)
+        est = estimate_memory(ref, setup, row.sample_shape(shape), calibration.overheads)
         speed = predict_row(row, shape, constants)
         reserved = est.reserved / GIB
         required = est.required / GIB

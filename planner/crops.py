@@ -19,7 +19,7 @@ from typing import Any
 
 from phi3v_core.constants import CONTEXT_LENGTH, MAX_NUM_CROPS, hd_resize_target
 from phi3v_core.image_sizes import TASK_IMAGES
-from planner.estimate import Workload, estimate_memory
+from planner.estimate import SampleShape, estimate_memory
 from planner.memory_types import GIB
 from planner.shapes import ModelShape, hd_crop_grid, image_token_count
 from planner.train_setup import TrainSetup
@@ -33,9 +33,9 @@ __all__ = [
     "WeightedSample",
     "crops_table",
     "envelope",
-    "mean_workload",
+    "mean_shape",
     "resize_factor",
-    "sample_workload",
+    "sample_shape",
     "smallest_keeping_detail",
     "task_samples",
 ]
@@ -67,14 +67,14 @@ def resize_factor(width: int, height: int, num_crops: int) -> float:
     return new_long / max(width, height)
 
 
-def sample_workload(shape: ModelShape, image_sizes: Sequence[Size], text_tokens: int, num_crops: int) -> Workload:
+def sample_shape(shape: ModelShape, image_sizes: Sequence[Size], text_tokens: int, num_crops: int) -> SampleShape:
     """Tokens and real crops of one sample at ``num_crops`` (the processor's arithmetic)."""
     tokens = crops = 0
     for width, height in image_sizes:
         rows, cols = hd_crop_grid(width, height, num_crops)
         tokens += image_token_count(rows, cols, shape.num_img_tokens)
         crops += rows * cols + 1
-    return Workload(
+    return SampleShape(
         seq_len=tokens + text_tokens,
         vision_crops=crops,
         image_tokens=tokens,
@@ -84,14 +84,14 @@ def sample_workload(shape: ModelShape, image_sizes: Sequence[Size], text_tokens:
     )
 
 
-def mean_workload(workloads: Sequence[Workload], weights: Sequence[float], num_crops: int) -> Workload:
+def mean_shape(workloads: Sequence[SampleShape], weights: Sequence[float], num_crops: int) -> SampleShape:
     """The weighted average sample (what the speed model is run on)."""
     total = sum(weights)
 
     def avg(name: str) -> int:
         return round(sum(getattr(w, name) * k for w, k in zip(workloads, weights, strict=True)) / total)
 
-    return Workload(
+    return SampleShape(
         seq_len=avg("seq_len"),
         vision_crops=avg("vision_crops"),
         image_tokens=avg("image_tokens"),
@@ -101,10 +101,10 @@ def mean_workload(workloads: Sequence[Workload], weights: Sequence[float], num_c
     )
 
 
-def envelope(workloads: Sequence[Workload]) -> Workload:
+def envelope(workloads: Sequence[SampleShape]) -> SampleShape:
     """A sample at least as large as each one in every dimension (tokens, crops, images): memory is planned for a
     micro-batch of it, so a layout that fits it fits every sample."""
-    return Workload(
+    return SampleShape(
         seq_len=max(w.seq_len for w in workloads),
         vision_crops=max(w.vision_crops for w in workloads),
         image_tokens=max(w.image_tokens for w in workloads),
@@ -228,7 +228,7 @@ def crops_table(
     total = sum(w for _, w in images) or 1.0
     rows = []
     for num_crops in sorted({*choices, recommended}):
-        lengths = [(sample_workload(shape, s.image_sizes, s.text_tokens, num_crops).seq_len, s.weight) for s in samples]
+        lengths = [(sample_shape(shape, s.image_sizes, s.text_tokens, num_crops).seq_len, s.weight) for s in samples]
         factors = [(resize_factor(wd, ht, num_crops), w) for (wd, ht), w in images]
         rows.append(
             CropRow(
@@ -262,13 +262,13 @@ def add_costs(
     constants, _fitted = fit_speed_constants(calibration, load_shape("phi-3-vision"))
     weights = [s.weight for s in samples]
     for row in table.rows:
-        workloads = [sample_workload(shape, s.image_sizes, s.text_tokens, row.num_crops) for s in samples]
+        workloads = [sample_shape(shape, s.image_sizes, s.text_tokens, row.num_crops) for s in samples]
         memory = estimate_memory(shape, setup, envelope(workloads), calibration.overheads)
         row.peak_gib = memory.reserved / GIB
         row.over_context = envelope(workloads).seq_len > CONTEXT_LENGTH  # finetune refuses such samples
         row.fits = fits_with_headroom(memory, hw.gpu.memory_bytes, calibration) and not row.over_context
         speed = predict_speed(
-            shape, mean_workload(workloads, weights, row.num_crops), setup, hw.gpu, hw.interconnect(), constants, dataset_size
+            shape, mean_shape(workloads, weights, row.num_crops), setup, hw.gpu, hw.interconnect(), constants, dataset_size
         )
         row.epoch_s = speed.epoch_s if speed else None
     table.cost_basis = basis

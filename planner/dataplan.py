@@ -18,7 +18,7 @@ from typing import Any
 
 from phi3v_core.cli.vocabulary import plural
 from planner.crops import CropsTable, add_costs, crops_table
-from planner.estimate import Workload, estimate_memory
+from planner.estimate import SampleShape, estimate_memory
 from planner.layouts import fits_with_headroom
 from planner.packing import data_packing, remember_lengths
 from planner.render import method_preference
@@ -52,7 +52,7 @@ class DataContext:
 
     profile: Any
     table: CropsTable
-    memory_workload: Workload
+    memory_shape: SampleShape
     batch_note: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -179,7 +179,7 @@ def misfits(
                     crops
                     for crops in range(profile.num_crops, 0, -1)
                     if fits_with_headroom(
-                        estimate_memory(shape, setup, sample.workload(shape, crops), calibration.overheads),
+                        estimate_memory(shape, setup, sample.sample_shape(shape, crops), calibration.overheads),
                         chosen.capacity_bytes,
                         calibration,
                     )
@@ -216,9 +216,9 @@ def data_summary(
     data = profile.to_dict()
     data["task"] = profile.task
     data["largest_sample"] = {
-        "seq_len": context.memory_workload.seq_len,
-        "vision_crops": context.memory_workload.vision_crops,
-        "images": context.memory_workload.images,
+        "seq_len": context.memory_shape.seq_len,
+        "vision_crops": context.memory_shape.vision_crops,
+        "images": context.memory_shape.images,
     }
     best = next((m for m in methods if m.method == recommended), None)
     if best is not None and best.setup is not None:
@@ -240,5 +240,5 @@ def data_summary(
 
         constants, _fitted = fit_speed_constants(calibration, load_shape("phi-3-vision"))
         rates = constants.rates(hw.gpu, best.setup.precision)
-        data["packing"] = data_packing(profile.lengths, shape, best.setup, profile.mean_workload, rates, constants)
+        data["packing"] = data_packing(profile.lengths, shape, best.setup, profile.mean_shape, rates, constants)
     return data

@@ -4,7 +4,7 @@ The folder is read by the same reader, with the same checks, as finetune and ``p
 (:func:`phi3v_core.data.task_registry.read_task_split`: path rules, task rules, image headers only), so the planner
 plans for exactly the data training will see, at the num_crops finetune would use. Image sizes come from the file
 headers (EXIF orientation applied, as training sees them); image tokens and crops from
-the processor's own HD arithmetic (:func:`planner.crops.sample_workload`: the rule :mod:`phi3v_core.constants`
+the processor's own HD arithmetic (:func:`planner.crops.sample_shape`: the rule :mod:`phi3v_core.constants`
 shares with the image processor). Text tokens are an estimate (about four UTF-8 bytes
 per token plus the chat template's tags) unless a tokenizer is given; the profile says which.
 """
@@ -20,8 +20,8 @@ from typing import Any
 from phi3v_core.data.task_registry import default_num_crops, read_task_split, task_of_folder
 from phi3v_core.errors import DataError
 from phi3v_core.fs import pending
-from planner.crops import WeightedSample, envelope, mean_workload, sample_workload
-from planner.estimate import Workload
+from planner.crops import WeightedSample, envelope, mean_shape, sample_shape
+from planner.estimate import SampleShape
 from planner.shapes import ModelShape
 
 __all__ = ["DataProfile", "Sample", "profile_data"]
@@ -41,9 +41,9 @@ class Sample:
     text_tokens: int
     record_id: str = ""
 
-    def workload(self, shape: ModelShape, num_crops: int) -> Workload:
+    def sample_shape(self, shape: ModelShape, num_crops: int) -> SampleShape:
         """Tokens and real crops of this sample at ``num_crops`` (the processor's arithmetic)."""
-        return sample_workload(shape, self.image_sizes, self.text_tokens, num_crops)
+        return sample_shape(shape, self.image_sizes, self.text_tokens, num_crops)
 
 
 @dataclass
@@ -56,7 +56,7 @@ class DataProfile:
         samples: Every record.
         lengths: Sequence length of each sample (same order).
         text_estimated: True when text tokens are estimated (no tokenizer).
-        mean_workload: The average sample (for speed).
+        mean_shape: The average sample (for speed).
         longest: Index of the longest sample.
         task: The task finetune trains the folder as (``--task``): ``jsonl``, or the task a converted folder is for.
         skipped: One message per record left out for a bad image file (``--skip_bad``).
@@ -67,7 +67,7 @@ class DataProfile:
     samples: list[Sample]
     lengths: list[int]
     text_estimated: bool
-    mean_workload: Workload
+    mean_shape: SampleShape
     longest: int
     stats: dict[str, float] = field(default_factory=dict)
     task: str = "jsonl"
@@ -81,10 +81,10 @@ class DataProfile:
             counts[key] = counts.get(key, 0) + 1
         return [WeightedSample(sizes, text, count) for (sizes, text), count in counts.items()]
 
-    def largest(self, shape: ModelShape) -> Workload:
+    def largest(self, shape: ModelShape) -> SampleShape:
         """At least every sample's tokens, crops and images (:func:`planner.crops.envelope`): memory is planned for
         a micro-batch of it, so a layout that fits it fits every sample."""
-        return envelope([s.workload(shape, self.num_crops) for s in self.samples])
+        return envelope([s.sample_shape(shape, self.num_crops) for s in self.samples])
 
     def at_num_crops(self, shape: ModelShape, num_crops: int) -> DataProfile:
         """The same samples' lengths at another ``num_crops``."""
@@ -169,7 +169,7 @@ def _summarize(
     task: str,
     skipped: list[str],
 ) -> DataProfile:
-    workloads = [s.workload(shape, num_crops) for s in samples]
+    workloads = [s.sample_shape(shape, num_crops) for s in samples]
     lengths = [w.seq_len for w in workloads]
     ordered = sorted(lengths)
     n = len(samples)
@@ -181,5 +181,5 @@ def _summarize(
         "p95": _percentile(ordered, 0.95),
         "max": float(ordered[-1]),
     }
-    mean_sample = mean_workload(workloads, [1.0] * n, num_crops)
+    mean_sample = mean_shape(workloads, [1.0] * n, num_crops)
     return DataProfile(path, num_crops, samples, lengths, estimated, mean_sample, longest, stats, task, skipped)

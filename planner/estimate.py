@@ -31,7 +31,7 @@ from planner.tower_model import checkpoints, trained_params
 from planner.train_setup import DTYPE_BYTES, TrainSetup
 
 __all__ = [
-    "Workload",
+    "SampleShape",
     "activation_terms",
     "dequant_transient",
     "estimate_memory",
@@ -48,7 +48,7 @@ ADAM_8BIT_BYTES_PER_PARAM = 2 * (1 + 4 / 256)
 
 
 @dataclass(frozen=True)
-class Workload:
+class SampleShape:
     """What one sample puts through the model.
 
     Attributes:
@@ -90,7 +90,7 @@ class Workload:
         text_tokens: int = 64,
         all_crops: bool = False,
         answer_tokens: int | None = None,
-    ) -> Workload:
+    ) -> SampleShape:
         """Tokens and crops for ``images`` images of ``image_size`` (W, H) processed with ``num_crops``.
 
         Args:
@@ -261,7 +261,7 @@ def _clip_layer_forward_peak(shape: ModelShape, setup: TrainSetup, tokens: int) 
     return per_token * tokens
 
 
-def activation_terms(shape: ModelShape, setup: TrainSetup, workload: Workload) -> dict[str, float]:
+def activation_terms(shape: ModelShape, setup: TrainSetup, workload: SampleShape) -> dict[str, float]:
     """Activation terms of one micro-batch (bytes): saved tensors, one layer's working set, logits/loss, batch.
 
     Used by :func:`estimate_memory` to assemble the phases, and by :mod:`planner.trace` to adjust traces.
@@ -430,7 +430,7 @@ def _phase_items(
 
 
 def estimate_memory(
-    shape: ModelShape, setup: TrainSetup, workload: Workload, overheads: Overheads | None = None
+    shape: ModelShape, setup: TrainSetup, workload: SampleShape, overheads: Overheads | None = None
 ) -> MemoryEstimate:
     """Peak memory of one rank for one training step.
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from planner.dataload import DataLoading, node_cpus, plan_data_loading, stored_rate
-from planner.estimate import Workload
+from planner.estimate import SampleShape
 from planner.request import Hardware, PlanRequest
 
 __all__ = ["data_loading_for"]
 
 
 def data_loading_for(
-    samples_per_s_per_gpu: float, hw: Hardware, request: PlanRequest, workload: Workload
+    samples_per_s_per_gpu: float, hw: Hardware, request: PlanRequest, workload: SampleShape
 ) -> DataLoading | None:
     """The plan's :class:`DataLoading`: the request's ``--processor_rate`` or the stored rate, the node's cores.
 

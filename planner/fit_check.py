@@ -51,9 +51,9 @@ def _setup(train: Any, world: int, cuda: bool) -> Any:
     )  # fmt: skip
 
 
-def _workload(task: str, data_dir: str | None, shape: Any, num_crops: int) -> Any | None:
+def _sample_shape(task: str, data_dir: str | None, shape: Any, num_crops: int) -> Any | None:
     """The longest sample of a jsonl folder, or the task's recipe profile (None: neither is known)."""
-    from planner.estimate import Workload
+    from planner.estimate import SampleShape
     from planner.request import task_profiles
 
     if data_dir and task not in _PROFILED:
@@ -61,12 +61,13 @@ def _workload(task: str, data_dir: str | None, shape: Any, num_crops: int) -> An
 
         # memory is judged on the records that can be read; bad ones are the data check's to report (or skip_bad's)
         profile = profile_data(data_dir, shape, num_crops, skip_bad=True)
-        return profile.samples[profile.longest].workload(shape, num_crops)
+        return profile.samples[profile.longest].sample_shape(shape, num_crops)
     if task not in _PROFILED:
         return None
     p = task_profiles()["tasks"][task]
-    return Workload.from_images(shape, num_crops, (p["image_width"], p["image_height"]), images=p["images_per_sample"],
-                                text_tokens=p["text_tokens"], answer_tokens=p["answer_tokens"])
+    return SampleShape.from_images(shape, num_crops, (p["image_width"], p["image_height"]),
+                                   images=p["images_per_sample"], text_tokens=p["text_tokens"],
+                                   answer_tokens=p["answer_tokens"])
 
 
 def finetune_fit_problem(train: Any, task: str, data_dir: str | None, world: int, local: int, cuda: bool) -> str | None:
@@ -86,7 +87,7 @@ def finetune_fit_problem(train: Any, task: str, data_dir: str | None, world: int
     from planner.shapes import load_shape
 
     shape = load_shape(train.model)
-    workload = _workload(task, data_dir, shape, train.num_crops)
+    workload = _sample_shape(task, data_dir, shape, train.num_crops)
     if workload is None:
         return None
     setup = _setup(train, world, cuda)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from planner.estimate import Workload
+    from planner.estimate import SampleShape
     from planner.shapes import ModelShape
     from planner.train_setup import TrainSetup
 
@@ -43,7 +43,7 @@ PROCESS_BASELINE_BYTES = 1.2 * GIB
 SYSTEM_RESERVE_FRACTION = 0.05
 
 
-def process_host_bytes(shape: ModelShape, setup: TrainSetup, workload: Workload, cuda: bool) -> float:
+def process_host_bytes(shape: ModelShape, setup: TrainSetup, workload: SampleShape, cuda: bool) -> float:
     """Host RAM one training process needs at its peak (bytes): runtime, offloaded optimizer, on a CPU every tensor.
 
     Args:

@@ -25,9 +25,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from phi3v_core.retention import RETENTION_FLOOR, update_retention
-from phi3v_core.workload import Workload as RunWorkload
+from phi3v_core.workload import Workload
 from planner.calibration import Calibration, fit_speed_constants
-from planner.estimate import Workload, estimate_memory, host_memory_bytes
+from planner.estimate import SampleShape, estimate_memory, host_memory_bytes
 from planner.hardware import GpuSpec, supports_bf16, supports_flash_attention
 from planner.memory_types import GIB, MemoryEstimate
 from planner.packing import FLASH, lengths_for, packed_memory, predict_packing, row_cost, scaled_speed, token_sums
@@ -73,7 +73,7 @@ def setup_for(method: str, gpu: GpuSpec, world: int, hyper: dict[str, Any]) -> T
     """How ``phi3v-finetune`` runs ``method`` on ``world`` GPUs of ``gpu`` by default: the card's precision and
     attention, checkpointing on, AdamW, one sample per micro-step (the layout search varies the rest)."""
     cc = gpu.compute_capability
-    run = RunWorkload(method=method, precision="bf16" if supports_bf16(cc) else "fp16",
+    run = Workload(method=method, precision="bf16" if supports_bf16(cc) else "fp16",
                       attn="flash_attention_2" if supports_flash_attention(cc) else "sdpa")
     return TrainSetup.from_workload(run, world_size=world, grad_accum=1, lora_rank=int(hyper.get("lora_rank", 64)))
 
@@ -139,7 +139,7 @@ def fits_with_headroom(memory: MemoryEstimate, capacity: float, calibration: Cal
 def estimate(
     shape: ModelShape,
     setup: TrainSetup,
-    workload: Workload,
+    workload: SampleShape,
     calibration: Calibration,
     traces: dict[bool, dict[str, Any]] | None,
 ) -> MemoryEstimate:
@@ -180,20 +180,20 @@ def search(
     base: TrainSetup,
     hw: Hardware,
     shape: ModelShape,
-    workload: Workload,
-    memory_workload: Workload,
+    workload: SampleShape,
+    memory_shape: SampleShape,
     request: PlanRequest,
     calibration: Calibration,
     traces: dict[bool, dict[str, Any]] | None,
 ) -> list[Candidate]:
-    """Every layout of ``base``'s method with predicted memory (on ``memory_workload``) and speed (on ``workload``)."""
+    """Every layout of ``base``'s method with predicted memory (on ``memory_shape``) and speed (on ``workload``)."""
     global_batch = request.global_batch or task_profiles()["common"]["global_batch"]
     learning_rate = float(hyperparameters(request.task, base.method, global_batch)["learning_rate"])
     constants, _fitted = fit_speed_constants(calibration, load_shape("phi-3-vision"))
     host, _host_source = host_ram_bytes(request, hw)
     capacity = hw.gpu.memory_bytes
     packing = PackingInputs(lengths_for(request, shape, workload.num_crops or 16), constants.rates(hw.gpu, base.precision),
-                            constants, memory_workload)  # fmt: skip
+                            constants, memory_shape)  # fmt: skip
     out = []
     for tier, options in enumerate(option_tiers(base)):
         for optim, offload in options:
@@ -206,7 +206,7 @@ def search(
                         gradient_checkpointing=checkpointing,
                         checkpoint_towers=towers,
                     )
-                    memory = estimate(shape, setup, memory_workload, calibration, traces)
+                    memory = estimate(shape, setup, memory_shape, calibration, traces)
                     host_need = host_memory_bytes(shape, setup) * hw.gpus_per_node
                     fits = fits_with_headroom(memory, capacity, calibration) and (host is None or host_need <= host)
                     speed = predict_speed(
@@ -250,11 +250,11 @@ class PackingInputs:
     lengths: list[int]
     rates: Any
     constants: SpeedConstants
-    largest: Workload
+    largest: SampleShape
 
 
 def packed_twins(
-    padded: Candidate, shape: ModelShape, workload: Workload, inputs: PackingInputs, calibration: Calibration,
+    padded: Candidate, shape: ModelShape, workload: SampleShape, inputs: PackingInputs, calibration: Calibration,
     capacity: float, host_fits: bool,
 ) -> list[Candidate]:
     """Price the padding of a padded layout (in place: the speed model runs the mean sample, as if unpadded) and

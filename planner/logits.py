@@ -18,7 +18,7 @@ LOGITS_MODES = ("supervised", "full")
 
 
 class TokenCounts(Protocol):
-    """What this module reads of a :class:`planner.estimate.Workload` (which imports this module)."""
+    """What this module reads of a :class:`planner.estimate.SampleShape` (which imports this module)."""
 
     seq_len: int
     supervised_tokens: int | None

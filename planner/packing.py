@@ -33,7 +33,7 @@ from typing import Any
 
 from phi3v_core.cli.vocabulary import THROUGHPUT_UNIT
 from phi3v_core.first_fit import pack_rows
-from planner.estimate import Workload, estimate_memory
+from planner.estimate import SampleShape, estimate_memory
 from planner.memory_types import MemoryEstimate, MemoryItem
 from planner.shapes import ModelShape
 from planner.speed import Rates, SpeedConstants, SpeedPrediction, micro_step_times
@@ -169,7 +169,9 @@ class RowCost:
         return self.per_sample * samples + self.per_token * tokens + self.per_square * squares
 
 
-def row_cost(shape: ModelShape, setup: TrainSetup, mean: Workload, rates: Rates, constants: SpeedConstants) -> RowCost:
+def row_cost(
+    shape: ModelShape, setup: TrainSetup, mean: SampleShape, rates: Rates, constants: SpeedConstants
+) -> RowCost:
     """Read :func:`planner.speed.micro_step_times` as ``a + b·s + c·s²`` per decoder row, plus ``mean``'s vision."""
     single = replace(setup, micro_batch=1)
     # Logits: at labelled positions only (``logits="supervised"``), never at padding: a per-sample cost. Unknown
@@ -177,12 +179,12 @@ def row_cost(shape: ModelShape, setup: TrainSetup, mean: Workload, rates: Rates,
     supervised = mean.supervised_tokens if mean.supervised_tokens is not None else mean.seq_len
     base = max(256, supervised)  # at or above it the loss is constant per sample
 
-    def seconds(workload: Workload) -> float:
+    def seconds(workload: SampleShape) -> float:
         return sum(micro_step_times(shape, workload, single, rates, constants)[0].values())
 
     def text_only(seq: int) -> float:
-        return seconds(Workload(seq_len=seq, vision_crops=0, image_tokens=0, images=0, pixel_slots=0,
-                                num_crops=mean.num_crops, supervised_tokens=supervised))  # fmt: skip
+        return seconds(SampleShape(seq_len=seq, vision_crops=0, image_tokens=0, images=0, pixel_slots=0,
+                                   num_crops=mean.num_crops, supervised_tokens=supervised))  # fmt: skip
 
     t1, t2, t3 = (text_only(k * base) for k in (1, 2, 3))
     square = (t3 - 2 * t2 + t1) / (2 * base * base)
@@ -292,7 +294,7 @@ def predict_packing(sums: TokenSums, attn: str, pack_tokens: int | None, cost: R
 
 
 def packed_memory(
-    shape: ModelShape, setup: TrainSetup, largest: Workload, pack_tokens: int | None, overheads: Any
+    shape: ModelShape, setup: TrainSetup, largest: SampleShape, pack_tokens: int | None, overheads: Any
 ) -> MemoryEstimate:
     """Reserved peak of a packed micro-batch of ``setup.micro_batch`` samples as large as ``largest``.
 
@@ -308,7 +310,7 @@ def packed_memory(
     else:
         width = max(pack_tokens or 0, largest.seq_len)
         rows = min(mb, math.ceil(mb * largest.seq_len / width))
-    per_row = Workload(
+    per_row = SampleShape(
         seq_len=width,
         vision_crops=math.ceil(mb * largest.vision_crops / rows),
         image_tokens=min(width, math.ceil(mb * largest.image_tokens / rows)),
@@ -373,14 +375,14 @@ def lengths_for(request: Any, shape: ModelShape, num_crops: int) -> list[int]:
 @cache
 def _task_lengths(task: str, shape: ModelShape, num_crops: int) -> list[int]:
     """:data:`SIMULATED_SAMPLES` samples of ``task``: each image drawn from the task's size shares, tokens by the
-    processor's arithmetic (:meth:`planner.estimate.Workload.from_images`), plus the task's text tokens."""
+    processor's arithmetic (:meth:`planner.estimate.SampleShape.from_images`), plus the task's text tokens."""
     from phi3v_core.image_sizes import TASK_IMAGES
 
     spec = TASK_IMAGES.get(task)
     if spec is None:
         return []
     sizes = [size for size, _share in spec.image_sizes]
-    tokens = [Workload.from_images(shape, num_crops, size, text_tokens=0).image_tokens for size in sizes]
+    tokens = [SampleShape.from_images(shape, num_crops, size, text_tokens=0).image_tokens for size in sizes]
     rng = random.Random(0)
     shares = [share for _size, share in spec.image_sizes]
     return [
@@ -393,7 +395,7 @@ def data_packing(
     lengths: Sequence[int],
     shape: ModelShape,
     setup: TrainSetup,
-    mean: Workload,
+    mean: SampleShape,
     rates: Rates | None,
     constants: SpeedConstants,
     micro_batches: Sequence[int] = (2, 4, 8, 16),

@@ -37,7 +37,7 @@ from phi3v_core.software import Software, bnb_arch_range, torch_gpu_problem
 from planner.calibration import Calibration, load_calibration
 from planner.dataplan import data_summary, read_data, size_schedule
 from planner.deadline import azure_summary, meet_deadline
-from planner.estimate import Workload
+from planner.estimate import SampleShape
 from planner.feeding import data_loading_for
 from planner.hardware import (
     Detection,
@@ -87,16 +87,16 @@ __all__ = [
 ]
 
 
-def _workload(request: PlanRequest, shape: ModelShape) -> Workload:
+def _sample_shape(request: PlanRequest, shape: ModelShape) -> SampleShape:
     task = task_profiles()["tasks"][request.task]
     images = task["images_per_sample"] if request.images_per_sample is None else request.images_per_sample
     num_crops = request.num_crops or task["num_crops"]
     size = request.image_size or (task["image_width"], task["image_height"])
     text = task["text_tokens"] if request.text_tokens is None else request.text_tokens
     if images == 0:
-        workload = Workload(seq_len=text, vision_crops=0, image_tokens=0, images=0, pixel_slots=0)
+        workload = SampleShape(seq_len=text, vision_crops=0, image_tokens=0, images=0, pixel_slots=0)
     else:
-        workload = Workload.from_images(
+        workload = SampleShape.from_images(
             shape, num_crops, size, images=images, text_tokens=text, answer_tokens=task["answer_tokens"]
         )
     if request.seq_len:
@@ -199,8 +199,8 @@ def _flash_gain(
     base: TrainSetup, pick: Candidate, args: tuple[Any, ...], request: PlanRequest, supported: bool
 ) -> str:
     """The reason for SDPA where flash-attn is missing: what installing it would gain, as the planner predicts it."""
-    hw, shape, workload, memory_workload, calibration, traces = args
-    flash = choose(search(replace(base, attn="flash_attention_2"), hw, shape, workload, memory_workload, request,
+    hw, shape, workload, memory_shape, calibration, traces = args
+    flash = choose(search(replace(base, attn="flash_attention_2"), hw, shape, workload, memory_shape, request,
                           calibration, traces)) if supported else None  # fmt: skip
     head = "flash-attn is not installed here → SDPA (PyTorch's fused kernels, no S² buffers)"
     fix = "pip install flash-attn --no-build-isolation"
@@ -319,11 +319,11 @@ def _plan_method(
     method: str,
     hw: Hardware,
     shape: ModelShape,
-    workload: Workload,
+    workload: SampleShape,
     request: PlanRequest,
     calibration: Calibration,
     traces: dict[bool, dict[str, Any]] | None,
-    memory_workload: Workload | None = None,
+    memory_shape: SampleShape | None = None,
     software: Software | None = None,
 ) -> MethodPlan:
     """One method's plan; ``software`` is the detected machine's (None: what-if hardware, assumptions stated)."""
@@ -340,7 +340,7 @@ def _plan_method(
     if flash_missing:  # recommend only what is installed
         base = replace(base, attn="sdpa")
     supported, reasons = _support_reasons(method, hw, software)
-    search_args = (hw, shape, workload, memory_workload or workload, calibration, traces)
+    search_args = (hw, shape, workload, memory_shape or workload, calibration, traces)
     candidates = search(base, *search_args[:4], request, *search_args[4:])
     offload_problem = software.offload_problem if software is not None else None
     # an offload DeepSpeed cannot build here is never recommended (it would fail after the model is built)
@@ -413,7 +413,7 @@ def _speed_notes(pick: Candidate, hw: Hardware, calibration: Calibration) -> lis
 
 
 def _refuse_past_the_context(
-    request: PlanRequest, workload: Workload, longest: Workload | None, profile: Any, shape: ModelShape
+    request: PlanRequest, workload: SampleShape, longest: SampleShape | None, profile: Any, shape: ModelShape
 ) -> None:
     """The rule finetune and ``phi3v-convert check`` apply: no sample longer than the model's context is trained."""
     if longest is not None and longest.seq_len > CONTEXT_LENGTH:
@@ -424,7 +424,7 @@ def _refuse_past_the_context(
         too_long = [
             f"record {sample.record_id!r} ({sample.where}): {w.seq_len} tokens ({w.image_tokens} image)"
             for sample in profile.samples
-            if (w := sample.workload(shape, profile.num_crops)).seq_len > CONTEXT_LENGTH
+            if (w := sample.sample_shape(shape, profile.num_crops)).seq_len > CONTEXT_LENGTH
         ]
         raise too_long_error(f"jsonl:{request.data_dir}", too_long, CONTEXT_LENGTH)
     if workload.seq_len > CONTEXT_LENGTH:
@@ -482,7 +482,7 @@ def _torch_notes(detection: Detection, software: Software) -> list[str]:
     return [f"phi3v-finetune will refuse until this is fixed: {problem}"] if problem else []
 
 
-def _traces_for(request: PlanRequest, method: str, hw: Hardware, workload: Workload) -> dict[bool, dict[str, Any]]:
+def _traces_for(request: PlanRequest, method: str, hw: Hardware, workload: SampleShape) -> dict[bool, dict[str, Any]]:
     """MemTracker traces of the method's step with checkpointing on and off (``--trace``)."""
     from planner.trace import trace_activations
 
@@ -530,12 +530,12 @@ def plan(
             "memory and speed unpacked; packed, sdpa computes attention over whole rows)"
         )
     shape = load_shape(request.model)
-    workload = _workload(request, shape)
-    context, memory_workload, profile = None, None, None
+    workload = _sample_shape(request, shape)
+    context, memory_shape, profile = None, None, None
     if request.data_dir:  # speed for its mean sample, memory for a micro-batch of its largest, its size as the epoch
         context, request = read_data(request, shape, hw)
-        profile, memory_workload, workload = context.profile, context.memory_workload, context.profile.mean_workload
-    _refuse_past_the_context(request, workload, memory_workload, profile, shape)
+        profile, memory_shape, workload = context.profile, context.memory_shape, context.profile.mean_shape
+    _refuse_past_the_context(request, workload, memory_shape, profile, shape)
     trace_info: dict[str, Any] | None = {} if request.use_trace else None
     methods = []
     for method in request.methods:
@@ -547,7 +547,7 @@ def plan(
                 k: v for k, v in traces[False].items() if k not in ("peak", "dynamic_snapshot")
             }
         methods.append(
-            _plan_method(method, hw, shape, workload, request, calibration, traces, memory_workload, software)
+            _plan_method(method, hw, shape, workload, request, calibration, traces, memory_shape, software)
         )
     recommended, why = _why(methods, request, workload.images)
     if hw.gpu.detected:

@@ -18,7 +18,7 @@ from phi3v_core.constants import MAX_NUM_CROPS, load_recipe
 from phi3v_core.errors import ConfigError, raise_all
 from phi3v_core.methods import METHOD_NAMES, get_method
 from planner.dataload import DataLoading
-from planner.estimate import Workload
+from planner.estimate import SampleShape
 from planner.hardware import (
     AzureSku,
     GpuSpec,
@@ -461,7 +461,7 @@ class Plan:
     request: PlanRequest
     hardware: Hardware
     shape: ModelShape
-    workload: Workload
+    workload: SampleShape
     methods: list[MethodPlan]
     recommended: str | None
     why: list[str]

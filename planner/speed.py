@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from phi3v_core.methods import LORA, get_method
-from planner.estimate import Workload
+from planner.estimate import SampleShape
 from planner.hardware import GpuSpec
 from planner.logits import logit_positions
 from planner.shapes import ModelShape
@@ -81,7 +81,7 @@ def reference_shape(shape: ModelShape, method: str) -> ModelShape:
     return replace(shape, vision_feature_layer=shape.vision_layers)
 
 
-def flops_per_sample(shape: ModelShape, workload: Workload, setup: TrainSetup) -> FlopBreakdown:
+def flops_per_sample(shape: ModelShape, workload: SampleShape, setup: TrainSetup) -> FlopBreakdown:
     """Model FLOPs of one sample under ``setup`` (method and checkpointing matter, micro-batch does not)."""
     counts = shape.param_counts()
     seq = workload.seq_len
@@ -286,7 +286,7 @@ def _passes(trains: bool, checkpointing: bool) -> float:
 
 
 def micro_step_times(
-    shape: ModelShape, workload: Workload, setup: TrainSetup, rates: Rates, constants: SpeedConstants
+    shape: ModelShape, workload: SampleShape, setup: TrainSetup, rates: Rates, constants: SpeedConstants
 ) -> tuple[dict[str, float], FlopBreakdown]:
     """Seconds of one micro-batch on one device by component (no communication), and the FLOPs per sample."""
     mb = setup.micro_batch
@@ -429,7 +429,7 @@ def communication_seconds(
 
 def predict_speed(
     shape: ModelShape,
-    workload: Workload,
+    workload: SampleShape,
     setup: TrainSetup,
     gpu: GpuSpec | None,
     interconnect: Interconnect,

@@ -36,7 +36,7 @@ from typing import Any
 
 from phi3v_core.device import default_dtype
 from phi3v_core.io import atomic_write_json, remove_dead_temps
-from planner.estimate import Workload, activation_terms, dequant_transient, model_state_bytes
+from planner.estimate import SampleShape, activation_terms, dequant_transient, model_state_bytes
 from planner.memory_types import MemoryEstimate, MemoryItem, Overheads
 from planner.shapes import ModelShape, image_token_count
 from planner.trace_cache import read_cached_trace
@@ -127,7 +127,7 @@ def _category_name(key: Any) -> str:
     return str(value)
 
 
-def build_batch(shape: ModelShape, workload: Workload, micro_batch: int = 1) -> dict[str, Any]:
+def build_batch(shape: ModelShape, workload: SampleShape, micro_batch: int = 1) -> dict[str, Any]:
     """A training batch shaped like ``workload``: placeholder runs of negative ids, pixel slots and labels.
 
     Works in any tensor mode (real, fake, meta): only factory functions are used. Each sample holds
@@ -268,7 +268,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def trace_key(shape: ModelShape, setup: TrainSetup, workload: Workload) -> str:
+def trace_key(shape: ModelShape, setup: TrainSetup, workload: SampleShape) -> str:
     """Cache key of a trace (hash of everything the measurement depends on)."""
     payload = {
         "version": TRACE_VERSION,
@@ -289,7 +289,7 @@ def trace_key(shape: ModelShape, setup: TrainSetup, workload: Workload) -> str:
 
 
 def _trace_record(
-    key: str, model: str, setup: TrainSetup, workload: Workload, attention: str, result: dict[str, Any],
+    key: str, model: str, setup: TrainSetup, workload: SampleShape, attention: str, result: dict[str, Any],
     dynamic: int, notes: list[str], start: float,
 ) -> dict[str, Any]:
     """The JSON-ready trace: what was traced, the measured bytes, timing and library versions."""
@@ -322,7 +322,7 @@ def _trace_record(
 def trace_activations(
     model: str,
     setup: TrainSetup,
-    workload: Workload,
+    workload: SampleShape,
     cache: Path | None = None,
     refresh: bool = False,
 ) -> dict[str, Any]:
@@ -331,7 +331,7 @@ def trace_activations(
     Args:
         model: Preset name or checkpoint folder (``phi3v_core.config.get_config``).
         setup: Method, dtypes, attention, micro-batch, checkpointing.
-        workload: Sample shape (``Workload.from_images`` fills in the crop grid).
+        workload: Sample shape (``SampleShape.from_images`` fills in the crop grid).
         cache: Cache folder (default :func:`cache_dir`).
         refresh: Ignore a cached trace.
 
@@ -391,7 +391,7 @@ def apply_trace(
     memory: MemoryEstimate,
     shape: ModelShape,
     setup: TrainSetup,
-    workload: Workload,
+    workload: SampleShape,
     overheads: Overheads,
     trace: dict[str, Any],
 ) -> MemoryEstimate:

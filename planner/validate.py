@@ -21,9 +21,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from phi3v_core.workload import Workload as RunWorkload
+from phi3v_core.workload import Workload
 from planner.calibration import fit_speed_constants, load_calibration
-from planner.estimate import Workload
+from planner.estimate import SampleShape
 from planner.shapes import ModelShape, load_shape
 from planner.speed import Interconnect, Rates, SpeedConstants, predict_speed
 from planner.train_setup import TrainSetup
@@ -77,10 +77,10 @@ class ValidationCase:
         gc = "" if self.gradient_checkpointing else " nogc"
         return f"{self.model} {self.method} c{self.num_crops} mb{self.micro_batch}x{self.grad_accum}{gc}"
 
-    def run(self, model: str) -> RunWorkload:
+    def run(self, model: str) -> Workload:
         """What the case trains on ``model`` (a preset or a folder): ``phi3v-bench``'s DocVQA twin on this CPU, fp32
         and sdpa, seed 0."""
-        return RunWorkload(
+        return Workload(
             seq_profile="docvqa", method=self.method, attn="sdpa", precision="fp32", model=model,
             num_crops=self.num_crops, global_batch=self.micro_batch * self.grad_accum, micro_batch=self.micro_batch,
             gradient_checkpointing=self.gradient_checkpointing, seed=0,
@@ -247,7 +247,7 @@ def _validate(cases: tuple[ValidationCase, ...], steps: int, bench_seconds: floa
         for case in cases:
             model = models[case.model]
             shape = _shape(model)
-            workload = Workload.from_images(shape, case.num_crops, (1008, 1680), text_tokens=66)
+            workload = SampleShape.from_images(shape, case.num_crops, (1008, 1680), text_tokens=66)
             setup = TrainSetup.from_workload(case.run(model), cuda=False)
             runs = [_run_case(case, model, shape, workload, setup, constants, single, steps, bench_seconds)
                     for _ in range(repeats)]
@@ -315,7 +315,7 @@ def checkpoint_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _run_case(
-    case: ValidationCase, model: str, shape: ModelShape, workload: Workload, setup: TrainSetup, constants: Any,
+    case: ValidationCase, model: str, shape: ModelShape, workload: SampleShape, setup: TrainSetup, constants: Any,
     interconnect: Interconnect, steps: int, bench_seconds: float,
 ) -> dict[str, Any]:
     """One repeat of one case: measure the CPU's rates, predict the step, run it."""
@@ -375,7 +375,7 @@ def eight_bit_adamw_memory() -> dict[str, Any]:
     for name, param in model.named_parameters():
         param.requires_grad_(name not in dead)
     model.train()
-    workload = Workload.from_images(shape, num_crops=2, image_size=(672, 336), text_tokens=40, answer_tokens=32)
+    workload = SampleShape.from_images(shape, num_crops=2, image_size=(672, 336), text_tokens=40, answer_tokens=32)
     setup = TrainSetup(method="full", precision="fp32", attn="sdpa", gradient_checkpointing=False,
                        optimizer_foreach=False, zero_stage=0, optim="adamw_8bit")
     measured = measure_step(model, build_batch(shape, workload), setup)["peak"]["Total"]
@@ -421,14 +421,14 @@ def _packing_case(path: Path, rates: Rates, constants: SpeedConstants) -> dict[s
     shape = load_shape(str(in_tree) if not Path(model).exists() and in_tree.exists() else model)
     lengths = [int(n) for n in work["sample_tokens"]]
     images = round(statistics.mean(work["images_per_sample"])) if work.get("images_per_sample") else 1
-    mean = Workload.from_images(shape, int(work["num_crops"]), None, images=max(images, 1), text_tokens=0)
+    mean = SampleShape.from_images(shape, int(work["num_crops"]), None, images=max(images, 1), text_tokens=0)
     supervised = work.get("supervised_tokens")  # optional: per sample, or their mean; unknown = every token
     if isinstance(supervised, list):
         supervised = statistics.mean(supervised)
     mean = replace(mean, seq_len=round(statistics.mean(lengths)),
                    supervised_tokens=None if supervised is None else round(float(supervised)))  # fmt: skip
     # bench.packing_measure trains without checkpointing unless the file says otherwise
-    run = RunWorkload(method=work["method"], precision=work["precision"], attn=work["attention"],
+    run = Workload(method=work["method"], precision=work["precision"], attn=work["attention"],
                       gradient_checkpointing=bool(work.get("gradient_checkpointing", False)),
                       micro_batch=int(work["micro_batch"]), global_batch=int(work["micro_batch"]))  # fmt: skip
     setup = TrainSetup.from_workload(run, cuda=False)

@@ -21,7 +21,7 @@ from phi3v_core.methods import METHOD_NAMES, get_method
 from phi3v_core.model import Phi3VForCausalLM
 from phi3v_core.processing import Phi3VProcessor
 from phi3v_core.training.workload import build_workload, to_train_config
-from planner.estimate import Workload
+from planner.estimate import SampleShape
 from planner.shapes import load_shape
 from planner.speed import flops_per_sample
 from planner.train_setup import TrainSetup
@@ -41,9 +41,9 @@ def test_bench_flop_replay_matches_the_planners_analytic_flops(method: str, monk
 
     height, width = (int(v) for v in batches[0]["image_sizes"][0])
     rows, cols = height // CROP_SIZE, width // CROP_SIZE
-    sample = Workload(seq_len=workload.tokens_per_sample, vision_crops=rows * cols + 1,  # HD crops + the global view
-                      image_tokens=workload.image_tokens_per_sample, images=1,
-                      supervised_tokens=workload.supervised_tokens_per_sample)  # training's logits are these only
+    sample = SampleShape(seq_len=workload.tokens_per_sample, vision_crops=rows * cols + 1,  # HD crops + the global view
+                         image_tokens=workload.image_tokens_per_sample, images=1,
+                         supervised_tokens=workload.supervised_tokens_per_sample)  # training's logits are these only
     setup = TrainSetup(method=method, attn="sdpa", precision="bf16", gradient_checkpointing=False)
     analytic_full = flops_per_sample(load_shape("tiny"), sample, replace(setup, logits="full")).total
     assert analytic_full == pytest.approx(replayed, rel=0.03), (method, analytic_full, replayed)

@@ -13,7 +13,7 @@ import torch
 
 from bench.config import DeviceDescription
 from bench.selfcheck import Check, _problems
-from bench.selfcheck_plan import TargetMachine, check_setup, check_workload, plan_checks
+from bench.selfcheck_plan import TargetMachine, check_sample_shape, check_setup, plan_checks
 from phi3v_core.methods import METHOD_NAMES, get_method
 from planner.hardware import qlora_unsupported_reason
 from tests.safety_helpers import HANG_GUARD_S
@@ -53,7 +53,7 @@ def _reserved(cfg, machine: TargetMachine, layers: int) -> float:
 
     shape = load_shape(cfg.model)
     return estimate_memory(dataclasses.replace(shape, num_layers=layers), check_setup(cfg, True),
-                           check_workload(cfg, shape), load_calibration().overheads).reserved
+                           check_sample_shape(cfg, shape), load_calibration().overheads).reserved
 
 
 def _expected_form(gpu: str, method: str) -> str:

@@ -12,7 +12,7 @@ from phi3v_core.config import get_config
 from phi3v_core.methods import LORA, METHOD_NAMES, NOT_IN_RECIPE, MethodOptions, get_method
 from phi3v_core.methods.dora import DORA
 from phi3v_core.model import Phi3VForCausalLM
-from planner.estimate import Workload, estimate_memory, model_state_bytes
+from planner.estimate import SampleShape, estimate_memory, model_state_bytes
 from planner.shapes import ModelShape, load_shape
 from planner.trace import build_batch, measure_step
 from planner.train_setup import TrainSetup
@@ -39,7 +39,7 @@ def test_registry_entry() -> None:
 
 def test_dora_starts_at_the_base_model_and_trains_adapters_and_magnitudes(tiny: Phi3VForCausalLM) -> None:
     shape = ModelShape.preset("tiny")
-    batch = build_batch(shape, Workload.from_images(shape, 1, image_size=(336, 336), text_tokens=40))
+    batch = build_batch(shape, SampleShape.from_images(shape, 1, image_size=(336, 336), text_tokens=40))
     tiny.eval()
     with torch.no_grad():
         base_logits = tiny(**batch).logits
@@ -62,7 +62,7 @@ def test_dora_starts_at_the_base_model_and_trains_adapters_and_magnitudes(tiny: 
 
 def test_planner_states_add_16_bytes_per_magnitude_and_dora_costs_more_than_lora() -> None:
     shape = load_shape("phi-3.5-vision")
-    workload = Workload.from_images(shape, num_crops=16, text_tokens=64)
+    workload = SampleShape.from_images(shape, num_crops=16, text_tokens=64)
     lora, dora = TrainSetup(method="lora", lora_rank=64), TrainSetup(method="dora", lora_rank=64)
     magnitudes = sum(n * fan_out for n, _fan_in, fan_out in shape.adapted_linears())
     lora_states, dora_states = model_state_bytes(shape, lora), model_state_bytes(shape, dora)
@@ -81,7 +81,7 @@ def test_dora_prediction_matches_memtracker(checkpointing: bool) -> None:
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    workload = Workload.from_images(shape, num_crops=1, image_size=(336, 336), text_tokens=40, answer_tokens=32)
+    workload = SampleShape.from_images(shape, num_crops=1, image_size=(336, 336), text_tokens=40, answer_tokens=32)
     setup = TrainSetup(method="dora", precision="fp32", attn="sdpa", gradient_checkpointing=checkpointing,
                        lora_rank=RANK, optimizer_foreach=False, zero_stage=0)
     measured = measure_step(model, build_batch(shape, workload), setup)["peak"]["Total"]
@@ -152,7 +152,7 @@ def test_bench_flop_replay_of_dora_matches_the_planner() -> None:
     setup = TrainSetup(method="dora", attn="sdpa", precision="bf16", gradient_checkpointing=False)
     shape = load_shape("tiny")
     lora_setup = dataclasses.replace(setup, method="lora")
-    sample = Workload.from_images(shape, num_crops=4, text_tokens=64)
+    sample = SampleShape.from_images(shape, num_crops=4, text_tokens=64)
     planned = flops_per_sample(shape, sample, setup).total - flops_per_sample(shape, sample, lora_setup).total
     # DoRA's extra work does not depend on the tokens: the planner's term is the replay's difference
     assert planned == pytest.approx(flops["dora"] - flops["lora"], rel=0.02)

@@ -49,7 +49,7 @@ def test_lengths_use_the_processors_arithmetic_and_headers_only(data_dir, monkey
     assert profile.stats["max"] == profile.lengths[-1] >= 8 * page
     assert profile.stats["p50"] <= profile.stats["p95"] <= profile.stats["max"]
     assert profile.stats["mean"] == pytest.approx(sum(profile.lengths) / len(profile.lengths), abs=0.1)
-    first = profile.samples[0].workload(PHI35, 16)  # two 1008x1680 pages + text
+    first = profile.samples[0].sample_shape(PHI35, 16)  # two 1008x1680 pages + text
     assert first.image_tokens == 2 * page and first.vision_crops == 2 * (rows * cols + 1)
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from planner.calibration import calibration_report, calibration_summary, fit_cache_fraction, load_calibration
-from planner.estimate import Workload, estimate_memory, model_state_bytes
+from planner.estimate import SampleShape, estimate_memory, model_state_bytes
 from planner.layouts import fits_with_headroom
 from planner.memory_types import GIB
 from planner.shapes import ModelShape
@@ -45,7 +45,7 @@ def test_flash_memory_rows_within_10_percent_when_held_out(report, row, publishe
     assert report[row]["published_gb"] == published and report[row]["memory_role"] == "fitted"
     anchor = next(r for r in calibration.rows if r.label == row)
     overheads = dataclasses.replace(calibration.overheads, cache_fraction=loo)
-    est = estimate_memory(reference_shape(PHI3V, anchor.method), anchor.setup(), anchor.workload(PHI3V), overheads)
+    est = estimate_memory(reference_shape(PHI3V, anchor.method), anchor.setup(), anchor.sample_shape(PHI3V), overheads)
     error = 100 * (est.reserved / GIB / published - 1)
     assert report[row]["memory_held_out_error_pct"] == pytest.approx(error, abs=0.06)
     assert abs(error) <= 10, report[row]
@@ -119,7 +119,7 @@ def test_recorded_trace_evidence_matches_the_closed_form():
     """The recorded real-model traces (calibration.json) still agree with today's closed form on their sample."""
     calibration = load_calibration()
     evidence = calibration.constants["memory_trace_evidence"]["rows"]
-    workload = Workload.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
+    workload = SampleShape.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
     assert workload.seq_len == 2443  # the recipe's mean sample
     rows = {row.label: row for row in calibration.rows}
     assert len(evidence) == 6
@@ -134,7 +134,7 @@ def test_v100_full_fits_its_card_but_fills_it(report):
     shape = PHI3V
     calibration = load_calibration()
     row = next(r for r in calibration.rows if r.label == "8xV100-32GB x1 full no FA")
-    est = estimate_memory(shape, row.setup(), row.workload(shape), calibration.overheads)
+    est = estimate_memory(shape, row.setup(), row.sample_shape(shape), calibration.overheads)
     assert est.required <= 32 * GIB  # tensors + context fit the card: the recipe ran it
     assert est.expected_peak(32 * GIB) == pytest.approx(32 * GIB)
     # the planner's one fit rule (reserved peak within 95 % of the card) does not recommend it, as the README says
@@ -176,8 +176,8 @@ def test_lora_and_qlora_states():
     assert qlora["weights"] / 1e9 == pytest.approx(2.63, abs=0.05)
 
 
-def _docvqa() -> Workload:
-    return Workload.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
+def _docvqa() -> SampleShape:
+    return SampleShape.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
 
 
 def test_memory_grows_with_micro_batch_and_without_checkpointing():

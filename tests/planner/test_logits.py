@@ -8,7 +8,7 @@ import pytest
 
 from phi3v_core.constants import LOSS_CHUNK_TOKENS, load_recipe
 from phi3v_core.errors import ConfigError
-from planner.estimate import Workload, activation_terms, estimate_memory
+from planner.estimate import SampleShape, activation_terms, estimate_memory
 from planner.logits import logit_positions, logits_loss_bytes
 from planner.memory_types import GIB
 from planner.recommend import task_profiles
@@ -20,8 +20,8 @@ PHI35 = ModelShape.preset("phi-3.5-vision")
 VOCAB = 32064
 
 
-def docvqa(answer: int | None = 10) -> Workload:
-    return Workload.from_images(PHI35, 16, (1008, 1680), text_tokens=66, answer_tokens=answer)
+def docvqa(answer: int | None = 10) -> SampleShape:
+    return SampleShape.from_images(PHI35, 16, (1008, 1680), text_tokens=66, answer_tokens=answer)
 
 
 def test_docvqa_profile_carries_its_answer_length() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from phi3v_core.config import get_config
-from planner.estimate import Workload, estimate_memory
+from planner.estimate import SampleShape, estimate_memory
 from planner.shapes import ModelShape
 from planner.trace import build_batch, measure_step
 from planner.train_setup import TrainSetup
@@ -59,7 +59,9 @@ def test_prediction_matches_memtracker(size, method, logits):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
-    workload = Workload.from_images(shape, num_crops=num_crops, image_size=image_size, text_tokens=40, answer_tokens=32)
+    workload = SampleShape.from_images(
+        shape, num_crops=num_crops, image_size=image_size, text_tokens=40, answer_tokens=32
+    )
     setup = TrainSetup(
         logits=logits,
         method=method,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from planner.calibration import fit_speed_constants, load_calibration
-from planner.estimate import Workload
+from planner.estimate import SampleShape
 from planner.hardware import gpu_table
 from planner.packing import (
     data_packing,
@@ -31,7 +31,7 @@ def _cost(attn: str, micro_batch: int = 4):
     constants, _ = fit_speed_constants(load_calibration(), load_shape("phi-3-vision"))
     gpu = next(g for g in gpu_table() if g.key == "H100-SXM")
     setup = TrainSetup(method="lora", attn=attn, micro_batch=micro_batch)
-    mean = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)
+    mean = SampleShape.from_images(shape, 16, (1008, 1680), text_tokens=66)
     return shape, setup, row_cost(shape, setup, mean, constants.rates(gpu, "bf16"), constants)
 
 
@@ -72,7 +72,7 @@ def test_sdpa_rows_can_make_packing_not_pay():
 
 def test_packed_memory_at_the_default_budget_never_exceeds_padded():
     shape, setup, _cost_ = _cost("sdpa")
-    largest = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)
+    largest = SampleShape.from_images(shape, 16, (1008, 1680), text_tokens=66)
     from planner.estimate import estimate_memory
 
     padded = estimate_memory(shape, setup, largest).reserved
@@ -124,7 +124,7 @@ def test_sdpa_says_why_packing_does_not_pay(capsys, monkeypatch, tmp_path):
 def test_data_packing_without_rates_has_no_speed():
     shape, setup, _ = _cost("sdpa")
     constants, _ = fit_speed_constants(load_calibration(), load_shape("phi-3-vision"))
-    table = data_packing([100, 900, 400], shape, setup, Workload(500, 0, 0, 0), None, constants)
+    table = data_packing([100, 900, 400], shape, setup, SampleShape(500, 0, 0, 0), None, constants)
     assert all(r["speed_up"] is None for r in table["rows"])
 
 

@@ -181,7 +181,7 @@ def test_crops_table_of_the_recipes_tasks(capsys, monkeypatch):
     assert "2443.23" in tables["docvqa"]["source"]  # where the page sizes come from
     assert tables["nlvr2"]["recommended"] < 16 and tables["ucf101"]["recommended"] < 4
     # the expected DocVQA length at 16 crops is the recipe's published mean (the distribution's weights)
-    mean = sum(crops.sample_workload(_shape(), s.image_sizes, s.text_tokens, 16).seq_len * s.weight
+    mean = sum(crops.sample_shape(_shape(), s.image_sizes, s.text_tokens, 16).seq_len * s.weight
                for s in task_samples("docvqa"))  # fmt: skip
     assert mean == pytest.approx(2443.23, abs=1.0)
     priced = _json(capsys, "--crops_table", "--gpu", "A100-80GB", "--method", "lora")

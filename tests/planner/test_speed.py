@@ -12,14 +12,14 @@ import pytest
 import planner
 from planner.calibration import fit_speed_constants, load_calibration
 from planner.cli import main
-from planner.estimate import Workload
+from planner.estimate import SampleShape
 from planner.hardware import find_gpu
 from planner.shapes import ModelShape
 from planner.speed import Interconnect, flops_per_sample, predict_speed, reference_shape
 from planner.train_setup import TrainSetup
 
 PHI3V = ModelShape.preset("phi-3-vision")
-REFERENCE = Workload(seq_len=2443, vision_crops=17, image_tokens=2377, pixel_slots=17, crop_copy=False)
+REFERENCE = SampleShape(seq_len=2443, vision_crops=17, image_tokens=2377, pixel_slots=17, crop_copy=False)
 
 
 @pytest.mark.parametrize(("method", "expected"), [("full", 8.1e13), ("lora", 5.4e13), ("frozen_vision", 6.8e13)])
@@ -33,7 +33,7 @@ def test_flops_per_sample_match_the_derivation(method, expected):
 
 
 def test_real_crops_only_cost_less_than_all_slots():
-    ours = Workload.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
+    ours = SampleShape.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
     assert ours.vision_crops == 16 and ours.seq_len == 2443
     setup = TrainSetup(method="full")
     assert (
@@ -95,7 +95,7 @@ def _reference(gpu: str, attention: str = "flash_attention_2", **kw):
 
 def test_bandwidth_matters_not_just_peak(fitted):
     constants, _ = fitted
-    work = Workload.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
+    work = SampleShape.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
     one = Interconnect(1, 1, 64, False, 25)
 
     def speed(gpu: str, attention: str) -> float:
@@ -112,7 +112,7 @@ def test_bandwidth_matters_not_just_peak(fitted):
 def test_micro_batch_changes_speed(fitted):
     constants, _ = fitted
     gpu = find_gpu("A100-80GB")
-    work = Workload.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
+    work = SampleShape.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
     net = Interconnect(8, 2, 600, True, 25)
     small = predict_speed(
         PHI3V, work, _reference("A100-80GB", micro_batch=1, grad_accum=4, world_size=16), gpu, net, constants
@@ -127,7 +127,7 @@ def test_micro_batch_changes_speed(fitted):
 def test_pcie_and_network_slow_things_down(fitted):
     constants, _ = fitted
     gpu = find_gpu("A100-80GB")
-    work = Workload.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
+    work = SampleShape.from_images(PHI3V, 16, (1008, 1680), text_tokens=66)
     setup = TrainSetup(method="full", world_size=16, grad_accum=4)
     nvlink = predict_speed(PHI3V, work, setup, gpu, Interconnect(8, 2, 600, True, 200), constants)
     pcie = predict_speed(PHI3V, work, setup, gpu, Interconnect(8, 2, 64, False, 200), constants)
@@ -156,13 +156,13 @@ def test_unfitted_architectures_are_labelled_estimates(fitted):
 
 def test_recompute_costs_what_the_flop_replay_measured_for_lora_on_a_page():
     """Checkpointing adds one forward: hardware / model FLOPs = 8.56e13 / 5.87e13 = 1.46 in the bench's FLOP replay."""
-    from planner.estimate import Workload
+    from planner.estimate import SampleShape
     from planner.shapes import load_shape
     from planner.speed import flops_per_sample
     from planner.train_setup import TrainSetup
 
     shape = load_shape("phi-3.5-vision")
-    page = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)
+    page = SampleShape.from_images(shape, 16, (1008, 1680), text_tokens=66)
     on = flops_per_sample(shape, page, TrainSetup(method="lora", lora_rank=32))
     off = flops_per_sample(shape, page, TrainSetup(method="lora", lora_rank=32, gradient_checkpointing=False))
     assert on.hardware / on.total == pytest.approx(8.56e13 / 5.87e13, rel=0.03)
@@ -170,14 +170,14 @@ def test_recompute_costs_what_the_flop_replay_measured_for_lora_on_a_page():
 
 
 def test_offload_and_8bit_adamw_change_the_optimizer_time_as_modelled():
-    from planner.estimate import Workload
+    from planner.estimate import SampleShape
     from planner.hardware import find_gpu
     from planner.shapes import load_shape
     from planner.speed import HOST_ADAM_BANDWIDTH, Interconnect, offload_seconds, predict_speed
     from planner.train_setup import TrainSetup
 
     shape = load_shape("phi-3.5-vision")
-    page = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)
+    page = SampleShape.from_images(shape, 16, (1008, 1680), text_tokens=66)
     gpu = find_gpu("RTX 4090")
     one = Interconnect(1, 1, 32.0, False, 25.0)
     constants = _constants()

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from planner.cli import main
-from planner.estimate import Workload, activation_terms, model_state_bytes
+from planner.estimate import SampleShape, activation_terms, model_state_bytes
 from planner.layouts import checkpointing_options
 from planner.levers import LEVERS
 from planner.recommend import PlanRequest, plan
@@ -19,7 +19,7 @@ from planner.speed import flops_per_sample
 from planner.train_setup import TrainSetup
 
 SHAPE = load_shape("phi-3.5-vision")
-WORK = Workload.from_images(SHAPE, 16, (1700, 2200), 1, 500)
+WORK = SampleShape.from_images(SHAPE, 16, (1700, 2200), 1, 500)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from planner.allocator import CachingAllocatorModel, allocation_replay
-from planner.estimate import Workload, activation_terms, estimate_memory
+from planner.estimate import SampleShape, activation_terms, estimate_memory
 from planner.memory_types import Overheads
 from planner.shapes import load_shape
 from planner.trace import (
@@ -34,7 +34,7 @@ def _closed_form_dynamic(shape, setup, workload) -> float:
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_tiny_trace_is_cached_and_agrees(method, logits):
     shape = load_shape("tiny")
-    workload = Workload.from_images(shape, 4, (672, 672), text_tokens=40, answer_tokens=32)
+    workload = SampleShape.from_images(shape, 4, (672, 672), text_tokens=40, answer_tokens=32)
     setup = TrainSetup(method=method, precision="bf16", attn="flash_attention_2", world_size=8, logits=logits)
     first = trace_activations("tiny", setup, workload)
     assert not first["cached"] and first["traced_attention"] == "sdpa"
@@ -55,7 +55,7 @@ def test_tiny_trace_is_cached_and_agrees(method, logits):
 def test_qlora_and_lora_traces_are_cached_apart():
     # QLoRA is traced as LoRA, but its stored result carries the 4-bit adjustment: one must not answer for the other
     shape = load_shape("tiny")
-    workload = Workload.from_images(shape, 4, (672, 672), text_tokens=40)
+    workload = SampleShape.from_images(shape, 4, (672, 672), text_tokens=40)
     lora = TrainSetup(method="lora", precision="bf16", attn="flash_attention_2")
     assert trace_key(shape, lora, workload) != trace_key(shape, dataclasses.replace(lora, method="qlora"), workload)
 
@@ -90,7 +90,7 @@ def test_allocator_model_long_lived_block_pins_a_freed_large_one():
 
 def test_allocation_replay_sees_what_memtracker_sees(tmp_path):
     shape = load_shape("tiny")
-    workload = Workload.from_images(shape, 4, (672, 672), text_tokens=40)
+    workload = SampleShape.from_images(shape, 4, (672, 672), text_tokens=40)
     setup = TrainSetup(method="lora", precision="fp16", weight_dtype="fp32", attn="eager")
     replay = allocation_replay("tiny", setup, [workload], grad_accum=1, steps=2)
     traced = trace_activations("tiny", setup, workload, cache=tmp_path)
@@ -103,7 +103,7 @@ def test_apply_trace_keeps_sharded_states():
     from planner.memory_types import Overheads
 
     shape = load_shape("phi-3.5-vision")
-    workload = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)
+    workload = SampleShape.from_images(shape, 16, (1008, 1680), text_tokens=66)
     setup = TrainSetup(method="full", world_size=8)
     closed = estimate_memory(shape, setup, workload)
     fake_trace = {"dynamic": 2 * 2**30, "micro_batch": 1, "dynamic_phase": "backward", "gradient_checkpointing": True}
@@ -117,7 +117,7 @@ def test_apply_trace_keeps_sharded_states():
 def test_full_size_trace_completes_on_cpu():
     """The exact 4.1 B model, full fine-tuning step (forward, backward, AdamW) on fake tensors (~20-60 s)."""
     shape = load_shape("phi-3.5-vision")
-    workload = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)
+    workload = SampleShape.from_images(shape, 16, (1008, 1680), text_tokens=66)
     setup = TrainSetup(method="full", precision="bf16", attn="flash_attention_2", world_size=8, logits="full")
     result = trace_activations("phi-3.5-vision", setup, workload)
     assert result["peak"]["Parameter"] == 2 * shape.param_counts().total  # bf16 weights, every tensor seen
@@ -137,7 +137,7 @@ def test_eager_trace_matches_recorded_evidence(tmp_path):
     from planner.memory_types import Overheads
 
     shape = load_shape("phi-3-vision")
-    workload = Workload.from_images(shape, 16, (1008, 1680), text_tokens=66)
+    workload = SampleShape.from_images(shape, 16, (1008, 1680), text_tokens=66)
     label = "8xA100-80GB x1 lora no FA"
     row = next(r for r in load_calibration().rows if r.label == label)
     setup = row.setup()
@@ -159,7 +159,7 @@ def _replay_row(model: str, shape, label: str) -> dict:
     replay_evidence = recorded["memory_trace_evidence"]["allocator_replay"]
     row = next(r for r in load_calibration().rows if r.label == label)
     workloads = [
-        Workload.from_images(shape, 16, (336 * cols, 336 * rows), text_tokens=66)
+        SampleShape.from_images(shape, 16, (336 * cols, 336 * rows), text_tokens=66)
         for rows, cols in replay_evidence["grids"]
     ]
     return allocation_replay(

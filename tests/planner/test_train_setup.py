@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bench.config import BenchConfig
-from phi3v_core.workload import Workload as RunWorkload
-from planner.estimate import Workload, estimate_memory
+from phi3v_core.workload import Workload
+from planner.estimate import SampleShape, estimate_memory
 from planner.shapes import load_shape
 from planner.train_setup import TrainSetup
 
@@ -20,7 +20,7 @@ def test_a_workload_a_bench_config_and_a_train_config_map_alike(world: int) -> N
 
     train = TrainConfig(**FIELDS, output_dir="unused")
     setups = {
-        TrainSetup.from_workload(RunWorkload(**FIELDS), world_size=world),
+        TrainSetup.from_workload(Workload(**FIELDS), world_size=world),
         TrainSetup.from_workload(BenchConfig(**FIELDS, gpus=world), world_size=world),
         TrainSetup.from_workload(train, world_size=world, zero2=train.uses_deepspeed(world)),
     }
@@ -32,20 +32,20 @@ def test_a_workload_a_bench_config_and_a_train_config_map_alike(world: int) -> N
 
 
 def test_zero2_and_the_weights_follow_phi3v_finetune() -> None:
-    one = TrainSetup.from_workload(RunWorkload(method="full", precision="bf16"))
-    two = TrainSetup.from_workload(RunWorkload(method="full", precision="bf16"), world_size=2)
-    lora = TrainSetup.from_workload(RunWorkload(method="lora", precision="bf16"), world_size=2)
+    one = TrainSetup.from_workload(Workload(method="full", precision="bf16"))
+    two = TrainSetup.from_workload(Workload(method="full", precision="bf16"), world_size=2)
+    lora = TrainSetup.from_workload(Workload(method="lora", precision="bf16"), world_size=2)
     assert (one.zero, one.stored_weight_dtype) == (0, "fp32")  # one process keeps fp32 master weights
     assert (two.zero, two.stored_weight_dtype) == (2, "bf16")  # DeepSpeed casts them to 16-bit
     assert (lora.zero, lora.stored_weight_dtype) == (0, "bf16")  # DDP over a 16-bit base
-    offload = TrainSetup.from_workload(RunWorkload(method="full", offload="optimizer"))
+    offload = TrainSetup.from_workload(Workload(method="full", offload="optimizer"))
     assert offload.offload_optimizer and offload.zero == 2
 
 
 def test_the_levers_of_the_workload_reach_the_memory_prediction() -> None:
     shape = load_shape("tiny")
-    sample = Workload.from_images(shape, 4, (672, 672))
-    trained = TrainSetup.from_workload(RunWorkload(method="full", precision="bf16"))
-    frozen = TrainSetup.from_workload(RunWorkload(method="full", precision="bf16", freeze_llm=True))
+    sample = SampleShape.from_images(shape, 4, (672, 672))
+    trained = TrainSetup.from_workload(Workload(method="full", precision="bf16"))
+    frozen = TrainSetup.from_workload(Workload(method="full", precision="bf16", freeze_llm=True))
     assert frozen.freeze_llm
     assert estimate_memory(shape, frozen, sample).allocated < estimate_memory(shape, trained, sample).allocated
