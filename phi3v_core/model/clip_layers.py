@@ -7,7 +7,7 @@ fresh pages and faults them in (about 13 ms per buffer on a 2-core Xeon, against
 layer runs two crops at a time and the MLP one crop at a time (9 MB), the residual adds land in the running hidden
 state, and the attention gets contiguous heads, which PyTorch's CPU flash kernel reads faster than strided views.
 Results match the plain layer bit for bit on the machines we test (``tests/core/test_model.py``); GPUs keep
-transformers' layer.
+transformers' layer, and so does the planner's memory trace (fake tensors standing for a GPU run).
 """
 
 from __future__ import annotations
@@ -17,12 +17,21 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import eager_attention_forward
 
-__all__ = ["clip_layer_without_graph", "runs_without_graph"]
+__all__ = ["clip_layer_without_graph", "holds_cpu_data", "runs_without_graph"]
+
+
+def holds_cpu_data(tensor: torch.Tensor) -> bool:
+    """True for a real CPU tensor; false on an accelerator, on the meta device and for a fake tensor (the planner's
+    memory trace, which stands for a GPU run on fake CPU tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return tensor.device.type == "cpu" and not isinstance(tensor, FakeTensor)
 
 
 def runs_without_graph(tower: nn.Module, hidden: torch.Tensor) -> bool:
-    """True when ``tower`` (a ``CLIPVisionModel``) on ``hidden`` runs on the CPU, records no graph and drops nothing."""
-    if hidden.device.type != "cpu" or (tower.training and tower.config.attention_dropout > 0):
+    """True when ``tower`` (a ``CLIPVisionModel``) on ``hidden`` holds real CPU data, records no graph and drops
+    nothing."""
+    if not holds_cpu_data(hidden) or (tower.training and tower.config.attention_dropout > 0):
         return False
     if not torch.is_grad_enabled():
         return True

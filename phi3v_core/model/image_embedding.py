@@ -16,7 +16,7 @@ from transformers.activations import QuickGELUActivation
 
 from phi3v_core.config import Phi3VConfig
 from phi3v_core.constants import CROP_SIZE, crop_grid_of_padded, image_token_count
-from phi3v_core.model.clip_layers import clip_layer_without_graph, runs_without_graph
+from phi3v_core.model.clip_layers import clip_layer_without_graph, holds_cpu_data, runs_without_graph
 
 __all__ = ["Phi3ImageEmbedding", "ImageLayout", "crop_grid_of", "image_token_count"]
 
@@ -207,7 +207,7 @@ class Phi3ImageEmbedding(nn.Module):
 
 def _check_placeholder_count(is_image: torch.Tensor, num_features: int) -> None:
     """Fail loudly when placeholders and features disagree — only where the check costs no device sync."""
-    if is_image.device.type != "cpu" or _is_fake(is_image):
+    if not holds_cpu_data(is_image):
         return
     placeholders = int(is_image.sum())
     if placeholders != num_features:
@@ -216,8 +216,3 @@ def _check_placeholder_count(is_image: torch.Tensor, num_features: int) -> None:
             "build inputs with Phi3VProcessor so that tags, images and num_crops agree"
         )
 
-
-def _is_fake(tensor: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(tensor, FakeTensor) or tensor.device.type == "meta"
