@@ -17,7 +17,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import eager_attention_forward
 
-__all__ = ["clip_layer_without_graph", "holds_cpu_data", "runs_without_graph"]
+__all__ = ["MMAP_CEILING_BYTES", "clip_layer_without_graph", "holds_cpu_data", "uses_graph_free_layers"]
 
 
 def holds_cpu_data(tensor: torch.Tensor) -> bool:
@@ -28,10 +28,18 @@ def holds_cpu_data(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and not isinstance(tensor, FakeTensor)
 
 
-def runs_without_graph(tower: nn.Module, hidden: torch.Tensor) -> bool:
-    """True when ``tower`` (a ``CLIPVisionModel``) on ``hidden`` holds real CPU data, records no graph and drops
-    nothing."""
+#: glibc's largest mmap threshold: a buffer above it is mapped fresh, and its pages faulted in, on every allocation.
+MMAP_CEILING_BYTES = 32 * 2**20
+
+
+def uses_graph_free_layers(tower: nn.Module, hidden: torch.Tensor) -> bool:
+    """True when ``tower`` (a ``CLIPVisionModel``) on ``hidden`` holds real CPU data, records no graph, drops nothing,
+    and the batch's MLP activation would be larger than :data:`MMAP_CEILING_BYTES`. Below that size transformers'
+    layer is as fast or faster: the split only adds calls (1.03–1.15× slower for the tiny test model's tower)."""
     if not holds_cpu_data(hidden) or (tower.training and tower.config.attention_dropout > 0):
+        return False
+    crops, tokens, _ = hidden.shape
+    if crops * tokens * tower.config.intermediate_size * hidden.element_size() <= MMAP_CEILING_BYTES:
         return False
     if not torch.is_grad_enabled():
         return True

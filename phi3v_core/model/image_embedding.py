@@ -16,7 +16,7 @@ from transformers.activations import QuickGELUActivation
 
 from phi3v_core.config import Phi3VConfig
 from phi3v_core.constants import CROP_SIZE, crop_grid_of_padded, image_token_count
-from phi3v_core.model.clip_layers import clip_layer_without_graph, holds_cpu_data, runs_without_graph
+from phi3v_core.model.clip_layers import clip_layer_without_graph, holds_cpu_data, uses_graph_free_layers
 
 __all__ = ["Phi3ImageEmbedding", "ImageLayout", "crop_grid_of", "image_token_count"]
 
@@ -102,14 +102,14 @@ class Phi3ImageEmbedding(nn.Module):
         """Patch features of CLIP's ``hidden_states[vision_feature_layer]`` without CLS: (n, 576, D).
 
         Runs only the encoder layers that feed the features; the remaining layer(s) and ``post_layernorm`` are dead
-        weight kept for checkpoint compatibility. Without a graph on the CPU the layers run in fewer, smaller buffers
-        (``clip_layers``).
+        weight kept for checkpoint compatibility. Without a graph on the CPU, for batches whose MLP activation is large,
+        the layers run in fewer, smaller buffers (``clip_layers``).
         """
         vision = self.img_processor.vision_model
         hidden = vision.embeddings(crops.to(vision.embeddings.patch_embedding.weight.dtype))
         hidden = vision.pre_layrnorm(hidden)
         layers = vision.encoder.layers[: self.num_used_layers]
-        if runs_without_graph(vision, hidden):
+        if uses_graph_free_layers(vision, hidden):
             for layer in layers:
                 hidden = clip_layer_without_graph(layer, hidden)
             return hidden[:, 1:]

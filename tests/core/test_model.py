@@ -183,6 +183,7 @@ def test_clip_layers_without_graph_are_bit_identical(tiny_model: Phi3VForCausalL
     crops = torch.randn(3, 3, 336, 336)
     with torch.no_grad():
         reference = plain(pixel_values=crops, output_hidden_states=True).hidden_states[-2][:, 1:]
+    monkeypatch.setattr(clip_layers, "MMAP_CEILING_BYTES", 0)  # the tiny tower's activations are far below it
     seen = []
     original = clip_layers.clip_layer_without_graph
     monkeypatch.setattr("phi3v_core.model.image_embedding.clip_layer_without_graph",
@@ -199,18 +200,27 @@ def test_clip_layers_without_graph_are_bit_identical(tiny_model: Phi3VForCausalL
     assert torch.equal(ours, reference)
 
 
-def test_clip_layers_keep_the_graph_when_a_gradient_flows(tiny_model: Phi3VForCausalLM) -> None:
-    """With trainable CLIP weights the tower keeps transformers' layers, so gradients reach them."""
-    from phi3v_core.model.clip_layers import runs_without_graph
+def test_clip_layers_keep_transformers_layers_unless_a_large_batch_runs_without_a_graph(
+    tiny_model: Phi3VForCausalLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trainable CLIP weights (gradients must reach them), fake tensors (the planner's trace stands for a GPU run) and
+    small batches (the split only adds calls) keep transformers' layers."""
+    from phi3v_core.model import clip_layers
 
     clip = tiny_model.model.vision_embed_tokens.img_processor.vision_model
-    hidden = torch.zeros(1, 2, clip.config.hidden_size)
-    assert not runs_without_graph(clip, hidden)
+    width, inner = clip.config.hidden_size, clip.config.intermediate_size
+    hidden = torch.zeros(1, 2, width)
     with torch.no_grad():
-        assert runs_without_graph(clip, hidden)
-    assert not runs_without_graph(clip, torch.zeros(1, 2, clip.config.hidden_size, device="meta"))
-    with torch.no_grad(), FakeTensorMode():  # the planner's trace stands for a GPU run: it keeps transformers' layers
-        assert not runs_without_graph(clip, torch.zeros(1, 2, clip.config.hidden_size))
+        assert not clip_layers.uses_graph_free_layers(clip, hidden), "2 tokens are far below the mmap ceiling"
+    monkeypatch.setattr(clip_layers, "MMAP_CEILING_BYTES", 2 * 2 * inner * 4 - 1)  # (2 crops, 2 tokens) just above
+    assert not clip_layers.uses_graph_free_layers(clip, torch.zeros(1, 2, width))
+    with torch.no_grad():
+        assert not clip_layers.uses_graph_free_layers(clip, torch.zeros(1, 2, width))
+        assert clip_layers.uses_graph_free_layers(clip, torch.zeros(2, 2, width))
+    assert not clip_layers.uses_graph_free_layers(clip, torch.zeros(2, 2, width)), "trainable CLIP weights"
+    assert not clip_layers.uses_graph_free_layers(clip, torch.zeros(2, 2, width, device="meta"))
+    with torch.no_grad(), FakeTensorMode():
+        assert not clip_layers.uses_graph_free_layers(clip, torch.zeros(2, 2, width))
 
 
 def _reference_layout(embed, pixel_values: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
