@@ -113,6 +113,24 @@ def test_an_unfinished_run_is_not_overwritten(tmp_path, capsys):
     )
 
 
+def _main_in_subprocess(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``main(argv)`` in a fresh interpreter, printing which heavy modules were imported and the exit code."""
+    code = (
+        "import sys\n"
+        "from phi3v_core.cli.finetune import main\n"
+        "try:\n"
+        f"    code = main({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules), code)\n"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, timeout=HANG_GUARD_S
+    )
+
+
 @pytest.mark.parametrize(
     ("complete", "flags", "expected"),
     [
@@ -124,20 +142,7 @@ def test_an_unfinished_run_is_not_overwritten(tmp_path, capsys):
 def test_a_run_in_the_output_folder_answers_before_torch_is_imported(tmp_path, complete, flags, expected):
     # Which modules were imported when the refusal came (never a wall-clock assert).
     _fake_run(tmp_path / ("run" if flags else "output"), complete=complete, checkpoint=None if complete else 2)
-    code = (
-        "import sys\n"
-        "from phi3v_core.cli.finetune import main\n"
-        "try:\n"
-        f"    code = main({[*BASE, *flags]!r})\n"
-        "except SystemExit as exc:\n"
-        "    code = exc.code\n"
-        "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules), code)\n"
-    )
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=HANG_GUARD_S
-    )
+    done = _main_in_subprocess([*BASE, *flags], tmp_path)
     assert "HEAVY [] 1" in done.stdout, done.stdout + done.stderr
     assert expected in done.stderr and "Traceback" not in done.stderr
 
@@ -299,24 +304,6 @@ def test_sequence_longer_than_max_length_is_named_before_training(tmp_path, caps
 
 
 # -- every problem at once ------------------------------------------------------------------------------------------
-
-
-def _main_in_subprocess(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``main(argv)`` in a fresh interpreter, printing which heavy modules were imported and the exit code."""
-    code = (
-        "import sys\n"
-        "from phi3v_core.cli.finetune import main\n"
-        "try:\n"
-        f"    code = main({argv!r})\n"
-        "except SystemExit as exc:\n"
-        "    code = exc.code\n"
-        "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules), code)\n"
-    )
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, timeout=HANG_GUARD_S
-    )
 
 
 def test_bad_values_folders_data_and_schedule_are_reported_in_one_invocation(tmp_path):
