@@ -8,7 +8,7 @@ written. The mapping here judges no value. The first answer comes before torch i
 against :meth:`Machine.without_torch <phi3v_core.training.machine.Machine.without_torch>` names every problem that does
 not depend on the GPU (flag values, conflicts, ranges, names, folders, files, packages), and with a CPU build of torch
 those of the CPU too; a configuration clean there is judged against the detected machine (fp16, flash attention or
-paged optimizers without CUDA, the GPU's capability) and a preset model's sizes.
+paged optimizers without CUDA, the GPU's capability) and the sizes of a preset registered at run time.
 
 Precedence of every setting: recipe default < ``--preset`` < explicit flag.
 """
@@ -154,7 +154,7 @@ class _Resolver:
 
     args: argparse.Namespace
     env: Any = None  # the Machine (``Machine.without_torch()`` for the first answer, before torch is imported)
-    light: bool = False  # the first answer: nothing may import transformers (a preset's context waits)
+    light: bool = False  # the first answer: nothing may import transformers (a run-time preset's context waits)
     preset: RecipePreset | None = None
     notes: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)
@@ -237,8 +237,8 @@ class _Resolver:
         return args.attn or ("flash_attention_2" if args.use_flash_attention else DEFAULT_ATTN)
 
     def context(self, model: str) -> int | None:
-        """The model's context length (None: unknown, or a preset while torch is not imported: its config class
-        is transformers')."""
+        """The model's context length (None: unknown, or, in the first answer, a preset registered at run time:
+        only transformers' config class knows it)."""
         return run_checks.model_dims(model, light=self.light)[1]
 
     def numbers(self) -> dict[str, Any]:
@@ -281,8 +281,8 @@ def build_config(args: argparse.Namespace, env: Any = None, flag_problems: Seque
         from phi3v_core.training.machine import Machine
 
         # The first answer, before torch is imported (seconds; tens on a busy host): every problem that does not
-        # depend on the GPU (all of them with a CPU build of torch), but a preset model's sizes (transformers'). Only a
-        # clean configuration goes on to the detected machine, so none is reported twice.
+        # depend on the GPU (all of them with a CPU build of torch), but a run-time preset's sizes (transformers'). Only
+        # a clean configuration goes on to the detected machine, so none is reported twice.
         known = Machine.without_torch()
         # GPUs a CPU build of torch cannot use (torch-free to tell): said before any advice judged on the CPU
         refusal = torch_gpu_refusal() if known.probed else None

@@ -106,8 +106,8 @@ class FinetuneConfig:
         Args:
             env: The machine (:class:`~phi3v_core.training.Machine`; :meth:`Machine.unprobed
                 <phi3v_core.training.machine.Machine.unprobed>`: the checks that need the GPU wait).
-            light: Import neither torch nor transformers (the command's first answer): a preset's sizes, read from
-                transformers' config classes, wait.
+            light: Import neither torch nor transformers (the command's first answer): the built-in presets' sizes
+                come from the shipped records, those of a preset registered at run time wait.
         """
         train, flags = self.train, self.flags
         model = run_checks.model_problems(train.model)
