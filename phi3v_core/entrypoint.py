@@ -65,10 +65,10 @@ class CliParser(argparse.ArgumentParser):
         self._bad_values: list[str] = []
         self._bad_dests: set[str] = set()
         parsed, extras = super().parse_known_args(args, namespace)
-        bad = [*self._bad_values[:-1], f"{self._bad_values[-1]} (see {self.prog} --help)"] if self._bad_values else []
-        if bad and getattr(self, "_collecting", None) is None:
-            raise_all(bad)
-        if bad:
+        if self._bad_values:
+            bad = [*self._bad_values[:-1], f"{self._bad_values[-1]} (see {self.prog} --help)"]
+            if getattr(self, "_collecting", None) is None:
+                raise_all(bad)
             self._collecting = bad
             for action in self._actions:  # a bad value keeps its default, so the command can still map the rest
                 if action.dest in self._bad_dests:

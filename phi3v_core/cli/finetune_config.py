@@ -190,8 +190,11 @@ class _Resolver:
                 "--model_name_or_path FOLDER for Phi-3.5-vision"
             )
             return value
-        if Path(value).expanduser().is_dir() or not run_checks.is_hub_id(value):
-            return str(Path(value).expanduser()) if Path(value).expanduser().is_dir() else value
+        folder = Path(value).expanduser()
+        if folder.is_dir():
+            return str(folder)
+        if not run_checks.is_hub_id(value):
+            return value  # judged by run_checks.model_problems
         try:
             from huggingface_hub import snapshot_download
 

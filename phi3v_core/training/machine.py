@@ -8,7 +8,7 @@ before torch is loaded.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from phi3v_core.software import BnbLibrary, bnb_library, offload_build_problem, torch_is_cpu_build
 from phi3v_core.training.distributed_env import env_int
@@ -89,12 +89,7 @@ class Machine:
     def without_torch(cls) -> Machine:
         """This machine as far as it is known without importing torch: with a CPU build of torch
         (:func:`torch_is_cpu_build`) exactly what :meth:`detect` finds (no CUDA), else :meth:`unprobed`."""
+        unprobed = cls.unprobed()
         if not torch_is_cpu_build():
-            return cls.unprobed()
-        return cls(
-            world_size=_world_size(),
-            flash_attn=_installed("flash_attn"),
-            deepspeed=_installed("deepspeed"),
-            bitsandbytes=_installed("bitsandbytes"),
-            offload_problem=offload_build_problem(),
-        )
+            return unprobed
+        return replace(unprobed, probed=True, offload_problem=offload_build_problem())  # no CUDA: nothing else to ask
