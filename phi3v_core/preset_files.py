@@ -43,6 +43,7 @@ def official_preset(name: str) -> dict[str, Any]:
             f"phi3v_core/configs/{PRESET_FILES[name]} is missing or unreadable ({exc}); reinstall phi3v-bench"
         ) from exc
 
+
 def preset_dims(name: str) -> tuple[int | None, int | None]:
     """``(hidden_size, max_position_embeddings)`` of a built-in preset, from the shipped records alone.
 

@@ -48,7 +48,6 @@ __all__ = [
 ]
 
 
-
 @functools.cache
 def _dtypes() -> dict[str, torch.dtype]:
     import torch  # on first use: this module is imported before torch by the commands' first validation
